@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The test command: lint, format check, type check, then every test.
+#
+#   ./scripts/test.sh                 # everything
+#   ./scripts/test.sh tests/unit -q   # extra arguments go to pytest
+#
+# Installs what is missing first:
+#   - redis-server and PostgreSQL from apt when run as root on Debian/Ubuntu (the tests start
+#     their own private servers on 127.0.0.1; the system services are never used or started);
+#     otherwise prints what to install, and the server tests skip (or fail when CI is set);
+#   - a project virtual environment in .venv/ with every extra, refreshed when pyproject.toml
+#     changes.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/venv.sh
+source scripts/venv.sh # find_python, ensure_venv (shared with the other scripts)
+
+header() { printf '\n==> %s\n' "$*"; }
+note() { printf '    %s\n' "$*"; }
+
+# ------------------------------------------------------------------------------------------------
+# system packages
+
+have_redis() { command -v redis-server >/dev/null 2>&1; }
+
+have_postgres() {
+    local dir
+    if command -v pg_config >/dev/null 2>&1; then
+        dir="$(pg_config --bindir 2>/dev/null || true)"
+        if [[ -n "$dir" && -x "$dir/initdb" && -x "$dir/postgres" ]]; then return 0; fi
+    fi
+    for dir in /usr/lib/postgresql/*/bin; do
+        if [[ -x "$dir/initdb" && -x "$dir/postgres" ]]; then return 0; fi
+    done
+    command -v initdb >/dev/null 2>&1 && command -v postgres >/dev/null 2>&1
+}
+
+POLICY_RC_D=/usr/sbin/policy-rc.d
+created_policy_rc_d=0
+cleanup() {
+    if [[ "$created_policy_rc_d" == 1 ]]; then rm -f "$POLICY_RC_D"; fi
+}
+trap cleanup EXIT
+
+apt_install() {
+    header "Installing system packages: $*"
+    # Package scripts must not start services (there may be no init system, and the tests
+    # run their own servers): policy-rc.d answering 101 tells invoke-rc.d "not allowed".
+    if [[ ! -e "$POLICY_RC_D" ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$POLICY_RC_D"
+        chmod 755 "$POLICY_RC_D"
+        created_policy_rc_d=1
+    fi
+    apt-get -qq update
+    DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends "$@" >/dev/null
+    cleanup
+    created_policy_rc_d=0
+}
+
+packages=()
+have_redis || packages+=(redis-server)
+have_postgres || packages+=(postgresql)
+if [[ ! -x .venv/bin/python ]]; then
+    python="$(find_python 2>/dev/null || true)"
+    if [[ -z "$python" ]]; then
+        packages+=(python3 python3-venv)
+    elif ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
+        packages+=(python3-venv) # Debian ships venv/ensurepip separately from python3
+    fi
+fi
+
+if ((${#packages[@]})); then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        apt_install "${packages[@]}"
+    else
+        header "Missing system packages: ${packages[*]}"
+        note "Install them (e.g. sudo apt-get install ${packages[*]}); tests that need a"
+        note "missing server are skipped (and fail when CI is set)."
+    fi
+fi
+
+# ------------------------------------------------------------------------------------------------
+# virtual environment
+
+if [[ ! -x .venv/bin/python ]]; then header "Creating .venv"; fi
+ensure_venv
+
+# ------------------------------------------------------------------------------------------------
+# checks: all run, the first failure's exit code is the script's
+
+failed=()
+status=0
+step() {
+    local name="$1"
+    shift
+    header "$name"
+    local rc=0
+    "$@" || rc=$?
+    if ((rc != 0)); then
+        failed+=("$name (exit $rc)")
+        if ((status == 0)); then status=$rc; fi
+    fi
+}
+
+step "ruff check" .venv/bin/ruff check .
+step "ruff format --check" .venv/bin/ruff format --check .
+step "mypy" .venv/bin/mypy
+step "pytest" .venv/bin/pytest "$@"
+
+if ((${#failed[@]})); then
+    header "FAILED: ${failed[*]}"
+    exit "$status"
+fi
+header "All checks passed"

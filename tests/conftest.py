@@ -1,0 +1,170 @@
+"""Shared fixtures: private redis-server and PostgreSQL, per-test databases, markers.
+
+Servers start lazily (a unit-only run starts none), once per session, and are stopped by their
+own pid at the end of the session. See ``tests/servers.py`` for how.
+
+Fixtures
+--------
+``redis_server`` (session)      :class:`servers.RedisServer` - ``.host``, ``.port``, ``.url(db)``
+``redis_url`` (function)        ``redis://127.0.0.1:PORT/1``; db 1 is FLUSHDB'd before and after
+``redis_client`` (function)     a ``redis.Redis`` on ``redis_url``, closed afterwards
+``postgres_server`` (session)   :class:`servers.PostgresServer` - ``.url(db)``, ``.conninfo(db)``
+``postgres_template_setup``     (session) list of callables run once on the template database
+``postgres_template`` (session) name of the template database (``workerkit_template``)
+``postgres_url`` (function)     ``postgresql+psycopg://postgres@127.0.0.1:PORT/test_<hex>``, a
+                                fresh database copied from the template, dropped afterwards
+``sqlite_url`` (function)       ``sqlite:////<tmp_path>/workerkit.sqlite3``
+``database_url`` (function)     parametrized: ``sqlite_url`` then ``postgres_url``
+
+A server that is missing or does not start skips the test locally and fails it when the ``CI``
+environment variable is set (``./scripts/test.sh`` installs both servers when run as root).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, TypeVar
+
+import pytest
+
+from tests import servers
+
+if TYPE_CHECKING:
+    import redis
+
+TESTS_DIR = Path(__file__).resolve().parent
+LAYER_MARKERS = ("unit", "integration", "e2e")
+REDIS_TEST_DB = 1
+
+_Server = TypeVar("_Server", servers.RedisServer, servers.PostgresServer)
+
+
+def _unavailable(reason: str) -> NoReturn:
+    """Skip locally; fail in CI, where a missing server means the suite proves nothing."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}\n(CI is set, so a missing server is a failure)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _start(start: Callable[[], _Server]) -> _Server:
+    try:
+        return start()
+    except servers.ServerUnavailableError as exc:
+        reason = str(exc)
+    _unavailable(reason)  # outside the except block: no "during handling" traceback noise
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests by directory: tests/unit -> unit, tests/integration -> integration,
+    tests/e2e -> e2e; a test that already carries one of these markers keeps its own."""
+    del config
+    for item in items:
+        try:
+            layer = item.path.resolve().relative_to(TESTS_DIR).parts[0]
+        except (ValueError, IndexError):
+            continue
+        if layer not in LAYER_MARKERS:
+            continue
+        if any(item.get_closest_marker(name) for name in LAYER_MARKERS):
+            continue
+        item.add_marker(getattr(pytest.mark, layer))
+
+
+# --------------------------------------------------------------------------------------------
+# redis
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[servers.RedisServer]:
+    server = _start(servers.start_redis)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: servers.RedisServer) -> Iterator[str]:
+    import redis
+
+    url = redis_server.url(REDIS_TEST_DB)
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+        yield url
+        client.flushdb()
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis[bytes]]:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+# --------------------------------------------------------------------------------------------
+# postgres
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[servers.PostgresServer]:
+    server = _start(servers.start_postgres)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_template_setup() -> list[Callable[[str], None]]:
+    """Steps run once per session on the template database, each given its SQLAlchemy URL.
+
+    This is where the store's schema goes once it exists: append a callable that migrates the
+    database at the URL (e.g. runs the alembic upgrade), and every ``postgres_url`` database
+    starts with that schema at the cost of one copy. Edit it here, in the top-level conftest: a
+    session fixture resolves it once, so an override in a sub-directory would apply to whichever
+    test happened to start PostgreSQL first.
+    """
+    return []
+
+
+@pytest.fixture(scope="session")
+def postgres_template(
+    postgres_server: servers.PostgresServer,
+    postgres_template_setup: list[Callable[[str], None]],
+) -> str:
+    return servers.create_template(postgres_server, postgres_template_setup)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: servers.PostgresServer, postgres_template: str) -> Iterator[str]:
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    servers.create_database(postgres_server, name, postgres_template)
+    try:
+        yield postgres_server.url(name)
+    finally:
+        servers.drop_database(postgres_server, name)
+
+
+# --------------------------------------------------------------------------------------------
+# any database
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'workerkit.sqlite3'}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    return url

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workerkit._settings_doc import render
+from workerkit.errors import ConfigurationError, SettingError
+from workerkit.settings import Settings, load_settings, setting_specs, settings_to_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_come_from_one_place() -> None:
+    settings = load_settings(env={}, cwd=ROOT / "tests")
+    assert settings == Settings()
+    assert settings.drain_window == 25
+    assert settings.effective_heartbeat_interval == settings.effective_visibility_timeout / 3
+
+
+def test_engine_default_visibility_timeouts() -> None:
+    assert Settings(engine="sql").effective_visibility_timeout == 30
+    assert Settings(engine="celery").effective_visibility_timeout == 3600
+    assert Settings(engine="celery", visibility_timeout=7200).effective_visibility_timeout == 7200
+
+
+def test_precedence_cli_over_env_over_file(tmp_path: Path) -> None:
+    (tmp_path / "workerkit.toml").write_text(
+        "grace_period = 40\nrelease_margin = 7\nqueues = ['a']\n"
+    )
+    env = {"WORKERKIT_GRACE_PERIOD": "50"}
+    settings = load_settings({"grace_period": "60"}, env=env, cwd=tmp_path)
+    assert settings.grace_period == 60
+    assert settings.release_margin == 7
+    assert settings.queues == ("a",)
+    assert load_settings(env=env, cwd=tmp_path).grace_period == 50
+    assert load_settings(env={}, cwd=tmp_path).grace_period == 40
+
+
+def test_pyproject_tool_table_is_read(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("[tool.workerkit]\nconcurrency = 4\n")
+    assert load_settings(env={}, cwd=tmp_path).concurrency == 4
+
+
+def test_explicit_config_file_wins_over_discovery(tmp_path: Path) -> None:
+    (tmp_path / "workerkit.toml").write_text("concurrency = 4\n")
+    (tmp_path / "prod.toml").write_text("concurrency = 8\n")
+    assert load_settings(env={"WORKERKIT_CONFIG": "prod.toml"}, cwd=tmp_path).concurrency == 8
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        load_settings(env={}, cwd=tmp_path, config_file="missing.toml")
+
+
+def test_misspelled_config_key_is_refused_with_a_suggestion(tmp_path: Path) -> None:
+    (tmp_path / "workerkit.toml").write_text("grace_periode = 40\n")
+    with pytest.raises(SettingError) as info:
+        load_settings(env={}, cwd=tmp_path)
+    message = str(info.value)
+    assert "grace_periode" in message
+    assert "did you mean 'grace_period'" in message
+    assert "workerkit.toml" in message
+
+
+def test_misspelled_environment_variable_is_refused() -> None:
+    with pytest.raises(SettingError, match=r"WORKERKIT_GRACE_PERIODS.*grace_period"):
+        load_settings(env={"WORKERKIT_GRACE_PERIODS": "10"}, cwd=ROOT / "tests")
+
+
+def test_kubernetes_service_link_variables_are_not_settings() -> None:
+    env = {
+        "WORKERKIT_SERVICE_HOST": "10.0.0.1",
+        "WORKERKIT_PORT": "tcp://10.0.0.1:8080",
+        "WORKERKIT_PORT_8080_TCP_ADDR": "10.0.0.1",
+    }
+    assert load_settings(env=env, cwd=ROOT / "tests") == Settings()
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "expected"),
+    [
+        ("grace_period", "30s", "number of seconds"),
+        ("grace_period", "0", "above 0"),
+        ("grace_period", "nan", "finite"),
+        ("prestop_delay", "-1", "at least 0"),
+        ("concurrency", "two", "whole number"),
+        ("concurrency", "0", "at least 1"),
+        ("engine", "sidekiq", "'sql', 'rq', 'celery'"),
+        ("strict", "maybe", "true or false"),
+        ("http_port", "70000", "at most 65535"),
+        ("queues", ",", "at least one name"),
+    ],
+)
+def test_bad_values_name_the_setting_and_what_is_accepted(
+    key: str, raw: str, expected: str
+) -> None:
+    var = "WORKERKIT_" + key.upper()
+    with pytest.raises(SettingError) as info:
+        load_settings(env={var: raw}, cwd=ROOT / "tests")
+    message = str(info.value)
+    assert repr(key) in message
+    assert var in message
+    assert expected in message
+
+
+def test_wrong_toml_type_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "workerkit.toml").write_text('concurrency = "lots"\n')
+    with pytest.raises(SettingError, match=r"'concurrency'.*whole number"):
+        load_settings(env={}, cwd=tmp_path)
+
+
+def test_settings_round_trip_through_the_environment() -> None:
+    settings = load_settings(
+        {"queues": "a,b", "visibility_timeout": "12", "strict": "true"},
+        env={},
+        cwd=ROOT / "tests",
+    )
+    assert load_settings(env=settings_to_env(settings), cwd=ROOT / "tests") == settings
+
+
+def test_replace_checks_values() -> None:
+    assert Settings().replace(grace_period=60).grace_period == 60
+    with pytest.raises(SettingError):
+        Settings().replace(grace_period=-1)
+
+
+def test_every_setting_has_help_and_a_documented_variable() -> None:
+    page = (ROOT / "docs" / "reference" / "settings.md").read_text()
+    for spec in setting_specs():
+        assert spec.help
+        assert f"`{spec.env_var}`" in page
+
+
+def test_settings_reference_page_is_up_to_date() -> None:
+    page = (ROOT / "docs" / "reference" / "settings.md").read_text()
+    assert page == render(), "run: python -m workerkit._settings_doc > docs/reference/settings.md"

@@ -1,0 +1,548 @@
+"""Settings: every knob, its default, its environment variable, and how it is read.
+
+Defaults live here and nowhere else: the CLI, the docs (``docs/reference/settings.md``, checked
+by a test) and the Helm chart take their numbers from this module.
+
+Precedence, highest first:
+
+1. a command-line option (``--grace-period 60``);
+2. an environment variable (``WORKERKIT_GRACE_PERIOD=60``);
+3. the config file: ``--config PATH`` or ``WORKERKIT_CONFIG``, else ``workerkit.toml`` in the
+   working directory, else the ``[tool.workerkit]`` table of ``pyproject.toml`` there;
+4. the default below.
+
+Unknown keys in a config file, values of the wrong type and impossible values refuse to start
+with a :class:`~workerkit.errors.SettingError` naming the key, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from workerkit.errors import ConfigurationError, SettingError
+
+__all__ = (
+    "ENGINES",
+    "ENGINE_DEFAULT_VISIBILITY_TIMEOUT",
+    "ENV_PREFIX",
+    "Engine",
+    "SettingSpec",
+    "Settings",
+    "find_config_file",
+    "load_settings",
+    "setting_specs",
+    "settings_to_env",
+)
+
+ENV_PREFIX = "WORKERKIT_"
+Engine = Literal["sql", "rq", "celery"]
+ENGINES: tuple[Engine, ...] = ("sql", "rq", "celery")
+
+#: V when ``visibility_timeout`` is not set. On sql and rq it is workerkit's own job lease, which
+#: heartbeats extend, so it can be short: it bounds how long a crashed worker's job waits. On
+#: celery it is the Redis transport's ``visibility_timeout``, which nothing can extend, so it is
+#: kombu's own default and must stay above the longest run (see docs/concepts/timing-budget.md).
+ENGINE_DEFAULT_VISIBILITY_TIMEOUT: Mapping[Engine, float] = {
+    "sql": 30.0,
+    "rq": 30.0,
+    "celery": 3600.0,
+}
+
+
+# --- parsers: text (env, CLI) or TOML value -> typed value, or ValueError with what's accepted --
+
+
+def _parse_seconds(raw: object) -> float:
+    if isinstance(raw, bool):
+        raise ValueError("a number of seconds, such as 30 or 2.5")
+    if isinstance(raw, int | float):
+        value = float(raw)
+    elif isinstance(raw, str):
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError("a number of seconds, such as 30 or 2.5 (no unit)") from None
+    else:
+        raise ValueError("a number of seconds, such as 30 or 2.5")
+    if not math.isfinite(value):
+        raise ValueError("a finite number of seconds")
+    return value
+
+
+def _parse_int(raw: object) -> int:
+    if isinstance(raw, bool):
+        raise ValueError("a whole number")
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, str):
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ValueError("a whole number") from None
+    raise ValueError("a whole number")
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _parse_bool(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+        return raw.strip().lower() in _TRUE
+    raise ValueError("true or false (also 1/0, yes/no, on/off)")
+
+
+def _parse_str(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise ValueError("a string")
+    return raw
+
+
+def _parse_str_list(raw: object) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        items = [part.strip() for part in raw.split(",")]
+    elif isinstance(raw, list | tuple):
+        items = [str(part).strip() for part in raw]
+    else:
+        raise ValueError("a comma-separated list, such as 'default,emails'")
+    items = [item for item in items if item]
+    if not items:
+        raise ValueError("at least one name, such as 'default'")
+    return tuple(items)
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def parse(raw: object) -> str:
+        if isinstance(raw, str) and raw.strip().lower() in choices:
+            return raw.strip().lower()
+        raise ValueError("one of " + ", ".join(repr(c) for c in choices))
+
+    return parse
+
+
+def _optional(parse: Callable[[object], Any]) -> Callable[[object], Any]:
+    def parse_optional(raw: object) -> Any:
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() in {"", "none", "auto"}):
+            return None
+        return parse(raw)
+
+    return parse_optional
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """How one setting is named, documented, parsed and bounded."""
+
+    name: str
+    default: object
+    help: str
+    parse: Callable[[object], Any]
+    minimum: float | None = None
+    exclusive_minimum: bool = False
+    maximum: float | None = None
+    symbol: str = ""
+
+    @property
+    def env_var(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def cli_flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def coerce(self, raw: object, source: str) -> Any:
+        """Parse and bound-check one raw value; raise SettingError saying what is accepted."""
+        try:
+            value = self.parse(raw)
+        except ValueError as exc:
+            raise SettingError(self.name, raw, f"expected {exc}", source) from None
+        if value is None or (self.minimum is None and self.maximum is None):
+            return value
+        if isinstance(value, int | float):
+            low = self.minimum
+            if low is not None and (value <= low if self.exclusive_minimum else value < low):
+                bound = f"above {low:g}" if self.exclusive_minimum else f"at least {low:g}"
+                raise SettingError(self.name, raw, f"expected a value {bound}", source)
+            if self.maximum is not None and value > self.maximum:
+                raise SettingError(
+                    self.name, raw, f"expected a value at most {self.maximum:g}", source
+                )
+        return value
+
+
+def _s(
+    default: object,
+    help: str,  # noqa: A002 - mirrors click's vocabulary
+    parse: Callable[[object], Any],
+    *,
+    minimum: float | None = None,
+    exclusive_minimum: bool = False,
+    maximum: float | None = None,
+    symbol: str = "",
+) -> Any:
+    meta = {
+        "help": help,
+        "parse": parse,
+        "minimum": minimum,
+        "exclusive_minimum": exclusive_minimum,
+        "maximum": maximum,
+        "symbol": symbol,
+    }
+    return field(default=default, metadata=meta)
+
+
+_seconds = _parse_seconds
+_opt_seconds = _optional(_parse_seconds)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every workerkit setting, with its default. Build it with :func:`load_settings`."""
+
+    # What to run.
+    engine: str = _s("sql", "Which engine runs the jobs: sql, rq or celery.", _choice(*ENGINES))
+    app: str | None = _s(
+        None, "The application to load, as MODULE:ATTRIBUTE.", _optional(_parse_str)
+    )
+    queues: tuple[str, ...] = _s(
+        ("default",), "Queues to consume, comma-separated.", _parse_str_list
+    )
+    concurrency: int = _s(1, "Jobs one worker runs at once.", _parse_int, minimum=1)
+    replicas: int = _s(
+        1,
+        "How many worker pods or hosts share the queue (SQLite allows only one).",
+        _parse_int,
+        minimum=1,
+    )
+    database_url: str = _s(
+        "sqlite:///workerkit.sqlite3",
+        "SQLAlchemy URL of the SQL queue and store.",
+        _parse_str,
+    )
+    redis_url: str = _s("redis://127.0.0.1:6379/0", "URL of the Redis server.", _parse_str)
+
+    # The timing budget (docs/concepts/timing-budget.md).
+    grace_period: float = _s(
+        30.0,
+        "The pod's terminationGracePeriodSeconds (G).",
+        _seconds,
+        minimum=0,
+        exclusive_minimum=True,
+        symbol="G",
+    )
+    prestop_delay: float = _s(
+        0.0, "Time a preStop hook takes, inside G (P).", _seconds, minimum=0, symbol="P"
+    )
+    release_margin: float = _s(
+        5.0,
+        "Time kept to stop the job, save its checkpoint, release it and exit (M).",
+        _seconds,
+        minimum=0,
+        exclusive_minimum=True,
+        symbol="M",
+    )
+    job_timeout: float = _s(
+        300.0,
+        "Hard limit on one run of a job, for tasks that set none (J).",
+        _seconds,
+        minimum=0,
+        exclusive_minimum=True,
+        symbol="J",
+    )
+    visibility_timeout: float | None = _s(
+        None,
+        "When an unacknowledged job is given to another worker (V): the job lease on sql and "
+        "rq (30), the broker's visibility timeout on celery (3600).",
+        _opt_seconds,
+        minimum=0,
+        exclusive_minimum=True,
+        symbol="V",
+    )
+    heartbeat_interval: float | None = _s(
+        None,
+        "How often a running job's lease is renewed (H); default V / 3.",
+        _opt_seconds,
+        minimum=0,
+        exclusive_minimum=True,
+        symbol="H",
+    )
+    checkpoint_interval: float = _s(
+        5.0,
+        "The longest a checkpoint may wait before it is saved (F).",
+        _seconds,
+        minimum=0,
+        exclusive_minimum=True,
+        symbol="F",
+    )
+    idempotency_in_progress_expiry: float | None = _s(
+        None,
+        "When a claimed idempotency key may be taken over (Ip); default J + 30.",
+        _opt_seconds,
+        minimum=0,
+        exclusive_minimum=True,
+        symbol="Ip",
+    )
+    idempotency_retention: float = _s(
+        86400.0,
+        "How long a completed idempotency key is remembered (R).",
+        _seconds,
+        minimum=0,
+        exclusive_minimum=True,
+        symbol="R",
+    )
+    max_countdown: float = _s(
+        0.0,
+        "The longest ETA or countdown any job is enqueued with (celery's visibility timeout "
+        "must exceed it).",
+        _seconds,
+        minimum=0,
+    )
+    leader_lease: float = _s(
+        15.0,
+        "Scheduler leadership lease (L).",
+        _seconds,
+        minimum=0,
+        exclusive_minimum=True,
+        symbol="L",
+    )
+    renew_deadline: float = _s(
+        10.0,
+        "How long a leader keeps trying to renew before it steps down (Rd).",
+        _seconds,
+        minimum=0,
+        exclusive_minimum=True,
+        symbol="Rd",
+    )
+    retry_period: float = _s(
+        2.0,
+        "How often a scheduler tries to acquire or renew leadership (Rp).",
+        _seconds,
+        minimum=0,
+        exclusive_minimum=True,
+        symbol="Rp",
+    )
+    strict: bool = _s(False, "Treat timing-budget warnings as errors.", _parse_bool)
+
+    # Queue behaviour.
+    poll_interval: float = _s(
+        1.0,
+        "How often an idle SQL worker looks for new jobs when it is not woken sooner.",
+        _seconds,
+        minimum=0,
+        exclusive_minimum=True,
+    )
+    max_payload_bytes: int = _s(
+        1_048_576, "Largest encoded job payload accepted at enqueue.", _parse_int, minimum=1
+    )
+
+    # Operations.
+    http_host: str = _s("0.0.0.0", "Address the probes and /metrics listen on.", _parse_str)  # noqa: S104 - pods are reached on their own IP
+    http_port: int = _s(
+        8080,
+        "Port of the probes and /metrics (0 turns HTTP off).",
+        _parse_int,
+        minimum=0,
+        maximum=65535,
+    )
+    liveness_timeout: float = _s(
+        60.0,
+        "How stale the worker's heartbeat may be before /livez fails.",
+        _seconds,
+        minimum=0,
+        exclusive_minimum=True,
+    )
+    log_level: str = _s(
+        "info", "Log level.", _choice("debug", "info", "warning", "error", "critical")
+    )
+    log_format: str = _s(
+        "json", "Log format: json (one object a line) or text.", _choice("json", "text")
+    )
+
+    # --- derived values of the timing budget ---------------------------------------------
+
+    @property
+    def drain_window(self) -> float:
+        """D = G - P - M: how long the job in hand may run on after SIGTERM."""
+        return self.grace_period - self.prestop_delay - self.release_margin
+
+    @property
+    def effective_visibility_timeout(self) -> float:
+        """V, with the engine's default when not set."""
+        if self.visibility_timeout is not None:
+            return self.visibility_timeout
+        return ENGINE_DEFAULT_VISIBILITY_TIMEOUT[cast(Engine, self.engine)]
+
+    @property
+    def effective_heartbeat_interval(self) -> float:
+        """H, V / 3 when not set."""
+        if self.heartbeat_interval is not None:
+            return self.heartbeat_interval
+        return self.effective_visibility_timeout / 3
+
+    @property
+    def effective_idempotency_in_progress_expiry(self) -> float:
+        """Ip, J + 30 when not set."""
+        if self.idempotency_in_progress_expiry is not None:
+            return self.idempotency_in_progress_expiry
+        return self.job_timeout + 30.0
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some settings changed (values are checked like any other source)."""
+        specs = {spec.name: spec for spec in setting_specs()}
+        checked = {}
+        for key, raw in changes.items():
+            if key not in specs:
+                raise _unknown_key(key, "Settings.replace()")
+            checked[key] = specs[key].coerce(raw, "Settings.replace()")
+        return dataclasses.replace(self, **checked)
+
+
+def setting_specs() -> tuple[SettingSpec, ...]:
+    """Every setting's spec, in declaration order."""
+    specs = []
+    for f in dataclasses.fields(Settings):
+        meta = f.metadata
+        specs.append(
+            SettingSpec(
+                name=f.name,
+                default=f.default,
+                help=meta["help"],
+                parse=meta["parse"],
+                minimum=meta["minimum"],
+                exclusive_minimum=meta["exclusive_minimum"],
+                maximum=meta["maximum"],
+                symbol=meta["symbol"],
+            )
+        )
+    return tuple(specs)
+
+
+def _unknown_key(key: str, source: str) -> SettingError:
+    names = [spec.name for spec in setting_specs()]
+    close = difflib.get_close_matches(key.replace("-", "_").lower(), names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return SettingError(
+        key,
+        "(unknown setting)",
+        f"{hint}known settings are listed in docs/reference/settings.md",
+        source,
+    )
+
+
+def find_config_file(cwd: Path, explicit: str | None) -> tuple[Path, bool] | None:
+    """The config file to read and whether it is a pyproject.toml, or None."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_absolute():
+            path = cwd / path
+        if not path.is_file():
+            raise ConfigurationError(
+                f"config file {str(path)!r} (from --config or {ENV_PREFIX}CONFIG) does not exist"
+            )
+        return path, path.name == "pyproject.toml"
+    own = cwd / "workerkit.toml"
+    if own.is_file():
+        return own, False
+    pyproject = cwd / "pyproject.toml"
+    if pyproject.is_file():
+        return pyproject, True
+    return None
+
+
+def _read_config_file(path: Path, is_pyproject: bool) -> dict[str, object]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigurationError(f"config file {str(path)!r} cannot be read: {exc}") from exc
+    if is_pyproject:
+        tool = data.get("tool", {})
+        table = tool.get("workerkit", {}) if isinstance(tool, dict) else {}
+        if not isinstance(table, dict):
+            raise ConfigurationError(f"{path}: [tool.workerkit] must be a table")
+        return table
+    return data
+
+
+# Kubernetes injects <SERVICE>_SERVICE_HOST, <SERVICE>_PORT, <SERVICE>_PORT_8080_TCP... for every
+# Service in the namespace; a Service named "workerkit" would look like settings of ours.
+_K8S_SERVICE_LINK_PREFIXES = ("SERVICE_", "PORT")
+_ENV_NOT_SETTINGS = frozenset({"CONFIG"})
+
+
+def load_settings(
+    cli: Mapping[str, object] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    config_file: str | None = None,
+) -> Settings:
+    """Read the settings from the CLI, the environment and the config file, in that order.
+
+    ``cli`` maps setting names to values given on the command line (``None`` means not given).
+    """
+    env = os.environ if env is None else env
+    cwd = Path.cwd() if cwd is None else cwd
+    specs = {spec.name: spec for spec in setting_specs()}
+    values: dict[str, object] = {}
+
+    located = find_config_file(cwd, config_file or env.get(ENV_PREFIX + "CONFIG"))
+    if located is not None:
+        path, is_pyproject = located
+        where = f"{path.name} [tool.workerkit]" if is_pyproject else str(path.name)
+        for key, raw in _read_config_file(path, is_pyproject).items():
+            name = key.replace("-", "_")
+            if name not in specs:
+                raise _unknown_key(key, where)
+            values[name] = specs[name].coerce(raw, where)
+
+    for var, raw in env.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        suffix = var[len(ENV_PREFIX) :]
+        name = suffix.lower()
+        if name in specs:
+            values[name] = specs[name].coerce(raw, f"${var}")
+        elif suffix not in _ENV_NOT_SETTINGS and not suffix.startswith(_K8S_SERVICE_LINK_PREFIXES):
+            raise _unknown_key(suffix.lower(), f"environment variable {var}")
+
+    for name, raw in (cli or {}).items():
+        if raw is None:
+            continue
+        if name not in specs:
+            raise _unknown_key(name, "command line")
+        values[name] = specs[name].coerce(raw, specs[name].cli_flag)
+
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def settings_to_env(settings: Settings) -> dict[str, str]:
+    """Every setting as its ``WORKERKIT_*`` variable, so a child process reads the same values.
+
+    The supervisor starts the engine's worker with these in its environment: the child's
+    :func:`load_settings` then sees exactly what the supervisor resolved, whatever mix of
+    options, variables and config file produced it.
+    """
+    env = {}
+    for spec in setting_specs():
+        value = getattr(settings, spec.name)
+        if value is None:
+            text = ""
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = ",".join(value)
+        else:
+            text = str(value)
+        env[spec.env_var] = text
+    return env
