@@ -27,6 +27,7 @@ __all__ = (
     "StoreError",
     "StoreUnavailable",
     "TimingBudgetError",
+    "UnknownSetting",
     "UnknownTask",
     "WorkerkitError",
 )
@@ -55,6 +56,19 @@ class SettingError(ConfigurationError):
         self.key = key
         self.value = value
         self.accepted = accepted
+        self.source = source
+
+
+class UnknownSetting(SettingError):
+    """A config file key or WORKERKIT_* variable names no setting."""
+
+    def __init__(self, key: str, hint: str, source: str = "") -> None:
+        ConfigurationError.__init__(
+            self, f"unknown setting {key!r}" + (f" (from {source})" if source else "") + f"; {hint}"
+        )
+        self.key = key
+        self.value = None
+        self.accepted = hint
         self.source = source
 
 

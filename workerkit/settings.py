@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from workerkit.errors import ConfigurationError, SettingError
+from workerkit.errors import ConfigurationError, SettingError, UnknownSetting
 
 __all__ = (
     "ENGINES",
@@ -427,15 +427,12 @@ def setting_specs() -> tuple[SettingSpec, ...]:
     return tuple(specs)
 
 
-def _unknown_key(key: str, source: str) -> SettingError:
+def _unknown_key(key: str, source: str) -> UnknownSetting:
     names = [spec.name for spec in setting_specs()]
     close = difflib.get_close_matches(key.replace("-", "_").lower(), names, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    return SettingError(
-        key,
-        "(unknown setting)",
-        f"{hint}known settings are listed in docs/reference/settings.md",
-        source,
+    return UnknownSetting(
+        key, f"{hint}the settings are listed in docs/reference/settings.md", source
     )
 
 
