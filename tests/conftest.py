@@ -15,6 +15,7 @@ Fixtures
                                 fresh database copied from the template, dropped afterwards
 ``sqlite_url`` (function)       ``sqlite:////<tmp_path>/workerkit.sqlite3``
 ``database_url`` (function)     parametrized: ``sqlite_url`` then ``postgres_url``
+``blank_postgres_url``, ``blank_database_url`` (function)  the same without the workerkit schema
 
 A server that is missing or does not start skips the test locally and fails it when the ``CI``
 environment variable is set (``./scripts/test.sh`` installs both servers when run as root).
@@ -134,7 +135,12 @@ def postgres_template_setup() -> list[Callable[[str], None]]:
     session fixture resolves it once, so an override in a sub-directory would apply to whichever
     test happened to start PostgreSQL first.
     """
-    return []
+    from workerkit.store.db import upgrade
+
+    def migrate(url: str) -> None:
+        upgrade(url)
+
+    return [migrate]
 
 
 @pytest.fixture(scope="session")
@@ -155,6 +161,17 @@ def postgres_url(postgres_server: servers.PostgresServer, postgres_template: str
         servers.drop_database(postgres_server, name)
 
 
+@pytest.fixture
+def blank_postgres_url(postgres_server: servers.PostgresServer) -> Iterator[str]:
+    """A database with no workerkit schema (copied from template0), for migration tests."""
+    name = f"blank_{uuid.uuid4().hex[:12]}"
+    servers.create_database(postgres_server, name, "template0")
+    try:
+        yield postgres_server.url(name)
+    finally:
+        servers.drop_database(postgres_server, name)
+
+
 # --------------------------------------------------------------------------------------------
 # any database
 
@@ -166,5 +183,14 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest) -> str:
+    """A migrated database: SQLite (a new file), then PostgreSQL (a copy of the template)."""
     url: str = request.getfixturevalue(f"{request.param}_url")
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def blank_database_url(request: pytest.FixtureRequest) -> str:
+    """A database without the workerkit schema: SQLite, then PostgreSQL."""
+    name = "sqlite_url" if request.param == "sqlite" else "blank_postgres_url"
+    url: str = request.getfixturevalue(name)
     return url

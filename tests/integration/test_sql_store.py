@@ -1,0 +1,164 @@
+"""The SQL store around the queue: migrations, the schema check, engines, maintenance."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from tests import servers
+from workerkit.engines.base import NewJob
+from workerkit.engines.sql import SqlQueue
+from workerkit.errors import ConfigurationError, PayloadError, StoreUnavailable
+from workerkit.settings import Settings
+from workerkit.store.db import (
+    check_schema,
+    create_engine_for,
+    current_revision,
+    head_revision,
+    upgrade,
+)
+from workerkit.store.schema import VERSION_TABLE, metadata
+
+
+@pytest.fixture
+def migrated_url(database_url: str) -> str:
+    upgrade(database_url)
+    return database_url
+
+
+@pytest.fixture
+def queue(migrated_url: str) -> Iterator[SqlQueue]:
+    queue = SqlQueue(migrated_url, settings=Settings())
+    try:
+        yield queue
+    finally:
+        queue.close()
+
+
+def test_migrations_create_exactly_the_tables_the_code_uses(migrated_url: str) -> None:
+    engine = create_engine_for(migrated_url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(
+                conn, opts={"version_table": VERSION_TABLE, "compare_type": True}
+            )
+            assert compare_metadata(context, metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_is_idempotent_and_check_schema_reports_head(blank_database_url: str) -> None:
+    database_url = blank_database_url
+    assert current_revision(database_url) is None
+    assert not check_schema(database_url).ok
+
+    assert upgrade(database_url) == head_revision()
+    assert upgrade(database_url) == head_revision()
+
+    assert current_revision(database_url) == head_revision()
+    health = check_schema(database_url)
+    assert health.ok, health.reason
+
+
+def test_a_newer_schema_keeps_old_workers_ready(migrated_url: str) -> None:
+    # A rolling deploy: the new release's migration ran first; this (old) worker must stay ready.
+    engine = create_engine_for(migrated_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"UPDATE {VERSION_TABLE} SET version_num = 'f00dface'"))  # noqa: S608 - a constant table name
+    finally:
+        engine.dispose()
+    health = check_schema(migrated_url)
+    assert health.ok
+    assert "newer" in health.reason
+
+
+def test_unreachable_database_is_reported_without_its_password() -> None:
+    url = f"postgresql+psycopg://worker:s3cr3t-pw@127.0.0.1:{servers.free_port()}/jobs"
+
+    health = check_schema(url)
+    assert not health.ok
+    assert "unreachable" in health.reason
+    assert "s3cr3t-pw" not in health.reason
+
+    queue = SqlQueue(url, settings=Settings())
+    try:
+        queue_health = queue.health()
+        assert not queue_health.ok
+        assert "s3cr3t-pw" not in queue_health.reason
+        with pytest.raises(StoreUnavailable) as raised:
+            queue.claim(["default"], "w", 1)
+        assert "s3cr3t-pw" not in str(raised.value)
+        assert "s3cr3t-pw" not in repr(queue)
+    finally:
+        queue.close()
+    with pytest.raises(StoreUnavailable) as upgrade_failed:
+        upgrade(url)
+    assert "s3cr3t-pw" not in str(upgrade_failed.value)
+
+
+def test_sqlite_with_several_replicas_is_refused_with_the_fix(sqlite_url: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        SqlQueue(sqlite_url, settings=Settings(replicas=3))
+    message = str(raised.value)
+    assert "replicas=3" in message
+    assert "database_url" in message
+    assert "PostgreSQL" in message
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_in_memory_sqlite_is_refused(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="InMemoryQueue"):
+        SqlQueue(url)
+
+
+def test_sqlite_runs_in_wal_mode(sqlite_url: str) -> None:
+    engine = create_engine_for(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        engine.dispose()
+
+
+def test_purge_finished_deletes_old_succeeded_jobs_and_failed_ones_on_request(
+    queue: SqlQueue,
+) -> None:
+    for job_id in ("done", "dead", "waiting"):
+        queue.enqueue(NewJob(job_id, "t", "default", "{}", max_attempts=1))
+    by_id = {d.job_id: d for d in queue.claim(["default"], "w", 2)}
+    queue.ack(by_id["done"], None)
+    queue.fail(by_id["dead"], "boom")
+    time.sleep(0.01)  # SQLite's clock has millisecond steps
+
+    assert queue.purge_finished(3600) == 0
+    assert queue.purge_finished(0) == 1
+    assert queue.get_job("done") is None
+    assert queue.get_job("dead") is not None
+    assert queue.purge_finished(0, include_failed=True) == 1
+    assert queue.count_by_state() == {"ready": 1, "running": 0, "succeeded": 0, "failed": 0}
+
+
+def test_checkpoint_that_is_not_json_is_refused_before_the_write(queue: SqlQueue) -> None:
+    queue.enqueue(NewJob("j", "t", "default", "{}", max_attempts=1))
+    [delivery] = queue.claim(["default"], "w", 1)
+    with pytest.raises(PayloadError, match="checkpoint"):
+        queue.save_checkpoint(delivery, {"when": object()})
+    with pytest.raises(PayloadError, match="result"):
+        queue.ack(delivery, float("nan"))
+    assert queue.get_job("j") is not None
+    assert queue.count_by_state()["running"] == 1
+
+
+def test_database_clock_drives_lease_expiry(queue: SqlQueue) -> None:
+    queue.enqueue(NewJob("j", "t", "default", "{}", max_attempts=1))
+    [delivery] = queue.claim(["default"], "w", 1)
+    assert delivery.lease_expires_at is not None
+    assert delivery.enqueued_at is not None
+    # V = 30 s by default, measured from the database's now at the claim.
+    assert 29.0 <= delivery.lease_expires_at - delivery.enqueued_at <= 40.0

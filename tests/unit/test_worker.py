@@ -1,0 +1,309 @@
+"""The native worker loop on the in-memory queue: outcomes, drain, stop requests, release."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from workerkit.app import App
+from workerkit.engines.base import NewJob
+from workerkit.job import current_job
+from workerkit.settings import Settings
+from workerkit.testing import InMemoryQueue
+from workerkit.worker import NativeWorker
+
+
+class RecordingEvents:
+    """Stands in for the supervisor's channel: records events, lets a test send commands."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.handlers: list[Callable[[Any, dict[str, Any]], None]] = []
+        self.lock = threading.Lock()
+
+    def send(self, event_type: str, **fields: Any) -> None:
+        with self.lock:
+            self.sent.append({"type": event_type, **fields})
+
+    def on_command(self, handler: Callable[[Any, dict[str, Any]], None]) -> None:
+        self.handlers.append(handler)
+
+    def command(self, name: str) -> None:
+        for handler in self.handlers:
+            handler(name, {"cmd": name})
+
+    def of_type(self, event_type: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [e for e in self.sent if e["type"] == event_type]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+class Harness:
+    def __init__(self, **settings: Any) -> None:
+        defaults: dict[str, Any] = {"poll_interval": 0.05, "checkpoint_interval": 0.01}
+        self.settings = Settings().replace(**{**defaults, **settings})
+        self.queue = InMemoryQueue()
+        self.app = App(backend=self.queue, settings=self.settings)
+        self.events = RecordingEvents()
+        self.log: list[str] = []  # what the jobs themselves recorded
+        self.worker: NativeWorker | None = None
+        self.thread: threading.Thread | None = None
+        self.exit_code: int | None = None
+
+    def start(self) -> NativeWorker:
+        worker = NativeWorker(self.app, self.settings, events=self.events)  # type: ignore[arg-type]
+        self.worker = worker
+
+        def run() -> None:
+            self.exit_code = worker.run(install_signal_handlers=False)
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        return worker
+
+    def join(self, timeout: float = 10.0) -> int:
+        assert self.thread is not None
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "worker did not exit"
+        assert self.exit_code is not None
+        return self.exit_code
+
+    def state(self, job_id: str) -> str:
+        job = self.queue.get_job(job_id)
+        assert job is not None
+        return str(job["state"])
+
+    def outcomes(self) -> list[str]:
+        return [e["outcome"] for e in self.events.of_type("job_finished")]
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    h = Harness()
+    yield h
+    if h.worker is not None and h.thread is not None and h.thread.is_alive():
+        h.worker.request_release()
+        h.thread.join(5)
+
+
+def test_runs_each_job_once_and_drains_on_stop(harness: Harness) -> None:
+    @harness.app.task
+    def record(n: int) -> int:
+        harness.log.append(f"ran {n}")
+        return n * 2
+
+    ids = [record.enqueue(n) for n in range(5)]
+    worker = harness.start()
+    wait_until(lambda: all(harness.state(i) == "succeeded" for i in ids))
+    worker.stop_fetching()
+    assert harness.join() == 0
+    assert sorted(harness.log) == [f"ran {n}" for n in range(5)]
+    assert [harness.queue.get_job(i)["result"] for i in ids] == [0, 2, 4, 6, 8]  # type: ignore[index]
+    assert harness.outcomes() == ["succeeded"] * 5
+    started = harness.events.of_type("job_started")
+    assert {e["job_id"] for e in started} == set(ids)
+    assert all(e["delivery"]["token"] for e in started)
+    assert harness.events.of_type("worker_ready")
+
+
+def test_a_failing_job_is_retried_with_backoff_then_succeeds(harness: Harness) -> None:
+    @harness.app.task(max_attempts=3, retry_backoff=0.01)
+    def flaky() -> str:
+        attempt = current_job().attempt
+        harness.log.append(f"attempt {attempt}")
+        if attempt == 1:
+            raise ConnectionError("gateway timed out")
+        return "ok"
+
+    job_id = flaky.enqueue()
+    harness.start()
+    wait_until(lambda: harness.state(job_id) == "succeeded")
+    assert harness.log == ["attempt 1", "attempt 2"]
+    assert harness.outcomes() == ["retried", "succeeded"]
+
+
+def test_a_job_failing_every_attempt_ends_failed_with_its_error(harness: Harness) -> None:
+    @harness.app.task(max_attempts=2, retry_backoff=0.01)
+    def broken() -> None:
+        harness.log.append("ran")
+        raise ValueError("bad row 17")
+
+    job_id = broken.enqueue()
+    harness.start()
+    wait_until(lambda: harness.state(job_id) == "failed")
+    job = harness.queue.get_job(job_id)
+    assert job is not None
+    assert "ValueError: bad row 17" in job["last_error"]
+    assert harness.log == ["ran", "ran"]
+    assert harness.outcomes() == ["retried", "failed"]
+
+
+def test_unknown_task_and_bad_payload_fail_with_reason_and_the_worker_goes_on(
+    harness: Harness,
+) -> None:
+    @harness.app.task
+    def fine() -> None:
+        harness.log.append("fine")
+
+    harness.queue.enqueue(NewJob("ghost", "no.such.task", "default", '{"args":[]}', 3))
+    harness.queue.enqueue(NewJob("garbled", fine.name, "default", "{not json", 3))
+    good = fine.enqueue()
+    harness.start()
+    wait_until(lambda: harness.state(good) == "succeeded")
+    wait_until(lambda: harness.state("ghost") == "failed" and harness.state("garbled") == "failed")
+    ghost, garbled = harness.queue.get_job("ghost"), harness.queue.get_job("garbled")
+    assert ghost is not None
+    assert garbled is not None
+    assert "UnknownTask" in ghost["last_error"]
+    assert "no.such.task" in ghost["last_error"]
+    assert "PayloadError" in garbled["last_error"]
+    assert ghost["attempts"] == 1  # failed for good at once, not retried
+    assert harness.log == ["fine"]
+
+
+def test_stop_fetching_lets_the_job_in_hand_finish_and_starts_no_other(harness: Harness) -> None:
+    started = threading.Event()
+    finish = threading.Event()
+
+    @harness.app.task
+    def slow(n: int) -> None:
+        harness.log.append(f"start {n}")
+        started.set()
+        finish.wait(10)
+        harness.log.append(f"done {n}")
+
+    first = slow.enqueue(1)
+    second = slow.enqueue(2)
+    worker = harness.start()
+    assert started.wait(5)
+    worker.stop_fetching()
+    finish.set()
+    assert harness.join() == 0
+    assert harness.log == ["start 1", "done 1"]
+    assert harness.state(first) == "succeeded"
+    assert harness.state(second) == "ready"
+
+
+def test_cooperative_job_saves_checkpoint_and_releases_on_request_stop(harness: Harness) -> None:
+    @harness.app.task
+    def cursor(items: int) -> int:
+        job = current_job()
+        position = (job.checkpoint or {}).get("next", 0)
+        harness.log.append(f"attempt {job.attempt} from {position}")
+        while position < items:
+            if job.stop_requested:
+                job.release({"next": position})
+            position += 1
+            job.save_checkpoint({"next": position})
+            time.sleep(0.005)
+        return position
+
+    job_id = cursor.enqueue(100_000)
+    worker = harness.start()
+    wait_until(lambda: harness.events.of_type("checkpoint_saved") != [])
+    worker.stop_fetching()
+    harness.events.command("request_stop")
+    assert harness.join() == 0
+    job = harness.queue.get_job(job_id)
+    assert job is not None
+    assert job["state"] == "ready"
+    assert job["attempts"] == 0  # the release gave the attempt back
+    assert job["checkpoint"]["next"] > 0
+    assert harness.outcomes() == ["released"]
+
+
+def test_stubborn_job_is_released_by_the_release_command(harness: Harness) -> None:
+    started = threading.Event()
+
+    @harness.app.task
+    def stubborn() -> None:
+        started.set()
+        current_job().save_checkpoint({"step": 1}, force=True)
+        time.sleep(30)  # ignores stop requests; only the release command ends this attempt
+
+    job_id = stubborn.enqueue()
+    worker = harness.start()
+    assert started.wait(5)
+    worker.stop_fetching()
+    harness.events.command("request_stop")
+    began = time.monotonic()
+    harness.events.command("release")
+    assert harness.join() == 0
+    assert time.monotonic() - began < 5
+    job = harness.queue.get_job(job_id)
+    assert job is not None
+    assert (job["state"], job["attempts"], job["checkpoint"]) == ("ready", 0, {"step": 1})
+    assert harness.outcomes() == ["released"]
+
+
+def test_a_job_over_its_timeout_is_timed_out_and_retried(harness: Harness) -> None:
+    @harness.app.task(timeout=0.2, max_attempts=2, retry_backoff=0.01)
+    def hangs() -> None:
+        harness.log.append(f"attempt {current_job().attempt}")
+        if current_job().attempt == 1:
+            time.sleep(3)
+
+    job_id = hangs.enqueue()
+    harness.start()
+    wait_until(lambda: harness.state(job_id) == "succeeded")
+    assert harness.outcomes() == ["timed_out", "succeeded"]
+    job = harness.queue.get_job(job_id)
+    assert job is not None
+    assert job["attempts"] == 2
+
+
+def test_concurrency_runs_jobs_side_by_side_up_to_the_limit() -> None:
+    harness = Harness(concurrency=3)
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+    release = threading.Event()
+
+    @harness.app.task
+    def hold() -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        release.wait(5)
+        with lock:
+            running -= 1
+
+    ids = [hold.enqueue() for _ in range(6)]
+    worker = harness.start()
+    wait_until(lambda: peak == 3)
+    release.set()
+    wait_until(lambda: all(harness.state(i) == "succeeded" for i in ids))
+    worker.stop_fetching()
+    assert harness.join() == 0
+    assert peak == 3
+
+
+def test_no_store_means_not_ready_and_no_claims(harness: Harness) -> None:
+    harness.queue.healthy = False
+
+    @harness.app.task
+    def never() -> None:
+        harness.log.append("ran")
+
+    job_id = never.enqueue()
+    worker = harness.start()
+    wait_until(lambda: harness.events.of_type("store_health") != [])
+    assert harness.events.of_type("store_health")[0]["ok"] is False
+    assert not harness.events.of_type("worker_ready")
+    harness.queue.healthy = True
+    wait_until(lambda: harness.state(job_id) == "succeeded", timeout=15)
+    worker.stop_fetching()
+    assert harness.join() == 0
+    assert harness.log == ["ran"]

@@ -1,0 +1,32 @@
+"""workerkit: a graceful queue-worker runtime for Celery, RQ and SQL-backed workers."""
+
+from __future__ import annotations
+
+from workerkit.app import App as App
+from workerkit.app import Task as Task
+from workerkit.errors import ConfigurationError as ConfigurationError
+from workerkit.errors import LeaseLost as LeaseLost
+from workerkit.errors import NoCurrentJob as NoCurrentJob
+from workerkit.errors import WorkerkitError as WorkerkitError
+from workerkit.job import JobContext as JobContext
+from workerkit.job import current_job as current_job
+from workerkit.job import current_job_or_none as current_job_or_none
+from workerkit.settings import Settings as Settings
+from workerkit.settings import load_settings as load_settings
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "App",
+    "ConfigurationError",
+    "JobContext",
+    "LeaseLost",
+    "NoCurrentJob",
+    "Settings",
+    "Task",
+    "WorkerkitError",
+    "__version__",
+    "current_job",
+    "current_job_or_none",
+    "load_settings",
+)

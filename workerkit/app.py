@@ -1,0 +1,328 @@
+"""Defining and enqueuing jobs for workerkit's native queue.
+
+::
+
+    app = workerkit.App()                      # WORKERKIT_DATABASE_URL, else ./workerkit.sqlite3
+
+    @app.task(queue="emails", timeout=60, max_attempts=5)
+    def send_welcome(user_id: int) -> None: ...
+
+    send_welcome.enqueue(42)                                   # returns the job id
+    send_welcome.configure(delay=30, job_id="welcome-42").enqueue(42)
+
+Arguments and results are JSON, never pickle: a worker must not run code a queue writer chose.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+
+from workerkit.engines.base import NewJob
+from workerkit.errors import ConfigurationError, PayloadError, PayloadTooLarge
+from workerkit.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from workerkit.engines.base import QueueBackend
+    from workerkit.timing import TaskTiming
+
+__all__ = ("App", "EnqueueOptions", "Task", "decode_payload", "encode_payload")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def encode_payload(task: str, args: Sequence[Any], kwargs: dict[str, Any], cap: int) -> str:
+    """Args and kwargs as JSON text; PayloadError when not JSON or over ``cap`` bytes."""
+    try:
+        text = json.dumps(
+            {"args": list(args), "kwargs": kwargs}, allow_nan=False, separators=(",", ":")
+        )
+    except (TypeError, ValueError) as exc:
+        raise PayloadError(
+            f"task {task!r}: arguments must be JSON (str, int, float, bool, None, list, dict): "
+            f"{exc}"
+        ) from exc
+    size = len(text.encode())
+    if size > cap:
+        raise PayloadTooLarge(
+            f"task {task!r}: payload is {size} bytes, over max_payload_bytes={cap}; pass a "
+            f"reference (a row id, an object-store key) instead, or raise "
+            f"WORKERKIT_MAX_PAYLOAD_BYTES"
+        )
+    return text
+
+
+def decode_payload(payload: str) -> tuple[list[Any], dict[str, Any]]:
+    """Args and kwargs back from JSON text; PayloadError with the reason when malformed."""
+    try:
+        data = json.loads(payload)
+    except ValueError as exc:
+        raise PayloadError(f"payload is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PayloadError("payload must be a JSON object with 'args' and 'kwargs'")
+    args = data.get("args", [])
+    kwargs = data.get("kwargs", {})
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise PayloadError("payload 'args' must be a list and 'kwargs' an object")
+    return args, kwargs
+
+
+@dataclass(frozen=True)
+class EnqueueOptions:
+    """How one enqueue differs from the task's defaults."""
+
+    queue: str | None = None
+    delay: float | None = None
+    run_at: float | None = None  # epoch seconds
+    job_id: str | None = None
+
+
+class Task(Generic[P, R]):
+    """A function registered with an :class:`App`. Calling it runs it here, now."""
+
+    def __init__(
+        self,
+        app: App,
+        fn: Callable[P, R],
+        *,
+        name: str,
+        queue: str,
+        timeout: float | None,
+        max_attempts: int,
+        retry_backoff: float,
+        retry_backoff_max: float,
+        checkpointed: bool,
+        idempotent: bool,
+    ) -> None:
+        if max_attempts < 1:
+            raise ConfigurationError(f"task {name!r}: max_attempts must be at least 1")
+        if timeout is not None and timeout <= 0:
+            raise ConfigurationError(f"task {name!r}: timeout must be above 0 seconds")
+        self.app = app
+        self.fn = fn
+        self.name = name
+        self.queue = queue
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.retry_backoff = retry_backoff
+        self.retry_backoff_max = retry_backoff_max
+        self.checkpointed = checkpointed
+        self.idempotent = idempotent
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} queue={self.queue}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """Put a job for this task in its queue; return its id."""
+        return self.app.enqueue_task(self, args, kwargs, EnqueueOptions())
+
+    def configure(
+        self,
+        *,
+        queue: str | None = None,
+        delay: float | None = None,
+        run_at: float | None = None,
+        job_id: str | None = None,
+    ) -> _ConfiguredTask[P, R]:
+        """Enqueue options for one call: ``task.configure(delay=30).enqueue(...)``.
+
+        ``job_id`` makes enqueuing idempotent: a second enqueue with the same id does nothing
+        and returns the same id.
+        """
+        if delay is not None and run_at is not None:
+            raise ConfigurationError("give delay or run_at, not both")
+        return _ConfiguredTask(self, EnqueueOptions(queue, delay, run_at, job_id))
+
+    def retry_delay(self, attempt: int) -> float:
+        """Seconds before attempt ``attempt + 1``: exponential, capped, with jitter.
+
+        "Equal jitter": half the exponential step is kept, half is random, so retries of many
+        jobs that failed together (a database blip) spread out instead of failing together again.
+        """
+        step = min(self.retry_backoff_max, self.retry_backoff * 2.0 ** max(0, attempt - 1))
+        return step / 2 + random.uniform(0, step / 2)
+
+
+class _ConfiguredTask(Generic[P, R]):
+    def __init__(self, task: Task[P, R], options: EnqueueOptions) -> None:
+        self.task = task
+        self.options = options
+
+    def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        return self.task.app.enqueue_task(self.task, args, kwargs, self.options)
+
+
+class App:
+    """A set of tasks and the queue they go through.
+
+    ``database_url`` defaults to the ``database_url`` setting (``WORKERKIT_DATABASE_URL``, the
+    config file, else a SQLite file in the working directory). Pass ``backend`` to use another
+    queue, such as :class:`workerkit.testing.InMemoryQueue` in tests.
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        backend: QueueBackend | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        self._settings = settings
+        self._database_url = database_url
+        self._backend = backend
+        self.tasks: dict[str, Task[Any, Any]] = {}
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings()
+        return self._settings
+
+    def configure_settings(self, settings: Settings) -> None:
+        """Use these settings (the worker passes the ones it was started with)."""
+        self._settings = settings
+
+    @property
+    def database_url(self) -> str:
+        return self._database_url or self.settings.database_url
+
+    @property
+    def backend(self) -> QueueBackend:
+        if self._backend is None:
+            from workerkit.engines.sql import SqlQueue
+
+            self._backend = SqlQueue(self.database_url, settings=self.settings)
+        return self._backend
+
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        timeout: float | None = None,
+        max_attempts: int = 3,
+        retry_backoff: float = 2.0,
+        retry_backoff_max: float = 600.0,
+        checkpointed: bool = False,
+        idempotent: bool = False,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        timeout: float | None = None,
+        max_attempts: int = 3,
+        retry_backoff: float = 2.0,
+        retry_backoff_max: float = 600.0,
+        checkpointed: bool = False,
+        idempotent: bool = False,
+    ) -> Any:
+        """Register a task. ``timeout`` defaults to the ``job_timeout`` setting.
+
+        ``checkpointed`` and ``idempotent`` tell ``workerkit check`` that a re-run of this task
+        resumes or is harmless, so a timeout longer than the drain window is not a warning.
+        """
+
+        def register(func: Callable[..., Any]) -> Task[Any, Any]:
+            task_name = name or f"{func.__module__}.{func.__qualname__}"
+            if task_name in self.tasks:
+                raise ConfigurationError(f"task {task_name!r} is registered twice")
+            task: Task[Any, Any] = Task(
+                self,
+                func,
+                name=task_name,
+                queue=queue,
+                timeout=timeout,
+                max_attempts=max_attempts,
+                retry_backoff=retry_backoff,
+                retry_backoff_max=retry_backoff_max,
+                checkpointed=checkpointed,
+                idempotent=idempotent,
+            )
+            self.tasks[task_name] = task
+            return task
+
+        return register(fn) if fn is not None else register
+
+    def enqueue_task(
+        self,
+        task: Task[Any, Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        options: EnqueueOptions,
+    ) -> str:
+        """Encode and store one job; return its id (the existing one for a duplicate id)."""
+        return self.enqueue(
+            task.name,
+            args,
+            kwargs,
+            options,
+            max_attempts=task.max_attempts,
+            default_queue=task.queue,
+        )
+
+    def enqueue(
+        self,
+        task_name: str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        options: EnqueueOptions | None = None,
+        *,
+        max_attempts: int | None = None,
+        default_queue: str = "default",
+    ) -> str:
+        """Enqueue by task name (the task need not be importable here, as from the shell)."""
+        options = options or EnqueueOptions()
+        task = self.tasks.get(task_name)
+        if task is not None:
+            default_queue = task.queue
+            max_attempts = max_attempts or task.max_attempts
+        payload = encode_payload(task_name, args, kwargs or {}, self.settings.max_payload_bytes)
+        run_at = options.run_at
+        if options.delay is not None:
+            run_at = time.time() + options.delay
+        job = NewJob(
+            job_id=options.job_id or uuid.uuid4().hex,
+            task=task_name,
+            queue=options.queue or default_queue,
+            payload=payload,
+            max_attempts=max_attempts or 3,
+            run_at=run_at,
+        )
+        self.backend.enqueue(job)
+        return job.job_id
+
+    def task_timings(self) -> list[TaskTiming]:
+        """Each task's timeout and re-run safety, for the timing budget."""
+        from workerkit.timing import TaskTiming
+
+        return [
+            TaskTiming(
+                name=task.name,
+                timeout=task.timeout,
+                idempotent=task.idempotent,
+                checkpointed=task.checkpointed,
+            )
+            for task in self.tasks.values()
+        ]

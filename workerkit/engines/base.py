@@ -1,0 +1,153 @@
+"""The contracts between the supervisor, the native worker loop and a queue.
+
+Two small interfaces:
+
+* :class:`QueueBackend` is a queue workerkit runs itself (the SQL queue; the in-memory queue of
+  :mod:`workerkit.testing`). The native worker loop (:mod:`workerkit.worker`) claims deliveries
+  from it, runs them with a :class:`~workerkit.job.JobContext`, extends their leases and settles
+  each one exactly once: ack, retry, fail or release. Every write after the claim is *fenced* by
+  the delivery's token, so an attempt whose lease expired (and whose job another worker may have
+  claimed since) cannot complete, fail, release or checkpoint it: the write raises
+  :class:`~workerkit.errors.LeaseLost` instead.
+
+* :class:`Engine` is what the supervisor needs from any engine (sql, rq, celery): how to start
+  the engine's worker process, and how to release, by itself, deliveries that were in flight
+  when that process died or had to be killed.
+
+Attempts: ``attempts`` counts claims. A claim takes one; a release gives it back (a deploy is
+not the job's fault); a crash keeps it (a job that kills its worker every time must end up
+failed, not loop forever). When a lease expires on a job with no attempts left, the next claim
+fails it with the reason instead of running it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from workerkit.settings import Settings
+
+__all__ = ("Delivery", "Engine", "NewJob", "QueueBackend", "QueueStats", "StoreHealth")
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job to enqueue. ``payload`` is already-encoded JSON text (args and kwargs)."""
+
+    job_id: str
+    task: str
+    queue: str
+    payload: str
+    max_attempts: int
+    run_at: float | None = None  # epoch seconds; None = now (by the store's clock)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One claimed attempt of one job, owned by the holder of ``token`` until its lease ends."""
+
+    job_id: str
+    task: str
+    queue: str
+    payload: str  # JSON text as enqueued; decoded by the worker (a bad one fails the job)
+    attempt: int  # this attempt's number, from 1
+    max_attempts: int
+    token: str
+    checkpoint: Any = None
+    enqueued_at: float | None = None  # epoch seconds the job became runnable, for queue wait
+    lease_expires_at: float | None = None
+
+    def ref(self) -> dict[str, Any]:
+        """What the supervisor keeps to release this delivery if its worker dies."""
+        return {"job_id": self.job_id, "token": self.token, "queue": self.queue}
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Queue depth and the age of the oldest ready job, per queue (for metrics, autoscaling)."""
+
+    depth: Mapping[str, int] = field(default_factory=dict)
+    oldest_ready_age: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoreHealth:
+    """Whether the store can be used now, and why not (one line, no secrets)."""
+
+    ok: bool
+    reason: str
+
+
+@runtime_checkable
+class QueueBackend(Protocol):
+    """A queue the native worker loop runs. Safe to call from several threads at once."""
+
+    name: str
+
+    def enqueue(self, job: NewJob) -> bool:
+        """Store the job; False (and no change) when a job with this id already exists."""
+        ...
+
+    def claim(self, queues: Sequence[str], worker_id: str, limit: int) -> list[Delivery]:
+        """Take up to ``limit`` runnable jobs (ready and due, or with an expired lease)."""
+        ...
+
+    def extend(self, delivery: Delivery) -> bool:
+        """Renew the lease; False when it was lost (then nothing else of it will count)."""
+        ...
+
+    def save_checkpoint(self, delivery: Delivery, state: Any) -> None:
+        """Store the checkpoint (JSON-serializable). Fenced."""
+        ...
+
+    def ack(self, delivery: Delivery, result: Any) -> None:
+        """The job succeeded: store the result, drop the checkpoint. Fenced."""
+        ...
+
+    def retry(self, delivery: Delivery, error: str, run_at: float) -> None:
+        """The attempt failed; run again at ``run_at`` (epoch seconds). Fenced."""
+        ...
+
+    def fail(self, delivery: Delivery, error: str) -> None:
+        """The job failed for good, keeping the error. Fenced."""
+        ...
+
+    def release(self, delivery: Delivery) -> None:
+        """Back to the queue now, checkpoint kept, attempt given back. Fenced."""
+        ...
+
+    def release_ref(self, ref: Mapping[str, Any]) -> bool:
+        """Release by :meth:`Delivery.ref`, from another process; False when already settled."""
+        ...
+
+    def wait_for_jobs(self, queues: Sequence[str], timeout: float) -> None:
+        """Block up to ``timeout`` seconds, returning early when new jobs may be there."""
+        ...
+
+    def health(self) -> StoreHealth:
+        """Can the store be used now (reachable, schema current)?"""
+        ...
+
+    def stats(self, queues: Sequence[str]) -> QueueStats:
+        """Depth and oldest ready age of each queue."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class Engine(Protocol):
+    """What the supervisor needs from an engine."""
+
+    name: str
+
+    def worker_command(self, settings: Settings) -> list[str]:
+        """The argv of the engine's worker process (settings reach it through the environment)."""
+        ...
+
+    def release_in_flight(self, settings: Settings, refs: Sequence[Mapping[str, Any]]) -> int:
+        """Release deliveries whose worker died or was killed; return how many were released."""
+        ...

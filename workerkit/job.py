@@ -1,0 +1,222 @@
+"""The job context: what a running job knows about itself, on every engine.
+
+Inside a job, :func:`current_job` returns a :class:`JobContext`: the job's id, task, attempt and
+deadline, whether a stop has been requested (the drain deadline passed, or the lease was lost),
+the last saved checkpoint, and the means to save a new one or to release the job.
+
+The context is engine-agnostic. An engine builds one per attempt with a :class:`CheckpointSink`
+(its fenced write of a checkpoint) and runs the job inside :meth:`JobContext.activate`. The
+supervisor's ``request_stop`` command reaches every context of the process through
+:func:`request_stop_all`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn, Protocol
+
+from workerkit.errors import LeaseLost, NoCurrentJob, ReleaseJob
+
+__all__ = (
+    "CheckpointSink",
+    "JobContext",
+    "active_contexts",
+    "current_job",
+    "current_job_or_none",
+    "request_stop_all",
+)
+
+_UNSET: Any = object()
+
+
+class CheckpointSink(Protocol):
+    """An engine's fenced checkpoint write for one attempt.
+
+    It raises :class:`~workerkit.errors.LeaseLost` when the attempt no longer owns the job.
+    """
+
+    def __call__(self, state: Any) -> None: ...
+
+
+class JobContext:
+    """One attempt of one job, as the job itself sees it."""
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        task: str,
+        queue: str,
+        attempt: int,
+        checkpoint: Any = None,
+        deadline: float | None = None,
+        checkpoint_interval: float = 5.0,
+        save: CheckpointSink | None = None,
+        on_checkpoint_saved: Callable[[JobContext], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.job_id = job_id
+        self.task = task
+        self.queue = queue
+        self.attempt = attempt
+        self.deadline = deadline
+        self.checkpoint_interval = checkpoint_interval
+        self._checkpoint = checkpoint
+        self._save = save
+        self._on_saved = on_checkpoint_saved
+        self._clock = clock
+        self._stop = threading.Event()
+        self._lease_lost = False
+        self._pending: Any = _UNSET
+        self._last_saved_at = clock()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<JobContext {self.task} id={self.job_id} attempt={self.attempt}>"
+
+    # --- what the job reads ---------------------------------------------------------------
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once the job should save its checkpoint and return (or call :meth:`release`)."""
+        return self._stop.is_set()
+
+    @property
+    def lease_lost(self) -> bool:
+        """True when another worker owns the job now; nothing this attempt writes will count."""
+        return self._lease_lost
+
+    @property
+    def checkpoint(self) -> Any:
+        """The last checkpoint saved for this job (by this attempt or an earlier one), or None."""
+        with self._lock:
+            return self._checkpoint if self._pending is _UNSET else self._pending
+
+    def time_left(self) -> float | None:
+        """Seconds until the job's deadline (wall clock), or None when it has none."""
+        return None if self.deadline is None else self.deadline - time.time()
+
+    def wait_for_stop(self, timeout: float | None = None) -> bool:
+        """Sleep up to ``timeout`` seconds, waking early when a stop is requested."""
+        return self._stop.wait(timeout)
+
+    # --- what the job does ----------------------------------------------------------------
+
+    def save_checkpoint(self, state: Any, *, force: bool = False) -> bool:
+        """Record ``state`` (JSON-serializable) as where a later attempt should resume.
+
+        Writes are throttled: the state is written at once when ``force`` is given, a stop has
+        been requested, or ``checkpoint_interval`` seconds passed since the last write; otherwise
+        it is kept and written by a later call, by :meth:`flush` or by :meth:`release`. Returns
+        whether it was written now. Raises :class:`~workerkit.errors.LeaseLost` when another
+        worker owns the job.
+        """
+        with self._lock:
+            self._pending = state
+            due = self._clock() - self._last_saved_at >= self.checkpoint_interval
+            if not (force or due or self._stop.is_set()):
+                return False
+        self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Write the kept checkpoint, if any, now."""
+        with self._lock:
+            state, self._pending = self._pending, _UNSET
+            if state is _UNSET:
+                return
+            if self._save is not None:
+                try:
+                    self._save(state)
+                except LeaseLost:
+                    self._lease_lost = True
+                    self._stop.set()
+                    raise
+            self._checkpoint = state
+            self._last_saved_at = self._clock()
+        if self._on_saved is not None:
+            self._on_saved(self)
+
+    def release(self, state: Any = _UNSET) -> NoReturn:
+        """Save ``state`` (or the kept checkpoint) and hand the job back to its queue now.
+
+        The attempt is not counted: the next worker to take the job resumes from the checkpoint.
+        This raises :class:`~workerkit.errors.ReleaseJob`, which the engine turns into a release.
+        """
+        if state is not _UNSET:
+            with self._lock:
+                self._pending = state
+        self.flush()
+        raise ReleaseJob
+
+    # --- what the engine does -------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the job to stop: the drain deadline passed."""
+        self._stop.set()
+
+    def mark_lease_lost(self) -> None:
+        """The engine found that another worker owns the job now."""
+        self._lease_lost = True
+        self._stop.set()
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator[JobContext]:
+        """Make this the current job in this thread (and register it for stop requests)."""
+        token = _current.set(self)
+        with _registry_lock:
+            _active.add(self)
+        try:
+            yield self
+        finally:
+            with _registry_lock:
+                _active.discard(self)
+            _current.reset(token)
+
+
+_current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar(
+    "workerkit_current_job", default=None
+)
+_active: set[JobContext] = set()
+_registry_lock = threading.Lock()
+
+
+def current_job() -> JobContext:
+    """The context of the job running in this thread; :class:`NoCurrentJob` outside a job."""
+    context = _current.get()
+    if context is None:
+        raise NoCurrentJob
+    return context
+
+
+def current_job_or_none() -> JobContext | None:
+    """The context of the job running in this thread, or None outside a job."""
+    return _current.get()
+
+
+def active_contexts() -> tuple[JobContext, ...]:
+    """The contexts of the jobs running in this process now."""
+    with _registry_lock:
+        return tuple(_active)
+
+
+def request_stop_all() -> None:
+    """Ask every job running in this process to stop (for engines whose jobs run in pools)."""
+    for context in active_contexts():
+        context.request_stop()
+
+
+def _reset_after_fork() -> None:
+    # A forked child (RQ's work horse, Celery's pool) inherits the parent's registry, but none of
+    # the parent's job threads; and another thread may have held the lock at fork time.
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    _active.clear()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

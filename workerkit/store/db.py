@@ -1,0 +1,291 @@
+"""Engines, migrations and the schema check of the SQL store.
+
+The schema is managed by Alembic, with an environment shipped inside the package: no
+``alembic.ini`` is needed, :func:`alembic_config` builds the configuration in code. Operators run
+``workerkit db upgrade`` (:func:`upgrade`) before workers start (the Helm chart runs it as a
+pre-install/pre-upgrade Job); workers never migrate, they only check (:func:`check_schema`), so
+that a rollout of many pods cannot race to alter one table.
+
+Supported databases: SQLite (one host only; WAL and ``BEGIN IMMEDIATE`` writes) and PostgreSQL
+through psycopg 3.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+
+from workerkit.engines.base import StoreHealth
+from workerkit.errors import ConfigurationError, StoreUnavailable
+from workerkit.store.schema import VERSION_TABLE
+
+__all__ = (
+    "MIGRATIONS_DIR",
+    "READ_ONLY_OPTION",
+    "SQLITE_BUSY_TIMEOUT",
+    "UPGRADE_HINT",
+    "alembic_config",
+    "check_schema",
+    "create_engine_for",
+    "current_revision",
+    "describe_error",
+    "head_revision",
+    "is_sqlite",
+    "normalize_url",
+    "postgres_connect_defaults",
+    "schema_status",
+    "upgrade",
+)
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
+
+#: How long a SQLite writer waits for the file lock before giving up, in seconds. Claims hold it
+#: for a few milliseconds; a long wait means something holds a write transaction open.
+SQLITE_BUSY_TIMEOUT: Final = 30.0
+
+UPGRADE_HINT: Final = "run `workerkit db upgrade`"
+
+#: Execution option: begin a plain deferred transaction on SQLite (reads), not BEGIN IMMEDIATE.
+READ_ONLY_OPTION: Final = "workerkit_read_only"
+
+
+def normalize_url(url: str | sa.URL) -> sa.URL:
+    """The SQLAlchemy URL workerkit connects with (PostgreSQL URLs use psycopg 3).
+
+    ``postgres://`` and ``postgresql://`` (which SQLAlchemy would give to psycopg2) become
+    ``postgresql+psycopg://``; anything but SQLite and PostgreSQL is refused.
+    """
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise ConfigurationError(
+            f"database_url is not a SQLAlchemy URL ({exc}); expected sqlite:///PATH or "
+            "postgresql+psycopg://USER:PASSWORD@HOST/DB"
+        ) from None
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername=f"postgresql+{driver or 'psycopg'}")
+        backend = "postgresql"
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigurationError(
+            f"database_url uses {backend!r}, which workerkit's SQL store does not support; use "
+            "sqlite:///PATH (one host) or postgresql+psycopg://USER:PASSWORD@HOST/DB"
+        )
+    if backend == "sqlite" and (
+        parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory"
+    ):
+        raise ConfigurationError(
+            f"database_url {parsed.render_as_string(hide_password=True)!r} is an in-memory "
+            "SQLite database, which every connection sees empty; use a file "
+            "(sqlite:///workerkit.sqlite3), or workerkit.testing.InMemoryQueue in tests"
+        )
+    return parsed
+
+
+def is_sqlite(url: str | sa.URL) -> bool:
+    """Whether ``url`` names a SQLite database."""
+    return sa.make_url(url).get_backend_name() == "sqlite"
+
+
+def create_engine_for(url: str | sa.URL, **kwargs: Any) -> sa.Engine:
+    """A SQLAlchemy engine set up for the queue; extra ``kwargs`` go to ``create_engine``.
+
+    SQLite: WAL (readers never block the writer), a busy timeout, and every write transaction
+    begins with ``BEGIN IMMEDIATE``. The sqlite3 module's own transaction handling is turned
+    off (SQLAlchemy's documented recipe) because it would begin with a *deferred* BEGIN: two
+    claimers could then both read the same ready row and only collide at their first write, one
+    of them failing with "database is locked" instead of waiting. IMMEDIATE takes the write lock
+    at BEGIN, so claims queue up on the busy timeout and each sees the previous one's result.
+
+    PostgreSQL: psycopg 3, a small pool with pre-ping (a worker outlives database restarts and
+    failovers), a connect timeout so probes answer, and ``application_name=workerkit``.
+    """
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        connect_args = {"timeout": SQLITE_BUSY_TIMEOUT, **kwargs.pop("connect_args", {})}
+        engine = sa.create_engine(parsed, connect_args=connect_args, **kwargs)
+        _install_sqlite_hooks(engine)
+        return engine
+    connect_args = dict(kwargs.pop("connect_args", {}))
+    connect_args.update(postgres_connect_defaults(parsed))
+    options: dict[str, Any] = {
+        "pool_pre_ping": True,
+        "pool_size": 5,
+        "max_overflow": 10,
+        "pool_recycle": 1800,
+        "pool_timeout": 30,
+    }
+    options.update(kwargs)
+    return sa.create_engine(parsed, connect_args=connect_args, **options)
+
+
+def postgres_connect_defaults(url: sa.URL) -> dict[str, Any]:
+    """psycopg connect arguments workerkit adds unless the URL sets them."""
+    defaults: dict[str, Any] = {}
+    if "connect_timeout" not in url.query:
+        defaults["connect_timeout"] = 10
+    if "application_name" not in url.query:
+        defaults["application_name"] = "workerkit"
+    return defaults
+
+
+def _install_sqlite_hooks(engine: sa.Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        # None = autocommit at the sqlite3 level: the driver emits no BEGIN of its own, and
+        # _on_begin below emits the one we want.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT * 1000)}")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: sa.Connection) -> None:
+        if connection.get_execution_options().get(READ_ONLY_OPTION):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@contextmanager
+def _engine(url: str | sa.URL) -> Iterator[sa.Engine]:
+    engine = create_engine_for(url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def describe_error(exc: BaseException, url: str | sa.URL | None = None) -> str:
+    """One line about a database error, without the URL or its password."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
+    if url is not None:
+        password = sa.make_url(url).password
+        if password:
+            text = text.replace(str(password), "***")
+    return f"{type(orig).__name__}: {text}" if text else type(orig).__name__
+
+
+# --- migrations --------------------------------------------------------------------------
+
+
+def alembic_config(connection: sa.Connection | None = None) -> Config:
+    """Alembic's configuration for workerkit's migrations, built in code.
+
+    With ``connection``, migrations run on it (inside its transaction). The URL is never put in
+    the config: configparser would choke on a ``%`` in a password, and the config may be logged.
+    """
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("version_table", VERSION_TABLE)
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+@functools.cache
+def head_revision() -> str:
+    """The schema revision this version of workerkit needs."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:  # pragma: no cover - the package ships its migrations
+        raise ConfigurationError("workerkit's migrations are missing from the installed package")
+    return head
+
+
+@functools.cache
+def _known_revisions() -> frozenset[str]:
+    script = ScriptDirectory.from_config(alembic_config())
+    return frozenset(rev.revision for rev in script.walk_revisions())
+
+
+def upgrade(url: str | sa.URL, revision: str = "head") -> str | None:
+    """Migrate the database at ``url`` to ``revision`` (``workerkit db upgrade``).
+
+    Returns the revision the database is at afterwards. Safe to run from several places at
+    once: PostgreSQL serializes upgraders on an advisory lock (see ``env.py``), SQLite on its
+    write lock; a database already at the revision is left alone. Raises
+    :class:`~workerkit.errors.StoreUnavailable` (without the URL) when the database cannot be
+    reached.
+    """
+    try:
+        with _engine(url) as engine:
+            with engine.begin() as connection:
+                command.upgrade(alembic_config(connection), revision)
+            with engine.connect() as connection:
+                connection.execution_options(**{READ_ONLY_OPTION: True})
+                now_at = _current(connection)
+    except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError) as exc:
+        raise StoreUnavailable(f"database unreachable: {describe_error(exc, url)}") from exc
+    log.info(
+        "database schema upgraded",
+        extra={"event": "db_upgraded", "revision": now_at},
+    )
+    return now_at
+
+
+def current_revision(url: str | sa.URL) -> str | None:
+    """The schema revision of the database at ``url``; None when it was never migrated."""
+    with _engine(url) as engine, engine.connect() as connection:
+        connection.execution_options(**{READ_ONLY_OPTION: True})
+        return _current(connection)
+
+
+def _current(connection: sa.Connection) -> str | None:
+    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    heads = context.get_current_heads()
+    return ",".join(sorted(heads)) if heads else None
+
+
+def schema_status(connection: sa.Connection) -> StoreHealth:
+    """Whether the schema behind ``connection`` is the one this workerkit needs."""
+    current = _current(connection)
+    head = head_revision()
+    if current == head:
+        return StoreHealth(True, f"schema at revision {head}")
+    if current is None:
+        return StoreHealth(False, f"the workerkit tables are missing; {UPGRADE_HINT}")
+    if current not in _known_revisions():
+        # A newer workerkit migrated the database: during a rolling deploy the migration Job runs
+        # before the new pods start, while old pods still work. Migrations are expand/contract
+        # (a new schema keeps serving the previous release), so the old pods stay ready; turning
+        # them all unready at once would stall the rollout behind the PodDisruptionBudget.
+        return StoreHealth(
+            True,
+            f"schema revision {current} is newer than this workerkit's {head}; running on it "
+            "(migrations keep the previous release working)",
+        )
+    return StoreHealth(
+        False, f"schema is at revision {current}, this workerkit needs {head}; {UPGRADE_HINT}"
+    )
+
+
+def check_schema(url: str | sa.URL) -> StoreHealth:
+    """Reachable and at head (``workerkit db check``); ``ok`` is False with the reason else.
+
+    The reason never contains the URL or its password.
+    """
+    try:
+        with _engine(url) as engine, engine.connect() as connection:
+            connection.execution_options(**{READ_ONLY_OPTION: True})
+            return schema_status(connection)
+    except ConfigurationError:
+        raise
+    except (sa.exc.DBAPIError, sa.exc.TimeoutError, OSError) as exc:
+        return StoreHealth(False, f"database unreachable: {describe_error(exc, url)}")

@@ -1,0 +1,126 @@
+"""The SQL store's tables, as SQLAlchemy Core metadata, and the database clock.
+
+Every time the store compares (lease expiry, due jobs) is an epoch-seconds ``DOUBLE`` computed
+by the *database* with :func:`db_now`, never by Python: workers on several hosts then agree on
+when a lease ends even when their clocks drift, and one portable column type serves SQLite and
+PostgreSQL alike. Only ``run_at`` values chosen by a caller (a delay, a retry backoff) come from
+the caller's clock, where a second of skew only moves a job's start by a second.
+
+The migrations (:mod:`workerkit.store.migrations`) create exactly this schema; a test compares
+the two.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
+
+if TYPE_CHECKING:
+    from sqlalchemy.sql.compiler import SQLCompiler
+
+__all__ = (
+    "JOB_STATES",
+    "VERSION_TABLE",
+    "db_now",
+    "jobs",
+    "metadata",
+)
+
+#: Alembic's version table for workerkit's own migrations. Not ``alembic_version``, so that an
+#: application keeping its own Alembic history in the same database does not collide with ours.
+VERSION_TABLE: Final = "workerkit_alembic_version"
+
+#: ``ready`` (waiting, possibly not due yet: ``run_at`` in the future is how a delayed or
+#: retried job waits, so there is no separate "scheduled" state), ``running`` (leased),
+#: ``succeeded`` and ``failed`` (the dead-letter state: kept with its error until purged).
+JOB_STATES: Final = ("ready", "running", "succeeded", "failed")
+
+metadata = sa.MetaData()
+
+jobs = sa.Table(
+    "workerkit_jobs",
+    metadata,
+    sa.Column("id", sa.Text, nullable=False),
+    sa.Column("queue", sa.Text, nullable=False),
+    sa.Column("task", sa.Text, nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    # Claims taken; a release gives one back (see workerkit.engines.base).
+    sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("run_at", sa.Double, nullable=False),
+    sa.Column("enqueued_at", sa.Double, nullable=False),
+    sa.Column("lease_token", sa.Text, nullable=True),
+    sa.Column("lease_expires_at", sa.Double, nullable=True),
+    sa.Column("worker_id", sa.Text, nullable=True),
+    sa.Column("checkpoint", sa.Text, nullable=True),
+    sa.Column("result", sa.Text, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Column("finished_at", sa.Double, nullable=True),
+    sa.PrimaryKeyConstraint("id", name="pk_workerkit_jobs"),
+    sa.CheckConstraint(
+        "state IN ('ready', 'running', 'succeeded', 'failed')", name="ck_workerkit_jobs_state"
+    ),
+)
+
+# The claim query's two halves, each served by a small partial index: due jobs in run_at order,
+# and leases that ran out (their worker crashed). Finished rows, the bulk of an old table, are in
+# neither, so the claim never walks them.
+sa.Index(
+    "ix_workerkit_jobs_ready",
+    jobs.c.queue,
+    jobs.c.run_at,
+    postgresql_where=jobs.c.state == "ready",
+    sqlite_where=jobs.c.state == "ready",
+)
+sa.Index(
+    "ix_workerkit_jobs_lease",
+    jobs.c.queue,
+    jobs.c.lease_expires_at,
+    postgresql_where=jobs.c.state == "running",
+    sqlite_where=jobs.c.state == "running",
+)
+# purge_finished() deletes by age.
+sa.Index(
+    "ix_workerkit_jobs_finished",
+    jobs.c.finished_at,
+    postgresql_where=jobs.c.finished_at.is_not(None),
+    sqlite_where=jobs.c.finished_at.is_not(None),
+)
+
+
+class db_now(FunctionElement[float]):  # noqa: N801 - reads like the SQL function it renders
+    """The database's current time, as epoch seconds (a float).
+
+    PostgreSQL: ``statement_timestamp()``, the start of the current statement. Not ``now()``,
+    which is frozen at the start of the transaction (a claim that waited for a lock would grant a
+    lease already partly spent), and not ``clock_timestamp()``, which is volatile: PostgreSQL
+    cannot use a volatile value as an index bound, so ``run_at <= now`` would filter the whole
+    backlog instead of stopping at the first rows. SQLite: ``julianday('now')``, millisecond
+    precision, constant within one statement.
+    """
+
+    type = sa.Double()
+    inherit_cache = True
+    name = "db_now"
+
+
+@compiles(db_now, "postgresql")
+def _db_now_postgresql(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "CAST(EXTRACT(EPOCH FROM statement_timestamp()) AS DOUBLE PRECISION)"
+
+
+@compiles(db_now, "sqlite")
+def _db_now_sqlite(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+@compiles(db_now)
+def _db_now_default(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    # Only for str(statement) in logs and errors: other databases are refused at engine creation.
+    return "db_now()"
