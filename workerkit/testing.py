@@ -40,6 +40,7 @@ from workerkit.engines.base import Delivery, NewJob, QueueStats, StoreHealth
 from workerkit.errors import LeaseLost
 from workerkit.settings import ENGINE_DEFAULT_VISIBILITY_TIMEOUT
 from workerkit.store._jobs import (
+    CRASH_EXHAUSTED_ERROR,
     JOB_FIELDS,
     dump_json,
     lease_exhausted_error,
@@ -304,14 +305,25 @@ class InMemoryQueue:
         with self._cond:
             self._release(self._fenced(delivery, "release"))
 
-    def release_ref(self, ref: Mapping[str, Any]) -> bool:
-        """Release by :meth:`Delivery.ref`; False when already settled."""
+    def release_ref(self, ref: Mapping[str, Any], *, crashed: bool = False) -> bool:
+        """Release by :meth:`Delivery.ref`; False when already settled.
+
+        After a crash (``crashed``) the attempt stays consumed, and a job that has used its
+        last one is failed with the reason.
+        """
         job_id, token = ref_parts(ref)
         with self._cond:
             job = self._owned(job_id, token)
             if job is None:
                 return False
-            self._release(job)
+            if not crashed:
+                self._release(job)
+            elif job.attempts >= job.max_attempts:
+                job.last_error = CRASH_EXHAUSTED_ERROR
+                self._finish(job, "failed", self.clock())
+            else:
+                self._release(job)
+                job.attempts += 1  # the crash keeps the attempt that _release gave back
             return True
 
     def _release(self, job: _Job) -> None:

@@ -60,7 +60,8 @@ if TYPE_CHECKING:
 
 __all__ = ("NativeWorker", "main")
 
-log = logging.getLogger(__name__)
+# Not __name__: run as ``python -m workerkit.worker`` this module is "__main__".
+log = logging.getLogger("workerkit.worker")
 
 TICK = 0.05  # how often the main thread looks at its flags
 HEARTBEAT_EVERY = 2.0  # worker heartbeats to the supervisor (liveness)

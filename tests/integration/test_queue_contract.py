@@ -263,6 +263,25 @@ def test_release_ref_releases_from_another_queue_object_once(backend: Backend) -
     assert not supervisor.release_ref(again.ref())  # settled
 
 
+def test_release_after_a_crash_keeps_the_attempt_and_ends_a_crash_loop(backend: Backend) -> None:
+    queue = backend.queue()
+    queue.enqueue(new_job("oom", max_attempts=2))
+    first = claim_one(queue, "pod-a")
+    queue.save_checkpoint(first, {"at": 7})
+    assert queue.release_ref(first.ref(), crashed=True)
+    after_one = job(queue, "oom")
+    assert (after_one["state"], after_one["attempts"]) == ("ready", 1)
+    assert after_one["checkpoint"] == {"at": 7}
+
+    second = claim_one(queue, "pod-b")
+    assert second.attempt == 2
+    assert queue.release_ref(second.ref(), crashed=True)
+    failed = job(queue, "oom")
+    assert (failed["state"], failed["attempts"]) == ("failed", 2)
+    assert "exited unexpectedly" in failed["last_error"]
+    assert queue.claim(["default"], "pod-c", 1) == []
+
+
 # --- leases and fencing ----------------------------------------------------------------------
 
 

@@ -16,8 +16,8 @@ Two small interfaces:
 
 Attempts: ``attempts`` counts claims. A claim takes one; a release gives it back (a deploy is
 not the job's fault); a crash keeps it (a job that kills its worker every time must end up
-failed, not loop forever). When a lease expires on a job with no attempts left, the next claim
-fails it with the reason instead of running it.
+failed, not loop forever), whether the supervisor releases the job after the crash or its lease
+expires. A job with no attempts left is then failed with the reason instead of run again.
 """
 
 from __future__ import annotations
@@ -118,8 +118,13 @@ class QueueBackend(Protocol):
         """Back to the queue now, checkpoint kept, attempt given back. Fenced."""
         ...
 
-    def release_ref(self, ref: Mapping[str, Any]) -> bool:
-        """Release by :meth:`Delivery.ref`, from another process; False when already settled."""
+    def release_ref(self, ref: Mapping[str, Any], *, crashed: bool = False) -> bool:
+        """Release by :meth:`Delivery.ref`, from another process; False when already settled.
+
+        ``crashed``: the worker died on its own, and the job may be why (an out-of-memory kill),
+        so the attempt stays consumed, and a job with no attempts left is failed with the
+        reason instead of being released. Otherwise (a deploy) the attempt is given back.
+        """
         ...
 
     def wait_for_jobs(self, queues: Sequence[str], timeout: float) -> None:
@@ -148,6 +153,12 @@ class Engine(Protocol):
         """The argv of the engine's worker process (settings reach it through the environment)."""
         ...
 
-    def release_in_flight(self, settings: Settings, refs: Sequence[Mapping[str, Any]]) -> int:
-        """Release deliveries whose worker died or was killed; return how many were released."""
+    def release_in_flight(
+        self, settings: Settings, refs: Sequence[Mapping[str, Any]], *, crashed: bool = False
+    ) -> int:
+        """Release deliveries whose worker died or was killed; return how many were released.
+
+        ``crashed`` as for :meth:`QueueBackend.release_ref`: True when the worker exited
+        unasked, False when the supervisor killed it at the shutdown deadline.
+        """
         ...

@@ -45,6 +45,7 @@ from workerkit.errors import (
 from workerkit.settings import ENGINE_DEFAULT_VISIBILITY_TIMEOUT, Settings
 from workerkit.store import db
 from workerkit.store._jobs import (
+    CRASH_EXHAUSTED_ERROR,
     JOB_FIELDS,
     dump_json,
     lease_exhausted_error,
@@ -453,11 +454,31 @@ class SqlQueue:
         if not self._release(delivery.job_id, delivery.token, delivery.queue):
             raise LeaseLost(_FENCE_LOST.format(job_id=delivery.job_id, what="release"))
 
-    def release_ref(self, ref: Mapping[str, Any]) -> bool:
-        """Release by :meth:`Delivery.ref`, from another process; False when already settled."""
+    def release_ref(self, ref: Mapping[str, Any], *, crashed: bool = False) -> bool:
+        """Release by :meth:`Delivery.ref`, from another process; False when already settled.
+
+        After a crash (``crashed``) the attempt stays consumed, and a job that has used its
+        last one is failed with the reason, as when its lease expires.
+        """
         job_id, token = ref_parts(ref)
         queue = ref.get("queue")
-        return self._release(job_id, token, queue if isinstance(queue, str) else None)
+        if not crashed:
+            return self._release(job_id, token, queue if isinstance(queue, str) else None)
+        exhausted = _c.attempts >= _c.max_attempts
+        now = db_now()
+        return self._fenced(
+            job_id,
+            token,
+            {
+                "state": sa.case((exhausted, "failed"), else_="ready"),
+                "last_error": sa.case((exhausted, CRASH_EXHAUSTED_ERROR), else_=_c.last_error),
+                "finished_at": sa.case((exhausted, now), else_=None),
+                "run_at": now,
+                "lease_token": None,
+                "lease_expires_at": None,
+            },
+            notify_queue=queue if isinstance(queue, str) else None,
+        )
 
     def _release(self, job_id: str, token: str, queue: str | None) -> bool:
         return self._fenced(
@@ -702,7 +723,9 @@ class SqlEngine:
         """The native worker loop, in a fresh interpreter (settings come by environment)."""
         return [sys.executable, "-m", "workerkit.worker"]
 
-    def release_in_flight(self, settings: Settings, refs: Sequence[Mapping[str, Any]]) -> int:
+    def release_in_flight(
+        self, settings: Settings, refs: Sequence[Mapping[str, Any]], *, crashed: bool = False
+    ) -> int:
         """Release deliveries whose worker died or was killed; return how many were released.
 
         When the database cannot be reached the rest are left alone (their leases expire
@@ -716,7 +739,7 @@ class SqlEngine:
         try:
             for index, ref in enumerate(refs):
                 try:
-                    if queue.release_ref(ref):
+                    if queue.release_ref(ref, crashed=crashed):
                         released += 1
                 except StoreUnavailable as exc:
                     log.warning(

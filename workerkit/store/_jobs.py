@@ -8,7 +8,14 @@ from typing import Any, Final
 
 from workerkit.errors import PayloadError
 
-__all__ = ("JOB_FIELDS", "dump_json", "lease_exhausted_error", "load_json", "ref_parts")
+__all__ = (
+    "CRASH_EXHAUSTED_ERROR",
+    "JOB_FIELDS",
+    "dump_json",
+    "lease_exhausted_error",
+    "load_json",
+    "ref_parts",
+)
 
 #: The keys of the dict that ``get_job`` returns, on every backend.
 JOB_FIELDS: Final = (
@@ -57,6 +64,12 @@ def lease_exhausted_error(attempts: int, max_attempts: int, last_error: str | No
     if last_error:
         message += f" (earlier error: {last_error})"
     return message
+
+
+CRASH_EXHAUSTED_ERROR = (
+    "the worker exited unexpectedly while running the last allowed attempt (out of memory? a "
+    "crash in native code?), so the job is not run again"
+)
 
 
 def ref_parts(ref: Mapping[str, Any]) -> tuple[str, str]:

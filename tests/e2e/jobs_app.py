@@ -1,0 +1,80 @@
+"""Tasks for the end-to-end tests. Every task records what happened to it, as it saw it.
+
+The journal (``$E2E_JOURNAL``) gets one line per step, ``start TAG ATTEMPT [from N]``,
+``stop TAG at N``, ``interrupted TAG``, ``done TAG``..., so a test asserts on what happened to
+every job rather than on exit codes alone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from workerkit.app import App
+from workerkit.job import current_job
+
+app = App()
+
+
+def record(line: str) -> None:
+    # O_APPEND writes of one short line are atomic, so concurrent writers do not interleave.
+    fd = os.open(os.environ["E2E_JOURNAL"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+@app.task(name="sleep", timeout=60)
+def sleep(tag: str, seconds: float) -> None:
+    """A job that just takes time (in one blocking call, as many real jobs do)."""
+    record(f"start {tag} {current_job().attempt}")
+    time.sleep(seconds)
+    record(f"done {tag}")
+
+
+@app.task(name="cooperative", timeout=60, checkpointed=True)
+def cooperative(tag: str, steps: int) -> None:
+    """Steps of 0.1 s; checkpoints as it goes; on a stop request saves and releases itself."""
+    job = current_job()
+    first = int(job.checkpoint or 0)
+    record(f"start {tag} {job.attempt} from {first}")
+    for step in range(first, steps):
+        if job.stop_requested:
+            record(f"stop {tag} at {step}")
+            job.release(step)
+        job.wait_for_stop(0.1)
+        job.save_checkpoint(step + 1)
+    record(f"done {tag}")
+
+
+@app.task(name="stubborn", timeout=60)
+def stubborn(tag: str, seconds: float) -> None:
+    """Ignores stop requests; only an interrupt ends it early."""
+    record(f"start {tag} {current_job().attempt}")
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < seconds:
+            time.sleep(0.02)
+    except BaseException as exc:
+        record(f"interrupted {tag} {type(exc).__name__}")
+        raise
+    record(f"done {tag}")
+
+
+@app.task(name="orphan", timeout=60)
+def orphan(tag: str) -> None:
+    """Leaves an orphan behind: a grandchild that outlives its parent, then exits.
+
+    Re-parented to PID 1, it stays a zombie forever unless PID 1 reaps it.
+    """
+    record(f"start {tag} {current_job().attempt}")
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked child
+        if os.fork() == 0:
+            time.sleep(0.3)
+            record(f"orphan {tag} exiting")
+            os._exit(0)
+        os._exit(0)
+    os.waitpid(child, 0)
+    record(f"done {tag}")

@@ -1,0 +1,230 @@
+"""``workerkit run sql`` under real signals: what happens to every job, as the job recorded it.
+
+Timing (tests/e2e/harness.py): G = 6 s, M = 2 s, D = 4 s. After SIGTERM: request_stop at 4 s,
+the engine's release at 5 s, SIGKILL at 5.6 s, exit by 6 s.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import pytest
+
+from tests.e2e.harness import (
+    DRAIN,
+    GRACE,
+    Env,
+    children_of,
+    process_state,
+    stop_gracefully,
+    supervisor,
+    try_http_get,
+    wait_until,
+)
+from workerkit import exitcodes
+
+
+def assert_released(env: Env, job_id: str) -> dict[str, object]:
+    """Back in its queue, ready for another worker at once, its attempt not consumed."""
+    job = env.job(job_id)
+    assert job["state"] == "ready", job
+    assert job["attempts"] == 0, job
+    assert job["lease_token"] is None, job
+    return job
+
+
+def test_idle_worker_exits_zero_at_once_and_readiness_fails_right_after_sigterm(
+    env: Env,
+) -> None:
+    with supervisor(env) as running:
+        running.wait_ready()
+        assert running.get("/startupz") == (200, "ok\n")
+        assert running.get("/livez") == (200, "ok\n")
+        running.signal(signal.SIGTERM)
+        # The idle worker is gone in a few tens of milliseconds, and the probes with it: ask
+        # at once (a refused connection would mean the supervisor had already exited).
+        answer = try_http_get(running.port, "/readyz")
+        code, elapsed = running.wait_exit()
+    assert answer in ((503, "draining since SIGTERM\n"), (503, "stopped\n")), answer
+    assert code == exitcodes.OK
+    assert elapsed < 1.5, f"an idle worker took {elapsed:.2f}s to stop"
+    (stopped,) = running.events_named("supervisor_stopped")
+    assert stopped["outcome"] == "clean"
+
+
+def test_job_in_hand_finishes_and_nothing_else_starts_after_sigterm(env: Env) -> None:
+    env.enqueue("sleep", "a", 2.0, job_id="a")
+    with supervisor(env) as running:
+        env.wait_line("start a 1")
+        # Queued after the first one started, so the first claim cannot have taken them.
+        env.enqueue("sleep", "b", 0.1, job_id="b")
+        env.enqueue("sleep", "c", 0.1, job_id="c")
+        running.signal(signal.SIGTERM)
+        assert running.get("/readyz")[0] == 503
+        code, elapsed = running.wait_exit()
+    assert code == exitcodes.OK
+    assert env.lines() == ["start a 1", "done a"]
+    assert elapsed < DRAIN
+    assert env.job("a")["state"] == "succeeded"
+    for job_id in ("b", "c"):
+        job = env.job(job_id)
+        assert (job["state"], job["attempts"]) == ("ready", 0)
+
+
+def test_cooperative_job_longer_than_drain_checkpoints_is_released_and_resumes(
+    env: Env,
+) -> None:
+    steps = 60  # 6 s of work: longer than D = 4 s
+    env.enqueue("cooperative", "x", steps, job_id="x")
+    with supervisor(env) as running:
+        env.wait_line("start x 1 from 0")
+        running.signal(signal.SIGTERM)
+        code, elapsed = running.wait_exit()
+    assert code == exitcodes.OK
+    assert DRAIN - 0.5 < elapsed < GRACE, elapsed
+    first, stop = env.lines()
+    assert first == "start x 1 from 0"
+    assert stop.startswith("stop x at ")
+    stopped_at = int(stop.rsplit(" ", 1)[1])
+    assert 0 < stopped_at < steps
+    job = assert_released(env, "x")
+    assert job["checkpoint"] == stopped_at
+    assert running.events_named("supervisor_stopped")[0]["outcome"] == "released"
+
+    # Another worker takes it next, from its checkpoint, as attempt 1 again.
+    with supervisor(env, name="second") as second:
+        env.wait_line("done x")
+        assert stop_gracefully(second) == exitcodes.OK
+    assert env.lines() == [first, stop, f"start x 1 from {stopped_at}", "done x"]
+    assert env.job("x")["state"] == "succeeded"
+
+
+def test_stubborn_job_longer_than_drain_is_interrupted_and_released(env: Env) -> None:
+    env.enqueue("stubborn", "s", 30.0, job_id="s")
+    with supervisor(env) as running:
+        env.wait_line("start s 1")
+        running.signal(signal.SIGTERM)
+        code, elapsed = running.wait_exit()
+    assert code == exitcodes.OK
+    assert DRAIN < elapsed < GRACE, elapsed
+    # The worker interrupts the job's thread and exits at once; whether the thread got to
+    # record its interruption before the process ended is a race, not part of the contract.
+    lines = env.lines()
+    assert lines[0] == "start s 1"
+    assert lines[1:] in ([], ["interrupted s JobInterrupted"])
+    assert_released(env, "s")
+    sent = [e["command"] for e in running.events_named("command_sent")]
+    assert sent == ["request_stop", "release"]
+
+    with supervisor(env, name="second") as second:
+        env.wait_line("start s 1", timeout=15)
+        wait_until(lambda: env.lines().count("start s 1") == 2, timeout=15, what="a re-run")
+        assert stop_gracefully(second) == exitcodes.OK
+
+
+def test_second_sigterm_and_sigint_during_the_drain_change_nothing(env: Env) -> None:
+    steps = 60
+    env.enqueue("cooperative", "x", steps, job_id="x")
+    with supervisor(env) as running:
+        env.wait_line("start x 1 from 0")
+        running.signal(signal.SIGTERM)
+        running.wait_event("drain_started")
+        running.signal(signal.SIGTERM)
+        running.signal(signal.SIGINT)
+        code, elapsed = running.wait_exit()
+    assert code == exitcodes.OK
+    assert DRAIN - 0.5 < elapsed < GRACE, elapsed
+    lines = env.lines()
+    assert lines[0] == "start x 1 from 0"
+    assert lines[1].startswith("stop x at ")
+    assert len(lines) == 2
+    assert_released(env, "x")
+    assert len(running.events_named("signal_ignored")) == 2
+    assert len(running.events_named("worker_signalled")) == 1  # the worker got one SIGTERM
+
+
+def test_worker_sigkilled_mid_job_supervisor_releases_and_exits_nonzero(env: Env) -> None:
+    env.enqueue("sleep", "k", 30.0, job_id="k")
+    with supervisor(env) as running:
+        env.wait_line("start k 1")
+        running.wait_event("worker_ready")
+        os.kill(running.worker_pid(), signal.SIGKILL)
+        code, _ = running.wait_exit()
+    assert code == exitcodes.WORKER_CRASHED
+    assert env.lines() == ["start k 1"]
+    job = env.job("k")
+    assert job["state"] == "ready", job
+    assert job["lease_token"] is None
+    assert job["attempts"] == 1  # a crash keeps the attempt: a job that kills its worker ends
+    crashed = running.events_named("worker_crashed")[0]
+    assert crashed["returncode"] == -signal.SIGKILL
+    assert running.events_named("in_flight_released")[0]["released"] == 1
+
+
+def test_wedged_worker_is_killed_at_the_hard_deadline_and_its_job_released(env: Env) -> None:
+    env.enqueue("sleep", "w", 30.0, job_id="w")
+    with supervisor(env) as running:
+        env.wait_line("start w 1")
+        worker = running.worker_pid()
+        os.kill(worker, signal.SIGSTOP)  # wedged: deaf to SIGTERM and to commands
+        running.signal(signal.SIGTERM)
+        code, elapsed = running.wait_exit()
+    assert code == exitcodes.OK
+    assert elapsed < GRACE, elapsed
+    assert env.lines() == ["start w 1"]
+    assert_released(env, "w")
+    assert process_state(worker) is None  # killed and reaped
+    stopped = running.events_named("supervisor_stopped")[0]
+    assert stopped["outcome"] == "forced"
+    assert running.events_named("worker_killed")
+
+
+def test_worker_that_stops_heartbeating_fails_livez(env: Env) -> None:
+    with supervisor(env, liveness_timeout="3") as running:
+        running.wait_ready()
+        worker = running.worker_pid()
+        assert running.get("/livez") == (200, "ok\n")
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            _status, body = wait_until(
+                lambda: (answer := running.get("/livez"))[0] == 503 and answer,
+                timeout=15,
+                what="/livez to fail",
+            )
+            assert body.startswith("worker heartbeat is ")
+            assert "liveness_timeout 3s" in body
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        wait_until(lambda: running.get("/livez")[0] == 200, timeout=15, what="/livez to recover")
+        assert stop_gracefully(running) == exitcodes.OK
+
+
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0,
+    reason="needs unshare(1) and root to create a PID namespace",
+)
+def test_as_pid1_of_a_new_pid_namespace_drains_and_leaves_no_zombie(env: Env) -> None:
+    wrapper = ["unshare", "--pid", "--fork", "--mount-proc"]
+    env.enqueue("orphan", "o", job_id="o")
+    with supervisor(env, wrapper=wrapper) as running:
+        running.wait_ready()
+        (pid1,) = wait_until(lambda: children_of(running.pid), timeout=10, what="PID 1")
+        assert running.wait_event("supervisor_starting")["pid"] == 1
+        env.wait_line("done o")
+        env.wait_line("orphan o exiting")
+
+        def no_zombie() -> bool:
+            return all(process_state(pid) != "Z" for pid in children_of(pid1))
+
+        wait_until(no_zombie, timeout=5, what="PID 1 to reap the orphan")
+        env.enqueue("sleep", "a", 2.0, job_id="a")
+        env.wait_line("start a 1")
+        running.signal(signal.SIGTERM, pid=pid1)
+        code, elapsed = running.wait_exit()
+    assert code == exitcodes.OK  # unshare exits with its child's code
+    assert elapsed < DRAIN
+    assert env.lines()[-2:] == ["start a 1", "done a"]
+    assert env.job("a")["state"] == "succeeded"
+    assert env.job("o")["state"] == "succeeded"

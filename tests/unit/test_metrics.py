@@ -1,0 +1,157 @@
+"""The supervisor's metric families, moved by events from job-running processes."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, generate_latest
+
+from workerkit.metrics import SHUTDOWN_OUTCOMES, STATES, SupervisorMetrics
+
+
+def sample(metrics: SupervisorMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, {"engine": "sql", **labels})
+
+
+def started(job_id: str, task: str = "t", queue: str = "q", **extra: object) -> dict[str, object]:
+    return {"type": "job_started", "job_id": job_id, "task": task, "queue": queue, **extra}
+
+
+def finished(
+    job_id: str, outcome: str, task: str = "t", queue: str = "q", **extra: object
+) -> dict[str, object]:
+    return {
+        "type": "job_finished",
+        "job_id": job_id,
+        "task": task,
+        "queue": queue,
+        "outcome": outcome,
+        **extra,
+    }
+
+
+def test_families_live_in_their_own_registry_not_the_global_one() -> None:
+    metrics = SupervisorMetrics("sql")
+    text = generate_latest(metrics.registry).decode()
+    assert "workerkit_jobs_total" in text
+    assert "workerkit_jobs_total" not in generate_latest(REGISTRY).decode()
+    # Two supervisors in one process do not collide.
+    SupervisorMetrics("sql")
+
+
+def test_every_family_has_the_prefix_and_no_job_id_label() -> None:
+    metrics = SupervisorMetrics("sql")
+    metrics.apply(started("job-123", queued_for=1.0))
+    metrics.apply(finished("job-123", "succeeded", duration=2.0))
+    for family in metrics.registry.collect():
+        assert family.name.startswith("workerkit_"), family.name
+        for s in family.samples:
+            assert "job_id" not in s.labels
+            assert "job-123" not in s.labels.values()
+
+
+def test_job_started_and_finished_move_in_progress_counts_and_histograms() -> None:
+    metrics = SupervisorMetrics("sql")
+    metrics.apply(started("a", queued_for=1.5))
+    metrics.apply(started("b"))
+    assert sample(metrics, "workerkit_jobs_in_progress", queue="q", task="t") == 2
+    assert sample(metrics, "workerkit_queue_wait_seconds_count", queue="q", task="t") == 1
+    assert sample(metrics, "workerkit_queue_wait_seconds_sum", queue="q", task="t") == 1.5
+    metrics.apply(finished("a", "succeeded", duration=3.0))
+    metrics.apply(finished("b", "released", duration=1.0))
+    assert sample(metrics, "workerkit_jobs_in_progress", queue="q", task="t") == 0
+    assert sample(metrics, "workerkit_jobs_total", queue="q", task="t", outcome="succeeded") == 1
+    assert sample(metrics, "workerkit_jobs_total", queue="q", task="t", outcome="released") == 1
+    assert sample(metrics, "workerkit_job_duration_seconds_count", queue="q", task="t") == 2
+    assert sample(metrics, "workerkit_job_duration_seconds_sum", queue="q", task="t") == 4.0
+
+
+def test_a_finish_without_a_start_does_not_drive_in_progress_negative() -> None:
+    metrics = SupervisorMetrics("sql")
+    metrics.apply(finished("ghost", "failed"))
+    assert sample(metrics, "workerkit_jobs_in_progress", queue="q", task="t") is None
+    assert sample(metrics, "workerkit_jobs_total", queue="q", task="t", outcome="failed") == 1
+
+
+def test_a_repeated_start_counts_once_in_progress() -> None:
+    metrics = SupervisorMetrics("sql")
+    metrics.apply(started("a"))
+    metrics.apply(started("a"))
+    assert sample(metrics, "workerkit_jobs_in_progress", queue="q", task="t") == 1
+
+
+def test_unknown_outcomes_are_bounded_to_unknown() -> None:
+    metrics = SupervisorMetrics("sql")
+    metrics.apply(finished("a", "something-random-123"))
+    assert sample(metrics, "workerkit_jobs_total", queue="q", task="t", outcome="unknown") == 1
+
+
+def test_checkpoints_heartbeat_store_and_queue_stats() -> None:
+    metrics = SupervisorMetrics("sql")
+    metrics.apply(started("a", task="backfill", queue="batch"))
+    metrics.apply({"type": "checkpoint_saved", "job_id": "a"})
+    metrics.apply({"type": "checkpoint_saved", "job_id": "a", "task": "backfill", "queue": "batch"})
+    assert sample(metrics, "workerkit_checkpoints_saved_total", queue="batch", task="backfill") == 2
+    metrics.apply({"type": "heartbeat", "ts": 1700000000.5})
+    assert sample(metrics, "workerkit_worker_last_heartbeat_timestamp_seconds") == 1700000000.5
+    metrics.apply({"type": "heartbeat"}, wall_time=42.0)
+    assert sample(metrics, "workerkit_worker_last_heartbeat_timestamp_seconds") == 42.0
+    metrics.apply({"type": "store_health", "ok": False, "reason": "down"})
+    assert sample(metrics, "workerkit_store_up") == 0
+    metrics.apply({"type": "store_health", "ok": True, "reason": "ok"})
+    assert sample(metrics, "workerkit_store_up") == 1
+    metrics.apply(
+        {"type": "queue_stats", "depth": {"batch": 7}, "oldest_ready_age": {"batch": 12.5}}
+    )
+    assert sample(metrics, "workerkit_queue_depth", queue="batch") == 7
+    assert sample(metrics, "workerkit_queue_oldest_job_age_seconds", queue="batch") == 12.5
+
+
+def test_worker_state_is_one_hot() -> None:
+    metrics = SupervisorMetrics("sql")
+    for current in STATES:
+        metrics.set_state(current)
+        values = {s: sample(metrics, "workerkit_worker_state", state=s) for s in STATES}
+        assert values == {s: 1.0 if s == current else 0.0 for s in STATES}
+
+
+def test_shutdowns_by_outcome_and_drain_duration() -> None:
+    metrics = SupervisorMetrics("sql")
+    for outcome in SHUTDOWN_OUTCOMES:  # every outcome is exported from the start, at zero
+        assert sample(metrics, "workerkit_shutdowns_total", outcome=outcome) == 0
+    metrics.shutdown("released", 4.2)
+    metrics.shutdown("crashed", None)
+    assert sample(metrics, "workerkit_shutdowns_total", outcome="released") == 1
+    assert sample(metrics, "workerkit_shutdowns_total", outcome="crashed") == 1
+    assert sample(metrics, "workerkit_drain_duration_seconds_count") == 1
+    assert sample(metrics, "workerkit_drain_duration_seconds_sum") == 4.2
+
+
+def test_abandon_settles_jobs_of_a_dead_worker() -> None:
+    metrics = SupervisorMetrics("sql")
+    metrics.apply(started("a"))
+    metrics.abandon(["a", "unknown"], "released")
+    assert sample(metrics, "workerkit_jobs_in_progress", queue="q", task="t") == 0
+    assert sample(metrics, "workerkit_jobs_total", queue="q", task="t", outcome="released") == 1
+
+
+def test_malformed_events_do_not_raise() -> None:
+    metrics = SupervisorMetrics("sql")
+    for event in (
+        {},
+        {"type": "job_started"},
+        {"type": "job_finished", "duration": "slow"},
+        {"type": "queue_stats", "depth": [1, 2]},
+        {"type": "queue_stats", "depth": {"q": "many"}},
+        {"type": "heartbeat", "ts": True},
+        {"type": "nonsense"},
+    ):
+        metrics.apply(event)
+
+
+def test_every_family_is_in_the_metrics_reference() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "reference" / "metrics.md").read_text()
+    metrics = SupervisorMetrics("sql")
+    for family in metrics.registry.collect():
+        exported = family.name + ("_total" if family.type == "counter" else "")
+        assert f"`{exported}`" in doc, exported

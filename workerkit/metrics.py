@@ -1,0 +1,250 @@
+"""Prometheus metrics, aggregated in the supervisor from the events of every job-running process.
+
+Every family has the ``workerkit_`` prefix, measures seconds, and uses bounded labels only
+(``engine``, ``queue``, ``task``, ``outcome``, ``state``): never a job id. The families live in
+the supervisor's own :class:`~prometheus_client.CollectorRegistry`, not the global one, so two
+supervisors in one test process do not collide and ``/metrics`` shows only workerkit's families.
+The reference is docs/reference/metrics.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from workerkit.events import OUTCOMES
+
+__all__ = (
+    "DRAIN_BUCKETS",
+    "DURATION_BUCKETS",
+    "SHUTDOWN_OUTCOMES",
+    "STATES",
+    "SupervisorMetrics",
+)
+
+log = logging.getLogger(__name__)
+
+#: Job durations and queue waits: from a fast job to an hour-long backfill.
+DURATION_BUCKETS: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+)
+#: Drains: from an idle worker (well under a second) to a long grace period.
+DRAIN_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+STATES: Final = ("starting", "ready", "draining", "releasing", "stopped")
+SHUTDOWN_OUTCOMES: Final = ("clean", "released", "forced", "crashed")
+
+_UNKNOWN = "unknown"
+
+
+def _label(value: object) -> str:
+    return value if isinstance(value, str) and value else _UNKNOWN
+
+
+def _seconds(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return max(0.0, float(value))
+
+
+class SupervisorMetrics:
+    """The supervisor's metric families, and how each event moves them."""
+
+    def __init__(self, engine: str, registry: CollectorRegistry | None = None) -> None:
+        self.engine = engine
+        self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
+        r = self.registry
+        self.jobs = Counter(
+            "workerkit_jobs",
+            "Jobs settled by this worker, by outcome.",
+            ("engine", "queue", "task", "outcome"),
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            "workerkit_job_duration_seconds",
+            "How long one attempt of a job ran, from start to settlement.",
+            ("engine", "queue", "task"),
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "workerkit_queue_wait_seconds",
+            "How long a job waited in its queue, from runnable to started.",
+            ("engine", "queue", "task"),
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.jobs_in_progress = Gauge(
+            "workerkit_jobs_in_progress",
+            "Jobs running now.",
+            ("engine", "queue", "task"),
+            registry=r,
+        )
+        self.checkpoints = Counter(
+            "workerkit_checkpoints_saved",
+            "Checkpoints saved by running jobs.",
+            ("engine", "queue", "task"),
+            registry=r,
+        )
+        self.worker_state = Gauge(
+            "workerkit_worker_state",
+            "The supervisor's lifecycle state: 1 for the current state, 0 for the others.",
+            ("engine", "state"),
+            registry=r,
+        )
+        self.drain_duration = Histogram(
+            "workerkit_drain_duration_seconds",
+            "From the first SIGTERM (or the worker's own stop, or its crash) to the exit.",
+            ("engine",),
+            buckets=DRAIN_BUCKETS,
+            registry=r,
+        )
+        self.shutdowns = Counter(
+            "workerkit_shutdowns",
+            "Supervisor shutdowns by outcome: clean, released, forced (the worker had to be "
+            "killed) or crashed (the worker exited unexpectedly).",
+            ("engine", "outcome"),
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "workerkit_queue_depth",
+            "Jobs ready to run in each queue, as last reported by the worker.",
+            ("engine", "queue"),
+            registry=r,
+        )
+        self.queue_oldest_age = Gauge(
+            "workerkit_queue_oldest_job_age_seconds",
+            "Age of the oldest ready job in each queue, as last reported by the worker.",
+            ("engine", "queue"),
+            registry=r,
+        )
+        self.last_heartbeat = Gauge(
+            "workerkit_worker_last_heartbeat_timestamp_seconds",
+            "Unix time of the worker's last heartbeat.",
+            ("engine",),
+            registry=r,
+        )
+        self.store_up = Gauge(
+            "workerkit_store_up",
+            "1 when the worker last found its broker or store reachable, else 0.",
+            ("engine",),
+            registry=r,
+        )
+        self._running: dict[str, tuple[str, str]] = {}  # job id -> (queue, task)
+        for outcome in SHUTDOWN_OUTCOMES:
+            self.shutdowns.labels(engine, outcome)
+        self.set_state("starting")
+
+    # --- supervisor-side ---------------------------------------------------------------------
+
+    def set_state(self, state: str) -> None:
+        """Make ``state`` the one current state (a one-hot gauge)."""
+        for name in STATES:
+            self.worker_state.labels(self.engine, name).set(1.0 if name == state else 0.0)
+
+    def shutdown(self, outcome: str, drain_duration: float | None) -> None:
+        """Count the supervisor's shutdown and, when a drain happened, how long it took."""
+        self.shutdowns.labels(self.engine, outcome).inc()
+        if drain_duration is not None:
+            self.drain_duration.labels(self.engine).observe(max(0.0, drain_duration))
+
+    def abandon(self, job_ids: Iterable[str], outcome: str) -> None:
+        """Settle jobs whose process died: the supervisor released them (or could not)."""
+        for job_id in job_ids:
+            running = self._running.pop(job_id, None)
+            if running is None:
+                continue
+            queue, task = running
+            self.jobs_in_progress.labels(self.engine, queue, task).dec()
+            self.jobs.labels(self.engine, queue, task, outcome).inc()
+
+    # --- events from job-running processes ---------------------------------------------------
+
+    def apply(self, event: Mapping[str, Any], *, wall_time: float | None = None) -> None:
+        """Move the families for one event from the channel (unknown events are ignored)."""
+        kind = event.get("type")
+        if kind == "job_started":
+            self._job_started(event)
+        elif kind == "job_finished":
+            self._job_finished(event)
+        elif kind == "checkpoint_saved":
+            queue, task = self._queue_task(event)
+            self.checkpoints.labels(self.engine, queue, task).inc()
+        elif kind == "heartbeat":
+            ts = _seconds(event.get("ts"))
+            if ts is None:
+                ts = wall_time
+            if ts is not None:
+                self.last_heartbeat.labels(self.engine).set(ts)
+        elif kind == "store_health":
+            self.store_up.labels(self.engine).set(1.0 if event.get("ok") is True else 0.0)
+        elif kind == "queue_stats":
+            self._queue_stats(event)
+
+    def _queue_task(self, event: Mapping[str, Any]) -> tuple[str, str]:
+        job_id = event.get("job_id")
+        known = self._running.get(job_id) if isinstance(job_id, str) else None
+        if known is not None and "queue" not in event and "task" not in event:
+            return known
+        return _label(event.get("queue")), _label(event.get("task"))
+
+    def _job_started(self, event: Mapping[str, Any]) -> None:
+        job_id = event.get("job_id")
+        queue, task = _label(event.get("queue")), _label(event.get("task"))
+        if isinstance(job_id, str):
+            previous = self._running.pop(job_id, None)
+            if previous is not None:  # a start without a finish: do not count it twice
+                self.jobs_in_progress.labels(self.engine, *previous).dec()
+            self._running[job_id] = (queue, task)
+        self.jobs_in_progress.labels(self.engine, queue, task).inc()
+        waited = _seconds(event.get("queued_for"))
+        if waited is not None:
+            self.queue_wait.labels(self.engine, queue, task).observe(waited)
+
+    def _job_finished(self, event: Mapping[str, Any]) -> None:
+        job_id = event.get("job_id")
+        queue, task = self._queue_task(event)
+        running = self._running.pop(job_id, None) if isinstance(job_id, str) else None
+        if running is not None:
+            self.jobs_in_progress.labels(self.engine, *running).dec()
+        # Only the documented outcomes become label values: a label set must stay bounded even
+        # when a process sends something unexpected.
+        outcome = event.get("outcome")
+        outcome = outcome if outcome in OUTCOMES else _UNKNOWN
+        self.jobs.labels(self.engine, queue, task, outcome).inc()
+        duration = _seconds(event.get("duration"))
+        if duration is not None:
+            self.job_duration.labels(self.engine, queue, task).observe(duration)
+
+    def _queue_stats(self, event: Mapping[str, Any]) -> None:
+        depth = event.get("depth")
+        if isinstance(depth, Mapping):
+            for queue, value in depth.items():
+                count = _seconds(value)
+                if count is not None:
+                    self.queue_depth.labels(self.engine, _label(queue)).set(count)
+        oldest = event.get("oldest_ready_age")
+        if isinstance(oldest, Mapping):
+            for queue, value in oldest.items():
+                age = _seconds(value)
+                if age is not None:
+                    self.queue_oldest_age.labels(self.engine, _label(queue)).set(age)

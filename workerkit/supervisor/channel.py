@@ -1,0 +1,246 @@
+"""The supervisor's end of the event channel (the protocol is in :mod:`workerkit.events`).
+
+A Unix stream socket in a private temporary directory (mode 0700, so no other user of the host
+can connect and fake job events), one reader task per connection that decodes JSON lines and hands
+each event to the runner, and :meth:`Channel.broadcast` to send a command to every connection.
+The directory and the socket are removed when the channel closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+import anyio
+import anyio.abc
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from workerkit.events import EVENT_TYPES, SOCKET_ENV, Command, Message, decode, encode
+
+__all__ = ("MAX_LINE_BYTES", "Channel", "Connection")
+
+log = logging.getLogger(__name__)
+
+#: The longest event line accepted; a connection that sends more is dropped.
+MAX_LINE_BYTES: Final = 1024 * 1024
+#: How long one command may take to reach one connection (a process that stopped reading must
+#: not hold up the others or the supervisor's deadlines).
+SEND_TIMEOUT: Final = 1.0
+#: sockaddr_un.sun_path is 108 bytes on Linux (104 on macOS); leave room for the file name.
+_MAX_DIR_LEN: Final = 90
+
+OnEvent = Callable[["Connection", Message], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class Connection:
+    """One connected process."""
+
+    stream: anyio.abc.SocketStream
+    number: int
+    pid: int | None = None
+    role: str | None = None
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    def describe(self) -> dict[str, Any]:
+        return {"connection": self.number, "pid": self.pid, "role": self.role}
+
+
+def _private_dir() -> Path:
+    # mkdtemp creates the directory 0700. A long TMPDIR (pytest's, a deep home) would overflow
+    # sun_path, so fall back to /tmp, which is short everywhere.
+    base = tempfile.gettempdir()
+    if len(base) > _MAX_DIR_LEN:
+        base = "/tmp"  # noqa: S108 - a fresh 0700 directory is created inside it
+    return Path(tempfile.mkdtemp(prefix="workerkit-", dir=base))
+
+
+class Channel:
+    """The socket server. Use as ``async with Channel(on_event) as channel:``.
+
+    ``on_event(connection, message)`` is awaited for every event, in the order each connection
+    sent them; it may apply backpressure (a bounded queue) without losing anything.
+    """
+
+    def __init__(self, on_event: OnEvent) -> None:
+        self._on_event = on_event
+        self._directory: Path | None = None
+        self._listener: anyio.abc.SocketListener | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._connections: set[Connection] = set()
+        self._count = 0
+        self._changed = anyio.Event()
+
+    @property
+    def path(self) -> str:
+        """The socket's path, for ``WORKERKIT_SUPERVISOR_SOCKET``."""
+        if self._directory is None:
+            raise RuntimeError("the channel is not open")
+        return str(self._directory / "supervisor.sock")
+
+    @property
+    def connections(self) -> tuple[Connection, ...]:
+        return tuple(self._connections)
+
+    async def __aenter__(self) -> Channel:
+        self._directory = _private_dir()
+        try:
+            self._listener = await anyio.create_unix_listener(self.path, mode=0o600)
+            self._task_group = anyio.create_task_group()
+            await self._task_group.__aenter__()
+        except BaseException:
+            await self._cleanup()
+            raise
+        self._task_group.start_soon(self._accept_loop, name="workerkit-channel-accept")
+        log.debug("channel listening", extra={"event": "channel_listening", "path": self.path})
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._task_group is not None
+        self._task_group.cancel_scope.cancel()
+        try:
+            return await self._task_group.__aexit__(exc_type, exc, tb)
+        finally:
+            await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        for connection in list(self._connections):
+            with contextlib.suppress(Exception):
+                await connection.stream.aclose()
+        self._connections.clear()
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.aclose()
+            self._listener = None
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+            self._directory = None
+
+    async def _accept_loop(self) -> None:
+        assert self._listener is not None
+        assert self._task_group is not None
+        while True:
+            stream = await self._listener.accept()
+            self._count += 1
+            connection = Connection(stream, self._count)
+            self._connections.add(connection)
+            self._notify()
+            self._task_group.start_soon(self._read, connection, name="workerkit-channel-reader")
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def _read(self, connection: Connection) -> None:
+        buffered = BufferedByteReceiveStream(connection.stream)
+        try:
+            while True:
+                try:
+                    line = await buffered.receive_until(b"\n", MAX_LINE_BYTES)
+                except (anyio.EndOfStream, anyio.IncompleteRead):
+                    return
+                except anyio.DelimiterNotFound:
+                    log.warning(
+                        "event line too long; dropping the connection",
+                        extra={"event": "channel_line_too_long", **connection.describe()},
+                    )
+                    return
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    return
+                await self._dispatch(connection, line)
+        finally:
+            self._connections.discard(connection)
+            with contextlib.suppress(Exception):
+                await connection.stream.aclose()
+            self._notify()
+            log.debug(
+                "channel connection closed",
+                extra={"event": "channel_disconnected", **connection.describe()},
+            )
+
+    async def _dispatch(self, connection: Connection, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            message = decode(line)
+        except ValueError:
+            log.warning(
+                "undecodable event line ignored",
+                extra={"event": "channel_bad_event", **connection.describe()},
+            )
+            return
+        kind = message.get("type")
+        if kind not in EVENT_TYPES:
+            log.warning(
+                "unknown event type ignored",
+                extra={"event": "channel_unknown_event", "type": str(kind)[:64]},
+            )
+            return
+        if kind == "hello":
+            pid = message.get("pid")
+            role = message.get("role")
+            connection.pid = pid if isinstance(pid, int) else None
+            connection.role = role if isinstance(role, str) else None
+            log.debug(
+                "process connected", extra={"event": "channel_hello", **connection.describe()}
+            )
+        await self._on_event(connection, message)
+
+    async def broadcast(self, command: Command, **fields: Any) -> int:
+        """Send ``command`` to every connected process; return to how many it was sent."""
+        data = encode({"cmd": command, **fields})
+        sent = 0
+        for connection in list(self._connections):
+            with anyio.move_on_after(SEND_TIMEOUT) as scope:
+                try:
+                    async with connection.lock:
+                        await connection.stream.send(data)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                    log.debug(
+                        "command not delivered",
+                        extra={
+                            "event": "channel_send_failed",
+                            "command": command,
+                            "error": str(exc),
+                            **connection.describe(),
+                        },
+                    )
+                    continue
+            if scope.cancelled_caught:
+                log.warning(
+                    "command not delivered in time",
+                    extra={"event": "channel_send_timeout", "command": command},
+                )
+                continue
+            sent += 1
+        return sent
+
+    async def wait_connections(self, count: int) -> None:
+        """Wait until at least ``count`` processes are connected."""
+        while len(self._connections) < count:
+            await self._changed.wait()
+
+    async def wait_closed(self, pids: set[int] | None = None) -> None:
+        """Wait until no connection (of one of ``pids``, or none at all) is left.
+
+        A dead process's socket is closed by the kernel, so its last events are read before the
+        reader sees end-of-stream; waiting here puts those events ahead of the exit.
+        """
+        while any(pids is None or c.pid in pids or c.pid is None for c in self._connections):
+            await self._changed.wait()
+
+    def child_env(self) -> dict[str, str]:
+        """The environment variable that points a child process at this channel."""
+        return {SOCKET_ENV: self.path}

@@ -1,0 +1,560 @@
+"""The supervisor's lifecycle as a pure state machine: no I/O, no clock, no signals.
+
+The runner (:mod:`workerkit.supervisor.runner`) feeds it *inputs* (the worker became ready, a
+signal arrived, a tick of the clock, a job started or finished, the worker exited, a release
+completed) and executes the *actions* it returns (signal the child, broadcast a command, kill,
+release, log, exit). Time is always passed in, as ``time.monotonic()`` seconds, so every deadline
+can be tested by handing the machine the instant of interest.
+
+States::
+
+    starting --worker_ready--> ready --SIGTERM/SIGINT--> draining --D--> releasing --> stopped
+        \\                       \\                                                  ^
+         `---------------------- worker exits on its own (crash) --> releasing ---'
+
+Deadlines, measured from the *first* SIGTERM or SIGINT (the timing budget: D = G - P - M):
+
+====================  =============  =========================================================
+``request_stop_at``   D              jobs' ``stop_requested`` turns true (command request_stop)
+``release_at``        D + M/2        the engine interrupts what is left and releases it
+``kill_at``           D + 0.8 M      SIGKILL the worker; the supervisor releases what it knows
+``exit_at``           D + M = G - P  exit, whatever is left (before the kubelet's SIGKILL)
+====================  =============  =========================================================
+
+A second signal changes nothing (it is logged): it never skips the release.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from workerkit import exitcodes
+
+if TYPE_CHECKING:
+    from workerkit.settings import Settings
+
+__all__ = (
+    "KILL_FRACTION",
+    "RELEASE_FRACTION",
+    "Action",
+    "BroadcastCommand",
+    "Deadlines",
+    "Exit",
+    "Input",
+    "JobFinished",
+    "JobStarted",
+    "KillChild",
+    "Lifecycle",
+    "Log",
+    "ReleaseCompleted",
+    "ReleaseInFlight",
+    "ShutdownOutcome",
+    "SignalChild",
+    "SignalReceived",
+    "State",
+    "Tick",
+    "WorkerExited",
+    "WorkerReady",
+    "WorkerStopping",
+)
+
+#: The engine's release command goes out this far into the release margin M ...
+RELEASE_FRACTION: Final = 0.5
+#: ... and the worker is killed this far into it, which leaves 0.2 M for the supervisor's own
+#: release of the deliveries it knows and for its exit.
+KILL_FRACTION: Final = 0.8
+
+ShutdownOutcome = Literal["clean", "released", "forced", "crashed"]
+
+
+class State(enum.StrEnum):
+    """Where the supervisor is in its life."""
+
+    STARTING = "starting"  # the worker process is starting; not ready yet
+    READY = "ready"  # the worker consumes jobs
+    DRAINING = "draining"  # a signal arrived: no new job starts; the job in hand may finish
+    RELEASING = "releasing"  # past the drain window: stop, interrupt, kill, release
+    STOPPED = "stopped"  # done; the exit code is known
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """The engine's worker consumes jobs (event ``worker_ready``)."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class WorkerStopping:
+    """The worker stopped fetching (event ``worker_stopping``), whether or not we asked it to."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class SignalReceived:
+    """The supervisor received SIGTERM or SIGINT."""
+
+    signum: int
+    now: float
+
+
+@dataclass(frozen=True)
+class Tick:
+    """The clock moved on; deadlines are checked."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class JobStarted:
+    """A delivery is in flight (event ``job_started``); ``delivery`` is its ``Delivery.ref()``."""
+
+    job_id: str
+    delivery: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class JobFinished:
+    """A delivery was settled (event ``job_finished``) with ``outcome``."""
+
+    job_id: str
+    outcome: str
+
+
+@dataclass(frozen=True)
+class WorkerExited:
+    """The worker process exited; ``returncode`` is negative for a signal, as in subprocess."""
+
+    returncode: int
+    now: float
+
+
+@dataclass(frozen=True)
+class ReleaseCompleted:
+    """The supervisor's own release of in-flight deliveries finished (``error`` when it failed)."""
+
+    released: int
+    now: float
+    error: str | None = None
+
+
+Input = (
+    WorkerReady
+    | WorkerStopping
+    | SignalReceived
+    | Tick
+    | JobStarted
+    | JobFinished
+    | WorkerExited
+    | ReleaseCompleted
+)
+
+
+# --- actions --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SignalChild:
+    """Send ``signum`` to the worker process, by its pid (never to a process group)."""
+
+    signum: int
+
+
+@dataclass(frozen=True)
+class BroadcastCommand:
+    """Send ``command`` (``request_stop`` or ``release``) to every connected process."""
+
+    command: Literal["request_stop", "release"]
+
+
+@dataclass(frozen=True)
+class KillChild:
+    """SIGKILL the worker process and whatever it started."""
+
+
+@dataclass(frozen=True)
+class ReleaseInFlight:
+    """Release these deliveries through the engine, then report back with ReleaseCompleted.
+
+    ``crashed``: the worker exited unasked, so the jobs keep the attempt (the job may be what
+    crashed it); after a kill at the shutdown deadline they get it back.
+    """
+
+    refs: tuple[Mapping[str, Any], ...]
+    crashed: bool = False
+
+
+@dataclass(frozen=True)
+class Log:
+    """Write one structured log line with a stable ``event`` name."""
+
+    event: str
+    message: str
+    level: int = logging.INFO
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Exit:
+    """Stop the supervisor with ``code``; ``outcome`` and ``drain_duration`` are for metrics."""
+
+    code: int
+    outcome: ShutdownOutcome
+    drain_duration: float | None
+
+
+Action = SignalChild | BroadcastCommand | KillChild | ReleaseInFlight | Log | Exit
+
+
+# --- the machine ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """The shutdown deadlines, in monotonic seconds, from the instant the drain began."""
+
+    started_at: float
+    request_stop_at: float
+    release_at: float
+    kill_at: float
+    exit_at: float
+
+    @classmethod
+    def after(cls, started_at: float, drain_window: float, release_margin: float) -> Deadlines:
+        drain = max(0.0, drain_window)
+        margin = max(0.0, release_margin)
+        stop_at = started_at + drain
+        return cls(
+            started_at=started_at,
+            request_stop_at=stop_at,
+            release_at=stop_at + RELEASE_FRACTION * margin,
+            kill_at=stop_at + KILL_FRACTION * margin,
+            exit_at=stop_at + margin,
+        )
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class Lifecycle:
+    """The supervisor's state machine. Feed it inputs with :meth:`handle`; do what it returns.
+
+    ``drain_window`` is D and ``release_margin`` is M, in seconds (see :meth:`from_settings`).
+    """
+
+    def __init__(self, drain_window: float, release_margin: float) -> None:
+        self.drain_window = drain_window
+        self.release_margin = release_margin
+        self.state = State.STARTING
+        self.deadlines: Deadlines | None = None
+        self.drain_started_at: float | None = None  # None when no drain happened (a crash)
+        self.shutdown_reason: str | None = None  # "SIGTERM", "SIGINT", "worker stopping"
+        self.in_flight: dict[str, Mapping[str, Any]] = {}
+        self.child_alive = True
+        self.child_returncode: int | None = None
+        self.exit_code: int | None = None
+        self.outcome: ShutdownOutcome | None = None
+        self._crash_code: int | None = None  # STARTUP_FAILED or WORKER_CRASHED
+        self._request_stop_sent = False
+        self._release_sent = False
+        self._kill_sent = False
+        self._signalled_child = False
+        self._release_pending = False
+        self._release_error: str | None = None
+        self._released_by_worker = 0
+        self._released_by_supervisor = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Lifecycle:
+        return cls(settings.drain_window, settings.release_margin)
+
+    @property
+    def shutting_down(self) -> bool:
+        """True from the first signal (or the worker's own stop, or its crash) on."""
+        return self.deadlines is not None
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.READY
+
+    def handle(self, event: Input) -> list[Action]:
+        """Apply one input; return what the runner must do, in order."""
+        if self.state is State.STOPPED:
+            return []
+        match event:
+            case WorkerReady():
+                return self._on_worker_ready()
+            case WorkerStopping(now=now):
+                return self._on_worker_stopping(now)
+            case SignalReceived(signum=signum, now=now):
+                return self._on_signal(signum, now)
+            case Tick(now=now):
+                return self._on_tick(now)
+            case JobStarted(job_id=job_id, delivery=delivery):
+                self.in_flight[job_id] = delivery
+                return []
+            case JobFinished(job_id=job_id, outcome=outcome):
+                known = self.in_flight.pop(job_id, None) is not None
+                if known and outcome == "released" and self.shutting_down:
+                    self._released_by_worker += 1
+                return []
+            case WorkerExited(returncode=code, now=now):
+                return self._on_worker_exited(code, now)
+            case ReleaseCompleted(released=released, now=now, error=error):
+                return self._on_release_completed(released, now, error)
+        raise TypeError(f"not a lifecycle input: {event!r}")  # pragma: no cover
+
+    # --- transitions ------------------------------------------------------------------------
+
+    def _on_worker_ready(self) -> list[Action]:
+        if self.state is not State.STARTING:
+            return []
+        self.state = State.READY
+        return [Log("worker_ready", "the worker is ready; consuming jobs")]
+
+    def _begin_drain(self, now: float, reason: str) -> None:
+        self.deadlines = Deadlines.after(now, self.drain_window, self.release_margin)
+        self.drain_started_at = now
+        self.shutdown_reason = reason
+        self.state = State.DRAINING
+
+    def _drain_log(self, reason: str) -> Log:
+        assert self.deadlines is not None
+        d = self.deadlines
+        return Log(
+            "drain_started",
+            f"draining after {reason}: no new job starts; the job in hand may finish",
+            fields={
+                "reason": reason,
+                "in_flight": len(self.in_flight),
+                "request_stop_in": round(d.request_stop_at - d.started_at, 3),
+                "release_in": round(d.release_at - d.started_at, 3),
+                "kill_in": round(d.kill_at - d.started_at, 3),
+                "exit_in": round(d.exit_at - d.started_at, 3),
+            },
+        )
+
+    def _on_signal(self, signum: int, now: float) -> list[Action]:
+        name = _signal_name(signum)
+        if self.shutting_down:
+            # A second SIGTERM (kubectl delete twice, an impatient Ctrl-C) must not skip the
+            # release: jobs would be lost to the broker's visibility timeout. Say so and go on.
+            return [
+                Log(
+                    "signal_ignored",
+                    f"{name} received while already stopping ({self.shutdown_reason}); "
+                    "the shutdown continues on its deadlines",
+                    level=logging.WARNING,
+                    fields={"signal": name, "state": str(self.state)},
+                )
+            ]
+        self._begin_drain(now, name)
+        actions: list[Action] = [
+            Log("signal_received", f"{name} received", fields={"signal": name}),
+            self._drain_log(name),
+        ]
+        if self.child_alive:
+            # SIGTERM, whatever we received: the native worker ignores SIGINT on purpose (a
+            # terminal's Ctrl-C reaches the whole foreground group), and SIGTERM is every
+            # engine's warm shutdown. Sent once, to the worker's pid only.
+            self._signalled_child = True
+            actions.append(SignalChild(signal.SIGTERM))
+        return actions + self._on_tick(now)
+
+    def _on_worker_stopping(self, now: float) -> list[Action]:
+        if self.shutting_down:
+            return [Log("worker_stopping", "the worker stopped fetching jobs")]
+        # The worker began stopping without our signal (it got one of its own): stop being
+        # ready and keep to the same deadlines; do not signal it again (a second SIGTERM is a
+        # cold shutdown for some engines).
+        self._begin_drain(now, "worker stopping")
+        return [
+            Log(
+                "worker_stopping",
+                "the worker stopped fetching jobs on its own",
+                level=logging.WARNING,
+            ),
+            self._drain_log("worker stopping"),
+        ]
+
+    def _on_tick(self, now: float) -> list[Action]:
+        d = self.deadlines
+        if d is None:
+            return []
+        actions: list[Action] = []
+        if self.child_alive:
+            if now >= d.request_stop_at and not self._request_stop_sent:
+                self._request_stop_sent = True
+                self.state = State.RELEASING
+                actions += [
+                    Log(
+                        "drain_deadline",
+                        "drain window over: asking running jobs to stop",
+                        fields={"in_flight": len(self.in_flight)},
+                    ),
+                    BroadcastCommand("request_stop"),
+                ]
+            if now >= d.release_at and not self._release_sent:
+                self._release_sent = True
+                actions += [
+                    Log(
+                        "release_deadline",
+                        "interrupting unfinished jobs and releasing them to their queues",
+                        fields={"in_flight": len(self.in_flight)},
+                    ),
+                    BroadcastCommand("release"),
+                ]
+            if now >= d.kill_at and not self._kill_sent:
+                self._kill_sent = True
+                actions += [
+                    Log(
+                        "kill_deadline",
+                        "the worker is still running: killing it",
+                        level=logging.WARNING,
+                        fields={"in_flight": len(self.in_flight)},
+                    ),
+                    KillChild(),
+                ]
+        if now >= d.exit_at:
+            actions += self._exit_at_deadline(now, killed_now=KillChild() in actions)
+        return actions
+
+    def _exit_at_deadline(self, now: float, *, killed_now: bool) -> list[Action]:
+        actions: list[Action] = []
+        if self.child_alive and not killed_now:
+            # Killed at kill_at but not reaped yet (or the loop was late): kill again, then go.
+            # As PID 1 our exit takes every process of the container with it anyway.
+            self._kill_sent = True
+            actions.append(KillChild())
+        if self._release_pending or self.in_flight:
+            self._release_error = self._release_error or "the exit deadline passed"
+        actions.append(
+            Log(
+                "exit_deadline",
+                "exit deadline reached: exiting before the kubelet's SIGKILL",
+                level=logging.ERROR,
+                fields={
+                    "worker_alive": self.child_alive,
+                    "unreleased": len(self.in_flight),
+                },
+            )
+        )
+        return actions + self._finish(now)
+
+    def _on_worker_exited(self, code: int, now: float) -> list[Action]:
+        if not self.child_alive:
+            return []
+        self.child_alive = False
+        self.child_returncode = code
+        expected = self.shutting_down and (
+            code == 0 or self._kill_sent or (self._signalled_child and code == -signal.SIGTERM)
+        )
+        actions: list[Action] = []
+        if expected:
+            actions.append(
+                Log(
+                    "worker_exited",
+                    f"the worker exited with code {code}",
+                    fields={"returncode": code, "in_flight": len(self.in_flight)},
+                )
+            )
+        else:
+            starting = self.state is State.STARTING and not self.shutting_down
+            self._crash_code = exitcodes.STARTUP_FAILED if starting else exitcodes.WORKER_CRASHED
+            event = "worker_start_failed" if starting else "worker_crashed"
+            what = "before it was ready" if starting else "unexpectedly"
+            actions.append(
+                Log(
+                    event,
+                    f"the worker exited {what} with code {code}",
+                    level=logging.ERROR,
+                    fields={"returncode": code, "in_flight": len(self.in_flight)},
+                )
+            )
+            if not self.shutting_down:
+                # Give the release the same margin a shutdown has for it.
+                self.deadlines = Deadlines.after(now, 0.0, self.release_margin)
+                self.shutdown_reason = "worker exited"
+        if self.in_flight:
+            self.state = State.RELEASING
+            self._release_pending = True
+            refs = tuple(self.in_flight.values())
+            actions += [
+                Log(
+                    "release_in_flight",
+                    f"releasing {len(refs)} in-flight deliveries of the exited worker",
+                    fields={"count": len(refs), "job_ids": list(self.in_flight)},
+                ),
+                ReleaseInFlight(refs, crashed=not expected),
+            ]
+            return actions
+        return actions + self._finish(now)
+
+    def _on_release_completed(self, released: int, now: float, error: str | None) -> list[Action]:
+        if not self._release_pending:
+            return []
+        self._release_pending = False
+        if error is None:
+            self._released_by_supervisor += released
+            self.in_flight.clear()
+            log = Log(
+                "in_flight_released",
+                f"released {released} of the worker's in-flight deliveries "
+                "(the others were already settled)",
+                fields={"released": released},
+            )
+        else:
+            self._release_error = error
+            log = Log(
+                "release_failed",
+                f"could not release in-flight deliveries: {error}",
+                level=logging.ERROR,
+                fields={"error": error, "unreleased": len(self.in_flight)},
+            )
+        return [log, *self._finish(now)]
+
+    def _finish(self, now: float) -> list[Action]:
+        if self._crash_code is not None:
+            code = self._crash_code
+            outcome: ShutdownOutcome = "crashed"
+        else:
+            code = exitcodes.RELEASE_FAILED if self._release_error else exitcodes.OK
+            if self._kill_sent:
+                outcome = "forced"
+            elif self._released_by_worker or self._released_by_supervisor:
+                outcome = "released"
+            else:
+                outcome = "clean"
+        self.state = State.STOPPED
+        self.exit_code = code
+        self.outcome = outcome
+        started = self.drain_started_at
+        duration = None if started is None else max(0.0, now - started)
+        return [
+            Log(
+                "supervisor_stopped",
+                f"stopped ({outcome}); exit code {code}: {exitcodes.describe(code)}",
+                level=logging.INFO if code == exitcodes.OK else logging.ERROR,
+                fields={
+                    "outcome": outcome,
+                    "exit_code": code,
+                    "drain_duration": None if duration is None else round(duration, 3),
+                    "released_by_worker": self._released_by_worker,
+                    "released_by_supervisor": self._released_by_supervisor,
+                },
+            ),
+            Exit(code, outcome, duration),
+        ]

@@ -1,0 +1,153 @@
+"""The engine's worker as a child process, and the supervisor's PID-1 duties.
+
+Why not :mod:`subprocess` or anyio's ``open_process``: as the container's PID 1 the supervisor
+must reap *every* exited process (orphans are re-parented to PID 1; unreaped, they stay zombies
+forever), which means calling ``waitpid(-1)``. A ``waitpid(-1)`` steals the status that
+subprocess's or asyncio's own child watcher waits for (they then report a bogus exit code). So this
+module owns all waiting: :meth:`ChildProcess.reap` collects every exited child, and records the
+worker's status when it is among them. The worker is started with ``os.posix_spawnp``, which
+gives a pid and nothing that waits behind our back.
+
+Signals go to the worker's pid only, never to a process group: SIGTERM to a whole group would
+reach Celery's pool children and RQ's work horse and kill jobs mid-flight, instead of letting the
+engine stop them in order. The one exception to "only the worker" is the hard kill at the end of
+the release margin, which SIGKILLs the worker's descendants too, each by its pid (found in
+/proc): a work horse left running after its parent died would go on with a job whose delivery
+the supervisor is about to release, and the job would run twice at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+__all__ = ("ChildProcess", "descendants", "reap_all")
+
+log = logging.getLogger(__name__)
+
+#: Signals whose disposition a child must start with at default. Python ignores SIGPIPE and
+#: SIGXFSZ in itself and ``subprocess`` restores them for children; so do we.
+_RESET_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ", "SIGXFZ") if hasattr(signal, name)
+)
+
+
+def reap_all() -> list[tuple[int, int]]:
+    """Reap every exited child of this process; return their ``(pid, returncode)``."""
+    reaped: list[tuple[int, int]] = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:  # no children at all
+            return reaped
+        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
+            continue
+        if pid == 0:  # children, none exited
+            return reaped
+        reaped.append((pid, os.waitstatus_to_exitcode(status)))
+
+
+def _parent_pids() -> dict[int, int]:
+    """pid -> parent pid for every process we can see in /proc (empty when there is none)."""
+    parents: dict[int, int] = {}
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        return parents
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # it exited meanwhile, or we may not look
+            continue
+        # The command name (field 2) is in parentheses and may itself contain ") ", so split
+        # after the last one: state is then field 3 and the parent pid field 4.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 1 and fields[1].isdigit():
+            parents[int(entry.name)] = int(fields[1])
+    return parents
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of every live descendant of ``pid`` (children first), from /proc."""
+    parents = _parent_pids()
+    children: dict[int, list[int]] = {}
+    for child, parent in parents.items():
+        children.setdefault(parent, []).append(child)
+    found: list[int] = []
+    queue = list(children.get(pid, []))
+    while queue:
+        current = queue.pop(0)
+        found.append(current)
+        queue.extend(children.get(current, []))
+    return found
+
+
+class ChildProcess:
+    """The engine's worker process: started once, signalled by pid, reaped by :meth:`reap`."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
+        if not argv:
+            raise ValueError("the worker command is empty")
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.pid: int | None = None
+        self.returncode: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None and self.returncode is None
+
+    def start(self) -> int:
+        """Start the worker; OSError when it cannot be executed."""
+        # posix_spawnp searches PATH like a shell; the child inherits stdin/stdout/stderr (its
+        # logs go to the container's output next to ours) and no other descriptor: Python
+        # creates every descriptor non-inheritable (PEP 446), the channel's socket included.
+        self.pid = os.posix_spawnp(self.argv[0], self.argv, self.env, setsigdef=_RESET_SIGNALS)
+        return self.pid
+
+    def reap(self) -> list[tuple[int, int]]:
+        """Reap every exited child; record the worker's return code when it is among them.
+
+        Returns the *other* reaped processes (orphans re-parented to us as PID 1, grandchildren).
+        """
+        others: list[tuple[int, int]] = []
+        for pid, code in reap_all():
+            if pid == self.pid and self.returncode is None:
+                self.returncode = code
+            else:
+                others.append((pid, code))
+        return others
+
+    def send_signal(self, signum: int) -> bool:
+        """Send ``signum`` to the worker's pid (never its group); False if it already exited."""
+        if not self.running:
+            return False
+        assert self.pid is not None
+        # The pid cannot have been reused: it stays ours (a zombie at worst) until we reap it,
+        # and we reap it only through reap(), which sets returncode first.
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def kill_tree(self) -> list[int]:
+        """SIGKILL the worker and every descendant of it, each by pid; return the pids killed."""
+        if not self.running:
+            return []
+        assert self.pid is not None
+        # Find the descendants before killing the worker: once it is dead they are re-parented
+        # (to us as PID 1, or to init) and no longer look like its descendants.
+        targets = [self.pid, *descendants(self.pid)]
+        killed: list[int] = []
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        return killed

@@ -1,0 +1,464 @@
+"""The supervisor's runner: signals, the child, the channel, the probes and the clock, on anyio.
+
+Everything that happens (a signal, a tick, an event from a job-running process, the worker's
+exit, a finished release) becomes one item in a single inbox, which one loop consumes in order:
+it feeds the :class:`~workerkit.supervisor.lifecycle.Lifecycle` machine, keeps the probes'
+:class:`~workerkit.http.Health` and the metrics up to date, and executes the actions the
+machine returns. One consumer means no locks and a total order of what the machine saw, which
+is what makes its unit tests a faithful picture of the process.
+
+Signal handling belongs here, installed by :func:`supervise` (not at import, not in a
+constructor) through ``anyio.open_signal_receiver``, which restores the previous handlers on the
+way out. It is installed *before* the worker starts, so a SIGTERM that arrives while the worker
+is still starting is not lost (and, as PID 1, not silently ignored by the kernel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.lowlevel
+
+from workerkit import exitcodes
+from workerkit.errors import ConfigurationError
+from workerkit.http import Health, HttpServer
+from workerkit.metrics import SupervisorMetrics
+from workerkit.settings import settings_to_env
+from workerkit.supervisor.channel import Channel, Connection
+from workerkit.supervisor.lifecycle import (
+    BroadcastCommand,
+    Exit,
+    Input,
+    JobFinished,
+    JobStarted,
+    KillChild,
+    Lifecycle,
+    Log,
+    ReleaseCompleted,
+    ReleaseInFlight,
+    SignalChild,
+    SignalReceived,
+    Tick,
+    WorkerExited,
+    WorkerReady,
+    WorkerStopping,
+)
+from workerkit.supervisor.process import ChildProcess
+
+if TYPE_CHECKING:
+    from workerkit.engines.base import Engine
+    from workerkit.events import Message
+    from workerkit.settings import Settings
+    from workerkit.supervisor.lifecycle import Action
+    from workerkit.timing import TaskTiming
+
+__all__ = ("TICK_INTERVAL", "Supervisor", "run_supervisor", "supervise")
+
+log = logging.getLogger(__name__)
+
+#: How often deadlines are checked, the loop's liveness is stamped, and children are reaped
+#: (SIGCHLD reaps at once; the tick is the safety net for a signal coalesced or missed).
+TICK_INTERVAL: Final = 0.1
+#: How long to wait, after the worker exited, for its connections to report end-of-stream: the
+#: kernel closes a dead process's sockets, so its last events (job_finished...) are read first.
+EXIT_EVENTS_GRACE: Final = 0.25
+#: Inbox size; a flood of events slows the senders down instead of growing memory.
+INBOX_SIZE: Final = 1024
+#: Longest store-health reason kept for /readyz.
+_MAX_REASON: Final = 200
+
+
+@dataclass(frozen=True)
+class _ChannelEvent:
+    """An event from a job-running process, on its way to the loop."""
+
+    message: Message
+
+
+_Item = Input | _ChannelEvent
+
+
+class Supervisor:
+    """One supervisor run: build it, then ``await supervisor.run()`` for the exit code.
+
+    ``handle_signals=False`` leaves the process's signal handlers alone (for embedding, and for
+    tests); call :meth:`stop` instead.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        *,
+        handle_signals: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.handle_signals = handle_signals
+        self.clock = clock
+        self.machine = Lifecycle.from_settings(settings)
+        self.health = Health(settings.liveness_timeout, clock=clock)
+        self.metrics = SupervisorMetrics(getattr(engine, "name", settings.engine))
+        self.child: ChildProcess | None = None
+        self.channel: Channel | None = None
+        self.http: HttpServer | None = None
+        self._send, self._receive = anyio.create_memory_object_stream[_Item](INBOX_SIZE)
+        self._state = self.machine.state
+        self._exit: Exit | None = None
+        self._releasing: tuple[str, ...] = ()
+        self._exit_reported = False
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    # --- public -------------------------------------------------------------------------------
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Act as if ``signum`` was received (call from the supervisor's event loop)."""
+        self._send.send_nowait(SignalReceived(signum, self.clock()))
+
+    async def run(self) -> int:
+        """Run until the lifecycle ends; return the exit code."""
+        with self._send, self._receive:
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    signals: AsyncIterator[signal.Signals] | None = None
+                    if self.handle_signals:
+                        signals = stack.enter_context(
+                            anyio.open_signal_receiver(
+                                signal.SIGTERM, signal.SIGINT, signal.SIGCHLD
+                            )
+                        )
+                    self.channel = await stack.enter_async_context(Channel(self._on_event))
+                    if self.settings.http_port:
+                        try:
+                            self.http = await stack.enter_async_context(
+                                HttpServer(
+                                    self.health,
+                                    self.metrics.registry,
+                                    self.settings.http_host,
+                                    self.settings.http_port,
+                                )
+                            )
+                        except OSError as exc:
+                            log.error(
+                                "cannot listen for HTTP probes",
+                                extra={
+                                    "event": "http_bind_failed",
+                                    "host": self.settings.http_host,
+                                    "port": self.settings.http_port,
+                                    "error": str(exc),
+                                },
+                            )
+                            return exitcodes.STARTUP_FAILED
+                    if not self._start_child(self.channel):
+                        return exitcodes.STARTUP_FAILED
+                    task_group = await stack.enter_async_context(anyio.create_task_group())
+                    self._task_group = task_group
+                    if signals is not None:
+                        task_group.start_soon(self._receive_signals, signals)
+                    task_group.start_soon(self._tick)
+                    code = await self._loop()
+                    task_group.cancel_scope.cancel()
+                    return code
+            finally:
+                self._kill_leftovers()
+
+    # --- startup ------------------------------------------------------------------------------
+
+    def _start_child(self, channel: Channel) -> bool:
+        try:
+            argv = self.engine.worker_command(self.settings)
+        except Exception as exc:
+            log.exception(
+                "cannot build the worker command",
+                extra={"event": "worker_start_failed", "error": str(exc)},
+            )
+            return False
+        env = {**os.environ, **settings_to_env(self.settings), **channel.child_env()}
+        child = ChildProcess(argv, env)
+        try:
+            pid = child.start()
+        except OSError as exc:
+            log.error(
+                "cannot start the worker",
+                extra={"event": "worker_start_failed", "argv": argv, "error": str(exc)},
+            )
+            return False
+        self.child = child
+        log.info(
+            "worker process started",
+            extra={"event": "worker_started", "pid": pid, "argv": argv},
+        )
+        return True
+
+    # --- the inputs ---------------------------------------------------------------------------
+
+    async def _on_event(self, connection: Connection, message: Message) -> None:
+        del connection
+        await self._send.send(_ChannelEvent(message))
+
+    async def _receive_signals(self, signals: AsyncIterator[signal.Signals]) -> None:
+        async for signum in signals:
+            if signum == signal.SIGCHLD:
+                self._reap()
+                continue
+            # Readiness turns false here, before the signal even reaches the state machine
+            # through the inbox: a probe served in between must not still say "ok".
+            self.health.signal_received(signal.Signals(signum).name)
+            await self._send.send(SignalReceived(int(signum), self.clock()))
+
+    async def _tick(self) -> None:
+        while True:
+            now = self.clock()
+            self.health.tick(now)
+            self._reap()
+            await self._send.send(Tick(now))
+            await anyio.sleep(TICK_INTERVAL)
+
+    def _reap(self) -> None:
+        if self.child is None:
+            return
+        for pid, code in self.child.reap():
+            # As PID 1 we inherit every orphan of the container; reaping them is our duty.
+            log.debug(
+                "reaped an exited process",
+                extra={"event": "process_reaped", "pid": pid, "returncode": code},
+            )
+        if self.child.returncode is not None and not self._exit_reported:
+            self._exit_reported = True
+            assert self._task_group is not None
+            self._task_group.start_soon(self._report_exit, self.child.returncode)
+
+    async def _report_exit(self, code: int) -> None:
+        if self.channel is not None:
+            with anyio.move_on_after(EXIT_EVENTS_GRACE):
+                await self.channel.wait_closed()
+        await self._send.send(WorkerExited(code, self.clock()))
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    async def _loop(self) -> int:
+        self._reap()  # the worker may have failed at once
+        async for item in self._receive:
+            now = self.clock()
+            inputs = (
+                self._translate(item.message, now) if isinstance(item, _ChannelEvent) else [item]
+            )
+            for event in inputs:
+                actions = self.machine.handle(event)
+                self._sync_state()
+                for action in actions:
+                    await self._execute(action)
+                if self._exit is not None:
+                    return self._exit.code
+        raise AssertionError("the inbox closed before the lifecycle ended")  # pragma: no cover
+
+    def _translate(self, message: Message, now: float) -> list[Input]:
+        self.metrics.apply(message, wall_time=time.time())
+        kind = message.get("type")
+        if kind == "worker_ready":
+            self.health.worker_ready(now)
+            log.debug(
+                "worker ready event",
+                extra={
+                    "event": "worker_ready_event",
+                    **_pick(message, "engine", "queues", "concurrency"),
+                },
+            )
+            return [WorkerReady(now)]
+        if kind == "heartbeat":
+            self.health.heartbeat(now)
+            return []
+        if kind == "store_health":
+            reason = str(message.get("reason", ""))[:_MAX_REASON]
+            self.health.store_health(message.get("ok") is True, reason, now)
+            return []
+        if kind == "worker_stopping":
+            return [WorkerStopping(now)]
+        job_id = message.get("job_id")
+        if not isinstance(job_id, str):
+            return []
+        if kind == "job_started":
+            log.debug(
+                "job started",
+                extra={
+                    "event": "job_started",
+                    **_pick(message, "job_id", "task", "queue", "attempt"),
+                },
+            )
+            delivery = message.get("delivery")
+            if not isinstance(delivery, Mapping):
+                delivery = {"job_id": job_id, "queue": message.get("queue")}
+            return [JobStarted(job_id, dict(delivery))]
+        if kind == "job_finished":
+            log.debug(
+                "job finished",
+                extra={
+                    "event": "job_finished",
+                    **_pick(message, "job_id", "task", "queue", "outcome", "duration"),
+                },
+            )
+            return [JobFinished(job_id, str(message.get("outcome", "")))]
+        return []
+
+    def _sync_state(self) -> None:
+        state = self.machine.state
+        if state is self._state:
+            return
+        self._state = state
+        self.health.state = str(state)
+        self.health.stopping_reason = self.machine.shutdown_reason
+        self.metrics.set_state(str(state))
+        log.debug("state changed", extra={"event": "state_changed", "state": str(state)})
+
+    async def _execute(self, action: Action) -> None:
+        match action:
+            case Log(event=event, message=message, level=level, fields=fields):
+                log.log(level, message, extra={"event": event, **fields})
+            case SignalChild(signum=signum):
+                sent = self.child is not None and self.child.send_signal(signum)
+                log.debug(
+                    "signal sent to the worker",
+                    extra={
+                        "event": "worker_signalled",
+                        "signal": signal.Signals(signum).name,
+                        "sent": sent,
+                    },
+                )
+            case BroadcastCommand(command=command):
+                sent_to = await self.channel.broadcast(command) if self.channel else 0
+                log.info(
+                    f"command {command} sent",
+                    extra={"event": "command_sent", "command": command, "connections": sent_to},
+                )
+            case KillChild():
+                killed = self.child.kill_tree() if self.child is not None else []
+                log.warning(
+                    "worker killed",
+                    extra={"event": "worker_killed", "pids": killed},
+                )
+            case ReleaseInFlight(refs=refs, crashed=crashed):
+                self._releasing = tuple(str(ref.get("job_id")) for ref in refs)
+                self._release_in_thread(refs, crashed=crashed)
+            case Exit(outcome=outcome, drain_duration=duration):
+                if self._releasing and not self.machine.in_flight:
+                    self.metrics.abandon(self._releasing, "released")
+                self.metrics.shutdown(outcome, duration)
+                self._exit = action
+
+    def _release_in_thread(self, refs: Sequence[Mapping[str, Any]], *, crashed: bool) -> None:
+        # A daemon thread, not anyio.to_thread: a store that hangs must not keep the process
+        # alive past the exit deadline (anyio's worker threads are joined at interpreter exit).
+        token = anyio.lowlevel.current_token()
+        settings, engine, clock, send = self.settings, self.engine, self.clock, self._send
+
+        def release() -> None:
+            error: str | None = None
+            released = 0
+            try:
+                released = engine.release_in_flight(settings, list(refs), crashed=crashed)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(RuntimeError, anyio.ClosedResourceError):
+                anyio.from_thread.run(
+                    send.send, ReleaseCompleted(released, clock(), error), token=token
+                )
+
+        threading.Thread(target=release, name="workerkit-release", daemon=True).start()
+
+    def _kill_leftovers(self) -> None:
+        child = self.child
+        if child is None:
+            return
+        child.reap()
+        if child.running:
+            killed = child.kill_tree()
+            log.warning(
+                "worker still running at exit; killed",
+                extra={"event": "worker_killed", "pids": killed},
+            )
+            # Reap it (briefly) so that we leave no zombie when we are not PID 1.
+            deadline = time.monotonic() + 1.0
+            while child.running and time.monotonic() < deadline:
+                child.reap()
+                time.sleep(0.01)
+
+
+def _pick(message: Message, *keys: str) -> dict[str, Any]:
+    return {key: message[key] for key in keys if key in message}
+
+
+def _check_budget(settings: Settings, tasks: Sequence[TaskTiming]) -> bool:
+    from workerkit.timing import evaluate
+
+    report = evaluate(settings, tasks)
+    for finding in report.warnings:
+        log.warning(
+            finding.message,
+            extra={"event": "timing_budget_warning", "rule": finding.rule_id},
+        )
+    try:
+        report.raise_for_errors()
+    except ConfigurationError as exc:
+        log.error(str(exc), extra={"event": "timing_budget_invalid"})
+        return False
+    return True
+
+
+async def supervise(
+    settings: Settings,
+    engine: Engine,
+    *,
+    tasks: Sequence[TaskTiming] = (),
+    handle_signals: bool = True,
+) -> int:
+    """The supervisor, for an already running anyio event loop; return the exit code."""
+    if not _check_budget(settings, tasks):
+        return exitcodes.CONFIG_ERROR
+    log.info(
+        "supervisor starting",
+        extra={
+            "event": "supervisor_starting",
+            "engine": getattr(engine, "name", settings.engine),
+            "pid": os.getpid(),
+            "grace_period": settings.grace_period,
+            "drain_window": settings.drain_window,
+            "release_margin": settings.release_margin,
+            "http_port": settings.http_port,
+        },
+    )
+    return await Supervisor(settings, engine, handle_signals=handle_signals).run()
+
+
+def run_supervisor(
+    settings: Settings,
+    engine: Engine,
+    *,
+    tasks: Sequence[TaskTiming] = (),
+    handle_signals: bool = True,
+) -> int:
+    """Run the supervisor (the container's PID 1) until it stops; return the exit code.
+
+    Refuses to start (``exitcodes.CONFIG_ERROR``) when the timing budget of ``settings`` and
+    ``tasks`` has errors. See docs/operations/lifecycle.md and docs/reference/exit-codes.md.
+    """
+
+    async def main() -> int:
+        return await supervise(settings, engine, tasks=tasks, handle_signals=handle_signals)
+
+    try:
+        return anyio.run(main)
+    except Exception:
+        log.exception("supervisor failed", extra={"event": "supervisor_error"})
+        return exitcodes.INTERNAL_ERROR
