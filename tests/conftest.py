@@ -183,7 +183,8 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest) -> str:
-    """A migrated database: SQLite (a new file), then PostgreSQL (a copy of the template)."""
+    """SQLite (a new file; tests migrate it when they need to), then PostgreSQL (a migrated
+    copy of the template)."""
     url: str = request.getfixturevalue(f"{request.param}_url")
     return url
 

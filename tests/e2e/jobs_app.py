@@ -78,3 +78,9 @@ def orphan(tag: str) -> None:
         os._exit(0)
     os.waitpid(child, 0)
     record(f"done {tag}")
+
+
+@app.task(name="tick", timeout=30)
+def tick(tag: str) -> None:
+    """A quick job that only records that it ran (for counting runs under load)."""
+    record(f"ran {tag} {current_job().attempt}")
