@@ -8,6 +8,10 @@ from workerkit.errors import ConfigurationError as ConfigurationError
 from workerkit.errors import LeaseLost as LeaseLost
 from workerkit.errors import NoCurrentJob as NoCurrentJob
 from workerkit.errors import WorkerkitError as WorkerkitError
+from workerkit.idempotency import idempotent as idempotent
+from workerkit.iteration import Batch as Batch
+from workerkit.iteration import batches as batches
+from workerkit.iteration import checkpointed as checkpointed
 from workerkit.job import JobContext as JobContext
 from workerkit.job import current_job as current_job
 from workerkit.job import current_job_or_none as current_job_or_none
@@ -18,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = (
     "App",
+    "Batch",
     "ConfigurationError",
     "JobContext",
     "LeaseLost",
@@ -26,7 +31,10 @@ __all__ = (
     "Task",
     "WorkerkitError",
     "__version__",
+    "batches",
+    "checkpointed",
     "current_job",
     "current_job_or_none",
+    "idempotent",
     "load_settings",
 )

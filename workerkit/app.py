@@ -25,10 +25,13 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from workerkit.engines.base import NewJob
 from workerkit.errors import ConfigurationError, PayloadError, PayloadTooLarge
+from workerkit.idempotency import KeySpec, idempotency_of
+from workerkit.idempotency import idempotent as make_idempotent
 from workerkit.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from workerkit.engines.base import QueueBackend
+    from workerkit.idempotency import IdempotencyStore
     from workerkit.timing import TaskTiming
 
 __all__ = ("App", "EnqueueOptions", "Task", "decode_payload", "encode_payload")
@@ -169,6 +172,11 @@ class App:
     ``database_url`` defaults to the ``database_url`` setting (``WORKERKIT_DATABASE_URL``, the
     config file, else a SQLite file in the working directory). Pass ``backend`` to use another
     queue, such as :class:`workerkit.testing.InMemoryQueue` in tests.
+
+    ``idempotency_store`` keeps the records of tasks with an ``idempotency_key``; by default the
+    SQL store on the app's database (the queue's own), or, with an
+    :class:`~workerkit.testing.InMemoryQueue` backend, an
+    :class:`~workerkit.testing.InMemoryIdempotencyStore` on the queue's clock.
     """
 
     def __init__(
@@ -177,10 +185,12 @@ class App:
         *,
         backend: QueueBackend | None = None,
         settings: Settings | None = None,
+        idempotency_store: IdempotencyStore | None = None,
     ) -> None:
         self._settings = settings
         self._database_url = database_url
         self._backend = backend
+        self._idempotency_store = idempotency_store
         self.tasks: dict[str, Task[Any, Any]] = {}
 
     @property
@@ -205,6 +215,20 @@ class App:
             self._backend = SqlQueue(self.database_url, settings=self.settings)
         return self._backend
 
+    @property
+    def idempotency_store(self) -> IdempotencyStore:
+        """Where the records of this app's idempotent tasks live (see the class docstring)."""
+        if self._idempotency_store is None:
+            from workerkit.testing import InMemoryIdempotencyStore, InMemoryQueue
+
+            if isinstance(self._backend, InMemoryQueue):
+                self._idempotency_store = InMemoryIdempotencyStore(clock=self._backend.clock)
+            else:
+                from workerkit.idempotency import shared_store
+
+                return shared_store("sql", self.database_url)
+        return self._idempotency_store
+
     @overload
     def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
 
@@ -222,6 +246,7 @@ class App:
         retry_backoff_max: float = 600.0,
         checkpointed: bool = False,
         idempotent: bool = False,
+        idempotency_key: KeySpec | None = None,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(
@@ -237,17 +262,40 @@ class App:
         retry_backoff_max: float = 600.0,
         checkpointed: bool = False,
         idempotent: bool = False,
+        idempotency_key: KeySpec | None = None,
     ) -> Any:
         """Register a task. ``timeout`` defaults to the ``job_timeout`` setting.
 
         ``checkpointed`` and ``idempotent`` tell ``workerkit check`` that a re-run of this task
         resumes or is harmless, so a timeout longer than the drain window is not a warning.
+
+        ``idempotency_key`` (a template such as ``"charge:{order_id}"`` or a callable given every
+        argument by name) makes the task idempotent by key, as :func:`workerkit.idempotent` does:
+        a second run with the key replays the first one's result. The records live in
+        :attr:`idempotency_store`; Ip is this task's timeout + 30 s unless
+        ``idempotency_in_progress_expiry`` is set. It implies ``idempotent=True``; so does a
+        function already decorated with :func:`workerkit.idempotent`.
         """
 
         def register(func: Callable[..., Any]) -> Task[Any, Any]:
             task_name = name or f"{func.__module__}.{func.__qualname__}"
             if task_name in self.tasks:
                 raise ConfigurationError(f"task {task_name!r} is registered twice")
+            safe_to_rerun = idempotent or idempotency_of(func) is not None
+            if idempotency_key is not None:
+                if idempotency_of(func) is not None:
+                    raise ConfigurationError(
+                        f"task {task_name!r}: give idempotency_key= or @workerkit.idempotent, "
+                        "not both"
+                    )
+                func = make_idempotent(
+                    idempotency_key,
+                    name=task_name,
+                    store=lambda: self.idempotency_store,
+                    settings=lambda: self.settings,
+                    timeout=timeout,
+                )(func)
+                safe_to_rerun = True
             task: Task[Any, Any] = Task(
                 self,
                 func,
@@ -258,7 +306,7 @@ class App:
                 retry_backoff=retry_backoff,
                 retry_backoff_max=retry_backoff_max,
                 checkpointed=checkpointed,
-                idempotent=idempotent,
+                idempotent=safe_to_rerun,
             )
             self.tasks[task_name] = task
             return task

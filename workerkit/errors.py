@@ -12,6 +12,7 @@ __all__ = (
     "ConfigurationError",
     "DuplicateJob",
     "EngineUnavailable",
+    "IdempotencyClaimLost",
     "IdempotencyError",
     "IdempotencyInProgress",
     "IdempotencyKeyMismatch",
@@ -121,9 +122,34 @@ class IdempotencyError(WorkerkitError):
 class IdempotencyKeyMismatch(IdempotencyError):
     """The idempotency key was already used with other arguments."""
 
+    def __init__(self, message: str | None = None, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
 
 class IdempotencyInProgress(IdempotencyError):
     """Another live attempt holds this idempotency key; retry later."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        key: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.key = key
+        #: Seconds (by the store's clock) until the holder's claim expires and may be taken over:
+        #: no retry needs to wait longer than this.
+        self.retry_after = retry_after
+
+
+class IdempotencyClaimLost(IdempotencyError, LeaseLost):
+    """Another attempt took over this idempotency key; this attempt's result was not recorded."""
+
+    def __init__(self, message: str | None = None, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 # --- infrastructure -----------------------------------------------------------------------

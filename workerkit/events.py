@@ -53,6 +53,10 @@ EventType = Literal[
     "job_started",  # {"job_id", "task", "queue", "attempt", "delivery", "queued_for"}
     "job_heartbeat",  # a running job's lease was extended: {"job_id"}
     "checkpoint_saved",  # {"job_id", "task", "queue"}
+    # An idempotency key was looked up at the start of a run: {"task", "queue", "outcome"}, the
+    # outcome one of workerkit.idempotency.IDEMPOTENCY_OUTCOMES: claimed, replayed, deferred,
+    # taken_over, mismatched. "queue" is "" outside a job.
+    "idempotency",
     "job_finished",  # {"job_id", "task", "queue", "outcome", "duration", "error"?}
     "worker_stopping",  # the worker stopped fetching: {"running": int}
 ]
@@ -64,6 +68,7 @@ Outcome = Literal[
     "retried",  # failed and was scheduled to run again
     "released",  # handed back to the queue, checkpoint kept, attempt not consumed
     "skipped_duplicate",  # an idempotency key said it already ran; the stored result was replayed
+    "deferred",  # another live attempt holds its idempotency key; back later, attempt not consumed
     "timed_out",  # exceeded its job timeout
     "lease_lost",  # another worker owns the job now; this attempt's result was fenced out
 ]

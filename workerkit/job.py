@@ -8,6 +8,12 @@ The context is engine-agnostic. An engine builds one per attempt with a :class:`
 (its fenced write of a checkpoint) and runs the job inside :meth:`JobContext.activate`. The
 supervisor's ``request_stop`` command reaches every context of the process through
 :func:`request_stop_all`.
+
+Transactional checkpoints: when the job's own data lives in the database of workerkit's SQL
+queue, the sink is a :class:`TransactionalCheckpointSink` (see :meth:`JobContext.delivery_sink`),
+and ``save_checkpoint(state, connection=conn)`` runs the fenced checkpoint UPDATE inside the
+caller's transaction, so a batch of work and the cursor that says it is done commit (or roll
+back) together. See docs/howto/checkpointed-jobs.md.
 """
 
 from __future__ import annotations
@@ -18,13 +24,19 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn, Protocol
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 
-from workerkit.errors import LeaseLost, NoCurrentJob, ReleaseJob
+from workerkit.engines.base import TransactionalQueue
+from workerkit.errors import ConfigurationError, LeaseLost, NoCurrentJob, ReleaseJob
+
+if TYPE_CHECKING:
+    from workerkit.engines.base import Delivery, QueueBackend
 
 __all__ = (
     "CheckpointSink",
     "JobContext",
+    "TransactionalCheckpointSink",
     "active_contexts",
     "current_job",
     "current_job_or_none",
@@ -41,6 +53,55 @@ class CheckpointSink(Protocol):
     """
 
     def __call__(self, state: Any) -> None: ...
+
+
+@runtime_checkable
+class TransactionalCheckpointSink(Protocol):
+    """A sink whose fenced write can also join the caller's database transaction.
+
+    The native worker gives one to every job of a queue that supports it
+    (:class:`~workerkit.engines.sql.SqlQueue`); see :meth:`JobContext.delivery_sink`.
+    """
+
+    def __call__(self, state: Any) -> None:
+        """Write ``state`` now, in a transaction of its own. Fenced."""
+        ...
+
+    def save_in(self, connection: Any, state: Any) -> None:
+        """Write ``state`` inside ``connection``'s open transaction, without committing. Fenced."""
+        ...
+
+    def transaction(self) -> AbstractContextManager[Any]:
+        """A write transaction in the queue's database, yielding its connection."""
+        ...
+
+
+class _QueueSink:
+    """The checkpoint sink of one delivery of a plain :class:`QueueBackend`."""
+
+    def __init__(self, backend: QueueBackend, delivery: Delivery) -> None:
+        self.backend = backend
+        self.delivery = delivery
+
+    def __call__(self, state: Any) -> None:
+        self.backend.save_checkpoint(self.delivery, state)
+
+
+class _TransactionalQueueSink:
+    """The checkpoint sink of one delivery of a :class:`TransactionalQueue`."""
+
+    def __init__(self, backend: TransactionalQueue, delivery: Delivery) -> None:
+        self.backend = backend
+        self.delivery = delivery
+
+    def __call__(self, state: Any) -> None:
+        self.backend.save_checkpoint(self.delivery, state)
+
+    def save_in(self, connection: Any, state: Any) -> None:
+        self.backend.save_checkpoint(self.delivery, state, connection=connection)
+
+    def transaction(self) -> AbstractContextManager[Any]:
+        return self.backend.transaction()
 
 
 class JobContext:
@@ -107,7 +168,7 @@ class JobContext:
 
     # --- what the job does ----------------------------------------------------------------
 
-    def save_checkpoint(self, state: Any, *, force: bool = False) -> bool:
+    def save_checkpoint(self, state: Any, *, force: bool = False, connection: Any = None) -> bool:
         """Record ``state`` (JSON-serializable) as where a later attempt should resume.
 
         Writes are throttled: the state is written at once when ``force`` is given, a stop has
@@ -115,7 +176,19 @@ class JobContext:
         it is kept and written by a later call, by :meth:`flush` or by :meth:`release`. Returns
         whether it was written now. Raises :class:`~workerkit.errors.LeaseLost` when another
         worker owns the job.
+
+        With ``connection`` (a SQLAlchemy connection in an open transaction on the queue's
+        database, such as the one :meth:`transaction` yields), the fenced write is made inside
+        that transaction, at once and never throttled: the checkpoint then commits or rolls back
+        with the caller's own writes. That is how a batch is done exactly once. When the lease
+        is gone, :class:`~workerkit.errors.LeaseLost` is raised inside the transaction, so the
+        caller's writes roll back with it. If the transaction rolls back for another reason, let
+        the exception end the attempt (the stored checkpoint is still the previous one, which is
+        right for the data), or use :func:`workerkit.batches`, which tracks commits.
         """
+        if connection is not None:
+            self._save_in(connection, state)
+            return True
         with self._lock:
             self._pending = state
             due = self._clock() - self._last_saved_at >= self.checkpoint_interval
@@ -123,6 +196,55 @@ class JobContext:
                 return False
         self.flush()
         return True
+
+    def _save_in(self, connection: Any, state: Any) -> None:
+        sink = self._transactional_sink()
+        # Held across the write, as flush() does: a flush() of an older kept state from another
+        # thread (the worker releasing this job) must not commit after this one and move the
+        # stored cursor back behind work that has committed.
+        with self._lock:
+            try:
+                sink.save_in(connection, state)
+            except LeaseLost:
+                self._lease_lost = True
+                self._stop.set()
+                raise
+            # A kept (throttled) state is older than this one: never write it after this one.
+            self._pending = _UNSET
+            # Believed saved from here on, though the caller has yet to commit: if it rolls
+            # back instead, the stored checkpoint is the previous one, which matches its data;
+            # the attempt should then end (batches() re-fetches the batch instead).
+            self._checkpoint = state
+            self._last_saved_at = self._clock()
+        if self._on_saved is not None:
+            self._on_saved(self)
+
+    def _transactional_sink(self) -> TransactionalCheckpointSink:
+        if isinstance(self._save, TransactionalCheckpointSink):
+            return self._save
+        backend = getattr(self._save, "backend", None)
+        where = f"the {type(backend).__name__}" if backend is not None else "this engine"
+        raise ConfigurationError(
+            f"job {self.job_id}: {where} cannot write a checkpoint inside a database "
+            "transaction; transactional checkpoints need workerkit's SQL queue (SqlQueue, "
+            "engine 'sql') with the job's data in the same database. Save without "
+            "connection= here (at-least-once batches), or run the job on the SQL queue"
+        )
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """A write transaction in the job's queue database; yields its SQLAlchemy connection.
+
+        For jobs whose data lives in the same database as workerkit's SQL queue: write the data
+        and ``save_checkpoint(state, connection=conn)`` in it, and both commit when the block
+        ends (or roll back together when it raises). On SQLite this is ``BEGIN IMMEDIATE``, so
+        the transaction holds the database's single write lock from the start: keep it short
+        (a batch), because the worker's lease renewal and other writers wait for it. Raises
+        :class:`~workerkit.errors.ConfigurationError` on a queue that has no database (the
+        in-memory queue of :mod:`workerkit.testing`).
+        """
+        with self._transactional_sink().transaction() as connection:
+            yield connection
 
     def flush(self) -> None:
         """Write the kept checkpoint, if any, now."""
@@ -155,6 +277,20 @@ class JobContext:
         raise ReleaseJob
 
     # --- what the engine does -------------------------------------------------------------
+
+    @staticmethod
+    def delivery_sink(backend: QueueBackend, delivery: Delivery) -> CheckpointSink:
+        """The ``save=`` sink for one delivery of a workerkit queue (the native worker's).
+
+        It writes through ``backend.save_checkpoint(delivery, state)``. When the backend is a
+        :class:`~workerkit.engines.base.TransactionalQueue` (it can join the caller's
+        transaction, as :class:`~workerkit.engines.sql.SqlQueue` does), the sink is a
+        :class:`TransactionalCheckpointSink` and the job may use :meth:`transaction` and
+        ``save_checkpoint(state, connection=conn)``.
+        """
+        if isinstance(backend, TransactionalQueue):
+            return _TransactionalQueueSink(backend, delivery)
+        return _QueueSink(backend, delivery)
 
     def request_stop(self) -> None:
         """Ask the job to stop: the drain deadline passed."""

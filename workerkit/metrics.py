@@ -20,10 +20,15 @@ from workerkit.events import OUTCOMES
 __all__ = (
     "DRAIN_BUCKETS",
     "DURATION_BUCKETS",
+    "IDEMPOTENCY_OUTCOMES",
     "SHUTDOWN_OUTCOMES",
     "STATES",
     "SupervisorMetrics",
 )
+
+#: The ``outcome`` label values of workerkit_idempotency_total (anything else is not counted, so
+#: a misbehaving process cannot grow the label set).
+IDEMPOTENCY_OUTCOMES = frozenset({"claimed", "replayed", "deferred", "taken_over", "mismatched"})
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +108,13 @@ class SupervisorMetrics:
             "workerkit_checkpoints_saved",
             "Checkpoints saved by running jobs.",
             ("engine", "queue", "task"),
+            registry=r,
+        )
+        self.idempotency = Counter(
+            "workerkit_idempotency",
+            "Idempotency-key decisions when a run starts: claimed, replayed, deferred, "
+            "taken_over, mismatched.",
+            ("engine", "queue", "task", "outcome"),
             registry=r,
         )
         self.worker_state = Gauge(
@@ -199,6 +211,11 @@ class SupervisorMetrics:
             self.store_up.labels(self.engine).set(1.0 if event.get("ok") is True else 0.0)
         elif kind == "queue_stats":
             self._queue_stats(event)
+        elif kind == "idempotency":
+            queue, task = self._queue_task(event)
+            outcome = event.get("outcome")
+            if outcome in IDEMPOTENCY_OUTCOMES:
+                self.idempotency.labels(self.engine, queue, task, outcome).inc()
 
     def _queue_task(self, event: Mapping[str, Any]) -> tuple[str, str]:
         job_id = event.get("job_id")

@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 from workerkit import events as events_module
 from workerkit.app import App, decode_payload
 from workerkit.errors import (
+    IdempotencyInProgress,
+    IdempotencyKeyMismatch,
     JobInterrupted,
     LeaseLost,
     PayloadError,
@@ -51,6 +53,7 @@ from workerkit.errors import (
     SchemaOutOfDate,
     StoreError,
 )
+from workerkit.idempotency import outcome_of
 from workerkit.job import JobContext
 
 if TYPE_CHECKING:
@@ -325,7 +328,7 @@ class NativeWorker:
             checkpoint=delivery.checkpoint,
             deadline=time.time() + timeout,
             checkpoint_interval=self.settings.checkpoint_interval,
-            save=lambda state: self.backend.save_checkpoint(delivery, state),
+            save=JobContext.delivery_sink(self.backend, delivery),
             on_checkpoint_saved=self._checkpoint_saved,
         )
         if self._jobs_stop_requested.is_set():
@@ -424,8 +427,18 @@ class NativeWorker:
             pass  # the main thread settled the delivery before interrupting us
         except LeaseLost:
             self._settle(running, lambda r: "lease_lost")
-        except _PermanentFailure as failure:
+        except IdempotencyInProgress as busy:
+            # Another live attempt holds the key: come back soon (to replay its result once it
+            # completes) but no later than when the holder's claim would expire.
+            backoff = task.retry_delay(1) if task else self.settings.poll_interval
+            delay = backoff if busy.retry_after is None else min(busy.retry_after, backoff)
+            reason = f"IdempotencyInProgress: {busy}"
+            self._settle(running, lambda r: self._defer(r, delay, reason))
+        except (_PermanentFailure, IdempotencyKeyMismatch) as failure:
+            # A key reused with other arguments fails the same way on every attempt.
             reason = str(failure)
+            if isinstance(failure, IdempotencyKeyMismatch):
+                reason = f"IdempotencyKeyMismatch: {reason}"
             self._settle(running, lambda r: self._fail(r, reason))
         except Exception as exc:
             error = "".join(traceback.format_exception_only(exc)).strip()
@@ -440,7 +453,12 @@ class NativeWorker:
 
     def _ack(self, running: _Running, result: Any) -> str:
         self.backend.ack(running.delivery, result)
-        return "succeeded"
+        replayed = outcome_of(running.context) == "replayed"
+        return "skipped_duplicate" if replayed else "succeeded"
+
+    def _defer(self, running: _Running, delay: float, reason: str) -> str:
+        self.backend.defer(running.delivery, time.time() + max(0.0, delay), reason)
+        return "deferred"
 
     def _fail(self, running: _Running, error: str) -> str:
         self.backend.fail(running.delivery, error)

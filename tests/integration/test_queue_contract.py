@@ -263,6 +263,19 @@ def test_release_ref_releases_from_another_queue_object_once(backend: Backend) -
     assert not supervisor.release_ref(again.ref())  # settled
 
 
+def test_defer_gives_the_attempt_back_and_waits_until_run_at(backend: Backend) -> None:
+    queue = backend.queue()
+    queue.enqueue(new_job("busy", max_attempts=1))
+    first = claim_one(queue, "pod-a")
+    queue.defer(first, time.time() + 3600, "IdempotencyInProgress: key held")
+    deferred = job(queue, "busy")
+    assert (deferred["state"], deferred["attempts"]) == ("ready", 0)
+    assert deferred["last_error"] == "IdempotencyInProgress: key held"
+    assert queue.claim(["default"], "pod-b", 1) == []  # not before run_at
+    with pytest.raises(LeaseLost):
+        queue.defer(first, time.time(), "again")  # fenced like every other write
+
+
 def test_release_after_a_crash_keeps_the_attempt_and_ends_a_crash_loop(backend: Backend) -> None:
     queue = backend.queue()
     queue.enqueue(new_job("oom", max_attempts=2))

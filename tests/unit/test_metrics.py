@@ -155,3 +155,21 @@ def test_every_family_is_in_the_metrics_reference() -> None:
     for family in metrics.registry.collect():
         exported = family.name + ("_total" if family.type == "counter" else "")
         assert f"`{exported}`" in doc, exported
+
+
+def test_idempotency_outcomes_are_counted_with_bounded_labels() -> None:
+    metrics = SupervisorMetrics("sql")
+    for outcome in ("claimed", "replayed", "replayed", "deferred", "made-up"):
+        metrics.apply({"type": "idempotency", "task": "charge", "queue": "q", "outcome": outcome})
+    assert (
+        sample(metrics, "workerkit_idempotency_total", queue="q", task="charge", outcome="replayed")
+        == 2
+    )
+    assert (
+        sample(metrics, "workerkit_idempotency_total", queue="q", task="charge", outcome="claimed")
+        == 1
+    )
+    assert (
+        sample(metrics, "workerkit_idempotency_total", queue="q", task="charge", outcome="made-up")
+        is None
+    )

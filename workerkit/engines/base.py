@@ -14,6 +14,13 @@ Two small interfaces:
   the engine's worker process, and how to release, by itself, deliveries that were in flight
   when that process died or had to be killed.
 
+Transactional checkpoints: a queue that lives in a database the job's own data can share (the
+SQL queue) may also implement :class:`TransactionalQueue`: ``save_checkpoint(delivery, state,
+connection=conn)`` makes the same fenced write inside the caller's open transaction, and
+``transaction()`` opens one on the queue's database. The :class:`QueueBackend` contract itself is
+unchanged: a backend without them (the in-memory queue) still works, and a job that asks it for
+a transactional checkpoint gets a :class:`~workerkit.errors.ConfigurationError` saying why.
+
 Attempts: ``attempts`` counts claims. A claim takes one; a release gives it back (a deploy is
 not the job's fault); a crash keeps it (a job that kills its worker every time must end up
 failed, not loop forever), whether the supervisor releases the job after the crash or its lease
@@ -23,13 +30,36 @@ expires. A job with no attempts left is then failed with the reason instead of r
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from workerkit.settings import Settings
+    from workerkit.timing import CeleryFacts, TaskTiming
 
-__all__ = ("Delivery", "Engine", "NewJob", "QueueBackend", "QueueStats", "StoreHealth")
+__all__ = (
+    "AppTiming",
+    "Delivery",
+    "Engine",
+    "NewJob",
+    "QueueBackend",
+    "QueueStats",
+    "StoreHealth",
+    "TransactionalQueue",
+)
+
+
+@dataclass(frozen=True)
+class AppTiming:
+    """What the timing budget needs to know about the user's app.
+
+    ``tasks``: each task's timeout and whether a re-run is safe (idempotent or checkpointed);
+    ``celery``: the Celery settings a Celery app overrides (None for other engines).
+    """
+
+    tasks: tuple[TaskTiming, ...] = ()
+    celery: CeleryFacts | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +148,15 @@ class QueueBackend(Protocol):
         """Back to the queue now, checkpoint kept, attempt given back. Fenced."""
         ...
 
+    def defer(self, delivery: Delivery, run_at: float, reason: str) -> None:
+        """Not now: run again at ``run_at`` (epoch seconds), attempt given back. Fenced.
+
+        For a job that could not start its work because something else holds what it needs
+        (its idempotency key is claimed by a live attempt): waiting is not a failure, so it
+        must not use up the retries that crash recovery depends on.
+        """
+        ...
+
     def release_ref(self, ref: Mapping[str, Any], *, crashed: bool = False) -> bool:
         """Release by :meth:`Delivery.ref`, from another process; False when already settled.
 
@@ -144,6 +183,29 @@ class QueueBackend(Protocol):
         ...
 
 
+@runtime_checkable
+class TransactionalQueue(Protocol):
+    """A queue whose checkpoint write can join the caller's database transaction (optional).
+
+    For jobs whose data lives in the queue's database: the batch and the cursor that says it is
+    done commit together, so a batch is applied exactly once however often the job is
+    interrupted (docs/howto/checkpointed-jobs.md).
+    """
+
+    def save_checkpoint(self, delivery: Delivery, state: Any, connection: Any = None) -> None:
+        """Store the checkpoint; with ``connection``, inside its open transaction. Fenced.
+
+        With a connection nothing is committed here: the caller's commit makes the checkpoint
+        durable together with the caller's own writes, and :class:`~workerkit.errors.LeaseLost`
+        (raised inside the transaction) makes the caller roll them back.
+        """
+        ...
+
+    def transaction(self) -> AbstractContextManager[Any]:
+        """A write transaction on the queue's database, yielding its connection."""
+        ...
+
+
 class Engine(Protocol):
     """What the supervisor needs from an engine."""
 
@@ -151,6 +213,14 @@ class Engine(Protocol):
 
     def worker_command(self, settings: Settings) -> list[str]:
         """The argv of the engine's worker process (settings reach it through the environment)."""
+        ...
+
+    def app_timing(self, settings: Settings) -> AppTiming:
+        """The timing facts of ``settings.app`` (empty without an app).
+
+        Raises :class:`~workerkit.errors.ConfigurationError` when the app cannot be loaded or
+        is not an app of this engine.
+        """
         ...
 
     def release_in_flight(

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Final
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from workerkit.engines.base import Delivery, NewJob, QueueStats, StoreHealth
+from workerkit.engines.base import AppTiming, Delivery, NewJob, QueueStats, StoreHealth
 from workerkit.errors import (
     ConfigurationError,
     LeaseLost,
@@ -398,9 +398,80 @@ class SqlQueue:
             delivery.job_id, delivery.token, {"lease_expires_at": db_now() + self.lease_ttl}
         )
 
-    def save_checkpoint(self, delivery: Delivery, state: Any) -> None:
-        """Store the checkpoint (JSON-serializable). Fenced."""
-        self._settle(delivery, "checkpoint", {"checkpoint": dump_json(state, "a checkpoint")})
+    def save_checkpoint(
+        self, delivery: Delivery, state: Any, connection: sa.Connection | None = None
+    ) -> None:
+        """Store the checkpoint (JSON-serializable). Fenced.
+
+        With ``connection`` (a SQLAlchemy connection to this queue's database, inside a
+        transaction that also holds the job's own writes) the fenced UPDATE runs in that
+        transaction and nothing is committed here: the caller's commit makes the checkpoint
+        and the writes durable together, and when the lease is gone the
+        :class:`~workerkit.errors.LeaseLost` raised here makes the caller roll its writes back.
+        This is :class:`~workerkit.engines.base.TransactionalQueue`.
+
+        Why this is exactly-once on PostgreSQL (READ COMMITTED): the UPDATE locks the job row
+        until the caller's transaction ends. A claimer that finds the lease expired meanwhile
+        uses ``FOR UPDATE SKIP LOCKED`` and skips the locked row, so it cannot take the job
+        between our fence check and our commit; and if it claimed first, our UPDATE waits for
+        its lock, re-reads the row, finds another token and matches nothing. Either this
+        attempt's batch commits with its cursor before anyone else reads the checkpoint, or it
+        does not commit at all. On SQLite the caller's transaction holds the single write lock
+        (``BEGIN IMMEDIATE``), which serializes the same way.
+        """
+        values = {"checkpoint": dump_json(state, "a checkpoint")}
+        if connection is None:
+            self._settle(delivery, "checkpoint", values)
+            return
+        if not isinstance(connection, sa.Connection):
+            raise ConfigurationError(
+                f"save_checkpoint(connection=...) takes a SQLAlchemy Connection, got "
+                f"{type(connection).__name__}; with an ORM Session pass session.connection()"
+            )
+        if not connection.in_transaction():
+            raise ConfigurationError(
+                "save_checkpoint(connection=...) needs a connection inside the transaction that "
+                "holds the job's writes (with engine.begin() as conn: ...); this one has none, "
+                "so the checkpoint would not commit together with them"
+            )
+        if connection.dialect.name != self.dialect:
+            raise ConfigurationError(
+                f"save_checkpoint(connection=...) got a {connection.dialect.name} connection, "
+                f"but the queue is on {self.dialect}: the checkpoint must commit in the queue's "
+                "database, together with the job's writes"
+            )
+        statement = (
+            sa.update(jobs)
+            .where(_c.id == delivery.job_id, _c.lease_token == delivery.token)
+            .where(_c.state == "running")
+            .values(updated_at=db_now(), **values)
+        )
+        try:
+            matched = connection.execute(statement).rowcount == 1
+        except sa.exc.DBAPIError as exc:
+            if _missing_table(exc):
+                raise ConfigurationError(
+                    "save_checkpoint(connection=...): this connection's database has no "
+                    f"workerkit tables; it must be the queue's database ({self!r}), so that the "
+                    "checkpoint commits together with the job's writes"
+                ) from exc
+            raise
+        if not matched:
+            raise LeaseLost(_FENCE_LOST.format(job_id=delivery.job_id, what="checkpoint"))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sa.Connection]:
+        """A write transaction on the queue's database, for a job's own writes and checkpoint.
+
+        Commits when the block ends, rolls back when it raises. On SQLite it begins with
+        ``BEGIN IMMEDIATE`` (the queue's engine does that for every write transaction), so it
+        waits for the write lock up front (up to the busy timeout) instead of failing with
+        "database is locked" when a read turns into a write; it then holds that single lock
+        until it ends, so the worker's lease renewals and other workers' claims wait for it.
+        Database errors are not translated: they are the job's, and end its attempt.
+        """
+        with self.engine.begin() as connection:
+            yield connection
 
     def ack(self, delivery: Delivery, result: Any) -> None:
         """The job succeeded: store the result, drop the checkpoint. Fenced."""
@@ -453,6 +524,21 @@ class SqlQueue:
         """Back to the queue now, checkpoint kept, attempt given back. Fenced."""
         if not self._release(delivery.job_id, delivery.token, delivery.queue):
             raise LeaseLost(_FENCE_LOST.format(job_id=delivery.job_id, what="release"))
+
+    def defer(self, delivery: Delivery, run_at: float, reason: str) -> None:
+        """Run again at ``run_at``, attempt given back, ``reason`` kept. Fenced."""
+        self._settle(
+            delivery,
+            "defer",
+            {
+                "state": "ready",
+                "run_at": run_at,
+                "attempts": _c.attempts - 1,
+                "last_error": reason,
+                "lease_token": None,
+                "lease_expires_at": None,
+            },
+        )
 
     def release_ref(self, ref: Mapping[str, Any], *, crashed: bool = False) -> bool:
         """Release by :meth:`Delivery.ref`, from another process; False when already settled.
@@ -719,9 +805,31 @@ class SqlEngine:
 
     name = "sql"
 
+    def __init__(self, worker_args: Sequence[str] = ()) -> None:
+        if worker_args:
+            raise ConfigurationError(
+                f"the sql engine takes no extra worker arguments, got {list(worker_args)!r}; "
+                "its options are settings (workerkit run sql --help)"
+            )
+
     def worker_command(self, settings: Settings) -> list[str]:
         """The native worker loop, in a fresh interpreter (settings come by environment)."""
         return [sys.executable, "-m", "workerkit.worker"]
+
+    def app_timing(self, settings: Settings) -> AppTiming:
+        """The tasks of the workerkit :class:`~workerkit.app.App` named by ``settings.app``."""
+        if not settings.app:
+            return AppTiming()
+        from workerkit.app import App
+        from workerkit.loading import import_app
+
+        app = import_app(settings.app)
+        if not isinstance(app, App):
+            raise ConfigurationError(
+                f"--app {settings.app!r} is a {type(app).__name__}, not a workerkit.App; the sql "
+                "engine runs workerkit apps (use --engine celery or rq for theirs)"
+            )
+        return AppTiming(tasks=tuple(app.task_timings()))
 
     def release_in_flight(
         self, settings: Settings, refs: Sequence[Mapping[str, Any]], *, crashed: bool = False

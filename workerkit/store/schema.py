@@ -22,9 +22,11 @@ if TYPE_CHECKING:
     from sqlalchemy.sql.compiler import SQLCompiler
 
 __all__ = (
+    "IDEMPOTENCY_STATES",
     "JOB_STATES",
     "VERSION_TABLE",
     "db_now",
+    "idempotency_keys",
     "jobs",
     "metadata",
 )
@@ -92,6 +94,38 @@ sa.Index(
     postgresql_where=jobs.c.finished_at.is_not(None),
     sqlite_where=jobs.c.finished_at.is_not(None),
 )
+
+
+#: ``in_progress``: claimed by the holder of ``owner_token`` until ``expires_at`` (Ip after the
+#: claim), then open to a takeover. ``completed``: the run finished; its ``result`` is replayed to
+#: every later run with the same fingerprint until ``expires_at`` (R after completion). A failed
+#: run deletes its record. See workerkit.idempotency and docs/howto/idempotent-tasks.md.
+IDEMPOTENCY_STATES: Final = ("in_progress", "completed")
+
+idempotency_keys = sa.Table(
+    "workerkit_idempotency",
+    metadata,
+    sa.Column("key", sa.Text, nullable=False),
+    # sha256 of the canonical JSON of (task, args, kwargs): the same key with other arguments is
+    # refused instead of replayed.
+    sa.Column("fingerprint", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    # The claiming attempt's token; completion and forget are fenced by it.
+    sa.Column("owner_token", sa.Text, nullable=False),
+    sa.Column("result", sa.Text, nullable=True),  # JSON text, once completed
+    # How many times an expired claim of this key was taken over since it was last claimed fresh
+    # (a crash count, for people reading the table).
+    sa.Column("takeovers", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("expires_at", sa.Double, nullable=False),
+    sa.Column("claimed_at", sa.Double, nullable=False),
+    sa.Column("completed_at", sa.Double, nullable=True),
+    sa.PrimaryKeyConstraint("key", name="pk_workerkit_idempotency"),
+    sa.CheckConstraint(
+        "state IN ('in_progress', 'completed')", name="ck_workerkit_idempotency_state"
+    ),
+)
+# purge_expired() deletes by expiry.
+sa.Index("ix_workerkit_idempotency_expires_at", idempotency_keys.c.expires_at)
 
 
 class db_now(FunctionElement[float]):  # noqa: N801 - reads like the SQL function it renders

@@ -1,0 +1,261 @@
+"""Idempotency records in SQLite or PostgreSQL: one row per key in ``workerkit_idempotency``.
+
+The contract (:class:`~workerkit.idempotency.IdempotencyStore`) and the decorator that uses it
+are in :mod:`workerkit.idempotency`; they are re-exported here.
+
+No read-then-write races. A claim is one statement::
+
+    INSERT INTO workerkit_idempotency (...) VALUES (:key, ..., 'in_progress', :token, now + Ip)
+    ON CONFLICT (key) DO UPDATE SET ... new owner ...
+        WHERE workerkit_idempotency.expires_at <= now
+    RETURNING owner_token, takeovers
+
+The primary key makes concurrent claimers of one key meet at the row: PostgreSQL makes the
+second wait for the first's transaction and then evaluates the ``WHERE`` against the row it
+committed; SQLite serializes writers at ``BEGIN IMMEDIATE``. Exactly one claimer gets a row
+back. The others read the live record in the same transaction to tell a replay, a mismatch and a
+deferral apart; a record that vanished or expired between the two statements (PostgreSQL's
+READ COMMITTED sees other commits per statement) sends the claimer round again.
+
+Completion and forget are fenced: ``... WHERE key = :key AND owner_token = :token AND state =
+'in_progress'``; a claim taken over has another token, so its late write changes nothing.
+
+Every time is the database's (:func:`~workerkit.store.schema.db_now`), so workers on hosts with
+skewed clocks agree on when a claim expires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+from collections.abc import Iterator
+from typing import Any, Final, cast
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from workerkit.errors import SchemaOutOfDate, StoreError, StoreUnavailable
+from workerkit.idempotency import Claim, IdempotencyRecord, IdempotencyStore
+from workerkit.store import db
+from workerkit.store.schema import db_now, idempotency_keys
+
+__all__ = (
+    "Claim",
+    "IdempotencyRecord",
+    "IdempotencyStore",
+    "SqlIdempotencyStore",
+    "check_seconds",
+)
+
+log = logging.getLogger(__name__)
+
+_t = idempotency_keys
+_c = idempotency_keys.c
+
+#: How often a claim goes round when the live record it lost to vanished before it could read it.
+_CLAIM_ROUNDS: Final = 5
+
+
+def check_seconds(what: str, value: float) -> None:
+    """Refuse a zero, negative or non-finite duration (a store must never make one)."""
+    if not (isinstance(value, int | float) and 0 < value < float("inf")):
+        raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
+
+
+class SqlIdempotencyStore:
+    """:class:`~workerkit.idempotency.IdempotencyStore` on SQLite or PostgreSQL.
+
+    ``url`` is a database URL (the store owns its engine) or a SQLAlchemy engine made by
+    :func:`workerkit.store.db.create_engine_for` (shared; :meth:`close` leaves it open). The
+    table comes from ``workerkit db upgrade``; without it every call raises
+    :class:`~workerkit.errors.SchemaOutOfDate`. Safe to share between threads.
+    """
+
+    def __init__(self, url: str | sa.URL | sa.Engine) -> None:
+        if isinstance(url, sa.Engine):
+            self._engine = url
+            self._owns_engine = False
+        else:
+            self._engine = db.create_engine_for(url)
+            self._owns_engine = True
+        self.url = self._engine.url
+        self.dialect = self.url.get_backend_name()
+        self._pid = os.getpid()
+
+    def __repr__(self) -> str:
+        return f"<SqlIdempotencyStore {self.url.render_as_string(hide_password=True)}>"
+
+    @property
+    def engine(self) -> sa.Engine:
+        """The SQLAlchemy engine (a forked child gets fresh connections)."""
+        if os.getpid() != self._pid:
+            # Pooled connections are sockets shared with the parent; drop them without closing.
+            self._engine.dispose(close=False)
+            self._pid = os.getpid()
+        return self._engine
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        with self._errors(), self.engine.begin() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sa.exc.DBAPIError as exc:
+            text = str(exc.orig)
+            if "no such table" in text or "does not exist" in text:
+                raise SchemaOutOfDate(
+                    f"the workerkit_idempotency table is missing; {db.UPGRADE_HINT}"
+                ) from exc
+            if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) or (
+                exc.connection_invalidated
+            ):
+                raise StoreUnavailable(
+                    f"{self.dialect} database unavailable: {db.describe_error(exc, self.url)}"
+                ) from exc
+            raise StoreError(f"idempotency store: {db.describe_error(exc, self.url)}") from exc
+        except sa.exc.TimeoutError as exc:
+            raise StoreUnavailable(
+                f"{self.dialect} database unavailable: no pooled connection free ({exc})"
+            ) from exc
+
+    def _upsert(self, key: str, fingerprint: str, token: str, in_progress_expiry: float) -> Any:
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        now = db_now()
+        statement = insert(_t).values(
+            key=key,
+            fingerprint=fingerprint,
+            state="in_progress",
+            owner_token=token,
+            result=None,
+            takeovers=0,
+            expires_at=now + in_progress_expiry,
+            claimed_at=now,
+            completed_at=None,
+        )
+        excluded = statement.excluded
+        return statement.on_conflict_do_update(
+            index_elements=[_c.key],
+            set_={
+                "fingerprint": excluded.fingerprint,
+                "state": "in_progress",
+                "owner_token": excluded.owner_token,
+                "result": None,
+                # Taking over an abandoned claim counts; reclaiming an expired result does not.
+                "takeovers": sa.case((_c.state == "in_progress", _c.takeovers + 1), else_=0),
+                "expires_at": excluded.expires_at,
+                "claimed_at": excluded.claimed_at,
+                "completed_at": None,
+            },
+            where=_c.expires_at <= db_now(),
+        ).returning(_c.owner_token, _c.takeovers)
+
+    def claim(self, key: str, fingerprint: str, *, in_progress_expiry: float) -> Claim:
+        """Claim ``key``, or report the live record that holds it (see the module docstring)."""
+        check_seconds("in_progress_expiry", in_progress_expiry)
+        token = secrets.token_hex(16)
+        upsert = self._upsert(key, fingerprint, token, in_progress_expiry)
+        live = sa.select(
+            _c.state, _c.fingerprint, _c.result, (_c.expires_at - db_now()).label("remaining")
+        ).where(_c.key == key)
+        with self._write() as conn:
+            for _ in range(_CLAIM_ROUNDS):
+                won = conn.execute(upsert).first()
+                if won is not None:
+                    if won.owner_token != token:  # pragma: no cover - a database bug
+                        raise StoreError(f"idempotency claim of {key!r} returned another token")
+                    return Claim("taken_over" if won.takeovers > 0 else "claimed", token=token)
+                row = conn.execute(live).first()
+                if row is None or row.remaining <= 0:
+                    continue  # forgotten or expired since the upsert looked: go round
+                if row.fingerprint != fingerprint:
+                    return Claim("mismatch")
+                if row.state == "completed":
+                    return Claim("replay", result_json=row.result)
+                return Claim("in_progress", retry_after=float(row.remaining))
+        raise StoreError(
+            f"idempotency claim of {key!r} kept losing to records that vanished; is something "
+            "deleting workerkit_idempotency rows in a loop?"
+        )
+
+    def complete(self, key: str, token: str, result_json: str, *, retention: float) -> bool:
+        """Record the result for ``retention`` seconds; False when ``token`` lost the key."""
+        check_seconds("retention", retention)
+        now = db_now()
+        statement = (
+            sa.update(_t)
+            .where(_c.key == key, _c.owner_token == token, _c.state == "in_progress")
+            .values(
+                state="completed",
+                result=result_json,
+                expires_at=now + retention,
+                completed_at=now,
+            )
+        )
+        with self._write() as conn:
+            done = conn.execute(statement).rowcount == 1
+        if not done:
+            log.warning(
+                "idempotency completion fenced out",
+                extra={"event": "idempotency_complete_fenced", "key": key},
+            )
+        return done
+
+    def forget(self, key: str, token: str) -> bool:
+        """Delete the claim ``token`` holds; False when it holds none."""
+        statement = sa.delete(_t).where(
+            _c.key == key, _c.owner_token == token, _c.state == "in_progress"
+        )
+        with self._write() as conn:
+            return bool(conn.execute(statement).rowcount == 1)
+
+    def get(self, key: str) -> IdempotencyRecord | None:
+        """The record of ``key`` (expired ones included), or None."""
+        statement = sa.select(
+            _c.key,
+            _c.state,
+            _c.fingerprint,
+            _c.owner_token,
+            _c.result,
+            (_c.expires_at - db_now()).label("remaining"),
+            _c.takeovers,
+        ).where(_c.key == key)
+        with self._errors(), self.engine.connect() as conn:
+            conn.execution_options(**{db.READ_ONLY_OPTION: True})
+            row = conn.execute(statement).first()
+        if row is None:
+            return None
+        return IdempotencyRecord(
+            key=row.key,
+            state=cast(Any, row.state),
+            fingerprint=row.fingerprint,
+            owner_token=row.owner_token,
+            result_json=row.result,
+            expires_in=float(row.remaining),
+            takeovers=int(row.takeovers),
+        )
+
+    def purge_expired(self, older_than: float = 0.0) -> int:
+        """Delete records that expired over ``older_than`` seconds ago; return how many.
+
+        Safe at any time: an expired record is claimable anyway. (A purged abandoned claim is
+        later reported as ``claimed`` rather than ``taken_over``; nothing else changes.)
+        """
+        statement = sa.delete(_t).where(_c.expires_at <= db_now() - older_than)
+        with self._write() as conn:
+            count = int(conn.execute(statement).rowcount)
+        if count:
+            log.info(
+                "purged expired idempotency records",
+                extra={"event": "idempotency_purged", "count": count},
+            )
+        return count
+
+    def close(self) -> None:
+        """Close the engine's connections (unless the engine was given)."""
+        if self._owns_engine:
+            self._engine.dispose()

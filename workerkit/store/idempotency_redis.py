@@ -1,0 +1,202 @@
+"""Idempotency records in Redis: one hash per key, every change one Lua script.
+
+A script runs atomically on the server, so each of claim, complete and forget reads and writes
+the record in one step, with no read-then-write race between workers. Times come from the
+server's ``TIME`` (milliseconds), so workers on hosts with skewed clocks agree on expiry.
+
+The hash ``<prefix><key>`` holds ``state`` (``in_progress`` or ``completed``), ``fp`` (the
+fingerprint), ``token`` (the owner's), ``result`` (JSON text), ``expires_at`` (server ms),
+``takeovers`` and ``claimed_at``. Redis deletes it by itself: a completed record after R, a claim
+after 2 x Ip (its Ip, then as long again during which the next claimer is told it *took over* an
+abandoned claim rather than claimed a fresh key; only that label depends on the extra time).
+
+Scripts are registered with redis-py's ``register_script``: sent by hash (EVALSHA), loaded again
+automatically when the server lost its script cache (a restart, a failover).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import redis
+from redis import exceptions as redis_errors
+
+from workerkit.errors import StoreError, StoreUnavailable
+from workerkit.idempotency import Claim, IdempotencyRecord
+from workerkit.store.idempotency import check_seconds
+
+if TYPE_CHECKING:
+    from redis.commands.core import Script
+
+__all__ = ("DEFAULT_PREFIX", "RedisIdempotencyStore")
+
+log = logging.getLogger(__name__)
+
+#: Prepended to every key (a Redis shared with other applications keeps them apart).
+DEFAULT_PREFIX: Final = "workerkit:idempotency:"
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS[1] record; ARGV fingerprint, token, Ip (ms).
+# Returns {outcome, token | result | remaining ms}.
+_CLAIM: Final = (
+    _NOW
+    + """
+local ip = tonumber(ARGV[3])
+local rec = redis.call('HMGET', KEYS[1], 'state', 'fp', 'result', 'expires_at', 'takeovers')
+local state = rec[1]
+if state then
+  local remaining = tonumber(rec[4]) - now
+  if remaining > 0 then
+    if rec[2] ~= ARGV[1] then return {'mismatch', ''} end
+    if state == 'completed' then return {'replay', rec[3]} end
+    return {'in_progress', tostring(remaining)}
+  end
+end
+local takeovers = 0
+if state == 'in_progress' then takeovers = (tonumber(rec[5]) or 0) + 1 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'state', 'in_progress', 'fp', ARGV[1], 'token', ARGV[2],
+  'expires_at', string.format('%d', now + ip), 'takeovers', takeovers,
+  'claimed_at', string.format('%d', now))
+redis.call('PEXPIRE', KEYS[1], 2 * ip)
+if takeovers > 0 then return {'taken_over', ARGV[2]} end
+return {'claimed', ARGV[2]}
+"""
+)
+
+# KEYS[1] record; ARGV token, result, R (ms). Returns 1 when recorded, 0 when fenced out.
+_COMPLETE: Final = (
+    _NOW
+    + """
+local rec = redis.call('HMGET', KEYS[1], 'state', 'token')
+if rec[1] ~= 'in_progress' or rec[2] ~= ARGV[1] then return 0 end
+local retention = tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'state', 'completed', 'result', ARGV[2],
+  'expires_at', string.format('%d', now + retention), 'completed_at', string.format('%d', now))
+redis.call('PEXPIRE', KEYS[1], retention)
+return 1
+"""
+)
+
+# KEYS[1] record; ARGV token. Returns 1 when deleted.
+_FORGET: Final = """
+local rec = redis.call('HMGET', KEYS[1], 'state', 'token')
+if rec[1] ~= 'in_progress' or rec[2] ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# KEYS[1] record. Returns {state, fp, token, result, remaining ms, takeovers} or nil.
+_GET: Final = (
+    _NOW
+    + """
+local rec = redis.call('HMGET', KEYS[1], 'state', 'fp', 'token', 'result', 'expires_at',
+  'takeovers')
+if not rec[1] then return nil end
+return {rec[1], rec[2], rec[3], rec[4] or '', tostring(tonumber(rec[5]) - now), rec[6]}
+"""
+)
+
+
+def _ms(seconds: float) -> int:
+    # Rounded up and at least 1: a claim for 0.0004 s must still be a claim.
+    return max(1, math.ceil(seconds * 1000))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisIdempotencyStore:
+    """:class:`~workerkit.idempotency.IdempotencyStore` on Redis (redis-py; Redis 5 or later).
+
+    Give it a client (``decode_responses`` either way) or use :meth:`from_url`. Safe to share
+    between threads; redis-py's pool also notices a fork and opens new connections in the child.
+    """
+
+    def __init__(self, client: redis.Redis[Any], *, prefix: str = DEFAULT_PREFIX) -> None:
+        self.client = client
+        self.prefix = prefix
+        self._owns_client = False
+        self._claim: Script = client.register_script(_CLAIM)
+        self._complete: Script = client.register_script(_COMPLETE)
+        self._forget: Script = client.register_script(_FORGET)
+        self._get: Script = client.register_script(_GET)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX) -> RedisIdempotencyStore:
+        """A store with its own client on ``url`` (``redis://HOST:PORT/DB``); closed by close()."""
+        client: redis.Redis[Any] = redis.Redis.from_url(
+            url, socket_connect_timeout=10, socket_timeout=30, health_check_interval=30
+        )
+        store = cls(client, prefix=prefix)
+        store._owns_client = True
+        return store
+
+    def __repr__(self) -> str:
+        return f"<RedisIdempotencyStore prefix={self.prefix!r}>"
+
+    def _call(self, script: Script, key: str, *args: str | int) -> Any:
+        try:
+            return script(keys=[self.prefix + key], args=list(args))
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+            raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
+        except redis_errors.RedisError as exc:
+            raise StoreError(f"idempotency store: redis: {type(exc).__name__}: {exc}") from exc
+
+    def claim(self, key: str, fingerprint: str, *, in_progress_expiry: float) -> Claim:
+        """Claim ``key``, or report the live record that holds it (one script run)."""
+        check_seconds("in_progress_expiry", in_progress_expiry)
+        token = secrets.token_hex(16)
+        reply = self._call(self._claim, key, fingerprint, token, _ms(in_progress_expiry))
+        outcome, value = _text(reply[0]), _text(reply[1])
+        if outcome in ("claimed", "taken_over"):
+            return Claim(cast(Any, outcome), token=value)
+        if outcome == "replay":
+            return Claim("replay", result_json=value)
+        if outcome == "mismatch":
+            return Claim("mismatch")
+        return Claim("in_progress", retry_after=int(value) / 1000)
+
+    def complete(self, key: str, token: str, result_json: str, *, retention: float) -> bool:
+        """Record the result for ``retention`` seconds; False when ``token`` lost the key."""
+        check_seconds("retention", retention)
+        done = bool(self._call(self._complete, key, token, result_json, _ms(retention)))
+        if not done:
+            log.warning(
+                "idempotency completion fenced out",
+                extra={"event": "idempotency_complete_fenced", "key": key},
+            )
+        return done
+
+    def forget(self, key: str, token: str) -> bool:
+        """Delete the claim ``token`` holds; False when it holds none."""
+        return bool(self._call(self._forget, key, token))
+
+    def get(self, key: str) -> IdempotencyRecord | None:
+        """The record of ``key`` (expired claims included, until Redis drops them), or None."""
+        reply = self._call(self._get, key)
+        if reply is None:
+            return None
+        state, fp, token, result, remaining, takeovers = (_text(part) for part in reply)
+        return IdempotencyRecord(
+            key=key,
+            state=cast(Any, state),
+            fingerprint=fp,
+            owner_token=token,
+            result_json=result if state == "completed" else None,
+            expires_in=int(remaining) / 1000,
+            takeovers=int(takeovers),
+        )
+
+    def close(self) -> None:
+        """Close the client (when this store made it)."""
+        if self._owns_client:
+            self.client.close()
