@@ -102,36 +102,22 @@ def check(engine: str | None, output_format: str, config_file: str | None, **opt
     error, 1 when there is one (warnings count as errors with --strict), 2 on a bad setting.
     """
     from workerkit.check_report import render_json, render_text
+    from workerkit.engines import get_engine
+    from workerkit.engines.base import AppTiming
     from workerkit.timing import evaluate
 
     settings = _load(options, config_file, engine=engine)
     try:
-        tasks = _task_timings(settings)
+        timing = get_engine(settings.engine).app_timing(settings) if settings.app else AppTiming()
     except WorkerkitError as exc:
         _fail(exc, exitcodes.CONFIG_ERROR)
         return
-    report = evaluate(settings, tasks)
+    report = evaluate(settings, timing.tasks, timing.celery)
     if output_format == "json":
         click.echo(render_json(report))
     else:
         click.echo(render_text(report, color=sys.stdout.isatty()))
     sys.exit(exitcodes.OK if report.ok else exitcodes.CHECK_FAILED)
-
-
-def _task_timings(settings: Settings) -> list[Any]:
-    """Each task's timing facts from --app, or none when no app is given."""
-    if not settings.app:
-        return []
-    from workerkit.loading import import_app
-
-    app = import_app(settings.app)
-    timings = getattr(app, "task_timings", None)
-    if not callable(timings):
-        raise ConfigurationError(
-            f"--app {settings.app!r} is a {type(app).__name__}, which workerkit cannot read "
-            "task timeouts from; pass a workerkit.App"
-        )
-    return list(timings())
 
 
 # --- db ---------------------------------------------------------------------------------
@@ -226,15 +212,19 @@ def _native_app(settings: Settings) -> Any:
 # --- run --------------------------------------------------------------------------------
 
 
-@main.command()
+@main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("engine", type=click.Choice(["sql", "rq", "celery"]))
 @settings_options
-def run(engine: str, config_file: str | None, **options: Any) -> None:
+@click.argument("worker_args", nargs=-1, type=click.UNPROCESSED)
+def run(engine: str, config_file: str | None, worker_args: tuple[str, ...], **options: Any) -> None:
     """Run ENGINE's worker under the supervisor (the container's entrypoint).
 
     On SIGTERM: readiness goes false, fetching stops, the job in hand may finish within the drain
     window; then it is asked to stop, released to the queue with its checkpoint, and the
     supervisor exits before the grace period ends.
+
+    Arguments after the options go to the engine's own worker (for celery, options of
+    `celery worker`), e.g. `workerkit run celery --app proj:app -- --pool=threads`.
     """
     from workerkit.engines import get_engine
     from workerkit.logs import configure_logging
@@ -243,9 +233,9 @@ def run(engine: str, config_file: str | None, **options: Any) -> None:
     settings = _load(options, config_file, engine=engine)
     configure_logging(settings.log_level, settings.log_format)
     try:
-        tasks = _task_timings(settings)
-        engine_impl = get_engine(settings.engine)
+        engine_impl = get_engine(settings.engine, worker_args)
+        timing = engine_impl.app_timing(settings)
     except WorkerkitError as exc:
         _fail(exc, exitcodes.CONFIG_ERROR)
         return
-    sys.exit(run_supervisor(settings, engine_impl, tasks=tasks))
+    sys.exit(run_supervisor(settings, engine_impl, timing=timing))

@@ -31,6 +31,7 @@ import anyio.from_thread
 import anyio.lowlevel
 
 from workerkit import exitcodes
+from workerkit.engines.base import AppTiming
 from workerkit.errors import ConfigurationError
 from workerkit.http import Health, HttpServer
 from workerkit.metrics import SupervisorMetrics
@@ -61,7 +62,6 @@ if TYPE_CHECKING:
     from workerkit.events import Message
     from workerkit.settings import Settings
     from workerkit.supervisor.lifecycle import Action
-    from workerkit.timing import TaskTiming
 
 __all__ = ("TICK_INTERVAL", "Supervisor", "run_supervisor", "supervise")
 
@@ -399,10 +399,10 @@ def _pick(message: Message, *keys: str) -> dict[str, Any]:
     return {key: message[key] for key in keys if key in message}
 
 
-def _check_budget(settings: Settings, tasks: Sequence[TaskTiming]) -> bool:
+def _check_budget(settings: Settings, timing: AppTiming) -> bool:
     from workerkit.timing import evaluate
 
-    report = evaluate(settings, tasks)
+    report = evaluate(settings, timing.tasks, timing.celery)
     for finding in report.warnings:
         log.warning(
             finding.message,
@@ -420,11 +420,11 @@ async def supervise(
     settings: Settings,
     engine: Engine,
     *,
-    tasks: Sequence[TaskTiming] = (),
+    timing: AppTiming | None = None,
     handle_signals: bool = True,
 ) -> int:
     """The supervisor, for an already running anyio event loop; return the exit code."""
-    if not _check_budget(settings, tasks):
+    if not _check_budget(settings, timing or AppTiming()):
         return exitcodes.CONFIG_ERROR
     log.info(
         "supervisor starting",
@@ -445,17 +445,18 @@ def run_supervisor(
     settings: Settings,
     engine: Engine,
     *,
-    tasks: Sequence[TaskTiming] = (),
+    timing: AppTiming | None = None,
     handle_signals: bool = True,
 ) -> int:
     """Run the supervisor (the container's PID 1) until it stops; return the exit code.
 
     Refuses to start (``exitcodes.CONFIG_ERROR``) when the timing budget of ``settings`` and
-    ``tasks`` has errors. See docs/operations/lifecycle.md and docs/reference/exit-codes.md.
+    the app's ``timing`` (its tasks' timeouts, a Celery app's settings) has errors. See
+    docs/operations/lifecycle.md and docs/reference/exit-codes.md.
     """
 
     async def main() -> int:
-        return await supervise(settings, engine, tasks=tasks, handle_signals=handle_signals)
+        return await supervise(settings, engine, timing=timing, handle_signals=handle_signals)
 
     try:
         return anyio.run(main)
