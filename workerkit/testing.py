@@ -44,7 +44,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workerkit.engines.base import Delivery, NewJob, QueueStats, StoreHealth
 from workerkit.errors import LeaseLost
@@ -60,7 +60,11 @@ from workerkit.store._jobs import (
 )
 from workerkit.store.schema import JOB_STATES
 
-__all__ = ("InMemoryIdempotencyStore", "InMemoryQueue", "ManualClock")
+if TYPE_CHECKING:
+    from workerkit.app import App
+    from workerkit.settings import Settings
+
+__all__ = ("InMemoryIdempotencyStore", "InMemoryQueue", "ManualClock", "run_jobs")
 
 log = logging.getLogger(__name__)
 
@@ -532,3 +536,53 @@ class InMemoryIdempotencyStore:
 
     def close(self) -> None:
         """Nothing to release; the records stay readable."""
+
+
+def run_jobs(
+    app: App, *, timeout: float = 30.0, settings: Settings | None = None
+) -> dict[str, int]:
+    """Run the app's due jobs in this process until none is left; return the count by state.
+
+    The real worker loop (:class:`~workerkit.worker.NativeWorker`) runs them, on the app's own
+    queue (give the app an :class:`InMemoryQueue` in tests), with the job context, retries,
+    checkpoints and idempotency keys working as in production. Jobs that become due later (a
+    retry's backoff, a ``delay``) are left queued: advance a :class:`ManualClock` and call this
+    again. Raises :class:`TimeoutError` when jobs are still running after ``timeout`` seconds.
+
+    ::
+
+        app = App(backend=InMemoryQueue())
+        ...
+        send_receipt.enqueue(42)
+        assert run_jobs(app)["succeeded"] == 1
+    """
+    from workerkit.worker import NativeWorker
+
+    base = settings or app.settings
+    queues = sorted({task.queue for task in app.tasks.values()} | set(base.queues))
+    settings = settings or base.replace(poll_interval=0.01, queues=",".join(queues))
+    backend = app.backend
+    worker = NativeWorker(app, settings, backend=backend)
+    outcome: list[int] = []
+    thread = threading.Thread(
+        target=lambda: outcome.append(worker.run(install_signal_handlers=False)),
+        name="workerkit-run-jobs",
+        daemon=True,
+    )
+    thread.start()
+    deadline = time.monotonic() + timeout
+    idle_checks = 0
+    try:
+        # Idle means: nothing due in any queue and nothing running, twice in a row (a job that
+        # finishes may have just enqueued another).
+        while idle_checks < 2:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"jobs still running after {timeout:g}s")
+            due = sum(backend.stats(queues).depth.values())
+            idle_checks = idle_checks + 1 if due == 0 and worker.running_count == 0 else 0
+            time.sleep(0.01)
+    finally:
+        worker.stop_fetching()
+        thread.join(timeout)
+    counts: dict[str, int] = backend.count_by_state()  # type: ignore[attr-defined]
+    return counts
