@@ -276,6 +276,14 @@ class Settings:
         exclusive_minimum=True,
         symbol="H",
     )
+    recovery_window: float = _s(
+        30.0,
+        "celery: how long the unacknowledged messages of a worker that died may wait before a "
+        "live worker puts them back in their queue (W); far below visibility_timeout.",
+        _seconds,
+        minimum=1,
+        symbol="W",
+    )
     checkpoint_interval: float = _s(
         5.0,
         "The longest a checkpoint may wait before it is saved (F).",

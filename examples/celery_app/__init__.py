@@ -1,0 +1,1 @@
+"""A Celery app run under workerkit (see docs/engines/celery.md)."""

@@ -1,0 +1,945 @@
+"""The celery engine: a Celery worker on Redis, with a bounded, lossless shutdown.
+
+``workerkit run celery --app MODULE:APP [-- celery worker options]`` starts this module
+(``python -m workerkit.engines.celery``) as the supervisor's child. It runs the user's Celery app
+with ``celery worker`` semantics plus, inside the worker:
+
+* **safe defaults** (:func:`configure_app`): late acks, reject on worker lost, prefetch
+  multiplier 1, a hard time limit of J with a soft limit below it, the Redis transport's
+  visibility timeout V; user overrides are reported by the timing budget (rules C1-C6, V1-V3);
+* **its own SIGTERM handler** in the main process: stop dispatching at once and hand messages
+  not yet given to the pool back to their queue; the tasks in hand may finish; exit as soon as
+  nothing is in hand (an idle worker exits in tens of milliseconds; Celery's own warm shutdown
+  joins the pool and takes seconds, and waits for running tasks without bound). SIGINT is
+  ignored (a terminal's Ctrl-C reaches the whole group; the supervisor decides). Pool children
+  ignore SIGTERM and SIGINT: a signal meant for the pod must never kill a task mid-run;
+* the supervisor's commands: ``request_stop`` reaches every process that runs tasks (pool
+  children have their own channel connection) and sets ``stop_requested`` on their jobs;
+  ``release`` kills the pool children, puts every message in hand back at the head of its queue
+  (attempt not consumed) and exits 0;
+* **crash recovery** within a window W (the ``recovery_window`` setting, default 30 s)
+  instead of the visibility timeout: see :class:`Ledger`;
+* **the job context** in every task run (:func:`workerkit.current_job`), with checkpoints kept in
+  Redis by task id and fenced by an attempt token, so they survive a release or a crash.
+
+Crash recovery, and why a running task is never handed out twice
+------------------------------------------------------------------
+kombu's Redis transport keeps every delivered, unacknowledged message in the hash ``unacked``
+(tag -> [payload, exchange, routing key]) and its delivery time in the sorted set
+``unacked_index``; it restores them only after the visibility timeout V, which must stay longer
+than any run (nothing can extend it). workerkit adds a *lease key* per message,
+``workerkit:celery:lease:<tag>`` = the owning worker's id, with a TTL of W/2, refreshed every W/6
+by a thread of the owning worker's main process for every message it holds. Every live worker
+scans ``unacked_index`` every W/4 for messages delivered more than W/2 ago (a fresh delivery has
+had time to get its lease) whose lease key is gone, and restores them. Each restore is one
+Redis transaction that WATCHes the ``unacked`` hash and the lease key (kombu's own
+``restore_by_tag`` uses the same WATCH on ``unacked``): if the owner acknowledged the message,
+renewed its lease, or another worker restored it first, the transaction fails and is re-read,
+so two workers cannot both restore a message, and a message whose owner is alive is never
+restored. A dead owner's message is back in its queue at most W/2 + W/4 + a scan after its last
+renewal. The lease is per message, so a worker never renews a message it no longer holds.
+
+Attempts: ``workerkit:celery:attempts:<task id>`` counts runs. A release (by the job, at the
+release deadline, or by the supervisor after it killed the worker at the deadline) gives the
+attempt back; a crash does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from workerkit import events as events_module
+from workerkit.engines.base import AppTiming
+from workerkit.errors import ConfigurationError, IdempotencyInProgress, LeaseLost, ReleaseJob
+from workerkit.job import JobContext, request_stop_all
+
+if TYPE_CHECKING:
+    from workerkit.settings import Settings
+    from workerkit.timing import CeleryFacts, TaskTiming
+
+__all__ = (
+    "KEY_PREFIX",
+    "CeleryEngine",
+    "Ledger",
+    "configure_app",
+    "load_celery_app",
+    "main",
+)
+
+# Not __name__: run as ``python -m workerkit.engines.celery`` this module is "__main__".
+log = logging.getLogger("workerkit.engines.celery")
+
+#: Every key workerkit keeps in the broker's Redis starts with this.
+KEY_PREFIX: Final = "workerkit:celery:"
+#: Keys of finished work (attempts, checkpoints) expire after this, whatever happens.
+_KEY_RETENTION: Final = 7 * 24 * 3600
+_HEARTBEAT_EVERY: Final = 2.0
+_HEALTH_EVERY: Final = 5.0
+_DRAIN_TICK: Final = 0.02
+
+# The checkpoint write, fenced by the attempt's token: a stale attempt (one whose message was
+# released or restored and started again elsewhere) gets 0 and raises LeaseLost.
+_SAVE_CHECKPOINT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+
+# --- the app ----------------------------------------------------------------------------
+
+
+def load_celery_app(spec: str | None) -> Any:
+    """The ``celery.Celery`` app named by ``spec`` (``--app`` / ``WORKERKIT_APP``)."""
+    from celery import Celery
+
+    from workerkit.loading import import_app
+
+    if not spec:
+        raise ConfigurationError(
+            "the celery engine needs an app: give --app MODULE:APP or WORKERKIT_APP"
+        )
+    app = import_app(spec)
+    if not isinstance(app, Celery):
+        raise ConfigurationError(
+            f"--app {spec!r} is a {type(app).__name__}, not a celery.Celery app; the celery "
+            "engine runs Celery apps (use --engine sql for a workerkit.App)"
+        )
+    return app
+
+
+def _user_value(app: Any, key: str) -> Any:
+    """The app's value for a Celery setting, or None when it is Celery's default."""
+    from celery.app.defaults import DEFAULTS
+
+    value = app.conf.get(key)
+    return None if value == DEFAULTS.get(key) else value
+
+
+def celery_facts(app: Any) -> CeleryFacts:
+    """What the app overrides among the settings workerkit manages (for the timing budget)."""
+    from workerkit.timing import CeleryFacts
+
+    options = app.conf.get("broker_transport_options") or {}
+    visibility = options.get("visibility_timeout")
+    return CeleryFacts(
+        acks_late=_user_value(app, "task_acks_late"),
+        reject_on_worker_lost=_user_value(app, "task_reject_on_worker_lost"),
+        prefetch_multiplier=_user_value(app, "worker_prefetch_multiplier"),
+        soft_time_limit=_user_value(app, "task_soft_time_limit"),
+        time_limit=_user_value(app, "task_time_limit"),
+        visibility_timeout=float(visibility) if visibility is not None else None,
+    )
+
+
+def _user_tasks(app: Any) -> list[Any]:
+    return [task for name, task in sorted(app.tasks.items()) if not name.startswith("celery.")]
+
+
+def task_timings(app: Any) -> tuple[TaskTiming, ...]:
+    """Each user task's hard limit and whether a re-run is safe."""
+    from workerkit.idempotency import idempotency_of
+    from workerkit.timing import TaskTiming
+
+    timings = []
+    for task in _user_tasks(app):
+        run = getattr(task, "_workerkit_original_run", task.run)
+        limit = task.time_limit
+        timings.append(
+            TaskTiming(
+                name=task.name,
+                timeout=float(limit) if limit else None,
+                idempotent=idempotency_of(run) is not None
+                or bool(getattr(task, "workerkit_idempotent", False)),
+                checkpointed=bool(getattr(task, "workerkit_checkpointed", False)),
+            )
+        )
+    return tuple(timings)
+
+
+def configure_app(app: Any, settings: Settings) -> None:
+    """Apply workerkit's safe defaults to the app, leaving what the user set explicitly.
+
+    Overrides that break the timing budget were reported (and refused when errors) by the
+    supervisor before the worker started.
+    """
+    conf = app.conf
+    if not str(conf.broker_url or "").startswith(("redis://", "rediss://", "redis+socket://")):
+        if _user_value(app, "broker_url") is not None:
+            raise ConfigurationError(
+                f"the celery engine needs a Redis broker; the app's broker_url is "
+                f"{str(conf.broker_url).split(':', 1)[0]}://... (set it to a redis:// URL, or "
+                f"remove it and set WORKERKIT_REDIS_URL)"
+            )
+        conf.broker_url = settings.redis_url
+    defaults: dict[str, Any] = {
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.job_timeout,
+        "task_soft_time_limit": max(
+            settings.job_timeout - settings.release_margin, settings.job_timeout / 2
+        ),
+        # workerkit's own JSON logging stays in charge of the root logger.
+        "worker_hijack_root_logger": False,
+        # A warm shutdown by Celery itself (never reached under workerkit) would otherwise wait.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+    }
+    for key, value in defaults.items():
+        if _user_value(app, key) is None:
+            conf[key] = value
+    options = dict(conf.get("broker_transport_options") or {})
+    options.setdefault("visibility_timeout", settings.effective_visibility_timeout)
+    conf.broker_transport_options = options
+
+
+# --- the broker-side ledger -------------------------------------------------------------
+
+
+class Ledger:
+    """workerkit's keys in the broker's Redis: leases, attempts, checkpoints, restores.
+
+    One per process (a forked child opens its own: a Redis connection must not be shared across
+    a fork). It borrows a kombu channel of the app's broker so that key prefixes, queue bindings
+    and priority queues are exactly kombu's.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.connection = app.connection_for_write()
+        self.channel = self.connection.default_channel
+        self.client = self.channel.client
+        self.unacked_key: str = self.channel.unacked_key
+        self.unacked_index_key: str = self.channel.unacked_index_key
+        self._save = self.client.register_script(_SAVE_CHECKPOINT)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.connection.release()
+
+    @staticmethod
+    def key(kind: str, name: str) -> str:
+        return f"{KEY_PREFIX}{kind}:{name}"
+
+    # --- one run ------------------------------------------------------------------------
+
+    def begin(self, task_id: str, token: str) -> tuple[int, Any]:
+        """Count the attempt, take the checkpoint fence; return (attempt, last checkpoint)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.incr(self.key("attempts", task_id))
+        pipe.expire(self.key("attempts", task_id), _KEY_RETENTION)
+        pipe.set(self.key("owner", task_id), token, ex=_KEY_RETENTION)
+        pipe.get(self.key("checkpoint", task_id))
+        attempt, _, _, raw = pipe.execute()
+        return int(attempt), (json.loads(raw) if raw is not None else None)
+
+    def save_checkpoint(self, task_id: str, token: str, state: Any) -> None:
+        data = json.dumps(state, separators=(",", ":"))
+        keys = [self.key("owner", task_id), self.key("checkpoint", task_id)]
+        if not self._save(keys=keys, args=[token, data, _KEY_RETENTION]):
+            raise LeaseLost(f"task {task_id}: a newer attempt owns it; checkpoint not saved")
+
+    def give_back_attempt(self, task_id: str) -> None:
+        self.client.decr(self.key("attempts", task_id))
+
+    def finish(self, task_id: str) -> None:
+        """The task completed: its checkpoint, fence and attempt count go."""
+        self.client.delete(
+            self.key("checkpoint", task_id),
+            self.key("owner", task_id),
+            self.key("attempts", task_id),
+        )
+
+    # --- leases and restores --------------------------------------------------------------
+
+    def refresh_leases(self, tags: Iterable[str], owner: str, ttl: float) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        milliseconds = max(1, int(ttl * 1000))
+        for tag in tags:
+            pipe.set(self.key("lease", tag), owner, px=milliseconds)
+        pipe.execute()
+
+    def restore(self, tag: str, *, owners: Sequence[str] | None = None) -> bool:
+        """Put the unacknowledged message ``tag`` back at the head of its queue, atomically.
+
+        ``owners``: restore only when the lease key is gone or held by one of these (the worker
+        that is releasing, or the dead worker the supervisor releases for); None: only when the
+        lease is gone (crash recovery). False when the message was acknowledged, restored by
+        someone else, or is held by a live worker.
+        """
+        lease_key = self.key("lease", tag)
+        restored = False
+
+        def transaction(pipe: Any) -> None:
+            nonlocal restored
+            raw = pipe.hget(self.unacked_key, tag)
+            holder = pipe.get(lease_key)
+            if holder is not None:
+                holder = holder.decode() if isinstance(holder, bytes) else str(holder)
+            pipe.multi()
+            if raw is None or (holder is not None and holder not in (owners or ())):
+                restored = False
+                return
+            payload, exchange, routing_key = json.loads(raw)
+            pipe.zrem(self.unacked_index_key, tag)
+            pipe.hdel(self.unacked_key, tag)
+            pipe.delete(lease_key)
+            # rpush: kombu publishes with LPUSH and consumes with BRPOP, so the head of a queue
+            # is its right end; kombu's own visibility-timeout restore puts messages there too.
+            self.channel._do_restore_message(payload, exchange, routing_key, pipe, False)
+            restored = True
+
+        # WATCH on the hash and the lease: an ack (HDEL), a renewal or another restore between
+        # our read and EXEC aborts the transaction, and redis-py runs it again on fresh values.
+        self.client.transaction(transaction, self.unacked_key, lease_key)
+        return restored
+
+    def abandoned(self, older_than: float, limit: int = 100) -> list[str]:
+        """Tags delivered before ``older_than`` (epoch seconds) whose lease key is gone."""
+        tags = self.client.zrangebyscore(
+            self.unacked_index_key, "-inf", older_than, start=0, num=limit
+        )
+        if not tags:
+            return []
+        names = [t.decode() if isinstance(t, bytes) else str(t) for t in tags]
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(self.key("lease", name))
+        return [name for name, alive in zip(names, pipe.execute(), strict=True) if not alive]
+
+    def task_id_of(self, tag: str) -> str | None:
+        raw = self.client.hget(self.unacked_key, tag)
+        if raw is None:
+            return None
+        with contextlib.suppress(Exception):
+            payload = json.loads(raw)[0]
+            return str(payload["headers"]["id"])
+        return None
+
+    def depths(self, queues: Sequence[str]) -> dict[str, int]:
+        pipe = self.client.pipeline(transaction=False)
+        for queue in queues:
+            pipe.llen(queue)
+        return {q: int(n) for q, n in zip(queues, pipe.execute(), strict=True)}
+
+    def ping(self) -> None:
+        self.client.ping()
+
+
+_ledger: Ledger | None = None
+_ledger_pid = 0
+_ledger_lock = threading.Lock()
+
+
+def _process_ledger(app: Any) -> Ledger:
+    global _ledger, _ledger_pid
+    with _ledger_lock:
+        if _ledger is None or _ledger_pid != os.getpid():
+            _ledger, _ledger_pid = Ledger(app), os.getpid()
+        return _ledger
+
+
+# --- inside the task: the job context ---------------------------------------------------
+
+#: Set in a process once the supervisor asked its jobs to stop: a task starting later starts
+#: with stop_requested already true.
+_stop_requested = threading.Event()
+
+
+def _on_command_in_executor(command: str, message: Mapping[str, Any]) -> None:
+    if command == "request_stop":
+        _stop_requested.set()
+        request_stop_all()
+
+
+def _delivery_tag(request: Any) -> str | None:
+    info = getattr(request, "delivery_info", None) or {}
+    tag = info.get("delivery_tag")
+    if tag is None:
+        tag = (getattr(request, "properties", None) or {}).get("delivery_tag")
+    return str(tag) if tag is not None else None
+
+
+def _run_job(task: Any, run: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
+
+    from workerkit.settings import load_settings
+
+    request = task.request
+    job_id = str(request.id)
+    queue = str((request.delivery_info or {}).get("routing_key") or "")
+    settings = _settings_cache or load_settings()
+    ledger = _process_ledger(task.app)
+    token = uuid.uuid4().hex
+    try:
+        attempt, checkpoint = ledger.begin(job_id, token)
+    except Exception as exc:  # Redis is briefly unreachable: run anyway, unfenced
+        log.warning(
+            "cannot read the checkpoint",
+            extra={"event": "checkpoint_read_failed", "error": str(exc)},
+        )
+        attempt, checkpoint = int(request.retries or 0) + 1, None
+    events = events_module.client("celery-executor")
+    limit = task.time_limit or settings.job_timeout
+    context = JobContext(
+        job_id=job_id,
+        task=task.name,
+        queue=queue,
+        attempt=attempt,
+        checkpoint=checkpoint,
+        deadline=time.time() + float(limit),
+        checkpoint_interval=settings.checkpoint_interval,
+        save=functools.partial(ledger.save_checkpoint, job_id, token),
+        on_checkpoint_saved=lambda ctx: events.send(
+            "checkpoint_saved", job_id=ctx.job_id, task=ctx.task, queue=ctx.queue
+        ),
+    )
+    if _stop_requested.is_set():
+        context.request_stop()
+    events.send(
+        "job_started",
+        job_id=job_id,
+        task=task.name,
+        queue=queue,
+        attempt=attempt,
+        delivery={
+            "job_id": job_id,
+            "delivery_tag": _delivery_tag(request),
+            "queue": queue,
+            "worker": _runtime.worker_id if _runtime is not None else "",
+        },
+        queued_for=None,
+    )
+    started = time.monotonic()
+    outcome = "failed"
+    try:
+        with context.activate():
+            result = run(*args, **kwargs)
+    except ReleaseJob:
+        outcome = "released"
+        with contextlib.suppress(Exception):
+            ledger.give_back_attempt(job_id)
+        # Reject with requeue: the main process puts the message back in its queue now (kombu's
+        # reject restores it from the unacked hash), and acknowledges nothing.
+        raise Reject("released by the job (workerkit)", requeue=True) from None
+    except IdempotencyInProgress as exc:
+        outcome = "retried"
+        countdown = max(1.0, min(exc.retry_after or 5.0, 60.0))
+        raise task.retry(exc=exc, countdown=countdown) from None
+    except Retry:
+        outcome = "retried"
+        raise
+    except SoftTimeLimitExceeded:
+        outcome = "timed_out"
+        raise
+    except LeaseLost:
+        outcome = "lease_lost"
+        raise
+    else:
+        outcome = "succeeded"
+        with contextlib.suppress(Exception):
+            ledger.finish(job_id)
+        return result
+    finally:
+        events.send(
+            "job_finished",
+            job_id=job_id,
+            task=task.name,
+            queue=queue,
+            outcome=outcome,
+            duration=time.monotonic() - started,
+        )
+
+
+def wrap_tasks(app: Any) -> None:
+    """Run every user task of ``app`` with a job context (before the worker builds tracers)."""
+    for task in _user_tasks(app):
+        if getattr(task, "_workerkit_original_run", None) is not None:
+            continue
+        original = task.run
+
+        def run(
+            *args: Any, _task: Any = task, _run: Callable[..., Any] = original, **kwargs: Any
+        ) -> Any:
+            return _run_job(_task, _run, args, kwargs)
+
+        functools.update_wrapper(run, original)
+        task._workerkit_original_run = original
+        # An instance attribute shadows the class's ``run``; Celery's tracer reads task.run
+        # when it is built (in the main process for solo/threads, in each pool child).
+        task.run = run
+
+
+_settings_cache: Settings | None = None
+
+
+# --- the main process -------------------------------------------------------------------
+
+
+class _Runtime:
+    """workerkit inside the Celery worker's main process: drain, release, leases, events."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.window = settings.recovery_window
+        self.lease_ttl = self.window / 2
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.events = events_module.client("celery-worker")
+        self.consumer: Any = None
+        self.draining = False
+        self._held: dict[str, Any] = {}  # tag -> Request, every message this worker holds
+        self._held_lock = threading.Lock()
+        self._handed_back: set[str] = set()
+        self._wake_r, self._wake_w = os.pipe()
+        self._release_lock = threading.Lock()
+        self._started = False
+
+    # --- hooks from Celery ----------------------------------------------------------------
+
+    def attach(self, consumer: Any) -> None:
+        """Called as the consumer is built: gate its dispatch to the pool."""
+        self.consumer = consumer
+        dispatch = consumer.on_task_request
+
+        def gate(request: Any) -> None:
+            # Runs on the consumer's loop thread. After SIGTERM nothing new starts: a message
+            # that arrives, or whose ETA comes, is handed back instead.
+            if self.draining:
+                self._hand_back(request)
+                return
+            dispatch(request)
+
+        consumer.on_task_request = gate
+
+    def on_task_received(self, request: Any) -> None:
+        tag = self._tag(request)
+        if tag is None:
+            return
+        with self._held_lock:
+            self._held[tag] = request
+        # A message that came in after SIGTERM and waits for an ETA would never reach the gate
+        # before we exit: hand it back now (the gate does it for the others).
+        if self.draining and request.eta:
+            self._hand_back(request)
+
+    def on_worker_ready(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.events.on_command(self._on_command)
+        self.events.send(
+            "worker_ready",
+            engine="celery",
+            queues=list(self._queues()),
+            concurrency=self._concurrency(),
+        )
+        threading.Thread(target=self._keep, name="workerkit-keeper", daemon=True).start()
+        threading.Thread(target=self._control, name="workerkit-drain", daemon=True).start()
+        log.info(
+            "celery worker ready",
+            extra={"event": "worker_ready", "worker": self.worker_id, "window": self.window},
+        )
+
+    def install_signal_handlers(self) -> None:
+        # Replaces Celery's handlers (installed just before): Celery's warm shutdown joins the
+        # pool with no bound, and its SIGINT handler turns a second Ctrl-C into a cold shutdown.
+        # The handler only writes a byte to a pipe: it runs between two bytecodes of whatever
+        # the main thread was doing (kombu's event loop, or the task itself in the solo pool),
+        # so it must not take locks or touch the broker connection.
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"T")
+
+    # --- the drain ------------------------------------------------------------------------
+
+    def _control(self) -> None:
+        os.read(self._wake_r, 1)
+        self.draining = True
+        held = self._in_hand()
+        self.events.send("worker_stopping", running=len(held))
+        log.info("stopped consuming", extra={"event": "worker_stopping", "running": len(held)})
+        self._on_loop(self._stop_consuming)
+        while True:
+            if not self._in_hand():
+                self._on_loop(self._exit_now)
+                time.sleep(1.0)  # the loop may be busy with a solo task's last ack
+                self._exit_now()
+            time.sleep(_DRAIN_TICK)
+
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        hub = getattr(self.consumer, "controller", None)
+        hub = getattr(hub, "hub", None)
+        if hub is not None:
+            hub.call_soon(fn)  # wakes the loop (kombu's hub has a waker for other threads)
+        else:
+            fn()
+
+    def _stop_consuming(self) -> None:
+        consumer = self.consumer
+        if consumer is not None and consumer.task_consumer is not None:
+            with contextlib.suppress(Exception):
+                consumer.task_consumer.cancel()
+        # Messages waiting for their ETA (or a rate limit) were never given to the pool: hand
+        # them back. Those given to the pool are in hand and may finish.
+        from celery.worker import state
+
+        for request in list(state.scheduled_requests):
+            self._hand_back(request)
+
+    def _hand_back(self, request: Any) -> None:
+        tag = self._tag(request)
+        if tag is None or tag in self._handed_back or request.acknowledged:
+            return
+        self._handed_back.add(tag)
+        timer_entry = getattr(request, "_eta_timer_entry", None)
+        if timer_entry is not None:
+            with contextlib.suppress(Exception):
+                timer_entry.cancel()
+        try:
+            restored = _process_ledger(self.app).restore(tag, owners=(self.worker_id,))
+        except Exception as exc:
+            log.warning(
+                "cannot hand a message back; crash recovery will",
+                extra={"event": "hand_back_failed", "job_id": request.id, "error": str(exc)},
+            )
+            return
+        # Celery must not ack or reject it later: the message is the queue's again.
+        request.acknowledged = True
+        with contextlib.suppress(Exception):
+            request.message._state = "REQUEUED"
+        from celery.worker import state
+
+        with contextlib.suppress(Exception):
+            state.task_ready(request)
+        log.info(
+            "handed a message back to its queue",
+            extra={"event": "message_handed_back", "job_id": request.id, "restored": restored},
+        )
+
+    def _in_hand(self) -> list[Any]:
+        with self._held_lock:
+            for tag, request in list(self._held.items()):
+                if request.acknowledged or tag in self._handed_back:
+                    del self._held[tag]
+            return list(self._held.values())
+
+    def _exit_now(self) -> None:
+        if self._in_hand():
+            return
+        self._kill_pool()
+        log.info("drained", extra={"event": "worker_drained"})
+        logging.shutdown()
+        os._exit(0)
+
+    def _kill_pool(self) -> list[int]:
+        pids = _pool_pids(self.consumer)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        return pids
+
+    # --- commands -------------------------------------------------------------------------
+
+    def _on_command(self, command: str, message: Mapping[str, Any]) -> None:
+        if command == "request_stop":
+            _on_command_in_executor(command, message)  # jobs of the threads and solo pools
+            log.info("stop requested for running jobs", extra={"event": "jobs_stop_requested"})
+        elif command == "release":
+            self._release_all()
+
+    def _release_all(self) -> None:
+        """The release deadline: kill what runs, put every message in hand back, exit 0."""
+        with self._release_lock:
+            self.draining = True
+            # Kill the pool children first: a message must not be back in its queue (where
+            # another worker can start it) while its first run still goes on. Jobs of the solo
+            # and threads pools run in this process and end with it, a moment later; their
+            # checkpoint writes are fenced by the next attempt's token.
+            killed = self._kill_pool()
+            ledger = _process_ledger(self.app)
+            released = 0
+            for request in self._in_hand():
+                tag = self._tag(request)
+                if tag is None:
+                    continue
+                try:
+                    ok = ledger.restore(tag, owners=(self.worker_id,))
+                except Exception as exc:
+                    log.warning(
+                        "cannot release a message; crash recovery will",
+                        extra={"event": "release_failed", "job_id": request.id, "error": str(exc)},
+                    )
+                    continue
+                if ok and request.time_start is not None:
+                    with contextlib.suppress(Exception):
+                        ledger.give_back_attempt(str(request.id))
+                released += ok
+                self.events.send(
+                    "job_finished",
+                    job_id=str(request.id),
+                    task=request.name,
+                    queue=str(request.delivery_info.get("routing_key") or ""),
+                    outcome="released",
+                    duration=0.0,
+                )
+            log.info(
+                "released unfinished jobs",
+                extra={"event": "worker_released", "released": released, "killed": killed},
+            )
+            logging.shutdown()
+            os._exit(0)
+
+    # --- the keeper: heartbeats, health, leases, crash recovery ----------------------------
+
+    def _keep(self) -> None:
+        renew_every = max(0.2, self.window / 6)
+        scan_every = max(0.5, self.window / 4)
+        next_beat = next_health = next_renew = next_scan = 0.0
+        while True:
+            now = time.monotonic()
+            try:
+                if now >= next_renew:
+                    next_renew = now + renew_every
+                    held = self._in_hand()
+                    tags = [t for t in (self._tag(r) for r in held) if t is not None]
+                    if tags:
+                        _process_ledger(self.app).refresh_leases(
+                            tags, self.worker_id, self.lease_ttl
+                        )
+                if now >= next_beat:
+                    next_beat = now + _HEARTBEAT_EVERY
+                    self.events.send("heartbeat", running=len(self._in_hand()))
+                if now >= next_health:
+                    next_health = now + _HEALTH_EVERY
+                    self._report_health()
+                if now >= next_scan and not self.draining:
+                    next_scan = now + scan_every
+                    self._recover()
+            except Exception as exc:
+                log.warning(
+                    "keeper step failed", extra={"event": "keeper_failed", "error": str(exc)}
+                )
+                self.events.send("store_health", ok=False, reason=f"broker: {type(exc).__name__}")
+            time.sleep(0.05)
+
+    def _report_health(self) -> None:
+        ledger = _process_ledger(self.app)
+        ledger.ping()
+        self.events.send("store_health", ok=True, reason="ok")
+        with contextlib.suppress(Exception):
+            self.events.send(
+                "queue_stats", depth=ledger.depths(self._queues()), oldest_ready_age={}
+            )
+
+    def _recover(self) -> None:
+        ledger = _process_ledger(self.app)
+        for tag in ledger.abandoned(time.time() - self.lease_ttl):
+            task_id = ledger.task_id_of(tag)
+            if ledger.restore(tag):
+                log.warning(
+                    "restored the message of a worker that died",
+                    extra={"event": "message_recovered", "job_id": task_id, "tag": tag},
+                )
+
+    # --- helpers --------------------------------------------------------------------------
+
+    @staticmethod
+    def _tag(request: Any) -> str | None:
+        message = getattr(request, "message", None)
+        tag = getattr(message, "delivery_tag", None)
+        return str(tag) if tag is not None else None
+
+    def _queues(self) -> list[str]:
+        consumer = self.consumer
+        with contextlib.suppress(Exception):
+            return [q.name for q in consumer.task_consumer.queues]
+        return list(self.settings.queues)
+
+    def _concurrency(self) -> int:
+        with contextlib.suppress(Exception):
+            return int(self.consumer.pool.num_processes)
+        return self.settings.concurrency
+
+
+def _pool_pids(consumer: Any) -> list[int]:
+    pool = getattr(getattr(consumer, "pool", None), "_pool", None)
+    processes = getattr(pool, "_pool", None) or []
+    return [int(p.pid) for p in processes if getattr(p, "pid", None)]
+
+
+_runtime: _Runtime | None = None
+
+
+def _install(app: Any, settings: Settings) -> _Runtime:
+    """Hook workerkit into the app's worker: a consumer bootstep, signals, a Worker subclass."""
+    from celery import bootsteps
+    from celery import signals as celery_signals
+
+    global _runtime, _settings_cache
+    runtime = _Runtime(app, settings)
+    _runtime, _settings_cache = runtime, settings
+
+    class WorkerkitStep(bootsteps.StartStopStep):  # type: ignore[misc]
+        """Gates the consumer's dispatch to the pool (see _Runtime.attach)."""
+
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            super().__init__(parent, **kwargs)
+            runtime.attach(parent)
+
+    app.steps["consumer"].add(WorkerkitStep)
+
+    def on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
+        runtime.on_task_received(request)
+
+    def on_ready(sender: Any = None, **_: Any) -> None:
+        runtime.on_worker_ready()
+
+    def on_child_start(**_: Any) -> None:
+        # A pool child: the pod's SIGTERM is the supervisor's to handle, and a Ctrl-C reaches
+        # the whole foreground group; neither may kill a task mid-run. Celery's hard time limit
+        # still works (billiard follows its SIGTERM with SIGKILL after 0.1 s).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        events_module.client("celery-executor").on_command(_on_command_in_executor)
+
+    celery_signals.task_received.connect(on_received, weak=False)
+    celery_signals.worker_ready.connect(on_ready, weak=False)
+    celery_signals.worker_process_init.connect(on_child_start, weak=False)
+
+    base = app.Worker
+
+    class Worker(base):  # type: ignore[misc,valid-type]
+        def on_init_blueprint(self) -> None:
+            super().on_init_blueprint()  # imports the task modules and finalizes the app
+            wrap_tasks(self.app)
+
+        def install_platform_tweaks(self, worker: Any) -> None:
+            super().install_platform_tweaks(worker)
+            runtime.install_signal_handlers()
+
+    app.Worker = Worker
+    # Jobs of the solo and threads pools run in this process: they hear commands here.
+    return runtime
+
+
+def worker_argv(settings: Settings, worker_args: Sequence[str]) -> list[str]:
+    """``celery worker`` options: workerkit's settings first, the user's own after (they win)."""
+    argv = [
+        "worker",
+        f"--loglevel={settings.log_level.upper()}",
+        f"--concurrency={settings.concurrency}",
+        # Mingle waits a second for replies at start; gossip and worker heartbeats are broadcast
+        # chatter workerkit does not use (the supervisor has its own probes).
+        "--without-mingle",
+        "--without-gossip",
+        "--without-heartbeat",
+    ]
+    if not any(a in ("-Q", "--queues") or a.startswith("--queues=") for a in worker_args):
+        argv.append(f"--queues={','.join(settings.queues)}")
+    return [*argv, *worker_args]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m workerkit.engines.celery [celery worker options]``, started by the supervisor."""
+    from workerkit.logs import configure_logging
+    from workerkit.settings import load_settings
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        app = load_celery_app(settings.app)
+        configure_app(app, settings)
+        _install(app, settings)
+    except ConfigurationError as exc:
+        log.error(str(exc), extra={"event": "worker_config_error"})
+        sys.exit(2)
+    app.worker_main(argv=worker_argv(settings, list(sys.argv[1:] if argv is None else argv)))
+
+
+# --- the engine, as the supervisor sees it ----------------------------------------------
+
+
+class CeleryEngine:
+    """The celery engine (:class:`~workerkit.engines.base.Engine`)."""
+
+    name = "celery"
+
+    def __init__(self, worker_args: Sequence[str] = ()) -> None:
+        self.worker_args = list(worker_args)
+        self._app: Any = None
+
+    def worker_command(self, settings: Settings) -> list[str]:
+        """The Celery worker with workerkit inside, in a fresh interpreter."""
+        return [sys.executable, "-m", "workerkit.engines.celery", *self.worker_args]
+
+    def _load(self, settings: Settings) -> Any:
+        if self._app is None:
+            app = load_celery_app(settings.app)
+            configure_app(app, settings)
+            self._app = app
+        return self._app
+
+    def app_timing(self, settings: Settings) -> AppTiming:
+        """The tasks' time limits and the app's overrides of workerkit's Celery defaults."""
+        if not settings.app:
+            return AppTiming()
+        app = load_celery_app(settings.app)
+        facts = celery_facts(app)  # before configure_app fills in workerkit's values
+        timings = task_timings(app)
+        configure_app(app, settings)
+        self._app = app
+        return AppTiming(tasks=timings, celery=facts)
+
+    def release_in_flight(
+        self, settings: Settings, refs: Sequence[Mapping[str, Any]], *, crashed: bool = False
+    ) -> int:
+        """Restore the messages of a worker that was killed (or died); return how many.
+
+        A message is restored only while its lease is gone or still the dead worker's: one that
+        was restored and redelivered since (its lease is another worker's) is left alone.
+        """
+        if not refs:
+            return 0
+        ledger = Ledger(self._load(settings))
+        released = 0
+        try:
+            for ref in refs:
+                tag, worker = ref.get("delivery_tag"), str(ref.get("worker") or "")
+                if not tag:
+                    continue
+                try:
+                    if ledger.restore(str(tag), owners=(worker,)):
+                        released += 1
+                        if not crashed and ref.get("job_id"):
+                            ledger.give_back_attempt(str(ref["job_id"]))
+                except Exception as exc:
+                    log.warning(
+                        "cannot release a message; crash recovery will",
+                        extra={"event": "release_failed", "error": str(exc)},
+                    )
+                    break
+        finally:
+            ledger.close()
+        return released
+
+
+if __name__ == "__main__":
+    main()
