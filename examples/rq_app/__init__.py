@@ -1,0 +1,1 @@
+"""An RQ deployment run by workerkit: see docs/engines/rq.md."""

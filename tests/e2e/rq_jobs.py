@@ -1,0 +1,73 @@
+"""RQ tasks for the end-to-end tests. Every task records what happened to it, as it saw it.
+
+The journal (``$E2E_JOURNAL``) gets one line per step (``start TAG ATTEMPT [from N]``,
+``stop TAG at N``, ``done TAG``...), and ``begin TAG PID TIME`` / ``end TAG PID TIME`` around
+every run, so a test can check that no two runs of one job ever overlapped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from workerkit.engines.rq import RqApp
+from workerkit.job import current_job
+
+app = RqApp(modules=["tests.e2e.rq_jobs"])
+
+
+def record(line: str) -> None:
+    # O_APPEND writes of one short line are atomic, so concurrent writers do not interleave.
+    fd = os.open(os.environ["E2E_JOURNAL"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+@app.task(timeout=60, checkpointed=True)
+def cooperative(tag: str, steps: int, step_seconds: float = 0.1) -> str:
+    """Checkpoints every step; on a stop request saves and releases itself."""
+    job = current_job()
+    first = int(job.checkpoint or 0)
+    record(f"begin {tag} {os.getpid()} {time.time():.3f}")
+    record(f"start {tag} {job.attempt} from {first}")
+    try:
+        for step in range(first, steps):
+            if job.stop_requested:
+                record(f"stop {tag} at {step}")
+                job.release(step)
+            job.wait_for_stop(step_seconds)
+            job.save_checkpoint(step + 1)
+        record(f"done {tag}")
+        return f"{tag} ok"
+    finally:
+        record(f"end {tag} {os.getpid()} {time.time():.3f}")
+
+
+@app.task(timeout=60, checkpointed=True)
+def stubborn(tag: str, steps: int) -> str:
+    """Checkpoints every 0.1 s step but ignores stop requests: only an interrupt ends it early."""
+    job = current_job()
+    first = int(job.checkpoint or 0)
+    record(f"begin {tag} {os.getpid()} {time.time():.3f}")
+    record(f"start {tag} {job.attempt} from {first}")
+    try:
+        for step in range(first, steps):
+            time.sleep(0.1)
+            job.save_checkpoint(step + 1)
+        record(f"done {tag}")
+        return f"{tag} ok"
+    finally:
+        record(f"end {tag} {os.getpid()} {time.time():.3f}")
+
+
+@app.task(timeout=30)
+def tick(tag: str) -> str:
+    """A quick job that only records that it ran."""
+    record(f"ran {tag} {current_job().attempt}")
+    return tag
+
+
+def noop() -> None:
+    """For throughput: does nothing."""

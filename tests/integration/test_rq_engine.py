@@ -1,0 +1,271 @@
+"""The rq engine on a real Redis, in process: allowlist, serializer, release, recovery, fencing.
+
+Workers run in burst mode (``work(burst=True)``) in the test's own process; the multi-process
+behaviour (signals, work horses, whole pods killed) is in tests/e2e/test_rq_lifecycle.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from rq import Queue
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.serializers import DefaultSerializer, JSONSerializer
+
+from workerkit.engines._rq.leases import AttemptKeys, Leases, lease_key, started_key
+from workerkit.engines._rq.worker import Recovery, lease_ttl
+from workerkit.engines.rq import RqApp, RqEngine, SimpleWorker, Worker, WorkerkitJob
+from workerkit.errors import ConfigurationError
+from workerkit.job import current_job
+from workerkit.settings import Settings
+
+if TYPE_CHECKING:
+    import redis
+    from rq.job import Job
+
+MODULE = __name__
+app = RqApp(modules=[MODULE])
+calls: list[str] = []
+
+
+@app.task(timeout=120, checkpointed=True, max_attempts=2)
+def resumable(start_note: str) -> int:
+    job = current_job()
+    calls.append(f"{start_note} attempt={job.attempt} checkpoint={job.checkpoint}")
+    if job.checkpoint is None:
+        job.release(5)
+    return int(job.checkpoint) * 2
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # No supervisor here; and RQ's work() installs signal handlers in this process: put them back.
+    monkeypatch.delenv("WORKERKIT_SUPERVISOR_SOCKET", raising=False)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    calls.clear()
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def settings_for(redis_url: str, **changes: Any) -> Settings:
+    return Settings(engine="rq", redis_url=redis_url, app=f"{MODULE}:app", **changes)
+
+
+def queue(client: redis.Redis[bytes]) -> Queue:
+    return Queue("default", connection=client, serializer=JSONSerializer)
+
+
+def simple_worker(client: redis.Redis[bytes], redis_url: str, **kwargs: Any) -> SimpleWorker:
+    return SimpleWorker(
+        ["default"], connection=client, app=app, settings=settings_for(redis_url), **kwargs
+    )
+
+
+def test_json_is_the_default_serializer_and_pickle_is_used_only_when_asked_with_a_warning(
+    redis_client: redis.Redis[bytes], redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert simple_worker(redis_client, redis_url).serializer is JSONSerializer
+    with caplog.at_level(logging.WARNING, logger="workerkit.engines.rq"):
+        worker = simple_worker(redis_client, redis_url, serializer="pickle")
+    assert worker.serializer is DefaultSerializer
+    assert [r.event for r in caplog.records] == ["unsafe_serializer"]  # type: ignore[attr-defined]
+
+
+def test_a_job_naming_a_function_outside_the_allowlist_fails_with_the_reason_never_imported(
+    redis_client: redis.Redis[bytes], redis_url: str
+) -> None:
+    q = queue(redis_client)
+    bad = q.enqueue("os.system", "echo pwned", job_id="bad")
+    sneaky = q.enqueue(f"{MODULE}.threading", job_id="sneaky")  # imported there, not defined
+    good = q.enqueue(f"{MODULE}.add", 2, 3, job_id="good")
+    simple_worker(redis_client, redis_url).work(burst=True)
+
+    assert good.get_status() == "finished"
+    assert good.return_value() == 5
+    failed = FailedJobRegistry("default", connection=redis_client).get_job_ids()
+    assert sorted(failed) == ["bad", "sneaky"]
+    for job in (bad, sneaky):
+        result = job.latest_result()
+        assert result is not None
+        assert "TaskNotAllowed" in (result.exc_string or ""), result.exc_string
+        assert "not allowed" in (result.exc_string or "")
+
+
+def test_the_allowlist_is_enforced_for_callbacks_and_instance_methods() -> None:
+    job_class = WorkerkitJob.bound_to(app)
+    with pytest.raises(Exception, match="not allowed"):
+        app.resolve("subprocess.run")
+    with pytest.raises(Exception, match="not allowed"):
+        app.resolve(f"{MODULE}._isolated")
+    assert app.resolve(f"{MODULE}.add") is add
+    assert job_class.workerkit_app is app
+
+
+def test_a_job_that_releases_itself_goes_back_to_the_front_with_its_checkpoint_and_attempt(
+    redis_client: redis.Redis[bytes], redis_url: str
+) -> None:
+    q = queue(redis_client)
+    job = q.enqueue(f"{MODULE}.resumable", "first", job_id="r")
+    q.enqueue(f"{MODULE}.add", 1, 1, job_id="behind")
+    worker = simple_worker(redis_client, redis_url)
+    worker.work(burst=True, max_jobs=1)
+
+    assert q.get_job_ids() == ["r", "behind"]  # back at the front, ahead of the queued one
+    job.refresh()
+    assert job.get_status() == "queued"
+    assert job.meta["workerkit"] == {"attempts": 0, "max_attempts": 2, "checkpoint": 5}
+    assert StartedJobRegistry("default", connection=redis_client).get_job_ids() == []
+    assert redis_client.exists(lease_key("r")) == 0
+
+    worker.work(burst=True)
+    job.refresh()
+    assert job.get_status() == "finished"
+    assert job.return_value() == 10
+    assert calls == ["first attempt=1 checkpoint=None", "first attempt=1 checkpoint=5"]
+    assert "checkpoint" not in job.meta["workerkit"]  # dropped when the job completed
+    assert redis_client.zcard(started_key("default")) == 0
+
+
+def started_attempt(
+    client: redis.Redis[bytes], redis_url: str, job_id: str, *, enqueue: bool = True
+) -> tuple[SimpleWorker, Job, AttemptKeys]:
+    """An attempt started as a worker starts it (then abandoned: its process 'died')."""
+    q = queue(client)
+    if enqueue:
+        q.enqueue(f"{MODULE}.add", 1, 2, job_id=job_id)
+    worker = simple_worker(client, redis_url)
+    job = worker.job_class.fetch(q.pop_job_id() or "", connection=client, serializer=JSONSerializer)
+    worker.prepare_execution(job)
+    assert worker.execution is not None
+    return worker, job, AttemptKeys(job_id, worker.execution.id, "default")
+
+
+def test_an_abandoned_attempt_is_requeued_exactly_once_by_racing_workers_and_never_while_leased(
+    redis_client: redis.Redis[bytes], redis_url: str
+) -> None:
+    worker, _, keys = started_attempt(redis_client, redis_url, "a")
+    leases = Leases(redis_client, 10.0)
+    assert leases.abandoned("default") == []  # its lease is alive: not abandoned
+    assert worker.wk_recover_abandoned() == 0
+    assert queue(redis_client).get_job_ids() == []
+
+    redis_client.delete(lease_key("a"))  # the lease expired: the process died
+    assert leases.abandoned("default") == [keys]
+    results: list[str | None] = []
+    barrier = threading.Barrier(8)
+
+    def race() -> None:
+        recovery = Recovery(redis_client, leases, worker.job_class, JSONSerializer)
+        barrier.wait()
+        results.append(recovery.recover(keys, ["none"], "test"))
+
+    threads = [threading.Thread(target=race) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert results.count("retried") == 1
+    assert results.count(None) == 7
+    assert queue(redis_client).get_job_ids() == ["a"]
+    assert StartedJobRegistry("default", connection=redis_client).get_job_ids() == []
+    assert redis_client.zcard(started_key("default")) == 0
+
+
+def test_a_job_whose_worker_keeps_dying_ends_in_the_failed_registry_with_the_reason(
+    redis_client: redis.Redis[bytes], redis_url: str
+) -> None:
+    for attempt in range(3):  # DEFAULT_MAX_ATTEMPTS
+        worker, job, _ = started_attempt(redis_client, redis_url, "oom", enqueue=attempt == 0)
+        redis_client.delete(lease_key("oom"))
+        worker.wk_recover_abandoned()
+        redis_client.delete("workerkit:rq:scan:default")  # let the next scan run at once
+    job.refresh()
+    assert job.get_status() == "failed"
+    assert FailedJobRegistry("default", connection=redis_client).get_job_ids() == ["oom"]
+    assert "died 3 times" in (job.latest_result().exc_string or "")  # type: ignore[union-attr]
+    assert queue(redis_client).get_job_ids() == []
+
+
+def test_release_in_flight_gives_the_attempt_back_after_a_kill_and_keeps_it_after_a_crash(
+    redis_client: redis.Redis[bytes], redis_url: str
+) -> None:
+    engine = RqEngine([])
+    settings = settings_for(redis_url)
+    _, job, keys = started_attempt(redis_client, redis_url, "k")
+    assert engine.release_in_flight(settings, [keys.ref()], crashed=False) == 1
+    job.refresh()
+    assert job.meta["workerkit"]["attempts"] == 0
+    assert engine.release_in_flight(settings, [keys.ref()], crashed=False) == 0  # settled once
+
+    queue(redis_client).remove("k")
+    _, job, keys = started_attempt(redis_client, redis_url, "c")
+    assert engine.release_in_flight(settings, [keys.ref()], crashed=True) == 1
+    job.refresh()
+    assert (job.get_status(), job.meta["workerkit"]["attempts"]) == ("queued", 1)
+
+
+def test_a_fenced_out_attempt_cannot_write_its_checkpoint_or_renew(
+    redis_client: redis.Redis[bytes], redis_url: str
+) -> None:
+    _, _, keys = started_attempt(redis_client, redis_url, "f")
+    leases = Leases(redis_client, 10.0)
+    assert leases.renew(keys)
+    assert leases.write_meta(keys, b"{}")
+    redis_client.set(lease_key("f"), "run:someone-else")
+    assert not leases.renew(keys)
+    assert not leases.write_meta(keys, b'{"stale": true}')
+    assert not leases.requeue(keys, ["run", "release", "none"], None)
+
+
+def test_app_timing_lists_the_tasks_and_a_missing_app_is_a_configuration_error(
+    redis_url: str,
+) -> None:
+    timing = RqEngine([]).app_timing(settings_for(redis_url))
+    assert [(t.name, t.timeout, t.checkpointed) for t in timing.tasks] == [
+        (f"{MODULE}.resumable", 120, True)
+    ]
+    with pytest.raises(ConfigurationError, match="RqApp"):
+        RqEngine([]).app_timing(Settings(engine="rq", redis_url=redis_url))
+    with pytest.raises(ConfigurationError, match="--worker-class"):
+        RqEngine(["--worker-class", "threads"])
+    assert RqEngine(["--worker-class", "simple"]).worker_command(settings_for(redis_url))[-4:] == [
+        "--worker-class",
+        "simple",
+        "--serializer",
+        "json",
+    ]
+
+
+def test_the_lease_lives_v_minus_one_scan_so_a_dead_job_is_requeued_within_v(
+    redis_url: str,
+) -> None:
+    assert lease_ttl(settings_for(redis_url, visibility_timeout=10)) == 9.0
+    assert lease_ttl(settings_for(redis_url)) == 29.0
+
+
+def test_the_forking_worker_runs_jobs_in_a_work_horse(
+    redis_client: redis.Redis[bytes], redis_url: str
+) -> None:
+    q = queue(redis_client)
+    job = q.enqueue(f"{MODULE}.add", 20, 22, job_id="w")
+    Worker(["default"], connection=redis_client, app=app, settings=settings_for(redis_url)).work(
+        burst=True
+    )
+    job.refresh()
+    assert job.get_status() == "finished"
+    assert job.return_value() == 42
+    assert StartedJobRegistry("default", connection=redis_client).get_job_ids() == []
+    assert redis_client.exists(lease_key("w")) == 0

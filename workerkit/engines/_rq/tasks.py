@@ -1,0 +1,191 @@
+"""The RQ task allowlist and its timing facts: :class:`RqApp`.
+
+RQ imports whatever dotted path a job names (``rq.utils.import_attribute``), so anyone who can
+write to Redis can make a bare RQ worker call ``os.system``. A workerkit RQ worker resolves a job's
+function (and its success, failure and stopped callbacks) only through an :class:`RqApp`: a
+function registered with :meth:`RqApp.task`, or a function *defined* in one of the app's allowed
+modules. Anything else fails the job with the reason, before any import happens.
+"""
+
+from __future__ import annotations
+
+import importlib
+import keyword
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from workerkit.errors import ConfigurationError, UnknownTask
+
+if TYPE_CHECKING:
+    from workerkit.timing import TaskTiming
+
+__all__ = ("DEFAULT_MAX_ATTEMPTS", "RqApp", "RqTaskInfo", "TaskNotAllowed")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Attempts a job gets when neither its task nor its enqueuer says otherwise: a job whose
+#: worker dies this many times (an out-of-memory kill each time) ends in the failed registry.
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+class TaskNotAllowed(UnknownTask):
+    """The job names a function that this worker's RqApp does not allow."""
+
+
+@dataclass(frozen=True)
+class RqTaskInfo:
+    """What workerkit knows about one registered RQ task."""
+
+    name: str
+    timeout: float | None
+    max_attempts: int
+    checkpointed: bool
+    idempotent: bool
+
+
+class RqApp:
+    """The functions a workerkit RQ worker may run, and their timing facts.
+
+    ::
+
+        # myproject/rq_app.py
+        from workerkit.engines.rq import RqApp
+
+        app = RqApp(modules=["myproject.jobs"])      # every function defined there may run
+
+        @app.task(timeout=900, checkpointed=True)      # timing facts for `workerkit check`
+        def backfill(start: int) -> None: ...
+
+    and run ``workerkit run rq --app myproject.rq_app:app``. ``app.task`` returns the function
+    itself, so ``queue.enqueue(backfill, 0)`` works as with plain RQ.
+    """
+
+    def __init__(self, modules: Iterable[str] = ()) -> None:
+        self.modules: tuple[str, ...] = tuple(modules)
+        for module in self.modules:
+            if not module or not all(part.isidentifier() for part in module.split(".")):
+                raise ConfigurationError(
+                    f"RqApp(modules=...): {module!r} is not a module path such as 'myproject.jobs'"
+                )
+        self.tasks: dict[str, RqTaskInfo] = {}
+        self._functions: dict[str, Callable[..., Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"<RqApp modules={list(self.modules)} tasks={list(self.tasks)}>"
+
+    @overload
+    def task(self, fn: F, /) -> F: ...
+
+    @overload
+    def task(
+        self,
+        fn: None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        checkpointed: bool = False,
+        idempotent: bool = False,
+    ) -> Callable[[F], F]: ...
+
+    def task(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        checkpointed: bool = False,
+        idempotent: bool = False,
+    ) -> Any:
+        """Allow ``fn`` and record its timeout and whether a re-run is safe.
+
+        ``timeout`` is for ``workerkit check`` (and is the run limit of jobs enqueued without
+        RQ's ``job_timeout``); ``max_attempts`` bounds how often a job whose worker crashed is
+        run again. A function decorated with ``@workerkit.idempotent`` counts as idempotent.
+        """
+        if max_attempts < 1:
+            raise ConfigurationError(
+                f"RqApp.task: max_attempts must be at least 1, got {max_attempts}"
+            )
+        if timeout is not None and timeout <= 0:
+            raise ConfigurationError(f"RqApp.task: timeout must be above 0 seconds, got {timeout}")
+
+        def register(func: Callable[..., Any]) -> Callable[..., Any]:
+            from workerkit.idempotency import idempotency_of
+
+            name = f"{func.__module__}.{func.__qualname__}"
+            if name in self.tasks:
+                raise ConfigurationError(f"RqApp: task {name!r} is registered twice")
+            self.tasks[name] = RqTaskInfo(
+                name=name,
+                timeout=timeout,
+                max_attempts=max_attempts,
+                checkpointed=checkpointed,
+                idempotent=idempotent or idempotency_of(func) is not None,
+            )
+            self._functions[name] = func
+            return func
+
+        return register(fn) if fn is not None else register
+
+    def resolve(self, name: str | None) -> Callable[..., Any]:
+        """The function a job names, if this app allows it; :class:`TaskNotAllowed` otherwise.
+
+        No module outside the allowed ones is ever imported: the name is checked first.
+        """
+        if not name:
+            raise TaskNotAllowed("the job names no function")
+        registered = self._functions.get(name)
+        if registered is not None:
+            return registered
+        module_name, _, attribute = name.rpartition(".")
+        allowed = any(
+            module_name == module or module_name.startswith(module + ".") for module in self.modules
+        )
+        if not allowed:
+            raise TaskNotAllowed(
+                f"task {name!r} is not allowed: it is neither registered with RqApp.task nor "
+                f"defined in an allowed module ({', '.join(self.modules) or 'none'}); "
+                "register it, or add its module to RqApp(modules=...)"
+            )
+        if (
+            not attribute.isidentifier()
+            or keyword.iskeyword(attribute)
+            or attribute.startswith("_")
+        ):
+            raise TaskNotAllowed(
+                f"task {name!r} is not allowed: {attribute!r} is not a public name"
+            )
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise TaskNotAllowed(f"task {name!r}: cannot import {module_name!r}: {exc}") from exc
+        func = getattr(module, attribute, None)
+        # Defined there, not merely imported there: `myproject.jobs.system` must not reach
+        # os.system because myproject/jobs.py happens to `from os import system`.
+        if not callable(func) or getattr(func, "__module__", None) != module_name:
+            raise TaskNotAllowed(
+                f"task {name!r} is not allowed: {module_name!r} defines no function "
+                f"{attribute!r} (functions it only imports must be enqueued by their own module)"
+            )
+        return func  # type: ignore[no-any-return]
+
+    def info(self, name: str | None) -> RqTaskInfo | None:
+        """The registered facts of a task, or None."""
+        return self.tasks.get(name or "")
+
+    def task_timings(self) -> list[TaskTiming]:
+        """Each registered task's timeout and re-run safety, for the timing budget."""
+        from workerkit.timing import TaskTiming
+
+        return [
+            TaskTiming(
+                name=info.name,
+                timeout=info.timeout,
+                idempotent=info.idempotent,
+                checkpointed=info.checkpointed,
+            )
+            for info in self.tasks.values()
+        ]
