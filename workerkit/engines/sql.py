@@ -8,9 +8,11 @@ lease_token = :token AND state = 'running'``: when another worker claimed the jo
 token differs, nothing is written and the attempt gets :class:`~workerkit.errors.LeaseLost`.
 A lease that ran out is taken over by the claim query itself: there is no reaper process.
 
-Claims: PostgreSQL ``SELECT ... FOR UPDATE SKIP LOCKED``, so concurrent claimers skip each
-other's rows instead of queueing on them; SQLite one ``BEGIN IMMEDIATE`` transaction, which
-serializes claimers on the file lock (SQLite is for one host: see ``replicas``).
+Claims: one ``UPDATE ... RETURNING`` over two ``FOR UPDATE SKIP LOCKED`` CTEs (expired leases,
+due jobs), so concurrent PostgreSQL claimers skip each other's rows instead of queueing on them;
+on SQLite inside ``BEGIN IMMEDIATE``, which serializes claimers on the file lock (SQLite is for
+one host: see ``replicas``). On PostgreSQL the claim and every fenced write run in autocommit:
+one statement, one round trip, no BEGIN/COMMIT (see ``_statement``).
 
 New jobs wake idle workers: PostgreSQL ``NOTIFY workerkit_jobs, '<queue>'`` in the enqueuing
 transaction, received on one dedicated ``LISTEN`` connection per queue object; SQLite (and any
@@ -23,16 +25,18 @@ See docs/engines/sql.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-import secrets
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from workerkit.engines.base import AppTiming, Delivery, NewJob, QueueStats, StoreHealth
 from workerkit.errors import (
@@ -56,10 +60,13 @@ from workerkit.store.schema import JOB_STATES, db_now, jobs
 
 if TYPE_CHECKING:
     import psycopg
+    from sqlalchemy.sql.compiler import SQLCompiler
 
 __all__ = ("NOTIFY_CHANNEL", "SqlEngine", "SqlQueue")
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: The PostgreSQL channel enqueues and releases NOTIFY, with the queue name as payload.
 NOTIFY_CHANNEL: Final = "workerkit_jobs"
@@ -81,6 +88,224 @@ def _lease_ttl(settings: Settings) -> float:
     return ENGINE_DEFAULT_VISIBILITY_TIMEOUT["sql"]
 
 
+# --- the hot statements, built once --------------------------------------------------------
+#
+# Each is a module-level construct with bind parameters: SQLAlchemy compiles it once per
+# dialect and memoizes its cache key, where building the statement on every call (sa.select(),
+# sa.case(), ...) cost ~0.1-0.3 ms of Python per statement. Parameter names carry a ``p_``
+# prefix because a bindparam named after a column of an UPDATE is reserved for its SET clause.
+#
+# States are SQL literals, not bound parameters: the planners can only use the partial
+# indexes (``WHERE state = 'ready'``, ``'running'``) when the query's own WHERE clause says the
+# same with a constant. A parameter would do for PostgreSQL's first custom plans, but not for
+# the generic plan of a statement psycopg has prepared, nor ever for SQLite.
+
+
+def _state(name: str) -> sa.ColumnElement[str]:
+    if name not in JOB_STATES:  # pragma: no cover - a typo here, caught at import
+        raise ValueError(f"not a job state: {name!r}")
+    return sa.literal_column(f"'{name}'", sa.Text)
+
+
+_READY: Final = _state("ready")
+_RUNNING: Final = _state("running")
+_SUCCEEDED: Final = _state("succeeded")
+_FAILED: Final = _state("failed")
+
+
+class _new_token(FunctionElement[str]):  # noqa: N801 - reads like the SQL function it renders
+    """A fresh random lease token per row (32 hex digits), made by the database.
+
+    The claim is one statement over up to n rows, so the tokens cannot come from Python
+    without a row-to-token mapping; both functions are volatile, evaluated once per row, and
+    drawn from the database's strong random source (PostgreSQL 13+ ``gen_random_uuid``: 122
+    random bits; SQLite ``randomblob``). A token only has to be unique per claim of a job: the
+    fence compares it, nothing derives secrets from it.
+    """
+
+    type = sa.Text()
+    inherit_cache = True
+    name = "new_token"
+
+
+@compiles(_new_token, "postgresql")
+def _new_token_postgresql(element: _new_token, compiler: SQLCompiler, **kw: Any) -> str:
+    return "replace(CAST(gen_random_uuid() AS TEXT), '-', '')"
+
+
+@compiles(_new_token, "sqlite")
+def _new_token_sqlite(element: _new_token, compiler: SQLCompiler, **kw: Any) -> str:
+    return "lower(hex(randomblob(16)))"
+
+
+def _exhausted_error_sql() -> sa.ColumnElement[str]:
+    """:func:`~workerkit.store._jobs.lease_exhausted_error` computed by the database, per row.
+
+    The claim fails a crash-looping job in the same statement that takes the others, so the
+    message has to be SQL; it is cut out of the Python function's own output (with marker
+    values in the number and error slots) so that the two cannot drift apart.
+    """
+    attempts_mark, max_mark, error_mark = 918273645, 546372819, "\x00"
+    plain = lease_exhausted_error(attempts_mark, max_mark, None)
+    head, rest = plain.split(str(attempts_mark))
+    middle, tail = rest.split(str(max_mark))
+    with_error = lease_exhausted_error(attempts_mark, max_mark, error_mark)
+    if not with_error.startswith(plain):
+        raise RuntimeError("lease_exhausted_error() changed shape; update _exhausted_error_sql")
+    error_head, error_tail = with_error[len(plain) :].split(error_mark)
+
+    def text(value: str) -> sa.ColumnElement[str]:
+        return sa.literal(value, sa.Text)
+
+    # NULLIF: Python's ``if last_error`` treats "" like None; || with NULL is NULL in both.
+    earlier = sa.func.coalesce(
+        text(error_head) + sa.func.nullif(_c.last_error, "") + text(error_tail), ""
+    )
+    return (
+        text(head)
+        + sa.cast(_c.attempts, sa.Text)
+        + text(middle)
+        + sa.cast(_c.max_attempts, sa.Text)
+        + text(tail)
+        + earlier
+    )
+
+
+def _claim_statement() -> sa.Update:
+    """Take up to ``p_limit`` runnable jobs of ``p_queues`` in one statement.
+
+    Two range scans, each of its own partial index in the order wanted, rather than one scan
+    with an OR: ``expired`` walks ``ix_workerkit_jobs_lease`` (leases that ran out, oldest
+    first), ``ready`` walks ``ix_workerkit_jobs_ready`` (due jobs by run_at) and stops after
+    the slots ``expired`` left, so neither collects and sorts a backlog, however long.
+
+    ``FOR UPDATE SKIP LOCKED`` (PostgreSQL): rows another claimer has locked are skipped, not
+    waited for, so N workers take N different jobs in parallel; and a row that another claimer
+    changed after our snapshot is re-checked against the WHERE clause before it is locked, so a
+    job claimed a moment ago no longer matches. The locks are held until the statement's
+    transaction ends (here, the statement itself in autocommit), by which time the rows carry
+    our token. Both CTEs are ``MATERIALIZED``: computed once, so a plan that rescans a
+    subquery cannot lock (and take) more rows than the limit. SQLite has no FOR UPDATE; there
+    the claim runs inside ``BEGIN IMMEDIATE``, already the only writer.
+
+    An expired job with no attempts left (its worker died on the last one: a crash loop) is
+    failed by the same statement with the reason instead of being taken; RETURNING says which
+    rows were which (``state``).
+    """
+    now = db_now()
+    queues: sa.BindParameter[str] = sa.bindparam("p_queues", expanding=True)
+    limit = sa.bindparam("p_limit", type_=sa.Integer)
+    expired = (
+        sa.select(_c.id)
+        .where(_c.queue.in_(queues), _c.state == _RUNNING, _c.lease_expires_at < now)
+        .order_by(_c.lease_expires_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("expired")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
+    )
+    taken_over = sa.select(sa.func.count()).select_from(expired).scalar_subquery()
+    ready = (
+        sa.select(_c.id)
+        .where(_c.queue.in_(queues), _c.state == _READY, _c.run_at <= now)
+        .order_by(_c.run_at)
+        .limit(limit - taken_over)
+        .with_for_update(skip_locked=True)
+        .cte("ready")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
+    )
+    picked = sa.union_all(sa.select(expired.c.id), sa.select(ready.c.id))
+    # SET expressions read the row as it was (PostgreSQL and SQLite alike); RETURNING the row
+    # as written.
+    exhausted = sa.and_(_c.state == _RUNNING, _c.attempts >= _c.max_attempts)
+    return (
+        sa.update(jobs)
+        .where(_c.id.in_(picked))
+        .values(
+            state=sa.case((exhausted, _FAILED), else_=_RUNNING),
+            lease_token=sa.case((exhausted, sa.null()), else_=_new_token()),
+            lease_expires_at=sa.case(
+                (exhausted, sa.null()), else_=now + sa.bindparam("p_ttl", type_=sa.Double)
+            ),
+            worker_id=sa.case((exhausted, _c.worker_id), else_=sa.bindparam("p_worker")),
+            attempts=sa.case((exhausted, _c.attempts), else_=_c.attempts + 1),
+            last_error=sa.case((exhausted, _exhausted_error_sql()), else_=_c.last_error),
+            finished_at=sa.case((exhausted, now), else_=_c.finished_at),
+            updated_at=now,
+        )
+        .returning(
+            _c.id,
+            _c.state,
+            _c.task,
+            _c.queue,
+            _c.payload,
+            _c.attempts,
+            _c.max_attempts,
+            _c.lease_token,
+            _c.checkpoint,
+            _c.run_at,
+            _c.lease_expires_at,
+        )
+    )
+
+
+def _fenced_update(**values: Any) -> sa.Update:
+    """``UPDATE ... SET values WHERE id = :p_id AND lease_token = :p_token AND running``."""
+    return (
+        sa.update(jobs)
+        .where(
+            _c.id == sa.bindparam("p_id"),
+            _c.lease_token == sa.bindparam("p_token"),
+            _c.state == _RUNNING,
+        )
+        .values(updated_at=db_now(), **values)
+    )
+
+
+def _param(name: str, type_: sa.types.TypeEngine[Any]) -> sa.BindParameter[Any]:
+    return sa.bindparam(f"p_{name}", type_=type_)
+
+
+_NO_LEASE: Final = {"lease_token": sa.null(), "lease_expires_at": sa.null()}
+_CLAIM: Final = _claim_statement()
+_ACK: Final = _fenced_update(
+    state=_SUCCEEDED,
+    result=_param("result", sa.Text()),
+    checkpoint=sa.null(),
+    finished_at=db_now(),
+    **_NO_LEASE,
+)
+_EXTEND: Final = _fenced_update(lease_expires_at=db_now() + _param("ttl", sa.Double()))
+_CHECKPOINT: Final = _fenced_update(checkpoint=_param("checkpoint", sa.Text()))
+_RETRY: Final = _fenced_update(
+    state=_READY,
+    run_at=_param("run_at", sa.Double()),
+    last_error=_param("error", sa.Text()),
+    **_NO_LEASE,
+)
+_FAIL: Final = _fenced_update(
+    state=_FAILED, last_error=_param("error", sa.Text()), finished_at=db_now(), **_NO_LEASE
+)
+_DEFER: Final = _fenced_update(
+    state=_READY,
+    run_at=_param("run_at", sa.Double()),
+    attempts=_c.attempts - 1,
+    last_error=_param("error", sa.Text()),
+    **_NO_LEASE,
+)
+_RELEASE: Final = _fenced_update(
+    state=_READY, run_at=db_now(), attempts=_c.attempts - 1, **_NO_LEASE
+)
+_CRASHED_EXHAUSTED = _c.attempts >= _c.max_attempts
+_RELEASE_CRASHED: Final = _fenced_update(
+    state=sa.case((_CRASHED_EXHAUSTED, _FAILED), else_=_READY),
+    last_error=sa.case((_CRASHED_EXHAUSTED, CRASH_EXHAUSTED_ERROR), else_=_c.last_error),
+    finished_at=sa.case((_CRASHED_EXHAUSTED, db_now()), else_=None),
+    run_at=db_now(),
+    **_NO_LEASE,
+)
+
+
 class SqlQueue:
     """The SQL queue (:class:`~workerkit.engines.base.QueueBackend`), on SQLite or PostgreSQL.
 
@@ -89,7 +314,7 @@ class SqlQueue:
     :class:`~workerkit.errors.SchemaOutOfDate`, until ``workerkit db upgrade`` has run.
 
     Safe to share between threads: each call checks a connection out of the engine's pool for
-    one transaction.
+    one statement or one transaction.
     """
 
     name = "sql"
@@ -144,6 +369,28 @@ class SqlQueue:
             conn.execution_options(**{db.READ_ONLY_OPTION: True})
             with conn.begin():
                 yield conn
+
+    @contextlib.contextmanager
+    def _statement(self) -> Iterator[sa.Connection]:
+        """A connection for one write statement that commits by itself, errors translated.
+
+        PostgreSQL: autocommit, so the statement is its own transaction and costs one round
+        trip, not three (BEGIN, statement, COMMIT). Only for single statements: anything that
+        must see or change more than one statement atomically uses :meth:`_write`.
+        SQLite: a ``BEGIN IMMEDIATE`` transaction (:meth:`_write`) all the same. SQLite's own
+        implicit transaction would read first and upgrade to the write lock at the first write,
+        and in WAL mode an upgrade after another writer's commit fails at once with "database
+        is locked" instead of waiting; its BEGIN and COMMIT cost no round trip anyway.
+        """
+        if self.dialect != "postgresql":
+            with self._write() as conn:
+                yield conn
+            return
+        with self._errors(), self.engine.connect() as conn:
+            # Client-side only with psycopg (no round trip); the pool restores the default
+            # when the connection goes back.
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -225,165 +472,130 @@ class SqlQueue:
     def claim(self, queues: Sequence[str], worker_id: str, limit: int) -> list[Delivery]:
         """Take up to ``limit`` runnable jobs (ready and due, or with an expired lease).
 
-        A job whose lease expired with all its attempts used is failed here, with the reason,
-        instead of being run again: a job that kills its worker every time must end.
+        One statement (:func:`_claim_statement`): on PostgreSQL one round trip in autocommit,
+        on SQLite inside ``BEGIN IMMEDIATE``. A job whose lease expired with all its attempts
+        used is failed by it, with the reason, instead of being run again: a job that kills its
+        worker every time must end. Its slot is then filled by another round.
         """
         if limit < 1 or not queues:
             return []
         self._ensure_schema()
+        params: dict[str, Any] = {
+            "p_queues": list(queues),
+            "p_worker": worker_id,
+            "p_ttl": self.lease_ttl,
+        }
         claimed: list[Delivery] = []
-        exhausted_jobs: list[tuple[str, str, int, int]] = []
-        with self._write() as conn:
-            while len(claimed) < limit:
-                rows = self._lock_runnable(conn, list(queues), limit - len(claimed))
-                if not rows:
-                    break
-                take: list[str] = []
-                exhausted = 0
-                for row in rows:
-                    if row.state == "running" and row.attempts >= row.max_attempts:
-                        self._fail_exhausted(conn, row)
-                        exhausted_jobs.append((row.id, row.queue, row.attempts, row.max_attempts))
-                        exhausted += 1
-                    else:
-                        take.append(row.id)
-                if take:
-                    claimed.extend(self._take(conn, take, worker_id))
-                if not exhausted:
-                    break  # everything runnable that we could lock is ours now
-        for job_id, queue, attempts, max_attempts in exhausted_jobs:
+        exhausted: list[Any] = []
+        while len(claimed) < limit:
+            round_params = {**params, "p_limit": limit - len(claimed)}
+            try:
+                # A claim that committed just before its connection broke leaves its jobs
+                # leased to a token nobody knows: they come back after V, as after a crash,
+                # whether or not the claim is sent again.
+                rows = self._twice_on_disconnect(functools.partial(self._claim_round, round_params))
+            except StoreError:
+                if not claimed:
+                    raise
+                # Each round committed on its own: the jobs of the earlier rounds are ours
+                # (leased, attempt counted), so hand them out rather than strand them until V.
+                log.warning(
+                    "claim round failed; returning the jobs already claimed",
+                    extra={"event": "claim_failed", "claimed": len(claimed)},
+                    exc_info=True,
+                )
+                break
+            failed = [row for row in rows if row.state == "failed"]
+            exhausted.extend(failed)
+            claimed.extend(_delivery(row) for row in rows if row.state == "running")
+            if not failed:
+                break  # everything runnable that we could lock is ours now
+        for row in exhausted:
             log.warning(
                 "job failed: lease expired with no attempts left",
                 extra={
                     "event": "job_lease_exhausted",
-                    "job_id": job_id,
-                    "queue": queue,
-                    "attempts": attempts,
-                    "max_attempts": max_attempts,
+                    "job_id": row.id,
+                    "queue": row.queue,
+                    "attempts": row.attempts,
+                    "max_attempts": row.max_attempts,
                 },
             )
         claimed.sort(key=lambda d: (d.enqueued_at or 0.0, d.job_id))
         return claimed
 
-    def _lock_runnable(self, conn: sa.Connection, queues: list[str], want: int) -> list[Any]:
-        """Lock up to ``want`` runnable rows: expired leases first, then due jobs by run_at.
-
-        Two queries rather than one with an OR: each is a plain range scan of its own partial
-        index in the order asked for, so the LIMIT stops after ``want`` rows even when a
-        backlog of millions is waiting (an OR would have to collect and sort the whole
-        backlog on every claim).
-
-        ``FOR UPDATE SKIP LOCKED`` (PostgreSQL): rows another claimer has locked are skipped,
-        not waited for, so N workers take N different jobs in parallel; and a row that another
-        claimer changed after our snapshot is re-checked against the WHERE clause before it is
-        locked, so a job claimed a moment ago no longer matches. SQLite ignores FOR UPDATE:
-        there BEGIN IMMEDIATE already made this transaction the only writer.
-        """
-        now = db_now()
-        columns = (_c.id, _c.queue, _c.state, _c.attempts, _c.max_attempts, _c.last_error)
-        expired = conn.execute(
-            sa.select(*columns)
-            .where(_c.queue.in_(queues), _c.state == "running", _c.lease_expires_at < now)
-            .order_by(_c.lease_expires_at)
-            .limit(want)
-            .with_for_update(skip_locked=True)
-        ).all()
-        if len(expired) >= want:
-            return list(expired)
-        ready = conn.execute(
-            sa.select(*columns)
-            .where(_c.queue.in_(queues), _c.state == "ready", _c.run_at <= now)
-            .order_by(_c.run_at)
-            .limit(want - len(expired))
-            .with_for_update(skip_locked=True)
-        ).all()
-        return [*expired, *ready]
-
-    def _fail_exhausted(self, conn: sa.Connection, row: Any) -> None:
-        now = db_now()
-        conn.execute(
-            sa.update(jobs)
-            .where(_c.id == row.id)
-            .values(
-                state="failed",
-                last_error=lease_exhausted_error(row.attempts, row.max_attempts, row.last_error),
-                lease_token=None,
-                lease_expires_at=None,
-                finished_at=now,
-                updated_at=now,
-            )
-        )
-
-    def _take(self, conn: sa.Connection, ids: list[str], worker_id: str) -> list[Delivery]:
-        tokens = {job_id: secrets.token_hex(16) for job_id in ids}
-        now = db_now()
-        result = conn.execute(
-            sa.update(jobs)
-            # The rows are locked by this transaction (FOR UPDATE, or SQLite's write lock), so
-            # nothing can have claimed them between the SELECT and here.
-            .where(_c.id.in_(ids))
-            .values(
-                state="running",
-                # One statement, a distinct token per row.
-                lease_token=sa.case(tokens, value=_c.id),
-                lease_expires_at=now + self.lease_ttl,
-                worker_id=worker_id,
-                attempts=_c.attempts + 1,
-                updated_at=now,
-            )
-            .returning(
-                _c.id,
-                _c.task,
-                _c.queue,
-                _c.payload,
-                _c.attempts,
-                _c.max_attempts,
-                _c.lease_token,
-                _c.checkpoint,
-                _c.run_at,
-                _c.lease_expires_at,
-            )
-        )
-        return [
-            Delivery(
-                job_id=row.id,
-                task=row.task,
-                queue=row.queue,
-                payload=row.payload,
-                attempt=row.attempts,
-                max_attempts=row.max_attempts,
-                token=row.lease_token,
-                checkpoint=load_json(row.checkpoint),
-                enqueued_at=row.run_at,
-                lease_expires_at=row.lease_expires_at,
-            )
-            for row in result
-        ]
+    def _claim_round(self, params: Mapping[str, Any]) -> list[Any]:
+        with self._statement() as conn:
+            return list(conn.execute(_CLAIM, params).all())
 
     def _fenced(
         self,
+        statement: sa.Update,
         job_id: str,
         token: str,
-        values: Mapping[str, Any],
+        params: Mapping[str, Any] | None = None,
         *,
         notify_queue: str | None = None,
     ) -> bool:
-        """One fenced UPDATE of an attempt's job; whether it matched (the lease was ours)."""
-        statement = (
-            sa.update(jobs)
-            .where(_c.id == job_id, _c.lease_token == token, _c.state == "running")
-            .values(updated_at=db_now(), **values)
+        """One fenced UPDATE of an attempt's job; whether it matched (the lease was ours).
+
+        A single statement needs no transaction of its own: in autocommit (PostgreSQL) it is
+        atomic, and the fence is in its WHERE clause, evaluated under the row lock it takes. A
+        statement with a NOTIFY runs with it in one transaction, so the NOTIFY goes out at
+        commit, only when the row changed.
+        """
+        values = {"p_id": job_id, "p_token": token, **(params or {})}
+        # Safe to send twice because the write is fenced: if the first try did commit before
+        # the connection broke, the row no longer carries our token, the retry matches nothing,
+        # and the caller hears LeaseLost for a job that is in fact settled as asked (and is not
+        # run again). Without the retry the job would run again after V.
+        matched = self._twice_on_disconnect(
+            lambda: self._fenced_once(statement, values, notify_queue)
         )
-        with self._write() as conn:
-            matched = conn.execute(statement).rowcount == 1
-            if matched and notify_queue is not None:
-                self._notify(conn, notify_queue)
         if matched and notify_queue is not None:
             self._wakeups.notify(notify_queue)
         return matched
 
-    def _settle(self, delivery: Delivery, what: str, values: Mapping[str, Any]) -> None:
-        if not self._fenced(delivery.job_id, delivery.token, values):
+    def _twice_on_disconnect(self, run: Callable[[], _T]) -> _T:
+        """``run()``, and once more when it failed on a connection that had died.
+
+        There is no pre-ping on the hot path (see ``db._install_idle_ping``): a pooled
+        connection that the server closed a moment ago (a restart, a failover, an admin
+        terminating it) fails its next statement. SQLAlchemy then invalidates the whole pool,
+        so the second try gets a new connection; a database that is really down fails that one
+        too, and the caller gets :class:`~workerkit.errors.StoreUnavailable`.
+        """
+        try:
+            return run()
+        except StoreUnavailable as exc:
+            if not _disconnected(exc):
+                raise
+            log.info(
+                "database connection lost; retrying once on a new connection",
+                extra={"event": "store_reconnect", "error": str(exc)},
+            )
+        return run()
+
+    def _fenced_once(
+        self, statement: sa.Update, values: Mapping[str, Any], notify_queue: str | None
+    ) -> bool:
+        if notify_queue is not None and self.dialect == "postgresql":
+            with self._write() as conn:
+                matched = conn.execute(statement, values).rowcount == 1
+                if matched:
+                    self._notify(conn, notify_queue)
+            return matched
+        with self._statement() as conn:
+            return bool(conn.execute(statement, values).rowcount == 1)
+
+    def _settle(
+        self,
+        delivery: Delivery,
+        what: str,
+        statement: sa.Update,
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not self._fenced(statement, delivery.job_id, delivery.token, params):
             raise LeaseLost(_FENCE_LOST.format(job_id=delivery.job_id, what=what))
 
     def extend(self, delivery: Delivery) -> bool:
@@ -394,9 +606,7 @@ class SqlQueue:
         :class:`~workerkit.errors.StoreUnavailable` when the database cannot be reached: the
         lease may well still be held, and the caller decides how long to keep trying.
         """
-        return self._fenced(
-            delivery.job_id, delivery.token, {"lease_expires_at": db_now() + self.lease_ttl}
-        )
+        return self._fenced(_EXTEND, delivery.job_id, delivery.token, {"p_ttl": self.lease_ttl})
 
     def save_checkpoint(
         self, delivery: Delivery, state: Any, connection: sa.Connection | None = None
@@ -419,9 +629,9 @@ class SqlQueue:
         does not commit at all. On SQLite the caller's transaction holds the single write lock
         (``BEGIN IMMEDIATE``), which serializes the same way.
         """
-        values = {"checkpoint": dump_json(state, "a checkpoint")}
+        params = {"p_checkpoint": dump_json(state, "a checkpoint")}
         if connection is None:
-            self._settle(delivery, "checkpoint", values)
+            self._settle(delivery, "checkpoint", _CHECKPOINT, params)
             return
         if not isinstance(connection, sa.Connection):
             raise ConfigurationError(
@@ -440,14 +650,9 @@ class SqlQueue:
                 f"but the queue is on {self.dialect}: the checkpoint must commit in the queue's "
                 "database, together with the job's writes"
             )
-        statement = (
-            sa.update(jobs)
-            .where(_c.id == delivery.job_id, _c.lease_token == delivery.token)
-            .where(_c.state == "running")
-            .values(updated_at=db_now(), **values)
-        )
+        values = {"p_id": delivery.job_id, "p_token": delivery.token, **params}
         try:
-            matched = connection.execute(statement).rowcount == 1
+            matched = connection.execute(_CHECKPOINT, values).rowcount == 1
         except sa.exc.DBAPIError as exc:
             if _missing_table(exc):
                 raise ConfigurationError(
@@ -476,49 +681,18 @@ class SqlQueue:
     def ack(self, delivery: Delivery, result: Any) -> None:
         """The job succeeded: store the result, drop the checkpoint. Fenced."""
         encoded = dump_json(result, f"the result of task {delivery.task!r}")
-        self._settle(
-            delivery,
-            "result",
-            {
-                "state": "succeeded",
-                "result": encoded,
-                "checkpoint": None,
-                "lease_token": None,
-                "lease_expires_at": None,
-                "finished_at": db_now(),
-            },
-        )
+        self._settle(delivery, "result", _ACK, {"p_result": encoded})
 
     def retry(self, delivery: Delivery, error: str, run_at: float) -> None:
         """The attempt failed; run again at ``run_at`` (epoch seconds). Fenced.
 
         The attempt stays consumed; the checkpoint is kept, so the next attempt resumes.
         """
-        self._settle(
-            delivery,
-            "retry",
-            {
-                "state": "ready",
-                "run_at": run_at,
-                "last_error": error,
-                "lease_token": None,
-                "lease_expires_at": None,
-            },
-        )
+        self._settle(delivery, "retry", _RETRY, {"p_run_at": run_at, "p_error": error})
 
     def fail(self, delivery: Delivery, error: str) -> None:
         """The job failed for good, keeping the error (and the checkpoint). Fenced."""
-        self._settle(
-            delivery,
-            "failure",
-            {
-                "state": "failed",
-                "last_error": error,
-                "lease_token": None,
-                "lease_expires_at": None,
-                "finished_at": db_now(),
-            },
-        )
+        self._settle(delivery, "failure", _FAIL, {"p_error": error})
 
     def release(self, delivery: Delivery) -> None:
         """Back to the queue now, checkpoint kept, attempt given back. Fenced."""
@@ -527,18 +701,7 @@ class SqlQueue:
 
     def defer(self, delivery: Delivery, run_at: float, reason: str) -> None:
         """Run again at ``run_at``, attempt given back, ``reason`` kept. Fenced."""
-        self._settle(
-            delivery,
-            "defer",
-            {
-                "state": "ready",
-                "run_at": run_at,
-                "attempts": _c.attempts - 1,
-                "last_error": reason,
-                "lease_token": None,
-                "lease_expires_at": None,
-            },
-        )
+        self._settle(delivery, "defer", _DEFER, {"p_run_at": run_at, "p_error": reason})
 
     def release_ref(self, ref: Mapping[str, Any], *, crashed: bool = False) -> bool:
         """Release by :meth:`Delivery.ref`, from another process; False when already settled.
@@ -548,37 +711,13 @@ class SqlQueue:
         """
         job_id, token = ref_parts(ref)
         queue = ref.get("queue")
+        notify_queue = queue if isinstance(queue, str) else None
         if not crashed:
-            return self._release(job_id, token, queue if isinstance(queue, str) else None)
-        exhausted = _c.attempts >= _c.max_attempts
-        now = db_now()
-        return self._fenced(
-            job_id,
-            token,
-            {
-                "state": sa.case((exhausted, "failed"), else_="ready"),
-                "last_error": sa.case((exhausted, CRASH_EXHAUSTED_ERROR), else_=_c.last_error),
-                "finished_at": sa.case((exhausted, now), else_=None),
-                "run_at": now,
-                "lease_token": None,
-                "lease_expires_at": None,
-            },
-            notify_queue=queue if isinstance(queue, str) else None,
-        )
+            return self._release(job_id, token, notify_queue)
+        return self._fenced(_RELEASE_CRASHED, job_id, token, notify_queue=notify_queue)
 
     def _release(self, job_id: str, token: str, queue: str | None) -> bool:
-        return self._fenced(
-            job_id,
-            token,
-            {
-                "state": "ready",
-                "run_at": db_now(),
-                "attempts": _c.attempts - 1,
-                "lease_token": None,
-                "lease_expires_at": None,
-            },
-            notify_queue=queue,
-        )
+        return self._fenced(_RELEASE, job_id, token, notify_queue=queue)
 
     def wait_for_jobs(self, queues: Sequence[str], timeout: float) -> None:
         """Block up to ``timeout`` seconds, returning early when new jobs may be there.
@@ -683,6 +822,27 @@ class SqlQueue:
             extra={"event": "jobs_purged", "count": deleted, "older_than": older_than},
         )
         return int(deleted)
+
+
+def _delivery(row: Any) -> Delivery:
+    return Delivery(
+        job_id=row.id,
+        task=row.task,
+        queue=row.queue,
+        payload=row.payload,
+        attempt=row.attempts,
+        max_attempts=row.max_attempts,
+        token=row.lease_token,
+        checkpoint=load_json(row.checkpoint),
+        enqueued_at=row.run_at,
+        lease_expires_at=row.lease_expires_at,
+    )
+
+
+def _disconnected(exc: StoreUnavailable) -> bool:
+    """Whether ``exc`` came from a connection the server or the network had closed."""
+    cause = exc.__cause__
+    return isinstance(cause, sa.exc.DBAPIError) and bool(cause.connection_invalidated)
 
 
 def _missing_table(exc: sa.exc.DBAPIError) -> bool:
