@@ -226,15 +226,22 @@ def start_supervisor(
         **env.extra,
         **{f"WORKERKIT_{key.upper()}": value for key, value in settings.items()},
     }
-    log_path = env.tmp / f"{name}.log"
+    return spawn_logged([*wrapper, *WORKERKIT, "run", "sql"], env.tmp, name, port, variables)
+
+
+def spawn_logged(
+    argv: Sequence[str], cwd: Path, name: str, port: int, variables: dict[str, str]
+) -> Supervisor:
+    """Start ``argv`` with its output in ``cwd/NAME.log`` (what Supervisor reads events from)."""
+    log_path = cwd / f"{name}.log"
     log_file = log_path.open("ab")
     try:
         proc = subprocess.Popen(
-            [*wrapper, *WORKERKIT, "run", "sql"],
+            list(argv),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            cwd=env.tmp,
+            cwd=cwd,
             env=variables,
         )
     except BaseException:
