@@ -414,6 +414,16 @@ class Idempotency:
 
     # --- resolving per run ------------------------------------------------------------
 
+    def bind_settings(self, settings: Settings) -> None:
+        """Take the defaults from ``settings`` unless the task was given settings of its own.
+
+        An engine's worker calls this with the settings it runs with, so that a task defined
+        at import time (before any settings exist) uses the worker's store, not the defaults of
+        whatever environment imported it.
+        """
+        if self._settings is None:
+            self._settings = settings
+
     @property
     def settings(self) -> Settings:
         """The settings the defaults come from (resolved once, at the first run)."""

@@ -9,20 +9,31 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from rq import Queue
-from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq import Queue, Retry
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import DefaultSerializer, JSONSerializer
+from rq.utils import now, utcformat
 
-from workerkit.engines._rq.leases import AttemptKeys, Leases, lease_key, started_key
+import workerkit
+from workerkit.engines._rq.leases import (
+    AttemptKeys,
+    Leases,
+    deferred_key,
+    lease_key,
+    started_key,
+)
 from workerkit.engines._rq.worker import Recovery, lease_ttl
 from workerkit.engines.rq import RqApp, RqEngine, SimpleWorker, Worker, WorkerkitJob
 from workerkit.errors import ConfigurationError
+from workerkit.idempotency import idempotency_of
 from workerkit.job import current_job
 from workerkit.settings import Settings
+from workerkit.store.idempotency_redis import RedisIdempotencyStore
 
 if TYPE_CHECKING:
     import redis
@@ -44,6 +55,12 @@ def resumable(start_note: str) -> int:
 
 def add(a: int, b: int) -> int:
     return a + b
+
+
+@workerkit.idempotent(key="test-rq:charge:{order_id}")
+def charge(order_id: int, amount: int) -> dict[str, int]:
+    calls.append(f"charge {order_id} {amount}")
+    return {"order_id": order_id, "charged": amount}
 
 
 @pytest.fixture(autouse=True)
@@ -269,3 +286,118 @@ def test_the_forking_worker_runs_jobs_in_a_work_horse(
     assert job.return_value() == 42
     assert StartedJobRegistry("default", connection=redis_client).get_job_ids() == []
     assert redis_client.exists(lease_key("w")) == 0
+
+
+def hold_key(redis_url: str, order_id: int, amount: int) -> tuple[RedisIdempotencyStore, str, str]:
+    """Claim charge's key as a live first run would: (store, key, token)."""
+    policy = idempotency_of(charge)
+    assert policy is not None
+    store = RedisIdempotencyStore.from_url(redis_url)
+    key = policy.key_for((order_id, amount), {})
+    claim = store.claim(key, policy.fingerprint_for((order_id, amount), {}), in_progress_expiry=60)
+    assert claim.owned
+    assert claim.token is not None
+    return store, key, claim.token
+
+
+def test_a_duplicate_while_the_first_runs_is_deferred_attempt_kept_then_replays_without_running(
+    redis_client: redis.Redis[bytes], redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The default store of the rq engine is Redis at redis_url: the worker's settings say so,
+    # even when this process's own environment would pick the sql engine.
+    store, key, token = hold_key(redis_url, 7, 100)
+    q = queue(redis_client)
+    job = q.enqueue(f"{MODULE}.charge", 7, 100, job_id="dup", retry=Retry(max=3))
+    worker = Worker(["default"], connection=redis_client, app=app, settings=settings_for(redis_url))
+    with caplog.at_level(logging.INFO, logger="workerkit.engines.rq"):
+        worker.work(burst=True)
+
+    job.refresh()
+    assert calls == []
+    assert job.get_status() == "scheduled"  # not failed, not retried: deferred
+    assert job.retries_left == 3  # RQ's Retry untouched
+    assert job.meta["workerkit"]["attempts"] == 0  # the attempt was given back
+    assert ScheduledJobRegistry("default", connection=redis_client).get_job_ids() == ["dup"]
+    assert FailedJobRegistry("default", connection=redis_client).get_job_ids() == []
+    assert StartedJobRegistry("default", connection=redis_client).get_job_ids() == []
+    assert redis_client.zcard(started_key("default")) == 0
+    assert redis_client.exists(lease_key("dup")) == 0
+    run_at = redis_client.zscore(deferred_key("default"), "dup")
+    assert run_at is not None
+    assert run_at <= time.time() + 2.0  # min(Ip = 60 s, backoff 1-2 s)
+    finished = [r for r in caplog.records if getattr(r, "event", "") == "job_finished"]
+    assert [r.outcome for r in finished] == ["deferred"]  # type: ignore[attr-defined]
+
+    # Not due yet: stays put. Then the first run completes, and the job comes back when due.
+    leases = Leases(redis_client, 10.0)
+    assert leases.promote("default", utcformat(now()), now=run_at - 1) == 0
+    assert store.complete(key, token, '{"order_id":7,"charged":100}', retention=600)
+    assert leases.promote("default", utcformat(now()), now=run_at) == 1
+    assert q.get_job_ids() == ["dup"]
+    assert redis_client.zcard(deferred_key("default")) == 0
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="workerkit.engines.rq"):
+        worker.work(burst=True)
+    job.refresh()
+    assert calls == []  # replayed, never run
+    assert job.get_status() == "finished"
+    assert job.return_value() == {"order_id": 7, "charged": 100}
+    assert job.meta["workerkit"]["attempts"] == 1  # the same attempt as the deferred one
+    finished = [r for r in caplog.records if getattr(r, "event", "") == "job_finished"]
+    assert [r.outcome for r in finished] == ["skipped_duplicate"]  # type: ignore[attr-defined]
+    store.close()
+
+
+def test_deferred_jobs_are_left_to_rqs_scheduler_when_it_runs_and_come_back_with_the_scan(
+    redis_client: redis.Redis[bytes], redis_url: str
+) -> None:
+    store, _, _ = hold_key(redis_url, 8, 1)
+    q = queue(redis_client)
+    q.enqueue(f"{MODULE}.charge", 8, 1, job_id="d")
+    worker = simple_worker(redis_client, redis_url)
+    worker.work(burst=True)
+    assert q.get_job_ids() == []
+    leases = Leases(redis_client, 10.0)
+    far = time.time() + 60
+    redis_client.set("rq:scheduler-lock:default", "someone", ex=60)
+    assert leases.promote("default", utcformat(now()), now=far) == 0  # RQ's scheduler moves it
+    assert q.get_job_ids() == []
+    redis_client.delete("rq:scheduler-lock:default")
+    time.sleep(2.1)  # the backoff is at most 2 s: due now, and the worker's own scan moves it
+    worker.wk_recover_abandoned()
+    assert q.get_job_ids() == ["d"]
+    assert q.fetch_job("d").get_status() == "queued"  # type: ignore[union-attr]
+    store.close()
+
+
+def test_an_idempotency_key_reused_with_other_arguments_fails_at_once_never_retried(
+    redis_client: redis.Redis[bytes], redis_url: str
+) -> None:
+    q = queue(redis_client)
+    first = q.enqueue(f"{MODULE}.charge", 9, 10, job_id="first")
+    other = q.enqueue(f"{MODULE}.charge", 9, 20, job_id="other", retry=Retry(max=3))
+    simple_worker(redis_client, redis_url).work(burst=True)
+
+    assert first.get_status() == "finished"
+    assert calls == ["charge 9 10"]
+    assert other.get_status() == "failed"
+    assert FailedJobRegistry("default", connection=redis_client).get_job_ids() == ["other"]
+    assert ScheduledJobRegistry("default", connection=redis_client).get_job_ids() == []
+    result = other.latest_result()
+    assert result is not None
+    assert "IdempotencyKeyMismatch" in (result.exc_string or "")
+    assert "already used with other arguments" in (result.exc_string or "")
+
+
+def test_the_settle_fence_works_when_redis_does_not_know_its_script_yet(
+    redis_client: redis.Redis[bytes], redis_url: str
+) -> None:
+    # The hot path sends a bare EVALSHA (no SCRIPT EXISTS round trip); NOSCRIPT falls back.
+    redis_client.script_flush()
+    q = queue(redis_client)
+    job = q.enqueue(f"{MODULE}.add", 1, 2, job_id="s")
+    simple_worker(redis_client, redis_url).work(burst=True)
+    assert job.get_status() == "finished"
+    assert job.return_value() == 3
+    assert redis_client.exists(lease_key("s")) == 0

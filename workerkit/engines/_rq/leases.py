@@ -24,6 +24,7 @@ it: a job is never re-run while its first attempt still renews its lease.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ __all__ = (
     "STARTED_PREFIX",
     "AttemptKeys",
     "Leases",
+    "deferred_key",
     "lease_key",
     "started_key",
 )
@@ -46,6 +48,11 @@ LEASE_PREFIX: Final = "workerkit:rq:lease:"
 STARTED_PREFIX: Final = "workerkit:rq:started:"
 SCAN_LOCK_PREFIX: Final = "workerkit:rq:scan:"
 WAKE_PREFIX: Final = "workerkit:rq:wake:"
+DEFERRED_PREFIX: Final = "workerkit:rq:deferred:"
+#: RQ's own scheduler lock of a queue (``rq.scheduler.SCHEDULER_LOCKING_KEY_TEMPLATE``).
+RQ_SCHEDULER_LOCK_PREFIX: Final = "rq:scheduler-lock:"
+#: At most this many deferred jobs are put back per queue and promotion (bounds the script).
+PROMOTE_BATCH: Final = 100
 
 #: How long a ``settle`` lease lives when its process dies half-way through RQ's bookkeeping:
 #: after that, crash recovery treats the attempt as abandoned and requeues it.
@@ -58,6 +65,10 @@ def lease_key(job_id: str) -> str:
 
 def started_key(queue: str) -> str:
     return STARTED_PREFIX + queue
+
+
+def deferred_key(queue: str) -> str:
+    return DEFERRED_PREFIX + queue
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,10 @@ class AttemptKeys:
             f"rq:execution:{self.job_id}:{self.token}",
             f"rq:executions:{self.job_id}",
         ]
+
+    def defer_keys(self) -> list[str]:
+        """KEYS of ``_DEFER``: :meth:`keys`, RQ's ScheduledJobRegistry, workerkit's deferred set."""
+        return [*self.keys(), f"rq:scheduled:{self.queue}", deferred_key(self.queue)]
 
     def ref(self) -> dict[str, Any]:
         """The delivery ref the supervisor keeps (and passes back to ``release_in_flight``)."""
@@ -163,6 +178,57 @@ return 1
 """
 )
 
+#: Not now: like ``_REQUEUE``, but into RQ's ScheduledJobRegistry at ARGV[6] (epoch seconds),
+#: status ``scheduled``, and into workerkit's deferred set (the jobs ``_PROMOTE`` may put back).
+#: KEYS: AttemptKeys.defer_keys(). ARGV: token, accepted, member, new meta, job id, run at.
+_DEFER = (
+    _OWNED
+    + """
+local lease = redis.call('GET', KEYS[1])
+if not owned(lease, ARGV[1], ARGV[2]) then return 0 end
+if redis.call('ZSCORE', KEYS[3], ARGV[3]) == false then
+  if lease then redis.call('DEL', KEYS[1]) end
+  return 0
+end
+redis.call('ZREM', KEYS[2], ARGV[3])
+redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('DEL', KEYS[6])
+redis.call('ZREM', KEYS[7], ARGV[1])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[4], 'meta', ARGV[4]) end
+redis.call('HSET', KEYS[4], 'status', 'scheduled')
+redis.call('ZADD', KEYS[8], ARGV[6], ARGV[5])
+redis.call('ZADD', KEYS[9], ARGV[6], ARGV[5])
+redis.call('DEL', KEYS[1])
+return 1
+"""
+)
+
+#: Put due deferred jobs back at the end of their queue (as RQ's scheduler would), unless an RQ
+#: scheduler (``--with-scheduler``) holds the queue's lock: then it does, and a job it already
+#: moved is only dropped from the deferred set. RQ's scheduler reads the due ids and moves them
+#: in a later MULTI, so moving them here too while it runs could queue a job twice.
+#: KEYS: deferred set, ScheduledJobRegistry, queue list, RQ scheduler lock.
+#: ARGV: now (epoch seconds), job key prefix, enqueued_at (RQ's format), batch. Returns moved.
+_PROMOTE = """
+local rq_scheduler = redis.call('EXISTS', KEYS[4]) == 1
+local moved = 0
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[4]))
+for _, job_id in ipairs(due) do
+  if redis.call('ZSCORE', KEYS[2], job_id) == false then
+    redis.call('ZREM', KEYS[1], job_id)
+  elseif not rq_scheduler then
+    redis.call('ZREM', KEYS[1], job_id)
+    redis.call('ZREM', KEYS[2], job_id)
+    if redis.call('EXISTS', ARGV[2] .. job_id) == 1 then
+      redis.call('HSET', ARGV[2] .. job_id, 'status', 'queued', 'enqueued_at', ARGV[3])
+      redis.call('RPUSH', KEYS[3], job_id)
+      moved = moved + 1
+    end
+  end
+end
+return moved
+"""
+
 #: The started members of one queue whose lease is gone (abandoned by a dead process).
 #: KEYS: started set. ARGV: lease prefix. Returns the members.
 _ABANDONED = """
@@ -189,8 +255,11 @@ class Leases:
         self._renew = connection.register_script(_RENEW)
         self._write_meta = connection.register_script(_WRITE_META)
         self._transition = connection.register_script(_TRANSITION)
+        self._transition_sha = hashlib.sha1(_TRANSITION.encode(), usedforsecurity=False).hexdigest()
         self._requeue = connection.register_script(_REQUEUE)
         self._abandoned = connection.register_script(_ABANDONED)
+        self._defer = connection.register_script(_DEFER)
+        self._promote = connection.register_script(_PROMOTE)
 
     def start(self, pipeline: Pipeline[Any], attempt: AttemptKeys) -> None:
         """Take the lease and join the started set, in the caller's MULTI with RQ's own start."""
@@ -236,10 +305,17 @@ class Leases:
         state: str,
         ttl_ms: int,
     ) -> None:
-        """:meth:`transition`, queued on the caller's pipeline (its reply is 1 when it moved)."""
+        """:meth:`transition`, queued on the caller's pipeline (its reply is 1 when it moved).
+
+        A bare EVALSHA: a registered script called on a pipeline makes redis-py send SCRIPT
+        EXISTS first, in a round trip of its own, on every execute (one per job, on the hot
+        path). When the server does not know the script (the first job, a restarted or flushed
+        Redis) the reply is a :class:`redis.exceptions.NoScriptError`, nothing ran, and the caller
+        falls back to :meth:`transition`, which loads it.
+        """
         keys = [lease_key(attempt.job_id), started_key(attempt.queue)]
         args: list[Any] = [attempt.token, _accepted(accepted), state, ttl_ms, attempt.member]
-        self._transition(keys=keys, args=args, client=pipeline)
+        pipeline.evalsha(self._transition_sha, len(keys), *keys, *args)
 
     def requeue(self, attempt: AttemptKeys, accepted: Sequence[str], meta: bytes | None) -> bool:
         """Back to the front of the queue (see ``_REQUEUE``); True when this call requeued it."""
@@ -251,6 +327,32 @@ class Leases:
             attempt.job_id,
         ]
         return bool(self._requeue(keys=attempt.keys(), args=args))
+
+    def defer(
+        self, attempt: AttemptKeys, accepted: Sequence[str], meta: bytes, run_at: float
+    ) -> bool:
+        """Into the ScheduledJobRegistry until ``run_at`` (see ``_DEFER``); True when done."""
+        args: list[Any] = [
+            attempt.token,
+            _accepted(accepted),
+            attempt.member,
+            meta,
+            attempt.job_id,
+            repr(run_at),
+        ]
+        return bool(self._defer(keys=attempt.defer_keys(), args=args))
+
+    def promote(self, queue: str, enqueued_at: str, now: float | None = None) -> int:
+        """Put ``queue``'s due deferred jobs back in it (see ``_PROMOTE``); return how many."""
+        keys = [
+            deferred_key(queue),
+            f"rq:scheduled:{queue}",
+            f"rq:queue:{queue}",
+            RQ_SCHEDULER_LOCK_PREFIX + queue,
+        ]
+        when = time.time() if now is None else now
+        args: list[Any] = [repr(when), "rq:job:", enqueued_at, PROMOTE_BATCH]
+        return int(self._promote(keys=keys, args=args))
 
     def abandoned(self, queue: str) -> list[AttemptKeys]:
         """Attempts of ``queue`` that workerkit started and whose lease is gone."""

@@ -70,6 +70,10 @@ class RqApp:
                 )
         self.tasks: dict[str, RqTaskInfo] = {}
         self._functions: dict[str, Callable[..., Any]] = {}
+        # Names of allowed modules' functions already resolved (each job resolves its function
+        # and callbacks): the checks and the import are per name, not per job. Refusals are not
+        # cached, so the cache holds only names the allowlist admits.
+        self._resolved: dict[str, Callable[..., Any]] = {}
 
     def __repr__(self) -> str:
         return f"<RqApp modules={list(self.modules)} tasks={list(self.tasks)}>"
@@ -126,6 +130,7 @@ class RqApp:
                 idempotent=idempotent or idempotency_of(func) is not None,
             )
             self._functions[name] = func
+            self._resolved.pop(name, None)
             return func
 
         return register(fn) if fn is not None else register
@@ -137,7 +142,7 @@ class RqApp:
         """
         if not name:
             raise TaskNotAllowed("the job names no function")
-        registered = self._functions.get(name)
+        registered = self._functions.get(name) or self._resolved.get(name)
         if registered is not None:
             return registered
         module_name, _, attribute = name.rpartition(".")
@@ -170,6 +175,7 @@ class RqApp:
                 f"task {name!r} is not allowed: {module_name!r} defines no function "
                 f"{attribute!r} (functions it only imports must be enqueued by their own module)"
             )
+        self._resolved[name] = func
         return func  # type: ignore[no-any-return]
 
     def info(self, name: str | None) -> RqTaskInfo | None:

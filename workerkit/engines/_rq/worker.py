@@ -32,10 +32,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import errno
 import logging
 import math
 import os
+import random
 import signal
 import sys
 import threading
@@ -56,7 +58,7 @@ from rq.job import Job, JobStatus, Retry
 from rq.queue import Queue
 from rq.serializers import DefaultSerializer, JSONSerializer, resolve_serializer
 from rq.timeouts import HorseMonitorTimeoutException, JobTimeoutException
-from rq.utils import as_text, now, utcparse
+from rq.utils import as_text, now, utcformat, utcparse
 from rq.worker.base import WorkerStatus
 
 from workerkit import events as events_module
@@ -71,11 +73,13 @@ from workerkit.engines._rq.leases import (
 from workerkit.engines._rq.tasks import DEFAULT_MAX_ATTEMPTS, RqApp, TaskNotAllowed
 from workerkit.errors import (
     ConfigurationError,
+    IdempotencyInProgress,
     IdempotencyKeyMismatch,
     JobInterrupted,
     LeaseLost,
     ReleaseJob,
 )
+from workerkit.idempotency import Idempotency, outcome_of
 from workerkit.job import JobContext, request_stop_all
 from workerkit.settings import Settings, load_settings
 
@@ -104,6 +108,11 @@ TICK: Final = 0.05  # the upkeep thread's resolution: how soon a SIGTERM wakes t
 HEARTBEAT_EVERY: Final = 2.0
 HEALTH_EVERY: Final = 5.0
 WAKE_TOKEN: Final = b"wake"
+#: A job whose idempotency key another live attempt holds comes back after min(the holder's
+#: claim expiry, this backoff with equal jitter): soon enough to replay the holder's result
+#: shortly after it completes, spread out so that a burst of duplicates does not come back
+#: together. Deferred jobs are put back by the recovery scan, so add up to one scan interval.
+DEFER_BACKOFF: Final = 2.0
 
 # The work horse's exit status tells its parent how the attempt ended (the parent reports
 # job_finished, so the supervisor sees job_started and job_finished on one connection, in order).
@@ -114,6 +123,8 @@ _HORSE_CODES: Final[dict[str, int]] = {
     "timed_out": 66,
     "released": 67,
     "lease_lost": 68,
+    "deferred": 70,
+    "skipped_duplicate": 71,
 }
 _HORSE_OUTCOMES: Final[dict[int, str]] = {code: name for name, code in _HORSE_CODES.items()}
 _HORSE_INTERRUPTED: Final = 69  # stopped by our SIGTERM; the parent settles the attempt
@@ -159,19 +170,28 @@ class WorkerkitJob(Job):
     """
 
     workerkit_app: RqApp | None = None
+    #: The worker's settings: the defaults of ``@workerkit.idempotent`` functions it runs.
+    workerkit_settings: Settings | None = None
 
     @classmethod
-    def bound_to(cls, app: RqApp, base: type[Job] = Job) -> type[WorkerkitJob]:
+    def bound_to(
+        cls, app: RqApp, base: type[Job] = Job, settings: Settings | None = None
+    ) -> type[WorkerkitJob]:
         """A job class that resolves functions through ``app`` (``base``: a custom job class)."""
         bases: tuple[type, ...] = (cls,) if base in (Job, cls) else (cls, base)
-        bound = type("WorkerkitJob", bases, {"workerkit_app": app})
+        attributes = {"workerkit_app": app, "workerkit_settings": settings}
+        bound = type("WorkerkitJob", bases, attributes)
         return cast("type[WorkerkitJob]", bound)
 
     def _resolve(self, name: str | None, what: str) -> Callable[..., Any]:
         app = self.workerkit_app
         if app is None:
             raise TaskNotAllowed(f"job {self.id}: no RqApp configured, so no {what} may run")
-        return app.resolve(name)
+        func = app.resolve(name)
+        settings = self.workerkit_settings
+        if settings is not None:
+            _bind_idempotency(func, settings)
+        return func
 
     @property
     def func(self) -> Any:
@@ -196,6 +216,19 @@ class WorkerkitJob(Job):
     def stopped_callback(self) -> Any:
         name = self._stopped_callback_name
         return self._resolve(name, "callback") if name else None
+
+
+def _bind_idempotency(func: Callable[..., Any], settings: Settings) -> None:
+    """Give an ``@idempotent`` function that was given no settings the worker's own.
+
+    Its default store is chosen by ``settings.engine``: left to itself it would load the
+    settings from the environment, where ``rq worker --worker-class ...`` may have no
+    ``WORKERKIT_ENGINE`` (the sql engine's default, a local SQLite file: no deduplication across
+    pods) nor the Redis URL the worker was given.
+    """
+    policy = getattr(func, "__workerkit_idempotency__", None)
+    if isinstance(policy, Idempotency):
+        policy.bind_settings(settings)
 
 
 def _wk_meta(job: Job) -> dict[str, Any]:
@@ -417,11 +450,15 @@ class _WorkerkitMixin:
         **kwargs: Any,
     ) -> None:
         settings = settings if settings is not None else load_settings()
+        if settings.engine != "rq":
+            # `rq worker --worker-class ...` without WORKERKIT_ENGINE: this is the rq engine all
+            # the same (its idempotency records, for one, live in Redis, not in a SQL database).
+            settings = dataclasses.replace(settings, engine="rq")
         if app is None:
             app = _load_app(settings)
         serializer = resolve_rq_serializer(serializer)
         base_job_class = _job_class(job_class)
-        bound = WorkerkitJob.bound_to(app, base_job_class)
+        bound = WorkerkitJob.bound_to(app, base_job_class, settings)
         # Queue objects (as `rq worker` builds them) carry the CLI's serializer and job class;
         # rebuild them by name so that ours apply.
         names = [
@@ -706,7 +743,10 @@ class _WorkerkitMixin:
         self._wk_interrupt(attempt)
 
     def wk_recover_abandoned(self) -> int:
-        """Requeue (or fail) abandoned attempts of this worker's queues; return how many."""
+        """Requeue (or fail) abandoned attempts of this worker's queues; return how many.
+
+        Due deferred jobs of the queues are put back too (:meth:`Leases.promote`).
+        """
         recovered = 0
         for queue in self.queues:
             try:
@@ -717,6 +757,9 @@ class _WorkerkitMixin:
                 for keys in self._wk_leases.abandoned(queue.name):
                     if self._wk_recovery.recover(keys, ["none"], "its lease expired (worker gone)"):
                         recovered += 1
+                # Deferred jobs come back through workerkit's own workers, so that they do not
+                # depend on RQ's scheduler (off unless --with-scheduler) running somewhere.
+                self._wk_leases.promote(queue.name, utcformat(now()))
             except redis.exceptions.RedisError as exc:
                 log.warning(
                     "recovery scan failed",
@@ -922,7 +965,7 @@ class _WorkerkitMixin:
         except JobInterrupted:
             # Our interrupt landed after the job's own code (RQ's bookkeeping, the way out).
             attempt.outcome = "released" if attempt.releasing else "lease_lost"
-        return attempt.outcome == "succeeded"
+        return attempt.outcome in ("succeeded", "skipped_duplicate")
 
     def _wk_context(self, job: Job, queue: Queue, attempt: _Attempt) -> JobContext:
         leases = self._wk_leases
@@ -977,7 +1020,14 @@ class _WorkerkitMixin:
         except JobInterrupted:
             return "released" if attempt.releasing else "lease_lost"
         except LeaseLost:
+            # IdempotencyClaimLost too: another attempt took the key over and this run's result
+            # was not recorded. Nothing is settled; the lease expires and crash recovery requeues
+            # the job (attempt consumed), whose next run replays the recorded result.
             return "lease_lost"
+        except IdempotencyInProgress as busy:
+            if attempt.releasing or attempt.lease_lost:
+                return "released" if attempt.releasing else "lease_lost"
+            return self._wk_defer(job, attempt, busy)
         except BaseException:
             exc_info = sys.exc_info()
             if (
@@ -1013,7 +1063,8 @@ class _WorkerkitMixin:
         self.handle_job_success(job=job, queue=queue, started_job_registry=registry)
         job.send_webhooks(JobStatus.FINISHED)
         self.log.info("Worker %s: %s: Job OK (%s)", self.name, queue.name, job.id)
-        return "succeeded"
+        # A replay returned the stored result of the run that held the key: nothing ran.
+        return "skipped_duplicate" if outcome_of(context) == "replayed" else "succeeded"
 
     def _wk_end_execution(self, job: Job, attempt: _Attempt, heartbeat_ttl: int) -> bool:
         """RQ's ``handle_execution_ended`` and the move to ``settle``, in one round trip.
@@ -1028,9 +1079,14 @@ class _WorkerkitMixin:
             with self._wk_redis.pipeline(transaction=False) as pipeline:
                 job.heartbeat(now(), heartbeat_ttl, pipeline=pipeline)
                 self._wk_leases.transition_in(pipeline, attempt.keys, ["run"], "settle", ttl)
-                return bool(pipeline.execute()[-1])
+                moved = pipeline.execute(raise_on_error=False)[-1]
         except redis.exceptions.RedisError:
             return False  # the lease will expire and the job be recovered
+        if isinstance(moved, redis.exceptions.NoScriptError):
+            return self._wk_claim_settle(attempt)  # the script did not run; this loads it
+        if isinstance(moved, Exception):
+            return False
+        return bool(moved)
 
     def _wk_claim_settle(self, attempt: _Attempt) -> bool:
         try:
@@ -1081,6 +1137,42 @@ class _WorkerkitMixin:
                 extra={"event": "release_failed", "job_id": job.id, "error": str(exc)},
             )
         return "lease_lost"
+
+    def _wk_defer(self, job: Job, attempt: _Attempt, busy: IdempotencyInProgress) -> str:
+        """Another live attempt holds the job's idempotency key: not now, attempt given back.
+
+        As the native engine's ``defer``: waiting is not a failure, so it must not use up the
+        attempts (or the RQ ``Retry`` left) that crash recovery and real failures depend on. The job
+        goes to RQ's ScheduledJobRegistry (``rq info`` shows it as scheduled), fenced by the
+        lease; the recovery scan of any live workerkit worker puts it back when it is due.
+        """
+        step = DEFER_BACKOFF
+        backoff = step / 2 + random.uniform(0, step / 2)
+        delay = backoff if busy.retry_after is None else min(max(0.0, busy.retry_after), backoff)
+        wk = _wk_meta(job)
+        wk["attempts"] = max(0, attempt.number - 1)
+        try:
+            deferred = self._wk_leases.defer(
+                attempt.keys, ["run"], self.serializer.dumps(job.meta), time.time() + delay
+            )
+        except redis.exceptions.RedisError as exc:
+            log.warning(
+                "defer failed; the lease will expire and the job be recovered",
+                extra={"event": "defer_failed", "job_id": job.id, "error": str(exc)},
+            )
+            return "lease_lost"
+        if not deferred:
+            return "lease_lost"
+        log.info(
+            "job deferred: its idempotency key is held by another live run",
+            extra={
+                "event": "job_deferred",
+                "job_id": job.id,
+                "delay": round(delay, 3),
+                "reason": f"IdempotencyInProgress: {busy}",
+            },
+        )
+        return "deferred"
 
     def cleanup_execution(self, job: Job, pipeline: Pipeline[Any]) -> None:
         """RQ's end bookkeeping plus dropping the lease (and, on success, the checkpoint)."""
@@ -1281,6 +1373,7 @@ class Worker(_WorkerkitMixin, RqWorker):
         if code in _HORSE_OUTCOMES:
             attempt.rq_settled = _HORSE_OUTCOMES[code] in (
                 "succeeded",
+                "skipped_duplicate",
                 "failed",
                 "retried",
                 "timed_out",
