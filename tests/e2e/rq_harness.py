@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,15 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from tests.e2e.harness import GRACE, MARGIN, REPO, WORKERKIT, Supervisor, wait_until
+from tests.e2e.harness import (
+    GRACE,
+    MARGIN,
+    REPO,
+    WORKERKIT,
+    Supervisor,
+    spawn_logged,
+    wait_until,
+)
 from tests.servers import free_port
 
 __all__ = ("RqEnv", "rq_supervisor", "start_rq_supervisor")
@@ -104,21 +111,8 @@ def start_rq_supervisor(
         **env.extra,
         **{f"WORKERKIT_{key.upper()}": value for key, value in settings.items()},
     }
-    log_path = env.tmp / f"{name}.log"
-    log_file = log_path.open("ab")
-    try:
-        proc = subprocess.Popen(
-            [*WORKERKIT, "run", "rq", "--worker-class", worker_class],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=env.tmp,
-            env=variables,
-        )
-    except BaseException:
-        log_file.close()
-        raise
-    return Supervisor(proc, port, log_path, log_file)
+    argv = [*WORKERKIT, "run", "rq", "--worker-class", worker_class]
+    return spawn_logged(argv, env.tmp, name, port, variables)
 
 
 @contextlib.contextmanager
