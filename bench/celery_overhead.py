@@ -2,11 +2,14 @@
 
 Usage (one run, one machine; needs redis-server on PATH)::
 
-    .venv/bin/python bench/celery_overhead.py [--tasks 3000] [--concurrency 2]
+    .venv/bin/python bench/celery_overhead.py [--tasks 3000] [--concurrency 2] [--rounds 3]
 
 For each pool it enqueues ``--tasks`` no-op tasks, starts the worker (bare ``celery worker`` or
 ``workerkit run celery``), and times from the first to the last acknowledgement (the ``unacked``
-hash and the queue both empty), so start-up time is not counted. Prints a Markdown table.
+hash and the queue both empty), so start-up time is not counted. The variants run interleaved,
+round after round (a shared machine drifts: each round compares runs made seconds apart), and
+the table gives each variant's median rate and workerkit's overhead against the median of bare
+Celery with the same settings, with the per-round figures below it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,6 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
     (work / "bench_app.py").write_text(APP)
@@ -135,24 +140,36 @@ def main() -> None:
         time.sleep(0.5)
         url = f"redis://127.0.0.1:{port}/0"
         print(
-            f"{args.tasks} no-op tasks, concurrency {args.concurrency} "
-            "(solo: 1), seconds from first to last ack\n"
+            f"{args.tasks} no-op tasks, concurrency {args.concurrency} (solo: 1), "
+            f"{args.rounds} interleaved rounds; seconds from first to last ack, medians\n"
         )
+        pools = ("solo", "prefork")
+        kinds = ("bare", "bare-safe", "workerkit")
+        times: dict[tuple[str, str], list[float]] = {(p, k): [] for p in pools for k in kinds}
+        for _ in range(args.rounds):
+            for pool in pools:
+                conc = 1 if pool == "solo" else args.concurrency
+                for kind in kinds:
+                    times[pool, kind].append(run_one(kind, pool, args.tasks, conc, url, work))
         print(
             "| pool | bare Celery defaults | bare Celery, workerkit's config | workerkit "
             "| workerkit vs same config |"
         )
         print("|---|---|---|---|---|")
-        for pool in ("solo", "prefork"):
-            conc = 1 if pool == "solo" else args.concurrency
-            bare = run_one("bare", pool, args.tasks, conc, url, work)
-            safe = run_one("bare-safe", pool, args.tasks, conc, url, work)
-            wk = run_one("workerkit", pool, args.tasks, conc, url, work)
-            overhead = (wk - safe) / safe * 100
+        for pool in pools:
+            bare, safe, wk = (statistics.median(times[pool, k]) for k in kinds)
             print(
                 f"| {pool} | {args.tasks / bare:.0f}/s | {args.tasks / safe:.0f}/s | "
-                f"{args.tasks / wk:.0f}/s | {overhead:+.1f}% time |"
+                f"{args.tasks / wk:.0f}/s | {(wk - safe) / safe * 100:+.1f}% time |"
             )
+        print("\nPer round (tasks/s: bare defaults / same config / workerkit; overhead):\n")
+        for pool in pools:
+            for i in range(args.rounds):
+                bare, safe, wk = (times[pool, k][i] for k in kinds)
+                print(
+                    f"- {pool} round {i + 1}: {args.tasks / bare:.0f} / {args.tasks / safe:.0f} "
+                    f"/ {args.tasks / wk:.0f}; {(wk - safe) / safe * 100:+.1f}%"
+                )
     finally:
         server.kill()
         server.wait()

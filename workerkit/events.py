@@ -23,7 +23,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, Literal
 
 __all__ = (
@@ -145,12 +145,37 @@ class EventClient:
             with self._send_lock:
                 sock.sendall(encode(message))
         except OSError as exc:
-            if not self._warned:
-                self._warned = True
-                log.warning(
-                    "supervisor channel closed; events are dropped",
-                    extra={"event": "channel_closed", "error": str(exc)},
-                )
+            self._warn_closed(exc)
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[Callable[[bytes], None] | None]:
+        """Hold the send lock; yield a function that writes already-encoded event lines.
+
+        For engines that batch events: nothing else this client sends is written in the middle
+        of the batch, and of two batches the one prepared first is written first. Yields None
+        when the supervisor cannot be reached. Write errors are dropped as in :meth:`send`.
+        """
+        with self._send_lock:
+            sock = self._sock
+            if sock is None:
+                yield None
+                return
+
+            def write(data: bytes) -> None:
+                try:
+                    sock.sendall(data)
+                except OSError as exc:
+                    self._warn_closed(exc)
+
+            yield write
+
+    def _warn_closed(self, exc: OSError) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "supervisor channel closed; events are dropped",
+                extra={"event": "channel_closed", "error": str(exc)},
+            )
 
     def _read_commands(self) -> None:
         sock = self._sock

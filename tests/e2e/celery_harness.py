@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -73,6 +74,13 @@ def stubborn(label: str, seconds: float) -> None:
     time.sleep(seconds)
     _journal("end", label, "done")
     _journal("done", label)
+
+
+@app.task(name="poison", workerkit_max_attempts=3)
+def poison(label: str) -> None:
+    """Kills the process that runs it, every time (an out-of-memory kill, a segfault)."""
+    _journal("start", label)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_intervals(lines: list[str], label: str) -> list[tuple[float, float]]:

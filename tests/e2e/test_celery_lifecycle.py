@@ -291,3 +291,34 @@ def test_long_task_with_two_workers_never_runs_twice_at_once(
             assert sup.wait_exit(10)[0] == 0
     lines = env.lines()
     assert sum(line.startswith("start solo-run") for line in lines) == 1, lines
+
+
+@pytest.mark.timeout(90)
+def test_poison_task_killing_its_pool_child_fails_after_max_attempts(
+    tmp_path: Path, redis_url: str, redis_client: object
+) -> None:
+    # Celery requeues a task whose pool child died (reject_on_worker_lost) and its max_retries
+    # does not count redeliveries; workerkit counts each crash in the message and fails it
+    # (without running it) once its worker died workerkit_max_attempts = 3 times.
+    env = _env(tmp_path)
+    with celery_supervisor(env, redis_url, worker_args=("--pool=prefork",), concurrency="1") as sup:
+        sup.wait_ready()
+        send(redis_url, "poison", "bad", task_id="bad")
+        send(redis_url, "noop", "after", task_id="after")
+        exhausted = sup.wait_event("job_attempts_exhausted", timeout=40)
+        wait_until(
+            lambda: any(line.startswith("noop after") for line in env.lines()),
+            timeout=15,
+            what="the next task to run",
+        )
+        wait_until(
+            lambda: redis_client.hlen("unacked") == 0,  # type: ignore[attr-defined]
+            timeout=10,
+            what="the poison message acknowledged",
+        )
+        sup.signal(signal.SIGTERM)
+        assert sup.wait_exit(10)[0] == 0
+    assert exhausted["job_id"] == "bad"
+    assert exhausted["crashes"] == 3
+    assert sum(line.startswith("start bad") for line in env.lines()) == 3
+    assert queue_ids(redis_client) == []

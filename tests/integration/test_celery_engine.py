@@ -11,7 +11,13 @@ pytest.importorskip("celery")
 
 from celery import Celery
 
-from workerkit.engines.celery import Ledger, celery_facts, configure_app
+from workerkit.engines.celery import (
+    CRASHES_HEADER,
+    GEN_HEADER,
+    Ledger,
+    celery_facts,
+    configure_app,
+)
 from workerkit.errors import LeaseLost
 from workerkit.settings import Settings
 
@@ -29,6 +35,11 @@ def _deliver(app: Celery, redis_client: Any, task_id: str) -> str:
     # The binding kombu declares with the queue (its in-memory declare cache may skip it after
     # the previous test's FLUSHDB); restores route through it.
     redis_client.sadd("_kombu.binding.celery", "celery\x06\x16\x06\x16celery")
+    return _take(redis_client)
+
+
+def _take(redis_client: Any) -> str:
+    """Deliver the message at the head of the queue: into kombu's ``unacked`` bookkeeping."""
     raw = redis_client.rpop("celery")
     payload = json.loads(raw)
     tag = payload["properties"]["delivery_tag"]
@@ -74,15 +85,77 @@ def test_abandoned_message_is_restored_once(app: Celery, redis_client: Any) -> N
     other.close()
 
 
-def test_checkpoint_is_fenced_by_the_newest_attempt(app: Celery) -> None:
+def _headers(redis_client: Any) -> dict[str, Any]:
+    [raw] = redis_client.lrange("celery", 0, -1)
+    headers: dict[str, Any] = json.loads(raw)["headers"]
+    return headers
+
+
+def test_restore_counts_crashes_and_generations_in_the_message(
+    app: Celery, redis_client: Any
+) -> None:
     ledger = Ledger(app)
-    assert ledger.begin("t3", "old") == (1, None)
-    ledger.save_checkpoint("t3", "old", {"at": 5})
-    assert ledger.begin("t3", "new") == (2, {"at": 5})
+    tag = _deliver(app, redis_client, "t4")
+    assert ledger.restore(tag)  # a release: a new generation, the attempt not counted
+    headers = _headers(redis_client)
+    assert (headers[GEN_HEADER], headers.get(CRASHES_HEADER)) == (1, None)
+    assert headers["redelivered"] is True
+    assert _take(redis_client) == tag  # redelivered, with the same tag
+    assert ledger.restore(tag, crashed=True)  # its worker died: the attempt counts
+    headers = _headers(redis_client)
+    assert (headers[GEN_HEADER], headers[CRASHES_HEADER]) == (2, 1)
+    assert headers["id"] == "t4"
+    ledger.close()
+
+
+def test_restore_without_the_binding_key_falls_back_to_the_apps_queue(
+    app: Celery, redis_client: Any
+) -> None:
+    # kombu's own restore routes through _kombu.binding.<exchange>; without it, the message
+    # went to no queue and was lost.
+    ledger = Ledger(app)
+    tag = _deliver(app, redis_client, "t5")
+    redis_client.delete("_kombu.binding.celery")
+    assert ledger.restore(tag)
+    assert [json.loads(m)["headers"]["id"] for m in redis_client.lrange("celery", 0, -1)] == ["t5"]
+    assert redis_client.hlen("unacked") == 0
+    ledger.close()
+
+
+def test_unroutable_restore_leaves_the_message_unacknowledged(
+    app: Celery, redis_client: Any
+) -> None:
+    ledger = Ledger(app)
+    tag = _deliver(app, redis_client, "t6")
+    payload, _, _ = json.loads(redis_client.hget("unacked", tag))
+    redis_client.hset("unacked", tag, json.dumps([payload, "nowhere", "no-such-queue"]))
+    assert not ledger.restore(tag)
+    assert redis_client.hexists("unacked", tag)  # never dropped
+    assert redis_client.zscore("unacked_index", tag) is not None
+    assert redis_client.llen("celery") == 0
+    ledger.close()
+
+
+def test_checkpoint_is_fenced_by_the_newest_generation(app: Celery) -> None:
+    ledger = Ledger(app)
+    old, new, newer_retry = (0, 0, 1000), (0, 1, 500), (1, 0, 0)
+    assert ledger.claim_checkpoint("t3", old) == (True, None)
+    ledger.save_checkpoint("t3", old, {"at": 5})
+    # A newer generation (a restore) wins even with an earlier clock; it reads the old state.
+    assert ledger.claim_checkpoint("t3", new) == (True, {"at": 5})
     with pytest.raises(LeaseLost):
-        ledger.save_checkpoint("t3", "old", {"at": 6})
-    ledger.give_back_attempt("t3")
-    assert ledger.begin("t3", "newer")[0] == 2
-    ledger.finish("t3")
-    assert ledger.begin("t3", "x") == (1, None)
+        ledger.save_checkpoint("t3", old, {"at": 6})
+    assert ledger.claim_checkpoint("t3", old) == (False, {"at": 5})  # stale: told so
+    ledger.save_checkpoint("t3", new, {"at": 7})
+    # Within one generation, the later start wins (two runs of one delivery).
+    later = (0, 1, 600)
+    ledger.save_checkpoint("t3", later, {"at": 8})
+    with pytest.raises(LeaseLost):
+        ledger.save_checkpoint("t3", new, {"at": 9})
+    # A Celery retry is newer than every restore of the message before it.
+    ledger.save_checkpoint("t3", newer_retry, {"at": 10})
+    ledger.finish("t3", later)  # a stale attempt's success deletes nothing
+    assert ledger.claim_checkpoint("t3", newer_retry) == (True, {"at": 10})
+    ledger.finish("t3", newer_retry)
+    assert ledger.claim_checkpoint("t3", old) == (True, None)
     ledger.close()

@@ -39,13 +39,20 @@ so two workers cannot both restore a message, and a message whose owner is alive
 restored. A dead owner's message is back in its queue at most W/2 + W/4 + a scan after its last
 renewal. The lease is per message, so a worker never renews a message it no longer holds.
 
-Attempts: ``workerkit:celery:attempts:<task id>`` counts runs. A release (by the job, at the
-release deadline, or by the supervisor after it killed the worker at the deadline) gives the
-attempt back; a crash does not.
+Attempts and fencing, without a Redis round trip per task: every workerkit restore rewrites
+the message in the same transaction (GEN_HEADER +1; CRASHES_HEADER +1 when the run's worker
+died: crash recovery, the supervisor's release after a crash, a lost prefork child, whose
+Celery requeue goes through :class:`_WorkerkitRequestMixin`). A run reads its attempt (1 +
+retries + crashes) and its checkpoint generation from ``task.request``; the checkpoint is read
+and its fence taken only when the task touches it (:class:`_CeleryJobContext`). A release gives
+nothing to count back: only crashes count. After ``workerkit_max_attempts`` crashes (default 3)
+the next delivery fails the task without running it (a poison message).
+Restores never drop a message whose exchange binding is missing in Redis (:meth:`Ledger._route`).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -86,16 +93,84 @@ KEY_PREFIX: Final = "workerkit:celery:"
 #: Keys of finished work (attempts, checkpoints) expire after this, whatever happens.
 _KEY_RETENTION: Final = 7 * 24 * 3600
 _HEARTBEAT_EVERY: Final = 2.0
+#: (Celery's retries, workerkit's restores, start time in ms): see _FENCE_LUA.
+Generation = tuple[int, int, int]
 _HEALTH_EVERY: Final = 5.0
 _DRAIN_TICK: Final = 0.02
 
-# The checkpoint write, fenced by the attempt's token: a stale attempt (one whose message was
-# released or restored and started again elsewhere) gets 0 and raises LeaseLost.
-_SAVE_CHECKPOINT = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+#: Message headers workerkit adds when it puts a message back in its queue (every restore is
+#: a read-modify-write of the payload in kombu's ``unacked`` hash, inside the restore's
+#: transaction). Celery copies every message header into ``task.request``, so a run learns its
+#: attempt and its fencing generation without a Redis round trip of its own.
+GEN_HEADER: Final = "workerkit_gen"  # +1 at every workerkit restore
+CRASHES_HEADER: Final = "workerkit_crashes"  # +1 when the run's worker died
+#: Runs whose worker died after which a message is failed instead of run again (a poison
+#: message that kills its worker every time). Per task: ``@app.task(workerkit_max_attempts=5)``.
+DEFAULT_MAX_ATTEMPTS: Final = 3
+
+# Checkpoints are fenced by the attempt's *generation* "retries:gen:started_ms" (Celery's retry
+# count, workerkit's restore count, the run's start time in ms), compared as numbers, in that
+# order. The fence key holds the highest generation that touched the checkpoint; an attempt
+# whose generation is lower is stale. Ordering (rather than "the last attempt to start wins",
+# which needs a write at every start) lets the fence be taken lazily, at the first read or
+# write of the checkpoint: a stale attempt that touches it first cannot take it from a newer
+# one later, and one that touches it after a newer one is refused. Retries and restores order
+# attempts exactly; the start time only orders two runs of one delivery (a restore that is not
+# workerkit's, e.g. kombu's own after the visibility timeout).
+_FENCE_LUA = """
+local function stale(fence)
+  if not fence then return false end
+  local a, b, c = string.match(fence, '^(%d+):(%d+):(%d+)$')
+  if not a then return false end
+  local mine = {tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])}
+  local theirs = {tonumber(a), tonumber(b), tonumber(c)}
+  for i = 1, 3 do
+    if theirs[i] ~= mine[i] then return theirs[i] > mine[i] end
+  end
+  return false
+end
+local function take()
+  redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3], 'EX', ARGV[4])
+end
+"""
+# Read the checkpoint and take the fence, atomically: {1, checkpoint} or {0, checkpoint}
+# (stale). ARGV: retries, gen, started_ms, ttl.
+_CLAIM_CHECKPOINT = (
+    _FENCE_LUA
+    + """
+local stored = redis.call('GET', KEYS[2])
+if stale(redis.call('GET', KEYS[1])) then return {0, stored} end
+take()
+return {1, stored}
+"""
+)
+# The fenced checkpoint write: 0 (and nothing written) when a newer attempt touched it.
+# ARGV: retries, gen, started_ms, ttl, state.
+_SAVE_CHECKPOINT = (
+    _FENCE_LUA
+    + """
+if stale(redis.call('GET', KEYS[1])) then return 0 end
+take()
+redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[4])
 return 1
 """
+)
+# The task succeeded: its checkpoint and fence go, unless a newer attempt owns them.
+_FINISH = (
+    _FENCE_LUA
+    + """
+if stale(redis.call('GET', KEYS[1])) then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+)
+
+
+def _int(value: Any) -> int:
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 # --- the app ----------------------------------------------------------------------------
@@ -223,7 +298,9 @@ class Ledger:
         self.client = self.channel.client
         self.unacked_key: str = self.channel.unacked_key
         self.unacked_index_key: str = self.channel.unacked_index_key
+        self._claim = self.client.register_script(_CLAIM_CHECKPOINT)
         self._save = self.client.register_script(_SAVE_CHECKPOINT)
+        self._finish = self.client.register_script(_FINISH)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -233,34 +310,25 @@ class Ledger:
     def key(kind: str, name: str) -> str:
         return f"{KEY_PREFIX}{kind}:{name}"
 
-    # --- one run ------------------------------------------------------------------------
+    # --- one run: nothing at start; the checkpoint, fenced, when the task touches it ------
 
-    def begin(self, task_id: str, token: str) -> tuple[int, Any]:
-        """Count the attempt, take the checkpoint fence; return (attempt, last checkpoint)."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.incr(self.key("attempts", task_id))
-        pipe.expire(self.key("attempts", task_id), _KEY_RETENTION)
-        pipe.set(self.key("owner", task_id), token, ex=_KEY_RETENTION)
-        pipe.get(self.key("checkpoint", task_id))
-        attempt, _, _, raw = pipe.execute()
-        return int(attempt), (json.loads(raw) if raw is not None else None)
+    def _keys(self, task_id: str) -> list[str]:
+        return [self.key("fence", task_id), self.key("checkpoint", task_id)]
 
-    def save_checkpoint(self, task_id: str, token: str, state: Any) -> None:
+    def claim_checkpoint(self, task_id: str, generation: Generation) -> tuple[bool, Any]:
+        """Take the fence and read the last checkpoint: (False, ...) when the attempt is stale."""
+        fresh, raw = self._claim(keys=self._keys(task_id), args=[*generation, _KEY_RETENTION])
+        return bool(fresh), (json.loads(raw) if raw is not None else None)
+
+    def save_checkpoint(self, task_id: str, generation: Generation, state: Any) -> None:
         data = json.dumps(state, separators=(",", ":"))
-        keys = [self.key("owner", task_id), self.key("checkpoint", task_id)]
-        if not self._save(keys=keys, args=[token, data, _KEY_RETENTION]):
+        args = [*generation, _KEY_RETENTION, data]
+        if not self._save(keys=self._keys(task_id), args=args):
             raise LeaseLost(f"task {task_id}: a newer attempt owns it; checkpoint not saved")
 
-    def give_back_attempt(self, task_id: str) -> None:
-        self.client.decr(self.key("attempts", task_id))
-
-    def finish(self, task_id: str) -> None:
-        """The task completed: its checkpoint, fence and attempt count go."""
-        self.client.delete(
-            self.key("checkpoint", task_id),
-            self.key("owner", task_id),
-            self.key("attempts", task_id),
-        )
+    def finish(self, task_id: str, generation: Generation) -> None:
+        """The task completed: its checkpoint and fence go (unless a newer attempt has them)."""
+        self._finish(keys=self._keys(task_id), args=[*generation, _KEY_RETENTION])
 
     # --- leases and restores --------------------------------------------------------------
 
@@ -271,40 +339,113 @@ class Ledger:
             pipe.set(self.key("lease", tag), owner, px=milliseconds)
         pipe.execute()
 
-    def restore(self, tag: str, *, owners: Sequence[str] | None = None) -> bool:
-        """Put the unacknowledged message ``tag`` back at the head of its queue, atomically.
+    def restore(
+        self,
+        tag: str,
+        *,
+        owners: Sequence[str] | None = None,
+        crashed: bool = False,
+        leftmost: bool = False,
+    ) -> bool:
+        """Put the unacknowledged message ``tag`` back in its queue, atomically.
 
         ``owners``: restore only when the lease key is gone or held by one of these (the worker
         that is releasing, or the dead worker the supervisor releases for); None: only when the
         lease is gone (crash recovery). False when the message was acknowledged, restored by
-        someone else, or is held by a live worker.
+        someone else, is held by a live worker, or has no queue to go to (then it stays in
+        ``unacked``, never dropped). ``crashed``: the run's worker died, the attempt counts.
+        ``leftmost``: at the back of the queue (kombu's reject) instead of its head.
         """
         lease_key = self.key("lease", tag)
         restored = False
 
         def transaction(pipe: Any) -> None:
             nonlocal restored
+            restored = False
             raw = pipe.hget(self.unacked_key, tag)
             holder = pipe.get(lease_key)
             if holder is not None:
                 holder = holder.decode() if isinstance(holder, bytes) else str(holder)
-            pipe.multi()
             if raw is None or (holder is not None and holder not in (owners or ())):
-                restored = False
+                pipe.multi()
                 return
             payload, exchange, routing_key = json.loads(raw)
+            queues = self._route(exchange, routing_key)
+            if not queues:
+                pipe.multi()
+                log.error(
+                    "no queue to put a message back in; it stays unacknowledged",
+                    extra={
+                        "event": "restore_unroutable",
+                        "tag": tag,
+                        "exchange": exchange,
+                        "routing_key": routing_key,
+                    },
+                )
+                return
+            headers = payload.get("headers")
+            if not isinstance(headers, dict):
+                headers = payload["headers"] = {}
+            headers[GEN_HEADER] = _int(headers.get(GEN_HEADER)) + 1
+            if crashed:
+                headers[CRASHES_HEADER] = _int(headers.get(CRASHES_HEADER)) + 1
+            # What kombu's own restore marks (Celery reads it as request.delivery_info).
+            headers["redelivered"] = True
+            with contextlib.suppress(KeyError, TypeError):
+                payload["properties"]["delivery_info"]["redelivered"] = True
+            data = json.dumps(payload)
+            priority = self.channel._get_message_priority(payload, reverse=False)
+            pipe.multi()
             pipe.zrem(self.unacked_index_key, tag)
             pipe.hdel(self.unacked_key, tag)
             pipe.delete(lease_key)
-            # rpush: kombu publishes with LPUSH and consumes with BRPOP, so the head of a queue
-            # is its right end; kombu's own visibility-timeout restore puts messages there too.
-            self.channel._do_restore_message(payload, exchange, routing_key, pipe, False)
+            # kombu publishes with LPUSH and consumes with BRPOP, so the head of a queue is its
+            # right end (RPUSH; kombu's visibility-timeout restore does that too) and a reject
+            # puts a message at the back (LPUSH).
+            push = pipe.lpush if leftmost else pipe.rpush
+            for queue in queues:
+                push(self.channel._q_for_pri(queue, priority), data)
             restored = True
 
         # WATCH on the hash and the lease: an ack (HDEL), a renewal or another restore between
         # our read and EXEC aborts the transaction, and redis-py runs it again on fresh values.
         self.client.transaction(transaction, self.unacked_key, lease_key)
         return restored
+
+    def _route(self, exchange: str, routing_key: str) -> list[str]:
+        """The queues a restored message goes to: kombu's bindings, else the app's own queues.
+
+        kombu routes a restore through the exchange's binding set ``_kombu.binding.<exchange>``
+        and, when that key is missing (deleted, a FLUSHDB, a new Redis), pushes the message to
+        no queue and drops it without a word. We fall back to the app's declared queues that
+        match the exchange and routing key, then to a queue named by the routing key when the
+        app knows one; with neither, nothing (the caller leaves the message unacknowledged).
+        """
+        if not exchange:  # the default exchange routes by queue name
+            return [routing_key] if routing_key else []
+        table = self.channel.get_table(exchange)
+        if table:
+            found = self.channel.typeof(exchange).lookup(table, exchange, routing_key, None)
+            queues = [str(q) for q in found or () if q]
+            if queues:
+                return queues
+        known: dict[str, Any] = {}
+        with contextlib.suppress(Exception):
+            known = dict(self.app.amqp.queues)
+        queues = [
+            name
+            for name, queue in known.items()
+            if getattr(queue.exchange, "name", None) == exchange
+            and queue.routing_key == routing_key
+        ]
+        if not queues and routing_key in known:
+            queues = [routing_key]
+        if queues:
+            log.warning(
+                "the exchange's binding is missing in Redis; restoring to the app's queue",
+                extra={"event": "restore_binding_missing", "exchange": exchange, "queues": queues},
+            )
+        return queues
 
     def abandoned(self, older_than: float, limit: int = 100) -> list[str]:
         """Tags delivered before ``older_than`` (epoch seconds) whose lease key is gone."""
@@ -351,6 +492,109 @@ def _process_ledger(app: Any) -> Ledger:
         return _ledger
 
 
+# --- per-task events, batched ---------------------------------------------------------
+
+#: How long a per-task event may wait to share one write with the next ones.
+_EVENT_BATCH_DELAY: Final = 0.02
+
+
+class _TaskEvents:
+    """The per-task events (job_started, job_finished, checkpoint_saved) of one process.
+
+    Each write on the supervisor's socket wakes the supervisor: about 100 us of the task's own
+    time on a small VM, twice per task, a fifth of a no-op task's cost in bare Celery, and as
+    much again in the supervisor. So an event goes out at once only when nothing went out in
+    the last _EVENT_BATCH_DELAY (an idle worker reports at once); under load a flusher thread
+    writes what gathered, in one write, at most that much later; and a job that started and
+    succeeded within one batch is reported by its job_finished alone (the supervisor would
+    add it to its in-flight deliveries and remove it at once; the metrics are the same).
+    The delay is harmless: the supervisor uses these events for metrics and to know which
+    deliveries to release if the worker dies, and a delivery it does not know of yet is
+    released by the worker itself (_release_all) or by crash recovery. Control events
+    (worker_ready, heartbeat, worker_stopping...) do not come through here; the main process
+    flushes this buffer before its own last events and before it exits.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.client = events_module.client("celery-executor")
+        # (event type, job id or "", outcome or "", encoded line)
+        self._queue: collections.deque[tuple[str, str, str, bytes]] = collections.deque()
+        self._wake = threading.Event()
+        self._last_write = 0.0
+        self._flusher: threading.Thread | None = None
+
+    def send(self, event_type: events_module.EventType, **fields: Any) -> None:
+        if not self.client.connected:
+            return
+        line = _ENCODER.encode({"type": event_type, "pid": self.pid, "ts": time.time(), **fields})
+        # deque.append and popleft are atomic: executor threads (the threads pool) and the
+        # flusher share the queue without a lock.
+        self._queue.append(
+            (event_type, fields.get("job_id") or "", fields.get("outcome") or "", line.encode())
+        )
+        if time.monotonic() - self._last_write >= _EVENT_BATCH_DELAY:
+            self.flush()
+        elif not self._wake.is_set():
+            if self._flusher is None:
+                self._flusher = threading.Thread(
+                    target=self._flush_later, name="workerkit-events", daemon=True
+                )
+                self._flusher.start()
+            self._wake.set()
+
+    def flush(self) -> None:
+        # The client's send lock: its other events are never written in the middle of ours,
+        # and of two flushes, the one that took the older events writes them first.
+        with self.client.writer() as write:
+            if write is None:
+                self._queue.clear()
+                return
+            batch = []
+            with contextlib.suppress(IndexError):
+                while True:
+                    batch.append(self._queue.popleft())
+            if not batch:
+                return
+            self._last_write = time.monotonic()
+            done = {job for kind, job, outcome, _ in batch if outcome == "succeeded"}
+            data = b"".join(
+                line + b"\n"
+                for kind, job, _, line in batch
+                if not (kind == "job_started" and job in done)
+            )
+            write(data)
+
+    def _flush_later(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(_EVENT_BATCH_DELAY)
+            self._wake.clear()
+            self.flush()
+
+
+#: events.encode's format (one JSON object a line), with one encoder for every event.
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
+_task_events: _TaskEvents | None = None
+
+
+def _events() -> _TaskEvents:
+    """This process's per-task event sender (a forked pool child makes its own)."""
+    global _task_events
+    current = _task_events
+    if current is None or current.pid != os.getpid():
+        current = _task_events = _TaskEvents()
+    return current
+
+
+def _flush_events() -> None:
+    current = _task_events
+    if current is not None and current.pid == os.getpid():
+        current.flush()
+
+
 # --- inside the task: the job context ---------------------------------------------------
 
 #: Set in a process once the supervisor asked its jobs to stop: a task starting later starts
@@ -372,36 +616,97 @@ def _delivery_tag(request: Any) -> str | None:
     return str(tag) if tag is not None else None
 
 
-def _run_job(task: Any, run: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+class AttemptsExhausted(Exception):
+    """The task's worker died ``workerkit_max_attempts`` times while running it: failed."""
+
+
+class _CeleryJobContext(JobContext):
+    """A job context whose checkpoint is read (and fence taken) on first use, not at start.
+
+    Most tasks never touch a checkpoint: they cost no Redis round trip of workerkit's own.
+    """
+
+    def __init__(self, *, app: Any, generation: Generation, **kwargs: Any) -> None:
+        self._app = app
+        self._generation = generation
+        # Set once this attempt read or wrote the checkpoint keys (its fence is taken).
+        self._claimed = False
+        super().__init__(save=self._save_fenced, **kwargs)
+
+    @property
+    def checkpoint(self) -> Any:
+        if not self._claimed:
+            self._claim()
+        return super().checkpoint
+
+    def _claim(self) -> None:
+        with self._lock:
+            if self._claimed:
+                return
+            try:
+                fresh, stored = _process_ledger(self._app).claim_checkpoint(
+                    self.job_id, self._generation
+                )
+            except Exception as exc:  # Redis is briefly unreachable: resume from nothing
+                log.warning(
+                    "cannot read the checkpoint",
+                    extra={"event": "checkpoint_read_failed", "error": str(exc)},
+                )
+                return
+            self._claimed = True
+            self._checkpoint = stored
+            if not fresh:  # a newer attempt of this task touched the checkpoint
+                self._lease_lost = True
+                self._stop.set()
+
+    def _save_fenced(self, state: Any) -> None:
+        # Called by flush() with self._lock held.
+        _process_ledger(self._app).save_checkpoint(self.job_id, self._generation, state)
+        self._claimed = True
+
+    def finish(self, checkpointed: bool) -> None:
+        """On success: delete the checkpoint and fence, when this task may have any."""
+        if self._claimed or checkpointed:
+            _process_ledger(self._app).finish(self.job_id, self._generation)
+
+
+@functools.cache
+def _celery_exceptions() -> tuple[Any, Any, Any]:
+    # Once: a ``from ... import`` in the hot path runs importlib's Python code every time.
     from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 
-    from workerkit.settings import load_settings
+    return Reject, Retry, SoftTimeLimitExceeded
+
+
+def _run_job(task: Any, run: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    Reject, Retry, SoftTimeLimitExceeded = _celery_exceptions()  # noqa: N806
 
     request = task.request
     job_id = str(request.id)
     queue = str((request.delivery_info or {}).get("routing_key") or "")
-    settings = _settings_cache or load_settings()
-    ledger = _process_ledger(task.app)
-    token = uuid.uuid4().hex
-    try:
-        attempt, checkpoint = ledger.begin(job_id, token)
-    except Exception as exc:  # Redis is briefly unreachable: run anyway, unfenced
-        log.warning(
-            "cannot read the checkpoint",
-            extra={"event": "checkpoint_read_failed", "error": str(exc)},
-        )
-        attempt, checkpoint = int(request.retries or 0) + 1, None
-    events = events_module.client("celery-executor")
+    settings = _settings_cache
+    if settings is None:
+        from workerkit.settings import load_settings
+
+        settings = load_settings()
+    # The attempt and the fencing generation come from the message (see GEN_HEADER): no
+    # Redis round trip at start.
+    retries = _int(request.retries)
+    crashes = _int(getattr(request, CRASHES_HEADER, 0))
+    attempt = 1 + retries + crashes
+    started_at = time.time()
+    generation = (retries, _int(getattr(request, GEN_HEADER, 0)), int(started_at * 1000))
+    events = _events()
     limit = task.time_limit or settings.job_timeout
-    context = JobContext(
+    context = _CeleryJobContext(
+        app=task.app,
+        generation=generation,
         job_id=job_id,
         task=task.name,
         queue=queue,
         attempt=attempt,
-        checkpoint=checkpoint,
-        deadline=time.time() + float(limit),
+        deadline=started_at + float(limit),
         checkpoint_interval=settings.checkpoint_interval,
-        save=functools.partial(ledger.save_checkpoint, job_id, token),
         on_checkpoint_saved=lambda ctx: events.send(
             "checkpoint_saved", job_id=ctx.job_id, task=ctx.task, queue=ctx.queue
         ),
@@ -425,14 +730,33 @@ def _run_job(task: Any, run: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     started = time.monotonic()
     outcome = "failed"
     try:
+        max_attempts = _int(getattr(task, "workerkit_max_attempts", None)) or DEFAULT_MAX_ATTEMPTS
+        if crashes >= max_attempts:
+            # A poison message: every run so far killed its worker (an out-of-memory kill, a
+            # segfault). Celery's max_retries does not see these (a redelivery is not a
+            # retry): fail it now, without running it, through Celery's own failure path
+            # (result backend, task_failure, the ack).
+            log.error(
+                "task failed: its worker died on every attempt",
+                extra={
+                    "event": "job_attempts_exhausted",
+                    "job_id": job_id,
+                    "task": task.name,
+                    "crashes": crashes,
+                    "max_attempts": max_attempts,
+                },
+            )
+            raise AttemptsExhausted(
+                f"workerkit: the worker died {crashes} times running task {task.name} "
+                f"{job_id} (workerkit_max_attempts={max_attempts})"
+            )
         with context.activate():
             result = run(*args, **kwargs)
     except ReleaseJob:
         outcome = "released"
-        with contextlib.suppress(Exception):
-            ledger.give_back_attempt(job_id)
-        # Reject with requeue: the main process puts the message back in its queue now (kombu's
-        # reject restores it from the unacked hash), and acknowledges nothing.
+        # Reject with requeue: the main process puts the message back in its queue now (see
+        # _WorkerkitRequest.reject), and acknowledges nothing. The attempt is not counted:
+        # only a crash adds to it.
         raise Reject("released by the job (workerkit)", requeue=True) from None
     except IdempotencyInProgress as exc:
         outcome = "retried"
@@ -449,8 +773,13 @@ def _run_job(task: Any, run: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         raise
     else:
         outcome = "succeeded"
-        with contextlib.suppress(Exception):
-            ledger.finish(job_id)
+        try:
+            context.finish(bool(getattr(task, "workerkit_checkpointed", False)))
+        except Exception as exc:  # the keys expire anyway (_KEY_RETENTION)
+            log.warning(
+                "cannot delete the checkpoint",
+                extra={"event": "checkpoint_delete_failed", "job_id": job_id, "error": str(exc)},
+            )
         return result
     finally:
         events.send(
@@ -480,6 +809,95 @@ def wrap_tasks(app: Any) -> None:
         # An instance attribute shadows the class's ``run``; Celery's tracer reads task.run
         # when it is built (in the main process for solo/threads, in each pool child).
         task.run = run
+        # Celery's documented hook for custom requests ("Task.Request"); the worker's
+        # strategy subclasses it once per task, so the user's own Request class still works.
+        task.Request = _request_class(task.Request)
+
+
+_request_classes: dict[Any, type[Any]] = {}
+
+
+def _request_class(base_spec: Any) -> type[Any]:
+    """A subclass of the task's Request whose requeues go through :meth:`Ledger.restore`."""
+    from celery.utils.imports import symbol_by_name
+
+    base: type[Any] = symbol_by_name(base_spec)
+    if issubclass(base, _WorkerkitRequestMixin):
+        return base
+    cls = _request_classes.get(base)
+    if cls is None:
+        cls = type(f"Workerkit{base.__name__}", (_WorkerkitRequestMixin, base), {})
+        _request_classes[base] = cls
+    return cls
+
+
+class _WorkerkitRequestMixin:
+    """Requeues (a job's release, a lost pool child) by workerkit's restore, not kombu's.
+
+    kombu's reject-with-requeue puts the payload back unchanged: a pool child killed by its
+    task (out of memory, a segfault) would be redelivered forever with nothing counting, and a
+    missing binding key drops the message (see Ledger._route). Ours counts the crash in the
+    message (CRASHES_HEADER, so that the next run fails a poison message) and bumps the fencing
+    generation, in the transaction that moves the message.
+    """
+
+    # Celery's Request has these (it is the other base).
+    id: str
+    message: Any
+    acknowledged: bool
+    send_event: Callable[..., Any]
+
+    _workerkit_crashed = False
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> Any:
+        from celery.exceptions import WorkerLostError
+
+        exc = getattr(exc_info, "exception", None)
+        exc = getattr(exc, "exc", exc)  # ExceptionWithTraceback
+        # Celery rejects with requeue for these when the pool child was lost (and
+        # task_reject_on_worker_lost); a Reject raised by the job (a release) is not a crash.
+        self._workerkit_crashed = isinstance(exc, WorkerLostError | SystemExit | KeyboardInterrupt)
+        base: Any = super()
+        return base.on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+    def reject(self, requeue: bool = False) -> None:
+        base: Any = super()
+        runtime = _runtime
+        if not requeue or self.acknowledged or runtime is None:
+            base.reject(requeue=requeue)
+            return
+        message = self.message
+        try:
+            restored = _process_ledger(runtime.app).restore(
+                str(message.delivery_tag),
+                owners=(runtime.worker_id,),
+                crashed=self._workerkit_crashed,
+                leftmost=True,  # at the back of the queue, as kombu's reject does
+            )
+        except Exception as exc:
+            log.warning(
+                "cannot requeue through workerkit; kombu requeues",
+                extra={"event": "requeue_failed", "job_id": self.id, "error": str(exc)},
+            )
+            base.reject(requeue=requeue)
+            return
+        # Settle the message in kombu's in-memory QoS only (that frees its prefetch slot): its
+        # entries in Redis are gone and must not be removed again, since a redelivery of the
+        # same message keeps the same delivery tag (on another worker, possibly, by now).
+        with contextlib.suppress(Exception):
+            message.channel.qos._quick_ack(message.delivery_tag)
+        with contextlib.suppress(Exception):
+            message._state = "REQUEUED"
+        self.acknowledged = True
+        with contextlib.suppress(Exception):
+            self.send_event("task-rejected", requeue=True)
+        if not restored:
+            log.warning(
+                "message not requeued: acknowledged, held by another worker, or no queue",
+                extra={"event": "requeue_skipped", "job_id": self.id},
+            )
 
 
 _settings_cache: Settings | None = None
@@ -642,6 +1060,10 @@ class _Runtime:
     def _exit_now(self) -> None:
         if self._in_hand():
             return
+        _flush_events()
+        if _pool_pids(self.consumer):
+            # Pool children write their last job_finished events within _EVENT_BATCH_DELAY.
+            time.sleep(_EVENT_BATCH_DELAY * 1.5)
         self._kill_pool()
         log.info("drained", extra={"event": "worker_drained"})
         logging.shutdown()
@@ -672,6 +1094,9 @@ class _Runtime:
             # and threads pools run in this process and end with it, a moment later; their
             # checkpoint writes are fenced by the next attempt's token.
             killed = self._kill_pool()
+            # A solo or threads job's job_started may still be in the buffer: it must reach
+            # the supervisor before the job_finished "released" below.
+            _flush_events()
             ledger = _process_ledger(self.app)
             released = 0
             for request in self._in_hand():
@@ -686,9 +1111,6 @@ class _Runtime:
                         extra={"event": "release_failed", "job_id": request.id, "error": str(exc)},
                     )
                     continue
-                if ok and request.time_start is not None:
-                    with contextlib.suppress(Exception):
-                        ledger.give_back_attempt(str(request.id))
                 released += ok
                 self.events.send(
                     "job_finished",
@@ -736,7 +1158,9 @@ class _Runtime:
                     "keeper step failed", extra={"event": "keeper_failed", "error": str(exc)}
                 )
                 self.events.send("store_health", ok=False, reason=f"broker: {type(exc).__name__}")
-            time.sleep(0.05)
+            # Sleep until the next step is due: nothing here runs per task.
+            due = min(next_renew, next_beat, next_health, next_scan)
+            time.sleep(min(max(0.05, due - time.monotonic()), 1.0))
 
     def _report_health(self) -> None:
         ledger = _process_ledger(self.app)
@@ -751,7 +1175,8 @@ class _Runtime:
         ledger = _process_ledger(self.app)
         for tag in ledger.abandoned(time.time() - self.lease_ttl):
             task_id = ledger.task_id_of(tag)
-            if ledger.restore(tag):
+            # The owner died: the run (if it had started) counts as an attempt.
+            if ledger.restore(tag, crashed=True):
                 log.warning(
                     "restored the message of a worker that died",
                     extra={"event": "message_recovered", "job_id": task_id, "tag": tag},
@@ -926,10 +1351,8 @@ class CeleryEngine:
                 if not tag:
                     continue
                 try:
-                    if ledger.restore(str(tag), owners=(worker,)):
+                    if ledger.restore(str(tag), owners=(worker,), crashed=crashed):
                         released += 1
-                        if not crashed and ref.get("job_id"):
-                            ledger.give_back_attempt(str(ref["job_id"]))
                 except Exception as exc:
                     log.warning(
                         "cannot release a message; crash recovery will",
