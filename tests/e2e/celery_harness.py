@@ -12,16 +12,15 @@ import contextlib
 import itertools
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from celery import Celery
 
 import workerkit
-from tests.e2e.harness import REPO, WORKERKIT, Env, Supervisor
+from tests.e2e.harness import REPO, WORKERKIT, Env, Supervisor, spawn_logged
 from tests.servers import free_port
 
 app = Celery("e2e", broker=os.environ.get("E2E_REDIS_URL", "redis://127.0.0.1:6379/1"))
@@ -135,22 +134,8 @@ def start_celery(
             for k, v in settings.items()
         },
     }
-    log_path = env.tmp / f"{name}.log"
-    log_file: IO[bytes] = log_path.open("ab")
-    try:
-        proc = subprocess.Popen(
-            [*WORKERKIT, "run", "celery", "--", *worker_args],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=env.tmp,
-            env=variables,
-            start_new_session=True,
-        )
-    except BaseException:
-        log_file.close()
-        raise
-    return Supervisor(proc, port, log_path, log_file)
+    argv = [*WORKERKIT, "run", "celery", "--", *worker_args]
+    return spawn_logged(argv, env.tmp, name, port, variables, new_session=True)
 
 
 @contextlib.contextmanager

@@ -230,9 +230,18 @@ def start_supervisor(
 
 
 def spawn_logged(
-    argv: Sequence[str], cwd: Path, name: str, port: int, variables: dict[str, str]
+    argv: Sequence[str],
+    cwd: Path,
+    name: str,
+    port: int,
+    variables: dict[str, str],
+    *,
+    new_session: bool = False,
 ) -> Supervisor:
-    """Start ``argv`` with its output in ``cwd/NAME.log`` (what Supervisor reads events from)."""
+    """Start ``argv`` with its output in ``cwd/NAME.log`` (what Supervisor reads events from).
+
+    ``new_session``: its own process group, so a test can SIGKILL the whole "pod" at once.
+    """
     log_path = cwd / f"{name}.log"
     log_file = log_path.open("ab")
     try:
@@ -243,6 +252,7 @@ def spawn_logged(
             stderr=subprocess.STDOUT,
             cwd=cwd,
             env=variables,
+            start_new_session=new_session,
         )
     except BaseException:
         log_file.close()
