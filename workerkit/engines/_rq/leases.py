@@ -153,11 +153,10 @@ return 1
 """
 )
 
-#: Put the job back at the front of its queue, out of the started registries, lease dropped.
-#: KEYS: AttemptKeys.keys(). ARGV: token, accepted, member, new meta ('' keeps it), job id.
-#: Returns 1 when requeued; 0 when another attempt owns the job or this one was settled already
-#: (a leftover lease of a settled attempt is dropped).
-_REQUEUE = (
+#: The fenced start of a change of hands, shared by _REQUEUE and _DEFER: return 0 unless this
+#: attempt owns the lease and is still started; then take it out of the started registries and
+#: write its new meta. KEYS and ARGV[1..4] as theirs.
+_LEAVE_STARTED = (
     _OWNED
     + """
 local lease = redis.call('GET', KEYS[1])
@@ -171,6 +170,16 @@ redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('DEL', KEYS[6])
 redis.call('ZREM', KEYS[7], ARGV[1])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[4], 'meta', ARGV[4]) end
+"""
+)
+
+#: Put the job back at the front of its queue, out of the started registries, lease dropped.
+#: KEYS: AttemptKeys.keys(). ARGV: token, accepted, member, new meta ('' keeps it), job id.
+#: Returns 1 when requeued; 0 when another attempt owns the job or this one was settled already
+#: (a leftover lease of a settled attempt is dropped).
+_REQUEUE = (
+    _LEAVE_STARTED
+    + """
 redis.call('HSET', KEYS[4], 'status', 'queued')
 redis.call('LPUSH', KEYS[5], ARGV[5])
 redis.call('DEL', KEYS[1])
@@ -182,19 +191,8 @@ return 1
 #: status ``scheduled``, and into workerkit's deferred set (the jobs ``_PROMOTE`` may put back).
 #: KEYS: AttemptKeys.defer_keys(). ARGV: token, accepted, member, new meta, job id, run at.
 _DEFER = (
-    _OWNED
+    _LEAVE_STARTED
     + """
-local lease = redis.call('GET', KEYS[1])
-if not owned(lease, ARGV[1], ARGV[2]) then return 0 end
-if redis.call('ZSCORE', KEYS[3], ARGV[3]) == false then
-  if lease then redis.call('DEL', KEYS[1]) end
-  return 0
-end
-redis.call('ZREM', KEYS[2], ARGV[3])
-redis.call('ZREM', KEYS[3], ARGV[3])
-redis.call('DEL', KEYS[6])
-redis.call('ZREM', KEYS[7], ARGV[1])
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[4], 'meta', ARGV[4]) end
 redis.call('HSET', KEYS[4], 'status', 'scheduled')
 redis.call('ZADD', KEYS[8], ARGV[6], ARGV[5])
 redis.call('ZADD', KEYS[9], ARGV[6], ARGV[5])
