@@ -179,7 +179,7 @@ class NativeWorker:
         announced_stop = False
         while True:
             if self._release_requested.is_set():
-                released = self._release_all("release requested by the supervisor")
+                released = self._release_all()
                 log.info(
                     "released unfinished jobs",
                     extra={"event": "worker_released", "released": released},
@@ -226,7 +226,7 @@ class NativeWorker:
                     interrupt_thread(running.thread, JobTimedOut)
                 self._finish(running)
 
-    def _release_all(self, reason: str) -> int:
+    def _release_all(self) -> int:
         with self._claim_lock, self._running_lock:
             everything = list(self._running.values())
         released = 0
