@@ -849,6 +849,12 @@ class _WorkerkitRequestMixin:
 
     _workerkit_crashed = False
 
+    def acknowledge(self) -> None:
+        base: Any = super()
+        base.acknowledge()
+        if _runtime is not None:
+            _runtime.forget(self)
+
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> Any:
@@ -867,6 +873,8 @@ class _WorkerkitRequestMixin:
         runtime = _runtime
         if not requeue or self.acknowledged or runtime is None:
             base.reject(requeue=requeue)
+            if runtime is not None:
+                runtime.forget(self)
             return
         message = self.message
         try:
@@ -891,6 +899,7 @@ class _WorkerkitRequestMixin:
         with contextlib.suppress(Exception):
             message._state = "REQUEUED"
         self.acknowledged = True
+        runtime.forget(self)
         with contextlib.suppress(Exception):
             self.send_event("task-rejected", requeue=True)
         if not restored:
@@ -952,6 +961,19 @@ class _Runtime:
         # before we exit: hand it back now (the gate does it for the others).
         if self.draining and request.eta:
             self._hand_back(request)
+
+    def forget(self, request: Any) -> None:
+        """The message left this worker's hands (acknowledged or requeued): stop holding it.
+
+        Done at once rather than by the keeper's next prune: a Request kept a few seconds
+        longer survives into the garbage collector's old generations, and at a thousand
+        messages a second those thousands of live objects made every full collection (and so
+        every task) slower.
+        """
+        tag = self._tag(request)
+        if tag is not None:
+            with self._held_lock:
+                self._held.pop(tag, None)
 
     def on_worker_ready(self) -> None:
         if self._started:
