@@ -162,6 +162,9 @@ class SupervisorMetrics:
             registry=r,
         )
         self._running: dict[str, tuple[str, str]] = {}  # job id -> (queue, task)
+        # (family, label values) -> child: prometheus_client's labels() validates and locks on
+        # every call, a few microseconds, and the per-job families are moved for every job.
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
         for outcome in SHUTDOWN_OUTCOMES:
             self.shutdowns.labels(engine, outcome)
         self.set_state("starting")
@@ -191,6 +194,14 @@ class SupervisorMetrics:
 
     # --- events from job-running processes ---------------------------------------------------
 
+    def _series(self, family: Any, *values: str) -> Any:
+        """``family.labels(*values)``, looked up once per label set."""
+        key = (family, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*values)
+        return child
+
     def apply(self, event: Mapping[str, Any], *, wall_time: float | None = None) -> None:
         """Move the families for one event from the channel (unknown events are ignored)."""
         kind = event.get("type")
@@ -200,7 +211,7 @@ class SupervisorMetrics:
             self._job_finished(event)
         elif kind == "checkpoint_saved":
             queue, task = self._queue_task(event)
-            self.checkpoints.labels(self.engine, queue, task).inc()
+            self._series(self.checkpoints, self.engine, queue, task).inc()
         elif kind == "heartbeat":
             ts = _seconds(event.get("ts"))
             if ts is None:
@@ -230,27 +241,27 @@ class SupervisorMetrics:
         if isinstance(job_id, str):
             previous = self._running.pop(job_id, None)
             if previous is not None:  # a start without a finish: do not count it twice
-                self.jobs_in_progress.labels(self.engine, *previous).dec()
+                self._series(self.jobs_in_progress, self.engine, *previous).dec()
             self._running[job_id] = (queue, task)
-        self.jobs_in_progress.labels(self.engine, queue, task).inc()
+        self._series(self.jobs_in_progress, self.engine, queue, task).inc()
         waited = _seconds(event.get("queued_for"))
         if waited is not None:
-            self.queue_wait.labels(self.engine, queue, task).observe(waited)
+            self._series(self.queue_wait, self.engine, queue, task).observe(waited)
 
     def _job_finished(self, event: Mapping[str, Any]) -> None:
         job_id = event.get("job_id")
         queue, task = self._queue_task(event)
         running = self._running.pop(job_id, None) if isinstance(job_id, str) else None
         if running is not None:
-            self.jobs_in_progress.labels(self.engine, *running).dec()
+            self._series(self.jobs_in_progress, self.engine, *running).dec()
         # Only the documented outcomes become label values: a label set must stay bounded even
         # when a process sends something unexpected.
         outcome = event.get("outcome")
         outcome = outcome if outcome in OUTCOMES else _UNKNOWN
-        self.jobs.labels(self.engine, queue, task, outcome).inc()
+        self._series(self.jobs, self.engine, queue, task, outcome).inc()
         duration = _seconds(event.get("duration"))
         if duration is not None:
-            self.job_duration.labels(self.engine, queue, task).observe(duration)
+            self._series(self.job_duration, self.engine, queue, task).observe(duration)
 
     def _queue_stats(self, event: Mapping[str, Any]) -> None:
         depth = event.get("depth")

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -18,11 +19,12 @@ from workerkit.supervisor.channel import Channel, Connection
 def run_with_channel(body: object) -> list[Message]:
     received: list[Message] = []
 
-    async def on_event(connection: Connection, message: Message) -> None:
-        received.append({**message, "_from": (connection.pid, connection.role)})
+    async def on_events(connection: Connection, messages: Sequence[Message]) -> None:
+        assert messages, "a batch is never empty"
+        received.extend({**m, "_from": (connection.pid, connection.role)} for m in messages)
 
     async def main() -> None:
-        async with Channel(on_event) as channel:
+        async with Channel(on_events) as channel:
             await body(channel)  # type: ignore[operator]
 
     anyio.run(main)
@@ -107,3 +109,20 @@ def test_an_oversized_line_drops_the_connection() -> None:
                 await channel.wait_closed()
 
     assert run_with_channel(body) == []
+
+
+def test_many_events_in_one_write_arrive_whole_and_in_order() -> None:
+    lines = b"".join(encode({"type": "heartbeat", "n": n}) for n in range(500))
+
+    async def body(channel: Channel) -> None:
+        async with await connect(channel) as stream:
+            await stream.send(encode({"type": "hello", "pid": 7, "role": "executor"}) + lines[:7])
+            await anyio.sleep(0.01)
+            # The rest, with a line cut in the middle at the end of the first write.
+            await stream.send(lines[7:])
+        with anyio.fail_after(5):
+            await channel.wait_closed()
+
+    received = run_with_channel(body)
+    assert [m.get("n") for m in received[1:]] == list(range(500))
+    assert {m["_from"] for m in received} == {(7, "executor")}

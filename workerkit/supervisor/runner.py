@@ -80,13 +80,13 @@ _MAX_REASON: Final = 200
 
 
 @dataclass(frozen=True)
-class _ChannelEvent:
-    """An event from a job-running process, on its way to the loop."""
+class _ChannelEvents:
+    """Events from a job-running process (those of one read), on their way to the loop."""
 
-    message: Message
+    messages: Sequence[Message]
 
 
-_Item = Input | _ChannelEvent
+_Item = Input | _ChannelEvents
 
 
 class Supervisor:
@@ -139,7 +139,7 @@ class Supervisor:
                                 signal.SIGTERM, signal.SIGINT, signal.SIGCHLD
                             )
                         )
-                    self.channel = await stack.enter_async_context(Channel(self._on_event))
+                    self.channel = await stack.enter_async_context(Channel(self._on_events))
                     if self.settings.http_port:
                         try:
                             self.http = await stack.enter_async_context(
@@ -204,9 +204,9 @@ class Supervisor:
 
     # --- the inputs ---------------------------------------------------------------------------
 
-    async def _on_event(self, connection: Connection, message: Message) -> None:
+    async def _on_events(self, connection: Connection, messages: Sequence[Message]) -> None:
         del connection
-        await self._send.send(_ChannelEvent(message))
+        await self._send.send(_ChannelEvents(messages))
 
     async def _receive_signals(self, signals: AsyncIterator[signal.Signals]) -> None:
         async for signum in signals:
@@ -251,10 +251,11 @@ class Supervisor:
     async def _loop(self) -> int:
         self._reap()  # the worker may have failed at once
         async for item in self._receive:
-            now = self.clock()
-            inputs = (
-                self._translate(item.message, now) if isinstance(item, _ChannelEvent) else [item]
-            )
+            if isinstance(item, _ChannelEvents):
+                now, wall_time = self.clock(), time.time()
+                inputs = [i for m in item.messages for i in self._translate(m, now, wall_time)]
+            else:
+                inputs = [item]
             for event in inputs:
                 actions = self.machine.handle(event)
                 self._sync_state()
@@ -264,8 +265,8 @@ class Supervisor:
                     return self._exit.code
         raise AssertionError("the inbox closed before the lifecycle ended")  # pragma: no cover
 
-    def _translate(self, message: Message, now: float) -> list[Input]:
-        self.metrics.apply(message, wall_time=time.time())
+    def _translate(self, message: Message, now: float, wall_time: float) -> list[Input]:
+        self.metrics.apply(message, wall_time=wall_time)
         kind = message.get("type")
         if kind == "worker_ready":
             self.health.worker_ready(now)
@@ -289,26 +290,30 @@ class Supervisor:
         job_id = message.get("job_id")
         if not isinstance(job_id, str):
             return []
+        # The per-job lines are DEBUG: their fields are picked only when that level is on.
+        debug = log.isEnabledFor(logging.DEBUG)
         if kind == "job_started":
-            log.debug(
-                "job started",
-                extra={
-                    "event": "job_started",
-                    **_pick(message, "job_id", "task", "queue", "attempt"),
-                },
-            )
+            if debug:
+                log.debug(
+                    "job started",
+                    extra={
+                        "event": "job_started",
+                        **_pick(message, "job_id", "task", "queue", "attempt"),
+                    },
+                )
             delivery = message.get("delivery")
             if not isinstance(delivery, Mapping):
                 delivery = {"job_id": job_id, "queue": message.get("queue")}
             return [JobStarted(job_id, dict(delivery))]
         if kind == "job_finished":
-            log.debug(
-                "job finished",
-                extra={
-                    "event": "job_finished",
-                    **_pick(message, "job_id", "task", "queue", "outcome", "duration"),
-                },
-            )
+            if debug:
+                log.debug(
+                    "job finished",
+                    extra={
+                        "event": "job_finished",
+                        **_pick(message, "job_id", "task", "queue", "outcome", "duration"),
+                    },
+                )
             return [JobFinished(job_id, str(message.get("outcome", "")))]
         return []
 
