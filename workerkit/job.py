@@ -104,6 +104,43 @@ class _TransactionalQueueSink:
         return self.backend.transaction()
 
 
+class _StopFlag:
+    """``threading.Event``'s is_set/set/wait, with the Event made only when a job first waits.
+
+    A context is built for every job, most jobs never wait for a stop, and an Event (a
+    Condition and its lock) is a measurable part of a no-op task's cost in Celery's solo pool.
+    """
+
+    __slots__ = ("_event", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._event: threading.Event | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        # Written before the Event is read; wait() makes the Event before it reads the flag. So
+        # either this sees wait()'s Event and sets it, or wait() sees the flag (the GIL orders
+        # the two threads' steps).
+        self._set = True
+        event = self._event
+        if event is not None:
+            event.set()
+
+    def wait(self, timeout: float | None) -> bool:
+        event = self._event
+        if event is None:
+            with _stop_event_lock:  # two first waiters must share one Event
+                event = self._event
+                if event is None:
+                    event = self._event = threading.Event()
+        if self._set:
+            event.set()
+        return event.wait(timeout)
+
+
 class JobContext:
     """One attempt of one job, as the job itself sees it."""
 
@@ -131,7 +168,7 @@ class JobContext:
         self._save = save
         self._on_saved = on_checkpoint_saved
         self._clock = clock
-        self._stop = threading.Event()
+        self._stop = _StopFlag()
         self._lease_lost = False
         self._pending: Any = _UNSET
         self._last_saved_at = clock()
@@ -320,6 +357,7 @@ _current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar(
 )
 _active: set[JobContext] = set()
 _registry_lock = threading.Lock()
+_stop_event_lock = threading.Lock()
 
 
 def current_job() -> JobContext:
@@ -350,8 +388,9 @@ def request_stop_all() -> None:
 def _reset_after_fork() -> None:
     # A forked child (RQ's work horse, Celery's pool) inherits the parent's registry, but none of
     # the parent's job threads; and another thread may have held the lock at fork time.
-    global _registry_lock
+    global _registry_lock, _stop_event_lock
     _registry_lock = threading.Lock()
+    _stop_event_lock = threading.Lock()
     _active.clear()
 
 

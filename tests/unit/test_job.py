@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -97,3 +98,21 @@ def test_current_job_is_per_thread_and_only_inside_activate() -> None:
     assert seen_elsewhere == [None]
     assert current_job_or_none() is None
     assert job not in active_contexts()
+
+
+def test_wait_for_stop_wakes_on_a_stop_from_another_thread() -> None:
+    context = JobContext(job_id="j", task="t", queue="q", attempt=1)
+    assert not context.wait_for_stop(0.01)
+    timer = threading.Timer(0.05, context.request_stop)
+    timer.start()
+    started = time.monotonic()
+    assert context.wait_for_stop(10)
+    assert time.monotonic() - started < 5
+    timer.join()
+    # Once stopped, a wait returns at once, and so does a wait on a context stopped before
+    # anyone waited.
+    assert context.wait_for_stop(10)
+    already = JobContext(job_id="k", task="t", queue="q", attempt=1)
+    already.mark_lease_lost()
+    assert already.stop_requested
+    assert already.wait_for_stop(10)
