@@ -518,21 +518,23 @@ class _TaskEvents:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.client = events_module.client("celery-executor")
-        # (event type, job id or "", outcome or "", encoded line)
-        self._queue: collections.deque[tuple[str, str, str, bytes]] = collections.deque()
+        # (event type, wall time, fields), encoded when written: a job_started whose
+        # job_finished comes in the same batch is never encoded at all.
+        self._queue: collections.deque[tuple[str, float, dict[str, Any]]] = collections.deque()
         self._wake = threading.Event()
         self._last_write = 0.0
         self._flusher: threading.Thread | None = None
 
+    @property
+    def connected(self) -> bool:
+        return self.client.connected
+
     def send(self, event_type: events_module.EventType, **fields: Any) -> None:
         if not self.client.connected:
             return
-        line = _ENCODER.encode({"type": event_type, "pid": self.pid, "ts": time.time(), **fields})
         # deque.append and popleft are atomic: executor threads (the threads pool) and the
         # flusher share the queue without a lock.
-        self._queue.append(
-            (event_type, fields.get("job_id") or "", fields.get("outcome") or "", line.encode())
-        )
+        self._queue.append((event_type, time.time(), fields))
         if time.monotonic() - self._last_write >= _EVENT_BATCH_DELAY:
             self.flush()
         elif not self._wake.is_set():
@@ -557,13 +559,19 @@ class _TaskEvents:
             if not batch:
                 return
             self._last_write = time.monotonic()
-            done = {job for kind, job, outcome, _ in batch if outcome == "succeeded"}
-            data = b"".join(
-                line + b"\n"
-                for kind, job, _, line in batch
-                if not (kind == "job_started" and job in done)
+            done = {
+                fields.get("job_id")
+                for kind, _, fields in batch
+                if kind == "job_finished" and fields.get("outcome") == "succeeded"
+            }
+            pid = self.pid
+            write(
+                b"".join(
+                    _ENCODER.encode({"type": kind, "pid": pid, "ts": ts, **fields}).encode() + b"\n"
+                    for kind, ts, fields in batch
+                    if not (kind == "job_started" and fields.get("job_id") in done)
+                )
             )
-            write(data)
 
     def _flush_later(self) -> None:
         while True:
@@ -713,20 +721,21 @@ def _run_job(task: Any, run: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     )
     if _stop_requested.is_set():
         context.request_stop()
-    events.send(
-        "job_started",
-        job_id=job_id,
-        task=task.name,
-        queue=queue,
-        attempt=attempt,
-        delivery={
-            "job_id": job_id,
-            "delivery_tag": _delivery_tag(request),
-            "queue": queue,
-            "worker": _runtime.worker_id if _runtime is not None else "",
-        },
-        queued_for=None,
-    )
+    if events.connected:  # nothing to build for a worker run without a supervisor
+        events.send(
+            "job_started",
+            job_id=job_id,
+            task=task.name,
+            queue=queue,
+            attempt=attempt,
+            delivery={
+                "job_id": job_id,
+                "delivery_tag": _delivery_tag(request),
+                "queue": queue,
+                "worker": _runtime.worker_id if _runtime is not None else "",
+            },
+            queued_for=None,
+        )
     started = time.monotonic()
     outcome = "failed"
     try:
@@ -793,7 +802,15 @@ def _run_job(task: Any, run: Callable[..., Any], args: Any, kwargs: Any) -> Any:
 
 
 def wrap_tasks(app: Any) -> None:
-    """Run every user task of ``app`` with a job context (before the worker builds tracers)."""
+    """Run every user task of ``app`` with a job context (before the worker builds tracers).
+
+    Every task, Celery's own (``celery.*``) included, gets workerkit's Request class: that is
+    how the worker knows which messages it holds (see _WorkerkitRequestMixin).
+    """
+    for task in app.tasks.values():
+        # Celery's documented hook for custom requests ("Task.Request"); the worker's
+        # strategy subclasses it once per task, so the user's own Request class still works.
+        task.Request = _request_class(task.Request)
     for task in _user_tasks(app):
         if getattr(task, "_workerkit_original_run", None) is not None:
             continue
@@ -809,9 +826,6 @@ def wrap_tasks(app: Any) -> None:
         # An instance attribute shadows the class's ``run``; Celery's tracer reads task.run
         # when it is built (in the main process for solo/threads, in each pool child).
         task.run = run
-        # Celery's documented hook for custom requests ("Task.Request"); the worker's
-        # strategy subclasses it once per task, so the user's own Request class still works.
-        task.Request = _request_class(task.Request)
 
 
 _request_classes: dict[Any, type[Any]] = {}
@@ -848,6 +862,15 @@ class _WorkerkitRequestMixin:
     send_event: Callable[..., Any]
 
     _workerkit_crashed = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        base: Any = super()
+        base.__init__(*args, **kwargs)
+        # Held from here until acknowledged or requeued. Celery's task_received signal would
+        # tell the same a little later, at several microseconds per message for its dispatch.
+        runtime = _runtime
+        if runtime is not None:
+            runtime.hold(self)
 
     def acknowledge(self) -> None:
         base: Any = super()
@@ -951,7 +974,8 @@ class _Runtime:
 
         consumer.on_task_request = gate
 
-    def on_task_received(self, request: Any) -> None:
+    def hold(self, request: Any) -> None:
+        """A message reached this worker (its Request was built): it is held until settled."""
         tag = self._tag(request)
         if tag is None:
             return
@@ -1253,9 +1277,6 @@ def _install(app: Any, settings: Settings) -> _Runtime:
 
     app.steps["consumer"].add(WorkerkitStep)
 
-    def on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
-        runtime.on_task_received(request)
-
     def on_ready(sender: Any = None, **_: Any) -> None:
         runtime.on_worker_ready()
 
@@ -1267,7 +1288,6 @@ def _install(app: Any, settings: Settings) -> _Runtime:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         events_module.client("celery-executor").on_command(_on_command_in_executor)
 
-    celery_signals.task_received.connect(on_received, weak=False)
     celery_signals.worker_ready.connect(on_ready, weak=False)
     celery_signals.worker_process_init.connect(on_child_start, weak=False)
 
