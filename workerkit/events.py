@@ -58,6 +58,9 @@ EventType = Literal[
     # taken_over, mismatched. "queue" is "" outside a job.
     "idempotency",
     "job_finished",  # {"job_id", "task", "queue", "outcome", "duration", "error"?}
+    # Several job_finished at once, from an engine that batches its events (Celery's):
+    # {"jobs": [[job_id, task, queue, outcome, duration], ...]}, in the order they finished.
+    "jobs_finished",
     "worker_stopping",  # the worker stopped fetching: {"running": int}
 ]
 EVENT_TYPES: Final[frozenset[str]] = frozenset(EventType.__args__)  # type: ignore[attr-defined]

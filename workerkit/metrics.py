@@ -10,7 +10,7 @@ The reference is docs/reference/metrics.md.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -63,6 +63,19 @@ _UNKNOWN = "unknown"
 
 def _label(value: object) -> str:
     return value if isinstance(value, str) and value else _UNKNOWN
+
+
+def finished_items(event: Mapping[str, Any]) -> Iterator[tuple[str, str, str, str, object]]:
+    """The well-formed items of a ``jobs_finished`` event: (job id, queue, task, outcome,
+    duration), queue and task as label values. Malformed items are skipped."""
+    jobs = event.get("jobs")
+    if not isinstance(jobs, list):
+        return
+    for item in jobs:
+        if isinstance(item, list) and len(item) == 5 and isinstance(item[0], str):
+            job_id, task, queue, outcome, duration = item
+            outcome = outcome if isinstance(outcome, str) and outcome in OUTCOMES else _UNKNOWN
+            yield job_id, _label(queue), _label(task), outcome, duration
 
 
 def _seconds(value: object) -> float | None:
@@ -209,6 +222,9 @@ class SupervisorMetrics:
             self._job_started(event)
         elif kind == "job_finished":
             self._job_finished(event)
+        elif kind == "jobs_finished":
+            for item in finished_items(event):
+                self.finish(*item)
         elif kind == "checkpoint_saved":
             queue, task = self._queue_task(event)
             self._series(self.checkpoints, self.engine, queue, task).inc()
@@ -251,17 +267,22 @@ class SupervisorMetrics:
     def _job_finished(self, event: Mapping[str, Any]) -> None:
         job_id = event.get("job_id")
         queue, task = self._queue_task(event)
+        self.finish(job_id, queue, task, event.get("outcome"), event.get("duration"))
+
+    def finish(
+        self, job_id: object, queue: str, task: str, outcome: object, duration: object
+    ) -> None:
+        """One job settled (``queue`` and ``task`` already label values)."""
         running = self._running.pop(job_id, None) if isinstance(job_id, str) else None
         if running is not None:
             self._series(self.jobs_in_progress, self.engine, *running).dec()
         # Only the documented outcomes become label values: a label set must stay bounded even
         # when a process sends something unexpected.
-        outcome = event.get("outcome")
-        outcome = outcome if outcome in OUTCOMES else _UNKNOWN
+        outcome = outcome if isinstance(outcome, str) and outcome in OUTCOMES else _UNKNOWN
         self._series(self.jobs, self.engine, queue, task, outcome).inc()
-        duration = _seconds(event.get("duration"))
-        if duration is not None:
-            self._series(self.job_duration, self.engine, queue, task).observe(duration)
+        seconds = _seconds(duration)
+        if seconds is not None:
+            self._series(self.job_duration, self.engine, queue, task).observe(seconds)
 
     def _queue_stats(self, event: Mapping[str, Any]) -> None:
         depth = event.get("depth")

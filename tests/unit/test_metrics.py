@@ -173,3 +173,33 @@ def test_idempotency_outcomes_are_counted_with_bounded_labels() -> None:
         sample(metrics, "workerkit_idempotency_total", queue="q", task="charge", outcome="made-up")
         is None
     )
+
+
+def test_a_jobs_finished_batch_counts_like_its_job_finished_events() -> None:
+    one_by_one, batched = SupervisorMetrics("sql"), SupervisorMetrics("sql")
+    for metrics in (one_by_one, batched):
+        metrics.apply(started("a"))
+    one_by_one.apply(finished("a", "succeeded", duration=2.0))
+    one_by_one.apply(finished("b", "failed", duration=1.0))
+    batched.apply(
+        {
+            "type": "jobs_finished",
+            "jobs": [
+                ["a", "t", "q", "succeeded", 2.0],
+                ["b", "t", "q", "failed", 1.0],
+                ["too", "short"],  # malformed items are skipped
+                [7, "t", "q", "succeeded", 1.0],
+            ],
+        }
+    )
+    batched.apply({"type": "jobs_finished", "jobs": "not a list"})
+    for name, labels in (
+        ("workerkit_jobs_total", {"outcome": "succeeded"}),
+        ("workerkit_jobs_total", {"outcome": "failed"}),
+        ("workerkit_jobs_in_progress", {}),
+        ("workerkit_job_duration_seconds_count", {}),
+        ("workerkit_job_duration_seconds_sum", {}),
+    ):
+        expected = sample(one_by_one, name, queue="q", task="t", **labels)
+        assert expected is not None
+        assert sample(batched, name, queue="q", task="t", **labels) == expected, name

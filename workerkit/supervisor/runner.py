@@ -34,7 +34,7 @@ from workerkit import exitcodes
 from workerkit.engines.base import AppTiming
 from workerkit.errors import ConfigurationError
 from workerkit.http import Health, HttpServer
-from workerkit.metrics import SupervisorMetrics
+from workerkit.metrics import SupervisorMetrics, finished_items
 from workerkit.settings import settings_to_env
 from workerkit.supervisor.channel import Channel, Connection
 from workerkit.supervisor.lifecycle import (
@@ -268,6 +268,8 @@ class Supervisor:
     def _translate(self, message: Message, now: float, wall_time: float) -> list[Input]:
         self.metrics.apply(message, wall_time=wall_time)
         kind = message.get("type")
+        # The per-job lines are DEBUG: their fields are picked only when that level is on.
+        debug = log.isEnabledFor(logging.DEBUG)
         if kind == "worker_ready":
             self.health.worker_ready(now)
             log.debug(
@@ -287,11 +289,30 @@ class Supervisor:
             return []
         if kind == "worker_stopping":
             return [WorkerStopping(now)]
+        if kind == "jobs_finished":
+            # Only the jobs the lifecycle holds in flight matter to it; a batch mostly settles
+            # jobs whose job_started the worker left out (started and finished in one batch).
+            in_flight = self.machine.in_flight
+            inputs: list[Input] = []
+            for finished, queue, task, outcome, duration in finished_items(message):
+                if debug:
+                    log.debug(
+                        "job finished",
+                        extra={
+                            "event": "job_finished",
+                            "job_id": finished,
+                            "task": task,
+                            "queue": queue,
+                            "outcome": outcome,
+                            "duration": duration,
+                        },
+                    )
+                if finished in in_flight:
+                    inputs.append(JobFinished(finished, outcome))
+            return inputs
         job_id = message.get("job_id")
         if not isinstance(job_id, str):
             return []
-        # The per-job lines are DEBUG: their fields are picked only when that level is on.
-        debug = log.isEnabledFor(logging.DEBUG)
         if kind == "job_started":
             if debug:
                 log.debug(
