@@ -338,18 +338,31 @@ class JobContext:
         self._lease_lost = True
         self._stop.set()
 
-    @contextlib.contextmanager
-    def activate(self) -> Iterator[JobContext]:
+    def activate(self) -> AbstractContextManager[JobContext]:
         """Make this the current job in this thread (and register it for stop requests)."""
-        token = _current.set(self)
+        return _Activation(self)
+
+
+class _Activation:
+    """``with context.activate():``; a class, as generator-based context managers cost more
+    per job than the rest of a no-op job's wrapper."""
+
+    __slots__ = ("_context", "_token")
+
+    def __init__(self, context: JobContext) -> None:
+        self._context = context
+
+    def __enter__(self) -> JobContext:
+        context = self._context
+        self._token = _current.set(context)
         with _registry_lock:
-            _active.add(self)
-        try:
-            yield self
-        finally:
-            with _registry_lock:
-                _active.discard(self)
-            _current.reset(token)
+            _active.add(context)
+        return context
+
+    def __exit__(self, *exc_info: object) -> None:
+        with _registry_lock:
+            _active.discard(self._context)
+        _current.reset(self._token)
 
 
 _current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar(
