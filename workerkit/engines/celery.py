@@ -629,9 +629,19 @@ def _events() -> _TaskEvents:
     """This process's per-task event sender (a forked pool child makes its own)."""
     global _task_events
     current = _task_events
-    if current is None or current.pid != os.getpid():
+    if current is None:
         current = _task_events = _TaskEvents()
     return current
+
+
+def _forget_parent_events() -> None:
+    # A forked pool child must not write into its parent's buffer and connection. Dropping the
+    # sender at fork spares every task an os.getpid() (a system call since glibc 2.25).
+    global _task_events
+    _task_events = None
+
+
+os.register_at_fork(after_in_child=_forget_parent_events)
 
 
 def _flush_events() -> None:
@@ -1017,6 +1027,7 @@ class _Runtime:
         tag = self._tag(request)
         if tag is None:
             return
+        request._workerkit_tag = tag  # for forget(), once per message
         with self._held_lock:
             self._held[tag] = request
         # A message that came in after SIGTERM and waits for an ETA would never reach the gate
@@ -1033,7 +1044,7 @@ class _Runtime:
         every task) slower.
         """
         self._last_settled = time.monotonic()
-        tag = self._tag(request)
+        tag = getattr(request, "_workerkit_tag", None)
         if tag is not None:
             with self._held_lock:
                 self._held.pop(tag, None)
