@@ -1,22 +1,32 @@
 """No-op task throughput: workerkit's celery engine against bare Celery, solo and prefork.
 
-Usage (one run, one machine; needs redis-server on PATH)::
+Run from the repository root (needs redis-server on PATH)::
 
-    .venv/bin/python bench/celery_overhead.py [--tasks 3000] [--concurrency 2] [--rounds 3]
+    .venv/bin/python -m bench.celery_overhead [--tasks 3000] [--concurrency 2] [--rounds 9]
 
-For each pool it enqueues ``--tasks`` no-op tasks, starts the worker (bare ``celery worker`` or
-``workerkit run celery``), and times from the first to the last acknowledgement (the ``unacked``
-hash and the queue both empty), so start-up time is not counted. The variants run interleaved,
-round after round (a shared machine drifts: each round compares runs made seconds apart), and
-the table gives each variant's median rate and workerkit's overhead against the median of bare
-Celery with the same settings, with the per-round figures below it.
+For each pool and each round it enqueues ``--tasks`` no-op tasks, starts a worker, and times
+from the first to the last acknowledgement (the queue and kombu's ``unacked`` hash both empty),
+so start-up is not counted. The variants:
+
+* ``bare``: ``celery worker`` with Celery's defaults (acks on receipt, prefetch multiplier 4);
+* ``bare-safe``: ``celery worker`` with what workerkit sets by default (late acks, reject on
+  worker lost, prefetch multiplier 1, time limits 300 s / soft 295 s from the default budget),
+  the baseline workerkit is held to: the same Celery work, without workerkit's code;
+* ``engine``: workerkit's engine alone, ``python -m workerkit.engines.celery``, no supervisor
+  (as a user's own ``celery worker`` command with workerkit's bootsteps would run);
+* ``workerkit``: the production path, ``workerkit run celery`` (supervisor, events channel,
+  metrics, probes).
+
+The variants of a pool run back to back within a round, in an order that rotates from round to
+round (a shared machine drifts; each round compares runs made seconds apart, and none always
+goes first). Overhead is the median over rounds of the same-round time ratio against
+``bare-safe``. Results go to bench/results/celery_overhead.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -24,28 +34,54 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.servers import free_port  # noqa: E402
+from bench._common import (
+    REPO,
+    child_env,
+    command_line,
+    machine,
+    machine_markdown,
+    redis_server,
+    write_results,
+)
 
 APP = """
 from celery import Celery
 import os
 app = Celery("bench", broker=os.environ["BENCH_REDIS_URL"])
 app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False)
-if os.environ.get("BENCH_SAFE"):  # what workerkit sets: late acks, prefetch 1
+if os.environ.get("BENCH_SAFE"):  # what workerkit sets by default (workerkit.engines.celery)
     app.conf.update(task_acks_late=True, task_reject_on_worker_lost=True,
-                    worker_prefetch_multiplier=1)
+                    worker_prefetch_multiplier=1, task_time_limit=300, task_soft_time_limit=295)
 
 @app.task(name="noop")
 def noop(i):
     return i
 """
 
+KINDS = ("bare", "bare-safe", "engine", "workerkit")
+POOLS = ("solo", "prefork")
+#: How often the drain is polled: 5 ms resolution on runs of 2-4 s, and few enough Redis
+#: commands that the poll does not load the server the workers share.
+POLL = 0.005
+
+
+def _argv(kind: str, common: list[str]) -> list[str]:
+    if kind.startswith("bare"):
+        return [
+            sys.executable, "-m", "celery", "-A", "bench_app:app", "worker", "-Q", "celery",
+            "--without-mingle", "--without-gossip", "--without-heartbeat", *common,
+        ]  # fmt: skip
+    if kind == "engine":
+        return [sys.executable, "-m", "workerkit.engines.celery", *common]
+    # What the `workerkit` console script runs.
+    cli = "from workerkit.cli import main; main()"
+    return [sys.executable, "-c", cli, "run", "celery", "--", *common]
+
 
 def run_one(kind: str, pool: str, tasks: int, concurrency: int, url: str, work: Path) -> float:
+    """Seconds from the first to the last acknowledgement of ``tasks`` no-op tasks."""
     import redis
     from celery import Celery
 
@@ -55,125 +91,102 @@ def run_one(kind: str, pool: str, tasks: int, concurrency: int, url: str, work: 
     with producer.connection_for_write() as conn:
         for i in range(tasks):
             producer.send_task("noop", args=[i], queue="celery", connection=conn)
-    env = {**os.environ, "BENCH_REDIS_URL": url, "PYTHONPATH": f"{work}:{REPO}"}
+    env = child_env(
+        BENCH_REDIS_URL=url,
+        PYTHONPATH=f"{work}{os.pathsep}{REPO}",
+        WORKERKIT_APP="bench_app:app",
+        WORKERKIT_REDIS_URL=url,
+        WORKERKIT_QUEUES="celery",
+        WORKERKIT_HTTP_PORT="0",
+        WORKERKIT_LOG_LEVEL="warning",
+        WORKERKIT_CONCURRENCY=str(concurrency),
+    )
     if kind == "bare-safe":
         env["BENCH_SAFE"] = "1"
     common = [f"--pool={pool}", f"--concurrency={concurrency}", "--loglevel=WARNING"]
-    if kind.startswith("bare"):
-        argv = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "bench_app:app",
-            "worker",
-            "-Q",
-            "celery",
-            "--without-mingle",
-            "--without-gossip",
-            "--without-heartbeat",
-            *common,
-        ]
-    else:
-        env.update(
-            WORKERKIT_APP="bench_app:app",
-            WORKERKIT_REDIS_URL=url,
-            WORKERKIT_QUEUES="celery",
-            WORKERKIT_HTTP_PORT="0",
-            WORKERKIT_LOG_LEVEL="warning",
-            WORKERKIT_CONCURRENCY=str(concurrency),
-        )
-        argv = [
-            sys.executable,
-            "-c",
-            "from workerkit.cli import main; main()",
-            "run",
-            "celery",
-            "--",
-            *common,
-        ]
     proc = subprocess.Popen(
-        argv,
+        _argv(kind, common),
         cwd=work,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        start_new_session=True,  # killed below as a group: the worker, its pool, its supervisor
     )
     try:
         while client.llen("celery") == tasks:
-            time.sleep(0.001)
+            time.sleep(POLL / 5)
         started = time.perf_counter()
         while client.llen("celery") or client.hlen("unacked"):
-            time.sleep(0.002)
+            time.sleep(POLL)
         return time.perf_counter() - started
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        client.close()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp())
-    (work / "bench_app.py").write_text(APP)
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(work),
-        ],
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        time.sleep(0.5)
-        url = f"redis://127.0.0.1:{port}/0"
-        print(
-            f"{args.tasks} no-op tasks, concurrency {args.concurrency} (solo: 1), "
-            f"{args.rounds} interleaved rounds; seconds from first to last ack, medians\n"
-        )
-        pools = ("solo", "prefork")
-        kinds = ("bare", "bare-safe", "workerkit")
-        times: dict[tuple[str, str], list[float]] = {(p, k): [] for p in pools for k in kinds}
-        for _ in range(args.rounds):
-            for pool in pools:
-                conc = 1 if pool == "solo" else args.concurrency
-                for kind in kinds:
-                    times[pool, kind].append(run_one(kind, pool, args.tasks, conc, url, work))
-        print(
-            "| pool | bare Celery defaults | bare Celery, workerkit's config | workerkit "
-            "| workerkit vs same config |"
-        )
-        print("|---|---|---|---|---|")
-        for pool in pools:
-            bare, safe, wk = (statistics.median(times[pool, k]) for k in kinds)
-            print(
-                f"| {pool} | {args.tasks / bare:.0f}/s | {args.tasks / safe:.0f}/s | "
-                f"{args.tasks / wk:.0f}/s | {(wk - safe) / safe * 100:+.1f}% time |"
+    info = machine()
+    times: dict[str, dict[str, list[float]]] = {p: {k: [] for k in KINDS} for p in POOLS}
+    with tempfile.TemporaryDirectory() as tmp, redis_server() as server:
+        work = Path(tmp)
+        (work / "bench_app.py").write_text(APP)
+        url = server.url(0)
+        for index in range(args.rounds):
+            order = KINDS[index % len(KINDS) :] + KINDS[: index % len(KINDS)]
+            for pool in POOLS:
+                concurrency = 1 if pool == "solo" else args.concurrency
+                for kind in order:
+                    elapsed = run_one(kind, pool, args.tasks, concurrency, url, work)
+                    times[pool][kind].append(elapsed)
+                    print(f"round {index + 1} {pool:8} {kind:10} {args.tasks / elapsed:6.0f}/s")
+    lines = [
+        "# Celery engine overhead: no-op task throughput",
+        "",
+        f"Command: `{command_line('bench.celery_overhead')}`",
+        "",
+        machine_markdown(info),
+        (
+            f"{args.tasks} no-op tasks per run, private redis-server, prefork concurrency "
+            f"{args.concurrency}; time from the first to the last acknowledgement. Overhead: "
+            "the median over rounds of the same-round time ratio against `bare-safe` (bare "
+            "Celery with workerkit's default settings: late acks, reject on worker lost, "
+            "prefetch 1, time limits 300 s / soft 295 s)."
+        ),
+        "",
+        "| pool | variant | tasks/s per round | median tasks/s | overhead vs bare-safe |",
+        "|---|---|---|---|---|",
+    ]
+    summary: dict[str, Any] = {}
+    for pool in POOLS:
+        baseline = times[pool]["bare-safe"]
+        for kind in KINDS:
+            runs = times[pool][kind]
+            rates = [args.tasks / t for t in runs]
+            ratios = [t / b - 1 for t, b in zip(runs, baseline, strict=True)]
+            overhead = statistics.median(ratios) * 100
+            summary[f"{pool}/{kind}"] = {
+                "seconds": runs,
+                "median_rate": statistics.median(rates),
+                "overhead_percent": overhead,
+            }
+            cell = (
+                "(baseline)"
+                if kind == "bare-safe"
+                else f"**{overhead:+.1f}%** ({', '.join(f'{r * 100:+.1f}' for r in ratios)})"
             )
-        print("\nPer round (tasks/s: bare defaults / same config / workerkit; overhead):\n")
-        for pool in pools:
-            for i in range(args.rounds):
-                bare, safe, wk = (times[pool, k][i] for k in kinds)
-                print(
-                    f"- {pool} round {i + 1}: {args.tasks / bare:.0f} / {args.tasks / safe:.0f} "
-                    f"/ {args.tasks / wk:.0f}; {(wk - safe) / safe * 100:+.1f}%"
-                )
-    finally:
-        server.kill()
-        server.wait()
-        shutil.rmtree(work, ignore_errors=True)
+            lines.append(
+                f"| {pool} | {kind} | {', '.join(f'{r:.0f}' for r in rates)} | "
+                f"{statistics.median(rates):.0f} | {cell} |"
+            )
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    write_results("celery_overhead", {"machine": info, "args": vars(args), "runs": summary}, text)
 
 
 if __name__ == "__main__":
