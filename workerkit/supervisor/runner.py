@@ -251,19 +251,31 @@ class Supervisor:
     async def _loop(self) -> int:
         self._reap()  # the worker may have failed at once
         async for item in self._receive:
-            if isinstance(item, _ChannelEvents):
-                now, wall_time = self.clock(), time.time()
-                inputs = [i for m in item.messages for i in self._translate(m, now, wall_time)]
-            else:
-                inputs = [item]
-            for event in inputs:
-                actions = self.machine.handle(event)
-                self._sync_state()
-                for action in actions:
-                    await self._execute(action)
-                if self._exit is not None:
-                    return self._exit.code
+            await self._take(item)
+            if self._exit is not None:
+                return self._exit.code
         raise AssertionError("the inbox closed before the lifecycle ended")  # pragma: no cover
+
+    async def _take(self, item: _Item) -> None:
+        """Handle one item of the inbox (stops early once the lifecycle has ended)."""
+        if not isinstance(item, _ChannelEvents):
+            await self._handle(item)
+            return
+        now, wall_time = self.clock(), time.time()
+        # One message at a time, translated and handled before the next: a batch may start a
+        # job and finish it, and the finish is read against the lifecycle's jobs in flight,
+        # which the start has to be in first.
+        for message in item.messages:
+            for event in self._translate(message, now, wall_time):
+                await self._handle(event)
+                if self._exit is not None:
+                    return
+
+    async def _handle(self, event: Input) -> None:
+        actions = self.machine.handle(event)
+        self._sync_state()
+        for action in actions:
+            await self._execute(action)
 
     def _translate(self, message: Message, now: float, wall_time: float) -> list[Input]:
         self.metrics.apply(message, wall_time=wall_time)
