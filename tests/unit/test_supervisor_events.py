@@ -33,24 +33,19 @@ def started(job_id: str) -> dict[str, Any]:
 
 
 def test_a_job_started_and_finished_in_one_batch_is_not_left_in_flight() -> None:
-    with supervisor() as sup:
-        take_batch_then_check(sup)
-
-
-def take_batch_then_check(sup: Supervisor) -> None:
     batch = [
         started("a"),
         started("b"),
         {"type": "jobs_finished", "jobs": [["a", "t", "q", "released", 0.1]]},
     ]
-    anyio.run(sup._take, _ChannelEvents(batch))
-    assert set(sup.machine.in_flight) == {"b"}
-    jobs = sup.metrics.registry.get_sample_value(
-        "workerkit_jobs_total",
-        {"engine": "celery", "queue": "q", "task": "t", "outcome": "released"},
-    )
-    assert jobs == 1
-    anyio.run(
-        sup._take, _ChannelEvents([{"type": "job_finished", "job_id": "b", "outcome": "succeeded"}])
-    )
-    assert sup.machine.in_flight == {}
+    with supervisor() as sup:
+        anyio.run(sup._take, _ChannelEvents(batch))
+        assert set(sup.machine.in_flight) == {"b"}
+        jobs = sup.metrics.registry.get_sample_value(
+            "workerkit_jobs_total",
+            {"engine": "celery", "queue": "q", "task": "t", "outcome": "released"},
+        )
+        assert jobs == 1
+        finish_b = {"type": "job_finished", "job_id": "b", "outcome": "succeeded"}
+        anyio.run(sup._take, _ChannelEvents([finish_b]))
+        assert sup.machine.in_flight == {}

@@ -645,8 +645,8 @@ os.register_at_fork(after_in_child=_forget_parent_events)
 
 
 def _flush_events() -> None:
-    current = _task_events
-    if current is not None and current.pid == os.getpid():
+    current = _task_events  # never the parent's in a forked child (_forget_parent_events)
+    if current is not None:
         current.flush()
 
 

@@ -176,7 +176,11 @@ class Channel:
                 if len(pending) > MAX_LINE_BYTES or any(len(x) > MAX_LINE_BYTES for x in lines):
                     self._warn_too_long(connection)
                     return
-                messages = [m for m in map(self._decode, lines) if m is not None]
+                messages = [
+                    message
+                    for line in lines
+                    if (message := self._decode(connection, line)) is not None
+                ]
                 for message in messages:
                     if message["type"] == "hello":
                         self._hello(connection, message)
@@ -200,13 +204,16 @@ class Channel:
         )
 
     @staticmethod
-    def _decode(line: bytes) -> Message | None:
+    def _decode(connection: Connection, line: bytes) -> Message | None:
         if not line.strip():
             return None
         try:
             message = decode(line)
         except ValueError:
-            log.warning("undecodable event line ignored", extra={"event": "channel_bad_event"})
+            log.warning(
+                "undecodable event line ignored",
+                extra={"event": "channel_bad_event", **connection.describe()},
+            )
             return None
         kind = message.get("type")
         if not isinstance(kind, str) or kind not in EVENT_TYPES:
