@@ -1,41 +1,10 @@
 """Iteration helpers: a checkpointed long job written as a plain ``for`` loop.
 
-A long job that walks a source in a stable order (rows by id, files by name, pages of an API)
-resumes where it left off if it remembers a *cursor*: "everything up to here is done". These
-helpers keep that cursor in the job's checkpoint for you::
-
-    def fetch(after: int, limit: int) -> list[Row]:          # keyset pagination
-        return db.execute(select(t).where(t.c.id > after).order_by(t.c.id).limit(limit)).all()
-
-    @app.task(checkpointed=True, timeout=3600)
-    def reindex() -> None:
-        for row in workerkit.checkpointed(fetch, cursor_of=lambda row: row.id, start=0):
-            index(row)                                        # at least once per row
-
-        for batch in workerkit.batches(fetch, cursor_of=lambda row: row.id, start=0, size=500):
-            with batch.transaction() as conn:                 # exactly once per batch
-                conn.execute(update(t).where(t.c.id > batch.after, t.c.id <= batch.cursor)...)
-
-What they do, on every engine:
-
-* **resume**: the first fetch starts from the cursor in ``current_job().checkpoint`` (``start``
-  when there is none), so the next attempt goes on after the last item saved;
-* **save**: after each item (or batch) the cursor is handed to
-  :meth:`~workerkit.job.JobContext.save_checkpoint`, which writes it at most every
-  ``checkpoint_interval`` seconds (F); ``every=N`` also writes it every N items or batches;
-* **stop**: before each item (or batch), when the job was asked to stop (the drain deadline
-  passed, or the lease was lost) the helper saves the cursor of the last *finished* item and
-  calls :meth:`~workerkit.job.JobContext.release`: the job goes back to its queue and the next
-  attempt resumes exactly there.
-
-An item counts as finished when the loop asks for the next one. So after a release nothing is
-done twice; after a crash (SIGKILL, out of memory), at most what was done since the last write
-is done again: one checkpoint interval's worth (F seconds, or N items with ``every=N``).
-For exactly once, use :func:`batches` with :meth:`Batch.transaction`: the batch's writes and its
-cursor commit in one transaction of the queue's database.
-
-Cursors are JSON values (an int, a string, a list): they go through the checkpoint, so a tuple
-comes back as a list.
+:func:`checkpointed` (one item at a time, at least once) and :func:`batches` (with
+:meth:`Batch.transaction`, exactly once) keep a keyset cursor in the job's checkpoint: they resume
+from it, save it after each finished item or batch, and release the job when a stop is requested.
+The tricky part is *when* an item counts as finished: when the loop asks for the next one, so a
+cursor is never saved before its item is done. See docs/howto/checkpointed-jobs.md.
 """
 
 from __future__ import annotations

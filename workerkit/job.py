@@ -1,19 +1,10 @@
 """The job context: what a running job knows about itself, on every engine.
 
-Inside a job, :func:`current_job` returns a :class:`JobContext`: the job's id, task, attempt and
-deadline, whether a stop has been requested (the drain deadline passed, or the lease was lost),
-the last saved checkpoint, and the means to save a new one or to release the job.
-
-The context is engine-agnostic. An engine builds one per attempt with a :class:`CheckpointSink`
-(its fenced write of a checkpoint) and runs the job inside :meth:`JobContext.activate`. The
-supervisor's ``request_stop`` command reaches every context of the process through
-:func:`request_stop_all`.
-
-Transactional checkpoints: when the job's own data lives in the database of workerkit's SQL
-queue, the sink is a :class:`TransactionalCheckpointSink` (see :meth:`JobContext.delivery_sink`),
-and ``save_checkpoint(state, connection=conn)`` runs the fenced checkpoint UPDATE inside the
-caller's transaction, so a batch of work and the cursor that says it is done commit (or roll
-back) together. See docs/howto/checkpointed-jobs.md.
+Inside a job, :func:`current_job` returns a :class:`JobContext` (id, task, attempt, deadline,
+``stop_requested``, the last checkpoint, ``save_checkpoint()``, ``release()``). An engine builds
+one per attempt with a :class:`CheckpointSink` (its fenced checkpoint write) and runs the job in
+:meth:`JobContext.activate`; the supervisor's ``request_stop`` reaches every context of the
+process through :func:`request_stop_all`. See docs/howto/checkpointed-jobs.md.
 """
 
 from __future__ import annotations

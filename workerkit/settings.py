@@ -1,18 +1,10 @@
 """Settings: every knob, its default, its environment variable, and how it is read.
 
-Defaults live here and nowhere else: the CLI, the docs (``docs/reference/settings.md``, checked
-by a test) and the Helm chart take their numbers from this module.
-
-Precedence, highest first:
-
-1. a command-line option (``--grace-period 60``);
-2. an environment variable (``WORKERKIT_GRACE_PERIOD=60``);
-3. the config file: ``--config PATH`` or ``WORKERKIT_CONFIG``, else ``workerkit.toml`` in the
-   working directory, else the ``[tool.workerkit]`` table of ``pyproject.toml`` there;
-4. the default below.
-
-Unknown keys in a config file, values of the wrong type and impossible values refuse to start
-with a :class:`~workerkit.errors.SettingError` naming the key, the value and what is accepted.
+Defaults live here and nowhere else (the CLI and docs/reference/settings.md, checked by a test,
+take them from here). Precedence: ``--option``, then ``WORKERKIT_*``, then the config file
+(``--config``, ``WORKERKIT_CONFIG``, ``workerkit.toml`` or ``[tool.workerkit]``), then the
+default. A bad value refuses to start with a :class:`~workerkit.errors.SettingError` naming the
+key, the value and what is accepted (docs/reference/settings.md).
 """
 
 from __future__ import annotations

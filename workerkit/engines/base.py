@@ -1,30 +1,12 @@
-"""The contracts between the supervisor, the native worker loop and a queue.
+"""The contracts between the supervisor, the worker loops and a queue.
 
-Two small interfaces:
-
-* :class:`QueueBackend` is a queue workerkit runs itself (the SQL queue; the in-memory queue of
-  :mod:`workerkit.testing`). The native worker loop (:mod:`workerkit.worker`) claims deliveries
-  from it, runs them with a :class:`~workerkit.job.JobContext`, extends their leases and settles
-  each one exactly once: ack, retry, fail or release. Every write after the claim is *fenced* by
-  the delivery's token, so an attempt whose lease expired (and whose job another worker may have
-  claimed since) cannot complete, fail, release or checkpoint it: the write raises
-  :class:`~workerkit.errors.LeaseLost` instead.
-
-* :class:`Engine` is what the supervisor needs from any engine (sql, rq, celery): how to start
-  the engine's worker process, and how to release, by itself, deliveries that were in flight
-  when that process died or had to be killed.
-
-Transactional checkpoints: a queue that lives in a database the job's own data can share (the
-SQL queue) may also implement :class:`TransactionalQueue`: ``save_checkpoint(delivery, state,
-connection=conn)`` makes the same fenced write inside the caller's open transaction, and
-``transaction()`` opens one on the queue's database. The :class:`QueueBackend` contract itself is
-unchanged: a backend without them (the in-memory queue) still works, and a job that asks it for
-a transactional checkpoint gets a :class:`~workerkit.errors.ConfigurationError` saying why.
-
-Attempts: ``attempts`` counts claims. A claim takes one; a release gives it back (a deploy is
-not the job's fault); a crash keeps it (a job that kills its worker every time must end up
-failed, not loop forever), whether the supervisor releases the job after the crash or its lease
-expires. A job with no attempts left is then failed with the reason instead of run again.
+:class:`QueueBackend` is a queue workerkit runs itself (the SQL queue and its in-memory fake):
+claim, extend, and settle each delivery exactly once, every write after the claim fenced by the
+delivery's token (:class:`~workerkit.errors.LeaseLost` otherwise). :class:`TransactionalQueue`
+adds checkpoints inside the caller's transaction. :class:`Engine` is what the supervisor needs
+from any engine: the worker's command, and releasing deliveries in flight when it died.
+Attempt accounting (a release gives the attempt back, a crash keeps it) is in
+docs/howto/checkpointed-jobs.md.
 """
 
 from __future__ import annotations
