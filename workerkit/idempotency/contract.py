@@ -7,6 +7,7 @@ without importing the package that chooses a store (no import cycle), and ``impo
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
@@ -18,6 +19,7 @@ __all__ = (
     "IdempotencyRecord",
     "IdempotencyStore",
     "check_seconds",
+    "log_fenced_out",
 )
 
 #: What a store's claim found: the caller now owns the key (``claimed``, ``taken_over``), or
@@ -109,3 +111,11 @@ def check_seconds(what: str, value: float) -> None:
     """Refuse a zero, negative or non-finite duration (a store must never make one)."""
     if not (isinstance(value, int | float) and 0 < value < float("inf")):
         raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
+
+
+def log_fenced_out(log: logging.Logger, key: str) -> None:
+    """Log a completion refused because its owner token no longer holds ``key``."""
+    log.warning(
+        "idempotency completion fenced out",
+        extra={"event": "idempotency_complete_fenced", "key": key},
+    )

@@ -19,7 +19,7 @@ import redis
 from redis import exceptions as redis_errors
 
 from workerkit.errors import StoreError, StoreUnavailable
-from workerkit.idempotency.contract import Claim, IdempotencyRecord, check_seconds
+from workerkit.idempotency.contract import Claim, IdempotencyRecord, check_seconds, log_fenced_out
 
 if TYPE_CHECKING:
     from redis.commands.core import Script
@@ -107,10 +107,7 @@ class RedisIdempotencyStore:
         check_seconds("retention", retention)
         done = bool(self._call(self._complete, key, token, result_json, _ms(retention)))
         if not done:
-            log.warning(
-                "idempotency completion fenced out",
-                extra={"event": "idempotency_complete_fenced", "key": key},
-            )
+            log_fenced_out(log, key)
         return done
 
     def forget(self, key: str, token: str) -> bool:

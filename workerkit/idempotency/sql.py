@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from workerkit.errors import SchemaOutOfDate, StoreError, StoreUnavailable
-from workerkit.idempotency.contract import Claim, IdempotencyRecord, check_seconds
+from workerkit.idempotency.contract import Claim, IdempotencyRecord, check_seconds, log_fenced_out
 from workerkit.store import db
 from workerkit.store.schema import db_now, idempotency_keys
 
@@ -170,10 +170,7 @@ class SqlIdempotencyStore:
         with self._write() as conn:
             done = conn.execute(statement).rowcount == 1
         if not done:
-            log.warning(
-                "idempotency completion fenced out",
-                extra={"event": "idempotency_complete_fenced", "key": key},
-            )
+            log_fenced_out(log, key)
         return done
 
     def forget(self, key: str, token: str) -> bool:
