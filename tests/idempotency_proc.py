@@ -35,10 +35,10 @@ POLL = 0.002
 def open_store(spec: str) -> IdempotencyStore:
     kind, _, url = spec.partition(":")
     if kind == "sql":
-        from workerkit.store.idempotency import SqlIdempotencyStore
+        from workerkit.idempotency.sql import SqlIdempotencyStore
 
         return SqlIdempotencyStore(url)
-    from workerkit.store.idempotency_redis import RedisIdempotencyStore
+    from workerkit.idempotency.redis import RedisIdempotencyStore
 
     return RedisIdempotencyStore.from_url(url)
 

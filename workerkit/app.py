@@ -219,7 +219,8 @@ class App:
     def idempotency_store(self) -> IdempotencyStore:
         """Where the records of this app's idempotent tasks live (see the class docstring)."""
         if self._idempotency_store is None:
-            from workerkit.testing import InMemoryIdempotencyStore, InMemoryQueue
+            from workerkit.idempotency.memory import InMemoryIdempotencyStore
+            from workerkit.testing import InMemoryQueue
 
             if isinstance(self._backend, InMemoryQueue):
                 self._idempotency_store = InMemoryIdempotencyStore(clock=self._backend.clock)

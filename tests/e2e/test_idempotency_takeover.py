@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from workerkit.idempotency.redis import RedisIdempotencyStore
+from workerkit.idempotency.sql import SqlIdempotencyStore
 from workerkit.store.db import upgrade
-from workerkit.store.idempotency import SqlIdempotencyStore
-from workerkit.store.idempotency_redis import RedisIdempotencyStore
 
 if TYPE_CHECKING:
     from workerkit.idempotency import IdempotencyStore

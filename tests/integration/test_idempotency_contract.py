@@ -22,9 +22,9 @@ import pytest
 
 from workerkit.errors import IdempotencyInProgress, SchemaOutOfDate
 from workerkit.idempotency import IdempotencyStore, idempotent
+from workerkit.idempotency.redis import RedisIdempotencyStore
+from workerkit.idempotency.sql import SqlIdempotencyStore
 from workerkit.store.db import upgrade
-from workerkit.store.idempotency import SqlIdempotencyStore
-from workerkit.store.idempotency_redis import RedisIdempotencyStore
 from workerkit.testing import InMemoryIdempotencyStore, ManualClock
 
 REPO = Path(__file__).resolve().parents[2]

@@ -31,9 +31,9 @@ from workerkit.engines._rq.worker import Recovery, lease_ttl
 from workerkit.engines.rq import RqApp, RqEngine, SimpleWorker, Worker, WorkerkitJob
 from workerkit.errors import ConfigurationError
 from workerkit.idempotency import idempotency_of
+from workerkit.idempotency.redis import RedisIdempotencyStore
 from workerkit.job import current_job
 from workerkit.settings import Settings
-from workerkit.store.idempotency_redis import RedisIdempotencyStore
 
 if TYPE_CHECKING:
     import redis

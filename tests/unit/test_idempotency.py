@@ -34,10 +34,10 @@ from workerkit.idempotency import (
     in_progress_expiry_for,
     outcome_of,
 )
+from workerkit.idempotency.redis import RedisIdempotencyStore
+from workerkit.idempotency.sql import SqlIdempotencyStore
 from workerkit.job import JobContext
 from workerkit.settings import Settings
-from workerkit.store.idempotency import SqlIdempotencyStore
-from workerkit.store.idempotency_redis import RedisIdempotencyStore
 from workerkit.testing import InMemoryIdempotencyStore, InMemoryQueue, ManualClock
 
 IP = 60.0  # in-progress expiry of the tests' tasks

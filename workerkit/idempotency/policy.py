@@ -1,44 +1,9 @@
-"""Idempotency keys: a task that runs twice with the same key does its work once.
+"""The idempotency decorator and the per-task policy: key, fingerprint, claim, run, complete.
 
-::
-
-    @workerkit.idempotent(key="charge:{order_id}")          # any engine
-    def charge(order_id: int, amount: int) -> dict[str, str]: ...
-
-    @app.task(idempotency_key=lambda order_id, **_: f"charge:{order_id}")   # a native task
-    def refund(order_id: int) -> None: ...
-
-When a run starts, the key's record in the store decides what happens (DESIGN section 6):
-
-==============================================  ================================================
-record found                                    what happens
-==============================================  ================================================
-none, or expired                                claim it (in progress, owner token, expiry Ip);
-                                                run (``claimed``; ``taken_over`` when the
-                                                expired record was an abandoned claim)
-completed, same fingerprint                     do not run; return the stored result
-                                                (``replayed``)
-completed or in progress, other fingerprint     raise :class:`~workerkit.errors.
-                                                IdempotencyKeyMismatch` (``mismatched``): fail
-                                                for good, never retry
-in progress, owner alive                        raise :class:`~workerkit.errors.
-                                                IdempotencyInProgress` (``deferred``): the engine
-                                                retries later
-the run raises (anything, a release included)   the claim is deleted, so a retry may run
-the run returns                                 the result is recorded (fenced by the owner
-                                                token) and kept for R
-==============================================  ================================================
-
-The fingerprint is the sha256 of the canonical JSON of the task name and the arguments
-(:func:`fingerprint`); results must be JSON. Times (Ip, R, expiry) are compared on the store's
-clock, never the worker's. The stores: :class:`workerkit.store.idempotency.SqlIdempotencyStore`
-(SQLite, PostgreSQL), :class:`workerkit.store.idempotency_redis.RedisIdempotencyStore` and
-:class:`workerkit.testing.InMemoryIdempotencyStore`, all held to one contract test suite.
-
-The interface types live here rather than in :mod:`workerkit.store` so that ``import workerkit``
-(and every RQ or Celery worker) does not load SQLAlchemy and Alembic for them.
-
-See docs/howto/idempotent-tasks.md.
+:class:`Idempotency` holds one task's key, store, Ip and R and runs a call once per key;
+:func:`idempotent` wraps a function in one. The policy for each record found is in
+docs/howto/idempotent-tasks.md. The last outcome of each running job is kept here too, for its
+engine: a job whose run was a replay finished as a skipped duplicate.
 """
 
 from __future__ import annotations
@@ -48,13 +13,11 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import string
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
 
 from workerkit import events as events_module
 from workerkit.errors import (
@@ -64,6 +27,13 @@ from workerkit.errors import (
     IdempotencyInProgress,
     IdempotencyKeyMismatch,
 )
+from workerkit.idempotency.contract import (
+    Claim,
+    ClaimOutcome,
+    IdempotencyOutcome,
+    IdempotencyStore,
+)
+from workerkit.idempotency.shared import default_store
 from workerkit.job import current_job_or_none
 
 if TYPE_CHECKING:
@@ -71,35 +41,19 @@ if TYPE_CHECKING:
     from workerkit.settings import Settings
 
 __all__ = (
-    "IDEMPOTENCY_OUTCOMES",
-    "Claim",
-    "ClaimOutcome",
     "Idempotency",
-    "IdempotencyOutcome",
-    "IdempotencyRecord",
-    "IdempotencyStore",
     "KeySpec",
-    "default_store",
     "fingerprint",
     "idempotency_of",
     "idempotent",
     "in_progress_expiry_for",
     "outcome_of",
-    "shared_store",
 )
 
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-#: What a store's claim found: the caller now owns the key (``claimed``, ``taken_over``), or
-#: must replay, refuse or defer.
-ClaimOutcome = Literal["claimed", "taken_over", "replay", "mismatch", "in_progress"]
-
-#: The ``outcome`` of an ``idempotency`` event (and of the metric the supervisor counts).
-IdempotencyOutcome = Literal["claimed", "replayed", "deferred", "taken_over", "mismatched"]
-IDEMPOTENCY_OUTCOMES: Final[frozenset[str]] = frozenset(IdempotencyOutcome.__args__)  # type: ignore[attr-defined]
 
 _EVENT_OUTCOME: Final[Mapping[ClaimOutcome, IdempotencyOutcome]] = {
     "claimed": "claimed",
@@ -112,85 +66,6 @@ _EVENT_OUTCOME: Final[Mapping[ClaimOutcome, IdempotencyOutcome]] = {
 #: A key: a ``str.format`` template over the task's parameter names (``"charge:{order_id}"``), or
 #: a callable that gets every argument by name (``lambda order_id, **_: f"charge:{order_id}"``).
 KeySpec = str | Callable[..., str]
-
-
-# --- the store contract --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Claim:
-    """What :meth:`IdempotencyStore.claim` found and did.
-
-    ``token`` is set when the caller now owns the key (``claimed``, ``taken_over``);
-    ``result_json`` is the stored result (JSON text) for ``replay``; ``retry_after`` is the time
-    in seconds, by the store's clock, until the live holder's claim expires (``in_progress``).
-    """
-
-    outcome: ClaimOutcome
-    token: str | None = None
-    result_json: str | None = None
-    retry_after: float | None = None
-
-    @property
-    def owned(self) -> bool:
-        """Whether the caller holds the key now and should run."""
-        return self.outcome in ("claimed", "taken_over")
-
-
-@dataclass(frozen=True)
-class IdempotencyRecord:
-    """One key's record as a store holds it (for inspection and tests).
-
-    ``expires_in`` is seconds from now by the store's clock (zero or less: expired, though not
-    yet removed); ``takeovers`` counts expired claims taken over since the last fresh claim.
-    """
-
-    key: str
-    state: Literal["in_progress", "completed"]
-    fingerprint: str
-    owner_token: str
-    result_json: str | None
-    expires_in: float
-    takeovers: int
-
-
-class IdempotencyStore(Protocol):
-    """Where idempotency records live. Every method is atomic on the store's side.
-
-    Implementations: SQL (SQLite, PostgreSQL), Redis, and in memory for tests. One contract test
-    suite (tests/integration/test_idempotency_contract.py) holds them to the same behaviour.
-    """
-
-    def claim(self, key: str, fingerprint: str, *, in_progress_expiry: float) -> Claim:
-        """Claim ``key`` for ``in_progress_expiry`` seconds unless a live record holds it.
-
-        No record, or an expired one (in progress or completed): a new record in progress
-        with a new owner token (``claimed``; ``taken_over`` when an expired claim was
-        replaced). A live record with another fingerprint: ``mismatch``. A live completed
-        record: ``replay`` with its result. A live claim: ``in_progress``.
-        """
-        ...
-
-    def complete(self, key: str, token: str, result_json: str, *, retention: float) -> bool:
-        """Record the result and keep it ``retention`` seconds; fenced by ``token``.
-
-        False (and nothing written) when ``token`` no longer holds the key: it was taken over,
-        forgotten or completed already. A claim that expired but was not taken over may still
-        complete.
-        """
-        ...
-
-    def forget(self, key: str, token: str) -> bool:
-        """Delete the in-progress record ``token`` holds (the run failed); False when not held."""
-        ...
-
-    def get(self, key: str) -> IdempotencyRecord | None:
-        """The record of ``key``, expired or not, or None."""
-        ...
-
-    def close(self) -> None:
-        """Release connections."""
-        ...
 
 
 # --- fingerprints and keys -----------------------------------------------------------------
@@ -232,7 +107,7 @@ def _template_fields(template: str) -> list[str]:
     return roots
 
 
-# --- choosing Ip, R and the store ----------------------------------------------------------
+# --- choosing Ip ---------------------------------------------------------------------------
 
 
 def in_progress_expiry_for(settings: Settings, timeout: float | None = None) -> float:
@@ -243,60 +118,6 @@ def in_progress_expiry_for(settings: Settings, timeout: float | None = None) -> 
     if settings.idempotency_in_progress_expiry is not None:
         return settings.idempotency_in_progress_expiry
     return (timeout if timeout is not None else settings.job_timeout) + IN_PROGRESS_EXPIRY_PAD
-
-
-_stores: dict[tuple[int, str, str], IdempotencyStore] = {}
-_stores_lock = threading.Lock()
-
-
-def default_store(settings: Settings) -> IdempotencyStore:
-    """The store used when none is given: by engine, one per URL and process.
-
-    ``sql``: the SQL store on ``database_url`` (the native queue's database); ``rq`` and
-    ``celery``: the Redis store on ``redis_url``. A forked child (RQ's work horse, Celery's
-    prefork pool) gets its own, never its parent's connections.
-    """
-    if settings.engine == "sql":
-        return shared_store("sql", settings.database_url)
-    return shared_store("redis", settings.redis_url)
-
-
-def shared_store(kind: Literal["sql", "redis"], url: str) -> IdempotencyStore:
-    """This process's store of ``kind`` on ``url``, opened on first use."""
-    cache_key = (os.getpid(), kind, url)
-    with _stores_lock:
-        store = _stores.get(cache_key)
-        if store is None:
-            store = _open_store(kind, url)
-            _stores[cache_key] = store
-        return store
-
-
-def _open_store(kind: str, url: str) -> IdempotencyStore:
-    if kind == "sql":
-        from workerkit.store.idempotency import SqlIdempotencyStore
-
-        return SqlIdempotencyStore(url)
-    try:
-        from workerkit.store.idempotency_redis import RedisIdempotencyStore
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"idempotency keys on this engine are kept in Redis (redis_url), but the redis "
-            f"package is not installed ({exc}); install workerkit[redis], or pass "
-            f"idempotent(..., store=...)"
-        ) from exc
-    return RedisIdempotencyStore.from_url(url)
-
-
-def _forget_parent_stores() -> None:
-    # Entries of the parent are keyed by its pid and never used here; a lock held by another
-    # thread at fork time would never be released in the child.
-    global _stores_lock
-    _stores_lock = threading.Lock()
-    _stores.clear()
-
-
-os.register_at_fork(after_in_child=_forget_parent_stores)
 
 
 # --- the policy and the decorator ----------------------------------------------------------

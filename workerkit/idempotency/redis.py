@@ -1,17 +1,10 @@
 """Idempotency records in Redis: one hash per key, every change one Lua script.
 
-A script runs atomically on the server, so each of claim, complete and forget reads and writes
-the record in one step, with no read-then-write race between workers. Times come from the
-server's ``TIME`` (milliseconds), so workers on hosts with skewed clocks agree on expiry.
-
-The hash ``<prefix><key>`` holds ``state`` (``in_progress`` or ``completed``), ``fp`` (the
-fingerprint), ``token`` (the owner's), ``result`` (JSON text), ``expires_at`` (server ms),
-``takeovers`` and ``claimed_at``. Redis deletes it by itself: a completed record after R, a claim
-after 2 x Ip (its Ip, then as long again during which the next claimer is told it *took over* an
-abandoned claim rather than claimed a fresh key; only that label depends on the extra time).
-
-Scripts are registered with redis-py's ``register_script``: sent by hash (EVALSHA), loaded again
-automatically when the server lost its script cache (a restart, a failover).
+A script runs atomically on the server, so claim, complete and forget each read and write the
+record in one step, with no race between workers; times come from the server's ``TIME``. The
+scripts are the .lua files next to this module, registered with redis-py's ``register_script``
+(sent by hash, loaded again when the server lost its script cache). Redis deletes a completed
+record after R and a claim after 2 x Ip. See docs/howto/idempotent-tasks.md.
 """
 
 from __future__ import annotations
@@ -19,14 +12,14 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+from importlib import resources
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import redis
 from redis import exceptions as redis_errors
 
 from workerkit.errors import StoreError, StoreUnavailable
-from workerkit.idempotency import Claim, IdempotencyRecord
-from workerkit.store.idempotency import check_seconds
+from workerkit.idempotency.contract import Claim, IdempotencyRecord, check_seconds, log_fenced_out
 
 if TYPE_CHECKING:
     from redis.commands.core import Script
@@ -38,71 +31,15 @@ log = logging.getLogger(__name__)
 #: Prepended to every key (a Redis shared with other applications keeps them apart).
 DEFAULT_PREFIX: Final = "workerkit:idempotency:"
 
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
 
-# KEYS[1] record; ARGV fingerprint, token, Ip (ms).
-# Returns {outcome, token | result | remaining ms}.
-_CLAIM: Final = (
-    _NOW
-    + """
-local ip = tonumber(ARGV[3])
-local rec = redis.call('HMGET', KEYS[1], 'state', 'fp', 'result', 'expires_at', 'takeovers')
-local state = rec[1]
-if state then
-  local remaining = tonumber(rec[4]) - now
-  if remaining > 0 then
-    if rec[2] ~= ARGV[1] then return {'mismatch', ''} end
-    if state == 'completed' then return {'replay', rec[3]} end
-    return {'in_progress', tostring(remaining)}
-  end
-end
-local takeovers = 0
-if state == 'in_progress' then takeovers = (tonumber(rec[5]) or 0) + 1 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'state', 'in_progress', 'fp', ARGV[1], 'token', ARGV[2],
-  'expires_at', string.format('%d', now + ip), 'takeovers', takeovers,
-  'claimed_at', string.format('%d', now))
-redis.call('PEXPIRE', KEYS[1], 2 * ip)
-if takeovers > 0 then return {'taken_over', ARGV[2]} end
-return {'claimed', ARGV[2]}
-"""
-)
+def _script(name: str) -> str:
+    return resources.files("workerkit.idempotency").joinpath(name).read_text(encoding="utf-8")
 
-# KEYS[1] record; ARGV token, result, R (ms). Returns 1 when recorded, 0 when fenced out.
-_COMPLETE: Final = (
-    _NOW
-    + """
-local rec = redis.call('HMGET', KEYS[1], 'state', 'token')
-if rec[1] ~= 'in_progress' or rec[2] ~= ARGV[1] then return 0 end
-local retention = tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'state', 'completed', 'result', ARGV[2],
-  'expires_at', string.format('%d', now + retention), 'completed_at', string.format('%d', now))
-redis.call('PEXPIRE', KEYS[1], retention)
-return 1
-"""
-)
 
-# KEYS[1] record; ARGV token. Returns 1 when deleted.
-_FORGET: Final = """
-local rec = redis.call('HMGET', KEYS[1], 'state', 'token')
-if rec[1] ~= 'in_progress' or rec[2] ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-return 1
-"""
-
-# KEYS[1] record. Returns {state, fp, token, result, remaining ms, takeovers} or nil.
-_GET: Final = (
-    _NOW
-    + """
-local rec = redis.call('HMGET', KEYS[1], 'state', 'fp', 'token', 'result', 'expires_at',
-  'takeovers')
-if not rec[1] then return nil end
-return {rec[1], rec[2], rec[3], rec[4] or '', tostring(tonumber(rec[5]) - now), rec[6]}
-"""
-)
+_CLAIM: Final = _script("claim.lua")
+_COMPLETE: Final = _script("complete.lua")
+_FORGET: Final = _script("forget.lua")
+_GET: Final = _script("get.lua")
 
 
 def _ms(seconds: float) -> int:
@@ -170,10 +107,7 @@ class RedisIdempotencyStore:
         check_seconds("retention", retention)
         done = bool(self._call(self._complete, key, token, result_json, _ms(retention)))
         if not done:
-            log.warning(
-                "idempotency completion fenced out",
-                extra={"event": "idempotency_complete_fenced", "key": key},
-            )
+            log_fenced_out(log, key)
         return done
 
     def forget(self, key: str, token: str) -> bool:

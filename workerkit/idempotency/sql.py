@@ -1,27 +1,10 @@
 """Idempotency records in SQLite or PostgreSQL: one row per key in ``workerkit_idempotency``.
 
-The contract (:class:`~workerkit.idempotency.IdempotencyStore`) and the decorator that uses it
-are in :mod:`workerkit.idempotency`; they are re-exported here.
-
-No read-then-write races. A claim is one statement::
-
-    INSERT INTO workerkit_idempotency (...) VALUES (:key, ..., 'in_progress', :token, now + Ip)
-    ON CONFLICT (key) DO UPDATE SET ... new owner ...
-        WHERE workerkit_idempotency.expires_at <= now
-    RETURNING owner_token, takeovers
-
-The primary key makes concurrent claimers of one key meet at the row: PostgreSQL makes the
-second wait for the first's transaction and then evaluates the ``WHERE`` against the row it
-committed; SQLite serializes writers at ``BEGIN IMMEDIATE``. Exactly one claimer gets a row
-back. The others read the live record in the same transaction to tell a replay, a mismatch and a
-deferral apart; a record that vanished or expired between the two statements (PostgreSQL's
-READ COMMITTED sees other commits per statement) sends the claimer round again.
-
-Completion and forget are fenced: ``... WHERE key = :key AND owner_token = :token AND state =
-'in_progress'``; a claim taken over has another token, so its late write changes nothing.
-
-Every time is the database's (:func:`~workerkit.store.schema.db_now`), so workers on hosts with
-skewed clocks agree on when a claim expires.
+A claim is one ``INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE expires_at <= now RETURNING``:
+the primary key makes concurrent claimers meet at the row and exactly one gets it back; the
+others read the live record in the same transaction (one that vanished meanwhile sends them
+round again). Completion and forget are fenced by the owner token. Every time is the database's,
+so workers with skewed clocks agree on expiry. See docs/howto/idempotent-tasks.md.
 """
 
 from __future__ import annotations
@@ -37,17 +20,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from workerkit.errors import SchemaOutOfDate, StoreError, StoreUnavailable
-from workerkit.idempotency import Claim, IdempotencyRecord, IdempotencyStore
+from workerkit.idempotency.contract import Claim, IdempotencyRecord, check_seconds, log_fenced_out
 from workerkit.store import db
 from workerkit.store.schema import db_now, idempotency_keys
 
-__all__ = (
-    "Claim",
-    "IdempotencyRecord",
-    "IdempotencyStore",
-    "SqlIdempotencyStore",
-    "check_seconds",
-)
+__all__ = ("SqlIdempotencyStore",)
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +33,6 @@ _c = idempotency_keys.c
 
 #: How often a claim goes round when the live record it lost to vanished before it could read it.
 _CLAIM_ROUNDS: Final = 5
-
-
-def check_seconds(what: str, value: float) -> None:
-    """Refuse a zero, negative or non-finite duration (a store must never make one)."""
-    if not (isinstance(value, int | float) and 0 < value < float("inf")):
-        raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
 
 
 class SqlIdempotencyStore:
@@ -199,10 +170,7 @@ class SqlIdempotencyStore:
         with self._write() as conn:
             done = conn.execute(statement).rowcount == 1
         if not done:
-            log.warning(
-                "idempotency completion fenced out",
-                extra={"event": "idempotency_complete_fenced", "key": key},
-            )
+            log_fenced_out(log, key)
         return done
 
     def forget(self, key: str, token: str) -> bool:
