@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from workerkit.store.db import upgrade
+from workerkit.engines.sql import upgrade
 from workerkit.store.idempotency import SqlIdempotencyStore
 from workerkit.store.idempotency_redis import RedisIdempotencyStore
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
+from workerkit.engines.sql import upgrade
 from workerkit.errors import IdempotencyInProgress, SchemaOutOfDate
 from workerkit.idempotency import IdempotencyStore, idempotent
-from workerkit.store.db import upgrade
 from workerkit.store.idempotency import SqlIdempotencyStore
 from workerkit.store.idempotency_redis import RedisIdempotencyStore
 from workerkit.testing import InMemoryIdempotencyStore, ManualClock

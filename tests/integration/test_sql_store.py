@@ -13,16 +13,16 @@ from alembic.runtime.migration import MigrationContext
 from tests import servers
 from workerkit.engines.base import NewJob
 from workerkit.engines.sql import SqlQueue
-from workerkit.errors import ConfigurationError, PayloadError, StoreUnavailable
-from workerkit.settings import Settings
-from workerkit.store.db import (
+from workerkit.engines.sql.db import (
     check_schema,
     create_engine_for,
     current_revision,
     head_revision,
     upgrade,
 )
-from workerkit.store.schema import VERSION_TABLE, metadata
+from workerkit.engines.sql.schema import VERSION_TABLE, metadata
+from workerkit.errors import ConfigurationError, PayloadError, StoreUnavailable
+from workerkit.settings import Settings
 
 
 @pytest.fixture

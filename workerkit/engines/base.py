@@ -3,12 +3,12 @@
 Two small interfaces:
 
 * :class:`QueueBackend` is a queue workerkit runs itself (the SQL queue; the in-memory queue of
-  :mod:`workerkit.testing`). The native worker loop (:mod:`workerkit.worker`) claims deliveries
-  from it, runs them with a :class:`~workerkit.job.JobContext`, extends their leases and settles
-  each one exactly once: ack, retry, fail or release. Every write after the claim is *fenced* by
-  the delivery's token, so an attempt whose lease expired (and whose job another worker may have
-  claimed since) cannot complete, fail, release or checkpoint it: the write raises
-  :class:`~workerkit.errors.LeaseLost` instead.
+  :mod:`workerkit.testing`). The native worker loop (:mod:`workerkit.engines.sql.worker`)
+  claims deliveries from it, runs them with a :class:`~workerkit.job.JobContext`, extends their
+  leases and settles each one exactly once: ack, retry, fail or release. Every write after the
+  claim is *fenced* by the delivery's token, so an attempt whose lease expired (and whose job
+  another worker may have claimed since) cannot complete, fail, release or checkpoint it: the
+  write raises :class:`~workerkit.errors.LeaseLost` instead.
 
 * :class:`Engine` is what the supervisor needs from any engine (sql, rq, celery): how to start
   the engine's worker process, and how to release, by itself, deliveries that were in flight

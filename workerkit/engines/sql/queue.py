@@ -1,25 +1,9 @@
-"""workerkit's own queue, in SQLite or PostgreSQL.
+"""The sql engine's queue (:class:`SqlQueue`): one row per job, leased by a token-fenced claim.
 
-One row per job in ``workerkit_jobs`` (:mod:`workerkit.store.schema`). A claim takes a *lease*:
-a random owner token and an expiry computed by the database clock, ``V`` seconds ahead
-(``visibility_timeout``, 30 s by default), which heartbeats extend. Every later write of the
-attempt (checkpoint, ack, retry, fail, release) is one ``UPDATE ... WHERE id = :id AND
-lease_token = :token AND state = 'running'``: when another worker claimed the job since, the
-token differs, nothing is written and the attempt gets :class:`~workerkit.errors.LeaseLost`.
-A lease that ran out is taken over by the claim query itself: there is no reaper process.
-
-Claims: one ``UPDATE ... RETURNING`` over two ``FOR UPDATE SKIP LOCKED`` CTEs (expired leases,
-due jobs), so concurrent PostgreSQL claimers skip each other's rows instead of queueing on them;
-on SQLite inside ``BEGIN IMMEDIATE``, which serializes claimers on the file lock (SQLite is for
-one host: see ``replicas``). On PostgreSQL the claim and every fenced write run in autocommit:
-one statement, one round trip, no BEGIN/COMMIT (see ``_statement``).
-
-New jobs wake idle workers: PostgreSQL ``NOTIFY workerkit_jobs, '<queue>'`` in the enqueuing
-transaction, received on one dedicated ``LISTEN`` connection per queue object; SQLite (and any
-enqueue in the same process) an in-process wake-up. Other processes' SQLite enqueues are seen at
-the next poll (``poll_interval``).
-
-See docs/engines/sql.md.
+Every write after a claim is an UPDATE fenced by the lease token, so a worker whose lease ran
+out and was taken over writes nothing (it hears LeaseLost); an expired lease is taken over by
+the claim query itself, with no reaper. The statements are in :mod:`.statements`; the design
+(claim, fence, autocommit, NOTIFY) is in docs/engines/sql.md.
 """
 
 from __future__ import annotations
@@ -27,18 +11,28 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
-import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.functions import FunctionElement
 
-from workerkit.engines.base import AppTiming, Delivery, NewJob, QueueStats, StoreHealth
+from workerkit.engines.base import Delivery, NewJob, QueueStats, StoreHealth
+from workerkit.engines.sql import db, statements
+from workerkit.engines.sql.listener import NOTIFY_CHANNEL, PgListener, Wakeups
+from workerkit.engines.sql.rules import JOB_FIELDS, dump_json, load_json, ref_parts
+from workerkit.engines.sql.schema import JOB_STATES
+from workerkit.engines.sql.statements import (
+    ACK,
+    CHECKPOINT,
+    CLAIM,
+    DEFER,
+    EXTEND,
+    FAIL,
+    RELEASE,
+    RELEASE_CRASHED,
+    RETRY,
+)
 from workerkit.errors import (
     ConfigurationError,
     LeaseLost,
@@ -47,31 +41,13 @@ from workerkit.errors import (
     StoreUnavailable,
 )
 from workerkit.settings import ENGINE_DEFAULT_VISIBILITY_TIMEOUT, Settings
-from workerkit.store import db
-from workerkit.store._jobs import (
-    CRASH_EXHAUSTED_ERROR,
-    JOB_FIELDS,
-    dump_json,
-    lease_exhausted_error,
-    load_json,
-    ref_parts,
-)
-from workerkit.store.schema import JOB_STATES, db_now, jobs
 
-if TYPE_CHECKING:
-    import psycopg
-    from sqlalchemy.sql.compiler import SQLCompiler
-
-__all__ = ("NOTIFY_CHANNEL", "SqlEngine", "SqlQueue")
+__all__ = ("SqlQueue",)
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-#: The PostgreSQL channel enqueues and releases NOTIFY, with the queue name as payload.
-NOTIFY_CHANNEL: Final = "workerkit_jobs"
-
-_c = jobs.c
 _FENCE_LOST = (
     "job {job_id}: this attempt's lease is gone (it expired and another worker claimed the "
     "job, or the job was already settled); the {what} was not written"
@@ -88,225 +64,7 @@ def _lease_ttl(settings: Settings) -> float:
     return ENGINE_DEFAULT_VISIBILITY_TIMEOUT["sql"]
 
 
-# --- the hot statements, built once --------------------------------------------------------
-#
-# Each is a module-level construct with bind parameters: SQLAlchemy compiles it once per
-# dialect and memoizes its cache key, where building the statement on every call (sa.select(),
-# sa.case(), ...) cost ~0.1-0.3 ms of Python per statement. Parameter names carry a ``p_``
-# prefix because a bindparam named after a column of an UPDATE is reserved for its SET clause.
-#
-# States are SQL literals, not bound parameters: the planners can only use the partial
-# indexes (``WHERE state = 'ready'``, ``'running'``) when the query's own WHERE clause says the
-# same with a constant. A parameter would do for PostgreSQL's first custom plans, but not for
-# the generic plan of a statement psycopg has prepared, nor ever for SQLite.
-
-
-def _state(name: str) -> sa.ColumnElement[str]:
-    if name not in JOB_STATES:  # pragma: no cover - a typo here, caught at import
-        raise ValueError(f"not a job state: {name!r}")
-    return sa.literal_column(f"'{name}'", sa.Text)
-
-
-_READY: Final = _state("ready")
-_RUNNING: Final = _state("running")
-_SUCCEEDED: Final = _state("succeeded")
-_FAILED: Final = _state("failed")
-
-
-class _new_token(FunctionElement[str]):  # noqa: N801 - reads like the SQL function it renders
-    """A fresh random lease token per row (32 hex digits), made by the database.
-
-    The claim is one statement over up to n rows, so the tokens cannot come from Python
-    without a row-to-token mapping; both functions are volatile, evaluated once per row, and
-    drawn from the database's strong random source (PostgreSQL 13+ ``gen_random_uuid``: 122
-    random bits; SQLite ``randomblob``). A token only has to be unique per claim of a job: the
-    fence compares it, nothing derives secrets from it.
-    """
-
-    type = sa.Text()
-    inherit_cache = True
-    name = "new_token"
-
-
-@compiles(_new_token, "postgresql")
-def _new_token_postgresql(element: _new_token, compiler: SQLCompiler, **kw: Any) -> str:
-    return "replace(CAST(gen_random_uuid() AS TEXT), '-', '')"
-
-
-@compiles(_new_token, "sqlite")
-def _new_token_sqlite(element: _new_token, compiler: SQLCompiler, **kw: Any) -> str:
-    return "lower(hex(randomblob(16)))"
-
-
-def _exhausted_error_sql() -> sa.ColumnElement[str]:
-    """:func:`~workerkit.store._jobs.lease_exhausted_error` computed by the database, per row.
-
-    The claim fails a crash-looping job in the same statement that takes the others, so the
-    message has to be SQL; it is cut out of the Python function's own output (with marker
-    values in the number and error slots) so that the two cannot drift apart.
-    """
-    attempts_mark, max_mark, error_mark = 918273645, 546372819, "\x00"
-    plain = lease_exhausted_error(attempts_mark, max_mark, None)
-    head, rest = plain.split(str(attempts_mark))
-    middle, tail = rest.split(str(max_mark))
-    with_error = lease_exhausted_error(attempts_mark, max_mark, error_mark)
-    if not with_error.startswith(plain):
-        raise RuntimeError("lease_exhausted_error() changed shape; update _exhausted_error_sql")
-    error_head, error_tail = with_error[len(plain) :].split(error_mark)
-
-    def text(value: str) -> sa.ColumnElement[str]:
-        return sa.literal(value, sa.Text)
-
-    # NULLIF: Python's ``if last_error`` treats "" like None; || with NULL is NULL in both.
-    earlier = sa.func.coalesce(
-        text(error_head) + sa.func.nullif(_c.last_error, "") + text(error_tail), ""
-    )
-    return (
-        text(head)
-        + sa.cast(_c.attempts, sa.Text)
-        + text(middle)
-        + sa.cast(_c.max_attempts, sa.Text)
-        + text(tail)
-        + earlier
-    )
-
-
-def _claim_statement() -> sa.Update:
-    """Take up to ``p_limit`` runnable jobs of ``p_queues`` in one statement.
-
-    Two range scans, each of its own partial index in the order wanted, rather than one scan
-    with an OR: ``expired`` walks ``ix_workerkit_jobs_lease`` (leases that ran out, oldest
-    first), ``ready`` walks ``ix_workerkit_jobs_ready`` (due jobs by run_at) and stops after
-    the slots ``expired`` left, so neither collects and sorts a backlog, however long.
-
-    ``FOR UPDATE SKIP LOCKED`` (PostgreSQL): rows another claimer has locked are skipped, not
-    waited for, so N workers take N different jobs in parallel; and a row that another claimer
-    changed after our snapshot is re-checked against the WHERE clause before it is locked, so a
-    job claimed a moment ago no longer matches. The locks are held until the statement's
-    transaction ends (here, the statement itself in autocommit), by which time the rows carry
-    our token. Both CTEs are ``MATERIALIZED``: computed once, so a plan that rescans a
-    subquery cannot lock (and take) more rows than the limit. SQLite has no FOR UPDATE; there
-    the claim runs inside ``BEGIN IMMEDIATE``, already the only writer.
-
-    An expired job with no attempts left (its worker died on the last one: a crash loop) is
-    failed by the same statement with the reason instead of being taken; RETURNING says which
-    rows were which (``state``).
-    """
-    now = db_now()
-    queues: sa.BindParameter[str] = sa.bindparam("p_queues", expanding=True)
-    limit = sa.bindparam("p_limit", type_=sa.Integer)
-    expired = (
-        sa.select(_c.id)
-        .where(_c.queue.in_(queues), _c.state == _RUNNING, _c.lease_expires_at < now)
-        .order_by(_c.lease_expires_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .cte("expired")
-        .prefix_with("MATERIALIZED", dialect="postgresql")
-    )
-    taken_over = sa.select(sa.func.count()).select_from(expired).scalar_subquery()
-    ready = (
-        sa.select(_c.id)
-        .where(_c.queue.in_(queues), _c.state == _READY, _c.run_at <= now)
-        .order_by(_c.run_at)
-        .limit(limit - taken_over)
-        .with_for_update(skip_locked=True)
-        .cte("ready")
-        .prefix_with("MATERIALIZED", dialect="postgresql")
-    )
-    picked = sa.union_all(sa.select(expired.c.id), sa.select(ready.c.id))
-    # SET expressions read the row as it was (PostgreSQL and SQLite alike); RETURNING the row
-    # as written.
-    exhausted = sa.and_(_c.state == _RUNNING, _c.attempts >= _c.max_attempts)
-    return (
-        sa.update(jobs)
-        .where(_c.id.in_(picked))
-        .values(
-            state=sa.case((exhausted, _FAILED), else_=_RUNNING),
-            lease_token=sa.case((exhausted, sa.null()), else_=_new_token()),
-            lease_expires_at=sa.case(
-                (exhausted, sa.null()), else_=now + sa.bindparam("p_ttl", type_=sa.Double)
-            ),
-            worker_id=sa.case((exhausted, _c.worker_id), else_=sa.bindparam("p_worker")),
-            attempts=sa.case((exhausted, _c.attempts), else_=_c.attempts + 1),
-            last_error=sa.case((exhausted, _exhausted_error_sql()), else_=_c.last_error),
-            finished_at=sa.case((exhausted, now), else_=_c.finished_at),
-            updated_at=now,
-        )
-        .returning(
-            _c.id,
-            _c.state,
-            _c.task,
-            _c.queue,
-            _c.payload,
-            _c.attempts,
-            _c.max_attempts,
-            _c.lease_token,
-            _c.checkpoint,
-            _c.run_at,
-            _c.lease_expires_at,
-        )
-    )
-
-
-def _fenced_update(**values: Any) -> sa.Update:
-    """``UPDATE ... SET values WHERE id = :p_id AND lease_token = :p_token AND running``."""
-    return (
-        sa.update(jobs)
-        .where(
-            _c.id == sa.bindparam("p_id"),
-            _c.lease_token == sa.bindparam("p_token"),
-            _c.state == _RUNNING,
-        )
-        .values(updated_at=db_now(), **values)
-    )
-
-
-def _param(name: str, type_: sa.types.TypeEngine[Any]) -> sa.BindParameter[Any]:
-    return sa.bindparam(f"p_{name}", type_=type_)
-
-
-_NO_LEASE: Final = {"lease_token": sa.null(), "lease_expires_at": sa.null()}
-_CLAIM: Final = _claim_statement()
-_ACK: Final = _fenced_update(
-    state=_SUCCEEDED,
-    result=_param("result", sa.Text()),
-    checkpoint=sa.null(),
-    finished_at=db_now(),
-    **_NO_LEASE,
-)
-_EXTEND: Final = _fenced_update(lease_expires_at=db_now() + _param("ttl", sa.Double()))
-_CHECKPOINT: Final = _fenced_update(checkpoint=_param("checkpoint", sa.Text()))
-_RETRY: Final = _fenced_update(
-    state=_READY,
-    run_at=_param("run_at", sa.Double()),
-    last_error=_param("error", sa.Text()),
-    **_NO_LEASE,
-)
-_FAIL: Final = _fenced_update(
-    state=_FAILED, last_error=_param("error", sa.Text()), finished_at=db_now(), **_NO_LEASE
-)
-_DEFER: Final = _fenced_update(
-    state=_READY,
-    run_at=_param("run_at", sa.Double()),
-    attempts=_c.attempts - 1,
-    last_error=_param("error", sa.Text()),
-    **_NO_LEASE,
-)
-_RELEASE: Final = _fenced_update(
-    state=_READY, run_at=db_now(), attempts=_c.attempts - 1, **_NO_LEASE
-)
-_CRASHED_EXHAUSTED = _c.attempts >= _c.max_attempts
-_RELEASE_CRASHED: Final = _fenced_update(
-    state=sa.case((_CRASHED_EXHAUSTED, _FAILED), else_=_READY),
-    last_error=sa.case((_CRASHED_EXHAUSTED, CRASH_EXHAUSTED_ERROR), else_=_c.last_error),
-    finished_at=sa.case((_CRASHED_EXHAUSTED, db_now()), else_=None),
-    run_at=db_now(),
-    **_NO_LEASE,
-)
-
-
-class SqlQueue:
+class SqlQueue(db.ForkSafeEngine):
     """The SQL queue (:class:`~workerkit.engines.base.QueueBackend`), on SQLite or PostgreSQL.
 
     ``url`` defaults to ``settings.database_url``. Constructing one does not connect, and never
@@ -332,11 +90,10 @@ class SqlQueue:
             )
         #: V: how long a claim (or the last heartbeat) keeps a job, in seconds.
         self.lease_ttl = _lease_ttl(self.settings)
-        self._engine = db.create_engine_for(self.url)
-        self._pid = os.getpid()
+        self._adopt_engine(db.create_engine_for(self.url))
         self._schema_ok = False
-        self._wakeups = _Wakeups()
-        self._listener: _PgListener | None = None
+        self._wakeups = Wakeups()
+        self._listener: PgListener | None = None
         self._listener_lock = threading.Lock()
         self._closed = False
 
@@ -345,16 +102,9 @@ class SqlQueue:
 
     # --- connections and errors ----------------------------------------------------------
 
-    @property
-    def engine(self) -> sa.Engine:
-        """The SQLAlchemy engine (one per process: a forked child gets fresh connections)."""
-        if os.getpid() != self._pid:
-            # Pooled connections are sockets shared with the parent; using them from both sides
-            # of a fork interleaves protocol bytes. Drop them here without closing the parent's.
-            self._engine.dispose(close=False)
-            self._pid = os.getpid()
-            self._listener = None
-        return self._engine
+    def _after_fork(self) -> None:
+        # The parent's LISTEN thread did not survive the fork; the next wait starts another.
+        self._listener = None
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sa.Connection]:
@@ -435,27 +185,7 @@ class SqlQueue:
 
     def enqueue(self, job: NewJob) -> bool:
         """Store the job; False (and no change) when a job with this id already exists."""
-        now = db_now()
-        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        statement = (
-            insert(jobs)
-            .values(
-                id=job.job_id,
-                queue=job.queue,
-                task=job.task,
-                payload=job.payload,
-                state="ready",
-                attempts=0,
-                max_attempts=job.max_attempts,
-                run_at=now if job.run_at is None else job.run_at,
-                enqueued_at=now,
-                created_at=now,
-                updated_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=[_c.id])
-            # RETURNING, not rowcount: drivers need not report a row count for an INSERT.
-            .returning(_c.id)
-        )
+        statement = statements.insert_job(self.dialect, job)
         with self._write() as conn:
             inserted = conn.execute(statement).first() is not None
             if inserted:
@@ -472,10 +202,11 @@ class SqlQueue:
     def claim(self, queues: Sequence[str], worker_id: str, limit: int) -> list[Delivery]:
         """Take up to ``limit`` runnable jobs (ready and due, or with an expired lease).
 
-        One statement (:func:`_claim_statement`): on PostgreSQL one round trip in autocommit,
-        on SQLite inside ``BEGIN IMMEDIATE``. A job whose lease expired with all its attempts
-        used is failed by it, with the reason, instead of being run again: a job that kills its
-        worker every time must end. Its slot is then filled by another round.
+        One statement (:data:`~workerkit.engines.sql.statements.CLAIM`): on PostgreSQL one
+        round trip in autocommit, on SQLite inside ``BEGIN IMMEDIATE``. A job whose lease
+        expired with all its attempts used is failed by it, with the reason, instead of being
+        run again: a job that kills its worker every time must end. Its slot is then filled by
+        another round.
         """
         if limit < 1 or not queues:
             return []
@@ -526,7 +257,7 @@ class SqlQueue:
 
     def _claim_round(self, params: Mapping[str, Any]) -> list[Any]:
         with self._statement() as conn:
-            return list(conn.execute(_CLAIM, params).all())
+            return list(conn.execute(CLAIM, params).all())
 
     def _fenced(
         self,
@@ -606,7 +337,7 @@ class SqlQueue:
         :class:`~workerkit.errors.StoreUnavailable` when the database cannot be reached: the
         lease may well still be held, and the caller decides how long to keep trying.
         """
-        return self._fenced(_EXTEND, delivery.job_id, delivery.token, {"p_ttl": self.lease_ttl})
+        return self._fenced(EXTEND, delivery.job_id, delivery.token, {"p_ttl": self.lease_ttl})
 
     def save_checkpoint(
         self, delivery: Delivery, state: Any, connection: sa.Connection | None = None
@@ -631,7 +362,7 @@ class SqlQueue:
         """
         params = {"p_checkpoint": dump_json(state, "a checkpoint")}
         if connection is None:
-            self._settle(delivery, "checkpoint", _CHECKPOINT, params)
+            self._settle(delivery, "checkpoint", CHECKPOINT, params)
             return
         if not isinstance(connection, sa.Connection):
             raise ConfigurationError(
@@ -652,7 +383,7 @@ class SqlQueue:
             )
         values = {"p_id": delivery.job_id, "p_token": delivery.token, **params}
         try:
-            matched = connection.execute(_CHECKPOINT, values).rowcount == 1
+            matched = connection.execute(CHECKPOINT, values).rowcount == 1
         except sa.exc.DBAPIError as exc:
             if _missing_table(exc):
                 raise ConfigurationError(
@@ -681,18 +412,18 @@ class SqlQueue:
     def ack(self, delivery: Delivery, result: Any) -> None:
         """The job succeeded: store the result, drop the checkpoint. Fenced."""
         encoded = dump_json(result, f"the result of task {delivery.task!r}")
-        self._settle(delivery, "result", _ACK, {"p_result": encoded})
+        self._settle(delivery, "result", ACK, {"p_result": encoded})
 
     def retry(self, delivery: Delivery, error: str, run_at: float) -> None:
         """The attempt failed; run again at ``run_at`` (epoch seconds). Fenced.
 
         The attempt stays consumed; the checkpoint is kept, so the next attempt resumes.
         """
-        self._settle(delivery, "retry", _RETRY, {"p_run_at": run_at, "p_error": error})
+        self._settle(delivery, "retry", RETRY, {"p_run_at": run_at, "p_error": error})
 
     def fail(self, delivery: Delivery, error: str) -> None:
         """The job failed for good, keeping the error (and the checkpoint). Fenced."""
-        self._settle(delivery, "failure", _FAIL, {"p_error": error})
+        self._settle(delivery, "failure", FAIL, {"p_error": error})
 
     def release(self, delivery: Delivery) -> None:
         """Back to the queue now, checkpoint kept, attempt given back. Fenced."""
@@ -701,7 +432,7 @@ class SqlQueue:
 
     def defer(self, delivery: Delivery, run_at: float, reason: str) -> None:
         """Run again at ``run_at``, attempt given back, ``reason`` kept. Fenced."""
-        self._settle(delivery, "defer", _DEFER, {"p_run_at": run_at, "p_error": reason})
+        self._settle(delivery, "defer", DEFER, {"p_run_at": run_at, "p_error": reason})
 
     def release_ref(self, ref: Mapping[str, Any], *, crashed: bool = False) -> bool:
         """Release by :meth:`Delivery.ref`, from another process; False when already settled.
@@ -714,10 +445,10 @@ class SqlQueue:
         notify_queue = queue if isinstance(queue, str) else None
         if not crashed:
             return self._release(job_id, token, notify_queue)
-        return self._fenced(_RELEASE_CRASHED, job_id, token, notify_queue=notify_queue)
+        return self._fenced(RELEASE_CRASHED, job_id, token, notify_queue=notify_queue)
 
     def _release(self, job_id: str, token: str, queue: str | None) -> bool:
-        return self._fenced(_RELEASE, job_id, token, notify_queue=queue)
+        return self._fenced(RELEASE, job_id, token, notify_queue=queue)
 
     def wait_for_jobs(self, queues: Sequence[str], timeout: float) -> None:
         """Block up to ``timeout`` seconds, returning early when new jobs may be there.
@@ -737,7 +468,7 @@ class SqlQueue:
             if self._closed:
                 return
             if self._listener is None:
-                self._listener = _PgListener(self.engine, self._wakeups)
+                self._listener = PgListener(self.engine, self._wakeups)
             self._listener.start()
 
     def health(self) -> StoreHealth:
@@ -760,12 +491,7 @@ class SqlQueue:
         oldest = dict.fromkeys(queues, 0.0)
         if not queues:
             return QueueStats(depth, oldest)
-        now = db_now()
-        statement = (
-            sa.select(_c.queue, sa.func.count(), now - sa.func.min(_c.run_at))
-            .where(_c.queue.in_(list(queues)), _c.state == "ready", _c.run_at <= now)
-            .group_by(_c.queue)
-        )
+        statement = statements.queue_stats(queues)
         with self._read() as conn:
             for queue, count, age in conn.execute(statement):
                 depth[queue] = int(count)
@@ -786,7 +512,7 @@ class SqlQueue:
     def get_job(self, job_id: str) -> dict[str, Any] | None:
         """Everything about one job (checkpoint and result decoded), or None."""
         with self._read() as conn:
-            row = conn.execute(sa.select(jobs).where(_c.id == job_id)).mappings().first()
+            row = conn.execute(statements.select_job(job_id)).mappings().first()
         if row is None:
             return None
         job = {key: row[key] for key in JOB_FIELDS}
@@ -796,9 +522,7 @@ class SqlQueue:
 
     def count_by_state(self, queue: str | None = None) -> dict[str, int]:
         """How many jobs are in each state (every state present, zeros included)."""
-        statement = sa.select(_c.state, sa.func.count()).group_by(_c.state)
-        if queue is not None:
-            statement = statement.where(_c.queue == queue)
+        statement = statements.count_by_state(queue)
         counts = dict.fromkeys(JOB_STATES, 0)
         with self._read() as conn:
             for state, count in conn.execute(statement):
@@ -811,10 +535,7 @@ class SqlQueue:
         Failed jobs are the dead-letter queue, kept with their error until purged on purpose.
         Returns how many rows were deleted.
         """
-        states = ["succeeded", "failed"] if include_failed else ["succeeded"]
-        statement = sa.delete(jobs).where(
-            _c.state.in_(states), _c.finished_at < db_now() - older_than
-        )
+        statement = statements.purge_finished(older_than, include_failed=include_failed)
         with self._write() as conn:
             deleted = conn.execute(statement).rowcount
         log.info(
@@ -849,180 +570,3 @@ def _missing_table(exc: sa.exc.DBAPIError) -> bool:
     if getattr(exc.orig, "sqlstate", None) == "42P01":  # PostgreSQL undefined_table
         return True
     return "no such table" in str(exc.orig)  # SQLite says it as an OperationalError
-
-
-class _Wakeups:
-    """Wakes threads in :meth:`SqlQueue.wait_for_jobs` when a queue may have new jobs.
-
-    Each notification bumps a sequence number; each waiting thread remembers the last number it
-    saw (thread-local), so a notification that arrives while the thread is away claiming still
-    wakes its next wait at once. ``None`` as the queue means "any queue" (the listener lost
-    notifications while it reconnected).
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._seq = 0
-        self._latest: dict[str | None, int] = {}
-        self._seen = threading.local()
-
-    def notify(self, queue: str | None) -> None:
-        with self._cond:
-            self._seq += 1
-            self._latest[queue] = self._seq
-            self._cond.notify_all()
-
-    def wait(self, queues: Sequence[str], timeout: float) -> bool:
-        with self._cond:
-            since: int = getattr(self._seen, "seq", self._seq)
-            keys: tuple[str | None, ...] = (*queues, None)
-
-            def woken() -> bool:
-                return any(self._latest.get(key, 0) > since for key in keys)
-
-            result = self._cond.wait_for(woken, timeout)
-            self._seen.seq = self._seq
-            return result
-
-
-class _PgListener:
-    """One dedicated ``LISTEN workerkit_jobs`` connection, read by a daemon thread.
-
-    A dedicated psycopg connection in autocommit mode, not a pooled one: LISTEN state belongs to
-    the session, and a pooled connection would carry it to unrelated work. When the connection
-    breaks, the thread reconnects with backoff and, once listening again, wakes every waiter:
-    notifications sent meanwhile are lost, so a claim had better look.
-    """
-
-    _POLL: Final = 0.5  # how often the thread checks for stop()
-
-    def __init__(self, engine: sa.Engine, wakeups: _Wakeups) -> None:
-        self._engine = engine
-        self._wakeups = wakeups
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(
-                target=self._run, name="workerkit-sql-listen", daemon=True
-            )
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self._POLL * 4)
-
-    def _connect(self) -> psycopg.Connection[Any]:
-        import psycopg
-
-        # The dialect turns the URL into psycopg's arguments exactly as the pool does.
-        cargs, cparams = self._engine.dialect.create_connect_args(self._engine.url)
-        params = {**db.postgres_connect_defaults(self._engine.url), **cparams}
-        return psycopg.connect(*cargs, autocommit=True, **params)
-
-    def _run(self) -> None:
-        import psycopg
-
-        backoff = 0.5
-        failing = False
-        while not self._stopping.is_set():
-            try:
-                conn = self._connect()
-            except psycopg.Error as exc:
-                if not failing:
-                    log.warning(
-                        "cannot LISTEN for new jobs; polling until the database is back",
-                        extra={"event": "listen_failed", "error": db.describe_error(exc)},
-                    )
-                failing = True
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
-                continue
-            try:
-                with conn:
-                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    if failing:
-                        log.info("listening for new jobs again", extra={"event": "listen_ok"})
-                    failing, backoff = False, 0.5
-                    self._wakeups.notify(None)
-                    while not self._stopping.is_set():
-                        for notification in conn.notifies(timeout=self._POLL):
-                            self._wakeups.notify(notification.payload)
-            except psycopg.Error as exc:
-                if not self._stopping.is_set():
-                    log.warning(
-                        "LISTEN connection lost; reconnecting",
-                        extra={"event": "listen_failed", "error": db.describe_error(exc)},
-                    )
-                    failing = True
-                    self._stopping.wait(backoff)
-
-
-class SqlEngine:
-    """The sql engine as the supervisor sees it (:class:`~workerkit.engines.base.Engine`)."""
-
-    name = "sql"
-
-    def __init__(self, worker_args: Sequence[str] = ()) -> None:
-        if worker_args:
-            raise ConfigurationError(
-                f"the sql engine takes no extra worker arguments, got {list(worker_args)!r}; "
-                "its options are settings (workerkit run sql --help)"
-            )
-
-    def worker_command(self, settings: Settings) -> list[str]:
-        """The native worker loop, in a fresh interpreter (settings come by environment)."""
-        return [sys.executable, "-m", "workerkit.worker"]
-
-    def app_timing(self, settings: Settings) -> AppTiming:
-        """The tasks of the workerkit :class:`~workerkit.app.App` named by ``settings.app``."""
-        if not settings.app:
-            return AppTiming()
-        from workerkit.app import App
-        from workerkit.loading import import_app
-
-        app = import_app(settings.app)
-        if not isinstance(app, App):
-            raise ConfigurationError(
-                f"--app {settings.app!r} is a {type(app).__name__}, not a workerkit.App; the sql "
-                "engine runs workerkit apps (use --engine celery or rq for theirs)"
-            )
-        return AppTiming(tasks=tuple(app.task_timings()))
-
-    def release_in_flight(
-        self, settings: Settings, refs: Sequence[Mapping[str, Any]], *, crashed: bool = False
-    ) -> int:
-        """Release deliveries whose worker died or was killed; return how many were released.
-
-        When the database cannot be reached the rest are left alone (their leases expire
-        within V and the claim query takes them back) rather than spending the shutdown
-        deadline on connection timeouts.
-        """
-        if not refs:
-            return 0
-        queue = SqlQueue(settings.database_url, settings=settings)
-        released = 0
-        try:
-            for index, ref in enumerate(refs):
-                try:
-                    if queue.release_ref(ref, crashed=crashed):
-                        released += 1
-                except StoreUnavailable as exc:
-                    log.warning(
-                        "cannot release in-flight jobs; their leases will expire instead",
-                        extra={
-                            "event": "release_failed",
-                            "error": str(exc),
-                            "left": len(refs) - index,
-                        },
-                    )
-                    break
-                except ValueError as exc:
-                    log.warning(
-                        "bad delivery ref", extra={"event": "release_failed", "error": str(exc)}
-                    )
-        finally:
-            queue.close()
-        return released

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,8 +29,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import event
 
 from workerkit.engines.base import StoreHealth
+from workerkit.engines.sql.schema import VERSION_TABLE
 from workerkit.errors import ConfigurationError, StoreUnavailable
-from workerkit.store.schema import VERSION_TABLE
 
 __all__ = (
     "MIGRATIONS_DIR",
@@ -37,6 +38,7 @@ __all__ = (
     "READ_ONLY_OPTION",
     "SQLITE_BUSY_TIMEOUT",
     "UPGRADE_HINT",
+    "ForkSafeEngine",
     "alembic_config",
     "check_schema",
     "create_engine_for",
@@ -183,6 +185,34 @@ def _install_idle_ping(engine: sa.Engine) -> None:
             dbapi_connection.rollback()
         except Exception as exc:
             raise sa.exc.InvalidatePoolError(describe_error(exc)) from exc
+
+
+class ForkSafeEngine:
+    """Mixin: an :attr:`engine` property that a forked child uses with fresh connections.
+
+    Pooled connections are sockets shared with the parent after a fork; using them from both
+    sides interleaves protocol bytes. The first use in a child drops them (without closing the
+    parent's) and calls :meth:`_after_fork`. Call :meth:`_adopt_engine` in ``__init__``.
+    """
+
+    _engine: sa.Engine
+    _engine_pid: int
+
+    def _adopt_engine(self, engine: sa.Engine) -> None:
+        self._engine = engine
+        self._engine_pid = os.getpid()
+
+    @property
+    def engine(self) -> sa.Engine:
+        """The SQLAlchemy engine (one per process: a forked child gets fresh connections)."""
+        if os.getpid() != self._engine_pid:
+            self._engine.dispose(close=False)
+            self._engine_pid = os.getpid()
+            self._after_fork()
+        return self._engine
+
+    def _after_fork(self) -> None:
+        """Drop other state the child cannot share with the parent (threads, connections)."""
 
 
 def postgres_connect_defaults(url: sa.URL) -> dict[str, Any]:
