@@ -194,3 +194,10 @@ def test_a_forked_child_opens_its_own_connections_and_leaves_the_parents(
     # The parent's pooled connection was left open by the child and still serves it.
     assert _session_id(queue) == parent_session
     assert queue.count_by_state()["ready"] == 1
+
+
+def test_the_old_store_paths_still_migrate_and_check() -> None:
+    import workerkit.store
+
+    assert workerkit.store.upgrade is upgrade
+    assert workerkit.store.check_schema is check_schema
