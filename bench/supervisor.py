@@ -324,7 +324,7 @@ def main() -> None:
     args = parser.parse_args()
     baseline_runs = args.runs if args.baseline_runs is None else args.baseline_runs
 
-    from workerkit.store import db
+    from workerkit.engines.sql import db
 
     info = machine()
     samples: dict[str, list[dict[str, Any]]] = {"workerkit": [], "rq": [], "celery": []}

@@ -96,7 +96,7 @@ class Bench:
     def fresh_database(self, dialect: str) -> tuple[str, Callable[[], None]]:
         """A migrated, empty workerkit database; returns its URL and how to drop it."""
         from tests import servers
-        from workerkit.store import db
+        from workerkit.engines.sql import db
 
         if dialect == "sqlite":
             path = self.tmp / f"q-{uuid.uuid4().hex[:8]}.sqlite3"
@@ -187,8 +187,8 @@ def run_workerkit_inprocess(
     bench: Bench, dialect: str, concurrency: int, *, instrument: Timeline | Profiler | None = None
 ) -> dict[str, Any]:
     from bench.noop_app import make_app
+    from workerkit.engines.sql.worker import NativeWorker
     from workerkit.settings import Settings
-    from workerkit.worker import NativeWorker
 
     bench.reset()
     url, drop = bench.fresh_database(dialect)

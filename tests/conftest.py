@@ -135,7 +135,7 @@ def postgres_template_setup() -> list[Callable[[str], None]]:
     session fixture resolves it once, so an override in a sub-directory would apply to whichever
     test happened to start PostgreSQL first.
     """
-    from workerkit.store.db import upgrade
+    from workerkit.engines.sql import upgrade
 
     def migrate(url: str) -> None:
         upgrade(url)

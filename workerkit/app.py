@@ -210,7 +210,7 @@ class App:
     @property
     def backend(self) -> QueueBackend:
         if self._backend is None:
-            from workerkit.engines.sql import SqlQueue
+            from workerkit.engines.sql.queue import SqlQueue
 
             self._backend = SqlQueue(self.database_url, settings=self.settings)
         return self._backend
@@ -219,8 +219,8 @@ class App:
     def idempotency_store(self) -> IdempotencyStore:
         """Where the records of this app's idempotent tasks live (see the class docstring)."""
         if self._idempotency_store is None:
+            from workerkit.engines.sql.memory import InMemoryQueue
             from workerkit.idempotency.memory import InMemoryIdempotencyStore
-            from workerkit.testing import InMemoryQueue
 
             if isinstance(self._backend, InMemoryQueue):
                 self._idempotency_store = InMemoryIdempotencyStore(clock=self._backend.clock)

@@ -134,7 +134,7 @@ def db() -> None:
 @settings_options
 def db_upgrade(config_file: str | None, **options: Any) -> None:
     """Apply the schema migrations to --database-url."""
-    from workerkit.store.db import upgrade
+    from workerkit.engines.sql import upgrade
 
     settings = _load(options, config_file)
     try:
@@ -148,7 +148,7 @@ def db_upgrade(config_file: str | None, **options: Any) -> None:
 @settings_options
 def db_check(config_file: str | None, **options: Any) -> None:
     """Say whether the schema is current; exit 0 only when it is."""
-    from workerkit.store.db import check_schema
+    from workerkit.engines.sql import check_schema
 
     settings = _load(options, config_file)
     health = check_schema(settings.database_url)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import Env
-from workerkit.store.db import upgrade
+from workerkit.engines.sql import upgrade
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from workerkit.engines.sql import upgrade
 from workerkit.idempotency.redis import RedisIdempotencyStore
 from workerkit.idempotency.sql import SqlIdempotencyStore
-from workerkit.store.db import upgrade
 
 if TYPE_CHECKING:
     from workerkit.idempotency import IdempotencyStore

@@ -29,8 +29,8 @@ from tests.e2e.harness import Env, Supervisor, stop_gracefully, supervisor, wait
 from tests.e2e.resume_app import ITEM_SECONDS
 from workerkit import exitcodes
 from workerkit.app import App, EnqueueOptions
+from workerkit.engines.sql import create_engine_for
 from workerkit.settings import Settings
-from workerkit.store.db import create_engine_for
 
 if TYPE_CHECKING:
     import sqlalchemy as sa

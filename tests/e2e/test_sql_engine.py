@@ -19,10 +19,9 @@ import pytest
 from tests.e2e.harness import Env, stop_gracefully, supervisor, wait_until
 from workerkit.app import App
 from workerkit.engines.base import Delivery
-from workerkit.engines.sql import SqlQueue
+from workerkit.engines.sql import SqlQueue, upgrade
 from workerkit.errors import LeaseLost
 from workerkit.settings import Settings
-from workerkit.store.db import upgrade
 from workerkit.supervisor.process import descendants
 
 LEASE = 3.0  # V: how long a dead pod's job waits before another worker may take it
@@ -124,8 +123,9 @@ def test_four_workers_drain_two_thousand_jobs_each_exactly_once(
     assert set(runs.values()) == {1}, [tag for tag, n in runs.items() if n > 1][:10]
     assert all(line.endswith(" 1") for line in env.lines())  # no job needed a second attempt
     # The work was shared: each pod's worker logged the jobs it started.
+    worker_logger = "workerkit.engines.sql.worker"
     per_pod = [
-        sum(1 for e in pod.events_named("job_started") if e.get("logger") == "workerkit.worker")
+        sum(1 for e in pod.events_named("job_started") if e.get("logger") == worker_logger)
         for pod in pods
     ]
     assert sum(per_pod) == total, per_pod

@@ -20,12 +20,11 @@ from examples.backfill.seed import accounts, create_accounts, times_backfilled
 from tests.unit.test_worker import RecordingEvents, wait_until
 from workerkit.app import App
 from workerkit.engines.base import Delivery, NewJob
-from workerkit.engines.sql import SqlQueue
+from workerkit.engines.sql import SqlQueue, upgrade
+from workerkit.engines.sql.worker import NativeWorker
 from workerkit.errors import ConfigurationError, LeaseLost
 from workerkit.job import JobContext
 from workerkit.settings import Settings
-from workerkit.store.db import upgrade
-from workerkit.worker import NativeWorker
 
 JOB_ID = "backfill"
 

@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
+from workerkit.engines.sql import upgrade
 from workerkit.errors import IdempotencyInProgress, SchemaOutOfDate
 from workerkit.idempotency import IdempotencyStore, idempotent
 from workerkit.idempotency.redis import RedisIdempotencyStore
 from workerkit.idempotency.sql import SqlIdempotencyStore
-from workerkit.store.db import upgrade
 from workerkit.testing import InMemoryIdempotencyStore, ManualClock
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,11 +18,10 @@ import pytest
 import sqlalchemy as sa
 
 from workerkit.engines.base import Delivery, NewJob, QueueBackend
-from workerkit.engines.sql import SqlEngine, SqlQueue
+from workerkit.engines.sql import SqlEngine, SqlQueue, upgrade
+from workerkit.engines.sql.schema import db_now
 from workerkit.errors import LeaseLost, SchemaOutOfDate
 from workerkit.settings import Settings
-from workerkit.store.db import upgrade
-from workerkit.store.schema import db_now
 from workerkit.testing import InMemoryQueue, ManualClock
 
 SHORT_LEASE = 0.5  # V for tests that let leases expire on a real clock

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 
@@ -13,16 +14,16 @@ from alembic.runtime.migration import MigrationContext
 from tests import servers
 from workerkit.engines.base import NewJob
 from workerkit.engines.sql import SqlQueue
-from workerkit.errors import ConfigurationError, PayloadError, StoreUnavailable
-from workerkit.settings import Settings
-from workerkit.store.db import (
+from workerkit.engines.sql.db import (
     check_schema,
     create_engine_for,
     current_revision,
     head_revision,
     upgrade,
 )
-from workerkit.store.schema import VERSION_TABLE, metadata
+from workerkit.engines.sql.schema import VERSION_TABLE, metadata
+from workerkit.errors import ConfigurationError, PayloadError, StoreUnavailable
+from workerkit.settings import Settings
 
 
 @pytest.fixture
@@ -162,3 +163,41 @@ def test_database_clock_drives_lease_expiry(queue: SqlQueue) -> None:
     assert delivery.enqueued_at is not None
     # V = 30 s by default, measured from the database's now at the claim.
     assert 29.0 <= delivery.lease_expires_at - delivery.enqueued_at <= 40.0
+
+
+def _session_id(queue: SqlQueue) -> int | None:
+    """The PostgreSQL backend serving the queue's next pooled connection (None on SQLite)."""
+    with queue.engine.connect() as conn:
+        if conn.dialect.name != "postgresql":
+            conn.exec_driver_sql("SELECT 1")
+            return None
+        return int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+
+
+def test_a_forked_child_opens_its_own_connections_and_leaves_the_parents(
+    queue: SqlQueue,
+) -> None:
+    queue.enqueue(NewJob("j", "t", "default", "{}", max_attempts=1))
+    parent_session = _session_id(queue)  # the pool now holds a connection of the parent's
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            child_session = _session_id(queue)
+            shares = parent_session is not None and child_session == parent_session
+            job = queue.get_job("j")
+            code = 0 if job is not None and not shares else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's pooled connection was left open by the child and still serves it.
+    assert _session_id(queue) == parent_session
+    assert queue.count_by_state()["ready"] == 1
+
+
+def test_the_old_store_paths_still_migrate_and_check() -> None:
+    import workerkit.store
+
+    assert workerkit.store.upgrade is upgrade
+    assert workerkit.store.check_schema is check_schema

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from workerkit.engines.base import NewJob, QueueBackend
+from workerkit.engines.sql.db import normalize_url
 from workerkit.errors import ConfigurationError, PayloadError
-from workerkit.store.db import normalize_url
 from workerkit.testing import InMemoryQueue, ManualClock
 
 

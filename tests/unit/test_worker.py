@@ -11,10 +11,10 @@ import pytest
 
 from workerkit.app import App
 from workerkit.engines.base import NewJob
+from workerkit.engines.sql.worker import NativeWorker
 from workerkit.job import current_job
 from workerkit.settings import Settings
 from workerkit.testing import InMemoryQueue
-from workerkit.worker import NativeWorker
 
 
 class RecordingEvents:

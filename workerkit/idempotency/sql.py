@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import secrets
 from collections.abc import Iterator
 from typing import Any, Final, cast
@@ -19,10 +18,10 @@ from typing import Any, Final, cast
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from workerkit.errors import SchemaOutOfDate, StoreError, StoreUnavailable
+from workerkit.engines.sql import db
+from workerkit.engines.sql.schema import db_now, idempotency_keys
+from workerkit.errors import StoreError
 from workerkit.idempotency.contract import Claim, IdempotencyRecord, check_seconds, log_fenced_out
-from workerkit.store import db
-from workerkit.store.schema import db_now, idempotency_keys
 
 __all__ = ("SqlIdempotencyStore",)
 
@@ -35,37 +34,23 @@ _c = idempotency_keys.c
 _CLAIM_ROUNDS: Final = 5
 
 
-class SqlIdempotencyStore:
+class SqlIdempotencyStore(db.ForkSafeEngine):
     """:class:`~workerkit.idempotency.IdempotencyStore` on SQLite or PostgreSQL.
 
     ``url`` is a database URL (the store owns its engine) or a SQLAlchemy engine made by
-    :func:`workerkit.store.db.create_engine_for` (shared; :meth:`close` leaves it open). The
+    :func:`workerkit.engines.sql.create_engine_for` (shared; :meth:`close` leaves it open). The
     table comes from ``workerkit db upgrade``; without it every call raises
     :class:`~workerkit.errors.SchemaOutOfDate`. Safe to share between threads.
     """
 
     def __init__(self, url: str | sa.URL | sa.Engine) -> None:
-        if isinstance(url, sa.Engine):
-            self._engine = url
-            self._owns_engine = False
-        else:
-            self._engine = db.create_engine_for(url)
-            self._owns_engine = True
+        self._owns_engine = not isinstance(url, sa.Engine)
+        self._adopt_engine(url if isinstance(url, sa.Engine) else db.create_engine_for(url))
         self.url = self._engine.url
         self.dialect = self.url.get_backend_name()
-        self._pid = os.getpid()
 
     def __repr__(self) -> str:
         return f"<SqlIdempotencyStore {self.url.render_as_string(hide_password=True)}>"
-
-    @property
-    def engine(self) -> sa.Engine:
-        """The SQLAlchemy engine (a forked child gets fresh connections)."""
-        if os.getpid() != self._pid:
-            # Pooled connections are sockets shared with the parent; drop them without closing.
-            self._engine.dispose(close=False)
-            self._pid = os.getpid()
-        return self._engine
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sa.Connection]:
@@ -76,23 +61,11 @@ class SqlIdempotencyStore:
     def _errors(self) -> Iterator[None]:
         try:
             yield
-        except sa.exc.DBAPIError as exc:
-            text = str(exc.orig)
-            if "no such table" in text or "does not exist" in text:
-                raise SchemaOutOfDate(
-                    f"the workerkit_idempotency table is missing; {db.UPGRADE_HINT}"
-                ) from exc
-            if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) or (
-                exc.connection_invalidated
-            ):
-                raise StoreUnavailable(
-                    f"{self.dialect} database unavailable: {db.describe_error(exc, self.url)}"
-                ) from exc
-            raise StoreError(f"idempotency store: {db.describe_error(exc, self.url)}") from exc
-        except sa.exc.TimeoutError as exc:
-            raise StoreUnavailable(
-                f"{self.dialect} database unavailable: no pooled connection free ({exc})"
-            ) from exc
+        except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
+            error = db.store_error(exc, self.url, tables="workerkit_idempotency table is")
+            if error is None:
+                error = StoreError(f"idempotency store: {db.describe_error(exc, self.url)}")
+            raise error from exc
 
     def _upsert(self, key: str, fingerprint: str, token: str, in_progress_expiry: float) -> Any:
         insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert

@@ -6,7 +6,7 @@ when a lease ends even when their clocks drift, and one portable column type ser
 PostgreSQL alike. Only ``run_at`` values chosen by a caller (a delay, a retry backoff) come from
 the caller's clock, where a second of skew only moves a job's start by a second.
 
-The migrations (:mod:`workerkit.store.migrations`) create exactly this schema; a test compares
+The migrations (:mod:`workerkit.engines.sql.migrations`) create exactly this schema; a test compares
 the two.
 """
 

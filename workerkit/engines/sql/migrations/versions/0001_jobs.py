@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-05-01
 
-Frozen: this script spells the table out instead of using workerkit.store.schema, so later
+Frozen: this script spells the table out instead of using workerkit.engines.sql.schema, so later
 changes to the metadata go into new revisions, never into this one.
 """
 

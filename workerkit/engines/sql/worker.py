@@ -1,25 +1,10 @@
-"""The native worker loop: runs jobs from a :class:`~workerkit.engines.base.QueueBackend`.
+"""The sql engine's worker loop: claims an App's jobs from a queue backend and runs them.
 
-This is the process the supervisor starts for the ``sql`` engine (``python -m workerkit.worker``,
-settings in its environment), and what :mod:`workerkit.testing` runs in-process.
-
-Threads, and why:
-
-* the **main thread** owns the signals (Python delivers them only there) and the shutdown: it
-  never blocks for long, so a SIGTERM is acted on within a tick;
-* the **fetcher** claims jobs while there are free slots and waits for new ones (LISTEN/NOTIFY
-  or polling) — it may block in the database, which is why it is not the main thread;
-* the **lease keeper** extends every running job's lease every H seconds;
-* one **job thread** per running job, with its own :class:`~workerkit.job.JobContext`.
-
-Every delivery is settled exactly once, under its own lock: by its job thread (ack, retry,
-fail, release) or by the main thread (release at the supervisor's ``release`` command, or a
-timeout). Whoever comes second does nothing. The store's token fence backs this up across
-processes.
-
-Signals: SIGTERM means "stop fetching" (as for RQ's and Celery's warm shutdown). SIGINT is
-ignored: a Ctrl-C in a terminal reaches the whole foreground process group, supervisor included,
-and the supervisor decides when this process stops.
+The process the supervisor starts for the ``sql`` engine (``python -m workerkit.engines.sql``),
+and what :func:`workerkit.testing.run_jobs` runs in-process. The main thread keeps the signals
+and never blocks; a fetcher thread claims, a keeper thread renews leases, each job has a thread.
+Every delivery is settled once, under its own lock, by whoever comes first (its job thread, or
+the main thread at a release or timeout). docs/engines/sql.md ("The worker") has the why.
 """
 
 from __future__ import annotations
@@ -63,8 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = ("NativeWorker", "main")
 
-# Not __name__: run as ``python -m workerkit.worker`` this module is "__main__".
-log = logging.getLogger("workerkit.worker")
+log = logging.getLogger(__name__)
 
 TICK = 0.05  # how often the main thread looks at its flags
 HEARTBEAT_EVERY = 2.0  # worker heartbeats to the supervisor (liveness)
@@ -533,7 +517,7 @@ class _PermanentFailure(Exception):
 
 
 def main() -> None:
-    """``python -m workerkit.worker``: the sql engine's worker, started by the supervisor."""
+    """``python -m workerkit.engines.sql``: the sql engine's worker, started by the supervisor."""
     from workerkit.loading import import_app
     from workerkit.logs import configure_logging
     from workerkit.settings import load_settings
@@ -559,7 +543,3 @@ def main() -> None:
     # Job threads of released or timed-out jobs may still be blocked in C code; their work is
     # settled and fenced, so do not wait for them.
     os._exit(code)
-
-
-if __name__ == "__main__":
-    main()

@@ -4,7 +4,7 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-05-08
 
-Frozen: this script spells the table out instead of using workerkit.store.schema, so later
+Frozen: this script spells the table out instead of using workerkit.engines.sql.schema, so later
 changes to the metadata go into new revisions, never into this one. Additive only (a new table):
 workers of the previous release keep running on the new schema during a rolling deploy.
 """

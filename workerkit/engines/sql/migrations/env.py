@@ -1,7 +1,7 @@
 """Alembic's environment for workerkit's own migrations.
 
 Alembic runs this file; it is not meant to be imported. Configuration comes from
-:func:`workerkit.store.db.alembic_config`, normally with an open connection in
+:func:`workerkit.engines.sql.db.alembic_config`, normally with an open connection in
 ``config.attributes["connection"]``; a ``sqlalchemy.url`` main option is accepted too (and is
 the only input in offline ``--sql`` mode).
 """
@@ -13,7 +13,7 @@ from typing import Final
 import sqlalchemy as sa
 from alembic import context
 
-from workerkit.store.schema import VERSION_TABLE, metadata
+from workerkit.engines.sql.schema import VERSION_TABLE, metadata
 
 # Arbitrary but fixed: every `workerkit db upgrade` against one PostgreSQL database takes this
 # transaction-scoped advisory lock, so concurrent upgraders (two Helm releases, a Job retried
@@ -42,11 +42,11 @@ def _run_online() -> None:
     if connection is not None:
         _migrate(connection)
         return
-    from workerkit.store.db import create_engine_for
+    from workerkit.engines.sql.db import create_engine_for
 
     url = context.config.get_main_option("sqlalchemy.url")
     if not url:
-        raise RuntimeError("no connection and no sqlalchemy.url: use workerkit.store.db.upgrade")
+        raise RuntimeError("no connection and no sqlalchemy.url: use workerkit.engines.sql.upgrade")
     engine = create_engine_for(url)
     try:
         with engine.begin() as conn:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,8 +29,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import event
 
 from workerkit.engines.base import StoreHealth
-from workerkit.errors import ConfigurationError, StoreUnavailable
-from workerkit.store.schema import VERSION_TABLE
+from workerkit.engines.sql.schema import VERSION_TABLE
+from workerkit.errors import ConfigurationError, SchemaOutOfDate, StoreError, StoreUnavailable
 
 __all__ = (
     "MIGRATIONS_DIR",
@@ -37,16 +38,19 @@ __all__ = (
     "READ_ONLY_OPTION",
     "SQLITE_BUSY_TIMEOUT",
     "UPGRADE_HINT",
+    "ForkSafeEngine",
     "alembic_config",
     "check_schema",
     "create_engine_for",
     "current_revision",
     "describe_error",
     "head_revision",
+    "is_missing_table",
     "is_sqlite",
     "normalize_url",
     "postgres_connect_defaults",
     "schema_status",
+    "store_error",
     "upgrade",
 )
 
@@ -183,6 +187,64 @@ def _install_idle_ping(engine: sa.Engine) -> None:
             dbapi_connection.rollback()
         except Exception as exc:
             raise sa.exc.InvalidatePoolError(describe_error(exc)) from exc
+
+
+class ForkSafeEngine:
+    """Mixin: an :attr:`engine` property that a forked child uses with fresh connections.
+
+    Pooled connections are sockets shared with the parent after a fork; using them from both
+    sides interleaves protocol bytes. The first use in a child drops them (without closing the
+    parent's) and calls :meth:`_after_fork`. Call :meth:`_adopt_engine` in ``__init__``.
+    """
+
+    _engine: sa.Engine
+    _engine_pid: int
+
+    def _adopt_engine(self, engine: sa.Engine) -> None:
+        self._engine = engine
+        self._engine_pid = os.getpid()
+
+    @property
+    def engine(self) -> sa.Engine:
+        """The SQLAlchemy engine (one per process: a forked child gets fresh connections)."""
+        if os.getpid() != self._engine_pid:
+            self._engine.dispose(close=False)
+            self._engine_pid = os.getpid()
+            self._after_fork()
+        return self._engine
+
+    def _after_fork(self) -> None:
+        """Drop other state the child cannot share with the parent (threads, connections)."""
+
+
+def is_missing_table(exc: sa.exc.DBAPIError) -> bool:
+    """Whether the statement failed because a table does not exist."""
+    if getattr(exc.orig, "sqlstate", None) == "42P01":  # PostgreSQL's undefined_table
+        return True
+    return "no such table" in str(exc.orig)  # SQLite says it in an OperationalError's text
+
+
+def store_error(
+    exc: sa.exc.DBAPIError | sa.exc.TimeoutError, url: sa.URL, *, tables: str
+) -> StoreError | None:
+    """workerkit's error for a database error, or None when it is none of the store's business.
+
+    A missing table is :class:`SchemaOutOfDate` (``tables`` names them in the message); a lost or
+    refused connection, or an exhausted pool, is :class:`StoreUnavailable`.
+    """
+    dialect = url.get_backend_name()
+    if isinstance(exc, sa.exc.TimeoutError):
+        return StoreUnavailable(
+            f"{dialect} database unavailable: no pooled connection free ({exc})"
+        )
+    if getattr(exc.orig, "sqlstate", None) == "42P01" or "no such table" in str(exc.orig):
+        # PostgreSQL's undefined_table; SQLite says it in an OperationalError's text.
+        return SchemaOutOfDate(f"the {tables} missing; {UPGRADE_HINT}")
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) or (
+        exc.connection_invalidated
+    ):
+        return StoreUnavailable(f"{dialect} database unavailable: {describe_error(exc, url)}")
+    return None
 
 
 def postgres_connect_defaults(url: sa.URL) -> dict[str, Any]:

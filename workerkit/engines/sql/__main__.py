@@ -1,0 +1,10 @@
+"""``python -m workerkit.engines.sql``: the sql engine's worker, as the supervisor starts it."""
+
+from __future__ import annotations
+
+from workerkit.engines.sql.worker import main
+
+__all__ = ()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The sql engine as the supervisor sees it: worker command, app timing, release after a kill.
+
+:class:`~workerkit.app.App` is imported only inside :meth:`SqlEngine.app_timing`: app.py imports
+the queue, so a module-level import here would close a cycle through the package.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from workerkit.engines.base import AppTiming
+from workerkit.engines.sql.queue import SqlQueue
+from workerkit.errors import ConfigurationError, StoreUnavailable
+
+if TYPE_CHECKING:
+    from workerkit.settings import Settings
+
+__all__ = ("SqlEngine",)
+
+log = logging.getLogger(__name__)
+
+
+class SqlEngine:
+    """The sql engine as the supervisor sees it (:class:`~workerkit.engines.base.Engine`)."""
+
+    name = "sql"
+
+    def __init__(self, worker_args: Sequence[str] = ()) -> None:
+        if worker_args:
+            raise ConfigurationError(
+                f"the sql engine takes no extra worker arguments, got {list(worker_args)!r}; "
+                "its options are settings (workerkit run sql --help)"
+            )
+
+    def worker_command(self, settings: Settings) -> list[str]:
+        """The native worker loop, in a fresh interpreter (settings come by environment)."""
+        return [sys.executable, "-m", "workerkit.engines.sql"]
+
+    def app_timing(self, settings: Settings) -> AppTiming:
+        """The tasks of the workerkit :class:`~workerkit.app.App` named by ``settings.app``."""
+        if not settings.app:
+            return AppTiming()
+        from workerkit.app import App
+        from workerkit.loading import import_app
+
+        app = import_app(settings.app)
+        if not isinstance(app, App):
+            raise ConfigurationError(
+                f"--app {settings.app!r} is a {type(app).__name__}, not a workerkit.App; the sql "
+                "engine runs workerkit apps (use --engine celery or rq for theirs)"
+            )
+        return AppTiming(tasks=tuple(app.task_timings()))
+
+    def release_in_flight(
+        self, settings: Settings, refs: Sequence[Mapping[str, Any]], *, crashed: bool = False
+    ) -> int:
+        """Release deliveries whose worker died or was killed; return how many were released.
+
+        When the database cannot be reached the rest are left alone (their leases expire
+        within V and the claim query takes them back) rather than spending the shutdown
+        deadline on connection timeouts.
+        """
+        if not refs:
+            return 0
+        queue = SqlQueue(settings.database_url, settings=settings)
+        released = 0
+        try:
+            for index, ref in enumerate(refs):
+                try:
+                    if queue.release_ref(ref, crashed=crashed):
+                        released += 1
+                except StoreUnavailable as exc:
+                    log.warning(
+                        "cannot release in-flight jobs; their leases will expire instead",
+                        extra={
+                            "event": "release_failed",
+                            "error": str(exc),
+                            "left": len(refs) - index,
+                        },
+                    )
+                    break
+                except ValueError as exc:
+                    log.warning(
+                        "bad delivery ref", extra={"event": "release_failed", "error": str(exc)}
+                    )
+        finally:
+            queue.close()
+        return released
