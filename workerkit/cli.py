@@ -103,10 +103,9 @@ def check(engine: str | None, output_format: str, config_file: str | None, **opt
     Prints the timing budget as a timeline and a table of rules. Exits 0 when there is no
     error, 1 when there is one (warnings count as errors with --strict), 2 on a bad setting.
     """
-    from workerkit.check_report import render_json, render_text
     from workerkit.engines import get_engine
     from workerkit.engines.base import AppTiming
-    from workerkit.timing import evaluate
+    from workerkit.timing import evaluate, render_json, render_text
 
     settings = _load(options, config_file, engine=engine)
     try:

@@ -26,6 +26,7 @@ from workerkit.timing import (
     format_seconds,
     resolve_budget,
 )
+from workerkit.timing.rules.base import Context
 
 pytestmark = pytest.mark.unit
 
@@ -265,6 +266,20 @@ def test_rule_ids_are_stable() -> None:
         assert set(rule.engines) <= set(ENGINES)
         assert rule.title
         assert rule.prevents
+
+
+@pytest.mark.parametrize(("rule_id", "changes", "tasks", "celery"), FAILING_CASES + PASSING_CASES)
+def test_each_finding_carries_the_declaration_of_its_rule(
+    rule_id: str, changes: dict[str, Any], tasks: tuple[TaskTiming, ...], celery: CeleryFacts | None
+) -> None:
+    settings = make(**changes)
+    ctx = Context(settings, resolve_budget(settings, tasks), celery or CeleryFacts())
+    for rule in RULES:
+        if settings.engine not in rule.engines:
+            continue
+        for finding in rule.apply(ctx):
+            assert (finding.rule_id, finding.severity) == (rule.rule_id, rule.severity)
+            assert finding.title == rule.title
 
 
 @pytest.mark.parametrize(("rule_id", "changes", "tasks", "celery"), FAILING_CASES)

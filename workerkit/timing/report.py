@@ -1,12 +1,8 @@
 """Rendering a timing-budget report: a timeline and a rule table for people, JSON for machines.
 
-Pure: the functions return strings; ``workerkit check`` prints them. The text reads left to right
-along the pod's shutdown, scaled so that the grace period G fills the bar::
-
-    t=0 (SIGTERM)             drain deadline   SIGKILL (t=G)
-    |------------- drain D --------------|-- M --|
-
-and draws each task's J from SIGTERM (the worst case: the job started just before it).
+Pure: the functions return strings; ``workerkit check`` prints them. The timeline is scaled so
+that the grace period G fills the bar, and draws each task's J from SIGTERM (the worst case: the
+job started just before it); docs/concepts/timing-budget.md shows and explains it.
 """
 
 from __future__ import annotations
@@ -16,10 +12,10 @@ import textwrap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from workerkit.timing import format_seconds
+from workerkit.timing.budget import format_seconds
 
 if TYPE_CHECKING:
-    from workerkit.timing import Budget, BudgetReport, Finding, TaskTiming
+    from workerkit.timing.budget import Budget, BudgetReport, Finding, TaskTiming
 
 __all__ = ("JSON_SCHEMA_VERSION", "render_json", "render_text")
 

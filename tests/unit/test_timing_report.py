@@ -10,9 +10,16 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from workerkit.check_report import JSON_SCHEMA_VERSION, render_json, render_text
 from workerkit.settings import ENGINES, Settings
-from workerkit.timing import RULES, CeleryFacts, TaskTiming, evaluate
+from workerkit.timing import (
+    JSON_SCHEMA_VERSION,
+    RULES,
+    CeleryFacts,
+    TaskTiming,
+    evaluate,
+    render_json,
+    render_text,
+)
 
 pytestmark = pytest.mark.unit
 
