@@ -1,0 +1,374 @@
+"""What every engine does the same way: end an attempt, keep up, release what is in flight.
+
+* :func:`verdict_for` turns the exception that ended an attempt into a :data:`Verdict`; each
+  engine maps the verdict to its own store operations (docs/concepts/attempts.md).
+* :class:`Keeper` runs an engine's upkeep duties (heartbeats, health, leases) on one thread.
+* :func:`release_each` releases deliveries one by one, surviving a bad one.
+
+The tricky "why": the table is one ordered list, so an engine that knows the attempt was
+taken from it (released, or its lease lost) never writes a result for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, TypeVar
+
+from workerkit.errors import (
+    IdempotencyInProgress,
+    IdempotencyKeyMismatch,
+    JobInterrupted,
+    LeaseLost,
+    ReleaseJob,
+)
+
+__all__ = (
+    "HEALTH_EVERY",
+    "HEARTBEAT_EVERY",
+    "Defer",
+    "Duty",
+    "Fail",
+    "Keeper",
+    "Propagate",
+    "Release",
+    "ReleaseTally",
+    "Retried",
+    "RetryOrFail",
+    "Rules",
+    "StandDown",
+    "Verdict",
+    "defer_delay",
+    "release_each",
+    "verdict_for",
+)
+
+#: How often a worker tells the supervisor it is alive (liveness).
+HEARTBEAT_EVERY: Final = 2.0
+#: How often a worker reports its store's health and its queues' stats (readiness, metrics).
+HEALTH_EVERY: Final = 5.0
+
+_T = TypeVar("_T")
+_Exceptions = tuple[type[BaseException], ...]
+
+
+# --- exception -> verdict ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """The job asked to go back to its queue now: requeue it with its attempt given back."""
+
+
+@dataclass(frozen=True, slots=True)
+class StandDown:
+    """The attempt no longer owns its job: write nothing; ``outcome`` is what it reports."""
+
+    outcome: Literal["released", "lease_lost"]
+
+
+@dataclass(frozen=True, slots=True)
+class Defer:
+    """Not now: run again after ``delay`` seconds, attempt given back, ``reason`` kept."""
+
+    delay: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """The job fails the same way on every attempt: fail it now, whatever attempts are left."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryOrFail:
+    """The attempt failed: retry when attempts are left, else fail (``timed_out``: by time)."""
+
+    exc: BaseException
+    timed_out: bool = False
+
+    @property
+    def error(self) -> str:
+        """The one-line error kept with the job (``Type: message``)."""
+        return "".join(traceback.format_exception_only(self.exc)).strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Retried:
+    """The job asked its engine for a retry itself (Celery's ``Retry``): let it go through."""
+
+
+@dataclass(frozen=True, slots=True)
+class Propagate:
+    """Not for the engine to settle: re-raise; the delivery is left to its lease."""
+
+
+Verdict = Release | StandDown | Defer | Fail | RetryOrFail | Retried | Propagate
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """What differs between engines in :func:`verdict_for` (each engine keeps one constant).
+
+    ``interrupts``: what the engine raises in a job it took back (its own settle came first).
+    ``retries``: exceptions by which a job asks the engine itself for a retry.
+    ``timeouts``: the engine's "ran past its time limit" exceptions.
+    ``permanent``: the engine's own failures that no retry can fix.
+    ``settle_base_exceptions``: settle a ``BaseException`` (``SystemExit``...) as a failure;
+    False: :class:`Propagate` it.
+    ``defer_cap``/``defer_floor``/``zero_retry_after_is_unknown``: see :func:`defer_delay`.
+    """
+
+    interrupts: _Exceptions = (JobInterrupted,)
+    retries: _Exceptions = ()
+    timeouts: _Exceptions = ()
+    permanent: _Exceptions = ()
+    settle_base_exceptions: bool = True
+    defer_cap: float | None = None
+    defer_floor: float = 0.0
+    zero_retry_after_is_unknown: bool = False
+
+
+def verdict_for(
+    exc: BaseException,
+    rules: Rules,
+    *,
+    backoff: Callable[[], float],
+    releasing: bool = False,
+    lease_lost: bool = False,
+) -> Verdict:
+    """How the attempt that raised ``exc`` ends (the first row that matches wins).
+
+    ``releasing``: the engine took the attempt back to release it; ``lease_lost``: the engine
+    knows the attempt's lease is gone. ``backoff`` is called (once) only for a :class:`Defer`.
+    """
+    taken: StandDown = StandDown("released" if releasing else "lease_lost")
+    # The job's own release: given back at once. If the engine took the attempt first, the
+    # fenced write fails and nothing happens twice.
+    if isinstance(exc, ReleaseJob):
+        return Release()
+    # Another attempt owns the job (or its idempotency key): whatever we wrote would be fenced
+    # out; the lease expires and the owner's result stands.
+    if isinstance(exc, LeaseLost):
+        return StandDown("lease_lost")
+    # The engine interrupted the job after settling it itself (release, timeout).
+    if isinstance(exc, rules.interrupts):
+        return taken
+    if not isinstance(exc, Exception) and not rules.settle_base_exceptions:
+        return Propagate()
+    # Taken back or lost while it failed: the failure is not this attempt's to record.
+    if releasing or lease_lost:
+        return taken
+    # Another live attempt holds the idempotency key: waiting is not a failure, so no attempt
+    # is used up; come back when the holder may have finished, or its claim expired.
+    if isinstance(exc, IdempotencyInProgress):
+        delay = defer_delay(exc.retry_after, rules, backoff)
+        return Defer(delay, f"IdempotencyInProgress: {exc}")
+    if isinstance(exc, rules.retries):
+        return Retried()
+    if isinstance(exc, rules.timeouts):
+        return RetryOrFail(exc, timed_out=True)
+    # A key reused with other arguments (or an unknown task, a bad payload) fails the same way
+    # on every attempt: retrying only delays the failure.
+    if isinstance(exc, IdempotencyKeyMismatch):
+        return Fail(f"IdempotencyKeyMismatch: {exc}")
+    if isinstance(exc, rules.permanent):
+        return Fail(str(exc))
+    return RetryOrFail(exc)
+
+
+def defer_delay(retry_after: float | None, rules: Rules, backoff: Callable[[], float]) -> float:
+    """Seconds until a deferred job comes back: the holder's claim expiry, capped by a backoff.
+
+    ``retry_after`` unknown: the backoff. Known: at most ``rules.defer_cap`` (the backoff when
+    None). Never less than ``rules.defer_floor``. ``zero_retry_after_is_unknown``: treat 0 as
+    unknown (Celery's ``retry_after or 5.0`` today).
+    """
+    if rules.zero_retry_after_is_unknown and not retry_after:
+        retry_after = None
+    step = backoff()
+    if retry_after is None:
+        delay = step
+    else:
+        delay = min(retry_after, step if rules.defer_cap is None else rules.defer_cap)
+    return max(rules.defer_floor, delay)
+
+
+# --- the keeper -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Duty:
+    """One upkeep step, run every ``every`` seconds (first after ``first``) while ``when()``.
+
+    ``run`` may return a number: its next run is that many seconds away instead. A duty that is
+    off (``when`` false) stays due and runs at the first wake once it is on.
+    """
+
+    name: str
+    every: float
+    run: Callable[[], float | None]
+    when: Callable[[], bool] | None = None
+    first: float = 0.0
+
+
+@dataclass(eq=False)
+class Keeper:
+    """Runs :class:`Duty` steps on one daemon thread until ``stop`` is set (it wakes at once).
+
+    An error in a duty is given to ``on_error`` (by default logged on ``log``) and the other
+    duties still run. ``stop`` may be the engine's own event (the SQL worker's release).
+    """
+
+    duties: Sequence[Duty]
+    log: logging.Logger
+    name: str = "workerkit-keeper"
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    on_error: Callable[[Duty, Exception], None] | None = None
+    clock: Callable[[], float] = time.monotonic
+    min_wait: float = 0.05
+    max_wait: float = 1.0
+    _due: dict[str, float] = field(init=False, default_factory=dict)
+    _thread: threading.Thread | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        names = [duty.name for duty in self.duties]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duty names must be unique, got {names}")
+        now = self.clock()
+        self._due = {duty.name: now + duty.first for duty in self.duties}
+
+    def start(self) -> None:
+        """Run the duties on a daemon thread named ``name``."""
+        self._thread = threading.Thread(target=self.run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 2.0) -> bool:
+        """Stop now (the thread wakes at once); True once its thread has ended.
+
+        Waits up to ``timeout`` for the thread, unless called from a duty (the thread itself).
+        """
+        self.stop_event.set()
+        thread = self._thread
+        if thread is None:
+            return True
+        if thread is not threading.current_thread():
+            thread.join(timeout)
+        return not thread.is_alive()
+
+    def run(self) -> None:
+        """Run the duties in this thread until ``stop_event`` is set."""
+        while not self.stop_event.is_set():
+            self.stop_event.wait(self.run_due())
+
+    def run_due(self) -> float:
+        """Run every duty that is due and on, in order; return how long to wait for the next."""
+        now = self.clock()
+        for duty in self.duties:
+            if self.stop_event.is_set():
+                break
+            if now < self._due[duty.name] or (duty.when is not None and not duty.when()):
+                continue
+            self._due[duty.name] = now + duty.every
+            try:
+                override = duty.run()
+            except Exception as exc:
+                self._failed(duty, exc)
+                continue
+            if override is not None:
+                self._due[duty.name] = now + override
+        return self._wait()
+
+    def _wait(self) -> float:
+        on = [
+            self._due[duty.name]
+            for duty in self.duties
+            if duty.when is None or duty.when()  # an off duty does not make the thread spin
+        ]
+        wait = (min(on) if on else float("inf")) - self.clock()
+        return min(max(self.min_wait, wait), self.max_wait)
+
+    def _failed(self, duty: Duty, exc: Exception) -> None:
+        if self.on_error is not None:
+            self.on_error(duty, exc)
+            return
+        self.log.error(
+            "upkeep failed; trying again",
+            exc_info=exc,
+            extra={"event": "upkeep_failed", "duty": duty.name},
+        )
+
+
+# --- releasing what is in flight --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseTally:
+    """What :func:`release_each` did: ``released`` + ``not_released`` + ``failed`` + ``left``.
+
+    ``not_released``: the release said no (settled already, or not ours); ``failed``: it raised
+    and the next one was tried; ``left``: not tried, after an error that gives up.
+    """
+
+    released: int = 0
+    not_released: int = 0
+    failed: int = 0
+    left: int = 0
+
+
+def release_each(
+    items: Sequence[_T],
+    release: Callable[[_T], bool],
+    *,
+    log: logging.Logger,
+    give_up_on: _Exceptions = (),
+    give_up_message: str = "cannot release in-flight jobs; their leases will expire instead",
+    skip_on: _Exceptions = (),
+    skip_message: str = "bad delivery ref",
+    fields: Callable[[_T], Mapping[str, Any]] | None = None,
+) -> ReleaseTally:
+    """Call ``release`` on each item; it returns whether the item was released.
+
+    An error of ``give_up_on`` (the store is unreachable) is logged with how many are ``left``
+    and stops the loop: their leases expire instead, sooner than more timeouts would. One of
+    ``skip_on`` (a bad item) is logged and the next item tried. Any other error propagates.
+    Both log lines are ``release_failed`` events with the ``error`` and ``fields(item)``.
+    """
+    released = not_released = failed = 0
+    for index, item in enumerate(items):
+        try:
+            if release(item):
+                released += 1
+            else:
+                not_released += 1
+        except give_up_on as exc:
+            left = len(items) - index
+            extra = _release_failed(exc, item, fields, left=left)
+            log.warning(give_up_message, extra=extra)
+            return ReleaseTally(released, not_released, failed, left)
+        except skip_on as exc:
+            failed += 1
+            log.warning(skip_message, extra=_release_failed(exc, item, fields))
+    return ReleaseTally(released, not_released, failed)
+
+
+def _release_failed(
+    exc: BaseException,
+    item: _T,
+    fields: Callable[[_T], Mapping[str, Any]] | None,
+    *,
+    left: int | None = None,
+) -> dict[str, Any]:
+    # A KeyError's str is the bare key ("'token'"): its repr says what went wrong.
+    error = repr(exc) if isinstance(exc, KeyError) else str(exc)
+    extra: dict[str, Any] = {"event": "release_failed", **(fields(item) if fields else {})}
+    extra["error"] = error
+    if left is not None:
+        extra["left"] = left
+    return extra
