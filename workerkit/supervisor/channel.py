@@ -6,7 +6,7 @@ the events to the runner, and :meth:`Channel.broadcast` to send a command to eve
 The directory and the socket are removed when the channel closes.
 
 The reader hands over every complete line of one read as one batch: a busy worker sends dozens
-of events per write (see workerkit.engines.celery._TaskEvents), and the supervisor shares a
+of events per write (see engines/celery/task_events.py), and the supervisor shares a
 two-core pod with it, so its cost per event is kept to decoding and bookkeeping, without a trip
 through the event loop for each.
 """

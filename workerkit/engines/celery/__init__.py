@@ -1,0 +1,117 @@
+"""The celery engine: a Celery worker on Redis, with a bounded, lossless shutdown.
+
+``workerkit run celery --app MODULE:APP [-- celery worker options]`` starts this package's
+worker (``python -m workerkit.engines.celery``, see :mod:`.worker`) as the supervisor's child;
+:class:`CeleryEngine` is what the supervisor sees. docs/engines/celery.md is the design: the
+safe defaults, the drain and release, crash recovery within W, attempts and fencing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from workerkit.engines.base import AppTiming
+from workerkit.engines.celery.config import (
+    celery_facts,
+    configure_app,
+    load_celery_app,
+    task_timings,
+    worker_argv,
+)
+from workerkit.engines.celery.ledger import (
+    CRASHES_HEADER,
+    GEN_HEADER,
+    KEY_PREFIX,
+    Generation,
+    Ledger,
+)
+from workerkit.engines.celery.task import DEFAULT_MAX_ATTEMPTS, AttemptsExhausted, wrap_tasks
+from workerkit.engines.celery.worker import main
+
+if TYPE_CHECKING:
+    from workerkit.settings import Settings
+
+__all__ = (
+    "CRASHES_HEADER",
+    "DEFAULT_MAX_ATTEMPTS",
+    "GEN_HEADER",
+    "KEY_PREFIX",
+    "AttemptsExhausted",
+    "CeleryEngine",
+    "Generation",
+    "Ledger",
+    "celery_facts",
+    "configure_app",
+    "load_celery_app",
+    "main",
+    "task_timings",
+    "worker_argv",
+    "wrap_tasks",
+)
+
+log = logging.getLogger("workerkit.engines.celery")
+
+
+class CeleryEngine:
+    """The celery engine (:class:`~workerkit.engines.base.Engine`)."""
+
+    name = "celery"
+
+    def __init__(self, worker_args: Sequence[str] = ()) -> None:
+        self.worker_args = list(worker_args)
+        self._app: Any = None
+
+    def worker_command(self, settings: Settings) -> list[str]:
+        """The Celery worker with workerkit inside, in a fresh interpreter."""
+        return [sys.executable, "-m", "workerkit.engines.celery", *self.worker_args]
+
+    def _load(self, settings: Settings) -> Any:
+        if self._app is None:
+            app = load_celery_app(settings.app)
+            configure_app(app, settings)
+            self._app = app
+        return self._app
+
+    def app_timing(self, settings: Settings) -> AppTiming:
+        """The tasks' time limits and the app's overrides of workerkit's Celery defaults."""
+        if not settings.app:
+            return AppTiming()
+        app = load_celery_app(settings.app)
+        facts = celery_facts(app)  # before configure_app fills in workerkit's values
+        timings = task_timings(app)
+        configure_app(app, settings)
+        self._app = app
+        return AppTiming(tasks=timings, celery=facts)
+
+    def release_in_flight(
+        self, settings: Settings, refs: Sequence[Mapping[str, Any]], *, crashed: bool = False
+    ) -> int:
+        """Restore the messages of a worker that was killed (or died); return how many.
+
+        A message is restored only while its lease is gone or still the dead worker's: one that
+        was restored and redelivered since (its lease is another worker's) is left alone.
+        """
+        if not refs:
+            return 0
+        ledger = Ledger(self._load(settings))
+        released = 0
+        try:
+            for ref in refs:
+                tag, worker = ref.get("delivery_tag"), str(ref.get("worker") or "")
+                if not tag:
+                    continue
+                try:
+                    if ledger.restore(str(tag), owners=(worker,), crashed=crashed):
+                        released += 1
+                except Exception as exc:
+                    log.warning(
+                        "cannot release a message; crash recovery will",
+                        extra={"event": "release_failed", "error": str(exc)},
+                    )
+                    break
+        finally:
+            ledger.close()
+        return released

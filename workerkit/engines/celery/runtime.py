@@ -1,0 +1,422 @@
+"""The one workerkit runtime of a Celery worker process: its state, the drain, the release.
+
+Every hook workerkit puts into Celery (the consumer bootstep, the signals, the Worker subclass,
+the task wrappers, the Request subclass) is given the :class:`Runtime` when it is built, so no
+module global holds it. Pool children are forked from the main process after the runtime was
+built: they inherit it, and a fork hook drops what belongs to one process only (its event
+sender, its Redis connection); the drain, release and keeper parts run in the main process only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from workerkit import events as events_module
+from workerkit.engines.celery.ledger import Ledger
+from workerkit.engines.celery.task_events import EVENT_BATCH_DELAY, TaskEvents
+from workerkit.job import request_stop_all
+
+if TYPE_CHECKING:
+    from workerkit.settings import Settings
+
+__all__ = ("DRAIN_TICK", "HEALTH_EVERY", "HEARTBEAT_EVERY", "Runtime", "pool_pids")
+
+log = logging.getLogger("workerkit.engines.celery")
+
+HEARTBEAT_EVERY: Final = 2.0
+HEALTH_EVERY: Final = 5.0
+DRAIN_TICK: Final = 0.02
+
+
+class Runtime:
+    """workerkit inside one Celery worker process: settings, events, ledger, held messages.
+
+    Built once in the worker's main process (:func:`workerkit.engines.celery.worker.install`).
+    In every process that runs tasks: the settings, the stop flag, the per-task event sender
+    and the ledger. In the main process only: the messages it holds, the drain after SIGTERM,
+    the release, and the keeper thread (heartbeats, health, leases, crash recovery).
+    """
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.window = settings.recovery_window
+        self.lease_ttl = self.window / 2
+        # The main process's id: leases are its, also for messages its pool children run.
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.events = events_module.client("celery-worker")
+        #: Set once the supervisor asked this process's jobs to stop: a task starting later
+        #: starts with stop_requested already true.
+        self.stop_requested = threading.Event()
+        #: This process's per-task event sender, made at its first task (:meth:`open_task_events`).
+        self.task_events: TaskEvents | None = None
+        #: Celery Request classes made for this runtime, by their base class (see task.py).
+        self.request_classes: dict[type[Any], type[Any]] = {}
+        self._ledger: Ledger | None = None
+        self._ledger_lock = threading.Lock()
+        self.consumer: Any = None
+        self.draining = False
+        self._held: dict[str, Any] = {}  # tag -> Request, every message this worker holds
+        self._held_lock = threading.Lock()
+        self._handed_back: set[str] = set()
+        self._wake_r, self._wake_w = os.pipe()
+        self._release_lock = threading.Lock()
+        self._started = False
+        self._last_settled = 0.0  # monotonic time of the last message settled (forget())
+        _forget_in_forked_child(self)
+
+    # --- what each process has of its own -------------------------------------------------
+
+    def open_task_events(self) -> TaskEvents:
+        """This process's per-task event sender (a forked pool child makes its own)."""
+        current = self.task_events
+        if current is None:
+            current = self.task_events = TaskEvents()
+        return current
+
+    @property
+    def ledger(self) -> Ledger:
+        """This process's ledger (a forked pool child opens its own Redis connection)."""
+        with self._ledger_lock:
+            if self._ledger is None:
+                self._ledger = Ledger(self.app)
+            return self._ledger
+
+    def flush_events(self) -> None:
+        current = self.task_events  # never the parent's in a forked child (the fork hook)
+        if current is not None:
+            current.flush()
+
+    def on_executor_command(self, command: str, message: Mapping[str, Any]) -> None:
+        """A command for the jobs that run in this process (a pool child, or solo/threads)."""
+        if command == "request_stop":
+            self.stop_requested.set()
+            request_stop_all()
+
+    def after_fork_in_child(self) -> None:
+        # A forked pool child must not write into its parent's event buffer and connection,
+        # nor share its Redis connection, nor inherit a lock another thread held at the fork.
+        # Dropping them at fork spares every task an os.getpid() (a system call).
+        self.task_events = None
+        self._ledger = None
+        self._ledger_lock = threading.Lock()
+
+    # --- hooks from Celery ----------------------------------------------------------------
+
+    def attach(self, consumer: Any) -> None:
+        """Called as the consumer is built: gate its dispatch to the pool."""
+        self.consumer = consumer
+        dispatch = consumer.on_task_request
+
+        def gate(request: Any) -> None:
+            # Runs on the consumer's loop thread. After SIGTERM nothing new starts: a message
+            # that arrives, or whose ETA comes, is handed back instead.
+            if self.draining:
+                self._hand_back(request)
+                return
+            dispatch(request)
+
+        consumer.on_task_request = gate
+
+    def hold(self, request: Any) -> None:
+        """A message reached this worker (its Request was built): it is held until settled."""
+        tag = self._tag(request)
+        if tag is None:
+            return
+        request._workerkit_tag = tag  # for forget(), once per message
+        with self._held_lock:
+            self._held[tag] = request
+        # A message that came in after SIGTERM and waits for an ETA would never reach the gate
+        # before we exit: hand it back now (the gate does it for the others).
+        if self.draining and request.eta:
+            self._hand_back(request)
+
+    def forget(self, request: Any) -> None:
+        """The message left this worker's hands (acknowledged or requeued): stop holding it.
+
+        Done at once rather than by the keeper's next prune: a Request kept a few seconds
+        longer survives into the garbage collector's old generations, and at a thousand
+        messages a second those thousands of live objects made every full collection (and so
+        every task) slower.
+        """
+        self._last_settled = time.monotonic()
+        tag = getattr(request, "_workerkit_tag", None)
+        if tag is not None:
+            with self._held_lock:
+                self._held.pop(tag, None)
+
+    def on_worker_ready(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.events.on_command(self._on_command)
+        self.events.send(
+            "worker_ready",
+            engine="celery",
+            queues=list(self._queues()),
+            concurrency=self._concurrency(),
+        )
+        threading.Thread(target=self._keep, name="workerkit-keeper", daemon=True).start()
+        threading.Thread(target=self._control, name="workerkit-drain", daemon=True).start()
+        log.info(
+            "celery worker ready",
+            extra={"event": "worker_ready", "worker": self.worker_id, "window": self.window},
+        )
+
+    def install_signal_handlers(self) -> None:
+        # Replaces Celery's handlers (installed just before): Celery's warm shutdown joins the
+        # pool with no bound, and its SIGINT handler turns a second Ctrl-C into a cold shutdown.
+        # The handler only writes a byte to a pipe: it runs between two bytecodes of whatever
+        # the main thread was doing (kombu's event loop, or the task itself in the solo pool),
+        # so it must not take locks or touch the broker connection.
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"T")
+
+    # --- the drain ------------------------------------------------------------------------
+
+    def _control(self) -> None:
+        os.read(self._wake_r, 1)
+        self.draining = True
+        held = self._in_hand()
+        self.events.send("worker_stopping", running=len(held))
+        log.info("stopped consuming", extra={"event": "worker_stopping", "running": len(held)})
+        self._on_loop(self._stop_consuming)
+        while True:
+            if not self._in_hand():
+                self._on_loop(self._exit_now)
+                time.sleep(1.0)  # the loop may be busy with a solo task's last ack
+                self._exit_now()
+            time.sleep(DRAIN_TICK)
+
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        hub = getattr(self.consumer, "controller", None)
+        hub = getattr(hub, "hub", None)
+        if hub is not None:
+            hub.call_soon(fn)  # wakes the loop (kombu's hub has a waker for other threads)
+        else:
+            fn()
+
+    def _stop_consuming(self) -> None:
+        consumer = self.consumer
+        if consumer is not None and consumer.task_consumer is not None:
+            with contextlib.suppress(Exception):
+                consumer.task_consumer.cancel()
+        # Messages waiting for their ETA (or a rate limit) were never given to the pool: hand
+        # them back. Those given to the pool are in hand and may finish.
+        from celery.worker import state
+
+        for request in list(state.scheduled_requests):
+            self._hand_back(request)
+
+    def _hand_back(self, request: Any) -> None:
+        tag = self._tag(request)
+        if tag is None or tag in self._handed_back or request.acknowledged:
+            return
+        self._handed_back.add(tag)
+        timer_entry = getattr(request, "_eta_timer_entry", None)
+        if timer_entry is not None:
+            with contextlib.suppress(Exception):
+                timer_entry.cancel()
+        try:
+            restored = self.ledger.restore(tag, owners=(self.worker_id,))
+        except Exception as exc:
+            log.warning(
+                "cannot hand a message back; crash recovery will",
+                extra={"event": "hand_back_failed", "job_id": request.id, "error": str(exc)},
+            )
+            return
+        # Celery must not ack or reject it later: the message is the queue's again.
+        request.acknowledged = True
+        with contextlib.suppress(Exception):
+            request.message._state = "REQUEUED"
+        from celery.worker import state
+
+        with contextlib.suppress(Exception):
+            state.task_ready(request)
+        log.info(
+            "handed a message back to its queue",
+            extra={"event": "message_handed_back", "job_id": request.id, "restored": restored},
+        )
+
+    def _in_hand(self) -> list[Any]:
+        with self._held_lock:
+            for tag, request in list(self._held.items()):
+                if request.acknowledged or tag in self._handed_back:
+                    del self._held[tag]
+            return list(self._held.values())
+
+    def _exit_now(self) -> None:
+        if self._in_hand():
+            return
+        self.flush_events()
+        if pool_pids(self.consumer):
+            # Pool children write their last job_finished events within EVENT_BATCH_DELAY of
+            # them; the acks (and so forget()) happen here in the main process, right after.
+            time.sleep(max(0.0, self._last_settled + EVENT_BATCH_DELAY * 1.5 - time.monotonic()))
+        self._kill_pool()
+        log.info("drained", extra={"event": "worker_drained"})
+        logging.shutdown()
+        os._exit(0)
+
+    def _kill_pool(self) -> list[int]:
+        pids = pool_pids(self.consumer)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        return pids
+
+    # --- commands -------------------------------------------------------------------------
+
+    def _on_command(self, command: str, message: Mapping[str, Any]) -> None:
+        if command == "request_stop":
+            self.on_executor_command(command, message)  # jobs of the threads and solo pools
+            log.info("stop requested for running jobs", extra={"event": "jobs_stop_requested"})
+        elif command == "release":
+            self._release_all()
+
+    def _release_all(self) -> None:
+        """The release deadline: kill what runs, put every message in hand back, exit 0."""
+        with self._release_lock:
+            self.draining = True
+            # Kill the pool children first: a message must not be back in its queue (where
+            # another worker can start it) while its first run still goes on. Jobs of the solo
+            # and threads pools run in this process and end with it, a moment later; their
+            # checkpoint writes are fenced by the next attempt's token.
+            killed = self._kill_pool()
+            # A solo or threads job's job_started may still be in the buffer: it must reach
+            # the supervisor before the job_finished "released" below.
+            self.flush_events()
+            ledger = self.ledger
+            released = 0
+            for request in self._in_hand():
+                tag = self._tag(request)
+                if tag is None:
+                    continue
+                try:
+                    ok = ledger.restore(tag, owners=(self.worker_id,))
+                except Exception as exc:
+                    log.warning(
+                        "cannot release a message; crash recovery will",
+                        extra={"event": "release_failed", "job_id": request.id, "error": str(exc)},
+                    )
+                    continue
+                released += ok
+                self.events.send(
+                    "job_finished",
+                    job_id=str(request.id),
+                    task=request.name,
+                    queue=str(request.delivery_info.get("routing_key") or ""),
+                    outcome="released",
+                    duration=0.0,
+                )
+            log.info(
+                "released unfinished jobs",
+                extra={"event": "worker_released", "released": released, "killed": killed},
+            )
+            logging.shutdown()
+            os._exit(0)
+
+    # --- the keeper: heartbeats, health, leases, crash recovery ----------------------------
+
+    def _keep(self) -> None:
+        renew_every = max(0.2, self.window / 6)
+        scan_every = max(0.5, self.window / 4)
+        next_beat = next_health = next_renew = next_scan = 0.0
+        while True:
+            now = time.monotonic()
+            try:
+                if now >= next_renew:
+                    next_renew = now + renew_every
+                    held = self._in_hand()
+                    tags = [t for t in (self._tag(r) for r in held) if t is not None]
+                    if tags:
+                        self.ledger.refresh_leases(tags, self.worker_id, self.lease_ttl)
+                if now >= next_beat:
+                    next_beat = now + HEARTBEAT_EVERY
+                    self.events.send("heartbeat", running=len(self._in_hand()))
+                if now >= next_health:
+                    next_health = now + HEALTH_EVERY
+                    self._report_health()
+                if now >= next_scan and not self.draining:
+                    next_scan = now + scan_every
+                    self._recover()
+            except Exception as exc:
+                log.warning(
+                    "keeper step failed", extra={"event": "keeper_failed", "error": str(exc)}
+                )
+                self.events.send("store_health", ok=False, reason=f"broker: {type(exc).__name__}")
+            # Sleep until the next step is due: nothing here runs per task.
+            due = min(next_renew, next_beat, next_health, next_scan)
+            time.sleep(min(max(0.05, due - time.monotonic()), 1.0))
+
+    def _report_health(self) -> None:
+        ledger = self.ledger
+        ledger.ping()
+        self.events.send("store_health", ok=True, reason="ok")
+        with contextlib.suppress(Exception):
+            self.events.send(
+                "queue_stats", depth=ledger.depths(self._queues()), oldest_ready_age={}
+            )
+
+    def _recover(self) -> None:
+        ledger = self.ledger
+        for tag in ledger.abandoned(time.time() - self.lease_ttl):
+            task_id = ledger.task_id_of(tag)
+            # The owner died: the run (if it had started) counts as an attempt.
+            if ledger.restore(tag, crashed=True):
+                log.warning(
+                    "restored the message of a worker that died",
+                    extra={"event": "message_recovered", "job_id": task_id, "tag": tag},
+                )
+
+    # --- helpers --------------------------------------------------------------------------
+
+    @staticmethod
+    def _tag(request: Any) -> str | None:
+        message = getattr(request, "message", None)
+        tag = getattr(message, "delivery_tag", None)
+        return str(tag) if tag is not None else None
+
+    def _queues(self) -> list[str]:
+        consumer = self.consumer
+        with contextlib.suppress(Exception):
+            return [q.name for q in consumer.task_consumer.queues]
+        return list(self.settings.queues)
+
+    def _concurrency(self) -> int:
+        with contextlib.suppress(Exception):
+            return int(self.consumer.pool.num_processes)
+        return self.settings.concurrency
+
+
+def _forget_in_forked_child(runtime: Runtime) -> None:
+    """Run ``runtime.after_fork_in_child`` in every forked child, while the runtime lives."""
+    ref = weakref.ref(runtime)
+
+    def after_in_child() -> None:
+        current = ref()
+        if current is not None:
+            current.after_fork_in_child()
+
+    os.register_at_fork(after_in_child=after_in_child)
+
+
+def pool_pids(consumer: Any) -> list[int]:
+    """The pids of the prefork pool's children (none for the solo and threads pools)."""
+    pool = getattr(getattr(consumer, "pool", None), "_pool", None)
+    processes = getattr(pool, "_pool", None) or []
+    return [int(p.pid) for p in processes if getattr(p, "pid", None)]

@@ -1,0 +1,376 @@
+"""The per-task path inside a Celery worker: the job context, running a task, the Request.
+
+Kept lean on purpose (it runs for every message): the attempt and the checkpoint's fencing
+generation come from the message headers, and the checkpoint is read from Redis only when the
+task touches it, so a task that never does costs no Redis round trip of workerkit's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from workerkit.engines.celery.config import user_tasks
+from workerkit.engines.celery.ledger import CRASHES_HEADER, GEN_HEADER, Generation, count
+from workerkit.errors import IdempotencyInProgress, LeaseLost, ReleaseJob
+from workerkit.job import JobContext
+
+if TYPE_CHECKING:
+    from workerkit.engines.celery.runtime import Runtime
+    from workerkit.engines.celery.task_events import TaskEvents
+
+__all__ = (
+    "DEFAULT_MAX_ATTEMPTS",
+    "AttemptsExhausted",
+    "CeleryJobContext",
+    "WorkerkitRequestMixin",
+    "delivery_tag",
+    "request_class",
+    "run_job",
+    "wrap_tasks",
+)
+
+log = logging.getLogger("workerkit.engines.celery")
+
+#: Runs whose worker died after which a message is failed instead of run again (a poison
+#: message that kills its worker every time). Per task: ``@app.task(workerkit_max_attempts=5)``.
+DEFAULT_MAX_ATTEMPTS: Final = 3
+
+
+def delivery_tag(request: Any) -> str | None:
+    info = getattr(request, "delivery_info", None) or {}
+    tag = info.get("delivery_tag")
+    if tag is None:
+        tag = (getattr(request, "properties", None) or {}).get("delivery_tag")
+    return str(tag) if tag is not None else None
+
+
+class AttemptsExhausted(Exception):
+    """The task's worker died ``workerkit_max_attempts`` times while running it: failed."""
+
+
+class CeleryJobContext(JobContext):
+    """A job context whose checkpoint is read (and fence taken) on first use, not at start.
+
+    Most tasks never touch a checkpoint: they cost no Redis round trip of workerkit's own.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        task: Any,
+        events: TaskEvents,
+        job_id: str,
+        queue: str,
+        attempt: int,
+        generation: Generation,
+        started_at: float,
+    ) -> None:
+        self._runtime = runtime
+        self._events = events
+        self._generation = generation
+        # Set once this attempt read or wrote the checkpoint keys (its fence is taken).
+        self._claimed = False
+        settings = runtime.settings
+        super().__init__(
+            job_id=job_id,
+            task=task.name,
+            queue=queue,
+            attempt=attempt,
+            deadline=started_at + float(task.time_limit or settings.job_timeout),
+            checkpoint_interval=settings.checkpoint_interval,
+            save=self._save_fenced,
+            on_checkpoint_saved=self._report_saved,
+        )
+
+    def _report_saved(self, ctx: JobContext) -> None:
+        self._events.send("checkpoint_saved", job_id=ctx.job_id, task=ctx.task, queue=ctx.queue)
+
+    @property
+    def checkpoint(self) -> Any:
+        if not self._claimed:
+            self._claim()
+        return super().checkpoint
+
+    def _claim(self) -> None:
+        with self._lock:
+            if self._claimed:
+                return
+            try:
+                fresh, stored = self._runtime.ledger.claim_checkpoint(self.job_id, self._generation)
+            except Exception as exc:  # Redis is briefly unreachable: resume from nothing
+                log.warning(
+                    "cannot read the checkpoint",
+                    extra={"event": "checkpoint_read_failed", "error": str(exc)},
+                )
+                return
+            self._claimed = True
+            self._checkpoint = stored
+            if not fresh:  # a newer attempt of this task touched the checkpoint
+                self._lease_lost = True
+                self._stop.set()
+
+    def _save_fenced(self, state: Any) -> None:
+        # Called by flush() with self._lock held.
+        self._runtime.ledger.save_checkpoint(self.job_id, self._generation, state)
+        self._claimed = True
+
+    def finish(self, checkpointed: bool) -> None:
+        """On success: delete the checkpoint and fence, when this task may have any."""
+        if not (self._claimed or checkpointed):
+            return
+        try:
+            self._runtime.ledger.finish(self.job_id, self._generation)
+        except Exception as exc:  # the keys expire anyway (KEY_RETENTION)
+            log.warning(
+                "cannot delete the checkpoint",
+                extra={
+                    "event": "checkpoint_delete_failed",
+                    "job_id": self.job_id,
+                    "error": str(exc),
+                },
+            )
+
+
+@functools.cache
+def _celery_exceptions() -> tuple[Any, Any, Any]:
+    # Once: a ``from ... import`` in the hot path runs importlib's Python code every time.
+    from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
+
+    return Reject, Retry, SoftTimeLimitExceeded
+
+
+def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    """Run one task with a job context; report its start and finish; map its outcome."""
+    Reject, Retry, SoftTimeLimitExceeded = _celery_exceptions()  # noqa: N806
+
+    request = task.request
+    job_id = str(request.id)
+    queue = str((request.delivery_info or {}).get("routing_key") or "")
+    # The attempt and the fencing generation come from the message (see GEN_HEADER): no
+    # Redis round trip at start.
+    retries = count(request.retries)
+    crashes = count(getattr(request, CRASHES_HEADER, 0))
+    attempt = 1 + retries + crashes
+    started_at = time.time()
+    generation = (retries, count(getattr(request, GEN_HEADER, 0)), int(started_at * 1000))
+    events = runtime.task_events
+    if events is None:
+        events = runtime.open_task_events()
+    context = CeleryJobContext(
+        runtime, task, events, job_id, queue, attempt, generation, started_at
+    )
+    if runtime.stop_requested.is_set():
+        context.request_stop()
+    if events.connected:  # nothing to build for a worker run without a supervisor
+        events.send(
+            "job_started",
+            job_id=job_id,
+            task=task.name,
+            queue=queue,
+            attempt=attempt,
+            delivery={
+                "job_id": job_id,
+                "delivery_tag": delivery_tag(request),
+                "queue": queue,
+                "worker": runtime.worker_id,
+            },
+            queued_for=None,
+        )
+    started = time.monotonic()
+    outcome = "failed"
+    try:
+        max_attempts = count(getattr(task, "workerkit_max_attempts", None)) or DEFAULT_MAX_ATTEMPTS
+        if crashes >= max_attempts:
+            raise _poison(task.name, job_id, crashes, max_attempts)
+        with context.activate():
+            result = run(*args, **kwargs)
+    except ReleaseJob:
+        outcome = "released"
+        # Reject with requeue: the main process puts the message back in its queue now (see
+        # WorkerkitRequestMixin.reject), and acknowledges nothing. The attempt is not counted:
+        # only a crash adds to it.
+        raise Reject("released by the job (workerkit)", requeue=True) from None
+    except IdempotencyInProgress as exc:
+        outcome = "retried"
+        countdown = max(1.0, min(exc.retry_after or 5.0, 60.0))
+        raise task.retry(exc=exc, countdown=countdown) from None
+    except Retry:
+        outcome = "retried"
+        raise
+    except SoftTimeLimitExceeded:
+        outcome = "timed_out"
+        raise
+    except LeaseLost:
+        outcome = "lease_lost"
+        raise
+    else:
+        outcome = "succeeded"
+        context.finish(bool(getattr(task, "workerkit_checkpointed", False)))
+        return result
+    finally:
+        events.send(
+            "job_finished",
+            job_id=job_id,
+            task=task.name,
+            queue=queue,
+            outcome=outcome,
+            duration=time.monotonic() - started,
+        )
+
+
+def _poison(task: str, job_id: str, crashes: int, max_attempts: int) -> AttemptsExhausted:
+    """A poison message: every run so far killed its worker (an out-of-memory kill, a segfault).
+
+    Celery's max_retries does not see these (a redelivery is not a retry): the task fails now,
+    without running, through Celery's own failure path (result backend, task_failure, the ack).
+    """
+    log.error(
+        "task failed: its worker died on every attempt",
+        extra={
+            "event": "job_attempts_exhausted",
+            "job_id": job_id,
+            "task": task,
+            "crashes": crashes,
+            "max_attempts": max_attempts,
+        },
+    )
+    return AttemptsExhausted(
+        f"workerkit: the worker died {crashes} times running task {task} "
+        f"{job_id} (workerkit_max_attempts={max_attempts})"
+    )
+
+
+def wrap_tasks(app: Any, runtime: Runtime) -> None:
+    """Run every user task of ``app`` with a job context (before the worker builds tracers).
+
+    Every task, Celery's own (``celery.*``) included, gets workerkit's Request class: that is
+    how the worker knows which messages it holds (see WorkerkitRequestMixin).
+    """
+    for task in app.tasks.values():
+        # Celery's documented hook for custom requests ("Task.Request"); the worker's
+        # strategy subclasses it once per task, so the user's own Request class still works.
+        task.Request = request_class(task.Request, runtime)
+    for task in user_tasks(app):
+        if getattr(task, "_workerkit_original_run", None) is not None:
+            continue
+        original = task.run
+
+        def run(
+            *args: Any,
+            _runtime: Runtime = runtime,
+            _task: Any = task,
+            _run: Callable[..., Any] = original,
+            **kwargs: Any,
+        ) -> Any:
+            return run_job(_runtime, _task, _run, args, kwargs)
+
+        functools.update_wrapper(run, original)
+        task._workerkit_original_run = original
+        # An instance attribute shadows the class's ``run``; Celery's tracer reads task.run
+        # when it is built (in the main process for solo/threads, in each pool child).
+        task.run = run
+
+
+def request_class(base_spec: Any, runtime: Runtime) -> type[Any]:
+    """A subclass of the task's Request whose requeues go through :meth:`Ledger.restore`."""
+    from celery.utils.imports import symbol_by_name
+
+    base: type[Any] = symbol_by_name(base_spec)
+    if issubclass(base, WorkerkitRequestMixin):
+        return base
+    cls = runtime.request_classes.get(base)
+    if cls is None:
+        # The runtime is a class attribute: a Request reaches it without a module global.
+        namespace = {"_workerkit_runtime": runtime}
+        cls = type(f"Workerkit{base.__name__}", (WorkerkitRequestMixin, base), namespace)
+        runtime.request_classes[base] = cls
+    return cls
+
+
+class WorkerkitRequestMixin:
+    """Requeues (a job's release, a lost pool child) by workerkit's restore, not kombu's.
+
+    kombu's reject-with-requeue puts the payload back unchanged: a pool child killed by its
+    task (out of memory, a segfault) would be redelivered forever with nothing counting, and a
+    missing binding key drops the message (see Ledger._route). Ours counts the crash in the
+    message (CRASHES_HEADER, so that the next run fails a poison message) and bumps the fencing
+    generation, in the transaction that moves the message.
+    """
+
+    # Celery's Request has these (it is the other base).
+    id: str
+    message: Any
+    acknowledged: bool
+    send_event: Callable[..., Any]
+
+    _workerkit_runtime: Runtime  # set by request_class()
+    _workerkit_crashed = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        base: Any = super()
+        base.__init__(*args, **kwargs)
+        # Held from here until acknowledged or requeued. Celery's task_received signal would
+        # tell the same a little later, at several microseconds per message for its dispatch.
+        self._workerkit_runtime.hold(self)
+
+    def acknowledge(self) -> None:
+        base: Any = super()
+        base.acknowledge()
+        self._workerkit_runtime.forget(self)
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> Any:
+        from celery.exceptions import WorkerLostError
+
+        exc = getattr(exc_info, "exception", None)
+        exc = getattr(exc, "exc", exc)  # ExceptionWithTraceback
+        # Celery rejects with requeue for these when the pool child was lost (and
+        # task_reject_on_worker_lost); a Reject raised by the job (a release) is not a crash.
+        self._workerkit_crashed = isinstance(exc, WorkerLostError | SystemExit | KeyboardInterrupt)
+        base: Any = super()
+        return base.on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+    def reject(self, requeue: bool = False) -> None:
+        base: Any = super()
+        runtime = self._workerkit_runtime
+        if not requeue or self.acknowledged:
+            base.reject(requeue=requeue)
+            runtime.forget(self)
+            return
+        message = self.message
+        try:
+            restored = runtime.ledger.restore(
+                str(message.delivery_tag),
+                owners=(runtime.worker_id,),
+                crashed=self._workerkit_crashed,
+                leftmost=True,  # at the back of the queue, as kombu's reject does
+            )
+        except Exception as exc:
+            log.warning(
+                "cannot requeue through workerkit; kombu requeues",
+                extra={"event": "requeue_failed", "job_id": self.id, "error": str(exc)},
+            )
+            base.reject(requeue=requeue)
+            return
+        # Settle the message in kombu's in-memory QoS only (that frees its prefetch slot): its
+        # entries in Redis are gone and must not be removed again, since a redelivery of the
+        # same message keeps the same delivery tag (on another worker, possibly, by now).
+        with contextlib.suppress(Exception):
+            message.channel.qos._quick_ack(message.delivery_tag)
+        with contextlib.suppress(Exception):
+            message._state = "REQUEUED"
+        self.acknowledged = True
+        runtime.forget(self)
+        with contextlib.suppress(Exception):
+            self.send_event("task-rejected", requeue=True)
+        if not restored:
+            log.warning(
+                "message not requeued: acknowledged, held by another worker, or no queue",
+                extra={"event": "requeue_skipped", "job_id": self.id},
+            )
