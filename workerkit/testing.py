@@ -1,38 +1,11 @@
 """Test doubles for code that uses workerkit: no database, no server, no sleeping.
 
-:class:`InMemoryQueue` is workerkit's queue contract
-(:class:`~workerkit.engines.base.QueueBackend`) kept in a dict. It follows the same rules as the
-SQL queue, checked by the same contract test suite: attempts count claims, a release gives the
-attempt back, a lease that expires lets another worker claim the job, and every write after the
-claim is fenced by the delivery's token. Give it a :class:`ManualClock` to expire leases and
-make delayed jobs due without waiting::
-
-    from workerkit import App
-    from workerkit.testing import InMemoryQueue, ManualClock
-
-    clock = ManualClock()
-    queue = InMemoryQueue(clock=clock, lease_ttl=30)
-    app = App(backend=queue)
-
-    @app.task(max_attempts=3)
-    def charge(order_id: int) -> None: ...
-
-    job_id = charge.enqueue(7)
-    [delivery] = queue.claim(["default"], worker_id="test", limit=1)
-    clock.advance(31)                      # the worker "crashed": its lease runs out
-    [again] = queue.claim(["default"], worker_id="other", limit=1)
-    assert again.attempt == 2
-    assert queue.get_job(job_id)["state"] == "running"
-
-:class:`InMemoryIdempotencyStore` is the idempotency store contract
-(:class:`~workerkit.idempotency.IdempotencyStore`), held to the same contract suite as the SQL
-and Redis stores; with a :class:`ManualClock`, claims and results expire when the test says::
-
-    store = InMemoryIdempotencyStore(clock=clock)
-    app = App(backend=queue)                # an InMemoryQueue's app uses one by default
-
-    @workerkit.idempotent(key="charge:{order_id}", store=store, in_progress_expiry=60)
-    def charge(order_id: int) -> str: ...
+Each fake lives next to what it imitates and is held to the same contract suite:
+:class:`InMemoryQueue` (``workerkit/engines/sql/memory.py``) and
+:class:`InMemoryIdempotencyStore` (``workerkit/idempotency/memory.py``). This module gathers them
+with :class:`ManualClock` (time that moves only when told) and :func:`run_jobs` (the production
+worker loop, run in this process until nothing is due). Production code never imports it.
+See docs/howto/testing.md.
 """
 
 from __future__ import annotations
