@@ -334,6 +334,24 @@ def test_a_duty_that_is_off_stays_due_and_does_not_make_the_keeper_spin() -> Non
     assert ran == ["beat", "scan"]
 
 
+def test_a_duty_made_due_now_runs_at_the_next_wake_then_keeps_its_cadence() -> None:
+    clock, ran = FakeClock(), list[str]()
+    keeper = Keeper([Duty("health", 5.0, recorder(ran, "health"))], log=log, clock=clock)
+    keeper.run_due()
+    clock.now += 1.0
+    keeper.run_soon("health")  # another thread needs it now
+    keeper.run_due()
+    assert ran == ["health", "health"]
+    clock.now += 4.9  # the cadence goes on from the early run: next at 6.0, not at 5.0
+    keeper.run_due()
+    assert ran == ["health", "health"]
+    clock.now += 0.1
+    keeper.run_due()
+    assert ran == ["health", "health", "health"]
+    with pytest.raises(KeyError, match="nope"):
+        keeper.run_soon("nope")
+
+
 def test_the_wait_is_kept_between_its_bounds() -> None:
     clock = FakeClock()
     keeper = Keeper(

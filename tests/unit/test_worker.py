@@ -307,3 +307,54 @@ def test_no_store_means_not_ready_and_no_claims(harness: Harness) -> None:
     worker.stop_fetching()
     assert harness.join() == 0
     assert harness.log == ["ran"]
+
+
+def test_a_failed_claim_makes_the_store_not_ready_until_a_prompt_health_check(
+    harness: Harness,
+) -> None:
+    failures = [ConnectionError("connection reset")]
+    claim = harness.queue.claim
+
+    def flaky_claim(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return claim(*args, **kwargs)
+
+    harness.queue.claim = flaky_claim  # type: ignore[method-assign]
+
+    @harness.app.task
+    def record() -> None:
+        harness.log.append("ran")
+
+    job_id = record.enqueue()
+    worker = harness.start()
+    # Well before the health cadence (5 s): the failed claim asks for a health check at once.
+    wait_until(lambda: harness.state(job_id) == "succeeded", timeout=3)
+    health = [(e["ok"], e["reason"]) for e in harness.events.of_type("store_health")]
+    assert (False, "claim failed: ConnectionError") in health
+    assert health[-1][0] is True
+    assert len(harness.events.of_type("worker_ready")) == 2  # ready again after the failure
+    worker.stop_fetching()
+    assert harness.join() == 0
+
+
+def test_heartbeats_go_on_while_a_claim_blocks(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("workerkit.engines.sql.worker.HEARTBEAT_EVERY", 0.05)
+    blocked, unblock = threading.Event(), threading.Event()
+    claim = harness.queue.claim
+
+    def slow_claim(*args: Any, **kwargs: Any) -> Any:
+        blocked.set()
+        unblock.wait(10)
+        return claim(*args, **kwargs)
+
+    harness.queue.claim = slow_claim  # type: ignore[method-assign]
+    worker = harness.start()
+    assert blocked.wait(10)
+    before = len(harness.events.of_type("heartbeat"))
+    wait_until(lambda: len(harness.events.of_type("heartbeat")) >= before + 3, timeout=5)
+    unblock.set()
+    worker.stop_fetching()
+    assert harness.join() == 0

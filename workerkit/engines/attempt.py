@@ -262,6 +262,16 @@ class Keeper:
             thread.join(timeout)
         return not thread.is_alive()
 
+    def run_soon(self, name: str) -> None:
+        """Make duty ``name`` due now; its cadence goes on from its next run.
+
+        It runs at the keeper's next wake (``max_wait`` away at the most): for a duty another
+        thread needs sooner than its cadence (the SQL fetcher's health check after a failed claim).
+        """
+        if name not in self._due:
+            raise KeyError(f"no duty named {name!r}")
+        self._due[name] = self.clock()
+
     def run(self) -> None:
         """Run the duties in this thread until ``stop_event`` is set."""
         while not self.stop_event.is_set():

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from workerkit.engines.attempt import release_each
 from workerkit.engines.base import AppTiming
 from workerkit.engines.sql.queue import SqlQueue
 from workerkit.errors import ConfigurationError, StoreUnavailable
@@ -66,26 +67,13 @@ class SqlEngine:
         if not refs:
             return 0
         queue = SqlQueue(settings.database_url, settings=settings)
-        released = 0
         try:
-            for index, ref in enumerate(refs):
-                try:
-                    if queue.release_ref(ref, crashed=crashed):
-                        released += 1
-                except StoreUnavailable as exc:
-                    log.warning(
-                        "cannot release in-flight jobs; their leases will expire instead",
-                        extra={
-                            "event": "release_failed",
-                            "error": str(exc),
-                            "left": len(refs) - index,
-                        },
-                    )
-                    break
-                except ValueError as exc:
-                    log.warning(
-                        "bad delivery ref", extra={"event": "release_failed", "error": str(exc)}
-                    )
+            return release_each(
+                refs,
+                lambda ref: queue.release_ref(ref, crashed=crashed),
+                log=log,
+                give_up_on=(StoreUnavailable,),
+                skip_on=(ValueError,),  # a bad ref
+            ).released
         finally:
             queue.close()
-        return released

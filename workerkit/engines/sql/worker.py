@@ -2,7 +2,8 @@
 
 The process the supervisor starts for the ``sql`` engine (``python -m workerkit.engines.sql``),
 and what :func:`workerkit.testing.run_jobs` runs in-process. The main thread keeps the signals
-and never blocks; a fetcher thread claims, a keeper thread renews leases, each job has a thread.
+and never blocks; a fetcher thread claims, two keepers do the upkeep (leases; heartbeat and
+health), each job has a thread.
 Every delivery is settled once, under its own lock, by whoever comes first (its job thread, or
 the main thread at a release or timeout). docs/engines/sql.md ("The worker") has the why.
 """
@@ -19,7 +20,6 @@ import socket
 import sys
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,16 +28,23 @@ from typing import TYPE_CHECKING, Any
 
 from workerkit import events as events_module
 from workerkit.app import App, decode_payload
-from workerkit.errors import (
-    IdempotencyInProgress,
-    IdempotencyKeyMismatch,
-    JobInterrupted,
-    LeaseLost,
-    PayloadError,
-    ReleaseJob,
-    SchemaOutOfDate,
-    StoreError,
+from workerkit.engines.attempt import (
+    HEALTH_EVERY,
+    HEARTBEAT_EVERY,
+    Defer,
+    Duty,
+    Fail,
+    Keeper,
+    Propagate,
+    Release,
+    Retried,
+    RetryOrFail,
+    Rules,
+    StandDown,
+    release_each,
+    verdict_for,
 )
+from workerkit.errors import JobInterrupted, LeaseLost, PayloadError, SchemaOutOfDate, StoreError
 from workerkit.idempotency import outcome_of
 from workerkit.job import JobContext
 
@@ -51,12 +58,23 @@ __all__ = ("NativeWorker", "main")
 log = logging.getLogger(__name__)
 
 TICK = 0.05  # how often the main thread looks at its flags
-HEARTBEAT_EVERY = 2.0  # worker heartbeats to the supervisor (liveness)
-HEALTH_EVERY = 5.0  # store health and queue stats to the supervisor (readiness, metrics)
 
 
 class JobTimedOut(BaseException):
     """Raised inside a job's thread when it passes its timeout."""
+
+
+class _PermanentFailure(Exception):
+    """A job that cannot succeed on any attempt (unknown task, bad payload, non-JSON result)."""
+
+
+# The main thread settles a delivery before it interrupts the job's thread (release, timeout);
+# a BaseException the job raised itself (SystemExit...) is left to the delivery's lease.
+_RULES = Rules(
+    interrupts=(JobInterrupted, JobTimedOut),
+    permanent=(_PermanentFailure,),
+    settle_base_exceptions=False,
+)
 
 
 def interrupt_thread(thread: threading.Thread, exc_type: type[BaseException]) -> bool:
@@ -113,7 +131,25 @@ class NativeWorker:
         self._release_requested = threading.Event()
         self._jobs_stop_requested = threading.Event()
         self._fetcher_done = threading.Event()
-        self._healthy = False
+        self._ready = threading.Event()  # the store answered its last health check and claim
+        self._upkeep = Keeper(
+            [
+                Duty("heartbeat", HEARTBEAT_EVERY, self._heartbeat),
+                Duty("health", HEALTH_EVERY, self._report_health),
+            ],
+            log=log,
+            name="workerkit-upkeep",
+            stop_event=self._stopping,  # no heartbeat once it stops fetching, as before
+            max_wait=min(settings.poll_interval, 1.0),
+        )
+        lease_every = settings.effective_heartbeat_interval
+        self._lease_keeper = Keeper(
+            [Duty("leases", lease_every, self._extend_leases, first=lease_every)],
+            log=log,
+            name="workerkit-leases",
+            stop_event=self._release_requested,
+            max_wait=lease_every,
+        )
 
     # --- control ------------------------------------------------------------------------
 
@@ -158,8 +194,9 @@ class NativeWorker:
             signal.signal(signal.SIGTERM, self._on_sigterm)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.events.on_command(self._on_command)
+        self._upkeep.start()
         threading.Thread(target=self._fetch_loop, name="workerkit-fetcher", daemon=True).start()
-        threading.Thread(target=self._keep_leases, name="workerkit-leases", daemon=True).start()
+        self._lease_keeper.start()
         announced_stop = False
         while True:
             if self._release_requested.is_set():
@@ -205,39 +242,35 @@ class NativeWorker:
                 self._retry_or_fail(r, error)
                 return "timed_out"
 
-            if self._settle(running, give_up):
-                if running.thread is not None:
-                    interrupt_thread(running.thread, JobTimedOut)
-                self._finish(running)
+            self._take_back(running, give_up, JobTimedOut)
 
     def _release_all(self) -> int:
         with self._claim_lock, self._running_lock:
             everything = list(self._running.values())
-        released = 0
-        for running in everything:
-            if self._settle(running, self._release):
-                released += 1
-                if running.thread is not None:
-                    interrupt_thread(running.thread, JobInterrupted)
-                self._finish(running)
-        return released
+        # _settle logs its own store errors: nothing here gives up or skips.
+        return release_each(
+            everything, lambda r: self._take_back(r, self._release, JobInterrupted), log=log
+        ).released
+
+    def _take_back(
+        self, running: _Running, write: Callable[[_Running], str], interrupt: type[BaseException]
+    ) -> bool:
+        """Settle a running job from the main thread, then interrupt its thread."""
+        if not self._settle(running, write):
+            return False
+        if running.thread is not None:
+            interrupt_thread(running.thread, interrupt)
+        self._finish(running)
+        return True
 
     # --- the fetcher --------------------------------------------------------------------
 
     def _fetch_loop(self) -> None:
-        next_heartbeat = next_health = 0.0
         try:
             while not self._stopping.is_set():
-                now = time.monotonic()
-                if now >= next_heartbeat:
-                    self.events.send("heartbeat", running=self.running_count)
-                    next_heartbeat = now + HEARTBEAT_EVERY
-                if now >= next_health:
-                    self._report_health()
-                    next_health = now + HEALTH_EVERY
-                if not self._healthy:
-                    self._stopping.wait(min(self.settings.poll_interval, HEALTH_EVERY))
-                    next_health = 0.0
+                if not self._ready.is_set():
+                    # The upkeep keeper checks the store again (sooner while it is not ready).
+                    self._ready.wait(self._unready_recheck)
                     continue
                 free = self.concurrency - self.running_count
                 if free <= 0:
@@ -249,21 +282,30 @@ class NativeWorker:
         finally:
             self._fetcher_done.set()
 
-    def _report_health(self) -> None:
+    # --- upkeep (the keeper's thread) ---------------------------------------------------
+
+    @property
+    def _unready_recheck(self) -> float:
+        return min(self.settings.poll_interval, HEALTH_EVERY)
+
+    def _heartbeat(self) -> None:
+        self.events.send("heartbeat", running=self.running_count)
+
+    def _report_health(self) -> float | None:
+        """Report the store's health (and queue stats); while not ready, check again sooner."""
         try:
             health = self.backend.health()
             ok, reason = health.ok, health.reason
         except Exception as exc:
             ok, reason = False, f"store check failed: {type(exc).__name__}"
-        if ok != self._healthy:
+        first = ok and not self._ready.is_set()
+        if ok != self._ready.is_set():
             log.log(
                 logging.INFO if ok else logging.WARNING,
                 "store is %s",
                 "ready" if ok else "not ready",
                 extra={"event": "store_health", "ok": ok, "reason": reason},
             )
-        first = not self._healthy and ok
-        self._healthy = ok
         self.events.send("store_health", ok=ok, reason=reason)
         if first:
             self.events.send(
@@ -272,14 +314,18 @@ class NativeWorker:
                 queues=list(self.queues),
                 concurrency=self.concurrency,
             )
-        if ok:
-            with contextlib.suppress(Exception):
-                stats = self.backend.stats(self.queues)
-                self.events.send(
-                    "queue_stats",
-                    depth=dict(stats.depth),
-                    oldest_ready_age=dict(stats.oldest_ready_age),
-                )
+        if not ok:
+            self._ready.clear()
+            return self._unready_recheck
+        with contextlib.suppress(Exception):
+            stats = self.backend.stats(self.queues)
+            self.events.send(
+                "queue_stats",
+                depth=dict(stats.depth),
+                oldest_ready_age=dict(stats.oldest_ready_age),
+            )
+        self._ready.set()  # after the events above, as when one thread did both
+        return None
 
     def _claim_and_start(self, free: int) -> bool:
         with self._claim_lock:
@@ -288,18 +334,23 @@ class NativeWorker:
             try:
                 deliveries = self.backend.claim(self.queues, self.worker_id, free)
             except (SchemaOutOfDate, StoreError) as exc:
-                self._healthy = False
-                self.events.send("store_health", ok=False, reason=str(exc))
+                self._claim_failed(str(exc))
                 return False
             except Exception as exc:  # a driver error: the store is unusable for now
-                self._healthy = False
                 reason = f"claim failed: {type(exc).__name__}"
                 log.warning(reason, extra={"event": "claim_failed", "error": str(exc)})
-                self.events.send("store_health", ok=False, reason=reason)
+                self._claim_failed(reason)
                 return False
             for delivery in deliveries:
                 self._start(delivery)
             return bool(deliveries)
+
+    def _claim_failed(self, reason: str) -> None:
+        self._ready.clear()
+        self.events.send("store_health", ok=False, reason=reason)
+        # Checked again at the keeper's next wake (min(poll_interval, 1 s) at most); the fetcher
+        # waits for it, as it waited min(poll_interval, HEALTH_EVERY) before.
+        self._upkeep.run_soon("health")
 
     def _start(self, delivery: Delivery) -> None:
         task = self.app.tasks.get(delivery.task)
@@ -353,35 +404,33 @@ class NativeWorker:
             "checkpoint_saved", job_id=context.job_id, task=context.task, queue=context.queue
         )
 
-    # --- the lease keeper ---------------------------------------------------------------
+    # --- the lease keeper's duty (every H, until a release) ------------------------------
 
-    def _keep_leases(self) -> None:
-        interval = self.settings.effective_heartbeat_interval
-        while not self._release_requested.wait(interval):
-            with self._running_lock:
-                running = list(self._running.values())
-            for item in running:
-                try:
-                    kept = self.backend.extend(item.delivery)
-                except Exception as exc:
-                    # The store is unreachable; the lease may still hold. Try again next time.
-                    log.warning(
-                        "lease extension failed",
-                        extra={
-                            "event": "lease_extend_failed",
-                            "job_id": item.delivery.job_id,
-                            "error": str(exc),
-                        },
-                    )
-                    continue
-                if kept:
-                    self.events.send("job_heartbeat", job_id=item.delivery.job_id)
-                else:
-                    item.context.mark_lease_lost()
-                    log.warning(
-                        "lease lost: another worker owns the job now",
-                        extra={"event": "lease_lost", "job_id": item.delivery.job_id},
-                    )
+    def _extend_leases(self) -> None:
+        with self._running_lock:
+            running = list(self._running.values())
+        for item in running:
+            try:
+                kept = self.backend.extend(item.delivery)
+            except Exception as exc:
+                # The store is unreachable; the lease may still hold. Try again next time.
+                log.warning(
+                    "lease extension failed",
+                    extra={
+                        "event": "lease_extend_failed",
+                        "job_id": item.delivery.job_id,
+                        "error": str(exc),
+                    },
+                )
+                continue
+            if kept:
+                self.events.send("job_heartbeat", job_id=item.delivery.job_id)
+            else:
+                item.context.mark_lease_lost()
+                log.warning(
+                    "lease lost: another worker owns the job now",
+                    extra={"event": "lease_lost", "job_id": item.delivery.job_id},
+                )
 
     # --- one job ------------------------------------------------------------------------
 
@@ -405,31 +454,27 @@ class NativeWorker:
             except (TypeError, ValueError) as exc:
                 raise _PermanentFailure(f"ResultError: result is not JSON: {exc}") from exc
             self._settle(running, lambda r: self._ack(r, result))
-        except ReleaseJob:
-            self._settle(running, self._release)
-        except (JobInterrupted, JobTimedOut):
-            pass  # the main thread settled the delivery before interrupting us
-        except LeaseLost:
-            self._settle(running, lambda r: "lease_lost")
-        except IdempotencyInProgress as busy:
-            # Another live attempt holds the key: come back soon (to replay its result once it
-            # completes) but no later than when the holder's claim would expire.
-            backoff = task.retry_delay(1) if task else self.settings.poll_interval
-            delay = backoff if busy.retry_after is None else min(busy.retry_after, backoff)
-            reason = f"IdempotencyInProgress: {busy}"
-            self._settle(running, lambda r: self._defer(r, delay, reason))
-        except (_PermanentFailure, IdempotencyKeyMismatch) as failure:
-            # A key reused with other arguments fails the same way on every attempt.
-            reason = str(failure)
-            if isinstance(failure, IdempotencyKeyMismatch):
-                reason = f"IdempotencyKeyMismatch: {reason}"
-            self._settle(running, lambda r: self._fail(r, reason))
-        except Exception as exc:
-            error = "".join(traceback.format_exception_only(exc)).strip()
-            if context.lease_lost:
-                self._settle(running, lambda r: "lease_lost")
-            else:
-                self._settle(running, lambda r: self._retry_or_fail(r, error))
+        except BaseException as exc:
+            # docs/concepts/attempts.md has the table; this maps each verdict to a store write.
+            def backoff() -> float:
+                return task.retry_delay(1) if task else self.settings.poll_interval
+
+            verdict = verdict_for(exc, _RULES, backoff=backoff, lease_lost=context.lease_lost)
+            match verdict:
+                case Release():
+                    self._settle(running, self._release)
+                case StandDown(outcome=outcome):
+                    # After a release or timeout the main thread settled first: nothing happens.
+                    self._settle(running, lambda r: outcome)
+                case Defer(delay=delay, reason=reason):
+                    self._settle(running, lambda r: self._defer(r, delay, reason))
+                case Fail(reason=reason):
+                    self._settle(running, lambda r: self._fail(r, reason))
+                case RetryOrFail():
+                    error = verdict.error
+                    self._settle(running, lambda r: self._retry_or_fail(r, error))
+                case Propagate() | Retried():
+                    raise
         finally:
             self._finish(running)
 
@@ -510,10 +555,6 @@ class NativeWorker:
             },
         )
         self._slot_freed.set()
-
-
-class _PermanentFailure(Exception):
-    """A job that cannot succeed on any attempt (unknown task, bad payload, non-JSON result)."""
 
 
 def main() -> None:
