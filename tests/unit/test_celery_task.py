@@ -13,16 +13,9 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Celery
 from celery.exceptions import Reject, Retry
 
+from workerkit import errors
 from workerkit.engines.celery.runtime import Runtime
 from workerkit.engines.celery.task import AttemptsExhausted, run_job
-from workerkit.errors import (
-    IdempotencyClaimLost,
-    IdempotencyInProgress,
-    IdempotencyKeyMismatch,
-    JobInterrupted,
-    LeaseLost,
-    ReleaseJob,
-)
 from workerkit.settings import Settings
 
 
@@ -97,7 +90,7 @@ def test_a_task_that_returns_succeeded(runtime: Runtime) -> None:
 
 def test_a_released_job_is_rejected_with_requeue(runtime: Runtime) -> None:
     with pytest.raises(Reject) as caught:
-        run_job(runtime, FakeTask(), raising(ReleaseJob()), (), {})
+        run_job(runtime, FakeTask(), raising(errors.ReleaseJob()), (), {})
     assert caught.value.requeue is True
     assert caught.value.__suppress_context__  # raised "from None"
     assert finished(runtime) == "released"
@@ -110,7 +103,7 @@ def test_a_released_job_is_rejected_with_requeue(runtime: Runtime) -> None:
 def test_a_busy_idempotency_key_retries_after_its_holder_within_bounds(
     runtime: Runtime, retry_after: float | None, countdown: float
 ) -> None:
-    busy = IdempotencyInProgress("held", retry_after=retry_after)
+    busy = errors.IdempotencyInProgress("held", retry_after=retry_after)
     with pytest.raises(Retrying) as caught:
         run_job(runtime, FakeTask(), raising(busy), (), {})
     assert caught.value.exc is busy
@@ -123,12 +116,12 @@ def test_a_busy_idempotency_key_retries_after_its_holder_within_bounds(
     [
         (Retry("again"), "retried"),
         (SoftTimeLimitExceeded(), "timed_out"),
-        (LeaseLost("gone"), "lease_lost"),
-        (IdempotencyClaimLost("taken"), "lease_lost"),
+        (errors.LeaseLost("gone"), "lease_lost"),
+        (errors.IdempotencyClaimLost("taken"), "lease_lost"),
         # Celery labels the rest "failed" and lets Celery settle them (its own retry options
         # included): an interrupt, a reused key and a BaseException alike.
-        (JobInterrupted(), "failed"),
-        (IdempotencyKeyMismatch("other args"), "failed"),
+        (errors.JobInterrupted(), "failed"),
+        (errors.IdempotencyKeyMismatch("other args"), "failed"),
         (ValueError("bad"), "failed"),
         (KeyboardInterrupt(), "failed"),
     ],
