@@ -14,6 +14,7 @@ from celery import Celery
 from workerkit.engines.celery import (
     CRASHES_HEADER,
     GEN_HEADER,
+    CeleryEngine,
     Ledger,
     celery_facts,
     configure_app,
@@ -83,6 +84,56 @@ def test_abandoned_message_is_restored_once(app: Celery, redis_client: Any) -> N
     assert redis_client.llen("celery") == 1
     ledger.close()
     other.close()
+
+
+#: The app CeleryEngine loads by name (``settings.app``) in the release tests below.
+engine_app = Celery("t-engine")
+
+
+def _engine_settings(redis_url: str) -> Settings:
+    engine_app.conf.broker_url = redis_url
+    return Settings(engine="celery", redis_url=redis_url, app=f"{__name__}:engine_app")
+
+
+def test_release_in_flight_restores_a_dead_workers_messages(
+    app: Celery, redis_client: Any, redis_url: str
+) -> None:
+    first, second = _deliver(app, redis_client, "r1"), _deliver(app, redis_client, "r2")
+    Ledger(app).refresh_leases([first, second], "dead-worker", 30)
+    refs = [
+        {"delivery_tag": first, "worker": "dead-worker"},
+        {"job_id": "r0", "delivery_tag": None},  # never delivered: nothing to restore
+        {"delivery_tag": second, "worker": "dead-worker"},
+    ]
+    engine = CeleryEngine()
+    settings = _engine_settings(redis_url)
+    assert engine.release_in_flight(settings, refs, crashed=True) == 2
+    assert redis_client.hlen("unacked") == 0
+    queued = [json.loads(m)["headers"] for m in redis_client.lrange("celery", 0, -1)]
+    assert sorted(h["id"] for h in queued) == ["r1", "r2"]
+    assert all(h[CRASHES_HEADER] == 1 for h in queued)  # the worker died: the attempt counts
+    assert engine.release_in_flight(settings, refs) == 0  # once only
+    assert engine.release_in_flight(settings, []) == 0
+
+
+def test_release_in_flight_gives_up_at_the_first_broker_error(
+    app: Celery, redis_client: Any, redis_url: str, monkeypatch: Any, caplog: Any
+) -> None:
+    tags = [_deliver(app, redis_client, "r3"), _deliver(app, redis_client, "r4")]
+    calls = []
+
+    def unreachable(self: Ledger, tag: str, **kwargs: Any) -> bool:
+        calls.append(tag)
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(Ledger, "restore", unreachable)
+    refs = [{"delivery_tag": tag, "worker": "w"} for tag in tags]
+    with caplog.at_level("WARNING", logger="workerkit.engines.celery"):
+        assert CeleryEngine().release_in_flight(_engine_settings(redis_url), refs) == 0
+    assert calls == tags[:1]  # crash recovery restores the rest, sooner than more timeouts
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "release_failed"]
+    assert record.getMessage() == "cannot release a message; crash recovery will"
+    assert (record.error, record.left) == ("broker down", 2)
 
 
 def _headers(redis_client: Any) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from workerkit.engines.attempt import release_each
 from workerkit.engines.base import AppTiming
 from workerkit.engines.celery.config import (
     celery_facts,
@@ -97,21 +98,20 @@ class CeleryEngine:
         if not refs:
             return 0
         ledger = Ledger(self._load(settings))
-        released = 0
+
+        def release(ref: Mapping[str, Any]) -> bool:
+            tag, worker = ref.get("delivery_tag"), str(ref.get("worker") or "")
+            if not tag:
+                return False
+            return ledger.restore(str(tag), owners=(worker,), crashed=crashed)
+
         try:
-            for ref in refs:
-                tag, worker = ref.get("delivery_tag"), str(ref.get("worker") or "")
-                if not tag:
-                    continue
-                try:
-                    if ledger.restore(str(tag), owners=(worker,), crashed=crashed):
-                        released += 1
-                except Exception as exc:
-                    log.warning(
-                        "cannot release a message; crash recovery will",
-                        extra={"event": "release_failed", "error": str(exc)},
-                    )
-                    break
+            return release_each(
+                refs,
+                release,
+                log=log,
+                give_up_on=(Exception,),
+                give_up_message="cannot release a message; crash recovery will",
+            ).released
         finally:
             ledger.close()
-        return released

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from workerkit import events as events_module
+from workerkit.engines.attempt import HEALTH_EVERY, HEARTBEAT_EVERY, Duty, Keeper, release_each
 from workerkit.engines.celery.ledger import Ledger
 from workerkit.engines.celery.task_events import EVENT_BATCH_DELAY, TaskEvents
 from workerkit.job import request_stop_all
@@ -29,12 +30,10 @@ from workerkit.job import request_stop_all
 if TYPE_CHECKING:
     from workerkit.settings import Settings
 
-__all__ = ("DRAIN_TICK", "HEALTH_EVERY", "HEARTBEAT_EVERY", "Runtime", "pool_pids")
+__all__ = ("DRAIN_TICK", "Runtime", "pool_pids")
 
 log = logging.getLogger("workerkit.engines.celery")
 
-HEARTBEAT_EVERY: Final = 2.0
-HEALTH_EVERY: Final = 5.0
 DRAIN_TICK: Final = 0.02
 
 
@@ -166,7 +165,9 @@ class Runtime:
             queues=list(self._queues()),
             concurrency=self._concurrency(),
         )
-        threading.Thread(target=self._keep, name="workerkit-keeper", daemon=True).start()
+        Keeper(
+            self._duties(), log=log, name="workerkit-keeper", on_error=self._keeper_failed
+        ).start()
         threading.Thread(target=self._control, name="workerkit-drain", daemon=True).start()
         log.info(
             "celery worker ready",
@@ -301,20 +302,12 @@ class Runtime:
             # the supervisor before the job_finished "released" below.
             self.flush_events()
             ledger = self.ledger
-            released = 0
-            for request in self._in_hand():
+
+            def release(request: Any) -> bool:
                 tag = self._tag(request)
                 if tag is None:
-                    continue
-                try:
-                    ok = ledger.restore(tag, owners=(self.worker_id,))
-                except Exception as exc:
-                    log.warning(
-                        "cannot release a message; crash recovery will",
-                        extra={"event": "release_failed", "job_id": request.id, "error": str(exc)},
-                    )
-                    continue
-                released += ok
+                    return False
+                ok = ledger.restore(tag, owners=(self.worker_id,))
                 self.events.send(
                     "job_finished",
                     job_id=str(request.id),
@@ -323,6 +316,16 @@ class Runtime:
                     outcome="released",
                     duration=0.0,
                 )
+                return ok
+
+            released = release_each(
+                self._in_hand(),
+                release,
+                log=log,
+                skip_on=(Exception,),
+                skip_message="cannot release a message; crash recovery will",
+                fields=_job_id,
+            ).released
             log.info(
                 "released unfinished jobs",
                 extra={"event": "worker_released", "released": released, "killed": killed},
@@ -332,36 +335,29 @@ class Runtime:
 
     # --- the keeper: heartbeats, health, leases, crash recovery ----------------------------
 
-    def _keep(self) -> None:
-        renew_every = max(0.2, self.window / 6)
-        scan_every = max(0.5, self.window / 4)
-        next_beat = next_health = next_renew = next_scan = 0.0
-        while True:
-            now = time.monotonic()
-            try:
-                if now >= next_renew:
-                    next_renew = now + renew_every
-                    held = self._in_hand()
-                    tags = [t for t in (self._tag(r) for r in held) if t is not None]
-                    if tags:
-                        self.ledger.refresh_leases(tags, self.worker_id, self.lease_ttl)
-                if now >= next_beat:
-                    next_beat = now + HEARTBEAT_EVERY
-                    self.events.send("heartbeat", running=len(self._in_hand()))
-                if now >= next_health:
-                    next_health = now + HEALTH_EVERY
-                    self._report_health()
-                if now >= next_scan and not self.draining:
-                    next_scan = now + scan_every
-                    self._recover()
-            except Exception as exc:
-                log.warning(
-                    "keeper step failed", extra={"event": "keeper_failed", "error": str(exc)}
-                )
-                self.events.send("store_health", ok=False, reason=f"broker: {type(exc).__name__}")
-            # Sleep until the next step is due: nothing here runs per task.
-            due = min(next_renew, next_beat, next_health, next_scan)
-            time.sleep(min(max(0.05, due - time.monotonic()), 1.0))
+    def _duties(self) -> list[Duty]:
+        # Nothing here runs per task: each duty at its own cadence, the first pass at once.
+        return [
+            Duty("leases", max(0.2, self.window / 6), self._renew_leases),
+            Duty("heartbeat", HEARTBEAT_EVERY, self._heartbeat),
+            Duty("health", HEALTH_EVERY, self._report_health),
+            Duty("recovery", max(0.5, self.window / 4), self._recover, when=self._recovering),
+        ]
+
+    def _keeper_failed(self, duty: Duty, exc: Exception) -> None:
+        log.warning("keeper step failed", extra={"event": "keeper_failed", "error": str(exc)})
+        self.events.send("store_health", ok=False, reason=f"broker: {type(exc).__name__}")
+
+    def _renew_leases(self) -> None:
+        tags = [t for t in (self._tag(r) for r in self._in_hand()) if t is not None]
+        if tags:
+            self.ledger.refresh_leases(tags, self.worker_id, self.lease_ttl)
+
+    def _heartbeat(self) -> None:
+        self.events.send("heartbeat", running=len(self._in_hand()))
+
+    def _recovering(self) -> bool:
+        return not self.draining  # after SIGTERM the worker leaves recovery to the others
 
     def _report_health(self) -> None:
         ledger = self.ledger
@@ -413,6 +409,10 @@ def _forget_in_forked_child(runtime: Runtime) -> None:
             current.after_fork_in_child()
 
     os.register_at_fork(after_in_child=after_in_child)
+
+
+def _job_id(request: Any) -> dict[str, Any]:
+    return {"job_id": request.id}
 
 
 def pool_pids(consumer: Any) -> list[int]:

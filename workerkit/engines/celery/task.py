@@ -14,9 +14,17 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from workerkit.engines.attempt import (
+    Defer,
+    Release,
+    Retried,
+    RetryOrFail,
+    Rules,
+    StandDown,
+    verdict_for,
+)
 from workerkit.engines.celery.config import user_tasks
 from workerkit.engines.celery.ledger import CRASHES_HEADER, GEN_HEADER, Generation, count
-from workerkit.errors import IdempotencyInProgress, LeaseLost, ReleaseJob
 from workerkit.job import JobContext
 
 if TYPE_CHECKING:
@@ -137,17 +145,35 @@ class CeleryJobContext(JobContext):
 
 
 @functools.cache
-def _celery_exceptions() -> tuple[Any, Any, Any]:
-    # Once: a ``from ... import`` in the hot path runs importlib's Python code every time.
+def _celery_rules() -> tuple[Any, Rules]:
+    """Celery's Reject and its rows of the verdict table, built once (in the except branch only).
+
+    Celery settles a task itself: workerkit labels the outcome, and turns a release into a
+    Reject and a busy idempotency key into a Celery retry of ``max(1, min(retry_after or 5,
+    60))`` seconds (it counts against the task's max_retries). A Fail (a reused key) is raised
+    as it is, so Celery's retry options still apply to it; no interrupts (a JobInterrupted is
+    "failed"); no flags (no stale-attempt check). As before the table.
+    """
+    # Imported here: the package is imported by the supervisor, which may not have Celery.
     from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 
-    return Reject, Retry, SoftTimeLimitExceeded
+    rules = Rules(
+        interrupts=(),
+        retries=(Retry,),
+        timeouts=(SoftTimeLimitExceeded,),
+        defer_cap=60.0,
+        defer_floor=1.0,
+        zero_retry_after_is_unknown=True,
+    )
+    return Reject, rules
+
+
+def _five_seconds() -> float:
+    return 5.0
 
 
 def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     """Run one task with a job context; report its start and finish; map its outcome."""
-    Reject, Retry, SoftTimeLimitExceeded = _celery_exceptions()  # noqa: N806
-
     request = task.request
     job_id = str(request.id)
     queue = str((request.delivery_info or {}).get("routing_key") or "")
@@ -189,25 +215,30 @@ def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwa
             raise _poison(task.name, job_id, crashes, max_attempts)
         with context.activate():
             result = run(*args, **kwargs)
-    except ReleaseJob:
-        outcome = "released"
-        # Reject with requeue: the main process puts the message back in its queue now (see
-        # WorkerkitRequestMixin.reject), and acknowledges nothing. The attempt is not counted:
-        # only a crash adds to it.
-        raise Reject("released by the job (workerkit)", requeue=True) from None
-    except IdempotencyInProgress as exc:
-        outcome = "retried"
-        countdown = max(1.0, min(exc.retry_after or 5.0, 60.0))
-        raise task.retry(exc=exc, countdown=countdown) from None
-    except Retry:
-        outcome = "retried"
-        raise
-    except SoftTimeLimitExceeded:
-        outcome = "timed_out"
-        raise
-    except LeaseLost:
-        outcome = "lease_lost"
-        raise
+    except BaseException as exc:
+        # Looked up here only: a task that returns pays nothing for the table.
+        Reject, rules = _celery_rules()  # noqa: N806
+        match verdict_for(exc, rules, backoff=_five_seconds):
+            case Release():
+                outcome = "released"
+                # Reject with requeue: the main process puts the message back in its queue now
+                # (see WorkerkitRequestMixin.reject), and acknowledges nothing. The attempt is
+                # not counted: only a crash adds to it.
+                raise Reject("released by the job (workerkit)", requeue=True) from None
+            case Defer(delay=delay):
+                outcome = "retried"
+                raise task.retry(exc=exc, countdown=delay) from None
+            case StandDown(outcome=label):
+                outcome = label
+                raise
+            case Retried():
+                outcome = "retried"
+                raise
+            case RetryOrFail(timed_out=True):
+                outcome = "timed_out"
+                raise
+            case _:  # Fail, RetryOrFail: Celery settles it (and may retry it) as it is
+                raise
     else:
         outcome = "succeeded"
         context.finish(bool(getattr(task, "workerkit_checkpointed", False)))

@@ -1,0 +1,143 @@
+"""The Celery engine's per-task path: what each way a task ends is reported as, and raises."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+pytest.importorskip("celery")
+
+from billiard.exceptions import SoftTimeLimitExceeded
+from celery import Celery
+from celery.exceptions import Reject, Retry
+
+from workerkit import errors
+from workerkit.engines.celery.runtime import Runtime
+from workerkit.engines.celery.task import AttemptsExhausted, run_job
+from workerkit.settings import Settings
+
+
+class Recorder:
+    """Stands in for the per-task event sender: keeps what was sent."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def send(self, event_type: str, **fields: Any) -> None:
+        self.sent.append((event_type, fields))
+
+    def flush(self) -> None:
+        pass
+
+
+class Retrying(Exception):
+    """What the fake task's retry() returns, with the countdown it was given."""
+
+    def __init__(self, exc: BaseException, countdown: float) -> None:
+        super().__init__(countdown)
+        self.exc = exc
+        self.countdown = countdown
+
+
+class FakeTask:
+    """The parts of a Celery task that run_job reads."""
+
+    name = "tests.t"
+    time_limit = None
+
+    def __init__(self, crashes: int = 0) -> None:
+        self.request = SimpleNamespace(
+            id="job-1",
+            retries=0,
+            delivery_info={"routing_key": "q"},
+            workerkit_crashes=crashes,
+        )
+
+    def retry(self, *, exc: BaseException, countdown: float) -> Retrying:
+        return Retrying(exc, countdown)
+
+
+@pytest.fixture
+def runtime() -> Runtime:
+    runtime = Runtime(Celery("t"), Settings(engine="celery"))
+    runtime.task_events = Recorder()  # type: ignore[assignment]
+    return runtime
+
+
+def finished(runtime: Runtime) -> str:
+    recorder: Recorder = runtime.task_events  # type: ignore[assignment]
+    assert [t for t, _ in recorder.sent] == ["job_started", "job_finished"]
+    fields = recorder.sent[1][1]
+    assert (fields["job_id"], fields["task"], fields["queue"]) == ("job-1", "tests.t", "q")
+    return str(fields["outcome"])
+
+
+def raising(exc: BaseException) -> Any:
+    def run() -> None:
+        raise exc
+
+    return run
+
+
+def test_a_task_that_returns_succeeded(runtime: Runtime) -> None:
+    assert run_job(runtime, FakeTask(), lambda x: x * 2, (21,), {}) == 42
+    assert finished(runtime) == "succeeded"
+
+
+def test_a_released_job_is_rejected_with_requeue(runtime: Runtime) -> None:
+    with pytest.raises(Reject) as caught:
+        run_job(runtime, FakeTask(), raising(errors.ReleaseJob()), (), {})
+    assert caught.value.requeue is True
+    assert caught.value.__suppress_context__  # raised "from None"
+    assert finished(runtime) == "released"
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "countdown"),
+    [(None, 5.0), (0.0, 5.0), (0.2, 1.0), (30.0, 30.0), (500.0, 60.0)],
+)
+def test_a_busy_idempotency_key_retries_after_its_holder_within_bounds(
+    runtime: Runtime, retry_after: float | None, countdown: float
+) -> None:
+    busy = errors.IdempotencyInProgress("held", retry_after=retry_after)
+    with pytest.raises(Retrying) as caught:
+        run_job(runtime, FakeTask(), raising(busy), (), {})
+    assert caught.value.exc is busy
+    assert caught.value.countdown == countdown
+    assert finished(runtime) == "retried"
+
+
+@pytest.mark.parametrize(
+    ("exc", "outcome"),
+    [
+        (Retry("again"), "retried"),
+        (SoftTimeLimitExceeded(), "timed_out"),
+        (errors.LeaseLost("gone"), "lease_lost"),
+        (errors.IdempotencyClaimLost("taken"), "lease_lost"),
+        # Celery labels the rest "failed" and lets Celery settle them (its own retry options
+        # included): an interrupt, a reused key and a BaseException alike.
+        (errors.JobInterrupted(), "failed"),
+        (errors.IdempotencyKeyMismatch("other args"), "failed"),
+        (ValueError("bad"), "failed"),
+        (KeyboardInterrupt(), "failed"),
+    ],
+)
+def test_other_exceptions_propagate_as_they_are_with_their_outcome(
+    runtime: Runtime, exc: BaseException, outcome: str
+) -> None:
+    with pytest.raises(type(exc)) as caught:
+        run_job(runtime, FakeTask(), raising(exc), (), {})
+    assert caught.value is exc
+    assert finished(runtime) == outcome
+
+
+def test_a_message_whose_worker_died_too_often_fails_without_running(runtime: Runtime) -> None:
+    ran = []
+    with pytest.raises(AttemptsExhausted):
+        run_job(runtime, FakeTask(crashes=3), lambda: ran.append(1), (), {})
+    assert ran == []
+    assert finished(runtime) == "failed"
