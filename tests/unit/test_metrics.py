@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, generate_latest
 
-from workerkit.metrics import SHUTDOWN_OUTCOMES, STATES, SupervisorMetrics
+from workerkit.supervisor.metrics import SHUTDOWN_OUTCOMES, STATES, SupervisorMetrics
 
 
 def sample(metrics: SupervisorMetrics, name: str, **labels: str) -> float | None:

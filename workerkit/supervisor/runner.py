@@ -3,7 +3,7 @@
 Everything that happens (a signal, a tick, an event from a job-running process, the worker's
 exit, a finished release) becomes one item in a single inbox, which one loop consumes in order:
 it feeds the :class:`~workerkit.supervisor.lifecycle.Lifecycle` machine, keeps the probes'
-:class:`~workerkit.http.Health` and the metrics up to date, and executes the actions the
+:class:`~workerkit.supervisor.http.Health` and the metrics up to date, and executes the actions the
 machine returns. One consumer means no locks and a total order of what the machine saw, which
 is what makes its unit tests a faithful picture of the process.
 
@@ -33,10 +33,9 @@ import anyio.lowlevel
 from workerkit import exitcodes
 from workerkit.engines.base import AppTiming
 from workerkit.errors import ConfigurationError
-from workerkit.http import Health, HttpServer
-from workerkit.metrics import SupervisorMetrics, finished_items
 from workerkit.settings import settings_to_env
 from workerkit.supervisor.channel import Channel, Connection
+from workerkit.supervisor.http import Health, HttpServer
 from workerkit.supervisor.lifecycle import (
     BroadcastCommand,
     Exit,
@@ -55,6 +54,7 @@ from workerkit.supervisor.lifecycle import (
     WorkerReady,
     WorkerStopping,
 )
+from workerkit.supervisor.metrics import SupervisorMetrics, finished_items
 from workerkit.supervisor.process import ChildProcess
 
 if TYPE_CHECKING:
