@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from workerkit import exitcodes
+from workerkit.events import CommandMessage, Release, RequestStop
 
 if TYPE_CHECKING:
     from workerkit.settings import Settings
@@ -171,9 +172,9 @@ class SignalChild:
 
 @dataclass(frozen=True)
 class BroadcastCommand:
-    """Send ``command`` (``request_stop`` or ``release``) to every connected process."""
+    """Send ``command`` to every connected process."""
 
-    command: Literal["request_stop", "release"]
+    command: CommandMessage
 
 
 @dataclass(frozen=True)
@@ -405,7 +406,7 @@ class Lifecycle:
                         "drain window over: asking running jobs to stop",
                         fields={"in_flight": len(self.in_flight)},
                     ),
-                    BroadcastCommand("request_stop"),
+                    BroadcastCommand(RequestStop()),
                 ]
             if now >= d.release_at and not self._release_sent:
                 self._release_sent = True
@@ -415,7 +416,7 @@ class Lifecycle:
                         "interrupting unfinished jobs and releasing them to their queues",
                         fields={"in_flight": len(self.in_flight)},
                     ),
-                    BroadcastCommand("release"),
+                    BroadcastCommand(Release()),
                 ]
             if now >= d.kill_at and not self._kill_sent:
                 self._kill_sent = True
