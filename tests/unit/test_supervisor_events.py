@@ -82,16 +82,20 @@ def in_progress(sup: Supervisor, task: str) -> float | None:
     return sup.metrics.registry.get_sample_value("workerkit_jobs_in_progress", labels)
 
 
-def test_a_job_started_and_finished_in_one_batch_is_not_left_in_flight() -> None:
-    batch = [
+#: One write: a and b start, a finishes (as Celery's batches say it: in a jobs_finished).
+BATCH = b"".join(
+    encode(event)
+    for event in (
         started("a"),
         started("b"),
         JobsFinished((FinishedJob("a", "t-a", "q", "released", 0.1),)),
-    ]
-    engine = ScriptedEngine(
-        encode(WorkerReady("celery", ("q",), 1)),
-        b"".join(encode(event) for event in batch) + b"not json\n",
     )
+)
+READY = encode(WorkerReady("celery", ("q",), 1))
+
+
+def test_a_job_started_and_finished_in_one_batch_is_not_left_in_flight() -> None:
+    engine = ScriptedEngine(READY, BATCH + b"not json\n")
     sup = run(engine)
     # Only b was in flight when the worker died: the supervisor released it, and only it.
     assert engine.released == [([delivery("b")], True)]
@@ -105,16 +109,7 @@ def test_a_job_started_and_finished_in_one_batch_is_not_left_in_flight() -> None
 
 
 def test_a_job_finished_in_a_later_write_leaves_nothing_in_flight() -> None:
-    batch = [
-        started("a"),
-        started("b"),
-        JobsFinished((FinishedJob("a", "t-a", "q", "released", 0.1),)),
-    ]
-    engine = ScriptedEngine(
-        encode(WorkerReady("celery", ("q",), 1)),
-        b"".join(encode(event) for event in batch),
-        encode(JobFinished("b", "t-b", "q", "succeeded", 0.2)),
-    )
+    engine = ScriptedEngine(READY, BATCH, encode(JobFinished("b", "t-b", "q", "succeeded", 0.2)))
     sup = run(engine)
     assert sup.machine.in_flight == {}
     assert engine.released == []

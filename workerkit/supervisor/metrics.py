@@ -80,7 +80,18 @@ class SupervisorMetrics:
     def __init__(self, engine: str, registry: CollectorRegistry | None = None) -> None:
         self.engine = engine
         self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
-        r = self.registry
+        self._job_families(self.registry)
+        self._worker_families(self.registry)
+        self._running: dict[str, tuple[str, str]] = {}  # job id -> (queue, task)
+        # (family, label values) -> child: prometheus_client's labels() validates and locks on
+        # every call, and the per-job families are moved for every job.
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+        for outcome in SHUTDOWN_OUTCOMES:
+            self.shutdowns.labels(engine, outcome)
+        self.set_state("starting")
+
+    def _job_families(self, r: CollectorRegistry) -> None:
+        """The families that jobs' events move."""
         self.jobs = Counter(
             "workerkit_jobs",
             "Jobs settled by this worker, by outcome.",
@@ -120,6 +131,9 @@ class SupervisorMetrics:
             ("engine", "queue", "task", "outcome"),
             registry=r,
         )
+
+    def _worker_families(self, r: CollectorRegistry) -> None:
+        """The families of the worker, its queues and the supervisor's own lifecycle."""
         self.worker_state = Gauge(
             "workerkit_worker_state",
             "The supervisor's lifecycle state: 1 for the current state, 0 for the others.",
@@ -169,14 +183,7 @@ class SupervisorMetrics:
             "Lines on the event channel that were not a valid event (each is logged).",
             ("engine",),
             registry=r,
-        ).labels(engine)
-        self._running: dict[str, tuple[str, str]] = {}  # job id -> (queue, task)
-        # (family, label values) -> child: prometheus_client's labels() validates and locks on
-        # every call, a few microseconds, and the per-job families are moved for every job.
-        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
-        for outcome in SHUTDOWN_OUTCOMES:
-            self.shutdowns.labels(engine, outcome)
-        self.set_state("starting")
+        ).labels(self.engine)
 
     # --- supervisor-side ---------------------------------------------------------------------
 
