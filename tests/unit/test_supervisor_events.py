@@ -5,10 +5,11 @@ what the supervisor made of it."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -23,6 +24,9 @@ from workerkit.events import (
 )
 from workerkit.settings import Settings
 from workerkit.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    import pytest
 
 #: A worker that writes the given chunks on the channel, each in one write, then dies with 3
 #: (after a moment: the supervisor reads a dead worker's last events before its exit).
@@ -94,7 +98,10 @@ BATCH = b"".join(
 READY = encode(WorkerReady("celery", ("q",), 1))
 
 
-def test_a_job_started_and_finished_in_one_batch_is_not_left_in_flight() -> None:
+def test_a_job_started_and_finished_in_one_batch_is_not_left_in_flight(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="workerkit.supervisor")
     engine = ScriptedEngine(READY, BATCH + b"not json\n")
     sup = run(engine)
     # Only b was in flight when the worker died: the supervisor released it, and only it.
@@ -106,6 +113,11 @@ def test_a_job_started_and_finished_in_one_batch_is_not_left_in_flight() -> None
         "workerkit_bad_messages_total", {"engine": "celery"}
     )
     assert bad == 1
+    # At debug level, one line per job event, with the event's fields.
+    lines = [(r.event, getattr(r, "job_id", None)) for r in caplog.records if hasattr(r, "event")]
+    assert ("job_started", "b") in lines
+    assert ("job_finished", "a") in lines
+    assert ("worker_ready_event", None) in lines
 
 
 def test_a_job_finished_in_a_later_write_leaves_nothing_in_flight() -> None:

@@ -11,6 +11,7 @@ worker starts (a SIGTERM during startup is not lost) and restored on the way out
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -406,7 +407,9 @@ class Supervisor:
 
 def _fields(event: ev.Event) -> dict[str, Any]:
     """An event's fields for a log line (the delivery stays out: it may name a lease token)."""
-    return {name: getattr(event, name) for name in event.__dataclass_fields__ if name != "delivery"}
+    return {
+        f.name: getattr(event, f.name) for f in dataclasses.fields(event) if f.name != "delivery"
+    }
 
 
 def _check_budget(settings: Settings, timing: AppTiming) -> bool:
