@@ -1,22 +1,17 @@
-"""The local channel between the supervisor and every process that runs jobs.
+"""Typed events and commands between job-running processes and their supervisor, and the client.
 
-The supervisor listens on a Unix stream socket whose path it puts in ``WORKERKIT_SUPERVISOR_SOCKET``
-for its child; grandchildren (RQ's work horse, Celery's pool children) inherit the variable and
-open their own connection. Each message is one JSON object on one line.
-
-Processes send *events* (what happened to jobs, heartbeats, store health); the supervisor sends
-*commands* back on the same connection (``request_stop`` at the drain deadline, ``release`` at the
-interrupt deadline). Metrics are aggregated in the supervisor from the events, so nothing needs a
-multiprocess metrics directory.
-
-Fork safety: a connection belongs to the process that opened it. :func:`client` notices when it is
-called in a forked child (the pid changed) and opens a fresh connection there instead of sharing
-the parent's socket, whose bytes would interleave with the parent's.
+Each message is one JSON object on one line over a Unix socket (``WORKERKIT_SUPERVISOR_SOCKET``);
+docs/operations/lifecycle.md describes every message and field. :func:`decode` is the one place
+a line is validated: into a typed event or command, or a :class:`BadMessage`, never an exception.
+Fork safety: :func:`client` opens a fresh connection in a forked child (the pid changed) instead
+of sharing the parent's socket, whose bytes would interleave with the parent's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -24,19 +19,43 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Final, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, Literal, NamedTuple, overload
 
 __all__ = (
     "COMMANDS",
     "EVENT_TYPES",
+    "IDEMPOTENCY_OUTCOMES",
     "OUTCOMES",
     "SOCKET_ENV",
+    "BadMessage",
+    "CheckpointSaved",
     "Command",
+    "CommandMessage",
+    "Event",
     "EventClient",
     "EventType",
+    "FinishedJob",
+    "Heartbeat",
+    "Hello",
+    "Idempotency",
+    "IdempotencyOutcome",
+    "JobFinished",
+    "JobHeartbeat",
+    "JobOutcome",
+    "JobStarted",
+    "JobsFinished",
+    "Message",
     "Outcome",
+    "QueueStats",
+    "Release",
+    "RequestStop",
+    "StoreHealth",
+    "WorkerReady",
+    "WorkerStopping",
     "client",
     "decode",
+    "decode_message",
     "encode",
 )
 
@@ -45,23 +64,18 @@ log = logging.getLogger(__name__)
 SOCKET_ENV: Final = "WORKERKIT_SUPERVISOR_SOCKET"
 
 EventType = Literal[
-    "hello",  # a process connected: {"pid", "role"}
-    "worker_ready",  # the engine's worker consumes: {"engine", "queues", "concurrency"}
-    "heartbeat",  # the worker loop is alive: {"pid"}
-    "store_health",  # broker/store reachability: {"ok": bool, "reason": str}
-    "queue_stats",  # {"depth": {queue: int}, "oldest_ready_age": {queue: seconds}}
-    "job_started",  # {"job_id", "task", "queue", "attempt", "delivery", "queued_for"}
-    "job_heartbeat",  # a running job's lease was extended: {"job_id"}
-    "checkpoint_saved",  # {"job_id", "task", "queue"}
-    # An idempotency key was looked up at the start of a run: {"task", "queue", "outcome"}, the
-    # outcome one of workerkit.idempotency.IDEMPOTENCY_OUTCOMES: claimed, replayed, deferred,
-    # taken_over, mismatched. "queue" is "" outside a job.
+    "hello",
+    "worker_ready",
+    "heartbeat",
+    "store_health",
+    "queue_stats",
+    "job_started",
+    "job_heartbeat",
+    "checkpoint_saved",
     "idempotency",
-    "job_finished",  # {"job_id", "task", "queue", "outcome", "duration", "error"?}
-    # Several job_finished at once, from an engine that batches its events (Celery's):
-    # {"jobs": [[job_id, task, queue, outcome, duration], ...]}, in the order they finished.
+    "job_finished",
     "jobs_finished",
-    "worker_stopping",  # the worker stopped fetching: {"running": int}
+    "worker_stopping",
 ]
 EVENT_TYPES: Final[frozenset[str]] = frozenset(EventType.__args__)  # type: ignore[attr-defined]
 
@@ -76,24 +90,385 @@ Outcome = Literal[
     "lease_lost",  # another worker owns the job now; this attempt's result was fenced out
 ]
 OUTCOMES: Final[frozenset[str]] = frozenset(Outcome.__args__)  # type: ignore[attr-defined]
+#: A settled job's outcome as decoded: one the sender may not name is read as ``unknown``.
+JobOutcome = Literal[Outcome, "unknown"]
+
+#: The ``outcome`` of an ``idempotency`` event (workerkit.idempotency's decisions).
+IdempotencyOutcome = Literal["claimed", "replayed", "deferred", "taken_over", "mismatched"]
+IDEMPOTENCY_OUTCOMES: Final[frozenset[str]] = frozenset(IdempotencyOutcome.__args__)  # type: ignore[attr-defined]
 
 Command = Literal["request_stop", "release"]
 COMMANDS: Final[frozenset[str]] = frozenset(Command.__args__)  # type: ignore[attr-defined]
 
+#: A message as a plain dict (what a command handler receives with the command's name).
 Message = dict[str, Any]
 
 
-def encode(message: Mapping[str, Any]) -> bytes:
-    """One message as one line of JSON."""
-    return json.dumps(message, separators=(",", ":"), default=str).encode() + b"\n"
+# --- events (a process -> its supervisor) -------------------------------------------------------
 
 
-def decode(line: bytes) -> Message:
-    """One line back into a message; ValueError when it is not a JSON object."""
-    value = json.loads(line)
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A process connected (every connection's first event); ``pid`` is the sender's."""
+
+    name: ClassVar[EventType] = "hello"
+    role: str | None = None
+    pid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReady:
+    """The engine's worker consumes jobs."""
+
+    name: ClassVar[EventType] = "worker_ready"
+    engine: str | None = None
+    queues: tuple[str, ...] = ()
+    concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """The worker loop is alive; ``ts`` is the sender's wall time."""
+
+    name: ClassVar[EventType] = "heartbeat"
+    running: int | None = None
+    ts: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreHealth:
+    """Whether the worker reached its broker or store; ``reason`` is one line, never a secret."""
+
+    name: ClassVar[EventType] = "store_health"
+    ok: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Ready jobs, and the age of the oldest one in seconds, per queue."""
+
+    name: ClassVar[EventType] = "queue_stats"
+    depth: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    oldest_ready_age: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class JobStarted:
+    """A delivery is in flight; ``delivery`` is what the engine needs to release it."""
+
+    name: ClassVar[EventType] = "job_started"
+    job_id: str
+    task: str | None = None
+    queue: str | None = None
+    attempt: int | None = None
+    delivery: Mapping[str, Any] | None = None
+    queued_for: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobHeartbeat:
+    """A running job's lease was extended."""
+
+    name: ClassVar[EventType] = "job_heartbeat"
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointSaved:
+    """A running job saved a checkpoint (no task or queue: those of its ``job_started``)."""
+
+    name: ClassVar[EventType] = "checkpoint_saved"
+    job_id: str
+    task: str | None = None
+    queue: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Idempotency:
+    """An idempotency key was looked up at the start of a run (``queue`` "" outside a job)."""
+
+    name: ClassVar[EventType] = "idempotency"
+    task: str
+    queue: str
+    outcome: IdempotencyOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class JobFinished:
+    """A delivery was settled (no task or queue: those of its ``job_started``)."""
+
+    name: ClassVar[EventType] = "job_finished"
+    job_id: str
+    task: str | None = None
+    queue: str | None = None
+    outcome: JobOutcome = "unknown"
+    duration: float | None = None
+
+
+class FinishedJob(NamedTuple):
+    """One job of a :class:`JobsFinished` batch, in its wire order (a tuple: one per job)."""
+
+    job_id: str
+    task: str | None
+    queue: str | None
+    outcome: JobOutcome
+    duration: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobsFinished:
+    """Several ``job_finished`` at once, in the order they finished (Celery batches them)."""
+
+    name: ClassVar[EventType] = "jobs_finished"
+    jobs: tuple[FinishedJob, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStopping:
+    """The worker stopped fetching, whether or not it was asked to."""
+
+    name: ClassVar[EventType] = "worker_stopping"
+    running: int | None = None
+
+
+Event = (
+    Hello
+    | WorkerReady
+    | Heartbeat
+    | StoreHealth
+    | QueueStats
+    | JobStarted
+    | JobHeartbeat
+    | CheckpointSaved
+    | Idempotency
+    | JobFinished
+    | JobsFinished
+    | WorkerStopping
+)
+
+
+# --- commands (the supervisor -> every process) -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestStop:
+    """The drain deadline: every running job's ``stop_requested`` turns true."""
+
+    name: ClassVar[Command] = "request_stop"
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """The interrupt deadline: interrupt what still runs and release it to its queue."""
+
+    name: ClassVar[Command] = "release"
+
+
+CommandMessage = RequestStop | Release
+
+
+@dataclass(frozen=True, slots=True)
+class BadMessage:
+    """A line that is not a valid event or command, and why (the decoder's only failure)."""
+
+    reason: str
+
+
+# --- the wire form ------------------------------------------------------------------------------
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def _seconds(value: object) -> float | None:
+    """A number of seconds (or a count), never negative; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Invalid("not a number")
+    return max(0.0, float(value))
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise _Invalid("not a list of strings")
+
+
+def _per_queue(value: object) -> dict[str, float]:
     if not isinstance(value, dict):
-        raise ValueError("an event must be a JSON object")
+        raise _Invalid("not an object")
+    per_queue = {}
+    for queue, number in value.items():
+        seconds = _seconds(number)
+        if seconds is None:
+            raise _Invalid("not an object of numbers")
+        per_queue[queue] = seconds
+    return per_queue
+
+
+def _job_outcome(value: object) -> JobOutcome:
+    if isinstance(value, str) and value in OUTCOMES:
+        return value  # type: ignore[return-value]
+    return "unknown"  # a label set must stay bounded whatever a process sends
+
+
+def _idempotency_outcome(value: object) -> IdempotencyOutcome:
+    if isinstance(value, str) and value in IDEMPOTENCY_OUTCOMES:
+        return value  # type: ignore[return-value]
+    raise _Invalid("not an idempotency outcome")
+
+
+def _finished_jobs(value: object) -> tuple[FinishedJob, ...]:
+    """The well-formed jobs of a batch; a malformed one is skipped, not the whole batch."""
+    if not isinstance(value, list):
+        raise _Invalid("not a list")
+    jobs = []
+    make = tuple.__new__  # a tuple per job, without NamedTuple's keyword handling
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 5):
+            continue
+        job_id, task, queue, outcome, duration = item
+        if not (
+            isinstance(job_id, str)
+            and (task is None or isinstance(task, str))
+            and (queue is None or isinstance(queue, str))
+        ):
+            continue
+        if not (isinstance(outcome, str) and outcome in OUTCOMES):
+            outcome = "unknown"
+        if duration is None or (type(duration) is float and duration >= 0.0):
+            jobs.append(make(FinishedJob, (job_id, task, queue, outcome, duration)))
+            continue
+        with contextlib.suppress(_Invalid):
+            jobs.append(make(FinishedJob, (job_id, task, queue, outcome, _seconds(duration))))
+    return tuple(jobs)
+
+
+_NONE = type(None)
+#: How a field is read off the wire, by its annotation: the exact types taken as they are, and
+#: what converts any other value (or None: any other value is invalid). An annotation that is
+#: not here fails at import, so the table cannot fall behind the dataclasses.
+_READERS: Final[dict[str, tuple[frozenset[type], Callable[[Any], Any] | None]]] = {
+    "str": (frozenset({str}), None),
+    "str | None": (frozenset({str, _NONE}), None),
+    "int | None": (frozenset({int, _NONE}), None),
+    "bool": (frozenset({bool}), None),
+    "Mapping[str, Any] | None": (frozenset({dict, _NONE}), None),
+    "float | None": (frozenset({_NONE}), _seconds),
+    "tuple[str, ...]": (frozenset(), _strings),
+    "Mapping[str, float]": (frozenset(), _per_queue),
+    "JobOutcome": (frozenset(), _job_outcome),
+    "IdempotencyOutcome": (frozenset(), _idempotency_outcome),
+    "tuple[FinishedJob, ...]": (frozenset(), _finished_jobs),
+}
+
+#: A field: its name, the types taken as they are, the converter, and the default (a factory;
+#: None when the field is required).
+_Field = tuple[str, frozenset[type], Callable[[Any], Any] | None, Callable[[], Any] | None]
+_EVENT_CLASSES: Final[tuple[type[Event], ...]] = Event.__args__
+_COMMAND_CLASSES: Final[tuple[type[CommandMessage], ...]] = CommandMessage.__args__
+
+
+def _field(field: dataclasses.Field[Any]) -> _Field:
+    default: Callable[[], Any] | None = None
+    if field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory
+    elif field.default is not dataclasses.MISSING:
+        default = functools.partial(_same, field.default)
+    return (field.name, *_READERS[str(field.type)], default)
+
+
+def _same(value: object) -> object:
     return value
+
+
+_SCHEMAS: Final[dict[str, tuple[type[Any], tuple[_Field, ...]]]] = {
+    cls.name: (cls, tuple(_field(f) for f in dataclasses.fields(cls))) for cls in _EVENT_CLASSES
+}
+_COMMANDS_BY_NAME: Final[dict[str, CommandMessage]] = {cls.name: cls() for cls in _COMMAND_CLASSES}
+#: The fields an event writes after the envelope (``pid`` and ``ts`` are the envelope's).
+_BODIES: Final[dict[type[Any], tuple[str, ...]]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("pid", "ts"))
+    for cls in _EVENT_CLASSES
+}
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), default=str)
+_ABSENT: Final = object()
+
+
+def decode_message(message: object) -> Event | CommandMessage | BadMessage:
+    """A wire message (a parsed JSON value) as a typed event or command, or why it is neither.
+
+    Fields a type does not know are ignored (a newer sender may add some).
+    """
+    if not isinstance(message, dict):
+        return BadMessage("not a JSON object")
+    kind = message.get("type")
+    schema = _SCHEMAS.get(kind) if isinstance(kind, str) else None
+    if schema is None:
+        command = message.get("cmd")
+        if isinstance(command, str) and command in _COMMANDS_BY_NAME:
+            return _COMMANDS_BY_NAME[command]
+        return BadMessage(f"unknown event type {str(kind)[:64]!r}")
+    cls, fields = schema
+    values = []
+    for name, exact, convert, default in fields:
+        value = message.get(name, _ABSENT)
+        if type(value) in exact:
+            values.append(value)
+        elif value is _ABSENT:
+            if default is None:
+                return BadMessage(f"{kind}: {name} is missing")
+            values.append(default())
+        elif convert is None:
+            return BadMessage(f"{kind}: {name} has the wrong type")
+        else:
+            try:
+                values.append(convert(value))
+            except _Invalid as exc:
+                return BadMessage(f"{kind}: {name} is {exc}")
+    event: Event = cls(*values)
+    return event
+
+
+def decode(line: bytes | str) -> Event | CommandMessage | BadMessage:
+    """One line of the channel as a typed event or command, or a :class:`BadMessage`."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return BadMessage("not JSON")
+    return decode_message(message)
+
+
+def _line(message: Mapping[str, Any]) -> bytes:
+    return _ENCODER.encode(message).encode() + b"\n"
+
+
+def encode(
+    item: Event | CommandMessage, *, pid: int | None = None, ts: float | None = None
+) -> bytes:
+    """One event or command as one line: ``{"type", "pid", "ts", ...fields}`` or ``{"cmd"}``.
+
+    An event's ``pid`` and ``ts`` default to this process and now (a :class:`Hello`'s own pid
+    and a :class:`Heartbeat`'s own ts, when set, win). The bytes are what a sender writes with
+    ``EventClient.send(name, **fields)`` and the same fields in the dataclass's order.
+    """
+    if isinstance(item, _COMMAND_CLASSES):
+        return _line({"cmd": item.name})
+    own_pid, own_ts = getattr(item, "pid", None), getattr(item, "ts", None)
+    message = {
+        "type": item.name,
+        "pid": own_pid if own_pid is not None else os.getpid() if pid is None else pid,
+        "ts": own_ts if own_ts is not None else time.time() if ts is None else ts,
+    }
+    for name in _BODIES[type(item)]:
+        message[name] = getattr(item, name)
+    return _line(message)
+
+
+# --- the client ---------------------------------------------------------------------------------
 
 
 class EventClient:
@@ -132,21 +507,31 @@ class EventClient:
             return
         self._sock = sock
         threading.Thread(target=self._read_commands, name="workerkit-commands", daemon=True).start()
-        self.send("hello", role=self.role)
+        self.send(Hello(self.role))
 
     def on_command(self, handler: Callable[[Command, Message], None]) -> None:
         """Call ``handler(command, message)`` for every command the supervisor sends."""
         self._handlers.append(handler)
 
-    def send(self, event_type: EventType, **fields: Any) -> None:
-        """Send one event; drop it (warning once) when the supervisor cannot be reached."""
+    @overload
+    def send(self, event: Event) -> None: ...
+    @overload
+    def send(self, event: EventType, **fields: Any) -> None: ...
+    def send(self, event: Event | EventType, **fields: Any) -> None:
+        """Send one event, typed or as a name and its fields (the same bytes either way).
+
+        Drops it (warning once) when the supervisor cannot be reached.
+        """
         sock = self._sock
         if sock is None:
             return
-        message = {"type": event_type, "pid": self.pid, "ts": time.time(), **fields}
+        if isinstance(event, str):
+            data = _line({"type": event, "pid": self.pid, "ts": time.time(), **fields})
+        else:
+            data = encode(event, pid=self.pid)
         try:
             with self._send_lock:
-                sock.sendall(encode(message))
+                sock.sendall(data)
         except OSError as exc:
             self._warn_closed(exc)
 
@@ -194,20 +579,16 @@ class EventClient:
             buffer += chunk
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
-                try:
-                    message = decode(line)
-                except ValueError:
-                    continue
-                command = message.get("cmd")
-                if command not in COMMANDS:
-                    continue
-                for handler in list(self._handlers):
-                    try:
-                        handler(command, message)
-                    except Exception:
-                        log.exception(
-                            "command handler failed", extra={"event": "command_handler_failed"}
-                        )
+                command = decode(line)
+                if isinstance(command, _COMMAND_CLASSES):
+                    self._dispatch(command)
+
+    def _dispatch(self, command: CommandMessage) -> None:
+        for handler in list(self._handlers):
+            try:
+                handler(command.name, {"cmd": command.name})
+            except Exception:
+                log.exception("command handler failed", extra={"event": "command_handler_failed"})
 
     def close(self) -> None:
         sock, self._sock = self._sock, None

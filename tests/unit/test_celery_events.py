@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 from typing import Any
 
 from workerkit.engines.celery.task_events import Pending, TaskEvents, encode_batch
-from workerkit.events import EventClient, decode
+from workerkit.events import BadMessage, EventClient, decode
 
 
 def started(job_id: str) -> Pending:
@@ -22,7 +23,9 @@ def finished(job_id: str, outcome: str = "succeeded") -> Pending:
 def lines(batch: list[Pending]) -> list[dict[str, Any]]:
     data = encode_batch(7, batch)
     assert data.endswith(b"\n")
-    out = [decode(line) for line in data.splitlines()]
+    # The wire format, and that the supervisor's decoder accepts every line of it.
+    out = [json.loads(line) for line in data.splitlines()]
+    assert not [line for line in data.splitlines() if isinstance(decode(line), BadMessage)]
     assert all(m["pid"] == 7 for m in out)
     return out
 
@@ -70,7 +73,8 @@ def test_the_sender_writes_what_gathered_as_the_supervisor_reads_it(tmp_path: Pa
         while chunk := conn.recv(65536):
             data += chunk
         conn.close()
-    out = [decode(line) for line in data.splitlines()]
+    assert not [line for line in data.splitlines() if isinstance(decode(line), BadMessage)]
+    out = [json.loads(line) for line in data.splitlines()]
     # An idle worker's first event at once; then what gathered (or, on a slow machine, each
     # event alone): the same lines either way.
     assert [(m["type"], m.get("job_id")) for m in out] == [

@@ -12,16 +12,29 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
-from workerkit.events import SOCKET_ENV, Message, encode
+from workerkit.events import (
+    SOCKET_ENV,
+    BadMessage,
+    Event,
+    Heartbeat,
+    Hello,
+    JobHeartbeat,
+    Release,
+    RequestStop,
+    encode,
+)
 from workerkit.supervisor.channel import Channel, Connection
 
+Received = tuple[Event | BadMessage, tuple[int | None, str | None]]
 
-def run_with_channel(body: object) -> list[Message]:
-    received: list[Message] = []
 
-    async def on_events(connection: Connection, messages: Sequence[Message]) -> None:
-        assert messages, "a batch is never empty"
-        received.extend({**m, "_from": (connection.pid, connection.role)} for m in messages)
+def run_with_channel(body: object) -> list[Received]:
+    """Run ``body(channel)``; return each event received with its connection's (pid, role)."""
+    received: list[Received] = []
+
+    async def on_events(connection: Connection, events: Sequence[Event | BadMessage]) -> None:
+        assert events, "a batch is never empty"
+        received.extend((event, (connection.pid, connection.role)) for event in events)
 
     async def main() -> None:
         async with Channel(on_events) as channel:
@@ -53,14 +66,14 @@ def test_socket_is_private_and_removed_on_close() -> None:
     assert not os.path.exists(Path(seen["path"]).parent)
 
 
-def test_events_arrive_in_order_and_bad_lines_are_skipped() -> None:
+def test_events_arrive_in_order_and_bad_lines_are_reported_in_place() -> None:
     async def body(channel: Channel) -> None:
         async with await connect(channel) as stream:
-            await stream.send(encode({"type": "hello", "pid": 4242, "role": "worker"}))
-            await stream.send(b"not json\n[1,2]\n\n" + encode({"type": "bogus"}))
-            await stream.send(encode({"type": "heartbeat", "n": 1}))
+            await stream.send(encode(Hello("worker", pid=4242)))
+            await stream.send(b'not json\n[1,2]\n\n{"type":"bogus"}\n' + encode(RequestStop()))
+            await stream.send(encode(JobHeartbeat("1")))
             # One event split over two writes.
-            line = encode({"type": "heartbeat", "n": 2})
+            line = encode(JobHeartbeat("2"))
             await stream.send(line[:5])
             await anyio.sleep(0.01)
             await stream.send(line[5:])
@@ -68,10 +81,18 @@ def test_events_arrive_in_order_and_bad_lines_are_skipped() -> None:
             await channel.wait_closed()
 
     received = run_with_channel(body)
-    assert [m["type"] for m in received] == ["hello", "heartbeat", "heartbeat"]
-    assert [m.get("n") for m in received[1:]] == [1, 2]
+    events = [event for event, _ in received]
+    assert events == [
+        Hello("worker", pid=4242),
+        BadMessage("not JSON"),
+        BadMessage("not a JSON object"),
+        BadMessage("unknown event type 'bogus'"),
+        BadMessage("a command (request_stop) sent to the supervisor"),
+        JobHeartbeat("1"),
+        JobHeartbeat("2"),
+    ]
     # The hello names the process for every later event of its connection.
-    assert {m["_from"] for m in received} == {(4242, "worker")}
+    assert {sender for _, sender in received} == {(4242, "worker")}
 
 
 def test_broadcast_reaches_every_connection() -> None:
@@ -79,7 +100,7 @@ def test_broadcast_reaches_every_connection() -> None:
         first, second = await connect(channel), await connect(channel)
         async with first, second:
             await wait_connections(channel, 2)
-            assert await channel.broadcast("request_stop") == 2
+            assert await channel.broadcast(RequestStop()) == 2
             for stream in (first, second):
                 data = await stream.receive()
                 assert json.loads(data) == {"cmd": "request_stop"}
@@ -94,7 +115,7 @@ def test_broadcast_skips_closed_connections() -> None:
         await stream.aclose()
         with anyio.fail_after(5):
             await channel.wait_closed()
-        assert await channel.broadcast("release") == 0
+        assert await channel.broadcast(Release()) == 0
 
     run_with_channel(body)
 
@@ -112,11 +133,11 @@ def test_an_oversized_line_drops_the_connection() -> None:
 
 
 def test_many_events_in_one_write_arrive_whole_and_in_order() -> None:
-    lines = b"".join(encode({"type": "heartbeat", "n": n}) for n in range(500))
+    lines = b"".join(encode(Heartbeat(running=n, ts=1000.0 + n)) for n in range(500))
 
     async def body(channel: Channel) -> None:
         async with await connect(channel) as stream:
-            await stream.send(encode({"type": "hello", "pid": 7, "role": "executor"}) + lines[:7])
+            await stream.send(encode(Hello("executor", pid=7)) + lines[:7])
             await anyio.sleep(0.01)
             # The rest, with a line cut in the middle at the end of the first write.
             await stream.send(lines[7:])
@@ -124,5 +145,6 @@ def test_many_events_in_one_write_arrive_whole_and_in_order() -> None:
             await channel.wait_closed()
 
     received = run_with_channel(body)
-    assert [m.get("n") for m in received[1:]] == list(range(500))
-    assert {m["_from"] for m in received} == {(7, "executor")}
+    beats = [event for event, _ in received[1:]]
+    assert beats == [Heartbeat(running=n, ts=1000.0 + n) for n in range(500)]
+    assert {sender for _, sender in received} == {(7, "executor")}

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import anyio
 import pytest
 
-from workerkit.http import LOOP_STALL_TIMEOUT, Health, HttpServer, Probe
-from workerkit.metrics import SupervisorMetrics
+from workerkit.supervisor.http import LOOP_STALL_TIMEOUT, Health, HttpServer, Probe
+from workerkit.supervisor.metrics import SupervisorMetrics
 
 LIVENESS = 30.0
 

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from workerkit import exitcodes
+from workerkit.events import Release, RequestStop
 from workerkit.settings import Settings
 from workerkit.supervisor.lifecycle import (
     Action,
@@ -161,10 +162,10 @@ def test_deadlines_clamp_negative_windows_to_zero() -> None:
 TIMELINE = [
     (T0 + 0.1, [], State.DRAINING),
     (STOP_AT - 0.001, [], State.DRAINING),
-    (STOP_AT, [BroadcastCommand("request_stop")], State.RELEASING),
+    (STOP_AT, [BroadcastCommand(RequestStop())], State.RELEASING),
     (STOP_AT + 0.5, [], State.RELEASING),
     (RELEASE_AT - 0.001, [], State.RELEASING),
-    (RELEASE_AT, [BroadcastCommand("release")], State.RELEASING),
+    (RELEASE_AT, [BroadcastCommand(Release())], State.RELEASING),
     (KILL_AT - 0.001, [], State.RELEASING),
     (KILL_AT, [KillChild()], State.RELEASING),
     (EXIT_AT - 0.001, [], State.RELEASING),
@@ -181,11 +182,11 @@ def test_each_deadline_fires_once_at_its_instant() -> None:
 @pytest.mark.parametrize(
     ("now", "expected"),
     [
-        (STOP_AT, [BroadcastCommand("request_stop")]),
-        (RELEASE_AT, [BroadcastCommand("request_stop"), BroadcastCommand("release")]),
+        (STOP_AT, [BroadcastCommand(RequestStop())]),
+        (RELEASE_AT, [BroadcastCommand(RequestStop()), BroadcastCommand(Release())]),
         (
             KILL_AT,
-            [BroadcastCommand("request_stop"), BroadcastCommand("release"), KillChild()],
+            [BroadcastCommand(RequestStop()), BroadcastCommand(Release()), KillChild()],
         ),
     ],
 )
@@ -200,8 +201,8 @@ def test_a_tick_past_the_exit_deadline_kills_once_and_exits() -> None:
     machine = draining_machine("j1")
     actions = machine.handle(Tick(EXIT_AT + 1))
     assert effects(actions)[:3] == [
-        BroadcastCommand("request_stop"),
-        BroadcastCommand("release"),
+        BroadcastCommand(RequestStop()),
+        BroadcastCommand(Release()),
         KillChild(),
     ]
     assert effects(actions).count(KillChild()) == 1
@@ -243,7 +244,7 @@ def test_job_in_hand_finishes_within_the_drain_window_clean() -> None:
 
 def test_cooperative_job_released_after_request_stop() -> None:
     machine = draining_machine("j1")
-    assert effects(machine.handle(Tick(STOP_AT))) == [BroadcastCommand("request_stop")]
+    assert effects(machine.handle(Tick(STOP_AT))) == [BroadcastCommand(RequestStop())]
     machine.handle(JobFinished("j1", "released"))
     actions = machine.handle(WorkerExited(0, STOP_AT + 0.3))
     assert the_exit(actions) == Exit(exitcodes.OK, "released", pytest.approx(D + 0.3))  # type: ignore[arg-type]
@@ -252,7 +253,7 @@ def test_cooperative_job_released_after_request_stop() -> None:
 def test_stubborn_job_released_by_the_engine_after_the_release_command() -> None:
     machine = draining_machine("j1")
     machine.handle(Tick(STOP_AT))
-    assert effects(machine.handle(Tick(RELEASE_AT))) == [BroadcastCommand("release")]
+    assert effects(machine.handle(Tick(RELEASE_AT))) == [BroadcastCommand(Release())]
     machine.handle(JobFinished("j1", "released"))
     actions = machine.handle(WorkerExited(0, RELEASE_AT + 0.2))
     assert the_exit(actions).outcome == "released"
@@ -358,7 +359,7 @@ def test_second_signal_never_skips_the_release() -> None:
     machine = draining_machine("j1")
     machine.handle(Tick(STOP_AT))
     machine.handle(SignalReceived(SIGTERM, STOP_AT + 0.1))
-    assert effects(machine.handle(Tick(RELEASE_AT))) == [BroadcastCommand("release")]
+    assert effects(machine.handle(Tick(RELEASE_AT))) == [BroadcastCommand(Release())]
 
 
 # --- crashes --------------------------------------------------------------------------------
@@ -432,7 +433,7 @@ def test_worker_stopping_on_its_own_drains_without_signalling_it_again() -> None
     assert machine.shutdown_reason == "worker stopping"
     assert effects(actions) == []
     assert events(actions) == ["worker_stopping", "drain_started"]
-    assert effects(machine.handle(Tick(STOP_AT))) == [BroadcastCommand("request_stop")]
+    assert effects(machine.handle(Tick(STOP_AT))) == [BroadcastCommand(RequestStop())]
     assert the_exit(machine.handle(WorkerExited(0, STOP_AT + 1))).code == exitcodes.OK
 
 
@@ -561,8 +562,8 @@ def test_invariants_hold_for_any_sequence(steps: list[tuple[Any, ...]]) -> None:
             assert exited
     # The worker is sent SIGTERM at most once; commands go out at most once each.
     assert sum(isinstance(a, SignalChild) for a in all_actions) <= 1
-    assert all_actions.count(BroadcastCommand("request_stop")) <= 1
-    assert all_actions.count(BroadcastCommand("release")) <= 1
+    assert all_actions.count(BroadcastCommand(RequestStop())) <= 1
+    assert all_actions.count(BroadcastCommand(Release())) <= 1
     assert sum(isinstance(a, Exit) for a in all_actions) <= 1
     assert sum(isinstance(a, ReleaseInFlight) for a in all_actions) <= 1
     # A release by the supervisor only ever follows the worker's exit.

@@ -2,30 +2,41 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import REGISTRY, generate_latest
 
-from workerkit.metrics import SHUTDOWN_OUTCOMES, STATES, SupervisorMetrics
+from workerkit.events import (
+    BadMessage,
+    CheckpointSaved,
+    Heartbeat,
+    JobStarted,
+    QueueStats,
+    StoreHealth,
+    decode_message,
+)
+from workerkit.supervisor.metrics import SHUTDOWN_OUTCOMES, STATES, SupervisorMetrics
 
 
 def sample(metrics: SupervisorMetrics, name: str, **labels: str) -> float | None:
     return metrics.registry.get_sample_value(name, {"engine": "sql", **labels})
 
 
-def started(job_id: str, task: str = "t", queue: str = "q", **extra: object) -> dict[str, object]:
-    return {"type": "job_started", "job_id": job_id, "task": task, "queue": queue, **extra}
+def started(job_id: str, task: str = "t", queue: str = "q", **extra: Any) -> JobStarted:
+    return JobStarted(job_id, task, queue, **extra)
 
 
-def finished(
-    job_id: str, outcome: str, task: str = "t", queue: str = "q", **extra: object
-) -> dict[str, object]:
-    return {
-        "type": "job_finished",
-        "job_id": job_id,
-        "task": task,
-        "queue": queue,
-        "outcome": outcome,
-        **extra,
-    }
+def finished(job_id: str, outcome: str, task: str = "t", queue: str = "q", **extra: Any) -> Any:
+    # Through the decoder: an outcome a process sends that is not documented reads as unknown.
+    message = {"type": "job_finished", "job_id": job_id, "task": task, "queue": queue}
+    return decode_message({**message, "outcome": outcome, **extra})
+
+
+def wire(metrics: SupervisorMetrics, message: dict[str, Any]) -> None:
+    """Apply one message as the supervisor does: decoded first."""
+    event = decode_message(message)
+    assert not isinstance(event, BadMessage), event
+    metrics.apply(event)  # type: ignore[arg-type]
 
 
 def test_families_live_in_their_own_registry_not_the_global_one() -> None:
@@ -87,20 +98,18 @@ def test_unknown_outcomes_are_bounded_to_unknown() -> None:
 def test_checkpoints_heartbeat_store_and_queue_stats() -> None:
     metrics = SupervisorMetrics("sql")
     metrics.apply(started("a", task="backfill", queue="batch"))
-    metrics.apply({"type": "checkpoint_saved", "job_id": "a"})
-    metrics.apply({"type": "checkpoint_saved", "job_id": "a", "task": "backfill", "queue": "batch"})
+    metrics.apply(CheckpointSaved("a"))
+    metrics.apply(CheckpointSaved("a", task="backfill", queue="batch"))
     assert sample(metrics, "workerkit_checkpoints_saved_total", queue="batch", task="backfill") == 2
-    metrics.apply({"type": "heartbeat", "ts": 1700000000.5})
+    metrics.apply(Heartbeat(ts=1700000000.5))
     assert sample(metrics, "workerkit_worker_last_heartbeat_timestamp_seconds") == 1700000000.5
-    metrics.apply({"type": "heartbeat"}, wall_time=42.0)
+    metrics.apply(Heartbeat(), wall_time=42.0)
     assert sample(metrics, "workerkit_worker_last_heartbeat_timestamp_seconds") == 42.0
-    metrics.apply({"type": "store_health", "ok": False, "reason": "down"})
+    metrics.apply(StoreHealth(ok=False, reason="down"))
     assert sample(metrics, "workerkit_store_up") == 0
-    metrics.apply({"type": "store_health", "ok": True, "reason": "ok"})
+    metrics.apply(StoreHealth(ok=True, reason="ok"))
     assert sample(metrics, "workerkit_store_up") == 1
-    metrics.apply(
-        {"type": "queue_stats", "depth": {"batch": 7}, "oldest_ready_age": {"batch": 12.5}}
-    )
+    metrics.apply(QueueStats(depth={"batch": 7}, oldest_ready_age={"batch": 12.5}))
     assert sample(metrics, "workerkit_queue_depth", queue="batch") == 7
     assert sample(metrics, "workerkit_queue_oldest_job_age_seconds", queue="batch") == 12.5
 
@@ -133,18 +142,42 @@ def test_abandon_settles_jobs_of_a_dead_worker() -> None:
     assert sample(metrics, "workerkit_jobs_total", queue="q", task="t", outcome="released") == 1
 
 
+def samples(metrics: SupervisorMetrics) -> dict[tuple[str, tuple[Any, ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in metrics.registry.collect()
+        for s in family.samples
+        if not s.name.startswith("workerkit_bad_messages")
+    }
+
+
 def test_malformed_events_do_not_raise() -> None:
     metrics = SupervisorMetrics("sql")
-    for event in (
+    metrics.apply(started("a", queued_for=1.0))
+    before = samples(metrics)
+    malformed: list[dict[str, Any]] = [
         {},
         {"type": "job_started"},
+        {"type": "job_started", "job_id": "b", "task": 7},
         {"type": "job_finished", "duration": "slow"},
+        {"type": "job_finished", "job_id": "a", "duration": "slow"},
+        {"type": "checkpoint_saved", "task": "t"},
         {"type": "queue_stats", "depth": [1, 2]},
         {"type": "queue_stats", "depth": {"q": "many"}},
         {"type": "heartbeat", "ts": True},
+        {"type": "store_health", "ok": "yes"},
+        {"type": "idempotency", "task": "t", "queue": "q", "outcome": "made-up"},
+        {"type": "jobs_finished", "jobs": "not a list"},
         {"type": "nonsense"},
-    ):
+        {"cmd": "nonsense"},
+    ]
+    for message in malformed:
+        event = decode_message(message)
+        assert isinstance(event, BadMessage), message
         metrics.apply(event)
+    # No family moved, not even the job in progress; each message was counted as bad.
+    assert samples(metrics) == before
+    assert sample(metrics, "workerkit_bad_messages_total") == len(malformed)
 
 
 def test_every_family_is_in_the_metrics_reference() -> None:
@@ -160,7 +193,11 @@ def test_every_family_is_in_the_metrics_reference() -> None:
 def test_idempotency_outcomes_are_counted_with_bounded_labels() -> None:
     metrics = SupervisorMetrics("sql")
     for outcome in ("claimed", "replayed", "replayed", "deferred", "made-up"):
-        metrics.apply({"type": "idempotency", "task": "charge", "queue": "q", "outcome": outcome})
+        message = {"type": "idempotency", "task": "charge", "queue": "q", "outcome": outcome}
+        event = decode_message(message)
+        metrics.apply(event)  # type: ignore[arg-type]
+        if outcome == "made-up":  # not one of the decisions: a bad message, not a label
+            assert isinstance(event, BadMessage)
     assert (
         sample(metrics, "workerkit_idempotency_total", queue="q", task="charge", outcome="replayed")
         == 2
@@ -181,7 +218,8 @@ def test_a_jobs_finished_batch_counts_like_its_job_finished_events() -> None:
         metrics.apply(started("a"))
     one_by_one.apply(finished("a", "succeeded", duration=2.0))
     one_by_one.apply(finished("b", "failed", duration=1.0))
-    batched.apply(
+    wire(
+        batched,
         {
             "type": "jobs_finished",
             "jobs": [
@@ -190,9 +228,8 @@ def test_a_jobs_finished_batch_counts_like_its_job_finished_events() -> None:
                 ["too", "short"],  # malformed items are skipped
                 [7, "t", "q", "succeeded", 1.0],
             ],
-        }
+        },
     )
-    batched.apply({"type": "jobs_finished", "jobs": "not a list"})
     for name, labels in (
         ("workerkit_jobs_total", {"outcome": "succeeded"}),
         ("workerkit_jobs_total", {"outcome": "failed"}),

@@ -2,7 +2,8 @@
 
 :func:`run_supervisor` is the entry point (``workerkit run ENGINE``). The pieces:
 :mod:`~workerkit.supervisor.lifecycle` (the pure state machine), :mod:`~.channel` (the event
-socket), :mod:`~.process` (the child and PID-1 reaping) and :mod:`~.runner` (anyio glue).
+socket), :mod:`~.process` (the child and PID-1 reaping), :mod:`~.http` (the probes and
+``/metrics``), :mod:`~.metrics` (the families the events move) and :mod:`~.runner` (anyio glue).
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
-"""The supervisor's end of the event channel (the protocol is in :mod:`workerkit.events`).
+"""The supervisor's end of the event channel (the messages are in :mod:`workerkit.events`).
 
 A Unix stream socket in a private temporary directory (mode 0700, so no other user of the host
-can connect and fake job events), one reader task per connection that decodes JSON lines and hands
-the events to the runner, and :meth:`Channel.broadcast` to send a command to every connection.
-The directory and the socket are removed when the channel closes.
-
-The reader hands over every complete line of one read as one batch: a busy worker sends dozens
-of events per write (see engines/celery/task_events.py), and the supervisor shares a
-two-core pod with it, so its cost per event is kept to decoding and bookkeeping, without a trip
-through the event loop for each.
+can connect and fake job events), one reader task per connection that decodes the lines and hands
+them to the runner, and :meth:`Channel.broadcast` to send a command to every connection. The reader
+hands over every complete line of one read as one batch: a busy worker sends dozens of events per
+write, and the supervisor shares the pod's cores with it, so it takes no event-loop trip per event.
 """
 
 from __future__ import annotations
@@ -26,7 +22,17 @@ from typing import Any, Final
 import anyio
 import anyio.abc
 
-from workerkit.events import EVENT_TYPES, SOCKET_ENV, Command, Message, decode, encode
+from workerkit.events import (
+    SOCKET_ENV,
+    BadMessage,
+    CommandMessage,
+    Event,
+    Hello,
+    Release,
+    RequestStop,
+    decode,
+    encode,
+)
 
 __all__ = ("MAX_LINE_BYTES", "Channel", "Connection")
 
@@ -42,8 +48,9 @@ SEND_TIMEOUT: Final = 1.0
 #: sockaddr_un.sun_path is 108 bytes on Linux (104 on macOS); leave room for the file name.
 _MAX_DIR_LEN: Final = 90
 
-#: ``on_events(connection, messages)``: the events of one read, in the order they were sent.
-OnEvents = Callable[["Connection", Sequence[Message]], Awaitable[None]]
+#: ``on_events(connection, events)``: the events of one read, in the order they were sent; a
+#: line that is not a valid event is there as a :class:`~workerkit.events.BadMessage` (logged).
+OnEvents = Callable[["Connection", Sequence[Event | BadMessage]], Awaitable[None]]
 
 
 @dataclass(eq=False)
@@ -72,7 +79,7 @@ def _private_dir() -> Path:
 class Channel:
     """The socket server. Use as ``async with Channel(on_events) as channel:``.
 
-    ``on_events(connection, messages)`` is awaited for the events of each read of a connection
+    ``on_events(connection, events)`` is awaited for the events of each read of a connection
     (never an empty batch), in the order that connection sent them; it may apply backpressure
     (a bounded queue) without losing anything.
     """
@@ -176,16 +183,11 @@ class Channel:
                 if len(pending) > MAX_LINE_BYTES or any(len(x) > MAX_LINE_BYTES for x in lines):
                     self._warn_too_long(connection)
                     return
-                messages = [
-                    message
-                    for line in lines
-                    if (message := self._decode(connection, line)) is not None
+                events = [
+                    event for line in lines if (event := self._decode(connection, line)) is not None
                 ]
-                for message in messages:
-                    if message["type"] == "hello":
-                        self._hello(connection, message)
-                if messages:
-                    await self._on_events(connection, messages)
+                if events:
+                    await self._on_events(connection, events)
         finally:
             self._connections.discard(connection)
             with contextlib.suppress(Exception):
@@ -204,37 +206,31 @@ class Channel:
         )
 
     @staticmethod
-    def _decode(connection: Connection, line: bytes) -> Message | None:
+    def _decode(connection: Connection, line: bytes) -> Event | BadMessage | None:
         if not line.strip():
             return None
-        try:
-            message = decode(line)
-        except ValueError:
+        event = decode(line)
+        if isinstance(event, RequestStop | Release):
+            event = BadMessage(f"a command ({event.name}) sent to the supervisor")
+        if isinstance(event, BadMessage):
             log.warning(
-                "undecodable event line ignored",
-                extra={"event": "channel_bad_event", **connection.describe()},
+                "bad event line ignored",
+                extra={
+                    "event": "channel_bad_event",
+                    "reason": event.reason,
+                    **connection.describe(),
+                },
             )
-            return None
-        kind = message.get("type")
-        if not isinstance(kind, str) or kind not in EVENT_TYPES:
-            log.warning(
-                "unknown event type ignored",
-                extra={"event": "channel_unknown_event", "type": str(kind)[:64]},
+        elif isinstance(event, Hello):
+            connection.pid, connection.role = event.pid, event.role
+            log.debug(
+                "process connected", extra={"event": "channel_hello", **connection.describe()}
             )
-            return None
-        return message
+        return event
 
-    @staticmethod
-    def _hello(connection: Connection, message: Message) -> None:
-        pid = message.get("pid")
-        role = message.get("role")
-        connection.pid = pid if isinstance(pid, int) else None
-        connection.role = role if isinstance(role, str) else None
-        log.debug("process connected", extra={"event": "channel_hello", **connection.describe()})
-
-    async def broadcast(self, command: Command, **fields: Any) -> int:
+    async def broadcast(self, command: CommandMessage) -> int:
         """Send ``command`` to every connected process; return to how many it was sent."""
-        data = encode({"cmd": command, **fields})
+        data = encode(command)
         sent = 0
         for connection in list(self._connections):
             with anyio.move_on_after(SEND_TIMEOUT) as scope:
@@ -246,7 +242,7 @@ class Channel:
                         "command not delivered",
                         extra={
                             "event": "channel_send_failed",
-                            "command": command,
+                            "command": command.name,
                             "error": str(exc),
                             **connection.describe(),
                         },
@@ -255,7 +251,7 @@ class Channel:
             if scope.cancelled_caught:
                 log.warning(
                     "command not delivered in time",
-                    extra={"event": "channel_send_timeout", "command": command},
+                    extra={"event": "channel_send_timeout", "command": command.name},
                 )
                 continue
             sent += 1

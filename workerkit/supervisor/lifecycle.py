@@ -1,27 +1,12 @@
 """The supervisor's lifecycle as a pure state machine: no I/O, no clock, no signals.
 
 The runner (:mod:`workerkit.supervisor.runner`) feeds it *inputs* (the worker became ready, a
-signal arrived, a tick of the clock, a job started or finished, the worker exited, a release
-completed) and executes the *actions* it returns (signal the child, broadcast a command, kill,
-release, log, exit). Time is always passed in, as ``time.monotonic()`` seconds, so every deadline
-can be tested by handing the machine the instant of interest.
-
-States::
-
-    starting --worker_ready--> ready --SIGTERM/SIGINT--> draining --D--> releasing --> stopped
-        \\                       \\                                                  ^
-         `---------------------- worker exits on its own (crash) --> releasing ---'
-
-Deadlines, measured from the *first* SIGTERM or SIGINT (the timing budget: D = G - P - M):
-
-====================  =============  =========================================================
-``request_stop_at``   D              jobs' ``stop_requested`` turns true (command request_stop)
-``release_at``        D + M/2        the engine interrupts what is left and releases it
-``kill_at``           D + 0.8 M      SIGKILL the worker; the supervisor releases what it knows
-``exit_at``           D + M = G - P  exit, whatever is left (before the kubelet's SIGKILL)
-====================  =============  =========================================================
-
-A second signal changes nothing (it is logged): it never skips the release.
+signal, a tick, a job started or finished, the worker exited, a release completed) and executes
+the *actions* it returns (signal the child, broadcast a command, kill, release, log, exit). Time
+is always passed in (``time.monotonic()`` seconds), so every deadline is tested by handing the
+machine the instant of interest. The states and the deadlines after the first SIGTERM
+(D, D + M/2, D + 0.8 M, D + M) are in docs/operations/lifecycle.md. A second signal changes
+nothing (it is logged): it never skips the release.
 """
 
 from __future__ import annotations
@@ -34,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from workerkit import exitcodes
+from workerkit.events import CommandMessage, Release, RequestStop
 
 if TYPE_CHECKING:
     from workerkit.settings import Settings
@@ -171,9 +157,9 @@ class SignalChild:
 
 @dataclass(frozen=True)
 class BroadcastCommand:
-    """Send ``command`` (``request_stop`` or ``release``) to every connected process."""
+    """Send ``command`` to every connected process."""
 
-    command: Literal["request_stop", "release"]
+    command: CommandMessage
 
 
 @dataclass(frozen=True)
@@ -405,7 +391,7 @@ class Lifecycle:
                         "drain window over: asking running jobs to stop",
                         fields={"in_flight": len(self.in_flight)},
                     ),
-                    BroadcastCommand("request_stop"),
+                    BroadcastCommand(RequestStop()),
                 ]
             if now >= d.release_at and not self._release_sent:
                 self._release_sent = True
@@ -415,7 +401,7 @@ class Lifecycle:
                         "interrupting unfinished jobs and releasing them to their queues",
                         fields={"in_flight": len(self.in_flight)},
                     ),
-                    BroadcastCommand("release"),
+                    BroadcastCommand(Release()),
                 ]
             if now >= d.kill_at and not self._kill_sent:
                 self._kill_sent = True

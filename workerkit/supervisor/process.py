@@ -1,19 +1,11 @@
 """The engine's worker as a child process, and the supervisor's PID-1 duties.
 
-Why not :mod:`subprocess` or anyio's ``open_process``: as the container's PID 1 the supervisor
-must reap *every* exited process (orphans are re-parented to PID 1; unreaped, they stay zombies
-forever), which means calling ``waitpid(-1)``. A ``waitpid(-1)`` steals the status that
-subprocess's or asyncio's own child watcher waits for (they then report a bogus exit code). So this
-module owns all waiting: :meth:`ChildProcess.reap` collects every exited child, and records the
-worker's status when it is among them. The worker is started with ``os.posix_spawnp``, which
-gives a pid and nothing that waits behind our back.
-
-Signals go to the worker's pid only, never to a process group: SIGTERM to a whole group would
-reach Celery's pool children and RQ's work horse and kill jobs mid-flight, instead of letting the
-engine stop them in order. The one exception to "only the worker" is the hard kill at the end of
-the release margin, which SIGKILLs the worker's descendants too, each by its pid (found in
-/proc): a work horse left running after its parent died would go on with a job whose delivery
-the supervisor is about to release, and the job would run twice at once.
+Not :mod:`subprocess`: as PID 1 the supervisor must reap *every* exited process
+(``waitpid(-1)``), which would steal the status subprocess's own waiter expects; so the worker is
+started with ``os.posix_spawnp`` and :meth:`ChildProcess.reap` does all the waiting. Signals go
+to the worker's pid only, never its process group (that would kill pool children and work horses
+mid-job); the hard kill alone also SIGKILLs its descendants, each by pid. The reasons are in
+docs/operations/lifecycle.md ("PID 1 duties").
 """
 
 from __future__ import annotations

@@ -1,21 +1,17 @@
 """The supervisor's runner: signals, the child, the channel, the probes and the clock, on anyio.
 
-Everything that happens (a signal, a tick, an event from a job-running process, the worker's
-exit, a finished release) becomes one item in a single inbox, which one loop consumes in order:
-it feeds the :class:`~workerkit.supervisor.lifecycle.Lifecycle` machine, keeps the probes'
-:class:`~workerkit.http.Health` and the metrics up to date, and executes the actions the
-machine returns. One consumer means no locks and a total order of what the machine saw, which
-is what makes its unit tests a faithful picture of the process.
-
-Signal handling belongs here, installed by :func:`supervise` (not at import, not in a
-constructor) through ``anyio.open_signal_receiver``, which restores the previous handlers on the
-way out. It is installed *before* the worker starts, so a SIGTERM that arrives while the worker
-is still starting is not lost (and, as PID 1, not silently ignored by the kernel).
+Everything that happens (a signal, a tick, events from job-running processes, the worker's exit,
+a finished release) becomes one item of a single inbox, consumed in order by one loop: it feeds the
+:class:`~workerkit.supervisor.lifecycle.Lifecycle` machine, keeps the probes' health and the
+metrics up to date, and executes the actions the machine returns. One consumer: no locks, and a
+total order of what the machine saw. Signal handlers are installed by :func:`supervise` before the
+worker starts (a SIGTERM during startup is not lost) and restored on the way out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -30,13 +26,13 @@ import anyio.abc
 import anyio.from_thread
 import anyio.lowlevel
 
+from workerkit import events as ev
 from workerkit import exitcodes
 from workerkit.engines.base import AppTiming
 from workerkit.errors import ConfigurationError
-from workerkit.http import Health, HttpServer
-from workerkit.metrics import SupervisorMetrics, finished_items
 from workerkit.settings import settings_to_env
 from workerkit.supervisor.channel import Channel, Connection
+from workerkit.supervisor.http import Health, HttpServer
 from workerkit.supervisor.lifecycle import (
     BroadcastCommand,
     Exit,
@@ -55,11 +51,11 @@ from workerkit.supervisor.lifecycle import (
     WorkerReady,
     WorkerStopping,
 )
+from workerkit.supervisor.metrics import SupervisorMetrics
 from workerkit.supervisor.process import ChildProcess
 
 if TYPE_CHECKING:
     from workerkit.engines.base import Engine
-    from workerkit.events import Message
     from workerkit.settings import Settings
     from workerkit.supervisor.lifecycle import Action
 
@@ -83,7 +79,7 @@ _MAX_REASON: Final = 200
 class _ChannelEvents:
     """Events from a job-running process (those of one read), on their way to the loop."""
 
-    messages: Sequence[Message]
+    events: Sequence[ev.Event | ev.BadMessage]
 
 
 _Item = Input | _ChannelEvents
@@ -204,9 +200,11 @@ class Supervisor:
 
     # --- the inputs ---------------------------------------------------------------------------
 
-    async def _on_events(self, connection: Connection, messages: Sequence[Message]) -> None:
+    async def _on_events(
+        self, connection: Connection, events: Sequence[ev.Event | ev.BadMessage]
+    ) -> None:
         del connection
-        await self._send.send(_ChannelEvents(messages))
+        await self._send.send(_ChannelEvents(events))
 
     async def _receive_signals(self, signals: AsyncIterator[signal.Signals]) -> None:
         async for signum in signals:
@@ -261,13 +259,14 @@ class Supervisor:
         if not isinstance(item, _ChannelEvents):
             await self._handle(item)
             return
-        now, wall_time = self.clock(), time.time()
-        # One message at a time, translated and handled before the next: a batch may start a
+        now = self.clock()
+        # One event at a time, translated and handled before the next: a batch may start a
         # job and finish it, and the finish is read against the lifecycle's jobs in flight,
         # which the start has to be in first.
-        for message in item.messages:
-            for event in self._translate(message, now, wall_time):
-                await self._handle(event)
+        for event in item.events:
+            self.metrics.apply(event)
+            for machine_input in self._translate(event, now):
+                await self._handle(machine_input)
                 if self._exit is not None:
                     return
 
@@ -277,78 +276,47 @@ class Supervisor:
         for action in actions:
             await self._execute(action)
 
-    def _translate(self, message: Message, now: float, wall_time: float) -> list[Input]:
-        self.metrics.apply(message, wall_time=wall_time)
-        kind = message.get("type")
-        # The per-job lines are DEBUG: their fields are picked only when that level is on.
-        debug = log.isEnabledFor(logging.DEBUG)
-        if kind == "worker_ready":
-            self.health.worker_ready(now)
-            log.debug(
-                "worker ready event",
-                extra={
-                    "event": "worker_ready_event",
-                    **_pick(message, "engine", "queues", "concurrency"),
-                },
-            )
-            return [WorkerReady(now)]
-        if kind == "heartbeat":
-            self.health.heartbeat(now)
-            return []
-        if kind == "store_health":
-            reason = str(message.get("reason", ""))[:_MAX_REASON]
-            self.health.store_health(message.get("ok") is True, reason, now)
-            return []
-        if kind == "worker_stopping":
-            return [WorkerStopping(now)]
-        if kind == "jobs_finished":
-            # Only the jobs the lifecycle holds in flight matter to it; a batch mostly settles
-            # jobs whose job_started the worker left out (started and finished in one batch).
-            in_flight = self.machine.in_flight
-            inputs: list[Input] = []
-            for finished, queue, task, outcome, duration in finished_items(message):
-                if debug:
-                    log.debug(
-                        "job finished",
-                        extra={
-                            "event": "job_finished",
-                            "job_id": finished,
-                            "task": task,
-                            "queue": queue,
-                            "outcome": outcome,
-                            "duration": duration,
-                        },
-                    )
-                if finished in in_flight:
-                    inputs.append(JobFinished(finished, outcome))
-            return inputs
-        job_id = message.get("job_id")
-        if not isinstance(job_id, str):
-            return []
-        if kind == "job_started":
-            if debug:
+    def _translate(self, event: ev.Event | ev.BadMessage, now: float) -> list[Input]:
+        """What ``event`` means to the lifecycle and the probes (most events: metrics only)."""
+        match event:
+            case ev.JobsFinished(jobs=jobs):
+                return self._jobs_finished(jobs)
+            case ev.JobStarted(job_id=job_id, delivery=delivery):
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("job started", extra={"event": "job_started", **_fields(event)})
+                if delivery is None:
+                    delivery = {"job_id": job_id, "queue": event.queue}
+                return [JobStarted(job_id, delivery)]
+            case ev.JobFinished(job_id=job_id, outcome=outcome):
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("job finished", extra={"event": "job_finished", **_fields(event)})
+                return [JobFinished(job_id, outcome)]
+            case ev.Heartbeat():
+                self.health.heartbeat(now)
+            case ev.StoreHealth(ok=ok, reason=reason):
+                self.health.store_health(ok, reason[:_MAX_REASON], now)
+            case ev.WorkerReady():
+                self.health.worker_ready(now)
                 log.debug(
-                    "job started",
-                    extra={
-                        "event": "job_started",
-                        **_pick(message, "job_id", "task", "queue", "attempt"),
-                    },
+                    "worker ready event", extra={"event": "worker_ready_event", **_fields(event)}
                 )
-            delivery = message.get("delivery")
-            if not isinstance(delivery, Mapping):
-                delivery = {"job_id": job_id, "queue": message.get("queue")}
-            return [JobStarted(job_id, dict(delivery))]
-        if kind == "job_finished":
-            if debug:
-                log.debug(
-                    "job finished",
-                    extra={
-                        "event": "job_finished",
-                        **_pick(message, "job_id", "task", "queue", "outcome", "duration"),
-                    },
-                )
-            return [JobFinished(job_id, str(message.get("outcome", "")))]
+                return [WorkerReady(now)]
+            case ev.WorkerStopping():
+                return [WorkerStopping(now)]
         return []
+
+    def _jobs_finished(self, jobs: Sequence[ev.FinishedJob]) -> list[Input]:
+        # Only the jobs the lifecycle holds in flight matter to it; a batch mostly settles
+        # jobs whose job_started the worker left out (started and finished in one batch).
+        in_flight = self.machine.in_flight
+        debug = log.isEnabledFor(logging.DEBUG)
+        inputs: list[Input] = []
+        for job in jobs:
+            if debug:
+                log.debug("job finished", extra={"event": "job_finished", **job._asdict()})
+            if job.job_id in in_flight:
+                inputs.append(JobFinished(job.job_id, job.outcome))
+        return inputs
 
     def _sync_state(self) -> None:
         state = self.machine.state
@@ -377,8 +345,12 @@ class Supervisor:
             case BroadcastCommand(command=command):
                 sent_to = await self.channel.broadcast(command) if self.channel else 0
                 log.info(
-                    f"command {command} sent",
-                    extra={"event": "command_sent", "command": command, "connections": sent_to},
+                    f"command {command.name} sent",
+                    extra={
+                        "event": "command_sent",
+                        "command": command.name,
+                        "connections": sent_to,
+                    },
                 )
             case KillChild():
                 killed = self.child.kill_tree() if self.child is not None else []
@@ -433,8 +405,11 @@ class Supervisor:
                 time.sleep(0.01)
 
 
-def _pick(message: Message, *keys: str) -> dict[str, Any]:
-    return {key: message[key] for key in keys if key in message}
+def _fields(event: ev.Event) -> dict[str, Any]:
+    """An event's fields for a log line (the delivery stays out: it may name a lease token)."""
+    return {
+        f.name: getattr(event, f.name) for f in dataclasses.fields(event) if f.name != "delivery"
+    }
 
 
 def _check_budget(settings: Settings, timing: AppTiming) -> bool:

@@ -1,14 +1,10 @@
 """The supervisor's HTTP endpoints: ``/livez``, ``/readyz``, ``/startupz`` and ``/metrics``.
 
-Each probe answers 200 or 503 with one line of text saying why (``ok``, ``draining since
-SIGTERM``, ``store unreachable: ...``); never a secret or a connection string: the reasons come
-from the worker's own one-line health reports. See docs/reference/probes.md.
-
-Why a small HTTP/1.1 server on an anyio TCP listener instead of ``http.server`` in a thread: the
-probes read the supervisor's state, which the event loop owns; served on the same loop they need
-no locks, and a wedged loop makes them time out, which is exactly what the kubelet should see.
-Only what probes and Prometheus need is implemented: GET and HEAD, no keep-alive (every response
-closes the connection), small request heads, a read timeout.
+Each probe answers 200 or 503 with one line saying why, never a secret (docs/reference/probes.md).
+Why a small HTTP/1.1 server on the supervisor's own anyio loop instead of ``http.server`` in a
+thread: the probes read state the loop owns, so they need no locks, and a wedged loop makes them
+time out, which is exactly what the kubelet should see. Only what probes and Prometheus need is
+implemented: GET and HEAD, no keep-alive, small request heads, a read timeout.
 """
 
 from __future__ import annotations

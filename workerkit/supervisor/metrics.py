@@ -10,12 +10,25 @@ The reference is docs/reference/metrics.md.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Iterable
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from workerkit.events import OUTCOMES
+from workerkit.events import (
+    IDEMPOTENCY_OUTCOMES,
+    BadMessage,
+    CheckpointSaved,
+    Event,
+    Heartbeat,
+    Idempotency,
+    JobFinished,
+    JobsFinished,
+    JobStarted,
+    QueueStats,
+    StoreHealth,
+)
 
 __all__ = (
     "DRAIN_BUCKETS",
@@ -25,10 +38,6 @@ __all__ = (
     "STATES",
     "SupervisorMetrics",
 )
-
-#: The ``outcome`` label values of workerkit_idempotency_total (anything else is not counted, so
-#: a misbehaving process cannot grow the label set).
-IDEMPOTENCY_OUTCOMES = frozenset({"claimed", "replayed", "deferred", "taken_over", "mismatched"})
 
 log = logging.getLogger(__name__)
 
@@ -61,27 +70,8 @@ SHUTDOWN_OUTCOMES: Final = ("clean", "released", "forced", "crashed")
 _UNKNOWN = "unknown"
 
 
-def _label(value: object) -> str:
-    return value if isinstance(value, str) and value else _UNKNOWN
-
-
-def finished_items(event: Mapping[str, Any]) -> Iterator[tuple[str, str, str, str, object]]:
-    """The well-formed items of a ``jobs_finished`` event: (job id, queue, task, outcome,
-    duration), queue and task as label values. Malformed items are skipped."""
-    jobs = event.get("jobs")
-    if not isinstance(jobs, list):
-        return
-    for item in jobs:
-        if isinstance(item, list) and len(item) == 5 and isinstance(item[0], str):
-            job_id, task, queue, outcome, duration = item
-            outcome = outcome if isinstance(outcome, str) and outcome in OUTCOMES else _UNKNOWN
-            yield job_id, _label(queue), _label(task), outcome, duration
-
-
-def _seconds(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return max(0.0, float(value))
+def _label(value: str | None) -> str:
+    return value or _UNKNOWN
 
 
 class SupervisorMetrics:
@@ -90,7 +80,18 @@ class SupervisorMetrics:
     def __init__(self, engine: str, registry: CollectorRegistry | None = None) -> None:
         self.engine = engine
         self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
-        r = self.registry
+        self._job_families(self.registry)
+        self._worker_families(self.registry)
+        self._running: dict[str, tuple[str, str]] = {}  # job id -> (queue, task)
+        # (family, label values) -> child: prometheus_client's labels() validates and locks on
+        # every call, and the per-job families are moved for every job.
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+        for outcome in SHUTDOWN_OUTCOMES:
+            self.shutdowns.labels(engine, outcome)
+        self.set_state("starting")
+
+    def _job_families(self, r: CollectorRegistry) -> None:
+        """The families that jobs' events move."""
         self.jobs = Counter(
             "workerkit_jobs",
             "Jobs settled by this worker, by outcome.",
@@ -130,6 +131,9 @@ class SupervisorMetrics:
             ("engine", "queue", "task", "outcome"),
             registry=r,
         )
+
+    def _worker_families(self, r: CollectorRegistry) -> None:
+        """The families of the worker, its queues and the supervisor's own lifecycle."""
         self.worker_state = Gauge(
             "workerkit_worker_state",
             "The supervisor's lifecycle state: 1 for the current state, 0 for the others.",
@@ -174,13 +178,12 @@ class SupervisorMetrics:
             ("engine",),
             registry=r,
         )
-        self._running: dict[str, tuple[str, str]] = {}  # job id -> (queue, task)
-        # (family, label values) -> child: prometheus_client's labels() validates and locks on
-        # every call, a few microseconds, and the per-job families are moved for every job.
-        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
-        for outcome in SHUTDOWN_OUTCOMES:
-            self.shutdowns.labels(engine, outcome)
-        self.set_state("starting")
+        self.bad_messages = Counter(
+            "workerkit_bad_messages",
+            "Lines on the event channel that were not a valid event (each is logged).",
+            ("engine",),
+            registry=r,
+        ).labels(self.engine)
 
     # --- supervisor-side ---------------------------------------------------------------------
 
@@ -215,85 +218,65 @@ class SupervisorMetrics:
             child = self._children[key] = family.labels(*values)
         return child
 
-    def apply(self, event: Mapping[str, Any], *, wall_time: float | None = None) -> None:
-        """Move the families for one event from the channel (unknown events are ignored)."""
-        kind = event.get("type")
-        if kind == "job_started":
-            self._job_started(event)
-        elif kind == "job_finished":
-            self._job_finished(event)
-        elif kind == "jobs_finished":
-            for item in finished_items(event):
-                self.finish(*item)
-        elif kind == "checkpoint_saved":
-            queue, task = self._queue_task(event)
-            self._series(self.checkpoints, self.engine, queue, task).inc()
-        elif kind == "heartbeat":
-            ts = _seconds(event.get("ts"))
-            if ts is None:
-                ts = wall_time
-            if ts is not None:
+    def apply(self, event: Event | BadMessage, *, wall_time: float | None = None) -> None:
+        """Move the families for one event (already validated by ``workerkit.events.decode``).
+
+        ``wall_time`` stamps a heartbeat that carries no time of its own (default: now).
+        """
+        match event:
+            case JobsFinished(jobs=jobs):
+                for job_id, task, queue, outcome, duration in jobs:
+                    self._finish(job_id, _label(queue), _label(task), outcome, duration)
+            case JobStarted():
+                self._job_started(event)
+            case JobFinished(job_id=job_id, outcome=outcome, duration=duration):
+                queue, task = self._queue_task(job_id, event.queue, event.task)
+                self._finish(job_id, queue, task, outcome, duration)
+            case CheckpointSaved(job_id=job_id):
+                queue, task = self._queue_task(job_id, event.queue, event.task)
+                self._series(self.checkpoints, self.engine, queue, task).inc()
+            case Heartbeat(ts=ts):
+                if ts is None:
+                    ts = time.time() if wall_time is None else wall_time
                 self.last_heartbeat.labels(self.engine).set(ts)
-        elif kind == "store_health":
-            self.store_up.labels(self.engine).set(1.0 if event.get("ok") is True else 0.0)
-        elif kind == "queue_stats":
-            self._queue_stats(event)
-        elif kind == "idempotency":
-            queue, task = self._queue_task(event)
-            outcome = event.get("outcome")
-            if outcome in IDEMPOTENCY_OUTCOMES:
-                self.idempotency.labels(self.engine, queue, task, outcome).inc()
+            case StoreHealth(ok=ok):
+                self.store_up.labels(self.engine).set(1.0 if ok else 0.0)
+            case QueueStats(depth=depth, oldest_ready_age=oldest):
+                for queue, count in depth.items():
+                    self.queue_depth.labels(self.engine, _label(queue)).set(count)
+                for queue, age in oldest.items():
+                    self.queue_oldest_age.labels(self.engine, _label(queue)).set(age)
+            case Idempotency(task=task, queue=queue, outcome=outcome):
+                self.idempotency.labels(self.engine, _label(queue), _label(task), outcome).inc()
+            case BadMessage():
+                self.bad_messages.inc()
 
-    def _queue_task(self, event: Mapping[str, Any]) -> tuple[str, str]:
-        job_id = event.get("job_id")
-        known = self._running.get(job_id) if isinstance(job_id, str) else None
-        if known is not None and "queue" not in event and "task" not in event:
-            return known
-        return _label(event.get("queue")), _label(event.get("task"))
+    def _queue_task(self, job_id: str, queue: str | None, task: str | None) -> tuple[str, str]:
+        """The labels of a job's event: its own, or those its job_started had."""
+        if queue is None and task is None:
+            known = self._running.get(job_id)
+            if known is not None:
+                return known
+        return _label(queue), _label(task)
 
-    def _job_started(self, event: Mapping[str, Any]) -> None:
-        job_id = event.get("job_id")
-        queue, task = _label(event.get("queue")), _label(event.get("task"))
-        if isinstance(job_id, str):
-            previous = self._running.pop(job_id, None)
-            if previous is not None:  # a start without a finish: do not count it twice
-                self._series(self.jobs_in_progress, self.engine, *previous).dec()
-            self._running[job_id] = (queue, task)
+    def _job_started(self, event: JobStarted) -> None:
+        job_id = event.job_id
+        queue, task = _label(event.queue), _label(event.task)
+        previous = self._running.pop(job_id, None)
+        if previous is not None:  # a start without a finish: do not count it twice
+            self._series(self.jobs_in_progress, self.engine, *previous).dec()
+        self._running[job_id] = (queue, task)
         self._series(self.jobs_in_progress, self.engine, queue, task).inc()
-        waited = _seconds(event.get("queued_for"))
-        if waited is not None:
-            self._series(self.queue_wait, self.engine, queue, task).observe(waited)
+        if event.queued_for is not None:
+            self._series(self.queue_wait, self.engine, queue, task).observe(event.queued_for)
 
-    def _job_finished(self, event: Mapping[str, Any]) -> None:
-        job_id = event.get("job_id")
-        queue, task = self._queue_task(event)
-        self.finish(job_id, queue, task, event.get("outcome"), event.get("duration"))
-
-    def finish(
-        self, job_id: object, queue: str, task: str, outcome: object, duration: object
+    def _finish(
+        self, job_id: str, queue: str, task: str, outcome: str, duration: float | None
     ) -> None:
         """One job settled (``queue`` and ``task`` already label values)."""
-        running = self._running.pop(job_id, None) if isinstance(job_id, str) else None
+        running = self._running.pop(job_id, None)
         if running is not None:
             self._series(self.jobs_in_progress, self.engine, *running).dec()
-        # Only the documented outcomes become label values: a label set must stay bounded even
-        # when a process sends something unexpected.
-        outcome = outcome if isinstance(outcome, str) and outcome in OUTCOMES else _UNKNOWN
         self._series(self.jobs, self.engine, queue, task, outcome).inc()
-        seconds = _seconds(duration)
-        if seconds is not None:
-            self._series(self.job_duration, self.engine, queue, task).observe(seconds)
-
-    def _queue_stats(self, event: Mapping[str, Any]) -> None:
-        depth = event.get("depth")
-        if isinstance(depth, Mapping):
-            for queue, value in depth.items():
-                count = _seconds(value)
-                if count is not None:
-                    self.queue_depth.labels(self.engine, _label(queue)).set(count)
-        oldest = event.get("oldest_ready_age")
-        if isinstance(oldest, Mapping):
-            for queue, value in oldest.items():
-                age = _seconds(value)
-                if age is not None:
-                    self.queue_oldest_age.labels(self.engine, _label(queue)).set(age)
+        if duration is not None:
+            self._series(self.job_duration, self.engine, queue, task).observe(duration)
