@@ -16,7 +16,6 @@ from workerkit.settings import Settings
 from workerkit.supervisor.lifecycle import (
     Action,
     BroadcastCommand,
-    Deadlines,
     Exit,
     Input,
     JobFinished,
@@ -34,6 +33,7 @@ from workerkit.supervisor.lifecycle import (
     WorkerReady,
     WorkerStopping,
 )
+from workerkit.timing.deadlines import Deadlines
 
 D = 10.0  # drain window
 M = 4.0  # release margin

@@ -16,20 +16,18 @@ import logging
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from workerkit import exitcodes
 from workerkit.events import CommandMessage, Release, RequestStop
+from workerkit.timing.deadlines import Deadlines
 
 if TYPE_CHECKING:
     from workerkit.settings import Settings
 
 __all__ = (
-    "KILL_FRACTION",
-    "RELEASE_FRACTION",
     "Action",
     "BroadcastCommand",
-    "Deadlines",
     "Exit",
     "Input",
     "JobFinished",
@@ -49,11 +47,6 @@ __all__ = (
     "WorkerStopping",
 )
 
-#: The engine's release command goes out this far into the release margin M ...
-RELEASE_FRACTION: Final = 0.5
-#: ... and the worker is killed this far into it, which leaves 0.2 M for the supervisor's own
-#: release of the deliveries it knows and for its exit.
-KILL_FRACTION: Final = 0.8
 
 ShutdownOutcome = Literal["clean", "released", "forced", "crashed"]
 
@@ -202,30 +195,6 @@ Action = SignalChild | BroadcastCommand | KillChild | ReleaseInFlight | Log | Ex
 
 
 # --- the machine ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Deadlines:
-    """The shutdown deadlines, in monotonic seconds, from the instant the drain began."""
-
-    started_at: float
-    request_stop_at: float
-    release_at: float
-    kill_at: float
-    exit_at: float
-
-    @classmethod
-    def after(cls, started_at: float, drain_window: float, release_margin: float) -> Deadlines:
-        drain = max(0.0, drain_window)
-        margin = max(0.0, release_margin)
-        stop_at = started_at + drain
-        return cls(
-            started_at=started_at,
-            request_stop_at=stop_at,
-            release_at=stop_at + RELEASE_FRACTION * margin,
-            kill_at=stop_at + KILL_FRACTION * margin,
-            exit_at=stop_at + margin,
-        )
 
 
 def _signal_name(signum: int) -> str:
