@@ -20,15 +20,15 @@ from rq.serializers import DefaultSerializer, JSONSerializer
 from rq.utils import now, utcformat
 
 import workerkit
-from workerkit.engines._rq.leases import (
+from workerkit.engines.rq import RqApp, RqEngine, SimpleWorker, Worker, WorkerkitJob
+from workerkit.engines.rq.leases import (
     AttemptKeys,
     Leases,
     deferred_key,
     lease_key,
     started_key,
 )
-from workerkit.engines._rq.worker import Recovery, lease_ttl
-from workerkit.engines.rq import RqApp, RqEngine, SimpleWorker, Worker, WorkerkitJob
+from workerkit.engines.rq.recovery import Recovery, lease_ttl
 from workerkit.errors import ConfigurationError
 from workerkit.idempotency import idempotency_of
 from workerkit.idempotency.redis import RedisIdempotencyStore

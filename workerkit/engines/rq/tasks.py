@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from workerkit.errors import ConfigurationError, UnknownTask
 
 if TYPE_CHECKING:
+    from workerkit.settings import Settings
     from workerkit.timing import TaskTiming
 
-__all__ = ("DEFAULT_MAX_ATTEMPTS", "RqApp", "RqTaskInfo", "TaskNotAllowed")
+__all__ = ("DEFAULT_MAX_ATTEMPTS", "RqApp", "RqTaskInfo", "TaskNotAllowed", "load_app")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -195,3 +196,24 @@ class RqApp:
             )
             for info in self.tasks.values()
         ]
+
+
+def load_app(settings: Settings) -> RqApp:
+    """The :class:`RqApp` named by ``settings.app``; ConfigurationError when there is none.
+
+    The app is the task allowlist, so the rq worker refuses to run without one.
+    """
+    if not settings.app:
+        raise ConfigurationError(
+            "workerkit's RQ worker runs only the tasks of an RqApp (RQ would otherwise import "
+            "any function a Redis writer names): set --app / WORKERKIT_APP to MODULE:ATTRIBUTE "
+            "of a workerkit.engines.rq.RqApp (docs/engines/rq.md)"
+        )
+    from workerkit.loading import import_app
+
+    app = import_app(settings.app)
+    if not isinstance(app, RqApp):
+        raise ConfigurationError(
+            f"--app {settings.app!r} is a {type(app).__name__}, not a workerkit.engines.rq.RqApp"
+        )
+    return app

@@ -1,25 +1,10 @@
 """Job leases on Redis: the keys, the Lua scripts, and the fenced operations built on them.
 
-Every attempt a workerkit RQ worker starts holds a *lease*: the key
-``workerkit:rq:lease:<job id>`` whose value is ``<state>:<token>`` (the token is the RQ
-execution id of the attempt) and whose TTL the worker renews every H seconds. The states:
-
-``run``      the attempt is running; checkpoints are written only in this state;
-``settle``   the attempt finished and its process is doing RQ's own bookkeeping (result, failed
-             registry, retry); nobody else may touch the job meanwhile;
-``release``  the worker took the job back from its work horse to release it (the horse is being
-             stopped; its writes are fenced out from here on).
-
-Beside RQ's StartedJobRegistry (``rq:wip:<queue>``), workerkit keeps its own sorted set
-``workerkit:rq:started:<queue>`` of the ``<job id>:<token>`` members it started, so that crash
-recovery only ever touches attempts that a workerkit worker started and leased: jobs that bare
-``rq worker`` processes run on the same queue (during a migration) are left to RQ.
-
-Why Lua: each change of hands (release, crash recovery, settle) must check the lease and move the
-job in one atomic step. Two live workers that both find an abandoned job run the same script; the
-first one's removes the member, so the second one's finds nothing to do, and the job is requeued
-once. A script that finds the lease held by its attempt's token (``run:<token>``) never requeues
-it: a job is never re-run while its first attempt still renews its lease.
+Every attempt a workerkit RQ worker starts holds the lease ``workerkit:rq:lease:<job id>`` =
+``<state>:<token>`` (``run``, ``settle`` or ``release``; the token is RQ's execution id). Each
+change of hands checks the lease and moves the job in one Lua script (the ``.lua`` files next to
+this module), so that of two workers racing for an abandoned job exactly one requeues it, and a
+job whose attempt still renews its lease is never requeued. See docs/engines/rq.md.
 """
 
 from __future__ import annotations
@@ -28,6 +13,7 @@ import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
@@ -36,7 +22,9 @@ if TYPE_CHECKING:
 
 __all__ = (
     "LEASE_PREFIX",
+    "SETTLE_TTL_MS",
     "STARTED_PREFIX",
+    "WAKE_PREFIX",
     "AttemptKeys",
     "Leases",
     "deferred_key",
@@ -85,7 +73,7 @@ class AttemptKeys:
         return f"{self.job_id}:{self.token}"
 
     def keys(self) -> list[str]:
-        """KEYS of the scripts below, in their order."""
+        """KEYS of ``requeue.lua`` (and the first of ``defer.lua``), in their order."""
         return [
             lease_key(self.job_id),
             f"rq:wip:{self.queue}",
@@ -97,7 +85,7 @@ class AttemptKeys:
         ]
 
     def defer_keys(self) -> list[str]:
-        """KEYS of ``_DEFER``: :meth:`keys`, RQ's ScheduledJobRegistry, workerkit's deferred set."""
+        """KEYS of ``defer.lua``: :meth:`keys`, the ScheduledJobRegistry, the deferred set."""
         return [*self.keys(), f"rq:scheduled:{self.queue}", deferred_key(self.queue)]
 
     def ref(self) -> dict[str, Any]:
@@ -105,143 +93,19 @@ class AttemptKeys:
         return {"job_id": self.job_id, "token": self.token, "queue": self.queue}
 
 
-# The lease check shared by the scripts: ARGV[1] is the token, ARGV[2] the accepted states as
-# "|run|release|" ("none" accepts a missing lease). Returns 1 when owned, 0 when another attempt
-# holds the lease or the state is not accepted.
-_OWNED = """
-local function owned(lease, token, accepted)
-  if not lease then
-    return string.find(accepted, '|none|', 1, true) ~= nil
-  end
-  local sep = string.find(lease, ':', 1, true)
-  if not sep then return false end
-  local state = string.sub(lease, 1, sep - 1)
-  if string.sub(lease, sep + 1) ~= token then return false end
-  return string.find(accepted, '|' .. state .. '|', 1, true) ~= nil
-end
-"""
+def _script(*parts: str) -> str:
+    """A script from the ``.lua`` files next to this module, concatenated in order."""
+    folder = resources.files(__package__ or "workerkit.engines.rq")
+    return "".join(folder.joinpath(f"{part}.lua").read_text(encoding="utf-8") for part in parts)
 
-#: Renew the lease while it is this attempt's, whatever its state.
-_RENEW = """
-local lease = redis.call('GET', KEYS[1])
-if lease and string.sub(lease, -(#ARGV[1] + 1)) == ':' .. ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
 
-#: Write the job's meta (a checkpoint) only while the attempt runs.
-_WRITE_META = """
-if redis.call('GET', KEYS[1]) == 'run:' .. ARGV[1] then
-  redis.call('HSET', KEYS[2], 'meta', ARGV[2])
-  return 1
-end
-return 0
-"""
-
-#: Move the lease to another state. KEYS: lease, started set. ARGV: token, accepted, new state,
-#: ttl ms, member. Only while the attempt is still a started member (not settled already).
-_TRANSITION = (
-    _OWNED
-    + """
-local lease = redis.call('GET', KEYS[1])
-if not owned(lease, ARGV[1], ARGV[2]) then return 0 end
-if redis.call('ZSCORE', KEYS[2], ARGV[5]) == false then return 0 end
-redis.call('SET', KEYS[1], ARGV[3] .. ':' .. ARGV[1], 'PX', ARGV[4])
-return 1
-"""
-)
-
-#: The fenced start of a change of hands, shared by _REQUEUE and _DEFER: return 0 unless this
-#: attempt owns the lease and is still started; then take it out of the started registries and
-#: write its new meta. KEYS and ARGV[1..4] as theirs.
-_LEAVE_STARTED = (
-    _OWNED
-    + """
-local lease = redis.call('GET', KEYS[1])
-if not owned(lease, ARGV[1], ARGV[2]) then return 0 end
-if redis.call('ZSCORE', KEYS[3], ARGV[3]) == false then
-  if lease then redis.call('DEL', KEYS[1]) end
-  return 0
-end
-redis.call('ZREM', KEYS[2], ARGV[3])
-redis.call('ZREM', KEYS[3], ARGV[3])
-redis.call('DEL', KEYS[6])
-redis.call('ZREM', KEYS[7], ARGV[1])
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[4], 'meta', ARGV[4]) end
-"""
-)
-
-#: Put the job back at the front of its queue, out of the started registries, lease dropped.
-#: KEYS: AttemptKeys.keys(). ARGV: token, accepted, member, new meta ('' keeps it), job id.
-#: Returns 1 when requeued; 0 when another attempt owns the job or this one was settled already
-#: (a leftover lease of a settled attempt is dropped).
-_REQUEUE = (
-    _LEAVE_STARTED
-    + """
-redis.call('HSET', KEYS[4], 'status', 'queued')
-redis.call('LPUSH', KEYS[5], ARGV[5])
-redis.call('DEL', KEYS[1])
-return 1
-"""
-)
-
-#: Not now: like ``_REQUEUE``, but into RQ's ScheduledJobRegistry at ARGV[6] (epoch seconds),
-#: status ``scheduled``, and into workerkit's deferred set (the jobs ``_PROMOTE`` may put back).
-#: KEYS: AttemptKeys.defer_keys(). ARGV: token, accepted, member, new meta, job id, run at.
-_DEFER = (
-    _LEAVE_STARTED
-    + """
-redis.call('HSET', KEYS[4], 'status', 'scheduled')
-redis.call('ZADD', KEYS[8], ARGV[6], ARGV[5])
-redis.call('ZADD', KEYS[9], ARGV[6], ARGV[5])
-redis.call('DEL', KEYS[1])
-return 1
-"""
-)
-
-#: Put due deferred jobs back at the end of their queue (as RQ's scheduler would), unless an RQ
-#: scheduler (``--with-scheduler``) holds the queue's lock: then it does, and a job it already
-#: moved is only dropped from the deferred set. RQ's scheduler reads the due ids and moves them
-#: in a later MULTI, so moving them here too while it runs could queue a job twice.
-#: KEYS: deferred set, ScheduledJobRegistry, queue list, RQ scheduler lock.
-#: ARGV: now (epoch seconds), job key prefix, enqueued_at (RQ's format), batch. Returns moved.
-_PROMOTE = """
-local rq_scheduler = redis.call('EXISTS', KEYS[4]) == 1
-local moved = 0
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[4]))
-for _, job_id in ipairs(due) do
-  if redis.call('ZSCORE', KEYS[2], job_id) == false then
-    redis.call('ZREM', KEYS[1], job_id)
-  elseif not rq_scheduler then
-    redis.call('ZREM', KEYS[1], job_id)
-    redis.call('ZREM', KEYS[2], job_id)
-    if redis.call('EXISTS', ARGV[2] .. job_id) == 1 then
-      redis.call('HSET', ARGV[2] .. job_id, 'status', 'queued', 'enqueued_at', ARGV[3])
-      redis.call('RPUSH', KEYS[3], job_id)
-      moved = moved + 1
-    end
-  end
-end
-return moved
-"""
-
-#: The started members of one queue whose lease is gone (abandoned by a dead process).
-#: KEYS: started set. ARGV: lease prefix. Returns the members.
-_ABANDONED = """
-local found = {}
-for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local sep = string.find(member, ':[^:]*$')
-  local job_id = string.sub(member, 1, sep - 1)
-  local token = string.sub(member, sep + 1)
-  local lease = redis.call('GET', ARGV[1] .. job_id)
-  if not lease or string.sub(lease, -(#token + 1)) ~= ':' .. token then
-    table.insert(found, member)
-  end
-end
-return found
-"""
+_RENEW: Final = _script("renew")
+_WRITE_META: Final = _script("write_meta")
+_TRANSITION: Final = _script("owned", "transition")
+_REQUEUE: Final = _script("owned", "leave_started", "requeue")
+_DEFER: Final = _script("owned", "leave_started", "defer")
+_PROMOTE: Final = _script("promote")
+_ABANDONED: Final = _script("abandoned")
 
 
 class Leases:
@@ -316,7 +180,7 @@ class Leases:
         pipeline.evalsha(self._transition_sha, len(keys), *keys, *args)
 
     def requeue(self, attempt: AttemptKeys, accepted: Sequence[str], meta: bytes | None) -> bool:
-        """Back to the front of the queue (see ``_REQUEUE``); True when this call requeued it."""
+        """Back to the front of the queue (see ``requeue.lua``); True when this call requeued it."""
         args: list[Any] = [
             attempt.token,
             _accepted(accepted),
@@ -329,7 +193,7 @@ class Leases:
     def defer(
         self, attempt: AttemptKeys, accepted: Sequence[str], meta: bytes, run_at: float
     ) -> bool:
-        """Into the ScheduledJobRegistry until ``run_at`` (see ``_DEFER``); True when done."""
+        """Into the ScheduledJobRegistry until ``run_at`` (see ``defer.lua``); True when done."""
         args: list[Any] = [
             attempt.token,
             _accepted(accepted),
@@ -341,7 +205,7 @@ class Leases:
         return bool(self._defer(keys=attempt.defer_keys(), args=args))
 
     def promote(self, queue: str, enqueued_at: str, now: float | None = None) -> int:
-        """Put ``queue``'s due deferred jobs back in it (see ``_PROMOTE``); return how many."""
+        """Put ``queue``'s due deferred jobs back in it (see ``promote.lua``); return how many."""
         keys = [
             deferred_key(queue),
             f"rq:scheduled:{queue}",

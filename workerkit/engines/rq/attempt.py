@@ -1,0 +1,162 @@
+"""One attempt in the worker's main process: its start (lease and count in RQ's MULTI), its end.
+
+The lease is taken in the same MULTI as RQ's own start bookkeeping, so that no attempt is ever
+started unleased; its settle drops the lease in the same MULTI as RQ's end bookkeeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import redis
+import redis.exceptions
+from rq.executions import Execution
+from rq.utils import now
+from rq.worker.base import WorkerStatus
+
+from workerkit.engines.rq.jobs import META_KEY, safe_func_name, wk_meta
+from workerkit.engines.rq.leases import AttemptKeys, Leases
+from workerkit.engines.rq.state import Attempt, WorkerState
+from workerkit.engines.rq.tasks import DEFAULT_MAX_ATTEMPTS
+
+if TYPE_CHECKING:
+    from redis.client import Pipeline
+    from rq.job import Job
+
+__all__ = ("Attempts",)
+
+log = logging.getLogger("workerkit.engines.rq")
+
+
+class Attempts(WorkerState):
+    """Starting and ending attempts (the main process), and requeuing one taken back."""
+
+    def prepare_execution(self, job: Job) -> Execution:
+        """RQ's start bookkeeping plus the lease and the attempt count, in one MULTI."""
+        info = self.wk_app.info(safe_func_name(job))
+        wk = wk_meta(job)
+        attempts = int(wk.get("attempts", 0)) + 1
+        wk["attempts"] = attempts
+        if "max_attempts" not in wk:
+            wk["max_attempts"] = info.max_attempts if info else DEFAULT_MAX_ATTEMPTS
+        limit = self._wk_run_limit(job, info.timeout if info else None)
+        job.timeout = limit  # RQ's parent kills a horse at timeout + 60; keep them in step
+        with self.connection.pipeline() as pipeline:
+            heartbeat_ttl = self.get_heartbeat_ttl(job)
+            execution = Execution.create(
+                job, heartbeat_ttl, pipeline=pipeline, worker_name=self.name
+            )
+            keys = AttemptKeys(job.id, execution.id, job.origin)
+            self._wk_leases.start(pipeline, keys)
+            pipeline.hset(job.key, "meta", self.serializer.dumps(job.meta))
+            self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
+            pipeline.execute()
+        self.execution = execution
+        self._wk_attempt = Attempt(
+            keys=keys,
+            task=safe_func_name(job) or "<undecodable>",
+            number=attempts,
+            started=time.monotonic(),
+            run_limit=limit,
+            checkpoint=wk.get("checkpoint"),
+            stop_requested=self._wk_jobs_stop_requested,
+        )
+        # Neither the event nor the log line is built when nobody takes it (a plain `rq worker`
+        # run has no supervisor): on a no-op job that is a large share of the per-job cost.
+        if self._wk_events.connected:
+            queued_for = None
+            if job.enqueued_at is not None:
+                queued_for = max(0.0, (now() - job.enqueued_at).total_seconds())
+            self._wk_events.send(
+                "job_started",
+                job_id=job.id,
+                task=self._wk_attempt.task,
+                queue=job.origin,
+                attempt=attempts,
+                delivery=keys.ref(),
+                queued_for=queued_for,
+            )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "job started",
+                extra={
+                    "event": "job_started",
+                    "job_id": job.id,
+                    "task": self._wk_attempt.task,
+                    "attempt": attempts,
+                },
+            )
+        return execution
+
+    def _wk_run_limit(self, job: Job, task_timeout: float | None) -> int:
+        if task_timeout is not None:
+            seconds = task_timeout
+        elif job.timeout is not None and job.timeout > 0:
+            seconds = float(job.timeout)
+        else:
+            seconds = self.wk_settings.job_timeout
+        return max(1, math.ceil(seconds))
+
+    def _wk_end(self, job: Job, attempt: Attempt, outcome: str) -> None:
+        attempt.horse_done.set()
+        with self._wk_lock:
+            self._wk_attempt = None
+        if attempt.stop_pipe is not None:
+            with contextlib.suppress(OSError):
+                os.close(attempt.stop_pipe)
+            attempt.stop_pipe = None
+        self.execution = None
+        if not attempt.rq_settled:
+            with contextlib.suppress(redis.exceptions.RedisError):
+                self.set_current_job_id(None)
+        duration = time.monotonic() - attempt.started
+        self._wk_events.send(
+            "job_finished",
+            job_id=job.id,
+            task=attempt.task,
+            queue=attempt.keys.queue,
+            outcome=outcome,
+            duration=duration,
+        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "job finished",
+                extra={
+                    "event": "job_finished",
+                    "job_id": job.id,
+                    "task": attempt.task,
+                    "outcome": outcome,
+                    "duration": round(duration, 3),
+                },
+            )
+
+    def _wk_settle_taken(self, job: Job, attempt: Attempt) -> str:
+        """The worker took the lease back ("release") and the job no longer runs: requeue it."""
+        try:
+            if self._wk_recovery.release(attempt.keys, ["release"], give_back=True):
+                return "released"
+        except redis.exceptions.RedisError as exc:
+            log.warning(
+                "release failed; the lease will expire and the job be recovered",
+                extra={"event": "release_failed", "job_id": job.id, "error": str(exc)},
+            )
+        return "lease_lost"
+
+    def cleanup_execution(self, job: Job, pipeline: Pipeline[Any]) -> None:
+        """RQ's end bookkeeping plus dropping the lease (and, on success, the checkpoint)."""
+        attempt = self._wk_attempt
+        if attempt is not None and attempt.keys.job_id == job.id:
+            Leases.forget(pipeline, attempt.keys)
+            wk = job.meta.get(META_KEY)
+            if (
+                attempt.succeeded
+                and isinstance(wk, dict)
+                and wk.pop("checkpoint", None) is not None
+            ):
+                pipeline.hset(job.key, "meta", self.serializer.dumps(job.meta))
+        super().cleanup_execution(job, pipeline)  # type: ignore[misc]

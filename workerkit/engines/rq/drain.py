@@ -1,0 +1,226 @@
+"""The bounded drain: SIGTERM stops the dequeuing at once; request_stop and release follow.
+
+A stop never raises from the signal handler into RQ's blocked BLPOP (a job Redis had already
+popped would be lost): the handler sets flags, the upkeep thread pushes a token on a wake key of
+this worker's own, and the dequeue returns. ``release`` takes the lease from the job before it
+stops it, so nothing the job writes afterwards counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import time
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Final
+
+import redis
+import redis.exceptions
+from rq.exceptions import NoSuchJobError
+from rq.utils import as_text
+from rq.worker.base import WorkerStatus
+
+from workerkit.engines.rq.state import TICK, WorkerState
+from workerkit.job import request_stop_all
+
+if TYPE_CHECKING:
+    from rq.job import Job
+    from rq.queue import Queue
+
+__all__ = ("Drain",)
+
+log = logging.getLogger("workerkit.engines.rq")
+
+WAKE_TOKEN: Final = b"wake"
+
+
+class Drain(WorkerState):
+    """Stopping: the signal handlers, the supervisor's commands, the deadlines, the dequeue."""
+
+    def unsubscribe(self) -> None:
+        """RQ's unsubscribe without its wait of up to a second for the pubsub thread.
+
+        The thread is a daemon blocked reading the subscription; the process is about to exit,
+        and an idle worker must be gone within half a second of SIGTERM.
+        """
+        thread = getattr(self, "pubsub_thread", None)
+        pubsub = getattr(self, "pubsub", None)
+        if thread is None or pubsub is None:
+            return
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            pubsub.unsubscribe()
+        thread.stop()
+        thread.join(timeout=0.1)
+        if not thread.is_alive():
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                pubsub.close()
+
+    def _install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._wk_on_stop_signal)
+        # Under the supervisor a terminal's Ctrl-C reaches the whole process group; the
+        # supervisor decides (and sends us SIGTERM). Run on its own, Ctrl-C is a SIGTERM.
+        if self._wk_supervised:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        else:
+            signal.signal(signal.SIGINT, self._wk_on_stop_signal)
+
+    def _wk_on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Flags only: the upkeep thread does the rest (wakes the dequeue, tells the supervisor).
+        self._stop_requested = True  # RQ's own flag: its loop stops after the job in hand
+        self._wk_signals += 1
+        if self._wk_stop_at is None:
+            self._wk_stop_at = time.monotonic()
+
+    def _wk_on_command(self, command: str, message: dict[str, Any]) -> None:
+        if command == "request_stop":
+            self._wk_request_stop_jobs()
+        elif command == "release":
+            self._wk_release_now()
+
+    def _wk_begin_stopping(self) -> None:
+        if self._wk_stopping:
+            return
+        self._wk_stopping = True
+        self._stop_requested = True
+        running = 1 if self._wk_attempt is not None else 0
+        self._wk_events.send("worker_stopping", running=running)
+        log.info("stopped dequeuing", extra={"event": "worker_stopping", "running": running})
+        with (
+            contextlib.suppress(redis.exceptions.RedisError),
+            self._wk_redis.pipeline() as pipeline,
+        ):
+            pipeline.lpush(self._wk_wake_key, WAKE_TOKEN)
+            pipeline.expire(self._wk_wake_key, 60)
+            pipeline.execute()
+
+    def _wk_request_stop_jobs(self) -> None:
+        self._wk_begin_stopping()
+        self._wk_jobs_stop_requested = True
+        attempt = self._wk_attempt
+        if attempt is None:
+            return
+        attempt.stop_requested = True
+        if attempt.stop_pipe is not None:
+            with contextlib.suppress(OSError):
+                os.write(attempt.stop_pipe, b"s")
+        else:
+            request_stop_all()
+        log.info(
+            "stop requested for the running job",
+            extra={"event": "jobs_stop_requested", "job_id": attempt.keys.job_id},
+        )
+
+    def _wk_release_now(self) -> None:
+        """Take the running attempt back from its job and release it (the release deadline)."""
+        self._wk_begin_stopping()
+        self._wk_release_requested = True
+        with self._wk_lock:
+            attempt = self._wk_attempt
+            if attempt is None or attempt.releasing or attempt.horse_done.is_set():
+                return
+            try:
+                taken = self._wk_leases.transition(attempt.keys, ["run"], "release")
+            except redis.exceptions.RedisError as exc:
+                log.warning(
+                    "cannot release: Redis unavailable",
+                    extra={"event": "release_failed", "error": str(exc)},
+                )
+                return
+            if not taken:
+                return  # it is settling (finishing) right now, or it is no longer ours
+            attempt.releasing = True
+        log.info(
+            "releasing the running job",
+            extra={"event": "job_releasing", "job_id": attempt.keys.job_id},
+        )
+        self._wk_interrupt(attempt)
+
+    def _wk_stop_pending(self) -> bool:
+        # A method, not the attribute: a signal handler may set it between any two lines.
+        return self._stop_requested
+
+    def _wk_local_deadlines(self, elapsed: float) -> None:
+        # Without a supervisor the worker keeps the timeline itself: request a stop at D,
+        # release at D + M/2 (the same instants the supervisor would use).
+        settings = self.wk_settings
+        if elapsed >= settings.drain_window and not self._wk_jobs_stop_requested:
+            self._wk_request_stop_jobs()
+        if (
+            elapsed >= settings.drain_window + settings.release_margin / 2
+            and not self._wk_release_requested
+        ):
+            self._wk_release_now()
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """RQ's dequeue, with a private wake-up key so that SIGTERM stops it without a raise.
+
+        RQ stops an idle worker by raising from its signal handler in the middle of BLPOP; a job
+        that Redis had already popped when that happened is lost. Here the handler only sets a
+        flag, the upkeep thread pushes a token on a key of this worker's own, and BLPOP returns
+        it. A job popped just as the stop came is pushed back to the front of its queue.
+        """
+        self.set_state(WorkerStatus.IDLE)
+        self.procline("Listening on " + ",".join(self.queue_names()))
+        wait = 1.0
+        idle_since = time.monotonic()
+        while True:
+            if self._stop_requested:
+                return None
+            try:
+                self.heartbeat()
+                if self.should_run_maintenance_tasks:
+                    self.run_maintenance_tasks()
+                keys = [queue.key for queue in self._ordered_queues]
+                if timeout is None:  # burst mode
+                    reply = next(
+                        (
+                            (key, job_id)
+                            for key in keys
+                            if (job_id := self.connection.lpop(key)) is not None
+                        ),
+                        None,
+                    )
+                    if reply is None:
+                        return None
+                else:
+                    block = timeout
+                    if max_idle_time is not None:
+                        left = max_idle_time - (time.monotonic() - idle_since)
+                        if left <= 0:
+                            return None
+                        block = max(1, min(block, math.ceil(left)))
+                    reply = self.connection.blpop([*keys, self._wk_wake_key], block)
+                    if reply is None:
+                        continue
+                wait = 1.0
+                key, job_id = as_text(reply[0]), as_text(reply[1])
+                if key == self._wk_wake_key:
+                    continue
+                if self._wk_stop_pending():
+                    # Popped as the stop came: it never started, so it goes back where it was.
+                    self.connection.lpush(key, job_id)
+                    return None
+                queue = self._wk_queue_by_key[key]
+                try:
+                    job = self.job_class.fetch(
+                        job_id, connection=self.connection, serializer=self.serializer
+                    )
+                except NoSuchJobError:
+                    continue
+                self.reorder_queues(reference_queue=queue)
+                self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
+                self.heartbeat()
+                return job, queue
+            except redis.exceptions.ConnectionError as exc:
+                self.log.error(
+                    "Worker %s: cannot reach Redis (%s); retrying in %.0f s", self.name, exc, wait
+                )
+                deadline = time.monotonic() + wait
+                while time.monotonic() < deadline and not self._stop_requested:
+                    time.sleep(TICK)
+                wait = min(wait * 2, 30.0)

@@ -1,0 +1,273 @@
+"""Running one attempt (in the work horse, or the simple worker's main thread) and settling it.
+
+Every settle is fenced: the lease moves ``run`` -> ``settle`` before RQ's result bookkeeping, so
+nobody may release or recover the job meanwhile, and an attempt that lost its lease settles
+nothing (its job comes back through crash recovery).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+import traceback
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import redis
+import redis.exceptions
+from rq.exceptions import DeserializationError
+from rq.job import Job, JobStatus, Retry
+from rq.timeouts import JobTimeoutException
+from rq.utils import now
+
+from workerkit import events as events_module
+from workerkit.engines.rq.jobs import wk_meta
+from workerkit.engines.rq.leases import SETTLE_TTL_MS
+from workerkit.engines.rq.state import Attempt, WorkerState
+from workerkit.engines.rq.tasks import TaskNotAllowed
+from workerkit.errors import (
+    IdempotencyInProgress,
+    IdempotencyKeyMismatch,
+    JobInterrupted,
+    LeaseLost,
+    ReleaseJob,
+)
+from workerkit.idempotency import outcome_of
+from workerkit.job import JobContext
+
+if TYPE_CHECKING:
+    from rq.queue import Queue
+
+__all__ = ("Perform",)
+
+log = logging.getLogger("workerkit.engines.rq")
+
+#: A job whose idempotency key another live attempt holds comes back after min(the holder's
+#: claim expiry, this backoff with equal jitter): soon enough to replay the holder's result
+#: shortly after it completes, spread out so that a burst of duplicates does not come back
+#: together. Deferred jobs are put back by the recovery scan, so add up to one scan interval.
+DEFER_BACKOFF: Final = 2.0
+
+
+class Perform(WorkerState):
+    """The job's run and the mapping of how it ended to an outcome, settled through RQ."""
+
+    def perform_job(self, job: Job, queue: Queue) -> bool:
+        attempt = self._wk_attempt
+        if attempt is None:  # pragma: no cover - only when RQ calls us outside execute_job
+            raise RuntimeError("perform_job without an attempt")
+        try:
+            attempt.outcome = self._wk_perform(job, queue, attempt)
+        except JobInterrupted:
+            # Our interrupt landed after the job's own code (RQ's bookkeeping, the way out).
+            attempt.outcome = "released" if attempt.releasing else "lease_lost"
+        return attempt.outcome in ("succeeded", "skipped_duplicate")
+
+    def _wk_context(self, job: Job, queue: Queue, attempt: Attempt) -> JobContext:
+        leases = self._wk_leases
+        serializer = self.serializer
+
+        def save(state: Any) -> None:
+            wk_meta(job)["checkpoint"] = state
+            if not leases.write_meta(attempt.keys, serializer.dumps(job.meta)):
+                raise LeaseLost(
+                    f"job {job.id}: this attempt's lease is gone; the checkpoint was not written"
+                )
+
+        def saved(context: JobContext) -> None:
+            events_module.client("executor").send(
+                "checkpoint_saved", job_id=context.job_id, task=context.task, queue=context.queue
+            )
+
+        context = JobContext(
+            job_id=job.id,
+            task=attempt.task,
+            queue=queue.name,
+            attempt=attempt.number,
+            checkpoint=attempt.checkpoint,
+            deadline=time.time() + attempt.run_limit,
+            checkpoint_interval=self.wk_settings.checkpoint_interval,
+            save=save,
+            on_checkpoint_saved=saved,
+        )
+        if attempt.stop_requested:
+            context.request_stop()
+        return context
+
+    def _wk_perform(self, job: Job, queue: Queue, attempt: Attempt) -> str:
+        registry = queue.started_job_registry
+        context: JobContext | None = None
+        try:
+            self.prepare_job_execution(job, remove_from_intermediate_queue=False)
+            job.started_at = now()
+            context = self._wk_context(job, queue, attempt)
+            attempt.context = context
+            with context.activate():
+                attempt.in_job = True
+                try:
+                    with self.death_penalty_class(
+                        attempt.run_limit, JobTimeoutException, job_id=job.id
+                    ):
+                        return_value = job.perform()
+                finally:
+                    attempt.in_job = False
+        except ReleaseJob:
+            return self._wk_release_self(job, attempt)
+        except JobInterrupted:
+            return "released" if attempt.releasing else "lease_lost"
+        except LeaseLost:
+            # IdempotencyClaimLost too: another attempt took the key over and this run's result
+            # was not recorded. Nothing is settled; the lease expires and crash recovery requeues
+            # the job (attempt consumed), whose next run replays the recorded result.
+            return "lease_lost"
+        except IdempotencyInProgress as busy:
+            if attempt.releasing or attempt.lease_lost:
+                return "released" if attempt.releasing else "lease_lost"
+            return self._wk_defer(job, attempt, busy)
+        except BaseException:
+            exc_info = sys.exc_info()
+            if (
+                attempt.releasing
+                or attempt.lease_lost
+                or (context is not None and context.lease_lost)
+            ):
+                return "released" if attempt.releasing else "lease_lost"
+            if not self._wk_end_execution(job, attempt, job.failure_callback_timeout):
+                return "lease_lost"
+            attempt.rq_settled = True
+            return self._wk_fail_settled(job, queue, registry, exc_info)
+        if not self._wk_end_execution(job, attempt, job.success_callback_timeout):
+            return "lease_lost"
+        attempt.rq_settled = True
+        try:
+            job._result = return_value
+            if isinstance(return_value, Retry):
+                assert self.execution is not None
+                self.handle_job_retry(
+                    job=job,
+                    queue=queue,
+                    retry=return_value,
+                    started_job_registry=registry,
+                    execution=self.execution,
+                )
+                return "retried"
+            job._status = JobStatus.FINISHED
+            job.execute_success_callback(self.death_penalty_class, return_value)
+        except BaseException:
+            return self._wk_fail_settled(job, queue, registry, sys.exc_info())
+        attempt.succeeded = True
+        self.handle_job_success(job=job, queue=queue, started_job_registry=registry)
+        job.send_webhooks(JobStatus.FINISHED)
+        self.log.info("Worker %s: %s: Job OK (%s)", self.name, queue.name, job.id)
+        # A replay returned the stored result of the run that held the key: nothing ran.
+        return "skipped_duplicate" if outcome_of(context) == "replayed" else "succeeded"
+
+    def _wk_end_execution(self, job: Job, attempt: Attempt, heartbeat_ttl: int) -> bool:
+        """RQ's ``handle_execution_ended`` and the move to ``settle``, in one round trip.
+
+        The move to ``settle`` must come before RQ's result bookkeeping (nobody may release or
+        recover the job while it is being settled); sharing the round trip RQ makes anyway
+        keeps the fence free for throughput (bench/rq_overhead.py).
+        """
+        job.ended_at = now()
+        ttl = max(SETTLE_TTL_MS, self._wk_leases.lease_ms)
+        try:
+            with self._wk_redis.pipeline(transaction=False) as pipeline:
+                job.heartbeat(now(), heartbeat_ttl, pipeline=pipeline)
+                self._wk_leases.transition_in(pipeline, attempt.keys, ["run"], "settle", ttl)
+                moved = pipeline.execute(raise_on_error=False)[-1]
+        except redis.exceptions.RedisError:
+            return False  # the lease will expire and the job be recovered
+        if isinstance(moved, redis.exceptions.NoScriptError):
+            return self._wk_claim_settle(attempt)  # the script did not run; this loads it
+        if isinstance(moved, Exception):
+            return False
+        return bool(moved)
+
+    def _wk_claim_settle(self, attempt: Attempt) -> bool:
+        try:
+            return self._wk_leases.transition(
+                attempt.keys, ["run"], "settle", max(SETTLE_TTL_MS, self._wk_leases.lease_ms)
+            )
+        except redis.exceptions.RedisError:
+            return False  # the lease will expire and the job be recovered
+
+    def _wk_fail_settled(
+        self,
+        job: Job,
+        queue: Queue,
+        registry: Any,
+        exc_info: tuple[type[BaseException], BaseException, TracebackType | None]
+        | tuple[None, None, None],
+    ) -> str:
+        """RQ's failure handling (retry with ``Retry``, else the failed registry), settled."""
+        exc = exc_info[1]
+        job._status = JobStatus.FAILED
+        exc_string = "".join(traceback.format_exception(*exc_info))
+        if isinstance(exc, TaskNotAllowed | DeserializationError | IdempotencyKeyMismatch):
+            job.retries_left = 0  # the same on every attempt: never retried
+        try:
+            job.execute_failure_callback(self.death_penalty_class, *exc_info)
+        except BaseException:
+            exc_info = sys.exc_info()
+            exc_string = "".join(traceback.format_exception(*exc_info))
+        self.handle_exception(job, *exc_info)
+        retry = job.should_retry
+        self.handle_job_failure(
+            job=job, queue=queue, started_job_registry=registry, exc_string=exc_string
+        )
+        if isinstance(exc, JobTimeoutException):
+            return "timed_out"
+        return "retried" if retry else "failed"
+
+    def _wk_release_self(self, job: Job, attempt: Attempt) -> str:
+        """The job called ``current_job().release()``: requeue it now, attempt given back."""
+        wk = wk_meta(job)
+        wk["attempts"] = max(0, attempt.number - 1)
+        try:
+            if self._wk_leases.requeue(attempt.keys, ["run"], self.serializer.dumps(job.meta)):
+                return "released"
+        except redis.exceptions.RedisError as exc:
+            log.warning(
+                "release failed",
+                extra={"event": "release_failed", "job_id": job.id, "error": str(exc)},
+            )
+        return "lease_lost"
+
+    def _wk_defer(self, job: Job, attempt: Attempt, busy: IdempotencyInProgress) -> str:
+        """Another live attempt holds the job's idempotency key: not now, attempt given back.
+
+        As the native engine's ``defer``: waiting is not a failure, so it must not use up the
+        attempts (or the RQ ``Retry`` left) that crash recovery and real failures depend on. The job
+        goes to RQ's ScheduledJobRegistry (``rq info`` shows it as scheduled), fenced by the
+        lease; the recovery scan of any live workerkit worker puts it back when it is due.
+        """
+        step = DEFER_BACKOFF
+        backoff = step / 2 + random.uniform(0, step / 2)
+        delay = backoff if busy.retry_after is None else min(max(0.0, busy.retry_after), backoff)
+        wk = wk_meta(job)
+        wk["attempts"] = max(0, attempt.number - 1)
+        try:
+            deferred = self._wk_leases.defer(
+                attempt.keys, ["run"], self.serializer.dumps(job.meta), time.time() + delay
+            )
+        except redis.exceptions.RedisError as exc:
+            log.warning(
+                "defer failed; the lease will expire and the job be recovered",
+                extra={"event": "defer_failed", "job_id": job.id, "error": str(exc)},
+            )
+            return "lease_lost"
+        if not deferred:
+            return "lease_lost"
+        log.info(
+            "job deferred: its idempotency key is held by another live run",
+            extra={
+                "event": "job_deferred",
+                "job_id": job.id,
+                "delay": round(delay, 3),
+                "reason": f"IdempotencyInProgress: {busy}",
+            },
+        )
+        return "deferred"

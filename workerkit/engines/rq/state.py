@@ -1,0 +1,196 @@
+"""What the parts of a workerkit RQ worker share: one attempt's record and the worker's state.
+
+The worker is an RQ worker subclass put together from mixins by concern (drain, upkeep,
+attempt, perform); :class:`WorkerState` holds the attributes they share and declares RQ's own
+for the type checker. The signal handlers only write plain attributes here: a handler runs
+between two bytecodes of whatever the main thread was doing and must not take its locks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import redis
+from rq.queue import Queue
+
+from workerkit import events as events_module
+from workerkit.engines.rq.jobs import WorkerkitJob, job_class_of, resolve_rq_serializer
+from workerkit.engines.rq.leases import WAKE_PREFIX, AttemptKeys, Leases
+from workerkit.engines.rq.recovery import Recovery, lease_ttl, scan_interval
+from workerkit.engines.rq.tasks import RqApp, load_app
+from workerkit.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from rq.executions import Execution
+    from rq.job import Job, Retry
+
+    from workerkit.job import JobContext
+
+__all__ = ("TICK", "Attempt", "WorkerState", "short_timeout_client")
+
+TICK: Final = 0.05  # the upkeep thread's resolution: how soon a SIGTERM wakes the dequeue
+
+
+@dataclass(eq=False)
+class Attempt:
+    """One attempt in the worker's main process (and its copy in the forked work horse)."""
+
+    keys: AttemptKeys
+    task: str
+    number: int
+    started: float  # monotonic
+    run_limit: int
+    checkpoint: Any = None
+    releasing: bool = False  # the worker took the lease back to release the job
+    stop_requested: bool = False
+    lease_lost: bool = False
+    succeeded: bool = False
+    in_job: bool = False
+    rq_settled: bool = False  # RQ's own end bookkeeping ran (it clears the worker's job id)
+    outcome: str | None = None
+    last_renewed: float = field(default_factory=time.monotonic)
+    stop_pipe: int | None = None  # write end of the pipe to the horse (forking worker)
+    horse_done: threading.Event = field(default_factory=threading.Event)
+    context: JobContext | None = None
+
+
+def short_timeout_client(connection: redis.Redis[Any], settings: Settings) -> redis.Redis[Any]:
+    """A client of the same server whose calls give up quickly (lease renewal cannot wait 7 min).
+
+    RQ raises the socket timeout of the worker's own connection above its BLPOP timeout.
+    """
+    pool = connection.connection_pool
+    timeout = max(0.5, min(5.0, settings.effective_heartbeat_interval))
+    kwargs = {
+        **pool.connection_kwargs,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+    }
+    return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
+
+
+class WorkerState:
+    """The state every part of a workerkit RQ worker shares; the base of its mixins."""
+
+    # Provided by rq.worker.base.BaseWorker; declared for the type checker.
+    if TYPE_CHECKING:
+        connection: redis.Redis[Any]
+        name: str
+        queues: list[Queue]
+        _ordered_queues: list[Queue]
+        job_class: type[Job]
+        serializer: Any
+        execution: Execution | None
+        death_penalty_class: Any
+        _stop_requested: bool
+        _stopped_job_id: str | None
+        _horse_pid: int
+        _is_horse: bool
+        job_monitoring_interval: int
+        current_job_working_time: float
+        log: logging.Logger
+
+        def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None: ...
+        def set_state(self, state: str, pipeline: Any = None) -> None: ...
+        def procline(self, message: str) -> None: ...
+        def queue_names(self) -> list[str]: ...
+        def reorder_queues(self, reference_queue: Queue) -> None: ...
+        def run_maintenance_tasks(self) -> None: ...
+        def get_heartbeat_ttl(self, job: Job) -> int: ...
+        def set_current_job_id(self, job_id: str | None = None, pipeline: Any = None) -> None: ...
+        def set_current_job_working_time(self, t: float, pipeline: Any = None) -> None: ...
+        def prepare_job_execution(
+            self, job: Job, remove_from_intermediate_queue: bool = False
+        ) -> None: ...
+        def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None: ...
+        def handle_job_retry(
+            self,
+            job: Job,
+            queue: Queue,
+            retry: Retry,
+            started_job_registry: Any,
+            execution: Execution,
+        ) -> None: ...
+        def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any) -> None: ...
+        def handle_job_failure(
+            self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = ""
+        ) -> None: ...
+        def handle_exception(self, job: Job, *exc_info: Any) -> None: ...
+        def kill_horse(self, sig: signal.Signals = ...) -> None: ...
+        def wait_for_horse(self) -> tuple[int | None, int | None, Any]: ...
+        def maintain_heartbeats(self, job: Job) -> None: ...
+        @property
+        def should_run_maintenance_tasks(self) -> bool: ...
+        @property
+        def horse_pid(self) -> int: ...
+        @property
+        def dequeue_timeout(self) -> int: ...
+
+    forking: bool = True
+
+    def __init__(
+        self,
+        queues: Any,
+        *args: Any,
+        app: RqApp | None = None,
+        settings: Settings | None = None,
+        serializer: Any = None,
+        job_class: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        settings = settings if settings is not None else load_settings()
+        if settings.engine != "rq":
+            # `rq worker --worker-class ...` without WORKERKIT_ENGINE: this is the rq engine all
+            # the same (its idempotency records, for one, live in Redis, not in a SQL database).
+            settings = dataclasses.replace(settings, engine="rq")
+        if app is None:
+            app = load_app(settings)
+        serializer = resolve_rq_serializer(serializer)
+        base_job_class = job_class_of(job_class)
+        bound = WorkerkitJob.bound_to(app, base_job_class, settings)
+        # Queue objects (as `rq worker` builds them) carry the CLI's serializer and job class;
+        # rebuild them by name so that ours apply.
+        names = [
+            q.name if isinstance(q, Queue) else q
+            for q in ([queues] if isinstance(queues, str | Queue) else queues)
+        ]
+        super().__init__(names, *args, serializer=serializer, job_class=bound, **kwargs)  # type: ignore[call-arg]
+        self.wk_settings = settings
+        self.wk_app = app
+        self._wk_supervised = bool(os.environ.get(events_module.SOCKET_ENV))
+        self._wk_events: events_module.EventClient = events_module.EventClient(None, role="")
+        self._wk_lease_ttl = lease_ttl(settings)
+        self._wk_scan_every = scan_interval(settings)
+        self._wk_redis = short_timeout_client(self.connection, settings)
+        self._wk_leases = Leases(self._wk_redis, self._wk_lease_ttl)
+        self._wk_recovery = Recovery(
+            self._wk_redis, self._wk_leases, self.job_class, self.serializer
+        )
+        self._wk_attempt: Attempt | None = None
+        self._wk_lock = threading.Lock()
+        # Set by signal handlers: plain attribute writes only (a handler runs between two
+        # bytecodes of whatever the main thread was doing and must not take its locks).
+        self._wk_signals = 0
+        self._wk_stop_at: float | None = None
+        self._wk_stopping = False
+        self._wk_jobs_stop_requested = False
+        self._wk_release_requested = False
+        self._wk_upkeep_stop = threading.Event()
+        self._wk_upkeep: threading.Thread | None = None
+        self._wk_ready_sent = False
+        self._wk_queue_by_key = {q.key: q for q in self.queues}
+
+    @property
+    def _wk_wake_key(self) -> str:
+        return WAKE_PREFIX + self.name
+
+    def _wk_interrupt(self, attempt: Attempt) -> None:
+        """Stop the running attempt's job (each worker class has its own way)."""
+        raise NotImplementedError

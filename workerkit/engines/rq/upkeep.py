@@ -1,0 +1,172 @@
+"""The upkeep thread of a worker's main process: heartbeats, health, leases, recovery scans.
+
+The lease is renewed here, not in the work horse: a job that holds the GIL in C code must not
+lose its lease while it is alive. A renewal that fails for longer than the lease stops the
+attempt, since another worker may then run the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import Any, Final
+
+import redis
+import redis.exceptions
+from rq.utils import as_text, now, utcparse
+
+from workerkit import events as events_module
+from workerkit.engines.rq.drain import Drain
+from workerkit.engines.rq.state import TICK, Attempt
+
+__all__ = ("Upkeep",)
+
+log = logging.getLogger("workerkit.engines.rq")
+
+HEARTBEAT_EVERY: Final = 2.0
+HEALTH_EVERY: Final = 5.0
+
+
+class Upkeep(Drain):
+    """The upkeep thread; it also turns the stop signals into the drain's steps."""
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        super().bootstrap(*args, **kwargs)  # type: ignore[misc]
+        self._wk_events = events_module.client("worker")
+        self._wk_events.on_command(self._wk_on_command)
+        self._wk_upkeep = threading.Thread(
+            target=self._wk_upkeep_loop, name="workerkit-rq-upkeep", daemon=True
+        )
+        self._wk_upkeep.start()
+
+    def teardown(self) -> None:
+        if not self._is_horse:
+            self._wk_upkeep_stop.set()
+            if self._wk_upkeep is not None and self._wk_upkeep is not threading.current_thread():
+                self._wk_upkeep.join(timeout=2.0)
+            with contextlib.suppress(redis.exceptions.RedisError):
+                self._wk_redis.delete(self._wk_wake_key)
+        super().teardown()  # type: ignore[misc]
+
+    def _wk_upkeep_loop(self) -> None:
+        next_heartbeat = next_health = next_scan = 0.0
+        signals_seen = 0
+        settings = self.wk_settings
+        renew_every = settings.effective_heartbeat_interval
+        while not self._wk_upkeep_stop.wait(TICK):
+            try:
+                now_ = time.monotonic()
+                if self._wk_signals != signals_seen:
+                    first = signals_seen == 0
+                    signals_seen = self._wk_signals
+                    self._wk_begin_stopping()
+                    if not first and not self._wk_supervised:
+                        # A second signal never skips the release; it makes it happen now.
+                        self._wk_request_stop_jobs()
+                        self._wk_release_now()
+                if self._wk_stop_at is not None and not self._wk_supervised:
+                    self._wk_local_deadlines(now_ - self._wk_stop_at)
+                if now_ >= next_heartbeat:
+                    self._wk_events.send("heartbeat", running=1 if self._wk_attempt else 0)
+                    next_heartbeat = now_ + HEARTBEAT_EVERY
+                if now_ >= next_health:
+                    self._wk_report_health()
+                    next_health = now_ + HEALTH_EVERY
+                attempt = self._wk_attempt
+                if attempt is not None and now_ - attempt.last_renewed >= renew_every:
+                    self._wk_renew(attempt, now_)
+                if now_ >= next_scan and not self._wk_stopping:
+                    next_scan = now_ + self._wk_scan_every
+                    self.wk_recover_abandoned()
+            except Exception:
+                log.exception("upkeep failed; trying again", extra={"event": "upkeep_failed"})
+
+    def _wk_report_health(self) -> None:
+        try:
+            self._wk_redis.ping()
+            ok, reason = True, "redis reachable"
+        except redis.exceptions.RedisError as exc:
+            ok, reason = False, f"redis unavailable: {type(exc).__name__}"
+        self._wk_events.send("store_health", ok=ok, reason=reason)
+        if ok and not self._wk_ready_sent:
+            self._wk_ready_sent = True
+            self._wk_events.send(
+                "worker_ready", engine="rq", queues=self.queue_names(), concurrency=1
+            )
+            log.info("worker ready", extra={"event": "worker_ready", "queues": self.queue_names()})
+        if ok:
+            with contextlib.suppress(Exception):
+                depth, oldest = self.wk_queue_stats()
+                self._wk_events.send("queue_stats", depth=depth, oldest_ready_age=oldest)
+
+    def wk_queue_stats(self) -> tuple[dict[str, int], dict[str, float]]:
+        """Depth and the age of the oldest waiting job, per queue."""
+        queues = self.queues
+        with self._wk_redis.pipeline(transaction=False) as pipeline:
+            for queue in queues:
+                pipeline.llen(queue.key)
+                pipeline.lindex(queue.key, 0)
+            replies = pipeline.execute()
+        depth: dict[str, int] = {}
+        oldest: dict[str, float] = {}
+        heads: list[tuple[str, str]] = []
+        for index, queue in enumerate(queues):
+            depth[queue.name] = int(replies[2 * index])
+            oldest[queue.name] = 0.0
+            head = replies[2 * index + 1]
+            if head is not None:
+                heads.append((queue.name, as_text(head)))
+        if heads:
+            stamps = self._wk_redis.pipeline(transaction=False)
+            for _, job_id in heads:
+                stamps.hget(f"rq:job:{job_id}", "enqueued_at")
+            for (name, _), raw in zip(heads, stamps.execute(), strict=True):
+                if raw:
+                    with contextlib.suppress(ValueError):
+                        oldest[name] = max(0.0, (now() - utcparse(as_text(raw))).total_seconds())
+        return depth, oldest
+
+    def _wk_renew(self, attempt: Attempt, now_: float) -> None:
+        try:
+            kept = self._wk_leases.renew(attempt.keys)
+        except redis.exceptions.RedisError as exc:
+            # The lease may still hold; but once it has surely expired another worker may run
+            # the job, so this attempt must stop (fencing by time, not only by token).
+            if now_ - attempt.last_renewed < self._wk_lease_ttl:
+                log.warning(
+                    "lease renewal failed; retrying",
+                    extra={
+                        "event": "lease_extend_failed",
+                        "job_id": attempt.keys.job_id,
+                        "error": str(exc),
+                    },
+                )
+                return
+            kept = False
+        if kept:
+            attempt.last_renewed = now_
+            self._wk_events.send("job_heartbeat", job_id=attempt.keys.job_id)
+            return
+        if attempt.lease_lost or attempt.horse_done.is_set():
+            return
+        attempt.lease_lost = True
+        log.warning(
+            "lease lost: the job may run elsewhere now; stopping this attempt",
+            extra={"event": "lease_lost", "job_id": attempt.keys.job_id},
+        )
+        self._wk_interrupt(attempt)
+
+    def wk_recover_abandoned(self) -> int:
+        """Requeue (or fail) abandoned attempts of this worker's queues; return how many.
+
+        Due deferred jobs of the queues are put back too (:meth:`Leases.promote`).
+        """
+        return self._wk_recovery.scan(self.queue_names(), self.name, self._wk_scan_every)
+
+    def clean_registries(self) -> None:
+        # RQ's maintenance fails every StartedJobRegistry entry whose score ran out; our own
+        # recovery must look first, so that an abandoned workerkit attempt is requeued instead.
+        self.wk_recover_abandoned()
+        super().clean_registries()  # type: ignore[misc]

@@ -1,0 +1,350 @@
+"""workerkit's RQ workers: :class:`Worker` (forks a work horse per job) and :class:`SimpleWorker`.
+
+They are RQ worker subclasses, so ``rq worker --worker-class workerkit.engines.rq.Worker`` runs
+them too; ``workerkit run rq`` runs :func:`main` (``python -m workerkit.engines.rq``) under the
+supervisor. The work horse dies with its worker (``PR_SET_PDEATHSIG``), so that it can never run
+on, unleased, after its worker is gone. How it all works: docs/engines/rq.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, Final
+
+import redis
+import redis.exceptions
+from rq import SimpleWorker as RqSimpleWorker
+from rq import Worker as RqWorker
+from rq.timeouts import HorseMonitorTimeoutException
+from rq.utils import now
+from rq.worker.base import WorkerStatus
+
+from workerkit.engines.rq.attempt import Attempts
+from workerkit.engines.rq.options import parse_worker_args
+from workerkit.engines.rq.perform import Perform
+from workerkit.engines.rq.tasks import load_app
+from workerkit.engines.rq.upkeep import Upkeep
+from workerkit.errors import ConfigurationError, JobInterrupted
+from workerkit.job import request_stop_all
+
+if TYPE_CHECKING:
+    from rq.job import Job
+    from rq.queue import Queue
+
+    from workerkit.engines.rq.state import Attempt
+
+__all__ = ("WORKER_CLASSES", "SimpleWorker", "Worker", "main")
+
+log = logging.getLogger("workerkit.engines.rq")
+
+# The work horse's exit status tells its parent how the attempt ended (the parent reports
+# job_finished, so the supervisor sees job_started and job_finished on one connection, in order).
+_HORSE_CODES: Final[dict[str, int]] = {
+    "succeeded": 0,
+    "failed": 64,
+    "retried": 65,
+    "timed_out": 66,
+    "released": 67,
+    "lease_lost": 68,
+    "deferred": 70,
+    "skipped_duplicate": 71,
+}
+_HORSE_OUTCOMES: Final[dict[int, str]] = {code: name for name, code in _HORSE_CODES.items()}
+_HORSE_INTERRUPTED: Final = 69  # stopped by our SIGTERM; the parent settles the attempt
+
+
+def _parent_death_signal() -> None:
+    """Ask Linux to SIGKILL this process (a work horse) when its parent dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(name, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+class _Workerkit(Upkeep, Attempts, Perform):
+    """What workerkit adds to an RQ worker: the drain, upkeep, attempt and perform mixins."""
+
+
+class Worker(_Workerkit, RqWorker):
+    """The forking worker: each job runs in a work horse forked for it (RQ's default)."""
+
+    forking = True
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        self.prepare_execution(job)
+        attempt = self._wk_attempt
+        assert attempt is not None
+        try:
+            self.fork_work_horse(job, queue)
+            outcome = self.monitor_work_horse(job, queue)
+        finally:
+            attempt.horse_done.set()
+        self._wk_end(job, attempt, outcome)
+        self.set_state(WorkerStatus.IDLE)
+
+    def fork_work_horse(self, job: Job, queue: Queue) -> None:
+        attempt = self._wk_attempt
+        assert attempt is not None
+        read_end, write_end = os.pipe()
+        child_pid = os.fork()
+        if child_pid == 0:  # pragma: no cover - the work horse
+            os.close(write_end)
+            try:
+                os.setpgrp()
+                os.environ["RQ_WORKER_ID"] = self.name
+                os.environ["RQ_JOB_ID"] = job.id
+                self._wk_horse_stop_reader(read_end)
+                self.main_work_horse(job, queue)
+            finally:
+                os._exit(_HORSE_INTERRUPTED)
+        os.close(read_end)
+        attempt.stop_pipe = write_end
+        self._horse_pid = child_pid
+        self.procline(f"Forked {child_pid} at {time.time()}")
+
+    def _wk_horse_stop_reader(self, read_end: int) -> None:
+        """In the horse: a thread that turns the parent's ``request_stop`` into the context's."""
+
+        def read() -> None:
+            with contextlib.suppress(OSError):
+                while os.read(read_end, 1):
+                    attempt = self._wk_attempt
+                    if attempt is not None:
+                        attempt.stop_requested = True
+                    request_stop_all()
+
+        threading.Thread(target=read, name="workerkit-horse-stop", daemon=True).start()
+
+    def setup_work_horse_signals(self) -> None:
+        """The horse ignores Ctrl-C (its parent decides); SIGTERM, from its parent, interrupts.
+
+        The exception is raised from the handler on purpose: it interrupts even a blocking
+        call (``time.sleep``) and lets the job's ``finally`` blocks run, and the parent has
+        already taken the lease, so nothing the job writes afterwards counts.
+        """
+        _parent_death_signal()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+        def interrupted(signum: int, frame: FrameType | None) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once; the parent SIGKILLs if need be
+            raise JobInterrupted
+
+        signal.signal(signal.SIGTERM, interrupted)
+
+    def main_work_horse(self, job: Job, queue: Queue) -> None:  # pragma: no cover - the horse
+        code = _HORSE_INTERRUPTED
+        try:
+            import random
+
+            random.seed()
+            self.setup_work_horse_signals()
+            self._is_horse = True
+            self.perform_job(job, queue)
+            attempt = self._wk_attempt
+            outcome = attempt.outcome if attempt is not None else None
+            code = _HORSE_CODES.get(outcome or "", _HORSE_INTERRUPTED)
+            if outcome == "released" and attempt is not None and attempt.releasing:
+                code = _HORSE_INTERRUPTED  # the parent releases it
+        except BaseException:
+            code = _HORSE_INTERRUPTED
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def monitor_work_horse(self, job: Job, queue: Queue) -> str:
+        """Wait for the horse (RQ's loop, heartbeats included); return the attempt's outcome."""
+        attempt = self._wk_attempt
+        assert attempt is not None
+        ret_val: int | None = None
+        killed_for_timeout = False
+        job.started_at = now()
+        while True:
+            try:
+                with self.death_penalty_class(
+                    self.job_monitoring_interval, HorseMonitorTimeoutException
+                ):
+                    _, ret_val, _ = self.wait_for_horse()
+                break
+            except HorseMonitorTimeoutException:
+                assert job.started_at is not None
+                self.set_current_job_working_time((now() - job.started_at).total_seconds())
+                if job.timeout != -1 and self.current_job_working_time > (job.timeout or 0) + 60:
+                    self.heartbeat(self.job_monitoring_interval + 60)
+                    killed_for_timeout = True
+                    self.kill_horse()
+                    self.wait_for_horse()
+                    break
+                with contextlib.suppress(redis.exceptions.RedisError):
+                    self.maintain_heartbeats(job)
+            except OSError as exc:
+                if exc.errno != errno.EINTR:
+                    raise
+        self.set_current_job_working_time(0)
+        self._horse_pid = 0
+        attempt.horse_done.set()
+        return self._wk_after_horse(job, queue, attempt, ret_val, killed_for_timeout)
+
+    def _wk_after_horse(
+        self,
+        job: Job,
+        queue: Queue,
+        attempt: Attempt,
+        ret_val: int | None,
+        killed_for_timeout: bool,
+    ) -> str:
+        code = os.waitstatus_to_exitcode(ret_val) if ret_val is not None else None
+        if attempt.releasing:
+            return self._wk_settle_taken(job, attempt)
+        if code in _HORSE_OUTCOMES:
+            attempt.rq_settled = _HORSE_OUTCOMES[code] in (
+                "succeeded",
+                "skipped_duplicate",
+                "failed",
+                "retried",
+                "timed_out",
+            )
+            return _HORSE_OUTCOMES[code]
+        if attempt.lease_lost:
+            return "lease_lost"
+        if self._stopped_job_id == job.id or killed_for_timeout:
+            # RQ's own two reasons to kill a horse: `rq` stop-job, and a horse wedged past its
+            # timeout. RQ fails the job (or retries it with Retry); so do we, fenced.
+            if not self._wk_claim_settle(attempt):
+                return "lease_lost"
+            if self._stopped_job_id == job.id and job.stopped_callback:
+                job.execute_stopped_callback(self.death_penalty_class)
+            message = (
+                "Job stopped by user, work-horse terminated."
+                if self._stopped_job_id == job.id
+                else f"Work-horse killed: still running {job.timeout}s + 60s after it started"
+            )
+            self.handle_job_failure(job, queue=queue, exc_string=message)
+            return "timed_out" if killed_for_timeout else "failed"
+        # The horse died on its own (out of memory, a segfault, a kill): a crash. The attempt
+        # stays consumed; the job goes back to the front of its queue, or fails when it is out
+        # of attempts. The horse is dead, so requeuing now cannot make it run twice.
+        described = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        log.warning(
+            "work horse died",
+            extra={"event": "work_horse_died", "job_id": job.id, "status": described},
+        )
+        try:
+            outcome = self._wk_recovery.recover(
+                attempt.keys, ["run", "settle"], f"its work horse died ({described})"
+            )
+        except redis.exceptions.RedisError:
+            outcome = None
+        return outcome or "lease_lost"
+
+    def _wk_interrupt(self, attempt: Attempt) -> None:
+        """Stop the horse: SIGTERM (its job's ``finally`` blocks run), SIGKILL after a grace."""
+        pid = self.horse_pid
+        if not pid or attempt.horse_done.is_set():
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+        grace = max(0.1, min(1.0, self.wk_settings.release_margin * 0.2))
+        if not attempt.horse_done.wait(grace) and self.horse_pid == pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+class SimpleWorker(_Workerkit, RqSimpleWorker):
+    """Runs each job in the worker process itself (no fork): cheaper, less isolated.
+
+    A job that holds the GIL for longer than the lease (a long C call that does not release it)
+    stops the lease renewal thread too; use the forking :class:`Worker` for such jobs.
+    """
+
+    forking = False
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        self.prepare_execution(job)
+        attempt = self._wk_attempt
+        assert attempt is not None
+        try:
+            self.perform_job(job, queue)
+        except JobInterrupted:
+            attempt.outcome = "released" if attempt.releasing else "lease_lost"
+        attempt.horse_done.set()
+        outcome = (
+            self._wk_settle_taken(job, attempt)
+            if attempt.releasing
+            else (attempt.outcome or "lease_lost")
+        )
+        self._wk_end(job, attempt, outcome)
+        self.set_state(WorkerStatus.IDLE)
+
+    def _install_signal_handlers(self) -> None:
+        super()._install_signal_handlers()
+        signal.signal(signal.SIGUSR1, self._wk_on_interrupt_signal)
+
+    def _wk_on_interrupt_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Sent by our own release (or lease loss) to the main thread, where the job runs: raising
+        # here interrupts even a blocking call. Only while the job's own code runs.
+        attempt = self._wk_attempt
+        if attempt is not None and attempt.in_job and (attempt.releasing or attempt.lease_lost):
+            attempt.in_job = False
+            raise JobInterrupted
+
+    def _wk_interrupt(self, attempt: Attempt) -> None:
+        if attempt.context is not None:
+            if attempt.lease_lost:
+                attempt.context.mark_lease_lost()
+            else:
+                attempt.context.request_stop()
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+
+
+WORKER_CLASSES: Final[dict[str, type[Worker] | type[SimpleWorker]]] = {
+    "forking": Worker,
+    "simple": SimpleWorker,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The RQ worker process: ``python -m workerkit.engines.rq [engine args]``."""
+    from workerkit.logs import configure_logging
+    from workerkit.settings import load_settings
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        args = parse_worker_args(sys.argv[1:] if argv is None else argv)
+        app = load_app(settings)
+    except ConfigurationError as exc:
+        log.error(str(exc), extra={"event": "worker_config_error"})
+        sys.exit(2)
+    worker_class = WORKER_CLASSES[args.worker_class]
+    connection = redis.Redis.from_url(str(args.url or settings.redis_url))
+    worker = worker_class(
+        list(settings.queues),
+        connection=connection,
+        app=app,
+        settings=settings,
+        serializer=args.serializer,
+    )
+    # Installed before work() starts (RQ installs its handlers only after registering), so a
+    # SIGTERM that arrives during startup is a warm stop too, not a kill.
+    worker._install_signal_handlers()
+    worker.work(with_scheduler=args.with_scheduler)
+    logging.shutdown()
+    # The upkeep and event threads are daemons that may be blocked on a socket; the worker's
+    # state in Redis is settled, so do not wait for them.
+    os._exit(0)
