@@ -57,15 +57,13 @@ class SqlIdempotencyStore(db.ForkSafeEngine):
         with self._errors(), self.engine.begin() as conn:
             yield conn
 
-    @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
-            error = db.store_error(exc, self.url, tables="workerkit_idempotency table is")
-            if error is None:
-                error = StoreError(f"idempotency store: {db.describe_error(exc, self.url)}")
-            raise error from exc
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        return db.store_errors(
+            self.url, tables="workerkit_idempotency table is", otherwise=self._store_error
+        )
+
+    def _store_error(self, exc: sa.exc.DBAPIError) -> StoreError:
+        return StoreError(f"idempotency store: {db.describe_error(exc, self.url)}")
 
     def _upsert(self, key: str, fingerprint: str, token: str, in_progress_expiry: float) -> Any:
         insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert

@@ -16,7 +16,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -51,6 +51,7 @@ __all__ = (
     "postgres_connect_defaults",
     "schema_status",
     "store_error",
+    "store_errors",
     "upgrade",
 )
 
@@ -245,6 +246,28 @@ def store_error(
     ):
         return StoreUnavailable(f"{dialect} database unavailable: {describe_error(exc, url)}")
     return None
+
+
+@contextmanager
+def store_errors(
+    url: sa.URL,
+    *,
+    tables: str,
+    otherwise: Callable[[sa.exc.DBAPIError], StoreError] | None = None,
+    on_schema_missing: Callable[[], None] | None = None,
+) -> Iterator[None]:
+    """Raise :func:`store_error`'s translation of a database error (``otherwise``'s, if none)."""
+    try:
+        yield
+    except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
+        error = store_error(exc, url, tables=tables)
+        if error is None and otherwise is not None and isinstance(exc, sa.exc.DBAPIError):
+            error = otherwise(exc)
+        if error is None:
+            raise
+        if isinstance(error, SchemaOutOfDate) and on_schema_missing is not None:
+            on_schema_missing()
+        raise error from exc
 
 
 def postgres_connect_defaults(url: sa.URL) -> dict[str, Any]:

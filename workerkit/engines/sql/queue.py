@@ -142,17 +142,13 @@ class SqlQueue(db.ForkSafeEngine):
             conn.execution_options(isolation_level="AUTOCOMMIT")
             yield conn
 
-    @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
-            error = db.store_error(exc, self.url, tables="workerkit tables are")
-            if error is None:
-                raise
-            if isinstance(error, SchemaOutOfDate):
-                self._schema_ok = False
-            raise error from exc
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        return db.store_errors(
+            self.url, tables="workerkit tables are", on_schema_missing=self._schema_missing
+        )
+
+    def _schema_missing(self) -> None:
+        self._schema_ok = False
 
     def _ensure_schema(self) -> None:
         # Checked until it has once been right, then trusted for the life of this object: a
