@@ -21,7 +21,7 @@ from rq.worker.base import WorkerStatus
 
 from workerkit.engines.rq.jobs import META_KEY, safe_func_name, wk_meta
 from workerkit.engines.rq.leases import AttemptKeys, Leases
-from workerkit.engines.rq.state import Attempt, WorkerState
+from workerkit.engines.rq.state import Attempt, WorkerState, released_or_lost
 from workerkit.engines.rq.tasks import DEFAULT_MAX_ATTEMPTS
 
 if TYPE_CHECKING:
@@ -137,15 +137,11 @@ class Attempts(WorkerState):
 
     def _wk_settle_taken(self, job: Job, attempt: Attempt) -> str:
         """The worker took the lease back ("release") and the job no longer runs: requeue it."""
-        try:
-            if self._wk_recovery.release(attempt.keys, ["release"], give_back=True):
-                return "released"
-        except redis.exceptions.RedisError as exc:
-            log.warning(
-                "release failed; the lease will expire and the job be recovered",
-                extra={"event": "release_failed", "job_id": job.id, "error": str(exc)},
-            )
-        return "lease_lost"
+        return released_or_lost(
+            job.id,
+            lambda: self._wk_recovery.release(attempt.keys, ["release"], give_back=True),
+            "release failed; the lease will expire and the job be recovered",
+        )
 
     def cleanup_execution(self, job: Job, pipeline: Pipeline[Any]) -> None:
         """RQ's end bookkeeping plus dropping the lease (and, on success, the checkpoint)."""
