@@ -35,7 +35,7 @@ class Upkeep(Drain):
         self._wk_events.on_command(self._wk_on_command)
         duties = [
             Duty("signals", TICK, self._wk_check_signals),
-            Duty("deadlines", TICK, self._wk_check_deadlines, when=self._wk_deadlines_are_local),
+            Duty("deadlines", TICK, self._wk_local_deadlines, when=self._wk_deadlines_are_local),
             Duty("heartbeat", HEARTBEAT_EVERY, self._wk_heartbeat),
             Duty("health", HEALTH_EVERY, self._wk_report_health),
             Duty("renew", TICK, self._wk_renew_due),
@@ -68,11 +68,6 @@ class Upkeep(Drain):
     def _wk_deadlines_are_local(self) -> bool:
         # Stopping without a supervisor: the worker keeps the shutdown deadlines itself.
         return self._wk_stop_at is not None and not self._wk_supervised
-
-    def _wk_check_deadlines(self) -> None:
-        stop_at = self._wk_stop_at
-        if stop_at is not None:
-            self._wk_local_deadlines(time.monotonic() - stop_at)
 
     def _wk_heartbeat(self) -> None:
         self._wk_events.send("heartbeat", running=1 if self._wk_attempt else 0)
