@@ -24,6 +24,7 @@ from rq.utils import as_text
 from rq.worker.base import WorkerStatus
 
 from workerkit.engines.rq.state import TICK, WorkerState
+from workerkit.events import WorkerStopping
 from workerkit.job import request_stop_all
 from workerkit.timing.deadlines import Deadlines
 
@@ -87,7 +88,7 @@ class Drain(WorkerState):
         self._wk_stopping = True
         self._stop_requested = True
         running = 1 if self._wk_attempt is not None else 0
-        self._wk_events.send("worker_stopping", running=running)
+        self._wk_events.send(WorkerStopping(running))
         log.info("stopped dequeuing", extra={"event": "worker_stopping", "running": running})
         with (
             contextlib.suppress(redis.exceptions.RedisError),

@@ -22,7 +22,6 @@ from rq.job import Job, JobStatus, Retry
 from rq.timeouts import JobTimeoutException
 from rq.utils import now
 
-from workerkit import events as events_module
 from workerkit.engines.attempt import (
     Defer,
     Fail,
@@ -38,6 +37,7 @@ from workerkit.engines.rq.leases import SETTLE_TTL_MS
 from workerkit.engines.rq.state import Attempt, WorkerState, released_or_lost
 from workerkit.engines.rq.tasks import TaskNotAllowed
 from workerkit.errors import JobInterrupted, LeaseLost
+from workerkit.events import CheckpointSaved, Outcome, client
 from workerkit.idempotency import outcome_of
 from workerkit.job import JobContext
 
@@ -92,9 +92,7 @@ class Perform(WorkerState):
                 )
 
         def saved(context: JobContext) -> None:
-            events_module.client("executor").send(
-                "checkpoint_saved", job_id=context.job_id, task=context.task, queue=context.queue
-            )
+            client("executor").send(CheckpointSaved(context.job_id, context.task, context.queue))
 
         context = JobContext(
             job_id=job.id,
@@ -111,7 +109,7 @@ class Perform(WorkerState):
             context.request_stop()
         return context
 
-    def _wk_perform(self, job: Job, queue: Queue, attempt: Attempt) -> str:
+    def _wk_perform(self, job: Job, queue: Queue, attempt: Attempt) -> Outcome:
         registry = queue.started_job_registry
         context: JobContext | None = None
         try:
@@ -212,7 +210,7 @@ class Perform(WorkerState):
         exc_info: tuple[type[BaseException], BaseException, TracebackType | None]
         | tuple[None, None, None],
         verdict: Verdict,
-    ) -> str:
+    ) -> Outcome:
         """RQ's failure handling (retry with ``Retry``, else the failed registry), settled.
 
         ``verdict`` is what :data:`RULES` make of the exception: a :class:`Fail` is never retried.
@@ -235,7 +233,7 @@ class Perform(WorkerState):
             return "timed_out"
         return "retried" if retry else "failed"
 
-    def _wk_release_self(self, job: Job, attempt: Attempt) -> str:
+    def _wk_release_self(self, job: Job, attempt: Attempt) -> Outcome:
         """The job called ``current_job().release()``: requeue it now, attempt given back."""
         wk = wk_meta(job)
         wk["attempts"] = max(0, attempt.number - 1)
@@ -244,7 +242,7 @@ class Perform(WorkerState):
             job.id, lambda: self._wk_leases.requeue(attempt.keys, ["run"], meta), "release failed"
         )
 
-    def _wk_defer(self, job: Job, attempt: Attempt, delay: float, reason: str) -> str:
+    def _wk_defer(self, job: Job, attempt: Attempt, delay: float, reason: str) -> Outcome:
         """Another live attempt holds the job's idempotency key: not now, attempt given back.
 
         As the native engine's ``defer``: waiting is not a failure, so it must not use up the

@@ -25,6 +25,7 @@ from workerkit.engines.rq.leases import SETTLE_TTL_MS, AttemptKeys, Leases, leas
 from workerkit.engines.rq.tasks import DEFAULT_MAX_ATTEMPTS
 
 if TYPE_CHECKING:
+    from workerkit.events import Outcome
     from workerkit.settings import Settings
 
 __all__ = ("RECOVERY_SCAN_INTERVAL", "BadRef", "Recovery", "lease_ttl", "scan_interval")
@@ -102,7 +103,7 @@ class Recovery:
             return self.recover(keys, accepted, "its worker process exited") is not None
         return self.release(keys, accepted, give_back=True)
 
-    def recover(self, keys: AttemptKeys, accepted: Sequence[str], reason: str) -> str | None:
+    def recover(self, keys: AttemptKeys, accepted: Sequence[str], reason: str) -> Outcome | None:
         """After a crash: requeue ("retried"), or fail a job out of attempts ("failed").
 
         None when the attempt was not ours to recover (settled, or another attempt owns it).

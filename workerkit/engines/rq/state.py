@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from rq.job import Job, Retry
 
     from workerkit.engines.attempt import Keeper
+    from workerkit.events import Outcome
     from workerkit.job import JobContext
 
 __all__ = ("TICK", "Attempt", "WorkerState", "released_or_lost", "short_timeout_client")
@@ -59,14 +60,14 @@ class Attempt:
     succeeded: bool = False
     in_job: bool = False
     rq_settled: bool = False  # RQ's own end bookkeeping ran (it clears the worker's job id)
-    outcome: str | None = None
+    outcome: Outcome | None = None
     last_renewed: float = field(default_factory=time.monotonic)
     stop_pipe: int | None = None  # write end of the pipe to the horse (forking worker)
     horse_done: threading.Event = field(default_factory=threading.Event)
     context: JobContext | None = None
 
 
-def released_or_lost(job_id: str, requeue: Callable[[], bool], failed: str) -> str:
+def released_or_lost(job_id: str, requeue: Callable[[], bool], failed: str) -> Outcome:
     """``released`` when ``requeue()`` (a fenced requeue) put the job back, else ``lease_lost``.
 
     A Redis error is logged as ``failed`` (a ``release_failed`` event): the lease will expire

@@ -16,10 +16,17 @@ import redis
 import redis.exceptions
 from rq.utils import as_text, now, utcparse
 
-from workerkit import events as events_module
 from workerkit.engines.attempt import HEALTH_EVERY, HEARTBEAT_EVERY, Duty, Keeper
 from workerkit.engines.rq.drain import Drain
 from workerkit.engines.rq.state import TICK, Attempt
+from workerkit.events import (
+    Heartbeat,
+    JobHeartbeat,
+    QueueStats,
+    StoreHealth,
+    WorkerReady,
+    client,
+)
 
 __all__ = ("Upkeep",)
 
@@ -31,7 +38,7 @@ class Upkeep(Drain):
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)  # type: ignore[misc]
-        self._wk_events = events_module.client("worker")
+        self._wk_events = client("worker")
         self._wk_events.on_command(self._wk_on_command)
         duties = [
             Duty("signals", TICK, self._wk_check_signals),
@@ -70,7 +77,7 @@ class Upkeep(Drain):
         return self._wk_stop_at is not None and not self._wk_supervised
 
     def _wk_heartbeat(self) -> None:
-        self._wk_events.send("heartbeat", running=1 if self._wk_attempt else 0)
+        self._wk_events.send(Heartbeat(running=1 if self._wk_attempt else 0))
 
     def _wk_renew_due(self) -> None:
         attempt = self._wk_attempt
@@ -91,17 +98,16 @@ class Upkeep(Drain):
             ok, reason = True, "redis reachable"
         except redis.exceptions.RedisError as exc:
             ok, reason = False, f"redis unavailable: {type(exc).__name__}"
-        self._wk_events.send("store_health", ok=ok, reason=reason)
+        self._wk_events.send(StoreHealth(ok, reason))
         if ok and not self._wk_ready_sent:
             self._wk_ready_sent = True
-            self._wk_events.send(
-                "worker_ready", engine="rq", queues=self.queue_names(), concurrency=1
-            )
+            queues = tuple(self.queue_names())
+            self._wk_events.send(WorkerReady(engine="rq", queues=queues, concurrency=1))
             log.info("worker ready", extra={"event": "worker_ready", "queues": self.queue_names()})
         if ok:
             with contextlib.suppress(Exception):
                 depth, oldest = self.wk_queue_stats()
-                self._wk_events.send("queue_stats", depth=depth, oldest_ready_age=oldest)
+                self._wk_events.send(QueueStats(depth, oldest))
 
     def wk_queue_stats(self) -> tuple[dict[str, int], dict[str, float]]:
         """Depth and the age of the oldest waiting job, per queue."""
@@ -149,7 +155,7 @@ class Upkeep(Drain):
             kept = False
         if kept:
             attempt.last_renewed = now_
-            self._wk_events.send("job_heartbeat", job_id=attempt.keys.job_id)
+            self._wk_events.send(JobHeartbeat(attempt.keys.job_id))
             return
         if attempt.lease_lost or attempt.horse_done.is_set():
             return
