@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 MODULE = __name__
 app = RqApp(modules=[MODULE])
 calls: list[str] = []
+marks: dict[str, float] = {}
 
 
 @app.task(timeout=120, checkpointed=True, max_attempts=2)
@@ -55,6 +56,19 @@ def resumable(start_note: str) -> int:
 
 def add(a: int, b: int) -> int:
     return a + b
+
+
+def until_released(started_note: str) -> None:
+    job = current_job()
+    calls.append(started_note)
+    while not job.stop_requested:
+        time.sleep(0.01)
+    marks["stop_requested"] = time.monotonic()
+    try:
+        time.sleep(30)  # interrupted by the release (JobInterrupted), never finishes
+        calls.append("slept on")
+    finally:
+        marks["interrupted"] = time.monotonic()
 
 
 @workerkit.idempotent(key="test-rq:charge:{order_id}")
@@ -153,6 +167,37 @@ def test_a_job_that_releases_itself_goes_back_to_the_front_with_its_checkpoint_a
     assert calls == ["first attempt=1 checkpoint=None", "first attempt=1 checkpoint=5"]
     assert "checkpoint" not in job.meta["workerkit"]  # dropped when the job completed
     assert redis_client.zcard(started_key("default")) == 0
+
+
+def test_without_a_supervisor_the_worker_keeps_the_deadlines_itself(
+    redis_client: redis.Redis[bytes], redis_url: str
+) -> None:
+    # D = G - M = 0.6 s: request_stop at D, release at D + M/2 = 1.0 s after the SIGTERM
+    # (RQ's work() installs the worker's signal handlers).
+    settings = settings_for(redis_url, grace_period=1.4, release_margin=0.8)
+    q = queue(redis_client)
+    job = q.enqueue(f"{MODULE}.until_released", "started", job_id="long")
+    worker = SimpleWorker(["default"], connection=redis_client, app=app, settings=settings)
+
+    def stop_when_started() -> None:
+        while calls != ["started"]:
+            time.sleep(0.01)
+        marks["sigterm"] = time.monotonic()
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+
+    marks.clear()
+    threading.Thread(target=stop_when_started, daemon=True).start()
+    worker.work(burst=True)
+
+    assert calls == ["started"]  # interrupted by the release, never slept on
+    stop_requested = marks["stop_requested"] - marks["sigterm"]
+    released = marks["interrupted"] - marks["sigterm"]
+    assert 0.6 <= stop_requested < 0.6 + 0.5, marks  # at D (late by the upkeep tick at most)
+    assert 1.0 <= released < 1.0 + 0.5, marks  # at D + M/2
+    job.refresh()
+    assert job.get_status() == "queued"  # back in its queue, attempt given back
+    assert job.meta["workerkit"]["attempts"] == 0
+    assert q.get_job_ids() == ["long"]
 
 
 def started_attempt(

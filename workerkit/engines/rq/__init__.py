@@ -13,11 +13,12 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from workerkit.engines.attempt import release_each
 from workerkit.engines.base import AppTiming
 from workerkit.engines.rq.jobs import META_KEY, WorkerkitJob, resolve_rq_serializer
-from workerkit.engines.rq.leases import AttemptKeys, Leases
+from workerkit.engines.rq.leases import Leases
 from workerkit.engines.rq.options import parse_worker_args, worker_argv
-from workerkit.engines.rq.recovery import Recovery, lease_ttl
+from workerkit.engines.rq.recovery import BadRef, Recovery, lease_ttl
 from workerkit.engines.rq.tasks import (
     DEFAULT_MAX_ATTEMPTS,
     RqApp,
@@ -74,10 +75,8 @@ class RqEngine:
     ) -> int:
         """Release the attempts of a worker that died or was killed; return how many.
 
-        Whatever state the lease is in (running, settling, being released, or already
-        expired), the attempt's process is gone, so its job may go back to the queue: at the
-        front, with its checkpoint. ``crashed``: the attempt stays consumed and a job out of
-        attempts is failed with the reason; otherwise (a deploy) it is given back.
+        See :meth:`Recovery.release_ref`. When Redis cannot be reached the rest are left
+        alone: their leases expire and the recovery scans of live workers take them back.
         """
         if not refs:
             return 0
@@ -86,40 +85,16 @@ class RqEngine:
         connection = redis.Redis.from_url(
             self.redis_url(settings), socket_timeout=2.0, socket_connect_timeout=2.0
         )
-        serializer = resolve_rq_serializer(self.args.serializer)
         leases = Leases(connection, lease_ttl(settings))
+        serializer = resolve_rq_serializer(self.args.serializer)
         recovery = Recovery(connection, leases, WorkerkitJob, serializer)
-        accepted = ["run", "settle", "release", "none"]
-        released = 0
         try:
-            for index, ref in enumerate(refs):
-                try:
-                    keys = AttemptKeys(str(ref["job_id"]), str(ref["token"]), str(ref["queue"]))
-                except KeyError as exc:
-                    log.warning(
-                        "bad delivery ref", extra={"event": "release_failed", "error": repr(exc)}
-                    )
-                    continue
-                try:
-                    if crashed:
-                        done = (
-                            recovery.recover(keys, accepted, "its worker process exited")
-                            is not None
-                        )
-                    else:
-                        done = recovery.release(keys, accepted, give_back=True)
-                except redis.exceptions.RedisError as exc:
-                    log.warning(
-                        "cannot release in-flight jobs; their leases will expire instead",
-                        extra={
-                            "event": "release_failed",
-                            "error": str(exc),
-                            "left": len(refs) - index,
-                        },
-                    )
-                    break
-                if done:
-                    released += 1
+            return release_each(
+                refs,
+                lambda ref: recovery.release_ref(ref, crashed=crashed),
+                log=log,
+                give_up_on=(redis.exceptions.RedisError,),
+                skip_on=(BadRef,),
+            ).released
         finally:
             connection.close()
-        return released

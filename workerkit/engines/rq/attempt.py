@@ -21,8 +21,9 @@ from rq.worker.base import WorkerStatus
 
 from workerkit.engines.rq.jobs import META_KEY, safe_func_name, wk_meta
 from workerkit.engines.rq.leases import AttemptKeys, Leases
-from workerkit.engines.rq.state import Attempt, WorkerState
+from workerkit.engines.rq.state import Attempt, WorkerState, released_or_lost
 from workerkit.engines.rq.tasks import DEFAULT_MAX_ATTEMPTS
+from workerkit.events import JobFinished, JobStarted, Outcome
 
 if TYPE_CHECKING:
     from redis.client import Pipeline
@@ -31,6 +32,11 @@ if TYPE_CHECKING:
 __all__ = ("Attempts",)
 
 log = logging.getLogger("workerkit.engines.rq")
+
+
+def _log_job(message: str, event: str, job_id: str, task: str, **fields: Any) -> None:
+    """The INFO line of an attempt's start or end."""
+    log.info(message, extra={"event": event, "job_id": job_id, "task": task, **fields})
 
 
 class Attempts(WorkerState):
@@ -73,24 +79,17 @@ class Attempts(WorkerState):
             if job.enqueued_at is not None:
                 queued_for = max(0.0, (now() - job.enqueued_at).total_seconds())
             self._wk_events.send(
-                "job_started",
-                job_id=job.id,
-                task=self._wk_attempt.task,
-                queue=job.origin,
-                attempt=attempts,
-                delivery=keys.ref(),
-                queued_for=queued_for,
+                JobStarted(
+                    job.id,
+                    task=self._wk_attempt.task,
+                    queue=job.origin,
+                    attempt=attempts,
+                    delivery=keys.ref(),
+                    queued_for=queued_for,
+                )
             )
         if log.isEnabledFor(logging.INFO):
-            log.info(
-                "job started",
-                extra={
-                    "event": "job_started",
-                    "job_id": job.id,
-                    "task": self._wk_attempt.task,
-                    "attempt": attempts,
-                },
-            )
+            _log_job("job started", "job_started", job.id, self._wk_attempt.task, attempt=attempts)
         return execution
 
     def _wk_run_limit(self, job: Job, task_timeout: float | None) -> int:
@@ -102,7 +101,7 @@ class Attempts(WorkerState):
             seconds = self.wk_settings.job_timeout
         return max(1, math.ceil(seconds))
 
-    def _wk_end(self, job: Job, attempt: Attempt, outcome: str) -> None:
+    def _wk_end(self, job: Job, attempt: Attempt, outcome: Outcome) -> None:
         attempt.horse_done.set()
         with self._wk_lock:
             self._wk_attempt = None
@@ -115,37 +114,27 @@ class Attempts(WorkerState):
             with contextlib.suppress(redis.exceptions.RedisError):
                 self.set_current_job_id(None)
         duration = time.monotonic() - attempt.started
-        self._wk_events.send(
-            "job_finished",
-            job_id=job.id,
-            task=attempt.task,
-            queue=attempt.keys.queue,
-            outcome=outcome,
-            duration=duration,
-        )
+        if self._wk_events.connected:
+            self._wk_events.send(
+                JobFinished(job.id, attempt.task, attempt.keys.queue, outcome, duration)
+            )
         if log.isEnabledFor(logging.INFO):
-            log.info(
+            _log_job(
                 "job finished",
-                extra={
-                    "event": "job_finished",
-                    "job_id": job.id,
-                    "task": attempt.task,
-                    "outcome": outcome,
-                    "duration": round(duration, 3),
-                },
+                "job_finished",
+                job.id,
+                attempt.task,
+                outcome=outcome,
+                duration=round(duration, 3),
             )
 
-    def _wk_settle_taken(self, job: Job, attempt: Attempt) -> str:
+    def _wk_settle_taken(self, job: Job, attempt: Attempt) -> Outcome:
         """The worker took the lease back ("release") and the job no longer runs: requeue it."""
-        try:
-            if self._wk_recovery.release(attempt.keys, ["release"], give_back=True):
-                return "released"
-        except redis.exceptions.RedisError as exc:
-            log.warning(
-                "release failed; the lease will expire and the job be recovered",
-                extra={"event": "release_failed", "job_id": job.id, "error": str(exc)},
-            )
-        return "lease_lost"
+        return released_or_lost(
+            job.id,
+            lambda: self._wk_recovery.release(attempt.keys, ["release"], give_back=True),
+            "release failed; the lease will expire and the job be recovered",
+        )
 
     def cleanup_execution(self, job: Job, pipeline: Pipeline[Any]) -> None:
         """RQ's end bookkeeping plus dropping the lease (and, on success, the checkpoint)."""

@@ -24,7 +24,9 @@ from rq.utils import as_text
 from rq.worker.base import WorkerStatus
 
 from workerkit.engines.rq.state import TICK, WorkerState
+from workerkit.events import WorkerStopping
 from workerkit.job import request_stop_all
+from workerkit.timing.deadlines import Deadlines
 
 if TYPE_CHECKING:
     from rq.job import Job
@@ -86,7 +88,7 @@ class Drain(WorkerState):
         self._wk_stopping = True
         self._stop_requested = True
         running = 1 if self._wk_attempt is not None else 0
-        self._wk_events.send("worker_stopping", running=running)
+        self._wk_events.send(WorkerStopping(running))
         log.info("stopped dequeuing", extra={"event": "worker_stopping", "running": running})
         with (
             contextlib.suppress(redis.exceptions.RedisError),
@@ -142,16 +144,18 @@ class Drain(WorkerState):
         # A method, not the attribute: a signal handler may set it between any two lines.
         return self._stop_requested
 
-    def _wk_local_deadlines(self, elapsed: float) -> None:
-        # Without a supervisor the worker keeps the timeline itself: request a stop at D,
-        # release at D + M/2 (the same instants the supervisor would use).
+    def _wk_local_deadlines(self) -> None:
+        # Without a supervisor the worker keeps the timeline itself: the supervisor's instants
+        # (request a stop at D, release at D + M/2), from the first stop signal.
+        stop_at = self._wk_stop_at
+        if stop_at is None:
+            return
         settings = self.wk_settings
-        if elapsed >= settings.drain_window and not self._wk_jobs_stop_requested:
+        deadlines = Deadlines.after(stop_at, settings.drain_window, settings.release_margin)
+        now = time.monotonic()
+        if now >= deadlines.request_stop_at and not self._wk_jobs_stop_requested:
             self._wk_request_stop_jobs()
-        if (
-            elapsed >= settings.drain_window + settings.release_margin / 2
-            and not self._wk_release_requested
-        ):
+        if now >= deadlines.release_at and not self._wk_release_requested:
             self._wk_release_now()
 
     def dequeue_job_and_maintain_ttl(

@@ -22,25 +22,29 @@ from rq.job import Job, JobStatus, Retry
 from rq.timeouts import JobTimeoutException
 from rq.utils import now
 
-from workerkit import events as events_module
+from workerkit.engines.attempt import (
+    Defer,
+    Fail,
+    Release,
+    RetryOrFail,
+    Rules,
+    StandDown,
+    Verdict,
+    verdict_for,
+)
 from workerkit.engines.rq.jobs import wk_meta
 from workerkit.engines.rq.leases import SETTLE_TTL_MS
-from workerkit.engines.rq.state import Attempt, WorkerState
+from workerkit.engines.rq.state import Attempt, WorkerState, released_or_lost
 from workerkit.engines.rq.tasks import TaskNotAllowed
-from workerkit.errors import (
-    IdempotencyInProgress,
-    IdempotencyKeyMismatch,
-    JobInterrupted,
-    LeaseLost,
-    ReleaseJob,
-)
+from workerkit.errors import JobInterrupted, LeaseLost
+from workerkit.events import CheckpointSaved, Outcome, client
 from workerkit.idempotency import outcome_of
 from workerkit.job import JobContext
 
 if TYPE_CHECKING:
     from rq.queue import Queue
 
-__all__ = ("Perform",)
+__all__ = ("DEFER_BACKOFF", "RULES", "Perform", "defer_backoff")
 
 log = logging.getLogger("workerkit.engines.rq")
 
@@ -49,6 +53,17 @@ log = logging.getLogger("workerkit.engines.rq")
 #: shortly after it completes, spread out so that a burst of duplicates does not come back
 #: together. Deferred jobs are put back by the recovery scan, so add up to one scan interval.
 DEFER_BACKOFF: Final = 2.0
+
+#: How an attempt's exception ends it (docs/concepts/attempts.md): RQ's own time limit, and the
+#: jobs no attempt can run (a function the app does not allow, a payload that does not load).
+RULES: Final = Rules(
+    timeouts=(JobTimeoutException,), permanent=(TaskNotAllowed, DeserializationError)
+)
+
+
+def defer_backoff() -> float:
+    """:data:`DEFER_BACKOFF` with equal jitter (drawn only when a job is deferred)."""
+    return DEFER_BACKOFF / 2 + random.uniform(0, DEFER_BACKOFF / 2)
 
 
 class Perform(WorkerState):
@@ -77,9 +92,7 @@ class Perform(WorkerState):
                 )
 
         def saved(context: JobContext) -> None:
-            events_module.client("executor").send(
-                "checkpoint_saved", job_id=context.job_id, task=context.task, queue=context.queue
-            )
+            client("executor").send(CheckpointSaved(context.job_id, context.task, context.queue))
 
         context = JobContext(
             job_id=job.id,
@@ -96,7 +109,7 @@ class Perform(WorkerState):
             context.request_stop()
         return context
 
-    def _wk_perform(self, job: Job, queue: Queue, attempt: Attempt) -> str:
+    def _wk_perform(self, job: Job, queue: Queue, attempt: Attempt) -> Outcome:
         registry = queue.started_job_registry
         context: JobContext | None = None
         try:
@@ -113,31 +126,24 @@ class Perform(WorkerState):
                         return_value = job.perform()
                 finally:
                     attempt.in_job = False
-        except ReleaseJob:
-            return self._wk_release_self(job, attempt)
-        except JobInterrupted:
-            return "released" if attempt.releasing else "lease_lost"
-        except LeaseLost:
-            # IdempotencyClaimLost too: another attempt took the key over and this run's result
-            # was not recorded. Nothing is settled; the lease expires and crash recovery requeues
-            # the job (attempt consumed), whose next run replays the recorded result.
-            return "lease_lost"
-        except IdempotencyInProgress as busy:
-            if attempt.releasing or attempt.lease_lost:
-                return "released" if attempt.releasing else "lease_lost"
-            return self._wk_defer(job, attempt, busy)
-        except BaseException:
+        except BaseException as exc:
             exc_info = sys.exc_info()
-            if (
-                attempt.releasing
-                or attempt.lease_lost
-                or (context is not None and context.lease_lost)
-            ):
-                return "released" if attempt.releasing else "lease_lost"
-            if not self._wk_end_execution(job, attempt, job.failure_callback_timeout):
-                return "lease_lost"
-            attempt.rq_settled = True
-            return self._wk_fail_settled(job, queue, registry, exc_info)
+            lost = attempt.lease_lost or (context is not None and context.lease_lost)
+            verdict = verdict_for(
+                exc, RULES, backoff=defer_backoff, releasing=attempt.releasing, lease_lost=lost
+            )
+            match verdict:
+                case Release():
+                    return self._wk_release_self(job, attempt)
+                case StandDown(outcome=outcome):
+                    return outcome
+                case Defer(delay=delay, reason=reason):
+                    return self._wk_defer(job, attempt, delay, reason)
+                case _:  # Fail, RetryOrFail (RQ's rules have no Retried, no Propagate)
+                    if not self._wk_end_execution(job, attempt, job.failure_callback_timeout):
+                        return "lease_lost"
+                    attempt.rq_settled = True
+                    return self._wk_fail_settled(job, queue, registry, exc_info, verdict)
         if not self._wk_end_execution(job, attempt, job.success_callback_timeout):
             return "lease_lost"
         attempt.rq_settled = True
@@ -155,8 +161,10 @@ class Perform(WorkerState):
                 return "retried"
             job._status = JobStatus.FINISHED
             job.execute_success_callback(self.death_penalty_class, return_value)
-        except BaseException:
-            return self._wk_fail_settled(job, queue, registry, sys.exc_info())
+        except BaseException as exc:
+            exc_info = sys.exc_info()
+            verdict = verdict_for(exc, RULES, backoff=defer_backoff)
+            return self._wk_fail_settled(job, queue, registry, exc_info, verdict)
         attempt.succeeded = True
         self.handle_job_success(job=job, queue=queue, started_job_registry=registry)
         job.send_webhooks(JobStatus.FINISHED)
@@ -201,12 +209,15 @@ class Perform(WorkerState):
         registry: Any,
         exc_info: tuple[type[BaseException], BaseException, TracebackType | None]
         | tuple[None, None, None],
-    ) -> str:
-        """RQ's failure handling (retry with ``Retry``, else the failed registry), settled."""
-        exc = exc_info[1]
+        verdict: Verdict,
+    ) -> Outcome:
+        """RQ's failure handling (retry with ``Retry``, else the failed registry), settled.
+
+        ``verdict`` is what :data:`RULES` make of the exception: a :class:`Fail` is never retried.
+        """
         job._status = JobStatus.FAILED
         exc_string = "".join(traceback.format_exception(*exc_info))
-        if isinstance(exc, TaskNotAllowed | DeserializationError | IdempotencyKeyMismatch):
+        if isinstance(verdict, Fail):
             job.retries_left = 0  # the same on every attempt: never retried
         try:
             job.execute_failure_callback(self.death_penalty_class, *exc_info)
@@ -218,25 +229,20 @@ class Perform(WorkerState):
         self.handle_job_failure(
             job=job, queue=queue, started_job_registry=registry, exc_string=exc_string
         )
-        if isinstance(exc, JobTimeoutException):
+        if isinstance(verdict, RetryOrFail) and verdict.timed_out:
             return "timed_out"
         return "retried" if retry else "failed"
 
-    def _wk_release_self(self, job: Job, attempt: Attempt) -> str:
+    def _wk_release_self(self, job: Job, attempt: Attempt) -> Outcome:
         """The job called ``current_job().release()``: requeue it now, attempt given back."""
         wk = wk_meta(job)
         wk["attempts"] = max(0, attempt.number - 1)
-        try:
-            if self._wk_leases.requeue(attempt.keys, ["run"], self.serializer.dumps(job.meta)):
-                return "released"
-        except redis.exceptions.RedisError as exc:
-            log.warning(
-                "release failed",
-                extra={"event": "release_failed", "job_id": job.id, "error": str(exc)},
-            )
-        return "lease_lost"
+        meta = self.serializer.dumps(job.meta)
+        return released_or_lost(
+            job.id, lambda: self._wk_leases.requeue(attempt.keys, ["run"], meta), "release failed"
+        )
 
-    def _wk_defer(self, job: Job, attempt: Attempt, busy: IdempotencyInProgress) -> str:
+    def _wk_defer(self, job: Job, attempt: Attempt, delay: float, reason: str) -> Outcome:
         """Another live attempt holds the job's idempotency key: not now, attempt given back.
 
         As the native engine's ``defer``: waiting is not a failure, so it must not use up the
@@ -244,9 +250,6 @@ class Perform(WorkerState):
         goes to RQ's ScheduledJobRegistry (``rq info`` shows it as scheduled), fenced by the
         lease; the recovery scan of any live workerkit worker puts it back when it is due.
         """
-        step = DEFER_BACKOFF
-        backoff = step / 2 + random.uniform(0, step / 2)
-        delay = backoff if busy.retry_after is None else min(max(0.0, busy.retry_after), backoff)
         wk = wk_meta(job)
         wk["attempts"] = max(0, attempt.number - 1)
         try:
@@ -267,7 +270,7 @@ class Perform(WorkerState):
                 "event": "job_deferred",
                 "job_id": job.id,
                 "delay": round(delay, 3),
-                "reason": f"IdempotencyInProgress: {busy}",
+                "reason": reason,
             },
         )
         return "deferred"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import redis
@@ -25,9 +25,10 @@ from workerkit.engines.rq.leases import SETTLE_TTL_MS, AttemptKeys, Leases, leas
 from workerkit.engines.rq.tasks import DEFAULT_MAX_ATTEMPTS
 
 if TYPE_CHECKING:
+    from workerkit.events import Outcome
     from workerkit.settings import Settings
 
-__all__ = ("RECOVERY_SCAN_INTERVAL", "Recovery", "lease_ttl", "scan_interval")
+__all__ = ("RECOVERY_SCAN_INTERVAL", "BadRef", "Recovery", "lease_ttl", "scan_interval")
 
 log = logging.getLogger("workerkit.engines.rq")
 
@@ -44,6 +45,10 @@ def lease_ttl(settings: Settings) -> float:
     """The lease TTL: V minus one scan interval, so that a dead attempt is requeued within V."""
     v = settings.visibility_timeout if settings.visibility_timeout is not None else 30.0
     return max(v - scan_interval(settings), settings.effective_heartbeat_interval * 1.5, 0.5)
+
+
+class BadRef(ValueError):
+    """A delivery ref that does not name an attempt (one of its fields is missing)."""
 
 
 class Recovery:
@@ -81,7 +86,24 @@ class Recovery:
                 meta = self.serializer.dumps(job.meta)
         return self.leases.requeue(keys, accepted, meta)
 
-    def recover(self, keys: AttemptKeys, accepted: Sequence[str], reason: str) -> str | None:
+    def release_ref(self, ref: Mapping[str, Any], *, crashed: bool = False) -> bool:
+        """Release by :meth:`AttemptKeys.ref`, from another process; whether it was released.
+
+        Whatever state the lease is in (running, settling, being released, or already
+        expired), the attempt's process is gone, so its job may go back to the queue: at the
+        front, with its checkpoint. ``crashed``: the attempt stays consumed and a job out of
+        attempts is failed with the reason; otherwise (a deploy) it is given back.
+        """
+        try:
+            keys = AttemptKeys(str(ref["job_id"]), str(ref["token"]), str(ref["queue"]))
+        except KeyError as exc:
+            raise BadRef(repr(exc)) from exc  # logged as the KeyError's repr, as before
+        accepted = ["run", "settle", "release", "none"]
+        if crashed:
+            return self.recover(keys, accepted, "its worker process exited") is not None
+        return self.release(keys, accepted, give_back=True)
+
+    def recover(self, keys: AttemptKeys, accepted: Sequence[str], reason: str) -> Outcome | None:
         """After a crash: requeue ("retried"), or fail a job out of attempts ("failed").
 
         None when the attempt was not ours to recover (settled, or another attempt owns it).

@@ -14,10 +14,12 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import redis
+import redis.exceptions
 from rq.queue import Queue
 
 from workerkit import events as events_module
@@ -31,9 +33,13 @@ if TYPE_CHECKING:
     from rq.executions import Execution
     from rq.job import Job, Retry
 
+    from workerkit.engines.attempt import Keeper
+    from workerkit.events import Outcome
     from workerkit.job import JobContext
 
-__all__ = ("TICK", "Attempt", "WorkerState", "short_timeout_client")
+__all__ = ("TICK", "Attempt", "WorkerState", "released_or_lost", "short_timeout_client")
+
+log = logging.getLogger("workerkit.engines.rq")
 
 TICK: Final = 0.05  # the upkeep thread's resolution: how soon a SIGTERM wakes the dequeue
 
@@ -54,11 +60,25 @@ class Attempt:
     succeeded: bool = False
     in_job: bool = False
     rq_settled: bool = False  # RQ's own end bookkeeping ran (it clears the worker's job id)
-    outcome: str | None = None
+    outcome: Outcome | None = None
     last_renewed: float = field(default_factory=time.monotonic)
     stop_pipe: int | None = None  # write end of the pipe to the horse (forking worker)
     horse_done: threading.Event = field(default_factory=threading.Event)
     context: JobContext | None = None
+
+
+def released_or_lost(job_id: str, requeue: Callable[[], bool], failed: str) -> Outcome:
+    """``released`` when ``requeue()`` (a fenced requeue) put the job back, else ``lease_lost``.
+
+    A Redis error is logged as ``failed`` (a ``release_failed`` event): the lease will expire
+    and crash recovery requeue the job.
+    """
+    try:
+        if requeue():
+            return "released"
+    except redis.exceptions.RedisError as exc:
+        log.warning(failed, extra={"event": "release_failed", "job_id": job_id, "error": str(exc)})
+    return "lease_lost"
 
 
 def short_timeout_client(connection: redis.Redis[Any], settings: Settings) -> redis.Redis[Any]:
@@ -182,8 +202,8 @@ class WorkerState:
         self._wk_stopping = False
         self._wk_jobs_stop_requested = False
         self._wk_release_requested = False
-        self._wk_upkeep_stop = threading.Event()
-        self._wk_upkeep: threading.Thread | None = None
+        self._wk_upkeep: Keeper | None = None
+        self._wk_signals_seen = 0  # the upkeep thread's: signals it has acted on
         self._wk_ready_sent = False
         self._wk_queue_by_key = {q.key: q for q in self.queues}
 

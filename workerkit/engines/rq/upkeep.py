@@ -9,24 +9,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
-from typing import Any, Final
+from typing import Any
 
 import redis
 import redis.exceptions
 from rq.utils import as_text, now, utcparse
 
-from workerkit import events as events_module
+from workerkit.engines.attempt import HEALTH_EVERY, HEARTBEAT_EVERY, Duty, Keeper
 from workerkit.engines.rq.drain import Drain
 from workerkit.engines.rq.state import TICK, Attempt
+from workerkit.events import (
+    Heartbeat,
+    JobHeartbeat,
+    QueueStats,
+    StoreHealth,
+    WorkerReady,
+    client,
+)
 
 __all__ = ("Upkeep",)
 
 log = logging.getLogger("workerkit.engines.rq")
-
-HEARTBEAT_EVERY: Final = 2.0
-HEALTH_EVERY: Final = 5.0
 
 
 class Upkeep(Drain):
@@ -34,54 +38,59 @@ class Upkeep(Drain):
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)  # type: ignore[misc]
-        self._wk_events = events_module.client("worker")
+        self._wk_events = client("worker")
         self._wk_events.on_command(self._wk_on_command)
-        self._wk_upkeep = threading.Thread(
-            target=self._wk_upkeep_loop, name="workerkit-rq-upkeep", daemon=True
-        )
+        duties = [
+            Duty("signals", TICK, self._wk_check_signals),
+            Duty("deadlines", TICK, self._wk_local_deadlines, when=self._wk_deadlines_are_local),
+            Duty("heartbeat", HEARTBEAT_EVERY, self._wk_heartbeat),
+            Duty("health", HEALTH_EVERY, self._wk_report_health),
+            Duty("renew", TICK, self._wk_renew_due),
+            Duty("recovery", self._wk_scan_every, self._wk_scan, when=self._wk_scanning),
+        ]
+        self._wk_upkeep = Keeper(duties, log=log, name="workerkit-rq-upkeep")
         self._wk_upkeep.start()
 
     def teardown(self) -> None:
         if not self._is_horse:
-            self._wk_upkeep_stop.set()
-            if self._wk_upkeep is not None and self._wk_upkeep is not threading.current_thread():
-                self._wk_upkeep.join(timeout=2.0)
+            if self._wk_upkeep is not None:
+                self._wk_upkeep.stop(timeout=2.0)
             with contextlib.suppress(redis.exceptions.RedisError):
                 self._wk_redis.delete(self._wk_wake_key)
         super().teardown()  # type: ignore[misc]
 
-    def _wk_upkeep_loop(self) -> None:
-        next_heartbeat = next_health = next_scan = 0.0
-        signals_seen = 0
-        settings = self.wk_settings
-        renew_every = settings.effective_heartbeat_interval
-        while not self._wk_upkeep_stop.wait(TICK):
-            try:
-                now_ = time.monotonic()
-                if self._wk_signals != signals_seen:
-                    first = signals_seen == 0
-                    signals_seen = self._wk_signals
-                    self._wk_begin_stopping()
-                    if not first and not self._wk_supervised:
-                        # A second signal never skips the release; it makes it happen now.
-                        self._wk_request_stop_jobs()
-                        self._wk_release_now()
-                if self._wk_stop_at is not None and not self._wk_supervised:
-                    self._wk_local_deadlines(now_ - self._wk_stop_at)
-                if now_ >= next_heartbeat:
-                    self._wk_events.send("heartbeat", running=1 if self._wk_attempt else 0)
-                    next_heartbeat = now_ + HEARTBEAT_EVERY
-                if now_ >= next_health:
-                    self._wk_report_health()
-                    next_health = now_ + HEALTH_EVERY
-                attempt = self._wk_attempt
-                if attempt is not None and now_ - attempt.last_renewed >= renew_every:
-                    self._wk_renew(attempt, now_)
-                if now_ >= next_scan and not self._wk_stopping:
-                    next_scan = now_ + self._wk_scan_every
-                    self.wk_recover_abandoned()
-            except Exception:
-                log.exception("upkeep failed; trying again", extra={"event": "upkeep_failed"})
+    # --- the upkeep duties, in the order they run -----------------------------------------
+
+    def _wk_check_signals(self) -> None:
+        if self._wk_signals == self._wk_signals_seen:
+            return
+        first = self._wk_signals_seen == 0
+        self._wk_signals_seen = self._wk_signals
+        self._wk_begin_stopping()
+        if not first and not self._wk_supervised:
+            # A second signal never skips the release; it makes it happen now.
+            self._wk_request_stop_jobs()
+            self._wk_release_now()
+
+    def _wk_deadlines_are_local(self) -> bool:
+        # Stopping without a supervisor: the worker keeps the shutdown deadlines itself.
+        return self._wk_stop_at is not None and not self._wk_supervised
+
+    def _wk_heartbeat(self) -> None:
+        self._wk_events.send(Heartbeat(running=1 if self._wk_attempt else 0))
+
+    def _wk_renew_due(self) -> None:
+        attempt = self._wk_attempt
+        now_ = time.monotonic()
+        renew_every = self.wk_settings.effective_heartbeat_interval
+        if attempt is not None and now_ - attempt.last_renewed >= renew_every:
+            self._wk_renew(attempt, now_)
+
+    def _wk_scanning(self) -> bool:
+        return not self._wk_stopping
+
+    def _wk_scan(self) -> None:
+        self.wk_recover_abandoned()  # its count is not a delay (a duty's return value is one)
 
     def _wk_report_health(self) -> None:
         try:
@@ -89,17 +98,16 @@ class Upkeep(Drain):
             ok, reason = True, "redis reachable"
         except redis.exceptions.RedisError as exc:
             ok, reason = False, f"redis unavailable: {type(exc).__name__}"
-        self._wk_events.send("store_health", ok=ok, reason=reason)
+        self._wk_events.send(StoreHealth(ok, reason))
         if ok and not self._wk_ready_sent:
             self._wk_ready_sent = True
-            self._wk_events.send(
-                "worker_ready", engine="rq", queues=self.queue_names(), concurrency=1
-            )
+            queues = tuple(self.queue_names())
+            self._wk_events.send(WorkerReady(engine="rq", queues=queues, concurrency=1))
             log.info("worker ready", extra={"event": "worker_ready", "queues": self.queue_names()})
         if ok:
             with contextlib.suppress(Exception):
                 depth, oldest = self.wk_queue_stats()
-                self._wk_events.send("queue_stats", depth=depth, oldest_ready_age=oldest)
+                self._wk_events.send(QueueStats(depth, oldest))
 
     def wk_queue_stats(self) -> tuple[dict[str, int], dict[str, float]]:
         """Depth and the age of the oldest waiting job, per queue."""
@@ -147,7 +155,7 @@ class Upkeep(Drain):
             kept = False
         if kept:
             attempt.last_renewed = now_
-            self._wk_events.send("job_heartbeat", job_id=attempt.keys.job_id)
+            self._wk_events.send(JobHeartbeat(attempt.keys.job_id))
             return
         if attempt.lease_lost or attempt.horse_done.is_set():
             return

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from rq.queue import Queue
 
     from workerkit.engines.rq.state import Attempt
+    from workerkit.events import Outcome
 
 __all__ = ("WORKER_CLASSES", "SimpleWorker", "Worker", "main")
 
@@ -50,7 +51,7 @@ log = logging.getLogger("workerkit.engines.rq")
 
 # The work horse's exit status tells its parent how the attempt ended (the parent reports
 # job_finished, so the supervisor sees job_started and job_finished on one connection, in order).
-_HORSE_CODES: Final[dict[str, int]] = {
+_HORSE_CODES: Final[dict[Outcome, int]] = {
     "succeeded": 0,
     "failed": 64,
     "retried": 65,
@@ -60,7 +61,7 @@ _HORSE_CODES: Final[dict[str, int]] = {
     "deferred": 70,
     "skipped_duplicate": 71,
 }
-_HORSE_OUTCOMES: Final[dict[int, str]] = {code: name for name, code in _HORSE_CODES.items()}
+_HORSE_OUTCOMES: Final[dict[int, Outcome]] = {code: name for name, code in _HORSE_CODES.items()}
 _HORSE_INTERRUPTED: Final = 69  # stopped by our SIGTERM; the parent settles the attempt
 
 
@@ -157,7 +158,7 @@ class Worker(_Workerkit, RqWorker):
             self.perform_job(job, queue)
             attempt = self._wk_attempt
             outcome = attempt.outcome if attempt is not None else None
-            code = _HORSE_CODES.get(outcome or "", _HORSE_INTERRUPTED)
+            code = _HORSE_INTERRUPTED if outcome is None else _HORSE_CODES[outcome]
             if outcome == "released" and attempt is not None and attempt.releasing:
                 code = _HORSE_INTERRUPTED  # the parent releases it
         except BaseException:
@@ -166,7 +167,7 @@ class Worker(_Workerkit, RqWorker):
             logging.shutdown()
             os._exit(code)
 
-    def monitor_work_horse(self, job: Job, queue: Queue) -> str:
+    def monitor_work_horse(self, job: Job, queue: Queue) -> Outcome:
         """Wait for the horse (RQ's loop, heartbeats included); return the attempt's outcome."""
         attempt = self._wk_attempt
         assert attempt is not None
@@ -206,7 +207,7 @@ class Worker(_Workerkit, RqWorker):
         attempt: Attempt,
         ret_val: int | None,
         killed_for_timeout: bool,
-    ) -> str:
+    ) -> Outcome:
         code = os.waitstatus_to_exitcode(ret_val) if ret_val is not None else None
         if attempt.releasing:
             return self._wk_settle_taken(job, attempt)
