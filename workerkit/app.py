@@ -366,12 +366,4 @@ class App:
         """Each task's timeout and re-run safety, for the timing budget."""
         from workerkit.timing import TaskTiming
 
-        return [
-            TaskTiming(
-                name=task.name,
-                timeout=task.timeout,
-                idempotent=task.idempotent,
-                checkpointed=task.checkpointed,
-            )
-            for task in self.tasks.values()
-        ]
+        return [TaskTiming.of(task) for task in self.tasks.values()]

@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, Protocol
 
 from workerkit.errors import ConfigurationError, TimingBudgetError
 from workerkit.settings import ENGINES, Settings
@@ -26,6 +26,7 @@ __all__ = (
     "FixValue",
     "Severity",
     "TaskTiming",
+    "TimedTask",
     "format_seconds",
     "resolve_budget",
 )
@@ -56,6 +57,19 @@ _EXTENDABLE_LEASE_ENGINES = ("sql", "rq")
 # --- the model ------------------------------------------------------------------------------
 
 
+class TimedTask(Protocol):
+    """What a task registry knows of a task's timing."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def timeout(self) -> float | None: ...
+    @property
+    def idempotent(self) -> bool: ...
+    @property
+    def checkpointed(self) -> bool: ...
+
+
 @dataclass(frozen=True)
 class TaskTiming:
     """What the budget needs to know about one task.
@@ -71,6 +85,16 @@ class TaskTiming:
     idempotent: bool = False
     checkpointed: bool = False
     max_countdown: float = 0.0
+
+    @classmethod
+    def of(cls, task: TimedTask) -> TaskTiming:
+        """The timing of a registered task (an :class:`~workerkit.App`'s or an ``RqApp``'s)."""
+        return cls(
+            name=task.name,
+            timeout=task.timeout,
+            idempotent=task.idempotent,
+            checkpointed=task.checkpointed,
+        )
 
     def __post_init__(self) -> None:
         if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):

@@ -187,15 +187,7 @@ class RqApp:
         """Each registered task's timeout and re-run safety, for the timing budget."""
         from workerkit.timing import TaskTiming
 
-        return [
-            TaskTiming(
-                name=info.name,
-                timeout=info.timeout,
-                idempotent=info.idempotent,
-                checkpointed=info.checkpointed,
-            )
-            for info in self.tasks.values()
-        ]
+        return [TaskTiming.of(task) for task in self.tasks.values()]
 
 
 def load_app(settings: Settings) -> RqApp:
