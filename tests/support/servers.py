@@ -265,15 +265,11 @@ def find_redis_server() -> str:
     return path
 
 
-@dataclass
-class RedisServer:
-    host: str
-    port: int
+class _Owned:
+    """A server process of ours and its temporary directory, both gone after :meth:`stop`."""
+
     directory: Path
     process: _Process
-
-    def url(self, db: int = 0) -> str:
-        return f"redis://{self.host}:{self.port}/{db}"
 
     @property
     def pid(self) -> int:
@@ -284,6 +280,17 @@ class RedisServer:
             self.process.stop()
         finally:
             _remove_temp_dir(self.directory)
+
+
+@dataclass
+class RedisServer(_Owned):
+    host: str
+    port: int
+    directory: Path
+    process: _Process
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://{self.host}:{self.port}/{db}"
 
 
 def start_redis(*, attempts: int = 3) -> RedisServer:
@@ -421,7 +428,7 @@ def _make_postgres_dir(run_as: str | None) -> Path:
 
 
 @dataclass
-class PostgresServer:
+class PostgresServer(_Owned):
     host: str
     port: int
     user: str
@@ -436,16 +443,6 @@ class PostgresServer:
     def conninfo(self, dbname: str = "postgres") -> str:
         """A libpq connection string for psycopg."""
         return f"host={self.host} port={self.port} user={self.user} dbname={dbname}"
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stop(self) -> None:
-        try:
-            self.process.stop()
-        finally:
-            _remove_temp_dir(self.directory)
 
 
 def _run_initdb(bindir: Path, directory: Path, run_as: str | None) -> Path:

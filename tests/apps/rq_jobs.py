@@ -10,19 +10,11 @@ from __future__ import annotations
 import os
 import time
 
+from tests.apps.journal import record
 from workerkit.engines.rq import RqApp
 from workerkit.job import current_job
 
-app = RqApp(modules=["tests.e2e.rq_jobs"])
-
-
-def record(line: str) -> None:
-    # O_APPEND writes of one short line are atomic, so concurrent writers do not interleave.
-    fd = os.open(os.environ["E2E_JOURNAL"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
+app = RqApp(modules=["tests.apps.rq_jobs"])
 
 
 @app.task(timeout=60, checkpointed=True)
