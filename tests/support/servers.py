@@ -247,6 +247,21 @@ def wait_until(
         time.sleep(POLL_INTERVAL)
 
 
+def _ready_or_port_taken(
+    proc: _Process, ready: Callable[[], bool], what: str, *, retry: bool
+) -> bool:
+    """Wait until ``ready()``: True; False (the process stopped) when the server lost its port
+    to another process and ``retry`` allows another attempt; otherwise stop it and raise."""
+    try:
+        wait_until(ready, proc, what=what)
+    except BaseException as exc:
+        proc.stop()
+        if isinstance(exc, ServerUnavailableError) and retry and _address_in_use(proc.log()):
+            return False
+        raise
+    return True
+
+
 def _address_in_use(log: str) -> bool:
     return bool(re.search(r"address already in use", log, re.IGNORECASE))
 
@@ -336,17 +351,9 @@ def start_redis(*, attempts: int = 3) -> RedisServer:
                 finally:
                     client.close()
 
-            try:
-                wait_until(ping, proc, what=f"redis-server on {HOST}:{port}")
-            except BaseException as exc:
-                proc.stop()
-                if (
-                    isinstance(exc, ServerUnavailableError)
-                    and attempt < attempts
-                    and _address_in_use(proc.log())
-                ):
-                    continue  # another process took the port between free_port() and bind
-                raise
+            what = f"redis-server on {HOST}:{port}"
+            if not _ready_or_port_taken(proc, ping, what, retry=attempt < attempts):
+                continue  # another process took the port between free_port() and bind
             return RedisServer(HOST, port, directory, proc)
     except BaseException:
         _remove_temp_dir(directory)
@@ -534,17 +541,9 @@ def start_postgres(*, attempts: int = 3) -> PostgresServer:
                     conn.execute("SELECT 1")
                 return True
 
-            try:
-                wait_until(ready, proc, what=f"postgres on {HOST}:{port}")
-            except BaseException as exc:
-                proc.stop()
-                if (
-                    isinstance(exc, ServerUnavailableError)
-                    and attempt < attempts
-                    and _address_in_use(proc.log())
-                ):
-                    continue  # another process took the port between free_port() and bind
-                raise
+            what = f"postgres on {HOST}:{port}"
+            if not _ready_or_port_taken(proc, ready, what, retry=attempt < attempts):
+                continue  # another process took the port between free_port() and bind
             return server
     except BaseException:
         _remove_temp_dir(directory)
