@@ -2,7 +2,7 @@
 
 Every process a script starts is tracked here and stopped by *its own pid* (never by name,
 never a whole process group we did not create); every temporary directory is removed. The
-servers (redis-server, PostgreSQL) come from the test suite's starter, :mod:`tests.servers`,
+servers (redis-server, PostgreSQL) come from the test suite's starter, :mod:`tests.support.servers`,
 so run the scripts from the repository root as modules (``python -m bench.supervisor``).
 """
 
@@ -27,7 +27,7 @@ from typing import IO, Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 PYTHON = sys.executable
-#: The ``workerkit`` command, run by this interpreter (as tests/e2e/harness.py does).
+#: The ``workerkit`` command, run by this interpreter (as tests/support/harness.py does).
 WORKERKIT = [PYTHON, "-c", "from workerkit.cli import main; main()"]
 
 
@@ -279,8 +279,9 @@ def child_env(**extra: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[Any]:
-    """A private redis-server on 127.0.0.1 (``--save '' --appendonly no``), from tests.servers."""
-    from tests import servers
+    """A private redis-server on 127.0.0.1 (``--save '' --appendonly no``), from
+    tests.support.servers."""
+    from tests.support import servers
 
     server = servers.start_redis()
     try:
@@ -291,8 +292,8 @@ def redis_server() -> Iterator[Any]:
 
 @contextlib.contextmanager
 def postgres_server() -> Iterator[Any]:
-    """A private, throwaway PostgreSQL cluster on 127.0.0.1, from tests.servers."""
-    from tests import servers
+    """A private, throwaway PostgreSQL cluster on 127.0.0.1, from tests.support.servers."""
+    from tests.support import servers
 
     server = servers.start_postgres()
     try:

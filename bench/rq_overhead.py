@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from tests import servers
+    from tests.support import servers
 
     server = servers.start_redis()
     lines = [

@@ -70,7 +70,7 @@ def http_status(port: int, path: str, timeout: float = 1.0) -> int | None:
 
 
 def free_port() -> int:
-    from tests.servers import free_port as tests_free_port
+    from tests.support.servers import free_port as tests_free_port
 
     return tests_free_port()
 

@@ -24,7 +24,8 @@ Variants (each ``--reps`` times, interleaved, median reported):
 * ``rq-simple``: ``rq worker --worker-class rq.worker.SimpleWorker --burst``.
 
 Servers: one private redis-server (no persistence) and one throwaway PostgreSQL cluster
-(fsync, synchronous_commit and full_page_writes off), both from tests/servers.py, on 127.0.0.1.
+(fsync, synchronous_commit and full_page_writes off), both from tests/support/servers.py, on
+127.0.0.1.
 Each workerkit repetition gets a fresh database (SQLite file, or a PostgreSQL database copied
 from a migrated template); Redis is flushed between repetitions.
 
@@ -95,7 +96,7 @@ class Bench:
 
     def fresh_database(self, dialect: str) -> tuple[str, Callable[[], None]]:
         """A migrated, empty workerkit database; returns its URL and how to drop it."""
-        from tests import servers
+        from tests.support import servers
         from workerkit.engines.sql import db
 
         if dialect == "sqlite":
@@ -221,7 +222,7 @@ def run_workerkit_inprocess(
 
 
 def run_workerkit_supervised(bench: Bench, dialect: str, concurrency: int) -> dict[str, Any]:
-    from tests.servers import free_port
+    from tests.support.servers import free_port
 
     bench.reset()
     url, drop = bench.fresh_database(dialect)

@@ -106,7 +106,7 @@ step() {
 step "ruff check" .venv/bin/ruff check .
 step "ruff format --check" .venv/bin/ruff format --check .
 step "mypy" .venv/bin/mypy
-step "pytest" .venv/bin/pytest "$@"
+step "pytest" .venv/bin/pytest --durations=15 "$@" # the 15 slowest, then time per layer
 
 if ((${#failed[@]})); then
     header "FAILED: ${failed[*]}"

@@ -1,7 +1,8 @@
 """Shared fixtures: private redis-server and PostgreSQL, per-test databases, markers.
 
 Servers start lazily (a unit-only run starts none), once per session, and are stopped by their
-own pid at the end of the session. See ``tests/servers.py`` for how.
+own pid at the end of the session. See ``tests/support/servers.py`` for how; the shared parts
+of the hooks below are in ``tests/support/suite.py``.
 
 Fixtures
 --------
@@ -23,39 +24,20 @@ environment variable is set (``./scripts/test.sh`` installs both servers when ru
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests import servers
+from tests.support import servers
+from tests.support.suite import LAYERS, layer_durations, layer_of, start_or_skip
 
 if TYPE_CHECKING:
     import redis
 
-TESTS_DIR = Path(__file__).resolve().parent
-LAYER_MARKERS = ("unit", "integration", "e2e")
 REDIS_TEST_DB = 1
-
-_Server = TypeVar("_Server", servers.RedisServer, servers.PostgresServer)
-
-
-def _unavailable(reason: str) -> NoReturn:
-    """Skip locally; fail in CI, where a missing server means the suite proves nothing."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}\n(CI is set, so a missing server is a failure)", pytrace=False)
-    pytest.skip(reason)
-
-
-def _start(start: Callable[[], _Server]) -> _Server:
-    try:
-        return start()
-    except servers.ServerUnavailableError as exc:
-        reason = str(exc)
-    _unavailable(reason)  # outside the except block: no "during handling" traceback noise
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -63,15 +45,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     tests/e2e -> e2e; a test that already carries one of these markers keeps its own."""
     del config
     for item in items:
-        try:
-            layer = item.path.resolve().relative_to(TESTS_DIR).parts[0]
-        except (ValueError, IndexError):
-            continue
-        if layer not in LAYER_MARKERS:
-            continue
-        if any(item.get_closest_marker(name) for name in LAYER_MARKERS):
+        layer = layer_of(item.path)
+        if layer is None or any(item.get_closest_marker(name) for name in LAYERS):
             continue
         item.add_marker(getattr(pytest.mark, layer))
+
+
+@pytest.hookimpl(trylast=True)  # after --durations: the last word of the run
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
+) -> None:
+    """Where the time went: tests and seconds per layer (unit, integration, e2e)."""
+    del exitstatus
+    reports = [r for stat in terminalreporter.stats.values() for r in stat]
+    durations = layer_durations(reports, config.rootpath)
+    if not durations:
+        return
+    terminalreporter.section("time per layer")
+    for layer, (count, call, total) in durations.items():
+        terminalreporter.write_line(
+            f"{layer:<12} {count:>5} tests  {total:8.1f} s"
+            f"  (calls {call:.1f} s, setup and teardown {total - call:.1f} s)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,7 +75,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[servers.RedisServer]:
-    server = _start(servers.start_redis)
+    server = start_or_skip(servers.start_redis)
     try:
         yield server
     finally:
@@ -118,7 +113,7 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis[bytes]]:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[servers.PostgresServer]:
-    server = _start(servers.start_postgres)
+    server = start_or_skip(servers.start_postgres)
     try:
         yield server
     finally:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Env
+from tests.support.harness import Env
 from workerkit.engines.sql import upgrade
 
 

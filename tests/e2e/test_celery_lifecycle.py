@@ -1,6 +1,6 @@
 """The celery engine for real: `workerkit run celery`, a private Redis, real signals.
 
-Every task writes its executions to a journal (tests/e2e/celery_harness.py); the tests assert
+Every task writes its executions to a journal (tests/apps/celery_jobs.py); the tests assert
 on what happened to each task, never only on exit codes.
 """
 
@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.celery_harness import (
+from tests.support.celery_harness import (
     celery_supervisor,
     overlapping,
     queue_ids,
     run_intervals,
     send,
 )
-from tests.e2e.harness import Env, wait_until
+from tests.support.harness import Env, wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:celery")
 
@@ -30,7 +30,7 @@ def _bare_celery_exit_seconds(env: Env, redis_url: str) -> float:
     """An idle bare `celery worker` (prefork), SIGTERM, seconds to exit: the baseline."""
     import os
 
-    from tests.e2e.harness import REPO
+    from tests.support.harness import REPO
 
     log = (env.tmp / "bare.log").open("ab")
     proc = subprocess.Popen(
@@ -39,7 +39,7 @@ def _bare_celery_exit_seconds(env: Env, redis_url: str) -> float:
             "-m",
             "celery",
             "-A",
-            "tests.e2e.celery_harness:app",
+            "tests.apps.celery_jobs:app",
             "worker",
             "--pool=prefork",
             "--concurrency=1",

@@ -1,6 +1,6 @@
 """Takeover with real processes: an owner dies (or stalls) holding an idempotency key.
 
-Each worker is a process running tests/idempotency_proc.py, which journals what it did; the
+Each worker is a process running tests/support/idempotency_proc.py, which journals what it did; the
 tests assert on those journals and on the store's record, on SQLite, PostgreSQL and Redis.
 """
 
@@ -61,8 +61,8 @@ class Workers:
     def start(self, name: str, mode: str, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
         journal = self.tmp / f"{name}.jsonl"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.idempotency_proc", self.spec, KEY, str(journal), mode,
-             *extra],
+            [sys.executable, "-m", "tests.support.idempotency_proc", self.spec, KEY, str(journal),
+             mode, *extra],
             cwd=REPO,
         )  # fmt: skip
         self.procs.append(proc)

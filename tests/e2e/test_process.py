@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.e2e.harness import process_state, wait_until
+from tests.support.harness import process_state, wait_until
 from workerkit.supervisor.process import ChildProcess, descendants, reap_all
 
 # A parent that starts a child of its own and then waits forever.

@@ -3,7 +3,7 @@
 Timing: G = 4 s, M = 2 s, so D = 2 s (SIGTERM at 0, request_stop at 2 s, release at 3 s, kill at
 3.6 s); F = 0.2 s; V = 3 s, so a lease of a pod that died is claimed again within 3 s.
 
-* "Resume": a job over 10,000 items (``tests/e2e/resume_app.py``, each item recorded as it is
+* "Resume": a job over 10,000 items (``tests/apps/resume_app.py``, each item recorded as it is
   done) SIGTERMed past the drain window resumes where it stopped: exactly 10,000 items in all.
   When its whole pod is SIGKILLed instead, it redoes at most one checkpoint interval's worth
   (F / 1 ms items) per kill.
@@ -25,8 +25,8 @@ import pytest
 
 from examples.backfill.app import backfill_email_normalized
 from examples.backfill.seed import create_accounts, times_backfilled, wrongly_normalized
-from tests.e2e.harness import Env, Supervisor, stop_gracefully, supervisor, wait_until
-from tests.e2e.resume_app import ITEM_SECONDS
+from tests.apps.resume_app import ITEM_SECONDS
+from tests.support.harness import Env, Supervisor, stop_gracefully, supervisor, wait_until
 from workerkit import exitcodes
 from workerkit.app import App, EnqueueOptions
 from workerkit.engines.sql import create_engine_for
@@ -44,7 +44,7 @@ TIMING = {
     "checkpoint_interval": str(CHECKPOINT_INTERVAL),
     "visibility_timeout": "3",
 }
-RESUME_APP = "tests.e2e.resume_app:app"
+RESUME_APP = "tests.apps.resume_app:app"
 TOTAL = 10_000
 #: One checkpoint interval's worth of items, plus the one in hand when the pod died.
 REDO_PER_KILL = int(CHECKPOINT_INTERVAL / ITEM_SECONDS) + 1

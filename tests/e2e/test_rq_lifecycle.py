@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 import pytest
 import redis
 
-from tests.e2e.rq_harness import RqEnv, rq_supervisor
+from tests.support.rq_harness import RqEnv, rq_supervisor
 from workerkit.supervisor.process import descendants
 
 if TYPE_CHECKING:
-    from tests.e2e.harness import Supervisor
-    from tests.servers import RedisServer
+    from tests.support.harness import Supervisor
+    from tests.support.servers import RedisServer
 
 REDIS_DB = 4  # a database of our own on the session's server; flushed around each test
 LEASE = 10.0  # V in the crash test: a dead pod's job must run again within it

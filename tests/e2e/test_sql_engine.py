@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Env, stop_gracefully, supervisor, wait_until
+from tests.support.harness import Env, stop_gracefully, supervisor, wait_until
 from workerkit.app import App
 from workerkit.engines.base import Delivery
 from workerkit.engines.sql import SqlQueue, upgrade

@@ -1,6 +1,6 @@
 """``workerkit run sql`` under real signals: what happens to every job, as the job recorded it.
 
-Timing (tests/e2e/harness.py): G = 6 s, M = 2 s, D = 4 s. After SIGTERM: request_stop at 4 s,
+Timing (tests/support/harness.py): G = 6 s, M = 2 s, D = 4 s. After SIGTERM: request_stop at 4 s,
 the engine's release at 5 s, SIGKILL at 5.6 s, exit by 6 s.
 """
 
@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from tests.e2e.harness import (
+from tests.support.harness import (
     DRAIN,
     GRACE,
     Env,

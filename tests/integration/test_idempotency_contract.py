@@ -41,7 +41,7 @@ class Backend:
     kind: str
     open: Callable[[], IdempotencyStore]  # a new store object (another worker) on the same data
     expire: Callable[[IdempotencyStore, str], None]  # returns once the key's record expired
-    spec: str | None = None  # for tests/idempotency_proc.py; None: in-process only
+    spec: str | None = None  # for tests/support/idempotency_proc.py; None: in-process only
     opened: list[IdempotencyStore] = field(default_factory=list)
 
     def store(self) -> IdempotencyStore:
@@ -340,7 +340,7 @@ def test_race_processes_one_runs_the_other_defers_then_replays(
     journals = [tmp_path / f"journal-{n}.jsonl" for n in range(2)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.idempotency_proc", backend.spec, "race-key",
+            [sys.executable, "-m", "tests.support.idempotency_proc", backend.spec, "race-key",
              str(journal), "race", "--go", str(go)],
             cwd=REPO,
         )

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from tests import servers
+from tests.support import servers
 
 if TYPE_CHECKING:
     import redis

@@ -24,7 +24,7 @@ from workerkit.settings import ENV_PREFIX
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "check"
 UPDATE = os.environ.get("GOLDEN_UPDATE") == "1"
-APPS = "tests.unit.golden_apps"
+APPS = "tests.apps.golden_apps"
 
 
 @dataclass(frozen=True)

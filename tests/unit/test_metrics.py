@@ -178,6 +178,19 @@ def test_malformed_events_do_not_raise() -> None:
     # No family moved, not even the job in progress; each message was counted as bad.
     assert samples(metrics) == before
     assert sample(metrics, "workerkit_bad_messages_total") == len(malformed)
+    # What the registry holds: the one job started before, still running, and nothing else.
+    assert sample(metrics, "workerkit_jobs_in_progress", queue="q", task="t") == 1
+    assert sample(metrics, "workerkit_queue_wait_seconds_count", queue="q", task="t") == 1
+    assert sample(metrics, "workerkit_queue_wait_seconds_sum", queue="q", task="t") == 1.0
+    series = {name for (name, _labels), value in samples(metrics).items() if value}
+    assert series - {"workerkit_worker_state"} == {
+        "workerkit_jobs_in_progress",
+        "workerkit_queue_wait_seconds_bucket",
+        "workerkit_queue_wait_seconds_count",
+        "workerkit_queue_wait_seconds_created",
+        "workerkit_queue_wait_seconds_sum",
+        "workerkit_shutdowns_created",
+    }
 
 
 def test_every_family_is_in_the_metrics_reference() -> None:

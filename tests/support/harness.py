@@ -1,7 +1,8 @@
 """Running ``workerkit run sql`` for real: a process, real signals, a SQLite queue, a journal.
 
-Plain helpers; ``tests/e2e/conftest.py`` wraps them in fixtures. Every process started here is
-stopped by its own pid at the end of the test.
+Plain helpers, shared by the engines' harnesses (:func:`worker_env`, :func:`spawn_logged`,
+:class:`Supervisor`); ``tests/e2e/conftest.py`` wraps them in fixtures. Every process started
+here is stopped by its own pid at the end of the test.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
-from tests.servers import free_port
+from tests.support.servers import free_port
 from workerkit.app import App, EnqueueOptions
 from workerkit.engines.sql import SqlQueue
 from workerkit.settings import Settings
@@ -89,8 +90,23 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+class Journaled:
+    """Reads the journal the test apps write (tests/apps/journal.py), one line per step."""
+
+    journal: Path
+
+    def lines(self) -> list[str]:
+        try:
+            return self.journal.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def wait_line(self, line: str, timeout: float = 15.0) -> None:
+        wait_until(lambda: line in self.lines(), timeout=timeout, what=f"journal line {line!r}")
+
+
 @dataclass
-class Env:
+class Env(Journaled):
     """One test's queue, journal and settings (as environment variables)."""
 
     tmp: Path
@@ -113,15 +129,6 @@ class Env:
             queue.close()
         assert job is not None, job_id
         return job
-
-    def lines(self) -> list[str]:
-        try:
-            return self.journal.read_text().splitlines()
-        except FileNotFoundError:
-            return []
-
-    def wait_line(self, line: str, timeout: float = 15.0) -> None:
-        wait_until(lambda: line in self.lines(), timeout=timeout, what=f"journal line {line!r}")
 
 
 @dataclass
@@ -205,28 +212,82 @@ class Supervisor:
             self.log_file.close()
 
 
-def start_supervisor(
-    env: Env, *, wrapper: Sequence[str] = (), name: str = "supervisor", **settings: str
-) -> Supervisor:
-    port = free_port()
-    variables = {
+class WorkerDir(Protocol):
+    """What a harness's per-test env holds for the processes it starts (Env, RqEnv)."""
+
+    tmp: Path
+    journal: Path
+    extra: dict[str, str]
+
+
+def worker_env(
+    env: WorkerDir,
+    *,
+    app: str,
+    port: int,
+    engine: Mapping[str, str],
+    settings: Mapping[str, str],
+) -> dict[str, str]:
+    """The environment of a spawned ``workerkit run``, built the same way for every engine.
+
+    This interpreter's environment with the repository on ``PYTHONPATH``, the journal, ``app``,
+    the short test timing, HTTP on ``port`` and JSON debug logs; then, each overriding what came
+    before: ``engine`` (what this engine needs), ``env.extra`` (names as they are) and
+    ``settings`` (the test's keyword arguments). In ``engine`` and ``settings`` a name already
+    spelled ``WORKERKIT_...`` or ``E2E_...`` stays; any other becomes ``WORKERKIT_<NAME>``.
+    """
+
+    def named(values: Mapping[str, str]) -> dict[str, str]:
+        return {
+            (k if k.startswith(("WORKERKIT_", "E2E_")) else f"WORKERKIT_{k.upper()}"): v
+            for k, v in values.items()
+        }
+
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         "E2E_JOURNAL": str(env.journal),
-        "WORKERKIT_APP": "tests.e2e.jobs_app:app",
-        "WORKERKIT_DATABASE_URL": env.database_url,
+        "WORKERKIT_APP": app,
         "WORKERKIT_GRACE_PERIOD": str(GRACE),
         "WORKERKIT_RELEASE_MARGIN": str(MARGIN),
         "WORKERKIT_CHECKPOINT_INTERVAL": "1",
-        "WORKERKIT_POLL_INTERVAL": "0.1",
         "WORKERKIT_HTTP_HOST": "127.0.0.1",
         "WORKERKIT_HTTP_PORT": str(port),
         "WORKERKIT_LOG_FORMAT": "json",
         "WORKERKIT_LOG_LEVEL": "debug",
+        **named(engine),
         **env.extra,
-        **{f"WORKERKIT_{key.upper()}": value for key, value in settings.items()},
+        **named(settings),
     }
-    return spawn_logged([*wrapper, *WORKERKIT, "run", "sql"], env.tmp, name, port, variables)
+
+
+def start_worker(
+    argv: Sequence[str],
+    env: WorkerDir,
+    *,
+    app: str,
+    name: str,
+    engine: Mapping[str, str],
+    settings: Mapping[str, str],
+    new_session: bool = False,
+) -> Supervisor:
+    """Start ``argv`` (a ``workerkit run ENGINE``) on a free HTTP port with :func:`worker_env`."""
+    port = free_port()
+    variables = worker_env(env, app=app, port=port, engine=engine, settings=settings)
+    return spawn_logged(argv, env.tmp, name, port, variables, new_session=new_session)
+
+
+def start_supervisor(
+    env: Env, *, wrapper: Sequence[str] = (), name: str = "supervisor", **settings: str
+) -> Supervisor:
+    return start_worker(
+        [*wrapper, *WORKERKIT, "run", "sql"],
+        env,
+        app="tests.apps.sql_jobs:app",
+        name=name,
+        engine={"database_url": env.database_url, "poll_interval": "0.1"},
+        settings=settings,
+    )
 
 
 def spawn_logged(
@@ -261,12 +322,16 @@ def spawn_logged(
 
 
 @contextlib.contextmanager
-def supervisor(env: Env, **kwargs: Any) -> Iterator[Supervisor]:
-    running = start_supervisor(env, **kwargs)
+def stopped_after(running: Supervisor) -> Iterator[Supervisor]:
+    """``running`` for a ``with`` block, stopped (whatever is left of it) at its end."""
     try:
         yield running
     finally:
         running.stop()
+
+
+def supervisor(env: Env, **kwargs: Any) -> contextlib.AbstractContextManager[Supervisor]:
+    return stopped_after(start_supervisor(env, **kwargs))
 
 
 def stop_gracefully(running: Supervisor) -> int:

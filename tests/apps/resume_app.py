@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 import workerkit
-from tests.e2e.jobs_app import record
+from tests.apps.journal import record
 from workerkit import current_job
 
 app = workerkit.App()

@@ -7,59 +7,56 @@ every run, so a test can check that no two runs of one job ever overlapped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 
+from tests.apps.journal import record
 from workerkit.engines.rq import RqApp
 from workerkit.job import current_job
 
-app = RqApp(modules=["tests.e2e.rq_jobs"])
+app = RqApp(modules=["tests.apps.rq_jobs"])
 
 
-def record(line: str) -> None:
-    # O_APPEND writes of one short line are atomic, so concurrent writers do not interleave.
-    fd = os.open(os.environ["E2E_JOURNAL"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+@contextlib.contextmanager
+def run_of(tag: str) -> Iterator[int]:
+    """Journal one run: ``begin``/``end`` with pid and time around it, ``start``, and ``done``
+    when it returns. Yields the step to resume from (the checkpoint)."""
+    job = current_job()
+    first = int(job.checkpoint or 0)
+    record(f"begin {tag} {os.getpid()} {time.time():.3f}")
+    record(f"start {tag} {job.attempt} from {first}")
     try:
-        os.write(fd, (line + "\n").encode())
+        yield first
+        record(f"done {tag}")
     finally:
-        os.close(fd)
+        record(f"end {tag} {os.getpid()} {time.time():.3f}")
 
 
 @app.task(timeout=60, checkpointed=True)
 def cooperative(tag: str, steps: int, step_seconds: float = 0.1) -> str:
     """Checkpoints every step; on a stop request saves and releases itself."""
     job = current_job()
-    first = int(job.checkpoint or 0)
-    record(f"begin {tag} {os.getpid()} {time.time():.3f}")
-    record(f"start {tag} {job.attempt} from {first}")
-    try:
+    with run_of(tag) as first:
         for step in range(first, steps):
             if job.stop_requested:
                 record(f"stop {tag} at {step}")
                 job.release(step)
             job.wait_for_stop(step_seconds)
             job.save_checkpoint(step + 1)
-        record(f"done {tag}")
-        return f"{tag} ok"
-    finally:
-        record(f"end {tag} {os.getpid()} {time.time():.3f}")
+    return f"{tag} ok"
 
 
 @app.task(timeout=60, checkpointed=True)
 def stubborn(tag: str, steps: int) -> str:
     """Checkpoints every 0.1 s step but ignores stop requests: only an interrupt ends it early."""
     job = current_job()
-    first = int(job.checkpoint or 0)
-    record(f"begin {tag} {os.getpid()} {time.time():.3f}")
-    record(f"start {tag} {job.attempt} from {first}")
-    try:
+    with run_of(tag) as first:
         for step in range(first, steps):
             time.sleep(0.1)
             job.save_checkpoint(step + 1)
-        record(f"done {tag}")
-        return f"{tag} ok"
-    finally:
-        record(f"end {tag} {os.getpid()} {time.time():.3f}")
+    return f"{tag} ok"
 
 
 @app.task(timeout=30)

@@ -1,6 +1,7 @@
 """A worker process for the idempotency tests: runs one idempotent task and journals what it did.
 
-``python -m tests.idempotency_proc STORE KEY JOURNAL MODE [--go FILE] [--finish FILE] [--ip S]``
+``python -m tests.support.idempotency_proc STORE KEY JOURNAL MODE [--go FILE] [--finish FILE]
+[--ip S]``
 
 ``STORE`` is ``sql:<database url>`` or ``redis:<redis url>``. Each line of ``JOURNAL`` (this
 process's own file) is a JSON object with ``pid`` and ``event``:
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     @idempotent(
         key=lambda **_: options.key,
         store=store,
-        name="tests.idempotency_proc.work",
+        name="tests.support.idempotency_proc.work",
         in_progress_expiry=options.ip,
         retention=3600,
     )

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from tests import servers
+from tests.support import servers
 from workerkit.engines.base import NewJob
 from workerkit.engines.sql import SqlQueue
 from workerkit.engines.sql.db import (

@@ -10,19 +10,11 @@ from __future__ import annotations
 import os
 import time
 
+from tests.apps.journal import record
 from workerkit.app import App
 from workerkit.job import current_job
 
 app = App()
-
-
-def record(line: str) -> None:
-    # O_APPEND writes of one short line are atomic, so concurrent writers do not interleave.
-    fd = os.open(os.environ["E2E_JOURNAL"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 @app.task(name="sleep", timeout=60)

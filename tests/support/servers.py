@@ -247,6 +247,21 @@ def wait_until(
         time.sleep(POLL_INTERVAL)
 
 
+def _ready_or_port_taken(
+    proc: _Process, ready: Callable[[], bool], what: str, *, retry: bool
+) -> bool:
+    """Wait until ``ready()``: True; False (the process stopped) when the server lost its port
+    to another process and ``retry`` allows another attempt; otherwise stop it and raise."""
+    try:
+        wait_until(ready, proc, what=what)
+    except BaseException as exc:
+        proc.stop()
+        if isinstance(exc, ServerUnavailableError) and retry and _address_in_use(proc.log()):
+            return False
+        raise
+    return True
+
+
 def _address_in_use(log: str) -> bool:
     return bool(re.search(r"address already in use", log, re.IGNORECASE))
 
@@ -265,15 +280,11 @@ def find_redis_server() -> str:
     return path
 
 
-@dataclass
-class RedisServer:
-    host: str
-    port: int
+class _Owned:
+    """A server process of ours and its temporary directory, both gone after :meth:`stop`."""
+
     directory: Path
     process: _Process
-
-    def url(self, db: int = 0) -> str:
-        return f"redis://{self.host}:{self.port}/{db}"
 
     @property
     def pid(self) -> int:
@@ -284,6 +295,17 @@ class RedisServer:
             self.process.stop()
         finally:
             _remove_temp_dir(self.directory)
+
+
+@dataclass
+class RedisServer(_Owned):
+    host: str
+    port: int
+    directory: Path
+    process: _Process
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://{self.host}:{self.port}/{db}"
 
 
 def start_redis(*, attempts: int = 3) -> RedisServer:
@@ -329,17 +351,9 @@ def start_redis(*, attempts: int = 3) -> RedisServer:
                 finally:
                     client.close()
 
-            try:
-                wait_until(ping, proc, what=f"redis-server on {HOST}:{port}")
-            except BaseException as exc:
-                proc.stop()
-                if (
-                    isinstance(exc, ServerUnavailableError)
-                    and attempt < attempts
-                    and _address_in_use(proc.log())
-                ):
-                    continue  # another process took the port between free_port() and bind
-                raise
+            what = f"redis-server on {HOST}:{port}"
+            if not _ready_or_port_taken(proc, ping, what, retry=attempt < attempts):
+                continue  # another process took the port between free_port() and bind
             return RedisServer(HOST, port, directory, proc)
     except BaseException:
         _remove_temp_dir(directory)
@@ -421,7 +435,7 @@ def _make_postgres_dir(run_as: str | None) -> Path:
 
 
 @dataclass
-class PostgresServer:
+class PostgresServer(_Owned):
     host: str
     port: int
     user: str
@@ -436,16 +450,6 @@ class PostgresServer:
     def conninfo(self, dbname: str = "postgres") -> str:
         """A libpq connection string for psycopg."""
         return f"host={self.host} port={self.port} user={self.user} dbname={dbname}"
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stop(self) -> None:
-        try:
-            self.process.stop()
-        finally:
-            _remove_temp_dir(self.directory)
 
 
 def _run_initdb(bindir: Path, directory: Path, run_as: str | None) -> Path:
@@ -537,17 +541,9 @@ def start_postgres(*, attempts: int = 3) -> PostgresServer:
                     conn.execute("SELECT 1")
                 return True
 
-            try:
-                wait_until(ready, proc, what=f"postgres on {HOST}:{port}")
-            except BaseException as exc:
-                proc.stop()
-                if (
-                    isinstance(exc, ServerUnavailableError)
-                    and attempt < attempts
-                    and _address_in_use(proc.log())
-                ):
-                    continue  # another process took the port between free_port() and bind
-                raise
+            what = f"postgres on {HOST}:{port}"
+            if not _ready_or_port_taken(proc, ready, what, retry=attempt < attempts):
+                continue  # another process took the port between free_port() and bind
             return server
     except BaseException:
         _remove_temp_dir(directory)

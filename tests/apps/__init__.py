@@ -1,0 +1,1 @@
+"""Apps the tests run: workers import them by module path (``--app``, ``WORKERKIT_APP``)."""

@@ -1,0 +1,76 @@
+"""Celery tasks for the end-to-end tests: each writes every execution to the journal.
+
+The worker imports this app (``--app tests.apps.celery_jobs:app``); the journal is the file
+named by ``E2E_JOURNAL`` (one line per event, with the pid and a timestamp), so tests can assert
+what happened to each task, including that two executions never overlapped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from celery import Celery
+
+import workerkit
+
+__all__ = ("app", "noop", "poison", "steps", "stubborn")
+
+app = Celery("e2e", broker=os.environ.get("E2E_REDIS_URL", "redis://127.0.0.1:6379/1"))
+app.conf.update(broker_connection_retry_on_startup=True, task_default_queue="celery")
+
+
+def _journal(*fields: object) -> None:
+    path = os.environ.get("E2E_JOURNAL")
+    if not path:
+        return
+    line = " ".join(str(f) for f in fields)
+    with open(path, "a") as journal:
+        journal.write(f"{line} pid={os.getpid()} t={time.time():.3f}\n")
+
+
+@app.task(name="noop")
+def noop(label: str) -> str:
+    _journal("noop", label)
+    return label
+
+
+@app.task(name="steps", workerkit_checkpointed=True)
+def steps(label: str, total: int, step_seconds: float = 1.0) -> int:
+    """``total`` steps of ``step_seconds``; checkpoints after each; releases itself when asked."""
+    job = workerkit.current_job()
+    done = int(job.checkpoint or 0)
+    _journal("start", label, f"from={done}", f"attempt={job.attempt}")
+    try:
+        while done < total:
+            if job.stop_requested:
+                _journal("release", label, f"at={done}")
+                job.release(done)
+            job.wait_for_stop(step_seconds)
+            if job.stop_requested:
+                continue
+            done += 1
+            job.save_checkpoint(done, force=True)
+    except BaseException as exc:
+        _journal("end", label, type(exc).__name__)
+        raise
+    _journal("end", label, "done")
+    _journal("done", label)
+    return done
+
+
+@app.task(name="stubborn")
+def stubborn(label: str, seconds: float) -> None:
+    """Ignores stop requests: only the release deadline can end it."""
+    _journal("start", label)
+    time.sleep(seconds)
+    _journal("end", label, "done")
+    _journal("done", label)
+
+
+@app.task(name="poison", workerkit_max_attempts=3)
+def poison(label: str) -> None:
+    """Kills the process that runs it, every time (an out-of-memory kill, a segfault)."""
+    _journal("start", label)
+    os.kill(os.getpid(), signal.SIGKILL)

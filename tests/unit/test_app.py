@@ -1,0 +1,106 @@
+"""workerkit.app: registering tasks, and what an enqueue puts on the queue (in memory here)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from workerkit.app import App, EnqueueOptions, decode_payload, encode_payload
+from workerkit.errors import ConfigurationError, PayloadError, PayloadTooLarge
+from workerkit.testing import InMemoryQueue
+
+
+def queued(app: App, job_id: str) -> dict[str, object]:
+    job = app.backend.get_job(job_id)  # type: ignore[attr-defined]
+    assert job is not None, job_id
+    return dict(job)
+
+
+def test_a_task_is_named_after_its_function_and_runs_here_when_called() -> None:
+    app = App(backend=InMemoryQueue())
+
+    @app.task
+    def add(a: int, b: int) -> int:
+        """Adds."""
+        return a + b
+
+    assert add.name == f"{__name__}.{add.fn.__qualname__}"
+    assert app.tasks[add.name] is add
+    assert (add(2, 3), add.__doc__) == (5, "Adds.")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_attempts": 0}, "max_attempts must be at least 1"),
+        ({"timeout": 0}, "timeout must be above 0 seconds"),
+    ],
+)
+def test_impossible_task_options_are_refused(options: dict[str, float], message: str) -> None:
+    app = App(backend=InMemoryQueue())
+    with pytest.raises(ConfigurationError, match=message):
+        app.task(name="t", **options)(lambda: None)  # type: ignore[call-overload]
+
+
+def test_a_task_name_is_registered_once() -> None:
+    app = App(backend=InMemoryQueue())
+    app.task(name="t")(lambda: None)
+    with pytest.raises(ConfigurationError, match="registered twice"):
+        app.task(name="t")(lambda: None)
+
+
+def test_enqueue_uses_the_tasks_queue_and_attempts_and_the_options_of_the_call() -> None:
+    app = App(backend=InMemoryQueue())
+
+    @app.task(name="send", queue="emails", max_attempts=5)
+    def send(to: str) -> None:
+        del to
+
+    first = queued(app, send.enqueue("a@example.com"))
+    assert (first["task"], first["queue"], first["max_attempts"]) == ("send", "emails", 5)
+    assert json.loads(str(first["payload"])) == {"args": ["a@example.com"], "kwargs": {}}
+
+    before = time.time()
+    job_id = send.configure(queue="urgent", delay=60, job_id="once").enqueue(to="b@example.com")
+    assert job_id == "once"
+    second = queued(app, "once")
+    assert second["queue"] == "urgent"
+    assert float(str(second["run_at"])) >= before + 60
+    # The same job id again: nothing new, the same id back.
+    assert send.configure(job_id="once").enqueue("c@example.com") == "once"
+    assert json.loads(str(queued(app, "once")["payload"]))["kwargs"] == {"to": "b@example.com"}
+
+
+def test_enqueue_by_name_needs_no_registered_task() -> None:
+    app = App(backend=InMemoryQueue())
+    job_id = app.enqueue("elsewhere.task", [1], {}, EnqueueOptions(queue="q"))
+    assert (queued(app, job_id)["task"], queued(app, job_id)["queue"]) == ("elsewhere.task", "q")
+
+
+def test_delay_and_run_at_together_are_refused() -> None:
+    app = App(backend=InMemoryQueue())
+    task = app.task(name="t")(lambda: None)
+    with pytest.raises(ConfigurationError, match="delay or run_at, not both"):
+        task.configure(delay=1, run_at=time.time())
+
+
+def test_payloads_round_trip_and_refuse_what_is_not_json_or_too_large() -> None:
+    text = encode_payload("t", (1, "a"), {"k": [True, None]}, cap=1000)
+    assert decode_payload(text) == ([1, "a"], {"k": [True, None]})
+    with pytest.raises(PayloadError, match="arguments must be JSON"):
+        encode_payload("t", (object(),), {}, cap=1000)
+    with pytest.raises(PayloadTooLarge, match="over max_payload_bytes=10"):
+        encode_payload("t", ("x" * 20,), {}, cap=10)
+    for bad in ("not json", "[1]", '{"args": {}}'):
+        with pytest.raises(PayloadError):
+            decode_payload(bad)
+
+
+def test_retry_delays_grow_with_jitter_up_to_the_cap() -> None:
+    app = App(backend=InMemoryQueue())
+    task = app.task(name="t", retry_backoff=2.0, retry_backoff_max=10.0)(lambda: None)
+    for attempt, step in [(1, 2.0), (2, 4.0), (3, 8.0), (4, 10.0), (9, 10.0)]:
+        for _ in range(20):
+            assert step / 2 <= task.retry_delay(attempt) <= step

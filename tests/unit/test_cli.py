@@ -1,0 +1,79 @@
+"""The ``workerkit`` command through click's runner: its commands, exit codes and messages.
+
+``workerkit check`` has its own byte-for-byte test (test_check_golden.py); ``workerkit run``
+runs real processes in tests/e2e. Here: the group, ``db`` and ``enqueue`` on a SQLite file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from workerkit import exitcodes
+from workerkit.cli import main
+from workerkit.engines.sql import SqlQueue
+from workerkit.settings import ENV_PREFIX, Settings
+
+
+def invoke(*args: str) -> Result:
+    cleared: dict[str, str | None] = {k: None for k in os.environ if k.startswith(ENV_PREFIX)}
+    return CliRunner().invoke(main, list(args), env=cleared, catch_exceptions=False)
+
+
+@pytest.fixture
+def url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.chdir(tmp_path)  # no workerkit.toml or pyproject.toml to find
+    return f"sqlite:///{tmp_path / 'queue.sqlite3'}"
+
+
+def test_the_group_lists_its_commands_and_its_version(url: str) -> None:
+    del url
+    listed = invoke("--help")
+    assert listed.exit_code == 0
+    for command in ("check", "db", "enqueue", "run"):
+        assert f"  {command} " in listed.stdout
+    version = invoke("--version")
+    assert version.exit_code == 0
+    assert "version" in version.stdout
+
+
+def test_db_check_fails_until_db_upgrade_has_run(url: str) -> None:
+    before = invoke("db", "check", "--database-url", url)
+    assert before.exit_code == exitcodes.CHECK_FAILED
+    upgraded = invoke("db", "upgrade", "--database-url", url)
+    assert upgraded.exit_code == exitcodes.OK
+    assert upgraded.stdout.startswith("schema is at revision ")
+    after = invoke("db", "check", "--database-url", url)
+    assert after.exit_code == exitcodes.OK, after.stdout
+
+
+def test_enqueue_puts_one_job_on_the_queue_and_prints_its_id(url: str) -> None:
+    assert invoke("db", "upgrade", "--database-url", url).exit_code == exitcodes.OK
+    args = ("enqueue", "send_email", "--args", '["a@example.com"]', "--job-id", "job-1")
+    result = invoke(*args, "--database-url", url)
+    assert result.exit_code == exitcodes.OK
+    assert result.stdout.strip() == "job-1"
+    queue = SqlQueue(url, settings=Settings(database_url=url))
+    try:
+        job = queue.get_job("job-1")
+    finally:
+        queue.close()
+    assert job is not None
+    assert (job["task"], job["state"]) == ("send_email", "ready")
+    assert json.loads(job["payload"]) == {"args": ["a@example.com"], "kwargs": {}}
+
+
+def test_enqueue_refuses_arguments_that_are_not_json(url: str) -> None:
+    result = CliRunner().invoke(main, ["enqueue", "t", "--args", "[1,", "--database-url", url])
+    assert result.exit_code == exitcodes.CONFIG_ERROR  # click's usage error
+    assert "not JSON" in result.stderr
+
+
+def test_a_bad_setting_is_a_configuration_error(url: str) -> None:
+    result = invoke("db", "check", "--database-url", url, "--grace-period", "soon")
+    assert result.exit_code == exitcodes.CONFIG_ERROR
+    assert "workerkit: configuration error: setting 'grace_period'" in result.stderr

@@ -1,0 +1,56 @@
+"""workerkit.loading: the ``MODULE:ATTRIBUTE`` strings of ``--app`` and ``WORKERKIT_APP``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+import workerkit
+from workerkit.errors import AppImportError, ConfigurationError
+from workerkit.loading import import_app
+
+
+def test_a_module_attribute_is_imported() -> None:
+    # Looked up afresh: the golden test re-imports tests.apps.golden_apps on purpose.
+    app = import_app("tests.apps.golden_apps:docs_app")
+    assert app is importlib.import_module("tests.apps.golden_apps").docs_app
+    assert isinstance(app, workerkit.App)
+
+
+def test_a_dotted_attribute_is_followed() -> None:
+    assert import_app("tests.apps.golden_apps:docs_app.__class__") is workerkit.App
+
+
+@pytest.mark.parametrize("spec", ["tests.apps.golden_apps", ":app", "tests.apps.golden_apps:"])
+def test_a_spec_without_module_and_attribute_is_refused(spec: str) -> None:
+    with pytest.raises(AppImportError, match="must look like MODULE:ATTRIBUTE"):
+        import_app(spec)
+
+
+def test_a_missing_module_or_attribute_says_which() -> None:
+    with pytest.raises(AppImportError, match=r"cannot import module 'tests\.apps\.nothing_here'"):
+        import_app("tests.apps.nothing_here:app")
+    with pytest.raises(AppImportError, match="has no attribute 'no_app'"):
+        import_app("tests.apps.golden_apps:no_app")
+
+
+def test_the_error_is_a_configuration_error() -> None:
+    # The CLI turns configuration errors into its CONFIG_ERROR exit code.
+    with pytest.raises(ConfigurationError):
+        import_app("nope")
+
+
+def test_the_working_directory_is_searched_like_celery_a_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "loading_probe_tasks.py").write_text("app = object()\nname = 'probe'\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "loading_probe_tasks", raising=False)
+    try:
+        assert import_app("loading_probe_tasks:name") == "probe"
+    finally:
+        sys.modules.pop("loading_probe_tasks", None)
