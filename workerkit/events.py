@@ -1,4 +1,4 @@
-"""Typed events and commands between job-running processes and their supervisor, and the client.
+"""Typed events and commands between job-running processes and their supervisor; the senders.
 
 Each message is one JSON object on one line over a Unix socket (``WORKERKIT_SUPERVISOR_SOCKET``);
 docs/operations/lifecycle.md describes every message and field. :func:`decode` is the one place
@@ -9,6 +9,7 @@ of sharing the parent's socket, whose bytes would interleave with the parent's.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -23,12 +24,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Literal, NamedTuple, overload
 
 __all__ = (
+    "BATCH_DELAY",
     "COMMANDS",
     "EVENT_TYPES",
     "IDEMPOTENCY_OUTCOMES",
     "OUTCOMES",
     "SOCKET_ENV",
     "BadMessage",
+    "BatchingSender",
     "CheckpointSaved",
     "Command",
     "CommandMessage",
@@ -47,6 +50,7 @@ __all__ = (
     "JobsFinished",
     "Message",
     "Outcome",
+    "Pending",
     "QueueStats",
     "Release",
     "RequestStop",
@@ -57,11 +61,14 @@ __all__ = (
     "decode",
     "decode_message",
     "encode",
+    "encode_batch",
 )
 
 log = logging.getLogger(__name__)
 
 SOCKET_ENV: Final = "WORKERKIT_SUPERVISOR_SOCKET"
+#: How long a :class:`BatchingSender`'s event may wait to share one write with the next ones.
+BATCH_DELAY: Final = 0.1
 
 EventType = Literal[
     "hello",
@@ -385,6 +392,37 @@ def _same(value: object) -> object:
     return value
 
 
+def _set_slots_directly(cls: type[Any]) -> None:
+    """Give an event class an ``__init__`` that sets its slots directly (same signature).
+
+    The one dataclasses writes for a frozen class calls ``object.__setattr__`` per field, which
+    doubles the cost of building an event: a worker builds two per job, the supervisor one per
+    line it reads. Like dataclasses, it is compiled from the class's own field names.
+    """
+    scope: dict[str, Any] = {"FACTORY": _same}
+    params, body = ["self"], []
+    for f in dataclasses.fields(cls):
+        scope[f"set_{f.name}"] = getattr(cls, f.name).__set__
+        if f.default_factory is not dataclasses.MISSING:
+            scope[f"new_{f.name}"] = f.default_factory
+            params.append(f"{f.name}=FACTORY")
+            body.append(f"if {f.name} is FACTORY: {f.name} = new_{f.name}()")
+        elif f.default is not dataclasses.MISSING:
+            scope[f"default_{f.name}"] = f.default
+            params.append(f"{f.name}=default_{f.name}")
+        else:
+            params.append(f.name)
+        body.append(f"set_{f.name}(self, {f.name})")
+    source = f"def __init__({', '.join(params)}):\n    " + "\n    ".join(body)
+    exec(source, scope)  # noqa: S102
+    scope["__init__"].__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = scope["__init__"]
+
+
+for _event_class in _EVENT_CLASSES:
+    _set_slots_directly(_event_class)
+del _event_class
+
 _SCHEMAS: Final[dict[str, tuple[type[Any], tuple[_Field, ...]]]] = {
     cls.name: (cls, tuple(_field(f) for f in dataclasses.fields(cls))) for cls in _EVENT_CLASSES
 }
@@ -393,6 +431,12 @@ _COMMANDS_BY_NAME: Final[dict[str, CommandMessage]] = {cls.name: cls() for cls i
 _BODIES: Final[dict[type[Any], tuple[str, ...]]] = {
     cls: tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("pid", "ts"))
     for cls in _EVENT_CLASSES
+}
+#: The envelope fields an event may set itself (a Hello's pid, a Heartbeat's ts).
+_OWN_ENVELOPE: Final[dict[type[Any], tuple[str, ...]]] = {
+    cls: names
+    for cls in _EVENT_CLASSES
+    if (names := tuple(f.name for f in dataclasses.fields(cls) if f.name in ("pid", "ts")))
 }
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), default=str)
 _ABSENT: Final = object()
@@ -455,17 +499,58 @@ def encode(
     and a :class:`Heartbeat`'s own ts, when set, win). The bytes are what a sender writes with
     ``EventClient.send(name, **fields)`` and the same fields in the dataclass's order.
     """
-    if isinstance(item, _COMMAND_CLASSES):
+    body = _BODIES.get(type(item))
+    if body is None:
         return _line({"cmd": item.name})
-    own_pid, own_ts = getattr(item, "pid", None), getattr(item, "ts", None)
     message = {
         "type": item.name,
-        "pid": own_pid if own_pid is not None else os.getpid() if pid is None else pid,
-        "ts": own_ts if own_ts is not None else time.time() if ts is None else ts,
+        "pid": os.getpid() if pid is None else pid,
+        "ts": time.time() if ts is None else ts,
     }
-    for name in _BODIES[type(item)]:
+    for name in _OWN_ENVELOPE.get(type(item), ()):
+        if (own := getattr(item, name)) is not None:
+            message[name] = own
+    for name in body:
         message[name] = getattr(item, name)
     return _line(message)
+
+
+#: An event not yet written, and the wall time it was sent at.
+Pending = tuple[Event, float]
+
+
+def encode_batch(pid: int, batch: list[Pending]) -> bytes:
+    """A batch's lines (as :func:`encode` writes each), consecutive finishes as one line.
+
+    Consecutive :class:`JobFinished` become one :class:`JobsFinished`; a :class:`JobStarted`
+    whose job succeeds later in the batch is left out (the supervisor would add the delivery to
+    those in flight and remove it at once). Only *consecutive* finishes merge, so a job
+    finished, requeued and started again within one batch still reads in that order.
+    """
+    lines: list[bytes] = []
+    done: set[str] = set()  # the jobs that succeeded later in the batch
+    finished: list[list[Any]] = []  # JobsFinished.jobs as written: a list per job
+    for event, ts in reversed(batch):  # one pass, from the end: a start knows what follows
+        if type(event) is JobFinished:
+            if event.outcome == "succeeded":
+                done.add(event.job_id)
+            finished.append([event.job_id, event.task, event.queue, event.outcome, event.duration])
+            continue
+        if type(event) is JobStarted and event.job_id in done:
+            continue
+        if finished:
+            lines.append(_jobs_finished(pid, finished))
+            finished = []
+        lines.append(encode(event, pid=pid, ts=ts))
+    if finished:
+        lines.append(_jobs_finished(pid, finished))
+    lines.reverse()
+    return b"".join(lines)
+
+
+def _jobs_finished(pid: int, reversed_jobs: list[list[Any]]) -> bytes:
+    reversed_jobs.reverse()
+    return _line({"type": "jobs_finished", "pid": pid, "ts": time.time(), "jobs": reversed_jobs})
 
 
 # --- the client ---------------------------------------------------------------------------------
@@ -539,7 +624,7 @@ class EventClient:
     def writer(self) -> Iterator[Callable[[bytes], None] | None]:
         """Hold the send lock; yield a function that writes already-encoded event lines.
 
-        For engines that batch events: nothing else this client sends is written in the middle
+        For :class:`BatchingSender`: nothing else this client sends is written in the middle
         of the batch, and of two batches the one prepared first is written first. Yields None
         when the supervisor cannot be reached. Write errors are dropped as in :meth:`send`.
         """
@@ -596,6 +681,70 @@ class EventClient:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+
+class BatchingSender:
+    """Sends a process's frequent events (its jobs') in batches: one write per batch.
+
+    An event goes out at once only when nothing went out in the last ``delay`` (an idle worker
+    reports at once); under load a flusher thread writes what gathered, in one write (see
+    :func:`encode_batch`), at most ``delay`` later. Thread-safe; one per process (a forked
+    child makes its own). docs/operations/lifecycle.md says when the delay is harmless.
+    """
+
+    def __init__(self, client: EventClient, *, delay: float = BATCH_DELAY) -> None:
+        self.pid = os.getpid()
+        self.client = client
+        self.delay = delay
+        # Encoded when written: a JobStarted whose job succeeds in the same batch never is.
+        self._queue: collections.deque[Pending] = collections.deque()
+        self._wake = threading.Event()
+        self._last_write = 0.0
+        self._flusher: threading.Thread | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.client.connected
+
+    def send(self, event: Event) -> None:
+        if not self.client.connected:
+            return
+        # deque.append and popleft are atomic: the senders' threads and the flusher share the
+        # queue without a lock.
+        self._queue.append((event, time.time()))
+        if time.monotonic() - self._last_write >= self.delay:
+            self.flush()
+        elif not self._wake.is_set():
+            if self._flusher is None:
+                self._flusher = threading.Thread(
+                    target=self._flush_later, name="workerkit-events", daemon=True
+                )
+                self._flusher.start()
+            self._wake.set()
+
+    def flush(self) -> None:
+        """Write every event that gathered, in one write."""
+        # The client's send lock: its other events are never written in the middle of ours,
+        # and of two flushes, the one that took the older events writes them first.
+        with self.client.writer() as write:
+            if write is None:
+                self._queue.clear()
+                return
+            batch = []
+            with contextlib.suppress(IndexError):
+                while True:
+                    batch.append(self._queue.popleft())
+            if not batch:
+                return
+            self._last_write = time.monotonic()
+            write(encode_batch(self.pid, batch))
+
+    def _flush_later(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(self.delay)
+            self._wake.clear()
+            self.flush()
 
 
 _client: EventClient | None = None
