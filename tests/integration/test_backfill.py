@@ -23,6 +23,7 @@ from workerkit.engines.base import Delivery, NewJob
 from workerkit.engines.sql import SqlQueue, upgrade
 from workerkit.engines.sql.worker import NativeWorker
 from workerkit.errors import ConfigurationError, LeaseLost
+from workerkit.events import JobFinished
 from workerkit.job import JobContext
 from workerkit.settings import Settings
 
@@ -72,7 +73,7 @@ class Backfill:
         return int(self.job()["checkpoint"] or 0)
 
     def outcomes(self) -> list[str]:
-        return [e["outcome"] for e in self.events.of_type("job_finished")]
+        return [e.outcome for e in self.events.of_type(JobFinished)]
 
     def close(self) -> None:
         for worker, thread in self.workers:

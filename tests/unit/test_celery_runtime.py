@@ -11,7 +11,7 @@ pytest.importorskip("celery")
 from celery import Celery
 
 from workerkit.engines.celery.runtime import Runtime
-from workerkit.engines.celery.task_events import TaskEvents
+from workerkit.events import BatchingSender
 from workerkit.settings import Settings
 
 
@@ -25,7 +25,7 @@ def test_a_forked_child_drops_the_parents_event_sender_and_keeps_the_rest() -> N
     if pid == 0:  # the child: report through the exit code, never return into pytest
         ok = (
             runtime.task_events is None
-            and isinstance(runtime.open_task_events(), TaskEvents)
+            and isinstance(runtime.open_task_events(), BatchingSender)
             and runtime.task_events is not parent_events
             and runtime.task_events.pid == os.getpid()
             and runtime.stop_requested.is_set()  # a stop asked before the fork still holds

@@ -16,6 +16,7 @@ from celery.exceptions import Reject, Retry
 from workerkit import errors
 from workerkit.engines.celery.runtime import Runtime
 from workerkit.engines.celery.task import AttemptsExhausted, run_job
+from workerkit.events import Event, JobFinished, JobStarted
 from workerkit.settings import Settings
 
 
@@ -25,10 +26,10 @@ class Recorder:
     connected = True
 
     def __init__(self) -> None:
-        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.sent: list[Event] = []
 
-    def send(self, event_type: str, **fields: Any) -> None:
-        self.sent.append((event_type, fields))
+    def send(self, event: Event) -> None:
+        self.sent.append(event)
 
     def flush(self) -> None:
         pass
@@ -70,10 +71,11 @@ def runtime() -> Runtime:
 
 def finished(runtime: Runtime) -> str:
     recorder: Recorder = runtime.task_events  # type: ignore[assignment]
-    assert [t for t, _ in recorder.sent] == ["job_started", "job_finished"]
-    fields = recorder.sent[1][1]
-    assert (fields["job_id"], fields["task"], fields["queue"]) == ("job-1", "tests.t", "q")
-    return str(fields["outcome"])
+    assert [type(e) for e in recorder.sent] == [JobStarted, JobFinished]
+    event = recorder.sent[1]
+    assert isinstance(event, JobFinished)
+    assert (event.job_id, event.task, event.queue) == ("job-1", "tests.t", "q")
+    return event.outcome
 
 
 def raising(exc: BaseException) -> Any:

@@ -1,4 +1,4 @@
-"""The event protocol: typed events and commands, their one encoder and decoder, the client."""
+"""The event protocol: typed events and commands, their encoder and decoder, the senders."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from workerkit.events import (
     EVENT_TYPES,
     BadMessage,
+    BatchingSender,
     CheckpointSaved,
     Event,
     EventClient,
@@ -28,6 +29,8 @@ from workerkit.events import (
     JobHeartbeat,
     JobsFinished,
     JobStarted,
+    Outcome,
+    Pending,
     QueueStats,
     Release,
     RequestStop,
@@ -37,6 +40,7 @@ from workerkit.events import (
     decode,
     decode_message,
     encode,
+    encode_batch,
 )
 
 DELIVERY = {"job_id": "j1", "token": "tok", "queue": "default"}
@@ -241,3 +245,88 @@ def test_a_client_without_a_supervisor_drops_events_quietly() -> None:
     client.send(Heartbeat(running=1))
     client.send("heartbeat", running=1)
     assert not client.connected
+
+
+# --- the batching sender: what one write to the supervisor carries ------------------------------
+
+
+def started(job_id: str) -> Pending:
+    return (JobStarted(job_id, "t", "q", 1), 1.0)
+
+
+def finished(job_id: str, outcome: Outcome = "succeeded") -> Pending:
+    return (JobFinished(job_id, "t", "q", outcome, 0.5), 2.0)
+
+
+def batch_lines(batch: list[Pending]) -> list[dict[str, Any]]:
+    data = encode_batch(7, batch)
+    assert data.endswith(b"\n")
+    # The wire format, and that the supervisor's decoder accepts every line of it.
+    out = [json.loads(line) for line in data.splitlines()]
+    assert not [line for line in data.splitlines() if isinstance(decode(line), BadMessage)]
+    assert all(m["pid"] == 7 for m in out)
+    return out
+
+
+def test_jobs_that_started_and_succeeded_in_one_batch_are_one_jobs_finished_line() -> None:
+    out = batch_lines([started("a"), finished("a"), started("b"), finished("b")])
+    assert [m["type"] for m in out] == ["jobs_finished"]
+    assert out[0]["jobs"] == [["a", "t", "q", "succeeded", 0.5], ["b", "t", "q", "succeeded", 0.5]]
+
+
+def test_a_start_is_kept_when_its_job_is_still_running_or_did_not_succeed() -> None:
+    out = batch_lines([started("a"), finished("a", "released"), started("b")])
+    assert [m["type"] for m in out] == ["job_started", "jobs_finished", "job_started"]
+    assert [out[0]["job_id"], out[2]["job_id"]] == ["a", "b"]
+    assert out[0]["ts"] == 1.0  # an event keeps the time it was sent at
+
+
+def test_only_consecutive_finishes_merge_so_the_order_of_a_job_is_kept() -> None:
+    # Released, then redelivered and started again within one batch: the finish of the first
+    # run must reach the supervisor before the start of the second.
+    out = batch_lines([started("a"), finished("a", "released"), started("a"), finished("x")])
+    assert [m["type"] for m in out] == [
+        "job_started",
+        "jobs_finished",
+        "job_started",
+        "jobs_finished",
+    ]
+    assert out[1]["jobs"] == [["a", "t", "q", "released", 0.5]]
+    assert out[3]["jobs"] == [["x", "t", "q", "succeeded", 0.5]]
+
+
+def test_other_events_keep_their_place_in_a_batch() -> None:
+    saved: Pending = (CheckpointSaved("a", "t", "q"), 1.5)
+    out = batch_lines([started("a"), saved, finished("a"), finished("b")])
+    assert [m["type"] for m in out] == ["checkpoint_saved", "jobs_finished"]
+    assert [job[0] for job in out[1]["jobs"]] == ["a", "b"]
+
+
+def test_the_batching_sender_writes_what_gathered_as_the_supervisor_reads_it(
+    server: tuple[str, socket.socket],
+) -> None:
+    path, listener = server
+    client = EventClient(path, role="celery-executor")
+    conn, _ = listener.accept()
+    sender = BatchingSender(client)
+    sender.send(started("a")[0])  # an idle worker's: written at once
+    sender.send(finished("a")[0])
+    sender.send(started("b")[0])
+    sender.flush()
+    client.close()
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    conn.close()
+    assert not [line for line in data.splitlines() if isinstance(decode(line), BadMessage)]
+    out = [json.loads(line) for line in data.splitlines()]
+    # An idle worker's first event at once; then what gathered (or, on a slow machine, each
+    # event alone): the same lines either way.
+    assert [(m["type"], m.get("job_id")) for m in out] == [
+        ("hello", None),
+        ("job_started", "a"),
+        ("jobs_finished", None),
+        ("job_started", "b"),
+    ]
+    assert out[2]["jobs"] == [["a", "t", "q", "succeeded", 0.5]]
+    assert all(m["pid"] == sender.pid for m in out)

@@ -63,7 +63,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> RecordingEvents:
 
 
 def outcomes(sent: RecordingEvents) -> list[str]:
-    return [e["outcome"] for e in sent.of_type("idempotency")]
+    return [e.outcome for e in sent.of_type(events_module.Idempotency)]
 
 
 class Charges:
@@ -378,15 +378,10 @@ def test_events_name_the_job_context_task_and_queue(
     with context.activate():
         charges.charge(7, 100)
     assert outcome_of(context) == "replayed"  # the engine reports a skipped duplicate
-    events = sent.of_type("idempotency")
-    assert events[0] == {
-        "type": "idempotency",
-        "task": "shop.charge",
-        "queue": "payments",
-        "outcome": "claimed",
-    }
-    assert events[1]["queue"] == ""
-    assert {e["outcome"] for e in events} <= IDEMPOTENCY_OUTCOMES
+    events = sent.of_type(events_module.Idempotency)
+    assert events[0] == events_module.Idempotency("shop.charge", "payments", "claimed")
+    assert events[1].queue == ""
+    assert {e.outcome for e in events} <= IDEMPOTENCY_OUTCOMES
     assert "idempotency" in events_module.EVENT_TYPES
 
 

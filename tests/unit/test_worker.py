@@ -5,29 +5,49 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from workerkit.app import App
 from workerkit.engines.base import NewJob
 from workerkit.engines.sql.worker import NativeWorker
+from workerkit.events import (
+    BadMessage,
+    CheckpointSaved,
+    CommandMessage,
+    Event,
+    Heartbeat,
+    JobFinished,
+    JobStarted,
+    StoreHealth,
+    WorkerReady,
+    decode,
+    encode,
+)
 from workerkit.job import current_job
 from workerkit.settings import Settings
 from workerkit.testing import InMemoryQueue
 
+E = TypeVar("E")
+
 
 class RecordingEvents:
-    """Stands in for the supervisor's channel: records events, lets a test send commands."""
+    """Stands in for the supervisor's channel: records events, lets a test send commands.
+
+    Each event is recorded as the supervisor decodes it from the line the client would write
+    (a malformed one is recorded as the :class:`BadMessage` the supervisor would log).
+    """
 
     def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
+        self.sent: list[Event | CommandMessage | BadMessage] = []
         self.handlers: list[Callable[[Any, dict[str, Any]], None]] = []
         self.lock = threading.Lock()
 
-    def send(self, event_type: str, **fields: Any) -> None:
+    def send(self, event: Event) -> None:
+        decoded = decode(encode(event))
         with self.lock:
-            self.sent.append({"type": event_type, **fields})
+            self.sent.append(decoded)
 
     def on_command(self, handler: Callable[[Any, dict[str, Any]], None]) -> None:
         self.handlers.append(handler)
@@ -36,9 +56,12 @@ class RecordingEvents:
         for handler in self.handlers:
             handler(name, {"cmd": name})
 
-    def of_type(self, event_type: str) -> list[dict[str, Any]]:
+    def of_type(self, event_type: type[E]) -> list[E]:
         with self.lock:
-            return [e for e in self.sent if e["type"] == event_type]
+            return [e for e in self.sent if isinstance(e, event_type)]
+
+    def bad(self) -> list[BadMessage]:
+        return self.of_type(BadMessage)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -85,7 +108,7 @@ class Harness:
         return str(job["state"])
 
     def outcomes(self) -> list[str]:
-        return [e["outcome"] for e in self.events.of_type("job_finished")]
+        return [e.outcome for e in self.events.of_type(JobFinished)]
 
 
 @pytest.fixture
@@ -95,6 +118,7 @@ def harness() -> Iterator[Harness]:
     if h.worker is not None and h.thread is not None and h.thread.is_alive():
         h.worker.request_release()
         h.thread.join(5)
+    assert not h.events.bad(), "the supervisor would log these as channel_bad_event"
 
 
 def test_runs_each_job_once_and_drains_on_stop(harness: Harness) -> None:
@@ -111,10 +135,10 @@ def test_runs_each_job_once_and_drains_on_stop(harness: Harness) -> None:
     assert sorted(harness.log) == [f"ran {n}" for n in range(5)]
     assert [harness.queue.get_job(i)["result"] for i in ids] == [0, 2, 4, 6, 8]  # type: ignore[index]
     assert harness.outcomes() == ["succeeded"] * 5
-    started = harness.events.of_type("job_started")
-    assert {e["job_id"] for e in started} == set(ids)
-    assert all(e["delivery"]["token"] for e in started)
-    assert harness.events.of_type("worker_ready")
+    started = harness.events.of_type(JobStarted)
+    assert {e.job_id for e in started} == set(ids)
+    assert all(e.delivery and e.delivery["token"] for e in started)
+    assert harness.events.of_type(WorkerReady)
 
 
 def test_a_failing_job_is_retried_with_backoff_then_succeeds(harness: Harness) -> None:
@@ -211,7 +235,7 @@ def test_cooperative_job_saves_checkpoint_and_releases_on_request_stop(harness: 
 
     job_id = cursor.enqueue(100_000)
     worker = harness.start()
-    wait_until(lambda: harness.events.of_type("checkpoint_saved") != [])
+    wait_until(lambda: harness.events.of_type(CheckpointSaved) != [])
     worker.stop_fetching()
     harness.events.command("request_stop")
     assert harness.join() == 0
@@ -299,9 +323,9 @@ def test_no_store_means_not_ready_and_no_claims(harness: Harness) -> None:
 
     job_id = never.enqueue()
     worker = harness.start()
-    wait_until(lambda: harness.events.of_type("store_health") != [])
-    assert harness.events.of_type("store_health")[0]["ok"] is False
-    assert not harness.events.of_type("worker_ready")
+    wait_until(lambda: harness.events.of_type(StoreHealth) != [])
+    assert harness.events.of_type(StoreHealth)[0].ok is False
+    assert not harness.events.of_type(WorkerReady)
     harness.queue.healthy = True
     wait_until(lambda: harness.state(job_id) == "succeeded", timeout=15)
     worker.stop_fetching()
@@ -330,10 +354,10 @@ def test_a_failed_claim_makes_the_store_not_ready_until_a_prompt_health_check(
     worker = harness.start()
     # Well before the health cadence (5 s): the failed claim asks for a health check at once.
     wait_until(lambda: harness.state(job_id) == "succeeded", timeout=3)
-    health = [(e["ok"], e["reason"]) for e in harness.events.of_type("store_health")]
+    health = [(e.ok, e.reason) for e in harness.events.of_type(StoreHealth)]
     assert (False, "claim failed: ConnectionError") in health
     assert health[-1][0] is True
-    assert len(harness.events.of_type("worker_ready")) == 2  # ready again after the failure
+    assert len(harness.events.of_type(WorkerReady)) == 2  # ready again after the failure
     worker.stop_fetching()
     assert harness.join() == 0
 
@@ -353,8 +377,8 @@ def test_heartbeats_go_on_while_a_claim_blocks(
     harness.queue.claim = slow_claim  # type: ignore[method-assign]
     worker = harness.start()
     assert blocked.wait(10)
-    before = len(harness.events.of_type("heartbeat"))
-    wait_until(lambda: len(harness.events.of_type("heartbeat")) >= before + 3, timeout=5)
+    before = len(harness.events.of_type(Heartbeat))
+    wait_until(lambda: len(harness.events.of_type(Heartbeat)) >= before + 3, timeout=5)
     unblock.set()
     worker.stop_fetching()
     assert harness.join() == 0

@@ -423,7 +423,7 @@ class Idempotency:
         if context is not None:
             with _job_outcomes_lock:
                 _job_outcomes[context] = outcome
-        events_module.client().send("idempotency", task=task, queue=queue, outcome=outcome)
+        events_module.client().send(events_module.Idempotency(task, queue, outcome))
         level = {
             "claimed": logging.DEBUG,
             "replayed": logging.INFO,

@@ -24,7 +24,16 @@ from typing import TYPE_CHECKING, Any, Final
 from workerkit import events as events_module
 from workerkit.engines.attempt import HEALTH_EVERY, HEARTBEAT_EVERY, Duty, Keeper, release_each
 from workerkit.engines.celery.ledger import Ledger
-from workerkit.engines.celery.task_events import EVENT_BATCH_DELAY, TaskEvents
+from workerkit.events import (
+    BATCH_DELAY,
+    BatchingSender,
+    Heartbeat,
+    JobFinished,
+    QueueStats,
+    StoreHealth,
+    WorkerReady,
+    WorkerStopping,
+)
 from workerkit.job import request_stop_all
 
 if TYPE_CHECKING:
@@ -58,7 +67,7 @@ class Runtime:
         #: starts with stop_requested already true.
         self.stop_requested = threading.Event()
         #: This process's per-task event sender, made at its first task (:meth:`open_task_events`).
-        self.task_events: TaskEvents | None = None
+        self.task_events: BatchingSender | None = None
         #: Celery Request classes made for this runtime, by their base class (see task.py).
         self.request_classes: dict[type[Any], type[Any]] = {}
         self._ledger: Ledger | None = None
@@ -76,11 +85,15 @@ class Runtime:
 
     # --- what each process has of its own -------------------------------------------------
 
-    def open_task_events(self) -> TaskEvents:
-        """This process's per-task event sender (a forked pool child makes its own)."""
+    def open_task_events(self) -> BatchingSender:
+        """This process's per-task event sender (a forked pool child makes its own).
+
+        The main process flushes it before its own last events and before it exits.
+        """
         current = self.task_events
         if current is None:
-            current = self.task_events = TaskEvents()
+            client = events_module.client("celery-executor")
+            current = self.task_events = BatchingSender(client)
         return current
 
     @property
@@ -159,12 +172,7 @@ class Runtime:
             return
         self._started = True
         self.events.on_command(self._on_command)
-        self.events.send(
-            "worker_ready",
-            engine="celery",
-            queues=list(self._queues()),
-            concurrency=self._concurrency(),
-        )
+        self.events.send(WorkerReady("celery", tuple(self._queues()), self._concurrency()))
         Keeper(
             self._duties(), log=log, name="workerkit-keeper", on_error=self._keeper_failed
         ).start()
@@ -193,7 +201,7 @@ class Runtime:
         os.read(self._wake_r, 1)
         self.draining = True
         held = self._in_hand()
-        self.events.send("worker_stopping", running=len(held))
+        self.events.send(WorkerStopping(len(held)))
         log.info("stopped consuming", extra={"event": "worker_stopping", "running": len(held)})
         self._on_loop(self._stop_consuming)
         while True:
@@ -265,9 +273,9 @@ class Runtime:
             return
         self.flush_events()
         if pool_pids(self.consumer):
-            # Pool children write their last job_finished events within EVENT_BATCH_DELAY of
-            # them; the acks (and so forget()) happen here in the main process, right after.
-            time.sleep(max(0.0, self._last_settled + EVENT_BATCH_DELAY * 1.5 - time.monotonic()))
+            # Pool children write their last job_finished events within BATCH_DELAY of them;
+            # the acks (and so forget()) happen here in the main process, right after.
+            time.sleep(max(0.0, self._last_settled + BATCH_DELAY * 1.5 - time.monotonic()))
         self._kill_pool()
         log.info("drained", extra={"event": "worker_drained"})
         logging.shutdown()
@@ -308,14 +316,8 @@ class Runtime:
                 if tag is None:
                     return False
                 ok = ledger.restore(tag, owners=(self.worker_id,))
-                self.events.send(
-                    "job_finished",
-                    job_id=str(request.id),
-                    task=request.name,
-                    queue=str(request.delivery_info.get("routing_key") or ""),
-                    outcome="released",
-                    duration=0.0,
-                )
+                queue = str(request.delivery_info.get("routing_key") or "")
+                self.events.send(JobFinished(str(request.id), request.name, queue, "released", 0.0))
                 return ok
 
             released = release_each(
@@ -346,7 +348,7 @@ class Runtime:
 
     def _keeper_failed(self, duty: Duty, exc: Exception) -> None:
         log.warning("keeper step failed", extra={"event": "keeper_failed", "error": str(exc)})
-        self.events.send("store_health", ok=False, reason=f"broker: {type(exc).__name__}")
+        self.events.send(StoreHealth(ok=False, reason=f"broker: {type(exc).__name__}"))
 
     def _renew_leases(self) -> None:
         tags = [t for t in (self._tag(r) for r in self._in_hand()) if t is not None]
@@ -354,7 +356,7 @@ class Runtime:
             self.ledger.refresh_leases(tags, self.worker_id, self.lease_ttl)
 
     def _heartbeat(self) -> None:
-        self.events.send("heartbeat", running=len(self._in_hand()))
+        self.events.send(Heartbeat(running=len(self._in_hand())))
 
     def _recovering(self) -> bool:
         return not self.draining  # after SIGTERM the worker leaves recovery to the others
@@ -362,11 +364,9 @@ class Runtime:
     def _report_health(self) -> None:
         ledger = self.ledger
         ledger.ping()
-        self.events.send("store_health", ok=True, reason="ok")
+        self.events.send(StoreHealth(ok=True, reason="ok"))
         with contextlib.suppress(Exception):
-            self.events.send(
-                "queue_stats", depth=ledger.depths(self._queues()), oldest_ready_age={}
-            )
+            self.events.send(QueueStats(depth=ledger.depths(self._queues()), oldest_ready_age={}))
 
     def _recover(self) -> None:
         ledger = self.ledger

@@ -25,11 +25,12 @@ from workerkit.engines.attempt import (
 )
 from workerkit.engines.celery.config import user_tasks
 from workerkit.engines.celery.ledger import CRASHES_HEADER, GEN_HEADER, Generation, count
+from workerkit.events import CheckpointSaved, JobFinished, JobOutcome, JobStarted
 from workerkit.job import JobContext
 
 if TYPE_CHECKING:
     from workerkit.engines.celery.runtime import Runtime
-    from workerkit.engines.celery.task_events import TaskEvents
+    from workerkit.events import BatchingSender
 
 __all__ = (
     "DEFAULT_MAX_ATTEMPTS",
@@ -71,7 +72,7 @@ class CeleryJobContext(JobContext):
         self,
         runtime: Runtime,
         task: Any,
-        events: TaskEvents,
+        events: BatchingSender,
         job_id: str,
         queue: str,
         attempt: int,
@@ -96,7 +97,7 @@ class CeleryJobContext(JobContext):
         )
 
     def _report_saved(self, ctx: JobContext) -> None:
-        self._events.send("checkpoint_saved", job_id=ctx.job_id, task=ctx.task, queue=ctx.queue)
+        self._events.send(CheckpointSaved(ctx.job_id, ctx.task, ctx.queue))
 
     @property
     def checkpoint(self) -> Any:
@@ -193,22 +194,15 @@ def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwa
     if runtime.stop_requested.is_set():
         context.request_stop()
     if events.connected:  # nothing to build for a worker run without a supervisor
-        events.send(
-            "job_started",
-            job_id=job_id,
-            task=task.name,
-            queue=queue,
-            attempt=attempt,
-            delivery={
-                "job_id": job_id,
-                "delivery_tag": delivery_tag(request),
-                "queue": queue,
-                "worker": runtime.worker_id,
-            },
-            queued_for=None,
-        )
+        delivery = {
+            "job_id": job_id,
+            "delivery_tag": delivery_tag(request),
+            "queue": queue,
+            "worker": runtime.worker_id,
+        }
+        events.send(JobStarted(job_id, task.name, queue, attempt, delivery, None))
     started = time.monotonic()
-    outcome = "failed"
+    outcome: JobOutcome = "failed"
     try:
         max_attempts = count(getattr(task, "workerkit_max_attempts", None)) or DEFAULT_MAX_ATTEMPTS
         if crashes >= max_attempts:
@@ -244,14 +238,7 @@ def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwa
         context.finish(bool(getattr(task, "workerkit_checkpointed", False)))
         return result
     finally:
-        events.send(
-            "job_finished",
-            job_id=job_id,
-            task=task.name,
-            queue=queue,
-            outcome=outcome,
-            duration=time.monotonic() - started,
-        )
+        events.send(JobFinished(job_id, task.name, queue, outcome, time.monotonic() - started))
 
 
 def _poison(task: str, job_id: str, crashes: int, max_attempts: int) -> AttemptsExhausted:

@@ -45,6 +45,18 @@ from workerkit.engines.attempt import (
     verdict_for,
 )
 from workerkit.errors import JobInterrupted, LeaseLost, PayloadError, SchemaOutOfDate, StoreError
+from workerkit.events import (
+    CheckpointSaved,
+    Heartbeat,
+    JobFinished,
+    JobHeartbeat,
+    JobStarted,
+    Outcome,
+    QueueStats,
+    StoreHealth,
+    WorkerReady,
+    WorkerStopping,
+)
 from workerkit.idempotency import outcome_of
 from workerkit.job import JobContext
 
@@ -101,7 +113,7 @@ class _Running:
     deadline: float  # monotonic
     thread: threading.Thread | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-    settled_as: str | None = None
+    settled_as: Outcome | None = None
 
 
 class NativeWorker:
@@ -211,7 +223,7 @@ class NativeWorker:
                     announced_stop = True
                     self._slot_freed.set()
                     running = self.running_count
-                    self.events.send("worker_stopping", running=running)
+                    self.events.send(WorkerStopping(running))
                     log.info(
                         "stopped fetching", extra={"event": "worker_stopping", "running": running}
                     )
@@ -238,7 +250,7 @@ class NativeWorker:
         for running in overdue:
             error = f"JobTimedOut: exceeded its timeout of {running.deadline - running.started:g}s"
 
-            def give_up(r: _Running, error: str = error) -> str:
+            def give_up(r: _Running, error: str = error) -> Outcome:
                 self._retry_or_fail(r, error)
                 return "timed_out"
 
@@ -253,7 +265,10 @@ class NativeWorker:
         ).released
 
     def _take_back(
-        self, running: _Running, write: Callable[[_Running], str], interrupt: type[BaseException]
+        self,
+        running: _Running,
+        write: Callable[[_Running], Outcome],
+        interrupt: type[BaseException],
     ) -> bool:
         """Settle a running job from the main thread, then interrupt its thread."""
         if not self._settle(running, write):
@@ -289,7 +304,7 @@ class NativeWorker:
         return min(self.settings.poll_interval, HEALTH_EVERY)
 
     def _heartbeat(self) -> None:
-        self.events.send("heartbeat", running=self.running_count)
+        self.events.send(Heartbeat(running=self.running_count))
 
     def _report_health(self) -> float | None:
         """Report the store's health (and queue stats); while not ready, check again sooner."""
@@ -306,24 +321,17 @@ class NativeWorker:
                 "ready" if ok else "not ready",
                 extra={"event": "store_health", "ok": ok, "reason": reason},
             )
-        self.events.send("store_health", ok=ok, reason=reason)
+        self.events.send(StoreHealth(ok, reason))
         if first:
             self.events.send(
-                "worker_ready",
-                engine=self.settings.engine,
-                queues=list(self.queues),
-                concurrency=self.concurrency,
+                WorkerReady(self.settings.engine, tuple(self.queues), self.concurrency)
             )
         if not ok:
             self._ready.clear()
             return self._unready_recheck
         with contextlib.suppress(Exception):
             stats = self.backend.stats(self.queues)
-            self.events.send(
-                "queue_stats",
-                depth=dict(stats.depth),
-                oldest_ready_age=dict(stats.oldest_ready_age),
-            )
+            self.events.send(QueueStats(dict(stats.depth), dict(stats.oldest_ready_age)))
         self._ready.set()  # after the events above, as when one thread did both
         return None
 
@@ -347,7 +355,7 @@ class NativeWorker:
 
     def _claim_failed(self, reason: str) -> None:
         self._ready.clear()
-        self.events.send("store_health", ok=False, reason=reason)
+        self.events.send(StoreHealth(ok=False, reason=reason))
         # Checked again at the keeper's next wake (min(poll_interval, 1 s) at most); the fetcher
         # waits for it, as it waited min(poll_interval, HEALTH_EVERY) before.
         self._upkeep.run_soon("health")
@@ -374,13 +382,14 @@ class NativeWorker:
         if delivery.enqueued_at is not None:
             queued_for = max(0.0, time.time() - delivery.enqueued_at)
         self.events.send(
-            "job_started",
-            job_id=delivery.job_id,
-            task=delivery.task,
-            queue=delivery.queue,
-            attempt=delivery.attempt,
-            delivery=delivery.ref(),
-            queued_for=queued_for,
+            JobStarted(
+                delivery.job_id,
+                delivery.task,
+                delivery.queue,
+                delivery.attempt,
+                delivery.ref(),
+                queued_for,
+            )
         )
         log.info(
             "job started",
@@ -400,9 +409,7 @@ class NativeWorker:
         thread.start()
 
     def _checkpoint_saved(self, context: JobContext) -> None:
-        self.events.send(
-            "checkpoint_saved", job_id=context.job_id, task=context.task, queue=context.queue
-        )
+        self.events.send(CheckpointSaved(context.job_id, context.task, context.queue))
 
     # --- the lease keeper's duty (every H, until a release) ------------------------------
 
@@ -424,7 +431,7 @@ class NativeWorker:
                 )
                 continue
             if kept:
-                self.events.send("job_heartbeat", job_id=item.delivery.job_id)
+                self.events.send(JobHeartbeat(item.delivery.job_id))
             else:
                 item.context.mark_lease_lost()
                 log.warning(
@@ -480,20 +487,20 @@ class NativeWorker:
 
     # Each settling write returns the outcome it stands for.
 
-    def _ack(self, running: _Running, result: Any) -> str:
+    def _ack(self, running: _Running, result: Any) -> Outcome:
         self.backend.ack(running.delivery, result)
         replayed = outcome_of(running.context) == "replayed"
         return "skipped_duplicate" if replayed else "succeeded"
 
-    def _defer(self, running: _Running, delay: float, reason: str) -> str:
+    def _defer(self, running: _Running, delay: float, reason: str) -> Outcome:
         self.backend.defer(running.delivery, time.time() + max(0.0, delay), reason)
         return "deferred"
 
-    def _fail(self, running: _Running, error: str) -> str:
+    def _fail(self, running: _Running, error: str) -> Outcome:
         self.backend.fail(running.delivery, error)
         return "failed"
 
-    def _retry_or_fail(self, running: _Running, error: str) -> str:
+    def _retry_or_fail(self, running: _Running, error: str) -> Outcome:
         delivery = running.delivery
         task = self.app.tasks.get(delivery.task)
         if task is None or delivery.attempt >= delivery.max_attempts:
@@ -501,13 +508,13 @@ class NativeWorker:
         self.backend.retry(delivery, error, time.time() + task.retry_delay(delivery.attempt))
         return "retried"
 
-    def _release(self, running: _Running) -> str:
+    def _release(self, running: _Running) -> Outcome:
         with contextlib.suppress(Exception):
             running.context.flush()  # a checkpoint kept for later is saved before the release
         self.backend.release(running.delivery)
         return "released"
 
-    def _settle(self, running: _Running, write: Callable[[_Running], str]) -> bool:
+    def _settle(self, running: _Running, write: Callable[[_Running], Outcome]) -> bool:
         """Settle the delivery once, recording the outcome; False when it already was."""
         with running.lock:
             if running.settled_as is not None:
@@ -537,12 +544,7 @@ class NativeWorker:
         delivery = running.delivery
         duration = time.monotonic() - running.started
         self.events.send(
-            "job_finished",
-            job_id=delivery.job_id,
-            task=delivery.task,
-            queue=delivery.queue,
-            outcome=outcome,
-            duration=duration,
+            JobFinished(delivery.job_id, delivery.task, delivery.queue, outcome, duration)
         )
         log.info(
             "job finished",
