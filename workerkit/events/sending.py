@@ -14,19 +14,18 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Final, overload
+from typing import Final
 
 from workerkit.events.messages import (
     Command,
     CommandMessage,
     Event,
-    EventType,
     Hello,
     Message,
     Release,
     RequestStop,
 )
-from workerkit.events.wire import Pending, decode, encode, encode_batch, encode_line
+from workerkit.events.wire import Pending, decode, encode, encode_batch
 
 __all__ = ("BATCH_DELAY", "SOCKET_ENV", "BatchingSender", "EventClient", "client")
 
@@ -79,22 +78,12 @@ class EventClient:
         """Call ``handler(command, message)`` for every command the supervisor sends."""
         self._handlers.append(handler)
 
-    @overload
-    def send(self, event: Event) -> None: ...
-    @overload
-    def send(self, event: EventType, **fields: Any) -> None: ...
-    def send(self, event: Event | EventType, **fields: Any) -> None:
-        """Send one event, typed or as a name and its fields (the same bytes either way).
-
-        Drops it (warning once) when the supervisor cannot be reached.
-        """
+    def send(self, event: Event) -> None:
+        """Send one event; drop it (warning once) when the supervisor cannot be reached."""
         sock = self._sock
         if sock is None:
             return
-        if isinstance(event, str):
-            data = encode_line({"type": event, "pid": self.pid, "ts": time.time(), **fields})
-        else:
-            data = encode(event, pid=self.pid)
+        data = encode(event, pid=self.pid)
         try:
             with self._send_lock:
                 sock.sendall(data)

@@ -212,8 +212,7 @@ def encode(
     """One event or command as one line: ``{"type", "pid", "ts", ...fields}`` or ``{"cmd"}``.
 
     An event's ``pid`` and ``ts`` default to this process and now (a :class:`Hello`'s own pid
-    and a :class:`Heartbeat`'s own ts, when set, win). The bytes are what a sender writes with
-    ``EventClient.send(name, **fields)`` and the same fields in the dataclass's order.
+    and a :class:`Heartbeat`'s own ts, when set, win); the fields follow in the dataclass's order.
     """
     body = _BODIES.get(type(item))
     if body is None:
