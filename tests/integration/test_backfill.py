@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from examples.backfill import app as backfill_app
 from examples.backfill.seed import accounts, create_accounts, times_backfilled
-from tests.unit.test_worker import RecordingEvents, wait_until
+from tests.support.native_worker import RecordingEvents, wait_until
 from workerkit.app import App
 from workerkit.engines.base import Delivery, NewJob
 from workerkit.engines.sql import SqlQueue, upgrade

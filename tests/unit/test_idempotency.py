@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import workerkit
-from tests.unit.test_worker import Harness, RecordingEvents, wait_until
+from tests.support.native_worker import Harness, RecordingEvents, wait_until
 from workerkit import events as events_module
 from workerkit.app import App
 from workerkit.errors import (

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import workerkit
-from tests.unit.test_worker import Harness, wait_until
+from tests.support.native_worker import Harness, wait_until
 from workerkit.errors import ConfigurationError, JobError, LeaseLost, NoCurrentJob, ReleaseJob
 from workerkit.job import JobContext, current_job
 from workerkit.testing import ManualClock
