@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 import redis
+from rq import Queue
 
+from tests.support.harness import wait_until
 from tests.support.rq_harness import RqEnv, rq_supervisor
 from workerkit.supervisor.process import descendants
 
@@ -122,9 +124,9 @@ def test_sigterm_mid_job_releases_it_and_a_fresh_worker_resumes_from_its_checkpo
     assert not any(line.startswith("ran ") for line in env.lines())
     assert env.queue().get_job_ids() == ["long", "q0", "q1", "q2"]
     assert env.started() == []
-    stopped_at = int(env.job("long").meta["workerkit"]["checkpoint"])
+    stopped_at = int(env.state("long")["checkpoint"])
     assert stopped_at >= 50, stopped_at  # about 8-9 s of 0.1 s steps were saved
-    assert env.job("long").meta["workerkit"]["attempts"] == 0  # the release gave it back
+    assert env.state("long")["attempts"] == 0  # the release gave it back
 
     with rq_supervisor(env, name="pod-b", worker_class=worker_class) as pod_b:
         resumed = env.wait_prefix("start long 1 from ", timeout=15, nth=2)
@@ -144,7 +146,8 @@ def test_sigterm_mid_job_releases_it_and_a_fresh_worker_resumes_from_its_checkpo
     job = env.job("long")
     assert job.get_status() == "finished"
     assert job.return_value() == "long ok"
-    assert "checkpoint" not in job.meta["workerkit"]  # dropped when the job completed
+    assert "checkpoint" not in env.state("long")  # dropped when the job completed
+    assert job.meta == {}  # workerkit's state is not in the user's meta
     assert env.started() == []
 
 
@@ -210,7 +213,31 @@ def test_pod_sigkilled_mid_job_is_rerun_within_the_lease_window_and_completes(
     resumed_from = int(next(line for line in lines if line.startswith("start k 2")).split()[-1])
     assert resumed_from >= 5  # the killed attempt's checkpoints survived it
     assert env.job("k").get_status() == "finished"
-    assert env.job("k").meta["workerkit"]["attempts"] == 2
+    assert env.state("k")["attempts"] == 2
     assert env.started() == []
     # The killed run never wrote its end line; the rerun began after the kill.
     assert runs_begin(env, "k")[-1] > killed_at
+
+
+@pytest.mark.parametrize("worker_class", ["forking", "simple"])
+def test_a_pickled_job_with_meta_is_failed_with_the_reason_and_the_worker_runs_on(
+    rq_env: RqEnv, worker_class: str
+) -> None:
+    env = rq_env
+    producer = Queue("default", connection=env.connection())  # RQ's defaults: pickle
+    producer.enqueue("tests.apps.rq_jobs.tick", "pickled", job_id="pickled", meta={"a": "b"})
+    env.enqueue("tick", "after", job_id="after")
+    refused = 'workerkit_payloads_refused_total{engine="rq",queue="default",reason="pickled"} 1.0'
+    with rq_supervisor(env, worker_class=worker_class) as pod:
+        pod.wait_ready()
+        env.wait_line("ran after 1")  # the worker went on
+        assert pod.wait_event("job_payload_refused")["job_id"] == "pickled"
+        wait_until(lambda: refused in pod.get("/metrics")[1], timeout=5, what="the refusal count")
+        assert pod.proc.poll() is None  # still running
+        pod.signal(signal.SIGTERM)
+        code, _ = pod.wait_exit(10)
+    assert code == 0, pod.log_text()
+    assert not any(line.startswith("ran pickled") for line in env.lines())
+    assert env.failed() == ["pickled"]
+    assert env.job("pickled").get_status() == "failed"
+    assert env.queue().get_job_ids() == []

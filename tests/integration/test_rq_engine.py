@@ -21,6 +21,7 @@ from rq.utils import now, utcformat
 
 import workerkit
 from workerkit.engines.rq import RqApp, RqEngine, SimpleWorker, Worker, WorkerkitJob
+from workerkit.engines.rq.jobs import read_state
 from workerkit.engines.rq.leases import (
     AttemptKeys,
     Leases,
@@ -156,7 +157,7 @@ def test_a_job_that_releases_itself_goes_back_to_the_front_with_its_checkpoint_a
     assert q.get_job_ids() == ["r", "behind"]  # back at the front, ahead of the queued one
     job.refresh()
     assert job.get_status() == "queued"
-    assert job.meta["workerkit"] == {"attempts": 0, "max_attempts": 2, "checkpoint": 5}
+    assert read_state(redis_client, "r") == {"attempts": 0, "max_attempts": 2, "checkpoint": 5}
     assert StartedJobRegistry("default", connection=redis_client).get_job_ids() == []
     assert redis_client.exists(lease_key("r")) == 0
 
@@ -165,7 +166,7 @@ def test_a_job_that_releases_itself_goes_back_to_the_front_with_its_checkpoint_a
     assert job.get_status() == "finished"
     assert job.return_value() == 10
     assert calls == ["first attempt=1 checkpoint=None", "first attempt=1 checkpoint=5"]
-    assert "checkpoint" not in job.meta["workerkit"]  # dropped when the job completed
+    assert "checkpoint" not in read_state(redis_client, "r")  # dropped when the job completed
     assert redis_client.zcard(started_key("default")) == 0
 
 
@@ -196,7 +197,7 @@ def test_without_a_supervisor_the_worker_keeps_the_deadlines_itself(
     assert 1.0 <= released < 1.0 + 0.5, marks  # at D + M/2
     job.refresh()
     assert job.get_status() == "queued"  # back in its queue, attempt given back
-    assert job.meta["workerkit"]["attempts"] == 0
+    assert read_state(redis_client, "long")["attempts"] == 0
     assert q.get_job_ids() == ["long"]
 
 
@@ -268,15 +269,14 @@ def test_release_in_flight_gives_the_attempt_back_after_a_kill_and_keeps_it_afte
     settings = settings_for(redis_url)
     _, job, keys = started_attempt(redis_client, redis_url, "k")
     assert engine.release_in_flight(settings, [keys.ref()], crashed=False) == 1
-    job.refresh()
-    assert job.meta["workerkit"]["attempts"] == 0
+    assert read_state(redis_client, "k")["attempts"] == 0
     assert engine.release_in_flight(settings, [keys.ref()], crashed=False) == 0  # settled once
 
     queue(redis_client).remove("k")
     _, job, keys = started_attempt(redis_client, redis_url, "c")
     assert engine.release_in_flight(settings, [keys.ref()], crashed=True) == 1
     job.refresh()
-    assert (job.get_status(), job.meta["workerkit"]["attempts"]) == ("queued", 1)
+    assert (job.get_status(), read_state(redis_client, "c")["attempts"]) == ("queued", 1)
 
 
 def test_a_fenced_out_attempt_cannot_write_its_checkpoint_or_renew(
@@ -285,10 +285,10 @@ def test_a_fenced_out_attempt_cannot_write_its_checkpoint_or_renew(
     _, _, keys = started_attempt(redis_client, redis_url, "f")
     leases = Leases(redis_client, 10.0)
     assert leases.renew(keys)
-    assert leases.write_meta(keys, b"{}")
+    assert leases.write_state(keys, b"{}")
     redis_client.set(lease_key("f"), "run:someone-else")
     assert not leases.renew(keys)
-    assert not leases.write_meta(keys, b'{"stale": true}')
+    assert not leases.write_state(keys, b'{"stale": true}')
     assert not leases.requeue(keys, ["run", "release", "none"], None)
 
 
@@ -361,7 +361,7 @@ def test_a_duplicate_while_the_first_runs_is_deferred_attempt_kept_then_replays_
     assert calls == []
     assert job.get_status() == "scheduled"  # not failed, not retried: deferred
     assert job.retries_left == 3  # RQ's Retry untouched
-    assert job.meta["workerkit"]["attempts"] == 0  # the attempt was given back
+    assert read_state(redis_client, "dup")["attempts"] == 0  # the attempt was given back
     assert ScheduledJobRegistry("default", connection=redis_client).get_job_ids() == ["dup"]
     assert FailedJobRegistry("default", connection=redis_client).get_job_ids() == []
     assert StartedJobRegistry("default", connection=redis_client).get_job_ids() == []
@@ -388,7 +388,7 @@ def test_a_duplicate_while_the_first_runs_is_deferred_attempt_kept_then_replays_
     assert calls == []  # replayed, never run
     assert job.get_status() == "finished"
     assert job.return_value() == {"order_id": 7, "charged": 100}
-    assert job.meta["workerkit"]["attempts"] == 1  # the same attempt as the deferred one
+    assert read_state(redis_client, "dup")["attempts"] == 1  # the same as the deferred one
     finished = [r for r in caplog.records if getattr(r, "event", "") == "job_finished"]
     assert [r.outcome for r in finished] == ["skipped_duplicate"]  # type: ignore[attr-defined]
     store.close()

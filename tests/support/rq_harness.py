@@ -26,6 +26,7 @@ from tests.support.harness import (
     stopped_after,
     wait_until,
 )
+from workerkit.engines.rq.jobs import read_state
 
 __all__ = ("RqEnv", "rq_supervisor", "start_rq_supervisor")
 
@@ -54,6 +55,10 @@ class RqEnv(Journaled):
 
     def job(self, job_id: str) -> Job:
         return Job.fetch(job_id, connection=self.connection(), serializer=JSONSerializer)
+
+    def state(self, job_id: str) -> dict[str, Any]:
+        """workerkit's state of the job (attempts, checkpoint): not in the user's meta."""
+        return read_state(self.connection(), job_id)
 
     def started(self, queue: str = "default") -> list[str]:
         return StartedJobRegistry(queue, connection=self.connection()).get_job_ids(cleanup=False)

@@ -30,6 +30,7 @@ from workerkit.events import (
     JobsFinished,
     JobStarted,
     Outcome,
+    PayloadRefused,
     Pending,
     QueueStats,
     Release,
@@ -93,6 +94,10 @@ EXAMPLES: list[tuple[Event, dict[str, Any]]] = [
         {"jobs": [["j1", "t", "q", "failed", 0.5]]},
     ),
     (WorkerStopping(running=0), {"running": 0}),
+    (
+        PayloadRefused("j1", "default", "pickled"),
+        {"job_id": "j1", "queue": "default", "reason": "pickled"},
+    ),
 ]
 
 

@@ -225,6 +225,25 @@ def test_idempotency_outcomes_are_counted_with_bounded_labels() -> None:
     )
 
 
+def test_refused_payloads_are_counted_by_queue_and_reason_never_by_job() -> None:
+    metrics = SupervisorMetrics("rq")
+    for job_id, reason in [("a", "pickled"), ("b", "pickled"), ("c", "refused_global")]:
+        wire(metrics, {"type": "payload_refused", "job_id": job_id, "queue": "q", "reason": reason})
+    bad = decode_message({"type": "payload_refused", "job_id": "d", "queue": "q", "reason": "x"})
+    assert isinstance(bad, BadMessage)  # a reason that is not documented is no label
+
+    def refused(reason: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "workerkit_payloads_refused_total", {"engine": "rq", "queue": "q", "reason": reason}
+        )
+
+    assert (refused("pickled"), refused("refused_global"), refused("undecodable")) == (
+        2,
+        1,
+        None,
+    )
+
+
 def test_a_jobs_finished_batch_counts_like_its_job_finished_events() -> None:
     one_by_one, batched = SupervisorMetrics("sql"), SupervisorMetrics("sql")
     for metrics in (one_by_one, batched):

@@ -17,6 +17,7 @@ __all__ = (
     "EVENT_TYPES",
     "IDEMPOTENCY_OUTCOMES",
     "OUTCOMES",
+    "PAYLOAD_REFUSALS",
     "BadMessage",
     "CheckpointSaved",
     "Command",
@@ -35,6 +36,8 @@ __all__ = (
     "JobsFinished",
     "Message",
     "Outcome",
+    "PayloadRefusal",
+    "PayloadRefused",
     "QueueStats",
     "Release",
     "RequestStop",
@@ -56,6 +59,7 @@ EventType = Literal[
     "job_finished",
     "jobs_finished",
     "worker_stopping",
+    "payload_refused",
 ]
 EVENT_TYPES: Final[frozenset[str]] = frozenset(EventType.__args__)  # type: ignore[attr-defined]
 
@@ -76,6 +80,11 @@ JobOutcome = Literal[Outcome, "unknown"]
 #: The ``outcome`` of an ``idempotency`` event (workerkit.idempotency's decisions).
 IdempotencyOutcome = Literal["claimed", "replayed", "deferred", "taken_over", "mismatched"]
 IDEMPOTENCY_OUTCOMES: Final[frozenset[str]] = frozenset(IdempotencyOutcome.__args__)  # type: ignore[attr-defined]
+
+#: Why a job's payload was refused (``payload_refused``): a pickled payload and a worker on JSON,
+#: a global that safe-pickle does not admit, or any other payload that does not decode.
+PayloadRefusal = Literal["pickled", "refused_global", "undecodable"]
+PAYLOAD_REFUSALS: Final[frozenset[str]] = frozenset(PayloadRefusal.__args__)  # type: ignore[attr-defined]
 
 Command = Literal["request_stop", "release"]
 COMMANDS: Final[frozenset[str]] = frozenset(Command.__args__)  # type: ignore[attr-defined]
@@ -212,6 +221,16 @@ class WorkerStopping:
     running: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PayloadRefused:
+    """A dequeued job's payload could not be decoded: it was failed with the reason, never run."""
+
+    name: ClassVar[EventType] = "payload_refused"
+    job_id: str
+    queue: str
+    reason: PayloadRefusal
+
+
 Event = (
     Hello
     | WorkerReady
@@ -225,6 +244,7 @@ Event = (
     | JobFinished
     | JobsFinished
     | WorkerStopping
+    | PayloadRefused
 )
 
 

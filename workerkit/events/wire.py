@@ -18,6 +18,7 @@ from typing import Any, Final
 from workerkit.events.messages import (
     IDEMPOTENCY_OUTCOMES,
     OUTCOMES,
+    PAYLOAD_REFUSALS,
     BadMessage,
     CommandMessage,
     Event,
@@ -26,6 +27,7 @@ from workerkit.events.messages import (
     JobFinished,
     JobOutcome,
     JobStarted,
+    PayloadRefusal,
 )
 
 __all__ = ("Pending", "decode", "decode_message", "encode", "encode_batch", "encode_line")
@@ -74,6 +76,12 @@ def _idempotency_outcome(value: object) -> IdempotencyOutcome:
     raise _Invalid("not an idempotency outcome")
 
 
+def _payload_refusal(value: object) -> PayloadRefusal:
+    if isinstance(value, str) and value in PAYLOAD_REFUSALS:
+        return value  # type: ignore[return-value]
+    raise _Invalid("not a payload refusal")
+
+
 def _finished_jobs(value: object) -> tuple[FinishedJob, ...]:
     """The well-formed jobs of a batch; a malformed one is skipped, not the whole batch."""
     if not isinstance(value, list):
@@ -115,6 +123,7 @@ _READERS: Final[dict[str, tuple[frozenset[type], Callable[[Any], Any] | None]]] 
     "Mapping[str, float]": (frozenset(), _per_queue),
     "JobOutcome": (frozenset(), _job_outcome),
     "IdempotencyOutcome": (frozenset(), _idempotency_outcome),
+    "PayloadRefusal": (frozenset(), _payload_refusal),
     "tuple[FinishedJob, ...]": (frozenset(), _finished_jobs),
 }
 

@@ -1,9 +1,10 @@
 """Prometheus metrics, aggregated in the supervisor from the events of every job-running process.
 
 Every family has the ``workerkit_`` prefix, measures seconds, and uses bounded labels only
-(``engine``, ``queue``, ``task``, ``outcome``, ``state``): never a job id. The families live in
-the supervisor's own :class:`~prometheus_client.CollectorRegistry`, not the global one, so two
-supervisors in one test process do not collide and ``/metrics`` shows only workerkit's families.
+(``engine``, ``queue``, ``task``, ``outcome``, ``state``, ``reason``): never a job id. The
+families live in the supervisor's own :class:`~prometheus_client.CollectorRegistry`, not the
+global one, so two supervisors in one test process do not collide and ``/metrics`` shows only
+workerkit's families.
 The reference is docs/reference/metrics.md.
 """
 
@@ -26,6 +27,7 @@ from workerkit.events import (
     JobFinished,
     JobsFinished,
     JobStarted,
+    PayloadRefused,
     QueueStats,
     StoreHealth,
 )
@@ -129,6 +131,13 @@ class SupervisorMetrics:
             "Idempotency-key decisions when a run starts: claimed, replayed, deferred, "
             "taken_over, mismatched.",
             ("engine", "queue", "task", "outcome"),
+            registry=r,
+        )
+        self.payloads_refused = Counter(
+            "workerkit_payloads_refused",
+            "Dequeued jobs whose payload could not be decoded (failed with the reason, never "
+            "run), by reason: pickled, refused_global, undecodable.",
+            ("engine", "queue", "reason"),
             registry=r,
         )
 
@@ -248,6 +257,8 @@ class SupervisorMetrics:
                     self.queue_oldest_age.labels(self.engine, _label(queue)).set(age)
             case Idempotency(task=task, queue=queue, outcome=outcome):
                 self.idempotency.labels(self.engine, _label(queue), _label(task), outcome).inc()
+            case PayloadRefused(queue=queue, reason=reason):
+                self._series(self.payloads_refused, self.engine, _label(queue), reason).inc()
             case BadMessage():
                 self.bad_messages.inc()
 

@@ -86,7 +86,8 @@ class RqEngine:
             self.redis_url(settings), socket_timeout=2.0, socket_connect_timeout=2.0
         )
         leases = Leases(connection, lease_ttl(settings))
-        serializer = resolve_rq_serializer(self.args.serializer)
+        app = load_app(settings) if self.args.serializer == "safe-pickle" else None
+        serializer = resolve_rq_serializer(self.args.serializer, app)
         recovery = Recovery(connection, leases, WorkerkitJob, serializer)
         try:
             return release_each(

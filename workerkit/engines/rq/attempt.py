@@ -1,7 +1,9 @@
-"""One attempt in the worker's main process: its start (lease and count in RQ's MULTI), its end.
+"""One attempt in the worker's main process: admission, its start (lease and count), its end.
 
 The lease is taken in the same MULTI as RQ's own start bookkeeping, so that no attempt is ever
-started unleased; its settle drops the lease in the same MULTI as RQ's end bookkeeping.
+started unleased; its settle drops the lease in the same MULTI as RQ's end bookkeeping. A job
+whose payload cannot be decoded never starts: it was popped already, so it is failed with the
+reason right away (not failing it would lose it).
 """
 
 from __future__ import annotations
@@ -16,18 +18,21 @@ from typing import TYPE_CHECKING, Any
 import redis
 import redis.exceptions
 from rq.executions import Execution
+from rq.job import JobStatus
 from rq.utils import now
 from rq.worker.base import WorkerStatus
 
-from workerkit.engines.rq.jobs import META_KEY, safe_func_name, wk_meta
+from workerkit.engines.rq.jobs import META_KEY, encode_state, safe_func_name, wk_state
 from workerkit.engines.rq.leases import AttemptKeys, Leases
+from workerkit.engines.rq.serializers import serializer_for, undecodable
 from workerkit.engines.rq.state import Attempt, WorkerState, released_or_lost
 from workerkit.engines.rq.tasks import DEFAULT_MAX_ATTEMPTS
-from workerkit.events import JobFinished, JobStarted, Outcome
+from workerkit.events import JobFinished, JobStarted, Outcome, PayloadRefused
 
 if TYPE_CHECKING:
     from redis.client import Pipeline
     from rq.job import Job
+    from rq.queue import Queue
 
 __all__ = ("Attempts",)
 
@@ -40,12 +45,49 @@ def _log_job(message: str, event: str, job_id: str, task: str, **fields: Any) ->
 
 
 class Attempts(WorkerState):
-    """Starting and ending attempts (the main process), and requeuing one taken back."""
+    """Admitting, starting and ending attempts (the main process), and requeuing one taken back."""
+
+    def _wk_admit(self, job: Job, queue: Queue) -> bool:
+        """Whether ``job`` may start; one whose data or meta does not decode is failed here.
+
+        It is failed as RQ fails a job (status, FailedJobRegistry, a result with the reason),
+        with no attempt started, and the worker goes on with the next job.
+        """
+        refusal = undecodable(job, self.serializer)
+        if refusal is None:
+            job.serializer = serializer_for(job, self.serializer)
+            return True
+        log.error(
+            "job refused: its payload cannot be decoded",
+            extra={
+                "event": "job_payload_refused",
+                "job_id": job.id,
+                "queue": queue.name,
+                "reason": refusal.reason,
+                "error": str(refusal),
+            },
+        )
+        self._wk_events.send(PayloadRefused(job.id, queue.name, refusal.reason))
+        error = f"{type(refusal).__module__}.{type(refusal).__qualname__}: {refusal}"
+        try:
+            with self.connection.pipeline() as pipeline:
+                job.set_status(JobStatus.FAILED, pipeline=pipeline)
+                job._handle_failure(error, pipeline, worker_name=self.name)
+                pipeline.execute()
+        except redis.exceptions.RedisError as exc:
+            log.warning(
+                "could not fail the refused job",
+                extra={"event": "job_refusal_failed", "job_id": job.id, "error": str(exc)},
+            )
+            return False
+        with contextlib.suppress(Exception):
+            queue.enqueue_dependents(job)  # RQ's rule: those that allow a failed dependency
+        return False
 
     def prepare_execution(self, job: Job) -> Execution:
         """RQ's start bookkeeping plus the lease and the attempt count, in one MULTI."""
         info = self.wk_app.info(safe_func_name(job))
-        wk = wk_meta(job)
+        wk = wk_state(job)
         attempts = int(wk.get("attempts", 0)) + 1
         wk["attempts"] = attempts
         if "max_attempts" not in wk:
@@ -59,7 +101,12 @@ class Attempts(WorkerState):
             )
             keys = AttemptKeys(job.id, execution.id, job.origin)
             self._wk_leases.start(pipeline, keys)
-            pipeline.hset(job.key, "meta", self.serializer.dumps(job.meta))
+            pipeline.hset(job.key, META_KEY, encode_state(wk))
+            if getattr(job, "workerkit_legacy", False):
+                # An older worker kept the state in the user's meta: moved out, once.
+                job.meta.pop(META_KEY, None)
+                pipeline.hset(job.key, "meta", job.serializer.dumps(job.meta))
+                job.workerkit_legacy = False  # type: ignore[attr-defined]
             self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
             pipeline.execute()
         self.execution = execution
@@ -141,11 +188,7 @@ class Attempts(WorkerState):
         attempt = self._wk_attempt
         if attempt is not None and attempt.keys.job_id == job.id:
             Leases.forget(pipeline, attempt.keys)
-            wk = job.meta.get(META_KEY)
-            if (
-                attempt.succeeded
-                and isinstance(wk, dict)
-                and wk.pop("checkpoint", None) is not None
-            ):
-                pipeline.hset(job.key, "meta", self.serializer.dumps(job.meta))
+            wk = wk_state(job)
+            if attempt.succeeded and wk.pop("checkpoint", None) is not None:
+                pipeline.hset(job.key, META_KEY, encode_state(wk))
         super().cleanup_execution(job, pipeline)  # type: ignore[misc]

@@ -216,6 +216,8 @@ class Drain(WorkerState):
                     )
                 except NoSuchJobError:
                     continue
+                if not self._wk_admit(job, queue):
+                    continue  # its payload does not decode: failed with the reason, never run
                 self.reorder_queues(reference_queue=queue)
                 self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
                 self.heartbeat()

@@ -1,59 +1,69 @@
-"""The job side of the RQ engine: the allowlisted job class, workerkit's job meta, the serializer.
+"""The job side of the RQ engine: the allowlisted job class and workerkit's state of a job.
 
 RQ imports whatever dotted path a job names; :class:`WorkerkitJob` resolves the function and its
-callbacks through the worker's :class:`~workerkit.engines.rq.tasks.RqApp` instead.
+callbacks through the worker's :class:`~workerkit.engines.rq.tasks.RqApp` instead. workerkit's
+own state of a job (attempts, checkpoint) is a field of RQ's job hash of its own, as JSON, so
+the user's ``job.meta`` is never read or rewritten by workerkit and round-trips unchanged.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from rq.exceptions import DeserializationError
 from rq.job import Job
-from rq.serializers import DefaultSerializer, JSONSerializer, resolve_serializer
 
+from workerkit.engines.rq.serializers import resolve_rq_serializer
 from workerkit.engines.rq.tasks import RqApp, TaskNotAllowed
 from workerkit.errors import ConfigurationError
 from workerkit.idempotency import Idempotency
 
 if TYPE_CHECKING:
+    import redis
+
     from workerkit.settings import Settings
 
 __all__ = (
     "META_KEY",
     "WorkerkitJob",
+    "encode_state",
     "job_class_of",
+    "read_state",
     "resolve_rq_serializer",
     "safe_func_name",
-    "wk_meta",
+    "wk_state",
 )
 
 log = logging.getLogger("workerkit.engines.rq")
 
-#: The job meta key of workerkit's own state: ``{"attempts", "max_attempts", "checkpoint"}``.
+#: The field of RQ's job hash (``rq:job:<id>``) that holds workerkit's state of the job as JSON:
+#: ``{"attempts", "max_attempts", "checkpoint"}``. The Lua scripts write it by this name.
+#: Workers before this field kept the state in ``job.meta["workerkit"]`` (read once, then moved).
 META_KEY: Final = "workerkit"
+_FIELD_BYTES: Final = META_KEY.encode()
 
 
-def resolve_rq_serializer(serializer: Any) -> Any:
-    """JSON unless pickle (or a custom serializer) is asked for by name or object, with a warning.
+def encode_state(state: Mapping[str, Any]) -> bytes:
+    """workerkit's state of a job as stored in its field (checkpoints are JSON values)."""
+    return json.dumps(state, separators=(",", ":")).encode()
 
-    RQ's own default is pickle, which runs code chosen by anyone who can write to Redis.
-    """
-    if serializer is None or serializer in ("json", JSONSerializer):
-        return JSONSerializer
-    resolved = resolve_serializer(serializer)
-    if resolved is JSONSerializer:
-        return JSONSerializer
-    what = "pickle" if resolved is DefaultSerializer else f"the custom serializer {serializer!r}"
-    log.warning(
-        "jobs are deserialized with %s: anyone who can write to Redis can run code in this "
-        "worker; use the JSON serializer unless every Redis writer is trusted",
-        what,
-        extra={"event": "unsafe_serializer", "serializer": str(serializer)},
-    )
-    return resolved
+
+def _decode_state(raw: bytes | str | None) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        state = json.loads(raw)
+    except ValueError:
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def read_state(connection: redis.Redis[Any], job_id: str) -> dict[str, Any]:
+    """workerkit's state of a job as stored (``{}`` when there is none): for tests, operators."""
+    return _decode_state(connection.hget(Job.key_for(job_id), META_KEY))
 
 
 class WorkerkitJob(Job):
@@ -67,6 +77,22 @@ class WorkerkitJob(Job):
     workerkit_app: RqApp | None = None
     #: The worker's settings: the defaults of ``@workerkit.idempotent`` functions it runs.
     workerkit_settings: Settings | None = None
+    #: workerkit's state of this job, read with the job's hash (:func:`wk_state`).
+    workerkit_state: dict[str, Any] | None = None
+    #: The state came from ``job.meta["workerkit"]`` (an older worker's): moved at the next start.
+    workerkit_legacy: bool = False
+
+    def restore(self, raw_data: Any) -> Any:
+        """RQ's restore, plus workerkit's own field of the same hash (no extra round trip)."""
+        restored = super().restore(raw_data)
+        raw = raw_data.get(_FIELD_BYTES, raw_data.get(META_KEY))
+        self.workerkit_state = _decode_state(raw)
+        self.workerkit_legacy = False
+        legacy = self.meta.get(META_KEY) if raw is None else None
+        if isinstance(legacy, dict) and "attempts" in legacy:
+            self.workerkit_state = dict(legacy)
+            self.workerkit_legacy = True
+        return restored
 
     @classmethod
     def bound_to(
@@ -90,10 +116,16 @@ class WorkerkitJob(Job):
 
     @property
     def func(self) -> Any:
-        if self.instance is not None:
+        instance = self.instance
+        if isinstance(instance, type):
+            # A class method enqueued as a function (RQ stores the class and the method's
+            # name): resolved by its dotted name, as `myproject.jobs.Reporter.build` would be.
+            name = f"{instance.__module__}.{instance.__qualname__}.{self.func_name}"
+            return self._resolve(name, "function")
+        if instance is not None:
             raise TaskNotAllowed(
                 f"job {self.id}: jobs that call a method of a stored instance are not supported; "
-                "enqueue a module-level function"
+                "enqueue a module-level function, a static method or a class method"
             )
         return self._resolve(self.func_name, "function")
 
@@ -126,21 +158,25 @@ def _bind_idempotency(func: Callable[..., Any], settings: Settings) -> None:
         policy.bind_settings(settings)
 
 
-def wk_meta(job: Job) -> dict[str, Any]:
-    """workerkit's part of the job's meta (created empty when missing)."""
-    meta = job.meta.get(META_KEY)
-    if not isinstance(meta, dict):
-        meta = {}
-        job.meta[META_KEY] = meta
-    return meta
+def wk_state(job: Job) -> dict[str, Any]:
+    """workerkit's state of the job (created empty when there is none); never in ``job.meta``."""
+    state = getattr(job, "workerkit_state", None)
+    if state is None:
+        state = {}
+        job.workerkit_state = state  # type: ignore[attr-defined]
+    return state
 
 
 def safe_func_name(job: Job) -> str | None:
-    """The job's function name, or None when its data cannot be deserialized."""
+    """The job's function name (a class method's with its class), or None when undecodable."""
     try:
-        return job.func_name
+        name = job.func_name
+        instance = job.instance
     except DeserializationError:
         return None
+    if isinstance(instance, type) and name:
+        return f"{instance.__module__}.{instance.__qualname__}.{name}"
+    return name
 
 
 def job_class_of(job_class: Any) -> type[Job]:

@@ -100,7 +100,7 @@ def _script(*parts: str) -> str:
 
 
 _RENEW: Final = _script("renew")
-_WRITE_META: Final = _script("write_meta")
+_WRITE_STATE: Final = _script("write_state")
 _TRANSITION: Final = _script("owned", "transition")
 _REQUEUE: Final = _script("owned", "leave_started", "requeue")
 _DEFER: Final = _script("owned", "leave_started", "defer")
@@ -115,7 +115,7 @@ class Leases:
         self.connection = connection
         self.lease_ms = max(1, int(lease_ttl * 1000))
         self._renew = connection.register_script(_RENEW)
-        self._write_meta = connection.register_script(_WRITE_META)
+        self._write_state = connection.register_script(_WRITE_STATE)
         self._transition = connection.register_script(_TRANSITION)
         self._transition_sha = hashlib.sha1(_TRANSITION.encode(), usedforsecurity=False).hexdigest()
         self._requeue = connection.register_script(_REQUEUE)
@@ -140,10 +140,14 @@ class Leases:
             self._renew(keys=[lease_key(attempt.job_id)], args=[attempt.token, self.lease_ms])
         )
 
-    def write_meta(self, attempt: AttemptKeys, meta: bytes) -> bool:
-        """Store the job's serialized meta while the attempt runs; False when fenced out."""
+    def write_state(self, attempt: AttemptKeys, state: bytes) -> bool:
+        """Store workerkit's state of the job (a checkpoint) while the attempt runs.
+
+        False when fenced out. The state is the job hash's ``workerkit`` field
+        (:data:`~workerkit.engines.rq.jobs.META_KEY`), never the user's meta.
+        """
         keys = [lease_key(attempt.job_id), f"rq:job:{attempt.job_id}"]
-        return bool(self._write_meta(keys=keys, args=[attempt.token, meta]))
+        return bool(self._write_state(keys=keys, args=[attempt.token, state]))
 
     def transition(
         self, attempt: AttemptKeys, accepted: Sequence[str], state: str, ttl_ms: int | None = None
@@ -179,26 +183,29 @@ class Leases:
         args: list[Any] = [attempt.token, _accepted(accepted), state, ttl_ms, attempt.member]
         pipeline.evalsha(self._transition_sha, len(keys), *keys, *args)
 
-    def requeue(self, attempt: AttemptKeys, accepted: Sequence[str], meta: bytes | None) -> bool:
-        """Back to the front of the queue (see ``requeue.lua``); True when this call requeued it."""
+    def requeue(self, attempt: AttemptKeys, accepted: Sequence[str], state: bytes | None) -> bool:
+        """Back to the front of the queue (see ``requeue.lua``); True when this call requeued it.
+
+        ``state``: workerkit's new state of the job (None keeps it).
+        """
         args: list[Any] = [
             attempt.token,
             _accepted(accepted),
             attempt.member,
-            meta if meta is not None else b"",
+            state if state is not None else b"",
             attempt.job_id,
         ]
         return bool(self._requeue(keys=attempt.keys(), args=args))
 
     def defer(
-        self, attempt: AttemptKeys, accepted: Sequence[str], meta: bytes, run_at: float
+        self, attempt: AttemptKeys, accepted: Sequence[str], state: bytes, run_at: float
     ) -> bool:
         """Into the ScheduledJobRegistry until ``run_at`` (see ``defer.lua``); True when done."""
         args: list[Any] = [
             attempt.token,
             _accepted(accepted),
             attempt.member,
-            meta,
+            state,
             attempt.job_id,
             repr(run_at),
         ]

@@ -1,21 +1,34 @@
 """The rq engine's own arguments: --worker-class, --serializer, --url, --with-scheduler.
 
 ``workerkit run rq`` passes what follows the settings here, and the supervisor hands the parsed
-arguments on to the worker process's command line (:func:`worker_argv`).
+arguments on to the worker process's command line (:func:`worker_argv`). ``--serializer``
+defaults to ``$WORKERKIT_RQ_SERIALIZER``, then ``json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from typing import Final, NoReturn
 
 from workerkit.errors import ConfigurationError
 
-__all__ = ("WORKER_CLASS_NAMES", "parse_worker_args", "worker_argv")
+__all__ = (
+    "SERIALIZER_ENV",
+    "SERIALIZER_NAMES",
+    "WORKER_CLASS_NAMES",
+    "parse_worker_args",
+    "worker_argv",
+)
 
 #: ``--worker-class`` choices: fork a work horse per job (RQ's default), or run jobs in process.
 WORKER_CLASS_NAMES: Final = ("forking", "simple")
+#: ``--serializer`` choices, safest first: JSON; pickle through an allowlist (to drain a queue
+#: that producers on RQ's defaults filled); plain pickle (trusted writers only).
+SERIALIZER_NAMES: Final = ("json", "safe-pickle", "pickle")
+#: The variable that chooses the serializer when ``--serializer`` is not given.
+SERIALIZER_ENV: Final = "WORKERKIT_RQ_SERIALIZER"
 
 
 class _ArgumentError(Exception):
@@ -30,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> _Parser:
     parser = _Parser(prog="workerkit run rq", add_help=False)
     parser.add_argument("--worker-class", choices=WORKER_CLASS_NAMES, default="forking")
-    parser.add_argument("--serializer", choices=("json", "pickle"), default="json")
+    parser.add_argument("--serializer", choices=SERIALIZER_NAMES, default=None)
     parser.add_argument("--url", default=None)
     parser.add_argument("--with-scheduler", action="store_true")
     return parser
@@ -39,13 +52,21 @@ def _parser() -> _Parser:
 def parse_worker_args(worker_args: Sequence[str]) -> argparse.Namespace:
     """The rq engine's own arguments; ConfigurationError naming the problem and the choices."""
     try:
-        return _parser().parse_args(list(worker_args))
+        args = _parser().parse_args(list(worker_args))
     except _ArgumentError as exc:
         raise ConfigurationError(
             f"workerkit run rq: {exc}; the rq engine takes --worker-class forking|simple, "
-            "--serializer json|pickle, --url URL and --with-scheduler (other options are "
-            "settings: workerkit run rq --help)"
+            "--serializer json|safe-pickle|pickle, --url URL and --with-scheduler (other "
+            "options are settings: workerkit run rq --help)"
         ) from None
+    if args.serializer is None:
+        args.serializer = os.environ.get(SERIALIZER_ENV) or "json"
+        if args.serializer not in SERIALIZER_NAMES:
+            raise ConfigurationError(
+                f"{SERIALIZER_ENV}={args.serializer!r} is not a serializer: use "
+                f"{'|'.join(SERIALIZER_NAMES)} (or --serializer; docs/engines/rq.md)"
+            )
+    return args
 
 
 def worker_argv(args: argparse.Namespace) -> list[str]:

@@ -32,7 +32,7 @@ from workerkit.engines.attempt import (
     Verdict,
     verdict_for,
 )
-from workerkit.engines.rq.jobs import wk_meta
+from workerkit.engines.rq.jobs import encode_state, wk_state
 from workerkit.engines.rq.leases import SETTLE_TTL_MS
 from workerkit.engines.rq.state import Attempt, WorkerState, released_or_lost
 from workerkit.engines.rq.tasks import TaskNotAllowed
@@ -82,11 +82,11 @@ class Perform(WorkerState):
 
     def _wk_context(self, job: Job, queue: Queue, attempt: Attempt) -> JobContext:
         leases = self._wk_leases
-        serializer = self.serializer
 
         def save(state: Any) -> None:
-            wk_meta(job)["checkpoint"] = state
-            if not leases.write_meta(attempt.keys, serializer.dumps(job.meta)):
+            wk = wk_state(job)
+            wk["checkpoint"] = state
+            if not leases.write_state(attempt.keys, encode_state(wk)):
                 raise LeaseLost(
                     f"job {job.id}: this attempt's lease is gone; the checkpoint was not written"
                 )
@@ -235,11 +235,11 @@ class Perform(WorkerState):
 
     def _wk_release_self(self, job: Job, attempt: Attempt) -> Outcome:
         """The job called ``current_job().release()``: requeue it now, attempt given back."""
-        wk = wk_meta(job)
+        wk = wk_state(job)
         wk["attempts"] = max(0, attempt.number - 1)
-        meta = self.serializer.dumps(job.meta)
+        state = encode_state(wk)
         return released_or_lost(
-            job.id, lambda: self._wk_leases.requeue(attempt.keys, ["run"], meta), "release failed"
+            job.id, lambda: self._wk_leases.requeue(attempt.keys, ["run"], state), "release failed"
         )
 
     def _wk_defer(self, job: Job, attempt: Attempt, delay: float, reason: str) -> Outcome:
@@ -250,11 +250,11 @@ class Perform(WorkerState):
         goes to RQ's ScheduledJobRegistry (``rq info`` shows it as scheduled), fenced by the
         lease; the recovery scan of any live workerkit worker puts it back when it is due.
         """
-        wk = wk_meta(job)
+        wk = wk_state(job)
         wk["attempts"] = max(0, attempt.number - 1)
         try:
             deferred = self._wk_leases.defer(
-                attempt.keys, ["run"], self.serializer.dumps(job.meta), time.time() + delay
+                attempt.keys, ["run"], encode_state(wk), time.time() + delay
             )
         except redis.exceptions.RedisError as exc:
             log.warning(

@@ -20,7 +20,7 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.utils import now, utcformat
 
-from workerkit.engines.rq.jobs import wk_meta
+from workerkit.engines.rq.jobs import encode_state, wk_state
 from workerkit.engines.rq.leases import SETTLE_TTL_MS, AttemptKeys, Leases, lease_key, started_key
 from workerkit.engines.rq.tasks import DEFAULT_MAX_ATTEMPTS
 
@@ -77,14 +77,14 @@ class Recovery:
 
     def release(self, keys: AttemptKeys, accepted: Sequence[str], *, give_back: bool) -> bool:
         """Requeue at the front; the attempt is given back when ``give_back`` (a deploy)."""
-        meta: bytes | None = None
+        state: bytes | None = None
         if give_back:
             job = self.fetch(keys.job_id)
             if job is not None:
-                wk = wk_meta(job)
+                wk = wk_state(job)
                 wk["attempts"] = max(0, int(wk.get("attempts", 1)) - 1)
-                meta = self.serializer.dumps(job.meta)
-        return self.leases.requeue(keys, accepted, meta)
+                state = encode_state(wk)
+        return self.leases.requeue(keys, accepted, state)
 
     def release_ref(self, ref: Mapping[str, Any], *, crashed: bool = False) -> bool:
         """Release by :meth:`AttemptKeys.ref`, from another process; whether it was released.
@@ -112,7 +112,7 @@ class Recovery:
         if job is None:
             self._forget(keys, accepted)
             return None
-        wk = wk_meta(job)
+        wk = wk_state(job)
         attempts = int(wk.get("attempts", 1))
         max_attempts = int(wk.get("max_attempts", DEFAULT_MAX_ATTEMPTS))
         if attempts < max_attempts:

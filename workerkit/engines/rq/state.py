@@ -172,7 +172,7 @@ class WorkerState:
             settings = dataclasses.replace(settings, engine="rq")
         if app is None:
             app = load_app(settings)
-        serializer = resolve_rq_serializer(serializer)
+        serializer = resolve_rq_serializer(serializer, app)
         base_job_class = job_class_of(job_class)
         bound = WorkerkitJob.bound_to(app, base_job_class, settings)
         # Queue objects (as `rq worker` builds them) carry the CLI's serializer and job class;
@@ -213,4 +213,8 @@ class WorkerState:
 
     def _wk_interrupt(self, attempt: Attempt) -> None:
         """Stop the running attempt's job (each worker class has its own way)."""
+        raise NotImplementedError
+
+    def _wk_admit(self, job: Job, queue: Queue) -> bool:
+        """Whether a dequeued job may start (one that cannot be decoded is failed instead)."""
         raise NotImplementedError

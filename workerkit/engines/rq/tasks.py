@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import keyword
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -139,6 +139,8 @@ class RqApp:
     def resolve(self, name: str | None) -> Callable[..., Any]:
         """The function a job names, if this app allows it; :class:`TaskNotAllowed` otherwise.
 
+        ``name`` is a registered task, or ``module.function`` or ``module.Class.method`` (a
+        static or class method) with the function, or the class, *defined* in an allowed module.
         No module outside the allowed ones is ever imported: the name is checked first.
         """
         if not name:
@@ -146,37 +148,102 @@ class RqApp:
         registered = self._functions.get(name) or self._resolved.get(name)
         if registered is not None:
             return registered
-        module_name, _, attribute = name.rpartition(".")
-        allowed = any(
-            module_name == module or module_name.startswith(module + ".") for module in self.modules
+        parts = name.split(".")
+        if not all(part.isidentifier() and not keyword.iskeyword(part) for part in parts):
+            raise TaskNotAllowed(f"task {name!r} is not allowed: it is not a dotted Python name")
+        # The longest allowed module the name starts with, then shorter ones that exist: for
+        # `myproject.jobs.Reporter.build`, `myproject.jobs.Reporter` is no module, the class is.
+        for cut in range(len(parts) - 1, 0, -1):
+            module_name = ".".join(parts[:cut])
+            if not self.allows_module(module_name):
+                break
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if (
+                    exc.name == module_name
+                    and cut > 1
+                    and self.allows_module(".".join(parts[: cut - 1]))
+                ):
+                    continue  # no such module: the rest of the name is inside its parent
+                raise TaskNotAllowed(
+                    f"task {name!r}: cannot import {module_name!r}: {exc}"
+                ) from exc
+            except ImportError as exc:
+                raise TaskNotAllowed(
+                    f"task {name!r}: cannot import {module_name!r}: {exc}"
+                ) from exc
+            func = self.defined_in(module, module_name, parts[cut:], name)
+            self._resolved[name] = func
+            return func
+        raise TaskNotAllowed(
+            f"task {name!r} is not allowed: it is neither registered with RqApp.task nor "
+            f"defined in an allowed module ({', '.join(self.modules) or 'none'}); "
+            "register it, or add its module to RqApp(modules=...)"
         )
-        if not allowed:
+
+    def resolve_global(self, module_name: str, qualname: str) -> Any:
+        """The global a pickled payload names, if this app allows it (``safe-pickle``).
+
+        As :meth:`resolve`, with the module given: a registered task, or a public class or
+        function defined in an allowed module (``qualname`` may be dotted: ``Reporter.Kind``).
+        """
+        name = f"{module_name}.{qualname}"
+        found = self._functions.get(name) or self._resolved.get(name)
+        if found is not None:
+            return found
+        if not self.allows_module(module_name):
             raise TaskNotAllowed(
-                f"task {name!r} is not allowed: it is neither registered with RqApp.task nor "
-                f"defined in an allowed module ({', '.join(self.modules) or 'none'}); "
-                "register it, or add its module to RqApp(modules=...)"
-            )
-        if (
-            not attribute.isidentifier()
-            or keyword.iskeyword(attribute)
-            or attribute.startswith("_")
-        ):
-            raise TaskNotAllowed(
-                f"task {name!r} is not allowed: {attribute!r} is not a public name"
+                f"{name!r} is not allowed: {module_name!r} is not one of the allowed modules "
+                f"({', '.join(self.modules) or 'none'})"
             )
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            raise TaskNotAllowed(f"task {name!r}: cannot import {module_name!r}: {exc}") from exc
-        func = getattr(module, attribute, None)
-        # Defined there, not merely imported there: `myproject.jobs.system` must not reach
-        # os.system because myproject/jobs.py happens to `from os import system`.
+            raise TaskNotAllowed(f"{name!r}: cannot import {module_name!r}: {exc}") from exc
+        found = self.defined_in(module, module_name, qualname.split("."), name)
+        self._resolved[name] = found
+        return found
+
+    def allows_module(self, module_name: str) -> bool:
+        """Whether ``module_name`` is one of the allowed modules or inside one."""
+        return any(
+            module_name == module or module_name.startswith(module + ".") for module in self.modules
+        )
+
+    @staticmethod
+    def defined_in(
+        module: Any, module_name: str, attributes: Sequence[str], name: str
+    ) -> Callable[..., Any]:
+        """``module.A.b``: a public callable defined in the module (a class's, when dotted).
+
+        Defined there, not merely imported there: `myproject.jobs.system` must not reach
+        os.system because myproject/jobs.py happens to `from os import system`; each class on
+        the way must be defined there too, and so must the method at the end.
+        """
+        for attribute in attributes:
+            if (
+                not attribute.isidentifier()
+                or keyword.iskeyword(attribute)
+                or attribute.startswith("_")
+            ):
+                raise TaskNotAllowed(
+                    f"task {name!r} is not allowed: {attribute!r} is not a public name"
+                )
+        owner = module
+        for attribute in attributes[:-1]:
+            owner = getattr(owner, attribute, None)
+            if not isinstance(owner, type) or owner.__module__ != module_name:
+                raise TaskNotAllowed(
+                    f"task {name!r} is not allowed: {module_name!r} defines no class {attribute!r}"
+                )
+        func = getattr(owner, attributes[-1], None)
         if not callable(func) or getattr(func, "__module__", None) != module_name:
             raise TaskNotAllowed(
                 f"task {name!r} is not allowed: {module_name!r} defines no function "
-                f"{attribute!r} (functions it only imports must be enqueued by their own module)"
+                f"{'.'.join(attributes)!r} (functions it only imports must be enqueued by their "
+                "own module)"
             )
-        self._resolved[name] = func
         return func  # type: ignore[no-any-return]
 
     def info(self, name: str | None) -> RqTaskInfo | None:
