@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import sys
 
-from workerkit.settings import ENGINE_DEFAULT_VISIBILITY_TIMEOUT, setting_specs
+from workerkit.settings import (
+    ENGINE_DEFAULT_VISIBILITY_TIMEOUT,
+    ENGINES,
+    SettingSpec,
+    setting_specs,
+)
 
 __all__ = ("render",)
 
@@ -32,6 +37,12 @@ message that names the setting, the value and what is accepted. How the timing s
 agree with each other is explained in [the timing budget](../concepts/timing-budget.md) and
 checked by `workerkit check`.
 
+A setting marked *run: ENGINE* is read by `workerkit run ENGINE` only; given as an option to
+another engine's `workerkit run`, it is refused (exit 2) with a message naming it. From a
+variable or the config file it is accepted everywhere (one file may serve several pools).
+Settings marked *scheduler* are read by `workerkit check` and the scheduler, not by
+`workerkit run`.
+
 | setting | variable | option | default | symbol | meaning |
 |---|---|---|---|---|---|
 """
@@ -55,11 +66,19 @@ def _default(name: str, value: object) -> str:
     return str(value)
 
 
+def _meaning(spec: SettingSpec) -> str:
+    if spec.engines == ENGINES:
+        return spec.help
+    if not spec.engines:
+        return f"{spec.help} *scheduler*"
+    return f"{spec.help} *run: {', '.join(spec.engines)}*"
+
+
 def render() -> str:
     """The whole page."""
     rows = [
         f"| `{s.name}` | `{s.env_var}` | `{s.cli_flag}` | `{_default(s.name, s.default)}` "
-        f"| {s.symbol} | {s.help} |"
+        f"| {s.symbol} | {_meaning(s)} |"
         for s in setting_specs()
     ]
     return _HEADER + "\n".join(rows) + "\n"

@@ -14,11 +14,12 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from workerkit import exitcodes
+from workerkit.engines import ENGINE_OPTIONS, EngineOption
 from workerkit.errors import ConfigurationError, WorkerkitError
 from workerkit.settings import Settings, load_settings, setting_specs
 
@@ -33,26 +34,55 @@ def settings_options(func: F) -> F:
     Options are read as text and parsed by :mod:`workerkit.settings`, so a bad value gets the
     same message whether it came from the command line, the environment or the config file.
     """
-    for spec in reversed(setting_specs()):
-        if spec.name == "engine":
-            continue  # a positional argument where it matters (workerkit run ENGINE)
-        if spec.name == "strict":
-            func = click.option("--strict/--no-strict", "strict", default=None, help=spec.help)(
-                func
-            )
-            continue
-        env_hint = f" [env: {spec.env_var}; default: {_show_default(spec.default)}]"
-        func = click.option(
-            spec.cli_flag, spec.name, default=None, metavar="VALUE", help=spec.help + env_hint
+    return _setting_options(None)(func)
+
+
+_CELERY_APP_HELP = (
+    "The Celery app, as `celery -A` takes it: a module (proj: its app or celery attribute, "
+    "else proj.celery), module.attribute or module:attribute."
+)
+
+
+def _setting_options(engine: str | None) -> Callable[[F], F]:
+    """:func:`settings_options`; for ``workerkit run ENGINE``, the other engines' are hidden.
+
+    A hidden option is still parsed (it is not handed to the engine's worker as an unknown
+    one), so that :func:`_refuse_other_engines` can name it.
+    """
+
+    def decorate(func: F) -> F:
+        for spec in reversed(setting_specs()):
+            if spec.name == "engine":
+                continue  # a positional argument where it matters (workerkit run ENGINE)
+            hidden = engine is not None and engine not in spec.engines
+            if spec.name == "strict":
+                func = click.option("--strict/--no-strict", "strict", default=None, help=spec.help)(
+                    func
+                )
+                continue
+            flags, text = [spec.cli_flag], spec.help
+            if spec.name == "app" and engine == "celery":
+                flags.insert(0, "-A")  # Celery's own spelling: celery -A proj worker
+                text = _CELERY_APP_HELP
+            env_hint = f" [env: {spec.env_var}; default: {_show_default(spec.default)}]"
+            func = click.option(
+                *flags,
+                spec.name,
+                default=None,
+                metavar="VALUE",
+                help=text + env_hint,
+                hidden=hidden,
+            )(func)
+        return click.option(
+            "--config",
+            "config_file",
+            default=None,
+            metavar="PATH",
+            help="Config file (default: ./workerkit.toml, else [tool.workerkit] in "
+            "./pyproject.toml) [env: WORKERKIT_CONFIG].",
         )(func)
-    return click.option(
-        "--config",
-        "config_file",
-        default=None,
-        metavar="PATH",
-        help="Config file (default: ./workerkit.toml, else [tool.workerkit] in ./pyproject.toml)"
-        " [env: WORKERKIT_CONFIG].",
-    )(func)
+
+    return decorate
 
 
 def _show_default(value: object) -> str:
@@ -70,6 +100,14 @@ def _load(options: dict[str, Any], config_file: str | None, **fixed: Any) -> Set
     except ConfigurationError as exc:
         click.echo(f"workerkit: configuration error: {exc}", err=True)
         sys.exit(exitcodes.CONFIG_ERROR)
+
+
+def _debug_logging(settings: Settings) -> None:
+    """With --log-level debug, logs go to stderr (the traceback of an app that fails to load)."""
+    if settings.log_level == "debug":
+        from workerkit.logs import configure_logging
+
+        configure_logging(settings.log_level, settings.log_format)
 
 
 def _fail(exc: WorkerkitError, code: int) -> None:
@@ -108,6 +146,7 @@ def check(engine: str | None, output_format: str, config_file: str | None, **opt
     from workerkit.timing import evaluate, render_json, render_text
 
     settings = _load(options, config_file, engine=engine)
+    _debug_logging(settings)
     try:
         timing = get_engine(settings.engine).app_timing(settings) if settings.app else AppTiming()
     except WorkerkitError as exc:
@@ -180,6 +219,7 @@ def enqueue(
     from workerkit.app import EnqueueOptions
 
     settings = _load(options, config_file)
+    _debug_logging(settings)
     try:
         args = json.loads(args_json)
         kwargs = json.loads(kwargs_json)
@@ -187,8 +227,8 @@ def enqueue(
         raise click.BadParameter(f"not JSON: {exc}") from exc
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise click.BadParameter("--args must be a JSON list and --kwargs a JSON object")
-    app = _native_app(settings)
     try:
+        app = _native_app(settings)
         job = app.enqueue(
             task, args, kwargs, EnqueueOptions(queue=queue, delay=delay, job_id=job_id)
         )
@@ -212,29 +252,127 @@ def _native_app(settings: Settings) -> Any:
 
 # --- run --------------------------------------------------------------------------------
 
+_RUN_HELP = {
+    "sql": """Run the sql engine's worker (workerkit's own SQL queue) under the supervisor.
 
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("engine", type=click.Choice(["sql", "rq", "celery"]))
-@settings_options
-@click.argument("worker_args", nargs=-1, type=click.UNPROCESSED)
-def run(engine: str, config_file: str | None, worker_args: tuple[str, ...], **options: Any) -> None:
+    The app is a workerkit.App (--app MODULE:APP); every option is a setting.
+    """,
+    "rq": """Run an RQ worker under the supervisor.
+
+    The app is a workerkit.engines.rq.RqApp, the allowlist of the tasks the worker may run
+    (--app MODULE:APP). After the settings come the rq engine's own options (--worker-class,
+    --serializer, --url, --with-scheduler).
+    """,
+    "celery": """Run a Celery worker under the supervisor.
+
+    -A/--app takes what `celery -A` takes (proj, proj.celery, proj.celery:app). Options that
+    are not workerkit's go to `celery worker`, e.g.
+    `workerkit run celery -A proj --concurrency 4 -- --pool=threads -O fair`; an option that
+    `celery worker` does not take is refused before anything starts.
+    """,
+}
+
+
+@main.group()
+def run() -> None:
     """Run ENGINE's worker under the supervisor (the container's entrypoint).
 
     On SIGTERM: readiness goes false, fetching stops, the job in hand may finish within the drain
     window; then it is asked to stop, released to the queue with its checkpoint, and the
     supervisor exits before the grace period ends.
 
-    Arguments after the options go to the engine's own worker (for celery, options of
-    `celery worker`), e.g. `workerkit run celery --app proj:app -- --pool=threads`.
+    Each engine has its own options: `workerkit run ENGINE --help`.
     """
+
+
+def _engine_option(option: EngineOption, *, hidden: bool) -> Callable[[F], F]:
+    if option.is_flag:
+        return click.option(
+            option.flag, option.dest, is_flag=True, default=False, help=option.help, hidden=hidden
+        )
+    default = f" [default: {option.default}]" if option.default else ""
+    return click.option(
+        option.flag,
+        option.dest,
+        type=click.Choice(option.choices) if option.choices and not hidden else None,
+        default=None,
+        metavar=option.metavar,
+        help=option.help + default,
+        hidden=hidden,
+    )
+
+
+def _run_command(engine: str) -> click.Command:
+    """``workerkit run ENGINE``: the settings that apply to it, and its own options."""
+
+    def command(config_file: str | None, **options: Any) -> None:
+        worker_args = tuple(options.pop("worker_args", ()))
+        _run(engine, config_file, options, worker_args)
+
+    decorated: Callable[..., None] = command
+    if engine == "celery":
+        decorated = click.argument("worker_args", nargs=-1, type=click.UNPROCESSED)(decorated)
+    for name, engine_options in reversed(list(ENGINE_OPTIONS.items())):
+        for option in reversed(engine_options):
+            decorated = _engine_option(option, hidden=name != engine)(decorated)
+    decorated = _setting_options(engine)(decorated)
+    context: dict[str, Any] = {"max_content_width": 100}
+    if engine == "celery":
+        context["ignore_unknown_options"] = True
+    return click.command(engine, help=_RUN_HELP[engine], context_settings=context)(decorated)
+
+
+def _own_args(engine: str, options: dict[str, Any]) -> list[str]:
+    """Take the engines' own options out of ``options``: ``engine``'s as arguments for it."""
+    argv: list[str] = []
+    for name, engine_options in ENGINE_OPTIONS.items():
+        for option in engine_options:
+            value = options.pop(option.dest, None)
+            if value in (None, False):
+                continue
+            if name != engine:
+                _refuse(
+                    f"workerkit run {engine}: {option.flag} is an option of the {name} engine; "
+                    f"the {engine} engine does not take it (see workerkit run {engine} --help)"
+                )
+            argv += [option.flag] if option.is_flag else [option.flag, str(value)]
+    return argv
+
+
+def _refuse_other_engines(engine: str, options: dict[str, Any]) -> None:
+    """Refuse a setting given as an option that ``workerkit run ENGINE`` does not read."""
+    for spec in setting_specs():
+        if options.get(spec.name) is None or engine in spec.engines:
+            continue
+        owners = (
+            f"a setting of the {' and '.join(spec.engines)} engine{'s' * (len(spec.engines) > 1)}"
+            if spec.engines
+            else "a setting of the scheduler, read by workerkit check"
+        )
+        _refuse(
+            f"workerkit run {engine}: {spec.cli_flag} does not apply to the {engine} engine (it "
+            f"is {owners}); remove it (see workerkit run {engine} --help)"
+        )
+
+
+def _refuse(message: str) -> NoReturn:
+    click.echo(f"workerkit: configuration error: {message}", err=True)
+    sys.exit(exitcodes.CONFIG_ERROR)
+
+
+def _run(
+    engine: str, config_file: str | None, options: dict[str, Any], worker_args: tuple[str, ...]
+) -> None:
     from workerkit.engines import get_engine
     from workerkit.logs import configure_logging
     from workerkit.supervisor.runner import run_supervisor
 
+    own_args = _own_args(engine, options)
+    _refuse_other_engines(engine, options)
     settings = _load(options, config_file, engine=engine)
     configure_logging(settings.log_level, settings.log_format)
     try:
-        engine_impl = get_engine(settings.engine, worker_args)
+        engine_impl = get_engine(settings.engine, [*own_args, *worker_args])
         timing = engine_impl.app_timing(settings)
     except WorkerkitError as exc:
         _fail(exc, exitcodes.CONFIG_ERROR)
@@ -247,3 +385,7 @@ def run(engine: str, config_file: str | None, worker_args: tuple[str, ...], **op
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+for _engine in ENGINE_OPTIONS:
+    run.add_command(_run_command(_engine))

@@ -143,6 +143,9 @@ class SettingSpec:
     exclusive_minimum: bool = False
     maximum: float | None = None
     symbol: str = ""
+    #: The engines whose ``workerkit run ENGINE`` reads it; () for the scheduler's settings
+    #: (read by ``workerkit check``). ``workerkit run`` refuses the option of another engine.
+    engines: tuple[str, ...] = ENGINES
 
     @property
     def env_var(self) -> str:
@@ -181,8 +184,10 @@ def _s(
     exclusive_minimum: bool = False,
     maximum: float | None = None,
     symbol: str = "",
+    engines: tuple[str, ...] = ENGINES,
 ) -> Any:
     meta = {
+        "engines": engines,
         "help": help,
         "parse": parse,
         "minimum": minimum,
@@ -209,19 +214,25 @@ class Settings:
     queues: tuple[str, ...] = _s(
         ("default",), "Queues to consume, comma-separated.", _parse_str_list
     )
-    concurrency: int = _s(1, "Jobs one worker runs at once.", _parse_int, minimum=1)
+    concurrency: int = _s(
+        1, "Jobs one worker runs at once.", _parse_int, minimum=1, engines=("sql", "celery")
+    )
     replicas: int = _s(
         1,
         "How many worker pods or hosts share the queue (SQLite allows only one).",
         _parse_int,
         minimum=1,
+        engines=("sql",),
     )
     database_url: str = _s(
         "sqlite:///workerkit.sqlite3",
         "SQLAlchemy URL of the SQL queue and store.",
         _parse_str,
+        engines=("sql",),
     )
-    redis_url: str = _s("redis://127.0.0.1:6379/0", "URL of the Redis server.", _parse_str)
+    redis_url: str = _s(
+        "redis://127.0.0.1:6379/0", "URL of the Redis server.", _parse_str, engines=("rq", "celery")
+    )
 
     # The timing budget (docs/concepts/timing-budget.md).
     grace_period: float = _s(
@@ -267,6 +278,7 @@ class Settings:
         minimum=0,
         exclusive_minimum=True,
         symbol="H",
+        engines=("sql", "rq"),
     )
     recovery_window: float = _s(
         30.0,
@@ -275,6 +287,7 @@ class Settings:
         _seconds,
         minimum=1,
         symbol="W",
+        engines=("celery",),
     )
     checkpoint_interval: float = _s(
         5.0,
@@ -306,6 +319,7 @@ class Settings:
         "must exceed it).",
         _seconds,
         minimum=0,
+        engines=("celery",),
     )
     leader_lease: float = _s(
         15.0,
@@ -314,6 +328,7 @@ class Settings:
         minimum=0,
         exclusive_minimum=True,
         symbol="L",
+        engines=(),
     )
     renew_deadline: float = _s(
         10.0,
@@ -322,6 +337,7 @@ class Settings:
         minimum=0,
         exclusive_minimum=True,
         symbol="Rd",
+        engines=(),
     )
     retry_period: float = _s(
         2.0,
@@ -330,6 +346,7 @@ class Settings:
         minimum=0,
         exclusive_minimum=True,
         symbol="Rp",
+        engines=(),
     )
     strict: bool = _s(False, "Treat timing-budget warnings as errors.", _parse_bool)
 
@@ -340,9 +357,14 @@ class Settings:
         _seconds,
         minimum=0,
         exclusive_minimum=True,
+        engines=("sql",),
     )
     max_payload_bytes: int = _s(
-        1_048_576, "Largest encoded job payload accepted at enqueue.", _parse_int, minimum=1
+        1_048_576,
+        "Largest encoded job payload accepted at enqueue.",
+        _parse_int,
+        minimum=1,
+        engines=("sql",),
     )
 
     # Operations.
@@ -422,6 +444,7 @@ def setting_specs() -> tuple[SettingSpec, ...]:
                 exclusive_minimum=meta["exclusive_minimum"],
                 maximum=meta["maximum"],
                 symbol=meta["symbol"],
+                engines=meta["engines"],
             )
         )
     return tuple(specs)

@@ -17,6 +17,7 @@ from workerkit.engines.attempt import release_each
 from workerkit.engines.base import AppTiming
 from workerkit.engines.celery.config import (
     celery_facts,
+    check_worker_args,
     configure_app,
     load_celery_app,
     task_timings,
@@ -77,10 +78,13 @@ class CeleryEngine:
         return self._app
 
     def app_timing(self, settings: Settings) -> AppTiming:
-        """The tasks' time limits and the app's overrides of workerkit's Celery defaults."""
-        if not settings.app:
-            return AppTiming()
+        """The tasks' time limits and the app's overrides of workerkit's Celery defaults.
+
+        Also where a missing or wrong app, and a ``celery worker`` option that does not exist,
+        are refused: before the supervisor starts anything.
+        """
         app = load_celery_app(settings.app)
+        check_worker_args(app, self.worker_args)
         facts = celery_facts(app)  # before configure_app fills in workerkit's values
         timings = task_timings(app)
         configure_app(app, settings)

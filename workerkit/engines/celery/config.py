@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "celery_facts",
+    "check_worker_args",
     "configure_app",
     "load_celery_app",
     "task_timings",
@@ -27,22 +28,59 @@ __all__ = (
 
 
 def load_celery_app(spec: str | None) -> Any:
-    """The ``celery.Celery`` app named by ``spec`` (``--app`` / ``WORKERKIT_APP``)."""
+    """The ``celery.Celery`` app named by ``spec`` (``-A`` / ``--app`` / ``WORKERKIT_APP``).
+
+    ``spec`` is read as ``celery -A`` reads it: ``proj``, ``proj.celery``, ``proj.celery:app``
+    (:func:`workerkit.loading.find_app`). Anything else, or a failure to import, is a
+    ConfigurationError before anything starts.
+    """
     from celery import Celery
 
-    from workerkit.loading import import_app
+    from workerkit.loading import find_app
 
     if not spec:
         raise ConfigurationError(
-            "the celery engine needs an app: give --app MODULE:APP or WORKERKIT_APP"
+            "the celery engine needs an app: give -A/--app as `celery -A` takes it (e.g. "
+            "'-A proj' or '--app proj.celery:app'), or set WORKERKIT_APP"
         )
-    app = import_app(spec)
+    app = find_app(spec, Celery)
     if not isinstance(app, Celery):
         raise ConfigurationError(
             f"--app {spec!r} is a {type(app).__name__}, not a celery.Celery app; the celery "
             "engine runs Celery apps (use --engine sql for a workerkit.App)"
         )
     return app
+
+
+def check_worker_args(app: Any, worker_args: Sequence[str]) -> None:
+    """Refuse, before anything starts, an option that ``celery worker`` would not take.
+
+    The celery engine hands the options it does not know to ``celery worker`` (with the app's
+    own ``user_options``); a misspelled one, or another engine's, would otherwise fail only
+    once the supervisor and its HTTP server are up.
+    """
+    from celery.bin.worker import worker as worker_command
+
+    params = [
+        *worker_command.params,
+        *app.user_options.get("worker", ()),
+        *app.user_options.get("preload", ()),
+    ]
+    names = {name for param in params for name in (*param.opts, *param.secondary_opts)}
+    for token in worker_args:
+        if not token.startswith("-") or token in ("-", "--"):
+            continue
+        name = token.split("=", 1)[0]
+        if name in names or (not token.startswith("--") and token[:2] in names):
+            continue
+        hint = ""
+        if name in ("-A", "--app"):
+            hint = "; give -A/--app among workerkit's options, before `--`"
+        raise ConfigurationError(
+            f"{name} is not an option of `celery worker`{hint} (the "
+            "celery engine passes the options it does not know to `celery worker`: see "
+            "`celery worker --help`, and `workerkit run celery --help` for workerkit's own)"
+        )
 
 
 def user_value(app: Any, key: str) -> Any:

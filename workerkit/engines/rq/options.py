@@ -1,8 +1,10 @@
 """The rq engine's own arguments: --worker-class, --serializer, --url, --with-scheduler.
 
-``workerkit run rq`` passes what follows the settings here, and the supervisor hands the parsed
-arguments on to the worker process's command line (:func:`worker_argv`). ``--serializer``
-defaults to ``$WORKERKIT_RQ_SERIALIZER``, then ``json``.
+They are declared once in :data:`workerkit.engines.ENGINE_OPTIONS` (so ``workerkit run rq
+--help`` lists them without importing rq); ``workerkit run rq`` passes them here, and the
+supervisor hands the parsed arguments on to the worker process's command line
+(:func:`worker_argv`). ``--serializer`` defaults to ``$WORKERKIT_RQ_SERIALIZER``, then
+``json``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 from collections.abc import Sequence
 from typing import Final, NoReturn
 
+from workerkit.engines import ENGINE_OPTIONS
 from workerkit.errors import ConfigurationError
 
 __all__ = (
@@ -23,10 +26,14 @@ __all__ = (
 )
 
 #: ``--worker-class`` choices: fork a work horse per job (RQ's default), or run jobs in process.
-WORKER_CLASS_NAMES: Final = ("forking", "simple")
+WORKER_CLASS_NAMES: Final = next(
+    option.choices for option in ENGINE_OPTIONS["rq"] if option.flag == "--worker-class"
+)
 #: ``--serializer`` choices, safest first: JSON; pickle through an allowlist (to drain a queue
 #: that producers on RQ's defaults filled); plain pickle (trusted writers only).
-SERIALIZER_NAMES: Final = ("json", "safe-pickle", "pickle")
+SERIALIZER_NAMES: Final = next(
+    option.choices for option in ENGINE_OPTIONS["rq"] if option.flag == "--serializer"
+)
 #: The variable that chooses the serializer when ``--serializer`` is not given.
 SERIALIZER_ENV: Final = "WORKERKIT_RQ_SERIALIZER"
 
@@ -42,10 +49,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> _Parser:
     parser = _Parser(prog="workerkit run rq", add_help=False)
-    parser.add_argument("--worker-class", choices=WORKER_CLASS_NAMES, default="forking")
-    parser.add_argument("--serializer", choices=SERIALIZER_NAMES, default=None)
-    parser.add_argument("--url", default=None)
-    parser.add_argument("--with-scheduler", action="store_true")
+    for option in ENGINE_OPTIONS["rq"]:
+        if option.is_flag:
+            parser.add_argument(option.flag, action="store_true")
+        else:
+            parser.add_argument(option.flag, choices=option.choices or None, default=option.default)
     return parser
 
 
@@ -54,10 +62,14 @@ def parse_worker_args(worker_args: Sequence[str]) -> argparse.Namespace:
     try:
         args = _parser().parse_args(list(worker_args))
     except _ArgumentError as exc:
+        takes = ", ".join(
+            option.flag
+            + ("" if option.is_flag else " " + ("|".join(option.choices) or str(option.metavar)))
+            for option in ENGINE_OPTIONS["rq"]
+        )
         raise ConfigurationError(
-            f"workerkit run rq: {exc}; the rq engine takes --worker-class forking|simple, "
-            "--serializer json|safe-pickle|pickle, --url URL and --with-scheduler (other "
-            "options are settings: workerkit run rq --help)"
+            f"workerkit run rq: {exc}; the rq engine takes {takes} (other options are "
+            "settings: workerkit run rq --help)"
         ) from None
     if args.serializer is None:
         args.serializer = os.environ.get(SERIALIZER_ENV) or "json"
