@@ -191,8 +191,13 @@ class Worker(_Workerkit, RqWorker):
                 break
             except HorseMonitorTimeoutException:
                 assert job.started_at is not None
-                self.set_current_job_working_time((now() - job.started_at).total_seconds())
-                if job.timeout != -1 and self.current_job_working_time > (job.timeout or 0) + 60:
+                # RQ's bookkeeping, best effort: Redis restarting under a running job must not
+                # end the worker (the job runs on; the upkeep thread keeps its lease).
+                working = (now() - job.started_at).total_seconds()
+                self.current_job_working_time = working
+                with contextlib.suppress(redis.exceptions.RedisError):
+                    self.set_current_job_working_time(working)
+                if job.timeout != -1 and working > (job.timeout or 0) + 60:
                     self.heartbeat(self.job_monitoring_interval + 60)
                     killed_for_timeout = True
                     self.kill_horse()
@@ -203,7 +208,9 @@ class Worker(_Workerkit, RqWorker):
             except OSError as exc:
                 if exc.errno != errno.EINTR:
                     raise
-        self.set_current_job_working_time(0)
+        self.current_job_working_time = 0
+        with contextlib.suppress(redis.exceptions.RedisError):
+            self.set_current_job_working_time(0)
         self._horse_pid = 0
         attempt.horse_done.set()
         return self._wk_after_horse(job, queue, attempt, ret_val, killed_for_timeout)
