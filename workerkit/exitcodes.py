@@ -41,7 +41,8 @@ INTERNAL_ERROR: Final = 1
 #: an unknown engine. The message names the setting and the fix.
 CONFIG_ERROR: Final = 2
 
-#: The broker or database could not be reached (``db upgrade``).
+#: The broker or database could not be reached (``db upgrade``; ``workerkit run rq``: Redis stayed
+#: unreachable for the whole ``startup_timeout`` at start).
 STORE_UNAVAILABLE: Final = 3
 
 #: ``workerkit run``: the worker could not be started or exited before it was ready, or the HTTP

@@ -383,6 +383,15 @@ class Settings:
         minimum=0,
         exclusive_minimum=True,
     )
+    startup_timeout: float = _s(
+        120.0,
+        "rq: how long the worker keeps retrying an unreachable Redis at start (not ready, each "
+        "retry logged) before it exits with STORE_UNAVAILABLE (3); at most the startupProbe's "
+        "periodSeconds x failureThreshold.",
+        _seconds,
+        minimum=0,
+        exclusive_minimum=True,
+    )
     log_level: str = _s(
         "info", "Log level.", _choice("debug", "info", "warning", "error", "critical")
     )

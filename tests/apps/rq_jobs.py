@@ -66,5 +66,13 @@ def tick(tag: str) -> str:
     return tag
 
 
+@app.task(timeout=120)
+def sleepy(tag: str, seconds: float) -> str:
+    """Sleeps without touching Redis: it runs on through a Redis outage if its worker does."""
+    with run_of(tag):
+        time.sleep(seconds)
+    return f"{tag} ok"
+
+
 def noop() -> None:
     """For throughput: does nothing."""

@@ -57,6 +57,26 @@ def test_redis_url_points_at_dedicated_db_of_private_server(
     assert redis_client.config_get("appendonly") == {"appendonly": "no"}
 
 
+def test_redis_restart_by_pid_keeps_port_and_append_only_data() -> None:
+    import redis as redis_module
+
+    first = servers.start_redis(appendonly=True)
+    current = first
+    try:
+        client = redis_module.Redis.from_url(first.url())
+        client.set("kept", "yes")
+        client.close()
+        current = servers.restart_redis(first, down_for=0.2)
+        assert current.port == first.port
+        assert current.pid != first.pid
+        assert first.process.exited()
+        client = redis_module.Redis.from_url(current.url())
+        assert client.get("kept") == b"yes"
+        client.close()
+    finally:
+        current.stop()
+
+
 def test_redis_pubsub_round_trip(redis_client: redis.Redis[bytes]) -> None:
     pubsub = redis_client.pubsub()
     try:

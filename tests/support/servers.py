@@ -308,27 +308,41 @@ class RedisServer(_Owned):
         return f"redis://{self.host}:{self.port}/{db}"
 
 
-def start_redis(*, attempts: int = 3) -> RedisServer:
-    """Start a private, non-persistent redis-server and wait until it answers PING."""
+def start_redis(
+    *,
+    attempts: int = 3,
+    port: int | None = None,
+    directory: Path | None = None,
+    appendonly: bool = False,
+) -> RedisServer:
+    """Start a private redis-server and wait until it answers PING.
+
+    Non-persistent unless ``appendonly``. ``port`` and ``directory`` start it where a server of
+    ours ran before (:func:`restart_redis`), or on a port a test handed out before the server
+    was up; the caller then owns the clash with another process, if any (one attempt).
+    """
     import redis
 
     binary = find_redis_server()
-    directory = _make_temp_dir("workerkit-redis-")
+    owned = directory is None
+    directory = _make_temp_dir("workerkit-redis-") if directory is None else directory
+    if port is not None:
+        attempts = 1
     try:
         for attempt in range(1, attempts + 1):
-            port = free_port()
+            chosen = free_port() if port is None else port
             proc = _Process.start(
                 "redis-server",
                 [
                     binary,
                     "--port",
-                    str(port),
+                    str(chosen),
                     "--bind",
                     HOST,
                     "--save",
                     "",
                     "--appendonly",
-                    "no",
+                    "yes" if appendonly else "no",
                     "--dir",
                     str(directory),
                     "--daemonize",
@@ -342,7 +356,7 @@ def start_redis(*, attempts: int = 3) -> RedisServer:
                 user=None,
             )
 
-            def ping(port: int = port) -> bool:
+            def ping(port: int = chosen) -> bool:
                 client = redis.Redis(
                     host=HOST, port=port, socket_connect_timeout=1, socket_timeout=1
                 )
@@ -351,14 +365,27 @@ def start_redis(*, attempts: int = 3) -> RedisServer:
                 finally:
                     client.close()
 
-            what = f"redis-server on {HOST}:{port}"
+            what = f"redis-server on {HOST}:{chosen}"
             if not _ready_or_port_taken(proc, ping, what, retry=attempt < attempts):
                 continue  # another process took the port between free_port() and bind
-            return RedisServer(HOST, port, directory, proc)
+            return RedisServer(HOST, chosen, directory, proc)
     except BaseException:
-        _remove_temp_dir(directory)
+        if owned:
+            _remove_temp_dir(directory)
         raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def restart_redis(server: RedisServer, *, down_for: float = 0.0) -> RedisServer:
+    """Stop ``server``'s process by its pid, wait ``down_for`` seconds, start it again.
+
+    Same port and directory, append-only file on: when ``server`` was started with
+    ``appendonly`` its data survives the restart, as a production Redis's does. Stop the
+    server given back, not ``server`` (both would remove the directory they share).
+    """
+    server.process.stop()
+    time.sleep(down_for)
+    return start_redis(port=server.port, directory=server.directory, appendonly=True)
 
 
 # --------------------------------------------------------------------------------------------

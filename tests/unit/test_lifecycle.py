@@ -413,6 +413,19 @@ def test_worker_exit_before_ready_is_a_startup_failure() -> None:
     assert the_exit(actions).outcome == "crashed"
 
 
+def test_worker_that_gave_up_waiting_for_its_store_exits_store_unavailable() -> None:
+    machine = Lifecycle(D, M)
+    actions = machine.handle(WorkerExited(exitcodes.STORE_UNAVAILABLE, 5.0))
+    assert events(actions) == ["worker_start_failed", "supervisor_stopped"]
+    assert the_exit(actions).code == exitcodes.STORE_UNAVAILABLE
+
+
+def test_store_unavailable_after_ready_is_a_crash() -> None:
+    machine = ready_machine()
+    actions = machine.handle(WorkerExited(exitcodes.STORE_UNAVAILABLE, T0))
+    assert the_exit(actions).code == exitcodes.WORKER_CRASHED
+
+
 # --- signals while starting, the worker stopping by itself -----------------------------------
 
 

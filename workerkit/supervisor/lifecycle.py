@@ -222,7 +222,7 @@ class Lifecycle:
         self.child_returncode: int | None = None
         self.exit_code: int | None = None
         self.outcome: ShutdownOutcome | None = None
-        self._crash_code: int | None = None  # STARTUP_FAILED or WORKER_CRASHED
+        self._crash_code: int | None = None  # STARTUP_FAILED, STORE_UNAVAILABLE, WORKER_CRASHED
         self._request_stop_sent = False
         self._release_sent = False
         self._kill_sent = False
@@ -429,6 +429,9 @@ class Lifecycle:
         else:
             starting = self.state is State.STARTING and not self.shutting_down
             self._crash_code = exitcodes.STARTUP_FAILED if starting else exitcodes.WORKER_CRASHED
+            if starting and code == exitcodes.STORE_UNAVAILABLE:
+                # The worker gave up waiting for its broker (startup_timeout): say so.
+                self._crash_code = exitcodes.STORE_UNAVAILABLE
             event = "worker_start_failed" if starting else "worker_crashed"
             what = "before it was ready" if starting else "unexpectedly"
             actions.append(

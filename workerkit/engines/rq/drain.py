@@ -23,6 +23,7 @@ from rq.exceptions import NoSuchJobError
 from rq.utils import as_text
 from rq.worker.base import WorkerStatus
 
+from workerkit.engines.rq.startup import UNREACHABLE, retry_delays
 from workerkit.engines.rq.state import TICK, WorkerState
 from workerkit.events import WorkerStopping
 from workerkit.job import request_stop_all
@@ -222,11 +223,35 @@ class Drain(WorkerState):
                 self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
                 self.heartbeat()
                 return job, queue
-            except redis.exceptions.ConnectionError as exc:
+            except UNREACHABLE as exc:
                 self.log.error(
                     "Worker %s: cannot reach Redis (%s); retrying in %.0f s", self.name, exc, wait
                 )
-                deadline = time.monotonic() + wait
-                while time.monotonic() < deadline and not self._stop_requested:
-                    time.sleep(TICK)
+                self._wk_sleep_unless_stopped(wait)
                 wait = min(wait * 2, 30.0)
+
+    def _wk_sleep_unless_stopped(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self._stop_requested:
+            time.sleep(TICK)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        """RQ's ``rq suspend`` check, which opens each turn of its loop; waits while Redis is down.
+
+        RQ's loop ends the worker on any error; Redis restarting between two jobs must not.
+        """
+        delays = retry_delays()
+        while not self._stop_requested:
+            try:
+                super().check_for_suspension(burst)  # type: ignore[misc]
+                return
+            except UNREACHABLE as exc:
+                wait = next(delays)
+                reason = f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "cannot reach Redis (%s); retrying in %.1f s",
+                    reason,
+                    wait,
+                    extra={"event": "store_reconnect_retry", "reason": reason, "retry_in": wait},
+                )
+                self._wk_sleep_unless_stopped(wait)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, Final
 
 import redis
 import redis.exceptions
@@ -18,6 +18,7 @@ from rq.utils import as_text, now, utcparse
 
 from workerkit.engines.attempt import HEALTH_EVERY, HEARTBEAT_EVERY, Duty, Keeper
 from workerkit.engines.rq.drain import Drain
+from workerkit.engines.rq.startup import UNREACHABLE
 from workerkit.engines.rq.state import TICK, Attempt
 from workerkit.events import (
     Heartbeat,
@@ -28,13 +29,19 @@ from workerkit.events import (
     client,
 )
 
-__all__ = ("Upkeep",)
+__all__ = ("RENEW_RETRY_EVERY", "Upkeep")
 
 log = logging.getLogger("workerkit.engines.rq")
 
 
+#: How soon a lease renewal that failed (Redis unreachable) is tried again.
+RENEW_RETRY_EVERY: Final = 1.0
+
+
 class Upkeep(Drain):
     """The upkeep thread; it also turns the stop signals into the drain's steps."""
+
+    _wk_renew_retry_at = 0.0  # monotonic; set after a renewal failed
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)  # type: ignore[misc]
@@ -57,7 +64,45 @@ class Upkeep(Drain):
                 self._wk_upkeep.stop(timeout=2.0)
             with contextlib.suppress(redis.exceptions.RedisError):
                 self._wk_redis.delete(self._wk_wake_key)
-        super().teardown()  # type: ignore[misc]
+        try:
+            super().teardown()  # type: ignore[misc]
+        except UNREACHABLE as exc:
+            # RQ's death registration: the worker's key expires by itself (worker_ttl + 60 s).
+            log.warning(
+                "cannot register the worker's exit: Redis unreachable",
+                extra={"event": "store_unavailable", "reason": f"{type(exc).__name__}: {exc}"},
+            )
+
+    # --- RQ's own writes between jobs: a Redis restart must not end the worker ----------------
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ's worker heartbeat; one missed while Redis is down is harmless (the key outlives it).
+
+        RQ's loop ends the worker on any error, and calls this after every job.
+        """
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline)
+            return
+        with contextlib.suppress(*UNREACHABLE):
+            super().heartbeat(timeout)
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        if pipeline is not None:
+            super().set_state(state, pipeline)
+            return
+        with contextlib.suppress(*UNREACHABLE):
+            super().set_state(state)
+
+    def run_maintenance_tasks(self) -> None:
+        """RQ's maintenance (the recovery scan first); skipped, and tried again, while Redis is
+        down."""
+        try:
+            super().run_maintenance_tasks()
+        except UNREACHABLE as exc:
+            log.warning(
+                "maintenance skipped: Redis unreachable",
+                extra={"event": "maintenance_skipped", "reason": f"{type(exc).__name__}: {exc}"},
+            )
 
     # --- the upkeep duties, in the order they run -----------------------------------------
 
@@ -83,14 +128,21 @@ class Upkeep(Drain):
         attempt = self._wk_attempt
         now_ = time.monotonic()
         renew_every = self.wk_settings.effective_heartbeat_interval
-        if attempt is not None and now_ - attempt.last_renewed >= renew_every:
+        if (
+            attempt is not None
+            and now_ - attempt.last_renewed >= renew_every
+            and now_ >= self._wk_renew_retry_at
+        ):
             self._wk_renew(attempt, now_)
 
     def _wk_scanning(self) -> bool:
         return not self._wk_stopping
 
     def _wk_scan(self) -> None:
-        self.wk_recover_abandoned()  # its count is not a delay (a duty's return value is one)
+        # Its count is not a delay (a duty's return value is one). While Redis is down the
+        # health duty reports it; a traceback a second would only bury that line.
+        with contextlib.suppress(*UNREACHABLE):
+            self.wk_recover_abandoned()
 
     def _wk_report_health(self) -> None:
         try:
@@ -143,6 +195,11 @@ class Upkeep(Drain):
             # The lease may still hold; but once it has surely expired another worker may run
             # the job, so this attempt must stop (fencing by time, not only by token).
             if now_ - attempt.last_renewed < self._wk_lease_ttl:
+                # Again in a second (not every tick while Redis is down), and at the latest
+                # when the lease runs out, so that its loss is seen on time.
+                self._wk_renew_retry_at = min(
+                    now_ + RENEW_RETRY_EVERY, attempt.last_renewed + self._wk_lease_ttl
+                )
                 log.warning(
                     "lease renewal failed; retrying",
                     extra={

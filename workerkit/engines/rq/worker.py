@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NoReturn
 
 import redis
 import redis.exceptions
@@ -30,12 +30,20 @@ from rq.timeouts import HorseMonitorTimeoutException
 from rq.utils import now
 from rq.worker.base import WorkerStatus
 
+from workerkit import exitcodes
 from workerkit.engines.rq.attempt import Attempts
 from workerkit.engines.rq.options import parse_worker_args
 from workerkit.engines.rq.perform import Perform
+from workerkit.engines.rq.startup import (
+    UNREACHABLE,
+    StartupInterrupted,
+    install_startup_signals,
+    wait_for_redis,
+)
 from workerkit.engines.rq.tasks import load_app
 from workerkit.engines.rq.upkeep import Upkeep
-from workerkit.errors import ConfigurationError, JobInterrupted
+from workerkit.errors import ConfigurationError, JobInterrupted, StoreUnavailable
+from workerkit.events import SOCKET_ENV
 from workerkit.job import request_stop_all
 
 if TYPE_CHECKING:
@@ -183,8 +191,13 @@ class Worker(_Workerkit, RqWorker):
                 break
             except HorseMonitorTimeoutException:
                 assert job.started_at is not None
-                self.set_current_job_working_time((now() - job.started_at).total_seconds())
-                if job.timeout != -1 and self.current_job_working_time > (job.timeout or 0) + 60:
+                # RQ's bookkeeping, best effort: Redis restarting under a running job must not
+                # end the worker (the job runs on; the upkeep thread keeps its lease).
+                working = (now() - job.started_at).total_seconds()
+                self.current_job_working_time = working
+                with contextlib.suppress(redis.exceptions.RedisError):
+                    self.set_current_job_working_time(working)
+                if job.timeout != -1 and working > (job.timeout or 0) + 60:
                     self.heartbeat(self.job_monitoring_interval + 60)
                     killed_for_timeout = True
                     self.kill_horse()
@@ -195,7 +208,9 @@ class Worker(_Workerkit, RqWorker):
             except OSError as exc:
                 if exc.errno != errno.EINTR:
                     raise
-        self.set_current_job_working_time(0)
+        self.current_job_working_time = 0
+        with contextlib.suppress(redis.exceptions.RedisError):
+            self.set_current_job_working_time(0)
         self._horse_pid = 0
         attempt.horse_done.set()
         return self._wk_after_horse(job, queue, attempt, ret_val, killed_for_timeout)
@@ -319,8 +334,19 @@ WORKER_CLASSES: Final[dict[str, type[Worker] | type[SimpleWorker]]] = {
 }
 
 
+def _exit(code: int) -> NoReturn:
+    logging.shutdown()
+    # The upkeep and event threads are daemons that may be blocked on a socket; the worker's
+    # state in Redis is settled, so do not wait for them.
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """The RQ worker process: ``python -m workerkit.engines.rq [engine args]``."""
+    """The RQ worker process: ``python -m workerkit.engines.rq [engine args]``.
+
+    Redis not reachable yet: wait for it, not ready meanwhile, up to ``startup_timeout``
+    (``startup.py``), then exit with STORE_UNAVAILABLE; a stop signal meanwhile exits at once.
+    """
     from workerkit.logs import configure_logging
     from workerkit.settings import load_settings
 
@@ -331,21 +357,40 @@ def main(argv: Sequence[str] | None = None) -> None:
         app = load_app(settings)
     except ConfigurationError as exc:
         log.error(str(exc), extra={"event": "worker_config_error"})
-        sys.exit(2)
+        sys.exit(exitcodes.CONFIG_ERROR)
     worker_class = WORKER_CLASSES[args.worker_class]
-    connection = redis.Redis.from_url(str(args.url or settings.redis_url))
-    worker = worker_class(
-        list(settings.queues),
-        connection=connection,
-        app=app,
-        settings=settings,
-        serializer=args.serializer,
-    )
-    # Installed before work() starts (RQ installs its handlers only after registering), so a
-    # SIGTERM that arrives during startup is a warm stop too, not a kill.
-    worker._install_signal_handlers()
-    worker.work(with_scheduler=args.with_scheduler)
-    logging.shutdown()
-    # The upkeep and event threads are daemons that may be blocked on a socket; the worker's
-    # state in Redis is settled, so do not wait for them.
-    os._exit(0)
+    url = str(args.url or settings.redis_url)
+
+    def build() -> Worker | SimpleWorker:
+        # RQ's constructor talks to Redis (CLIENT SETNAME), hence inside the wait.
+        return worker_class(
+            list(settings.queues),
+            connection=redis.Redis.from_url(url),
+            app=app,
+            settings=settings,
+            serializer=args.serializer,
+        )
+
+    install_startup_signals(supervised=bool(os.environ.get(SOCKET_ENV)))
+    try:
+        worker = wait_for_redis(url, build, settings.startup_timeout)
+        # Installed before work() starts (RQ installs its handlers only after registering), so
+        # a SIGTERM that arrives during startup is a warm stop too, not a kill.
+        worker._install_signal_handlers()
+    except StartupInterrupted as stop:
+        log.info(
+            "stopped while waiting for Redis",
+            extra={"event": "worker_stopped_starting", "signal": str(stop)},
+        )
+        _exit(exitcodes.OK)
+    except StoreUnavailable:
+        _exit(exitcodes.STORE_UNAVAILABLE)
+    try:
+        worker.work(with_scheduler=args.with_scheduler)
+    except UNREACHABLE as exc:  # registering the worker, just after the wait succeeded
+        log.error(
+            "Redis went away while the worker was starting; exiting",
+            extra={"event": "store_unavailable", "reason": f"{type(exc).__name__}: {exc}"},
+        )
+        _exit(exitcodes.STORE_UNAVAILABLE)
+    _exit(exitcodes.OK)
