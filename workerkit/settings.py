@@ -391,6 +391,7 @@ class Settings:
         _seconds,
         minimum=0,
         exclusive_minimum=True,
+        engines=("rq",),
     )
     log_level: str = _s(
         "info", "Log level.", _choice("debug", "info", "warning", "error", "critical")
