@@ -335,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     worker_class = WORKER_CLASSES[args.worker_class]
     connection = redis.Redis.from_url(str(args.url or settings.redis_url))
     worker = worker_class(
-        list(settings.queues),
+        list(settings.queue_names),
         connection=connection,
         app=app,
         settings=settings,
