@@ -55,6 +55,8 @@ def _default(name: str, value: object) -> str:
         return "V / 3"
     if name == "idempotency_in_progress_expiry":
         return "J + 30"
+    if name == "queues":
+        return "default (celery: the app's)"
     if value is None:
         return "(none)"
     if isinstance(value, tuple):

@@ -22,6 +22,7 @@ from typing import Any, Literal, cast
 from workerkit.errors import ConfigurationError, SettingError, UnknownSetting
 
 __all__ = (
+    "DEFAULT_QUEUES",
     "ENGINES",
     "ENGINE_DEFAULT_VISIBILITY_TIMEOUT",
     "ENV_PREFIX",
@@ -47,6 +48,11 @@ ENGINE_DEFAULT_VISIBILITY_TIMEOUT: Mapping[Engine, float] = {
     "rq": 30.0,
     "celery": 3600.0,
 }
+
+#: The queues sql and rq consume when ``queues`` is not set. The celery engine consumes what
+#: ``celery worker`` without ``-Q`` does instead: the app's ``task_queues``, else its
+#: ``task_default_queue`` (``celery`` unless the app sets it).
+DEFAULT_QUEUES: tuple[str, ...] = ("default",)
 
 
 # --- parsers: text (env, CLI) or TOML value -> typed value, or ValueError with what's accepted --
@@ -211,8 +217,11 @@ class Settings:
     app: str | None = _s(
         None, "The application to load, as MODULE:ATTRIBUTE.", _optional(_parse_str)
     )
-    queues: tuple[str, ...] = _s(
-        ("default",), "Queues to consume, comma-separated.", _parse_str_list
+    queues: tuple[str, ...] | None = _s(
+        None,
+        "Queues to consume, comma-separated. Not set: `default`; celery: the app's queues, "
+        "as `celery worker` without -Q (`task_default_queue`, `celery` unless set).",
+        _optional(_parse_str_list),
     )
     concurrency: int = _s(
         1, "Jobs one worker runs at once.", _parse_int, minimum=1, engines=("sql", "celery")
@@ -427,6 +436,11 @@ class Settings:
         if self.idempotency_in_progress_expiry is not None:
             return self.idempotency_in_progress_expiry
         return self.job_timeout + 30.0
+
+    @property
+    def queue_names(self) -> tuple[str, ...]:
+        """The queues set, else ``default`` (the celery engine asks the app instead)."""
+        return self.queues if self.queues is not None else DEFAULT_QUEUES
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some settings changed (values are checked like any other source)."""

@@ -70,7 +70,7 @@ def run_jobs(
     from workerkit.engines.sql.worker import NativeWorker
 
     base = settings or app.settings
-    queues = sorted({task.queue for task in app.tasks.values()} | set(base.queues))
+    queues = sorted({task.queue for task in app.tasks.values()} | set(base.queue_names))
     settings = settings or base.replace(poll_interval=0.01, queues=",".join(queues))
     backend = app.backend
     worker = NativeWorker(app, settings, backend=backend)

@@ -391,7 +391,7 @@ class Runtime:
         consumer = self.consumer
         with contextlib.suppress(Exception):
             return [q.name for q in consumer.task_consumer.queues]
-        return list(self.settings.queues)
+        return list(self.settings.queues or (self.app.conf.task_default_queue,))
 
     def _concurrency(self) -> int:
         with contextlib.suppress(Exception):

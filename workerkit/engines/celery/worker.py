@@ -14,7 +14,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from workerkit import events as events_module
-from workerkit.engines.celery.config import configure_app, load_celery_app, worker_argv
+from workerkit.engines.celery.config import (
+    configure_app,
+    load_celery_app,
+    startup_differences,
+    worker_argv,
+)
 from workerkit.engines.celery.runtime import Runtime
 from workerkit.engines.celery.task import wrap_tasks
 from workerkit.errors import ConfigurationError
@@ -89,4 +94,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigurationError as exc:
         log.error(str(exc), extra={"event": "worker_config_error"})
         sys.exit(2)
-    app.worker_main(argv=worker_argv(settings, list(sys.argv[1:] if argv is None else argv)))
+    args = list(sys.argv[1:] if argv is None else argv)
+    message, differences = startup_differences(app, settings, args)
+    log.info(message, extra={"event": "celery_differences", "differences": differences})
+    app.worker_main(argv=worker_argv(settings, args, app))

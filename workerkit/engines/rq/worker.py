@@ -364,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def build() -> Worker | SimpleWorker:
         # RQ's constructor talks to Redis (CLIENT SETNAME), hence inside the wait.
         return worker_class(
-            list(settings.queues),
+            list(settings.queue_names),
             connection=redis.Redis.from_url(url),
             app=app,
             settings=settings,

@@ -133,7 +133,7 @@ class NativeWorker:
         self.backend = backend if backend is not None else app.backend
         self.events = events if events is not None else events_module.EventClient(None, role="")
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.queues = tuple(settings.queues)
+        self.queues = settings.queue_names
         self.concurrency = settings.concurrency
         self._running: dict[str, _Running] = {}
         self._running_lock = threading.Lock()

@@ -1,5 +1,6 @@
 """Rules on the Celery app's own configuration (C): workerkit sets every one of these values
-itself, so a rule fails only when the app overrides one unsafely."""
+itself, so a rule fails only when the app overrides one unsafely. A value the app sets is the
+app's even when it equals Celery's default (``task_acks_late = False``): it is kept and checked."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _celery_flag(ctx: Context, rule: Rule, field_name: str, why: str) -> list[Fi
     if value is None:
         return [rule.ok(f"{key} not overridden by the app (workerkit sets True)")]
     if value:
-        return [rule.ok(f"{key} = True")]
+        return [rule.ok(f"{key} = True (set by the app)")]
     return [
         rule.fail(
             f"the Celery app sets {key} = False: {why}",
@@ -99,7 +100,7 @@ def prefetch_one(ctx: Context, rule: Rule) -> list[Finding]:
     if value is None:
         return [rule.ok(f"{key} not overridden by the app (workerkit sets 1)")]
     if value == 1:
-        return [rule.ok(f"{key} = 1")]
+        return [rule.ok(f"{key} = 1 (set by the app)")]
     reserved = "without limit" if value <= 0 else f"{value} x concurrency messages"
     return [
         rule.fail(
