@@ -1,4 +1,5 @@
-"""What a real ``workerkit run celery`` writes: in JSON mode nothing but JSON objects.
+"""What a real ``workerkit run celery`` writes: in JSON mode nothing but JSON objects; a job's
+release as one INFO line.
 
 The app (tests/apps/celery_logs.py) writes through every channel a real app does: Celery's
 banner and task loggers, ``print``, a Python warning, a retry, a failure with a traceback, a
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.support.celery_harness import celery_supervisor, send
-from tests.support.harness import Env, Supervisor
+from tests.support.harness import Env, Supervisor, wait_until
 
 LOGS_APP = "tests.apps.celery_logs:app"
 
@@ -91,3 +92,28 @@ def test_json_mode_writes_only_json_objects(
     assert failed, "the failure's record with its traceback"
     assert "ValueError: boom b1" in failed[0]["exception"]
     assert any(r.get("event") == "supervisor_stopped" for r in records)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_a_release_is_one_info_line_without_a_traceback(
+    tmp_path: Path, redis_url: str, pool: str
+) -> None:
+    env = _env(tmp_path)
+    with celery_supervisor(
+        env, redis_url, worker_args=(f"--pool={pool}",), app=LOGS_APP, log_level="info"
+    ) as sup:
+        sup.wait_ready()
+        send(redis_url, "release_once", "r2", task_id="r2")
+        env.wait_line("done r2")
+        wait_until(
+            lambda: any("succeeded" in str(e.get("message")) for e in sup.log_events()),
+            timeout=10,
+            what="the second run's success line",
+        )
+    about = [e for e in sup.log_events() if "r2" in json.dumps(e)]
+    (released,) = [e for e in about if e.get("event") == "job_released"]
+    assert released["level"] == "info"
+    assert released["job_id"] == "r2"
+    assert [e for e in about if e["level"] not in ("info", "debug")] == [], about
+    assert [e for e in about if "exception" in e or "Reject" in str(e.get("message"))] == []

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from workerkit import events as events_module
 from workerkit.engines.celery.config import configure_app, load_celery_app, worker_argv
 from workerkit.engines.celery.runtime import Runtime
-from workerkit.engines.celery.task import wrap_tasks
+from workerkit.engines.celery.task import QuietRelease, wrap_tasks
 from workerkit.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -64,6 +64,8 @@ def install(app: Any, settings: Settings) -> Runtime:
 
     celery_signals.worker_ready.connect(on_ready, weak=False)
     celery_signals.worker_process_init.connect(on_child_start, weak=False)
+    # A job's release is one INFO line of ours, not Celery's WARNING with a traceback.
+    logging.getLogger("celery.app.trace").addFilter(QuietRelease())
     json_logs = settings.log_format == "json"
     if json_logs:
         celery_signals.setup_logging.connect(_json_logging(app), weak=False)
