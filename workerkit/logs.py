@@ -7,6 +7,10 @@ how the lines look:
 * ``json``: one JSON object per line with ``ts`` (UTC, ISO 8601), ``level``, ``logger``,
   ``event``, ``message``, the record's extra fields and, for an exception, ``exception``;
 * ``text``: ``2025-01-01T12:00:00.000Z INFO  workerkit.supervisor drain_started: message k=v``.
+
+In JSON mode every line a process writes must be one object, also what does not come through
+a workerkit logger: Python warnings, uncaught exceptions, and loggers an engine library gives
+handlers of its own (:func:`route_logger`) are sent through the same handler.
 """
 
 from __future__ import annotations
@@ -15,9 +19,17 @@ import datetime as dt
 import json
 import logging
 import sys
+import threading
+from types import TracebackType
 from typing import Any, Final, TextIO
 
-__all__ = ("JsonFormatter", "TextFormatter", "configure_logging")
+__all__ = (
+    "JsonFormatter",
+    "TextFormatter",
+    "add_handler_filter",
+    "configure_logging",
+    "route_logger",
+)
 
 #: Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _RESERVED: Final = frozenset(
@@ -26,6 +38,11 @@ _RESERVED: Final = frozenset(
 )
 _DEFAULT_EVENT: Final = "log"
 _HANDLER_MARK: Final = "_workerkit_handler"
+#: Loggers sent to workerkit's handler by route_logger(), re-routed by configure_logging().
+_routed: dict[str, int | None] = {}
+#: Filters every record passes on its way out (add_handler_filter), kept across reconfiguring.
+_filters: list[logging.Filter] = []
+_uncaught = logging.getLogger("workerkit.uncaught")
 
 
 def _timestamp(created: float) -> str:
@@ -100,10 +117,86 @@ def configure_logging(
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     setattr(handler, _HANDLER_MARK, True)
     handler.setFormatter(JsonFormatter() if format == "json" else TextFormatter())
+    for record_filter in _filters:
+        handler.addFilter(record_filter)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    for name, routed_level in _routed.items():
+        route_logger(name, level=routed_level)
+    json_mode = format == "json"
+    # JSON mode: a warning (``py.warnings``) or an uncaught exception is a record too, not
+    # text on stderr. Text mode leaves Python's own output alone.
+    logging.captureWarnings(json_mode)
+    sys.excepthook = _log_uncaught if json_mode else sys.__excepthook__
+    threading.excepthook = _log_uncaught_in_thread if json_mode else threading.__excepthook__
     # Alembic announces its migration context at INFO on every schema check (readiness runs
     # one every few seconds); that is noise unless someone is debugging.
     logging.getLogger("alembic").setLevel(
         logging.DEBUG if level.lower() == "debug" else logging.WARNING
+    )
+
+
+def _handlers() -> list[logging.Handler]:
+    return [h for h in logging.getLogger().handlers if getattr(h, _HANDLER_MARK, False)]
+
+
+def add_handler_filter(record_filter: logging.Filter) -> None:
+    """Pass every record workerkit's handler writes through ``record_filter`` first.
+
+    For an engine that adds context fields (a Celery task's id) to whatever logger a record
+    came from: a filter on a logger would only see that logger's own records.
+    """
+    _filters.append(record_filter)
+    for handler in _handlers():
+        handler.addFilter(record_filter)
+
+
+def route_logger(name: str, *, level: int | None = None) -> None:
+    """Send logger ``name``'s records to workerkit's handler only (its own handlers go).
+
+    For loggers a library configures itself and does not let propagate (billiard's
+    ``multiprocessing``, which falls back to plain text on stderr otherwise). ``level``, when
+    given, is set on the logger. Kept across later :func:`configure_logging` calls.
+    """
+    _routed[name] = level
+    logger = logging.getLogger(name)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    for handler in _handlers():
+        logger.addHandler(handler)
+    # Our handler is on the logger itself: a library that turns propagation back off (billiard
+    # does, each time it rebuilds its logger) cannot send its lines around it.
+    logger.propagate = False
+    if level is not None:
+        logger.setLevel(level)
+
+
+def _log_uncaught(
+    kind: type[BaseException], value: BaseException, tb: TracebackType | None
+) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+        return
+    _uncaught.critical(
+        "uncaught exception: %s: %s",
+        kind.__name__,
+        value,
+        exc_info=(kind, value, tb),
+        extra={"event": "uncaught_exception"},
+    )
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    thread = args.thread.name if args.thread is not None else None
+    _uncaught.error(
+        "uncaught exception in thread %s: %s: %s",
+        thread,
+        args.exc_type.__name__,
+        args.exc_value,
+        exc_info=None
+        if args.exc_value is None
+        else (args.exc_type, args.exc_value, args.exc_traceback),
+        extra={"event": "uncaught_exception", "thread_name": thread},
     )

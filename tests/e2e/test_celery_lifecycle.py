@@ -21,7 +21,10 @@ from tests.support.celery_harness import (
     run_intervals,
     send,
 )
-from tests.support.harness import Env, wait_until
+from tests.support.harness import Env, process_state, wait_until
+from tests.support.servers import free_port
+from workerkit import exitcodes
+from workerkit.supervisor.process import descendants
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:celery")
 
@@ -322,3 +325,31 @@ def test_poison_task_killing_its_pool_child_fails_after_max_attempts(
     assert exhausted["crashes"] == 3
     assert sum(line.startswith("start bad") for line in env.lines()) == 3
     assert queue_ids(redis_client) == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_sigterm_while_connecting_to_an_unreachable_broker_stops_at_once(
+    tmp_path: Path, pool: str
+) -> None:
+    env = _env(tmp_path)
+    unreachable = f"redis://127.0.0.1:{free_port()}/1"  # nothing listens there
+    with celery_supervisor(env, unreachable, worker_args=(f"--pool={pool}",)) as sup:
+        worker = sup.worker_pid()
+        wait_until(
+            lambda: any("Cannot connect" in str(e.get("message")) for e in sup.log_events()),
+            timeout=20,
+            what="Celery retrying its broker connection",
+        )
+        pool_children = descendants(worker)
+        sup.signal(signal.SIGTERM)
+        code, elapsed = sup.wait_exit(15)
+    # Not the grace period and a SIGKILL: the worker stops at once (the kill would be at 0.8 M
+    # = 1.6 s), and the exit code says it never got ready.
+    assert elapsed < 1.5, elapsed
+    assert code == exitcodes.STARTUP_FAILED, sup.log_text()
+    assert not sup.events_named("worker_killed")
+    (stopped,) = sup.events_named("supervisor_stopped")
+    assert (stopped["outcome"], stopped["ready"]) == ("clean", False)
+    for pid in [worker, *pool_children]:
+        assert process_state(pid) in (None, "Z"), pid

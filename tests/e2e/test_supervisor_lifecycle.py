@@ -228,3 +228,29 @@ def test_as_pid1_of_a_new_pid_namespace_drains_and_leaves_no_zombie(env: Env) ->
     assert env.lines()[-2:] == ["start a 1", "done a"]
     assert env.job("a")["state"] == "succeeded"
     assert env.job("o")["state"] == "succeeded"
+
+
+def test_sigterm_while_the_worker_is_still_starting_stops_it_without_a_drain_window(
+    env: Env,
+) -> None:
+    # The worker is stuck in its startup and deaf to SIGTERM (tests/apps/stuck_start.py): no
+    # job can be in hand, so nothing waits for D; it is killed at 0.8 M, and the exit code
+    # says it never got ready.
+    with supervisor(env, app="tests.apps.stuck_start:app") as running:
+        wait_until(
+            lambda: any(line.startswith("stuck ") for line in env.lines()),
+            timeout=15,
+            what="the worker to be stuck starting",
+        )
+        running.signal(signal.SIGTERM)
+        code, elapsed = running.wait_exit()
+    assert code == exitcodes.STARTUP_FAILED
+    assert elapsed < DRAIN, elapsed  # killed at 0.8 M = 1.6 s, not at D + 0.8 M = 5.6 s
+    (drain,) = running.events_named("drain_started")
+    assert drain["before_ready"] is True
+    assert drain["request_stop_in"] == 0
+    assert running.events_named("worker_killed")
+    worker = int(env.lines()[0].split()[1])
+    assert process_state(worker) is None  # killed and reaped
+    (stopped,) = running.events_named("supervisor_stopped")
+    assert (stopped["outcome"], stopped["ready"]) == ("forced", False)

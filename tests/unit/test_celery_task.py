@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,7 +17,7 @@ from celery.exceptions import Reject, Retry
 
 from workerkit import errors
 from workerkit.engines.celery.runtime import Runtime
-from workerkit.engines.celery.task import AttemptsExhausted, run_job
+from workerkit.engines.celery.task import AttemptsExhausted, QuietRelease, run_job
 from workerkit.events import Event, JobFinished, JobStarted
 from workerkit.settings import Settings
 
@@ -96,6 +98,35 @@ def test_a_released_job_is_rejected_with_requeue(runtime: Runtime) -> None:
     assert caught.value.requeue is True
     assert caught.value.__suppress_context__  # raised "from None"
     assert finished(runtime) == "released"
+
+
+def test_a_release_is_logged_once_at_info_and_celery_s_warning_for_it_is_dropped(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO), pytest.raises(Reject) as caught:
+        run_job(runtime, FakeTask(), raising(errors.ReleaseJob()), (), {})
+    (line,) = caplog.records
+    fields = vars(line)
+    assert (line.levelno, fields["event"], fields["job_id"]) == (
+        logging.INFO,
+        "job_released",
+        "job-1",
+    )
+    assert line.exc_info is None
+
+    def trace_record(exc: BaseException) -> logging.LogRecord:
+        # What celery.app.trace logs for a Reject: a WARNING with the exception's traceback.
+        try:
+            raise exc
+        except Reject:
+            exc_info = sys.exc_info()
+        return logging.LogRecord(
+            "celery.app.trace", logging.WARNING, __file__, 1, "Task %s", ("x",), exc_info
+        )
+
+    quiet = QuietRelease()
+    assert not quiet.filter(trace_record(caught.value))
+    assert quiet.filter(trace_record(Reject("the user's own reject", requeue=True)))
 
 
 @pytest.mark.parametrize(

@@ -429,14 +429,70 @@ def test_store_unavailable_after_ready_is_a_crash() -> None:
 # --- signals while starting, the worker stopping by itself -----------------------------------
 
 
-def test_signal_while_starting_drains_and_ignores_a_late_ready() -> None:
+def test_signal_while_starting_stops_at_once_and_ignores_a_late_ready() -> None:
     machine = Lifecycle(D, M)
     actions = machine.handle(SignalReceived(SIGTERM, T0))
-    assert effects(actions) == [SignalChild(SIGTERM)]
-    assert machine.state is State.DRAINING
+    # No drain window: nothing can be in hand before the worker is ready.
+    assert effects(actions) == [SignalChild(SIGTERM), BroadcastCommand(RequestStop())]
+    assert machine.deadlines == Deadlines.after(T0, 0.0, M)
+    drain = next(a for a in actions if isinstance(a, Log) and a.event == "drain_started")
+    assert drain.fields["before_ready"] is True
+    assert drain.fields["request_stop_in"] == 0
     assert machine.handle(WorkerReady(T0 + 0.1)) == []
-    assert machine.state is State.DRAINING
-    assert the_exit(machine.handle(WorkerExited(0, T0 + 0.2))).code == exitcodes.OK
+    assert machine.state is State.RELEASING
+    actions = machine.handle(WorkerExited(0, T0 + 0.2))
+    # The exit code says the worker never got ready (a startup probe's restart, a pod deleted
+    # while its broker was unreachable), not "stopped cleanly".
+    assert the_exit(actions).code == exitcodes.STARTUP_FAILED
+    assert the_exit(actions).outcome == "clean"
+    stopped = next(a for a in actions if isinstance(a, Log) and a.event == "supervisor_stopped")
+    assert stopped.fields["ready"] is False
+    assert "before the worker was ready" in stopped.message
+
+
+def test_worker_deaf_to_the_signal_while_starting_is_killed_at_0_8_m_not_d_plus_0_8_m() -> None:
+    machine = Lifecycle(D, M)
+    machine.handle(SignalReceived(SIGTERM, T0))
+    assert effects(machine.handle(Tick(T0 + M / 2))) == [BroadcastCommand(Release())]
+    assert effects(machine.handle(Tick(T0 + 0.8 * M))) == [KillChild()]
+    actions = machine.handle(WorkerExited(-signal.SIGKILL, T0 + 0.8 * M + 0.1))
+    assert events(actions) == ["worker_exited", "supervisor_stopped"]
+    assert the_exit(actions).code == exitcodes.STARTUP_FAILED
+    assert the_exit(actions).outcome == "forced"
+
+
+def test_worker_failing_after_the_signal_while_starting_is_a_startup_failure() -> None:
+    machine = Lifecycle(D, M)
+    machine.handle(SignalReceived(SIGTERM, T0))
+    actions = machine.handle(WorkerExited(1, T0 + 0.5))
+    assert events(actions) == ["worker_start_failed", "supervisor_stopped"]
+    assert the_exit(actions).code == exitcodes.STARTUP_FAILED
+
+
+def test_worker_stopping_on_its_own_while_starting_stops_at_once() -> None:
+    machine = Lifecycle(D, M)
+    machine.handle(WorkerStopping(T0))
+    assert machine.deadlines == Deadlines.after(T0, 0.0, M)
+    assert the_exit(machine.handle(WorkerExited(0, T0 + 0.1))).code == exitcodes.STARTUP_FAILED
+
+
+def test_a_job_started_before_ready_keeps_the_drain_window_and_exit_zero() -> None:
+    # A worker that runs a job consumes, whatever its ready event says: drain it as usual.
+    machine = Lifecycle(D, M)
+    machine.handle(JobStarted("j1", ref("j1")))
+    actions = machine.handle(SignalReceived(SIGTERM, T0))
+    assert effects(actions) == [SignalChild(SIGTERM)]
+    assert machine.deadlines == Deadlines.after(T0, D, M)
+    machine.handle(JobFinished("j1", "succeeded"))
+    assert the_exit(machine.handle(WorkerExited(0, T0 + 1))).code == exitcodes.OK
+
+
+def test_signal_after_ready_keeps_the_drain_window_and_exit_zero() -> None:
+    machine = draining_machine()
+    assert machine.deadlines == Deadlines.after(T0, D, M)
+    assert effects(machine.handle(Tick(T0 + 0.8 * M))) == []
+    actions = machine.handle(WorkerExited(0, T0 + 1))
+    assert the_exit(actions).code == exitcodes.OK
 
 
 def test_worker_stopping_on_its_own_drains_without_signalling_it_again() -> None:

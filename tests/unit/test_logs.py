@@ -5,17 +5,21 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
+import threading
+import warnings
 from collections.abc import Iterator
 
 import pytest
 
-from workerkit.logs import configure_logging
+from workerkit.logs import configure_logging, route_logger
 
 
 @pytest.fixture
 def restore_root() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    hooks = sys.excepthook, threading.excepthook
     try:
         yield
     finally:
@@ -23,6 +27,8 @@ def restore_root() -> Iterator[None]:
             if handler not in handlers:
                 root.removeHandler(handler)
         root.setLevel(level)
+        logging.captureWarnings(False)
+        sys.excepthook, threading.excepthook = hooks
 
 
 @pytest.mark.usefixtures("restore_root")
@@ -79,3 +85,63 @@ def test_configuring_twice_replaces_only_our_handler() -> None:
     logging.getLogger("y").info("once", extra={"event": "once"})
     assert first.getvalue() == ""
     assert len(second.getvalue().splitlines()) == 1
+
+
+def _records(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+@pytest.mark.usefixtures("restore_root")
+def test_json_mode_turns_warnings_and_uncaught_exceptions_into_records() -> None:
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("mind the gap", UserWarning, stacklevel=1)
+    try:
+        raise RuntimeError("nobody caught me")
+    except RuntimeError as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+    thread = threading.Thread(target=lambda: 1 / 0, name="doomed")
+    thread.start()
+    thread.join()
+    warned, main, in_thread = _records(stream)  # every line is one JSON object
+    assert warned["logger"] == "py.warnings"
+    assert "UserWarning: mind the gap" in str(warned["message"])
+    assert main["event"] == "uncaught_exception"
+    assert "RuntimeError: nobody caught me" in str(main["exception"])
+    assert (in_thread["event"], in_thread["thread_name"]) == ("uncaught_exception", "doomed")
+    assert "ZeroDivisionError" in str(in_thread["exception"])
+
+
+@pytest.mark.usefixtures("restore_root")
+def test_text_mode_leaves_warnings_and_exceptions_to_python() -> None:
+    configure_logging("info", "json", stream=io.StringIO())
+    configure_logging("info", "text", stream=io.StringIO())
+    assert sys.excepthook is sys.__excepthook__
+    assert threading.excepthook is threading.__excepthook__
+    assert warnings.showwarning.__module__ != "logging"
+
+
+@pytest.mark.usefixtures("restore_root")
+def test_a_routed_logger_writes_through_our_handler_only_also_after_reconfiguring() -> None:
+    own = io.StringIO()
+    library = logging.getLogger("test_logs.library")
+    library.addHandler(logging.StreamHandler(own))
+    library.propagate = False
+    try:
+        first = io.StringIO()
+        configure_logging("info", "json", stream=first)
+        route_logger("test_logs.library", level=logging.ERROR)
+        library.warning("below the routed level")
+        library.error("routed", extra={"event": "routed"})
+        library.propagate = False  # what billiard does each time it rebuilds its logger
+        second = io.StringIO()
+        configure_logging("info", "json", stream=second)
+        library.error("again")
+    finally:
+        for handler in list(library.handlers):
+            library.removeHandler(handler)
+    assert own.getvalue() == ""
+    assert [r["message"] for r in _records(first)] == ["routed"]
+    assert [r["message"] for r in _records(second)] == ["again"]

@@ -6,7 +6,8 @@ the *actions* it returns (signal the child, broadcast a command, kill, release, 
 is always passed in (``time.monotonic()`` seconds), so every deadline is tested by handing the
 machine the instant of interest. The states and the deadlines after the first SIGTERM
 (D, D + M/2, D + 0.8 M, D + M) are in docs/operations/lifecycle.md. A second signal changes
-nothing (it is logged): it never skips the release.
+nothing (it is logged): it never skips the release. Before the worker was ready no job is in
+hand, so there is no drain window: the stop starts at once, and the exit says STARTUP_FAILED.
 """
 
 from __future__ import annotations
@@ -223,6 +224,10 @@ class Lifecycle:
         self.exit_code: int | None = None
         self.outcome: ShutdownOutcome | None = None
         self._crash_code: int | None = None  # STARTUP_FAILED, STORE_UNAVAILABLE, WORKER_CRASHED
+        #: The worker said it was ready, or started a job: it got past its startup.
+        self._was_ready = False
+        #: The stop (a signal, the worker's own) came before that: nothing to drain.
+        self._stopped_before_ready = False
         self._request_stop_sent = False
         self._release_sent = False
         self._kill_sent = False
@@ -260,6 +265,7 @@ class Lifecycle:
                 return self._on_tick(now)
             case JobStarted(job_id=job_id, delivery=delivery):
                 self.in_flight[job_id] = delivery
+                self._was_ready = True  # a worker that runs a job consumes, ready or not
                 return []
             case JobFinished(job_id=job_id, outcome=outcome):
                 known = self.in_flight.pop(job_id, None) is not None
@@ -277,11 +283,18 @@ class Lifecycle:
     def _on_worker_ready(self) -> list[Action]:
         if self.state is not State.STARTING:
             return []
+        self._was_ready = True
         self.state = State.READY
         return [Log("worker_ready", "the worker is ready; consuming jobs")]
 
     def _begin_drain(self, now: float, reason: str) -> None:
-        self.deadlines = Deadlines.after(now, self.drain_window, self.release_margin)
+        # A worker still starting (connecting to its broker, importing the app) holds no job:
+        # waiting D for nothing would only delay the stop (and a worker stuck connecting would
+        # be killed at D + 0.8 M). The stop starts at once; M still bounds it.
+        before_ready = not self._was_ready and not self.in_flight
+        self._stopped_before_ready = before_ready
+        window = 0.0 if before_ready else self.drain_window
+        self.deadlines = Deadlines.after(now, window, self.release_margin)
         self.drain_started_at = now
         self.shutdown_reason = reason
         self.state = State.DRAINING
@@ -289,11 +302,18 @@ class Lifecycle:
     def _drain_log(self, reason: str) -> Log:
         assert self.deadlines is not None
         d = self.deadlines
+        message = f"draining after {reason}: no new job starts; the job in hand may finish"
+        if self._stopped_before_ready:
+            message = (
+                f"stopping after {reason} before the worker was ready: no job to drain, "
+                "the worker is asked to stop now"
+            )
         return Log(
             "drain_started",
-            f"draining after {reason}: no new job starts; the job in hand may finish",
+            message,
             fields={
                 "reason": reason,
+                "before_ready": self._stopped_before_ready,
                 "in_flight": len(self.in_flight),
                 "request_stop_in": round(d.request_stop_at - d.started_at, 3),
                 "release_in": round(d.release_at - d.started_at, 3),
@@ -427,7 +447,7 @@ class Lifecycle:
                 )
             )
         else:
-            starting = self.state is State.STARTING and not self.shutting_down
+            starting = not self._was_ready
             self._crash_code = exitcodes.STARTUP_FAILED if starting else exitcodes.WORKER_CRASHED
             if starting and code == exitcodes.STORE_UNAVAILABLE:
                 # The worker gave up waiting for its broker (startup_timeout): say so.
@@ -490,6 +510,11 @@ class Lifecycle:
             outcome: ShutdownOutcome = "crashed"
         else:
             code = exitcodes.RELEASE_FAILED if self._release_error else exitcodes.OK
+            if code == exitcodes.OK and self._stopped_before_ready and not self._was_ready:
+                # Stopped before the worker ever consumed: a startup probe's restart, or a pod
+                # deleted while its broker was unreachable. Exit 0 would say "worked and
+                # stopped cleanly"; the pod's last state must show it never got ready.
+                code = exitcodes.STARTUP_FAILED
             if self._kill_sent:
                 outcome = "forced"
             elif self._released_by_worker or self._released_by_supervisor:
@@ -501,14 +526,16 @@ class Lifecycle:
         self.outcome = outcome
         started = self.drain_started_at
         duration = None if started is None else max(0.0, now - started)
+        never_ready = " before the worker was ready" if not self._was_ready else ""
         return [
             Log(
                 "supervisor_stopped",
-                f"stopped ({outcome}); exit code {code}: {exitcodes.describe(code)}",
+                f"stopped{never_ready} ({outcome}); exit code {code}: {exitcodes.describe(code)}",
                 level=logging.INFO if code == exitcodes.OK else logging.ERROR,
                 fields={
                     "outcome": outcome,
                     "exit_code": code,
+                    "ready": self._was_ready,
                     "drain_duration": None if duration is None else round(duration, 3),
                     "released_by_worker": self._released_by_worker,
                     "released_by_supervisor": self._released_by_supervisor,

@@ -79,7 +79,8 @@ class Runtime:
         self._handed_back: set[str] = set()
         self._wake_r, self._wake_w = os.pipe()
         self._release_lock = threading.Lock()
-        self._started = False
+        self._started = False  # worker_ready was handled
+        self._start_lock = threading.Lock()
         self._last_settled = 0.0  # monotonic time of the last message settled (forget())
         _forget_in_forked_child(self)
 
@@ -168,15 +169,14 @@ class Runtime:
                 self._held.pop(tag, None)
 
     def on_worker_ready(self) -> None:
-        if self._started:
-            return
-        self._started = True
-        self.events.on_command(self._on_command)
+        with self._start_lock:
+            if self._started or self.draining:
+                return  # a SIGTERM came first: the drain thread is stopping this worker
+            self._started = True
         self.events.send(WorkerReady("celery", tuple(self._queues()), self._concurrency()))
         Keeper(
             self._duties(), log=log, name="workerkit-keeper", on_error=self._keeper_failed
         ).start()
-        threading.Thread(target=self._control, name="workerkit-drain", daemon=True).start()
         log.info(
             "celery worker ready",
             extra={"event": "worker_ready", "worker": self.worker_id, "window": self.window},
@@ -190,6 +190,10 @@ class Runtime:
         # so it must not take locks or touch the broker connection.
         signal.signal(signal.SIGTERM, self._on_sigterm)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Listening from here, not from worker_ready: a SIGTERM while Celery still connects to
+        # the broker (kombu's retry loop, which can last minutes) must stop the worker at once.
+        self.events.on_command(self._on_command)
+        threading.Thread(target=self._control, name="workerkit-drain", daemon=True).start()
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         with contextlib.suppress(OSError):
@@ -199,9 +203,20 @@ class Runtime:
 
     def _control(self) -> None:
         os.read(self._wake_r, 1)
-        self.draining = True
+        with self._start_lock:
+            self.draining = True
+            ready = self._started
         held = self._in_hand()
         self.events.send(WorkerStopping(len(held)))
+        if not ready and not held:
+            # Still starting: the main thread may be in kombu's connect-retry loop, where no
+            # hub callback runs, and no message was consumed yet (Celery's worker_ready comes
+            # before its loop's first read). Nothing to drain or hand back: exit from here.
+            log.info(
+                "stopped before the worker was ready",
+                extra={"event": "worker_stopping", "running": 0, "ready": False},
+            )
+            self._exit_now()
         log.info("stopped consuming", extra={"event": "worker_stopping", "running": len(held)})
         self._on_loop(self._stop_consuming)
         while True:

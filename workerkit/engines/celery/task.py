@@ -34,8 +34,10 @@ if TYPE_CHECKING:
 
 __all__ = (
     "DEFAULT_MAX_ATTEMPTS",
+    "RELEASE_REASON",
     "AttemptsExhausted",
     "CeleryJobContext",
+    "QuietRelease",
     "WorkerkitRequestMixin",
     "delivery_tag",
     "request_class",
@@ -48,6 +50,9 @@ log = logging.getLogger("workerkit.engines.celery")
 #: Runs whose worker died after which a message is failed instead of run again (a poison
 #: message that kills its worker every time). Per task: ``@app.task(workerkit_max_attempts=5)``.
 DEFAULT_MAX_ATTEMPTS: Final = 3
+
+#: The reason of the Reject a job's release becomes: how :class:`QuietRelease` knows it.
+RELEASE_REASON: Final = "released by the job (workerkit)"
 
 
 def delivery_tag(request: Any) -> str | None:
@@ -215,10 +220,15 @@ def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwa
         match verdict_for(exc, rules, backoff=_five_seconds):
             case Release():
                 outcome = "released"
+                log.info(
+                    "task released by the job: back to its queue",
+                    extra={"event": "job_released", "job_id": job_id, "task": task.name},
+                )
                 # Reject with requeue: the main process puts the message back in its queue now
                 # (see WorkerkitRequestMixin.reject), and acknowledges nothing. The attempt is
-                # not counted: only a crash adds to it.
-                raise Reject("released by the job (workerkit)", requeue=True) from None
+                # not counted: only a crash adds to it. Celery's warning for it is dropped
+                # (QuietRelease): the line above says it.
+                raise Reject(RELEASE_REASON, requeue=True) from None
             case Defer(delay=delay):
                 outcome = "retried"
                 raise task.retry(exc=exc, countdown=delay) from None
@@ -239,6 +249,22 @@ def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwa
         return result
     finally:
         events.send(JobFinished(job_id, task.name, queue, outcome, time.monotonic() - started))
+
+
+class QuietRelease(logging.Filter):
+    """Drops ``celery.app.trace``'s record of a job's release (filter that logger with it).
+
+    Celery logs every Reject as a WARNING with the traceback of its ``raise``; a release is the
+    normal end of a cooperative job on a deploy, and :func:`run_job` logs it as one INFO
+    ``job_released`` line already.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            return getattr(exc, "reason", None) != RELEASE_REASON
+        data = getattr(record, "data", None)
+        return not (isinstance(data, dict) and RELEASE_REASON in str(data.get("exc", "")))
 
 
 def _poison(task: str, job_id: str, crashes: int, max_attempts: int) -> AttemptsExhausted:

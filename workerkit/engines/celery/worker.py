@@ -1,8 +1,10 @@
 """The Celery worker process with workerkit inside (``python -m workerkit.engines.celery``).
 
 :func:`install` hooks one :class:`~workerkit.engines.celery.runtime.Runtime` into the app's
-worker through Celery's own extension points: a consumer bootstep, two signals, a Worker
-subclass (its signal handlers, and the task wrappers once the app is finalized).
+worker through Celery's own extension points: a consumer bootstep, signals, a Worker subclass
+(its signal handlers, its banner, and the task wrappers once the app is finalized). In JSON log
+mode workerkit takes Celery's logging over (its ``setup_logging`` signal), so that every line of
+the worker and its pool children is one JSON object.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from workerkit.engines.celery.config import (
     worker_argv,
 )
 from workerkit.engines.celery.runtime import Runtime
-from workerkit.engines.celery.task import wrap_tasks
+from workerkit.engines.celery.task import QuietRelease, wrap_tasks
 from workerkit.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
 __all__ = ("install", "main")
 
 log = logging.getLogger("workerkit.engines.celery")
+
+#: billiard's logger (``billiard.util.LOGGER_NAME``): no handler and no propagation unless
+#: Celery's own logging setup gave it one, so its lines would reach Python's plain-text fallback.
+BILLIARD_LOGGER = "multiprocessing"
 
 
 def install(app: Any, settings: Settings) -> Runtime:
@@ -63,6 +69,11 @@ def install(app: Any, settings: Settings) -> Runtime:
 
     celery_signals.worker_ready.connect(on_ready, weak=False)
     celery_signals.worker_process_init.connect(on_child_start, weak=False)
+    # A job's release is one INFO line of ours, not Celery's WARNING with a traceback.
+    logging.getLogger("celery.app.trace").addFilter(QuietRelease())
+    json_logs = settings.log_format == "json"
+    if json_logs:
+        celery_signals.setup_logging.connect(_json_logging(app), weak=False)
 
     base = app.Worker
 
@@ -75,9 +86,63 @@ def install(app: Any, settings: Settings) -> Runtime:
             super().install_platform_tweaks(worker)
             runtime.install_signal_handlers()
 
+        def emit_banner(self) -> None:
+            if not json_logs:
+                super().emit_banner()
+                return
+            # Celery prints it to the real stdout, around any logging: one record instead.
+            banner = self.startup_info(artlines=False) + (self.extra_info() or "")
+            log.info(
+                "celery worker starting",
+                extra={"event": "celery_banner", "banner": banner.strip("\n")},
+            )
+
     app.Worker = Worker
     # Jobs of the solo and threads pools run in this process: they hear commands here.
     return runtime
+
+
+class _TaskFields(logging.Filter):
+    """Adds ``task_id`` and ``task_name`` to a record written while a Celery task runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from celery._state import get_current_task  # what Celery's TaskFormatter reads
+
+        self._current = get_current_task
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        task = self._current()
+        if task is not None and not hasattr(record, "task_id"):
+            request_id = getattr(task.request, "id", None)
+            if request_id is not None:
+                setattr(record, "task_id", request_id)  # noqa: B010 - a LogRecord extra
+                setattr(record, "task_name", task.name)  # noqa: B010
+        return True
+
+
+def _json_logging(app: Any) -> Any:
+    """A ``setup_logging`` receiver: Celery's loggers and output go to workerkit's handler.
+
+    A receiver makes Celery skip its own setup: no plain-text handlers on ``celery.task`` and
+    billiard's logger, and no stdout redirection; the receiver does the parts that matter.
+    """
+    from workerkit.logs import add_handler_filter, route_logger
+
+    def setup(loglevel: Any = None, **_: Any) -> None:
+        # What Celery's task log format puts in front of a task logger's line, as fields.
+        add_handler_filter(_TaskFields())
+        # Task loggers (get_task_logger) are children of celery.task: they propagate to the
+        # root, whose handler is workerkit's. billiard's stays at ERROR, as Celery sets it.
+        logging.getLogger("celery.task").propagate = True
+        route_logger(BILLIARD_LOGGER, level=logging.ERROR)
+        # print() in a task (or anything else writing to sys.stdout/stderr): one record per
+        # write, as Celery's worker_redirect_stdouts does, also in the pool children (they
+        # inherit the streams and the CELERY_LOG_REDIRECT variable). Always on in JSON mode:
+        # a raw line would break the one-object-per-line promise.
+        app.log.redirect_stdouts(app.conf.worker_redirect_stdouts_level)
+
+    return setup
 
 
 def main(argv: Sequence[str] | None = None) -> None:
