@@ -132,7 +132,7 @@ def result_of(job_id: str) -> Callable[[Producer], Observation | None]:
 
 
 def timeout(p: Producer) -> None:
-    p.queue().enqueue(slow, 5, job_id="timeout", job_timeout=1)
+    p.queue().enqueue(slow, 8, job_id="timeout", job_timeout=1)
 
 
 def observe_timeout(p: Producer) -> Observation | None:
@@ -145,7 +145,7 @@ def observe_timeout(p: Producer) -> Observation | None:
     return {
         "status": jobs[0].get_status(),
         "timed_out": "JobTimeoutException" in ((result and result.exc_string) or ""),
-        "failed_within_2s": began is not None and failed_at - float(began) < 2.0,
+        "failed_within_3s": began is not None and failed_at - float(began) < 3.0,
         "ran_to_the_end": p.connection.exists("myrq:slow:ended") == 1,
     }
 
@@ -272,7 +272,7 @@ FEATURES = (
         "job_timeout",
         timeout,
         observe_timeout,
-        {"status": "failed", "timed_out": True, "failed_within_2s": True, "ran_to_the_end": False},
+        {"status": "failed", "timed_out": True, "failed_within_3s": True, "ran_to_the_end": False},
     ),
     Feature(
         "Retry(max=2)",
