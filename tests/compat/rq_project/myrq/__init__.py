@@ -1,0 +1,1 @@
+"""myrq: an RQ app as its users write it, for the compatibility suite (tests/compat/)."""
