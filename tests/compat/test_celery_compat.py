@@ -305,6 +305,7 @@ def observe_all(runner: str, pool: str, workdir: Path, url: str) -> dict[str, An
             handles = [(f, f.send(app)) for f in FEATURES]
             observed = {f.name: f.observe(handle, client) for f, handle in handles}
             observed["exit code"] = worker.stop()
+            observed["output"] = worker.log_path.read_text(errors="replace")
             return observed
     finally:
         app.close()
@@ -346,6 +347,26 @@ def test_same_result_bare_and_under_workerkit(
     assert bare[feature.name] == feature.expected(pool)  # what bare Celery does, as documented
     assert under[feature.name] == bare[feature.name]
     assert (bare["exit code"], under["exit code"]) == (0, exitcodes.OK)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("pool", POOLS)
+def test_in_json_mode_every_line_the_worker_writes_is_one_json_object(
+    observed: Callable[[str, str], dict[str, Any]], pool: str
+) -> None:
+    # The workerkit runs above log in JSON (tests/support/harness.py: worker_env), stdout and
+    # stderr of the supervisor, the Celery worker and its pool children all in one file.
+    lines = observed("workerkit", pool)["output"].splitlines()
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"not one JSON object: {line!r}") from None
+    assert all(isinstance(record, dict) for record in records)
+    loggers = {str(record.get("logger", "")) for record in records}
+    assert any(name.startswith("celery") for name in loggers), loggers  # Celery's own, routed
+    assert "celery_banner" in {record.get("event") for record in records}
 
 
 # --- SIGTERM mid-feature --------------------------------------------------------------------
