@@ -517,21 +517,27 @@ def _run_initdb(bindir: Path, directory: Path, run_as: str | None) -> Path:
     return datadir
 
 
-def start_postgres(*, attempts: int = 3) -> PostgresServer:
+def start_postgres(
+    *, attempts: int = 3, port: int | None = None, directory: Path | None = None
+) -> PostgresServer:
     """initdb a throwaway cluster and run ``postgres`` on 127.0.0.1 on a free port.
 
     Durability is switched off (fsync, synchronous_commit, full_page_writes): the cluster is
-    deleted at the end of the session anyway.
+    deleted at the end of the session anyway. ``port`` and ``directory`` start the cluster a
+    server of ours ran before (:func:`restart_postgres`), keeping its data (one attempt).
     """
     import psycopg
 
     bindir = find_postgres_bindir()
     run_as = _postgres_run_as()
-    directory = _make_postgres_dir(run_as)
+    owned = directory is None
+    directory = _make_postgres_dir(run_as) if directory is None else directory
+    if port is not None:
+        attempts = 1
     try:
-        datadir = _run_initdb(bindir, directory, run_as)
+        datadir = _run_initdb(bindir, directory, run_as) if owned else directory / "data"
         for attempt in range(1, attempts + 1):
-            port = free_port()
+            chosen = free_port() if port is None else port
             proc = _Process.start(
                 "postgres",
                 [
@@ -541,7 +547,7 @@ def start_postgres(*, attempts: int = 3) -> PostgresServer:
                     "-h",
                     HOST,
                     "-p",
-                    str(port),
+                    str(chosen),
                     "-k",
                     str(directory),
                     "-c",
@@ -561,21 +567,34 @@ def start_postgres(*, attempts: int = 3) -> PostgresServer:
                 stop_signal=signal.SIGINT,
                 user=run_as,
             )
-            server = PostgresServer(HOST, port, POSTGRES_USER, directory, proc)
+            server = PostgresServer(HOST, chosen, POSTGRES_USER, directory, proc)
 
             def ready(server: PostgresServer = server) -> bool:
                 with psycopg.connect(server.conninfo(), connect_timeout=2) as conn:
                     conn.execute("SELECT 1")
                 return True
 
-            what = f"postgres on {HOST}:{port}"
+            what = f"postgres on {HOST}:{chosen}"
             if not _ready_or_port_taken(proc, ready, what, retry=attempt < attempts):
                 continue  # another process took the port between free_port() and bind
             return server
     except BaseException:
-        _remove_temp_dir(directory)
+        if owned:
+            _remove_temp_dir(directory)
         raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def restart_postgres(server: PostgresServer, *, down_for: float = 0.0) -> PostgresServer:
+    """Stop ``server``'s postmaster by its pid (fast shutdown: sessions are cut), wait
+    ``down_for`` seconds, start the same cluster again on the same port.
+
+    The data survives, as a production database's does across a restart or a failover. Stop
+    the server given back, not ``server`` (both would remove the directory they share).
+    """
+    server.process.stop()
+    time.sleep(down_for)
+    return start_postgres(port=server.port, directory=server.directory)
 
 
 # --------------------------------------------------------------------------------------------
