@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterable
+from unittest.mock import ANY
 
 import anyio
+import anyio.to_thread
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from workerkit.supervisor.http import LOOP_STALL_TIMEOUT, Health, HttpServer, Probe
+from workerkit.supervisor.http import LOOP_STALL_TIMEOUT, Health, HttpServer, Probe, parse_request
 from workerkit.supervisor.metrics import SupervisorMetrics
 
 LIVENESS = 30.0
@@ -232,19 +241,147 @@ def test_server_rejects_other_methods_paths_and_garbage() -> None:
     serve(health, check)
 
 
-def test_server_drops_a_request_head_that_is_too_large() -> None:
+async def send_and_read_all(port: int, data: bytes) -> bytes:
+    """Send ``data``, then read until the server closes."""
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(data)
+        answer = b""
+        with contextlib.suppress(anyio.EndOfStream):
+            while True:
+                answer += await stream.receive()
+    return answer
+
+
+def test_server_refuses_a_100_kb_header_with_431_and_a_long_request_line_with_414() -> None:
     clock = Clock()
     health = healthy(clock)
 
     async def check(port: int) -> None:
-        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
-            await stream.send(b"GET /livez HTTP/1.1\r\nX: " + b"a" * 20000)
-
-            async def read_until_closed() -> None:
-                while True:
-                    assert not await stream.receive(), "no response to an oversized head"
-
-            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
-                await read_until_closed()
+        big_header = b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
+        answer = await send_and_read_all(port, big_header)
+        assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), answer
+        answer = await send_and_read_all(port, b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 414 URI Too Long\r\n"), answer
+        # A head just under the caps is fine.
+        fits = b"GET /livez HTTP/1.1\r\nX-Fits: " + b"a" * 8000 + b"\r\n\r\n"
+        assert (await send_and_read_all(port, fits)).startswith(b"HTTP/1.1 200 OK\r\n")
 
     serve(health, check)
+
+
+def test_server_refuses_bad_requests_with_their_status() -> None:
+    clock = Clock()
+    health = healthy(clock)
+
+    async def check(port: int) -> None:
+        answer = await send_and_read_all(port, request("/livez", "DELETE"))
+        assert answer.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
+        assert b"\r\nAllow: GET, HEAD\r\n" in answer
+        answer = await send_and_read_all(port, b"GET /livez HTTP/2.0\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 505 ")
+        for bad in (b"GET livez HTTP/1.1\r\n\r\n", b"GET /livez HTTP/1.1\r\n folded\r\n\r\n"):
+            assert (await send_and_read_all(port, bad)).startswith(b"HTTP/1.1 400 "), bad
+        # Bare LF line ends are accepted (RFC 9112 allows it), as are HTTP/1.0 clients.
+        answer = await send_and_read_all(port, b"GET /livez HTTP/1.0\n\n")
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert answer.endswith(b"\r\n\r\nok\n")
+
+    serve(health, check)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300) | st.builds(bytes.__add__, st.just(b"GET /"), st.binary()))
+def test_any_request_head_is_answered_or_refused_never_raises(head: bytes) -> None:
+    answer = parse_request(head)
+    assert answer in (400, 405, 414, 431, 505) or (
+        isinstance(answer, tuple) and answer[0] in ("GET", "HEAD") and answer[1].startswith("/")
+    )
+
+
+def test_a_silent_connection_is_closed_at_its_deadline_from_accept() -> None:
+    clock = Clock()
+    health = healthy(clock)
+
+    async def main() -> None:
+        registry = SupervisorMetrics("sql").registry
+        async with (
+            HttpServer(health, registry, "127.0.0.1", 0, request_timeout=0.5) as server,
+            await anyio.connect_tcp("127.0.0.1", server.port) as stream,
+        ):
+            start = anyio.current_time()
+            with anyio.fail_after(5), pytest.raises(anyio.EndOfStream):
+                await stream.receive()
+            assert anyio.current_time() - start >= 0.4
+
+    anyio.run(main)
+
+
+def test_at_the_limit_the_oldest_connection_is_closed_and_a_fresh_probe_answered() -> None:
+    clock = Clock()
+    health = healthy(clock)
+
+    async def main() -> None:
+        registry = SupervisorMetrics("sql").registry
+        async with (
+            HttpServer(health, registry, "127.0.0.1", 0, max_connections=4) as server,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            slow = []
+            for _ in range(10):
+                stream = await stack.enter_async_context(
+                    await anyio.connect_tcp("127.0.0.1", server.port)
+                )
+                await stream.send(b"GET /livez HT")
+                slow.append(stream)
+            with anyio.fail_after(5):
+                # The six oldest make room for the four newest: each is closed without an answer.
+                for stream in slow[:6]:
+                    with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                        await stream.receive()
+                assert await get(server.port, request("/livez")) == (200, ANY, b"ok\n")
+            assert server.shed == 7
+
+    anyio.run(main)
+
+
+class BlockingCollector(Collector):
+    """A collector that holds its scrape until released (a slow exporter, a slow client)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def collect(self) -> Iterable[Metric]:
+        self.entered.set()
+        self.release.wait(3)
+        yield GaugeMetricFamily("slow_metric", "rendered slowly", value=1)
+
+
+def test_a_scrape_in_progress_does_not_delay_the_probes() -> None:
+    clock = Clock()
+    health = healthy(clock)
+    registry = CollectorRegistry()
+    collector = BlockingCollector()
+
+    metrics_body: list[bytes] = []
+
+    async def main() -> None:
+        async with HttpServer(health, registry, "127.0.0.1", 0) as server:
+            registry.register(collector)
+
+            async def scrape() -> None:
+                metrics_body.append((await get(server.port, request("/metrics")))[2])
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(scrape)
+                await anyio.to_thread.run_sync(collector.entered.wait, 5)
+                start = anyio.current_time()
+                with anyio.fail_after(2):
+                    for path in ("/livez", "/readyz", "/startupz"):
+                        assert (await get(server.port, request(path)))[0] == 200
+                assert anyio.current_time() - start < 1.0
+                assert not metrics_body  # the scrape is still being rendered
+                collector.release.set()
+            assert b"slow_metric 1.0" in metrics_body[0]
+
+    anyio.run(main)
