@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -51,6 +52,12 @@ def encode_payload(task: str, args: Sequence[Any], kwargs: dict[str, Any], cap: 
             f"task {task!r}: arguments must be JSON (str, int, float, bool, None, list, dict): "
             f"{exc}"
         ) from exc
+    except RecursionError:
+        raise PayloadError(
+            f"task {task!r}: arguments are nested too deeply to encode as JSON (more levels "
+            f"than the interpreter's recursion limit, {sys.getrecursionlimit()}); flatten them "
+            "or pass a reference (a row id, an object-store key)"
+        ) from None
     size = len(text.encode())
     if size > cap:
         raise PayloadTooLarge(
@@ -67,6 +74,11 @@ def decode_payload(payload: str) -> tuple[list[Any], dict[str, Any]]:
         data = json.loads(payload)
     except ValueError as exc:
         raise PayloadError(f"payload is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise PayloadError(
+            "payload is nested too deeply to decode (more levels than the interpreter's "
+            f"recursion limit, {sys.getrecursionlimit()})"
+        ) from None
     if not isinstance(data, dict):
         raise PayloadError("payload must be a JSON object with 'args' and 'kwargs'")
     args = data.get("args", [])

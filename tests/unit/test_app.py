@@ -98,6 +98,31 @@ def test_payloads_round_trip_and_refuse_what_is_not_json_or_too_large() -> None:
             decode_payload(bad)
 
 
+def _nested(depth: int) -> list[object]:
+    value: list[object] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_an_argument_nested_too_deeply_is_a_payload_error_at_enqueue() -> None:
+    queue = InMemoryQueue()
+    app = App(backend=queue)
+    task = app.task(name="t")(lambda value: None)
+    with pytest.raises(PayloadError, match="nested too deeply to encode") as caught:
+        task.enqueue(_nested(100_000))
+    assert "'t'" in str(caught.value)
+    with pytest.raises(PayloadError, match="nested too deeply"):
+        app.enqueue("t", [], {"value": _nested(100_000)})
+    assert queue.stats(["default"]).depth == {"default": 0}
+
+
+def test_a_payload_nested_too_deeply_is_a_payload_error_at_decode() -> None:
+    deep = '{"args":[' + "[" * 100_000 + "]" * 100_000 + '],"kwargs":{}}'
+    with pytest.raises(PayloadError, match="nested too deeply to decode"):
+        decode_payload(deep)
+
+
 def test_retry_delays_grow_with_jitter_up_to_the_cap() -> None:
     app = App(backend=InMemoryQueue())
     task = app.task(name="t", retry_backoff=2.0, retry_backoff_max=10.0)(lambda: None)
