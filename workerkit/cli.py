@@ -177,6 +177,8 @@ def db_upgrade(config_file: str | None, **options: Any) -> None:
     settings = _load(options, config_file)
     try:
         revision = upgrade(settings.database_url)
+    except ConfigurationError as exc:
+        _fail(exc, exitcodes.CONFIG_ERROR)
     except WorkerkitError as exc:
         _fail(exc, exitcodes.STORE_UNAVAILABLE)
     click.echo(f"schema is at revision {revision}")
@@ -189,7 +191,11 @@ def db_check(config_file: str | None, **options: Any) -> None:
     from workerkit.engines.sql import check_schema
 
     settings = _load(options, config_file)
-    health = check_schema(settings.database_url)
+    try:
+        health = check_schema(settings.database_url)
+    except ConfigurationError as exc:
+        _fail(exc, exitcodes.CONFIG_ERROR)
+        return
     click.echo(health.reason)
     sys.exit(exitcodes.OK if health.ok else exitcodes.CHECK_FAILED)
 
