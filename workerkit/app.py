@@ -15,6 +15,7 @@ Arguments and results are JSON, never pickle: a worker must not run code a queue
 
 from __future__ import annotations
 
+import difflib
 import json
 import random
 import sys
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from workerkit.engines.base import NewJob
-from workerkit.errors import ConfigurationError, PayloadError, PayloadTooLarge
+from workerkit.errors import ConfigurationError, PayloadError, PayloadTooLarge, UnknownTask
 from workerkit.idempotency import KeySpec, idempotency_of
 from workerkit.idempotency import idempotent as make_idempotent
 from workerkit.settings import Settings, load_settings
@@ -325,6 +326,20 @@ class App:
             return task
 
         return register(fn) if fn is not None else register
+
+    def get_task(self, name: str) -> Task[Any, Any]:
+        """The task registered as ``name``; UnknownTask naming the closest names otherwise."""
+        task = self.tasks.get(name)
+        if task is not None:
+            return task
+        close = difflib.get_close_matches(name, list(self.tasks), n=3)
+        if close:
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}?"
+        else:
+            names = sorted(self.tasks)
+            more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+            hint = f"its tasks: {', '.join(names[:10]) or 'none'}{more}"
+        raise UnknownTask(f"no task {name!r} is registered in the app; {hint}")
 
     def enqueue_task(
         self,

@@ -1,8 +1,9 @@
 """Bad input refused at configuration by the real ``workerkit`` command: exit 2 and one line.
 
-A database URL the SQL store cannot use, a missing app and an interval too short to be anything
-but a busy loop used to be accepted and fail later, in the worker (exit 4 with a traceback).
-Each is refused here before anything starts, with a message that names the setting and the fix.
+A database URL the SQL store cannot use, a missing app, an interval too short to be anything
+but a busy loop, and an ``enqueue`` of a task the app does not have used to be accepted and
+fail later: in the worker (exit 4 with a traceback) or when the job ran. Each is refused here
+before anything starts, with a message that names the setting (or the task) and the fix.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import pytest
 from tests.support.harness import REPO, WORKERKIT
 from tests.support.servers import free_port
 from workerkit import exitcodes
+from workerkit.engines.sql import SqlQueue, upgrade
+from workerkit.settings import Settings
 
 pytestmark = pytest.mark.e2e
 
@@ -132,3 +135,72 @@ def test_db_upgrade_with_a_url_it_cannot_use_is_a_configuration_error(tmp_path: 
     ran = cli("db", "upgrade", "--database-url", "foo://host/db", cwd=tmp_path)
     assert ran.code == exitcodes.CONFIG_ERROR, ran  # not STORE_UNAVAILABLE: nothing to reach
     assert "database_url uses 'foo'" in ran.one_line
+
+
+@pytest.fixture
+def queue_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'queue.sqlite3'}"
+    upgrade(url)
+    return url
+
+
+def jobs_in(url: str) -> int:
+    queue = SqlQueue(url, settings=Settings(database_url=url))
+    try:
+        return sum(queue.stats(["default"]).depth.values())
+    finally:
+        queue.close()
+
+
+def test_enqueue_with_an_app_refuses_a_task_it_does_not_have_naming_close_ones(
+    tmp_path: Path, queue_url: str
+) -> None:
+    ran = cli(
+        "enqueue", "tik", "--args", '["a"]', "--app", APP, "--database-url", queue_url, cwd=tmp_path
+    )
+    assert ran.code == exitcodes.CONFIG_ERROR, ran
+    assert (
+        f"--app '{APP}': no task 'tik' is registered in the app; did you mean 'tick'?"
+        in ran.one_line
+    )
+    assert jobs_in(queue_url) == 0
+
+
+def test_enqueue_with_an_app_refuses_arguments_that_do_not_fit_the_task(
+    tmp_path: Path, queue_url: str
+) -> None:
+    ran = cli(
+        "enqueue",
+        "tick",
+        "--args",
+        '["a", "b"]',
+        "--app",
+        APP,
+        "--database-url",
+        queue_url,
+        cwd=tmp_path,
+    )
+    assert ran.code == exitcodes.CONFIG_ERROR, ran
+    assert "ArgumentsMismatch: tick(tag): too many positional arguments" in ran.one_line
+    assert jobs_in(queue_url) == 0
+
+
+def test_enqueue_without_an_app_takes_any_task_name_as_documented(
+    tmp_path: Path, queue_url: str
+) -> None:
+    ran = cli("enqueue", "no.such.task", "--database-url", queue_url, cwd=tmp_path)
+    assert ran.code == exitcodes.OK, ran
+    assert jobs_in(queue_url) == 1
+    with_app = cli(
+        "enqueue",
+        "tick",
+        "--args",
+        '["a"]',
+        "--app",
+        APP,
+        "--database-url",
+        queue_url,
+        cwd=tmp_path,
+    )
+    assert with_app.code == exitcodes.OK, with_app
+    assert jobs_in(queue_url) == 2

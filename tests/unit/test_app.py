@@ -8,7 +8,7 @@ import time
 import pytest
 
 from workerkit.app import App, EnqueueOptions, decode_payload, encode_payload
-from workerkit.errors import ConfigurationError, PayloadError, PayloadTooLarge
+from workerkit.errors import ConfigurationError, PayloadError, PayloadTooLarge, UnknownTask
 from workerkit.testing import InMemoryQueue
 
 
@@ -121,6 +121,19 @@ def test_a_payload_nested_too_deeply_is_a_payload_error_at_decode() -> None:
     deep = '{"args":[' + "[" * 100_000 + "]" * 100_000 + '],"kwargs":{}}'
     with pytest.raises(PayloadError, match="nested too deeply to decode"):
         decode_payload(deep)
+
+
+def test_get_task_names_the_closest_tasks_or_lists_them() -> None:
+    app = App(backend=InMemoryQueue())
+    send = app.task(name="emails.send")(lambda to: None)
+    app.task(name="emails.bounce")(lambda to: None)
+    assert app.get_task("emails.send") is send
+    with pytest.raises(UnknownTask, match=r"no task 'emails.sned'.*did you mean 'emails.send'"):
+        app.get_task("emails.sned")
+    with pytest.raises(UnknownTask, match=r"its tasks: emails.bounce, emails.send$"):
+        app.get_task("zzz")
+    with pytest.raises(UnknownTask, match=r"its tasks: none$"):
+        App(backend=InMemoryQueue()).get_task("t")
 
 
 def test_retry_delays_grow_with_jitter_up_to_the_cap() -> None:
