@@ -43,8 +43,12 @@ variable or the config file it is accepted everywhere (one file may serve severa
 Settings marked *scheduler* are read by `workerkit check` and the scheduler, not by
 `workerkit run`.
 
-| setting | variable | option | default | symbol | meaning |
-|---|---|---|---|---|---|
+Numbers outside a setting's range (the *range* column; seconds for durations) are refused
+with the bound and the reason: an interval too short to be anything but a busy loop
+(`heartbeat_interval` 1e-7 burnt half a core), a duration too long for the platform's clock.
+
+| setting | variable | option | default | range | symbol | meaning |
+|---|---|---|---|---|---|---|
 """
 
 
@@ -68,6 +72,11 @@ def _default(name: str, value: object) -> str:
     return str(value)
 
 
+def _range(spec: SettingSpec) -> str:
+    bounds = spec.bounds.replace(">=", "≥").replace("<=", "≤")
+    return f"{bounds}" if bounds else ""
+
+
 def _meaning(spec: SettingSpec) -> str:
     if spec.engines == ENGINES:
         return spec.help
@@ -80,7 +89,7 @@ def render() -> str:
     """The whole page."""
     rows = [
         f"| `{s.name}` | `{s.env_var}` | `{s.cli_flag}` | `{_default(s.name, s.default)}` "
-        f"| {s.symbol} | {_meaning(s)} |"
+        f"| {_range(s)} | {s.symbol} | {_meaning(s)} |"
         for s in setting_specs()
     ]
     return _HEADER + "\n".join(rows) + "\n"

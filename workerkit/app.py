@@ -15,8 +15,10 @@ Arguments and results are JSON, never pickle: a worker must not run code a queue
 
 from __future__ import annotations
 
+import difflib
 import json
 import random
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from workerkit.engines.base import NewJob
-from workerkit.errors import ConfigurationError, PayloadError, PayloadTooLarge
+from workerkit.errors import ConfigurationError, PayloadError, PayloadTooLarge, UnknownTask
 from workerkit.idempotency import KeySpec, idempotency_of
 from workerkit.idempotency import idempotent as make_idempotent
 from workerkit.settings import Settings, load_settings
@@ -51,6 +53,12 @@ def encode_payload(task: str, args: Sequence[Any], kwargs: dict[str, Any], cap: 
             f"task {task!r}: arguments must be JSON (str, int, float, bool, None, list, dict): "
             f"{exc}"
         ) from exc
+    except RecursionError:
+        raise PayloadError(
+            f"task {task!r}: arguments are nested too deeply to encode as JSON (more levels "
+            f"than the interpreter's recursion limit, {sys.getrecursionlimit()}); flatten them "
+            "or pass a reference (a row id, an object-store key)"
+        ) from None
     size = len(text.encode())
     if size > cap:
         raise PayloadTooLarge(
@@ -67,6 +75,11 @@ def decode_payload(payload: str) -> tuple[list[Any], dict[str, Any]]:
         data = json.loads(payload)
     except ValueError as exc:
         raise PayloadError(f"payload is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise PayloadError(
+            "payload is nested too deeply to decode (more levels than the interpreter's "
+            f"recursion limit, {sys.getrecursionlimit()})"
+        ) from None
     if not isinstance(data, dict):
         raise PayloadError("payload must be a JSON object with 'args' and 'kwargs'")
     args = data.get("args", [])
@@ -313,6 +326,20 @@ class App:
             return task
 
         return register(fn) if fn is not None else register
+
+    def get_task(self, name: str) -> Task[Any, Any]:
+        """The task registered as ``name``; UnknownTask naming the closest names otherwise."""
+        task = self.tasks.get(name)
+        if task is not None:
+            return task
+        close = difflib.get_close_matches(name, list(self.tasks), n=3)
+        if close:
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}?"
+        else:
+            names = sorted(self.tasks)
+            more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+            hint = f"its tasks: {', '.join(names[:10]) or 'none'}{more}"
+        raise UnknownTask(f"no task {name!r} is registered in the app; {hint}")
 
     def enqueue_task(
         self,

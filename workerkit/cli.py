@@ -20,7 +20,7 @@ import click
 
 from workerkit import exitcodes
 from workerkit.engines import ENGINE_OPTIONS, EngineOption
-from workerkit.errors import ConfigurationError, WorkerkitError
+from workerkit.errors import ConfigurationError, UnknownTask, WorkerkitError
 from workerkit.settings import Settings, load_settings, setting_specs
 
 __all__ = ("main",)
@@ -177,6 +177,8 @@ def db_upgrade(config_file: str | None, **options: Any) -> None:
     settings = _load(options, config_file)
     try:
         revision = upgrade(settings.database_url)
+    except ConfigurationError as exc:
+        _fail(exc, exitcodes.CONFIG_ERROR)
     except WorkerkitError as exc:
         _fail(exc, exitcodes.STORE_UNAVAILABLE)
     click.echo(f"schema is at revision {revision}")
@@ -189,7 +191,11 @@ def db_check(config_file: str | None, **options: Any) -> None:
     from workerkit.engines.sql import check_schema
 
     settings = _load(options, config_file)
-    health = check_schema(settings.database_url)
+    try:
+        health = check_schema(settings.database_url)
+    except ConfigurationError as exc:
+        _fail(exc, exitcodes.CONFIG_ERROR)
+        return
     click.echo(health.reason)
     sys.exit(exitcodes.OK if health.ok else exitcodes.CHECK_FAILED)
 
@@ -215,8 +221,13 @@ def enqueue(
     config_file: str | None,
     **options: Any,
 ) -> None:
-    """Put one job on the SQL queue and print its id."""
+    """Put one job on the SQL queue and print its id.
+
+    With --app (or WORKERKIT_APP) the task must be one of the app's and the arguments must fit
+    its signature; without, any name is enqueued as it is (the worker's app decides).
+    """
     from workerkit.app import EnqueueOptions
+    from workerkit.engines.attempt import Unrunnable, check_arguments
 
     settings = _load(options, config_file)
     _debug_logging(settings)
@@ -225,10 +236,19 @@ def enqueue(
         kwargs = json.loads(kwargs_json)
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}") from exc
+    except RecursionError:
+        raise click.BadParameter("--args or --kwargs is nested too deeply") from None
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise click.BadParameter("--args must be a JSON list and --kwargs a JSON object")
     try:
         app = _native_app(settings)
+        if settings.app:
+            try:
+                check_arguments(app.get_task(task).fn, args, kwargs)
+            except UnknownTask as exc:
+                _refuse(f"enqueue: --app {settings.app!r}: {exc}")
+            except Unrunnable as exc:
+                _refuse(f"enqueue {task}: {exc}; fix --args/--kwargs")
         job = app.enqueue(
             task, args, kwargs, EnqueueOptions(queue=queue, delay=delay, job_id=job_id)
         )

@@ -13,7 +13,9 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ __all__ = (
     "ENGINES",
     "ENGINE_DEFAULT_VISIBILITY_TIMEOUT",
     "ENV_PREFIX",
+    "MAX_SECONDS",
     "Engine",
     "SettingSpec",
     "Settings",
@@ -53,6 +56,12 @@ ENGINE_DEFAULT_VISIBILITY_TIMEOUT: Mapping[Engine, float] = {
 #: ``celery worker`` without ``-Q`` does instead: the app's ``task_queues``, else its
 #: ``task_default_queue`` (``celery`` unless the app sets it).
 DEFAULT_QUEUES: tuple[str, ...] = ("default",)
+
+
+#: The longest duration any setting accepts (about 31 years). Every duration ends up in a wait,
+#: a deadline or a key's TTL; a wait past the platform's limit (``threading.TIMEOUT_MAX``, and
+#: less once added to the clock) raises OverflowError in the worker instead of waiting.
+MAX_SECONDS = 1e9
 
 
 # --- parsers: text (env, CLI) or TOML value -> typed value, or ValueError with what's accepted --
@@ -106,6 +115,35 @@ def _parse_str(raw: object) -> str:
     return raw
 
 
+_URL_EXAMPLES = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9]*(\+[A-Za-z0-9_]+)?")
+
+
+def _parse_database_url(raw: object) -> str:
+    """A URL SQLAlchemy can parse: ``dialect[+driver]://...`` with a numeric port, if any.
+
+    Only its shape, without importing SQLAlchemy (the supervisor and the CLI load no engine
+    library, and every engine's worker reads this setting from its environment). Whether the
+    dialect exists and the SQL store supports it is checked by the sql engine at start.
+    """
+    text = _parse_str(raw).strip()
+    scheme, sep, _ = text.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        raise ValueError(f"a SQLAlchemy URL, such as {_URL_EXAMPLES}")
+    try:
+        urllib.parse.urlsplit(text).port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ValueError(f"a URL whose port is a number, such as {_URL_EXAMPLES}") from None
+    return text
+
+
+def _redacted(raw: object) -> object:
+    """``raw`` with the password of a URL replaced by ``***`` (for error messages)."""
+    if not isinstance(raw, str):
+        return raw
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", raw)
+
+
 def _parse_str_list(raw: object) -> tuple[str, ...]:
     if isinstance(raw, str):
         items = [part.strip() for part in raw.split(",")]
@@ -152,6 +190,10 @@ class SettingSpec:
     #: The engines whose ``workerkit run ENGINE`` reads it; () for the scheduler's settings
     #: (read by ``workerkit check``). ``workerkit run`` refuses the option of another engine.
     engines: tuple[str, ...] = ENGINES
+    #: Why the lower bound is where it is, said when a value is under it.
+    minimum_why: str = ""
+    #: Why the upper bound is where it is, said when a value is over it.
+    maximum_why: str = ""
 
     @property
     def env_var(self) -> str:
@@ -163,22 +205,38 @@ class SettingSpec:
 
     def coerce(self, raw: object, source: str) -> Any:
         """Parse and bound-check one raw value; raise SettingError saying what is accepted."""
+        shown = _redacted(raw) if self.name.endswith("_url") else raw
         try:
             value = self.parse(raw)
         except ValueError as exc:
-            raise SettingError(self.name, raw, f"expected {exc}", source) from None
+            raise SettingError(self.name, shown, f"expected {exc}", source) from None
         if value is None or (self.minimum is None and self.maximum is None):
             return value
         if isinstance(value, int | float):
             low = self.minimum
             if low is not None and (value <= low if self.exclusive_minimum else value < low):
                 bound = f"above {low:g}" if self.exclusive_minimum else f"at least {low:g}"
-                raise SettingError(self.name, raw, f"expected a value {bound}", source)
+                why = f" ({self.minimum_why})" if self.minimum_why else ""
+                raise SettingError(self.name, shown, f"expected a value {bound}{why}", source)
             if self.maximum is not None and value > self.maximum:
+                why = f" ({self.maximum_why})" if self.maximum_why else ""
                 raise SettingError(
-                    self.name, raw, f"expected a value at most {self.maximum:g}", source
+                    self.name, shown, f"expected a value at most {self.maximum:g}{why}", source
                 )
         return value
+
+    @property
+    def bounds(self) -> str:
+        """The accepted range as text (``> 0``, ``0.1 - 1e+09``...), "" when unbounded."""
+        low = self.minimum
+        high = self.maximum
+        if low is None and high is None:
+            return ""
+        if low is None:
+            return f"<= {high:g}"
+        if high is None:
+            return f"> {low:g}" if self.exclusive_minimum else f">= {low:g}"
+        return f"> {low:g}, <= {high:g}" if self.exclusive_minimum else f"{low:g} - {high:g}"
 
 
 def _s(
@@ -191,7 +249,12 @@ def _s(
     maximum: float | None = None,
     symbol: str = "",
     engines: tuple[str, ...] = ENGINES,
+    minimum_why: str = "",
+    maximum_why: str = "",
 ) -> Any:
+    if maximum is None and parse in (_seconds, _opt_seconds):
+        maximum = MAX_SECONDS  # every duration: see MAX_SECONDS
+        maximum_why = maximum_why or "about 31 years; a longer wait overflows the clock"
     meta = {
         "engines": engines,
         "help": help,
@@ -200,6 +263,8 @@ def _s(
         "exclusive_minimum": exclusive_minimum,
         "maximum": maximum,
         "symbol": symbol,
+        "minimum_why": minimum_why,
+        "maximum_why": maximum_why,
     }
     return field(default=default, metadata=meta)
 
@@ -235,8 +300,10 @@ class Settings:
     )
     database_url: str = _s(
         "sqlite:///workerkit.sqlite3",
-        "SQLAlchemy URL of the SQL queue and store.",
-        _parse_str,
+        "SQLAlchemy URL of the SQL queue and store: sqlite:///PATH (one host) or "
+        "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB (postgres:// and postgresql:// use "
+        "psycopg 3).",
+        _parse_database_url,
         engines=("sql",),
     )
     redis_url: str = _s(
@@ -276,18 +343,20 @@ class Settings:
         "When an unacknowledged job is given to another worker (V): the job lease on sql and "
         "rq (30), the broker's visibility timeout on celery (3600).",
         _opt_seconds,
-        minimum=0,
-        exclusive_minimum=True,
+        minimum=1,
         symbol="V",
+        minimum_why="a shorter lease expires on one slow round trip, and its heartbeat (V / 3) "
+        "would renew it in a busy loop",
     )
     heartbeat_interval: float | None = _s(
         None,
         "How often a running job's lease is renewed (H); default V / 3.",
         _opt_seconds,
-        minimum=0,
-        exclusive_minimum=True,
+        minimum=0.1,
         symbol="H",
         engines=("sql", "rq"),
+        minimum_why="renewing leases more than 10 times a second is a busy loop that burns CPU "
+        "and store writes",
     )
     recovery_window: float = _s(
         30.0,
@@ -364,9 +433,12 @@ class Settings:
         1.0,
         "How often an idle SQL worker looks for new jobs when it is not woken sooner.",
         _seconds,
-        minimum=0,
-        exclusive_minimum=True,
+        minimum=0.01,
+        maximum=60,
         engines=("sql",),
+        minimum_why="polling more than 100 times a second is a busy loop",
+        maximum_why="an idle worker not woken by PostgreSQL's NOTIFY (SQLite, a missed "
+        "notification) would leave a new job waiting longer than a minute",
     )
     max_payload_bytes: int = _s(
         1_048_576,
@@ -389,8 +461,9 @@ class Settings:
         60.0,
         "How stale the worker's heartbeat may be before /livez fails.",
         _seconds,
-        minimum=0,
-        exclusive_minimum=True,
+        minimum=3,
+        minimum_why="the worker reports every 2 s: a shorter timeout fails /livez between two "
+        "reports and gets a healthy pod restarted",
     )
     startup_timeout: float = _s(
         120.0,
@@ -398,9 +471,9 @@ class Settings:
         "retry logged) before it exits with STORE_UNAVAILABLE (3); at most the startupProbe's "
         "periodSeconds x failureThreshold.",
         _seconds,
-        minimum=0,
-        exclusive_minimum=True,
+        minimum=1,
         engines=("rq",),
+        minimum_why="a Redis that is starting or restarting needs seconds to answer",
     )
     log_level: str = _s(
         "info", "Log level.", _choice("debug", "info", "warning", "error", "critical")
@@ -469,6 +542,8 @@ def setting_specs() -> tuple[SettingSpec, ...]:
                 maximum=meta["maximum"],
                 symbol=meta["symbol"],
                 engines=meta["engines"],
+                minimum_why=meta["minimum_why"],
+                maximum_why=meta["maximum_why"],
             )
         )
     return tuple(specs)

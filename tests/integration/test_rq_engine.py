@@ -435,6 +435,31 @@ def test_an_idempotency_key_reused_with_other_arguments_fails_at_once_never_retr
     assert "already used with other arguments" in (result.exc_string or "")
 
 
+def sloppy(a: int) -> int:
+    calls.append(f"sloppy {a}")
+    return a + "1"  # type: ignore[operator, no-any-return]
+
+
+def test_arguments_that_do_not_fit_fail_at_once_never_retried_but_a_type_error_inside_is(
+    redis_client: redis.Redis[bytes], redis_url: str
+) -> None:
+    q = queue(redis_client)
+    unbound = q.enqueue(f"{MODULE}.add", 1, job_id="unbound", retry=Retry(max=3))
+    inside = q.enqueue(f"{MODULE}.sloppy", 1, job_id="inside", retry=Retry(max=1))
+    simple_worker(redis_client, redis_url).work(burst=True)
+
+    assert unbound.get_status() == "failed"
+    result = unbound.latest_result()
+    assert result is not None
+    assert "ArgumentsMismatch: add(a, b): missing a required argument: 'b'" in (
+        result.exc_string or ""
+    )
+    assert unbound.retries_left == 3  # not one retry spent
+    # A TypeError raised by the task's own body is retried as any other failure.
+    assert inside.get_status() == "failed"
+    assert calls == ["sloppy 1", "sloppy 1"]
+
+
 def test_the_settle_fence_works_when_redis_does_not_know_its_script_yet(
     redis_client: redis.Redis[bytes], redis_url: str
 ) -> None:

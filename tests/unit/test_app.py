@@ -8,7 +8,7 @@ import time
 import pytest
 
 from workerkit.app import App, EnqueueOptions, decode_payload, encode_payload
-from workerkit.errors import ConfigurationError, PayloadError, PayloadTooLarge
+from workerkit.errors import ConfigurationError, PayloadError, PayloadTooLarge, UnknownTask
 from workerkit.testing import InMemoryQueue
 
 
@@ -96,6 +96,44 @@ def test_payloads_round_trip_and_refuse_what_is_not_json_or_too_large() -> None:
     for bad in ("not json", "[1]", '{"args": {}}'):
         with pytest.raises(PayloadError):
             decode_payload(bad)
+
+
+def _nested(depth: int) -> list[object]:
+    value: list[object] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_an_argument_nested_too_deeply_is_a_payload_error_at_enqueue() -> None:
+    queue = InMemoryQueue()
+    app = App(backend=queue)
+    task = app.task(name="t")(lambda value: None)
+    with pytest.raises(PayloadError, match="nested too deeply to encode") as caught:
+        task.enqueue(_nested(100_000))
+    assert "'t'" in str(caught.value)
+    with pytest.raises(PayloadError, match="nested too deeply"):
+        app.enqueue("t", [], {"value": _nested(100_000)})
+    assert queue.stats(["default"]).depth == {"default": 0}
+
+
+def test_a_payload_nested_too_deeply_is_a_payload_error_at_decode() -> None:
+    deep = '{"args":[' + "[" * 100_000 + "]" * 100_000 + '],"kwargs":{}}'
+    with pytest.raises(PayloadError, match="nested too deeply to decode"):
+        decode_payload(deep)
+
+
+def test_get_task_names_the_closest_tasks_or_lists_them() -> None:
+    app = App(backend=InMemoryQueue())
+    send = app.task(name="emails.send")(lambda to: None)
+    app.task(name="emails.bounce")(lambda to: None)
+    assert app.get_task("emails.send") is send
+    with pytest.raises(UnknownTask, match=r"no task 'emails.sned'.*did you mean 'emails.send'"):
+        app.get_task("emails.sned")
+    with pytest.raises(UnknownTask, match=r"its tasks: emails.bounce, emails.send$"):
+        app.get_task("zzz")
+    with pytest.raises(UnknownTask, match=r"its tasks: none$"):
+        App(backend=InMemoryQueue()).get_task("t")
 
 
 def test_retry_delays_grow_with_jitter_up_to_the_cap() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -23,7 +24,9 @@ from workerkit.engines.attempt import (
     RetryOrFail,
     Rules,
     StandDown,
+    Unrunnable,
     Verdict,
+    check_arguments,
     defer_delay,
     release_each,
     verdict_for,
@@ -166,6 +169,70 @@ def test_an_idempotency_key_mismatch_fails_at_once_with_its_name() -> None:
 def test_an_engines_permanent_failure_fails_at_once_with_its_message() -> None:
     result = verdict(PermanentFailure("PayloadError: not JSON"), SQL_LIKE)
     assert result == Fail("PayloadError: not JSON")
+
+
+@pytest.mark.parametrize("rules", [SQL_LIKE, RQ_LIKE, CELERY_LIKE], ids=["sql", "rq", "celery"])
+def test_a_job_that_cannot_run_fails_at_once_on_every_engine(rules: Rules) -> None:
+    reason = "ArgumentsMismatch: add(x, y): missing a required argument: 'y'"
+    assert verdict(Unrunnable(reason), rules) == Fail(reason)
+
+
+@pytest.mark.parametrize("rules", [SQL_LIKE, RQ_LIKE, CELERY_LIKE], ids=["sql", "rq", "celery"])
+@pytest.mark.parametrize("exc", [TypeError("inside the body"), RecursionError("deep")])
+def test_a_type_or_recursion_error_of_the_tasks_body_is_still_retried(
+    rules: Rules, exc: Exception
+) -> None:
+    assert verdict(exc, rules) == RetryOrFail(exc)
+
+
+def test_a_job_that_cannot_run_taken_back_stands_down() -> None:
+    assert verdict(Unrunnable("r"), SQL_LIKE, lease_lost=True) == StandDown("lease_lost")
+
+
+def _add(x: int, y: int, *, scale: int = 1) -> int:
+    return (x + y) * scale
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [((1, 2), {}), ((1,), {"y": 2}), ((), {"x": 1, "y": 2, "scale": 3})],
+)
+def test_arguments_that_fit_the_signature_pass(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    check_arguments(_add, args, kwargs)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "why"),
+    [
+        ((1,), {}, "missing a required argument: 'y'"),
+        ((1, 2, 3), {}, "too many positional arguments"),
+        ((1, 2), {"z": 1}, "got an unexpected keyword argument 'z'"),
+        ((1, 2), {"x": 1}, "multiple values for argument 'x'"),
+    ],
+)
+def test_arguments_that_do_not_fit_are_unrunnable_with_the_signature(
+    args: tuple[Any, ...], kwargs: dict[str, Any], why: str
+) -> None:
+    with pytest.raises(Unrunnable) as caught:
+        check_arguments(_add, args, kwargs)
+    message = str(caught.value)
+    assert message.startswith("ArgumentsMismatch: _add(x, y, *, scale=1): ")
+    assert why in message
+
+
+def test_a_wrapped_function_is_checked_against_the_original_signature() -> None:
+    @functools.wraps(_add)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        return _add(*args, **kwargs)
+
+    with pytest.raises(Unrunnable):
+        check_arguments(wrapper, (1,), {})
+
+
+def test_a_callable_without_a_signature_is_not_checked() -> None:
+    check_arguments(max, (1, 2, 3, 4), {"key": abs})  # no signature: left to the call
 
 
 def test_any_other_exception_is_retried_or_failed_with_a_one_line_error() -> None:

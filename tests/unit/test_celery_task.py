@@ -16,6 +16,7 @@ from celery import Celery
 from celery.exceptions import Reject, Retry
 
 from workerkit import errors
+from workerkit.engines.attempt import Unrunnable
 from workerkit.engines.celery.runtime import Runtime
 from workerkit.engines.celery.task import AttemptsExhausted, QuietRelease, run_job
 from workerkit.events import Event, JobFinished, JobStarted
@@ -173,4 +174,26 @@ def test_a_message_whose_worker_died_too_often_fails_without_running(runtime: Ru
     with pytest.raises(AttemptsExhausted):
         run_job(runtime, FakeTask(crashes=3), lambda: ran.append(1), (), {})
     assert ran == []
+    assert finished(runtime) == "failed"
+
+
+def test_arguments_that_do_not_fit_the_task_fail_without_running_it(runtime: Runtime) -> None:
+    ran = []
+
+    def add(a: int, b: int) -> int:
+        ran.append(1)
+        return a + b
+
+    with pytest.raises(Unrunnable, match=r"ArgumentsMismatch: .*add\(a, b\): missing .*'b'"):
+        run_job(runtime, FakeTask(), add, (1,), {})
+    assert ran == []
+    assert finished(runtime) == "failed"
+
+
+def test_a_type_error_inside_the_task_is_the_tasks_own(runtime: Runtime) -> None:
+    def sloppy(a: int) -> int:
+        return a + "1"  # type: ignore[operator, no-any-return]
+
+    with pytest.raises(TypeError, match="unsupported operand"):
+        run_job(runtime, FakeTask(), sloppy, (1,), {})
     assert finished(runtime) == "failed"

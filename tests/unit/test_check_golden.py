@@ -108,6 +108,7 @@ CASES = (
     ),
     # errors before any rule: a bad setting, an app that does not import
     Case("bad_setting", ("--grace-period", "soon")),
+    Case("bad_bound", ("--heartbeat-interval", "1e-7")),
     Case("bad_engine", ("--engine", "kafka")),
     Case("missing_app", ("--app", "tests.unit.no_such_module:app")),
 )

@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 
 from workerkit._settings_doc import render
 from workerkit.errors import ConfigurationError, SettingError
-from workerkit.settings import Settings, load_settings, setting_specs, settings_to_env
+from workerkit.settings import (
+    MAX_SECONDS,
+    Settings,
+    load_settings,
+    setting_specs,
+    settings_to_env,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,6 +94,18 @@ def test_kubernetes_service_link_variables_are_not_settings() -> None:
         ("strict", "maybe", "true or false"),
         ("http_port", "70000", "at most 65535"),
         ("queues", ",", "at least one name"),
+        ("heartbeat_interval", "1e-7", "at least 0.1 (renewing leases more than 10 times"),
+        ("poll_interval", "0.000001", "at least 0.01 (polling more than 100 times"),
+        ("poll_interval", "3600", "at most 60 (an idle worker"),
+        ("visibility_timeout", "0.5", "at least 1 (a shorter lease"),
+        ("liveness_timeout", "1", "at least 3 (the worker reports every 2 s"),
+        ("startup_timeout", "0.001", "at least 1"),
+        ("job_timeout", "1e10", "at most 1e+09 (about 31 years"),
+        ("grace_period", "1e12", "at most 1e+09"),
+        ("database_url", "nonsense", "expected a SQLAlchemy URL, such as sqlite:///PATH"),
+        ("database_url", "", "expected a SQLAlchemy URL"),
+        ("database_url", "://host/db", "expected a SQLAlchemy URL"),
+        ("database_url", "postgresql://u@h:notaport/db", "port is a number"),
     ],
 )
 def test_bad_values_name_the_setting_and_what_is_accepted(
@@ -99,6 +118,47 @@ def test_bad_values_name_the_setting_and_what_is_accepted(
     assert repr(key) in message
     assert var in message
     assert expected in message
+
+
+def test_every_default_is_inside_its_own_bounds() -> None:
+    for spec in setting_specs():
+        if spec.default is not None:
+            assert spec.coerce(spec.default, "default") == spec.default, spec.name
+
+
+def test_every_duration_has_a_ceiling_the_platforms_clock_can_wait_for() -> None:
+    durations = [
+        s for s in setting_specs() if isinstance(s.default, float) or s.symbol in ("V", "H", "Ip")
+    ]
+    assert durations
+    for spec in durations:
+        assert spec.maximum is not None, spec.name
+        assert spec.maximum <= MAX_SECONDS < threading.TIMEOUT_MAX, spec.name
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///workerkit.sqlite3",
+        "sqlite:////var/lib/q.db",
+        "postgres://u:pw@db:5432/q",  # the sql engine reads it as postgresql+psycopg
+        "postgresql://u@db/q",
+        "postgresql+psycopg://u:pw@[::1]:5432/q?sslmode=require",
+    ],
+)
+def test_database_urls_sqlalchemy_can_parse_are_accepted(url: str) -> None:
+    settings = load_settings(env={"WORKERKIT_DATABASE_URL": url}, cwd=ROOT / "tests")
+    assert settings.database_url == url
+
+
+def test_a_refused_database_url_does_not_show_its_password() -> None:
+    with pytest.raises(SettingError) as info:
+        load_settings(
+            env={"WORKERKIT_DATABASE_URL": "postgresql://app:s3cret@db:port/q"},
+            cwd=ROOT / "tests",
+        )
+    assert "s3cret" not in str(info.value)
+    assert "postgresql://app:***@db:port/q" in str(info.value)
 
 
 def test_wrong_toml_type_is_refused(tmp_path: Path) -> None:

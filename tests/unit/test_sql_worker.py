@@ -106,6 +106,47 @@ def test_unknown_task_and_bad_payload_fail_with_reason_and_the_worker_goes_on(
     assert harness.log == ["fine"]
 
 
+def test_arguments_that_do_not_fit_and_a_deep_payload_fail_at_attempt_1_with_the_reason(
+    harness: Harness,
+) -> None:
+    @harness.app.task(max_attempts=3, retry_backoff=0.01)
+    def add(x: int, y: int) -> int:
+        harness.log.append("add")
+        return x + y
+
+    deep = '{"args":[' + "[" * 100_000 + "]" * 100_000 + '],"kwargs":{}}'
+    harness.queue.enqueue(NewJob("unbound", add.name, "default", '{"args":[1],"kwargs":{}}', 3))
+    harness.queue.enqueue(NewJob("deep", add.name, "default", deep, 3))
+    good = add.enqueue(1, 2)
+    harness.start()
+    wait_until(lambda: harness.state(good) == "succeeded")
+    wait_until(lambda: harness.state("unbound") == "failed" and harness.state("deep") == "failed")
+    unbound, too_deep = harness.queue.get_job("unbound"), harness.queue.get_job("deep")
+    assert unbound is not None
+    assert too_deep is not None
+    assert unbound["attempts"] == too_deep["attempts"] == 1  # not retried
+    assert "ArgumentsMismatch: " in unbound["last_error"]
+    assert "missing a required argument: 'y'" in unbound["last_error"]
+    assert "nested too deeply" in too_deep["last_error"]
+    assert harness.log == ["add"]  # the body ran only for the good job
+
+
+def test_a_type_error_inside_the_tasks_body_is_retried_as_before(harness: Harness) -> None:
+    @harness.app.task(max_attempts=2, retry_backoff=0.01)
+    def sloppy(x: int) -> int:
+        harness.log.append("ran")
+        return x + "1"  # type: ignore[operator]
+
+    job_id = sloppy.enqueue(1)
+    harness.start()
+    wait_until(lambda: harness.state(job_id) == "failed")
+    job = harness.queue.get_job(job_id)
+    assert job is not None
+    assert job["attempts"] == 2
+    assert "TypeError" in job["last_error"]
+    assert harness.log == ["ran", "ran"]
+
+
 def test_stop_fetching_lets_the_job_in_hand_finish_and_starts_no_other(harness: Harness) -> None:
     started = threading.Event()
     finish = threading.Event()

@@ -152,7 +152,7 @@ FAILING: dict[str, list[tuple[dict[str, Any], tuple[TaskTiming, ...], CeleryFact
     "H2": [
         ({"visibility_timeout": 30, "heartbeat_interval": 15}, (), None),
         ({"engine": "rq", "visibility_timeout": 10, "heartbeat_interval": 60}, (), None),
-        ({"visibility_timeout": 0.002, "heartbeat_interval": 1}, (), None),
+        ({"visibility_timeout": 1, "heartbeat_interval": 1}, (), None),
     ],
     "I1": [
         ({"idempotency_in_progress_expiry": 300}, (), None),
@@ -532,6 +532,15 @@ long_seconds = st.one_of(
     st.integers(min_value=1, max_value=100_000).map(float),
     st.floats(min_value=0.01, max_value=100_000, allow_nan=False, allow_infinity=False),
 )
+# The settings' own lower bounds: a lease of at least 1 s, a heartbeat of at least 0.1 s.
+lease_seconds = st.one_of(
+    st.integers(min_value=1, max_value=100_000).map(float),
+    st.floats(min_value=1, max_value=100_000, allow_nan=False, allow_infinity=False),
+)
+heartbeat_seconds = st.one_of(
+    st.integers(min_value=1, max_value=600).map(float),
+    st.floats(min_value=0.1, max_value=600, allow_nan=False, allow_infinity=False),
+)
 
 
 @st.composite
@@ -542,8 +551,8 @@ def settings_strategy(draw: st.DrawFn) -> Settings:
         prestop_delay=draw(st.one_of(st.just(0.0), seconds)),
         release_margin=draw(seconds),
         job_timeout=draw(long_seconds),
-        visibility_timeout=draw(st.one_of(st.none(), long_seconds)),
-        heartbeat_interval=draw(st.one_of(st.none(), seconds)),
+        visibility_timeout=draw(st.one_of(st.none(), lease_seconds)),
+        heartbeat_interval=draw(st.one_of(st.none(), heartbeat_seconds)),
         checkpoint_interval=draw(seconds),
         idempotency_in_progress_expiry=draw(st.one_of(st.none(), long_seconds)),
         idempotency_retention=draw(st.one_of(st.just(86400.0), long_seconds)),

@@ -2,6 +2,8 @@
 
 * :func:`verdict_for` turns the exception that ended an attempt into a :data:`Verdict`; each
   engine maps the verdict to its own store operations (docs/concepts/attempts.md).
+* :func:`check_arguments` binds a job's arguments to its task's signature before the call, so
+  that a mismatch is :class:`Unrunnable` (fails at once), not the task's own ``TypeError``.
 * :class:`Keeper` runs an engine's upkeep duties (heartbeats, health, leases) on one thread.
 * :func:`release_each` releases deliveries one by one, surviving a bad one.
 
@@ -11,6 +13,7 @@ taken from it (released, or its lease lost) never writes a result for it.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -41,7 +44,9 @@ __all__ = (
     "RetryOrFail",
     "Rules",
     "StandDown",
+    "Unrunnable",
     "Verdict",
+    "check_arguments",
     "defer_delay",
     "release_each",
     "verdict_for",
@@ -57,6 +62,37 @@ _Exceptions = tuple[type[BaseException], ...]
 
 
 # --- exception -> verdict ---------------------------------------------------------------------
+
+
+class Unrunnable(Exception):
+    """The job cannot run on any attempt, found before its task's body ran: fail it at once.
+
+    Raised by the engines (never by a task): arguments that do not fit the task's signature
+    (:func:`check_arguments`), a payload nested too deeply to decode. Its message is the reason
+    kept with the failed job.
+    """
+
+
+def check_arguments(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """Raise :class:`Unrunnable` when ``args``/``kwargs`` cannot be bound to ``fn``'s signature.
+
+    Checked before the call, so that a ``TypeError`` raised inside the task's body stays the
+    task's own failure (retried as any other), while a call that could never bind fails at once.
+    A callable without an inspectable signature (some builtins) is not checked.
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+        bare = signature.replace(
+            parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+            return_annotation=signature.empty,
+        )
+        raise Unrunnable(f"ArgumentsMismatch: {name}{bare}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +214,10 @@ def verdict_for(
     # on every attempt: retrying only delays the failure.
     if isinstance(exc, IdempotencyKeyMismatch):
         return Fail(f"IdempotencyKeyMismatch: {exc}")
+    # Arguments that do not fit the signature, a payload too deep to decode: found before the
+    # task's body ran (a TypeError or RecursionError of the body itself is retried as usual).
+    if isinstance(exc, Unrunnable):
+        return Fail(str(exc))
     if isinstance(exc, rules.permanent):
         return Fail(str(exc))
     return RetryOrFail(exc)

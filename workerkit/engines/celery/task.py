@@ -21,6 +21,7 @@ from workerkit.engines.attempt import (
     RetryOrFail,
     Rules,
     StandDown,
+    check_arguments,
     verdict_for,
 )
 from workerkit.engines.celery.config import user_tasks
@@ -212,6 +213,7 @@ def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwa
         max_attempts = count(getattr(task, "workerkit_max_attempts", None)) or DEFAULT_MAX_ATTEMPTS
         if crashes >= max_attempts:
             raise _poison(task.name, job_id, crashes, max_attempts)
+        check_arguments(run, args, kwargs)
         with context.activate():
             result = run(*args, **kwargs)
     except BaseException as exc:

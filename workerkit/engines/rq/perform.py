@@ -30,6 +30,7 @@ from workerkit.engines.attempt import (
     Rules,
     StandDown,
     Verdict,
+    check_arguments,
     verdict_for,
 )
 from workerkit.engines.rq.jobs import encode_state, wk_state
@@ -117,6 +118,7 @@ class Perform(WorkerState):
             job.started_at = now()
             context = self._wk_context(job, queue, attempt)
             attempt.context = context
+            check_arguments(job.func, job.args, job.kwargs)
             with context.activate():
                 attempt.in_job = True
                 try:

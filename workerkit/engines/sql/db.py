@@ -82,7 +82,7 @@ def normalize_url(url: str | sa.URL) -> sa.URL:
     """
     try:
         parsed = sa.make_url(url)
-    except sa.exc.ArgumentError as exc:
+    except (sa.exc.ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
         raise ConfigurationError(
             f"database_url is not a SQLAlchemy URL ({exc}); expected sqlite:///PATH or "
             "postgresql+psycopg://USER:PASSWORD@HOST/DB"
@@ -104,6 +104,13 @@ def normalize_url(url: str | sa.URL) -> sa.URL:
             "SQLite database, which every connection sees empty; use a file "
             "(sqlite:///workerkit.sqlite3), or workerkit.testing.InMemoryQueue in tests"
         )
+    try:
+        parsed.get_dialect()  # loads SQLAlchemy's dialect module only, not the driver
+    except sa.exc.NoSuchModuleError:
+        raise ConfigurationError(
+            f"database_url names the driver {parsed.drivername!r}, which SQLAlchemy does not "
+            "have; use sqlite:///PATH (one host) or postgresql+psycopg://USER:PASSWORD@HOST/DB"
+        ) from None
     return parsed
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from workerkit.engines.attempt import release_each
 from workerkit.engines.base import AppTiming
+from workerkit.engines.sql.db import normalize_url
 from workerkit.engines.sql.queue import SqlQueue
 from workerkit.errors import ConfigurationError, StoreUnavailable
 
@@ -41,9 +42,17 @@ class SqlEngine:
         return [sys.executable, "-m", "workerkit.engines.sql"]
 
     def app_timing(self, settings: Settings) -> AppTiming:
-        """The tasks of the workerkit :class:`~workerkit.app.App` named by ``settings.app``."""
+        """The tasks of the workerkit :class:`~workerkit.app.App` named by ``settings.app``.
+
+        Also where a missing app and a ``database_url`` the SQL store cannot use are refused,
+        before the supervisor starts anything (the worker would fail on them after start).
+        """
         if not settings.app:
-            return AppTiming()
+            raise ConfigurationError(
+                "the sql engine needs an app: set --app / WORKERKIT_APP to MODULE:ATTRIBUTE of "
+                "a workerkit.App (e.g. 'myproject.tasks:app')"
+            )
+        normalize_url(settings.database_url)
         from workerkit.app import App
         from workerkit.loading import import_app
 

@@ -41,6 +41,7 @@ from workerkit.engines.attempt import (
     RetryOrFail,
     Rules,
     StandDown,
+    check_arguments,
     release_each,
     verdict_for,
 )
@@ -454,11 +455,12 @@ class NativeWorker:
                 args, kwargs = decode_payload(delivery.payload)
             except PayloadError as exc:
                 raise _PermanentFailure(f"PayloadError: {exc}") from exc
+            check_arguments(task.fn, args, kwargs)
             with context.activate():
                 result = task.fn(*args, **kwargs)
             try:
                 json.dumps(result, allow_nan=False)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RecursionError) as exc:
                 raise _PermanentFailure(f"ResultError: result is not JSON: {exc}") from exc
             self._settle(running, lambda r: self._ack(r, result))
         except BaseException as exc:
