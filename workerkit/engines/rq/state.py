@@ -215,6 +215,6 @@ class WorkerState:
         """Stop the running attempt's job (each worker class has its own way)."""
         raise NotImplementedError
 
-    def _wk_admit(self, job: Job, queue: Queue) -> bool:
-        """Whether a dequeued job may start (one that cannot be decoded is failed instead)."""
+    def _wk_take(self, queue: Queue, entry: bytes) -> Job | None:
+        """The job a popped queue entry names, ready to start; None when there is none to run."""
         raise NotImplementedError

@@ -177,7 +177,7 @@ class Upkeep(Drain):
             oldest[queue.name] = 0.0
             head = replies[2 * index + 1]
             if head is not None:
-                heads.append((queue.name, as_text(head)))
+                heads.append((queue.name, bytes(head).decode("utf-8", "replace")))
         if heads:
             stamps = self._wk_redis.pipeline(transaction=False)
             for _, job_id in heads:
