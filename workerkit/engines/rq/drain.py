@@ -83,7 +83,10 @@ class Drain(WorkerState):
             self._wk_release_now()
 
     def _wk_begin_stopping(self) -> None:
-        if self._wk_stopping:
+        if self._wk_stopping or os.getpid() != self._wk_pid:
+            # A copy of the worker in a forked child (a work horse) fetches nothing: it has no
+            # fetching to stop and no stop to announce. Only the fetching process says it stopped,
+            # and only once its own loop can start no job (the flag first).
             return
         self._wk_stopping = True
         self._stop_requested = True

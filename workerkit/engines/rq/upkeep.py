@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import Any, Final
 
@@ -45,6 +46,7 @@ class Upkeep(Drain):
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)  # type: ignore[misc]
+        self._wk_pid = os.getpid()
         self._wk_events = client("worker")
         self._wk_events.on_command(self._wk_on_command)
         duties = [
