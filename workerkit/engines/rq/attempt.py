@@ -30,7 +30,7 @@ from workerkit.engines.rq.serializers import UndecodableJob, serializer_for, und
 from workerkit.engines.rq.startup import UNREACHABLE
 from workerkit.engines.rq.state import Attempt, WorkerState, released_or_lost
 from workerkit.engines.rq.tasks import DEFAULT_MAX_ATTEMPTS
-from workerkit.events import JobFinished, JobStarted, Outcome, PayloadRefusal, PayloadRefused
+from workerkit.events import JobFinished, JobStarted, Outcome, PayloadRefused
 
 if TYPE_CHECKING:
     from redis.client import Pipeline
@@ -76,7 +76,7 @@ class Attempts(WorkerState):
             )
         except NoSuchJobError:
             if self.connection.exists(Job.key_for(job_id)):
-                self._wk_refuse(queue, job_id, "undecodable", _unreadable(job_id, "it has no data"))
+                self._wk_refuse(queue, job_id, _unreadable(job_id, "it has no data"))
             return None  # gone (deleted, expired): skipped, as RQ skips it
         except redis.exceptions.ResponseError as exc:
             if "WRONGTYPE" not in str(exc):
@@ -87,11 +87,11 @@ class Attempts(WorkerState):
             raise
         except Exception as exc:  # a field RQ cannot parse: written by hand, or corrupted
             reason = _unreadable(job_id, f"RQ cannot restore it: {type(exc).__name__}: {exc}")
-            self._wk_refuse(queue, job_id, "undecodable", reason)
+            self._wk_refuse(queue, job_id, reason)
             return None
         refusal = undecodable(job, self.serializer)
         if refusal is not None:
-            self._wk_refuse(queue, job_id, refusal.reason, refusal, job)
+            self._wk_refuse(queue, job_id, refusal, job)
             return None
         job.serializer = serializer_for(job, self.serializer)
         return job
@@ -100,7 +100,6 @@ class Attempts(WorkerState):
         self,
         queue: Queue,
         job_id: str,
-        reason: PayloadRefusal,
         refusal: UndecodableJob,
         job: Job | None = None,
     ) -> None:
@@ -115,11 +114,11 @@ class Attempts(WorkerState):
                 "event": "job_payload_refused",
                 "job_id": job_id,
                 "queue": queue.name,
-                "reason": reason,
+                "reason": refusal.reason,
                 "error": str(refusal),
             },
         )
-        self._wk_events.send(PayloadRefused(job_id, queue.name, reason))
+        self._wk_events.send(PayloadRefused(job_id, queue.name, refusal.reason))
         error = f"{type(refusal).__module__}.{type(refusal).__qualname__}: {refusal}"
         try:
             by_rq = self._wk_write_failure(queue, job_id, error, job)
