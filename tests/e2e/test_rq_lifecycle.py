@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,8 @@ from rq import Queue
 
 from tests.support.harness import wait_until
 from tests.support.rq_harness import RqEnv, rq_supervisor
+from workerkit import exitcodes
+from workerkit.events import WorkerStopping, encode
 from workerkit.supervisor.process import descendants
 
 if TYPE_CHECKING:
@@ -241,3 +244,45 @@ def test_a_pickled_job_with_meta_is_failed_with_the_reason_and_the_worker_runs_o
     assert env.failed() == ["pickled"]
     assert env.job("pickled").get_status() == "failed"
     assert env.queue().get_job_ids() == []
+
+
+def _channel_path(worker_pid: int) -> str:
+    """The supervisor's event socket, as every process of the pod under the worker sees it."""
+    environ = Path(f"/proc/{worker_pid}/environ").read_bytes().split(b"\0")
+    prefix = b"WORKERKIT_SUPERVISOR_SOCKET="
+    return next(item[len(prefix) :].decode() for item in environ if item.startswith(prefix))
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_stopping_the_worker_never_sent_does_not_swallow_the_sigterm(
+    rq_env: RqEnv,
+) -> None:
+    # Issue 13, item 11: a worker_stopping reached the supervisor while the simple worker went
+    # on starting jobs; the real SIGTERM was then ignored and the stop waited for the drain
+    # deadline (D = 4 s here). The line is written here as any process under the worker could.
+    env = rq_env
+    total = 3000
+    env.queue().enqueue_many(
+        [
+            Queue.prepare_data("tests.apps.rq_jobs.tick", (f"t{i}",), job_id=f"t{i}")
+            for i in range(total)
+        ]
+    )
+    with rq_supervisor(env, worker_class="simple") as pod:
+        pod.wait_ready()
+        wait_until(lambda: len(env.lines()) >= 50, timeout=20, what="jobs running")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stranger:
+            stranger.connect(_channel_path(pod.worker_pid()))
+            stranger.sendall(encode(WorkerStopping(0)))
+            pod.wait_event("drain_started")
+            pod.wait_event("worker_still_fetching")  # the worker did not stop: jobs still start
+            pod.signal(signal.SIGTERM)
+            code, elapsed = pod.wait_exit(15)
+    assert code == exitcodes.OK, pod.log_text()
+    assert not pod.events_named("signal_ignored"), pod.log_text()
+    assert len(pod.events_named("worker_signalled")) == 1  # the SIGTERM reached the worker
+    assert elapsed < 2.0, elapsed  # not the 4 s drain deadline of the false stop
+    ran = [line for line in env.lines() if line.startswith("ran ")]
+    assert len(ran) == len(set(ran)), "a job ran twice"
+    assert len(ran) + len(env.queue().get_job_ids()) == total  # nothing lost
+    assert env.started() == []

@@ -192,7 +192,11 @@ def test_job_ending_while_redis_is_down_does_not_end_the_worker(
         env.wait_line("start short 1 from 0")
         restartable_redis[0].process.stop()
         env.wait_line("done short", timeout=10)
-        time.sleep(2.0)  # the horse has settled (or failed to) and exited by now
+        # The horse has exited and the worker ended the attempt (RQ's bookkeeping then failed
+        # and the worker quit), and its loop's next turn waits for Redis: it survived.
+        pod.wait_event("store_reconnect_retry", timeout=20)
+        ended = [e for e in pod.events_named("job_finished") if e.get("job_id") == "short"]
+        assert ended, pod.log_text()
         assert pod.proc.poll() is None, pod.log_text()
         restartable_redis[0] = restart_redis(restartable_redis[0])
         pod.wait_ready(timeout=20)

@@ -84,9 +84,12 @@ def start_rq_supervisor(
     *,
     name: str = "supervisor",
     worker_class: str = "forking",
+    serializer: str | None = None,
     **settings: str,
 ) -> Supervisor:
     argv = [*WORKERKIT, "run", "rq", "--worker-class", worker_class]
+    if serializer is not None:
+        argv += ["--serializer", serializer]
     return start_worker(
         argv,
         env,

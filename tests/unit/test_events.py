@@ -248,6 +248,36 @@ def test_commands_reach_the_handlers(server: tuple[str, socket.socket]) -> None:
     assert got == [("request_stop", {"cmd": "request_stop"}), ("release", {"cmd": "release"})]
 
 
+def test_a_client_inherited_by_a_forked_child_writes_nothing(
+    server: tuple[str, socket.socket],
+) -> None:
+    # A forked work horse holds its worker's client (an attribute of the worker object): what
+    # it sent would reach the supervisor as the worker's own events, under the worker's pid.
+    path, listener = server
+    client = EventClient(path, role="worker")
+    conn, _ = listener.accept()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: never return into pytest
+            try:
+                client.send(WorkerStopping(0))
+                with client.writer() as write:
+                    if write is not None:
+                        write(encode(WorkerStopping(1)))
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        client.send(Heartbeat(running=0))  # the parent's own, after the child's attempt
+        hello, line = read_lines(conn, 2)
+    finally:
+        client.close()
+        conn.close()
+    assert decode(hello) == Hello("worker", pid=os.getpid())
+    event = decode(line)
+    assert isinstance(event, Heartbeat), event
+    assert event.running == 0
+
+
 def test_a_client_without_a_supervisor_drops_events_quietly() -> None:
     client = EventClient(None, role="worker")
     client.send(Heartbeat(running=1))

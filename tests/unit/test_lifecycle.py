@@ -515,11 +515,41 @@ def test_worker_stopping_after_our_signal_is_only_logged() -> None:
     assert machine.deadlines.started_at == T0
 
 
-def test_our_signal_after_the_worker_began_stopping_is_not_forwarded() -> None:
+def test_sigterm_after_a_spurious_worker_stopping_is_forwarded_and_restarts_the_drain() -> None:
+    # Issue 13, item 11: the worker said it stopped fetching, yet went on starting jobs; the
+    # real SIGTERM was ignored and the stop waited for the drain deadline of the false one.
+    machine = ready_machine()
+    machine.handle(WorkerStopping(T0))
+    actions = machine.handle(JobStarted("after", ref("after")))
+    assert events(actions) == ["worker_still_fetching"]
+    assert effects(machine.handle(JobStarted("again", ref("again")))) == []  # warned once
+    actions = machine.handle(SignalReceived(SIGTERM, T0 + 4))
+    assert "signal_ignored" not in events(actions)
+    assert events(actions) == ["signal_received", "drain_started"]
+    assert effects(actions) == [SignalChild(SIGTERM)]
+    assert machine.shutdown_reason == "SIGTERM"
+    assert machine.deadlines == Deadlines.after(T0 + 4, D, M)  # the kubelet's clock: from now
+    # Our signal reached the worker now: a next one changes nothing, as always.
+    assert events(machine.handle(SignalReceived(SIGTERM, T0 + 5))) == ["signal_ignored"]
+
+
+def test_sigterm_after_the_worker_began_stopping_is_forwarded_once() -> None:
     machine = ready_machine()
     machine.handle(WorkerStopping(T0))
     actions = machine.handle(SignalReceived(SIGTERM, T0 + 1))
-    assert effects(actions) == []
+    assert effects(actions) == [SignalChild(SIGTERM)]
+    assert machine.deadlines == Deadlines.after(T0 + 1, D, M)
+    machine.handle(WorkerStopping(T0 + 1.01))  # the worker's answer: only logged
+    assert effects(machine.handle(SignalReceived(SIGTERM, T0 + 2))) == []
+
+
+def test_sigterm_after_the_drain_deadline_of_the_workers_own_stop_keeps_its_deadlines() -> None:
+    machine = ready_machine()
+    machine.handle(WorkerStopping(T0))
+    machine.handle(Tick(STOP_AT))  # request_stop broadcast: the drain window is over
+    actions = machine.handle(SignalReceived(SIGTERM, STOP_AT + 0.5))
+    assert effects(actions) == [SignalChild(SIGTERM)]
+    assert machine.deadlines == Deadlines.after(T0, D, M)
 
 
 # --- in-flight bookkeeping ------------------------------------------------------------------

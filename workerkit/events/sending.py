@@ -1,7 +1,9 @@
 """The sending end of the event channel: a process's client, and the batching sender.
 
 Fork safety: :func:`client` opens a fresh connection in a forked child (the pid changed) instead
-of sharing the parent's socket, whose bytes would interleave with the parent's.
+of sharing the parent's socket, whose bytes would interleave with the parent's; and a client
+object a child inherited (an attribute of a forked worker) writes nothing: its events would
+reach the supervisor as the parent's, under the parent's pid.
 """
 
 from __future__ import annotations
@@ -79,9 +81,12 @@ class EventClient:
         self._handlers.append(handler)
 
     def send(self, event: Event) -> None:
-        """Send one event; drop it (warning once) when the supervisor cannot be reached."""
+        """Send one event; drop it (warning once) when the supervisor cannot be reached.
+
+        Dropped too in a process forked from the one that made this client (see the module).
+        """
         sock = self._sock
-        if sock is None:
+        if sock is None or os.getpid() != self.pid:
             return
         data = encode(event, pid=self.pid)
         try:
@@ -100,7 +105,7 @@ class EventClient:
         """
         with self._send_lock:
             sock = self._sock
-            if sock is None:
+            if sock is None or os.getpid() != self.pid:
                 yield None
                 return
 

@@ -6,8 +6,10 @@ the *actions* it returns (signal the child, broadcast a command, kill, release, 
 is always passed in (``time.monotonic()`` seconds), so every deadline is tested by handing the
 machine the instant of interest. The states and the deadlines after the first SIGTERM
 (D, D + M/2, D + 0.8 M, D + M) are in docs/operations/lifecycle.md. A second signal changes
-nothing (it is logged): it never skips the release. Before the worker was ready no job is in
-hand, so there is no drain window: the stop starts at once, and the exit says STARTUP_FAILED.
+nothing (it is logged): it never skips the release; but a stop the worker announced on its own
+is no signal: the first one received after it is still forwarded. Before the worker was ready
+no job is in hand, so there is no drain window: the stop starts at once, and the exit says
+STARTUP_FAILED.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ __all__ = (
 
 
 ShutdownOutcome = Literal["clean", "released", "forced", "crashed"]
+#: The shutdown reason when the worker stopped fetching without our signal.
+_WORKER_STOPPING = "worker stopping"
 
 
 class State(enum.StrEnum):
@@ -232,6 +236,7 @@ class Lifecycle:
         self._release_sent = False
         self._kill_sent = False
         self._signalled_child = False
+        self._still_fetching_seen = False
         self._release_pending = False
         self._release_error: str | None = None
         self._released_by_worker = 0
@@ -266,7 +271,7 @@ class Lifecycle:
             case JobStarted(job_id=job_id, delivery=delivery):
                 self.in_flight[job_id] = delivery
                 self._was_ready = True  # a worker that runs a job consumes, ready or not
-                return []
+                return self._started_after_its_stop(job_id)
             case JobFinished(job_id=job_id, outcome=outcome):
                 known = self.in_flight.pop(job_id, None) is not None
                 if known and outcome == "released" and self.shutting_down:
@@ -324,6 +329,8 @@ class Lifecycle:
 
     def _on_signal(self, signum: int, now: float) -> list[Action]:
         name = _signal_name(signum)
+        if self._stopping_on_its_word() and not self._signalled_child and self.child_alive:
+            return self._signal_after_its_stop(name, now)
         if self.shutting_down:
             # A second SIGTERM (kubectl delete twice, an impatient Ctrl-C) must not skip the
             # release: jobs would be lost to the broker's visibility timeout. Say so and go on.
@@ -353,17 +360,56 @@ class Lifecycle:
         if self.shutting_down:
             return [Log("worker_stopping", "the worker stopped fetching jobs")]
         # The worker began stopping without our signal (it got one of its own): stop being
-        # ready and keep to the same deadlines; do not signal it again (a second SIGTERM is a
-        # cold shutdown for some engines).
-        self._begin_drain(now, "worker stopping")
+        # ready and keep to the same deadlines; do not signal it now. A signal we receive later
+        # is still forwarded (_signal_after_its_stop).
+        self._begin_drain(now, _WORKER_STOPPING)
         return [
             Log(
                 "worker_stopping",
                 "the worker stopped fetching jobs on its own",
                 level=logging.WARNING,
             ),
-            self._drain_log("worker stopping"),
+            self._drain_log(_WORKER_STOPPING),
         ]
+
+    def _stopping_on_its_word(self) -> bool:
+        # Stopping because the worker said it stopped fetching, not because of our signal.
+        return self.shutting_down and self.shutdown_reason == _WORKER_STOPPING
+
+    def _started_after_its_stop(self, job_id: str) -> list[Action]:
+        if not self._stopping_on_its_word() or self._still_fetching_seen:
+            return []
+        self._still_fetching_seen = True
+        return [
+            Log(
+                "worker_still_fetching",
+                "the worker said it stopped fetching jobs, but started one since; "
+                "a SIGTERM will still be forwarded to it",
+                level=logging.WARNING,
+                fields={"job_id": job_id},
+            )
+        ]
+
+    def _signal_after_its_stop(self, name: str, now: float) -> list[Action]:
+        """Our first signal after the worker said it stopped on its own: acted on, not ignored.
+
+        The worker's word is no proof that it stopped fetching (a spurious worker_stopping once
+        kept a SIGTERM from reaching a worker that went on starting jobs), and the kubelet's
+        grace period starts at its SIGTERM: the signal is forwarded (every engine's handler
+        takes a repeated SIGTERM as the same warm stop), and the drain restarts from it unless
+        its window is already over.
+        """
+        actions: list[Action] = [
+            Log("signal_received", f"{name} received", fields={"signal": name})
+        ]
+        if not self._request_stop_sent:
+            self._begin_drain(now, name)
+            actions.append(self._drain_log(name))
+        else:
+            self.shutdown_reason = name
+        self._signalled_child = True
+        actions.append(SignalChild(signal.SIGTERM))
+        return actions + self._on_tick(now)
 
     def _on_tick(self, now: float) -> list[Action]:
         d = self.deadlines

@@ -1,9 +1,9 @@
 """One attempt in the worker's main process: admission, its start (lease and count), its end.
 
 The lease is taken in the same MULTI as RQ's own start bookkeeping, so that no attempt is ever
-started unleased; its settle drops the lease in the same MULTI as RQ's end bookkeeping. A job
-whose payload cannot be decoded never starts: it was popped already, so it is failed with the
-reason right away (not failing it would lose it).
+started unleased; its settle drops the lease in the same MULTI as RQ's end bookkeeping. A queue
+entry that cannot be read never starts: it was popped already, so it is failed with the reason
+right away, or dead-lettered when it names no job hash (not recording it would lose it).
 """
 
 from __future__ import annotations
@@ -17,26 +17,36 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.exceptions
+from rq.exceptions import NoSuchJobError
 from rq.executions import Execution
-from rq.job import JobStatus
+from rq.job import Job, JobStatus
 from rq.utils import now
 from rq.worker.base import WorkerStatus
 
 from workerkit.engines.rq.jobs import META_KEY, encode_state, safe_func_name, wk_state
 from workerkit.engines.rq.leases import AttemptKeys, Leases
-from workerkit.engines.rq.serializers import serializer_for, undecodable
+from workerkit.engines.rq.poison import dead_letter, describe_entry, fail_unreadable
+from workerkit.engines.rq.serializers import UndecodableJob, serializer_for, undecodable
+from workerkit.engines.rq.startup import UNREACHABLE
 from workerkit.engines.rq.state import Attempt, WorkerState, released_or_lost
 from workerkit.engines.rq.tasks import DEFAULT_MAX_ATTEMPTS
 from workerkit.events import JobFinished, JobStarted, Outcome, PayloadRefused
 
 if TYPE_CHECKING:
     from redis.client import Pipeline
-    from rq.job import Job
     from rq.queue import Queue
 
 __all__ = ("Attempts",)
 
 log = logging.getLogger("workerkit.engines.rq")
+
+
+def _unreadable(job_id: str, why: str) -> UndecodableJob:
+    return UndecodableJob(
+        f"job {job_id}: its job hash cannot be read ({why}); it was written into Redis by "
+        "something other than RQ's enqueue, or corrupted",
+        "undecodable",
+    )
 
 
 def _log_job(message: str, event: str, job_id: str, task: str, **fields: Any) -> None:
@@ -47,42 +57,122 @@ def _log_job(message: str, event: str, job_id: str, task: str, **fields: Any) ->
 class Attempts(WorkerState):
     """Admitting, starting and ending attempts (the main process), and requeuing one taken back."""
 
-    def _wk_admit(self, job: Job, queue: Queue) -> bool:
-        """Whether ``job`` may start; one whose data or meta does not decode is failed here.
+    def _wk_take(self, queue: Queue, entry: bytes) -> Job | None:
+        """The job a popped queue entry names, ready to start; None when there is none to run.
 
-        It is failed as RQ fails a job (status, FailedJobRegistry, a result with the reason),
-        with no attempt started, and the worker goes on with the next job.
+        An id whose hash is gone is skipped, as RQ skips it. Anything else that cannot be read
+        is refused with the reason and the worker goes on: a job hash that does not restore or
+        whose payload does not decode is failed; an entry that is not text, or names a key that
+        is not a hash, goes to the queue's dead-letter list (``poison.py``).
         """
+        try:
+            job_id = entry.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self._wk_dead_letter(queue, entry, f"the entry is not UTF-8 text ({exc})")
+            return None
+        try:
+            job = self.job_class.fetch(
+                job_id, connection=self.connection, serializer=self.serializer
+            )
+        except NoSuchJobError:
+            if self.connection.exists(Job.key_for(job_id)):
+                self._wk_refuse(queue, job_id, _unreadable(job_id, "it has no data"))
+            return None  # gone (deleted, expired): skipped, as RQ skips it
+        except redis.exceptions.ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            self._wk_dead_letter(queue, entry, f"{Job.key_for(job_id)} is not a hash ({exc})")
+            return None
+        except UNREACHABLE:
+            raise
+        except Exception as exc:  # a field RQ cannot parse: written by hand, or corrupted
+            reason = _unreadable(job_id, f"RQ cannot restore it: {type(exc).__name__}: {exc}")
+            self._wk_refuse(queue, job_id, reason)
+            return None
         refusal = undecodable(job, self.serializer)
-        if refusal is None:
-            job.serializer = serializer_for(job, self.serializer)
-            return True
+        if refusal is not None:
+            self._wk_refuse(queue, job_id, refusal, job)
+            return None
+        job.serializer = serializer_for(job, self.serializer)
+        return job
+
+    def _wk_refuse(
+        self,
+        queue: Queue,
+        job_id: str,
+        refusal: UndecodableJob,
+        job: Job | None = None,
+    ) -> None:
+        """Fail a job that cannot be read, with the reason, no attempt started; log and count it.
+
+        It is failed as RQ fails a job (status, FailedJobRegistry, a result with the reason);
+        when no ``Job`` could be built from its hash, field by field (``poison.fail_unreadable``).
+        """
         log.error(
             "job refused: its payload cannot be decoded",
             extra={
                 "event": "job_payload_refused",
-                "job_id": job.id,
+                "job_id": job_id,
                 "queue": queue.name,
                 "reason": refusal.reason,
                 "error": str(refusal),
             },
         )
-        self._wk_events.send(PayloadRefused(job.id, queue.name, refusal.reason))
+        self._wk_events.send(PayloadRefused(job_id, queue.name, refusal.reason))
         error = f"{type(refusal).__module__}.{type(refusal).__qualname__}: {refusal}"
         try:
-            with self.connection.pipeline() as pipeline:
-                job.set_status(JobStatus.FAILED, pipeline=pipeline)
-                job._handle_failure(error, pipeline, worker_name=self.name)
-                pipeline.execute()
+            by_rq = self._wk_write_failure(queue, job_id, error, job)
         except redis.exceptions.RedisError as exc:
             log.warning(
                 "could not fail the refused job",
-                extra={"event": "job_refusal_failed", "job_id": job.id, "error": str(exc)},
+                extra={"event": "job_refusal_failed", "job_id": job_id, "error": str(exc)},
             )
-            return False
-        with contextlib.suppress(Exception):
-            queue.enqueue_dependents(job)  # RQ's rule: those that allow a failed dependency
+            return
+        if by_rq and job is not None:
+            with contextlib.suppress(Exception):
+                queue.enqueue_dependents(job)  # RQ's rule: those that allow a failed dependency
+
+    def _wk_write_failure(self, queue: Queue, job_id: str, error: str, job: Job | None) -> bool:
+        """Fail the job through RQ when it could be read (True), else field by field (False)."""
+        if job is not None:
+            try:
+                with self.connection.pipeline() as pipeline:
+                    job.set_status(JobStatus.FAILED, pipeline=pipeline)
+                    job._handle_failure(error, pipeline, worker_name=self.name)
+                    pipeline.execute()
+            except redis.exceptions.RedisError:
+                raise
+            except Exception:  # noqa: S110 - RQ cannot write this job back: by hand, below
+                pass
+            else:
+                return True
+        fail_unreadable(
+            self.connection, job_id, queue.name, error, worker=self.name, serializer=self.serializer
+        )
         return False
+
+    def _wk_dead_letter(self, queue: Queue, entry: bytes, reason: str) -> None:
+        """An entry that names no job hash: to the queue's dead-letter list, logged, counted."""
+        text = describe_entry(entry)
+        try:
+            key = dead_letter(self.connection, queue.name, entry, reason, self.name)
+        except redis.exceptions.RedisError as exc:
+            log.warning(
+                "could not dead-letter a queue entry",
+                extra={"event": "dead_letter_failed", "entry": text, "error": str(exc)},
+            )
+            key = None
+        log.error(
+            "queue entry dead-lettered: it names no job",
+            extra={
+                "event": "queue_entry_dead_lettered",
+                "queue": queue.name,
+                "entry": text,
+                "reason": reason,
+                "dead_letter_key": key,
+            },
+        )
+        self._wk_events.send(PayloadRefused(text, queue.name, "undecodable"))
 
     def prepare_execution(self, job: Job) -> Execution:
         """RQ's start bookkeeping plus the lease and the attempt count, in one MULTI."""

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 import redis
 import redis.exceptions
-from rq.exceptions import NoSuchJobError
 from rq.utils import as_text
 from rq.worker.base import WorkerStatus
 
@@ -84,7 +83,10 @@ class Drain(WorkerState):
             self._wk_release_now()
 
     def _wk_begin_stopping(self) -> None:
-        if self._wk_stopping:
+        if self._wk_stopping or os.getpid() != self._wk_pid:
+            # A copy of the worker in a forked child (a work horse) fetches nothing: it has no
+            # fetching to stop and no stop to announce. Only the fetching process says it stopped,
+            # and only once its own loop can start no job (the flag first).
             return
         self._wk_stopping = True
         self._stop_requested = True
@@ -203,22 +205,17 @@ class Drain(WorkerState):
                     if reply is None:
                         continue
                 wait = 1.0
-                key, job_id = as_text(reply[0]), as_text(reply[1])
+                key, entry = as_text(reply[0]), bytes(reply[1])
                 if key == self._wk_wake_key:
                     continue
                 if self._wk_stop_pending():
                     # Popped as the stop came: it never started, so it goes back where it was.
-                    self.connection.lpush(key, job_id)
+                    self.connection.lpush(key, entry)
                     return None
                 queue = self._wk_queue_by_key[key]
-                try:
-                    job = self.job_class.fetch(
-                        job_id, connection=self.connection, serializer=self.serializer
-                    )
-                except NoSuchJobError:
-                    continue
-                if not self._wk_admit(job, queue):
-                    continue  # its payload does not decode: failed with the reason, never run
+                job = self._wk_take(queue, entry)
+                if job is None:
+                    continue  # no such job (RQ skips it), or refused with the reason
                 self.reorder_queues(reference_queue=queue)
                 self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
                 self.heartbeat()

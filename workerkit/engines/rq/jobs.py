@@ -88,7 +88,9 @@ class WorkerkitJob(Job):
         raw = raw_data.get(_FIELD_BYTES, raw_data.get(META_KEY))
         self.workerkit_state = _decode_state(raw)
         self.workerkit_legacy = False
-        legacy = self.meta.get(META_KEY) if raw is None else None
+        # A meta that is not a dict (written straight into Redis) is refused at dequeue.
+        meta = self.meta if isinstance(self.meta, dict) else {}
+        legacy = meta.get(META_KEY) if raw is None else None
         if isinstance(legacy, dict) and "attempts" in legacy:
             self.workerkit_state = dict(legacy)
             self.workerkit_legacy = True

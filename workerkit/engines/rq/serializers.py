@@ -191,7 +191,13 @@ def undecodable(job: Job, serializer: Any) -> UndecodableJob | None:
     except DeserializationError as exc:
         cause = exc.__cause__ or exc
         return _refusal(job, "data", job.data, serializer, cause)
-    meta = job.meta
+    meta: object = job.meta  # RQ types it a dict; a hand-written hash may hold any JSON
+    if not isinstance(meta, dict):
+        return UndecodableJob(
+            f"job {job.id}: its meta is {type(meta).__name__}, not a dict as RQ writes it; "
+            "it was written into Redis by something other than RQ's enqueue",
+            "undecodable",
+        )
     raw = meta.get("unserialized") if len(meta) == 1 else None
     if isinstance(raw, bytes):
         try:

@@ -185,6 +185,7 @@ class WorkerState:
         self.wk_settings = settings
         self.wk_app = app
         self._wk_supervised = bool(os.environ.get(events_module.SOCKET_ENV))
+        self._wk_pid = os.getpid()  # the process that fetches (set again when it starts work)
         self._wk_events: events_module.EventClient = events_module.EventClient(None, role="")
         self._wk_lease_ttl = lease_ttl(settings)
         self._wk_scan_every = scan_interval(settings)
@@ -215,6 +216,6 @@ class WorkerState:
         """Stop the running attempt's job (each worker class has its own way)."""
         raise NotImplementedError
 
-    def _wk_admit(self, job: Job, queue: Queue) -> bool:
-        """Whether a dequeued job may start (one that cannot be decoded is failed instead)."""
+    def _wk_take(self, queue: Queue, entry: bytes) -> Job | None:
+        """The job a popped queue entry names, ready to start; None when there is none to run."""
         raise NotImplementedError

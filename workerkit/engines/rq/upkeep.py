@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import Any, Final
 
@@ -45,6 +46,7 @@ class Upkeep(Drain):
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)  # type: ignore[misc]
+        self._wk_pid = os.getpid()
         self._wk_events = client("worker")
         self._wk_events.on_command(self._wk_on_command)
         duties = [
@@ -177,7 +179,7 @@ class Upkeep(Drain):
             oldest[queue.name] = 0.0
             head = replies[2 * index + 1]
             if head is not None:
-                heads.append((queue.name, as_text(head)))
+                heads.append((queue.name, bytes(head).decode("utf-8", "replace")))
         if heads:
             stamps = self._wk_redis.pipeline(transaction=False)
             for _, job_id in heads:
