@@ -72,6 +72,12 @@ def test_misspelled_environment_variable_is_refused() -> None:
         load_settings(env={"WORKERKIT_GRACE_PERIODS": "10"}, cwd=ROOT / "tests")
 
 
+def test_the_rq_serializer_variable_docs_recommend_is_not_refused_as_a_setting() -> None:
+    # docs/engines/rq.md: WORKERKIT_RQ_SERIALIZER=safe-pickle, read by the RQ engine's options.
+    env = {"WORKERKIT_RQ_SERIALIZER": "safe-pickle"}
+    assert load_settings(env=env, cwd=ROOT / "tests") == Settings()
+
+
 def test_kubernetes_service_link_variables_are_not_settings() -> None:
     env = {
         "WORKERKIT_SERVICE_HOST": "10.0.0.1",
