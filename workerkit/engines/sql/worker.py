@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -65,7 +64,7 @@ if TYPE_CHECKING:
     from workerkit.events import Command, EventClient
     from workerkit.settings import Settings
 
-__all__ = ("NativeWorker", "main")
+__all__ = ("NativeWorker",)
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +143,7 @@ class NativeWorker:
         self._jobs_stop_requested = threading.Event()
         self._fetcher_done = threading.Event()
         self._ready = threading.Event()  # the store answered its last health check and claim
+        self._last_health: bool | None = None  # what the log last said (None: nothing yet)
         self._upkeep = Keeper(
             [
                 Duty("heartbeat", HEARTBEAT_EVERY, self._heartbeat),
@@ -314,7 +314,10 @@ class NativeWorker:
         except Exception as exc:
             ok, reason = False, f"store check failed: {type(exc).__name__}"
         first = ok and not self._ready.is_set()
-        if ok != self._ready.is_set():
+        # Every change is logged, the first report included: a store that fails from the start
+        # must say why, not leave the worker "starting" in silence.
+        if ok != self._last_health:
+            self._last_health = ok
             log.log(
                 logging.INFO if ok else logging.WARNING,
                 "store is %s",
@@ -557,32 +560,3 @@ class NativeWorker:
             },
         )
         self._slot_freed.set()
-
-
-def main() -> None:
-    """``python -m workerkit.engines.sql``: the sql engine's worker, started by the supervisor."""
-    from workerkit.loading import import_app
-    from workerkit.logs import configure_logging
-    from workerkit.settings import load_settings
-
-    settings = load_settings()
-    configure_logging(settings.log_level, settings.log_format)
-    if not settings.app:
-        log.error(
-            "the sql worker needs an app: give --app MODULE:APP or WORKERKIT_APP",
-            extra={"event": "worker_config_error"},
-        )
-        sys.exit(2)
-    app = import_app(settings.app)
-    if not isinstance(app, App):
-        log.error(
-            "--app %s is not a workerkit.App", settings.app, extra={"event": "worker_config_error"}
-        )
-        sys.exit(2)
-    app.configure_settings(settings)
-    events = events_module.client("worker")
-    code = NativeWorker(app, settings, events=events).run()
-    logging.shutdown()
-    # Job threads of released or timed-out jobs may still be blocked in C code; their work is
-    # settled and fenced, so do not wait for them.
-    os._exit(code)
