@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Final
 
@@ -316,7 +316,24 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(code, int) and code & 0xFF == _SQLITE_FULL
 
 
+def _create_with_umask(path: str) -> None:
+    """Create the database file (empty) with 0666 less the process umask, if it is missing.
+
+    SQLite itself creates a new file 0644 whatever the umask, so a umask of 002 (a group that
+    shares the file) would not be honoured; its -wal and -shm files then copy this file's mode.
+    An empty file is a valid empty database. Errors are left to SQLite's own open.
+    """
+    with suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
 def _install_sqlite_hooks(engine: sa.Engine, busy_timeout: float) -> None:
+    @event.listens_for(engine, "do_connect")
+    def _on_do_connect(dialect: Any, record: Any, cargs: list[Any], cparams: Any) -> None:
+        path = cargs[0] if cargs else cparams.get("database")
+        if isinstance(path, str) and path and not cparams.get("uri"):
+            _create_with_umask(path)
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
         # None = autocommit at the sqlite3 level: the driver emits no BEGIN of its own, and
