@@ -6,6 +6,8 @@ connection holds past the busy timeout. Every job writes ``start``/``done`` in t
 tests assert from those records that each job ran to completion exactly once.
 
 Timing: V = 6 s (H = 2 s), so an outage of 4 s is shorter than the lease and one of 10 s longer.
+The long job's lease runs out during the longer outage: nobody took it, so its renewal matches
+(the token decides) once the database is back and the job finishes once.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from workerkit.settings import Settings
 
 LEASE = "6"
 DURATIONS = (0.5, 1.2, 2.0, 2.8, 3.5)
+LONG = 16.0  # runs through the 10 s outage, its lease (6 s) running out meanwhile
 TIMING = {"visibility_timeout": LEASE, "concurrency": "4", "poll_interval": "0.2"}
 
 
@@ -56,10 +59,12 @@ def pg_env(tmp: Path, server: PostgresServer) -> Env:
 
 
 def enqueue_load(env: Env, count: int) -> list[str]:
+    """One long job (running across the whole outage, past its lease) and ``count`` short ones."""
+    env.enqueue("sleep", "long", LONG, job_id="long")
     tags = [f"j{n:02d}" for n in range(count)]
     for n, tag in enumerate(tags):
         env.enqueue("sleep", tag, DURATIONS[n % len(DURATIONS)], job_id=tag)
-    return tags
+    return ["long", *tags]
 
 
 def states(env: Env) -> Counter[str]:
