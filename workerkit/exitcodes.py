@@ -42,7 +42,8 @@ INTERNAL_ERROR: Final = 1
 CONFIG_ERROR: Final = 2
 
 #: The broker or database could not be reached (``db upgrade``; ``workerkit run rq``: Redis stayed
-#: unreachable for the whole ``startup_timeout`` at start).
+#: unreachable for the whole ``startup_timeout`` at start; ``workerkit run sql``: the database
+#: did, or failed in a way no wait can fix).
 STORE_UNAVAILABLE: Final = 3
 
 #: ``workerkit run``: the worker could not be started or exited before it was ready, or the HTTP

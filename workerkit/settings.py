@@ -467,13 +467,13 @@ class Settings:
     )
     startup_timeout: float = _s(
         120.0,
-        "rq: how long the worker keeps retrying an unreachable Redis at start (not ready, each "
-        "retry logged) before it exits with STORE_UNAVAILABLE (3); at most the startupProbe's "
-        "periodSeconds x failureThreshold.",
+        "rq, sql: how long the worker keeps retrying an unreachable Redis or database at start "
+        "(not ready, each retry logged) before it exits with STORE_UNAVAILABLE (3); at most the "
+        "startupProbe's periodSeconds x failureThreshold.",
         _seconds,
         minimum=1,
-        engines=("rq",),
-        minimum_why="a Redis that is starting or restarting needs seconds to answer",
+        engines=("rq", "sql"),
+        minimum_why="a store that is starting or restarting needs seconds to answer",
     )
     log_level: str = _s(
         "info", "Log level.", _choice("debug", "info", "warning", "error", "critical")

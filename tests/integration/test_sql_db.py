@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -125,6 +127,27 @@ def test_sqlite_runs_in_wal_mode(sqlite_url: str) -> None:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o002, 0o664), (0o077, 0o600), (0o022, 0o644)])
+def test_a_new_sqlite_file_gets_its_mode_from_the_umask(
+    tmp_path: Path, umask: int, mode: int
+) -> None:
+    path = tmp_path / "queue.sqlite3"
+    url = f"sqlite:///{path}"
+    previous = os.umask(umask)
+    try:
+        upgrade(url)
+        queue = SqlQueue(url, settings=Settings(database_url=url))
+        try:
+            queue.enqueue(NewJob("j", "t", "default", "[]", max_attempts=3))
+            files = [path, tmp_path / "queue.sqlite3-wal", tmp_path / "queue.sqlite3-shm"]
+            modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in files}
+        finally:
+            queue.close()
+    finally:
+        os.umask(previous)
+    assert modes == dict.fromkeys(modes, mode), modes  # SQLite's own default: 0644 always
 
 
 def test_purge_finished_deletes_old_succeeded_jobs_and_failed_ones_on_request(

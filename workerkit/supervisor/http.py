@@ -162,7 +162,7 @@ class Health:
         if self.state == "stopped":
             return Probe(False, "stopped")
         if self.state != "ready":
-            return Probe(False, "starting: the worker is not ready yet")
+            return Probe(False, "starting: the worker is not ready yet" + self._store_trouble())
         if self.store_ok is None or self.store_reported_at is None:
             return Probe(False, "store health not reported yet")
         if not self.store_ok:
@@ -179,7 +179,13 @@ class Health:
             return Probe(True, "ok")
         if self.state in ("draining", "releasing", "stopped"):
             return Probe(False, f"stopping before the worker was ready ({self.state})")
-        return Probe(False, "starting: waiting for the worker to be ready")
+        return Probe(False, "starting: waiting for the worker to be ready" + self._store_trouble())
+
+    def _store_trouble(self) -> str:
+        """Why the store is not usable (its last report), for the probes of a starting worker."""
+        if self.store_ok is False and self.store_reason:
+            return f"; store unreachable: {self.store_reason}"
+        return ""
 
 
 _REASONS: Final = {

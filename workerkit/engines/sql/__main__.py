@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workerkit.engines.sql.worker import main
+from workerkit.engines.sql.startup import main
 
 __all__ = ()
 

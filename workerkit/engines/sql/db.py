@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Final
 
@@ -45,11 +45,13 @@ __all__ = (
     "current_revision",
     "describe_error",
     "head_revision",
+    "is_disk_full",
     "is_missing_table",
     "is_sqlite",
     "normalize_url",
     "postgres_connect_defaults",
     "schema_status",
+    "sqlite_busy_timeout",
     "store_error",
     "store_errors",
     "upgrade",
@@ -72,6 +74,8 @@ READ_ONLY_OPTION: Final = "workerkit_read_only"
 PING_AFTER_IDLE: Final = 1.0
 
 _LAST_CHECKIN: Final = "workerkit_last_checkin"
+
+_SQLITE_FULL: Final = 13
 
 
 def normalize_url(url: str | sa.URL) -> sa.URL:
@@ -137,9 +141,10 @@ def create_engine_for(url: str | sa.URL, **kwargs: Any) -> sa.Engine:
     """
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
-        connect_args = {"timeout": SQLITE_BUSY_TIMEOUT, **kwargs.pop("connect_args", {})}
+        busy = sqlite_busy_timeout(parsed)
+        connect_args = {"timeout": busy, **kwargs.pop("connect_args", {})}
         engine = sa.create_engine(parsed, connect_args=connect_args, **kwargs)
-        _install_sqlite_hooks(engine)
+        _install_sqlite_hooks(engine, busy)
         return engine
     connect_args = dict(kwargs.pop("connect_args", {}))
     connect_args.update(postgres_connect_defaults(parsed))
@@ -171,8 +176,8 @@ def _install_idle_ping(engine: sa.Engine) -> None:
     next checkout), and the queue sends its claim or fenced write once more, on a new
     connection (``SqlQueue._twice_on_disconnect``). Only when that fails too (the database is
     really down) does it raise :class:`~workerkit.errors.StoreUnavailable`: the worker marks
-    the store unready and retries its claim, and a settle that failed leaves the lease to
-    expire, so the job is claimed again (at least once, as after any crash).
+    the store unready and retries its claim, and retries a settle that failed until the
+    database is back (``outage.py``).
 
     A failed ping raises ``InvalidatePoolError``, as ``pool_pre_ping`` does: the pool drops
     this connection and every other one opened before now (a dead idle connection usually
@@ -262,12 +267,18 @@ def store_errors(
     tables: str,
     otherwise: Callable[[sa.exc.DBAPIError], StoreError] | None = None,
     on_schema_missing: Callable[[], None] | None = None,
+    on_disk_full: Callable[[], str] | None = None,
 ) -> Iterator[None]:
-    """Raise :func:`store_error`'s translation of a database error (``otherwise``'s, if none)."""
+    """Raise :func:`store_error`'s translation of a database error (``otherwise``'s, if none).
+
+    ``on_disk_full`` is called on SQLITE_FULL; what it returns is added to the message.
+    """
     try:
         yield
     except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
         error = store_error(exc, url, tables=tables)
+        if error is not None and on_disk_full is not None and is_disk_full(exc):
+            error = type(error)(f"{error}; {on_disk_full()}")
         if error is None and otherwise is not None and isinstance(exc, sa.exc.DBAPIError):
             error = otherwise(exc)
         if error is None:
@@ -287,7 +298,49 @@ def postgres_connect_defaults(url: sa.URL) -> dict[str, Any]:
     return defaults
 
 
-def _install_sqlite_hooks(engine: sa.Engine) -> None:
+def sqlite_busy_timeout(url: sa.URL) -> float:
+    """The SQLite busy timeout in seconds: the URL's ``?timeout=`` (as the sqlite3 driver's
+    own), else :data:`SQLITE_BUSY_TIMEOUT`."""
+    value = url.query.get("timeout")
+    if value is None:
+        return SQLITE_BUSY_TIMEOUT
+    try:
+        timeout = float(value if isinstance(value, str) else value[0])
+    except ValueError:
+        timeout = -1.0
+    if not timeout >= 0:
+        raise ConfigurationError(
+            f"database_url has timeout={value!r}: the SQLite busy timeout is a number of "
+            f"seconds (e.g. ?timeout=30, the default)"
+        )
+    return timeout
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether a database error is SQLite's SQLITE_FULL (the disk or the file size limit)."""
+    orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+    code = getattr(orig, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF == _SQLITE_FULL
+
+
+def _create_with_umask(path: str) -> None:
+    """Create the database file (empty) with 0666 less the process umask, if it is missing.
+
+    SQLite itself creates a new file 0644 whatever the umask, so a umask of 002 (a group that
+    shares the file) would not be honoured; its -wal and -shm files then copy this file's mode.
+    An empty file is a valid empty database. Errors are left to SQLite's own open.
+    """
+    with suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _install_sqlite_hooks(engine: sa.Engine, busy_timeout: float) -> None:
+    @event.listens_for(engine, "do_connect")
+    def _on_do_connect(dialect: Any, record: Any, cargs: list[Any], cparams: Any) -> None:
+        path = cargs[0] if cargs else cparams.get("database")
+        if isinstance(path, str) and path and not cparams.get("uri"):
+            _create_with_umask(path)
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
         # None = autocommit at the sqlite3 level: the driver emits no BEGIN of its own, and
@@ -296,7 +349,7 @@ def _install_sqlite_hooks(engine: sa.Engine) -> None:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT * 1000)}")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         finally:
             cursor.close()
 

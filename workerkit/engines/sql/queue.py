@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -47,6 +48,11 @@ __all__ = ("SqlQueue",)
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+#: On SQLite a health check waits this long at most for the write lock (seconds).
+_HEALTH_LOCK_WAIT = 1.0
+#: A full disk checkpoints the WAL at most this often (seconds).
+_WAL_TRUNCATE_EVERY = 5.0
 
 _FENCE_LOST = (
     "job {job_id}: this attempt's lease is gone (it expired and another worker claimed the "
@@ -96,6 +102,7 @@ class SqlQueue(db.ForkSafeEngine):
         self._listener: PgListener | None = None
         self._listener_lock = threading.Lock()
         self._closed = False
+        self._wal_truncated_at = -_WAL_TRUNCATE_EVERY
 
     def __repr__(self) -> str:
         return f"<SqlQueue {self.url.render_as_string(hide_password=True)}>"
@@ -144,8 +151,47 @@ class SqlQueue(db.ForkSafeEngine):
 
     def _errors(self) -> contextlib.AbstractContextManager[None]:
         return db.store_errors(
-            self.url, tables="workerkit tables are", on_schema_missing=self._schema_missing
+            self.url,
+            tables="workerkit tables are",
+            on_schema_missing=self._schema_missing,
+            on_disk_full=self._disk_full,
         )
+
+    def _disk_full(self) -> str:
+        """SQLITE_FULL: checkpoint the WAL into the database file and truncate it.
+
+        The WAL only grows while nothing checkpoints it, and a full disk made the automatic
+        checkpoints fail: truncating it gives its space back, so the queue writes again once
+        the disk has room (the failed write itself is retried by its caller). At most every
+        few seconds, however many writes fail.
+        """
+        now = time.monotonic()
+        if now - self._wal_truncated_at < _WAL_TRUNCATE_EVERY:
+            return "the WAL was checkpointed a moment ago"
+        self._wal_truncated_at = now
+        try:
+            raw = self.engine.raw_connection()  # autocommit: no transaction around the pragma
+            try:
+                cursor = raw.cursor()
+                row = cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                cursor.close()
+            finally:
+                raw.close()
+        except Exception as exc:
+            outcome = f"WAL checkpoint failed: {db.describe_error(exc)}"
+        else:
+            busy = bool(row and row[0])
+            outcome = (
+                "WAL checkpoint blocked by a reader; will try again"
+                if busy
+                else "WAL checkpointed and truncated to give space back"
+            )
+        log.warning(
+            "SQLite disk full; %s",
+            outcome,
+            extra={"event": "sqlite_disk_full", "outcome": outcome},
+        )
+        return outcome
 
     def _schema_missing(self) -> None:
         self._schema_ok = False
@@ -460,15 +506,39 @@ class SqlQueue(db.ForkSafeEngine):
     def health(self) -> StoreHealth:
         """Can the store be used now: reachable, and the schema at head?
 
-        The reason never contains the URL or a password.
+        On SQLite the check takes the write lock (waiting a second at most): a database that
+        another process keeps locked past the busy timeout is not ready, since no claim or
+        settle can be written. The reason never contains the URL or a password.
         """
         try:
-            with self._read() as conn:
-                status = db.schema_status(conn)
+            if self.dialect == "sqlite":
+                status = self._sqlite_health()
+            else:
+                with self._read() as conn:
+                    status = db.schema_status(conn)
         except StoreError as exc:
             return StoreHealth(False, str(exc))
         if status.ok:
             self._schema_ok = True
+        return status
+
+    def _sqlite_health(self) -> StoreHealth:
+        busy = db.sqlite_busy_timeout(self.url)
+        wait = min(_HEALTH_LOCK_WAIT, busy)
+        with self._errors(), self.engine.connect() as conn:
+            # On the driver's connection: through SQLAlchemy the pragma would begin the
+            # transaction (and wait for the lock) before the shorter wait is set.
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            driver.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
+            try:
+                transaction = conn.begin()  # BEGIN IMMEDIATE: the write lock; nothing written
+                try:
+                    status = db.schema_status(conn)
+                finally:
+                    transaction.rollback()
+            finally:
+                driver.execute(f"PRAGMA busy_timeout={int(busy * 1000)}")
         return status
 
     def stats(self, queues: Sequence[str]) -> QueueStats:

@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -45,6 +44,13 @@ from workerkit.engines.attempt import (
     release_each,
     verdict_for,
 )
+from workerkit.engines.sql.outage import (
+    RECOVERY_GRACE,
+    RetryingWrite,
+    backoff,
+    lease_bound,
+    retrying_sink,
+)
 from workerkit.errors import JobInterrupted, LeaseLost, PayloadError, SchemaOutOfDate, StoreError
 from workerkit.events import (
     CheckpointSaved,
@@ -66,11 +72,12 @@ if TYPE_CHECKING:
     from workerkit.events import Command, EventClient
     from workerkit.settings import Settings
 
-__all__ = ("NativeWorker", "main")
+__all__ = ("NativeWorker",)
 
 log = logging.getLogger(__name__)
 
 TICK = 0.05  # how often the main thread looks at its flags
+_RELEASE_WAIT = 1.0  # how long a release waits for a settle in progress on the job's thread
 
 
 class JobTimedOut(BaseException):
@@ -112,9 +119,11 @@ class _Running:
     context: JobContext
     started: float  # monotonic
     deadline: float  # monotonic
+    lease_from: float  # monotonic, sent time of the request that last set the lease
     thread: threading.Thread | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     settled_as: Outcome | None = None
+    extend_failures: int = 0
 
 
 class NativeWorker:
@@ -145,6 +154,16 @@ class NativeWorker:
         self._jobs_stop_requested = threading.Event()
         self._fetcher_done = threading.Event()
         self._ready = threading.Event()  # the store answered its last health check and claim
+        self._last_health: bool | None = None  # what the log last said (None: nothing yet)
+        self._been_ready = False
+        self._claim_after = 0.0  # monotonic: no claim before (the grace after an outage)
+        self._store_ok_at = time.monotonic()  # the last health check or claim that worked
+        self._write_trouble = ""  # the last failed write's reason, while writes are retried
+        self._retrying = 0  # writes being retried now (under _running_lock)
+        self._lease_ttl = float(
+            getattr(self.backend, "lease_ttl", settings.effective_visibility_timeout)
+        )
+        self._lease_delays = backoff()
         self._upkeep = Keeper(
             [
                 Duty("heartbeat", HEARTBEAT_EVERY, self._heartbeat),
@@ -262,7 +281,9 @@ class NativeWorker:
             everything = list(self._running.values())
         # _settle logs its own store errors: nothing here gives up or skips.
         return release_each(
-            everything, lambda r: self._take_back(r, self._release, JobInterrupted), log=log
+            everything,
+            lambda r: self._take_back(r, self._release, JobInterrupted, _RELEASE_WAIT),
+            log=log,
         ).released
 
     def _take_back(
@@ -270,9 +291,10 @@ class NativeWorker:
         running: _Running,
         write: Callable[[_Running], Outcome],
         interrupt: type[BaseException],
+        wait: float = 0.0,
     ) -> bool:
         """Settle a running job from the main thread, then interrupt its thread."""
-        if not self._settle(running, write):
+        if not self._settle(running, write, patient=False, wait=wait):
             return False
         if running.thread is not None:
             interrupt_thread(running.thread, interrupt)
@@ -287,6 +309,10 @@ class NativeWorker:
                 if not self._ready.is_set():
                     # The upkeep keeper checks the store again (sooner while it is not ready).
                     self._ready.wait(self._unready_recheck)
+                    continue
+                grace = self._claim_after - time.monotonic()
+                if grace > 0:
+                    self._stopping.wait(grace)
                     continue
                 free = self.concurrency - self.running_count
                 if free <= 0:
@@ -314,14 +340,16 @@ class NativeWorker:
             ok, reason = health.ok, health.reason
         except Exception as exc:
             ok, reason = False, f"store check failed: {type(exc).__name__}"
+        with self._running_lock:
+            retrying = self._retrying or any(r.extend_failures for r in self._running.values())
+        if ok and retrying:
+            # Reachable for a read, yet a settle or a lease renewal is still failing.
+            ok, reason = False, self._write_trouble
         first = ok and not self._ready.is_set()
-        if ok != self._ready.is_set():
-            log.log(
-                logging.INFO if ok else logging.WARNING,
-                "store is %s",
-                "ready" if ok else "not ready",
-                extra={"event": "store_health", "ok": ok, "reason": reason},
-            )
+        now = time.monotonic()
+        if first and self._been_ready and self._outage_may_have_expired_leases(now):
+            self._claim_after = now + RECOVERY_GRACE
+        self._log_health(ok, reason)
         self.events.send(StoreHealth(ok, reason))
         if first:
             self.events.send(
@@ -333,35 +361,61 @@ class NativeWorker:
         with contextlib.suppress(Exception):
             stats = self.backend.stats(self.queues)
             self.events.send(QueueStats(dict(stats.depth), dict(stats.oldest_ready_age)))
+        self._store_ok_at = now
+        self._been_ready = True
         self._ready.set()  # after the events above, as when one thread did both
         return None
 
-    def _claim_and_start(self, free: int) -> bool:
-        with self._claim_lock:
-            if self._stopping.is_set():
-                return True
-            try:
-                deliveries = self.backend.claim(self.queues, self.worker_id, free)
-            except (SchemaOutOfDate, StoreError) as exc:
-                self._claim_failed(str(exc))
-                return False
-            except Exception as exc:  # a driver error: the store is unusable for now
-                reason = f"claim failed: {type(exc).__name__}"
-                log.warning(reason, extra={"event": "claim_failed", "error": str(exc)})
-                self._claim_failed(reason)
-                return False
-            for delivery in deliveries:
-                self._start(delivery)
-            return bool(deliveries)
+    def _outage_may_have_expired_leases(self, now: float) -> bool:
+        # A lease renewed every H holds V >= 2H: an outage shorter than H cannot have ended
+        # anyone's. Measured from our last success, so never shorter than it really was.
+        return now - self._store_ok_at >= self.settings.effective_heartbeat_interval
 
-    def _claim_failed(self, reason: str) -> None:
+    def _log_health(self, ok: bool, reason: str) -> None:
+        # Every change is logged, the first report included: a store that fails from the start
+        # must say why, not leave the worker "starting" in silence.
+        if ok == self._last_health:
+            return
+        self._last_health = ok
+        grace = self._claim_after > time.monotonic()
+        log.log(
+            logging.INFO if ok else logging.WARNING,
+            "store is %s%s",
+            "ready" if ok else "not ready",
+            f"; claiming again in {RECOVERY_GRACE:g} s" if grace else "",
+            extra={"event": "store_health", "ok": ok, "reason": reason},
+        )
+
+    def _store_failed(self, reason: str) -> None:
+        """A claim or a write failed: not ready (no claims) until a health check passes."""
         self._ready.clear()
+        self._log_health(False, reason)
         self.events.send(StoreHealth(ok=False, reason=reason))
         # Checked again at the keeper's next wake (min(poll_interval, 1 s) at most); the fetcher
         # waits for it, as it waited min(poll_interval, HEALTH_EVERY) before.
         self._upkeep.run_soon("health")
 
-    def _start(self, delivery: Delivery) -> None:
+    def _claim_and_start(self, free: int) -> bool:
+        with self._claim_lock:
+            if self._stopping.is_set():
+                return True
+            sent = time.monotonic()  # the lease starts no earlier (lease_bound)
+            try:
+                deliveries = self.backend.claim(self.queues, self.worker_id, free)
+            except (SchemaOutOfDate, StoreError) as exc:
+                self._store_failed(str(exc))
+                return False
+            except Exception as exc:  # a driver error: the store is unusable for now
+                reason = f"claim failed: {type(exc).__name__}"
+                log.warning(reason, extra={"event": "claim_failed", "error": str(exc)})
+                self._store_failed(reason)
+                return False
+            self._store_ok_at = time.monotonic()
+            for delivery in deliveries:
+                self._start(delivery, sent)
+            return bool(deliveries)
+
+    def _start(self, delivery: Delivery, sent: float) -> None:
         task = self.app.tasks.get(delivery.task)
         timeout = (task.timeout if task and task.timeout else None) or self.settings.job_timeout
         context = JobContext(
@@ -372,13 +426,17 @@ class NativeWorker:
             checkpoint=delivery.checkpoint,
             deadline=time.time() + timeout,
             checkpoint_interval=self.settings.checkpoint_interval,
-            save=JobContext.delivery_sink(self.backend, delivery),
+            save=retrying_sink(
+                JobContext.delivery_sink(self.backend, delivery),
+                lambda: self._retrying_write(box[0], "checkpoint", within_lease=True),
+            ),
             on_checkpoint_saved=self._checkpoint_saved,
         )
         if self._jobs_stop_requested.is_set():
             context.request_stop()
         now = time.monotonic()
-        running = _Running(delivery, context, started=now, deadline=now + timeout)
+        running = _Running(delivery, context, now, now + timeout, lease_from=sent)
+        box = [running]
         queued_for = None
         if delivery.enqueued_at is not None:
             queued_for = max(0.0, time.time() - delivery.enqueued_at)
@@ -414,24 +472,34 @@ class NativeWorker:
 
     # --- the lease keeper's duty (every H, until a release) ------------------------------
 
-    def _extend_leases(self) -> None:
+    def _extend_leases(self) -> float | None:
+        """Renew every running job's lease; after a failure, try again soon (with backoff)."""
         with self._running_lock:
             running = list(self._running.values())
+        failed = ""
         for item in running:
+            sent = time.monotonic()
             try:
                 kept = self.backend.extend(item.delivery)
             except Exception as exc:
-                # The store is unreachable; the lease may still hold. Try again next time.
-                log.warning(
-                    "lease extension failed",
-                    extra={
-                        "event": "lease_extend_failed",
-                        "job_id": item.delivery.job_id,
-                        "error": str(exc),
-                    },
-                )
+                # The store is unreachable; the lease may still hold (and after it ran out,
+                # the token still decides: nobody may have taken the job). Try again soon.
+                failed = f"lease renewal failed: {exc}"
+                if not item.extend_failures:
+                    log.warning(
+                        "lease extension failed; retrying",
+                        extra={
+                            "event": "lease_extend_failed",
+                            "job_id": item.delivery.job_id,
+                            "error": str(exc),
+                            "lease_left": round(self._lease_until(item) - sent, 2),
+                        },
+                    )
+                item.extend_failures += 1
                 continue
+            item.extend_failures = 0
             if kept:
+                item.lease_from = sent
                 self.events.send(JobHeartbeat(item.delivery.job_id))
             else:
                 item.context.mark_lease_lost()
@@ -439,6 +507,40 @@ class NativeWorker:
                     "lease lost: another worker owns the job now",
                     extra={"event": "lease_lost", "job_id": item.delivery.job_id},
                 )
+        if failed:
+            self._write_failed(failed)
+            return min(next(self._lease_delays), self.settings.effective_heartbeat_interval)
+        self._lease_delays = backoff()
+        return None
+
+    def _lease_until(self, running: _Running) -> float:
+        return lease_bound(running.lease_from, self._lease_ttl)
+
+    def _retrying_write(self, running: _Running, what: str, *, within_lease: bool) -> RetryingWrite:
+        """The retry policy of one write for ``running`` (a settle: until it lands or a release;
+        a checkpoint: while the lease surely holds)."""
+        retry = RetryingWrite(
+            what,
+            running.delivery.job_id,
+            stop=self._release_requested,
+            on_failure=lambda reason: self._write_failed(reason, retry),
+            lease_until=lambda: self._lease_until(running),
+            until=(lambda: self._lease_until(running)) if within_lease else None,
+            on_done=self._write_done,
+        )
+        return retry
+
+    def _write_failed(self, reason: str, retry: RetryingWrite | None = None) -> None:
+        self._write_trouble = reason
+        if retry is not None and retry.failures == 1:
+            with self._running_lock:
+                self._retrying += 1  # readiness stays false until it lands (_report_health)
+        self._store_failed(reason)
+
+    def _write_done(self, retry: RetryingWrite) -> None:
+        if retry.failures:
+            with self._running_lock:
+                self._retrying -= 1
 
     # --- one job ------------------------------------------------------------------------
 
@@ -516,27 +618,53 @@ class NativeWorker:
         self.backend.release(running.delivery)
         return "released"
 
-    def _settle(self, running: _Running, write: Callable[[_Running], Outcome]) -> bool:
-        """Settle the delivery once, recording the outcome; False when it already was."""
-        with running.lock:
+    def _settle(
+        self,
+        running: _Running,
+        write: Callable[[_Running], Outcome],
+        *,
+        patient: bool = True,
+        wait: float = 0.0,
+    ) -> bool:
+        """Settle the delivery once, recording the outcome; False when it already was.
+
+        ``patient`` (a job's own thread): a store that is unavailable is retried until the write
+        lands, the fence says the job is no longer ours, or the worker releases. The main
+        thread is not patient: it tries once, and waits ``wait`` seconds at most for a settle
+        in progress on the job's thread (which stops retrying at a release).
+        """
+        if not running.lock.acquire(timeout=-1 if patient else wait):
+            return False
+        try:
             if running.settled_as is not None:
                 return False
-            try:
-                running.settled_as = write(running)
-            except LeaseLost:
-                running.settled_as = "lease_lost"
-            except Exception as exc:
-                # The store failed; the lease will expire and the job will be claimed again.
-                log.warning(
-                    "could not settle job",
-                    extra={
-                        "event": "settle_failed",
-                        "job_id": running.delivery.job_id,
-                        "error": str(exc),
-                    },
-                )
-                running.settled_as = "lease_lost"
+            running.settled_as = self._write_settle(running, write, patient=patient)
             return True
+        finally:
+            running.lock.release()
+
+    def _write_settle(
+        self, running: _Running, write: Callable[[_Running], Outcome], *, patient: bool
+    ) -> Outcome:
+        retry = self._retrying_write(running, "settle", within_lease=False)
+        if not patient:
+            retry.until = time.monotonic
+        try:
+            return retry.run(lambda: write(running))
+        except LeaseLost:
+            return "lease_lost"
+        except Exception as exc:
+            # Not a store outage (or the worker is releasing): the lease will expire and the
+            # job will be claimed again.
+            log.warning(
+                "could not settle job",
+                extra={
+                    "event": "settle_failed",
+                    "job_id": running.delivery.job_id,
+                    "error": str(exc),
+                },
+            )
+            return "lease_lost"
 
     def _finish(self, running: _Running) -> None:
         with self._running_lock:
@@ -559,32 +687,3 @@ class NativeWorker:
             },
         )
         self._slot_freed.set()
-
-
-def main() -> None:
-    """``python -m workerkit.engines.sql``: the sql engine's worker, started by the supervisor."""
-    from workerkit.loading import import_app
-    from workerkit.logs import configure_logging
-    from workerkit.settings import load_settings
-
-    settings = load_settings()
-    configure_logging(settings.log_level, settings.log_format)
-    if not settings.app:
-        log.error(
-            "the sql worker needs an app: give --app MODULE:APP or WORKERKIT_APP",
-            extra={"event": "worker_config_error"},
-        )
-        sys.exit(2)
-    app = import_app(settings.app)
-    if not isinstance(app, App):
-        log.error(
-            "--app %s is not a workerkit.App", settings.app, extra={"event": "worker_config_error"}
-        )
-        sys.exit(2)
-    app.configure_settings(settings)
-    events = events_module.client("worker")
-    code = NativeWorker(app, settings, events=events).run()
-    logging.shutdown()
-    # Job threads of released or timed-out jobs may still be blocked in C code; their work is
-    # settled and fenced, so do not wait for them.
-    os._exit(code)

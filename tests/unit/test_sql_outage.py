@@ -1,0 +1,174 @@
+"""Riding out a store outage: the backoff, the lease bound, retried writes.
+
+The worker tests run the real loop on the in-memory queue with a write made to fail the way
+``SqlQueue`` fails when its database is down (StoreUnavailable); the real database outages
+are in tests/e2e/test_sql_store_outage.py and test_sql_startup.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.support.native_worker import Harness, wait_until
+from workerkit.engines.sql.outage import RetryingWrite, backoff, lease_bound
+from workerkit.errors import LeaseLost, StoreUnavailable
+from workerkit.events import StoreHealth
+from workerkit.job import current_job
+
+DOWN = StoreUnavailable("postgresql database unavailable: OperationalError: connection refused")
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    h = Harness()
+    yield h
+    if h.worker is not None and h.thread is not None and h.thread.is_alive():
+        h.worker.request_release()
+        h.thread.join(5)
+
+
+def failing(times: int, then: Callable[..., Any], error: Exception = DOWN) -> Callable[..., Any]:
+    """``then``, after raising ``error`` ``times`` times."""
+    left = [times]
+
+    def write(*args: Any, **kwargs: Any) -> Any:
+        if left[0] > 0:
+            left[0] -= 1
+            raise error
+        return then(*args, **kwargs)
+
+    return write
+
+
+def test_backoff_doubles_from_50_ms_to_a_1_s_cap_with_jitter() -> None:
+    top = backoff(rng=lambda: 1.0)
+    assert [round(next(top), 3) for _ in range(7)] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    bottom = backoff(rng=lambda: 0.0)
+    assert [round(next(bottom), 3) for _ in range(3)] == [0.025, 0.05, 0.1]
+
+
+def test_the_lease_bound_is_never_later_than_the_database_s_expiry() -> None:
+    assert lease_bound(100.0, 6.0) == pytest.approx(105.4)  # a tenth of V off ...
+    assert lease_bound(100.0, 30.0) == pytest.approx(129.0)  # ... 1 s at most
+
+
+def retrying(**kwargs: Any) -> tuple[RetryingWrite, list[str]]:
+    failures: list[str] = []
+    retry = RetryingWrite(
+        "settle",
+        "job-1",
+        stop=kwargs.pop("stop", threading.Event()),
+        on_failure=failures.append,
+        lease_until=lambda: float("inf"),
+        **kwargs,
+    )
+    return retry, failures
+
+
+def test_a_write_is_retried_until_the_store_answers() -> None:
+    retry, failures = retrying()
+    assert retry.run(failing(3, lambda: "done")) == "done"
+    assert retry.failures == 3
+    assert len(failures) == 3
+    assert all("connection refused" in f for f in failures)
+
+
+def test_lease_lost_and_other_errors_end_the_retries_at_once() -> None:
+    retry, failures = retrying()
+    with pytest.raises(LeaseLost):
+        retry.run(failing(1, lambda: None, LeaseLost("taken")))
+    with pytest.raises(ValueError, match="bad result"):
+        retry.run(failing(1, lambda: None, ValueError("bad result")))
+    assert failures == []
+
+
+def test_a_release_or_the_bound_stops_the_retries() -> None:
+    stop = threading.Event()
+    stop.set()
+    retry, _ = retrying(stop=stop)
+    with pytest.raises(StoreUnavailable):
+        retry.run(failing(5, lambda: None))
+    assert retry.failures == 1
+    bounded, _ = retrying(until=lambda: 0.0)
+    with pytest.raises(StoreUnavailable):
+        bounded.run(failing(5, lambda: None))
+    assert bounded.failures == 1
+
+
+def test_an_ack_that_fails_while_the_store_is_down_lands_when_it_is_back(
+    harness: Harness,
+) -> None:
+    harness.queue.ack = failing(4, harness.queue.ack)  # type: ignore[method-assign]
+
+    @harness.app.task
+    def once() -> str:
+        harness.log.append("ran")
+        return "ok"
+
+    job_id = once.enqueue()
+    harness.start()
+    wait_until(lambda: harness.state(job_id) == "succeeded", timeout=10)
+    assert harness.log == ["ran"]
+    assert harness.outcomes() == ["succeeded"]
+    down = [e for e in harness.events.of_type(StoreHealth) if not e.ok]
+    assert down, "not ready while the settle was failing"
+    assert "settle failed" in down[0].reason, down
+
+
+def test_a_settle_retried_into_a_lost_lease_writes_nothing(harness: Harness) -> None:
+    calls = [0]
+
+    def ack(*args: Any) -> None:
+        calls[0] += 1
+        if calls[0] <= 2:
+            raise DOWN
+        raise LeaseLost("another worker took the job")  # what the fence says once it is back
+
+    harness.queue.ack = ack  # type: ignore[method-assign]
+
+    @harness.app.task
+    def once() -> None:
+        harness.log.append("ran")
+
+    once.enqueue()
+    harness.start()
+    wait_until(lambda: harness.outcomes() == ["lease_lost"], timeout=10)
+    assert calls[0] == 3  # two retries, then the fence's answer ends it
+    assert harness.log == ["ran"]
+
+
+def test_a_checkpoint_that_fails_while_the_store_is_down_is_retried(harness: Harness) -> None:
+    harness.queue.save_checkpoint = failing(  # type: ignore[method-assign]
+        2, harness.queue.save_checkpoint
+    )
+
+    @harness.app.task
+    def steps() -> None:
+        current_job().save_checkpoint({"done": 1}, force=True)
+        harness.log.append("saved")
+
+    job_id = steps.enqueue()
+    harness.start()
+    wait_until(lambda: harness.state(job_id) == "succeeded", timeout=10)
+    assert harness.log == ["saved"]
+
+
+def test_a_store_that_fails_from_the_start_is_logged(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    def down() -> Any:
+        raise DOWN
+
+    harness.queue.health = down  # type: ignore[method-assign]
+    caplog.set_level(logging.WARNING, logger="workerkit.engines.sql.worker")
+    harness.start()
+    wait_until(lambda: bool(harness.events.of_type(StoreHealth)), timeout=5)
+    wait_until(lambda: any(getattr(r, "event", "") == "store_health" for r in caplog.records))
+    record = next(r for r in caplog.records if getattr(r, "event", "") == "store_health")
+    assert record.levelno == logging.WARNING
+    assert "StoreUnavailable" in record.reason  # type: ignore[attr-defined]

@@ -1,0 +1,72 @@
+"""The sql worker's start: which database errors cannot heal by waiting; the first report logged.
+
+The real failures (a read-only directory, a refused port, wrong credentials) are in
+tests/e2e/test_sql_startup.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support.native_worker import Harness, wait_until
+from workerkit.engines.sql.startup import is_permanent
+from workerkit.errors import StoreUnavailable
+from workerkit.events import StoreHealth
+
+DOWN = StoreUnavailable("postgresql database unavailable: OperationalError: connection refused")
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    h = Harness()
+    yield h
+    if h.worker is not None and h.thread is not None and h.thread.is_alive():
+        h.worker.request_release()
+        h.thread.join(5)
+
+
+def test_a_store_that_fails_from_the_start_is_logged(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    def down() -> Any:
+        raise DOWN
+
+    harness.queue.health = down  # type: ignore[method-assign]
+    caplog.set_level(logging.WARNING, logger="workerkit.engines.sql.worker")
+    harness.start()
+    wait_until(lambda: bool(harness.events.of_type(StoreHealth)), timeout=5)
+    wait_until(lambda: any(getattr(r, "event", "") == "store_health" for r in caplog.records))
+    record = next(r for r in caplog.records if getattr(r, "event", "") == "store_health")
+    assert record.levelno == logging.WARNING
+    assert "StoreUnavailable" in record.reason  # type: ignore[attr-defined]
+
+
+def sqlite_error(code: int) -> sqlite3.OperationalError:
+    error = sqlite3.OperationalError("sqlite says no")
+    error.sqlite_errorcode = code
+    return error
+
+
+@pytest.mark.parametrize(
+    ("error", "permanent"),
+    [
+        (sqlite_error(14), True),  # SQLITE_CANTOPEN: a missing or read-only directory
+        (sqlite_error(8), True),  # SQLITE_READONLY
+        (sqlite_error(5), False),  # SQLITE_BUSY: someone holds the lock
+        (sqlite_error(13), False),  # SQLITE_FULL: space may come back
+        (PermissionError(13, "Permission denied"), True),
+        (Exception('connection failed: FATAL:  role "x" does not exist'), True),
+        (Exception('connection failed: FATAL:  database "x" does not exist'), True),
+        (Exception("connection failed: FATAL:  password authentication failed"), True),
+        (Exception("connection failed: Connection refused"), False),
+        (Exception("connection failed: FATAL:  the database system is starting up"), False),
+        (Exception("failed to resolve host 'db': Name or service not known"), False),
+    ],
+)
+def test_which_startup_errors_cannot_heal_by_waiting(error: Exception, permanent: bool) -> None:
+    assert is_permanent(error) is permanent

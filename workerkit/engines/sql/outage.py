@@ -1,0 +1,195 @@
+"""Riding out a store outage in the sql worker: backoff, the local view of a lease, retried writes.
+
+A settle, a checkpoint or a lease renewal that fails because the database cannot be reached is
+tried again instead of abandoning the job: the lease and its token still hold, and only a
+fenced write that matches nothing (:class:`~workerkit.errors.LeaseLost`) says that the job is
+someone else's. The tricky "why" is the clock: the lease ends on the database's clock, so the
+worker bounds it with its own monotonic clock read *before* the request that set it
+(:func:`lease_bound`), never believing a lease lasts longer than it does.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+from workerkit.errors import StoreUnavailable
+from workerkit.job import CheckpointSink, TransactionalCheckpointSink
+
+__all__ = (
+    "RECOVERY_GRACE",
+    "RETRY_FIRST",
+    "RETRY_MAX",
+    "RetryingSink",
+    "RetryingWrite",
+    "backoff",
+    "lease_bound",
+    "retrying_sink",
+)
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: The first retry of a failed write comes this soon; each next one about twice as late...
+RETRY_FIRST: Final = 0.05
+#: ... up to this (seconds), so a write lands within about a second of the store's return.
+RETRY_MAX: Final = 1.0
+#: After a store outage the worker waits this long before it claims again: workers that hold
+#: results they could not write during the outage settle them first (their retries come at
+#: most RETRY_MAX apart), where a claim would take their expired leases and run the job again.
+RECOVERY_GRACE: Final = 3.0
+
+
+def backoff(
+    first: float = RETRY_FIRST, cap: float = RETRY_MAX, rng: Callable[[], float] = random.random
+) -> Iterator[float]:
+    """0.05, 0.1, 0.2, ... 1, 1, ... seconds, each with jitter (between half and all of it).
+
+    The jitter spreads the retries of many workers (and of many jobs of one worker) that all
+    saw the store go away at the same moment.
+    """
+    delay = first
+    while True:
+        yield delay * (0.5 + 0.5 * rng())
+        delay = min(delay * 2, cap)
+
+
+def lease_bound(sent_at: float, ttl: float) -> float:
+    """The monotonic time until which a lease set by a request sent at ``sent_at`` surely holds.
+
+    The database set the expiry to its own ``now + ttl``, and its ``now`` was no earlier than
+    our ``sent_at``; a margin (a tenth of the lease, at most 1 s) covers clocks that run at
+    slightly different rates.
+    """
+    return sent_at + ttl - min(1.0, ttl / 10)
+
+
+@dataclass(eq=False)
+class RetryingWrite:
+    """Runs one write until it lands, retrying while the store is unavailable.
+
+    ``until()`` is the monotonic time after which :meth:`run` stops retrying (None: no bound
+    but ``stop``); ``stop`` set ends the retries at once (the worker is releasing). Each failure
+    goes to ``on_failure`` (readiness false), and ``on_done`` hears the end; the first failure,
+    and the first past ``lease_until``, are logged. Other errors than
+    :class:`~workerkit.errors.StoreUnavailable` (a LeaseLost above all) are not retried.
+    """
+
+    what: str
+    job_id: str
+    stop: threading.Event
+    on_failure: Callable[[str], None]
+    lease_until: Callable[[], float]
+    until: Callable[[], float] | None = None
+    on_done: Callable[[RetryingWrite], None] | None = None
+    clock: Callable[[], float] = time.monotonic
+    failures: int = field(default=0, init=False)
+
+    def run(self, write: Callable[[], _T]) -> _T:
+        """``write()``, again after each StoreUnavailable while allowed; its result."""
+        try:
+            return self._run(write)
+        finally:
+            if self.on_done is not None:
+                self.on_done(self)
+
+    def _run(self, write: Callable[[], _T]) -> _T:
+        delays = backoff()
+        warned_past_lease = False
+        while True:
+            try:
+                result = write()
+            except StoreUnavailable as exc:
+                self.failures += 1
+                self.on_failure(f"{self.what} failed: {exc}")
+                now = self.clock()
+                if self.stop.is_set() or (self.until is not None and now >= self.until()):
+                    raise
+                past_lease = now >= self.lease_until()
+                if self.failures == 1 or (past_lease and not warned_past_lease):
+                    warned_past_lease = warned_past_lease or past_lease
+                    self._log_retry(exc, past_lease)
+                self.stop.wait(next(delays))
+                continue
+            if self.failures:
+                log.info(
+                    "%s written after the store came back",
+                    self.what,
+                    extra={
+                        "event": "store_write_recovered",
+                        "what": self.what,
+                        "job_id": self.job_id,
+                        "failures": self.failures,
+                    },
+                )
+            return result
+
+    def _log_retry(self, exc: StoreUnavailable, past_lease: bool) -> None:
+        if past_lease:
+            message = (
+                "%s still failing past the lease; retrying (fenced: it lands only if no other "
+                "worker took the job)"
+            )
+        else:
+            message = "%s failed, the lease still holds; retrying until the store is back"
+        log.warning(
+            message,
+            self.what,
+            extra={
+                "event": "store_write_retry",
+                "what": self.what,
+                "job_id": self.job_id,
+                "error": str(exc),
+                "lease_left": round(self.lease_until() - self.clock(), 2),
+            },
+        )
+
+
+class RetryingSink:
+    """A checkpoint sink whose write is retried (:class:`RetryingWrite`) while the store is down.
+
+    ``retry()`` builds the policy for one save: the worker bounds a checkpoint's retries by the
+    lease, after which the job hears the store's error as before.
+    """
+
+    def __init__(self, inner: CheckpointSink, retry: Callable[[], RetryingWrite]) -> None:
+        self._inner = inner
+        self._retry = retry
+        self.backend = getattr(inner, "backend", None)  # named in JobContext's error messages
+
+    def __call__(self, state: Any) -> None:
+        self._retry().run(lambda: self._inner(state))
+
+
+class _RetryingTransactionalSink(RetryingSink):
+    """:class:`RetryingSink` of a queue that can also write inside the job's transaction.
+
+    The write inside the caller's transaction is not retried: it is the caller's, and a failed
+    statement has already doomed that transaction.
+    """
+
+    def __init__(
+        self, inner: TransactionalCheckpointSink, retry: Callable[[], RetryingWrite]
+    ) -> None:
+        super().__init__(inner, retry)
+        self._transactional = inner
+
+    def save_in(self, connection: Any, state: Any) -> None:
+        self._transactional.save_in(connection, state)
+
+    def transaction(self) -> AbstractContextManager[Any]:
+        return self._transactional.transaction()
+
+
+def retrying_sink(inner: CheckpointSink, retry: Callable[[], RetryingWrite]) -> CheckpointSink:
+    """``inner`` with its plain writes retried; still transactional when ``inner`` is."""
+    if isinstance(inner, TransactionalCheckpointSink):
+        return _RetryingTransactionalSink(inner, retry)
+    return RetryingSink(inner, retry)
