@@ -15,7 +15,7 @@ from celery import Celery
 
 import workerkit
 
-__all__ = ("app", "noop", "poison", "steps", "stubborn")
+__all__ = ("app", "noop", "poison", "steps", "stubborn", "ticker")
 
 app = Celery("e2e", broker=os.environ.get("E2E_REDIS_URL", "redis://127.0.0.1:6379/1"))
 app.conf.update(broker_connection_retry_on_startup=True, task_default_queue="celery")
@@ -65,6 +65,25 @@ def stubborn(label: str, seconds: float) -> None:
     """Ignores stop requests: only the release deadline can end it."""
     _journal("start", label)
     time.sleep(seconds)
+    _journal("end", label, "done")
+    _journal("done", label)
+
+
+@app.task(name="ticker")
+def ticker(label: str, seconds: float) -> None:
+    """Ignores stop requests and swallows every exception: only a kill can end it early.
+
+    Writes a ``tick`` line every 0.1 s, so a test sees when a run really stopped.
+    """
+    job = workerkit.current_job()
+    _journal("start", label, f"attempt={job.attempt}")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            time.sleep(0.1)
+            _journal("tick", label)
+        except BaseException as exc:  # a task that ignores everything
+            _journal("swallowed", label, type(exc).__name__)
     _journal("end", label, "done")
     _journal("done", label)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Final
 
@@ -59,6 +59,10 @@ _SAVE_CHECKPOINT: Final = _script("save_checkpoint.lua")
 _FINISH: Final = _script("finish.lua")
 
 
+def _plain(name: str) -> str:
+    return resources.files("workerkit.engines.celery").joinpath(name).read_text()
+
+
 def count(value: Any) -> int:
     """A header's or a setting's count: a non-negative int, 0 when missing or malformed."""
     try:
@@ -85,6 +89,8 @@ class Ledger:
         self._claim = self.client.register_script(_CLAIM_CHECKPOINT)
         self._save = self.client.register_script(_SAVE_CHECKPOINT)
         self._finish = self.client.register_script(_FINISH)
+        self._renew = self.client.register_script(_plain("renew.lua"))
+        self._ack = self.client.register_script(_plain("ack.lua"))
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -116,12 +122,23 @@ class Ledger:
 
     # --- leases and restores --------------------------------------------------------------
 
-    def refresh_leases(self, tags: Iterable[str], owner: str, ttl: float) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        milliseconds = max(1, int(ttl * 1000))
-        for tag in tags:
-            pipe.set(self.key("lease", tag), owner, px=milliseconds)
-        pipe.execute()
+    def renew_leases(self, tags: Sequence[str], owner: str, ttl: float) -> list[str]:
+        """Renew ``owner``'s leases on ``tags``, fenced (renew.lua): the tags that are lost.
+
+        A lease is lost once its message left ``unacked`` (acknowledged, or restored by a
+        worker that saw the lease expire) or another worker's delivery of it holds the lease.
+        """
+        if not tags:
+            return []
+        keys = [self.unacked_key, *(self.key("lease", tag) for tag in tags)]
+        lost = self._renew(keys=keys, args=[owner, max(1, int(ttl * 1000)), *tags])
+        return [t.decode() if isinstance(t, bytes) else str(t) for t in lost or ()]
+
+    def ack(self, tag: str, owner: str) -> bool:
+        """kombu's ack of ``tag``, fenced (ack.lua): False, and nothing removed, when another
+        worker holds the message's lease (it was restored and delivered again meanwhile)."""
+        keys = [self.key("lease", tag), self.unacked_key, self.unacked_index_key]
+        return bool(self._ack(keys=keys, args=[owner, tag]))
 
     def restore(
         self,

@@ -46,13 +46,17 @@ def install(app: Any, settings: Settings) -> Runtime:
     runtime = Runtime(app, settings)
 
     class WorkerkitStep(bootsteps.StartStopStep):  # type: ignore[misc]
-        """Gates the consumer's dispatch to the pool (see Runtime.attach)."""
+        """Gates the consumer's dispatch to the pool (see Runtime.attach); leases at delivery."""
 
         requires = ("celery.worker.consumer.tasks:Tasks",)
 
         def __init__(self, parent: Any, **kwargs: Any) -> None:
             super().__init__(parent, **kwargs)
             runtime.attach(parent)
+
+        def start(self, parent: Any) -> None:
+            # After the Tasks step made the task consumer (again, after a reconnection).
+            runtime.on_consumer_start(parent)
 
     app.steps["consumer"].add(WorkerkitStep)
 
@@ -65,7 +69,10 @@ def install(app: Any, settings: Settings) -> Runtime:
         # still works (billiard follows its SIGTERM with SIGKILL after 0.1 s).
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # The lease watchdog's kill (lease.py): the kernel's, even while a task holds the GIL.
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
         events_module.client("celery-executor").on_command(runtime.on_executor_command)
+        runtime.start_watchdog()
 
     celery_signals.worker_ready.connect(on_ready, weak=False)
     celery_signals.worker_process_init.connect(on_child_start, weak=False)
