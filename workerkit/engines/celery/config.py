@@ -24,6 +24,7 @@ __all__ = (
     "celery_facts",
     "check_worker_args",
     "configure_app",
+    "limited_by_workerkit",
     "load_celery_app",
     "load_tasks",
     "set_by_app",
@@ -192,6 +193,11 @@ def task_timings(app: Any) -> tuple[TaskTiming, ...]:
 def soft_limit_for(hard: float, settings: Settings) -> float:
     """The soft limit workerkit gives a task whose hard limit is ``hard``: M before it."""
     return max(hard - settings.release_margin, hard / 2)
+
+
+def limited_by_workerkit(app: Any, task_name: str) -> bool:
+    """Whether workerkit gave the task its time limits (it had none of its own)."""
+    return task_name in getattr(app, _LIMITED, ())
 
 
 def _workerkit_defaults() -> dict[str, Any]:

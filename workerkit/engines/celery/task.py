@@ -23,7 +23,7 @@ from workerkit.engines.attempt import (
     StandDown,
     verdict_for,
 )
-from workerkit.engines.celery.config import user_tasks
+from workerkit.engines.celery.config import limited_by_workerkit, soft_limit_for, user_tasks
 from workerkit.engines.celery.lease import LEASE_LOST_REASON
 from workerkit.engines.celery.ledger import CRASHES_HEADER, GEN_HEADER, Generation, count
 from workerkit.errors import LeaseLost
@@ -97,7 +97,7 @@ class CeleryJobContext(JobContext):
             task=task.name,
             queue=queue,
             attempt=attempt,
-            deadline=started_at + float(task.time_limit or settings.job_timeout),
+            deadline=started_at + _hard_limit(task, settings.job_timeout),
             checkpoint_interval=settings.checkpoint_interval,
             save=self._save_fenced,
             on_checkpoint_saved=self._report_saved,
@@ -150,6 +150,12 @@ class CeleryJobContext(JobContext):
                     "error": str(exc),
                 },
             )
+
+
+def _hard_limit(task: Any, default: float) -> float:
+    """The run's hard time limit: the message's own (``apply_async(time_limit=...)``) first."""
+    limits = getattr(task.request, "timelimit", None) or (None, None)
+    return float(limits[0] or task.time_limit or default)
 
 
 @functools.cache
@@ -394,8 +400,10 @@ class WorkerkitRequestMixin:
 
     # Celery's Request has these (it is the other base).
     id: str
+    type: str
     message: Any
     acknowledged: bool
+    time_limits: tuple[float | None, float | None]
     send_event: Callable[..., Any]
 
     _workerkit_runtime: Runtime  # set by request_class()
@@ -404,6 +412,14 @@ class WorkerkitRequestMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         base: Any = super()
         base.__init__(*args, **kwargs)
+        runtime = self._workerkit_runtime
+        hard, soft = self.time_limits
+        if hard and not soft and limited_by_workerkit(runtime.app, self.type):
+            # A message's own hard limit (apply_async(time_limit=...)) on a task workerkit gave
+            # its limits: Celery would take workerkit's soft limit for the message, and billiard
+            # schedules a hard limit after the soft one, so the message's limit would only
+            # apply at J - M. Its soft limit follows its hard one (M before it, as workerkit's).
+            self.time_limits = (hard, soft_limit_for(float(hard), runtime.settings))
         # Held from here until acknowledged or requeued. Celery's task_received signal would
         # tell the same a little later, at several microseconds per message for its dispatch.
         self._workerkit_runtime.hold(self)
