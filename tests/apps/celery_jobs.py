@@ -11,7 +11,7 @@ import os
 import signal
 import time
 
-from celery import Celery
+from celery import Celery, signals
 
 import workerkit
 
@@ -69,8 +69,7 @@ def stubborn(label: str, seconds: float) -> None:
     _journal("done", label)
 
 
-@app.task(name="ticker")
-def ticker(label: str, seconds: float) -> None:
+def _tick(label: str, seconds: float) -> None:
     """Ignores stop requests and swallows every exception: only a kill can end it early.
 
     Writes a ``tick`` line every 0.1 s, so a test sees when a run really stopped.
@@ -86,6 +85,22 @@ def ticker(label: str, seconds: float) -> None:
             _journal("swallowed", label, type(exc).__name__)
     _journal("end", label, "done")
     _journal("done", label)
+
+
+@app.task(name="ticker")
+def ticker(label: str, seconds: float) -> None:
+    _tick(label, seconds)
+
+
+@signals.worker_init.connect
+def _register_late_task(**_: object) -> None:
+    """A task registered once the worker starts, after the app is finalized (as a module
+    imported by a signal handler or a bootstep would register it)."""
+    app.task(name="late_ticker")(_late_ticker)
+
+
+def _late_ticker(label: str, seconds: float) -> None:
+    _tick(label, seconds)
 
 
 @app.task(name="poison", workerkit_max_attempts=3)

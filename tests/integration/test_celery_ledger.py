@@ -57,7 +57,7 @@ def test_configure_app_sets_safe_defaults_and_facts_report_overrides(redis_url: 
     configure_app(app, Settings(engine="celery", redis_url=redis_url, job_timeout=100))
     assert app.conf.task_acks_late is True
     assert app.conf.worker_prefetch_multiplier == 8  # the user's value is kept (and reported)
-    app.finalize()  # the time limits come once the tasks are bound (see config._limit_tasks)
+    app.finalize()  # the time limits come once the tasks are bound (see config.limit_tasks)
     assert app.conf.task_time_limit == 100
     assert app.conf.broker_transport_options["visibility_timeout"] == 3600
 
