@@ -245,3 +245,30 @@ def test_ack_is_fenced_by_the_lease(app: Celery, redis_client: Any) -> None:
     assert ledger.ack(other, "worker-a")  # no lease (expired, nobody took it): acknowledged
     assert redis_client.hlen("unacked") == 0
     ledger.close()
+
+
+def test_leases_acks_and_recovery_use_kombus_global_keyprefix(
+    redis_url: str, redis_client: Any
+) -> None:
+    # kombu's client prefixes the commands it knows and an EVALSHA's first key only: the
+    # ledger's other keys must get the prefix too, or its fences would look at other keys.
+    app = Celery("t", broker=redis_url)
+    app.conf.broker_transport_options = {"global_keyprefix": "wk:"}
+    configure_app(app, Settings(engine="celery", redis_url=redis_url))
+    ledger = Ledger(app)
+    app.send_task("noop", args=[], task_id="p1", queue="celery")
+    payload = json.loads(redis_client.rpop("wk:celery"))
+    tag = str(payload["properties"]["delivery_tag"])
+    redis_client.hset("wk:unacked", tag, json.dumps([payload, "celery", "celery"]))
+    redis_client.zadd("wk:unacked_index", {tag: 1.0})
+    redis_client.set(f"wk:{Ledger.key('lease', tag)}", "worker-a")  # what the delivery writes
+    assert ledger.renew_leases([tag], "worker-a", 30) == []
+    assert ledger.abandoned(older_than=2.0) == []  # its lease is alive
+    assert not ledger.ack(tag, "worker-b")
+    assert not ledger.restore(tag, owners=("worker-b",))
+    redis_client.delete(f"wk:{Ledger.key('lease', tag)}")
+    assert ledger.abandoned(older_than=2.0) == [tag]
+    assert ledger.restore(tag)
+    assert redis_client.hlen("wk:unacked") == 0
+    assert redis_client.llen("wk:celery") == 1
+    ledger.close()

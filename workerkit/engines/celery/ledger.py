@@ -86,6 +86,11 @@ class Ledger:
         self.client = self.channel.client
         self.unacked_key: str = self.channel.unacked_key
         self.unacked_index_key: str = self.channel.unacked_index_key
+        # kombu's ``global_keyprefix``: its client adds it to the key of the commands it knows
+        # (SET, HGET, DEL, WATCH, ...) and to the first key of an EVALSHA only; we add it to
+        # the others, so that every command reaches the key kombu's own commands use.
+        self._prefix = str(getattr(self.channel, "global_keyprefix", "") or "")
+        self._indices = (self.unacked_key, self.unacked_index_key)
         self._claim = self.client.register_script(_CLAIM_CHECKPOINT)
         self._save = self.client.register_script(_SAVE_CHECKPOINT)
         self._finish = self.client.register_script(_FINISH)
@@ -130,14 +135,14 @@ class Ledger:
         """
         if not tags:
             return []
-        keys = [self.unacked_key, *(self.key("lease", tag) for tag in tags)]
+        keys = [self.unacked_key, *(self._prefix + self.key("lease", tag) for tag in tags)]
         lost = self._renew(keys=keys, args=[owner, max(1, int(ttl * 1000)), *tags])
         return [t.decode() if isinstance(t, bytes) else str(t) for t in lost or ()]
 
     def ack(self, tag: str, owner: str) -> bool:
         """kombu's ack of ``tag``, fenced (ack.lua): False, and nothing removed, when another
         worker holds the message's lease (it was restored and delivered again meanwhile)."""
-        keys = [self.key("lease", tag), self.unacked_key, self.unacked_index_key]
+        keys = [self.key("lease", tag), *(self._prefix + k for k in self._indices)]
         return bool(self._ack(keys=keys, args=[owner, tag]))
 
     def restore(
@@ -164,7 +169,7 @@ class Ledger:
             nonlocal restored
             restored = False
             raw = pipe.hget(self.unacked_key, tag)
-            holder = pipe.get(lease_key)
+            holder = pipe.get(self._prefix + lease_key)
             if holder is not None:
                 holder = holder.decode() if isinstance(holder, bytes) else str(holder)
             if raw is None or (holder is not None and holder not in (owners or ())):
@@ -251,14 +256,14 @@ class Ledger:
     def abandoned(self, older_than: float, limit: int = 100) -> list[str]:
         """Tags delivered before ``older_than`` (epoch seconds) whose lease key is gone."""
         tags = self.client.zrangebyscore(
-            self.unacked_index_key, "-inf", older_than, start=0, num=limit
+            self._prefix + self.unacked_index_key, "-inf", older_than, start=0, num=limit
         )
         if not tags:
             return []
         names = [t.decode() if isinstance(t, bytes) else str(t) for t in tags]
         pipe = self.client.pipeline(transaction=False)
         for name in names:
-            pipe.exists(self.key("lease", name))
+            pipe.exists(self._prefix + self.key("lease", name))
         return [name for name, alive in zip(names, pipe.execute(), strict=True) if not alive]
 
     def task_id_of(self, tag: str) -> str | None:
