@@ -11,11 +11,11 @@ import os
 import signal
 import time
 
-from celery import Celery
+from celery import Celery, signals
 
 import workerkit
 
-__all__ = ("app", "noop", "poison", "steps", "stubborn")
+__all__ = ("app", "noop", "poison", "steps", "stubborn", "ticker")
 
 app = Celery("e2e", broker=os.environ.get("E2E_REDIS_URL", "redis://127.0.0.1:6379/1"))
 app.conf.update(broker_connection_retry_on_startup=True, task_default_queue="celery")
@@ -67,6 +67,40 @@ def stubborn(label: str, seconds: float) -> None:
     time.sleep(seconds)
     _journal("end", label, "done")
     _journal("done", label)
+
+
+def _tick(label: str, seconds: float) -> None:
+    """Ignores stop requests and swallows every exception: only a kill can end it early.
+
+    Writes a ``tick`` line every 0.1 s, so a test sees when a run really stopped.
+    """
+    job = workerkit.current_job()
+    _journal("start", label, f"attempt={job.attempt}")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            time.sleep(0.1)
+            _journal("tick", label)
+        except BaseException as exc:  # a task that ignores everything
+            _journal("swallowed", label, type(exc).__name__)
+    _journal("end", label, "done")
+    _journal("done", label)
+
+
+@app.task(name="ticker")
+def ticker(label: str, seconds: float) -> None:
+    _tick(label, seconds)
+
+
+@signals.worker_init.connect
+def _register_late_task(**_: object) -> None:
+    """A task registered once the worker starts, after the app is finalized (as a module
+    imported by a signal handler or a bootstep would register it)."""
+    app.task(name="late_ticker")(_late_ticker)
+
+
+def _late_ticker(label: str, seconds: float) -> None:
+    _tick(label, seconds)
 
 
 @app.task(name="poison", workerkit_max_attempts=3)

@@ -353,3 +353,59 @@ def test_sigterm_while_connecting_to_an_unreachable_broker_stops_at_once(
     assert (stopped["outcome"], stopped["ready"]) == ("clean", False)
     for pid in [worker, *pool_children]:
         assert process_state(pid) in (None, "Z"), pid
+
+
+@pytest.mark.timeout(60)
+def test_a_message_time_limit_without_a_soft_one_kills_the_task_at_that_limit(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # apply_async(time_limit=3) on a task workerkit gave its limits: bare Celery kills it at
+    # 3 s; the task ignores every stop and swallows SoftTimeLimitExceeded, so only that kill
+    # ends it (before: workerkit's soft limit J - M came first, and the hard one after it).
+    from tests.apps.celery_jobs import app
+
+    env = _env(tmp_path)
+    with celery_supervisor(env, redis_url, worker_args=("--pool=prefork",)) as sup:
+        sup.wait_ready()
+        app.conf.broker_url = redis_url
+        app.send_task(
+            "ticker", args=["limited", 20.0], task_id="limited", queue="celery", time_limit=3
+        )
+        wait_until(
+            lambda: any("Hard time limit" in str(e.get("message")) for e in sup.log_events()),
+            timeout=15,
+            what="the message's hard time limit",
+        )
+        sup.signal(signal.SIGTERM)
+        assert sup.wait_exit(10)[0] == 0
+    lines = [line for line in env.lines() if line.split()[1:2] == ["limited"]]
+    times = [float(line.rsplit("t=", 1)[1]) for line in lines]
+    assert lines[0].startswith("start"), lines
+    assert times[-1] - times[0] < 3 + 1.5, lines  # killed at 3 s (a margin for a loaded host)
+    assert not any(line.startswith("done") for line in lines), lines
+
+
+@pytest.mark.timeout(60)
+def test_a_task_registered_after_the_app_is_finalized_gets_its_soft_limit(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # J = 6 s, M = 2 s: a task without limits of its own is warned at J - M = 4 s
+    # (SoftTimeLimitExceeded, which this one swallows) and killed at J.
+    env = _env(tmp_path)
+    with celery_supervisor(
+        env, redis_url, worker_args=("--pool=prefork",), job_timeout="6", release_margin="2"
+    ) as sup:
+        sup.wait_ready()
+        send(redis_url, "late_ticker", "late", 20.0, task_id="late")
+        wait_until(
+            lambda: any(line.startswith("swallowed late") for line in env.lines()),
+            timeout=15,
+            what="the soft time limit of a task registered at worker_init",
+        )
+        sup.signal(signal.SIGTERM)
+        assert sup.wait_exit(10)[0] == 0
+    lines = [line for line in env.lines() if line.split()[1:2] == ["late"]]
+    swallowed = next(line for line in lines if line.startswith("swallowed"))
+    assert "SoftTimeLimitExceeded" in swallowed, lines
+    times = [float(line.rsplit("t=", 1)[1]) for line in (lines[0], swallowed)]
+    assert 3.0 < times[1] - times[0] < 4 + 1.5, lines  # at J - M = 4 s

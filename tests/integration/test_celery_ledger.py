@@ -57,7 +57,7 @@ def test_configure_app_sets_safe_defaults_and_facts_report_overrides(redis_url: 
     configure_app(app, Settings(engine="celery", redis_url=redis_url, job_timeout=100))
     assert app.conf.task_acks_late is True
     assert app.conf.worker_prefetch_multiplier == 8  # the user's value is kept (and reported)
-    app.finalize()  # the time limits come once the tasks are bound (see config._limit_tasks)
+    app.finalize()  # the time limits come once the tasks are bound (see config.limit_tasks)
     assert app.conf.task_time_limit == 100
     assert app.conf.broker_transport_options["visibility_timeout"] == 3600
 
@@ -65,7 +65,7 @@ def test_configure_app_sets_safe_defaults_and_facts_report_overrides(redis_url: 
 def test_restore_skips_a_message_leased_by_a_live_worker(app: Celery, redis_client: Any) -> None:
     ledger = Ledger(app)
     tag = _deliver(app, redis_client, "t1")
-    ledger.refresh_leases([tag], "worker-a", 30)
+    ledger.renew_leases([tag], "worker-a", 30)
     assert ledger.abandoned(older_than=2.0) == []
     assert not ledger.restore(tag)  # crash recovery: the owner is alive
     assert not ledger.restore(tag, owners=("worker-b",))
@@ -100,7 +100,7 @@ def test_release_in_flight_restores_a_dead_workers_messages(
     app: Celery, redis_client: Any, redis_url: str
 ) -> None:
     first, second = _deliver(app, redis_client, "r1"), _deliver(app, redis_client, "r2")
-    Ledger(app).refresh_leases([first, second], "dead-worker", 30)
+    Ledger(app).renew_leases([first, second], "dead-worker", 30)
     refs = [
         {"delivery_tag": first, "worker": "dead-worker"},
         {"job_id": "r0", "delivery_tag": None},  # never delivered: nothing to restore
@@ -210,4 +210,65 @@ def test_checkpoint_is_fenced_by_the_newest_generation(app: Celery) -> None:
     assert ledger.claim_checkpoint("t3", newer_retry) == (True, {"at": 10})
     ledger.finish("t3", newer_retry)
     assert ledger.claim_checkpoint("t3", old) == (True, None)
+    ledger.close()
+
+
+def test_renewal_is_fenced_by_the_holder_and_the_unacked_entry(
+    app: Celery, redis_client: Any
+) -> None:
+    ledger = Ledger(app)
+    mine, theirs = _deliver(app, redis_client, "n1"), _deliver(app, redis_client, "n2")
+    redis_client.set(Ledger.key("lease", theirs), "worker-b")  # delivered again, to b
+    gone = "never-delivered"
+    # An expired lease on a message still unacknowledged is taken back; another holder's, or
+    # one whose message left ``unacked`` (acknowledged, restored), is lost.
+    assert ledger.renew_leases([mine, theirs, gone], "worker-a", 30) == [theirs, gone]
+    assert redis_client.get(Ledger.key("lease", mine)) == b"worker-a"
+    assert redis_client.get(Ledger.key("lease", theirs)) == b"worker-b"
+    assert not redis_client.exists(Ledger.key("lease", gone))
+    assert ledger.renew_leases([], "worker-a", 30) == []
+    ledger.close()
+
+
+def test_ack_is_fenced_by_the_lease(app: Celery, redis_client: Any) -> None:
+    ledger = Ledger(app)
+    tag = _deliver(app, redis_client, "k1")
+    redis_client.set(Ledger.key("lease", tag), "worker-b")
+    assert not ledger.ack(tag, "worker-a")  # b holds it: a's late ack removes nothing
+    assert redis_client.hexists("unacked", tag)
+    assert redis_client.zscore("unacked_index", tag)
+    assert ledger.ack(tag, "worker-b")
+    assert not redis_client.hexists("unacked", tag)
+    assert redis_client.zscore("unacked_index", tag) is None
+    assert not redis_client.exists(Ledger.key("lease", tag))
+    other = _deliver(app, redis_client, "k2")
+    assert ledger.ack(other, "worker-a")  # no lease (expired, nobody took it): acknowledged
+    assert redis_client.hlen("unacked") == 0
+    ledger.close()
+
+
+def test_leases_acks_and_recovery_use_kombus_global_keyprefix(
+    redis_url: str, redis_client: Any
+) -> None:
+    # kombu's client prefixes the commands it knows and an EVALSHA's first key only: the
+    # ledger's other keys must get the prefix too, or its fences would look at other keys.
+    app = Celery("t", broker=redis_url)
+    app.conf.broker_transport_options = {"global_keyprefix": "wk:"}
+    configure_app(app, Settings(engine="celery", redis_url=redis_url))
+    ledger = Ledger(app)
+    app.send_task("noop", args=[], task_id="p1", queue="celery")
+    payload = json.loads(redis_client.rpop("wk:celery"))
+    tag = str(payload["properties"]["delivery_tag"])
+    redis_client.hset("wk:unacked", tag, json.dumps([payload, "celery", "celery"]))
+    redis_client.zadd("wk:unacked_index", {tag: 1.0})
+    redis_client.set(f"wk:{Ledger.key('lease', tag)}", "worker-a")  # what the delivery writes
+    assert ledger.renew_leases([tag], "worker-a", 30) == []
+    assert ledger.abandoned(older_than=2.0) == []  # its lease is alive
+    assert not ledger.ack(tag, "worker-b")
+    assert not ledger.restore(tag, owners=("worker-b",))
+    redis_client.delete(f"wk:{Ledger.key('lease', tag)}")
+    assert ledger.abandoned(older_than=2.0) == [tag]
+    assert ledger.restore(tag)
+    assert redis_client.hlen("wk:unacked") == 0
+    assert redis_client.llen("wk:celery") == 1
     ledger.close()

@@ -16,6 +16,7 @@ from celery import Celery
 from workerkit.engines.celery.config import (
     celery_facts,
     configure_app,
+    limit_tasks,
     set_by_app,
     startup_differences,
     task_timings,
@@ -121,6 +122,25 @@ def test_a_task_with_its_own_hard_limit_gets_no_pool_wide_soft_limit() -> None:
     timings = {t.name: t.timeout for t in task_timings(app)}
     mine = {"no_limit": None, "own_limit": 2.0, "own_soft": None}
     assert {name: timings[name] for name in mine} == mine
+
+
+def test_a_task_registered_after_finalize_gets_its_soft_limit_when_the_worker_starts() -> None:
+    # Celery binds a task registered after finalize with the pool's J and no soft limit; a
+    # task whose own time_limit equals J is still the task's own (kept, as under bare Celery).
+    app = _app()
+    configure_app(app, SETTINGS)
+    app.finalize()
+
+    @app.task(name="late", shared=False)
+    def late() -> None: ...
+
+    @app.task(name="late_own", time_limit=100, shared=False)
+    def late_own() -> None: ...
+
+    assert (app.tasks["late"].time_limit, app.tasks["late"].soft_time_limit) == (100, None)
+    limit_tasks(app, SETTINGS)  # what the worker does as it starts its consumer
+    assert (app.tasks["late"].time_limit, app.tasks["late"].soft_time_limit) == (100, 95)
+    assert (app.tasks["late_own"].time_limit, app.tasks["late_own"].soft_time_limit) == (100, None)
 
 
 def test_the_apps_own_soft_and_hard_limits_apply_as_under_bare_celery() -> None:

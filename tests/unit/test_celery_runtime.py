@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -10,6 +11,7 @@ pytest.importorskip("celery")
 
 from celery import Celery
 
+from workerkit.engines.celery.lease import now
 from workerkit.engines.celery.runtime import Runtime
 from workerkit.events import BatchingSender
 from workerkit.settings import Settings
@@ -35,3 +37,62 @@ def test_a_forked_child_drops_the_parents_event_sender_and_keeps_the_rest() -> N
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert runtime.task_events is parent_events  # the parent keeps its own
+
+
+class FakeLedger:
+    """Stands in for the Redis ledger: the tags whose lease another worker holds."""
+
+    def __init__(self) -> None:
+        self.taken: set[str] = set()
+        self.renewed: list[list[str]] = []
+
+    def renew_leases(self, tags: list[str], owner: str, ttl: float) -> list[str]:
+        self.renewed.append(list(tags))
+        return [tag for tag in tags if tag in self.taken]
+
+
+def _request(tag: str) -> SimpleNamespace:
+    message = SimpleNamespace(delivery_tag=tag, channel=None)
+    return SimpleNamespace(id=f"job-{tag}", message=message, acknowledged=False, eta=None)
+
+
+def test_the_pool_deadline_advances_only_while_no_lease_in_hand_is_lost() -> None:
+    runtime = Runtime(Celery("t"), Settings(engine="celery", recovery_window=30))
+    ledger = FakeLedger()
+    runtime._ledger = ledger  # type: ignore[assignment]
+    running, waiting = _request("a"), _request("b")
+    running._workerkit_dispatched = True  # given to the pool; "b" waits for its ETA
+    for request in (running, waiting):
+        runtime.hold(request)
+    runtime.lease.extend(now() - 10)  # the last good round was 10 s ago: 5 s left
+    runtime._renew_leases()
+    assert 14.5 < (runtime.lease.left() or 0) <= 15.0  # W/2 from this round
+    ledger.taken = {"a", "b"}  # both restored by another worker while this one was stopped
+    runtime.lease.extend(now() - 10)
+    runtime._renew_leases()
+    assert waiting.acknowledged  # never started here: dropped, it will not run
+    assert running._workerkit_lost
+    assert not running.acknowledged
+    assert (runtime.lease.left() or 0) < 5.5  # not advanced: the child's watchdog stops it
+    runtime._renew_leases()
+    assert ledger.renewed[-1] == []  # a lost lease is never renewed (taken back) again
+    assert (runtime.lease.left() or 0) < 5.5
+    runtime.forget(running)  # its (fenced) settle came
+    runtime._renew_leases()
+    assert (runtime.lease.left() or 0) > 14.5
+
+
+def test_a_pool_child_forked_earlier_sees_the_deadline_its_parent_writes_later() -> None:
+    runtime = Runtime(Celery("t"), Settings(engine="celery", recovery_window=30))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child waits for the parent's renewal, then reads the shared deadline
+        os.close(write)
+        os.read(read, 1)
+        left = runtime.lease.left()
+        os._exit(0 if left is not None and 14.0 < left <= 15.0 else 1)
+    os.close(read)
+    runtime.lease.extend(now())
+    os.write(write, b"x")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -17,6 +17,7 @@ from celery.exceptions import Reject, Retry
 
 from workerkit import errors
 from workerkit.engines.attempt import Unrunnable
+from workerkit.engines.celery.lease import LEASE_LOST_REASON, now
 from workerkit.engines.celery.runtime import Runtime
 from workerkit.engines.celery.task import AttemptsExhausted, QuietRelease, run_job
 from workerkit.events import Event, JobFinished, JobStarted
@@ -197,3 +198,26 @@ def test_a_type_error_inside_the_task_is_the_tasks_own(runtime: Runtime) -> None
     with pytest.raises(TypeError, match="unsupported operand"):
         run_job(runtime, FakeTask(), sloppy, (1,), {})
     assert finished(runtime) == "failed"
+
+
+@pytest.mark.parametrize(
+    "run", [lambda: "done", raising(ValueError("bad")), raising(errors.ReleaseJob())]
+)
+def test_a_run_that_ends_after_its_lease_could_not_be_renewed_is_not_settled(
+    runtime: Runtime, run: Any
+) -> None:
+    # The main process's last renewal was a lease ago: another worker may run the task now.
+    # Success, failure or release alike: a Reject with requeue (no result written, and the
+    # main process restores the message only if no other worker holds it).
+    runtime.lease.extend(now() - runtime.lease.ttl)
+    with pytest.raises(Reject) as caught:
+        run_job(runtime, FakeTask(), run, (), {})
+    assert caught.value.requeue is True
+    assert caught.value.reason == LEASE_LOST_REASON
+    assert finished(runtime) == "lease_lost"
+
+
+def test_a_run_whose_lease_is_renewed_settles_as_usual(runtime: Runtime) -> None:
+    runtime.lease.extend(now())
+    assert run_job(runtime, FakeTask(), lambda: "done", (), {}) == "done"
+    assert finished(runtime) == "succeeded"

@@ -21,9 +21,12 @@ if TYPE_CHECKING:
     from workerkit.timing import CeleryFacts, TaskTiming
 
 __all__ = (
+    "PoolLimit",
     "celery_facts",
     "check_worker_args",
     "configure_app",
+    "limit_tasks",
+    "limited_by_workerkit",
     "load_celery_app",
     "load_tasks",
     "set_by_app",
@@ -37,7 +40,7 @@ __all__ = (
 
 #: Where :func:`configure_app` records what it filled in (key -> value) on the app.
 _APPLIED = "_workerkit_applied"
-#: Where :func:`_limit_tasks` records the tasks it gave workerkit's time limits (they had none).
+#: Where :func:`limit_tasks` records the tasks it gave workerkit's time limits (they had none).
 _LIMITED = "_workerkit_limited"
 
 
@@ -194,11 +197,28 @@ def soft_limit_for(hard: float, settings: Settings) -> float:
     return max(hard - settings.release_margin, hard / 2)
 
 
+class PoolLimit(float):
+    """workerkit's ``task_time_limit`` (J): a float that says where it comes from.
+
+    Celery's bind copies ``task_time_limit`` into every task bound later that sets none; such a
+    task's limit is this type, where a task's own ``time_limit=J`` is a plain number: that is
+    how :func:`limit_tasks` tells a task registered after the app was finalized (which needs
+    workerkit's soft limit) from a task with a limit of its own (kept as it is).
+    """
+
+    __slots__ = ()
+
+
+def limited_by_workerkit(app: Any, task_name: str) -> bool:
+    """Whether workerkit gave the task its time limits (it had none of its own)."""
+    return task_name in getattr(app, _LIMITED, ())
+
+
 def _workerkit_defaults() -> dict[str, Any]:
     """What workerkit fills in when the app does not set it (docs/engines/celery.md).
 
     Before the app is finalized: Celery copies ``task_acks_late`` and the like into each task
-    when it binds it. The time limits come after (see :func:`_limit_tasks`).
+    when it binds it. The time limits come after (see :func:`limit_tasks`).
     """
     return {
         "task_acks_late": True,
@@ -236,30 +256,37 @@ def configure_app(app: Any, settings: Settings) -> None:
         conf[key] = applied[key] = value
     setattr(app, _APPLIED, applied)
     if app.finalized:
-        _limit_tasks(app, settings)
+        limit_tasks(app, settings)
     else:
-        app.on_after_finalize.connect(lambda **_: _limit_tasks(app, settings), weak=False)
+        app.on_after_finalize.connect(lambda **_: limit_tasks(app, settings), weak=False)
 
 
-def _limit_tasks(app: Any, settings: Settings) -> None:
+def limit_tasks(app: Any, settings: Settings) -> None:
     """Give each task without time limits a hard limit J and a soft limit M before it.
 
     Once the app is finalized: Celery's bind copies ``task_time_limit`` and
     ``task_soft_time_limit`` into every task that sets none, so before it a limit of the app's
     own (kept, as under bare Celery) and workerkit's cannot be told apart, and after it
-    workerkit's no longer reach the tasks. Per task, never pool-wide: billiard runs a task's hard
-    limit after its soft one, so a pool-wide soft limit would postpone the kill of
-    ``@app.task(time_limit=2)`` until that soft limit (bare Celery kills it at 2 s).
+    workerkit's no longer reach the tasks. Again as the worker starts its consumer: a task
+    registered after the app was finalized (by a ``worker_init`` handler, a bootstep) was bound
+    with the pool's J (a :class:`PoolLimit`) and no soft limit. Per task, never pool-wide:
+    billiard runs a task's hard limit after its soft one, so a pool-wide soft limit would
+    postpone the kill of ``@app.task(time_limit=2)`` until that soft limit (bare Celery kills it
+    at 2 s).
     """
     applied: dict[str, Any] = getattr(app, _APPLIED)
     if not set_by_app(app, "task_time_limit"):
         # The pool's default: Celery's own tasks, and tasks registered from now on.
-        app.conf["task_time_limit"] = applied["task_time_limit"] = settings.job_timeout
+        app.conf["task_time_limit"] = applied["task_time_limit"] = PoolLimit(settings.job_timeout)
     hard = float(settings.job_timeout)
     soft = soft_limit_for(hard, settings)
     limited: set[str] = getattr(app, _LIMITED, set())
     for task in user_tasks(app):
-        if task.name in limited or (task.time_limit is None and task.soft_time_limit is None):
+        if task.name in limited:
+            continue
+        # None: bound before workerkit's J was the pool's; a PoolLimit: bound after, from it.
+        pool_default = task.time_limit is None or type(task.time_limit) is PoolLimit
+        if pool_default and task.soft_time_limit is None:
             task.time_limit, task.soft_time_limit = hard, soft
             limited.add(task.name)
     setattr(app, _LIMITED, limited)

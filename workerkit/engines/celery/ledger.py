@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Final
 
@@ -59,6 +59,10 @@ _SAVE_CHECKPOINT: Final = _script("save_checkpoint.lua")
 _FINISH: Final = _script("finish.lua")
 
 
+def _plain(name: str) -> str:
+    return resources.files("workerkit.engines.celery").joinpath(name).read_text()
+
+
 def count(value: Any) -> int:
     """A header's or a setting's count: a non-negative int, 0 when missing or malformed."""
     try:
@@ -82,9 +86,16 @@ class Ledger:
         self.client = self.channel.client
         self.unacked_key: str = self.channel.unacked_key
         self.unacked_index_key: str = self.channel.unacked_index_key
+        # kombu's ``global_keyprefix``: its client adds it to the key of the commands it knows
+        # (SET, HGET, DEL, WATCH, ...) and to the first key of an EVALSHA only; we add it to
+        # the others, so that every command reaches the key kombu's own commands use.
+        self._prefix = str(getattr(self.channel, "global_keyprefix", "") or "")
+        self._indices = (self.unacked_key, self.unacked_index_key)
         self._claim = self.client.register_script(_CLAIM_CHECKPOINT)
         self._save = self.client.register_script(_SAVE_CHECKPOINT)
         self._finish = self.client.register_script(_FINISH)
+        self._renew = self.client.register_script(_plain("renew.lua"))
+        self._ack = self.client.register_script(_plain("ack.lua"))
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -116,12 +127,23 @@ class Ledger:
 
     # --- leases and restores --------------------------------------------------------------
 
-    def refresh_leases(self, tags: Iterable[str], owner: str, ttl: float) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        milliseconds = max(1, int(ttl * 1000))
-        for tag in tags:
-            pipe.set(self.key("lease", tag), owner, px=milliseconds)
-        pipe.execute()
+    def renew_leases(self, tags: Sequence[str], owner: str, ttl: float) -> list[str]:
+        """Renew ``owner``'s leases on ``tags``, fenced (renew.lua): the tags that are lost.
+
+        A lease is lost once its message left ``unacked`` (acknowledged, or restored by a
+        worker that saw the lease expire) or another worker's delivery of it holds the lease.
+        """
+        if not tags:
+            return []
+        keys = [self.unacked_key, *(self._prefix + self.key("lease", tag) for tag in tags)]
+        lost = self._renew(keys=keys, args=[owner, max(1, int(ttl * 1000)), *tags])
+        return [t.decode() if isinstance(t, bytes) else str(t) for t in lost or ()]
+
+    def ack(self, tag: str, owner: str) -> bool:
+        """kombu's ack of ``tag``, fenced (ack.lua): False, and nothing removed, when another
+        worker holds the message's lease (it was restored and delivered again meanwhile)."""
+        keys = [self.key("lease", tag), *(self._prefix + k for k in self._indices)]
+        return bool(self._ack(keys=keys, args=[owner, tag]))
 
     def restore(
         self,
@@ -147,7 +169,7 @@ class Ledger:
             nonlocal restored
             restored = False
             raw = pipe.hget(self.unacked_key, tag)
-            holder = pipe.get(lease_key)
+            holder = pipe.get(self._prefix + lease_key)
             if holder is not None:
                 holder = holder.decode() if isinstance(holder, bytes) else str(holder)
             if raw is None or (holder is not None and holder not in (owners or ())):
@@ -234,14 +256,14 @@ class Ledger:
     def abandoned(self, older_than: float, limit: int = 100) -> list[str]:
         """Tags delivered before ``older_than`` (epoch seconds) whose lease key is gone."""
         tags = self.client.zrangebyscore(
-            self.unacked_index_key, "-inf", older_than, start=0, num=limit
+            self._prefix + self.unacked_index_key, "-inf", older_than, start=0, num=limit
         )
         if not tags:
             return []
         names = [t.decode() if isinstance(t, bytes) else str(t) for t in tags]
         pipe = self.client.pipeline(transaction=False)
         for name in names:
-            pipe.exists(self.key("lease", name))
+            pipe.exists(self._prefix + self.key("lease", name))
         return [name for name, alive in zip(names, pipe.execute(), strict=True) if not alive]
 
     def task_id_of(self, tag: str) -> str | None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from workerkit import events as events_module
 from workerkit.engines.attempt import HEALTH_EVERY, HEARTBEAT_EVERY, Duty, Keeper, release_each
+from workerkit.engines.celery.lease import LeaseClock, Watchdog, now
 from workerkit.engines.celery.ledger import Ledger
 from workerkit.events import (
     BATCH_DELAY,
@@ -39,7 +40,7 @@ from workerkit.job import request_stop_all
 if TYPE_CHECKING:
     from workerkit.settings import Settings
 
-__all__ = ("DRAIN_TICK", "Runtime", "pool_pids")
+__all__ = ("DRAIN_TICK", "Runtime", "lease_at_delivery", "pool_pids")
 
 log = logging.getLogger("workerkit.engines.celery")
 
@@ -60,6 +61,10 @@ class Runtime:
         self.settings = settings
         self.window = settings.recovery_window
         self.lease_ttl = self.window / 2
+        #: Until when this worker's leases live, shared with its pool children (lease.py).
+        self.lease = LeaseClock(self.lease_ttl)
+        #: A prefork pool child's watchdog (started by :meth:`start_watchdog`), else None.
+        self.watchdog: Watchdog | None = None
         # The main process's id: leases are its, also for messages its pool children run.
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.events = events_module.client("celery-worker")
@@ -121,8 +126,14 @@ class Runtime:
         # nor share its Redis connection, nor inherit a lock another thread held at the fork.
         # Dropping them at fork spares every task an os.getpid() (a system call).
         self.task_events = None
+        self.watchdog = None
         self._ledger = None
         self._ledger_lock = threading.Lock()
+
+    def start_watchdog(self) -> None:
+        """In a prefork pool child: stop its task before the worker's leases can expire."""
+        self.watchdog = Watchdog(self.lease)
+        self.watchdog.start()
 
     # --- hooks from Celery ----------------------------------------------------------------
 
@@ -137,9 +148,20 @@ class Runtime:
             if self.draining:
                 self._hand_back(request)
                 return
+            if getattr(request, "_workerkit_lost", False):
+                self._drop(request)  # another worker holds it now (an ETA that waited)
+                return
+            request._workerkit_dispatched = True  # it may run from now on (see _renew_leases)
             dispatch(request)
 
         consumer.on_task_request = gate
+
+    def on_consumer_start(self, consumer: Any) -> None:
+        """Each time the consumer (re)starts: its deliveries take their lease at once."""
+        channel = getattr(consumer.task_consumer, "channel", None)
+        qos = getattr(channel, "qos", None)
+        if qos is not None and hasattr(qos, "unacked_key"):
+            lease_at_delivery(qos, self.worker_id, self.lease_ttl)
 
     def hold(self, request: Any) -> None:
         """A message reached this worker (its Request was built): it is held until settled."""
@@ -173,6 +195,9 @@ class Runtime:
             if self._started or self.draining:
                 return  # a SIGTERM came first: the drain thread is stopping this worker
             self._started = True
+        # Nothing was consumed before: a message delivered from now on has a lease that lives
+        # at least lease_ttl past this instant (it takes it at delivery).
+        self.lease.extend(now())
         self.events.send(WorkerReady("celery", tuple(self._queues()), self._concurrency()))
         Keeper(
             self._duties(), log=log, name="workerkit-keeper", on_error=self._keeper_failed
@@ -366,9 +391,51 @@ class Runtime:
         self.events.send(StoreHealth(ok=False, reason=f"broker: {type(exc).__name__}"))
 
     def _renew_leases(self) -> None:
-        tags = [t for t in (self._tag(r) for r in self._in_hand()) if t is not None]
-        if tags:
-            self.ledger.refresh_leases(tags, self.worker_id, self.lease_ttl)
+        """Renew the leases in hand; advance the pool's deadline only when none was lost.
+
+        A lost lease (its message restored by another worker after our lease expired, e.g.
+        while this process was stopped) is never taken back: a message not started yet is
+        dropped, a running one is left to its pool child's watchdog, which stops it at the
+        deadline that stops advancing here until that run is settled (fenced) and forgotten.
+        """
+        started = now()
+        held = self._in_hand()
+        renewing = {
+            tag: request
+            for request in held
+            if not getattr(request, "_workerkit_lost", False)
+            and (tag := self._tag(request)) is not None
+        }
+        lost = self.ledger.renew_leases(list(renewing), self.worker_id, self.lease_ttl)
+        for tag in lost:
+            request = renewing[tag]
+            if request.acknowledged:
+                continue  # acknowledged meanwhile (by the loop): not lost, done
+            request._workerkit_lost = True
+            log.warning(
+                "lease lost: another worker holds the message now",
+                extra={"event": "lease_lost", "job_id": request.id, "tag": tag},
+            )
+            if not getattr(request, "_workerkit_dispatched", False):
+                self._drop(request)  # never given to the pool: it will not start here
+        if not any(getattr(r, "_workerkit_lost", False) for r in self._in_hand()):
+            self.lease.extend(started)
+
+    def _drop(self, request: Any) -> None:
+        """Let go of a message whose lease is lost: it must not start here, nor be settled."""
+        timer_entry = getattr(request, "_eta_timer_entry", None)
+        if timer_entry is not None:
+            with contextlib.suppress(Exception):
+                timer_entry.cancel()
+        request.acknowledged = True
+        with contextlib.suppress(Exception):
+            request.message.channel.qos._quick_ack(request.message.delivery_tag)
+            request.message._state = "REQUEUED"
+        from celery.worker import state
+
+        with contextlib.suppress(Exception):
+            state.task_ready(request)
+        self.forget(request)
 
     def _heartbeat(self) -> None:
         self.events.send(Heartbeat(running=len(self._in_hand())))
@@ -435,3 +502,35 @@ def pool_pids(consumer: Any) -> list[int]:
     pool = getattr(getattr(consumer, "pool", None), "_pool", None)
     processes = getattr(pool, "_pool", None) or []
     return [int(p.pid) for p in processes if getattr(p, "pid", None)]
+
+
+def lease_at_delivery(qos: Any, owner: str, ttl: float) -> None:
+    """Make kombu's Redis QoS write a message's lease with its ``unacked`` entry.
+
+    kombu's ``QoS.append`` (kombu 5.x), with one more command in its pipeline: the lease key,
+    ``owner``'s for ``ttl`` s. So every delivery holds its lease from the instant it is in
+    ``unacked``, and a lease that is gone means that no worker holds that delivery: the fences
+    of the ack, the restore and the renewal (ledger.py) compare the holder exactly.
+    """
+    if getattr(qos, "_workerkit_owner", None) == owner:
+        return
+    from kombu.transport.virtual import QoS as VirtualQoS
+    from kombu.utils.json import dumps
+
+    remember: Any = VirtualQoS.append  # kombu's in-memory bookkeeping of the delivery
+    encode: Any = dumps
+
+    milliseconds = max(1, int(ttl * 1000))
+
+    def append(message: Any, delivery_tag: Any) -> None:
+        delivery = message.delivery_info
+        raw = encode([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with qos.pipe_or_acquire() as pipe:
+            pipe.zadd(qos.unacked_index_key, {delivery_tag: time.time()})
+            pipe.hset(qos.unacked_key, delivery_tag, raw)
+            pipe.set(Ledger.key("lease", str(delivery_tag)), owner, px=milliseconds)
+            pipe.execute()
+            remember(qos, message, delivery_tag)
+
+    qos.append = append
+    qos._workerkit_owner = owner

@@ -24,8 +24,10 @@ from workerkit.engines.attempt import (
     check_arguments,
     verdict_for,
 )
-from workerkit.engines.celery.config import user_tasks
+from workerkit.engines.celery.config import limited_by_workerkit, soft_limit_for, user_tasks
+from workerkit.engines.celery.lease import LEASE_LOST_REASON
 from workerkit.engines.celery.ledger import CRASHES_HEADER, GEN_HEADER, Generation, count
+from workerkit.errors import LeaseLost
 from workerkit.events import CheckpointSaved, JobFinished, JobOutcome, JobStarted
 from workerkit.job import JobContext
 
@@ -96,7 +98,7 @@ class CeleryJobContext(JobContext):
             task=task.name,
             queue=queue,
             attempt=attempt,
-            deadline=started_at + float(task.time_limit or settings.job_timeout),
+            deadline=started_at + _hard_limit(task, settings.job_timeout),
             checkpoint_interval=settings.checkpoint_interval,
             save=self._save_fenced,
             on_checkpoint_saved=self._report_saved,
@@ -149,6 +151,12 @@ class CeleryJobContext(JobContext):
                     "error": str(exc),
                 },
             )
+
+
+def _hard_limit(task: Any, default: float) -> float:
+    """The run's hard time limit: the message's own (``apply_async(time_limit=...)``) first."""
+    limits = getattr(task.request, "timelimit", None) or (None, None)
+    return float(limits[0] or task.time_limit or default)
 
 
 @functools.cache
@@ -214,11 +222,16 @@ def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwa
         if crashes >= max_attempts:
             raise _poison(task.name, job_id, crashes, max_attempts)
         check_arguments(run, args, kwargs)
-        with context.activate():
-            result = run(*args, **kwargs)
+        result = _run_leased(runtime, context, run, args, kwargs)
     except BaseException as exc:
         # Looked up here only: a task that returns pays nothing for the table.
         Reject, rules = _celery_rules()  # noqa: N806
+        if context.lease_lost or runtime.lease.expiring():
+            # The lease could not be renewed: another worker may run the task now. Nothing of
+            # this run is settled (no result, no ack): the main process restores the message
+            # only if no other worker holds it (WorkerkitRequestMixin.reject, fenced).
+            outcome = "lease_lost"
+            raise _lease_lost(job_id, task.name) from None
         match verdict_for(exc, rules, backoff=_five_seconds):
             case Release():
                 outcome = "released"
@@ -253,6 +266,10 @@ def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwa
         events.send(JobFinished(job_id, task.name, queue, outcome, time.monotonic() - started))
 
 
+#: The Rejects of ours that Celery need not log (run_job logged them already).
+_QUIET: Final = (RELEASE_REASON, LEASE_LOST_REASON)
+
+
 class QuietRelease(logging.Filter):
     """Drops ``celery.app.trace``'s record of a job's release (filter that logger with it).
 
@@ -264,9 +281,44 @@ class QuietRelease(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None:
-            return getattr(exc, "reason", None) != RELEASE_REASON
+            return getattr(exc, "reason", None) not in _QUIET
         data = getattr(record, "data", None)
-        return not (isinstance(data, dict) and RELEASE_REASON in str(data.get("exc", "")))
+        text = str(data.get("exc", "")) if isinstance(data, dict) else ""
+        return not any(reason in text for reason in _QUIET)
+
+
+def _run_leased(
+    runtime: Runtime, context: JobContext, run: Callable[..., Any], args: Any, kwargs: Any
+) -> Any:
+    """Run the task in its context, under the lease watchdog in a prefork pool child.
+
+    A run that ends (even successfully) once the worker could no longer renew its lease
+    raises LeaseLost: it must not be settled, another worker may run the task by now.
+    """
+    watchdog = runtime.watchdog  # a prefork pool child's (lease.py)
+    with context.activate():
+        if watchdog is None:
+            result = run(*args, **kwargs)
+        else:
+            watchdog.begin(context)
+            try:
+                result = run(*args, **kwargs)
+            finally:
+                watchdog.end(context)
+    if context.lease_lost or runtime.lease.expiring():
+        raise LeaseLost(f"task {context.job_id}: the worker could not renew its lease")
+    return result
+
+
+def _lease_lost(job_id: str, task: str) -> Exception:
+    from celery.exceptions import Reject
+
+    log.warning(
+        "lease lost: the task is given back unsettled",
+        extra={"event": "job_lease_lost", "job_id": job_id, "task": task},
+    )
+    rejection: Exception = Reject(LEASE_LOST_REASON, requeue=True)
+    return rejection
 
 
 def _poison(task: str, job_id: str, crashes: int, max_attempts: int) -> AttemptsExhausted:
@@ -350,8 +402,10 @@ class WorkerkitRequestMixin:
 
     # Celery's Request has these (it is the other base).
     id: str
+    type: str
     message: Any
     acknowledged: bool
+    time_limits: tuple[float | None, float | None]
     send_event: Callable[..., Any]
 
     _workerkit_runtime: Runtime  # set by request_class()
@@ -360,14 +414,48 @@ class WorkerkitRequestMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         base: Any = super()
         base.__init__(*args, **kwargs)
+        runtime = self._workerkit_runtime
+        hard, soft = self.time_limits
+        if hard and not soft and limited_by_workerkit(runtime.app, self.type):
+            # A message's own hard limit (apply_async(time_limit=...)) on a task workerkit gave
+            # its limits: Celery would take workerkit's soft limit for the message, and billiard
+            # schedules a hard limit after the soft one, so the message's limit would only
+            # apply at J - M. Its soft limit follows its hard one (M before it, as workerkit's).
+            self.time_limits = (hard, soft_limit_for(float(hard), runtime.settings))
         # Held from here until acknowledged or requeued. Celery's task_received signal would
         # tell the same a little later, at several microseconds per message for its dispatch.
         self._workerkit_runtime.hold(self)
 
     def acknowledge(self) -> None:
-        base: Any = super()
-        base.acknowledge()
+        if not self.acknowledged:
+            self._settle_fenced(lambda base: base.acknowledge(), "ACK")
         self._workerkit_runtime.forget(self)
+
+    def _settle_fenced(self, unfenced: Callable[[Any], None], state: str) -> None:
+        """kombu's ack (or reject without requeue), unless another worker holds the message.
+
+        A run whose lease expired (its worker was stopped) while another worker restored and
+        took the message must not remove that worker's ``unacked`` entry: the message would
+        be lost if that worker then died. Fenced by the lease (ledger.ack, ack.lua).
+        """
+        runtime = self._workerkit_runtime
+        message = self.message
+        base: Any = super()
+        try:
+            settled = runtime.ledger.ack(str(message.delivery_tag), runtime.worker_id)
+        except Exception:
+            unfenced(base)  # the broker is unreachable: kombu's own path logs the error
+            return
+        with contextlib.suppress(Exception):
+            message.channel.qos._quick_ack(message.delivery_tag)  # kombu's in-memory part
+        with contextlib.suppress(Exception):
+            message._state = state
+        self.acknowledged = True
+        if not settled:
+            log.warning(
+                "not settled: another worker holds the message now (this run's lease expired)",
+                extra={"event": "settle_fenced", "job_id": self.id},
+            )
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
@@ -385,9 +473,15 @@ class WorkerkitRequestMixin:
     def reject(self, requeue: bool = False) -> None:
         base: Any = super()
         runtime = self._workerkit_runtime
-        if not requeue or self.acknowledged:
+        if self.acknowledged:
             base.reject(requeue=requeue)
             runtime.forget(self)
+            return
+        if not requeue:
+            self._settle_fenced(lambda base: base.reject(requeue=False), "REJECTED")
+            runtime.forget(self)
+            with contextlib.suppress(Exception):
+                self.send_event("task-rejected", requeue=False)
             return
         message = self.message
         try:

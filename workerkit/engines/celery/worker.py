@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from workerkit import events as events_module
 from workerkit.engines.celery.config import (
     configure_app,
+    limit_tasks,
     load_celery_app,
     startup_differences,
     worker_argv,
@@ -46,13 +47,26 @@ def install(app: Any, settings: Settings) -> Runtime:
     runtime = Runtime(app, settings)
 
     class WorkerkitStep(bootsteps.StartStopStep):  # type: ignore[misc]
-        """Gates the consumer's dispatch to the pool (see Runtime.attach)."""
+        """Gates the consumer's dispatch to the pool (see Runtime.attach); leases at delivery."""
 
         requires = ("celery.worker.consumer.tasks:Tasks",)
 
         def __init__(self, parent: Any, **kwargs: Any) -> None:
             super().__init__(parent, **kwargs)
             runtime.attach(parent)
+            build = parent.update_strategies
+
+            def update_strategies() -> None:
+                # Celery builds each task's strategy (its Request class, its default time
+                # limits) here, at every consumer start: a task registered since is adopted.
+                _adopt_tasks(app, settings, runtime)
+                build()
+
+            parent.update_strategies = update_strategies
+
+        def start(self, parent: Any) -> None:
+            # After the Tasks step made the task consumer (again, after a reconnection).
+            runtime.on_consumer_start(parent)
 
     app.steps["consumer"].add(WorkerkitStep)
 
@@ -65,7 +79,10 @@ def install(app: Any, settings: Settings) -> Runtime:
         # still works (billiard follows its SIGTERM with SIGKILL after 0.1 s).
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # The lease watchdog's kill (lease.py): the kernel's, even while a task holds the GIL.
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
         events_module.client("celery-executor").on_command(runtime.on_executor_command)
+        runtime.start_watchdog()
 
     celery_signals.worker_ready.connect(on_ready, weak=False)
     celery_signals.worker_process_init.connect(on_child_start, weak=False)
@@ -80,7 +97,7 @@ def install(app: Any, settings: Settings) -> Runtime:
     class Worker(base):  # type: ignore[misc,valid-type]
         def on_init_blueprint(self) -> None:
             super().on_init_blueprint()  # imports the task modules and finalizes the app
-            wrap_tasks(self.app, runtime)
+            _adopt_tasks(self.app, settings, runtime)
 
         def install_platform_tweaks(self, worker: Any) -> None:
             super().install_platform_tweaks(worker)
@@ -100,6 +117,12 @@ def install(app: Any, settings: Settings) -> Runtime:
     app.Worker = Worker
     # Jobs of the solo and threads pools run in this process: they hear commands here.
     return runtime
+
+
+def _adopt_tasks(app: Any, settings: Settings, runtime: Runtime) -> None:
+    """workerkit's time limits, job context and Request class for every task registered so far."""
+    limit_tasks(app, settings)
+    wrap_tasks(app, runtime)
 
 
 class _TaskFields(logging.Filter):
