@@ -521,7 +521,7 @@ def _read_config_file(path: Path, is_pyproject: bool) -> dict[str, object]:
 # Kubernetes injects <SERVICE>_SERVICE_HOST, <SERVICE>_PORT, <SERVICE>_PORT_8080_TCP... for every
 # Service in the namespace; a Service named "workerkit" would look like settings of ours.
 _K8S_SERVICE_LINK_PREFIXES = ("SERVICE_", "PORT")
-_ENV_NOT_SETTINGS = frozenset({"CONFIG", "SUPERVISOR_SOCKET"})
+_ENV_NOT_SETTINGS = frozenset({"CONFIG", "SUPERVISOR_SOCKET", "SUPERVISOR_PID"})
 
 
 def load_settings(

@@ -8,6 +8,7 @@ every job rather than on exit codes alone.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 
 from tests.apps.journal import record
@@ -76,3 +77,14 @@ def orphan(tag: str) -> None:
 def tick(tag: str) -> None:
     """A quick job that only records that it ran (for counting runs under load)."""
     record(f"ran {tag} {current_job().attempt}")
+
+
+@app.task(name="spawner", timeout=60)
+def spawner(tag: str) -> None:
+    """Starts ``sleep 1000`` in a session of its own (out of reach of any process-group kill),
+    records its pid, then ignores stop requests: only a release or a kill ends the attempt."""
+    child = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    record(f"child {tag} {child.pid}")
+    record(f"start {tag} {current_job().attempt}")
+    while True:
+        time.sleep(0.02)

@@ -12,6 +12,7 @@ hand, so there is no drain window: the stop starts at once, and the exit says ST
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import signal
@@ -81,7 +82,7 @@ class WorkerStopping:
 
 @dataclass(frozen=True)
 class SignalReceived:
-    """The supervisor received SIGTERM or SIGINT."""
+    """The supervisor received SIGTERM, SIGINT or SIGHUP (a drain), or SIGQUIT (release now)."""
 
     signum: int
     now: float
@@ -259,6 +260,8 @@ class Lifecycle:
                 return self._on_worker_ready()
             case WorkerStopping(now=now):
                 return self._on_worker_stopping(now)
+            case SignalReceived(signum=signal.SIGQUIT, now=now):
+                return self._on_quit(now)
             case SignalReceived(signum=signum, now=now):
                 return self._on_signal(signum, now)
             case Tick(now=now):
@@ -543,3 +546,32 @@ class Lifecycle:
             ),
             Exit(code, outcome, duration),
         ]
+
+    def _on_quit(self, now: float) -> list[Action]:
+        """SIGQUIT: no drain window; ask the jobs to stop and release them now, then exit.
+
+        Celery's cold shutdown, without its loss: what is in hand goes back to its queue with
+        its checkpoint. During a drain it skips what is left of the window (an impatient
+        operator); the kill and exit deadlines stay where they were, or come M after now.
+        """
+        actions: list[Action] = [
+            Log(
+                "signal_received",
+                "SIGQUIT received: releasing the jobs in hand now",
+                fields={"signal": "SIGQUIT", "immediate": True},
+            )
+        ]
+        if not self.shutting_down:
+            self._begin_drain(now, "SIGQUIT")
+            self.deadlines = Deadlines.after(now, 0.0, self.release_margin)
+            actions.append(self._drain_log("SIGQUIT"))
+            if self.child_alive:
+                self._signalled_child = True
+                actions.append(SignalChild(signal.SIGTERM))
+        assert self.deadlines is not None
+        self.deadlines = dataclasses.replace(
+            self.deadlines,
+            request_stop_at=min(self.deadlines.request_stop_at, now),
+            release_at=min(self.deadlines.release_at, now),
+        )
+        return actions + self._on_tick(now)

@@ -29,7 +29,10 @@ import anyio.lowlevel
 from workerkit import events as ev
 from workerkit import exitcodes
 from workerkit.engines.base import AppTiming
+from workerkit.engines.lifeline import SUPERVISOR_PID_ENV
 from workerkit.errors import ConfigurationError
+from workerkit.events import SOCKET_ENV
+from workerkit.proctree import processes_with_env, stop_processes
 from workerkit.settings import settings_to_env
 from workerkit.supervisor.channel import Channel, Connection
 from workerkit.supervisor.http import Health, HttpServer
@@ -52,7 +55,7 @@ from workerkit.supervisor.lifecycle import (
     WorkerStopping,
 )
 from workerkit.supervisor.metrics import SupervisorMetrics
-from workerkit.supervisor.process import ChildProcess
+from workerkit.supervisor.process import ChildProcess, become_subreaper, descendants
 
 if TYPE_CHECKING:
     from workerkit.engines.base import Engine
@@ -73,6 +76,10 @@ EXIT_EVENTS_GRACE: Final = 0.25
 INBOX_SIZE: Final = 1024
 #: Longest store-health reason kept for /readyz.
 _MAX_REASON: Final = 200
+#: The signals the supervisor acts on (docs/operations/lifecycle.md, "Signals"): SIGTERM, SIGINT
+#: and SIGHUP drain; SIGQUIT releases at once. Without a handler SIGQUIT and SIGHUP would kill
+#: the supervisor and orphan its worker.
+_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 @dataclass(frozen=True)
@@ -131,10 +138,11 @@ class Supervisor:
                     signals: AsyncIterator[signal.Signals] | None = None
                     if self.handle_signals:
                         signals = stack.enter_context(
-                            anyio.open_signal_receiver(
-                                signal.SIGTERM, signal.SIGINT, signal.SIGCHLD
-                            )
+                            anyio.open_signal_receiver(*_SIGNALS, signal.SIGCHLD)
                         )
+                        # Orphans of the worker's tree (a job's subprocess whose parent exited)
+                        # come to us rather than to init: we reap them, and stop them at exit.
+                        become_subreaper()
                     self.channel = await stack.enter_async_context(Channel(self._on_events))
                     if self.settings.http_port:
                         try:
@@ -181,7 +189,12 @@ class Supervisor:
                 extra={"event": "worker_start_failed", "error": str(exc)},
             )
             return False
-        env = {**os.environ, **settings_to_env(self.settings), **channel.child_env()}
+        env = {
+            **os.environ,
+            **settings_to_env(self.settings),
+            **channel.child_env(),
+            SUPERVISOR_PID_ENV: str(os.getpid()),
+        }
         child = ChildProcess(argv, env)
         try:
             pid = child.start()
@@ -403,6 +416,26 @@ class Supervisor:
             while child.running and time.monotonic() < deadline:
                 child.reap()
                 time.sleep(0.01)
+        self._stop_leftover_processes(child)
+
+    def _stop_leftover_processes(self, child: ChildProcess) -> None:
+        """Stop what the worker's jobs started and left running (TERM, then KILL), by pid.
+
+        Ours are the processes that carry this run's socket path in their environment (inherited
+        from the worker, wherever they were re-parented to) and, when we are the process's own
+        program rather than embedded, every process still below us (orphans we adopted).
+        """
+        marker = child.env.get(SOCKET_ENV)
+        pids = processes_with_env(SOCKET_ENV, marker) if marker else []
+        if self.handle_signals:
+            pids += descendants(os.getpid())
+        if not pids:
+            return
+        killed = stop_processes(pids, reap=child.reap)
+        log.warning(
+            "processes the worker's jobs started were still running at exit; stopped",
+            extra={"event": "leftovers_stopped", "pids": sorted(set(pids)), "killed": killed},
+        )
 
 
 def _fields(event: ev.Event) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 from workerkit import events as events_module
 from workerkit.engines.attempt import HEALTH_EVERY, HEARTBEAT_EVERY, Duty, Keeper, release_each
 from workerkit.engines.celery.ledger import Ledger
+from workerkit.engines.lifeline import Lifeline
 from workerkit.events import (
     BATCH_DELAY,
     BatchingSender,
@@ -194,6 +195,9 @@ class Runtime:
         # the broker (kombu's retry loop, which can last minutes) must stop the worker at once.
         self.events.on_command(self._on_command)
         threading.Thread(target=self._control, name="workerkit-drain", daemon=True).start()
+        # The supervisor's death, or SIGQUIT (Celery's cold shutdown, which would leave every
+        # message to the visibility timeout): the release deadline, at once.
+        Lifeline(self._release_all).start()
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         with contextlib.suppress(OSError):

@@ -44,6 +44,7 @@ from workerkit.engines.attempt import (
     release_each,
     verdict_for,
 )
+from workerkit.engines.lifeline import Lifeline, stop_children
 from workerkit.errors import JobInterrupted, LeaseLost, PayloadError, SchemaOutOfDate, StoreError
 from workerkit.events import (
     CheckpointSaved,
@@ -59,6 +60,7 @@ from workerkit.events import (
 )
 from workerkit.idempotency import outcome_of
 from workerkit.job import JobContext
+from workerkit.proctree import STOP_GRACE
 
 if TYPE_CHECKING:
     from workerkit.engines.base import Delivery, QueueBackend
@@ -581,7 +583,13 @@ def main() -> None:
         sys.exit(2)
     app.configure_settings(settings)
     events = events_module.client("worker")
-    code = NativeWorker(app, settings, events=events).run()
+    worker = NativeWorker(app, settings, events=events)
+    # The supervisor's death (or SIGQUIT) is the supervisor's release command, at once.
+    Lifeline(worker.request_release).start()
+    code = worker.run()
+    # Jobs run in threads of this process, so a subprocess cannot be told apart by the job
+    # that started it: every one still running is stopped now, as the worker ends.
+    stop_children(STOP_GRACE)
     logging.shutdown()
     # Job threads of released or timed-out jobs may still be blocked in C code; their work is
     # settled and fenced, so do not wait for them.
