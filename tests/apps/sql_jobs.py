@@ -8,6 +8,7 @@ every job rather than on exit codes alone.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 
@@ -88,3 +89,20 @@ def spawner(tag: str) -> None:
     record(f"start {tag} {current_job().attempt}")
     while True:
         time.sleep(0.02)
+
+
+@app.task(name="kills_its_worker", timeout=30)
+def kills_its_worker(tag: str) -> None:
+    """SIGKILLs the process it runs in, every time (an out-of-memory kill of the worker)."""
+    record(f"start {tag} {current_job().attempt}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task(name="killed_once", timeout=30)
+def killed_once(tag: str) -> None:
+    """SIGKILLs its worker on its first attempt (an out-of-memory kill), then runs to the end."""
+    record(f"start {tag} {current_job().attempt}")
+    if current_job().attempt == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.2)
+    record(f"done {tag}")

@@ -96,9 +96,12 @@ def test_a_released_jobs_subprocess_is_gone_when_the_supervisor_exits(
         pod.signal(signal.SIGTERM)
         code, _ = pod.wait_exit(20)
         assert code == 0, pod.log_text()
-        assert any(
-            e.get("outcome") == "released" for e in pod.events_named("job_finished")
-        ) or pod.events_named("worker_released"), pod.log_text()
+        # Released by the worker (or, on a slow machine, by the supervisor after its kill).
+        assert (
+            any(e.get("outcome") == "released" for e in pod.events_named("job_finished"))
+            or pod.events_named("worker_released")
+            or pod.events_named("in_flight_released")
+        ), pod.log_text()
         # Stopped before the supervisor exited (a zombie until init reaps it is gone too).
         assert process_state(sleeper) in (None, "Z"), pod.log_text()
     finally:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from workerkit import exitcodes
 from workerkit.events import CommandMessage, Release, RequestStop
+from workerkit.supervisor.restarts import CrashLoop
 from workerkit.timing.deadlines import Deadlines
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ __all__ = (
     "ShutdownOutcome",
     "SignalChild",
     "SignalReceived",
+    "StartChild",
     "State",
     "Tick",
     "WorkerExited",
@@ -158,6 +160,11 @@ class BroadcastCommand:
 
 
 @dataclass(frozen=True)
+class StartChild:
+    """Start a new worker process (the last one crashed and is restarted)."""
+
+
+@dataclass(frozen=True)
 class KillChild:
     """SIGKILL the worker process and whatever it started."""
 
@@ -193,7 +200,7 @@ class Exit:
     drain_duration: float | None
 
 
-Action = SignalChild | BroadcastCommand | KillChild | ReleaseInFlight | Log | Exit
+Action = SignalChild | BroadcastCommand | KillChild | ReleaseInFlight | Log | Exit | StartChild
 
 
 # --- the machine ----------------------------------------------------------------------------
@@ -212,9 +219,16 @@ class Lifecycle:
     ``drain_window`` is D and ``release_margin`` is M, in seconds (see :meth:`from_settings`).
     """
 
-    def __init__(self, drain_window: float, release_margin: float) -> None:
+    def __init__(
+        self, drain_window: float, release_margin: float, *, restart_crashed: bool = False
+    ) -> None:
         self.drain_window = drain_window
         self.release_margin = release_margin
+        #: Restart a worker that crashed after it was ready, up to the crash-loop limit.
+        self.restart_crashed = restart_crashed
+        self._crash_loop = CrashLoop()
+        self._restart_at: float | None = None  # a crashed worker is restarted at this instant
+        self._ready_since_start = False  # this worker process (not an earlier one) got ready
         self.state = State.STARTING
         self.deadlines: Deadlines | None = None
         self.drain_started_at: float | None = None  # None when no drain happened (a crash)
@@ -239,8 +253,8 @@ class Lifecycle:
         self._released_by_supervisor = 0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Lifecycle:
-        return cls(settings.drain_window, settings.release_margin)
+    def from_settings(cls, settings: Settings, *, restart_crashed: bool = False) -> Lifecycle:
+        return cls(settings.drain_window, settings.release_margin, restart_crashed=restart_crashed)
 
     @property
     def shutting_down(self) -> bool:
@@ -256,7 +270,12 @@ class Lifecycle:
         if self.state is State.STOPPED:
             return []
         match event:
+            case Tick(now=now) if self._restart_at is not None:
+                return self._on_restart_tick(now)
+            case SignalReceived(signum=signum, now=now) if self._restart_at is not None:
+                return self._on_signal_while_restarting(signum, now)
             case WorkerReady():
+                self._ready_since_start = True
                 return self._on_worker_ready()
             case WorkerStopping(now=now):
                 return self._on_worker_stopping(now)
@@ -269,6 +288,7 @@ class Lifecycle:
             case JobStarted(job_id=job_id, delivery=delivery):
                 self.in_flight[job_id] = delivery
                 self._was_ready = True  # a worker that runs a job consumes, ready or not
+                self._ready_since_start = True
                 return []
             case JobFinished(job_id=job_id, outcome=outcome):
                 known = self.in_flight.pop(job_id, None) is not None
@@ -435,6 +455,22 @@ class Lifecycle:
     def _on_worker_exited(self, code: int, now: float) -> list[Action]:
         if not self.child_alive:
             return []
+        if self.restart_crashed and self._ready_since_start and not self.shutting_down:
+            delay = self._crash_loop.crashed(now)
+            if delay is not None:
+                return self._restart_after_crash(code, now, delay)
+            limit = Log(
+                "worker_crash_loop",
+                f"not restarting the worker: {self._crash_loop.describe()}; exiting so that "
+                "the pod restarts",
+                level=logging.ERROR,
+                fields={"crashes": len(self._crash_loop.crashes)},
+            )
+            return [limit, *self._worker_gone(code, now)]
+        return self._worker_gone(code, now)
+
+    def _worker_gone(self, code: int, now: float) -> list[Action]:
+        """The worker exited and is not restarted: release what it had, then stop."""
         self.child_alive = False
         self.child_returncode = code
         expected = self.shutting_down and (
@@ -505,6 +541,12 @@ class Lifecycle:
                 level=logging.ERROR,
                 fields={"error": error, "unreleased": len(self.in_flight)},
             )
+        if self._restart_at is not None:
+            # A crashed worker's jobs: those not released come back through their leases; the
+            # restarted worker's own shutdown is judged on its own.
+            self._release_error = None
+            self.in_flight.clear()
+            return [log, *self._on_restart_tick(now)]
         return [log, *self._finish(now)]
 
     def _finish(self, now: float) -> list[Action]:
@@ -575,3 +617,70 @@ class Lifecycle:
             release_at=min(self.deadlines.release_at, now),
         )
         return actions + self._on_tick(now)
+
+    # --- restarting a crashed worker (engines whose jobs run inside it: sql) ------------------
+
+    def _restart_after_crash(self, code: int, now: float, delay: float) -> list[Action]:
+        """Not ready until a new worker is (supervisor/restarts.py); the dead one's jobs are
+        released first, keeping their attempt."""
+        self.child_alive = False
+        self.child_returncode = code
+        self._ready_since_start = False
+        self.state = State.STARTING
+        self._restart_at = now + delay
+        actions: list[Action] = [
+            Log(
+                "worker_crashed",
+                f"the worker exited unexpectedly with code {code}; restarting it in {delay:g}s "
+                f"({self._crash_loop.describe()})",
+                level=logging.ERROR,
+                fields={
+                    "returncode": code,
+                    "in_flight": len(self.in_flight),
+                    "restart_in": delay,
+                    "crashes": len(self._crash_loop.crashes),
+                },
+            )
+        ]
+        if self.in_flight:
+            self._release_pending = True
+            refs = tuple(self.in_flight.values())
+            actions += [
+                Log(
+                    "release_in_flight",
+                    f"releasing {len(refs)} in-flight deliveries of the exited worker",
+                    fields={"count": len(refs), "job_ids": list(self.in_flight)},
+                ),
+                ReleaseInFlight(refs, crashed=True),
+            ]
+        return actions
+
+    def _on_restart_tick(self, now: float) -> list[Action]:
+        if self._restart_at is None or now < self._restart_at or self._release_pending:
+            return []
+        self._restart_at = None
+        self.child_alive = True
+        self.child_returncode = None
+        return [
+            Log("worker_restarting", "starting a new worker process", level=logging.WARNING),
+            StartChild(),
+        ]
+
+    def _on_signal_while_restarting(self, signum: int, now: float) -> list[Action]:
+        # No worker to drain: do not start one; stop once the dead one's release is done.
+        self._restart_at = None
+        name = _signal_name(signum)
+        self.deadlines = Deadlines.after(now, 0.0, self.release_margin)
+        self.drain_started_at = now
+        self.shutdown_reason = name
+        actions: list[Action] = [
+            Log(
+                "signal_received",
+                f"{name} received while the worker was being restarted; not restarting it",
+                fields={"signal": name},
+            )
+        ]
+        if self._release_pending:
+            self.state = State.RELEASING
+            return actions
+        return actions + self._finish(now)

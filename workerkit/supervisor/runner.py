@@ -25,6 +25,7 @@ import anyio
 import anyio.abc
 import anyio.from_thread
 import anyio.lowlevel
+import anyio.to_thread
 
 from workerkit import events as ev
 from workerkit import exitcodes
@@ -49,6 +50,7 @@ from workerkit.supervisor.lifecycle import (
     ReleaseInFlight,
     SignalChild,
     SignalReceived,
+    StartChild,
     Tick,
     WorkerExited,
     WorkerReady,
@@ -111,7 +113,10 @@ class Supervisor:
         self.engine = engine
         self.handle_signals = handle_signals
         self.clock = clock
-        self.machine = Lifecycle.from_settings(settings)
+        # Engines whose jobs run inside the worker process (sql) have it restarted after a crash.
+        self.machine = Lifecycle.from_settings(
+            settings, restart_crashed=bool(getattr(engine, "restarts_worker", False))
+        )
         self.health = Health(settings.liveness_timeout, clock=clock)
         self.metrics = SupervisorMetrics(getattr(engine, "name", settings.engine))
         self.child: ChildProcess | None = None
@@ -371,6 +376,8 @@ class Supervisor:
                     "worker killed",
                     extra={"event": "worker_killed", "pids": killed},
                 )
+            case StartChild():
+                await self._restart_child()
             case ReleaseInFlight(refs=refs, crashed=crashed):
                 self._releasing = tuple(str(ref.get("job_id")) for ref in refs)
                 self._release_in_thread(refs, crashed=crashed)
@@ -379,6 +386,19 @@ class Supervisor:
                     self.metrics.abandon(self._releasing, "released")
                 self.metrics.shutdown(outcome, duration)
                 self._exit = action
+
+    async def _restart_child(self) -> None:
+        """Start a new worker after a crash, once the dead one's leftovers are stopped."""
+        assert self.channel is not None
+        assert self.child is not None
+        old = self.child
+        # The dead worker's jobs' subprocesses must not run beside the jobs' next attempts.
+        await anyio.to_thread.run_sync(self._stop_leftover_processes, old)
+        self._exit_reported = False
+        self.health.heartbeat(self.clock())  # the new worker's heartbeat clock starts now
+        if not self._start_child(self.channel):
+            self.child = old
+            await self._handle(WorkerExited(exitcodes.STARTUP_FAILED, self.clock()))
 
     def _release_in_thread(self, refs: Sequence[Mapping[str, Any]], *, crashed: bool) -> None:
         # A daemon thread, not anyio.to_thread: a store that hangs must not keep the process
@@ -433,7 +453,7 @@ class Supervisor:
             return
         killed = stop_processes(pids, reap=child.reap)
         log.warning(
-            "processes the worker's jobs started were still running at exit; stopped",
+            "processes the worker's jobs started outlived it; stopped",
             extra={"event": "leftovers_stopped", "pids": sorted(set(pids)), "killed": killed},
         )
 
