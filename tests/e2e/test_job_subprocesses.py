@@ -48,8 +48,10 @@ def _start(engine: str, tmp: Path, request: pytest.FixtureRequest) -> tuple[Supe
     if engine == "rq":
         RqEnv(tmp=tmp, redis_url=url, journal=journal).enqueue("spawner", "s", job_id="s")
         return start_rq_supervisor(RqEnv(tmp=tmp, redis_url=url, journal=journal)), env
-    send(url, "spawner", "s", task_id="s")
-    return start_celery(env, url, worker_args=("--pool=prefork", "--concurrency=1")), env
+    # The database every celery test uses: the test app's producer keeps its first broker.
+    celery_url = request.getfixturevalue("redis_url")
+    send(celery_url, "spawner", "s", task_id="s")
+    return start_celery(env, celery_url, worker_args=("--pool=prefork", "--concurrency=1")), env
 
 
 @pytest.fixture

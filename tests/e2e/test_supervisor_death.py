@@ -41,7 +41,7 @@ pytestmark = [
     pytest.mark.timeout(120),
 ]
 
-RQ_DB = 6  # a database of our own on the session's server; flushed around each test
+RQ_DB = 6  # rq's database of our own on the session's server; flushed around each test
 #: "Gone within 1 s" asserted with room for a loaded machine; the measured time is printed.
 GONE_WITHIN = 5.0
 
@@ -115,12 +115,16 @@ def pods(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pods]:
         upgrade(url)
         yield _sql(tmp_path, Env(tmp=tmp_path, database_url=url, journal=tmp_path / "journal.txt"))
         return
+    if request.param == "celery":
+        # The database every celery test uses: the test app's producer keeps its first broker.
+        yield _celery(tmp_path, request.getfixturevalue("redis_url"))
+        return
     server: RedisServer = request.getfixturevalue("redis_server")
     url = server.url(RQ_DB)
     client = redis.Redis.from_url(url)
     client.flushdb()
     try:
-        yield (_rq if request.param == "rq" else _celery)(tmp_path, url)
+        yield _rq(tmp_path, url)
     finally:
         client.flushdb()
         client.close()

@@ -36,6 +36,7 @@ from workerkit.events import (
     WorkerStopping,
 )
 from workerkit.job import request_stop_all
+from workerkit.proctree import descendants, stop_processes
 
 if TYPE_CHECKING:
     from workerkit.settings import Settings
@@ -45,6 +46,8 @@ __all__ = ("DRAIN_TICK", "Runtime", "pool_pids")
 log = logging.getLogger("workerkit.engines.celery")
 
 DRAIN_TICK: Final = 0.02
+#: Between SIGTERM and SIGKILL for the subprocesses of tasks whose pool child was killed.
+TASK_CHILDREN_GRACE: Final = 0.2
 
 
 class Runtime:
@@ -302,9 +305,14 @@ class Runtime:
 
     def _kill_pool(self) -> list[int]:
         pids = pool_pids(self.consumer)
+        # The tasks' subprocesses end with their attempt: found before the children die (then
+        # they are re-parented), stopped each by pid once the children are gone.
+        tree = [each for pid in pids for each in descendants(pid)]
         for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+        if tree:
+            stop_processes(tree, grace=TASK_CHILDREN_GRACE)
         return pids
 
     # --- commands -------------------------------------------------------------------------

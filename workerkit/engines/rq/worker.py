@@ -46,6 +46,7 @@ from workerkit.engines.rq.upkeep import Upkeep
 from workerkit.errors import ConfigurationError, JobInterrupted, StoreUnavailable
 from workerkit.events import SOCKET_ENV
 from workerkit.job import request_stop_all
+from workerkit.proctree import descendants
 
 if TYPE_CHECKING:
     from rq.job import Job
@@ -284,8 +285,14 @@ class Worker(_Workerkit, RqWorker):
             os.killpg(pid, signal.SIGTERM)
         grace = max(0.1, min(1.0, self.wk_settings.release_margin * 0.2))
         if not attempt.horse_done.wait(grace) and self.horse_pid == pid:
+            # The job's subprocesses die with it, also those in sessions of their own: found
+            # before the horse dies (then they are re-parented), killed each by pid.
+            tree = descendants(pid)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+            for each in tree:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(each, signal.SIGKILL)
 
 
 class SimpleWorker(_Workerkit, RqSimpleWorker):
