@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 from celery import Celery, signals
 
 import workerkit
 
-__all__ = ("app", "noop", "poison", "steps", "stubborn", "ticker")
+__all__ = ("app", "noop", "poison", "spawner", "steps", "stubborn", "ticker")
 
 app = Celery("e2e", broker=os.environ.get("E2E_REDIS_URL", "redis://127.0.0.1:6379/1"))
 app.conf.update(broker_connection_retry_on_startup=True, task_default_queue="celery")
@@ -108,3 +109,14 @@ def poison(label: str) -> None:
     """Kills the process that runs it, every time (an out-of-memory kill, a segfault)."""
     _journal("start", label)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task(name="spawner")
+def spawner(label: str) -> None:
+    """Starts ``sleep 1000`` in a session of its own (out of reach of any process-group kill),
+    journals its pid, then ignores stop requests: only the release deadline ends it."""
+    child = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    _journal("child", label, child.pid)
+    _journal("start", label)
+    while True:
+        time.sleep(0.02)

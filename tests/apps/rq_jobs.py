@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -76,3 +77,14 @@ def sleepy(tag: str, seconds: float) -> str:
 
 def noop() -> None:
     """For throughput: does nothing."""
+
+
+@app.task(timeout=60)
+def spawner(tag: str) -> str:
+    """Starts ``sleep 1000`` in a session of its own (out of reach of any process-group kill),
+    records its pid, then ignores stop requests: only a release or a kill ends the attempt."""
+    child = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    record(f"child {tag} {child.pid}")
+    with run_of(tag):
+        while True:
+            time.sleep(0.02)

@@ -8,6 +8,8 @@ every job rather than on exit codes alone.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
 
 from tests.apps.journal import record
@@ -76,3 +78,31 @@ def orphan(tag: str) -> None:
 def tick(tag: str) -> None:
     """A quick job that only records that it ran (for counting runs under load)."""
     record(f"ran {tag} {current_job().attempt}")
+
+
+@app.task(name="spawner", timeout=60)
+def spawner(tag: str) -> None:
+    """Starts ``sleep 1000`` in a session of its own (out of reach of any process-group kill),
+    records its pid, then ignores stop requests: only a release or a kill ends the attempt."""
+    child = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    record(f"child {tag} {child.pid}")
+    record(f"start {tag} {current_job().attempt}")
+    while True:
+        time.sleep(0.02)
+
+
+@app.task(name="kills_its_worker", timeout=30)
+def kills_its_worker(tag: str) -> None:
+    """SIGKILLs the process it runs in, every time (an out-of-memory kill of the worker)."""
+    record(f"start {tag} {current_job().attempt}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task(name="killed_once", timeout=30)
+def killed_once(tag: str) -> None:
+    """SIGKILLs its worker on its first attempt (an out-of-memory kill), then runs to the end."""
+    record(f"start {tag} {current_job().attempt}")
+    if current_job().attempt == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.2)
+    record(f"done {tag}")

@@ -145,22 +145,45 @@ def test_second_sigterm_and_sigint_during_the_drain_change_nothing(env: Env) -> 
     assert len(running.events_named("worker_signalled")) == 1  # the worker got one SIGTERM
 
 
-def test_worker_sigkilled_mid_job_supervisor_releases_and_exits_nonzero(env: Env) -> None:
-    env.enqueue("sleep", "k", 30.0, job_id="k")
+def test_worker_sigkilled_mid_job_is_restarted_and_the_job_runs_again_once(env: Env) -> None:
+    env.enqueue("killed_once", "k", job_id="k")  # an out-of-memory kill of its worker, once
     with supervisor(env) as running:
-        env.wait_line("start k 1")
-        running.wait_event("worker_ready")
-        os.kill(running.worker_pid(), signal.SIGKILL)
-        code, _ = running.wait_exit()
-    assert code == exitcodes.WORKER_CRASHED
-    assert env.lines() == ["start k 1"]
-    job = env.job("k")
-    assert job["state"] == "ready", job
-    assert job["lease_token"] is None
-    assert job["attempts"] == 1  # a crash keeps the attempt: a job that kills its worker ends
-    crashed = running.events_named("worker_crashed")[0]
-    assert crashed["returncode"] == -signal.SIGKILL
-    assert running.events_named("in_flight_released")[0]["released"] == 1
+        first = running.worker_pid()
+        env.wait_line("done k", timeout=30)
+        crashed = running.wait_event("worker_crashed")
+        assert crashed["returncode"] == -signal.SIGKILL
+        assert crashed["restart_in"] == 0.5
+        restarted = running.events_named("worker_started")
+        assert len(restarted) == 2
+        assert restarted[1]["pid"] != first
+        assert running.events_named("in_flight_released")[0]["released"] == 1
+        # Not ready while the new worker starts: the machine went back to starting.
+        states = [e["state"] for e in running.events_named("state_changed")]
+        assert states[:3] == ["ready", "starting", "ready"], states
+        job = env.job("k")
+        assert job["state"] == "succeeded", job
+        assert job["attempts"] == 2, job  # the crash kept its attempt
+        assert running.get("/readyz")[0] == 200
+        code = stop_gracefully(running)
+    assert code == exitcodes.OK
+    assert env.lines() == ["start k 1", "start k 2", "done k"]
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_keeps_crashing_ends_the_pod_at_the_crash_loop_limit(env: Env) -> None:
+    for n in range(5):  # each kills every worker that runs it (3 attempts each)
+        env.enqueue("kills_its_worker", f"c{n}", job_id=f"c{n}")
+    with supervisor(env, concurrency="1") as running:
+        code, _ = running.wait_exit(60)
+        assert code == exitcodes.WORKER_CRASHED, running.log_text()
+        limit = running.wait_event("worker_crash_loop")
+        assert "crash-loop limit" in limit["message"], limit
+        assert limit["crashes"] == 5
+        assert len(running.events_named("worker_started")) == 5
+    assert len(env.lines()) == 5, env.lines()  # one job started by each of the 5 workers
+    jobs = [env.job(f"c{n}") for n in range(5)]
+    assert sum(job["attempts"] for job in jobs) == 5  # each crash kept its attempt
+    assert all(job["lease_token"] is None for job in jobs), jobs  # nothing left leased
 
 
 def test_wedged_worker_is_killed_at_the_hard_deadline_and_its_job_released(env: Env) -> None:

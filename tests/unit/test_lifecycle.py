@@ -45,6 +45,8 @@ EXIT_AT = T0 + D + M  # 1014.0
 
 SIGTERM = int(signal.SIGTERM)
 SIGINT = int(signal.SIGINT)
+SIGHUP = int(signal.SIGHUP)
+SIGQUIT = int(signal.SIGQUIT)
 
 
 def ref(job_id: str) -> dict[str, Any]:
@@ -117,7 +119,9 @@ def test_from_settings_takes_drain_window_and_release_margin() -> None:
 # --- the first signal -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("signum", "name"), [(SIGTERM, "SIGTERM"), (SIGINT, "SIGINT")])
+@pytest.mark.parametrize(
+    ("signum", "name"), [(SIGTERM, "SIGTERM"), (SIGINT, "SIGINT"), (SIGHUP, "SIGHUP")]
+)
 def test_first_signal_drains_and_sends_sigterm_to_the_worker_once(signum: int, name: str) -> None:
     machine = ready_machine()
     actions = machine.handle(SignalReceived(signum, T0))
@@ -127,6 +131,33 @@ def test_first_signal_drains_and_sends_sigterm_to_the_worker_once(signum: int, n
     assert events(actions) == ["signal_received", "drain_started"]
     # SIGINT is forwarded as SIGTERM: the native worker ignores SIGINT on purpose.
     assert effects(actions) == [SignalChild(SIGTERM)]
+
+
+def test_sigquit_asks_the_jobs_to_stop_and_releases_them_at_once() -> None:
+    machine = ready_machine()
+    machine.handle(JobStarted("a", ref("a")))
+    actions = machine.handle(SignalReceived(SIGQUIT, T0))
+    assert machine.shutdown_reason == "SIGQUIT"
+    assert effects(actions) == [
+        SignalChild(SIGTERM),
+        BroadcastCommand(RequestStop()),
+        BroadcastCommand(Release()),
+    ]
+    received = next(a for a in actions if isinstance(a, Log) and a.event == "signal_received")
+    assert received.fields == {"signal": "SIGQUIT", "immediate": True}
+    # No drain window before the kill and the exit either: they come 0.8 M and M after now.
+    assert effects(machine.handle(Tick(T0 + 0.8 * M))) == [KillChild()]
+    assert machine.deadlines is not None
+    assert machine.deadlines.exit_at == T0 + M
+
+
+def test_sigquit_during_a_drain_skips_the_rest_of_the_window_once() -> None:
+    machine = draining_machine("a")
+    actions = machine.handle(SignalReceived(SIGQUIT, T0 + 1))
+    assert effects(actions) == [BroadcastCommand(RequestStop()), BroadcastCommand(Release())]
+    assert effects(machine.handle(SignalReceived(SIGQUIT, T0 + 2))) == []
+    assert machine.deadlines is not None
+    assert machine.deadlines.kill_at == KILL_AT  # the kill and exit deadlines stay
 
 
 def test_drain_started_log_shows_the_deadlines() -> None:

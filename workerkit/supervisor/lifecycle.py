@@ -2,7 +2,8 @@
 
 The runner (:mod:`workerkit.supervisor.runner`) feeds it *inputs* (the worker became ready, a
 signal, a tick, a job started or finished, the worker exited, a release completed) and executes
-the *actions* it returns (signal the child, broadcast a command, kill, release, log, exit). Time
+the *actions* it returns (signal the child, broadcast a command, kill, release, log, exit); both
+are defined in :mod:`workerkit.supervisor.steps` and re-exported here. Time
 is always passed in (``time.monotonic()`` seconds), so every deadline is tested by handing the
 machine the instant of interest. The states and the deadlines after the first SIGTERM
 (D, D + M/2, D + 0.8 M, D + M) are in docs/operations/lifecycle.md. A second signal changes
@@ -14,15 +15,36 @@ STARTUP_FAILED.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from workerkit import exitcodes
-from workerkit.events import CommandMessage, Release, RequestStop
+from workerkit.events import Release, RequestStop
+from workerkit.supervisor.restarts import CrashLoop
+from workerkit.supervisor.steps import (
+    Action,
+    BroadcastCommand,
+    Exit,
+    Input,
+    JobFinished,
+    JobStarted,
+    KillChild,
+    Log,
+    ReleaseCompleted,
+    ReleaseInFlight,
+    ShutdownOutcome,
+    SignalChild,
+    SignalReceived,
+    StartChild,
+    Tick,
+    WorkerExited,
+    WorkerReady,
+    WorkerStopping,
+)
 from workerkit.timing.deadlines import Deadlines
 
 if TYPE_CHECKING:
@@ -43,6 +65,7 @@ __all__ = (
     "ShutdownOutcome",
     "SignalChild",
     "SignalReceived",
+    "StartChild",
     "State",
     "Tick",
     "WorkerExited",
@@ -51,7 +74,6 @@ __all__ = (
 )
 
 
-ShutdownOutcome = Literal["clean", "released", "forced", "crashed"]
 #: The shutdown reason when the worker stopped fetching without our signal.
 _WORKER_STOPPING = "worker stopping"
 
@@ -64,139 +86,6 @@ class State(enum.StrEnum):
     DRAINING = "draining"  # a signal arrived: no new job starts; the job in hand may finish
     RELEASING = "releasing"  # past the drain window: stop, interrupt, kill, release
     STOPPED = "stopped"  # done; the exit code is known
-
-
-# --- inputs ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WorkerReady:
-    """The engine's worker consumes jobs (event ``worker_ready``)."""
-
-    now: float
-
-
-@dataclass(frozen=True)
-class WorkerStopping:
-    """The worker stopped fetching (event ``worker_stopping``), whether or not we asked it to."""
-
-    now: float
-
-
-@dataclass(frozen=True)
-class SignalReceived:
-    """The supervisor received SIGTERM or SIGINT."""
-
-    signum: int
-    now: float
-
-
-@dataclass(frozen=True)
-class Tick:
-    """The clock moved on; deadlines are checked."""
-
-    now: float
-
-
-@dataclass(frozen=True)
-class JobStarted:
-    """A delivery is in flight (event ``job_started``); ``delivery`` is its ``Delivery.ref()``."""
-
-    job_id: str
-    delivery: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class JobFinished:
-    """A delivery was settled (event ``job_finished``) with ``outcome``."""
-
-    job_id: str
-    outcome: str
-
-
-@dataclass(frozen=True)
-class WorkerExited:
-    """The worker process exited; ``returncode`` is negative for a signal, as in subprocess."""
-
-    returncode: int
-    now: float
-
-
-@dataclass(frozen=True)
-class ReleaseCompleted:
-    """The supervisor's own release of in-flight deliveries finished (``error`` when it failed)."""
-
-    released: int
-    now: float
-    error: str | None = None
-
-
-Input = (
-    WorkerReady
-    | WorkerStopping
-    | SignalReceived
-    | Tick
-    | JobStarted
-    | JobFinished
-    | WorkerExited
-    | ReleaseCompleted
-)
-
-
-# --- actions --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SignalChild:
-    """Send ``signum`` to the worker process, by its pid (never to a process group)."""
-
-    signum: int
-
-
-@dataclass(frozen=True)
-class BroadcastCommand:
-    """Send ``command`` to every connected process."""
-
-    command: CommandMessage
-
-
-@dataclass(frozen=True)
-class KillChild:
-    """SIGKILL the worker process and whatever it started."""
-
-
-@dataclass(frozen=True)
-class ReleaseInFlight:
-    """Release these deliveries through the engine, then report back with ReleaseCompleted.
-
-    ``crashed``: the worker exited unasked, so the jobs keep the attempt (the job may be what
-    crashed it); after a kill at the shutdown deadline they get it back.
-    """
-
-    refs: tuple[Mapping[str, Any], ...]
-    crashed: bool = False
-
-
-@dataclass(frozen=True)
-class Log:
-    """Write one structured log line with a stable ``event`` name."""
-
-    event: str
-    message: str
-    level: int = logging.INFO
-    fields: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Exit:
-    """Stop the supervisor with ``code``; ``outcome`` and ``drain_duration`` are for metrics."""
-
-    code: int
-    outcome: ShutdownOutcome
-    drain_duration: float | None
-
-
-Action = SignalChild | BroadcastCommand | KillChild | ReleaseInFlight | Log | Exit
 
 
 # --- the machine ----------------------------------------------------------------------------
@@ -215,9 +104,16 @@ class Lifecycle:
     ``drain_window`` is D and ``release_margin`` is M, in seconds (see :meth:`from_settings`).
     """
 
-    def __init__(self, drain_window: float, release_margin: float) -> None:
+    def __init__(
+        self, drain_window: float, release_margin: float, *, restart_crashed: bool = False
+    ) -> None:
         self.drain_window = drain_window
         self.release_margin = release_margin
+        #: Restart a worker that crashed after it was ready, up to the crash-loop limit.
+        self.restart_crashed = restart_crashed
+        self._crash_loop = CrashLoop()
+        self._restart_at: float | None = None  # a crashed worker is restarted at this instant
+        self._ready_since_start = False  # this worker process (not an earlier one) got ready
         self.state = State.STARTING
         self.deadlines: Deadlines | None = None
         self.drain_started_at: float | None = None  # None when no drain happened (a crash)
@@ -243,8 +139,8 @@ class Lifecycle:
         self._released_by_supervisor = 0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Lifecycle:
-        return cls(settings.drain_window, settings.release_margin)
+    def from_settings(cls, settings: Settings, *, restart_crashed: bool = False) -> Lifecycle:
+        return cls(settings.drain_window, settings.release_margin, restart_crashed=restart_crashed)
 
     @property
     def shutting_down(self) -> bool:
@@ -260,10 +156,17 @@ class Lifecycle:
         if self.state is State.STOPPED:
             return []
         match event:
+            case Tick(now=now) if self._restart_at is not None:
+                return self._on_restart_tick(now)
+            case SignalReceived(signum=signum, now=now) if self._restart_at is not None:
+                return self._on_signal_while_restarting(signum, now)
             case WorkerReady():
+                self._ready_since_start = True
                 return self._on_worker_ready()
             case WorkerStopping(now=now):
                 return self._on_worker_stopping(now)
+            case SignalReceived(signum=signal.SIGQUIT, now=now):
+                return self._on_quit(now)
             case SignalReceived(signum=signum, now=now):
                 return self._on_signal(signum, now)
             case Tick(now=now):
@@ -271,6 +174,7 @@ class Lifecycle:
             case JobStarted(job_id=job_id, delivery=delivery):
                 self.in_flight[job_id] = delivery
                 self._was_ready = True  # a worker that runs a job consumes, ready or not
+                self._ready_since_start = True
                 return self._started_after_its_stop(job_id)
             case JobFinished(job_id=job_id, outcome=outcome):
                 known = self.in_flight.pop(job_id, None) is not None
@@ -478,6 +382,22 @@ class Lifecycle:
     def _on_worker_exited(self, code: int, now: float) -> list[Action]:
         if not self.child_alive:
             return []
+        if self.restart_crashed and self._ready_since_start and not self.shutting_down:
+            delay = self._crash_loop.crashed(now)
+            if delay is not None:
+                return self._restart_after_crash(code, now, delay)
+            limit = Log(
+                "worker_crash_loop",
+                f"not restarting the worker: {self._crash_loop.describe()}; exiting so that "
+                "the pod restarts",
+                level=logging.ERROR,
+                fields={"crashes": len(self._crash_loop.crashes)},
+            )
+            return [limit, *self._worker_gone(code, now)]
+        return self._worker_gone(code, now)
+
+    def _worker_gone(self, code: int, now: float) -> list[Action]:
+        """The worker exited and is not restarted: release what it had, then stop."""
         self.child_alive = False
         self.child_returncode = code
         expected = self.shutting_down and (
@@ -548,6 +468,12 @@ class Lifecycle:
                 level=logging.ERROR,
                 fields={"error": error, "unreleased": len(self.in_flight)},
             )
+        if self._restart_at is not None:
+            # A crashed worker's jobs: those not released come back through their leases; the
+            # restarted worker's own shutdown is judged on its own.
+            self._release_error = None
+            self.in_flight.clear()
+            return [log, *self._on_restart_tick(now)]
         return [log, *self._finish(now)]
 
     def _finish(self, now: float) -> list[Action]:
@@ -589,3 +515,99 @@ class Lifecycle:
             ),
             Exit(code, outcome, duration),
         ]
+
+    def _on_quit(self, now: float) -> list[Action]:
+        """SIGQUIT: no drain window; ask the jobs to stop and release them now, then exit.
+
+        Celery's cold shutdown, without its loss: what is in hand goes back to its queue with
+        its checkpoint. During a drain it skips what is left of the window (an impatient
+        operator); the kill and exit deadlines stay where they were, or come M after now.
+        """
+        actions: list[Action] = [
+            Log(
+                "signal_received",
+                "SIGQUIT received: releasing the jobs in hand now",
+                fields={"signal": "SIGQUIT", "immediate": True},
+            )
+        ]
+        if not self.shutting_down:
+            self._begin_drain(now, "SIGQUIT")
+            self.deadlines = Deadlines.after(now, 0.0, self.release_margin)
+            actions.append(self._drain_log("SIGQUIT"))
+            if self.child_alive:
+                self._signalled_child = True
+                actions.append(SignalChild(signal.SIGTERM))
+        assert self.deadlines is not None
+        self.deadlines = dataclasses.replace(
+            self.deadlines,
+            request_stop_at=min(self.deadlines.request_stop_at, now),
+            release_at=min(self.deadlines.release_at, now),
+        )
+        return actions + self._on_tick(now)
+
+    # --- restarting a crashed worker (engines whose jobs run inside it: sql) ------------------
+
+    def _restart_after_crash(self, code: int, now: float, delay: float) -> list[Action]:
+        """Not ready until a new worker is (supervisor/restarts.py); the dead one's jobs are
+        released first, keeping their attempt."""
+        self.child_alive = False
+        self.child_returncode = code
+        self._ready_since_start = False
+        self.state = State.STARTING
+        self._restart_at = now + delay
+        actions: list[Action] = [
+            Log(
+                "worker_crashed",
+                f"the worker exited unexpectedly with code {code}; restarting it in {delay:g}s "
+                f"({self._crash_loop.describe()})",
+                level=logging.ERROR,
+                fields={
+                    "returncode": code,
+                    "in_flight": len(self.in_flight),
+                    "restart_in": delay,
+                    "crashes": len(self._crash_loop.crashes),
+                },
+            )
+        ]
+        if self.in_flight:
+            self._release_pending = True
+            refs = tuple(self.in_flight.values())
+            actions += [
+                Log(
+                    "release_in_flight",
+                    f"releasing {len(refs)} in-flight deliveries of the exited worker",
+                    fields={"count": len(refs), "job_ids": list(self.in_flight)},
+                ),
+                ReleaseInFlight(refs, crashed=True),
+            ]
+        return actions
+
+    def _on_restart_tick(self, now: float) -> list[Action]:
+        if self._restart_at is None or now < self._restart_at or self._release_pending:
+            return []
+        self._restart_at = None
+        self.child_alive = True
+        self.child_returncode = None
+        return [
+            Log("worker_restarting", "starting a new worker process", level=logging.WARNING),
+            StartChild(),
+        ]
+
+    def _on_signal_while_restarting(self, signum: int, now: float) -> list[Action]:
+        # No worker to drain: do not start one; stop once the dead one's release is done.
+        self._restart_at = None
+        name = _signal_name(signum)
+        self.deadlines = Deadlines.after(now, 0.0, self.release_margin)
+        self.drain_started_at = now
+        self.shutdown_reason = name
+        actions: list[Action] = [
+            Log(
+                "signal_received",
+                f"{name} received while the worker was being restarted; not restarting it",
+                fields={"signal": name},
+            )
+        ]
+        if self._release_pending:
+            self.state = State.RELEASING
+            return actions
+        return actions + self._finish(now)

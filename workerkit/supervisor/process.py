@@ -5,7 +5,7 @@ Not :mod:`subprocess`: as PID 1 the supervisor must reap *every* exited process
 started with ``os.posix_spawnp`` and :meth:`ChildProcess.reap` does all the waiting. Signals go
 to the worker's pid only, never its process group (that would kill pool children and work horses
 mid-job); the hard kill alone also SIGKILLs its descendants, each by pid. The reasons are in
-docs/operations/lifecycle.md ("PID 1 duties").
+docs/operations/lifecycle.md ("PID 1 duties"). The /proc walks are in :mod:`workerkit.proctree`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import logging
 import os
 import signal
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
-__all__ = ("ChildProcess", "descendants", "reap_all")
+from workerkit.proctree import descendants, prctl
+
+__all__ = ("ChildProcess", "become_subreaper", "descendants", "reap_all")
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 _RESET_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ", "SIGXFZ") if hasattr(signal, name)
 )
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def reap_all() -> list[tuple[int, int]]:
@@ -43,41 +45,13 @@ def reap_all() -> list[tuple[int, int]]:
         reaped.append((pid, os.waitstatus_to_exitcode(status)))
 
 
-def _parent_pids() -> dict[int, int]:
-    """pid -> parent pid for every process we can see in /proc (empty when there is none)."""
-    parents: dict[int, int] = {}
-    try:
-        entries = list(Path("/proc").iterdir())
-    except OSError:
-        return parents
-    for entry in entries:
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # it exited meanwhile, or we may not look
-            continue
-        # The command name (field 2) is in parentheses and may itself contain ") ", so split
-        # after the last one: state is then field 3 and the parent pid field 4.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 1 and fields[1].isdigit():
-            parents[int(entry.name)] = int(fields[1])
-    return parents
+def become_subreaper() -> bool:
+    """Make this process a child subreaper (Linux): orphans below it are re-parented to it.
 
-
-def descendants(pid: int) -> list[int]:
-    """The pids of every live descendant of ``pid`` (children first), from /proc."""
-    parents = _parent_pids()
-    children: dict[int, list[int]] = {}
-    for child, parent in parents.items():
-        children.setdefault(parent, []).append(child)
-    found: list[int] = []
-    queue = list(children.get(pid, []))
-    while queue:
-        current = queue.pop(0)
-        found.append(current)
-        queue.extend(children.get(current, []))
-    return found
+    As PID 1 that is so anyway; under tini, ``docker run --init`` or a shell it is not, and a
+    job's subprocess whose parent exited would go to init, out of our reach. False elsewhere.
+    """
+    return prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 class ChildProcess:
@@ -100,6 +74,10 @@ class ChildProcess:
         # posix_spawnp searches PATH like a shell; the child inherits stdin/stdout/stderr (its
         # logs go to the container's output next to ours) and no other descriptor: Python
         # creates every descriptor non-inheritable (PEP 446), the channel's socket included.
+        # Call from the thread that lives as long as the supervisor (the main thread): the
+        # worker arms PR_SET_PDEATHSIG (workerkit/engines/lifeline.py), which Linux fires when
+        # the *thread* that spawned it exits, not the process; a short-lived thread would kill
+        # the worker when it ends.
         self.pid = os.posix_spawnp(self.argv[0], self.argv, self.env, setsigdef=_RESET_SIGNALS)
         return self.pid
 

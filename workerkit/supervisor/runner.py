@@ -25,11 +25,15 @@ import anyio
 import anyio.abc
 import anyio.from_thread
 import anyio.lowlevel
+import anyio.to_thread
 
 from workerkit import events as ev
 from workerkit import exitcodes
 from workerkit.engines.base import AppTiming
+from workerkit.engines.lifeline import SUPERVISOR_PID_ENV
 from workerkit.errors import ConfigurationError
+from workerkit.events import SOCKET_ENV
+from workerkit.proctree import processes_with_env, stop_processes
 from workerkit.settings import settings_to_env
 from workerkit.supervisor.channel import Channel, Connection
 from workerkit.supervisor.http import Health, HttpServer
@@ -46,13 +50,14 @@ from workerkit.supervisor.lifecycle import (
     ReleaseInFlight,
     SignalChild,
     SignalReceived,
+    StartChild,
     Tick,
     WorkerExited,
     WorkerReady,
     WorkerStopping,
 )
 from workerkit.supervisor.metrics import SupervisorMetrics
-from workerkit.supervisor.process import ChildProcess
+from workerkit.supervisor.process import ChildProcess, become_subreaper, descendants
 
 if TYPE_CHECKING:
     from workerkit.engines.base import Engine
@@ -73,6 +78,10 @@ EXIT_EVENTS_GRACE: Final = 0.25
 INBOX_SIZE: Final = 1024
 #: Longest store-health reason kept for /readyz.
 _MAX_REASON: Final = 200
+#: The signals the supervisor acts on (docs/operations/lifecycle.md, "Signals"): SIGTERM, SIGINT
+#: and SIGHUP drain; SIGQUIT releases at once. Without a handler SIGQUIT and SIGHUP would kill
+#: the supervisor and orphan its worker.
+_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,10 @@ class Supervisor:
         self.engine = engine
         self.handle_signals = handle_signals
         self.clock = clock
-        self.machine = Lifecycle.from_settings(settings)
+        # Engines whose jobs run inside the worker process (sql) have it restarted after a crash.
+        self.machine = Lifecycle.from_settings(
+            settings, restart_crashed=bool(getattr(engine, "restarts_worker", False))
+        )
         self.health = Health(settings.liveness_timeout, clock=clock)
         self.metrics = SupervisorMetrics(getattr(engine, "name", settings.engine))
         self.child: ChildProcess | None = None
@@ -131,10 +143,11 @@ class Supervisor:
                     signals: AsyncIterator[signal.Signals] | None = None
                     if self.handle_signals:
                         signals = stack.enter_context(
-                            anyio.open_signal_receiver(
-                                signal.SIGTERM, signal.SIGINT, signal.SIGCHLD
-                            )
+                            anyio.open_signal_receiver(*_SIGNALS, signal.SIGCHLD)
                         )
+                        # Orphans of the worker's tree (a job's subprocess whose parent exited)
+                        # come to us rather than to init: we reap them, and stop them at exit.
+                        become_subreaper()
                     self.channel = await stack.enter_async_context(Channel(self._on_events))
                     if self.settings.http_port:
                         try:
@@ -181,7 +194,12 @@ class Supervisor:
                 extra={"event": "worker_start_failed", "error": str(exc)},
             )
             return False
-        env = {**os.environ, **settings_to_env(self.settings), **channel.child_env()}
+        env = {
+            **os.environ,
+            **settings_to_env(self.settings),
+            **channel.child_env(),
+            SUPERVISOR_PID_ENV: str(os.getpid()),
+        }
         child = ChildProcess(argv, env)
         try:
             pid = child.start()
@@ -358,6 +376,8 @@ class Supervisor:
                     "worker killed",
                     extra={"event": "worker_killed", "pids": killed},
                 )
+            case StartChild():
+                await self._restart_child()
             case ReleaseInFlight(refs=refs, crashed=crashed):
                 self._releasing = tuple(str(ref.get("job_id")) for ref in refs)
                 self._release_in_thread(refs, crashed=crashed)
@@ -366,6 +386,19 @@ class Supervisor:
                     self.metrics.abandon(self._releasing, "released")
                 self.metrics.shutdown(outcome, duration)
                 self._exit = action
+
+    async def _restart_child(self) -> None:
+        """Start a new worker after a crash, once the dead one's leftovers are stopped."""
+        assert self.channel is not None
+        assert self.child is not None
+        old = self.child
+        # The dead worker's jobs' subprocesses must not run beside the jobs' next attempts.
+        await anyio.to_thread.run_sync(self._stop_leftover_processes, old)
+        self._exit_reported = False
+        self.health.heartbeat(self.clock())  # the new worker's heartbeat clock starts now
+        if not self._start_child(self.channel):
+            self.child = old
+            await self._handle(WorkerExited(exitcodes.STARTUP_FAILED, self.clock()))
 
     def _release_in_thread(self, refs: Sequence[Mapping[str, Any]], *, crashed: bool) -> None:
         # A daemon thread, not anyio.to_thread: a store that hangs must not keep the process
@@ -403,6 +436,26 @@ class Supervisor:
             while child.running and time.monotonic() < deadline:
                 child.reap()
                 time.sleep(0.01)
+        self._stop_leftover_processes(child)
+
+    def _stop_leftover_processes(self, child: ChildProcess) -> None:
+        """Stop what the worker's jobs started and left running (TERM, then KILL), by pid.
+
+        Ours are the processes that carry this run's socket path in their environment (inherited
+        from the worker, wherever they were re-parented to) and, when we are the process's own
+        program rather than embedded, every process still below us (orphans we adopted).
+        """
+        marker = child.env.get(SOCKET_ENV)
+        pids = processes_with_env(SOCKET_ENV, marker) if marker else []
+        if self.handle_signals:
+            pids += descendants(os.getpid())
+        if not pids:
+            return
+        killed = stop_processes(pids, reap=child.reap)
+        log.warning(
+            "processes the worker's jobs started outlived it; stopped",
+            extra={"event": "leftovers_stopped", "pids": sorted(set(pids)), "killed": killed},
+        )
 
 
 def _fields(event: ev.Event) -> dict[str, Any]:

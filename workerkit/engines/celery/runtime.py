@@ -25,6 +25,7 @@ from workerkit import events as events_module
 from workerkit.engines.attempt import HEALTH_EVERY, HEARTBEAT_EVERY, Duty, Keeper, release_each
 from workerkit.engines.celery.lease import LeaseClock, Watchdog, now
 from workerkit.engines.celery.ledger import Ledger
+from workerkit.engines.lifeline import Lifeline
 from workerkit.events import (
     BATCH_DELAY,
     BatchingSender,
@@ -36,6 +37,7 @@ from workerkit.events import (
     WorkerStopping,
 )
 from workerkit.job import request_stop_all
+from workerkit.proctree import descendants, stop_processes
 
 if TYPE_CHECKING:
     from workerkit.settings import Settings
@@ -45,6 +47,8 @@ __all__ = ("DRAIN_TICK", "Runtime", "lease_at_delivery", "pool_pids")
 log = logging.getLogger("workerkit.engines.celery")
 
 DRAIN_TICK: Final = 0.02
+#: Between SIGTERM and SIGKILL for the subprocesses of tasks whose pool child was killed.
+TASK_CHILDREN_GRACE: Final = 0.2
 
 
 class Runtime:
@@ -219,6 +223,9 @@ class Runtime:
         # the broker (kombu's retry loop, which can last minutes) must stop the worker at once.
         self.events.on_command(self._on_command)
         threading.Thread(target=self._control, name="workerkit-drain", daemon=True).start()
+        # The supervisor's death, or SIGQUIT (Celery's cold shutdown, which would leave every
+        # message to the visibility timeout): the release deadline, at once.
+        Lifeline(self._release_all).start()
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         with contextlib.suppress(OSError):
@@ -323,9 +330,14 @@ class Runtime:
 
     def _kill_pool(self) -> list[int]:
         pids = pool_pids(self.consumer)
+        # The tasks' subprocesses end with their attempt: found before the children die (then
+        # they are re-parented), stopped each by pid once the children are gone.
+        tree = [each for pid in pids for each in descendants(pid)]
         for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+        if tree:
+            stop_processes(tree, grace=TASK_CHILDREN_GRACE)
         return pids
 
     # --- commands -------------------------------------------------------------------------

@@ -82,6 +82,14 @@ class Drain(WorkerState):
         elif command == "release":
             self._wk_release_now()
 
+    def wk_release_now_and_stop(self) -> None:
+        """The supervisor is gone, or SIGQUIT: dequeue nothing more, release the job in hand
+        now (no drain window: nobody keeps the deadlines any more), and exit."""
+        self._stop_requested = True
+        if self._wk_stop_at is None:
+            self._wk_stop_at = time.monotonic()
+        self._wk_release_now()
+
     def _wk_begin_stopping(self) -> None:
         if self._wk_stopping or os.getpid() != self._wk_pid:
             # A copy of the worker in a forked child (a work horse) fetches nothing: it has no

@@ -31,6 +31,7 @@ from rq.utils import now
 from rq.worker.base import WorkerStatus
 
 from workerkit import exitcodes
+from workerkit.engines.lifeline import Lifeline, stop_children
 from workerkit.engines.rq.attempt import Attempts
 from workerkit.engines.rq.options import parse_worker_args
 from workerkit.engines.rq.perform import Perform
@@ -45,6 +46,7 @@ from workerkit.engines.rq.upkeep import Upkeep
 from workerkit.errors import ConfigurationError, JobInterrupted, StoreUnavailable
 from workerkit.events import SOCKET_ENV
 from workerkit.job import request_stop_all
+from workerkit.proctree import descendants
 
 if TYPE_CHECKING:
     from rq.job import Job
@@ -71,6 +73,9 @@ _HORSE_CODES: Final[dict[Outcome, int]] = {
 }
 _HORSE_OUTCOMES: Final[dict[int, Outcome]] = {code: name for name, code in _HORSE_CODES.items()}
 _HORSE_INTERRUPTED: Final = 69  # stopped by our SIGTERM; the parent settles the attempt
+#: Between the horse's SIGTERM to its job's leftover subprocesses and their SIGKILL; short, as
+#: the parent's own SIGKILL of a released horse follows its SIGTERM by 0.1 to 1 s.
+_HORSE_CHILDREN_GRACE: Final = 0.2
 
 
 def _parent_death_signal() -> None:
@@ -172,6 +177,10 @@ class Worker(_Workerkit, RqWorker):
         except BaseException:
             code = _HORSE_INTERRUPTED
         finally:
+            # The attempt ends with the horse: so do the subprocesses its job left running
+            # (re-parented, they would run on beside the next attempt).
+            with contextlib.suppress(BaseException):
+                stop_children(_HORSE_CHILDREN_GRACE)
             logging.shutdown()
             os._exit(code)
 
@@ -276,8 +285,14 @@ class Worker(_Workerkit, RqWorker):
             os.killpg(pid, signal.SIGTERM)
         grace = max(0.1, min(1.0, self.wk_settings.release_margin * 0.2))
         if not attempt.horse_done.wait(grace) and self.horse_pid == pid:
+            # The job's subprocesses die with it, also those in sessions of their own: found
+            # before the horse dies (then they are re-parented), killed each by pid.
+            tree = descendants(pid)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+            for each in tree:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(each, signal.SIGKILL)
 
 
 class SimpleWorker(_Workerkit, RqSimpleWorker):
@@ -372,11 +387,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
 
     install_startup_signals(supervised=bool(os.environ.get(SOCKET_ENV)))
+    built: list[Worker | SimpleWorker] = []
+
+    def release_now() -> None:
+        if not built:  # still waiting for Redis: nothing in hand
+            _exit(exitcodes.OK)
+        built[0].wk_release_now_and_stop()
+
+    Lifeline(release_now).start()
     try:
         worker = wait_for_redis(url, build, settings.startup_timeout)
         # Installed before work() starts (RQ installs its handlers only after registering), so
         # a SIGTERM that arrives during startup is a warm stop too, not a kill.
         worker._install_signal_handlers()
+        built.append(worker)
     except StartupInterrupted as stop:
         log.info(
             "stopped while waiting for Redis",

@@ -29,6 +29,9 @@ class SqlEngine:
     """The sql engine as the supervisor sees it (:class:`~workerkit.engines.base.Engine`)."""
 
     name = "sql"
+    #: Jobs run in threads of the worker process, so a job's out-of-memory kill kills it: the
+    #: supervisor starts a new one rather than exit (supervisor/restarts.py).
+    restarts_worker = True
 
     def __init__(self, worker_args: Sequence[str] = ()) -> None:
         if worker_args:

@@ -25,9 +25,11 @@ import sqlalchemy as sa
 from workerkit import events as events_module
 from workerkit import exitcodes
 from workerkit.app import App
+from workerkit.engines.lifeline import Lifeline, stop_children
 from workerkit.engines.sql import db
 from workerkit.errors import ConfigurationError
 from workerkit.events import EventClient, StoreHealth
+from workerkit.proctree import STOP_GRACE
 
 if TYPE_CHECKING:
     from workerkit.engines.base import StoreHealth as Health
@@ -239,7 +241,13 @@ def main() -> None:
         _reach_store(app, settings.startup_timeout, events)
     except ConfigurationError as exc:
         _config_error(str(exc))
-    code = NativeWorker(app, settings, events=events).run()
+    worker = NativeWorker(app, settings, events=events)
+    # The supervisor's death (or SIGQUIT) is the supervisor's release command, at once.
+    Lifeline(worker.request_release).start()
+    code = worker.run()
+    # Jobs run in threads of this process, so a subprocess cannot be told apart by the job
+    # that started it: every one still running is stopped now, as the worker ends.
+    stop_children(STOP_GRACE)
     logging.shutdown()
     # Job threads of released or timed-out jobs may still be blocked in C code; their work is
     # settled and fenced, so do not wait for them.

@@ -1,0 +1,151 @@
+"""Process trees from /proc: who descends from whom, and stopping processes by pid.
+
+Shared by the supervisor (its worker's tree, and the orphans it adopts as a child subreaper) and
+the engines' workers (the subprocesses their jobs started). Always by pid, never by process
+group: a job may have moved its children to groups of their own, and a group may hold processes
+that are not ours. On a system without /proc every function finds nothing and stops nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Final
+
+__all__ = (
+    "STOP_GRACE",
+    "alive",
+    "descendants",
+    "parent_pids",
+    "prctl",
+    "processes_with_env",
+    "stop_processes",
+)
+
+#: How long processes get between our SIGTERM and the SIGKILL (their ``finally`` blocks, a
+#: subprocess's own cleanup). Short: they belong to an attempt that has already ended.
+STOP_GRACE: Final = 0.5
+_POLL: Final = 0.02
+
+
+def parent_pids() -> dict[int, int]:
+    """pid -> parent pid for every process we can see in /proc (empty when there is none)."""
+    parents: dict[int, int] = {}
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        return parents
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # it exited meanwhile, or we may not look
+            continue
+        # The command name (field 2) is in parentheses and may itself contain ") ", so split
+        # after the last one: state is then field 3 and the parent pid field 4.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 1 and fields[1].isdigit():
+            parents[int(entry.name)] = int(fields[1])
+    return parents
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of every live descendant of ``pid`` (children first), from /proc."""
+    children: dict[int, list[int]] = {}
+    for child, parent in parent_pids().items():
+        children.setdefault(parent, []).append(child)
+    found: list[int] = []
+    queue = list(children.get(pid, []))
+    while queue:
+        current = queue.pop(0)
+        found.append(current)
+        queue.extend(children.get(current, []))
+    return found
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """The pids of the processes (other than this one) started with ``name=value`` in their
+    environment: what a supervisor's worker and everything it started inherit, wherever they
+    were re-parented to."""
+    wanted = f"{name}={value}".encode()
+    found: list[int] = []
+    me = os.getpid()
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # exited meanwhile, or another user's
+            continue
+        if wanted in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, exited but not reaped yet, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].split()[0] not in ("Z", "X")
+
+
+def stop_processes(
+    pids: Iterable[int],
+    *,
+    grace: float = STOP_GRACE,
+    reap: Callable[[], object] | None = None,
+) -> list[int]:
+    """SIGTERM each of ``pids``, then SIGKILL those still running after ``grace`` seconds.
+
+    ``reap`` is called while waiting (a parent reaps its exited children there). Returns the
+    pids that had to be killed.
+    """
+    targets = [pid for pid in dict.fromkeys(pids) if pid != os.getpid()]
+    for pid in targets:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    left = targets
+    while left:
+        if reap is not None:
+            reap()
+        left = [pid for pid in left if alive(pid)]
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(_POLL)
+    killed: list[int] = []
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    if reap is not None:
+        reap()
+    return killed
+
+
+def prctl(option: int, arg: int) -> bool:
+    """Linux's ``prctl(option, arg)`` through libc; False where there is none, or it failed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        result = ctypes.CDLL(name, use_errno=True).prctl(option, arg, 0, 0, 0)
+    except (OSError, AttributeError):
+        return False
+    return bool(result == 0)
