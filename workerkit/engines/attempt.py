@@ -78,10 +78,13 @@ def check_arguments(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping
 
     Checked before the call, so that a ``TypeError`` raised inside the task's body stays the
     task's own failure (retried as any other), while a call that could never bind fails at once.
-    A callable without an inspectable signature (some builtins) is not checked.
+    A callable without an inspectable signature (some builtins) is not checked. The signature
+    is the callable's own, not the one ``functools.wraps`` advertises (``__wrapped__``): a
+    decorator that injects an argument (``@with_session``) takes fewer than the function it
+    wraps, and Python calls the wrapper.
     """
     try:
-        signature = inspect.signature(fn)
+        signature = inspect.signature(fn, follow_wrapped=False)
     except (TypeError, ValueError):
         return
     try:
