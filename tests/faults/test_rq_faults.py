@@ -99,7 +99,7 @@ class Cluster:
 
     def load(self, prefix: str, **kwargs: Any) -> Load:
         # One job at a time per worker, a fork each: fewer jobs than on the other engines.
-        return Load(self.jobs, prefix, self.journal, **{"shorts": 45, "longs": 3, **kwargs})
+        return Load(self.jobs, prefix, self.journal, **{"shorts": 36, "longs": 3, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +259,7 @@ def test_redis_data_loss_loses_what_it_held_and_the_workers_go_on(rq: Cluster) -
     lost.enqueue()
     lost.wait_under_way()
     rq.holder[0] = restart_redis_during(rq.holder[0], lost, down_for=1.0, lose_data=True)
-    after = rq.load("rqafter")
+    after = rq.load("rqafter", shorts=20, longs=1)
     after.enqueue()
     after.wait_settled()
     after.check()

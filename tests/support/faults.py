@@ -42,7 +42,7 @@ __all__ = (
 )
 
 #: Per scenario: short jobs (a quarter idempotent) and longer checkpointed ones.
-SHORTS = 150
+SHORTS = 120
 LONGS = 6
 SHORT_SECONDS = 0.02
 LONG_STEPS = 12
