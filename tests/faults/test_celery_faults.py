@@ -236,11 +236,13 @@ def test_supervisor_sigkilled_its_worker_follows_and_tasks_run_once(celery: Clus
     load.wait_under_way()
     pod = celery.pods.pods[0]
     worker = Pods.worker_pid(pod)
-    celery.pods.orphans.extend(Pods.tree(pod)[1:])
+    killed = Pods.tree(pod)
+    celery.pods.orphans.extend(killed[1:])
     os.kill(pod.pid, signal.SIGKILL)
+    killed_at = time.time()
     wait_for(lambda: not alive(worker), timeout=3, what="the worker to die with its supervisor")
     load.wait_settled()
-    load.check()
+    load.check(killed=killed, killed_at=killed_at)
 
 
 @pytest.mark.xfail(

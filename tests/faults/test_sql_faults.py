@@ -226,11 +226,13 @@ def test_supervisor_sigkilled_its_worker_follows_and_jobs_run_once(sql: Cluster)
     load.wait_under_way()
     pod = sql.pods.pods[0]
     worker = Pods.worker_pid(pod)
-    sql.pods.orphans.extend(Pods.tree(pod)[1:])
+    killed = Pods.tree(pod)
+    sql.pods.orphans.extend(killed[1:])
     os.kill(pod.pid, signal.SIGKILL)
+    killed_at = time.time()
     wait_for(lambda: not alive(worker), timeout=3, what="the worker to die with its supervisor")
     load.wait_settled()
-    load.check()
+    load.check(killed=killed, killed_at=killed_at)
 
 
 def test_poison_rows_fail_with_their_reason_and_the_rest_runs(sql: Cluster) -> None:
