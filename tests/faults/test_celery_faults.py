@@ -194,7 +194,6 @@ def test_connections_killed_again_and_again(celery: Cluster) -> None:
     no_crash(celery)
 
 
-@pytest.mark.xfail(strict=True, reason="#13 item 5: fixed on wk-celerylease")
 def test_worker_stopped_past_its_lease_never_runs_a_task_twice_at_once(celery: Cluster) -> None:
     # 10 s tasks, still running when the lease is gone: checkpointed ones, and ones that keep
     # no checkpoint (each journals its ticks as long as its pool child runs it).
@@ -229,7 +228,6 @@ def test_killed_pod_tasks_rerun_by_the_other_pods_once(celery: Cluster) -> None:
     load.check(killed=killed, killed_at=killed_at)
 
 
-@pytest.mark.xfail(strict=True, reason="#13 item 6: fixed on wk-procs")
 def test_supervisor_sigkilled_its_worker_follows_and_tasks_run_once(celery: Cluster) -> None:
     load = celery.load("csup")
     load.enqueue()

@@ -217,7 +217,6 @@ def test_killed_pod_jobs_rerun_by_the_other_pods_once(rq: Cluster) -> None:
     load.check(killed=killed, killed_at=killed_at)
 
 
-@pytest.mark.xfail(strict=True, reason="#13 item 6: fixed on wk-procs")
 def test_supervisor_sigkilled_its_worker_follows_and_jobs_run_once(rq: Cluster) -> None:
     load = rq.load("rqsup")
     load.enqueue()
@@ -233,7 +232,6 @@ def test_supervisor_sigkilled_its_worker_follows_and_jobs_run_once(rq: Cluster) 
     load.check(killed=killed, killed_at=killed_at)
 
 
-@pytest.mark.xfail(strict=True, reason="#13 item 4: fixed on wk-rqpoison")
 def test_poison_entries_fail_with_their_reason_and_the_workers_go_on(rq: Cluster) -> None:
     load = rq.load("rqpoison")
     with rq.jobs.client() as client:

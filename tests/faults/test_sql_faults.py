@@ -219,7 +219,6 @@ def test_killed_pod_jobs_rerun_by_the_other_pods_once(sql: Cluster) -> None:
     load.check(killed=killed, killed_at=killed_at)
 
 
-@pytest.mark.xfail(strict=True, reason="#13 item 6: fixed on wk-procs")
 def test_supervisor_sigkilled_its_worker_follows_and_jobs_run_once(sql: Cluster) -> None:
     load = sql.load("pgsup")
     load.enqueue()
