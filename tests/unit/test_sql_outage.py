@@ -172,3 +172,51 @@ def test_a_store_that_fails_from_the_start_is_logged(
     record = next(r for r in caplog.records if getattr(r, "event", "") == "store_health")
     assert record.levelno == logging.WARNING
     assert "StoreUnavailable" in record.reason  # type: ignore[attr-defined]
+
+
+def test_a_write_told_to_try_once_makes_one_attempt_against_a_store_that_stays_down() -> None:
+    retry, failures = retrying(once=True)
+    attempts = [0]
+
+    def down() -> None:
+        attempts[0] += 1
+        raise DOWN
+
+    with pytest.raises(StoreUnavailable):
+        retry.run(down)
+    assert attempts[0] == 1
+    assert len(failures) == 1
+
+
+def test_a_timeout_while_the_store_is_down_is_settled_once_by_the_main_thread() -> None:
+    """The main thread must not retry a settle: it would hold the job's lock, leave the
+    timed-out thread running and every other deadline unenforced until a release."""
+    harness = Harness(job_timeout=0.3)
+    calls = [0]
+
+    def down(*args: Any) -> None:
+        calls[0] += 1
+        raise DOWN
+
+    harness.queue.retry = down  # type: ignore[method-assign]
+    harness.queue.fail = down  # type: ignore[method-assign]
+    interrupted = threading.Event()
+
+    @harness.app.task
+    def forever() -> None:
+        try:
+            while True:
+                threading.Event().wait(0.01)
+        except BaseException:
+            interrupted.set()
+            raise
+
+    forever.enqueue()
+    worker = harness.start()
+    try:
+        wait_until(lambda: harness.outcomes() == ["lease_lost"], timeout=5)
+        wait_until(interrupted.is_set, timeout=5)
+        assert calls[0] == 1  # one attempt, left to the lease
+    finally:
+        worker.request_release()
+        harness.join()

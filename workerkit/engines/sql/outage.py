@@ -75,10 +75,11 @@ def lease_bound(sent_at: float, ttl: float) -> float:
 class RetryingWrite:
     """Runs one write until it lands, retrying while the store is unavailable.
 
-    ``until()`` is the monotonic time after which :meth:`run` stops retrying (None: no bound
-    but ``stop``); ``stop`` set ends the retries at once (the worker is releasing). Each failure
-    goes to ``on_failure`` (readiness false), and ``on_done`` hears the end; the first failure,
-    and the first past ``lease_until``, are logged. Other errors than
+    ``once``: one attempt, no retry (the main thread's settles: it must not block on the
+    store). ``until()`` is the monotonic time after which :meth:`run` stops retrying (None: no
+    bound but ``stop``); ``stop`` set ends the retries at once (the worker is releasing).
+    Each failure goes to ``on_failure`` (readiness false), and ``on_done`` hears the end; the
+    first failure, and the first past ``lease_until``, are logged. Other errors than
     :class:`~workerkit.errors.StoreUnavailable` (a LeaseLost above all) are not retried.
     """
 
@@ -88,6 +89,7 @@ class RetryingWrite:
     on_failure: Callable[[str], None]
     lease_until: Callable[[], float]
     until: Callable[[], float] | None = None
+    once: bool = False
     on_done: Callable[[RetryingWrite], None] | None = None
     clock: Callable[[], float] = time.monotonic
     failures: int = field(default=0, init=False)
@@ -110,7 +112,9 @@ class RetryingWrite:
                 self.failures += 1
                 self.on_failure(f"{self.what} failed: {exc}")
                 now = self.clock()
-                if self.stop.is_set() or (self.until is not None and now >= self.until()):
+                if self.once or self.stop.is_set():
+                    raise
+                if self.until is not None and now >= self.until():
                     raise
                 past_lease = now >= self.lease_until()
                 if self.failures == 1 or (past_lease and not warned_past_lease):

@@ -647,8 +647,7 @@ class NativeWorker:
         self, running: _Running, write: Callable[[_Running], Outcome], *, patient: bool
     ) -> Outcome:
         retry = self._retrying_write(running, "settle", within_lease=False)
-        if not patient:
-            retry.until = time.monotonic
+        retry.once = not patient  # the main thread never blocks on the store
         try:
             return retry.run(lambda: write(running))
         except LeaseLost:
