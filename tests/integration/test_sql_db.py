@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,3 +225,45 @@ def test_the_old_store_paths_still_migrate_and_check() -> None:
 
     assert workerkit.store.upgrade is upgrade
     assert workerkit.store.check_schema is check_schema
+
+
+def health_while_locked(url: str, hold: float) -> list[tuple[bool, str]]:
+    """queue.health() again and again while a job's own transaction holds the write lock."""
+    upgrade(url)
+    queue = SqlQueue(url, settings=Settings())
+    try:
+        assert queue.health().ok
+        taken, release = threading.Event(), threading.Event()
+
+        def job() -> None:
+            with queue.transaction():  # BEGIN IMMEDIATE: holds the write lock until it ends
+                taken.set()
+                release.wait(hold)
+
+        holder = threading.Thread(target=job)
+        holder.start()
+        taken.wait(5)
+        seen = []
+        while holder.is_alive():
+            health = queue.health()
+            seen.append((health.ok, health.reason))
+        holder.join()
+        after = queue.health()
+        assert after.ok, after.reason
+        return seen
+    finally:
+        queue.close()
+
+
+def test_a_job_holding_the_sqlite_write_lock_for_seconds_keeps_the_store_ready(
+    sqlite_url: str,
+) -> None:
+    seen = health_while_locked(sqlite_url, hold=2.5)
+    assert seen
+    assert all(ok for ok, _ in seen), seen
+    assert any("held by a transaction" in reason for _, reason in seen), seen
+
+
+def test_the_sqlite_write_lock_held_past_the_busy_timeout_is_not_ready(sqlite_url: str) -> None:
+    seen = health_while_locked(f"{sqlite_url}?timeout=2", hold=4.0)
+    assert any(not ok and "locked" in reason for ok, reason in seen), seen
