@@ -267,3 +267,45 @@ def test_a_job_holding_the_sqlite_write_lock_for_seconds_keeps_the_store_ready(
 def test_the_sqlite_write_lock_held_past_the_busy_timeout_is_not_ready(sqlite_url: str) -> None:
     seen = health_while_locked(f"{sqlite_url}?timeout=2", hold=4.0)
     assert any(not ok and "locked" in reason for ok, reason in seen), seen
+
+
+def test_a_sqlite_claim_waiting_for_the_lock_asks_the_claimer_again_before_writing(
+    sqlite_url: str,
+) -> None:
+    """A claim blocked in SQLite's busy handler must not win the lock from a settle once the
+    worker has paused its claims meanwhile: the gate is asked with the lock held."""
+    upgrade(sqlite_url)
+    queue = SqlQueue(sqlite_url, settings=Settings())
+    try:
+        queue.enqueue(
+            NewJob(job_id="j1", task="t", queue="default", payload="[[], {}]", max_attempts=3)
+        )
+        allowed = threading.Event()
+        allowed.set()
+        queue.claim_gate = allowed.is_set
+        taken, release = threading.Event(), threading.Event()
+
+        def holder() -> None:
+            with queue.transaction():  # the write lock, as a settle about to land would hold
+                taken.set()
+                release.wait(10)
+
+        lock = threading.Thread(target=holder)
+        lock.start()
+        taken.wait(5)
+        claimed: list[object] = []
+        claimer = threading.Thread(target=lambda: claimed.extend(queue.claim(["default"], "w", 1)))
+        claimer.start()
+        # Likely in the busy handler by now; either way it cannot write before the release,
+        # and it must see the pause that began before it got the lock.
+        time.sleep(0.3)
+        allowed.clear()  # the worker paused its claims meanwhile
+        release.set()
+        lock.join(5)
+        claimer.join(10)
+        assert claimed == []
+        assert queue.get_job("j1")["state"] == "ready"  # type: ignore[index]
+        allowed.set()
+        assert [d.job_id for d in queue.claim(["default"], "w", 1)] == ["j1"]
+    finally:
+        queue.close()

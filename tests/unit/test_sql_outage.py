@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from tests.support.native_worker import Harness, wait_until
-from workerkit.engines.sql.outage import RetryingWrite, backoff, lease_bound
+from workerkit.engines.sql import SqlQueue
+from workerkit.engines.sql.outage import (
+    LANDING_MARGIN,
+    RETRY_MAX,
+    ClaimPause,
+    RetryingWrite,
+    backoff,
+    lease_bound,
+    recovery_grace,
+)
 from workerkit.errors import LeaseLost, StoreUnavailable
 from workerkit.events import StoreHealth
 from workerkit.job import current_job
@@ -220,3 +230,68 @@ def test_a_timeout_while_the_store_is_down_is_settled_once_by_the_main_thread() 
     finally:
         worker.request_release()
         harness.join()
+
+
+def test_the_queue_bounds_its_postgresql_connects_and_the_grace_covers_them() -> None:
+    queue = SqlQueue("postgresql+psycopg://u:p@127.0.0.1:1/db")  # constructing never connects
+    assert queue.connect_timeout == 3
+    assert recovery_grace(queue.connect_timeout) == 3 + RETRY_MAX + LANDING_MARGIN
+    longer = SqlQueue("postgresql+psycopg://u:p@127.0.0.1:1/db?connect_timeout=10")
+    assert recovery_grace(longer.connect_timeout) == 10 + RETRY_MAX + LANDING_MARGIN
+
+
+def test_a_settle_retried_through_a_partition_lands_within_the_grace_of_the_return() -> None:
+    """The holder's side of the pause: a retry asleep or hung in a connect (the host does not
+    answer, so each attempt takes the whole connect timeout) lands within recovery_grace."""
+    connect_timeout = 1.5
+    back_at = time.monotonic() + 2.0
+
+    def write() -> float:
+        if time.monotonic() < back_at:
+            time.sleep(connect_timeout)  # a connect to an unreachable host, then its timeout
+            raise DOWN
+        return time.monotonic()
+
+    retry, _ = retrying()
+    landed = retry.run(write)
+    assert retry.failures >= 2
+    assert landed - back_at <= recovery_grace(connect_timeout)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_claims_pause_after_an_outage_long_enough_to_end_a_lease() -> None:
+    clock = Clock()
+    pause = ClaimPause(grace=5.0, threshold=2.0, clock=clock)
+    pause.store_back(down_since=clock.now - 1.9)  # shorter than H: no lease ran out
+    assert pause.left() == 0.0
+    pause.store_back(down_since=clock.now - 2.0)
+    assert pause.left() == 5.0
+    clock.now += 4.9
+    assert not pause.allows(claim_sent=clock.now)
+    clock.now += 0.1
+    assert pause.allows(claim_sent=clock.now)
+
+
+def test_a_claim_in_flight_is_held_back_by_a_pause_that_began_meanwhile() -> None:
+    clock = Clock()
+    pause = ClaimPause(grace=5.0, threshold=2.0, clock=clock)
+    sent = clock.now  # the claim starts while all is well ...
+    clock.now += 0.5
+    pause.store_back(down_since=clock.now - 3.0)  # ... the health check then saw an outage end
+    assert not pause.allows(sent)
+
+
+def test_a_claim_that_itself_waited_out_an_outage_claims_nothing_and_pauses() -> None:
+    clock = Clock()
+    pause = ClaimPause(grace=5.0, threshold=2.0, clock=clock)
+    sent = clock.now
+    clock.now += 2.0  # blocked in a connect, or behind SQLite's write lock
+    assert not pause.allows(sent)
+    assert pause.left() == 5.0

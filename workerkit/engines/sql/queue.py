@@ -56,6 +56,10 @@ _HEALTH_LOCK_WAIT = 1.0
 #: wait for it up to the busy timeout, so one missed wait is no sign that writes fail.
 _HEALTH_LOCKED_FOR = 5.0
 _SQLITE_BUSY = 5
+#: The connect timeout of the queue's PostgreSQL connections unless the URL sets one (seconds):
+#: it bounds how long a retried write hangs in a connect to an unreachable host, which the
+#: worker's claim pause after an outage covers (outage.recovery_grace).
+_CONNECT_TIMEOUT = 3
 #: A full disk checkpoints the WAL at most this often (seconds).
 _WAL_TRUNCATE_EVERY = 5.0
 
@@ -101,7 +105,14 @@ class SqlQueue(db.ForkSafeEngine):
             )
         #: V: how long a claim (or the last heartbeat) keeps a job, in seconds.
         self.lease_ttl = _lease_ttl(self.settings)
-        self._adopt_engine(db.create_engine_for(self.url))
+        #: How long one connect may hang (seconds; 0 on SQLite, which does not connect).
+        self.connect_timeout = 0.0
+        if self.dialect == "postgresql":
+            given = self.url.query.get("connect_timeout")
+            self.connect_timeout = float(given if isinstance(given, str) else _CONNECT_TIMEOUT)
+        #: Asked inside a claim just before its write; False: claim nothing (the worker's pause).
+        self.claim_gate: Callable[[], bool] | None = None
+        self._adopt_engine(db.create_engine_for(self.url, connect_timeout=_CONNECT_TIMEOUT))
         self._schema_ok = False
         self._wakeups = Wakeups()
         self._listener: PgListener | None = None
@@ -295,6 +306,10 @@ class SqlQueue(db.ForkSafeEngine):
 
     def _claim_round(self, params: Mapping[str, Any]) -> list[Any]:
         with self._statement() as conn:
+            # Connected (PostgreSQL) or holding the write lock (SQLite): the last moment to
+            # hold back, after a wait that may have spanned an outage.
+            if self.claim_gate is not None and not self.claim_gate():
+                return []
             return list(conn.execute(CLAIM, params).all())
 
     def _fenced(
