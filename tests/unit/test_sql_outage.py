@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.support.native_worker import Harness, wait_until
+from workerkit.app import App
 from workerkit.engines.sql import SqlQueue
 from workerkit.engines.sql.outage import (
     LANDING_MARGIN,
@@ -26,9 +27,11 @@ from workerkit.engines.sql.outage import (
     lease_bound,
     recovery_grace,
 )
+from workerkit.engines.sql.worker import NativeWorker
 from workerkit.errors import LeaseLost, StoreUnavailable
 from workerkit.events import StoreHealth
 from workerkit.job import current_job
+from workerkit.settings import Settings
 
 DOWN = StoreUnavailable("postgresql database unavailable: OperationalError: connection refused")
 
@@ -295,3 +298,11 @@ def test_a_claim_that_itself_waited_out_an_outage_claims_nothing_and_pauses() ->
     clock.now += 2.0  # blocked in a connect, or behind SQLite's write lock
     assert not pause.allows(sent)
     assert pause.left() == 5.0
+
+
+def test_the_worker_asks_its_pause_inside_each_claim_of_its_sql_queue() -> None:
+    settings = Settings(database_url="postgresql+psycopg://u:p@127.0.0.1:1/db")
+    queue = SqlQueue(settings=settings)
+    NativeWorker(App(backend=queue, settings=settings), settings)
+    assert queue.claim_gate is not None
+    assert queue.claim_gate() is False  # not ready yet (no health check passed): no claim
