@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,3 +225,87 @@ def test_the_old_store_paths_still_migrate_and_check() -> None:
 
     assert workerkit.store.upgrade is upgrade
     assert workerkit.store.check_schema is check_schema
+
+
+def health_while_locked(url: str, hold: float) -> list[tuple[bool, str]]:
+    """queue.health() again and again while a job's own transaction holds the write lock."""
+    upgrade(url)
+    queue = SqlQueue(url, settings=Settings())
+    try:
+        assert queue.health().ok
+        taken, release = threading.Event(), threading.Event()
+
+        def job() -> None:
+            with queue.transaction():  # BEGIN IMMEDIATE: holds the write lock until it ends
+                taken.set()
+                release.wait(hold)
+
+        holder = threading.Thread(target=job)
+        holder.start()
+        taken.wait(5)
+        seen = []
+        while holder.is_alive():
+            health = queue.health()
+            seen.append((health.ok, health.reason))
+        holder.join()
+        after = queue.health()
+        assert after.ok, after.reason
+        return seen
+    finally:
+        queue.close()
+
+
+def test_a_job_holding_the_sqlite_write_lock_for_seconds_keeps_the_store_ready(
+    sqlite_url: str,
+) -> None:
+    seen = health_while_locked(sqlite_url, hold=2.5)
+    assert seen
+    assert all(ok for ok, _ in seen), seen
+    assert any("held by a transaction" in reason for _, reason in seen), seen
+
+
+def test_the_sqlite_write_lock_held_past_the_busy_timeout_is_not_ready(sqlite_url: str) -> None:
+    seen = health_while_locked(f"{sqlite_url}?timeout=2", hold=4.0)
+    assert any(not ok and "locked" in reason for ok, reason in seen), seen
+
+
+def test_a_sqlite_claim_waiting_for_the_lock_asks_the_claimer_again_before_writing(
+    sqlite_url: str,
+) -> None:
+    """A claim blocked in SQLite's busy handler must not win the lock from a settle once the
+    worker has paused its claims meanwhile: the gate is asked with the lock held."""
+    upgrade(sqlite_url)
+    queue = SqlQueue(sqlite_url, settings=Settings())
+    try:
+        queue.enqueue(
+            NewJob(job_id="j1", task="t", queue="default", payload="[[], {}]", max_attempts=3)
+        )
+        allowed = threading.Event()
+        allowed.set()
+        queue.claim_gate = allowed.is_set
+        taken, release = threading.Event(), threading.Event()
+
+        def holder() -> None:
+            with queue.transaction():  # the write lock, as a settle about to land would hold
+                taken.set()
+                release.wait(10)
+
+        lock = threading.Thread(target=holder)
+        lock.start()
+        taken.wait(5)
+        claimed: list[object] = []
+        claimer = threading.Thread(target=lambda: claimed.extend(queue.claim(["default"], "w", 1)))
+        claimer.start()
+        # Likely in the busy handler by now; either way it cannot write before the release,
+        # and it must see the pause that began before it got the lock.
+        time.sleep(0.3)
+        allowed.clear()  # the worker paused its claims meanwhile
+        release.set()
+        lock.join(5)
+        claimer.join(10)
+        assert claimed == []
+        assert queue.get_job("j1")["state"] == "ready"  # type: ignore[index]
+        allowed.set()
+        assert [d.job_id for d in queue.claim(["default"], "w", 1)] == ["j1"]
+    finally:
+        queue.close()

@@ -9,16 +9,29 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from tests.support.native_worker import Harness, wait_until
-from workerkit.engines.sql.outage import RetryingWrite, backoff, lease_bound
+from workerkit.app import App
+from workerkit.engines.sql import SqlQueue
+from workerkit.engines.sql.outage import (
+    LANDING_MARGIN,
+    RETRY_MAX,
+    ClaimPause,
+    RetryingWrite,
+    backoff,
+    lease_bound,
+    recovery_grace,
+)
+from workerkit.engines.sql.worker import NativeWorker
 from workerkit.errors import LeaseLost, StoreUnavailable
 from workerkit.events import StoreHealth
 from workerkit.job import current_job
+from workerkit.settings import Settings
 
 DOWN = StoreUnavailable("postgresql database unavailable: OperationalError: connection refused")
 
@@ -172,3 +185,124 @@ def test_a_store_that_fails_from_the_start_is_logged(
     record = next(r for r in caplog.records if getattr(r, "event", "") == "store_health")
     assert record.levelno == logging.WARNING
     assert "StoreUnavailable" in record.reason  # type: ignore[attr-defined]
+
+
+def test_a_write_told_to_try_once_makes_one_attempt_against_a_store_that_stays_down() -> None:
+    retry, failures = retrying(once=True)
+    attempts = [0]
+
+    def down() -> None:
+        attempts[0] += 1
+        raise DOWN
+
+    with pytest.raises(StoreUnavailable):
+        retry.run(down)
+    assert attempts[0] == 1
+    assert len(failures) == 1
+
+
+def test_a_timeout_while_the_store_is_down_is_settled_once_by_the_main_thread() -> None:
+    """The main thread must not retry a settle: it would hold the job's lock, leave the
+    timed-out thread running and every other deadline unenforced until a release."""
+    harness = Harness(job_timeout=0.3)
+    calls = [0]
+
+    def down(*args: Any) -> None:
+        calls[0] += 1
+        raise DOWN
+
+    harness.queue.retry = down  # type: ignore[method-assign]
+    harness.queue.fail = down  # type: ignore[method-assign]
+    interrupted = threading.Event()
+
+    @harness.app.task
+    def forever() -> None:
+        try:
+            while True:
+                threading.Event().wait(0.01)
+        except BaseException:
+            interrupted.set()
+            raise
+
+    forever.enqueue()
+    worker = harness.start()
+    try:
+        wait_until(lambda: harness.outcomes() == ["lease_lost"], timeout=5)
+        wait_until(interrupted.is_set, timeout=5)
+        assert calls[0] == 1  # one attempt, left to the lease
+    finally:
+        worker.request_release()
+        harness.join()
+
+
+def test_the_queue_bounds_its_postgresql_connects_and_the_grace_covers_them() -> None:
+    queue = SqlQueue("postgresql+psycopg://u:p@127.0.0.1:1/db")  # constructing never connects
+    assert queue.connect_timeout == 3
+    assert recovery_grace(queue.connect_timeout) == 3 + RETRY_MAX + LANDING_MARGIN
+    longer = SqlQueue("postgresql+psycopg://u:p@127.0.0.1:1/db?connect_timeout=10")
+    assert recovery_grace(longer.connect_timeout) == 10 + RETRY_MAX + LANDING_MARGIN
+
+
+def test_a_settle_retried_through_a_partition_lands_within_the_grace_of_the_return() -> None:
+    """The holder's side of the pause: a retry asleep or hung in a connect (the host does not
+    answer, so each attempt takes the whole connect timeout) lands within recovery_grace."""
+    connect_timeout = 1.5
+    back_at = time.monotonic() + 2.0
+
+    def write() -> float:
+        if time.monotonic() < back_at:
+            time.sleep(connect_timeout)  # a connect to an unreachable host, then its timeout
+            raise DOWN
+        return time.monotonic()
+
+    retry, _ = retrying()
+    landed = retry.run(write)
+    assert retry.failures >= 2
+    assert landed - back_at <= recovery_grace(connect_timeout)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_claims_pause_after_an_outage_long_enough_to_end_a_lease() -> None:
+    clock = Clock()
+    pause = ClaimPause(grace=5.0, threshold=2.0, clock=clock)
+    pause.store_back(down_since=clock.now - 1.9)  # shorter than H: no lease ran out
+    assert pause.left() == 0.0
+    pause.store_back(down_since=clock.now - 2.0)
+    assert pause.left() == 5.0
+    clock.now += 4.9
+    assert not pause.allows(claim_sent=clock.now)
+    clock.now += 0.1
+    assert pause.allows(claim_sent=clock.now)
+
+
+def test_a_claim_in_flight_is_held_back_by_a_pause_that_began_meanwhile() -> None:
+    clock = Clock()
+    pause = ClaimPause(grace=5.0, threshold=2.0, clock=clock)
+    sent = clock.now  # the claim starts while all is well ...
+    clock.now += 0.5
+    pause.store_back(down_since=clock.now - 3.0)  # ... the health check then saw an outage end
+    assert not pause.allows(sent)
+
+
+def test_a_claim_that_itself_waited_out_an_outage_claims_nothing_and_pauses() -> None:
+    clock = Clock()
+    pause = ClaimPause(grace=5.0, threshold=2.0, clock=clock)
+    sent = clock.now
+    clock.now += 2.0  # blocked in a connect, or behind SQLite's write lock
+    assert not pause.allows(sent)
+    assert pause.left() == 5.0
+
+
+def test_the_worker_asks_its_pause_inside_each_claim_of_its_sql_queue() -> None:
+    settings = Settings(database_url="postgresql+psycopg://u:p@127.0.0.1:1/db")
+    queue = SqlQueue(settings=settings)
+    NativeWorker(App(backend=queue, settings=settings), settings)
+    assert queue.claim_gate is not None
+    assert queue.claim_gate() is False  # not ready yet (no health check passed): no claim

@@ -7,16 +7,22 @@ tests/e2e/test_sql_startup.py.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.native_worker import Harness, wait_until
-from workerkit.engines.sql.startup import is_permanent
+from workerkit.app import App
+from workerkit.engines.sql import SqlQueue, upgrade
+from workerkit.engines.sql.startup import is_permanent, reach_store
 from workerkit.errors import StoreUnavailable
-from workerkit.events import StoreHealth
+from workerkit.events import EventClient, StoreHealth
+from workerkit.settings import Settings
 
 DOWN = StoreUnavailable("postgresql database unavailable: OperationalError: connection refused")
 
@@ -70,3 +76,22 @@ def sqlite_error(code: int) -> sqlite3.OperationalError:
 )
 def test_which_startup_errors_cannot_heal_by_waiting(error: Exception, permanent: bool) -> None:
     assert is_permanent(error) is permanent
+
+
+def test_a_sigterm_after_the_database_answered_is_kept_for_the_worker(tmp_path: Path) -> None:
+    """The handler that ends the wait for the database raises; it must not outlive the wait,
+    or a SIGTERM while the worker is being built escapes main() with a traceback (exit 1)."""
+    url = f"sqlite:///{tmp_path / 'queue.sqlite3'}"
+    upgrade(url)
+    settings = Settings(database_url=url)
+    queue = SqlQueue(url, settings=settings)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        stop = reach_store(App(backend=queue, settings=settings), 5.0, EventClient(None, role=""))
+        assert not stop.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in this (the main) thread: no raise
+        wait_until(stop.is_set, timeout=5)
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+        queue.close()

@@ -123,7 +123,7 @@ def is_sqlite(url: str | sa.URL) -> bool:
     return sa.make_url(url).get_backend_name() == "sqlite"
 
 
-def create_engine_for(url: str | sa.URL, **kwargs: Any) -> sa.Engine:
+def create_engine_for(url: str | sa.URL, *, connect_timeout: int = 10, **kwargs: Any) -> sa.Engine:
     """A SQLAlchemy engine set up for the queue; extra ``kwargs`` go to ``create_engine``.
 
     SQLite: WAL (readers never block the writer), a busy timeout, and every write transaction
@@ -133,7 +133,8 @@ def create_engine_for(url: str | sa.URL, **kwargs: Any) -> sa.Engine:
     of them failing with "database is locked" instead of waiting. IMMEDIATE takes the write lock
     at BEGIN, so claims queue up on the busy timeout and each sees the previous one's result.
 
-    PostgreSQL: psycopg 3, a small LIFO pool, a connect timeout so probes answer, and
+    PostgreSQL: psycopg 3, a small LIFO pool, a connect timeout (``connect_timeout`` seconds
+    unless the URL sets one) so probes answer and writes do not hang on a partition, and
     ``application_name=workerkit``. Connections are pinged when they come out of the pool only
     after sitting idle for :data:`PING_AFTER_IDLE` seconds (see :func:`_install_idle_ping`), not
     on every checkout as ``pool_pre_ping`` would: that ping was a round trip per statement, a
@@ -147,7 +148,7 @@ def create_engine_for(url: str | sa.URL, **kwargs: Any) -> sa.Engine:
         _install_sqlite_hooks(engine, busy)
         return engine
     connect_args = dict(kwargs.pop("connect_args", {}))
-    connect_args.update(postgres_connect_defaults(parsed))
+    connect_args.update(postgres_connect_defaults(parsed, connect_timeout))
     options: dict[str, Any] = {
         # LIFO: a busy worker keeps reusing its few hot connections (never pinged, see below)
         # while the rest sit idle, get pinged on their next checkout, and age out by recycle.
@@ -288,11 +289,11 @@ def store_errors(
         raise error from exc
 
 
-def postgres_connect_defaults(url: sa.URL) -> dict[str, Any]:
+def postgres_connect_defaults(url: sa.URL, connect_timeout: int = 10) -> dict[str, Any]:
     """psycopg connect arguments workerkit adds unless the URL sets them."""
     defaults: dict[str, Any] = {}
     if "connect_timeout" not in url.query:
-        defaults["connect_timeout"] = 10
+        defaults["connect_timeout"] = connect_timeout
     if "application_name" not in url.query:
         defaults["application_name"] = "workerkit"
     return defaults

@@ -23,13 +23,16 @@ from workerkit.errors import StoreUnavailable
 from workerkit.job import CheckpointSink, TransactionalCheckpointSink
 
 __all__ = (
+    "LANDING_MARGIN",
     "RECOVERY_GRACE",
     "RETRY_FIRST",
     "RETRY_MAX",
+    "ClaimPause",
     "RetryingSink",
     "RetryingWrite",
     "backoff",
     "lease_bound",
+    "recovery_grace",
     "retrying_sink",
 )
 
@@ -41,10 +44,21 @@ _T = TypeVar("_T")
 RETRY_FIRST: Final = 0.05
 #: ... up to this (seconds), so a write lands within about a second of the store's return.
 RETRY_MAX: Final = 1.0
-#: After a store outage the worker waits this long before it claims again: workers that hold
-#: results they could not write during the outage settle them first (their retries come at
-#: most RETRY_MAX apart), where a claim would take their expired leases and run the job again.
+#: The least the worker waits after a store outage before it claims again (seconds).
 RECOVERY_GRACE: Final = 3.0
+#: For the statement itself, once connected, and the thread's scheduling (seconds).
+LANDING_MARGIN: Final = 1.0
+
+
+def recovery_grace(connect_timeout: float) -> float:
+    """How long after the store's return a write being retried surely has landed.
+
+    A retry in progress when the store comes back is either asleep (RETRY_MAX at most) or
+    inside a connect that the outage made hang (``connect_timeout`` at most, the host being
+    unreachable rather than refusing: a partition), followed by one more backoff; then it
+    lands. So ``connect_timeout + RETRY_MAX + LANDING_MARGIN``, and RECOVERY_GRACE at least.
+    """
+    return max(RECOVERY_GRACE, connect_timeout + RETRY_MAX + LANDING_MARGIN)
 
 
 def backoff(
@@ -75,10 +89,11 @@ def lease_bound(sent_at: float, ttl: float) -> float:
 class RetryingWrite:
     """Runs one write until it lands, retrying while the store is unavailable.
 
-    ``until()`` is the monotonic time after which :meth:`run` stops retrying (None: no bound
-    but ``stop``); ``stop`` set ends the retries at once (the worker is releasing). Each failure
-    goes to ``on_failure`` (readiness false), and ``on_done`` hears the end; the first failure,
-    and the first past ``lease_until``, are logged. Other errors than
+    ``once``: one attempt, no retry (the main thread's settles: it must not block on the
+    store). ``until()`` is the monotonic time after which :meth:`run` stops retrying (None: no
+    bound but ``stop``); ``stop`` set ends the retries at once (the worker is releasing).
+    Each failure goes to ``on_failure`` (readiness false), and ``on_done`` hears the end; the
+    first failure, and the first past ``lease_until``, are logged. Other errors than
     :class:`~workerkit.errors.StoreUnavailable` (a LeaseLost above all) are not retried.
     """
 
@@ -88,6 +103,7 @@ class RetryingWrite:
     on_failure: Callable[[str], None]
     lease_until: Callable[[], float]
     until: Callable[[], float] | None = None
+    once: bool = False
     on_done: Callable[[RetryingWrite], None] | None = None
     clock: Callable[[], float] = time.monotonic
     failures: int = field(default=0, init=False)
@@ -110,7 +126,9 @@ class RetryingWrite:
                 self.failures += 1
                 self.on_failure(f"{self.what} failed: {exc}")
                 now = self.clock()
-                if self.stop.is_set() or (self.until is not None and now >= self.until()):
+                if self.once or self.stop.is_set():
+                    raise
+                if self.until is not None and now >= self.until():
                     raise
                 past_lease = now >= self.lease_until()
                 if self.failures == 1 or (past_lease and not warned_past_lease):
@@ -193,3 +211,38 @@ def retrying_sink(inner: CheckpointSink, retry: Callable[[], RetryingWrite]) -> 
     if isinstance(inner, TransactionalCheckpointSink):
         return _RetryingTransactionalSink(inner, retry)
     return RetryingSink(inner, retry)
+
+
+class ClaimPause:
+    """The claimer's side of an outage: no claim until the writes of other workers landed.
+
+    Other workers cannot know that someone's settle is pending; what they know is that the
+    store was away. After an outage of at least ``threshold`` seconds (long enough for someone's
+    lease to have run out while its result waited to be written), :meth:`allows` says no for
+    ``grace`` seconds (:func:`recovery_grace`). It is asked again inside the claim, once the
+    claim holds its connection or the write lock, just before its write: a claim that started
+    before the pause, or that itself waited ``threshold`` for the store, claims nothing.
+    """
+
+    def __init__(
+        self, grace: float, threshold: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.grace = grace
+        self.threshold = threshold
+        self._clock = clock
+        self._until = -float("inf")
+
+    def store_back(self, down_since: float) -> None:
+        """The store answers again; it may have been away since ``down_since`` (monotonic)."""
+        now = self._clock()
+        if now - down_since >= self.threshold:
+            self._until = max(self._until, now + self.grace)
+
+    def left(self) -> float:
+        """Seconds until claims may start again (0 when they may now)."""
+        return max(0.0, self._until - self._clock())
+
+    def allows(self, claim_sent: float) -> bool:
+        """Inside a claim sent at ``claim_sent``, just before its write: may it claim?"""
+        self.store_back(claim_sent)  # a claim that waited that long waited out an outage
+        return self.left() == 0.0

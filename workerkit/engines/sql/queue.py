@@ -49,8 +49,17 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-#: On SQLite a health check waits this long at most for the write lock (seconds).
+#: On SQLite a health check waits this long at most for the write lock (seconds)...
 _HEALTH_LOCK_WAIT = 1.0
+#: ... and says "not ready" only once the lock has been out of its reach this long (or the busy
+#: timeout, if shorter): a job's own transaction may hold the lock for seconds, and writers
+#: wait for it up to the busy timeout, so one missed wait is no sign that writes fail.
+_HEALTH_LOCKED_FOR = 5.0
+_SQLITE_BUSY = 5
+#: The connect timeout of the queue's PostgreSQL connections unless the URL sets one (seconds):
+#: it bounds how long a retried write hangs in a connect to an unreachable host, which the
+#: worker's claim pause after an outage covers (outage.recovery_grace).
+_CONNECT_TIMEOUT = 3
 #: A full disk checkpoints the WAL at most this often (seconds).
 _WAL_TRUNCATE_EVERY = 5.0
 
@@ -96,13 +105,21 @@ class SqlQueue(db.ForkSafeEngine):
             )
         #: V: how long a claim (or the last heartbeat) keeps a job, in seconds.
         self.lease_ttl = _lease_ttl(self.settings)
-        self._adopt_engine(db.create_engine_for(self.url))
+        #: How long one connect may hang (seconds; 0 on SQLite, which does not connect).
+        self.connect_timeout = 0.0
+        if self.dialect == "postgresql":
+            given = self.url.query.get("connect_timeout")
+            self.connect_timeout = float(given if isinstance(given, str) else _CONNECT_TIMEOUT)
+        #: Asked inside a claim just before its write; False: claim nothing (the worker's pause).
+        self.claim_gate: Callable[[], bool] | None = None
+        self._adopt_engine(db.create_engine_for(self.url, connect_timeout=_CONNECT_TIMEOUT))
         self._schema_ok = False
         self._wakeups = Wakeups()
         self._listener: PgListener | None = None
         self._listener_lock = threading.Lock()
         self._closed = False
         self._wal_truncated_at = -_WAL_TRUNCATE_EVERY
+        self._locked_since: float | None = None  # SQLite: health checks missing the write lock
 
     def __repr__(self) -> str:
         return f"<SqlQueue {self.url.render_as_string(hide_password=True)}>"
@@ -289,6 +306,10 @@ class SqlQueue(db.ForkSafeEngine):
 
     def _claim_round(self, params: Mapping[str, Any]) -> list[Any]:
         with self._statement() as conn:
+            # Connected (PostgreSQL) or holding the write lock (SQLite): the last moment to
+            # hold back, after a wait that may have spanned an outage.
+            if self.claim_gate is not None and not self.claim_gate():
+                return []
             return list(conn.execute(CLAIM, params).all())
 
     def _fenced(
@@ -507,8 +528,9 @@ class SqlQueue(db.ForkSafeEngine):
         """Can the store be used now: reachable, and the schema at head?
 
         On SQLite the check takes the write lock (waiting a second at most): a database that
-        another process keeps locked past the busy timeout is not ready, since no claim or
-        settle can be written. The reason never contains the URL or a password.
+        another process keeps locked for 5 s running (or the busy timeout, if shorter) is not
+        ready, since claims and settles are about to fail; a shorter hold (a job's own
+        transaction) is not. The reason never contains the URL or a password.
         """
         try:
             if self.dialect == "sqlite":
@@ -525,6 +547,26 @@ class SqlQueue(db.ForkSafeEngine):
     def _sqlite_health(self) -> StoreHealth:
         busy = db.sqlite_busy_timeout(self.url)
         wait = min(_HEALTH_LOCK_WAIT, busy)
+        started = time.monotonic()
+        try:
+            status = self._sqlite_lock_check(busy, wait)
+        except StoreUnavailable as exc:
+            if not _sqlite_busy(exc):
+                raise
+            if self._locked_since is None:
+                self._locked_since = started
+            held = time.monotonic() - self._locked_since
+            if not self._schema_ok or held >= min(_HEALTH_LOCKED_FOR, busy):
+                raise
+            return StoreHealth(
+                True,
+                f"the write lock is held by a transaction (for {held:.1f} s at least); writers "
+                f"wait for it up to the {busy:g} s busy timeout",
+            )
+        self._locked_since = None
+        return status
+
+    def _sqlite_lock_check(self, busy: float, wait: float) -> StoreHealth:
         with self._errors(), self.engine.connect() as conn:
             # On the driver's connection: through SQLAlchemy the pragma would begin the
             # transaction (and wait for the lock) before the shorter wait is set.
@@ -614,6 +656,13 @@ def _delivery(row: Any) -> Delivery:
         enqueued_at=row.run_at,
         lease_expires_at=row.lease_expires_at,
     )
+
+
+def _sqlite_busy(exc: StoreUnavailable) -> bool:
+    """Whether ``exc`` is SQLite's SQLITE_BUSY: the write lock was not free within the wait."""
+    cause = exc.__cause__
+    code = getattr(getattr(cause, "orig", None), "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF == _SQLITE_BUSY
 
 
 def _disconnected(exc: StoreUnavailable) -> bool:

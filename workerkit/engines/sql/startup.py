@@ -6,7 +6,7 @@ database) ends the worker at once with one error line and STORE_UNAVAILABLE (3),
 ``workerkit db upgrade`` says it; one that may come back (refused, timed out, starting up) is
 retried with backoff, each failure logged, up to ``startup_timeout``, as the rq engine waits
 for Redis (``engines/rq/startup.py``). A stop signal meanwhile ends the process at once:
-nothing has been claimed yet.
+nothing has been claimed yet; one after the database answered is kept for the worker.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from types import FrameType
@@ -40,6 +41,7 @@ __all__ = (
     "StoreUnreachable",
     "is_permanent",
     "main",
+    "reach_store",
     "retry_delays",
     "wait_for_store",
 )
@@ -192,15 +194,31 @@ def _config_error(message: str) -> None:
     sys.exit(exitcodes.CONFIG_ERROR)
 
 
-def _reach_store(app: App, budget: float, events: EventClient) -> None:
-    """:func:`wait_for_store` for the app's queue; exit 3 (or 0 on a stop signal) when not."""
+def _remember_sigterm() -> threading.Event:
+    """From now on a SIGTERM only sets the returned event (the worker is not built yet)."""
+    stop = threading.Event()
+
+    def remembered(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, remembered)
+    return stop
+
+
+def reach_store(app: App, budget: float, events: EventClient) -> threading.Event:
+    """:func:`wait_for_store` for the app's queue; exit 3 (or 0 on a stop signal) when not.
+
+    Returns an event that a SIGTERM arriving afterwards sets: the handler that ends a wait
+    raises, and must not be left in place while the worker is being built.
+    """
     backend = app.backend
     url, engine = getattr(backend, "url", None), getattr(backend, "engine", None)
     if not isinstance(url, sa.URL) or not isinstance(engine, sa.Engine):
-        return  # not a SQL queue (an in-memory one in tests): nothing to reach
+        return _remember_sigterm()  # not a SQL queue (an in-memory one): nothing to reach
     _install_startup_signals()
     try:
         wait_for_store(url, engine, budget, events)
+        return _remember_sigterm()  # inside the try: a signal just before it still exits 0
     except StoreUnreachable as exc:
         what = "cannot be fixed by waiting" if exc.permanent else "startup_timeout spent"
         log.error(
@@ -236,12 +254,18 @@ def main() -> None:
     if not isinstance(app, App):
         _config_error(f"--app {settings.app} is not a workerkit.App")
     events = events_module.client("worker")
+    stop_early = threading.Event()
     try:
         app.configure_settings(settings)
-        _reach_store(app, settings.startup_timeout, events)
+        stop_early = reach_store(app, settings.startup_timeout, events)
     except ConfigurationError as exc:
         _config_error(str(exc))
     worker = NativeWorker(app, settings, events=events)
+    # A SIGTERM from now on reaches the worker (run() installs its own handler, to the same
+    # effect); one that came while it was being built is passed on.
+    signal.signal(signal.SIGTERM, lambda signum, frame: worker.stop_fetching())
+    if stop_early.is_set():
+        worker.stop_fetching()
     # The supervisor's death (or SIGQUIT) is the supervisor's release command, at once.
     Lifeline(worker.request_release).start()
     code = worker.run()

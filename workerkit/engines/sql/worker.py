@@ -45,12 +45,14 @@ from workerkit.engines.attempt import (
     verdict_for,
 )
 from workerkit.engines.sql.outage import (
-    RECOVERY_GRACE,
+    ClaimPause,
     RetryingWrite,
     backoff,
     lease_bound,
+    recovery_grace,
     retrying_sink,
 )
+from workerkit.engines.sql.queue import SqlQueue
 from workerkit.errors import JobInterrupted, LeaseLost, PayloadError, SchemaOutOfDate, StoreError
 from workerkit.events import (
     CheckpointSaved,
@@ -156,7 +158,15 @@ class NativeWorker:
         self._ready = threading.Event()  # the store answered its last health check and claim
         self._last_health: bool | None = None  # what the log last said (None: nothing yet)
         self._been_ready = False
-        self._claim_after = 0.0  # monotonic: no claim before (the grace after an outage)
+        # After an outage of H or more (someone's lease may have run out meanwhile), no claim
+        # until the retried writes surely landed: connect bound + RETRY_MAX (ClaimPause).
+        connect_timeout = float(getattr(self.backend, "connect_timeout", 0.0))
+        self._pause = ClaimPause(
+            recovery_grace(connect_timeout), settings.effective_heartbeat_interval
+        )
+        self._claim_sent = 0.0  # monotonic: when the claim in progress started
+        if isinstance(self.backend, SqlQueue):
+            self.backend.claim_gate = self._may_claim_now  # asked just before the claim's write
         self._store_ok_at = time.monotonic()  # the last health check or claim that worked
         self._write_trouble = ""  # the last failed write's reason, while writes are retried
         self._retrying = 0  # writes being retried now (under _running_lock)
@@ -310,7 +320,7 @@ class NativeWorker:
                     # The upkeep keeper checks the store again (sooner while it is not ready).
                     self._ready.wait(self._unready_recheck)
                     continue
-                grace = self._claim_after - time.monotonic()
+                grace = self._pause.left()
                 if grace > 0:
                     self._stopping.wait(grace)
                     continue
@@ -347,8 +357,8 @@ class NativeWorker:
             ok, reason = False, self._write_trouble
         first = ok and not self._ready.is_set()
         now = time.monotonic()
-        if first and self._been_ready and self._outage_may_have_expired_leases(now):
-            self._claim_after = now + RECOVERY_GRACE
+        if first and self._been_ready:
+            self._pause.store_back(down_since=self._store_ok_at)  # never shorter than it was
         self._log_health(ok, reason)
         self.events.send(StoreHealth(ok, reason))
         if first:
@@ -366,23 +376,18 @@ class NativeWorker:
         self._ready.set()  # after the events above, as when one thread did both
         return None
 
-    def _outage_may_have_expired_leases(self, now: float) -> bool:
-        # A lease renewed every H holds V >= 2H: an outage shorter than H cannot have ended
-        # anyone's. Measured from our last success, so never shorter than it really was.
-        return now - self._store_ok_at >= self.settings.effective_heartbeat_interval
-
     def _log_health(self, ok: bool, reason: str) -> None:
         # Every change is logged, the first report included: a store that fails from the start
         # must say why, not leave the worker "starting" in silence.
         if ok == self._last_health:
             return
         self._last_health = ok
-        grace = self._claim_after > time.monotonic()
+        grace = self._pause.left() > 0
         log.log(
             logging.INFO if ok else logging.WARNING,
             "store is %s%s",
             "ready" if ok else "not ready",
-            f"; claiming again in {RECOVERY_GRACE:g} s" if grace else "",
+            f"; claiming again in {self._pause.grace:g} s" if grace else "",
             extra={"event": "store_health", "ok": ok, "reason": reason},
         )
 
@@ -395,11 +400,16 @@ class NativeWorker:
         # waits for it, as it waited min(poll_interval, HEALTH_EVERY) before.
         self._upkeep.run_soon("health")
 
+    def _may_claim_now(self) -> bool:
+        # In the claim, with its connection or SQLite's write lock, just before its write: an
+        # outage may have begun or ended since the fetcher looked (or during the claim's wait).
+        return self._pause.allows(self._claim_sent) and self._ready.is_set()
+
     def _claim_and_start(self, free: int) -> bool:
         with self._claim_lock:
             if self._stopping.is_set():
                 return True
-            sent = time.monotonic()  # the lease starts no earlier (lease_bound)
+            sent = self._claim_sent = time.monotonic()  # the lease starts no earlier
             try:
                 deliveries = self.backend.claim(self.queues, self.worker_id, free)
             except (SchemaOutOfDate, StoreError) as exc:
@@ -647,8 +657,7 @@ class NativeWorker:
         self, running: _Running, write: Callable[[_Running], Outcome], *, patient: bool
     ) -> Outcome:
         retry = self._retrying_write(running, "settle", within_lease=False)
-        if not patient:
-            retry.until = time.monotonic
+        retry.once = not patient  # the main thread never blocks on the store
         try:
             return retry.run(lambda: write(running))
         except LeaseLost:
