@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ from celery.worker import state
 
 from workerkit.engines.celery.lease import now
 from workerkit.engines.celery.runtime import Runtime
+from workerkit.engines.celery.task import request_class
 from workerkit.events import BatchingSender
 from workerkit.settings import Settings
 
@@ -47,11 +49,19 @@ class FakeLedger:
 
     def __init__(self) -> None:
         self.taken: set[str] = set()
+        self.acked: set[str] = set()
         self.renewed: list[list[str]] = []
+        #: Runs inside ack(), after the script: the keeper's round in that instant.
+        self.during_ack: Callable[[], None] = lambda: None
 
     def renew_leases(self, tags: list[str], owner: str, ttl: float) -> list[str]:
         self.renewed.append(list(tags))
-        return [tag for tag in tags if tag in self.taken]
+        return [tag for tag in tags if tag in self.taken or tag in self.acked]
+
+    def ack(self, tag: str, owner: str) -> bool:
+        self.acked.add(tag)  # gone from ``unacked``: a renewal now finds it lost
+        self.during_ack()
+        return True
 
 
 def _request(tag: str) -> SimpleNamespace:
@@ -171,3 +181,37 @@ def test_a_lost_lease_is_dropped_on_the_loop_thread_and_gives_its_prefetch_slot_
     assert consumer.dispatched == []
     assert consumer.decrements == 1
     state.task_ready(fired)
+
+
+class _CeleryRequest:
+    """The part of Celery's Request the workerkit mixin uses."""
+
+    def __init__(self, tag: str) -> None:
+        self.id = f"job-{tag}"
+        self.type = "t"
+        self.message = SimpleNamespace(delivery_tag=tag, channel=None)
+        self.acknowledged = False
+        self.time_limits = (None, None)
+        self.eta = None
+
+    def acknowledge(self) -> None:
+        raise AssertionError("kombu's unfenced ack")
+
+
+def test_a_renewal_that_runs_while_the_loop_acknowledges_is_not_a_lost_lease(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runtime = Runtime(Celery("t"), Settings(engine="celery", recovery_window=30))
+    ledger = FakeLedger()
+    runtime._ledger = ledger  # type: ignore[assignment]
+    request = request_class(_CeleryRequest, runtime)("a")
+    request._workerkit_dispatched = True
+    runtime.lease.extend(now() - 10)  # the last round was 10 s ago: 5 s left
+    ledger.during_ack = runtime._renew_leases  # the keeper's round, right after ack.lua
+    with caplog.at_level(logging.WARNING, logger="workerkit.engines.celery"):
+        request.acknowledge()
+    assert request.acknowledged
+    assert not getattr(request, "_workerkit_lost", False)
+    assert not [r for r in caplog.records if getattr(r, "event", None) == "lease_lost"]
+    assert (runtime.lease.left() or 0) > 14.5  # the round still advanced the deadline
+    assert runtime._in_hand() == []

@@ -422,8 +422,10 @@ class Runtime:
         lost = self.ledger.renew_leases(list(renewing), self.worker_id, self.lease_ttl)
         for tag in lost:
             request = renewing[tag]
-            if request.acknowledged:
-                continue  # acknowledged meanwhile (by the loop): not lost, done
+            if request.acknowledged or getattr(request, "_workerkit_settling", False):
+                # Its settle (ack.lua, or the requeue's restore) ran during this round: it left
+                # ``unacked`` by our own hand, before the loop marked it acknowledged.
+                continue
             request._workerkit_lost = True
             log.warning(
                 "lease lost: another worker holds the message now",

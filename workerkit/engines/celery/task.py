@@ -411,6 +411,8 @@ class WorkerkitRequestMixin:
 
     _workerkit_runtime: Runtime  # set by request_class()
     _workerkit_crashed = False
+    #: Set just before its settle's script runs (the ack, or the requeue's restore).
+    _workerkit_settling = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         base: Any = super()
@@ -442,9 +444,13 @@ class WorkerkitRequestMixin:
         runtime = self._workerkit_runtime
         message = self.message
         base: Any = super()
+        # Before the script: a renewal round that runs between it and ``acknowledged`` below
+        # finds the message gone from ``unacked`` by our own hand, not lost (runtime.py).
+        self._workerkit_settling = True
         try:
             settled = runtime.ledger.ack(str(message.delivery_tag), runtime.worker_id)
         except Exception:
+            self._workerkit_settling = False
             unfenced(base)  # the broker is unreachable: kombu's own path logs the error
             return
         with contextlib.suppress(Exception):
@@ -485,6 +491,7 @@ class WorkerkitRequestMixin:
                 self.send_event("task-rejected", requeue=False)
             return
         message = self.message
+        self._workerkit_settling = True  # as in _settle_fenced: a restore by our own hand
         try:
             restored = runtime.ledger.restore(
                 str(message.delivery_tag),
@@ -493,6 +500,7 @@ class WorkerkitRequestMixin:
                 leftmost=True,  # at the back of the queue, as kombu's reject does
             )
         except Exception as exc:
+            self._workerkit_settling = False
             log.warning(
                 "cannot requeue through workerkit; kombu requeues",
                 extra={"event": "requeue_failed", "job_id": self.id, "error": str(exc)},
