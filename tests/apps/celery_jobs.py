@@ -16,7 +16,7 @@ from celery import Celery, signals
 
 import workerkit
 
-__all__ = ("app", "noop", "poison", "spawner", "steps", "stubborn", "ticker")
+__all__ = ("app", "noop", "poison", "spawner", "steps", "stubborn", "ticker", "wrapup")
 
 app = Celery("e2e", broker=os.environ.get("E2E_REDIS_URL", "redis://127.0.0.1:6379/1"))
 app.conf.update(broker_connection_retry_on_startup=True, task_default_queue="celery")
@@ -91,6 +91,18 @@ def _tick(label: str, seconds: float) -> None:
 @app.task(name="ticker")
 def ticker(label: str, seconds: float) -> None:
     _tick(label, seconds)
+
+
+@app.task(name="wrapup")
+def wrapup(label: str, seconds: float) -> str:
+    """Works until asked to stop (or ``seconds``), then finishes and returns: a success."""
+    job = workerkit.current_job()
+    _journal("start", label)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not job.stop_requested:
+        time.sleep(0.05)
+    _journal("done", label, f"stopped={job.stop_requested}")
+    return label
 
 
 @signals.worker_init.connect

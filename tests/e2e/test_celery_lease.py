@@ -123,3 +123,53 @@ def test_a_stopped_workers_task_stops_before_another_worker_runs_it(
         assert "from=0" not in second_lines[0], second_lines  # resumed from its checkpoint
     assert redis_client.hlen("unacked") == 0
     assert queue_ids(redis_client) == []
+
+
+@pytest.mark.timeout(120)
+def test_a_task_that_finishes_while_the_main_process_is_stopped_runs_once(
+    tmp_path: Path, redis_url: str, redis_client: Any
+) -> None:
+    # W = 12 s: leases live 6 s, renewed every 2 s; a pool child's watchdog asks its task to
+    # stop once less than 1.5 s of the last renewal is left. The task then finishes and returns
+    # (a success) while its lease is still this worker's: it is settled, never run again.
+    env = Env(tmp=tmp_path, database_url="", journal=tmp_path / "journal.txt")
+    env.extra["WORKERKIT_RECOVERY_WINDOW"] = "12"
+    prefork = ("--pool=prefork",)
+    with celery_supervisor(env, redis_url, name="first", worker_args=prefork) as first:
+        first.wait_ready()
+        send(redis_url, "wrapup", "fin", 60.0, task_id="fin")
+        wait_until(
+            lambda: any(line.startswith("start fin") for line in env.lines()),
+            timeout=20,
+            what="the task to start",
+        )
+        main_pid = first.worker_pid()
+        os.kill(main_pid, signal.SIGSTOP)
+        try:
+            wait_until(
+                lambda: any(line.startswith("done fin") for line in env.lines()),
+                timeout=20,
+                what="the task to be asked to stop, and finish",
+            )
+        finally:
+            os.kill(main_pid, signal.SIGCONT)
+        wait_until(
+            lambda: redis_client.hlen("unacked") == 0 and redis_client.llen("celery") == 0,
+            timeout=20,
+            what="the finished task's ack",
+        )
+        send(redis_url, "noop", "after", task_id="after")
+        wait_until(
+            lambda: any(line.startswith("noop after") for line in env.lines()),
+            timeout=20,
+            what="a task after the wake-up",
+        )
+        assert not first.events_named("job_lease_lost"), first.log_text()
+        assert not first.events_named("settle_fenced"), first.log_text()
+        first.signal(signal.SIGTERM)
+        assert first.wait_exit(15)[0] == 0
+    lines = env.lines()
+    assert sum(line.startswith("start fin") for line in lines) == 1, lines
+    assert any(line.startswith("done fin stopped=True") for line in lines), lines
+    assert redis_client.hlen("unacked") == 0
+    assert queue_ids(redis_client) == []

@@ -247,6 +247,20 @@ def test_ack_is_fenced_by_the_lease(app: Celery, redis_client: Any) -> None:
     ledger.close()
 
 
+def test_an_ack_after_a_restore_is_not_a_settle(app: Celery, redis_client: Any) -> None:
+    # The lease expired and a worker restored the message; nobody took it yet. A late ack of
+    # the first run must not report the message settled: it is back in its queue, to run again.
+    ledger = Ledger(app)
+    tag = _deliver(app, redis_client, "r1")
+    redis_client.set(Ledger.key("lease", tag), "worker-a")
+    assert ledger.restore(tag, owners=("worker-a",))
+    assert not redis_client.exists(Ledger.key("lease", tag))
+    assert not ledger.ack(tag, "worker-a")
+    assert redis_client.llen("celery") == 1  # untouched: still queued
+    assert not redis_client.exists(Ledger.key("lease", tag))
+    ledger.close()
+
+
 def test_leases_acks_and_recovery_use_kombus_global_keyprefix(
     redis_url: str, redis_client: Any
 ) -> None:

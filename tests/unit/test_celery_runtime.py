@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 pytest.importorskip("celery")
 
 from celery import Celery
+from celery.worker import state
 
 from workerkit.engines.celery.lease import now
 from workerkit.engines.celery.runtime import Runtime
+from workerkit.engines.celery.task import request_class
 from workerkit.events import BatchingSender
 from workerkit.settings import Settings
 
@@ -44,11 +49,19 @@ class FakeLedger:
 
     def __init__(self) -> None:
         self.taken: set[str] = set()
+        self.acked: set[str] = set()
         self.renewed: list[list[str]] = []
+        #: Runs inside ack(), after the script: the keeper's round in that instant.
+        self.during_ack: Callable[[], None] = lambda: None
 
     def renew_leases(self, tags: list[str], owner: str, ttl: float) -> list[str]:
         self.renewed.append(list(tags))
-        return [tag for tag in tags if tag in self.taken]
+        return [tag for tag in tags if tag in self.taken or tag in self.acked]
+
+    def ack(self, tag: str, owner: str) -> bool:
+        self.acked.add(tag)  # gone from ``unacked``: a renewal now finds it lost
+        self.during_ack()
+        return True
 
 
 def _request(tag: str) -> SimpleNamespace:
@@ -96,3 +109,109 @@ def test_a_pool_child_forked_earlier_sees_the_deadline_its_parent_writes_later()
     os.write(write, b"x")
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+class _Request:
+    """A Celery Request as the runtime sees it (hashable and weak-referenceable, as Celery's
+    state sets need)."""
+
+    def __init__(self, tag: str) -> None:
+        self.id = f"job-{tag}"
+        self.message = SimpleNamespace(delivery_tag=tag, channel=None)
+        self.acknowledged = False
+        self.eta = None
+
+
+class _Entry:
+    """kombu's timer entry."""
+
+    canceled = False
+
+    def cancel(self) -> None:
+        self.canceled = True
+
+
+class _Consumer:
+    """Celery's consumer: its loop's hub (call_soon) and its prefetch QoS."""
+
+    def __init__(self) -> None:
+        self.calls: list[Callable[[], None]] = []
+        self.decrements = 0
+        self.dispatched: list[Any] = []
+        self.controller = SimpleNamespace(hub=SimpleNamespace(call_soon=self.calls.append))
+        self.qos = SimpleNamespace(decrement_eventually=self._decrement)
+        self.on_task_request = self.dispatched.append
+
+    def _decrement(self) -> None:
+        self.decrements += 1
+
+
+def test_a_lost_lease_is_dropped_on_the_loop_thread_and_gives_its_prefetch_slot_back() -> None:
+    runtime = Runtime(Celery("t"), Settings(engine="celery", recovery_window=30))
+    ledger = FakeLedger()
+    runtime._ledger = ledger  # type: ignore[assignment]
+    consumer = _Consumer()
+    runtime.attach(consumer)
+    waiting = _Request("b")  # waits for its ETA: Celery raised the prefetch count for it
+    entry = waiting._eta_timer_entry = _Entry()
+    state.task_scheduled(waiting)
+    runtime.hold(waiting)
+    ledger.taken = {"b"}
+    runtime._renew_leases()  # the keeper's thread: Celery's and kombu's state are not its
+    assert not waiting.acknowledged
+    assert waiting in state.scheduled_requests
+    assert not entry.canceled
+    assert len(consumer.calls) == 1
+    consumer.calls.pop()()  # the loop runs the drop
+    assert waiting.acknowledged
+    assert entry.canceled
+    assert waiting not in state.scheduled_requests
+    assert consumer.decrements == 1  # the slot its timer would have given back
+    assert runtime._in_hand() == []
+    runtime._drop(waiting)  # dropped twice (the keeper, then its ETA's gate): one slot back
+    assert consumer.decrements == 1
+    # A lost message whose ETA came (the timer fired): the gate drops it; Celery's
+    # apply_eta_task gives its slot back itself.
+    fired = _Request("c")
+    fired._workerkit_lost = True
+    runtime.hold(fired)
+    state.task_reserved(fired)
+    consumer.on_task_request(fired)
+    assert fired.acknowledged
+    assert consumer.dispatched == []
+    assert consumer.decrements == 1
+    state.task_ready(fired)
+
+
+class _CeleryRequest:
+    """The part of Celery's Request the workerkit mixin uses."""
+
+    def __init__(self, tag: str) -> None:
+        self.id = f"job-{tag}"
+        self.type = "t"
+        self.message = SimpleNamespace(delivery_tag=tag, channel=None)
+        self.acknowledged = False
+        self.time_limits = (None, None)
+        self.eta = None
+
+    def acknowledge(self) -> None:
+        raise AssertionError("kombu's unfenced ack")
+
+
+def test_a_renewal_that_runs_while_the_loop_acknowledges_is_not_a_lost_lease(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runtime = Runtime(Celery("t"), Settings(engine="celery", recovery_window=30))
+    ledger = FakeLedger()
+    runtime._ledger = ledger  # type: ignore[assignment]
+    request = request_class(_CeleryRequest, runtime)("a")
+    request._workerkit_dispatched = True
+    runtime.lease.extend(now() - 10)  # the last round was 10 s ago: 5 s left
+    ledger.during_ack = runtime._renew_leases  # the keeper's round, right after ack.lua
+    with caplog.at_level(logging.WARNING, logger="workerkit.engines.celery"):
+        request.acknowledge()
+    assert request.acknowledged
+    assert not getattr(request, "_workerkit_lost", False)
+    assert not [r for r in caplog.records if getattr(r, "event", None) == "lease_lost"]
+    assert (runtime.lease.left() or 0) > 14.5  # the round still advanced the deadline
+    assert runtime._in_hand() == []

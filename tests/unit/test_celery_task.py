@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,12 +16,14 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Celery
 from celery.exceptions import Reject, Retry
 
+import workerkit
 from workerkit import errors
 from workerkit.engines.attempt import Unrunnable
 from workerkit.engines.celery.lease import LEASE_LOST_REASON, now
 from workerkit.engines.celery.runtime import Runtime
 from workerkit.engines.celery.task import AttemptsExhausted, QuietRelease, run_job
 from workerkit.events import Event, JobFinished, JobStarted
+from workerkit.job import JobContext
 from workerkit.settings import Settings
 
 
@@ -200,21 +203,62 @@ def test_a_type_error_inside_the_task_is_the_tasks_own(runtime: Runtime) -> None
     assert finished(runtime) == "failed"
 
 
-@pytest.mark.parametrize(
-    "run", [lambda: "done", raising(ValueError("bad")), raising(errors.ReleaseJob())]
-)
-def test_a_run_that_ends_after_its_lease_could_not_be_renewed_is_not_settled(
-    runtime: Runtime, run: Any
+def test_a_run_that_ends_once_the_shared_deadline_is_near_settles_as_usual(
+    runtime: Runtime,
 ) -> None:
-    # The main process's last renewal was a lease ago: another worker may run the task now.
-    # Success, failure or release alike: a Reject with requeue (no result written, and the
-    # main process restores the message only if no other worker holds it).
+    # The pool's deadline is shared by every task: it stalls when one lease in hand is lost or
+    # a renewal round fails, while this run's own lease may still be held. A run that returned
+    # (or failed on its own) settles; its ack is fenced by its own lease (ack.lua), so it is
+    # never put back to run a second time.
+    runtime.lease.extend(now() - runtime.lease.ttl)
+    assert run_job(runtime, FakeTask(), lambda: "done", (), {}) == "done"
+    assert finished(runtime) == "succeeded"
+
+
+def test_a_run_that_fails_once_the_shared_deadline_is_near_fails_as_usual(
+    runtime: Runtime,
+) -> None:
+    runtime.lease.extend(now() - runtime.lease.ttl)
+    with pytest.raises(ValueError, match="bad"):
+        run_job(runtime, FakeTask(), raising(ValueError("bad")), (), {})
+    assert finished(runtime) == "failed"
+
+
+def _stopped_by_the_watchdog(then: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        job = workerkit.current_job()
+        assert isinstance(job, JobContext)
+        job.mark_lease_lost()  # what the pool child's watchdog does at the stop point
+        return then()
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "then",
+    [
+        raising(ValueError("bad")),
+        raising(errors.ReleaseJob()),
+        raising(SoftTimeLimitExceeded()),
+    ],
+)
+def test_a_run_the_watchdog_stopped_is_given_back_unsettled(runtime: Runtime, then: Any) -> None:
+    # Failure, release or the raised stop alike: a Reject with requeue; the main process
+    # restores the message only if no other worker holds it.
     runtime.lease.extend(now() - runtime.lease.ttl)
     with pytest.raises(Reject) as caught:
-        run_job(runtime, FakeTask(), run, (), {})
+        run_job(runtime, FakeTask(), _stopped_by_the_watchdog(then), (), {})
     assert caught.value.requeue is True
     assert caught.value.reason == LEASE_LOST_REASON
     assert finished(runtime) == "lease_lost"
+
+
+def test_a_run_that_returns_after_the_watchdog_asked_it_to_stop_settles(
+    runtime: Runtime,
+) -> None:
+    runtime.lease.extend(now() - runtime.lease.ttl)
+    assert run_job(runtime, FakeTask(), _stopped_by_the_watchdog(lambda: "done"), (), {}) == "done"
+    assert finished(runtime) == "succeeded"
 
 
 def test_a_run_whose_lease_is_renewed_settles_as_usual(runtime: Runtime) -> None:

@@ -25,7 +25,7 @@ __all__ = ("LEASE_LOST_REASON", "LeaseClock", "Watchdog", "now")
 
 log = logging.getLogger("workerkit.engines.celery")
 
-#: The reason of the Reject a run whose lease could not be renewed becomes (task.py).
+#: The reason of the Reject a run the watchdog stopped becomes (task.py): it is not settled.
 LEASE_LOST_REASON: Final = "the worker lost its lease on the message (workerkit)"
 
 #: A clock shared by every process of the host that counts a suspended node's time too (a

@@ -10,6 +10,7 @@ sender, its Redis connection); the drain, release and keeper parts run in the ma
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -421,24 +422,31 @@ class Runtime:
         lost = self.ledger.renew_leases(list(renewing), self.worker_id, self.lease_ttl)
         for tag in lost:
             request = renewing[tag]
-            if request.acknowledged:
-                continue  # acknowledged meanwhile (by the loop): not lost, done
+            if request.acknowledged or getattr(request, "_workerkit_settling", False):
+                # Its settle (ack.lua, or the requeue's restore) ran during this round: it left
+                # ``unacked`` by our own hand, before the loop marked it acknowledged.
+                continue
             request._workerkit_lost = True
             log.warning(
                 "lease lost: another worker holds the message now",
                 extra={"event": "lease_lost", "job_id": request.id, "tag": tag},
             )
             if not getattr(request, "_workerkit_dispatched", False):
-                self._drop(request)  # never given to the pool: it will not start here
+                # Never given to the pool: it will not start here. Celery's and kombu's state
+                # belong to the consumer's loop thread: dropped there.
+                self._on_loop(functools.partial(self._drop, request))
         if not any(getattr(r, "_workerkit_lost", False) for r in self._in_hand()):
             self.lease.extend(started)
 
     def _drop(self, request: Any) -> None:
-        """Let go of a message whose lease is lost: it must not start here, nor be settled."""
-        timer_entry = getattr(request, "_eta_timer_entry", None)
-        if timer_entry is not None:
-            with contextlib.suppress(Exception):
-                timer_entry.cancel()
+        """Let go of a message whose lease is lost: it must not start here, nor be settled.
+
+        On the consumer's loop thread (the gate, or handed over by the keeper), as Celery's
+        own request bookkeeping is.
+        """
+        if request.acknowledged or getattr(request, "_workerkit_dispatched", False):
+            return  # dropped already, or given to the pool meanwhile (its watchdog stops it)
+        self._cancel_eta(request)
         request.acknowledged = True
         with contextlib.suppress(Exception):
             request.message.channel.qos._quick_ack(request.message.delivery_tag)
@@ -448,6 +456,20 @@ class Runtime:
         with contextlib.suppress(Exception):
             state.task_ready(request)
         self.forget(request)
+
+    def _cancel_eta(self, request: Any) -> None:
+        """Cancel the ETA timer of a request still waiting for it, and give back the prefetch
+        slot Celery took for it (its timer's callback would have, as it fires)."""
+        from celery.worker import state
+
+        if request not in state.scheduled_requests:
+            return  # no ETA, or its timer fired already (Celery gave the slot back then)
+        entry = getattr(request, "_eta_timer_entry", None)
+        if entry is None or entry.canceled:
+            return
+        with contextlib.suppress(Exception):
+            entry.cancel()
+            self.consumer.qos.decrement_eventually()
 
     def _heartbeat(self) -> None:
         self.events.send(Heartbeat(running=len(self._in_hand())))

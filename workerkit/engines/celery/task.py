@@ -27,7 +27,6 @@ from workerkit.engines.attempt import (
 from workerkit.engines.celery.config import limited_by_workerkit, soft_limit_for, user_tasks
 from workerkit.engines.celery.lease import LEASE_LOST_REASON
 from workerkit.engines.celery.ledger import CRASHES_HEADER, GEN_HEADER, Generation, count
-from workerkit.errors import LeaseLost
 from workerkit.events import CheckpointSaved, JobFinished, JobOutcome, JobStarted
 from workerkit.job import JobContext
 
@@ -226,10 +225,12 @@ def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwa
     except BaseException as exc:
         # Looked up here only: a task that returns pays nothing for the table.
         Reject, rules = _celery_rules()  # noqa: N806
-        if context.lease_lost or runtime.lease.expiring():
-            # The lease could not be renewed: another worker may run the task now. Nothing of
-            # this run is settled (no result, no ack): the main process restores the message
-            # only if no other worker holds it (WorkerkitRequestMixin.reject, fenced).
+        if context.lease_lost:
+            # This run was stopped (the watchdog: the worker could not renew its leases; or a
+            # newer attempt took its checkpoint): another worker may run the task now. It is
+            # not settled: the main process restores the message only if no other worker
+            # holds it (WorkerkitRequestMixin.reject, fenced). A run that failed on its own,
+            # never stopped, settles as usual (its settle is fenced by its lease, ack.lua).
             outcome = "lease_lost"
             raise _lease_lost(job_id, task.name) from None
         match verdict_for(exc, rules, backoff=_five_seconds):
@@ -292,8 +293,10 @@ def _run_leased(
 ) -> Any:
     """Run the task in its context, under the lease watchdog in a prefork pool child.
 
-    A run that ends (even successfully) once the worker could no longer renew its lease
-    raises LeaseLost: it must not be settled, another worker may run the task by now.
+    A run that returns is settled, even when the shared lease deadline is near or the watchdog
+    asked it to stop: the task is done, running it again would be a second run. Its ack is
+    fenced by its own lease (ack.lua): it lands while the lease is this worker's or nobody's,
+    and is skipped (``settle_fenced``) only when another worker holds the message by now.
     """
     watchdog = runtime.watchdog  # a prefork pool child's (lease.py)
     with context.activate():
@@ -305,8 +308,6 @@ def _run_leased(
                 result = run(*args, **kwargs)
             finally:
                 watchdog.end(context)
-    if context.lease_lost or runtime.lease.expiring():
-        raise LeaseLost(f"task {context.job_id}: the worker could not renew its lease")
     return result
 
 
@@ -410,6 +411,8 @@ class WorkerkitRequestMixin:
 
     _workerkit_runtime: Runtime  # set by request_class()
     _workerkit_crashed = False
+    #: Set just before its settle's script runs (the ack, or the requeue's restore).
+    _workerkit_settling = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         base: Any = super()
@@ -441,9 +444,13 @@ class WorkerkitRequestMixin:
         runtime = self._workerkit_runtime
         message = self.message
         base: Any = super()
+        # Before the script: a renewal round that runs between it and ``acknowledged`` below
+        # finds the message gone from ``unacked`` by our own hand, not lost (runtime.py).
+        self._workerkit_settling = True
         try:
             settled = runtime.ledger.ack(str(message.delivery_tag), runtime.worker_id)
         except Exception:
+            self._workerkit_settling = False
             unfenced(base)  # the broker is unreachable: kombu's own path logs the error
             return
         with contextlib.suppress(Exception):
@@ -484,6 +491,7 @@ class WorkerkitRequestMixin:
                 self.send_event("task-rejected", requeue=False)
             return
         message = self.message
+        self._workerkit_settling = True  # as in _settle_fenced: a restore by our own hand
         try:
             restored = runtime.ledger.restore(
                 str(message.delivery_tag),
@@ -492,6 +500,7 @@ class WorkerkitRequestMixin:
                 leftmost=True,  # at the back of the queue, as kombu's reject does
             )
         except Exception as exc:
+            self._workerkit_settling = False
             log.warning(
                 "cannot requeue through workerkit; kombu requeues",
                 extra={"event": "requeue_failed", "job_id": self.id, "error": str(exc)},
