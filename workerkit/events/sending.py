@@ -103,9 +103,14 @@ class EventClient:
         of the batch, and of two batches the one prepared first is written first. Yields None
         when the supervisor cannot be reached. Write errors are dropped as in :meth:`send`.
         """
+        if os.getpid() != self.pid:
+            # A forked child: checked before the lock, which another thread of the parent may
+            # have held at the fork (a lock is copied locked, and nobody would release it).
+            yield None
+            return
         with self._send_lock:
             sock = self._sock
-            if sock is None or os.getpid() != self.pid:
+            if sock is None:
                 yield None
                 return
 
