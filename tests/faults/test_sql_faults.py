@@ -149,29 +149,14 @@ def restart_under_load(sql: Cluster, prefix: str, down_for: float) -> None:
     load.check()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="#13 item 1: fixed on wk-sqlout (idempotent jobs also need the store's complete() "
-    "retried: see test_sessions_terminated_again_and_again)",
-)
 def test_postgres_restart_shorter_than_the_lease(sql: Cluster) -> None:
     restart_under_load(sql, "pgshort", down_for=LEASE / 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="#13 item 1: fixed on wk-sqlout (idempotent jobs also need the store's complete() "
-    "retried: see test_sessions_terminated_again_and_again)",
-)
 def test_postgres_restart_longer_than_the_lease(sql: Cluster) -> None:
     restart_under_load(sql, "pglong", down_for=LEASE + 1)
 
 
-@pytest.mark.xfail(
-    strict=False,  # intermittent: it depends on where a kill lands
-    reason="#13 new: the SQL idempotency store's complete() is not retried after a killed "
-    "session; the key is taken over and the body runs again (unassigned)",
-)
 def test_sessions_terminated_again_and_again(sql: Cluster) -> None:
     load = sql.load("pgkill")
     load.enqueue()
