@@ -1,10 +1,11 @@
 """Job leases on Redis: the keys, the Lua scripts, and the fenced operations built on them.
 
 Every attempt a workerkit RQ worker starts holds the lease ``workerkit:rq:lease:<job id>`` =
-``<state>:<token>`` (``run``, ``settle`` or ``release``; the token is RQ's execution id). Each
-change of hands checks the lease and moves the job in one Lua script (the ``.lua`` files next to
-this module), so that of two workers racing for an abandoned job exactly one requeues it, and a
-job whose attempt still renews its lease is never requeued. See docs/engines/rq.md.
+``<state>:<token>`` (``run``, ``settle``, ``release`` or ``recover``; the token is RQ's
+execution id). Each change of hands checks the lease and moves the job in one Lua script (the
+``.lua`` files next to this module), so that of two workers racing for an abandoned job exactly
+one requeues it, and a job whose attempt still renews its lease is never requeued. See
+docs/engines/rq.md.
 """
 
 from __future__ import annotations
