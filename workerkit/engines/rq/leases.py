@@ -107,6 +107,7 @@ _REQUEUE: Final = _script("owned", "leave_started", "requeue")
 _DEFER: Final = _script("owned", "leave_started", "defer")
 _PROMOTE: Final = _script("promote")
 _ABANDONED: Final = _script("abandoned")
+_PUSH_BACK: Final = _script("push_back")
 
 
 class Leases:
@@ -123,6 +124,7 @@ class Leases:
         self._abandoned = connection.register_script(_ABANDONED)
         self._defer = connection.register_script(_DEFER)
         self._promote = connection.register_script(_PROMOTE)
+        self._push_back = connection.register_script(_PUSH_BACK)
 
     def start(self, pipeline: Pipeline[Any], attempt: AttemptKeys) -> None:
         """Take the lease and join the started set, in the caller's MULTI with RQ's own start."""
@@ -233,6 +235,12 @@ class Leases:
             job_id, _, token = member.rpartition(":")
             found.append(AttemptKeys(job_id, token, queue))
         return found
+
+    def push_back(self, queue: str, job_id: str) -> bool:
+        """A job id popped as Redis went away, back to the front if nobody has it (see
+        ``push_back.lua``); True when pushed back."""
+        keys = [f"rq:queue:{queue}", f"rq:job:{job_id}", lease_key(job_id)]
+        return bool(self._push_back(keys=keys, args=[job_id]))
 
     def try_scan_lock(self, queue: str, owner: str, ttl: float) -> bool:
         """One scanner per queue per interval: the others skip (the scripts are safe anyway)."""

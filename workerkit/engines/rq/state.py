@@ -246,6 +246,8 @@ class WorkerState:
         self._wk_upkeep: Keeper | None = None
         self._wk_signals_seen = 0  # the upkeep thread's: signals it has acted on
         self._wk_ready_sent = False
+        # A job id popped just as Redis went away, to push back once it answers (drain.py).
+        self._wk_popped: tuple[Queue, bytes] | None = None
         self._wk_queue_by_key = {q.key: q for q in self.queues}
 
     @property
