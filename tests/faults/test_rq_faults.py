@@ -149,28 +149,14 @@ def restart_under_load(rq: Cluster, prefix: str, down_for: float) -> None:
     no_crash(rq)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=("#13 new (item 1 on rq): a job that ends while Redis is down is re-run; unassigned"),
-)
 def test_redis_restart_shorter_than_the_lease(rq: Cluster) -> None:
     restart_under_load(rq, "rqshort", down_for=LEASE / 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=("#13 new (item 1 on rq): a job that ends while Redis is down is re-run; unassigned"),
-)
 def test_redis_restart_longer_than_the_lease(rq: Cluster) -> None:
     restart_under_load(rq, "rqlong", down_for=LEASE + 1)
 
 
-@pytest.mark.xfail(
-    strict=False,  # intermittent: it depends on where a kill lands
-    reason=(
-        "#13 new (item 1 on rq): a settle cut by a killed connection re-runs the job; unassigned"
-    ),
-)
 def test_connections_killed_again_and_again(rq: Cluster) -> None:
     load = rq.load("rqkill")
     load.enqueue()

@@ -14,17 +14,19 @@ import math
 import os
 import time
 from typing import TYPE_CHECKING, Any
+from uuid import uuid4
 
 import redis
 import redis.exceptions
 from rq.exceptions import NoSuchJobError
-from rq.executions import Execution
+from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.utils import now
 from rq.worker.base import WorkerStatus
 
 from workerkit.engines.rq.jobs import META_KEY, encode_state, safe_func_name, wk_state
 from workerkit.engines.rq.leases import AttemptKeys, Leases
+from workerkit.engines.rq.outage import RetryUnreachable
 from workerkit.engines.rq.poison import dead_letter, describe_entry, fail_unreadable
 from workerkit.engines.rq.serializers import UndecodableJob, serializer_for, undecodable
 from workerkit.engines.rq.startup import UNREACHABLE
@@ -47,6 +49,15 @@ def _unreadable(job_id: str, why: str) -> UndecodableJob:
         "something other than RQ's enqueue, or corrupted",
         "undecodable",
     )
+
+
+def _start_execution(pipeline: Pipeline[Any], job: Job, execution: Execution, ttl: int) -> None:
+    """RQ's ``Execution.create`` for an execution built beforehand (so that a retry reuses it)."""
+    execution.save(ttl=ttl, pipeline=pipeline)
+    ExecutionRegistry(job_id=job.id, connection=pipeline).add(
+        execution=execution, ttl=ttl, pipeline=pipeline
+    )
+    job.started_job_registry.add_execution(execution, pipeline=pipeline, ttl=ttl, xx=False)
 
 
 def _log_job(message: str, event: str, job_id: str, task: str, **fields: Any) -> None:
@@ -184,21 +195,41 @@ class Attempts(WorkerState):
             wk["max_attempts"] = info.max_attempts if info else DEFAULT_MAX_ATTEMPTS
         limit = self._wk_run_limit(job, info.timeout if info else None)
         job.timeout = limit  # RQ's parent kills a horse at timeout + 60; keep them in step
-        with self.connection.pipeline() as pipeline:
-            heartbeat_ttl = self.get_heartbeat_ttl(job)
-            execution = Execution.create(
-                job, heartbeat_ttl, pipeline=pipeline, worker_name=self.name
-            )
-            keys = AttemptKeys(job.id, execution.id, job.origin)
-            self._wk_leases.start(pipeline, keys)
-            pipeline.hset(job.key, META_KEY, encode_state(wk))
-            if getattr(job, "workerkit_legacy", False):
-                # An older worker kept the state in the user's meta: moved out, once.
-                job.meta.pop(META_KEY, None)
-                pipeline.hset(job.key, "meta", job.serializer.dumps(job.meta))
-                job.workerkit_legacy = False  # type: ignore[attr-defined]
-            self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
-            pipeline.execute()
+        heartbeat_ttl = self.get_heartbeat_ttl(job)
+        execution = Execution(uuid4().hex, job.id, job.connection, worker_name=self.name)
+        keys = AttemptKeys(job.id, execution.id, job.origin)
+        state = encode_state(wk)
+        if getattr(job, "workerkit_legacy", False):
+            # An older worker kept the state in the user's meta: moved out, once.
+            job.meta.pop(META_KEY, None)
+            job.workerkit_legacy = False  # type: ignore[attr-defined]
+            legacy_meta: bytes | None = job.serializer.dumps(job.meta)
+        else:
+            legacy_meta = None
+        sent_at = time.monotonic()
+
+        def start() -> None:
+            # The same writes (the same execution id) on every try: a MULTI that landed but
+            # whose reply was lost lands again harmlessly.
+            nonlocal sent_at
+            sent_at = time.monotonic()
+            with self.connection.pipeline() as pipeline:
+                _start_execution(pipeline, job, execution, heartbeat_ttl)
+                self._wk_leases.start(pipeline, keys)
+                pipeline.hset(job.key, META_KEY, state)
+                if legacy_meta is not None:
+                    pipeline.hset(job.key, "meta", legacy_meta)
+                self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
+                pipeline.execute()
+
+        # The job was popped already: its start is retried while Redis is unreachable (a
+        # restart, a killed connection), until the worker releases its work.
+        RetryUnreachable(
+            "job start",
+            job.id,
+            lease_until=lambda: math.inf,
+            until=lambda: -math.inf if self._wk_release_requested else math.inf,
+        ).run(start)
         self.execution = execution
         self._wk_attempt = Attempt(
             keys=keys,
@@ -206,6 +237,7 @@ class Attempts(WorkerState):
             number=attempts,
             started=time.monotonic(),
             run_limit=limit,
+            last_renewed=sent_at,
             checkpoint=wk.get("checkpoint"),
             stop_requested=self._wk_jobs_stop_requested,
         )
@@ -246,6 +278,7 @@ class Attempts(WorkerState):
             with contextlib.suppress(OSError):
                 os.close(attempt.stop_pipe)
             attempt.stop_pipe = None
+        attempt.unshare()
         self.execution = None
         if not attempt.rq_settled:
             with contextlib.suppress(redis.exceptions.RedisError):

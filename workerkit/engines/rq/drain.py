@@ -186,8 +186,10 @@ class Drain(WorkerState):
         while True:
             if self._stop_requested:
                 return None
+            popped: tuple[Queue, bytes] | None = None
             try:
                 self.heartbeat()
+                self._wk_push_back_popped()
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()
                 keys = [queue.key for queue in self._ordered_queues]
@@ -221,6 +223,7 @@ class Drain(WorkerState):
                     self.connection.lpush(key, entry)
                     return None
                 queue = self._wk_queue_by_key[key]
+                popped = (queue, entry)
                 job = self._wk_take(queue, entry)
                 if job is None:
                     continue  # no such job (RQ skips it), or refused with the reason
@@ -229,11 +232,32 @@ class Drain(WorkerState):
                 self.heartbeat()
                 return job, queue
             except UNREACHABLE as exc:
+                if popped is not None:
+                    self._wk_popped = popped  # pushed back once Redis answers, if nobody has it
                 self.log.error(
                     "Worker %s: cannot reach Redis (%s); retrying in %.0f s", self.name, exc, wait
                 )
                 self._wk_sleep_unless_stopped(wait)
                 wait = min(wait * 2, 30.0)
+
+    def _wk_push_back_popped(self) -> None:
+        """A job id popped just as Redis went away: back to the front of its queue, unless it
+        is there again (an append-only file written before the pop), not queued any more, or
+        leased. Raises while Redis is still unreachable (the caller waits and comes back)."""
+        if self._wk_popped is None:
+            return
+        queue, entry = self._wk_popped
+        try:
+            job_id = entry.decode("utf-8")
+        except UnicodeDecodeError:
+            job_id = None  # a poison entry: dead-lettered when it comes by again, not here
+        pushed = job_id is not None and self._wk_leases.push_back(queue.name, job_id)
+        self._wk_popped = None
+        if pushed:
+            log.warning(
+                "job id popped as Redis went away pushed back to the front of its queue",
+                extra={"event": "popped_job_pushed_back", "job_id": job_id, "queue": queue.name},
+            )
 
     def _wk_sleep_unless_stopped(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -1,10 +1,11 @@
 """Job leases on Redis: the keys, the Lua scripts, and the fenced operations built on them.
 
 Every attempt a workerkit RQ worker starts holds the lease ``workerkit:rq:lease:<job id>`` =
-``<state>:<token>`` (``run``, ``settle`` or ``release``; the token is RQ's execution id). Each
-change of hands checks the lease and moves the job in one Lua script (the ``.lua`` files next to
-this module), so that of two workers racing for an abandoned job exactly one requeues it, and a
-job whose attempt still renews its lease is never requeued. See docs/engines/rq.md.
+``<state>:<token>`` (``run``, ``settle``, ``release`` or ``recover``; the token is RQ's
+execution id). Each change of hands checks the lease and moves the job in one Lua script (the
+``.lua`` files next to this module), so that of two workers racing for an abandoned job exactly
+one requeues it, and a job whose attempt still renews its lease is never requeued. See
+docs/engines/rq.md.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ _REQUEUE: Final = _script("owned", "leave_started", "requeue")
 _DEFER: Final = _script("owned", "leave_started", "defer")
 _PROMOTE: Final = _script("promote")
 _ABANDONED: Final = _script("abandoned")
+_PUSH_BACK: Final = _script("push_back")
 
 
 class Leases:
@@ -122,6 +124,7 @@ class Leases:
         self._abandoned = connection.register_script(_ABANDONED)
         self._defer = connection.register_script(_DEFER)
         self._promote = connection.register_script(_PROMOTE)
+        self._push_back = connection.register_script(_PUSH_BACK)
 
     def start(self, pipeline: Pipeline[Any], attempt: AttemptKeys) -> None:
         """Take the lease and join the started set, in the caller's MULTI with RQ's own start."""
@@ -232,6 +235,12 @@ class Leases:
             job_id, _, token = member.rpartition(":")
             found.append(AttemptKeys(job_id, token, queue))
         return found
+
+    def push_back(self, queue: str, job_id: str) -> bool:
+        """A job id popped as Redis went away, back to the front if nobody has it (see
+        ``push_back.lua``); True when pushed back."""
+        keys = [f"rq:queue:{queue}", f"rq:job:{job_id}", lease_key(job_id)]
+        return bool(self._push_back(keys=keys, args=[job_id]))
 
     def try_scan_lock(self, queue: str, owner: str, ttl: float) -> bool:
         """One scanner per queue per interval: the others skip (the scripts are safe anyway)."""

@@ -12,6 +12,7 @@ import random
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -34,10 +35,12 @@ from workerkit.engines.attempt import (
     verdict_for,
 )
 from workerkit.engines.rq.jobs import encode_state, wk_state
-from workerkit.engines.rq.leases import SETTLE_TTL_MS
+from workerkit.engines.rq.leases import SETTLE_TTL_MS, started_key
+from workerkit.engines.rq.outage import Fenced, RetryUnreachable, lease_bound
+from workerkit.engines.rq.startup import UNREACHABLE
 from workerkit.engines.rq.state import Attempt, WorkerState, released_or_lost
 from workerkit.engines.rq.tasks import TaskNotAllowed
-from workerkit.errors import JobInterrupted, LeaseLost
+from workerkit.errors import JobInterrupted, LeaseLost, StoreUnavailable
 from workerkit.events import CheckpointSaved, Outcome, client
 from workerkit.idempotency import outcome_of
 from workerkit.job import JobContext
@@ -45,7 +48,7 @@ from workerkit.job import JobContext
 if TYPE_CHECKING:
     from rq.queue import Queue
 
-__all__ = ("DEFER_BACKOFF", "RULES", "Perform", "defer_backoff")
+__all__ = ("DEFER_BACKOFF", "RULES", "SETTLE_AGAIN", "Perform", "defer_backoff")
 
 log = logging.getLogger("workerkit.engines.rq")
 
@@ -60,6 +63,17 @@ DEFER_BACKOFF: Final = 2.0
 RULES: Final = Rules(
     timeouts=(JobTimeoutException,), permanent=(TaskNotAllowed, DeserializationError)
 )
+
+
+#: The lease states a settle retried after a connection error accepts: its own ``run``, its own
+#: ``settle`` (the first try landed, its reply was lost), or none at all (it expired while Redis
+#: was down) as long as the attempt is still a started member, i.e. nobody took the job.
+SETTLE_AGAIN: Final = ("run", "settle", "none")
+
+
+def _unreachable_before_claim(exc: BaseException, context: JobContext | None) -> bool:
+    """The job raised StoreUnavailable before any idempotency claim of it landed."""
+    return isinstance(exc, StoreUnavailable) and context is not None and outcome_of(context) is None
 
 
 def defer_backoff() -> float:
@@ -87,7 +101,10 @@ class Perform(WorkerState):
         def save(state: Any) -> None:
             wk = wk_state(job)
             wk["checkpoint"] = state
-            if not leases.write_state(attempt.keys, encode_state(wk)):
+            encoded = encode_state(wk)
+            # Retried while the lease surely holds; after that the job hears Redis's error.
+            retry = self._wk_retry(attempt, "checkpoint", lambda: self._wk_lease_until(attempt))
+            if not retry.run(lambda: leases.write_state(attempt.keys, encoded)):
                 raise LeaseLost(
                     f"job {job.id}: this attempt's lease is gone; the checkpoint was not written"
                 )
@@ -114,7 +131,8 @@ class Perform(WorkerState):
         registry = queue.started_job_registry
         context: JobContext | None = None
         try:
-            self.prepare_job_execution(job, remove_from_intermediate_queue=False)
+            if not self._wk_prepare(job, attempt):
+                return "lease_lost"  # not run; its lease expires and the job is recovered
             job.started_at = now()
             context = self._wk_context(job, queue, attempt)
             attempt.context = context
@@ -134,6 +152,10 @@ class Perform(WorkerState):
             verdict = verdict_for(
                 exc, RULES, backoff=defer_backoff, releasing=attempt.releasing, lease_lost=lost
             )
+            if _unreachable_before_claim(exc, context) and not (attempt.releasing or lost):
+                # Redis went away before the job's idempotency claim landed: nothing of the
+                # job ran, so it goes back unrun (no attempt used up) instead of failing.
+                return self._wk_defer(job, attempt, defer_backoff(), f"Redis unreachable: {exc}")
             match verdict:
                 case Release():
                     return self._wk_release_self(job, attempt)
@@ -145,7 +167,7 @@ class Perform(WorkerState):
                     if not self._wk_end_execution(job, attempt, job.failure_callback_timeout):
                         return "lease_lost"
                     attempt.rq_settled = True
-                    return self._wk_fail_settled(job, queue, registry, exc_info, verdict)
+                    return self._wk_fail_settled(job, queue, registry, attempt, exc_info, verdict)
         if not self._wk_end_execution(job, attempt, job.success_callback_timeout):
             return "lease_lost"
         attempt.rq_settled = True
@@ -166,35 +188,116 @@ class Perform(WorkerState):
         except BaseException as exc:
             exc_info = sys.exc_info()
             verdict = verdict_for(exc, RULES, backoff=defer_backoff)
-            return self._wk_fail_settled(job, queue, registry, exc_info, verdict)
+            return self._wk_fail_settled(job, queue, registry, attempt, exc_info, verdict)
         attempt.succeeded = True
-        self.handle_job_success(job=job, queue=queue, started_job_registry=registry)
+        execution = self.execution
+
+        def succeed() -> None:
+            self.execution = execution  # RQ's cleanup clears it; a retry writes it again
+            self.handle_job_success(job=job, queue=queue, started_job_registry=registry)
+
+        if not self._wk_settle_write(attempt, "job result", succeed):
+            return "lease_lost"
         job.send_webhooks(JobStatus.FINISHED)
         self.log.info("Worker %s: %s: Job OK (%s)", self.name, queue.name, job.id)
         # A replay returned the stored result of the run that held the key: nothing ran.
         return "skipped_duplicate" if outcome_of(context) == "replayed" else "succeeded"
+
+    def _wk_prepare(self, job: Job, attempt: Attempt) -> bool:
+        """RQ's start bookkeeping in the horse, retried while Redis is unreachable and the lease
+        surely holds (the same writes each time); False when it never landed."""
+        retry = self._wk_retry(attempt, "job start", lambda: self._wk_lease_until(attempt))
+        try:
+            retry.run(lambda: self.prepare_job_execution(job, remove_from_intermediate_queue=False))
+        except UNREACHABLE:
+            return False
+        return True
 
     def _wk_end_execution(self, job: Job, attempt: Attempt, heartbeat_ttl: int) -> bool:
         """RQ's ``handle_execution_ended`` and the move to ``settle``, in one round trip.
 
         The move to ``settle`` must come before RQ's result bookkeeping (nobody may release or
         recover the job while it is being settled); sharing the round trip RQ makes anyway
-        keeps the fence free for throughput (bench/rq_overhead.py).
+        keeps the fence free for throughput (bench/rq_overhead.py). Redis unreachable: tried
+        again (:meth:`_wk_settle_again`).
         """
         job.ended_at = now()
+        attempt.mark_settling()
         ttl = max(SETTLE_TTL_MS, self._wk_leases.lease_ms)
         try:
             with self._wk_redis.pipeline(transaction=False) as pipeline:
                 job.heartbeat(now(), heartbeat_ttl, pipeline=pipeline)
                 self._wk_leases.transition_in(pipeline, attempt.keys, ["run"], "settle", ttl)
                 moved = pipeline.execute(raise_on_error=False)[-1]
+        except UNREACHABLE:
+            return self._wk_settle_again(job, attempt, heartbeat_ttl)
         except redis.exceptions.RedisError:
             return False  # the lease will expire and the job be recovered
         if isinstance(moved, redis.exceptions.NoScriptError):
             return self._wk_claim_settle(attempt)  # the script did not run; this loads it
+        if isinstance(moved, UNREACHABLE):
+            return self._wk_settle_again(job, attempt, heartbeat_ttl)
         if isinstance(moved, Exception):
             return False
         return bool(moved)
+
+    def _wk_lease_until(self, attempt: Attempt) -> float:
+        """Until when (monotonic) this attempt's lease surely holds, from its last renewal."""
+        return lease_bound(attempt.renewed_at(), self._wk_lease_ttl)
+
+    def _wk_retry(
+        self, attempt: Attempt, what: str, until: Callable[[], float] | None = None
+    ) -> RetryUnreachable:
+        return RetryUnreachable(
+            what, attempt.keys.job_id, lambda: self._wk_lease_until(attempt), until=until
+        )
+
+    def _wk_settle_again(self, job: Job, attempt: Attempt, heartbeat_ttl: int) -> bool:
+        """The move to ``settle`` after a connection error: retried until Redis answers.
+
+        Not bounded by the lease: the token decides (:data:`SETTLE_AGAIN`). A release stops it
+        (the worker's SIGTERM interrupts the horse), as does the worker's death.
+        """
+        ttl = max(SETTLE_TTL_MS, self._wk_leases.lease_ms)
+
+        def move() -> bool:
+            moved = self._wk_leases.transition(attempt.keys, SETTLE_AGAIN, "settle", ttl)
+            if moved:
+                job.heartbeat(now(), heartbeat_ttl)
+            return moved
+
+        try:
+            return self._wk_retry(attempt, "settle").run(move)
+        except redis.exceptions.RedisError:
+            return False
+
+    def _wk_settle_write(self, attempt: Attempt, what: str, write: Callable[[], None]) -> bool:
+        """RQ's end bookkeeping (``write``, one MULTI), retried while Redis is unreachable.
+
+        Before each retry the attempt takes its ``settle`` lease again, fenced by its token: if
+        another worker took the job meanwhile, nothing is written (False).
+        """
+        tries = 0
+        ttl = max(SETTLE_TTL_MS, self._wk_leases.lease_ms)
+
+        def once() -> None:
+            nonlocal tries
+            tries += 1
+            if tries > 1 and not self._wk_leases.transition(
+                attempt.keys, SETTLE_AGAIN, "settle", ttl
+            ):
+                raise Fenced
+            write()
+
+        try:
+            self._wk_retry(attempt, what).run(once)
+        except Fenced:
+            log.warning(
+                "settle fenced: another worker took the job while Redis was unreachable",
+                extra={"event": "lease_lost", "job_id": attempt.keys.job_id},
+            )
+            return False
+        return True
 
     def _wk_claim_settle(self, attempt: Attempt) -> bool:
         try:
@@ -209,6 +312,7 @@ class Perform(WorkerState):
         job: Job,
         queue: Queue,
         registry: Any,
+        attempt: Attempt,
         exc_info: tuple[type[BaseException], BaseException, TracebackType | None]
         | tuple[None, None, None],
         verdict: Verdict,
@@ -228,9 +332,21 @@ class Perform(WorkerState):
             exc_string = "".join(traceback.format_exception(*exc_info))
         self.handle_exception(job, *exc_info)
         retry = job.should_retry
-        self.handle_job_failure(
-            job=job, queue=queue, started_job_registry=registry, exc_string=exc_string
-        )
+        retries_left, execution = job.retries_left, self.execution
+
+        def fail() -> None:
+            # RQ swallows its pipeline's errors here: whether it landed is read back (the MULTI
+            # drops the started member). A retry starts from the same state.
+            job.retries_left, self.execution = retries_left, execution
+            self.handle_job_failure(
+                job=job, queue=queue, started_job_registry=registry, exc_string=exc_string
+            )
+            keys = attempt.keys
+            if self._wk_redis.zscore(started_key(keys.queue), keys.member) is not None:
+                raise redis.exceptions.ConnectionError("the failure was not written")
+
+        if not self._wk_settle_write(attempt, "job failure", fail):
+            return "lease_lost"
         if isinstance(verdict, RetryOrFail) and verdict.timed_out:
             return "timed_out"
         return "retried" if retry else "failed"
@@ -254,9 +370,12 @@ class Perform(WorkerState):
         """
         wk = wk_state(job)
         wk["attempts"] = max(0, attempt.number - 1)
+        retry = self._wk_retry(attempt, "defer", lambda: self._wk_lease_until(attempt))
         try:
-            deferred = self._wk_leases.defer(
-                attempt.keys, ["run"], encode_state(wk), time.time() + delay
+            deferred = retry.run(
+                lambda: self._wk_leases.defer(
+                    attempt.keys, ["run"], encode_state(wk), time.time() + delay
+                )
             )
         except redis.exceptions.RedisError as exc:
             log.warning(

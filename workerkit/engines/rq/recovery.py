@@ -130,10 +130,11 @@ class Recovery:
                 },
             )
             return "retried"
-        # Take the attempt over ("settle") before RQ's failure bookkeeping, so that no other
-        # recovering worker fails it too; if we die half-way, the settle lease expires and the
-        # next scan finishes the job's failure.
-        if not self.leases.transition(keys, accepted, "settle", SETTLE_TTL_MS):
+        # Take the attempt over ("recover", a state its own settle never accepts) before RQ's
+        # failure bookkeeping, so that no other recovering worker fails it too and a settle the
+        # attempt retries after an outage cannot land; if we die half-way, the lease expires
+        # and the next scan finishes the job's failure.
+        if not self.leases.transition(keys, accepted, "recover", SETTLE_TTL_MS):
             return None
         error = (
             f"workerkit: the job's worker died {attempts} times (max_attempts={max_attempts}); "
@@ -166,7 +167,7 @@ class Recovery:
     def _forget(self, keys: AttemptKeys, accepted: Sequence[str]) -> None:
         # The job hash is gone (deleted, or its TTL ran out): nothing to requeue; drop the member
         # through the fenced script, with an empty queue push avoided by removing it directly.
-        if self.leases.transition(keys, accepted, "settle", SETTLE_TTL_MS):
+        if self.leases.transition(keys, accepted, "recover", SETTLE_TTL_MS):
             with self.connection.pipeline() as pipeline:
                 pipeline.zrem(f"rq:wip:{keys.queue}", keys.member)
                 pipeline.delete(lease_key(keys.job_id))

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import mmap
 import os
 import signal
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -65,6 +67,44 @@ class Attempt:
     stop_pipe: int | None = None  # write end of the pipe to the horse (forking worker)
     horse_done: threading.Event = field(default_factory=threading.Event)
     context: JobContext | None = None
+    # Shared with the forked work horse (forking worker): byte 0 is 1 once the job's code has
+    # ended and the attempt is settling; bytes 8-16 the monotonic time of the last renewal.
+    shared: mmap.mmap | None = None
+    _settling: bool = False
+
+    def share(self) -> None:
+        """Before the fork: the settling flag and the last renewal, seen by both processes."""
+        self.shared = mmap.mmap(-1, 16)
+        struct.pack_into("d", self.shared, 8, self.last_renewed)
+
+    def unshare(self) -> None:
+        """The horse is gone: what it shared is kept, in this process only."""
+        if self.shared is not None:
+            self._settling, self.last_renewed = self.settling, self.renewed_at()
+            self.shared.close()
+            self.shared = None
+
+    def mark_settling(self) -> None:
+        """The job's code has ended: what is left is its settle (fenced, retried)."""
+        self._settling = True
+        if self.shared is not None:
+            self.shared[0] = 1
+
+    @property
+    def settling(self) -> bool:
+        return self._settling or (self.shared is not None and self.shared[0] == 1)
+
+    def renewed(self, at: float) -> None:
+        """The lease was renewed by a request sent at ``at`` (monotonic)."""
+        self.last_renewed = at
+        if self.shared is not None:
+            struct.pack_into("d", self.shared, 8, at)
+
+    def renewed_at(self) -> float:
+        """The monotonic time the request that last set the lease was sent."""
+        if self.shared is not None:
+            return float(struct.unpack_from("d", self.shared, 8)[0])
+        return self.last_renewed
 
 
 def released_or_lost(job_id: str, requeue: Callable[[], bool], failed: str) -> Outcome:
@@ -206,6 +246,8 @@ class WorkerState:
         self._wk_upkeep: Keeper | None = None
         self._wk_signals_seen = 0  # the upkeep thread's: signals it has acted on
         self._wk_ready_sent = False
+        # A job id popped just as Redis went away, to push back once it answers (drain.py).
+        self._wk_popped: tuple[Queue, bytes] | None = None
         self._wk_queue_by_key = {q.key: q for q in self.queues}
 
     @property

@@ -19,6 +19,7 @@ from rq.utils import as_text, now, utcparse
 
 from workerkit.engines.attempt import HEALTH_EVERY, HEARTBEAT_EVERY, Duty, Keeper
 from workerkit.engines.rq.drain import Drain
+from workerkit.engines.rq.outage import lease_bound
 from workerkit.engines.rq.startup import UNREACHABLE
 from workerkit.engines.rq.state import TICK, Attempt
 from workerkit.events import (
@@ -30,19 +31,26 @@ from workerkit.events import (
     client,
 )
 
-__all__ = ("RENEW_RETRY_EVERY", "Upkeep")
+__all__ = ("RECOVERY_GRACE", "RENEW_RETRY_EVERY", "Upkeep")
 
 log = logging.getLogger("workerkit.engines.rq")
 
 
 #: How soon a lease renewal that failed (Redis unreachable) is tried again.
 RENEW_RETRY_EVERY: Final = 1.0
+#: After Redis was unreachable, the worker's recovery scan waits this long before it requeues
+#: abandoned attempts: workers that hold results they could not write during the outage settle
+#: them first (their retries come at most 1 s apart), where the scan would take their expired
+#: leases and run those jobs again.
+RECOVERY_GRACE: Final = 3.0
 
 
 class Upkeep(Drain):
     """The upkeep thread; it also turns the stop signals into the drain's steps."""
 
     _wk_renew_retry_at = 0.0  # monotonic; set after a renewal failed
+    _wk_store_down = False  # Redis was seen unreachable, and not reachable since
+    _wk_scan_after = 0.0  # monotonic; no recovery scan before (RECOVERY_GRACE)
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)  # type: ignore[misc]
@@ -132,7 +140,7 @@ class Upkeep(Drain):
         renew_every = self.wk_settings.effective_heartbeat_interval
         if (
             attempt is not None
-            and now_ - attempt.last_renewed >= renew_every
+            and now_ - attempt.renewed_at() >= renew_every
             and now_ >= self._wk_renew_retry_at
         ):
             self._wk_renew(attempt, now_)
@@ -152,6 +160,7 @@ class Upkeep(Drain):
             ok, reason = True, "redis reachable"
         except redis.exceptions.RedisError as exc:
             ok, reason = False, f"redis unavailable: {type(exc).__name__}"
+        self._wk_note_store(ok, reason, report=False)
         self._wk_events.send(StoreHealth(ok, reason))
         if ok and not self._wk_ready_sent:
             self._wk_ready_sent = True
@@ -162,6 +171,16 @@ class Upkeep(Drain):
             with contextlib.suppress(Exception):
                 depth, oldest = self.wk_queue_stats()
                 self._wk_events.send(QueueStats(depth, oldest))
+
+    def _wk_note_store(self, ok: bool, reason: str, *, report: bool = True) -> None:
+        """Redis seen reachable or not: readiness follows at once; after an outage, the grace."""
+        if ok == (not self._wk_store_down):
+            return
+        self._wk_store_down = not ok
+        if ok:
+            self._wk_scan_after = time.monotonic() + RECOVERY_GRACE
+        if report:
+            self._wk_events.send(StoreHealth(ok, reason))
 
     def wk_queue_stats(self) -> tuple[dict[str, int], dict[str, float]]:
         """Depth and the age of the oldest waiting job, per queue."""
@@ -194,14 +213,20 @@ class Upkeep(Drain):
         try:
             kept = self._wk_leases.renew(attempt.keys)
         except redis.exceptions.RedisError as exc:
+            self._wk_note_store(
+                False, f"redis unavailable: lease renewal failed: {type(exc).__name__}"
+            )
             # The lease may still hold; but once it has surely expired another worker may run
-            # the job, so this attempt must stop (fencing by time, not only by token).
-            if now_ - attempt.last_renewed < self._wk_lease_ttl:
+            # the job, so a running job must stop (fencing by time, not only by token). A job
+            # whose code has ended is left to its settle: fenced by the token, it lands only if
+            # nobody took the job, so the renewal is only tried again.
+            bound = lease_bound(attempt.renewed_at(), self._wk_lease_ttl)
+            if attempt.settling or now_ < bound:
                 # Again in a second (not every tick while Redis is down), and at the latest
                 # when the lease runs out, so that its loss is seen on time.
-                self._wk_renew_retry_at = min(
-                    now_ + RENEW_RETRY_EVERY, attempt.last_renewed + self._wk_lease_ttl
-                )
+                self._wk_renew_retry_at = now_ + RENEW_RETRY_EVERY
+                if not attempt.settling:
+                    self._wk_renew_retry_at = min(self._wk_renew_retry_at, bound)
                 log.warning(
                     "lease renewal failed; retrying",
                     extra={
@@ -212,9 +237,15 @@ class Upkeep(Drain):
                 )
                 return
             kept = False
+        self._wk_note_store(True, "redis reachable")
         if kept:
-            attempt.last_renewed = now_
+            attempt.renewed(now_)
             self._wk_events.send(JobHeartbeat(attempt.keys.job_id))
+            return
+        if attempt.settling:
+            # Its own fenced write tells whether the job is still its (a lease that expired
+            # while Redis was down is taken again if nobody took the job meanwhile).
+            self._wk_renew_retry_at = now_ + RENEW_RETRY_EVERY
             return
         if attempt.lease_lost or attempt.horse_done.is_set():
             return
@@ -228,8 +259,17 @@ class Upkeep(Drain):
     def wk_recover_abandoned(self) -> int:
         """Requeue (or fail) abandoned attempts of this worker's queues; return how many.
 
-        Due deferred jobs of the queues are put back too (:meth:`Leases.promote`).
+        Due deferred jobs of the queues are put back too (:meth:`Leases.promote`). Not while
+        Redis is unreachable, nor for :data:`RECOVERY_GRACE` after it came back.
         """
+        try:
+            self._wk_redis.ping()
+        except redis.exceptions.RedisError as exc:
+            self._wk_note_store(False, f"redis unavailable: {type(exc).__name__}")
+            return 0
+        self._wk_note_store(True, "redis reachable")
+        if time.monotonic() < self._wk_scan_after:
+            return 0
         return self._wk_recovery.scan(self.queue_names(), self.name, self._wk_scan_every)
 
     def clean_registries(self) -> None:

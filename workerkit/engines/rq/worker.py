@@ -115,6 +115,7 @@ class Worker(_Workerkit, RqWorker):
         attempt = self._wk_attempt
         assert attempt is not None
         read_end, write_end = os.pipe()
+        attempt.share()  # the settling flag and the last renewal, seen by the horse too
         child_pid = os.fork()
         if child_pid == 0:  # pragma: no cover - the work horse
             os.close(write_end)
