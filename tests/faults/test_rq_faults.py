@@ -223,8 +223,12 @@ def test_poison_entries_fail_with_their_reason_and_the_workers_go_on(rq: Cluster
     with rq.jobs.client() as client:
         queue = Queue("default", connection=client, serializer=JSONSerializer)
         bad_meta = "rqpoison-p-meta"
-        queue.enqueue("tests.apps.fault_jobs.rq_short", bad_meta, 0.0, job_id=bad_meta)
+        # The hash is spoiled before its id is queued: three pods are popping already.
+        queue.create_job(
+            "tests.apps.fault_jobs.rq_short", args=(bad_meta, 0.0), job_id=bad_meta
+        ).save()
         client.hset(f"rq:job:{bad_meta}", "meta", b"\x80not json")
+        client.rpush("rq:queue:default", bad_meta)
         client.rpush("rq:queue:default", b"\xff\xfe not utf-8", "rqpoison-p-nohash")
     load.enqueue()
     load.ids.append(bad_meta)
