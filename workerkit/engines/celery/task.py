@@ -517,7 +517,9 @@ class WorkerkitRequestMixin:
                 self.id,
                 write,
                 done=lambda ok: self._workerkit_runtime.call_soon(lambda: self._settled(ok, state)),
-                failed=lambda exc: self._settle_failed(what, exc),
+                failed=lambda exc: self._workerkit_runtime.call_soon(
+                    lambda: self._settle_failed(what, exc)
+                ),
             )
             return False
         except Exception as exc:
