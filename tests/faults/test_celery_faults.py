@@ -154,22 +154,10 @@ def restart_under_load(celery: Cluster, prefix: str, down_for: float) -> None:
     no_crash(celery)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "#13 new: celery loses the checkpointed tasks running across a broker restart; unassigned"
-    ),
-)
 def test_redis_restart_shorter_than_the_lease(celery: Cluster) -> None:
     restart_under_load(celery, "cshort", down_for=WINDOW / 4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "#13 new: celery loses the checkpointed tasks running across a broker restart; unassigned"
-    ),
-)
 def test_redis_restart_longer_than_the_lease(celery: Cluster) -> None:
     restart_under_load(celery, "clong", down_for=WINDOW + 1)
 
@@ -177,7 +165,9 @@ def test_redis_restart_longer_than_the_lease(celery: Cluster) -> None:
 @pytest.mark.xfail(
     strict=False,  # intermittent: it depends on where a kill lands
     reason=(
-        "#13 new: celery re-runs a finished task whose ack a killed connection cut; unassigned"
+        "#13 new: the acks now retry (wk-celeryout), but a killed consumer connection still "
+        "makes Celery cancel its running tasks and kombu restore their messages at the channel's "
+        "close, past workerkit's lease: tasks re-run, and checkpointed ones can be lost"
     ),
 )
 def test_connections_killed_again_and_again(celery: Cluster) -> None:
@@ -243,10 +233,6 @@ def test_supervisor_sigkilled_its_worker_follows_and_tasks_run_once(celery: Clus
     load.check(killed=killed, killed_at=killed_at)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=("#13 new (item 4 on celery): a non-JSON queue entry crashes the worker; unassigned"),
-)
 def test_poison_messages_are_dropped_with_their_reason_and_the_workers_go_on(
     celery: Cluster,
 ) -> None:

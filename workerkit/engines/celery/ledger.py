@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Final
 
+from workerkit.engines.celery.outage import retrying
 from workerkit.errors import LeaseLost
 
 __all__ = (
@@ -21,6 +23,7 @@ __all__ = (
     "GEN_HEADER",
     "KEY_PREFIX",
     "KEY_RETENTION",
+    "RENEW_RETRY",
     "Generation",
     "Ledger",
     "count",
@@ -32,6 +35,9 @@ log = logging.getLogger("workerkit.engines.celery")
 KEY_PREFIX: Final = "workerkit:celery:"
 #: Keys of finished work (attempts, checkpoints) expire after this, whatever happens.
 KEY_RETENTION: Final = 7 * 24 * 3600
+#: How long a lease renewal that meets a broken connection is retried (the keeper's next round
+#: comes W/6 later; a killed connection reconnects at the next try).
+RENEW_RETRY: Final = 0.3
 #: (Celery's retries, workerkit's restores, start time in ms): the order of fence.lua.
 Generation = tuple[int, int, int]
 
@@ -136,7 +142,17 @@ class Ledger:
         if not tags:
             return []
         keys = [self.unacked_key, *(self._prefix + self.key("lease", tag) for tag in tags)]
-        lost = self._renew(keys=keys, args=[owner, max(1, int(ttl * 1000)), *tags])
+        args = [owner, max(1, int(ttl * 1000)), *tags]
+        # A killed connection reconnects at the next try: retried at once, for a moment only
+        # (the caller measured the lease from before this call, so a late landing is safe).
+        deadline = time.monotonic() + RENEW_RETRY
+        lost = retrying(
+            "lease renewal",
+            "",
+            lambda: self._renew(keys=keys, args=args),
+            keep_trying=lambda: time.monotonic() < deadline,
+            quiet=True,  # the keeper reports a failed round (keeper_failed)
+        )
         return [t.decode() if isinstance(t, bytes) else str(t) for t in lost or ()]
 
     def ack(self, tag: str, owner: str) -> bool:

@@ -26,12 +26,14 @@ from workerkit import events as events_module
 from workerkit.engines.attempt import HEALTH_EVERY, HEARTBEAT_EVERY, Duty, Keeper, release_each
 from workerkit.engines.celery.lease import LeaseClock, Watchdog, now
 from workerkit.engines.celery.ledger import Ledger
+from workerkit.engines.celery.poison import dead_key, dead_record, describe, guard_deliveries
 from workerkit.engines.lifeline import Lifeline
 from workerkit.events import (
     BATCH_DELAY,
     BatchingSender,
     Heartbeat,
     JobFinished,
+    PayloadRefused,
     QueueStats,
     StoreHealth,
     WorkerReady,
@@ -43,13 +45,15 @@ from workerkit.proctree import descendants, stop_processes
 if TYPE_CHECKING:
     from workerkit.settings import Settings
 
-__all__ = ("DRAIN_TICK", "Runtime", "lease_at_delivery", "pool_pids")
+__all__ = ("DRAIN_TICK", "RECOVERY_GRACE", "Runtime", "lease_at_delivery", "pool_pids")
 
 log = logging.getLogger("workerkit.engines.celery")
 
 DRAIN_TICK: Final = 0.02
 #: Between SIGTERM and SIGKILL for the subprocesses of tasks whose pool child was killed.
 TASK_CHILDREN_GRACE: Final = 0.2
+#: The least a worker waits after a broker outage before it recovers others' messages.
+RECOVERY_GRACE: Final = 3.0
 
 
 class Runtime:
@@ -92,6 +96,10 @@ class Runtime:
         self._started = False  # worker_ready was handled
         self._start_lock = threading.Lock()
         self._last_settled = 0.0  # monotonic time of the last message settled (forget())
+        #: After a failed keeper step (the broker unreachable), recovery waits this long: at
+        #: least two lease renewals and several retries of a pending settle (outage.py).
+        self.recovery_grace = max(RECOVERY_GRACE, self.window / 3)
+        self._recover_after = 0.0
         _forget_in_forked_child(self)
 
     # --- what each process has of its own -------------------------------------------------
@@ -167,6 +175,23 @@ class Runtime:
         qos = getattr(channel, "qos", None)
         if qos is not None and hasattr(qos, "unacked_key"):
             lease_at_delivery(qos, self.worker_id, self.lease_ttl)
+            prefix = str(getattr(channel, "global_keyprefix", "") or "")
+            guard_deliveries(channel, self.dead_letter, prefix=prefix)
+
+    def dead_letter(self, queue: str, raw: bytes, reason: str) -> None:
+        """A queue entry kombu cannot read (poison.py): to the queue's dead-letter list."""
+        record = dead_record(queue, raw, reason, self.worker_id)
+        key = dead_key(queue)
+        fields: dict[str, Any] = {"queue": queue, "reason": reason, "dead_letter": key}
+        try:
+            self.ledger.client.rpush(key, record)
+        except Exception as exc:  # never lost without a trace: the whole entry is logged
+            fields.update(dead_letter=None, error=str(exc), record=record)
+        log.error(
+            "queue entry refused: not a message kombu can read; dead-lettered",
+            extra={"event": "queue_entry_dead_lettered", "entry": describe(raw), **fields},
+        )
+        self.events.send(PayloadRefused(describe(raw), queue, "undecodable"))
 
     def hold(self, request: Any) -> None:
         """A message reached this worker (its Request was built): it is held until settled."""
@@ -258,6 +283,11 @@ class Runtime:
                 time.sleep(1.0)  # the loop may be busy with a solo task's last ack
                 self._exit_now()
             time.sleep(DRAIN_TICK)
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the consumer's loop thread (from another thread): kombu's in-memory
+        state is the loop's. Directly when there is no loop (yet, or any more)."""
+        self._on_loop(fn)
 
     def _on_loop(self, fn: Callable[[], None]) -> None:
         hub = getattr(self.consumer, "controller", None)
@@ -400,6 +430,10 @@ class Runtime:
         ]
 
     def _keeper_failed(self, duty: Duty, exc: Exception) -> None:
+        # The broker is unreachable (or was): no crash recovery until it has answered for a
+        # while. Every lease may have expired meanwhile; the workers that hold those messages
+        # renew them, and land their retried acks (outage.py), first.
+        self._recover_after = time.monotonic() + self.recovery_grace
         log.warning("keeper step failed", extra={"event": "keeper_failed", "error": str(exc)})
         self.events.send(StoreHealth(ok=False, reason=f"broker: {type(exc).__name__}"))
 
@@ -422,7 +456,11 @@ class Runtime:
         lost = self.ledger.renew_leases(list(renewing), self.worker_id, self.lease_ttl)
         for tag in lost:
             request = renewing[tag]
-            if request.acknowledged or getattr(request, "_workerkit_settling", False):
+            if (
+                request.acknowledged
+                or getattr(request, "_workerkit_settling", False)
+                or getattr(request, "_workerkit_writing", False)
+            ):
                 # Its settle (ack.lua, or the requeue's restore) ran during this round: it left
                 # ``unacked`` by our own hand, before the loop marked it acknowledged.
                 continue
@@ -475,7 +513,9 @@ class Runtime:
         self.events.send(Heartbeat(running=len(self._in_hand())))
 
     def _recovering(self) -> bool:
-        return not self.draining  # after SIGTERM the worker leaves recovery to the others
+        # After SIGTERM the worker leaves recovery to the others; after a broker outage it
+        # waits (see _keeper_failed).
+        return not self.draining and time.monotonic() >= self._recover_after
 
     def _report_health(self) -> None:
         ledger = self.ledger

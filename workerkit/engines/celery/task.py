@@ -27,6 +27,8 @@ from workerkit.engines.attempt import (
 from workerkit.engines.celery.config import limited_by_workerkit, soft_limit_for, user_tasks
 from workerkit.engines.celery.lease import LEASE_LOST_REASON
 from workerkit.engines.celery.ledger import CRASHES_HEADER, GEN_HEADER, Generation, count
+from workerkit.engines.celery.outage import broker_errors, retry_in_background, retrying
+from workerkit.errors import StoreUnavailable
 from workerkit.events import CheckpointSaved, JobFinished, JobOutcome, JobStarted
 from workerkit.job import JobContext
 
@@ -55,6 +57,10 @@ DEFAULT_MAX_ATTEMPTS: Final = 3
 
 #: The reason of the Reject a job's release becomes: how :class:`QuietRelease` knows it.
 RELEASE_REASON: Final = "released by the job (workerkit)"
+
+#: How long a settle the broker cannot take is retried in the consumer's loop (a killed
+#: connection reconnects at the next try) before a thread retries it (outage.py).
+SETTLE_INLINE: Final = 0.3
 
 
 def delivery_tag(request: Any) -> str | None:
@@ -91,6 +97,8 @@ class CeleryJobContext(JobContext):
         self._generation = generation
         # Set once this attempt read or wrote the checkpoint keys (its fence is taken).
         self._claimed = False
+        #: Set once a checkpoint could not be saved within the lease: the run is released.
+        self.store_failed = False
         settings = runtime.settings
         super().__init__(
             job_id=job_id,
@@ -131,8 +139,39 @@ class CeleryJobContext(JobContext):
                 self._stop.set()
 
     def _save_fenced(self, state: Any) -> None:
-        # Called by flush() with self._lock held.
-        self._runtime.ledger.save_checkpoint(self.job_id, self._generation, state)
+        # Called by flush() with self._lock held. A broker error is retried while the lease
+        # surely holds (outage.py); past it the task is stopped and released (run_job), never
+        # failed: its message stays in unacked and goes back with its last saved checkpoint.
+        if self.store_failed:
+            raise StoreUnavailable(f"task {self.job_id}: the broker is unreachable")
+        started = time.monotonic()
+        lease = self._runtime.lease
+        ttl = lease.ttl
+
+        def keep_trying() -> bool:
+            left = lease.left()
+            if left is None:  # before the worker's first renewal: half a lease from here
+                return time.monotonic() - started < ttl / 2 and not self._lease_lost
+            return left > lease.stop_at and not self._lease_lost
+
+        try:
+            retrying(
+                "checkpoint",
+                self.job_id,
+                lambda: self._runtime.ledger.save_checkpoint(self.job_id, self._generation, state),
+                keep_trying=keep_trying,
+            )
+        except broker_errors() as exc:
+            self.store_failed = True
+            self._stop.set()
+            log.warning(
+                "checkpoint not saved: the broker stayed unreachable for the lease; stopping "
+                "the task, it goes back to its queue with its last saved checkpoint",
+                extra={"event": "checkpoint_save_failed", "job_id": self.job_id, "error": str(exc)},
+            )
+            raise StoreUnavailable(
+                f"task {self.job_id}: checkpoint not saved, the broker is unreachable: {exc}"
+            ) from exc
         self._claimed = True
 
     def finish(self, checkpointed: bool) -> None:
@@ -206,14 +245,7 @@ def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwa
     )
     if runtime.stop_requested.is_set():
         context.request_stop()
-    if events.connected:  # nothing to build for a worker run without a supervisor
-        delivery = {
-            "job_id": job_id,
-            "delivery_tag": delivery_tag(request),
-            "queue": queue,
-            "worker": runtime.worker_id,
-        }
-        events.send(JobStarted(job_id, task.name, queue, attempt, delivery, None))
+    _announce_start(runtime, events, task, job_id, queue, attempt)
     started = time.monotonic()
     outcome: JobOutcome = "failed"
     try:
@@ -233,6 +265,9 @@ def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwa
             # never stopped, settles as usual (its settle is fenced by its lease, ack.lua).
             outcome = "lease_lost"
             raise _lease_lost(job_id, task.name) from None
+        if context.store_failed:  # our bookkeeping failed, not the task (_store_release)
+            outcome = "released"
+            raise _store_release(job_id, task.name) from None
         match verdict_for(exc, rules, backoff=_five_seconds):
             case Release():
                 outcome = "released"
@@ -265,6 +300,21 @@ def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwa
         return result
     finally:
         events.send(JobFinished(job_id, task.name, queue, outcome, time.monotonic() - started))
+
+
+def _announce_start(
+    runtime: Runtime, events: Any, task: Any, job_id: str, queue: str, attempt: int
+) -> None:
+    """Send JobStarted with the delivery the supervisor would release after a kill."""
+    if not events.connected:  # nothing to build for a worker run without a supervisor
+        return
+    delivery = {
+        "job_id": job_id,
+        "delivery_tag": delivery_tag(task.request),
+        "queue": queue,
+        "worker": runtime.worker_id,
+    }
+    events.send(JobStarted(job_id, task.name, queue, attempt, delivery, None))
 
 
 #: The Rejects of ours that Celery need not log (run_job logged them already).
@@ -319,6 +369,25 @@ def _lease_lost(job_id: str, task: str) -> Exception:
         extra={"event": "job_lease_lost", "job_id": job_id, "task": task},
     )
     rejection: Exception = Reject(LEASE_LOST_REASON, requeue=True)
+    return rejection
+
+
+def _store_release(job_id: str, task: str) -> Exception:
+    """A checkpoint the broker could not take within the lease: our own bookkeeping failed,
+    not the task. Released, never failed (Celery would acknowledge a failure: the message
+    would be gone), so it goes back with its last saved checkpoint."""
+    from celery.exceptions import Reject
+
+    log.warning(
+        "task released: the broker was unreachable for its checkpoint",
+        extra={
+            "event": "job_released",
+            "reason": "broker_unreachable",
+            "job_id": job_id,
+            "task": task,
+        },
+    )
+    rejection: Exception = Reject(RELEASE_REASON, requeue=True)
     return rejection
 
 
@@ -412,7 +481,8 @@ class WorkerkitRequestMixin:
     _workerkit_runtime: Runtime  # set by request_class()
     _workerkit_crashed = False
     #: Set just before its settle's script runs (the ack, or the requeue's restore).
-    _workerkit_settling = False
+    _workerkit_settling = False  # a settle is being retried in the background (outage.py)
+    _workerkit_writing = False  # a settle script has been sent (runtime.py's renewal round)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         base: Any = super()
@@ -431,38 +501,89 @@ class WorkerkitRequestMixin:
 
     def acknowledge(self) -> None:
         if not self.acknowledged:
-            self._settle_fenced(lambda base: base.acknowledge(), "ACK")
+            if getattr(self, "_workerkit_settling", False):
+                return  # a settle of this message is being retried (outage.py)
+            tag = str(self.message.delivery_tag)
+            runtime = self._workerkit_runtime
+            if not self._settle("ack", lambda: runtime.ledger.ack(tag, runtime.worker_id), "ACK"):
+                return  # still held (its lease renewed) until the retried ack lands
         self._workerkit_runtime.forget(self)
 
-    def _settle_fenced(self, unfenced: Callable[[Any], None], state: str) -> None:
-        """kombu's ack (or reject without requeue), unless another worker holds the message.
+    def _settle(self, what: str, write: Callable[[], bool], state: str) -> bool:
+        """A fenced settle (ledger.ack or ledger.restore); False while it is being retried.
 
-        A run whose lease expired (its worker was stopped) while another worker restored and
-        took the message must not remove that worker's ``unacked`` entry: the message would
-        be lost if that worker then died. Fenced by the lease (ledger.ack, ack.lua).
+        The fence: a run whose lease expired (its worker was stopped) while another worker
+        restored and took the message must not remove that worker's ``unacked`` entry, nor
+        requeue it (ack.lua, Ledger.restore). A settle the broker cannot take now (a restart, a
+        killed connection) is tried again at once, then in a thread while the message stays in
+        hand, its lease renewed: a finished task's ack lands when the broker is back, instead of
+        the task running again. Never kombu's unfenced path: whatever fails here, the message
+        stays in ``unacked`` for a retry or crash recovery, never dropped.
         """
-        runtime = self._workerkit_runtime
-        message = self.message
-        base: Any = super()
-        # Before the script: a renewal round that runs between it and ``acknowledged`` below
-        # finds the message gone from ``unacked`` by our own hand, not lost (runtime.py).
-        self._workerkit_settling = True
+        deadline = time.monotonic() + SETTLE_INLINE
+        # Before the script: a renewal round that runs between it and ``acknowledged`` finds
+        # the message gone from ``unacked`` by our own hand, not lost (runtime.py).
+        self._workerkit_writing = True
         try:
-            settled = runtime.ledger.ack(str(message.delivery_tag), runtime.worker_id)
-        except Exception:
-            self._workerkit_settling = False
-            unfenced(base)  # the broker is unreachable: kombu's own path logs the error
-            return
+            done = retrying(what, self.id, write, keep_trying=lambda: time.monotonic() < deadline)
+        except broker_errors():
+            self._workerkit_settling = True
+            retry_in_background(
+                what,
+                self.id,
+                write,
+                done=lambda ok: self._workerkit_runtime.call_soon(lambda: self._settled(ok, state)),
+                failed=lambda exc: self._workerkit_runtime.call_soon(
+                    lambda: self._settle_failed(what, exc)
+                ),
+            )
+            return False
+        except Exception as exc:
+            self._settle_failed(what, exc)
+            return True
+        self._settled(done, state)
+        return True
+
+    def _settled(self, ok: bool, state: str) -> None:
+        """The settle landed (or the fence refused it): kombu's in-memory part, not Redis's."""
+        message = self.message
         with contextlib.suppress(Exception):
-            message.channel.qos._quick_ack(message.delivery_tag)  # kombu's in-memory part
+            message.channel.qos._quick_ack(message.delivery_tag)  # frees its prefetch slot
         with contextlib.suppress(Exception):
             message._state = state
         self.acknowledged = True
-        if not settled:
+        if getattr(self, "_workerkit_settling", False):
+            self._workerkit_settling = False
+            self._workerkit_runtime.forget(self)
+            if state == "REQUEUED":
+                with contextlib.suppress(Exception):
+                    self.send_event("task-rejected", requeue=True)
+        if ok:
+            return
+        if state == "REQUEUED":
+            log.warning(
+                "message not requeued: acknowledged, held by another worker, or no queue",
+                extra={"event": "requeue_skipped", "job_id": self.id},
+            )
+        else:
             log.warning(
                 "not settled: another worker holds the message now (this run's lease expired)",
                 extra={"event": "settle_fenced", "job_id": self.id},
             )
+
+    def _settle_failed(self, what: str, exc: Exception) -> None:
+        """Left in ``unacked``: once its lease expires, crash recovery puts it back."""
+        log.error(
+            "%s failed; the message stays unacknowledged for crash recovery",
+            what,
+            extra={"event": "settle_failed", "job_id": self.id, "what": what, "error": str(exc)},
+        )
+        message = self.message
+        with contextlib.suppress(Exception):
+            message.channel.qos._quick_ack(message.delivery_tag)
+        self.acknowledged = True
+        self._workerkit_settling = False
+        self._workerkit_runtime.forget(self)
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
@@ -484,42 +605,29 @@ class WorkerkitRequestMixin:
             base.reject(requeue=requeue)
             runtime.forget(self)
             return
+        if getattr(self, "_workerkit_settling", False):
+            return  # a settle of this message is being retried (outage.py)
+        tag = str(self.message.delivery_tag)
         if not requeue:
-            self._settle_fenced(lambda base: base.reject(requeue=False), "REJECTED")
+            if self._settle(
+                "reject", lambda: runtime.ledger.ack(tag, runtime.worker_id), "REJECTED"
+            ):
+                runtime.forget(self)
+                with contextlib.suppress(Exception):
+                    self.send_event("task-rejected", requeue=False)
+            return
+        crashed = self._workerkit_crashed
+
+        def restore() -> bool:
+            # Only while this worker holds the lease (or nobody does); leftmost: at the back
+            # of the queue, as kombu's reject does. Its entries in Redis go in the transaction,
+            # so only kombu's in-memory QoS is settled after it (_settled): a redelivery of the
+            # same message keeps the same delivery tag, on another worker possibly by now.
+            return runtime.ledger.restore(
+                tag, owners=(runtime.worker_id,), crashed=crashed, leftmost=True
+            )
+
+        if self._settle("requeue", restore, "REQUEUED"):
             runtime.forget(self)
             with contextlib.suppress(Exception):
-                self.send_event("task-rejected", requeue=False)
-            return
-        message = self.message
-        self._workerkit_settling = True  # as in _settle_fenced: a restore by our own hand
-        try:
-            restored = runtime.ledger.restore(
-                str(message.delivery_tag),
-                owners=(runtime.worker_id,),
-                crashed=self._workerkit_crashed,
-                leftmost=True,  # at the back of the queue, as kombu's reject does
-            )
-        except Exception as exc:
-            self._workerkit_settling = False
-            log.warning(
-                "cannot requeue through workerkit; kombu requeues",
-                extra={"event": "requeue_failed", "job_id": self.id, "error": str(exc)},
-            )
-            base.reject(requeue=requeue)
-            return
-        # Settle the message in kombu's in-memory QoS only (that frees its prefetch slot): its
-        # entries in Redis are gone and must not be removed again, since a redelivery of the
-        # same message keeps the same delivery tag (on another worker, possibly, by now).
-        with contextlib.suppress(Exception):
-            message.channel.qos._quick_ack(message.delivery_tag)
-        with contextlib.suppress(Exception):
-            message._state = "REQUEUED"
-        self.acknowledged = True
-        runtime.forget(self)
-        with contextlib.suppress(Exception):
-            self.send_event("task-rejected", requeue=True)
-        if not restored:
-            log.warning(
-                "message not requeued: acknowledged, held by another worker, or no queue",
-                extra={"event": "requeue_skipped", "job_id": self.id},
-            )
+                self.send_event("task-rejected", requeue=True)
