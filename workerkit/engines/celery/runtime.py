@@ -48,6 +48,9 @@ __all__ = ("DRAIN_TICK", "Runtime", "lease_at_delivery", "pool_pids")
 log = logging.getLogger("workerkit.engines.celery")
 
 DRAIN_TICK: Final = 0.02
+#: How long a release waits for the consumer to stop taking messages (within the orphan's
+#: 0.9 s hard exit, workerkit/engines/lifeline.py).
+SEAL_WITHIN: Final = 0.3
 #: Between SIGTERM and SIGKILL for the subprocesses of tasks whose pool child was killed.
 TASK_CHILDREN_GRACE: Final = 0.2
 
@@ -354,6 +357,7 @@ class Runtime:
         """The release deadline: kill what runs, put every message in hand back, exit 0."""
         with self._release_lock:
             self.draining = True
+            self._seal(SEAL_WITHIN)
             # Kill the pool children first: a message must not be back in its queue (where
             # another worker can start it) while its first run still goes on. Jobs of the solo
             # and threads pools run in this process and end with it, a moment later; their
@@ -387,6 +391,47 @@ class Runtime:
             )
             logging.shutdown()
             os._exit(0)
+
+    def _seal(self, within: float) -> None:
+        """Before a release: make sure no message can reach this process any more.
+
+        kombu's consumer keeps a BRPOP waiting whenever it has a free prefetch slot, and
+        Redis hands the next message pushed to the queue to that BRPOP: the very messages the
+        release puts back (or the requeue of a killed pool child's message). Popped into a
+        process about to exit, such a message would be in no queue and no ``unacked`` entry:
+        lost. So the consumer is cancelled on its loop thread (no new BRPOP), the waiting one
+        is unblocked in Redis (it returns empty, nothing popped), and a reply already sent is
+        left for the loop to read (a message that reached us is then in ``unacked``, and in
+        hand: the gate hands it back). Bounded by ``within``; with no event loop (solo, threads
+        pools) or past it, the release goes on as before.
+        """
+        hub = getattr(getattr(self.consumer, "controller", None), "hub", None)
+        channel = getattr(getattr(self.consumer, "task_consumer", None), "channel", None)
+        if hub is None or channel is None:
+            return
+        deadline = time.monotonic() + within
+        cancelled = threading.Event()
+
+        def cancel() -> None:
+            try:
+                self._stop_consuming()
+            finally:
+                cancelled.set()
+
+        hub.call_soon(cancel)
+        if not cancelled.wait(within):
+            return
+        waiting = getattr(channel, "_in_poll", None)
+        if waiting:
+            try:
+                self.ledger.unblock(waiting)
+            except Exception as exc:
+                log.warning(
+                    "cannot unblock the consumer's BRPOP",
+                    extra={"event": "unblock_failed", "error": str(exc)},
+                )
+        while getattr(channel, "_in_poll", None) and time.monotonic() < deadline:
+            time.sleep(DRAIN_TICK / 4)
 
     # --- the keeper: heartbeats, health, leases, crash recovery ----------------------------
 
