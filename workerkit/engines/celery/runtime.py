@@ -196,7 +196,10 @@ class Runtime:
         tag = getattr(request, "_workerkit_tag", None)
         if tag is not None:
             with self._held_lock:
-                self._held.pop(tag, None)
+                # Only this request: a redelivery of the message to this worker (the same
+                # delivery tag) may hold the entry by now.
+                if self._held.get(tag) is request:
+                    del self._held[tag]
 
     def on_worker_ready(self) -> None:
         with self._start_lock:
@@ -480,7 +483,22 @@ class Runtime:
                 # Never given to the pool: it will not start here. Celery's and kombu's state
                 # belong to the consumer's loop thread: dropped there.
                 self._on_loop(functools.partial(self._drop, request))
-        if not any(getattr(r, "_workerkit_lost", False) for r in self._in_hand()):
+        stale = [r for r in self._in_hand() if getattr(r, "_workerkit_lost", False)]
+        left = self.lease.left()
+        if stale and left is not None and left < 0:
+            # Past the frozen deadline every pool child's watchdog has killed its run (at
+            # kill_at before it): no run of these goes on. A lost message whose settle never
+            # comes (Celery gives up a late ack after a broker connection loss) must not keep
+            # the deadline frozen: every later run here would be stopped at once, counted as
+            # a crash, and failed as poison after max_attempts.
+            for request in stale:
+                self.forget(request)
+                log.warning(
+                    "a lost message was never settled: let go of it",
+                    extra={"event": "lease_lost_forgotten", "job_id": request.id},
+                )
+            stale = []
+        if not stale:
             self.lease.extend(started)
 
     def _drop(self, request: Any) -> None:
