@@ -82,6 +82,29 @@ class CeleryJobs:
     def stuck(self, ids: list[str]) -> list[str]:
         return self.busy(ids)
 
+    def locate(self, ids: list[str]) -> dict[str, list[str]]:
+        """Diagnostic: every Redis key (and its type) whose value mentions each of ``ids``."""
+        found: dict[str, list[str]] = {job_id: [] for job_id in ids}
+        with self.client() as client:
+            for key in client.scan_iter(count=1000):
+                kind = client.type(key).decode()
+                if kind == "list":
+                    values = client.lrange(key, 0, -1)
+                elif kind == "hash":
+                    values = [k + b"=" + v for k, v in client.hgetall(key).items()]
+                elif kind == "zset":
+                    values = [m for m, _ in client.zrange(key, 0, -1, withscores=True)]
+                elif kind == "set":
+                    values = list(client.smembers(key))
+                elif kind == "string":
+                    values = [key + b"=" + (client.get(key) or b"")]
+                else:
+                    values = []
+                for job_id in ids:
+                    if any(job_id.encode() in v for v in values):
+                        found[job_id].append(f"{key!r}:{kind}")
+        return found
+
     def kill_clients(self) -> int:
         with self.client() as client:
             killed = 0
@@ -283,3 +306,57 @@ def test_redis_data_loss_redelivers_what_the_workers_held_at_least_once(celery: 
     load.wait_settled()
     load.check(once="at least")
     no_crash(celery)
+
+
+def test_orphaned_worker_release_is_not_taken_back_by_its_own_consumer(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # One pod of its own on a queue of its own, running one long task with a free pool slot:
+    # its consumer has a BRPOP waiting. Its supervisor is SIGKILLed, the worker releases the
+    # task (RPUSH): that waiting BRPOP must not take the message back into a process about to
+    # exit (it would be in no queue, no unacked entry: lost).
+    queue = "crelease"
+    jobs = cluster.jobs
+    env = Env(tmp=tmp_path, database_url="", journal=cluster.journal)
+    pod = start_worker(
+        [*WORKERKIT, "run", "celery", "--", "--pool=prefork"],
+        env,
+        app="tests.apps.fault_celery:app",
+        name="release-pod",
+        engine={
+            "E2E_REDIS_URL": jobs.url,
+            "redis_url": jobs.url,
+            "queues": queue,
+            "log_level": "info",
+        },
+        settings={"concurrency": "2", "recovery_window": str(WINDOW)},
+        new_session=True,
+    )
+    killed: list[int] = []
+    try:
+        pod.wait_ready(timeout=40)
+        load = cluster.load("crel", shorts=0, longs=1, long_steps=40)
+        app.conf.broker_url = jobs.url
+        with app.producer_or_acquire() as producer:
+            app.send_task(
+                "long",
+                args=["crel-long-0", 40, 0.25],
+                task_id="crel-long-0",
+                queue=queue,
+                producer=producer,
+            )
+        load.ids.append("crel-long-0")
+        wait_for(lambda: "crel-long-0" in load.runs(), timeout=30, what="the long task running")
+        worker = Pods.worker_pid(pod)
+        killed = Pods.tree(pod)
+        os.kill(pod.pid, signal.SIGKILL)
+        wait_for(lambda: not alive(worker), timeout=5, what="the worker to follow its supervisor")
+        where = jobs.locate(["crel-long-0"])["crel-long-0"]
+        with jobs.client() as client:
+            queued = [json.loads(raw)["headers"]["id"] for raw in client.lrange(queue, 0, -1)]
+        assert queued == ["crel-long-0"], (where, pod.log_text()[-3000:])
+    finally:
+        kill_tree(pid for pid in killed if alive(pid))
+        pod.stop()
+        with jobs.client() as client:
+            client.delete(queue)

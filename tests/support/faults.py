@@ -264,7 +264,11 @@ class Load:
                 return self.quiet()
             idle_since.append(time.monotonic())
             if idle_since[-1] - idle_since[0] > 3.0:
-                raise AssertionError(f"lost (never completed, not held by the engine): {lost}")
+                where = getattr(self.engine, "locate", None)
+                seen = where(lost) if where else {}
+                raise AssertionError(
+                    f"lost (never completed, not held by the engine): {lost}; in the broker: {seen}"
+                )
             return False
 
         try:

@@ -95,6 +95,30 @@ def test_the_pool_deadline_advances_only_while_no_lease_in_hand_is_lost() -> Non
     assert (runtime.lease.left() or 0) > 14.5
 
 
+def test_a_lost_message_never_settled_stops_freezing_the_deadline_once_it_passed() -> None:
+    # Celery gives up a late ack after a broker connection loss: the lost request is never
+    # settled. Frozen for good, the deadline would stop every later run of this worker at once.
+    runtime = Runtime(Celery("t"), Settings(engine="celery", recovery_window=30))
+    ledger = FakeLedger()
+    runtime._ledger = ledger  # type: ignore[assignment]
+    orphan = _request("a")
+    orphan._workerkit_dispatched = True
+    runtime.hold(orphan)
+    ledger.taken = {"a"}
+    runtime.lease.extend(now() - 10)
+    runtime._renew_leases()
+    assert orphan._workerkit_lost
+    assert (runtime.lease.left() or 0) < 5.5  # frozen while its run may go on
+    runtime.lease.extend(now() - 16)  # the frozen deadline passed: every run of it was killed
+    again = _request("a")  # the same message delivered here again meanwhile (the same tag)
+    runtime._renew_leases()
+    assert runtime._in_hand() == []
+    assert (runtime.lease.left() or 0) > 14.5
+    runtime.hold(again)
+    runtime.forget(orphan)  # a late settle of the old run leaves the new delivery in hand
+    assert runtime._in_hand() == [again]
+
+
 def test_a_pool_child_forked_earlier_sees_the_deadline_its_parent_writes_later() -> None:
     runtime = Runtime(Celery("t"), Settings(engine="celery", recovery_window=30))
     read, write = os.pipe()

@@ -50,6 +50,9 @@ __all__ = ("DRAIN_TICK", "RECOVERY_GRACE", "Runtime", "lease_at_delivery", "pool
 log = logging.getLogger("workerkit.engines.celery")
 
 DRAIN_TICK: Final = 0.02
+#: How long a release waits for the consumer to stop taking messages (within the orphan's
+#: 0.9 s hard exit, workerkit/engines/lifeline.py).
+SEAL_WITHIN: Final = 0.3
 #: Between SIGTERM and SIGKILL for the subprocesses of tasks whose pool child was killed.
 TASK_CHILDREN_GRACE: Final = 0.2
 #: The least a worker waits after a broker outage before it recovers others' messages.
@@ -218,7 +221,10 @@ class Runtime:
         tag = getattr(request, "_workerkit_tag", None)
         if tag is not None:
             with self._held_lock:
-                self._held.pop(tag, None)
+                # Only this request: a redelivery of the message to this worker (the same
+                # delivery tag) may hold the entry by now.
+                if self._held.get(tag) is request:
+                    del self._held[tag]
 
     def on_worker_ready(self) -> None:
         with self._start_lock:
@@ -384,6 +390,7 @@ class Runtime:
         """The release deadline: kill what runs, put every message in hand back, exit 0."""
         with self._release_lock:
             self.draining = True
+            self._seal(SEAL_WITHIN)
             # Kill the pool children first: a message must not be back in its queue (where
             # another worker can start it) while its first run still goes on. Jobs of the solo
             # and threads pools run in this process and end with it, a moment later; their
@@ -417,6 +424,47 @@ class Runtime:
             )
             logging.shutdown()
             os._exit(0)
+
+    def _seal(self, within: float) -> None:
+        """Before a release: make sure no message can reach this process any more.
+
+        kombu's consumer keeps a BRPOP waiting whenever it has a free prefetch slot, and
+        Redis hands the next message pushed to the queue to that BRPOP: the very messages the
+        release puts back (or the requeue of a killed pool child's message). Popped into a
+        process about to exit, such a message would be in no queue and no ``unacked`` entry:
+        lost. So the consumer is cancelled on its loop thread (no new BRPOP), the waiting one
+        is unblocked in Redis (it returns empty, nothing popped), and a reply already sent is
+        left for the loop to read (a message that reached us is then in ``unacked``, and in
+        hand: the gate hands it back). Bounded by ``within``; with no event loop (solo, threads
+        pools) or past it, the release goes on as before.
+        """
+        hub = getattr(getattr(self.consumer, "controller", None), "hub", None)
+        channel = getattr(getattr(self.consumer, "task_consumer", None), "channel", None)
+        if hub is None or channel is None:
+            return
+        deadline = time.monotonic() + within
+        cancelled = threading.Event()
+
+        def cancel() -> None:
+            try:
+                self._stop_consuming()
+            finally:
+                cancelled.set()
+
+        hub.call_soon(cancel)
+        if not cancelled.wait(within):
+            return
+        waiting = getattr(channel, "_in_poll", None)
+        if waiting:
+            try:
+                self.ledger.unblock(waiting)
+            except Exception as exc:
+                log.warning(
+                    "cannot unblock the consumer's BRPOP",
+                    extra={"event": "unblock_failed", "error": str(exc)},
+                )
+        while getattr(channel, "_in_poll", None) and time.monotonic() < deadline:
+            time.sleep(DRAIN_TICK / 4)
 
     # --- the keeper: heartbeats, health, leases, crash recovery ----------------------------
 
@@ -473,7 +521,22 @@ class Runtime:
                 # Never given to the pool: it will not start here. Celery's and kombu's state
                 # belong to the consumer's loop thread: dropped there.
                 self._on_loop(functools.partial(self._drop, request))
-        if not any(getattr(r, "_workerkit_lost", False) for r in self._in_hand()):
+        stale = [r for r in self._in_hand() if getattr(r, "_workerkit_lost", False)]
+        left = self.lease.left()
+        if stale and left is not None and left < 0:
+            # Past the frozen deadline every pool child's watchdog has killed its run (at
+            # kill_at before it): no run of these goes on. A lost message whose settle never
+            # comes (Celery gives up a late ack after a broker connection loss) must not keep
+            # the deadline frozen: every later run here would be stopped at once, counted as
+            # a crash, and failed as poison after max_attempts.
+            for request in stale:
+                self.forget(request)
+                log.warning(
+                    "a lost message was never settled: let go of it",
+                    extra={"event": "lease_lost_forgotten", "job_id": request.id},
+                )
+            stale = []
+        if not stale:
             self.lease.extend(started)
 
     def _drop(self, request: Any) -> None:
