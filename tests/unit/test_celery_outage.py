@@ -13,7 +13,7 @@ pytest.importorskip("celery")
 from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as BrokerDown
 
-from workerkit.engines.celery.outage import backoff, retrying
+from workerkit.engines.celery.outage import RETRY_MAX, backoff, retrying
 from workerkit.engines.celery.poison import dead_key, dead_record, refusal
 
 
@@ -60,7 +60,8 @@ def test_other_errors_are_not_retried() -> None:
 
 
 def test_backoff_doubles_up_to_its_cap_with_jitter() -> None:
-    delays = backoff(rng=lambda: 1.0)
+    # The shared backoff with the Celery settle's cap (0.5 s).
+    delays = backoff(cap=RETRY_MAX, rng=lambda: 1.0)
     assert [round(next(delays), 2) for _ in range(6)] == [0.05, 0.1, 0.2, 0.4, 0.5, 0.5]
 
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import random
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
@@ -33,6 +34,8 @@ from workerkit.errors import (
 __all__ = (
     "HEALTH_EVERY",
     "HEARTBEAT_EVERY",
+    "RETRY_FIRST",
+    "RETRY_MAX",
     "Defer",
     "Duty",
     "Fail",
@@ -46,8 +49,10 @@ __all__ = (
     "StandDown",
     "Unrunnable",
     "Verdict",
+    "backoff",
     "check_arguments",
     "defer_delay",
+    "lease_bound",
     "release_each",
     "verdict_for",
 )
@@ -59,6 +64,38 @@ HEALTH_EVERY: Final = 5.0
 
 _T = TypeVar("_T")
 _Exceptions = tuple[type[BaseException], ...]
+
+
+# --- writes retried through a store outage ----------------------------------------------------
+
+#: The first retry of a failed store write comes this soon; each next one about twice as late...
+RETRY_FIRST: Final = 0.05
+#: ... up to this (seconds), so that a write lands within about a second of the store's return.
+RETRY_MAX: Final = 1.0
+
+
+def backoff(
+    first: float = RETRY_FIRST, cap: float = RETRY_MAX, rng: Callable[[], float] = random.random
+) -> Iterator[float]:
+    """0.05, 0.1, 0.2, ... ``cap``, ``cap``, ... seconds, each with jitter (half to all of it).
+
+    The jitter spreads the retries of many workers (and of many jobs of one worker) that all
+    saw the store go away at the same moment.
+    """
+    delay = first
+    while True:
+        yield delay * (0.5 + 0.5 * rng())
+        delay = min(delay * 2, cap)
+
+
+def lease_bound(sent_at: float, ttl: float) -> float:
+    """The monotonic time until which a lease set by a request sent at ``sent_at`` surely holds.
+
+    The store (database or Redis) set the expiry ``ttl`` after its own "now", which was no
+    earlier than our ``sent_at``; a margin (a tenth of the lease, at most 1 s) covers clocks that
+    run at slightly different rates.
+    """
+    return sent_at + ttl - min(1.0, ttl / 10)
 
 
 # --- exception -> verdict ---------------------------------------------------------------------

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Final, TypeVar
+
+from workerkit.engines.attempt import RETRY_FIRST, backoff
 
 __all__ = (
     "RETRY_FIRST",
@@ -30,9 +31,8 @@ log = logging.getLogger("workerkit.engines.celery")
 
 _T = TypeVar("_T")
 
-#: The first retry of a failed write comes this soon; each next one about twice as late...
-RETRY_FIRST: Final = 0.05
-#: ... up to this (seconds): a write lands within half a second of the broker's return.
+#: The longest wait between two tries (seconds): a settle lands within half a second of the
+#: broker's return (the shared backoff's cap is 1 s).
 RETRY_MAX: Final = 0.5
 
 
@@ -45,16 +45,6 @@ def broker_errors() -> tuple[type[BaseException], ...]:
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     return (RedisConnectionError, RedisTimeoutError)
-
-
-def backoff(
-    first: float = RETRY_FIRST, cap: float = RETRY_MAX, rng: Callable[[], float] = random.random
-) -> Iterator[float]:
-    """0.05, 0.1, 0.2, ... 0.5, 0.5, ... seconds, each with jitter (between half and all)."""
-    delay = first
-    while True:
-        yield delay * (0.5 + 0.5 * rng())
-        delay = min(delay * 2, cap)
 
 
 def retrying(
@@ -72,7 +62,7 @@ def retrying(
     The first failure is logged (``broker_write_retry``), and a write that landed after failures
     (``broker_write_recovered``); neither with ``quiet`` (the caller reports its own failures).
     """
-    delays = backoff()
+    delays = backoff(cap=RETRY_MAX)
     failures = 0
     while True:
         try:

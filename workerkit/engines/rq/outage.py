@@ -10,12 +10,12 @@ set it (:func:`lease_bound`), never believing that a lease lasts longer than it 
 from __future__ import annotations
 
 import logging
-import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final, TypeVar
+from typing import TypeVar
 
+from workerkit.engines.attempt import RETRY_FIRST, RETRY_MAX, backoff, lease_bound
 from workerkit.engines.rq.startup import UNREACHABLE
 
 __all__ = ("RETRY_FIRST", "RETRY_MAX", "Fenced", "RetryUnreachable", "backoff", "lease_bound")
@@ -24,34 +24,9 @@ log = logging.getLogger("workerkit.engines.rq")
 
 _T = TypeVar("_T")
 
-#: The first retry of a failed write comes this soon; each next one about twice as late...
-RETRY_FIRST: Final = 0.05
-#: ... up to this (seconds), so that a write lands within about a second of Redis's return.
-RETRY_MAX: Final = 1.0
-
 
 class Fenced(Exception):
     """A retried write found that the attempt no longer owns its job (its lease token)."""
-
-
-def backoff(
-    first: float = RETRY_FIRST, cap: float = RETRY_MAX, rng: Callable[[], float] = random.random
-) -> Iterator[float]:
-    """0.05, 0.1, 0.2, ... 1, 1, ... seconds, each with jitter (between half and all of it)."""
-    delay = first
-    while True:
-        yield delay * (0.5 + 0.5 * rng())
-        delay = min(delay * 2, cap)
-
-
-def lease_bound(renewed_at: float, ttl: float) -> float:
-    """The monotonic time until which a lease set by a request sent at ``renewed_at`` holds.
-
-    Redis set the expiry ``ttl`` after it received the request, no earlier than ``renewed_at``;
-    a margin (a tenth of the lease, at most 1 s) covers clocks running at slightly different
-    rates.
-    """
-    return renewed_at + ttl - min(1.0, ttl / 10)
 
 
 @dataclass(eq=False)

@@ -11,14 +11,14 @@ worker bounds it with its own monotonic clock read *before* the request that set
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
+from workerkit.engines.attempt import RETRY_FIRST, RETRY_MAX, backoff, lease_bound
 from workerkit.errors import StoreUnavailable
 from workerkit.job import CheckpointSink, TransactionalCheckpointSink
 
@@ -40,10 +40,6 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-#: The first retry of a failed write comes this soon; each next one about twice as late...
-RETRY_FIRST: Final = 0.05
-#: ... up to this (seconds), so a write lands within about a second of the store's return.
-RETRY_MAX: Final = 1.0
 #: The least the worker waits after a store outage before it claims again (seconds).
 RECOVERY_GRACE: Final = 3.0
 #: For the statement itself, once connected, and the thread's scheduling (seconds).
@@ -59,30 +55,6 @@ def recovery_grace(connect_timeout: float) -> float:
     lands. So ``connect_timeout + RETRY_MAX + LANDING_MARGIN``, and RECOVERY_GRACE at least.
     """
     return max(RECOVERY_GRACE, connect_timeout + RETRY_MAX + LANDING_MARGIN)
-
-
-def backoff(
-    first: float = RETRY_FIRST, cap: float = RETRY_MAX, rng: Callable[[], float] = random.random
-) -> Iterator[float]:
-    """0.05, 0.1, 0.2, ... 1, 1, ... seconds, each with jitter (between half and all of it).
-
-    The jitter spreads the retries of many workers (and of many jobs of one worker) that all
-    saw the store go away at the same moment.
-    """
-    delay = first
-    while True:
-        yield delay * (0.5 + 0.5 * rng())
-        delay = min(delay * 2, cap)
-
-
-def lease_bound(sent_at: float, ttl: float) -> float:
-    """The monotonic time until which a lease set by a request sent at ``sent_at`` surely holds.
-
-    The database set the expiry to its own ``now + ttl``, and its ``now`` was no earlier than
-    our ``sent_at``; a margin (a tenth of the lease, at most 1 s) covers clocks that run at
-    slightly different rates.
-    """
-    return sent_at + ttl - min(1.0, ttl / 10)
 
 
 @dataclass(eq=False)
