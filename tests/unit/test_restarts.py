@@ -84,8 +84,21 @@ def test_the_restart_waits_for_the_release() -> None:
     machine = ready()
     machine.handle(JobStarted("a", ref("a")))
     machine.handle(WorkerExited(KILLED, 1.0))
-    assert machine.handle(Tick(5.0)) == []  # the release is still running
-    assert StartChild() in machine.handle(ReleaseCompleted(1, 5.1))
+    assert machine.handle(Tick(4.9)) == []  # the release is still running (M = 4 s)
+    assert StartChild() in machine.handle(ReleaseCompleted(1, 4.95))
+
+
+def test_a_release_that_hangs_delays_the_restart_by_the_release_margin_at_most() -> None:
+    # A store that stopped answering mid-request: no worker at all until a liveness restart.
+    machine = ready()
+    machine.handle(JobStarted("a", ref("a")))
+    machine.handle(WorkerExited(KILLED, 1.0))
+    assert machine.handle(Tick(1.0 + M - 0.1)) == []
+    actions = machine.handle(Tick(1.0 + M))
+    assert events(actions) == ["release_failed", "worker_restarting"]
+    assert StartChild() in actions
+    assert machine.in_flight == {}  # they come back through their leases
+    assert machine.handle(ReleaseCompleted(1, 9.0)) == []  # late: nothing more to do
 
 
 def test_a_signal_during_the_backoff_stops_without_a_new_worker() -> None:

@@ -113,6 +113,8 @@ class Lifecycle:
         self.restart_crashed = restart_crashed
         self._crash_loop = CrashLoop()
         self._restart_at: float | None = None  # a crashed worker is restarted at this instant
+        # ... once its jobs' release completed, or at this instant whatever the release does
+        self._release_wait_until: float | None = None
         self._ready_since_start = False  # this worker process (not an earlier one) got ready
         self.state = State.STARTING
         self.deadlines: Deadlines | None = None
@@ -571,6 +573,7 @@ class Lifecycle:
         ]
         if self.in_flight:
             self._release_pending = True
+            self._release_wait_until = now + self.release_margin
             refs = tuple(self.in_flight.values())
             actions += [
                 Log(
@@ -583,12 +586,31 @@ class Lifecycle:
         return actions
 
     def _on_restart_tick(self, now: float) -> list[Action]:
-        if self._restart_at is None or now < self._restart_at or self._release_pending:
+        if self._restart_at is None or now < self._restart_at:
             return []
+        actions: list[Action] = []
+        if self._release_pending:
+            if self._release_wait_until is None or now < self._release_wait_until:
+                return []
+            # The release hangs (a store that stopped answering mid-request): do not wait for
+            # it forever with no worker; the jobs it did not release come back by their leases.
+            self._release_pending = False
+            self.in_flight.clear()
+            actions.append(
+                Log(
+                    "release_failed",
+                    "the crashed worker's jobs were not released within the release margin; "
+                    "starting a new worker (they come back when their leases expire)",
+                    level=logging.ERROR,
+                    fields={"error": "timed out", "release_margin": self.release_margin},
+                )
+            )
         self._restart_at = None
+        self._release_wait_until = None
         self.child_alive = True
         self.child_returncode = None
         return [
+            *actions,
             Log("worker_restarting", "starting a new worker process", level=logging.WARNING),
             StartChild(),
         ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -393,7 +394,11 @@ class Supervisor:
         assert self.child is not None
         old = self.child
         # The dead worker's jobs' subprocesses must not run beside the jobs' next attempts.
-        await anyio.to_thread.run_sync(self._stop_leftover_processes, old)
+        # Only those carrying the dead worker's socket: other orphans we adopted as PID 1 (a
+        # `kubectl exec ... &`) are not the worker's, and the container goes on.
+        await anyio.to_thread.run_sync(
+            functools.partial(self._stop_leftover_processes, old, adopted=False)
+        )
         self._exit_reported = False
         self.health.heartbeat(self.clock())  # the new worker's heartbeat clock starts now
         if not self._start_child(self.channel):
@@ -405,10 +410,16 @@ class Supervisor:
         # alive past the exit deadline (anyio's worker threads are joined at interpreter exit).
         token = anyio.lowlevel.current_token()
         settings, engine, clock, send = self.settings, self.engine, self.clock, self._send
+        dead = self.child if crashed and self.child is not None and not self.child.running else None
 
         def release() -> None:
             error: str | None = None
             released = 0
+            if dead is not None:
+                # A job's subprocesses must be gone before the job can be run again elsewhere
+                # (an OOM-killed worker's ffmpeg would write beside its next attempt).
+                with contextlib.suppress(Exception):
+                    self._stop_leftover_processes(dead, adopted=False)
             try:
                 released = engine.release_in_flight(settings, list(refs), crashed=crashed)
             except Exception as exc:
@@ -438,16 +449,17 @@ class Supervisor:
                 time.sleep(0.01)
         self._stop_leftover_processes(child)
 
-    def _stop_leftover_processes(self, child: ChildProcess) -> None:
+    def _stop_leftover_processes(self, child: ChildProcess, *, adopted: bool = True) -> None:
         """Stop what the worker's jobs started and left running (TERM, then KILL), by pid.
 
         Ours are the processes that carry this run's socket path in their environment (inherited
-        from the worker, wherever they were re-parented to) and, when we are the process's own
-        program rather than embedded, every process still below us (orphans we adopted).
+        from the worker, wherever they were re-parented to) and, with ``adopted``, when we are
+        the process's own program rather than embedded, every process still below us (orphans
+        we adopted: at the container's exit, nothing of it may outlive it).
         """
         marker = child.env.get(SOCKET_ENV)
         pids = processes_with_env(SOCKET_ENV, marker) if marker else []
-        if self.handle_signals:
+        if adopted and self.handle_signals:
             pids += descendants(os.getpid())
         if not pids:
             return

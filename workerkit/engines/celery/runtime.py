@@ -405,6 +405,11 @@ class Runtime:
                 tag = self._tag(request)
                 if tag is None:
                     return False
+                if getattr(request, "_workerkit_settling", False):
+                    # Finished: its fenced ack is being retried (outage.py). Restoring it would
+                    # run it again; left in ``unacked``, the retried ack lands or, if the worker
+                    # is gone first, crash recovery redelivers it after its lease.
+                    return False
                 ok = ledger.restore(tag, owners=(self.worker_id,))
                 queue = str(request.delivery_info.get("routing_key") or "")
                 self.events.send(JobFinished(str(request.id), request.name, queue, "released", 0.0))

@@ -81,29 +81,31 @@ class Attempt:
         """The horse is gone: what it shared is kept, in this process only."""
         if self.shared is not None:
             self._settling, self.last_renewed = self.settling, self.renewed_at()
-            self.shared.close()
+            # Not closed: the upkeep thread may be reading it right now (no lock between the
+            # two); the anonymous map is freed with its last reference.
             self.shared = None
 
     def mark_settling(self) -> None:
         """The job's code has ended: what is left is its settle (fenced, retried)."""
         self._settling = True
-        if self.shared is not None:
-            self.shared[0] = 1
+        if (shared := self.shared) is not None:  # read once: unshare() may run meanwhile
+            shared[0] = 1
 
     @property
     def settling(self) -> bool:
-        return self._settling or (self.shared is not None and self.shared[0] == 1)
+        shared = self.shared  # read once: unshare() may run meanwhile
+        return self._settling or (shared is not None and shared[0] == 1)
 
     def renewed(self, at: float) -> None:
         """The lease was renewed by a request sent at ``at`` (monotonic)."""
         self.last_renewed = at
-        if self.shared is not None:
-            struct.pack_into("d", self.shared, 8, at)
+        if (shared := self.shared) is not None:
+            struct.pack_into("d", shared, 8, at)
 
     def renewed_at(self) -> float:
         """The monotonic time the request that last set the lease was sent."""
-        if self.shared is not None:
-            return float(struct.unpack_from("d", self.shared, 8)[0])
+        if (shared := self.shared) is not None:
+            return float(struct.unpack_from("d", shared, 8)[0])
         return self.last_renewed
 
 
