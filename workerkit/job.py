@@ -148,12 +148,18 @@ class JobContext:
         save: CheckpointSink | None = None,
         on_checkpoint_saved: Callable[[JobContext], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        schedule: str | None = None,
+        fire_time: float | None = None,
     ) -> None:
         self.job_id = job_id
         self.task = task
         self.queue = queue
         self.attempt = attempt
         self.deadline = deadline
+        #: The schedule that enqueued this job and its fire time (epoch seconds), when the
+        #: scheduler did; the pair is the same on every replica, so it makes an idempotency key.
+        self.schedule = schedule
+        self.fire_time = fire_time
         self.checkpoint_interval = checkpoint_interval
         self._checkpoint = checkpoint
         self._save = save

@@ -1,7 +1,8 @@
-"""The leader-elected scheduler (reserved: built by the scheduler issue, DESIGN section 7).
+"""The leader-elected scheduler (DESIGN section 7): every fire time exactly once.
 
-Its parts will be the lease, the schedules' pure fire-time math, the fire records and the runner,
-shaped like the supervisor: a pure state machine with time passed in, and an anyio shell.
+``contract`` holds what every part agrees on (a schedule, its trigger, the store's protocol);
+the engines' stores live in ``engines/<engine>/scheduling.py``. The concepts page is
+docs/concepts/scheduler.md.
 """
 
 from __future__ import annotations
