@@ -26,13 +26,13 @@ def periodic_run() -> None:
     record_run("celery", job.schedule, job.fire_time)
 
 
-def _entry(**options: Any) -> dict[str, Any]:
-    return {"task": "sched.periodic_run", "schedule": PERIOD, "options": options}
+def _entry(**misfire: Any) -> dict[str, Any]:
+    return {"task": "sched.periodic_run", "schedule": PERIOD, **misfire}
 
 
 if declared() == "misfire":
     app.conf.beat_schedule = {
-        policy: _entry(workerkit_misfire=policy, workerkit_max_catch_up=MAX_CATCH_UP)
+        policy: _entry(misfire=policy, max_catch_up=MAX_CATCH_UP)
         for policy in MISFIRE_SCHEDULES
     }
 else:
