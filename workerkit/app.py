@@ -32,6 +32,8 @@ from workerkit.idempotency import idempotent as make_idempotent
 from workerkit.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from datetime import timedelta
+
     from workerkit.engines.base import QueueBackend
     from workerkit.idempotency import IdempotencyStore
     from workerkit.job import JobContext
@@ -359,7 +361,7 @@ class App:
         name: str,
         *,
         cron: str | None = None,
-        every: float | None = None,
+        every: float | timedelta | None = None,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
         timezone: str | None = None,
@@ -406,7 +408,7 @@ class App:
         task: Task[Any, Any] | str,
         *,
         cron: str | None = None,
-        every: float | None = None,
+        every: float | timedelta | None = None,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
         timezone: str | None = None,

@@ -24,6 +24,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from tests.support.scheduler_contract import Enqueued, SchedulerStoreContract
 from tests.support.sql_sched_proc import TICK, tick_schedule
 from workerkit.app import App
 from workerkit.engines.sql import upgrade
@@ -100,6 +101,35 @@ def _records(url: str) -> list[tuple[str, int]]:
             return [tuple(row) for row in conn.execute(query)]
     finally:
         engine.dispose()
+
+
+class TestSqlSchedulerStoreContract(SchedulerStoreContract):
+    """The contract every store shares, on SQLite and on PostgreSQL."""
+
+    @pytest.fixture
+    def store(self, open_store: Callable[[], SqlSchedulerStore]) -> SqlSchedulerStore:
+        return open_store()
+
+    @pytest.fixture
+    def enqueued(self, url: str) -> Callable[[], list[Enqueued]]:
+        def read() -> list[Enqueued]:
+            found = []
+            for job in _jobs(url):
+                payload = json.loads(job["payload"])
+                found.append(
+                    Enqueued(
+                        job_id=job["id"],
+                        schedule=payload["schedule"],
+                        fire_time=payload["fire_time"],
+                        task=job["task"],
+                        args=tuple(payload["args"]),
+                        kwargs=payload["kwargs"],
+                        queue=job["queue"],
+                    )
+                )
+            return found
+
+        return read
 
 
 def test_a_fire_records_itself_and_enqueues_one_job_carrying_its_origin(
@@ -197,7 +227,8 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
 
 
 def _fire_again_fires_once(url: str, store: SqlSchedulerStore) -> None:
-    assert _records(url) == [] and _jobs(url) == []  # neither the record nor the job
+    assert _records(url) == []
+    assert _jobs(url) == []
     assert store.fire(tick_schedule(), FIRE_TIME, epoch=None, reason="standby") == (
         FireOutcome.FIRED
     )
@@ -210,7 +241,8 @@ def test_sqlite_a_fire_killed_between_its_record_and_its_job_leaves_neither(
     upgrade(sqlite_url)
     store = SqlSchedulerStore(sqlite_url)
     lease = store.acquire("leader", 60)
-    assert lease is not None and store.register(lease, [tick_schedule()])
+    assert lease is not None
+    assert store.register(lease, [tick_schedule()])
     engine = sa.create_engine(sqlite_url)
     with engine.begin() as conn:
         # Runs inside the fire's transaction, after the record's INSERT (the statement
@@ -247,7 +279,8 @@ def test_postgres_a_fire_killed_between_its_record_and_its_job_leaves_neither(
 ) -> None:
     store = SqlSchedulerStore(postgres_url)
     lease = store.acquire("leader", 60)
-    assert lease is not None and store.register(lease, [tick_schedule()])
+    assert lease is not None
+    assert store.register(lease, [tick_schedule()])
     conninfo = sa.make_url(postgres_url).set(drivername="postgresql").render_as_string(False)
     with psycopg.connect(conninfo, autocommit=True) as admin, psycopg.connect(conninfo) as locker:
         # The job's INSERT waits for this lock: the fire process stops between the two.
@@ -261,15 +294,18 @@ def test_postgres_a_fire_killed_between_its_record_and_its_job_leaves_neither(
                 "AND relation = 'workerkit_scheduler_fires'::regclass",
                 (backend,),
             ).fetchone()
-            assert holds is not None and holds[0] >= 1
+            assert holds is not None
+            assert holds[0] >= 1
         finally:
             _kill(process)
         locker.rollback()
         _wait_for(
-            lambda: admin.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (backend,)
-            ).fetchone()
-            == (0,),
+            lambda: (
+                admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (backend,)
+                ).fetchone()
+                == (0,)
+            ),
             "the killed client's backend to end",
         )
     try:
@@ -285,7 +321,8 @@ def test_postgres_a_change_of_leader_waits_for_a_fire_in_progress(postgres_url: 
     refused: there is no moment where both can fire."""
     old, new = SqlSchedulerStore(postgres_url), SqlSchedulerStore(postgres_url)
     old_lease = old.acquire("old", 1.0)
-    assert old_lease is not None and old.register(old_lease, [tick_schedule()])
+    assert old_lease is not None
+    assert old.register(old_lease, [tick_schedule()])
     conninfo = sa.make_url(postgres_url).set(drivername="postgresql").render_as_string(False)
     results: dict[str, Any] = {}
 
@@ -322,7 +359,8 @@ def test_postgres_a_change_of_leader_waits_for_a_fire_in_progress(postgres_url: 
             acquire.join(WAIT)
         assert results["fire"] == FireOutcome.FIRED
         new_lease = results["acquire"]
-        assert new_lease is not None and new_lease.epoch == old_lease.epoch + 1
+        assert new_lease is not None
+        assert new_lease.epoch == old_lease.epoch + 1
         late = old.fire(tick_schedule(), FIRE_TIME + 1, epoch=old_lease.epoch, reason="on_time")
         assert late == FireOutcome.NOT_LEADER
         assert [job["id"] for job in _jobs(postgres_url)] == [fire_job_id(TICK, FIRE_TIME)]
@@ -364,12 +402,14 @@ def test_open_scheduler_gives_the_apps_store_and_schedules(
         )
         store = binding.store
         lease = store.acquire("me", 10)
-        assert lease is not None and store.register(lease, binding.schedules)
+        assert lease is not None
+        assert store.register(lease, binding.schedules)
         assert store.fire(schedule, 2.0, epoch=lease.epoch, reason="on_time") == FireOutcome.FIRED
         queue = SqlQueue(url)
         job = queue.get_job(fire_job_id("every-2s", 2.0))
         queue.close()
-        assert job is not None and (job["queue"], job["max_attempts"]) == ("q", 5)
+        assert job is not None
+        assert (job["queue"], job["max_attempts"]) == ("q", 5)
     finally:
         binding.store.close()
 
@@ -377,5 +417,5 @@ def test_open_scheduler_gives_the_apps_store_and_schedules(
 def test_open_scheduler_refuses_what_is_not_a_workerkit_app(url: str) -> None:
     with pytest.raises(ConfigurationError, match="needs an app"):
         open_scheduler(Settings(database_url=url))
-    with pytest.raises(ConfigurationError, match="not a workerkit.App"):
+    with pytest.raises(ConfigurationError, match=r"not a workerkit\.App"):
         open_scheduler(Settings(app="json:JSONDecoder", database_url=url))

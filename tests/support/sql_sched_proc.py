@@ -21,24 +21,7 @@ from sqlalchemy import event
 
 from workerkit.engines.sql.scheduling import SqlSchedulerStore
 from workerkit.scheduler.contract import Schedule
-
-try:
-    from workerkit.scheduler.triggers import Every
-except ImportError:  # TEMPORARY stand-in until wk-core's triggers.py is merged
-
-    class Every:  # type: ignore[no-redef]
-        def __init__(self, seconds: float, anchor: float = 0.0) -> None:
-            self.seconds, self.anchor = seconds, anchor
-
-        def next_after(self, after: float) -> float:
-            return self.anchor + ((after - self.anchor) // self.seconds + 1) * self.seconds
-
-        def describe(self) -> str:
-            return f"every {self.seconds:g}s"
-
-        def identity(self) -> str:
-            return f"every:{self.seconds!r}:{self.anchor!r}"
-
+from workerkit.scheduler.triggers import Every
 
 __all__ = ("TICK", "tick_schedule")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 from workerkit.errors import ConfigurationError
@@ -18,38 +19,20 @@ __all__ = ("make_schedule", "make_trigger")
 
 
 def make_trigger(
-    name: str, *, cron: str | None, every: float | None, timezone: str | None
+    name: str,
+    *,
+    cron: str | None,
+    every: float | timedelta | None,
+    timezone: str | None,
+    anchor: float | None = None,
 ) -> Trigger:
-    """``Cron(cron, timezone=...)`` or ``Every(every)``; ConfigurationError naming ``name``."""
-    from workerkit.scheduler.triggers import Cron, Every
+    """:func:`~workerkit.scheduler.triggers.trigger_from`, its error naming the schedule."""
+    from workerkit.scheduler.triggers import trigger_from
 
-    if (cron is None) == (every is None):
-        raise ConfigurationError(
-            f"schedule {name!r}: give cron='*/5 * * * *' or every=SECONDS (exactly one)"
-        )
     try:
-        if cron is not None:
-            return Cron(cron, timezone=timezone) if timezone else Cron(cron)
-        if timezone is not None:
-            raise ConfigurationError(
-                f"schedule {name!r}: timezone= applies to cron schedules only; every={every} "
-                "counts seconds from the epoch, the same in every time zone"
-            )
-        if isinstance(every, bool) or not isinstance(every, int | float) or not every > 0:
-            raise ConfigurationError(
-                f"schedule {name!r}: every= is a number of seconds above 0, got {every!r}"
-            )
-        return Every(float(every))
-    except ConfigurationError:
-        raise
-    except (ValueError, KeyError, TypeError) as exc:  # croniter's and zoneinfo's errors
-        what = f"cron={cron!r}" if cron is not None else f"every={every!r}"
-        zone = f", timezone={timezone!r}" if timezone else ""
-        raise ConfigurationError(
-            f"schedule {name!r}: {what}{zone} is not valid ({type(exc).__name__}: {exc}); a cron "
-            "expression has five fields (minute hour day month weekday), a time zone is an "
-            "IANA name such as 'Europe/Berlin'"
-        ) from None
+        return trigger_from(cron=cron, every=every, timezone=timezone, anchor=anchor)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"schedule {name!r}: {exc}") from None
 
 
 def make_schedule(
@@ -57,7 +40,8 @@ def make_schedule(
     task: str,
     *,
     cron: str | None = None,
-    every: float | None = None,
+    every: float | timedelta | None = None,
+    anchor: float | None = None,
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
     timezone: str | None = None,
@@ -70,7 +54,7 @@ def make_schedule(
     """A checked :class:`Schedule`: one trigger, a known misfire policy, JSON arguments."""
     if not isinstance(name, str) or not name.strip():
         raise ConfigurationError(f"a schedule needs a name (a non-empty string), got {name!r}")
-    trigger = make_trigger(name, cron=cron, every=every, timezone=timezone)
+    trigger = make_trigger(name, cron=cron, every=every, timezone=timezone, anchor=anchor)
     if misfire not in MISFIRE_POLICIES:
         raise ConfigurationError(
             f"schedule {name!r}: misfire={misfire!r}; use one of {', '.join(MISFIRE_POLICIES)}"
