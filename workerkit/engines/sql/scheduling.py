@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
@@ -474,10 +475,11 @@ def open_scheduler(settings: Settings) -> SchedulerBinding:
 
 
 def main() -> None:
-    """``python -m workerkit.engines.sql.scheduling``: the scheduler process of the sql engine."""
+    """``python -m workerkit.engines.sql.scheduling``: the scheduler process of the sql engine
+    (started by ``workerkit scheduler sql``); exits with the process's exit code."""
     from workerkit.scheduler.process import run_scheduler_process
 
-    run_scheduler_process(open_scheduler)
+    sys.exit(run_scheduler_process(open_scheduler))
 
 
 if __name__ == "__main__":
