@@ -41,6 +41,7 @@ __all__ = (
     "EnqueueWrites",
     "RedisSchedulerStore",
     "RedisWrite",
+    "WriteCommand",
 )
 
 log = logging.getLogger("workerkit.scheduler")
@@ -306,5 +307,8 @@ class RedisSchedulerStore:
         return int(seconds) + int(micros) / 1_000_000
 
     def close(self) -> None:
+        close_enqueue = getattr(self.enqueue, "close", None)
+        if callable(close_enqueue):
+            close_enqueue()
         if self._owns_client:
             self.client.close()

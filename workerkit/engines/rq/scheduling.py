@@ -11,13 +11,13 @@ runs it (``workerkit scheduler rq``).
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any, Final
 
-from rq.defaults import DEFAULT_JOB_TIMEOUT
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
-from rq.utils import now
+from rq.utils import now, parse_timeout
 
 from workerkit.engines.rq.jobs import META_KEY, encode_state
 from workerkit.engines.rq.serializers import resolve_rq_serializer
@@ -29,7 +29,7 @@ from workerkit.scheduler.redis_store import DEFAULT_RETENTION, RedisSchedulerSto
 if TYPE_CHECKING:
     import redis
 
-    from workerkit.scheduler.redis_store import EnqueueWrites
+    from workerkit.scheduler.redis_store import EnqueueWrites, WriteCommand
     from workerkit.settings import Settings
 
 __all__ = (
@@ -58,7 +58,7 @@ def _job_hash(
         id=job_id,
         origin=queue,
         status=JobStatus.QUEUED,
-        timeout=options.get("job_timeout", DEFAULT_JOB_TIMEOUT),
+        timeout=parse_timeout(options.get("job_timeout")) or Queue.DEFAULT_TIMEOUT,
         result_ttl=options.get("result_ttl"),
         failure_ttl=options.get("failure_ttl"),
         description=options.get("description"),
@@ -85,7 +85,7 @@ def rq_enqueue_writes(
         for field, value in mapping.items():
             fields += [field, value]
         queue_key = Queue.redis_queue_namespace_prefix + job.origin
-        push = "LPUSH" if schedule.options.get("at_front") else "RPUSH"
+        push: WriteCommand = "LPUSH" if schedule.options.get("at_front") else "RPUSH"
         return [
             RedisWrite("HSET", job.key, tuple(fields)),
             RedisWrite("SADD", Queue.redis_queues_keys, (queue_key,)),
@@ -147,9 +147,8 @@ def open_scheduler(settings: Settings) -> SchedulerBinding:
 
 def main() -> None:
     """``python -m workerkit.engines.rq.scheduling``: the scheduler process of the RQ engine."""
-    from workerkit.scheduler.process import run_scheduler_process
-
-    run_scheduler_process(open_scheduler)
+    process = importlib.import_module("workerkit.scheduler.process")  # written by proc
+    process.run_scheduler_process(open_scheduler)
 
 
 if __name__ == "__main__":

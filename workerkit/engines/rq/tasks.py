@@ -369,17 +369,12 @@ class RqApp:
 
 def _trigger(where: str, cron: str | None, every: float | None, timezone: str | None) -> Trigger:
     """The trigger of ``cron=`` or ``every=`` (exactly one), with a clear error otherwise."""
-    from workerkit.scheduler.triggers import Cron, Every
+    from workerkit.scheduler.triggers import trigger_from
 
-    if (cron is None) == (every is None):
-        raise ConfigurationError(
-            f"{where}: give exactly one of cron='*/5 * * * *' or every=SECONDS"
-        )
-    if every is not None:
-        if timezone is not None:
-            raise ConfigurationError(f"{where}: timezone applies to cron=, not to every=")
-        return Every(every)
-    return Cron(cron, timezone=timezone or "UTC")
+    try:
+        return trigger_from(cron=cron, every=every, timezone=timezone)
+    except ValueError as exc:
+        raise ConfigurationError(f"{where}: {exc}") from exc
 
 
 def load_app(settings: Settings) -> RqApp:
