@@ -294,32 +294,62 @@ class Settings:
         minimum=0,
         engines=("celery",),
     )
-    leader_lease: float = _s(
+    # The scheduler (workerkit scheduler ENGINE; docs/concepts/scheduler.md).
+    scheduler_lease_duration: float = _s(
         15.0,
-        "Scheduler leadership lease (L).",
+        "Scheduler leadership lease: how long a standby waits for a silent leader (L).",
         _seconds,
         minimum=0,
         exclusive_minimum=True,
         symbol="L",
         engines=(),
     )
-    renew_deadline: float = _s(
+    scheduler_renew_deadline: float = _s(
         10.0,
-        "How long a leader keeps trying to renew before it steps down (Rd).",
+        "A leader that has not renewed its lease for this long stops firing (Rd).",
         _seconds,
         minimum=0,
         exclusive_minimum=True,
         symbol="Rd",
         engines=(),
     )
-    retry_period: float = _s(
+    scheduler_retry_period: float = _s(
         2.0,
-        "How often a scheduler tries to acquire or renew leadership (Rp).",
+        "How often a scheduler renews or tries to acquire leadership, and polls trigger "
+        "requests (Rp).",
+        _seconds,
+        minimum=0.05,
+        symbol="Rp",
+        engines=(),
+        minimum_why="renewing a lease more than 20 times a second is a busy loop on the store",
+    )
+    scheduler_standby_delay: float = _s(
+        0.5,
+        "A standby fires a fire time nobody recorded this long after it (Sd): a crashed "
+        "leader costs a late fire, not a missed one.",
+        _seconds,
+        minimum=0,
+        symbol="Sd",
+        engines=(),
+    )
+    scheduler_misfire_grace: float = _s(
+        2.0,
+        "A fire time later than this is missed and follows its schedule's misfire policy; "
+        "within it, it still fires late (Mg).",
         _seconds,
         minimum=0,
         exclusive_minimum=True,
-        symbol="Rp",
+        symbol="Mg",
         engines=(),
+    )
+    scheduler_retention: float = _s(
+        604800.0,
+        "How long fire records are kept (each schedule's last one always is).",
+        _seconds,
+        minimum=60,
+        engines=(),
+        minimum_why="the records are what keeps a fire time from firing twice, and a standby "
+        "may fire up to the misfire grace late",
     )
     strict: bool = _s(False, "Treat timing-budget warnings as errors.", parse_bool)
 
@@ -444,9 +474,19 @@ def setting_specs() -> tuple[SettingSpec, ...]:
     return tuple(specs)
 
 
+#: Settings that were renamed: the old name's error names the new one.
+_RENAMED: dict[str, str] = {
+    "leader_lease": "scheduler_lease_duration",
+    "renew_deadline": "scheduler_renew_deadline",
+    "retry_period": "scheduler_retry_period",
+}
+
+
 def _unknown_key(key: str, source: str) -> UnknownSetting:
     names = [spec.name for spec in setting_specs()]
-    close = difflib.get_close_matches(key.replace("-", "_").lower(), names, n=1)
+    wanted = key.replace("-", "_").lower()
+    close = [_RENAMED[wanted]] if wanted in _RENAMED else []
+    close = close or difflib.get_close_matches(wanted, names, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return UnknownSetting(
         key, f"{hint}the settings are listed in docs/reference/settings.md", source
