@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 
 __all__ = (
     "DEFAULT_MAX_ATTEMPTS",
+    "FIRE_TIME_HEADER",
     "RELEASE_REASON",
+    "SCHEDULE_HEADER",
     "AttemptsExhausted",
     "CeleryJobContext",
     "QuietRelease",
@@ -54,6 +56,11 @@ log = logging.getLogger("workerkit.engines.celery")
 #: Runs whose worker died after which a message is failed instead of run again (a poison
 #: message that kills its worker every time). Per task: ``@app.task(workerkit_max_attempts=5)``.
 DEFAULT_MAX_ATTEMPTS: Final = 3
+
+#: The message headers of a scheduler's fire (engines/celery/scheduling.py): its schedule and
+#: fire time, put into ``current_job()`` (Celery makes custom headers ``task.request`` attributes).
+SCHEDULE_HEADER: Final = "workerkit_schedule"
+FIRE_TIME_HEADER: Final = "workerkit_fire_time"
 
 #: The reason of the Reject a job's release becomes: how :class:`QuietRelease` knows it.
 RELEASE_REASON: Final = "released by the job (workerkit)"
@@ -243,6 +250,12 @@ def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwa
     context = CeleryJobContext(
         runtime, task, events, job_id, queue, attempt, generation, started_at
     )
+    schedule, fire_time = (
+        getattr(request, SCHEDULE_HEADER, None),
+        getattr(request, FIRE_TIME_HEADER, None),
+    )
+    if isinstance(schedule, str) and isinstance(fire_time, (int, float)):
+        context.schedule, context.fire_time = schedule, float(fire_time)
     if runtime.stop_requested.is_set():
         context.request_stop()
     _announce_start(runtime, events, task, job_id, queue, attempt)
