@@ -3,9 +3,10 @@ a 1 s schedule, every engine at once: every fire time runs exactly once (issue 1
 
 The issue's figure is 20 kills over 5 minutes with the default timing; bench/scheduler.py runs
 that. Here the lease is short (4 s, renew deadline 3 s, retry 0.5 s) so that a killed leader's
-lease runs out within a cycle, and a minute holds about a dozen kills, alternating SIGKILL
-(the pod's whole tree) and SIGTERM; each victim's replacement starts at once, so three
-replicas are (nearly) always there, as a Deployment keeps them.
+lease runs out within a cycle, and a minute holds several kills, alternating SIGKILL (the pod's
+whole tree) and SIGTERM. Each victim's replacement starts at once, and the next kill waits
+until it is ready: three replicas, as a Deployment keeps them (on this loaded machine a
+replica takes 3-9 s to start, which sets the pace).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def kill_leaders(case: SchedCase) -> None:
     kills: list[tuple[float, str]] = []
     signals = (signal.SIGKILL, signal.SIGTERM)
     while time.time() < first + CHAOS:
+        for replica in case.live():  # the Deployment is back to 3 ready replicas
+            case.wait_ready(replica, timeout=60)
         leader = case.leader(timeout=30)
         time.sleep(HOLD)
         sig = signals[len(kills) % 2]
@@ -87,7 +90,8 @@ def test_leader_killed_again_and_again_every_fire_time_runs_exactly_once(
     case, error = cases[engine]
     if error is not None:
         raise AssertionError(f"{engine}: the scenario failed:\n{case.logs()}") from error
-    assert case.marks["kills"] >= 8
     window = case.tally(case.marks["from"], case.marks["to"])
+    print(engine, "chaos", case.marks["kills"], "kills", window.summary())
+    assert case.marks["kills"] >= 5
     assert window.duplicates == 0, window.describe()
     assert window.missed == [], window.describe()

@@ -100,9 +100,18 @@ def test_two_replicas_fire_each_second_once_and_on_time(
     assert window.duplicates == 0, window.describe()
     assert window.missed == [], window.describe()
     assert window.delay(95) <= STEADY_P95, window.describe()
-    logged = case.fire_delays()
-    if logged:  # the replicas' own measure of each fire's delay, when they log it
-        assert percentile(logged, 95) <= STEADY_P95, sorted(logged)[-10:]
+    # The replicas' own measure: how late each fire was made (their log lines).
+    logged = case.fire_delays(case.marks["steady_from"], case.marks["steady_to"])
+    print(
+        engine,
+        "steady",
+        window.summary(),
+        "logged p50/p95 ms",
+        percentile(logged, 50) * 1e3,
+        percentile(logged, 95) * 1e3,
+    )
+    assert len(logged) >= STEADY - 1, logged
+    assert percentile(logged, 95) <= STEADY_P95, sorted(logged)[-10:]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -113,10 +122,12 @@ def test_sigterm_of_the_leader_hands_over_without_a_gap(
     at = case.marks["sigterm"]
     assert case.marks["sigterm_exit"] == 0
     window = case.tally(at - 2, at + AFTER)
+    gap = gap_after(case.runs(), at, horizon=AFTER)
+    print(engine, "sigterm", window.summary(), "gap", gap)
     assert window.duplicates == 0, window.describe()
     assert window.missed == [], window.describe()
     assert max(window.delays) <= LATE, window.describe()
-    assert gap_after(case.runs(), at, horizon=AFTER) <= LATE + 1.0
+    assert gap <= LATE + 1.0
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -126,10 +137,12 @@ def test_sigkill_of_the_leader_costs_a_late_fire_not_a_missed_one(
     case = ran(cases, engine)
     at = case.marks["sigkill"]
     window = case.tally(at - 2, at + AFTER)
+    gap = gap_after(case.runs(), at, horizon=AFTER)
+    print(engine, "sigkill", window.summary(), "gap", gap)
     assert window.duplicates == 0, window.describe()
     assert window.missed == [], window.describe()
     assert max(window.delays) <= LATE, window.describe()
-    assert gap_after(case.runs(), at, horizon=AFTER) <= LATE + 1.0
+    assert gap <= LATE + 1.0
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -13,6 +13,9 @@ Every process started here is stopped by its own pid in :meth:`SchedCase.close`.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import json
+import math
 import os
 import signal
 import time
@@ -74,6 +77,15 @@ _SPECS = {
         store_settings=lambda url: {"redis_url": url, "E2E_REDIS_URL": url},
     ),
 }
+
+
+def _log_time(event: Mapping[str, Any]) -> float:
+    """A JSON log line's ``ts`` (``2026-12-03T11:41:58.519Z``) as epoch seconds."""
+    stamp = str(event.get("ts", "")).replace("Z", "+00:00")
+    try:
+        return dt.datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return math.nan
 
 
 def leader_gauge(metrics: str) -> float | None:
@@ -229,6 +241,8 @@ class SchedCase:
             replica.pod.wait_exit(20)
 
     def close(self) -> None:
+        """Stop what is left; the marks stay beside the records (marks.json) for a post-mortem."""
+        (self.tmp / "marks.json").write_text(json.dumps(self.marks, indent=1))
         for replica in self.replicas:
             replica.pod.stop()
         if self.worker is not None:
@@ -240,9 +254,12 @@ class SchedCase:
         return load_runs(self.records, schedule=schedule)
 
     def wait_ran(self, fire_time: float, schedule: str = "tick", timeout: float = 20.0) -> None:
-        """Until a run of a fire time at or after ``fire_time`` is recorded."""
+        """Until a run of a fire time two periods after ``fire_time`` is recorded: a worker
+        that runs jobs concurrently may start a later fire before an earlier one, never two
+        periods before it."""
+        later = fire_time + 2 * PERIOD
         wait_until(
-            lambda: any(r.fire_time >= fire_time - 1e-3 for r in self.runs(schedule)),
+            lambda: any(r.fire_time >= later - 1e-3 for r in self.runs(schedule)),
             timeout=timeout,
             what=f"{self.engine}: a run of {schedule!r} fired at or after {fire_time:.3f}",
         )
@@ -259,13 +276,14 @@ class SchedCase:
     def tally(self, start: float, end: float, schedule: str = "tick") -> Tally:
         return tally(self.runs(schedule), start=start, end=end, period=PERIOD)
 
-    def fire_delays(self) -> list[float]:
-        """Seconds after their fire time the replicas attempted each fired fire (their logs)."""
+    def fire_delays(self, since: float, until: float) -> list[float]:
+        """How late (s) the replicas fired each fire they made between ``since`` and
+        ``until`` (their ``schedule_fired`` log lines, by the line's time)."""
         return [
             float(event["delay"])
             for replica in self.replicas
             for event in replica.fire_events()
-            if event.get("outcome") == "fired" and "delay" in event
+            if event.get("outcome") == "fired" and since <= _log_time(event) < until
         ]
 
     def logs(self) -> str:
