@@ -32,8 +32,7 @@ def _entry(**misfire: Any) -> dict[str, Any]:
 
 if declared() == "misfire":
     app.conf.beat_schedule = {
-        policy: _entry(misfire=policy, max_catch_up=MAX_CATCH_UP)
-        for policy in MISFIRE_SCHEDULES
+        policy: _entry(misfire=policy, max_catch_up=MAX_CATCH_UP) for policy in MISFIRE_SCHEDULES
     }
 else:
     app.conf.beat_schedule = {"tick": _entry()}

@@ -62,7 +62,8 @@ def kill_leaders(case: SchedCase) -> None:
         case.start_replica()
     case.mark("to", case.next_fire(kills[-1][0]) + 3)
     case.marks["kills"] = len(kills)
-    case.wait_ran(case.marks["to"] + 1, timeout=30)
+    case.wait_ran(case.marks["to"], timeout=30)
+    case.settle(first, case.marks["to"], timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,7 @@ def timeline(case: SchedCase) -> None:
     case.leader()
     first = case.mark("steady_from", case.next_fire(time.time() + 1))
     case.wait_ran(first + STEADY, timeout=STEADY + 20)
+    case.settle(first, first + STEADY, timeout=5)
     case.mark("steady_to", first + STEADY)
 
     # Rolling update: SIGTERM to the leader, its replacement 2 s later.
@@ -55,6 +56,7 @@ def timeline(case: SchedCase) -> None:
     time.sleep(max(0.0, at + REPLACE_AFTER - time.time()))
     case.start_replica()
     case.wait_ran(at + AFTER, timeout=AFTER + 20)
+    case.settle(at - 2, at + AFTER, timeout=5)
 
     # A crash: SIGKILL of the leader's whole pod; its replacement 2 s later.
     leader = case.leader()
@@ -62,6 +64,7 @@ def timeline(case: SchedCase) -> None:
     time.sleep(max(0.0, at + REPLACE_AFTER - time.time()))
     case.start_replica()
     case.wait_ran(at + AFTER, timeout=AFTER + 20)
+    case.settle(at - 2, at + AFTER, timeout=5)
     case.mark("end", at + AFTER)
 
 

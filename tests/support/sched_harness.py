@@ -264,6 +264,16 @@ class SchedCase:
             what=f"{self.engine}: a run of {schedule!r} fired at or after {fire_time:.3f}",
         )
 
+    def settle(
+        self, start: float, end: float, schedule: str = "tick", timeout: float = 20.0
+    ) -> None:
+        """Until every fire time in ``[start, end)`` has a run, or ``timeout`` (no error: the
+        test's assertions say what is missing). A later fire time's run is no sign that the
+        earlier ones are done: a standby fires new times while the leader still catches up."""
+        deadline = time.monotonic() + timeout
+        while self.tally(start, end, schedule).missed and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     def next_fire(self, after: float | None = None) -> float:
         """The first whole-second fire time after ``after`` (now)."""
         now = time.time() if after is None else after
