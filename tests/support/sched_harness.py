@@ -313,11 +313,16 @@ def concurrently(
 
 @contextlib.contextmanager
 def engine_stores(
-    redis: RedisServer, postgres: PostgresServer, template: str, engines: Iterable[str] = ENGINES
+    redis: RedisServer,
+    postgres: PostgresServer,
+    template: str,
+    engines: Iterable[str] = ENGINES,
+    *,
+    slot: int = 0,
 ) -> Iterator[dict[str, str]]:
-    """Each engine's store URL for one test module: a PostgreSQL database copied from the
+    """Each engine's store URL for one scenario: a PostgreSQL database copied from the
     migrated template for sql, a Redis database of its own (flushed before and after) for rq
-    (db 2) and celery (db 3)."""
+    (db 2 + 2 * slot) and celery (db 3 + 2 * slot); scenarios that run at once take slots 0-5."""
     import redis as redis_lib
 
     urls: dict[str, str] = {}
@@ -326,7 +331,7 @@ def engine_stores(
     if "sql" in wanted:
         servers.create_database(postgres, database, template)
         urls["sql"] = postgres.url(database)
-    for engine, db in (("rq", 2), ("celery", 3)):
+    for engine, db in (("rq", 2 + 2 * slot), ("celery", 3 + 2 * slot)):
         if engine in wanted:
             urls[engine] = redis.url(db)
     flush = [url for engine, url in urls.items() if engine != "sql"]
