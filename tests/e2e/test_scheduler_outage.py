@@ -7,12 +7,14 @@ scheduler could fire it again; younger ones fire late, under every policy. Which
 leader made as catch-ups (``reason`` ``catch_up``) is read from the replicas' logs; every run
 is read from the jobs' own records (tests/apps/sched_record.py).
 
-The stores are this module's own (one redis-server for rq and celery, one PostgreSQL for sql),
-restarted by their pid with their data kept, as a production store comes back.
+Two groups of three engines run at once: the outage group on this module's own stores (one
+redis-server for rq and celery, one PostgreSQL for sql), restarted by their pid with their
+data kept, as a production store comes back; the all-down group on the session's servers.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ import pytest
 
 from tests.apps.sched_record import MISFIRE_SCHEDULES, PERIOD
 from tests.support import servers
-from tests.support.sched_harness import ENGINES, SchedCase, concurrently
+from tests.support.sched_harness import ENGINES, SchedCase, concurrently, engine_stores
 from tests.support.sched_records import expected_times
 from tests.support.suite import start_or_skip
 from workerkit.engines.sql import upgrade
@@ -101,7 +103,7 @@ def after_outage(case: SchedCase) -> None:
 
 
 def all_down(case: SchedCase) -> None:
-    case.mark("all_down_log_from", time.time())
+    start(case)
     case.stop_replicas()
     went = case.mark("all_down", time.time())
     time.sleep(max(0.0, went + ALL_DOWN - time.time()))
@@ -114,34 +116,53 @@ def all_down(case: SchedCase) -> None:
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, SchedCase]]:
+def cases(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: servers.RedisServer,
+    postgres_server: servers.PostgresServer,
+    postgres_template: str,
+) -> Iterator[dict[str, SchedCase]]:
+    """Two groups at once: ``outage/ENGINE`` on this module's own servers (restarted from
+    this thread), ``down/ENGINE`` (every replica stopped 10 s) on the session's servers."""
     redis = start_or_skip(lambda: servers.start_redis(appendonly=True))
     postgres = start_or_skip(servers.start_postgres)
     stores = Stores(redis, postgres)
     upgrade(postgres.url("postgres"))
     tmp = tmp_path_factory.mktemp("sched-outage")
     urls = stores.urls()
-    everyone = {e: SchedCase(e, Path(tmp / e), urls[e], schedules="misfire") for e in ENGINES}
-    running = dict(everyone)
-    try:
-        each(running, start)
-        stores.outage(OUTAGE)
-        for engine, case in running.items():
-            case.mark("outage_down", stores.down[engine][0])
-            case.mark("outage_back", stores.down[engine][1])
-        each(running, after_outage)
-        each(running, all_down)
-        yield everyone
-    finally:
-        for case in everyone.values():
-            case.close()
-        stores.stop()
+    outage = {
+        e: SchedCase(e, Path(tmp / "outage" / e), urls[e], schedules="misfire") for e in ENGINES
+    }
+    with engine_stores(redis_server, postgres_server, postgres_template, slot=4) as down_urls:
+        down = {
+            e: SchedCase(e, Path(tmp / "down" / e), down_urls[e], schedules="misfire")
+            for e in ENGINES
+        }
+        everyone = {f"outage/{e}": c for e, c in outage.items()} | {
+            f"down/{e}": c for e, c in down.items()
+        }
+        down_group = threading.Thread(target=each, args=(dict(down), all_down))
+        try:
+            down_group.start()
+            each(outage, start)
+            stores.outage(OUTAGE)
+            for engine, case in outage.items():
+                case.mark("outage_down", stores.down[engine][0])
+                case.mark("outage_back", stores.down[engine][1])
+            each(outage, after_outage)
+            down_group.join()
+            yield everyone
+        finally:
+            down_group.join()
+            for case in everyone.values():
+                case.close()
+            stores.stop()
 
 
-def finished(cases: dict[str, SchedCase], engine: str) -> SchedCase:
-    case = cases[engine]
+def finished(cases: dict[str, SchedCase], name: str) -> SchedCase:
+    case = cases[name]
     if case.error is not None:
-        raise AssertionError(f"{engine}: the scenario failed:\n{case.logs()}") from case.error
+        raise AssertionError(f"{name}: the scenario failed:\n{case.logs()}") from case.error
     return case
 
 
@@ -165,7 +186,7 @@ def catch_ups(case: SchedCase, schedule: str, since: float) -> int:
 def test_store_outage_leaves_no_duplicate_and_missed_times_follow_each_policy(
     cases: dict[str, SchedCase], engine: str
 ) -> None:
-    case = finished(cases, engine)
+    case = finished(cases, f"outage/{engine}")
     down, back = case.marks["outage_down"], case.marks["outage_back"]
     # Older than the grace when the store came back (so when any replica could fire again);
     # ``back`` is when this test saw the server answer, a little after a replica could.
@@ -191,7 +212,7 @@ def test_store_outage_leaves_no_duplicate_and_missed_times_follow_each_policy(
 def test_all_replicas_down_skip_latest_all_fire_none_one_and_each_missed_time(
     cases: dict[str, SchedCase], engine: str
 ) -> None:
-    case = finished(cases, engine)
+    case = finished(cases, f"down/{engine}")
     went, back = case.marks["all_down"], case.marks["all_back"]
     missed = expected_times(went + 0.3, back - GRACE, PERIOD)
     assert len(missed) >= ALL_DOWN - GRACE - 1, (went, back, missed)
