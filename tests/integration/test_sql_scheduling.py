@@ -8,6 +8,7 @@ schedule and fire time into ``current_job()`` in the SQL worker, and ``open_sche
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -32,7 +33,7 @@ from workerkit.engines.sql.queue import SqlQueue
 from workerkit.engines.sql.scheduling import SqlSchedulerStore, open_scheduler
 from workerkit.errors import ConfigurationError, SchemaOutOfDate
 from workerkit.job import current_job
-from workerkit.scheduler.contract import FireOutcome, Lease, fire_job_id
+from workerkit.scheduler.contract import FireOutcome, Lease, Schedule, fire_job_id
 from workerkit.settings import Settings
 from workerkit.testing import run_jobs
 
@@ -419,3 +420,62 @@ def test_open_scheduler_refuses_what_is_not_a_workerkit_app(url: str) -> None:
         open_scheduler(Settings(database_url=url))
     with pytest.raises(ConfigurationError, match=r"not a workerkit\.App"):
         open_scheduler(Settings(app="json:JSONDecoder", database_url=url))
+
+
+# --- with core's runner -------------------------------------------------------------------
+
+
+def test_two_runners_on_the_sql_store_fire_every_time_once_across_a_handover(url: str) -> None:
+    """A leader and a standby (each its own store object, as two replicas) fire a 0.25 s
+    schedule; the leader stops (releasing its lease) halfway. Every fire time in between has
+    exactly one record and one job, whoever fired it."""
+    from workerkit.scheduler.runner import NullReporter, Runner, SchedulerTiming
+    from workerkit.scheduler.triggers import Every
+
+    schedule = Schedule(name="quick", task="tests.tick", trigger=Every(0.25), args=(1,), queue="q")
+    timing = SchedulerTiming(
+        lease_duration=3.0,
+        renew_deadline=2.0,
+        retry_period=0.5,
+        standby_delay=0.1,
+        misfire_grace=2.0,
+        retention=3600.0,
+    )
+    stores = [SqlSchedulerStore(url), SqlSchedulerStore(url)]
+    stops = [threading.Event(), threading.Event()]
+    runners = [
+        Runner(store, [schedule], holder=holder, timing=timing, reporter=NullReporter())
+        for store, holder in zip(stores, ("first", "second"), strict=True)
+    ]
+    threads = [
+        threading.Thread(target=r.run, args=(s,)) for r, s in zip(runners, stops, strict=True)
+    ]
+    try:
+        threads[0].start()
+        _wait_for(lambda: runners[0].leading, "the first runner to lead")
+        threads[1].start()
+        _wait_for(lambda: len(_records(url)) >= 6, "the first leader's fires")
+        stops[0].set()
+        threads[0].join(WAIT)
+        handed_over = len(_records(url))
+        _wait_for(lambda: runners[1].leading, "the standby to take over")
+        _wait_for(lambda: len(_records(url)) >= handed_over + 6, "the new leader's fires")
+    finally:
+        for stop in stops:
+            stop.set()
+        for thread in threads:
+            if thread.is_alive():
+                thread.join(WAIT)
+        for store in stores:
+            store.close()
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        epochs = conn.execute(sa.text("SELECT DISTINCT epoch FROM workerkit_scheduler_fires"))
+        leaders = {epoch for (epoch,) in epochs if epoch is not None}
+    engine.dispose()
+    assert len(leaders) == 2  # both replicas led, one after the other
+    keys = sorted(key for _, key in _records(url))
+    assert [b - a for a, b in itertools.pairwise(keys)] == [250] * (len(keys) - 1)
+    assert sorted(job["id"] for job in _jobs(url)) == sorted(
+        fire_job_id("quick", key / 1000) for key in keys
+    )
