@@ -197,7 +197,7 @@ def test_every_family_is_in_the_metrics_reference() -> None:
     from pathlib import Path
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "reference" / "metrics.md").read_text()
-    metrics = SupervisorMetrics("sql")
+    metrics = SupervisorMetrics("sql", scheduler=True)
     for family in metrics.registry.collect():
         exported = family.name + ("_total" if family.type == "counter" else "")
         assert f"`{exported}`" in doc, exported
