@@ -77,3 +77,23 @@ def test_a_bad_setting_is_a_configuration_error(url: str) -> None:
     result = invoke("db", "check", "--database-url", url, "--grace-period", "soon")
     assert result.exit_code == exitcodes.CONFIG_ERROR
     assert "workerkit: configuration error: setting 'grace_period'" in result.stderr
+
+
+def test_scheduler_needs_an_app_and_a_known_engine() -> None:
+    result = invoke("scheduler", "sql")
+    assert result.exit_code == exitcodes.CONFIG_ERROR
+    assert "workerkit scheduler sql: give the app whose schedules to run: --app" in result.stderr
+    assert invoke("scheduler", "kafka").exit_code == 2  # click: not one of sql, rq, celery
+
+
+def test_scheduler_refuses_a_bad_scheduler_setting_naming_it() -> None:
+    result = invoke("scheduler", "sql", "--app", "x:y", "--scheduler-retry-period", "0.001")
+    assert result.exit_code == exitcodes.CONFIG_ERROR
+    assert "scheduler_retry_period" in result.stderr
+    assert "busy loop" in result.stderr
+
+
+def test_schedules_commands_are_listed() -> None:
+    result = invoke("schedules", "--help")
+    for command in ("list", "pause", "resume", "trigger"):
+        assert command in result.stdout
