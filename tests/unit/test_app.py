@@ -218,3 +218,12 @@ def test_a_scheduled_payload_gives_the_job_context_its_schedule_and_fire_time() 
     assert (plain.schedule, plain.fire_time) == (None, None)
     with pytest.raises(PayloadError, match="'fire_time' a number"):
         decode_payload('{"args":[],"kwargs":{},"schedule":"tick"}', into=plain)
+
+
+def test_every_fires_on_its_anchors_grid() -> None:
+    app = App(backend=InMemoryQueue())
+    task = app.task(name="t")(lambda: None)
+    schedule = app.schedule("s", task, every=10, anchor=3)
+    assert schedule.trigger.next_after(10.0) == 13.0
+    with pytest.raises(ConfigurationError, match="anchor= applies to every="):
+        app.schedule("c", task, cron="* * * * *", anchor=3)
