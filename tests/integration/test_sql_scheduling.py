@@ -26,12 +26,14 @@ import pytest
 import sqlalchemy as sa
 
 from tests.support.scheduler_contract import Enqueued, SchedulerStoreContract
+from tests.support.servers import PostgresServer, start_postgres
 from tests.support.sql_sched_proc import TICK, tick_schedule
+from tests.support.suite import start_or_skip
 from workerkit.app import App
 from workerkit.engines.sql import upgrade
 from workerkit.engines.sql.queue import SqlQueue
 from workerkit.engines.sql.scheduling import SqlSchedulerStore, open_scheduler
-from workerkit.errors import ConfigurationError, SchemaOutOfDate
+from workerkit.errors import ConfigurationError, SchemaOutOfDate, StoreUnavailable
 from workerkit.job import current_job
 from workerkit.scheduler.contract import FireOutcome, Lease, Schedule, fire_job_id
 from workerkit.settings import Settings
@@ -479,3 +481,79 @@ def test_two_runners_on_the_sql_store_fire_every_time_once_across_a_handover(url
     assert sorted(job["id"] for job in _jobs(url)) == sorted(
         fire_job_id("quick", key / 1000) for key in keys
     )
+
+
+# --- outages ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restartable() -> Iterator[list[PostgresServer]]:
+    """A private PostgreSQL, migrated, that keeps its data across a restart; [0] runs now."""
+    holder = [start_or_skip(start_postgres)]
+    try:
+        upgrade(holder[0].url())
+        yield holder
+    finally:
+        holder[0].stop()
+
+
+def test_a_database_outage_is_store_unavailable_and_nothing_fires_twice_after_it(
+    restartable: list[PostgresServer],
+) -> None:
+    """Down: every call raises StoreUnavailable at once (the store retries nothing; the runner
+    tries again each retry period). Back: the fire that failed fires once, the one that
+    succeeded before is already fired, and the lease outlived the outage."""
+    url = restartable[0].url()
+    store = SqlSchedulerStore(url)
+    try:
+        lease = store.acquire("leader", 60)
+        assert lease is not None
+        assert store.register(lease, [tick_schedule()])
+        assert store.fire(tick_schedule(), FIRE_TIME, epoch=lease.epoch, reason="on_time") == (
+            FireOutcome.FIRED
+        )
+        server = restartable[0]
+        server.process.stop()
+        for call in (
+            lambda: store.fire(tick_schedule(), FIRE_TIME + 1, epoch=lease.epoch, reason="x"),
+            lambda: store.renew(lease, 60),
+            lambda: store.acquire("leader", 60),
+            store.clock,
+        ):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="database unavailable"):
+                call()
+            assert time.monotonic() - started < 10  # not retried, not hung
+        restartable[0] = start_postgres(port=server.port, directory=server.directory)
+        outcomes = [
+            store.fire(tick_schedule(), fire_time, epoch=lease.epoch, reason="on_time")
+            for fire_time in (FIRE_TIME, FIRE_TIME + 1)
+        ]
+        assert outcomes == [FireOutcome.ALREADY_FIRED, FireOutcome.FIRED]
+        assert sorted(job["id"] for job in _jobs(url)) == [
+            fire_job_id(TICK, FIRE_TIME),
+            fire_job_id(TICK, FIRE_TIME + 1),
+        ]
+    finally:
+        store.close()
+
+
+def test_a_killed_session_costs_at_most_one_failed_call(postgres_url: str) -> None:
+    store = SqlSchedulerStore(postgres_url)
+    try:
+        lease = store.acquire("leader", 60)
+        assert lease is not None
+        conninfo = sa.make_url(postgres_url).set(drivername="postgresql")
+        with psycopg.connect(conninfo.render_as_string(False), autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        try:
+            renewed = store.renew(lease, 60)
+        except StoreUnavailable:
+            renewed = store.renew(lease, 60)  # what the runner does a retry period later
+        assert renewed is not None
+        assert renewed.epoch == lease.epoch
+    finally:
+        store.close()

@@ -54,6 +54,11 @@ LEASE_NAME: Final = "scheduler"
 #: Attempts of a scheduled job whose schedule does not say (``options["max_attempts"]``).
 DEFAULT_MAX_ATTEMPTS: Final = 3
 
+#: The connect timeout of the store's PostgreSQL connections unless the URL sets one (seconds):
+#: a connect that hangs (a partition) holds up the runner's renewals, so it is kept well under
+#: the renew deadline; the runner tries again each retry period.
+_CONNECT_TIMEOUT: Final = 3
+
 _L = scheduler_lease.c
 _F = scheduler_fires.c
 _S = scheduler_schedules.c
@@ -79,7 +84,7 @@ class SqlSchedulerStore(db.ForkSafeEngine):
         self.url = db.normalize_url(url)
         self.dialect = self.url.get_backend_name()
         self.lease_name = lease_name
-        self._adopt_engine(db.create_engine_for(self.url))
+        self._adopt_engine(db.create_engine_for(self.url, connect_timeout=_CONNECT_TIMEOUT))
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
 
     def __repr__(self) -> str:
