@@ -557,3 +557,17 @@ def test_a_killed_session_costs_at_most_one_failed_call(postgres_url: str) -> No
         assert renewed.epoch == lease.epoch
     finally:
         store.close()
+
+
+def test_a_trigger_request_for_a_time_that_already_fired_is_consumed(
+    leader: tuple[SqlSchedulerStore, Lease],
+) -> None:
+    store, lease = leader
+    assert store.fire(tick_schedule(), FIRE_TIME, epoch=lease.epoch, reason="on_time") == (
+        FireOutcome.FIRED
+    )
+    assert store.request_trigger(TICK, FIRE_TIME)
+    assert store.fire(tick_schedule(), FIRE_TIME, epoch=lease.epoch, reason="manual") == (
+        FireOutcome.ALREADY_FIRED
+    )
+    assert store.states()[TICK].triggers == ()  # not left pending for ever

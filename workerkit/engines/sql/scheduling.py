@@ -303,6 +303,8 @@ class SqlSchedulerStore(db.ForkSafeEngine):
             if epoch is not None and not (row.holder and row.live and int(row.epoch) == epoch):
                 return FireOutcome.NOT_LEADER
             if row.fired:
+                if row.requested:  # a request for a time that fired: nothing left to do
+                    conn.execute(consumed)
                 return FireOutcome.ALREADY_FIRED
             if row.removed or row.fingerprint != schedule.fingerprint():
                 return FireOutcome.STALE
