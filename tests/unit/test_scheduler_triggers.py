@@ -242,6 +242,8 @@ def test_a_time_repeated_by_the_autumn_fold_fires_once() -> None:
         ({"cron": "* * * * *", "every": 5}, "exactly one of cron"),
         ({"cron": "* * * * * *"}, "five fields"),
         ({"cron": "61 * * * *"}, "not a valid cron expression"),
+        ({"cron": "R 3 * * *"}, "'R' .a random time. is refused"),
+        ({"cron": "0 r * * *"}, "'R' .a random time. is refused"),
         ({"cron": "* * * * *", "timezone": "Mars/Olympus"}, "timezone='Mars/Olympus'"),
         ({"every": 0}, "every=0"),
         ({"every": math.inf}, "every=inf"),
@@ -264,4 +266,5 @@ def test_trigger_from_builds_each_kind() -> None:
     assert cron.describe() == "cron '*/5 * * * *' Europe/Berlin"
     assert Every(10).describe() == "every 10s"
     assert Cron("@hourly").next_after(0) == 3600
+    assert Cron("0 0 1 mar,apr fri").describe() == "cron '0 0 1 mar,apr fri' UTC"
     assert cron.identity() != Cron("*/5 * * * *").identity()
