@@ -244,6 +244,13 @@ def test_a_leader_past_its_renew_deadline_stops_firing_before_its_lease_expires(
     ]
 
 
+def test_without_schedules_the_runner_only_keeps_its_lease_and_does_not_spin() -> None:
+    sim = Sim(start=T0)
+    reporter = sim.run([], until=T0 + 60)
+    assert reporter.leaderships == [(True, 1), (False, None)]
+    assert sim.waits < 60  # a renewal every 2 s, nothing else
+
+
 def test_stop_releases_the_lease() -> None:
     sim = Sim(start=T0 + 0.3)
     reporter = sim.run([tick()], until=T0 + 2)
@@ -342,6 +349,7 @@ def test_after_a_store_outage_times_within_grace_fire_late_and_older_follow_the_
         (T0 + 9, "on_time"),
     ]
     assert reporter.health == [False, True]
+    assert sim.waits < 100  # retried every 0.25 s through the outage, not in a busy loop
     assert reporter.leaderships == [(True, 1), (False, None)]  # led throughout; released at the end
 
 

@@ -103,6 +103,7 @@ class Runner:
         self._leadership = Leadership(timing)
         self._registered = False
         self._cursors: dict[str, Cursor] = {}
+        self._loaded = False  # the cursors were set from the store's state
         self._start = -math.inf
         self._store_ok = True
         self._blocked_until = -math.inf  # no store call (but leadership's) before this
@@ -133,7 +134,7 @@ class Runner:
         self._elect()
         if self._clock() < self._blocked_until:
             return
-        if not self._cursors and not self._load():
+        if not self._loaded and not self._load():
             return
         if self._leadership.leading and not self._registered and not self._register():
             return
@@ -150,11 +151,11 @@ class Runner:
     def _next_wake(self) -> float:
         lead = self._leadership
         wake = min(lead.next_call(), lead.deadline())
-        if not self._cursors or (lead.leading and not self._registered):
+        if not self._loaded or (lead.leading and not self._registered):
             work = self._clock()
         else:
             delay = 0.0 if self.leading else self.timing.standby_delay
-            work = min(cursor.due + delay for cursor in self._cursors.values())
+            work = min((cursor.due + delay for cursor in self._cursors.values()), default=math.inf)
             if self.leading:
                 work = min(work, self._next_poll)
                 if any(cursor.missed for cursor in self._cursors.values()):
@@ -233,6 +234,7 @@ class Runner:
             grace = grace_of(schedule, self.timing)
             last_time = None if last is None else last.fire_time
             self._cursors[schedule.name] = start_cursor(schedule, last_time, self._start, grace)
+        self._loaded = True
         return True
 
     def _slide(self, schedule: Schedule, now: float) -> None:
