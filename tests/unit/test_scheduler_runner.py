@@ -186,7 +186,9 @@ def test_without_a_record_a_schedule_starts_at_the_start() -> None:
     assert sim.fired() == [(T0 + 101, "on_time"), (T0 + 102, "on_time")]
 
 
-def test_not_leader_steps_down_at_once_and_the_time_still_fires() -> None:
+def test_not_leader_steps_down_at_once_and_the_time_still_fires(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     sim = Sim(start=T0 + 0.3)
     schedule = tick()
 
@@ -199,6 +201,8 @@ def test_not_leader_steps_down_at_once_and_the_time_still_fires() -> None:
     sim.at(T0 + 2.5, take_over)
     reporter = sim.run([schedule], until=T0 + 4.9)
     assert reporter.leaderships == [(True, 1), (False, None)]
+    steps = [r for r in caplog.records if getattr(r, "event", "") == "scheduler_step_down"]
+    assert [getattr(r, "reason", "") for r in steps] == ["the store named another leader"]
     not_leader = [f for f in reporter.fires if f[1] == "not_leader"]
     assert [f[2] for f in not_leader] == ["on_time"]
     assert sim.fired() == [(T0 + 1, "on_time"), (T0 + 2, "on_time")] + [

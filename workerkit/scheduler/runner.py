@@ -8,6 +8,7 @@ ridden out; the process (process.py) owns signals, logs and the store's connecti
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import secrets
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from workerkit.scheduler.contract import SchedulerStore
 
 __all__ = ("NullReporter", "Runner", "SchedulerTiming", "default_holder")
+
+log = logging.getLogger(__name__)
 
 _STORE_RETRY = 0.25  # seconds between fire attempts while the store is unreachable
 _PRUNE_EVERY = 60.0  # prune fire records at most this often
@@ -78,7 +81,9 @@ class Runner:
       :class:`~workerkit.testing.ManualClock`.
 
     :class:`~workerkit.errors.StoreUnavailable` is ridden out (retried; reported through
-    ``reporter.store_health``); any other exception propagates.
+    ``reporter.store_health``); any other exception propagates. A step-down other than at stop
+    (renew deadline, NOT_LEADER, lease lost) is logged as a warning, event
+    ``scheduler_step_down`` with its ``reason``.
     """
 
     def __init__(
@@ -216,6 +221,12 @@ class Runner:
                 self.store.release(lease)
             except StoreUnavailable as exc:
                 self._store_down(exc)  # the lease runs out on its own
+        if why != "stopping":
+            log.warning(
+                "stopped leading the scheduler: %s",
+                why,
+                extra={"event": "scheduler_step_down", "reason": why, "epoch": lease.epoch},
+            )
         self.reporter.leadership(False, None)
 
     # -- firing ---------------------------------------------------------------------------
