@@ -188,7 +188,17 @@ class Runner:
             self._store_down(exc)
             return
         self._store_up()
+        held = lead.lease
         change = lead.answered(now, lease)
+        if change == "lost" and held is not None:
+            log.warning(
+                "stopped leading the scheduler: the lease was taken",
+                extra={
+                    "event": "scheduler_step_down",
+                    "reason": "lease taken",
+                    "epoch": held.epoch,
+                },
+            )
         if change is not None:
             self._registered = False
             self.reporter.leadership(change == "gained", lease.epoch if lease else None)
