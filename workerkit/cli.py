@@ -367,7 +367,7 @@ def _refuse_other_engines(engine: str, options: dict[str, Any]) -> None:
         owners = (
             f"a setting of the {' and '.join(spec.engines)} engine{'s' * (len(spec.engines) > 1)}"
             if spec.engines
-            else "a setting of the scheduler, read by workerkit check"
+            else "a setting of the scheduler: workerkit scheduler ENGINE"
         )
         _refuse(
             f"workerkit run {engine}: {spec.cli_flag} does not apply to the {engine} engine (it "
