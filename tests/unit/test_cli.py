@@ -85,6 +85,10 @@ def test_scheduler_needs_an_app_and_a_known_engine() -> None:
     assert result.exit_code == exitcodes.CONFIG_ERROR
     assert "workerkit scheduler sql: give the app whose schedules to run: --app" in result.stderr
     assert invoke("scheduler", "kafka").exit_code == 2  # click: not one of sql, rq, celery
+    # celery beat's spelling works: -A (a bad setting stops it before anything starts)
+    spelled = invoke("scheduler", "celery", "-A", "proj", "--scheduler-retry-period", "x")
+    assert spelled.exit_code == exitcodes.CONFIG_ERROR
+    assert "scheduler_retry_period" in spelled.stderr
 
 
 def test_scheduler_refuses_a_bad_scheduler_setting_naming_it() -> None:
