@@ -117,3 +117,24 @@ def test_a_refused_app_exits_2_before_it_is_ready(tmp_path: Path) -> None:
     error = running.wait_event("scheduler_config_error")
     assert re.search(r"misfire='sometimes'", error["message"])
     assert running.events_named("worker_start_failed")[0]["returncode"] == 2
+
+
+def test_readiness_follows_the_store_and_liveness_does_not(tmp_path: Path) -> None:
+    outage = tmp_path / "outage"
+    running, pid = _start(tmp_path, E2E_SCHED_OUTAGE=str(outage))
+    with stopped_after(running):
+        running.wait_ready()
+        outage.touch()
+
+        def not_ready() -> str | None:
+            status, body = running.get("/readyz")
+            return body if status == 503 else None
+
+        assert "store unreachable" in wait_until(not_ready, timeout=15, what="/readyz 503")
+        assert running.get("/livez")[0] == 200  # an outage must not get the pod restarted
+        assert _metric(running.get("/metrics")[1], "workerkit_store_up") == 0.0
+        outage.unlink()
+        running.wait_ready(timeout=15)
+        running.signal(signal.SIGTERM, pid)
+        code, _ = running.wait_exit(timeout=15)
+    assert code == 0, running.log_text()
