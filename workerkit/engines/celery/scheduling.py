@@ -25,11 +25,15 @@ from workerkit.engines.celery.config import configure_app, load_celery_app, load
 from workerkit.engines.celery.task import FIRE_TIME_HEADER, SCHEDULE_HEADER
 from workerkit.errors import ConfigurationError, StoreUnavailable
 from workerkit.scheduler.contract import MISFIRE_POLICIES, Schedule, SchedulerBinding
-from workerkit.scheduler.redis_store import DEFAULT_RETENTION, RedisSchedulerStore, RedisWrite
+from workerkit.scheduler.redis_store import (
+    DEFAULT_RETENTION,
+    RedisSchedulerStore,
+    RedisWrite,
+    scheduler_client,
+)
 from workerkit.scheduler.triggers import Every
 
 if TYPE_CHECKING:
-    import redis
 
     from workerkit.scheduler.contract import Trigger
     from workerkit.settings import Settings
@@ -279,18 +283,11 @@ class CeleryPublisher:
 
 def open_scheduler(settings: Settings) -> SchedulerBinding:
     """The app's ``beat_schedule`` and the Redis store of its broker."""
-    import redis
-
     app = load_celery_app(settings.app)
     configure_app(app, settings)
     load_tasks(app)
     schedules = beat_schedules(app)
-    client: redis.Redis[Any] = redis.Redis.from_url(
-        str(app.conf.broker_url),
-        socket_connect_timeout=5,
-        socket_timeout=5,
-        health_check_interval=30,
-    )
+    client = scheduler_client(str(app.conf.broker_url))
     retention = float(getattr(settings, "scheduler_retention", DEFAULT_RETENTION))
     store = RedisSchedulerStore(
         client, CeleryPublisher(app), prefix=CELERY_SCHEDULER_PREFIX, retention=retention

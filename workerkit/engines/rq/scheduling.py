@@ -24,7 +24,12 @@ from workerkit.engines.rq.serializers import resolve_rq_serializer
 from workerkit.engines.rq.tasks import RqApp, load_app
 from workerkit.errors import ConfigurationError
 from workerkit.scheduler.contract import Schedule, SchedulerBinding
-from workerkit.scheduler.redis_store import DEFAULT_RETENTION, RedisSchedulerStore, RedisWrite
+from workerkit.scheduler.redis_store import (
+    DEFAULT_RETENTION,
+    RedisSchedulerStore,
+    RedisWrite,
+    scheduler_client,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -129,11 +134,7 @@ def open_scheduler(settings: Settings) -> SchedulerBinding:
     app = load_app(settings)
     serializer = workers_serializer(app)
     schedules = check_schedules(app, serializer)
-    import redis
-
-    client: redis.Redis[Any] = redis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=5, socket_timeout=5, health_check_interval=30
-    )
+    client = scheduler_client(settings.redis_url)
     retention = float(getattr(settings, "scheduler_retention", DEFAULT_RETENTION))
     store = RedisSchedulerStore(
         client,
