@@ -1,8 +1,9 @@
 """Test doubles for code that uses workerkit: no database, no server, no sleeping.
 
 Each fake lives next to what it imitates and is held to the same contract suite:
-:class:`InMemoryQueue` (``workerkit/engines/sql/memory.py``) and
-:class:`InMemoryIdempotencyStore` (``workerkit/idempotency/memory.py``). This module gathers them
+:class:`InMemoryQueue` (``workerkit/engines/sql/memory.py``),
+:class:`InMemoryIdempotencyStore` (``workerkit/idempotency/memory.py``) and
+:class:`InMemorySchedulerStore` (``workerkit/scheduler/memory.py``). This module gathers them
 with :class:`ManualClock` (time that moves only when told) and :func:`run_jobs` (the production
 worker loop, run in this process until nothing is due). Production code never imports it.
 See docs/howto/testing.md.
@@ -16,12 +17,19 @@ from typing import TYPE_CHECKING
 
 from workerkit.engines.sql.memory import InMemoryQueue
 from workerkit.idempotency.memory import InMemoryIdempotencyStore
+from workerkit.scheduler.memory import InMemorySchedulerStore
 
 if TYPE_CHECKING:
     from workerkit.app import App
     from workerkit.settings import Settings
 
-__all__ = ("InMemoryIdempotencyStore", "InMemoryQueue", "ManualClock", "run_jobs")
+__all__ = (
+    "InMemoryIdempotencyStore",
+    "InMemoryQueue",
+    "InMemorySchedulerStore",
+    "ManualClock",
+    "run_jobs",
+)
 
 
 class ManualClock:
