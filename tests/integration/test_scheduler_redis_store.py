@@ -4,14 +4,29 @@ enqueue writes are one script, records expire after the retention period."""
 
 from __future__ import annotations
 
+import base64
+import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import pytest
+from celery import Celery
+from rq.job import Job
+from rq.serializers import JSONSerializer
 
+from tests.support.scheduler_contract import Enqueued, SchedulerStoreContract
+from workerkit.engines.celery.scheduling import CELERY_SCHEDULER_PREFIX, CeleryPublisher
+from workerkit.engines.rq.jobs import read_state
+from workerkit.engines.rq.scheduling import RQ_SCHEDULER_PREFIX, rq_enqueue_writes
 from workerkit.errors import StoreError, StoreUnavailable
-from workerkit.scheduler.contract import FireOutcome, Schedule, fire_job_id, fire_key
+from workerkit.scheduler.contract import (
+    FireOutcome,
+    Schedule,
+    SchedulerStore,
+    fire_job_id,
+    fire_key,
+)
 from workerkit.scheduler.redis_store import RedisSchedulerStore, RedisWrite, scheduler_client
 from workerkit.scheduler.triggers import Every
 
@@ -137,3 +152,87 @@ def test_writes_are_checked_when_built() -> None:
         RedisWrite("DEL", "k", ("x",))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unpaired"):
         RedisWrite("HSET", "k", ("field",))
+
+
+# -- the contract suite, with each engine's enqueue writes --------------------------------------
+
+
+class TestRqSchedulerStore(SchedulerStoreContract):
+    """The store as ``workerkit scheduler rq`` opens it: RQ job hashes on RQ's queues."""
+
+    @pytest.fixture
+    def store(self, redis_url: str) -> Iterator[SchedulerStore]:
+        client = scheduler_client(redis_url)
+        made = RedisSchedulerStore(client, rq_enqueue_writes(client), prefix=RQ_SCHEDULER_PREFIX)
+        made.own_client()
+        try:
+            yield made
+        finally:
+            made.close()
+
+    @pytest.fixture
+    def enqueued(self, redis_client: redis.Redis[bytes]) -> Callable[[], list[Enqueued]]:
+        def read() -> list[Enqueued]:
+            jobs = []
+            for queue_key in sorted(redis_client.smembers("rq:queues")):
+                for raw_id in redis_client.lrange(queue_key, 0, -1):
+                    job = Job.fetch(
+                        raw_id.decode(), connection=redis_client, serializer=JSONSerializer
+                    )
+                    fired = read_state(redis_client, job.id)
+                    jobs.append(
+                        Enqueued(
+                            job_id=job.id,
+                            schedule=fired["schedule"],
+                            fire_time=fired["fire_time"],
+                            task=str(job.func_name),
+                            args=tuple(job.args),
+                            kwargs=dict(job.kwargs),
+                            queue=job.origin,
+                        )
+                    )
+            return jobs
+
+        return read
+
+
+class TestCelerySchedulerStore(SchedulerStoreContract):
+    """The store as ``workerkit scheduler celery`` opens it: kombu messages on Redis lists."""
+
+    @pytest.fixture
+    def store(self, redis_url: str) -> Iterator[SchedulerStore]:
+        app = Celery("contract", broker=redis_url, set_as_current=False)
+        made = RedisSchedulerStore(
+            scheduler_client(redis_url), CeleryPublisher(app), prefix=CELERY_SCHEDULER_PREFIX
+        )
+        made.own_client()
+        try:
+            yield made
+        finally:
+            made.close()
+
+    @pytest.fixture
+    def enqueued(self, redis_client: redis.Redis[bytes]) -> Callable[[], list[Enqueued]]:
+        def read() -> list[Enqueued]:
+            jobs = []
+            for key in redis_client.scan_iter():
+                if redis_client.type(key) != b"list":
+                    continue
+                for raw in redis_client.lrange(key, 0, -1):
+                    message = json.loads(raw)
+                    headers = message["headers"]
+                    args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+                    jobs.append(
+                        Enqueued(
+                            job_id=headers["id"],
+                            schedule=headers["workerkit_schedule"],
+                            fire_time=headers["workerkit_fire_time"],
+                            task=headers["task"],
+                            args=tuple(args),
+                            kwargs=kwargs,
+                            queue=message["properties"]["delivery_info"]["routing_key"],
+                        )
+                    )
+            return jobs
+
+        return read

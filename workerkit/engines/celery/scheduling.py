@@ -24,7 +24,8 @@ from kombu.utils.json import dumps
 from workerkit.engines.celery.config import configure_app, load_celery_app, load_tasks
 from workerkit.engines.celery.task import FIRE_TIME_HEADER, SCHEDULE_HEADER
 from workerkit.errors import ConfigurationError, StoreUnavailable
-from workerkit.scheduler.contract import MISFIRE_POLICIES, Schedule, SchedulerBinding
+from workerkit.scheduler.contract import Schedule, SchedulerBinding
+from workerkit.scheduler.plan import validate_schedule
 from workerkit.scheduler.redis_store import (
     DEFAULT_RETENTION,
     RedisSchedulerStore,
@@ -34,7 +35,6 @@ from workerkit.scheduler.redis_store import (
 from workerkit.scheduler.triggers import Every
 
 if TYPE_CHECKING:
-
     from workerkit.scheduler.contract import Trigger
     from workerkit.settings import Settings
 
@@ -54,7 +54,7 @@ ENTRY_OPTIONS: Final = ("queue", "routing_key", "exchange", "expires", "priority
 #: The keys of an entry: Celery beat's, and workerkit's misfire policy (beat has none).
 ENTRY_KEYS: Final = (
     *("task", "schedule", "args", "kwargs", "options", "relative"),
-    *("misfire", "max_catch_up"),
+    *("misfire", "max_catch_up", "misfire_grace"),
 )
 
 
@@ -144,19 +144,11 @@ def _entry(app: Any, name: str, entry: Any) -> Schedule:
             f"{where}: option(s) {', '.join(refused)} are not supported by workerkit's "
             f"scheduler; it carries {', '.join(ENTRY_OPTIONS)}"
         )
-    misfire = entry.get("misfire", "latest")
-    if misfire not in MISFIRE_POLICIES:
-        raise ConfigurationError(
-            f"{where}: misfire={misfire!r}; use one of {', '.join(MISFIRE_POLICIES)}"
-        )
-    max_catch_up = entry.get("max_catch_up", 100)
-    if not isinstance(max_catch_up, int) or max_catch_up < 1:
-        raise ConfigurationError(f"{where}: max_catch_up must be a whole number, at least 1")
     args, kwargs = entry.get("args") or (), entry.get("kwargs") or {}
     if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
         raise ConfigurationError(f"{where}: args must be a list or tuple, kwargs a dict")
     queue = options.pop("queue", None)
-    return Schedule(
+    declared = Schedule(
         name=name,
         task=str(entry["task"]),
         trigger=_trigger(name, entry),
@@ -164,9 +156,15 @@ def _entry(app: Any, name: str, entry: Any) -> Schedule:
         kwargs=dict(kwargs),
         queue=None if queue is None else str(getattr(queue, "name", queue)),
         options=options,
-        misfire=misfire,
-        max_catch_up=max_catch_up,
+        misfire=entry.get("misfire", "latest"),
+        max_catch_up=entry.get("max_catch_up", 100),
+        misfire_grace=entry.get("misfire_grace"),
     )
+    try:
+        validate_schedule(declared)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"{where}: {exc}") from exc
+    return declared
 
 
 def beat_schedules(app: Any) -> tuple[Schedule, ...]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from workerkit.errors import ConfigurationError, UnknownTask
-from workerkit.scheduler.contract import MISFIRE_POLICIES, Misfire, Schedule
+from workerkit.scheduler.contract import Misfire, Schedule
 
 if TYPE_CHECKING:
     from workerkit.scheduler.contract import Trigger
@@ -333,12 +333,6 @@ class RqApp:
                 f"{where}: unknown option(s) {', '.join(unknown)}; RQ's enqueue options here "
                 f"are {', '.join(RQ_SCHEDULE_OPTIONS)}"
             )
-        if misfire not in MISFIRE_POLICIES:
-            raise ConfigurationError(
-                f"{where}: misfire={misfire!r}; use one of {', '.join(MISFIRE_POLICIES)}"
-            )
-        if max_catch_up < 1:
-            raise ConfigurationError(f"{where}: max_catch_up must be at least 1")
         if not queue or not isinstance(queue, str):
             raise ConfigurationError(f"{where}: queue must be a queue name such as 'default'")
         schedule = Schedule(
@@ -353,6 +347,12 @@ class RqApp:
             max_catch_up=max_catch_up,
             misfire_grace=misfire_grace,
         )
+        from workerkit.scheduler.plan import validate_schedule
+
+        try:
+            validate_schedule(schedule)
+        except ValueError as exc:
+            raise ConfigurationError(f"{where}: {exc}") from exc
         self.schedules[name] = schedule
         return schedule
 
