@@ -287,9 +287,10 @@ def open_scheduler(settings: Settings) -> SchedulerBinding:
     schedules = beat_schedules(app)
     client = scheduler_client(str(app.conf.broker_url))
     retention = float(getattr(settings, "scheduler_retention", DEFAULT_RETENTION))
-    store = RedisSchedulerStore(
-        client, CeleryPublisher(app), prefix=CELERY_SCHEDULER_PREFIX, retention=retention
-    )
+    # kombu's global_keyprefix applies to workerkit's keys too, as to the ledger's.
+    transport = app.conf.broker_transport_options or {}
+    prefix = str(transport.get("global_keyprefix") or "") + CELERY_SCHEDULER_PREFIX
+    store = RedisSchedulerStore(client, CeleryPublisher(app), prefix=prefix, retention=retention)
     store.own_client()
     return SchedulerBinding(store=store, schedules=schedules)
 
