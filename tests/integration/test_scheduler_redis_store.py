@@ -16,6 +16,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from tests.support.scheduler_contract import Enqueued, SchedulerStoreContract
+from tests.support.servers import restart_redis, start_redis
 from workerkit.engines.celery.scheduling import CELERY_SCHEDULER_PREFIX, CeleryPublisher
 from workerkit.engines.rq.jobs import read_state
 from workerkit.engines.rq.scheduling import RQ_SCHEDULER_PREFIX, rq_enqueue_writes
@@ -145,6 +146,34 @@ def test_an_unreachable_redis_is_store_unavailable() -> None:
     ):
         with pytest.raises(StoreUnavailable):
             call()
+
+
+@pytest.mark.timeout(60)
+def test_an_outage_that_loses_redis_data_keeps_old_epochs_fenced() -> None:
+    """Redis restarted without persistence: the epoch counter is gone with the rest, yet the
+    next leader's epoch is above the old one, so the old leader's fires are refused."""
+    server = start_redis()
+    try:
+        url = server.url(0)
+        store = RedisSchedulerStore(scheduler_client(url), writes, prefix=PREFIX)
+        old = store.acquire("old", 60)
+        assert old is not None
+        assert store.register(old, [TICK])
+        server.process.stop()  # down, its directory kept for the restart
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store.fire(TICK, 10.0, epoch=old.epoch, reason="on_time")
+        assert time.monotonic() - started < 5  # at once, not after a client backoff
+        server = restart_redis(server)
+        new = store.acquire("new", 60)
+        assert new is not None
+        assert new.epoch > old.epoch
+        assert store.register(new, [TICK])
+        assert store.fire(TICK, 10.0, epoch=old.epoch, reason="on_time") is FireOutcome.NOT_LEADER
+        assert store.fire(TICK, 10.0, epoch=new.epoch, reason="on_time") is FireOutcome.FIRED
+        store.close()
+    finally:
+        server.stop()
 
 
 def test_writes_are_checked_when_built() -> None:
