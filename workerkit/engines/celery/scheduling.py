@@ -16,6 +16,7 @@ import contextlib
 import datetime as dt
 import importlib
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from kombu.transport import redis as kombu_redis
@@ -221,7 +222,9 @@ class CeleryPublisher:
 
     def _open(self) -> tuple[Any, Any]:
         if self._producer is None:
-            connection = self.app.connection_for_write().clone(transport=_CapturingTransport)
+            connection = self.app.connection_for_write().clone(
+                transport=_CapturingTransport, connect_timeout=2
+            )
             self._connection = connection
             self._producer = self.app.amqp.Producer(connection.default_channel)
         return self._connection, self._producer
@@ -252,7 +255,40 @@ class CeleryPublisher:
                 self._reset()  # the next fire opens a fresh connection
                 raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
             captured = list(transport.captured)
+        if not captured:
+            raise ConfigurationError(
+                f"Celery's routing of {schedule.task!r} (options {options}) reaches no queue "
+                "(a fanout exchange, or an exchange no queue is bound to); route it to a queue"
+            )
         return [RedisWrite("LPUSH", key, (body,)) for key, body in captured]
+
+    def check(self, schedules: Sequence[Schedule]) -> None:
+        """Build each schedule's message once, at startup: what cannot be published (a fanout
+        exchange, a queue the router cannot name) fails now, not at the first fire; and the
+        connection and kombu's queue declarations are warm for it. A broker not reachable
+        yet is left to the first fire."""
+        for schedule in schedules:
+            options = {"queue": schedule.queue} if schedule.queue else {}
+            route = self.app.amqp.router.route(
+                {**schedule.options, **options}, schedule.task, schedule.args, schedule.kwargs
+            )
+            exchange = getattr(route.get("queue"), "exchange", None)
+            if getattr(exchange, "type", "direct") == "fanout":
+                raise ConfigurationError(
+                    f"beat_schedule[{schedule.name!r}]: its queue is a fanout (broadcast) "
+                    "exchange: not supported (every consumer would run the fire)"
+                )
+            try:
+                self(schedule, 0.0, "wk-sched-startup-check")
+            except StoreUnavailable:
+                return
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"beat_schedule[{schedule.name!r}]: {exc}") from exc
+            except Exception as exc:
+                raise ConfigurationError(
+                    f"beat_schedule[{schedule.name!r}]: Celery cannot build its message: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
 
     def _send_task(self, name: str) -> Any:
         def send(args: Any, kwargs: Any, **options: Any) -> Any:
@@ -285,12 +321,14 @@ def open_scheduler(settings: Settings) -> SchedulerBinding:
     configure_app(app, settings)
     load_tasks(app)
     schedules = beat_schedules(app)
+    publisher = CeleryPublisher(app)
+    publisher.check(schedules)
     client = scheduler_client(str(app.conf.broker_url))
     retention = float(getattr(settings, "scheduler_retention", DEFAULT_RETENTION))
     # kombu's global_keyprefix applies to workerkit's keys too, as to the ledger's.
     transport = app.conf.broker_transport_options or {}
     prefix = str(transport.get("global_keyprefix") or "") + CELERY_SCHEDULER_PREFIX
-    store = RedisSchedulerStore(client, CeleryPublisher(app), prefix=prefix, retention=retention)
+    store = RedisSchedulerStore(client, publisher, prefix=prefix, retention=retention)
     store.own_client()
     return SchedulerBinding(store=store, schedules=schedules)
 
