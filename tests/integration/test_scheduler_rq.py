@@ -203,3 +203,9 @@ def test_arguments_that_do_not_encode_fail_at_startup(
     )
     with pytest.raises(ConfigurationError, match="do not encode with the workers' serializer"):
         open_scheduler(settings)
+
+
+def test_every_takes_an_anchor_as_the_sql_apps_periodic_does() -> None:
+    app = RqApp(modules=["tests.apps.rq_schedules"])
+    schedule = app.schedule("offset", rq_schedules.add, every=60, anchor=15, args=[1, 1])
+    assert schedule.trigger.next_after(100.0) == 135.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import importlib
+import sys
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -335,8 +336,8 @@ def open_scheduler(settings: Settings) -> SchedulerBinding:
 
 def main() -> None:
     """``python -m workerkit.engines.celery.scheduling``: the Celery engine's scheduler process."""
-    process = importlib.import_module("workerkit.scheduler.process")  # written by proc
-    process.run_scheduler_process(open_scheduler)
+    process = importlib.import_module("workerkit.scheduler.process")
+    sys.exit(process.run_scheduler_process(open_scheduler))
 
 
 if __name__ == "__main__":

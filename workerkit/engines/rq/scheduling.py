@@ -12,6 +12,7 @@ runs it (``workerkit scheduler rq``).
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any, Final
 
 from rq.job import Job, JobStatus
@@ -148,8 +149,8 @@ def open_scheduler(settings: Settings) -> SchedulerBinding:
 
 def main() -> None:
     """``python -m workerkit.engines.rq.scheduling``: the scheduler process of the RQ engine."""
-    process = importlib.import_module("workerkit.scheduler.process")  # written by proc
-    process.run_scheduler_process(open_scheduler)
+    process = importlib.import_module("workerkit.scheduler.process")
+    sys.exit(process.run_scheduler_process(open_scheduler))
 
 
 if __name__ == "__main__":
