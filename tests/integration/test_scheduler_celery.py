@@ -227,3 +227,20 @@ def test_the_startup_check_leaves_an_unreachable_broker_to_the_first_fire() -> N
         publisher.check(beat_schedules(app))  # no error: Redis may come up later
     finally:
         publisher.close()
+
+
+def test_a_crontab_keeps_its_apps_time_zone_whatever_app_is_current() -> None:
+    from celery import current_app
+
+    berlin = Celery("berlin", set_as_current=False)
+    berlin.conf.timezone = "Europe/Berlin"
+    berlin.conf.beat_schedule = {"n": {"task": "t", "schedule": crontab(hour=3, minute=0)}}
+    previous = current_app._get_current_object()
+    other = Celery("utc")  # becomes the current app, as any app created later would
+    other.conf.timezone = "UTC"
+    try:
+        (nightly,) = beat_schedules(berlin)
+        jan = datetime(2024, 1, 15, 12, tzinfo=UTC).timestamp()
+        assert nightly.trigger.next_after(jan) == datetime(2024, 1, 16, 2, tzinfo=UTC).timestamp()
+    finally:
+        previous.set_current()

@@ -97,7 +97,7 @@ class CeleryCrontab:
         return "'" + " ".join(str(part) for part in parts) + "'"
 
 
-def _trigger(name: str, entry: dict[str, Any]) -> Trigger:
+def _trigger(app: Any, name: str, entry: dict[str, Any]) -> Trigger:
     from celery.schedules import crontab, schedule, solar
 
     where = f"beat_schedule[{name!r}]"
@@ -113,6 +113,9 @@ def _trigger(name: str, entry: dict[str, Any]) -> Trigger:
             "depend on an astronomy library's output); use a crontab at the times you need"
         )
     if isinstance(value, crontab):
+        # Bound to the app as beat binds its entries (maybe_schedule): its time zone is the
+        # app's, not whichever Celery app happens to be current.
+        value.app = app
         return CeleryCrontab(value)
     seconds: Any = value
     if type(value) is schedule:
@@ -153,7 +156,7 @@ def _entry(app: Any, name: str, entry: Any) -> Schedule:
     declared = Schedule(
         name=name,
         task=str(entry["task"]),
-        trigger=_trigger(name, entry),
+        trigger=_trigger(app, name, entry),
         args=tuple(args),
         kwargs=dict(kwargs),
         queue=None if queue is None else str(getattr(queue, "name", queue)),
