@@ -362,6 +362,7 @@ class App:
         *,
         cron: str | None = None,
         every: float | timedelta | None = None,
+        anchor: float | None = None,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
         timezone: str | None = None,
@@ -390,6 +391,7 @@ class App:
                 task,
                 cron=cron,
                 every=every,
+                anchor=anchor,
                 args=args,
                 kwargs=kwargs,
                 timezone=timezone,
@@ -409,6 +411,7 @@ class App:
         *,
         cron: str | None = None,
         every: float | timedelta | None = None,
+        anchor: float | None = None,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
         timezone: str | None = None,
@@ -419,7 +422,8 @@ class App:
     ) -> Schedule:
         """Declare a periodic job: ``task`` (registered here) with these arguments, on
         ``cron`` (a five-field expression, in ``timezone``, UTC by default) or ``every``
-        seconds (aligned to the epoch, so every replica computes the same times).
+        seconds (at ``anchor + k * every``, anchor 0 = the epoch by default, so every replica
+        computes the same times).
 
         ``misfire``: what to do with fire times missed while every scheduler was down: ``skip``
         none, ``latest`` the most recent, ``all`` each (up to ``max_catch_up``), each with its
@@ -433,6 +437,7 @@ class App:
             registered.name,
             cron=cron,
             every=every,
+            anchor=anchor,
             args=args,
             kwargs=kwargs or {},
             timezone=timezone,

@@ -43,7 +43,13 @@ _CELERY_APP_HELP = (
 )
 
 
-def _setting_options(engine: str | None) -> Callable[[F], F]:
+_SCHEDULER_APP_HELP = (
+    "The app whose schedules to run: MODULE:APP (sql: a workerkit.App, rq: an RqApp); celery: "
+    "what `celery -A` takes (the app's beat_schedule)."
+)
+
+
+def _setting_options(engine: str | None, *, short_app: bool = False) -> Callable[[F], F]:
     """:func:`settings_options`; for ``workerkit run ENGINE``, the other engines' are hidden.
 
     A hidden option is still parsed (it is not handed to the engine's worker as an unknown
@@ -61,9 +67,9 @@ def _setting_options(engine: str | None) -> Callable[[F], F]:
                 )
                 continue
             flags, text = [spec.cli_flag], spec.help
-            if spec.name == "app" and engine == "celery":
+            if spec.name == "app" and (engine == "celery" or short_app):
                 flags.insert(0, "-A")  # Celery's own spelling: celery -A proj worker
-                text = _CELERY_APP_HELP
+                text = _CELERY_APP_HELP if engine == "celery" else _SCHEDULER_APP_HELP
             env_hint = f" [env: {spec.env_var}; default: {_show_default(spec.default)}]"
             func = click.option(
                 *flags,
@@ -367,7 +373,7 @@ def _refuse_other_engines(engine: str, options: dict[str, Any]) -> None:
         owners = (
             f"a setting of the {' and '.join(spec.engines)} engine{'s' * (len(spec.engines) > 1)}"
             if spec.engines
-            else "a setting of the scheduler, read by workerkit check"
+            else "a setting of the scheduler: workerkit scheduler ENGINE"
         )
         _refuse(
             f"workerkit run {engine}: {spec.cli_flag} does not apply to the {engine} engine (it "
@@ -418,7 +424,7 @@ _ENGINE_CHOICE = click.Choice(list(ENGINE_OPTIONS))
 
 @main.command()
 @click.argument("engine", type=_ENGINE_CHOICE)
-@settings_options
+@_setting_options(None, short_app=True)
 def scheduler(engine: str, config_file: str | None, **options: Any) -> None:
     """Run ENGINE's leader-elected scheduler under the supervisor (the container's entrypoint).
 

@@ -84,8 +84,9 @@ class SettingSpec:
     exclusive_minimum: bool = False
     maximum: float | None = None
     symbol: str = ""
-    #: The engines whose ``workerkit run ENGINE`` reads it; () for the scheduler's settings
-    #: (read by ``workerkit check``). ``workerkit run`` refuses the option of another engine.
+    #: The engines whose ``workerkit run ENGINE`` reads it; () for the scheduler's settings (read
+    #: by ``workerkit scheduler`` and ``workerkit check``). ``workerkit run`` refuses the option
+    #: of another engine.
     engines: tuple[str, ...] = ENGINES
     #: Why the lower bound is where it is, said when a value is under it.
     minimum_why: str = ""

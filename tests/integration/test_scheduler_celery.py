@@ -17,7 +17,7 @@ from celery.schedules import crontab, schedule, solar
 
 from tests.apps import celery_schedules
 from tests.support.harness import WORKERKIT, Env, start_worker, stopped_after, wait_until
-from workerkit.engines.celery.scheduling import beat_schedules, open_scheduler
+from workerkit.engines.celery.scheduling import CeleryPublisher, beat_schedules, open_scheduler
 from workerkit.errors import ConfigurationError
 from workerkit.scheduler.contract import FireOutcome, SchedulerBinding, fire_job_id
 from workerkit.settings import load_settings
@@ -202,3 +202,45 @@ def test_task_always_eager_is_refused() -> None:
     app.conf.task_always_eager = True
     with pytest.raises(ConfigurationError, match="task_always_eager"):
         beat_schedules(app)
+
+
+def test_a_broadcast_queue_is_refused_at_startup_not_at_the_first_fire(redis_url: str) -> None:
+    from kombu.common import Broadcast
+
+    app = Celery("bcast", broker=redis_url, set_as_current=False)
+    app.conf.task_queues = (Broadcast("everyone"),)
+    app.conf.beat_schedule = {"all": {"task": "t", "schedule": 5, "options": {"queue": "everyone"}}}
+    publisher = CeleryPublisher(app)
+    try:
+        with pytest.raises(ConfigurationError, match=r"beat_schedule\['all'\].*fanout"):
+            publisher.check(beat_schedules(app))
+    finally:
+        publisher.close()
+
+
+def test_the_startup_check_leaves_an_unreachable_broker_to_the_first_fire() -> None:
+    app = Celery("down", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    app.conf.broker_connection_timeout = 1
+    app.conf.beat_schedule = {"tick": {"task": "t", "schedule": 5}}
+    publisher = CeleryPublisher(app)
+    try:
+        publisher.check(beat_schedules(app))  # no error: Redis may come up later
+    finally:
+        publisher.close()
+
+
+def test_a_crontab_keeps_its_apps_time_zone_whatever_app_is_current() -> None:
+    from celery import current_app
+
+    berlin = Celery("berlin", set_as_current=False)
+    berlin.conf.timezone = "Europe/Berlin"
+    berlin.conf.beat_schedule = {"n": {"task": "t", "schedule": crontab(hour=3, minute=0)}}
+    previous = current_app._get_current_object()
+    other = Celery("utc")  # becomes the current app, as any app created later would
+    other.conf.timezone = "UTC"
+    try:
+        (nightly,) = beat_schedules(berlin)
+        jan = datetime(2024, 1, 15, 12, tzinfo=UTC).timestamp()
+        assert nightly.trigger.next_after(jan) == datetime(2024, 1, 16, 2, tzinfo=UTC).timestamp()
+    finally:
+        previous.set_current()

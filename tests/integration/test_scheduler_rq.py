@@ -105,8 +105,9 @@ def test_a_plain_rq_worker_runs_the_fired_job(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("worker_class", ["simple", "forking"])
 def test_workerkits_rq_worker_runs_it_with_the_schedule_and_fire_time_in_current_job(
-    binding: SchedulerBinding, redis_url: str, tmp_path: Path
+    binding: SchedulerBinding, redis_url: str, tmp_path: Path, worker_class: str
 ) -> None:
     fire_time = 1_800_000_001.0
     assert leader_fire(binding, "tick", fire_time) is FireOutcome.FIRED
@@ -116,7 +117,7 @@ def test_workerkits_rq_worker_runs_it_with_the_schedule_and_fire_time_in_current
         FireOutcome.ALREADY_FIRED
     )
     env = RqEnv(tmp=tmp_path, redis_url=redis_url, journal=tmp_path / "journal.txt")
-    argv = [*WORKERKIT, "run", "rq", "--worker-class", "simple"]
+    argv = [*WORKERKIT, "run", "rq", "--worker-class", worker_class]
     pod = start_worker(argv, env, app=APP, name="rq", engine={"redis_url": redis_url}, settings={})
     with stopped_after(pod):
         line = env.wait_prefix("fired ", timeout=30)
@@ -203,3 +204,9 @@ def test_arguments_that_do_not_encode_fail_at_startup(
     )
     with pytest.raises(ConfigurationError, match="do not encode with the workers' serializer"):
         open_scheduler(settings)
+
+
+def test_every_takes_an_anchor_as_the_sql_apps_periodic_does() -> None:
+    app = RqApp(modules=["tests.apps.rq_schedules"])
+    schedule = app.schedule("offset", rq_schedules.add, every=60, anchor=15, args=[1, 1])
+    assert schedule.trigger.next_after(100.0) == 135.0

@@ -8,6 +8,7 @@ schedule and fire time into ``current_job()`` in the SQL worker, and ``open_sche
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -25,14 +26,16 @@ import pytest
 import sqlalchemy as sa
 
 from tests.support.scheduler_contract import Enqueued, SchedulerStoreContract
+from tests.support.servers import PostgresServer, start_postgres
 from tests.support.sql_sched_proc import TICK, tick_schedule
+from tests.support.suite import start_or_skip
 from workerkit.app import App
 from workerkit.engines.sql import upgrade
 from workerkit.engines.sql.queue import SqlQueue
 from workerkit.engines.sql.scheduling import SqlSchedulerStore, open_scheduler
-from workerkit.errors import ConfigurationError, SchemaOutOfDate
+from workerkit.errors import ConfigurationError, SchemaOutOfDate, StoreUnavailable
 from workerkit.job import current_job
-from workerkit.scheduler.contract import FireOutcome, Lease, fire_job_id
+from workerkit.scheduler.contract import FireOutcome, Lease, Schedule, fire_job_id
 from workerkit.settings import Settings
 from workerkit.testing import run_jobs
 
@@ -419,3 +422,152 @@ def test_open_scheduler_refuses_what_is_not_a_workerkit_app(url: str) -> None:
         open_scheduler(Settings(database_url=url))
     with pytest.raises(ConfigurationError, match=r"not a workerkit\.App"):
         open_scheduler(Settings(app="json:JSONDecoder", database_url=url))
+
+
+# --- with core's runner -------------------------------------------------------------------
+
+
+def test_two_runners_on_the_sql_store_fire_every_time_once_across_a_handover(url: str) -> None:
+    """A leader and a standby (each its own store object, as two replicas) fire a 0.25 s
+    schedule; the leader stops (releasing its lease) halfway. Every fire time in between has
+    exactly one record and one job, whoever fired it."""
+    from workerkit.scheduler.runner import NullReporter, Runner, SchedulerTiming
+    from workerkit.scheduler.triggers import Every
+
+    schedule = Schedule(name="quick", task="tests.tick", trigger=Every(0.25), args=(1,), queue="q")
+    timing = SchedulerTiming(
+        lease_duration=3.0,
+        renew_deadline=2.0,
+        retry_period=0.5,
+        standby_delay=0.1,
+        misfire_grace=2.0,
+        retention=3600.0,
+    )
+    stores = [SqlSchedulerStore(url), SqlSchedulerStore(url)]
+    stops = [threading.Event(), threading.Event()]
+    runners = [
+        Runner(store, [schedule], holder=holder, timing=timing, reporter=NullReporter())
+        for store, holder in zip(stores, ("first", "second"), strict=True)
+    ]
+    threads = [
+        threading.Thread(target=r.run, args=(s,)) for r, s in zip(runners, stops, strict=True)
+    ]
+    try:
+        threads[0].start()
+        _wait_for(lambda: runners[0].leading, "the first runner to lead")
+        threads[1].start()
+        _wait_for(lambda: len(_records(url)) >= 6, "the first leader's fires")
+        stops[0].set()
+        threads[0].join(WAIT)
+        handed_over = len(_records(url))
+        _wait_for(lambda: runners[1].leading, "the standby to take over")
+        _wait_for(lambda: len(_records(url)) >= handed_over + 6, "the new leader's fires")
+    finally:
+        for stop in stops:
+            stop.set()
+        for thread in threads:
+            if thread.is_alive():
+                thread.join(WAIT)
+        for store in stores:
+            store.close()
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        epochs = conn.execute(sa.text("SELECT DISTINCT epoch FROM workerkit_scheduler_fires"))
+        leaders = {epoch for (epoch,) in epochs if epoch is not None}
+    engine.dispose()
+    assert len(leaders) == 2  # both replicas led, one after the other
+    keys = sorted(key for _, key in _records(url))
+    assert [b - a for a, b in itertools.pairwise(keys)] == [250] * (len(keys) - 1)
+    assert sorted(job["id"] for job in _jobs(url)) == sorted(
+        fire_job_id("quick", key / 1000) for key in keys
+    )
+
+
+# --- outages ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restartable() -> Iterator[list[PostgresServer]]:
+    """A private PostgreSQL, migrated, that keeps its data across a restart; [0] runs now."""
+    holder = [start_or_skip(start_postgres)]
+    try:
+        upgrade(holder[0].url())
+        yield holder
+    finally:
+        holder[0].stop()
+
+
+def test_a_database_outage_is_store_unavailable_and_nothing_fires_twice_after_it(
+    restartable: list[PostgresServer],
+) -> None:
+    """Down: every call raises StoreUnavailable at once (the store retries nothing; the runner
+    tries again each retry period). Back: the fire that failed fires once, the one that
+    succeeded before is already fired, and the lease outlived the outage."""
+    url = restartable[0].url()
+    store = SqlSchedulerStore(url)
+    try:
+        lease = store.acquire("leader", 60)
+        assert lease is not None
+        assert store.register(lease, [tick_schedule()])
+        assert store.fire(tick_schedule(), FIRE_TIME, epoch=lease.epoch, reason="on_time") == (
+            FireOutcome.FIRED
+        )
+        server = restartable[0]
+        server.process.stop()
+        for call in (
+            lambda: store.fire(tick_schedule(), FIRE_TIME + 1, epoch=lease.epoch, reason="x"),
+            lambda: store.renew(lease, 60),
+            lambda: store.acquire("leader", 60),
+            store.clock,
+        ):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="database unavailable"):
+                call()
+            assert time.monotonic() - started < 10  # not retried, not hung
+        restartable[0] = start_postgres(port=server.port, directory=server.directory)
+        outcomes = [
+            store.fire(tick_schedule(), fire_time, epoch=lease.epoch, reason="on_time")
+            for fire_time in (FIRE_TIME, FIRE_TIME + 1)
+        ]
+        assert outcomes == [FireOutcome.ALREADY_FIRED, FireOutcome.FIRED]
+        assert sorted(job["id"] for job in _jobs(url)) == [
+            fire_job_id(TICK, FIRE_TIME),
+            fire_job_id(TICK, FIRE_TIME + 1),
+        ]
+    finally:
+        store.close()
+
+
+def test_a_killed_session_costs_at_most_one_failed_call(postgres_url: str) -> None:
+    store = SqlSchedulerStore(postgres_url)
+    try:
+        lease = store.acquire("leader", 60)
+        assert lease is not None
+        conninfo = sa.make_url(postgres_url).set(drivername="postgresql")
+        with psycopg.connect(conninfo.render_as_string(False), autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        try:
+            renewed = store.renew(lease, 60)
+        except StoreUnavailable:
+            renewed = store.renew(lease, 60)  # what the runner does a retry period later
+        assert renewed is not None
+        assert renewed.epoch == lease.epoch
+    finally:
+        store.close()
+
+
+def test_a_trigger_request_for_a_time_that_already_fired_is_consumed(
+    leader: tuple[SqlSchedulerStore, Lease],
+) -> None:
+    store, lease = leader
+    assert store.fire(tick_schedule(), FIRE_TIME, epoch=lease.epoch, reason="on_time") == (
+        FireOutcome.FIRED
+    )
+    assert store.request_trigger(TICK, FIRE_TIME)
+    assert store.fire(tick_schedule(), FIRE_TIME, epoch=lease.epoch, reason="manual") == (
+        FireOutcome.ALREADY_FIRED
+    )
+    assert store.states()[TICK].triggers == ()  # not left pending for ever

@@ -246,6 +246,21 @@ class SchedulerStoreContract:
         assert store.fire(schedule, self.T0, epoch=lease.epoch, reason="on_time") == "not_leader"
         assert enqueued() == []
 
+    def test_an_expired_lease_cannot_fire_with_its_epoch(
+        self,
+        store: SchedulerStore,
+        enqueued: Callable[[], list[Enqueued]],
+        pass_time: Callable[[float], None],
+    ) -> None:
+        schedule = self.make_schedule()
+        lease = store.acquire("a", SHORT_LEASE)
+        assert lease is not None
+        assert store.register(lease, [schedule])
+        pass_time(SHORT_LEASE + 0.1)
+        assert store.fire(schedule, self.T0, epoch=lease.epoch, reason="on_time") == "not_leader"
+        assert enqueued() == []
+        assert store.fire(schedule, self.T0, epoch=None, reason="standby") == "fired"
+
     def test_a_changed_definition_is_stale(
         self, store: SchedulerStore, enqueued: Callable[[], list[Enqueued]]
     ) -> None:

@@ -177,8 +177,9 @@ def test_periodic_declares_a_schedule_of_the_task_with_its_queue_and_attempts() 
         ({"cron": "* * * * *", "timezone": "Mars/Olympus"}, "timezone='Mars/Olympus'"),
         ({"every": 5, "timezone": "UTC"}, "timezone= applies to cron="),
         ({"every": 0}, "every=0"),
-        ({"every": 5, "misfire": "some"}, "misfire='some'; use one of skip, latest, all"),
-        ({"every": 5, "max_catch_up": 0}, "max_catch_up"),
+        ({"every": 5, "misfire": "some"}, "misfire='some' .*give one of skip, latest, all"),
+        ({"every": 5, "max_catch_up": 0}, "max_catch_up=0"),
+        ({"every": 5, "misfire_grace": -1}, "misfire_grace=-1"),
         ({"every": 5, "args": [object()]}, "args and kwargs must be JSON"),
     ],
 )
@@ -187,8 +188,9 @@ def test_a_bad_schedule_is_refused_where_it_is_declared(
 ) -> None:
     app = App(backend=InMemoryQueue())
     app.task(name="t")(lambda *a: None)
-    with pytest.raises(ConfigurationError, match=f"schedule 'every-x': .*{message}"):
+    with pytest.raises(ConfigurationError, match=message) as refused:
         app.schedule("every-x", "t", **declaration)  # type: ignore[arg-type]
+    assert "schedule 'every-x'" in str(refused.value)
     assert app.schedules == {}
 
 
@@ -216,3 +218,12 @@ def test_a_scheduled_payload_gives_the_job_context_its_schedule_and_fire_time() 
     assert (plain.schedule, plain.fire_time) == (None, None)
     with pytest.raises(PayloadError, match="'fire_time' a number"):
         decode_payload('{"args":[],"kwargs":{},"schedule":"tick"}', into=plain)
+
+
+def test_every_fires_on_its_anchors_grid() -> None:
+    app = App(backend=InMemoryQueue())
+    task = app.task(name="t")(lambda: None)
+    schedule = app.schedule("s", task, every=10, anchor=3)
+    assert schedule.trigger.next_after(10.0) == 13.0
+    with pytest.raises(ConfigurationError, match="anchor= applies to every="):
+        app.schedule("c", task, cron="* * * * *", anchor=3)

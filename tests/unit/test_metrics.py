@@ -197,7 +197,7 @@ def test_every_family_is_in_the_metrics_reference() -> None:
     from pathlib import Path
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "reference" / "metrics.md").read_text()
-    metrics = SupervisorMetrics("sql")
+    metrics = SupervisorMetrics("sql", scheduler=True)
     for family in metrics.registry.collect():
         exported = family.name + ("_total" if family.type == "counter" else "")
         assert f"`{exported}`" in doc, exported
@@ -303,3 +303,10 @@ def test_scheduler_leadership_fires_and_delays() -> None:
     wire(metrics, {"type": "scheduler_leadership", "leading": False, "epoch": None})
     assert sample(metrics, "workerkit_scheduler_leader") == 0.0
     assert sample(metrics, "workerkit_scheduler_leader_changes_total") == 2.0
+
+
+def test_a_scheduler_that_exits_leads_no_more() -> None:
+    metrics = SupervisorMetrics("sql", scheduler=True)
+    wire(metrics, {"type": "scheduler_leadership", "leading": True, "epoch": 2})
+    metrics.shutdown("crashed", None)  # its process died without saying it stepped down
+    assert sample(metrics, "workerkit_scheduler_leader") == 0.0

@@ -31,7 +31,13 @@ def test_every_module_declares_a_tuple_all_that_exists() -> None:
 #: A move inside the package must keep every one of these importable from here.
 PUBLIC_API: dict[str, tuple[str, ...]] = {
     "workerkit": workerkit.__all__,
-    "workerkit.testing": ("InMemoryIdempotencyStore", "InMemoryQueue", "ManualClock", "run_jobs"),
+    "workerkit.testing": (
+        "InMemoryIdempotencyStore",
+        "InMemoryQueue",
+        "InMemorySchedulerStore",
+        "ManualClock",
+        "run_jobs",
+    ),
     "workerkit.errors": (
         "AppImportError",
         "ConfigurationError",

@@ -7,6 +7,7 @@ event: another leader, an outage, a pause); every fire is checked by its fire ti
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import statistics
 import threading
 import time
@@ -185,7 +186,9 @@ def test_without_a_record_a_schedule_starts_at_the_start() -> None:
     assert sim.fired() == [(T0 + 101, "on_time"), (T0 + 102, "on_time")]
 
 
-def test_not_leader_steps_down_at_once_and_the_time_still_fires() -> None:
+def test_not_leader_steps_down_at_once_and_the_time_still_fires(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     sim = Sim(start=T0 + 0.3)
     schedule = tick()
 
@@ -198,6 +201,8 @@ def test_not_leader_steps_down_at_once_and_the_time_still_fires() -> None:
     sim.at(T0 + 2.5, take_over)
     reporter = sim.run([schedule], until=T0 + 4.9)
     assert reporter.leaderships == [(True, 1), (False, None)]
+    steps = [r for r in caplog.records if getattr(r, "event", "") == "scheduler_step_down"]
+    assert [getattr(r, "reason", "") for r in steps] == ["the store named another leader"]
     not_leader = [f for f in reporter.fires if f[1] == "not_leader"]
     assert [f[2] for f in not_leader] == ["on_time"]
     assert sim.fired() == [(T0 + 1, "on_time"), (T0 + 2, "on_time")] + [
@@ -241,6 +246,13 @@ def test_a_leader_past_its_renew_deadline_stops_firing_before_its_lease_expires(
     assert [t for t, reason in sim.fired() if reason == "standby"] == [
         T0 + n for n in (11, 12, 13, 14)
     ]
+
+
+def test_without_schedules_the_runner_only_keeps_its_lease_and_does_not_spin() -> None:
+    sim = Sim(start=T0)
+    reporter = sim.run([], until=T0 + 60)
+    assert reporter.leaderships == [(True, 1), (False, None)]
+    assert sim.waits < 60  # a renewal every 2 s, nothing else
 
 
 def test_stop_releases_the_lease() -> None:
@@ -341,6 +353,7 @@ def test_after_a_store_outage_times_within_grace_fire_late_and_older_follow_the_
         (T0 + 9, "on_time"),
     ]
     assert reporter.health == [False, True]
+    assert sim.waits < 100  # retried every 0.25 s through the outage, not in a busy loop
     assert reporter.leaderships == [(True, 1), (False, None)]  # led throughout; released at the end
 
 
@@ -362,3 +375,69 @@ def test_the_runner_wakes_at_the_fire_times_on_a_real_clock() -> None:
     # Generous: a loaded CI machine; the bench measures the real figure (p95 <= 50 ms).
     assert statistics.median(delays) < 0.2
     assert store.leader() is None
+
+
+def test_after_everyone_was_killed_a_standby_keeps_the_gap_for_when_it_leads() -> None:
+    sim = Sim(start=T0)
+    schedule = tick(misfire="all")
+    dead = other_leads(sim.store, schedule, ttl=15.0)  # SIGKILLed: its lease runs 15 s more
+    assert sim.store.fire(schedule, T0, epoch=dead.epoch, reason="on_time") == "fired"
+    sim.clock.advance(10.3)  # all down 10 s; this replica starts at T0 + 10.3
+    reporter = sim.run([schedule], until=T0 + 17.5)
+    fired = sim.fired()[1:]
+    # Standby until the dead lease runs out at T0 + 15 (it fires what is within the grace),
+    # then leads and catches the gap up: every time exactly once, each with its real time.
+    assert sorted(t for t, _ in fired) == [T0 + n for n in range(1, 18)]
+    assert {t for t, reason in fired if reason == "catch_up"} == {T0 + n for n in range(1, 9)}
+    assert reporter.leaderships[0][0] is True
+
+
+def test_a_standby_drops_its_missed_times_once_a_live_leader_records() -> None:
+    sim = Sim(start=T0)
+    schedule = tick(misfire="all")
+    lease = other_leads(sim.store, schedule, ttl=20.0)
+    assert sim.store.fire(schedule, T0, epoch=lease.epoch, reason="on_time") == "fired"
+    sim.clock.advance(10.3)
+    for n in range(11, 16):  # the leader is alive and fires; it catches up its own gap
+        sim.at(
+            T0 + n,
+            lambda n=n: sim.store.fire(schedule, T0 + n, epoch=lease.epoch, reason="on_time"),
+        )
+    sim.run([schedule], until=T0 + 25)  # its lease runs out at T0 + 20: this one leads
+    assert [t for t, reason in sim.fired() if reason == "catch_up"] == []
+
+
+def test_two_runners_on_a_real_clock_hand_over_without_a_gap() -> None:
+    store = InMemorySchedulerStore()
+    timing = SchedulerTiming(1.5, 1.0, 0.2, 0.1, 0.5, 604_800.0)
+    schedule = tick(every=0.05)
+    stops = [threading.Event(), threading.Event()]
+    runners = [
+        Runner(store, [schedule], holder=name, timing=timing, reporter=Reporter())
+        for name in ("first", "second")
+    ]
+    threads = [
+        threading.Thread(target=r.run, args=(s,)) for r, s in zip(runners, stops, strict=True)
+    ]
+    threads[0].start()
+    deadline = time.monotonic() + 30
+    while store.leader() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    threads[1].start()
+    while len(store.enqueued) < 10:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    stops[0].set()  # the leader stops: it releases; the standby takes over
+    threads[0].join(timeout=30)
+    handed_over = len(store.enqueued)
+    while len(store.enqueued) < handed_over + 10:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    stops[1].set()
+    threads[1].join(timeout=30)
+    times = sorted(fire.fire_time for fire in store.enqueued)
+    steps = {round((later - earlier) * 1000) for earlier, later in itertools.pairwise(times)}
+    assert steps == {50}  # every time once, none missed, none twice
+    info = store.leader()
+    assert info is None

@@ -13,7 +13,8 @@ from datetime import timedelta
 from typing import Any
 
 from workerkit.errors import ConfigurationError
-from workerkit.scheduler.contract import MISFIRE_POLICIES, Misfire, Schedule, Trigger
+from workerkit.scheduler.contract import Misfire, Schedule, Trigger
+from workerkit.scheduler.plan import validate_schedule
 
 __all__ = ("make_schedule", "make_trigger")
 
@@ -55,20 +56,6 @@ def make_schedule(
     if not isinstance(name, str) or not name.strip():
         raise ConfigurationError(f"a schedule needs a name (a non-empty string), got {name!r}")
     trigger = make_trigger(name, cron=cron, every=every, timezone=timezone, anchor=anchor)
-    if misfire not in MISFIRE_POLICIES:
-        raise ConfigurationError(
-            f"schedule {name!r}: misfire={misfire!r}; use one of {', '.join(MISFIRE_POLICIES)}"
-        )
-    if isinstance(max_catch_up, bool) or not isinstance(max_catch_up, int) or max_catch_up < 1:
-        raise ConfigurationError(
-            f"schedule {name!r}: max_catch_up is a whole number of fires, at least 1; got "
-            f"{max_catch_up!r}"
-        )
-    if misfire_grace is not None and not misfire_grace > 0:
-        raise ConfigurationError(
-            f"schedule {name!r}: misfire_grace is seconds above 0 (or None for the "
-            f"scheduler_misfire_grace setting); got {misfire_grace!r}"
-        )
     try:
         json.dumps([list(args), dict(kwargs or {})], allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -76,7 +63,7 @@ def make_schedule(
             f"schedule {name!r}: args and kwargs must be JSON (str, int, float, bool, None, "
             f"list, dict): {exc}"
         ) from None
-    return Schedule(
+    schedule = Schedule(
         name=name,
         task=task,
         trigger=trigger,
@@ -88,3 +75,8 @@ def make_schedule(
         max_catch_up=max_catch_up,
         misfire_grace=misfire_grace,
     )
+    try:
+        validate_schedule(schedule)
+    except ValueError as exc:  # it names the schedule and the argument
+        raise ConfigurationError(str(exc)) from None
+    return schedule

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from workerkit.scheduler.triggers import upcoming
+
 if TYPE_CHECKING:
     from workerkit.scheduler.contract import (
         FireRecord,
@@ -61,15 +63,6 @@ class Overview:
     schedules: tuple[ScheduleView, ...]
 
 
-def _next_fires(schedule: Schedule, now: float, count: int) -> tuple[float, ...]:
-    times: list[float] = []
-    after = now
-    for _ in range(count):
-        after = schedule.trigger.next_after(after)
-        times.append(after)
-    return tuple(times)
-
-
 def overview(binding: SchedulerBinding, *, count: int = NEXT_COUNT) -> Overview:
     """Read the store once (clock, leader, states) and put the code's schedules beside it.
 
@@ -81,7 +74,7 @@ def overview(binding: SchedulerBinding, *, count: int = NEXT_COUNT) -> Overview:
     states = store.states(None)
     in_code = {s.name: s for s in binding.schedules}
     views = [
-        ScheduleView(s.name, s, states.get(s.name), _next_fires(s, now, count))
+        ScheduleView(s.name, s, states.get(s.name), upcoming(s.trigger, now, count))
         for s in binding.schedules
     ]
     views += [

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import secrets
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +31,7 @@ from workerkit.events import (
     WorkerReady,
 )
 from workerkit.scheduler.contract import FireOutcome, SchedulerBinding
+from workerkit.scheduler.runner import Runner, SchedulerTiming, default_holder
 
 if TYPE_CHECKING:
     from workerkit.settings import Settings
@@ -42,8 +40,8 @@ __all__ = (
     "HEARTBEAT_EVERY",
     "STOP_SIGNALS",
     "EventReporter",
-    "holder_identity",
     "run_scheduler_process",
+    "timing_of",
     "wait_for_store",
 )
 
@@ -60,10 +58,16 @@ _MAX_RETRY: Final = 5.0
 _QUIET: Final = frozenset({FireOutcome.ALREADY_FIRED})
 
 
-def holder_identity() -> str:
-    """Who holds the lease, as ``workerkit schedules`` shows it: the host (a pod's name), the
-    pid, and a few random hex digits (a pid is reused by the next container)."""
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+def timing_of(settings: Settings) -> SchedulerTiming:
+    """The runner's timing, from the ``scheduler_*`` settings."""
+    return SchedulerTiming(
+        lease_duration=settings.scheduler_lease_duration,
+        renew_deadline=settings.scheduler_renew_deadline,
+        retry_period=settings.scheduler_retry_period,
+        standby_delay=settings.scheduler_standby_delay,
+        misfire_grace=settings.scheduler_misfire_grace,
+        retention=settings.scheduler_retention,
+    )
 
 
 class EventReporter:
@@ -120,8 +124,9 @@ class EventReporter:
         with self._lock:
             changed = ok != self.store_ok
             self.store_ok, self.store_reason = ok, reason
-            first_ok = ok and self._on_ready is not None
-            on_ready, self._on_ready = (self._on_ready, None) if first_ok else (None, None)
+            on_ready = self._on_ready if ok else None
+            if ok:
+                self._on_ready = None
         self.events.send(StoreHealth(ok=ok, reason=reason))
         if changed:
             log.log(
@@ -242,7 +247,19 @@ def run_scheduler_process(open: Callable[[Settings], SchedulerBinding]) -> int: 
             },
         )
 
-    reporter = EventReporter(events, holder_identity(), on_ready=ready)
+    reporter = EventReporter(events, default_holder(), on_ready=ready)
+    try:
+        runner = Runner(
+            binding.store,
+            binding.schedules,
+            holder=reporter.holder,
+            timing=timing_of(settings),
+            reporter=reporter,
+        )
+    except ValueError as exc:  # a schedule the runner cannot run (misfire=, max_catch_up=...)
+        log.error(str(exc), extra={"event": "scheduler_config_error"})
+        binding.store.close()
+        return exitcodes.CONFIG_ERROR
     try:
         if not wait_for_store(binding, reporter, settings.startup_timeout, stop):
             if stop.is_set():
@@ -252,21 +269,19 @@ def run_scheduler_process(open: Callable[[Settings], SchedulerBinding]) -> int: 
                 extra={"event": "store_unavailable", "reason": reporter.store_reason},
             )
             return exitcodes.STORE_UNAVAILABLE
-        return _run(binding, reporter, settings, stop)
+        return _run(runner, reporter, stop)
     finally:
         with contextlib.suppress(Exception):
             binding.store.close()
 
 
-def _run(
-    binding: SchedulerBinding, reporter: EventReporter, settings: Settings, stop: threading.Event
-) -> int:
+def _run(runner: Runner, reporter: EventReporter, stop: threading.Event) -> int:
     """The runner in a thread; this (main) thread handles signals and beats the heartbeat."""
     failed: list[BaseException] = []
 
     def target() -> None:
         try:
-            _run_runner(binding, reporter, settings, stop)
+            runner.run(stop)
         except BaseException as exc:
             failed.append(exc)
 
@@ -289,23 +304,3 @@ def _run(
     reporter.leading = False
     log.info("scheduler stopped; lease handed over", extra={"event": "scheduler_stopped"})
     return exitcodes.OK
-
-
-def _run_runner(
-    binding: SchedulerBinding, reporter: EventReporter, settings: Settings, stop: threading.Event
-) -> None:
-    """Run core's runner (workerkit/scheduler/runner.py) until ``stop`` is set."""
-    import importlib
-
-    runner = importlib.import_module("workerkit.scheduler.runner")
-    timing = runner.SchedulerTiming(
-        lease_duration=settings.scheduler_lease_duration,
-        renew_deadline=settings.scheduler_renew_deadline,
-        retry_period=settings.scheduler_retry_period,
-        standby_delay=settings.scheduler_standby_delay,
-        misfire_grace=settings.scheduler_misfire_grace,
-        retention=settings.scheduler_retention,
-    )
-    runner.Runner(
-        binding.store, binding.schedules, holder=reporter.holder, timing=timing, reporter=reporter
-    ).run(stop)

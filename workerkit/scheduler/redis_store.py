@@ -42,6 +42,7 @@ __all__ = (
     "RedisSchedulerStore",
     "RedisWrite",
     "WriteCommand",
+    "scheduler_client",
 )
 
 log = logging.getLogger("workerkit.scheduler")
@@ -77,6 +78,25 @@ class RedisWrite:
 #: What an engine gives the store: the writes that enqueue one fire's job, given the schedule,
 #: the fire time and the job id (:func:`~workerkit.scheduler.contract.fire_job_id`).
 EnqueueWrites = Callable[[Schedule, float, str], Sequence[RedisWrite]]
+
+
+def scheduler_client(url: str) -> redis.Redis[Any]:
+    """A client for the scheduler: short timeouts and one immediate retry, no backoff.
+
+    The runner retries each retry period; redis-py's default backoff would hold a renew or a
+    fire for seconds while Redis is down. Every script is safe to run twice (a fire's record
+    answers the second run ``already_fired``).
+    """
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=2,
+        socket_timeout=2,
+        health_check_interval=30,
+        retry=Retry(NoBackoff(), 1),
+    )
 
 
 def _script(name: str) -> str:
@@ -143,10 +163,7 @@ class RedisSchedulerStore:
         cls, url: str, enqueue: EnqueueWrites, *, prefix: str, retention: float = DEFAULT_RETENTION
     ) -> RedisSchedulerStore:
         """A store with its own client on ``url``; the client is closed by :meth:`close`."""
-        client: redis.Redis[Any] = redis.Redis.from_url(
-            url, socket_connect_timeout=5, socket_timeout=5, health_check_interval=30
-        )
-        store = cls(client, enqueue, prefix=prefix, retention=retention)
+        store = cls(scheduler_client(url), enqueue, prefix=prefix, retention=retention)
         store.own_client()
         return store
 

@@ -8,6 +8,7 @@ ridden out; the process (process.py) owns signals, logs and the store's connecti
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import secrets
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from workerkit.scheduler.contract import SchedulerStore
 
 __all__ = ("NullReporter", "Runner", "SchedulerTiming", "default_holder")
+
+log = logging.getLogger(__name__)
 
 _STORE_RETRY = 0.25  # seconds between fire attempts while the store is unreachable
 _PRUNE_EVERY = 60.0  # prune fire records at most this often
@@ -78,7 +81,9 @@ class Runner:
       :class:`~workerkit.testing.ManualClock`.
 
     :class:`~workerkit.errors.StoreUnavailable` is ridden out (retried; reported through
-    ``reporter.store_health``); any other exception propagates.
+    ``reporter.store_health``); any other exception propagates. A step-down other than at stop
+    (renew deadline, NOT_LEADER, lease lost) is logged as a warning, event
+    ``scheduler_step_down`` with its ``reason``.
     """
 
     def __init__(
@@ -103,6 +108,7 @@ class Runner:
         self._leadership = Leadership(timing)
         self._registered = False
         self._cursors: dict[str, Cursor] = {}
+        self._loaded = False  # the cursors were set from the store's state
         self._start = -math.inf
         self._store_ok = True
         self._blocked_until = -math.inf  # no store call (but leadership's) before this
@@ -133,7 +139,7 @@ class Runner:
         self._elect()
         if self._clock() < self._blocked_until:
             return
-        if not self._cursors and not self._load():
+        if not self._loaded and not self._load():
             return
         if self._leadership.leading and not self._registered and not self._register():
             return
@@ -150,11 +156,11 @@ class Runner:
     def _next_wake(self) -> float:
         lead = self._leadership
         wake = min(lead.next_call(), lead.deadline())
-        if not self._cursors or (lead.leading and not self._registered):
+        if not self._loaded or (lead.leading and not self._registered):
             work = self._clock()
         else:
             delay = 0.0 if self.leading else self.timing.standby_delay
-            work = min(cursor.due + delay for cursor in self._cursors.values())
+            work = min((cursor.due + delay for cursor in self._cursors.values()), default=math.inf)
             if self.leading:
                 work = min(work, self._next_poll)
                 if any(cursor.missed for cursor in self._cursors.values()):
@@ -182,7 +188,17 @@ class Runner:
             self._store_down(exc)
             return
         self._store_up()
+        held = lead.lease
         change = lead.answered(now, lease)
+        if change == "lost" and held is not None:
+            log.warning(
+                "stopped leading the scheduler: the lease was taken",
+                extra={
+                    "event": "scheduler_step_down",
+                    "reason": "lease taken",
+                    "epoch": held.epoch,
+                },
+            )
         if change is not None:
             self._registered = False
             self.reporter.leadership(change == "gained", lease.epoch if lease else None)
@@ -215,6 +231,12 @@ class Runner:
                 self.store.release(lease)
             except StoreUnavailable as exc:
                 self._store_down(exc)  # the lease runs out on its own
+        if why != "stopping":
+            log.warning(
+                "stopped leading the scheduler: %s",
+                why,
+                extra={"event": "scheduler_step_down", "reason": why, "epoch": lease.epoch},
+            )
         self.reporter.leadership(False, None)
 
     # -- firing ---------------------------------------------------------------------------
@@ -233,6 +255,7 @@ class Runner:
             grace = grace_of(schedule, self.timing)
             last_time = None if last is None else last.fire_time
             self._cursors[schedule.name] = start_cursor(schedule, last_time, self._start, grace)
+        self._loaded = True
         return True
 
     def _slide(self, schedule: Schedule, now: float) -> None:

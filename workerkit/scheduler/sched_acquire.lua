@@ -10,6 +10,9 @@ if cur[1] then
   if cur[1] ~= ARGV[1] then return {0, cur[1], cur[2], cur[3]} end
   epoch = cur[2]
 else
+  -- A counter lost with Redis's data (no persistence) restarts from the clock in ms, above
+  -- every epoch handed out before (fewer than one change of leader per ms): fencing holds.
+  redis.call('SET', KEYS[2], string.format('%d', now), 'NX')
   epoch = string.format('%d', redis.call('INCR', KEYS[2]))
 end
 local expires = string.format('%d', now + tonumber(ARGV[2]))

@@ -8,6 +8,7 @@ at the first instant after the gap; a local time that occurs twice fires once, t
 from __future__ import annotations
 
 import math
+import re
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ __all__ = ("Cron", "Every", "trigger_from", "upcoming")
 # Wall-clock candidates a single next/previous step may skip: those that fall inside a DST
 # fold's second pass or a gap's collapsed range. Far more than any real zone needs.
 _MAX_SKIPPED = 100_000
+_RANDOM = re.compile(r"(^|[\s,/-])R($|[\s,/(-])", re.IGNORECASE)  # croniter's random field
 _MAX_DST_SHIFT = timedelta(hours=3)  # larger than any zone's DST shift (Antarctica/Troll: 2 h)
 
 
@@ -103,6 +105,11 @@ class Cron:
             raise ValueError(
                 f"cron={self.expression!r}: give five fields (minute hour day month weekday),"
                 " e.g. '*/5 * * * *'; for intervals under a minute use every=SECONDS"
+            )
+        if _RANDOM.search(expression):
+            raise ValueError(
+                f"cron={self.expression!r}: 'R' (a random time) is refused: every replica must"
+                " compute the same fire times; write the minute or hour you want"
             )
         if not croniter.is_valid(expression):
             raise ValueError(

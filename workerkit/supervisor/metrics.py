@@ -275,6 +275,8 @@ class SupervisorMetrics:
     def shutdown(self, outcome: str, drain_duration: float | None) -> None:
         """Count the supervisor's shutdown and, when a drain happened, how long it took."""
         self.shutdowns.labels(self.engine, outcome).inc()
+        if self.scheduler:  # whatever its last report said, an exiting scheduler leads no more
+            self.scheduler_leader.set(0.0)
         if drain_duration is not None:
             self.drain_duration.labels(self.engine).observe(max(0.0, drain_duration))
 

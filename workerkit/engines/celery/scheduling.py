@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import importlib
+import sys
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from kombu.transport import redis as kombu_redis
@@ -24,13 +26,17 @@ from kombu.utils.json import dumps
 from workerkit.engines.celery.config import configure_app, load_celery_app, load_tasks
 from workerkit.engines.celery.task import FIRE_TIME_HEADER, SCHEDULE_HEADER
 from workerkit.errors import ConfigurationError, StoreUnavailable
-from workerkit.scheduler.contract import MISFIRE_POLICIES, Schedule, SchedulerBinding
-from workerkit.scheduler.redis_store import DEFAULT_RETENTION, RedisSchedulerStore, RedisWrite
+from workerkit.scheduler.contract import Schedule, SchedulerBinding
+from workerkit.scheduler.plan import validate_schedule
+from workerkit.scheduler.redis_store import (
+    DEFAULT_RETENTION,
+    RedisSchedulerStore,
+    RedisWrite,
+    scheduler_client,
+)
 from workerkit.scheduler.triggers import Every
 
 if TYPE_CHECKING:
-    import redis
-
     from workerkit.scheduler.contract import Trigger
     from workerkit.settings import Settings
 
@@ -50,7 +56,7 @@ ENTRY_OPTIONS: Final = ("queue", "routing_key", "exchange", "expires", "priority
 #: The keys of an entry: Celery beat's, and workerkit's misfire policy (beat has none).
 ENTRY_KEYS: Final = (
     *("task", "schedule", "args", "kwargs", "options", "relative"),
-    *("misfire", "max_catch_up"),
+    *("misfire", "max_catch_up", "misfire_grace"),
 )
 
 
@@ -91,7 +97,7 @@ class CeleryCrontab:
         return "'" + " ".join(str(part) for part in parts) + "'"
 
 
-def _trigger(name: str, entry: dict[str, Any]) -> Trigger:
+def _trigger(app: Any, name: str, entry: dict[str, Any]) -> Trigger:
     from celery.schedules import crontab, schedule, solar
 
     where = f"beat_schedule[{name!r}]"
@@ -107,6 +113,9 @@ def _trigger(name: str, entry: dict[str, Any]) -> Trigger:
             "depend on an astronomy library's output); use a crontab at the times you need"
         )
     if isinstance(value, crontab):
+        # Bound to the app as beat binds its entries (maybe_schedule): its time zone is the
+        # app's, not whichever Celery app happens to be current.
+        value.app = app
         return CeleryCrontab(value)
     seconds: Any = value
     if type(value) is schedule:
@@ -140,29 +149,27 @@ def _entry(app: Any, name: str, entry: Any) -> Schedule:
             f"{where}: option(s) {', '.join(refused)} are not supported by workerkit's "
             f"scheduler; it carries {', '.join(ENTRY_OPTIONS)}"
         )
-    misfire = entry.get("misfire", "latest")
-    if misfire not in MISFIRE_POLICIES:
-        raise ConfigurationError(
-            f"{where}: misfire={misfire!r}; use one of {', '.join(MISFIRE_POLICIES)}"
-        )
-    max_catch_up = entry.get("max_catch_up", 100)
-    if not isinstance(max_catch_up, int) or max_catch_up < 1:
-        raise ConfigurationError(f"{where}: max_catch_up must be a whole number, at least 1")
     args, kwargs = entry.get("args") or (), entry.get("kwargs") or {}
     if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
         raise ConfigurationError(f"{where}: args must be a list or tuple, kwargs a dict")
     queue = options.pop("queue", None)
-    return Schedule(
+    declared = Schedule(
         name=name,
         task=str(entry["task"]),
-        trigger=_trigger(name, entry),
+        trigger=_trigger(app, name, entry),
         args=tuple(args),
         kwargs=dict(kwargs),
         queue=None if queue is None else str(getattr(queue, "name", queue)),
         options=options,
-        misfire=misfire,
-        max_catch_up=max_catch_up,
+        misfire=entry.get("misfire", "latest"),
+        max_catch_up=entry.get("max_catch_up", 100),
+        misfire_grace=entry.get("misfire_grace"),
     )
+    try:
+        validate_schedule(declared)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"{where}: {exc}") from exc
+    return declared
 
 
 def beat_schedules(app: Any) -> tuple[Schedule, ...]:
@@ -219,7 +226,9 @@ class CeleryPublisher:
 
     def _open(self) -> tuple[Any, Any]:
         if self._producer is None:
-            connection = self.app.connection_for_write().clone(transport=_CapturingTransport)
+            connection = self.app.connection_for_write().clone(
+                transport=_CapturingTransport, connect_timeout=2
+            )
             self._connection = connection
             self._producer = self.app.amqp.Producer(connection.default_channel)
         return self._connection, self._producer
@@ -250,7 +259,40 @@ class CeleryPublisher:
                 self._reset()  # the next fire opens a fresh connection
                 raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
             captured = list(transport.captured)
+        if not captured:
+            raise ConfigurationError(
+                f"Celery's routing of {schedule.task!r} (options {options}) reaches no queue "
+                "(a fanout exchange, or an exchange no queue is bound to); route it to a queue"
+            )
         return [RedisWrite("LPUSH", key, (body,)) for key, body in captured]
+
+    def check(self, schedules: Sequence[Schedule]) -> None:
+        """Build each schedule's message once, at startup: what cannot be published (a fanout
+        exchange, a queue the router cannot name) fails now, not at the first fire; and the
+        connection and kombu's queue declarations are warm for it. A broker not reachable
+        yet is left to the first fire."""
+        for schedule in schedules:
+            options = {"queue": schedule.queue} if schedule.queue else {}
+            route = self.app.amqp.router.route(
+                {**schedule.options, **options}, schedule.task, schedule.args, schedule.kwargs
+            )
+            exchange = getattr(route.get("queue"), "exchange", None)
+            if getattr(exchange, "type", "direct") == "fanout":
+                raise ConfigurationError(
+                    f"beat_schedule[{schedule.name!r}]: its queue is a fanout (broadcast) "
+                    "exchange: not supported (every consumer would run the fire)"
+                )
+            try:
+                self(schedule, 0.0, "wk-sched-startup-check")
+            except StoreUnavailable:
+                return
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"beat_schedule[{schedule.name!r}]: {exc}") from exc
+            except Exception as exc:
+                raise ConfigurationError(
+                    f"beat_schedule[{schedule.name!r}]: Celery cannot build its message: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
 
     def _send_task(self, name: str) -> Any:
         def send(args: Any, kwargs: Any, **options: Any) -> Any:
@@ -279,30 +321,26 @@ class CeleryPublisher:
 
 def open_scheduler(settings: Settings) -> SchedulerBinding:
     """The app's ``beat_schedule`` and the Redis store of its broker."""
-    import redis
-
     app = load_celery_app(settings.app)
     configure_app(app, settings)
     load_tasks(app)
     schedules = beat_schedules(app)
-    client: redis.Redis[Any] = redis.Redis.from_url(
-        str(app.conf.broker_url),
-        socket_connect_timeout=5,
-        socket_timeout=5,
-        health_check_interval=30,
-    )
+    publisher = CeleryPublisher(app)
+    publisher.check(schedules)
+    client = scheduler_client(str(app.conf.broker_url))
     retention = float(getattr(settings, "scheduler_retention", DEFAULT_RETENTION))
-    store = RedisSchedulerStore(
-        client, CeleryPublisher(app), prefix=CELERY_SCHEDULER_PREFIX, retention=retention
-    )
+    # kombu's global_keyprefix applies to workerkit's keys too, as to the ledger's.
+    transport = app.conf.broker_transport_options or {}
+    prefix = str(transport.get("global_keyprefix") or "") + CELERY_SCHEDULER_PREFIX
+    store = RedisSchedulerStore(client, publisher, prefix=prefix, retention=retention)
     store.own_client()
     return SchedulerBinding(store=store, schedules=schedules)
 
 
 def main() -> None:
     """``python -m workerkit.engines.celery.scheduling``: the Celery engine's scheduler process."""
-    process = importlib.import_module("workerkit.scheduler.process")  # written by proc
-    process.run_scheduler_process(open_scheduler)
+    process = importlib.import_module("workerkit.scheduler.process")
+    sys.exit(process.run_scheduler_process(open_scheduler))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ __all__ = (
     "QuietRelease",
     "WorkerkitRequestMixin",
     "delivery_tag",
+    "fire_of",
     "request_class",
     "run_job",
     "wrap_tasks",
@@ -232,6 +233,15 @@ def _five_seconds() -> float:
     return 5.0
 
 
+def fire_of(request: Any) -> tuple[str | None, float | None]:
+    """The schedule and fire time of a scheduler's message (its headers), or ``(None, None)``."""
+    schedule = getattr(request, SCHEDULE_HEADER, None)
+    fire_time = getattr(request, FIRE_TIME_HEADER, None)
+    if isinstance(schedule, str) and isinstance(fire_time, (int, float)):
+        return schedule, float(fire_time)
+    return None, None
+
+
 def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     """Run one task with a job context; report its start and finish; map its outcome."""
     request = task.request
@@ -250,12 +260,7 @@ def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwa
     context = CeleryJobContext(
         runtime, task, events, job_id, queue, attempt, generation, started_at
     )
-    schedule, fire_time = (
-        getattr(request, SCHEDULE_HEADER, None),
-        getattr(request, FIRE_TIME_HEADER, None),
-    )
-    if isinstance(schedule, str) and isinstance(fire_time, (int, float)):
-        context.schedule, context.fire_time = schedule, float(fire_time)
+    context.schedule, context.fire_time = fire_of(request)
     if runtime.stop_requested.is_set():
         context.request_stop()
     _announce_start(runtime, events, task, job_id, queue, attempt)

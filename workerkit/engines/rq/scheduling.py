@@ -12,6 +12,7 @@ runs it (``workerkit scheduler rq``).
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any, Final
 
 from rq.job import Job, JobStatus
@@ -24,7 +25,12 @@ from workerkit.engines.rq.serializers import resolve_rq_serializer
 from workerkit.engines.rq.tasks import RqApp, load_app
 from workerkit.errors import ConfigurationError
 from workerkit.scheduler.contract import Schedule, SchedulerBinding
-from workerkit.scheduler.redis_store import DEFAULT_RETENTION, RedisSchedulerStore, RedisWrite
+from workerkit.scheduler.redis_store import (
+    DEFAULT_RETENTION,
+    RedisSchedulerStore,
+    RedisWrite,
+    scheduler_client,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -129,11 +135,7 @@ def open_scheduler(settings: Settings) -> SchedulerBinding:
     app = load_app(settings)
     serializer = workers_serializer(app)
     schedules = check_schedules(app, serializer)
-    import redis
-
-    client: redis.Redis[Any] = redis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=5, socket_timeout=5, health_check_interval=30
-    )
+    client = scheduler_client(settings.redis_url)
     retention = float(getattr(settings, "scheduler_retention", DEFAULT_RETENTION))
     store = RedisSchedulerStore(
         client,
@@ -147,8 +149,8 @@ def open_scheduler(settings: Settings) -> SchedulerBinding:
 
 def main() -> None:
     """``python -m workerkit.engines.rq.scheduling``: the scheduler process of the RQ engine."""
-    process = importlib.import_module("workerkit.scheduler.process")  # written by proc
-    process.run_scheduler_process(open_scheduler)
+    process = importlib.import_module("workerkit.scheduler.process")
+    sys.exit(process.run_scheduler_process(open_scheduler))
 
 
 if __name__ == "__main__":

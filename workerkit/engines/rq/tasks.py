@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from workerkit.errors import ConfigurationError, UnknownTask
-from workerkit.scheduler.contract import MISFIRE_POLICIES, Misfire, Schedule
+from workerkit.scheduler.contract import Misfire, Schedule
 
 if TYPE_CHECKING:
     from workerkit.scheduler.contract import Trigger
@@ -266,6 +266,7 @@ class RqApp:
         *,
         cron: str | None = None,
         every: float | None = None,
+        anchor: float | None = None,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
         timezone: str | None = None,
@@ -289,7 +290,7 @@ class RqApp:
         def declare(func: F) -> F:
             task = f"{func.__module__}.{func.__qualname__}"
             self.schedule(
-                name, task, cron=cron, every=every, args=args, kwargs=kwargs,
+                name, task, cron=cron, every=every, anchor=anchor, args=args, kwargs=kwargs,
                 timezone=timezone, queue=queue, misfire=misfire, max_catch_up=max_catch_up,
                 misfire_grace=misfire_grace, **options,
             )  # fmt: skip
@@ -304,6 +305,7 @@ class RqApp:
         *,
         cron: str | None = None,
         every: float | None = None,
+        anchor: float | None = None,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
         timezone: str | None = None,
@@ -315,10 +317,11 @@ class RqApp:
     ) -> Schedule:
         """Enqueue ``task(*args, **kwargs)`` on ``queue`` at every fire time.
 
-        ``cron`` (five fields, in ``timezone``, UTC by default) or ``every`` seconds (aligned to
-        the epoch, so every replica computes the same times). ``misfire``: what to do with
-        times missed while no scheduler ran (``skip``, ``latest``, ``all`` up to
-        ``max_catch_up``). ``options``: RQ's enqueue options (:data:`RQ_SCHEDULE_OPTIONS`).
+        ``cron`` (five fields, in ``timezone``, UTC by default) or ``every`` seconds (at
+        ``anchor + k * every``, the epoch by default, so every replica computes the same
+        times). ``misfire``: what to do with times missed while no scheduler ran (``skip``,
+        ``latest``, ``all`` up to ``max_catch_up``). ``options``: RQ's enqueue options
+        (:data:`RQ_SCHEDULE_OPTIONS`).
         """
         where = f"RqApp.schedule({name!r})"
         if not isinstance(name, str) or not name.strip():
@@ -333,18 +336,12 @@ class RqApp:
                 f"{where}: unknown option(s) {', '.join(unknown)}; RQ's enqueue options here "
                 f"are {', '.join(RQ_SCHEDULE_OPTIONS)}"
             )
-        if misfire not in MISFIRE_POLICIES:
-            raise ConfigurationError(
-                f"{where}: misfire={misfire!r}; use one of {', '.join(MISFIRE_POLICIES)}"
-            )
-        if max_catch_up < 1:
-            raise ConfigurationError(f"{where}: max_catch_up must be at least 1")
         if not queue or not isinstance(queue, str):
             raise ConfigurationError(f"{where}: queue must be a queue name such as 'default'")
         schedule = Schedule(
             name=name,
             task=task,
-            trigger=_trigger(where, cron, every, timezone),
+            trigger=_trigger(where, cron, every, timezone, anchor),
             args=tuple(args),
             kwargs=dict(kwargs or {}),
             queue=queue,
@@ -353,6 +350,12 @@ class RqApp:
             max_catch_up=max_catch_up,
             misfire_grace=misfire_grace,
         )
+        from workerkit.scheduler.plan import validate_schedule
+
+        try:
+            validate_schedule(schedule)
+        except ValueError as exc:
+            raise ConfigurationError(f"{where}: {exc}") from exc
         self.schedules[name] = schedule
         return schedule
 
@@ -367,12 +370,14 @@ class RqApp:
         return [TaskTiming.of(task) for task in self.tasks.values()]
 
 
-def _trigger(where: str, cron: str | None, every: float | None, timezone: str | None) -> Trigger:
+def _trigger(
+    where: str, cron: str | None, every: float | None, timezone: str | None, anchor: float | None
+) -> Trigger:
     """The trigger of ``cron=`` or ``every=`` (exactly one), with a clear error otherwise."""
     from workerkit.scheduler.triggers import trigger_from
 
     try:
-        return trigger_from(cron=cron, every=every, timezone=timezone)
+        return trigger_from(cron=cron, every=every, timezone=timezone, anchor=anchor)
     except ValueError as exc:
         raise ConfigurationError(f"{where}: {exc}") from exc
 

@@ -54,6 +54,11 @@ LEASE_NAME: Final = "scheduler"
 #: Attempts of a scheduled job whose schedule does not say (``options["max_attempts"]``).
 DEFAULT_MAX_ATTEMPTS: Final = 3
 
+#: The connect timeout of the store's PostgreSQL connections unless the URL sets one (seconds):
+#: a connect that hangs (a partition) holds up the runner's renewals, so it is kept well under
+#: the renew deadline; the runner tries again each retry period.
+_CONNECT_TIMEOUT: Final = 3
+
 _L = scheduler_lease.c
 _F = scheduler_fires.c
 _S = scheduler_schedules.c
@@ -79,7 +84,7 @@ class SqlSchedulerStore(db.ForkSafeEngine):
         self.url = db.normalize_url(url)
         self.dialect = self.url.get_backend_name()
         self.lease_name = lease_name
-        self._adopt_engine(db.create_engine_for(self.url))
+        self._adopt_engine(db.create_engine_for(self.url, connect_timeout=_CONNECT_TIMEOUT))
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
 
     def __repr__(self) -> str:
@@ -263,15 +268,12 @@ class SqlSchedulerStore(db.ForkSafeEngine):
         Checked inside it, in this order: the epoch of a live lease (``NOT_LEADER``), the
         record (``ALREADY_FIRED``), the registered fingerprint and removal (``STALE``; an
         unregistered schedule is stale too: no leader has vouched for its definition), pause
-        (``PAUSED``).
+        (``PAUSED``). Four round trips on PostgreSQL besides BEGIN and COMMIT at most: the
+        checks are one SELECT, the NOTIFY rides on the job's INSERT.
         """
         key = fire_key(fire_time)
         job = self._job(schedule, fire_time)
-        state = (
-            sa.select(_S.fingerprint, _S.paused, _S.removed)
-            .where(_S.name == schedule.name)
-            .with_for_update(read=True)
-        )
+        checks = self._fire_checks(schedule.name, key, epoch)
         record = (
             self._insert(scheduler_fires)
             .values(
@@ -286,27 +288,54 @@ class SqlSchedulerStore(db.ForkSafeEngine):
             .on_conflict_do_nothing(index_elements=[_F.schedule, _F.fire_ms])
             .returning(_F.fire_ms)
         )
+        enqueue = statements.insert_job(self.dialect, job)
+        if self.dialect == "postgresql":  # wakes the workers, at commit only
+            enqueue = enqueue.returning(sa.func.pg_notify(NOTIFY_CHANNEL, job.queue))
         consumed = sa.delete(scheduler_triggers).where(
             _T.schedule == schedule.name, _T.at_ms == key
         )
-        exists = sa.select(_F.fire_ms).where(_F.schedule == schedule.name, _F.fire_ms == key)
         with self._write() as conn:
-            if epoch is not None and not self._current(conn, epoch):
+            row = conn.execute(checks).first()
+            if row is None:  # no lease row, or the schedule was never registered
+                if epoch is not None and not self._current(conn, epoch):
+                    return FireOutcome.NOT_LEADER
+                return FireOutcome.STALE
+            if epoch is not None and not (row.holder and row.live and int(row.epoch) == epoch):
                 return FireOutcome.NOT_LEADER
-            row = conn.execute(state).first()
-            if conn.execute(exists).first() is not None:
+            if row.fired:
+                if row.requested:  # a request for a time that fired: nothing left to do
+                    conn.execute(consumed)
                 return FireOutcome.ALREADY_FIRED
-            if row is None or row.removed or row.fingerprint != schedule.fingerprint():
+            if row.removed or row.fingerprint != schedule.fingerprint():
                 return FireOutcome.STALE
             if row.paused:
                 return FireOutcome.PAUSED
             if conn.execute(record).first() is None:  # fired meanwhile, by a standby
                 return FireOutcome.ALREADY_FIRED
-            conn.execute(statements.insert_job(self.dialect, job))
-            conn.execute(consumed)
-            if self.dialect == "postgresql":  # wakes the workers, at commit only
-                conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, job.queue)))
+            conn.execute(enqueue)
+            if row.requested:
+                conn.execute(consumed)
         return FireOutcome.FIRED
+
+    def _fire_checks(self, name: str, key: int, epoch: int | None) -> sa.Select[Any]:
+        """One SELECT of what a fire checks: the schedule's row and, for a leader's fire, the
+        lease row, both ``FOR SHARE`` (see :meth:`_current`); whether the time has a record
+        and a trigger request."""
+        fired = sa.exists().where(_F.schedule == name, _F.fire_ms == key)
+        requested = sa.exists().where(_T.schedule == name, _T.at_ms == key)
+        checks = sa.select(
+            _S.fingerprint,
+            _S.paused,
+            _S.removed,
+            fired.label("fired"),
+            requested.label("requested"),
+        ).where(_S.name == name)
+        if epoch is not None:
+            lease = scheduler_lease.join(scheduler_schedules, _L.name == self.lease_name)
+            checks = checks.add_columns(
+                _L.epoch, _L.holder, (_L.expires_at > db_now()).label("live")
+            ).select_from(lease)
+        return checks.with_for_update(read=True)
 
     def _job(self, schedule: Schedule, fire_time: float) -> NewJob:
         """The job of one fire: its deterministic id, the schedule's arguments and origin."""
