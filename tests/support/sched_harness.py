@@ -53,7 +53,7 @@ _T = TypeVar("_T")
 class _EngineSpec:
     app: str
     worker_argv: tuple[str, ...]
-    worker_settings: Callable[[str], dict[str, str]]
+    worker_settings: Mapping[str, str]
     store_settings: Callable[[str], dict[str, str]]
 
 
@@ -61,19 +61,19 @@ _SPECS = {
     "sql": _EngineSpec(
         app="tests.apps.sched_sql:app",
         worker_argv=("run", "sql"),
-        worker_settings=lambda url: {"poll_interval": "0.1"},
+        worker_settings={"poll_interval": "0.1"},
         store_settings=lambda url: {"database_url": url},
     ),
     "rq": _EngineSpec(
         app="tests.apps.sched_rq:app",
         worker_argv=("run", "rq", "--worker-class", "simple"),
-        worker_settings=lambda url: {},
+        worker_settings={},
         store_settings=lambda url: {"redis_url": url},
     ),
     "celery": _EngineSpec(
         app="tests.apps.sched_celery:app",
         worker_argv=("run", "celery", "--", "--pool", "solo"),
-        worker_settings=lambda url: {"queues": "celery", "log_level": "info"},
+        worker_settings={"queues": "celery", "log_level": "info"},
         store_settings=lambda url: {"redis_url": url, "E2E_REDIS_URL": url},
     ),
 }
@@ -181,7 +181,7 @@ class SchedCase:
             app=self.spec.app,
             name=f"worker-{self.engine}",
             engine={**self.spec.store_settings(self.store_url)},
-            settings=self.spec.worker_settings(self.store_url),
+            settings=self.spec.worker_settings,
             new_session=True,
         )
         return self.worker
