@@ -73,7 +73,7 @@ def cases(
     postgres_server: PostgresServer,
     postgres_template: str,
 ) -> Iterator[dict[str, tuple[SchedCase, BaseException | None]]]:
-    with engine_stores(redis_server, postgres_server, postgres_template) as urls:
+    with engine_stores(redis_server, postgres_server, postgres_template, slot=3) as urls:
         tmp = tmp_path_factory.mktemp("sched-chaos")
         by_engine = {e: SchedCase(e, Path(tmp / e), urls[e], settings=TIMING) for e in ENGINES}
         try:

@@ -133,7 +133,7 @@ def cases(
     outage = {
         e: SchedCase(e, Path(tmp / "outage" / e), urls[e], schedules="misfire") for e in ENGINES
     }
-    with engine_stores(redis_server, postgres_server, postgres_template, slot=4) as down_urls:
+    with engine_stores(redis_server, postgres_server, postgres_template, slot=2) as down_urls:
         down = {
             e: SchedCase(e, Path(tmp / "down" / e), down_urls[e], schedules="misfire")
             for e in ENGINES

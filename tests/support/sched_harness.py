@@ -45,6 +45,8 @@ __all__ = (
 )
 
 ENGINES = ("sql", "rq", "celery")
+#: Redis databases (rq, celery) of each slot of :func:`engine_stores`.
+_REDIS_SLOTS = ((2, 3), (8, 9), (10, 11), (14, 15))
 
 _T = TypeVar("_T")
 
@@ -322,7 +324,8 @@ def engine_stores(
 ) -> Iterator[dict[str, str]]:
     """Each engine's store URL for one scenario: a PostgreSQL database copied from the
     migrated template for sql, a Redis database of its own (flushed before and after) for rq
-    (db 2 + 2 * slot) and celery (db 3 + 2 * slot); scenarios that run at once take slots 0-5."""
+    and celery, by ``slot`` (0-3; scenarios that run at once take different slots). The
+    databases are ones no other test module uses (they use 1, 4, 6, 7, 12, 13)."""
     import redis as redis_lib
 
     urls: dict[str, str] = {}
@@ -331,7 +334,7 @@ def engine_stores(
     if "sql" in wanted:
         servers.create_database(postgres, database, template)
         urls["sql"] = postgres.url(database)
-    for engine, db in (("rq", 2 + 2 * slot), ("celery", 3 + 2 * slot)):
+    for engine, db in zip(("rq", "celery"), _REDIS_SLOTS[slot], strict=True):
         if engine in wanted:
             urls[engine] = redis.url(db)
     flush = [url for engine, url in urls.items() if engine != "sql"]
