@@ -43,7 +43,13 @@ _CELERY_APP_HELP = (
 )
 
 
-def _setting_options(engine: str | None) -> Callable[[F], F]:
+_SCHEDULER_APP_HELP = (
+    "The app whose schedules to run: MODULE:APP (sql: a workerkit.App, rq: an RqApp); celery: "
+    "what `celery -A` takes (the app's beat_schedule)."
+)
+
+
+def _setting_options(engine: str | None, *, short_app: bool = False) -> Callable[[F], F]:
     """:func:`settings_options`; for ``workerkit run ENGINE``, the other engines' are hidden.
 
     A hidden option is still parsed (it is not handed to the engine's worker as an unknown
@@ -61,9 +67,9 @@ def _setting_options(engine: str | None) -> Callable[[F], F]:
                 )
                 continue
             flags, text = [spec.cli_flag], spec.help
-            if spec.name == "app" and engine == "celery":
+            if spec.name == "app" and (engine == "celery" or short_app):
                 flags.insert(0, "-A")  # Celery's own spelling: celery -A proj worker
-                text = _CELERY_APP_HELP
+                text = _CELERY_APP_HELP if engine == "celery" else _SCHEDULER_APP_HELP
             env_hint = f" [env: {spec.env_var}; default: {_show_default(spec.default)}]"
             func = click.option(
                 *flags,
@@ -367,7 +373,7 @@ def _refuse_other_engines(engine: str, options: dict[str, Any]) -> None:
         owners = (
             f"a setting of the {' and '.join(spec.engines)} engine{'s' * (len(spec.engines) > 1)}"
             if spec.engines
-            else "a setting of the scheduler, read by workerkit check"
+            else "a setting of the scheduler: workerkit scheduler ENGINE"
         )
         _refuse(
             f"workerkit run {engine}: {spec.cli_flag} does not apply to the {engine} engine (it "
@@ -409,3 +415,167 @@ def _run(
 
 for _engine in ENGINE_OPTIONS:
     run.add_command(_run_command(_engine))
+
+
+# --- scheduler, schedules -----------------------------------------------------------------------
+
+_ENGINE_CHOICE = click.Choice(list(ENGINE_OPTIONS))
+
+
+@main.command()
+@click.argument("engine", type=_ENGINE_CHOICE)
+@_setting_options(None, short_app=True)
+def scheduler(engine: str, config_file: str | None, **options: Any) -> None:
+    """Run ENGINE's leader-elected scheduler under the supervisor (the container's entrypoint).
+
+    Run 2 or more replicas: one leads and fires each schedule's times on time; the others stand
+    by and fire a time nobody recorded scheduler_standby_delay after it, so a crashed leader
+    costs a late fire, not a missed one. Every fire time is enqueued exactly once. On SIGTERM
+    the leader hands its lease over at once and the process exits 0. The schedules are the
+    app's (--app): see docs/concepts/scheduler.md.
+    """
+    from workerkit.engines import get_engine
+    from workerkit.logs import configure_logging
+    from workerkit.supervisor.scheduling import run_scheduler_supervisor
+
+    settings = _load(options, config_file, engine=engine)
+    configure_logging(settings.log_level, settings.log_format)
+    if not settings.app:
+        _refuse(
+            f"workerkit scheduler {engine}: give the app whose schedules to run: --app "
+            "MODULE:APP (or WORKERKIT_APP)"
+        )
+    try:
+        engine_impl = get_engine(settings.engine, [])
+    except WorkerkitError as exc:
+        _fail(exc, exitcodes.CONFIG_ERROR)
+        return
+    code = run_scheduler_supervisor(settings, engine_impl)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def schedules(ctx: click.Context) -> None:
+    """List the schedules, pause, resume or trigger one (the store's state, shared by replicas).
+
+    Without a command: list, with the settings from the environment and the config file.
+    """
+    if ctx.invoked_subcommand is None:
+        _schedules_list(None, {}, as_json=False)
+
+
+def _engine_flag(func: F) -> F:
+    return click.option(
+        "--engine", "engine", default=None, help="sql, rq or celery [env: WORKERKIT_ENGINE]."
+    )(func)
+
+
+@schedules.command("list")
+@_engine_flag
+@click.option("--json", "as_json", is_flag=True, help="JSON for machines (times in epoch s).")
+@settings_options
+def schedules_list(config_file: str | None, as_json: bool, **options: Any) -> None:
+    """Every schedule: its next fire times, its last fire and how it went, and who leads."""
+    _schedules_list(config_file, options, as_json=as_json)
+
+
+@schedules.command("pause")
+@click.argument("name")
+@_engine_flag
+@settings_options
+def schedules_pause(name: str, config_file: str | None, **options: Any) -> None:
+    """Pause schedule NAME: no replica fires it until it is resumed (times meanwhile are
+    missed, and follow its misfire policy on resume only within the misfire grace)."""
+    _schedule_state(name, config_file, options, "pause")
+
+
+@schedules.command("resume")
+@click.argument("name")
+@_engine_flag
+@settings_options
+def schedules_resume(name: str, config_file: str | None, **options: Any) -> None:
+    """Resume schedule NAME."""
+    _schedule_state(name, config_file, options, "resume")
+
+
+@schedules.command("trigger")
+@click.argument("name")
+@_engine_flag
+@settings_options
+def schedules_trigger(name: str, config_file: str | None, **options: Any) -> None:
+    """Fire schedule NAME now (once): the leader enqueues it within scheduler_retry_period,
+    with the store's time now as its fire time."""
+    _schedule_state(name, config_file, options, "trigger")
+
+
+def _open_binding(settings: Settings) -> Any:
+    """The engine's scheduler binding (the engine's module is imported only now)."""
+    import importlib
+
+    from workerkit.errors import StoreUnavailable
+
+    try:
+        module = importlib.import_module(f"workerkit.engines.{settings.engine}.scheduling")
+        return module.open_scheduler(settings)
+    except ImportError as exc:
+        _refuse(f"the {settings.engine} engine's scheduler cannot be loaded: {exc}")
+    except ConfigurationError as exc:
+        _fail(exc, exitcodes.CONFIG_ERROR)
+    except StoreUnavailable as exc:
+        _fail(exc, exitcodes.STORE_UNAVAILABLE)
+
+
+def _schedules_list(config_file: str | None, options: dict[str, Any], *, as_json: bool) -> None:
+    from workerkit.errors import StoreUnavailable
+    from workerkit.scheduler.overview import overview, render_text, to_json
+
+    settings = _load(options, config_file)
+    _debug_logging(settings)
+    binding = _open_binding(settings)
+    try:
+        view = overview(binding)
+    except StoreUnavailable as exc:
+        _fail(exc, exitcodes.STORE_UNAVAILABLE)
+        return
+    finally:
+        binding.store.close()
+    click.echo(json.dumps(to_json(view), indent=2) if as_json else render_text(view))
+
+
+def _schedule_state(name: str, config_file: str | None, options: dict[str, Any], what: str) -> None:
+    from workerkit.errors import StoreUnavailable
+    from workerkit.scheduler.overview import names
+
+    settings = _load(options, config_file)
+    _debug_logging(settings)
+    binding = _open_binding(settings)
+    store = binding.store
+    try:
+        if what == "trigger":
+            at = store.clock()
+            known = store.request_trigger(name, at)
+        else:
+            known = store.set_paused(name, what == "pause")
+    except StoreUnavailable as exc:
+        _fail(exc, exitcodes.STORE_UNAVAILABLE)
+        return
+    finally:
+        store.close()
+    if not known:
+        listed = ", ".join(names(binding)) or "none"
+        _refuse(
+            f"schedules {what} {name}: the store knows no schedule {name!r} (the app's: "
+            f"{listed}); a schedule is known once a leader registered it (workerkit scheduler "
+            f"{settings.engine} running this code)"
+        )
+    done = {
+        "pause": f"schedule {name} paused: no replica fires it until `workerkit schedules resume`",
+        "resume": f"schedule {name} resumed",
+        "trigger": f"schedule {name} triggered: the leader fires it within "
+        f"{settings.scheduler_retry_period:g} s (scheduler_retry_period)",
+    }
+    click.echo(done[what])

@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
-import re
 import tomllib
-import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from workerkit.errors import ConfigurationError, SettingError, UnknownSetting
+from workerkit.parsers import (
+    choice,
+    optional,
+    parse_bool,
+    parse_database_url,
+    parse_int,
+    parse_seconds,
+    parse_str,
+    parse_str_list,
+    redacted,
+)
 
 __all__ = (
     "DEFAULT_QUEUES",
@@ -64,117 +72,6 @@ DEFAULT_QUEUES: tuple[str, ...] = ("default",)
 MAX_SECONDS = 1e9
 
 
-# --- parsers: text (env, CLI) or TOML value -> typed value, or ValueError with what's accepted --
-
-
-def _parse_seconds(raw: object) -> float:
-    if isinstance(raw, bool):
-        raise ValueError("a number of seconds, such as 30 or 2.5")
-    if isinstance(raw, int | float):
-        value = float(raw)
-    elif isinstance(raw, str):
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise ValueError("a number of seconds, such as 30 or 2.5 (no unit)") from None
-    else:
-        raise ValueError("a number of seconds, such as 30 or 2.5")
-    if not math.isfinite(value):
-        raise ValueError("a finite number of seconds")
-    return value
-
-
-def _parse_int(raw: object) -> int:
-    if isinstance(raw, bool):
-        raise ValueError("a whole number")
-    if isinstance(raw, int):
-        return raw
-    if isinstance(raw, str):
-        try:
-            return int(raw.strip())
-        except ValueError:
-            raise ValueError("a whole number") from None
-    raise ValueError("a whole number")
-
-
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-
-
-def _parse_bool(raw: object) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
-        return raw.strip().lower() in _TRUE
-    raise ValueError("true or false (also 1/0, yes/no, on/off)")
-
-
-def _parse_str(raw: object) -> str:
-    if not isinstance(raw, str):
-        raise ValueError("a string")
-    return raw
-
-
-_URL_EXAMPLES = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB"
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9]*(\+[A-Za-z0-9_]+)?")
-
-
-def _parse_database_url(raw: object) -> str:
-    """A URL SQLAlchemy can parse: ``dialect[+driver]://...`` with a numeric port, if any.
-
-    Only its shape, without importing SQLAlchemy (the supervisor and the CLI load no engine
-    library, and every engine's worker reads this setting from its environment). Whether the
-    dialect exists and the SQL store supports it is checked by the sql engine at start.
-    """
-    text = _parse_str(raw).strip()
-    scheme, sep, _ = text.partition("://")
-    if not sep or not _SCHEME.fullmatch(scheme):
-        raise ValueError(f"a SQLAlchemy URL, such as {_URL_EXAMPLES}")
-    try:
-        urllib.parse.urlsplit(text).port  # noqa: B018 - raises on a port that is not a number
-    except ValueError:
-        raise ValueError(f"a URL whose port is a number, such as {_URL_EXAMPLES}") from None
-    return text
-
-
-def _redacted(raw: object) -> object:
-    """``raw`` with the password of a URL replaced by ``***`` (for error messages)."""
-    if not isinstance(raw, str):
-        return raw
-    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", raw)
-
-
-def _parse_str_list(raw: object) -> tuple[str, ...]:
-    if isinstance(raw, str):
-        items = [part.strip() for part in raw.split(",")]
-    elif isinstance(raw, list | tuple):
-        items = [str(part).strip() for part in raw]
-    else:
-        raise ValueError("a comma-separated list, such as 'default,emails'")
-    items = [item for item in items if item]
-    if not items:
-        raise ValueError("at least one name, such as 'default'")
-    return tuple(items)
-
-
-def _choice(*choices: str) -> Callable[[object], str]:
-    def parse(raw: object) -> str:
-        if isinstance(raw, str) and raw.strip().lower() in choices:
-            return raw.strip().lower()
-        raise ValueError("one of " + ", ".join(repr(c) for c in choices))
-
-    return parse
-
-
-def _optional(parse: Callable[[object], Any]) -> Callable[[object], Any]:
-    def parse_optional(raw: object) -> Any:
-        if raw is None or (isinstance(raw, str) and raw.strip().lower() in {"", "none", "auto"}):
-            return None
-        return parse(raw)
-
-    return parse_optional
-
-
 @dataclass(frozen=True)
 class SettingSpec:
     """How one setting is named, documented, parsed and bounded."""
@@ -187,8 +84,9 @@ class SettingSpec:
     exclusive_minimum: bool = False
     maximum: float | None = None
     symbol: str = ""
-    #: The engines whose ``workerkit run ENGINE`` reads it; () for the scheduler's settings
-    #: (read by ``workerkit check``). ``workerkit run`` refuses the option of another engine.
+    #: The engines whose ``workerkit run ENGINE`` reads it; () for the scheduler's settings (read
+    #: by ``workerkit scheduler`` and ``workerkit check``). ``workerkit run`` refuses the option
+    #: of another engine.
     engines: tuple[str, ...] = ENGINES
     #: Why the lower bound is where it is, said when a value is under it.
     minimum_why: str = ""
@@ -205,7 +103,7 @@ class SettingSpec:
 
     def coerce(self, raw: object, source: str) -> Any:
         """Parse and bound-check one raw value; raise SettingError saying what is accepted."""
-        shown = _redacted(raw) if self.name.endswith("_url") else raw
+        shown = redacted(raw) if self.name.endswith("_url") else raw
         try:
             value = self.parse(raw)
         except ValueError as exc:
@@ -269,8 +167,8 @@ def _s(
     return field(default=default, metadata=meta)
 
 
-_seconds = _parse_seconds
-_opt_seconds = _optional(_parse_seconds)
+_seconds = parse_seconds
+_opt_seconds = optional(parse_seconds)
 
 
 @dataclass(frozen=True)
@@ -278,23 +176,21 @@ class Settings:
     """Every workerkit setting, with its default. Build it with :func:`load_settings`."""
 
     # What to run.
-    engine: str = _s("sql", "Which engine runs the jobs: sql, rq or celery.", _choice(*ENGINES))
-    app: str | None = _s(
-        None, "The application to load, as MODULE:ATTRIBUTE.", _optional(_parse_str)
-    )
+    engine: str = _s("sql", "Which engine runs the jobs: sql, rq or celery.", choice(*ENGINES))
+    app: str | None = _s(None, "The application to load, as MODULE:ATTRIBUTE.", optional(parse_str))
     queues: tuple[str, ...] | None = _s(
         None,
         "Queues to consume, comma-separated. Not set: `default`; celery: the app's queues, "
         "as `celery worker` without -Q (`task_default_queue`, `celery` unless set).",
-        _optional(_parse_str_list),
+        optional(parse_str_list),
     )
     concurrency: int = _s(
-        1, "Jobs one worker runs at once.", _parse_int, minimum=1, engines=("sql", "celery")
+        1, "Jobs one worker runs at once.", parse_int, minimum=1, engines=("sql", "celery")
     )
     replicas: int = _s(
         1,
         "How many worker pods or hosts share the queue (SQLite allows only one).",
-        _parse_int,
+        parse_int,
         minimum=1,
         engines=("sql",),
     )
@@ -303,11 +199,11 @@ class Settings:
         "SQLAlchemy URL of the SQL queue and store: sqlite:///PATH (one host) or "
         "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB (postgres:// and postgresql:// use "
         "psycopg 3).",
-        _parse_database_url,
+        parse_database_url,
         engines=("sql",),
     )
     redis_url: str = _s(
-        "redis://127.0.0.1:6379/0", "URL of the Redis server.", _parse_str, engines=("rq", "celery")
+        "redis://127.0.0.1:6379/0", "URL of the Redis server.", parse_str, engines=("rq", "celery")
     )
 
     # The timing budget (docs/concepts/timing-budget.md).
@@ -399,34 +295,64 @@ class Settings:
         minimum=0,
         engines=("celery",),
     )
-    leader_lease: float = _s(
+    # The scheduler (workerkit scheduler ENGINE; docs/concepts/scheduler.md).
+    scheduler_lease_duration: float = _s(
         15.0,
-        "Scheduler leadership lease (L).",
+        "Scheduler leadership lease: how long a standby waits for a silent leader (L).",
         _seconds,
         minimum=0,
         exclusive_minimum=True,
         symbol="L",
         engines=(),
     )
-    renew_deadline: float = _s(
+    scheduler_renew_deadline: float = _s(
         10.0,
-        "How long a leader keeps trying to renew before it steps down (Rd).",
+        "A leader that has not renewed its lease for this long stops firing (Rd).",
         _seconds,
         minimum=0,
         exclusive_minimum=True,
         symbol="Rd",
         engines=(),
     )
-    retry_period: float = _s(
+    scheduler_retry_period: float = _s(
         2.0,
-        "How often a scheduler tries to acquire or renew leadership (Rp).",
+        "How often a scheduler renews or tries to acquire leadership, and polls trigger "
+        "requests (Rp).",
+        _seconds,
+        minimum=0.05,
+        symbol="Rp",
+        engines=(),
+        minimum_why="renewing a lease more than 20 times a second is a busy loop on the store",
+    )
+    scheduler_standby_delay: float = _s(
+        0.5,
+        "A standby fires a fire time nobody recorded this long after it (Sd): a crashed "
+        "leader costs a late fire, not a missed one.",
+        _seconds,
+        minimum=0,
+        symbol="Sd",
+        engines=(),
+    )
+    scheduler_misfire_grace: float = _s(
+        2.0,
+        "A fire time later than this is missed and follows its schedule's misfire policy; "
+        "within it, it still fires late (Mg).",
         _seconds,
         minimum=0,
         exclusive_minimum=True,
-        symbol="Rp",
+        symbol="Mg",
         engines=(),
     )
-    strict: bool = _s(False, "Treat timing-budget warnings as errors.", _parse_bool)
+    scheduler_retention: float = _s(
+        604800.0,
+        "How long fire records are kept (each schedule's last one always is).",
+        _seconds,
+        minimum=60,
+        engines=(),
+        minimum_why="the records are what keeps a fire time from firing twice, and a standby "
+        "may fire up to the misfire grace late",
+    )
+    strict: bool = _s(False, "Treat timing-budget warnings as errors.", parse_bool)
 
     # Queue behaviour.
     poll_interval: float = _s(
@@ -443,17 +369,17 @@ class Settings:
     max_payload_bytes: int = _s(
         1_048_576,
         "Largest encoded job payload accepted at enqueue.",
-        _parse_int,
+        parse_int,
         minimum=1,
         engines=("sql",),
     )
 
     # Operations.
-    http_host: str = _s("0.0.0.0", "Address the probes and /metrics listen on.", _parse_str)  # noqa: S104 - pods are reached on their own IP
+    http_host: str = _s("0.0.0.0", "Address the probes and /metrics listen on.", parse_str)  # noqa: S104 - pods are reached on their own IP
     http_port: int = _s(
         8080,
         "Port of the probes and /metrics (0 turns HTTP off).",
-        _parse_int,
+        parse_int,
         minimum=0,
         maximum=65535,
     )
@@ -476,10 +402,10 @@ class Settings:
         minimum_why="a store that is starting or restarting needs seconds to answer",
     )
     log_level: str = _s(
-        "info", "Log level.", _choice("debug", "info", "warning", "error", "critical")
+        "info", "Log level.", choice("debug", "info", "warning", "error", "critical")
     )
     log_format: str = _s(
-        "json", "Log format: json (one object a line) or text.", _choice("json", "text")
+        "json", "Log format: json (one object a line) or text.", choice("json", "text")
     )
 
     # --- derived values of the timing budget ---------------------------------------------
@@ -549,9 +475,19 @@ def setting_specs() -> tuple[SettingSpec, ...]:
     return tuple(specs)
 
 
+#: Settings that were renamed: the old name's error names the new one.
+_RENAMED: dict[str, str] = {
+    "leader_lease": "scheduler_lease_duration",
+    "renew_deadline": "scheduler_renew_deadline",
+    "retry_period": "scheduler_retry_period",
+}
+
+
 def _unknown_key(key: str, source: str) -> UnknownSetting:
     names = [spec.name for spec in setting_specs()]
-    close = difflib.get_close_matches(key.replace("-", "_").lower(), names, n=1)
+    wanted = key.replace("-", "_").lower()
+    close = [_RENAMED[wanted]] if wanted in _RENAMED else []
+    close = close or difflib.get_close_matches(wanted, names, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return UnknownSetting(
         key, f"{hint}the settings are listed in docs/reference/settings.md", source

@@ -143,17 +143,28 @@ def test_run_help_lists_the_engines(tmp_path: Path) -> None:
         (
             "rq",
             ["--worker-class", "--serializer", "--url", "--with-scheduler", "--redis-url"],
-            ["--poll-interval", "--database-url", "--leader-lease", "--recovery-window"],
+            [
+                "--poll-interval",
+                "--database-url",
+                "--scheduler-lease-duration",
+                "--recovery-window",
+            ],
         ),
         (
             "celery",
             ["-A, --app", "--recovery-window", "--max-countdown", "--concurrency"],
-            ["--poll-interval", "--database-url", "--leader-lease", "--worker-class"],
+            ["--poll-interval", "--database-url", "--scheduler-lease-duration", "--worker-class"],
         ),
         (
             "sql",
             ["--poll-interval", "--database-url", "--concurrency"],
-            ["--redis-url", "--worker-class", "--leader-lease", "--recovery-window", "-A,"],
+            [
+                "--redis-url",
+                "--worker-class",
+                "--scheduler-lease-duration",
+                "--recovery-window",
+                "-A,",
+            ],
         ),
     ],
 )
@@ -173,7 +184,11 @@ def test_each_engine_has_its_own_help(
     [
         ("rq", ["--poll-interval", "2"], "--poll-interval does not apply to the rq engine"),
         ("rq", ["--concurrency", "4"], "--concurrency does not apply to the rq engine"),
-        ("rq", ["--leader-lease", "20"], "--leader-lease does not apply to the rq engine"),
+        (
+            "rq",
+            ["--scheduler-lease-duration", "20"],
+            "--scheduler-lease-duration does not apply to the rq engine",
+        ),
         ("celery", ["--database-url", "sqlite://"], "--database-url does not apply"),
         ("celery", ["--worker-class", "simple"], "--worker-class is an option of the rq engine"),
         ("sql", ["--with-scheduler"], "--with-scheduler is an option of the rq engine"),

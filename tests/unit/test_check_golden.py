@@ -93,8 +93,20 @@ CASES = (
         ("--engine", "celery", "--visibility-timeout", "310"),
         {f"{ENV_PREFIX}IDEMPOTENCY_IN_PROGRESS_EXPIRY": "400"},
     ),
-    Case("l_chain", ("--leader-lease", "10", "--renew-deadline", "10", "--retry-period", "9")),
-    Case("l_short_deadline", ("--renew-deadline", "1", "--retry-period", "1")),
+    Case(
+        "l_chain",
+        (
+            "--scheduler-lease-duration",
+            "10",
+            "--scheduler-renew-deadline",
+            "10",
+            "--scheduler-retry-period",
+            "9",
+        ),
+    ),
+    Case("l_short_deadline", ("--scheduler-renew-deadline", "1", "--scheduler-retry-period", "1")),
+    Case("l_standby_late", ("--scheduler-standby-delay", "3", "--scheduler-misfire-grace", "2")),
+    Case("l_grace_no_handover", ("--grace-period", "2", "--release-margin", "1")),
     Case("s_sqlite_replicas", ("--replicas", "3")),
     Case(
         "c_overrides",

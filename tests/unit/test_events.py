@@ -35,6 +35,8 @@ from workerkit.events import (
     QueueStats,
     Release,
     RequestStop,
+    ScheduleFired,
+    SchedulerLeadership,
     StoreHealth,
     WorkerReady,
     WorkerStopping,
@@ -98,7 +100,17 @@ EXAMPLES: list[tuple[Event, dict[str, Any]]] = [
         PayloadRefused("j1", "default", "pickled"),
         {"job_id": "j1", "queue": "default", "reason": "pickled"},
     ),
+    (SchedulerLeadership(True, 7), {"leading": True, "epoch": 7}),
+    (
+        ScheduleFired("nightly", "fired", "on_time", 0.004),
+        {"schedule": "nightly", "outcome": "fired", "reason": "on_time", "delay": 0.004},
+    ),
 ]
+
+
+def test_a_fire_outcome_no_sender_may_name_is_read_as_unknown() -> None:
+    line = b'{"type":"schedule_fired","schedule":"s","outcome":"exploded","delay":-2}'
+    assert decode(line) == ScheduleFired("s", "unknown", "", 0.0)
 
 
 def test_every_event_type_has_a_class_and_an_example() -> None:

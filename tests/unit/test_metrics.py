@@ -197,7 +197,7 @@ def test_every_family_is_in_the_metrics_reference() -> None:
     from pathlib import Path
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "reference" / "metrics.md").read_text()
-    metrics = SupervisorMetrics("sql")
+    metrics = SupervisorMetrics("sql", scheduler=True)
     for family in metrics.registry.collect():
         exported = family.name + ("_total" if family.type == "counter" else "")
         assert f"`{exported}`" in doc, exported
@@ -272,3 +272,41 @@ def test_a_jobs_finished_batch_counts_like_its_job_finished_events() -> None:
         expected = sample(one_by_one, name, queue="q", task="t", **labels)
         assert expected is not None
         assert sample(batched, name, queue="q", task="t", **labels) == expected, name
+
+
+def test_a_worker_has_no_scheduler_families() -> None:
+    metrics = SupervisorMetrics("sql")
+    wire(metrics, {"type": "scheduler_leadership", "leading": True, "epoch": 1})
+    assert b"workerkit_scheduler" not in generate_latest(metrics.registry)
+
+
+def test_scheduler_leadership_fires_and_delays() -> None:
+    metrics = SupervisorMetrics("sql", scheduler=True)
+    assert sample(metrics, "workerkit_scheduler_leader") == 0.0
+    wire(metrics, {"type": "scheduler_leadership", "leading": False})  # starts as a standby
+    assert sample(metrics, "workerkit_scheduler_leader_changes_total") == 0.0
+    wire(metrics, {"type": "scheduler_leadership", "leading": True, "epoch": 3})
+    assert sample(metrics, "workerkit_scheduler_leader") == 1.0
+    for outcome, delay in (("fired", 0.004), ("fired", 0.03), ("already_fired", 0.5)):
+        message = {"type": "schedule_fired", "schedule": "s", "outcome": outcome}
+        wire(metrics, {**message, "reason": "on_time", "delay": delay})
+    wire(metrics, {"type": "schedule_fired", "schedule": "s", "outcome": "bogus"})
+    assert sample(metrics, "workerkit_scheduler_fires_total", schedule="s", outcome="fired") == 2
+    assert (
+        sample(metrics, "workerkit_scheduler_fires_total", schedule="s", outcome="already_fired")
+        == 1
+    )
+    assert sample(metrics, "workerkit_scheduler_fires_total", schedule="s", outcome="unknown") == 1
+    # only what was enqueued is a fire delay
+    assert sample(metrics, "workerkit_scheduler_fire_delay_seconds_count") == 2
+    assert sample(metrics, "workerkit_scheduler_fire_delay_seconds_bucket", le="0.005") == 1
+    wire(metrics, {"type": "scheduler_leadership", "leading": False, "epoch": None})
+    assert sample(metrics, "workerkit_scheduler_leader") == 0.0
+    assert sample(metrics, "workerkit_scheduler_leader_changes_total") == 2.0
+
+
+def test_a_scheduler_that_exits_leads_no_more() -> None:
+    metrics = SupervisorMetrics("sql", scheduler=True)
+    wire(metrics, {"type": "scheduler_leadership", "leading": True, "epoch": 2})
+    metrics.shutdown("crashed", None)  # its process died without saying it stepped down
+    assert sample(metrics, "workerkit_scheduler_leader") == 0.0

@@ -198,3 +198,28 @@ def test_every_setting_has_help_and_a_documented_variable() -> None:
 def test_settings_reference_page_is_up_to_date() -> None:
     page = (ROOT / "docs" / "reference" / "settings.md").read_text()
     assert page == render(), "run: python -m workerkit._settings_doc > docs/reference/settings.md"
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("LEADER_LEASE", "scheduler_lease_duration"),
+        ("RENEW_DEADLINE", "scheduler_renew_deadline"),
+        ("RETRY_PERIOD", "scheduler_retry_period"),
+    ],
+)
+def test_a_renamed_scheduler_setting_names_its_new_name(old: str, new: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"did you mean '{new}'"):
+        load_settings(env={f"WORKERKIT_{old}": "5"}, cwd=Path("/nonexistent"))
+
+
+def test_the_scheduler_settings_have_their_documented_defaults() -> None:
+    s = load_settings(env={}, cwd=Path("/nonexistent"))
+    assert (
+        s.scheduler_lease_duration,
+        s.scheduler_renew_deadline,
+        s.scheduler_retry_period,
+        s.scheduler_standby_delay,
+        s.scheduler_misfire_grace,
+        s.scheduler_retention,
+    ) == (15.0, 10.0, 2.0, 0.5, 2.0, 604800.0)

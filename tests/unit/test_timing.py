@@ -170,14 +170,21 @@ FAILING: dict[str, list[tuple[dict[str, Any], tuple[TaskTiming, ...], CeleryFact
         ({"idempotency_in_progress_expiry": 90000}, (), None),
     ],
     "L1": [
-        ({"leader_lease": 10, "renew_deadline": 10}, (), None),
-        ({"renew_deadline": 2.4, "retry_period": 2}, (), None),
-        ({"leader_lease": 5, "renew_deadline": 6, "retry_period": 6}, (), None),
-        ({"renew_deadline": 0.003, "retry_period": 1}, (), None),
+        ({"scheduler_lease_duration": 10, "scheduler_renew_deadline": 10}, (), None),
+        ({"scheduler_lease_duration": 5, "scheduler_renew_deadline": 6}, (), None),
     ],
     "L2": [
-        ({"leader_lease": 12, "renew_deadline": 10, "retry_period": 2}, (), None),
-        ({"leader_lease": 11, "renew_deadline": 10, "retry_period": 5}, (), None),
+        ({"scheduler_renew_deadline": 2.4, "scheduler_retry_period": 2}, (), None),
+        ({"scheduler_renew_deadline": 6, "scheduler_retry_period": 6}, (), None),
+        ({"scheduler_renew_deadline": 0.003, "scheduler_retry_period": 1}, (), None),
+    ],
+    "L3": [
+        ({"scheduler_standby_delay": 2, "scheduler_misfire_grace": 2}, (), None),
+        ({"scheduler_standby_delay": 5, "scheduler_misfire_grace": 0.001}, (), None),
+    ],
+    "L4": [
+        ({"grace_period": 3, "release_margin": 1, "scheduler_retry_period": 3}, (), None),
+        ({"grace_period": 30, "prestop_delay": 29}, (), None),
     ],
     "S1": [
         ({"replicas": 2}, (), None),
@@ -223,8 +230,10 @@ PASSING: dict[str, list[tuple[dict[str, Any], tuple[TaskTiming, ...], CeleryFact
     "I1": [({"idempotency_in_progress_expiry": 301}, (), None), ({}, (LONG,), None)],
     "I2": [({"engine": "celery", "idempotency_in_progress_expiry": 3600}, (), None)],
     "I3": [({"engine": "celery", "idempotency_retention": 3601}, (), None)],
-    "L1": [({"leader_lease": 10.1, "renew_deadline": 10, "retry_period": 8}, (), None)],
-    "L2": [({"leader_lease": 12.1, "renew_deadline": 10, "retry_period": 2}, (), None)],
+    "L1": [({"scheduler_lease_duration": 10.1, "scheduler_renew_deadline": 10}, (), None)],
+    "L2": [({"scheduler_renew_deadline": 10, "scheduler_retry_period": 8}, (), None)],
+    "L3": [({"scheduler_standby_delay": 0, "scheduler_misfire_grace": 0.1}, (), None)],
+    "L4": [({"grace_period": 4, "release_margin": 1, "scheduler_retry_period": 3.8}, (), None)],
     "S1": [
         ({"replicas": 3, "database_url": "postgresql+psycopg://db/q"}, (), None),
         ({"replicas": 1}, (), None),
@@ -258,7 +267,7 @@ def test_rule_ids_are_stable() -> None:
     # Ids are referenced by docs, logs and users' suppressions: renaming one is a breaking change.
     assert RULE_IDS == (
         "G1", "G2", "G3", "T1", "F1", "V1", "V2", "V3", "H1", "H2", "I1", "I2", "I3",
-        "L1", "L2", "S1", "C1", "C2", "C3", "C4", "C5", "C6",
+        "L1", "L2", "L3", "L4", "S1", "C1", "C2", "C3", "C4", "C5", "C6",
     )  # fmt: skip
     assert len(set(RULE_IDS)) == len(RULE_IDS)
     for rule in RULES:
@@ -452,12 +461,16 @@ def test_c4_compares_the_soft_limit_with_job_timeout_when_no_hard_limit_is_set()
     assert "job_timeout" in c4.message
 
 
-def test_l1_fix_handles_both_broken_inequalities() -> None:
-    settings = make(leader_lease=2, renew_deadline=2, retry_period=2)
+def test_l1_and_l2_fixes_together_fix_a_chain_broken_twice() -> None:
+    settings = make(
+        scheduler_lease_duration=2, scheduler_renew_deadline=2, scheduler_retry_period=2
+    )
     report = evaluate(settings)
-    l1 = the_finding(report, "L1")
-    assert {k for k, _ in l1.fix_values} == {"retry_period", "leader_lease"}
-    assert_fix_fixes(settings, (), None, l1)
+    l1, l2 = the_finding(report, "L1"), the_finding(report, "L2")
+    assert dict(l1.fix_values) == {"scheduler_lease_duration": 3.0}
+    assert set(dict(l2.fix_values)) == {"scheduler_retry_period"}
+    fixed = settings.replace(**dict(l1.fix_values), **dict(l2.fix_values))
+    assert all(f.ok for f in evaluate(fixed).findings if f.rule_id in ("L1", "L2"))
 
 
 # --- resolving --------------------------------------------------------------------------------
@@ -557,9 +570,11 @@ def settings_strategy(draw: st.DrawFn) -> Settings:
         idempotency_in_progress_expiry=draw(st.one_of(st.none(), long_seconds)),
         idempotency_retention=draw(st.one_of(st.just(86400.0), long_seconds)),
         max_countdown=draw(st.one_of(st.just(0.0), long_seconds)),
-        leader_lease=draw(seconds),
-        renew_deadline=draw(seconds),
-        retry_period=draw(seconds),
+        scheduler_lease_duration=draw(seconds),
+        scheduler_renew_deadline=draw(seconds),
+        scheduler_retry_period=draw(seconds),
+        scheduler_standby_delay=draw(st.one_of(st.just(0.0), seconds)),
+        scheduler_misfire_grace=draw(seconds),
         replicas=draw(st.integers(min_value=1, max_value=4)),
         database_url=draw(st.sampled_from(["sqlite:///q.db", "postgresql+psycopg://db/q"])),
         strict=draw(st.booleans()),

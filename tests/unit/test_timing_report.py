@@ -191,7 +191,8 @@ def test_json_has_a_stable_shape() -> None:
     assert data["engine"] == "celery"
     assert data["errors"] == 1
     assert list(data["budget"]) == [
-        "G", "P", "M", "D", "J", "V", "H", "F", "Ip", "R", "L", "Rd", "Rp", "C", "job_timeout",
+        "G", "P", "M", "D", "J", "V", "H", "F", "Ip", "R", "L", "Rd", "Rp", "Sd", "Mg", "C",
+        "job_timeout",
     ]  # fmt: skip
     assert data["budget"]["D"] == 25
     assert data["budget"]["V"] == 3600

@@ -197,6 +197,11 @@ class Engine(Protocol):
         """The argv of the engine's worker process (settings reach it through the environment)."""
         ...
 
+    def scheduler_command(self, settings: Settings) -> list[str]:
+        """The argv of the engine's scheduler process (``workerkit scheduler ENGINE``):
+        ``python -m workerkit.engines.<engine>.scheduling`` (settings through the environment)."""
+        ...
+
     def app_timing(self, settings: Settings) -> AppTiming:
         """The timing facts of ``settings.app`` (empty without an app).
 

@@ -18,6 +18,7 @@ __all__ = (
     "IDEMPOTENCY_OUTCOMES",
     "OUTCOMES",
     "PAYLOAD_REFUSALS",
+    "SCHEDULE_FIRE_OUTCOMES",
     "BadMessage",
     "CheckpointSaved",
     "Command",
@@ -41,6 +42,9 @@ __all__ = (
     "QueueStats",
     "Release",
     "RequestStop",
+    "ScheduleFireOutcome",
+    "ScheduleFired",
+    "SchedulerLeadership",
     "StoreHealth",
     "WorkerReady",
     "WorkerStopping",
@@ -60,6 +64,8 @@ EventType = Literal[
     "jobs_finished",
     "worker_stopping",
     "payload_refused",
+    "scheduler_leadership",
+    "schedule_fired",
 ]
 EVENT_TYPES: Final[frozenset[str]] = frozenset(EventType.__args__)  # type: ignore[attr-defined]
 
@@ -85,6 +91,11 @@ IDEMPOTENCY_OUTCOMES: Final[frozenset[str]] = frozenset(IdempotencyOutcome.__arg
 #: a global that safe-pickle does not admit, or any other payload that does not decode.
 PayloadRefusal = Literal["pickled", "refused_global", "undecodable"]
 PAYLOAD_REFUSALS: Final[frozenset[str]] = frozenset(PayloadRefusal.__args__)  # type: ignore[attr-defined]
+
+#: What one fire attempt of the scheduler did (the values of ``FireOutcome``); read as ``unknown``
+#: when a sender names another, so the metric's label set stays bounded.
+ScheduleFireOutcome = Literal["fired", "already_fired", "not_leader", "stale", "paused", "unknown"]
+SCHEDULE_FIRE_OUTCOMES: Final[frozenset[str]] = frozenset(ScheduleFireOutcome.__args__)  # type: ignore[attr-defined]
 
 Command = Literal["request_stop", "release"]
 COMMANDS: Final[frozenset[str]] = frozenset(Command.__args__)  # type: ignore[attr-defined]
@@ -231,6 +242,26 @@ class PayloadRefused:
     reason: PayloadRefusal
 
 
+@dataclass(frozen=True, slots=True)
+class SchedulerLeadership:
+    """The scheduler process gained (``leading``) or lost/gave up leadership, under ``epoch``."""
+
+    name: ClassVar[EventType] = "scheduler_leadership"
+    leading: bool
+    epoch: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleFired:
+    """One fire attempt of a schedule ended; ``delay``: seconds after its fire time."""
+
+    name: ClassVar[EventType] = "schedule_fired"
+    schedule: str
+    outcome: ScheduleFireOutcome = "unknown"
+    reason: str = ""
+    delay: float | None = None
+
+
 Event = (
     Hello
     | WorkerReady
@@ -245,6 +276,8 @@ Event = (
     | JobsFinished
     | WorkerStopping
     | PayloadRefused
+    | SchedulerLeadership
+    | ScheduleFired
 )
 
 

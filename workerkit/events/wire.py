@@ -19,6 +19,7 @@ from workerkit.events.messages import (
     IDEMPOTENCY_OUTCOMES,
     OUTCOMES,
     PAYLOAD_REFUSALS,
+    SCHEDULE_FIRE_OUTCOMES,
     BadMessage,
     CommandMessage,
     Event,
@@ -28,6 +29,7 @@ from workerkit.events.messages import (
     JobOutcome,
     JobStarted,
     PayloadRefusal,
+    ScheduleFireOutcome,
 )
 
 __all__ = ("Pending", "decode", "decode_message", "encode", "encode_batch", "encode_line")
@@ -82,6 +84,12 @@ def _payload_refusal(value: object) -> PayloadRefusal:
     raise _Invalid("not a payload refusal")
 
 
+def _fire_outcome(value: object) -> ScheduleFireOutcome:
+    if isinstance(value, str) and value in SCHEDULE_FIRE_OUTCOMES:
+        return value  # type: ignore[return-value]
+    return "unknown"  # a label set must stay bounded whatever a process sends
+
+
 def _finished_jobs(value: object) -> tuple[FinishedJob, ...]:
     """The well-formed jobs of a batch; a malformed one is skipped, not the whole batch."""
     if not isinstance(value, list):
@@ -124,6 +132,7 @@ _READERS: Final[dict[str, tuple[frozenset[type], Callable[[Any], Any] | None]]] 
     "JobOutcome": (frozenset(), _job_outcome),
     "IdempotencyOutcome": (frozenset(), _idempotency_outcome),
     "PayloadRefusal": (frozenset(), _payload_refusal),
+    "ScheduleFireOutcome": (frozenset(), _fire_outcome),
     "tuple[FinishedJob, ...]": (frozenset(), _finished_jobs),
 }
 

@@ -29,12 +29,15 @@ from workerkit.events import (
     JobStarted,
     PayloadRefused,
     QueueStats,
+    ScheduleFired,
+    SchedulerLeadership,
     StoreHealth,
 )
 
 __all__ = (
     "DRAIN_BUCKETS",
     "DURATION_BUCKETS",
+    "FIRE_DELAY_BUCKETS",
     "IDEMPOTENCY_OUTCOMES",
     "SHUTDOWN_OUTCOMES",
     "STATES",
@@ -66,6 +69,23 @@ DURATION_BUCKETS: Final = (
 )
 #: Drains: from an idle worker (well under a second) to a long grace period.
 DRAIN_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+#: A scheduler's fire delay: on time (a few ms), a standby's fire (its delay), a catch-up.
+FIRE_DELAY_BUCKETS: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    60.0,
+    300.0,
+    3600.0,
+)
 STATES: Final = ("starting", "ready", "draining", "releasing", "stopped")
 SHUTDOWN_OUTCOMES: Final = ("clean", "released", "forced", "crashed")
 
@@ -79,11 +99,18 @@ def _label(value: str | None) -> str:
 class SupervisorMetrics:
     """The supervisor's metric families, and how each event moves them."""
 
-    def __init__(self, engine: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, engine: str, registry: CollectorRegistry | None = None, *, scheduler: bool = False
+    ) -> None:
         self.engine = engine
         self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
         self._job_families(self.registry)
         self._worker_families(self.registry)
+        #: ``workerkit scheduler``: the scheduler's families (a worker's /metrics has none).
+        self.scheduler = scheduler
+        self._leading: bool | None = None
+        if scheduler:
+            self._scheduler_families(self.registry)
         self._running: dict[str, tuple[str, str]] = {}  # job id -> (queue, task)
         # (family, label values) -> child: prometheus_client's labels() validates and locks on
         # every call, and the per-job families are moved for every job.
@@ -194,6 +221,50 @@ class SupervisorMetrics:
             registry=r,
         ).labels(self.engine)
 
+    def _scheduler_families(self, r: CollectorRegistry) -> None:
+        """The families of ``workerkit scheduler`` (docs/concepts/scheduler.md)."""
+        self.scheduler_leader = Gauge(
+            "workerkit_scheduler_leader",
+            "1 while this scheduler replica leads (fires on time), else 0.",
+            ("engine",),
+            registry=r,
+        ).labels(self.engine)
+        self.scheduler_fires = Counter(
+            "workerkit_scheduler_fires",
+            "Fire attempts by schedule and outcome: fired, already_fired (another replica "
+            "recorded it first), not_leader, stale, paused.",
+            ("engine", "schedule", "outcome"),
+            registry=r,
+        )
+        self.scheduler_fire_delay = Histogram(
+            "workerkit_scheduler_fire_delay_seconds",
+            "How late each fire was enqueued, after its fire time (fired outcomes only).",
+            ("engine",),
+            buckets=FIRE_DELAY_BUCKETS,
+            registry=r,
+        ).labels(self.engine)
+        self.scheduler_leader_changes = Counter(
+            "workerkit_scheduler_leader_changes",
+            "Times this replica gained or lost leadership.",
+            ("engine",),
+            registry=r,
+        ).labels(self.engine)
+        self.scheduler_leader.set(0.0)
+
+    def _scheduler_event(self, event: SchedulerLeadership | ScheduleFired) -> None:
+        if not self.scheduler:
+            return
+        if isinstance(event, SchedulerLeadership):
+            if event.leading != self._leading:
+                if event.leading or self._leading:  # not the first "standby" report
+                    self.scheduler_leader_changes.inc()
+                self._leading = event.leading
+            self.scheduler_leader.set(1.0 if event.leading else 0.0)
+            return
+        self._series(self.scheduler_fires, self.engine, event.schedule, event.outcome).inc()
+        if event.outcome == "fired" and event.delay is not None:
+            self.scheduler_fire_delay.observe(event.delay)
+
     # --- supervisor-side ---------------------------------------------------------------------
 
     def set_state(self, state: str) -> None:
@@ -204,6 +275,8 @@ class SupervisorMetrics:
     def shutdown(self, outcome: str, drain_duration: float | None) -> None:
         """Count the supervisor's shutdown and, when a drain happened, how long it took."""
         self.shutdowns.labels(self.engine, outcome).inc()
+        if self.scheduler:  # whatever its last report said, an exiting scheduler leads no more
+            self.scheduler_leader.set(0.0)
         if drain_duration is not None:
             self.drain_duration.labels(self.engine).observe(max(0.0, drain_duration))
 
@@ -259,6 +332,8 @@ class SupervisorMetrics:
                 self.idempotency.labels(self.engine, _label(queue), _label(task), outcome).inc()
             case PayloadRefused(queue=queue, reason=reason):
                 self._series(self.payloads_refused, self.engine, _label(queue), reason).inc()
+            case SchedulerLeadership() | ScheduleFired():
+                self._scheduler_event(event)
             case BadMessage():
                 self.bad_messages.inc()
 

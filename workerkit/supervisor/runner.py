@@ -119,7 +119,10 @@ class Supervisor:
             settings, restart_crashed=bool(getattr(engine, "restarts_worker", False))
         )
         self.health = Health(settings.liveness_timeout, clock=clock)
-        self.metrics = SupervisorMetrics(getattr(engine, "name", settings.engine))
+        self.metrics = SupervisorMetrics(
+            getattr(engine, "name", settings.engine),
+            scheduler=bool(getattr(engine, "runs_scheduler", False)),
+        )
         self.child: ChildProcess | None = None
         self.channel: Channel | None = None
         self.http: HttpServer | None = None

@@ -151,6 +151,8 @@ class Budget:
     leader_lease: float
     renew_deadline: float
     retry_period: float
+    standby_delay: float
+    misfire_grace: float
     max_countdown: float
     tasks: tuple[TaskTiming, ...]
 
@@ -209,6 +211,8 @@ class Budget:
             "L": self.leader_lease,
             "Rd": self.renew_deadline,
             "Rp": self.retry_period,
+            "Sd": self.standby_delay,
+            "Mg": self.misfire_grace,
             "C": self.longest_countdown,
         }
 
@@ -313,9 +317,11 @@ def resolve_budget(settings: Settings, tasks: Sequence[TaskTiming] = ()) -> Budg
         checkpoint_interval=settings.checkpoint_interval,
         idempotency_in_progress_expiry=in_progress,
         idempotency_retention=settings.idempotency_retention,
-        leader_lease=settings.leader_lease,
-        renew_deadline=settings.renew_deadline,
-        retry_period=settings.retry_period,
+        leader_lease=settings.scheduler_lease_duration,
+        renew_deadline=settings.scheduler_renew_deadline,
+        retry_period=settings.scheduler_retry_period,
+        standby_delay=settings.scheduler_standby_delay,
+        misfire_grace=settings.scheduler_misfire_grace,
         max_countdown=settings.max_countdown,
         tasks=task_tuple,
     )

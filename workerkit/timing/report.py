@@ -43,9 +43,11 @@ _SYMBOLS: tuple[tuple[str, str, str], ...] = (
     ("F", "checkpoint_interval", "checkpoint_interval"),
     ("Ip", "idempotency_in_progress_expiry", "idem. in-progress expiry"),
     ("R", "idempotency_retention", "idempotency_retention"),
-    ("L", "leader_lease", "leader_lease"),
-    ("Rd", "renew_deadline", "renew_deadline"),
-    ("Rp", "retry_period", "retry_period"),
+    ("L", "leader_lease", "scheduler_lease_duration"),
+    ("Rd", "renew_deadline", "scheduler_renew_deadline"),
+    ("Rp", "retry_period", "scheduler_retry_period"),
+    ("Sd", "standby_delay", "scheduler_standby_delay"),
+    ("Mg", "misfire_grace", "scheduler_misfire_grace"),
     ("C", "longest_countdown", "countdown, longest"),
 )
 

@@ -66,6 +66,10 @@ class CeleryEngine:
         self.worker_args = list(worker_args)
         self._app: Any = None
 
+    def scheduler_command(self, settings: Settings) -> list[str]:
+        """The scheduler process (``workerkit scheduler celery``), in a fresh interpreter."""
+        return [sys.executable, "-m", "workerkit.engines.celery.scheduling"]
+
     def worker_command(self, settings: Settings) -> list[str]:
         """The Celery worker with workerkit inside, in a fresh interpreter."""
         return [sys.executable, "-m", "workerkit.engines.celery", *self.worker_args]

@@ -58,6 +58,10 @@ class RqEngine:
     def redis_url(self, settings: Settings) -> str:
         return str(self.args.url or settings.redis_url)
 
+    def scheduler_command(self, settings: Settings) -> list[str]:
+        """The scheduler process (``workerkit scheduler rq``), in a fresh interpreter."""
+        return [sys.executable, "-m", "workerkit.engines.rq.scheduling"]
+
     def worker_command(self, settings: Settings) -> list[str]:
         """The RQ worker in a fresh interpreter (settings come by environment)."""
         return [sys.executable, "-m", "workerkit.engines.rq", *worker_argv(self.args)]

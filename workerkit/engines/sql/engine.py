@@ -40,6 +40,10 @@ class SqlEngine:
                 "its options are settings (workerkit run sql --help)"
             )
 
+    def scheduler_command(self, settings: Settings) -> list[str]:
+        """The scheduler process (``workerkit scheduler sql``), in a fresh interpreter."""
+        return [sys.executable, "-m", "workerkit.engines.sql.scheduling"]
+
     def worker_command(self, settings: Settings) -> list[str]:
         """The native worker loop, in a fresh interpreter (settings come by environment)."""
         return [sys.executable, "-m", "workerkit.engines.sql"]

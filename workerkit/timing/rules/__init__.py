@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from workerkit.timing.budget import BudgetReport, CeleryFacts, Finding, TaskTiming, resolve_budget
-from workerkit.timing.rules import celery_config, leases, replicas, shutdown
+from workerkit.timing.rules import celery_config, leases, replicas, scheduler, shutdown
 from workerkit.timing.rules.base import Context, Rule
 from workerkit.timing.rules.leases import VISIBILITY_SLACK_FACTOR
-from workerkit.timing.rules.replicas import LEADER_JITTER_FACTOR
+from workerkit.timing.rules.scheduler import LEADER_JITTER_FACTOR
 from workerkit.timing.rules.shutdown import MIN_DRAIN_WINDOW
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ __all__ = (
 RULES: tuple[Rule, ...] = (
     *shutdown.RULES,
     *leases.RULES,
+    *scheduler.RULES,
     *replicas.RULES,
     *celery_config.RULES,
 )
