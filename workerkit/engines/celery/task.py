@@ -38,12 +38,15 @@ if TYPE_CHECKING:
 
 __all__ = (
     "DEFAULT_MAX_ATTEMPTS",
+    "FIRE_TIME_HEADER",
     "RELEASE_REASON",
+    "SCHEDULE_HEADER",
     "AttemptsExhausted",
     "CeleryJobContext",
     "QuietRelease",
     "WorkerkitRequestMixin",
     "delivery_tag",
+    "fire_of",
     "request_class",
     "run_job",
     "wrap_tasks",
@@ -54,6 +57,11 @@ log = logging.getLogger("workerkit.engines.celery")
 #: Runs whose worker died after which a message is failed instead of run again (a poison
 #: message that kills its worker every time). Per task: ``@app.task(workerkit_max_attempts=5)``.
 DEFAULT_MAX_ATTEMPTS: Final = 3
+
+#: The message headers of a scheduler's fire (engines/celery/scheduling.py): its schedule and
+#: fire time, put into ``current_job()`` (Celery makes custom headers ``task.request`` attributes).
+SCHEDULE_HEADER: Final = "workerkit_schedule"
+FIRE_TIME_HEADER: Final = "workerkit_fire_time"
 
 #: The reason of the Reject a job's release becomes: how :class:`QuietRelease` knows it.
 RELEASE_REASON: Final = "released by the job (workerkit)"
@@ -225,6 +233,15 @@ def _five_seconds() -> float:
     return 5.0
 
 
+def fire_of(request: Any) -> tuple[str | None, float | None]:
+    """The schedule and fire time of a scheduler's message (its headers), or ``(None, None)``."""
+    schedule = getattr(request, SCHEDULE_HEADER, None)
+    fire_time = getattr(request, FIRE_TIME_HEADER, None)
+    if isinstance(schedule, str) and isinstance(fire_time, (int, float)):
+        return schedule, float(fire_time)
+    return None, None
+
+
 def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     """Run one task with a job context; report its start and finish; map its outcome."""
     request = task.request
@@ -243,6 +260,7 @@ def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwa
     context = CeleryJobContext(
         runtime, task, events, job_id, queue, attempt, generation, started_at
     )
+    context.schedule, context.fire_time = fire_of(request)
     if runtime.stop_requested.is_set():
         context.request_stop()
     _announce_start(runtime, events, task, job_id, queue, attempt)

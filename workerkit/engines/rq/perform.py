@@ -112,6 +112,8 @@ class Perform(WorkerState):
         def saved(context: JobContext) -> None:
             client("executor").send(CheckpointSaved(context.job_id, context.task, context.queue))
 
+        fired = wk_state(job)  # a scheduler's job: its schedule and fire time (rq/scheduling.py)
+        fire_time = fired.get("fire_time")
         context = JobContext(
             job_id=job.id,
             task=attempt.task,
@@ -122,6 +124,8 @@ class Perform(WorkerState):
             checkpoint_interval=self.wk_settings.checkpoint_interval,
             save=save,
             on_checkpoint_saved=saved,
+            schedule=fired.get("schedule") if isinstance(fired.get("schedule"), str) else None,
+            fire_time=float(fire_time) if isinstance(fire_time, (int, float)) else None,
         )
         if attempt.stop_requested:
             context.request_stop()

@@ -16,18 +16,30 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from workerkit.errors import ConfigurationError, UnknownTask
+from workerkit.scheduler.contract import Misfire, Schedule
 
 if TYPE_CHECKING:
+    from workerkit.scheduler.contract import Trigger
     from workerkit.settings import Settings
     from workerkit.timing import TaskTiming
 
-__all__ = ("DEFAULT_MAX_ATTEMPTS", "RqApp", "RqTaskInfo", "TaskNotAllowed", "load_app")
+__all__ = (
+    "DEFAULT_MAX_ATTEMPTS",
+    "RQ_SCHEDULE_OPTIONS",
+    "RqApp",
+    "RqTaskInfo",
+    "TaskNotAllowed",
+    "load_app",
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Attempts a job gets when neither its task nor its enqueuer says otherwise: a job whose
 #: worker dies this many times (an out-of-memory kill each time) ends in the failed registry.
 DEFAULT_MAX_ATTEMPTS = 3
+
+#: The enqueue options a schedule may give its RQ jobs (``Queue.enqueue``'s, same meaning).
+RQ_SCHEDULE_OPTIONS = ("job_timeout", "result_ttl", "failure_ttl", "description", "at_front")
 
 
 class TaskNotAllowed(UnknownTask):
@@ -75,6 +87,8 @@ class RqApp:
         # and callbacks): the checks and the import are per name, not per job. Refusals are not
         # cached, so the cache holds only names the allowlist admits.
         self._resolved: dict[str, Callable[..., Any]] = {}
+        #: The periodic jobs of this app, by name (``workerkit scheduler rq`` fires them).
+        self.schedules: dict[str, Schedule] = {}
 
     def __repr__(self) -> str:
         return f"<RqApp modules={list(self.modules)} tasks={list(self.tasks)}>"
@@ -246,6 +260,105 @@ class RqApp:
             )
         return func  # type: ignore[no-any-return]
 
+    def periodic(
+        self,
+        name: str,
+        *,
+        cron: str | None = None,
+        every: float | None = None,
+        anchor: float | None = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        timezone: str | None = None,
+        queue: str = "default",
+        misfire: Misfire = "latest",
+        max_catch_up: int = 100,
+        misfire_grace: float | None = None,
+        **options: Any,
+    ) -> Callable[[F], F]:
+        """Run the decorated task on a schedule (``workerkit scheduler rq`` enqueues it).
+
+        ::
+
+            @app.periodic("nightly-report", cron="0 3 * * *", timezone="Europe/Berlin")
+            @app.task(timeout=600)
+            def report() -> None: ...
+
+        Arguments as :meth:`schedule`; the function stays as it is.
+        """
+
+        def declare(func: F) -> F:
+            task = f"{func.__module__}.{func.__qualname__}"
+            self.schedule(
+                name, task, cron=cron, every=every, anchor=anchor, args=args, kwargs=kwargs,
+                timezone=timezone, queue=queue, misfire=misfire, max_catch_up=max_catch_up,
+                misfire_grace=misfire_grace, **options,
+            )  # fmt: skip
+            return func
+
+        return declare
+
+    def schedule(
+        self,
+        name: str,
+        task: str | Callable[..., Any],
+        *,
+        cron: str | None = None,
+        every: float | None = None,
+        anchor: float | None = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        timezone: str | None = None,
+        queue: str = "default",
+        misfire: Misfire = "latest",
+        max_catch_up: int = 100,
+        misfire_grace: float | None = None,
+        **options: Any,
+    ) -> Schedule:
+        """Enqueue ``task(*args, **kwargs)`` on ``queue`` at every fire time.
+
+        ``cron`` (five fields, in ``timezone``, UTC by default) or ``every`` seconds (at
+        ``anchor + k * every``, the epoch by default, so every replica computes the same
+        times). ``misfire``: what to do with times missed while no scheduler ran (``skip``,
+        ``latest``, ``all`` up to ``max_catch_up``). ``options``: RQ's enqueue options
+        (:data:`RQ_SCHEDULE_OPTIONS`).
+        """
+        where = f"RqApp.schedule({name!r})"
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigurationError(f"{where}: the name must be a non-empty string")
+        if name in self.schedules:
+            raise ConfigurationError(f"{where}: a schedule of this name is already declared")
+        if callable(task):
+            task = f"{task.__module__}.{task.__qualname__}"
+        unknown = sorted(set(options) - set(RQ_SCHEDULE_OPTIONS))
+        if unknown:
+            raise ConfigurationError(
+                f"{where}: unknown option(s) {', '.join(unknown)}; RQ's enqueue options here "
+                f"are {', '.join(RQ_SCHEDULE_OPTIONS)}"
+            )
+        if not queue or not isinstance(queue, str):
+            raise ConfigurationError(f"{where}: queue must be a queue name such as 'default'")
+        schedule = Schedule(
+            name=name,
+            task=task,
+            trigger=_trigger(where, cron, every, timezone, anchor),
+            args=tuple(args),
+            kwargs=dict(kwargs or {}),
+            queue=queue,
+            options=dict(options),
+            misfire=misfire,
+            max_catch_up=max_catch_up,
+            misfire_grace=misfire_grace,
+        )
+        from workerkit.scheduler.plan import validate_schedule
+
+        try:
+            validate_schedule(schedule)
+        except ValueError as exc:
+            raise ConfigurationError(f"{where}: {exc}") from exc
+        self.schedules[name] = schedule
+        return schedule
+
     def info(self, name: str | None) -> RqTaskInfo | None:
         """The registered facts of a task, or None."""
         return self.tasks.get(name or "")
@@ -255,6 +368,18 @@ class RqApp:
         from workerkit.timing import TaskTiming
 
         return [TaskTiming.of(task) for task in self.tasks.values()]
+
+
+def _trigger(
+    where: str, cron: str | None, every: float | None, timezone: str | None, anchor: float | None
+) -> Trigger:
+    """The trigger of ``cron=`` or ``every=`` (exactly one), with a clear error otherwise."""
+    from workerkit.scheduler.triggers import trigger_from
+
+    try:
+        return trigger_from(cron=cron, every=every, timezone=timezone, anchor=anchor)
+    except ValueError as exc:
+        raise ConfigurationError(f"{where}: {exc}") from exc
 
 
 def load_app(settings: Settings) -> RqApp:
