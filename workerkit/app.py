@@ -32,8 +32,12 @@ from workerkit.idempotency import idempotent as make_idempotent
 from workerkit.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from datetime import timedelta
+
     from workerkit.engines.base import QueueBackend
     from workerkit.idempotency import IdempotencyStore
+    from workerkit.job import JobContext
+    from workerkit.scheduler.contract import Misfire, Schedule
     from workerkit.timing import TaskTiming
 
 __all__ = ("App", "EnqueueOptions", "Task", "decode_payload", "encode_payload")
@@ -42,12 +46,24 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def encode_payload(task: str, args: Sequence[Any], kwargs: dict[str, Any], cap: int) -> str:
-    """Args and kwargs as JSON text; PayloadError when not JSON or over ``cap`` bytes."""
+def encode_payload(
+    task: str,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    cap: int,
+    *,
+    fired_by: tuple[str, float] | None = None,
+) -> str:
+    """Args and kwargs as JSON text; PayloadError when not JSON or over ``cap`` bytes.
+
+    ``fired_by``: (schedule name, fire time) of a job the scheduler enqueues; the worker gives
+    them to the job as ``current_job().schedule`` and ``.fire_time``.
+    """
+    body: dict[str, Any] = {"args": list(args), "kwargs": kwargs}
+    if fired_by is not None:
+        body["schedule"], body["fire_time"] = fired_by
     try:
-        text = json.dumps(
-            {"args": list(args), "kwargs": kwargs}, allow_nan=False, separators=(",", ":")
-        )
+        text = json.dumps(body, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise PayloadError(
             f"task {task!r}: arguments must be JSON (str, int, float, bool, None, list, dict): "
@@ -69,8 +85,13 @@ def encode_payload(task: str, args: Sequence[Any], kwargs: dict[str, Any], cap: 
     return text
 
 
-def decode_payload(payload: str) -> tuple[list[Any], dict[str, Any]]:
-    """Args and kwargs back from JSON text; PayloadError with the reason when malformed."""
+def decode_payload(
+    payload: str, into: JobContext | None = None
+) -> tuple[list[Any], dict[str, Any]]:
+    """Args and kwargs back from JSON text; PayloadError with the reason when malformed.
+
+    ``into``: the job's context, given the schedule and fire time of a scheduled job.
+    """
     try:
         data = json.loads(payload)
     except ValueError as exc:
@@ -86,6 +107,11 @@ def decode_payload(payload: str) -> tuple[list[Any], dict[str, Any]]:
     kwargs = data.get("kwargs", {})
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise PayloadError("payload 'args' must be a list and 'kwargs' an object")
+    if into is not None and "schedule" in data:
+        schedule, fire_time = data["schedule"], data.get("fire_time")
+        if not isinstance(schedule, str) or not isinstance(fire_time, int | float):
+            raise PayloadError("payload 'schedule' must be a string and 'fire_time' a number")
+        into.schedule, into.fire_time = schedule, float(fire_time)
     return args, kwargs
 
 
@@ -205,6 +231,9 @@ class App:
         self._backend = backend
         self._idempotency_store = idempotency_store
         self.tasks: dict[str, Task[Any, Any]] = {}
+        #: The periodic jobs (:meth:`periodic`, :meth:`schedule`) that ``workerkit scheduler
+        #: sql`` fires, by name.
+        self.schedules: dict[str, Schedule] = {}
 
     @property
     def settings(self) -> Settings:
@@ -326,6 +355,102 @@ class App:
             return task
 
         return register(fn) if fn is not None else register
+
+    def periodic(
+        self,
+        name: str,
+        *,
+        cron: str | None = None,
+        every: float | timedelta | None = None,
+        anchor: float | None = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        timezone: str | None = None,
+        queue: str | None = None,
+        misfire: Misfire = "latest",
+        max_catch_up: int = 100,
+        misfire_grace: float | None = None,
+    ) -> Callable[[Task[P, R]], Task[P, R]]:
+        """Fire the decorated task on a schedule (``workerkit scheduler sql`` does)::
+
+            @app.periodic("nightly-report", cron="0 3 * * *", timezone="Europe/Berlin")
+            @app.task
+            def report() -> None: ...
+
+        The arguments are :meth:`schedule`'s; the task is returned unchanged.
+        """
+
+        def declare(task: Task[P, R]) -> Task[P, R]:
+            if not isinstance(task, Task):
+                raise ConfigurationError(
+                    f"schedule {name!r}: @app.periodic(...) goes above @app.task (it schedules "
+                    f"a registered task), got {type(task).__name__}"
+                )
+            self.schedule(
+                name,
+                task,
+                cron=cron,
+                every=every,
+                anchor=anchor,
+                args=args,
+                kwargs=kwargs,
+                timezone=timezone,
+                queue=queue,
+                misfire=misfire,
+                max_catch_up=max_catch_up,
+                misfire_grace=misfire_grace,
+            )
+            return task
+
+        return declare
+
+    def schedule(
+        self,
+        name: str,
+        task: Task[Any, Any] | str,
+        *,
+        cron: str | None = None,
+        every: float | timedelta | None = None,
+        anchor: float | None = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        timezone: str | None = None,
+        queue: str | None = None,
+        misfire: Misfire = "latest",
+        max_catch_up: int = 100,
+        misfire_grace: float | None = None,
+    ) -> Schedule:
+        """Declare a periodic job: ``task`` (registered here) with these arguments, on
+        ``cron`` (a five-field expression, in ``timezone``, UTC by default) or ``every``
+        seconds (at ``anchor + k * every``, anchor 0 = the epoch by default, so every replica
+        computes the same times).
+
+        ``misfire``: what to do with fire times missed while every scheduler was down: ``skip``
+        none, ``latest`` the most recent, ``all`` each (up to ``max_catch_up``), each with its
+        own fire time. Returns the :class:`~workerkit.scheduler.contract.Schedule`.
+        """
+        from workerkit.scheduler.declare import make_schedule
+
+        registered = self.get_task(task) if isinstance(task, str) else task
+        made = make_schedule(
+            name,
+            registered.name,
+            cron=cron,
+            every=every,
+            anchor=anchor,
+            args=args,
+            kwargs=kwargs or {},
+            timezone=timezone,
+            queue=queue or registered.queue,
+            options={"max_attempts": registered.max_attempts},
+            misfire=misfire,
+            max_catch_up=max_catch_up,
+            misfire_grace=misfire_grace,
+        )
+        if name in self.schedules:
+            raise ConfigurationError(f"schedule {name!r} is declared twice; give each its own name")
+        self.schedules[name] = made
+        return made
 
     def get_task(self, name: str) -> Task[Any, Any]:
         """The task registered as ``name``; UnknownTask naming the closest names otherwise."""

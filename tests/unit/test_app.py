@@ -142,3 +142,88 @@ def test_retry_delays_grow_with_jitter_up_to_the_cap() -> None:
     for attempt, step in [(1, 2.0), (2, 4.0), (3, 8.0), (4, 10.0), (9, 10.0)]:
         for _ in range(20):
             assert step / 2 <= task.retry_delay(attempt) <= step
+
+
+# --- periodic jobs (App.periodic / App.schedule) -------------------------------------------
+
+
+def test_periodic_declares_a_schedule_of_the_task_with_its_queue_and_attempts() -> None:
+    app = App(backend=InMemoryQueue())
+
+    @app.periodic("nightly", cron="0 3 * * *", timezone="Europe/Berlin", kwargs={"full": True})
+    @app.task(name="report", queue="reports", max_attempts=5)
+    def report(full: bool = False) -> None: ...
+
+    schedule = app.schedules["nightly"]
+    assert (schedule.task, schedule.queue, dict(schedule.kwargs)) == (
+        "report",
+        "reports",
+        {"full": True},
+    )
+    assert schedule.options == {"max_attempts": 5}
+    assert schedule.trigger.describe() == "cron '0 3 * * *' Europe/Berlin"
+    assert report.name == "report"  # the task comes back unchanged
+    every = app.schedule("often", "report", every=10, misfire="all", max_catch_up=3)
+    assert (every.misfire, every.max_catch_up, every.trigger.next_after(10.0)) == ("all", 3, 20.0)
+    assert set(app.schedules) == {"nightly", "often"}
+
+
+@pytest.mark.parametrize(
+    ("declaration", "message"),
+    [
+        ({}, "exactly one of cron"),
+        ({"cron": "* * * * *", "every": 5}, "exactly one of cron"),
+        ({"cron": "61 * * * *"}, "'61 \\* \\* \\* \\*' is not a valid cron"),
+        ({"cron": "* * * * *", "timezone": "Mars/Olympus"}, "timezone='Mars/Olympus'"),
+        ({"every": 5, "timezone": "UTC"}, "timezone= applies to cron="),
+        ({"every": 0}, "every=0"),
+        ({"every": 5, "misfire": "some"}, "misfire='some' .*give one of skip, latest, all"),
+        ({"every": 5, "max_catch_up": 0}, "max_catch_up=0"),
+        ({"every": 5, "misfire_grace": -1}, "misfire_grace=-1"),
+        ({"every": 5, "args": [object()]}, "args and kwargs must be JSON"),
+    ],
+)
+def test_a_bad_schedule_is_refused_where_it_is_declared(
+    declaration: dict[str, object], message: str
+) -> None:
+    app = App(backend=InMemoryQueue())
+    app.task(name="t")(lambda *a: None)
+    with pytest.raises(ConfigurationError, match=message) as refused:
+        app.schedule("every-x", "t", **declaration)  # type: ignore[arg-type]
+    assert "schedule 'every-x'" in str(refused.value)
+    assert app.schedules == {}
+
+
+def test_a_schedule_name_is_declared_once_and_names_a_registered_task() -> None:
+    app = App(backend=InMemoryQueue())
+    task = app.task(name="t")(lambda: None)
+    app.schedule("s", task, every=5)
+    with pytest.raises(ConfigurationError, match="'s' is declared twice"):
+        app.schedule("s", task, every=6)
+    with pytest.raises(UnknownTask, match="no task 'nope'"):
+        app.schedule("other", "nope", every=5)
+    with pytest.raises(ConfigurationError, match=r"goes above @app\.task"):
+        app.periodic("p", every=5)(lambda: None)  # type: ignore[arg-type]
+
+
+def test_a_scheduled_payload_gives_the_job_context_its_schedule_and_fire_time() -> None:
+    from workerkit.job import JobContext
+
+    payload = encode_payload("t", [1], {}, 1000, fired_by=("tick", 1800000000.5))
+    context = JobContext(job_id="j", task="t", queue="q", attempt=1)
+    assert decode_payload(payload, into=context) == ([1], {})
+    assert (context.schedule, context.fire_time) == ("tick", 1800000000.5)
+    plain = JobContext(job_id="j", task="t", queue="q", attempt=1)
+    decode_payload(encode_payload("t", [1], {}, 1000), into=plain)
+    assert (plain.schedule, plain.fire_time) == (None, None)
+    with pytest.raises(PayloadError, match="'fire_time' a number"):
+        decode_payload('{"args":[],"kwargs":{},"schedule":"tick"}', into=plain)
+
+
+def test_every_fires_on_its_anchors_grid() -> None:
+    app = App(backend=InMemoryQueue())
+    task = app.task(name="t")(lambda: None)
+    schedule = app.schedule("s", task, every=10, anchor=3)
+    assert schedule.trigger.next_after(10.0) == 13.0
+    with pytest.raises(ConfigurationError, match="anchor= applies to every="):
+        app.schedule("c", task, cron="* * * * *", anchor=3)

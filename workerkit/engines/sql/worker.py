@@ -564,7 +564,7 @@ class NativeWorker:
                     f"({self.settings.app or 'no --app'}); is it running the code that enqueued it?"
                 )
             try:
-                args, kwargs = decode_payload(delivery.payload)
+                args, kwargs = decode_payload(delivery.payload, into=context)
             except PayloadError as exc:
                 raise _PermanentFailure(f"PayloadError: {exc}") from exc
             check_arguments(task.fn, args, kwargs)
