@@ -333,3 +333,38 @@ def test_heartbeats_go_on_while_a_claim_blocks(
     unblock.set()
     worker.stop_fetching()
     assert harness.join() == 0
+
+
+def test_an_interrupt_never_lands_after_the_job_s_body_ended(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The CI flake, made certain: the job's body has ended (here by raising), its thread is in
+    # the worker's handling of that end, and the release takes the job back and interrupts the
+    # thread. The interrupt must not land there (it escaped the thread before).
+    escaped: list[type[BaseException] | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: escaped.append(args.exc_type))
+    in_handler, go_on = threading.Event(), threading.Event()
+
+    class SlowToDescribe(Exception):
+        @property
+        def __notes__(self) -> None:  # read as the worker writes the job's error down
+            in_handler.set()
+            go_on.wait(10)
+            return None
+
+    @harness.app.task
+    def fails() -> None:
+        raise SlowToDescribe("row 17 is bad")
+
+    job_id = fails.enqueue()
+    worker = harness.start()
+    assert in_handler.wait(10)
+    worker.request_release()
+    assert harness.join() == 0  # the job was released and its thread told to stop
+    (thread,) = [t for t in threading.enumerate() if t.name == f"job-{job_id}"]
+    go_on.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert escaped == []
+    assert harness.state(job_id) == "ready"
+    assert harness.outcomes() == ["released"]

@@ -11,7 +11,6 @@ the main thread at a release or timeout). docs/engines/sql.md ("The worker") has
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -44,6 +43,7 @@ from workerkit.engines.attempt import (
     release_each,
     verdict_for,
 )
+from workerkit.engines.sql.interrupts import Gate
 from workerkit.engines.sql.outage import (
     ClaimPause,
     RetryingWrite,
@@ -99,22 +99,6 @@ _RULES = Rules(
 )
 
 
-def interrupt_thread(thread: threading.Thread, exc_type: type[BaseException]) -> bool:
-    """Raise ``exc_type`` in ``thread`` at its next Python bytecode.
-
-    This cannot interrupt a blocking C call (a long ``time.sleep``, a socket read): the exception
-    lands when the call returns. That is why release and timeout never *wait* for it: the
-    delivery is settled in the store first, and the thread's later writes are fenced out.
-    """
-    ident = thread.ident
-    if ident is None or not thread.is_alive():
-        return False
-    changed = ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(ident), ctypes.py_object(exc_type)
-    )
-    return bool(changed == 1)
-
-
 @dataclass(eq=False)
 class _Running:
     delivery: Delivery
@@ -124,6 +108,7 @@ class _Running:
     lease_from: float  # monotonic, sent time of the request that last set the lease
     thread: threading.Thread | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    gate: Gate = field(default_factory=Gate)  # the main thread interrupts the body only
     settled_as: Outcome | None = None
     extend_failures: int = 0
 
@@ -306,8 +291,10 @@ class NativeWorker:
         """Settle a running job from the main thread, then interrupt its thread."""
         if not self._settle(running, write, patient=False, wait=wait):
             return False
-        if running.thread is not None:
-            interrupt_thread(running.thread, interrupt)
+        # At its next bytecode, and only while the job's body runs (never in the thread's own
+        # settle): a blocking C call returns first, so this never *waits*; the delivery is
+        # settled already, and the thread's later writes are fenced out.
+        running.gate.interrupt(interrupt)
         self._finish(running)
         return True
 
@@ -472,7 +459,7 @@ class NativeWorker:
         with self._running_lock:
             self._running[delivery.job_id] = running
         thread = threading.Thread(
-            target=self._run_job, args=(running,), name=f"job-{delivery.job_id}", daemon=True
+            target=self._job_thread, args=(running,), name=f"job-{delivery.job_id}", daemon=True
         )
         running.thread = thread
         thread.start()
@@ -554,6 +541,21 @@ class NativeWorker:
 
     # --- one job ------------------------------------------------------------------------
 
+    def _job_thread(self, running: _Running) -> None:
+        try:
+            self._run_job(running)
+        except BaseException as exc:
+            # What the job raised that is not the engine's to settle (SystemExit...): the
+            # delivery is left to its lease. Logged, never escaping the thread.
+            log.warning(
+                "job thread ended by an exception left to the lease",
+                extra={
+                    "event": "job_thread_exception",
+                    "job_id": running.delivery.job_id,
+                    "error": f"{type(exc).__name__}: {exc}",
+                },
+            )
+
     def _run_job(self, running: _Running) -> None:
         delivery, context = running.delivery, running.context
         task = self.app.tasks.get(delivery.task)
@@ -568,7 +570,7 @@ class NativeWorker:
             except PayloadError as exc:
                 raise _PermanentFailure(f"PayloadError: {exc}") from exc
             check_arguments(task.fn, args, kwargs)
-            with context.activate():
+            with context.activate(), running.gate:
                 result = task.fn(*args, **kwargs)
             try:
                 json.dumps(result, allow_nan=False)
