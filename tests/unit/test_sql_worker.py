@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -366,5 +367,35 @@ def test_an_interrupt_never_lands_after_the_job_s_body_ended(
     thread.join(10)
     assert not thread.is_alive()
     assert escaped == []
+    assert harness.state(job_id) == "ready"
+    assert harness.outcomes() == ["released"]
+
+
+def test_a_release_stops_subprocesses_first_and_a_job_seeing_one_die_is_still_released(
+    harness: Harness,
+) -> None:
+    started, child_died = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    @harness.app.task(max_attempts=1)
+    def runs_a_subprocess() -> None:
+        started.set()
+        child_died.wait(10)
+        raise RuntimeError("the subprocess was killed by SIGTERM")  # what subprocess.run says
+
+    def stop_children() -> None:
+        order.append(f"children stopped, job {harness.state(job_id)}")
+        child_died.set()
+        # The stop's grace: long enough for a job that saw its subprocess die to settle itself.
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: harness.state(job_id) != "running", timeout=1.0)
+
+    job_id = runs_a_subprocess.enqueue()
+    worker = harness.start(stop_children=stop_children)
+    assert started.wait(10)
+    worker.request_release()
+    assert harness.join() == 0
+    assert order == ["children stopped, job running"]
+    # Released (the attempt given back), not failed by the subprocess's death.
     assert harness.state(job_id) == "ready"
     assert harness.outcomes() == ["released"]

@@ -20,7 +20,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +42,6 @@ from workerkit.engines.attempt import (
     release_each,
     verdict_for,
 )
-from workerkit.engines.sql.interrupts import Gate
 from workerkit.engines.sql.outage import (
     ClaimPause,
     RetryingWrite,
@@ -53,6 +51,7 @@ from workerkit.engines.sql.outage import (
     retrying_sink,
 )
 from workerkit.engines.sql.queue import SqlQueue
+from workerkit.engines.sql.running import JobTimedOut, Running
 from workerkit.errors import JobInterrupted, LeaseLost, PayloadError, SchemaOutOfDate, StoreError
 from workerkit.events import (
     CheckpointSaved,
@@ -82,10 +81,6 @@ TICK = 0.05  # how often the main thread looks at its flags
 _RELEASE_WAIT = 1.0  # how long a release waits for a settle in progress on the job's thread
 
 
-class JobTimedOut(BaseException):
-    """Raised inside a job's thread when it passes its timeout."""
-
-
 class _PermanentFailure(Exception):
     """A job that cannot succeed on any attempt (unknown task, bad payload, non-JSON result)."""
 
@@ -99,20 +94,6 @@ _RULES = Rules(
 )
 
 
-@dataclass(eq=False)
-class _Running:
-    delivery: Delivery
-    context: JobContext
-    started: float  # monotonic
-    deadline: float  # monotonic
-    lease_from: float  # monotonic, sent time of the request that last set the lease
-    thread: threading.Thread | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    gate: Gate = field(default_factory=Gate)  # the main thread interrupts the body only
-    settled_as: Outcome | None = None
-    extend_failures: int = 0
-
-
 class NativeWorker:
     """Claims and runs jobs of an :class:`~workerkit.app.App` with bounded concurrency."""
 
@@ -124,15 +105,18 @@ class NativeWorker:
         backend: QueueBackend | None = None,
         events: EventClient | None = None,
         worker_id: str | None = None,
+        stop_children: Callable[[], object] | None = None,
     ) -> None:
         self.app = app
+        # The worker process's: stops every subprocess its jobs started (None in-process).
+        self._stop_children = stop_children
         self.settings = settings
         self.backend = backend if backend is not None else app.backend
         self.events = events if events is not None else events_module.EventClient(None, role="")
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.queues = settings.queue_names
         self.concurrency = settings.concurrency
-        self._running: dict[str, _Running] = {}
+        self._running: dict[str, Running] = {}
         self._running_lock = threading.Lock()
         self._claim_lock = threading.Lock()  # held while a claim is in progress
         self._slot_freed = threading.Event()
@@ -265,7 +249,7 @@ class NativeWorker:
         for running in overdue:
             error = f"JobTimedOut: exceeded its timeout of {running.deadline - running.started:g}s"
 
-            def give_up(r: _Running, error: str = error) -> Outcome:
+            def give_up(r: Running, error: str = error) -> Outcome:
                 self._retry_or_fail(r, error)
                 return "timed_out"
 
@@ -274,22 +258,39 @@ class NativeWorker:
     def _release_all(self) -> int:
         with self._claim_lock, self._running_lock:
             everything = list(self._running.values())
+        # The subprocesses go first: a released job is claimable at once, and one it started must
+        # not run beside its next attempt. Jobs are threads here, so which job started which
+        # process is unknown: all are stopped. Meanwhile each job's settle is held, so that one
+        # seeing its subprocess die cannot write that down as its own failure.
+        held = [r for r in everything if r.lock.acquire(timeout=_RELEASE_WAIT)]
+        if self._stop_children is not None:
+            try:
+                self._stop_children()
+            except Exception:
+                log.exception(
+                    "stopping the jobs' subprocesses failed",
+                    extra={"event": "stop_children_failed"},
+                )
         # _settle logs its own store errors: nothing here gives up or skips.
         return release_each(
             everything,
-            lambda r: self._take_back(r, self._release, JobInterrupted, _RELEASE_WAIT),
+            lambda r: self._take_back(
+                r, self._release, JobInterrupted, _RELEASE_WAIT, held=r in held
+            ),
             log=log,
         ).released
 
     def _take_back(
         self,
-        running: _Running,
-        write: Callable[[_Running], Outcome],
+        running: Running,
+        write: Callable[[Running], Outcome],
         interrupt: type[BaseException],
         wait: float = 0.0,
+        *,
+        held: bool = False,
     ) -> bool:
         """Settle a running job from the main thread, then interrupt its thread."""
-        if not self._settle(running, write, patient=False, wait=wait):
+        if not self._settle(running, write, patient=False, wait=wait, held=held):
             return False
         # At its next bytecode, and only while the job's body runs (never in the thread's own
         # settle): a blocking C call returns first, so this never *waits*; the delivery is
@@ -432,7 +433,7 @@ class NativeWorker:
         if self._jobs_stop_requested.is_set():
             context.request_stop()
         now = time.monotonic()
-        running = _Running(delivery, context, now, now + timeout, lease_from=sent)
+        running = Running(delivery, context, now, now + timeout, lease_from=sent)
         box = [running]
         queued_for = None
         if delivery.enqueued_at is not None:
@@ -510,10 +511,10 @@ class NativeWorker:
         self._lease_delays = backoff()
         return None
 
-    def _lease_until(self, running: _Running) -> float:
+    def _lease_until(self, running: Running) -> float:
         return lease_bound(running.lease_from, self._lease_ttl)
 
-    def _retrying_write(self, running: _Running, what: str, *, within_lease: bool) -> RetryingWrite:
+    def _retrying_write(self, running: Running, what: str, *, within_lease: bool) -> RetryingWrite:
         """The retry policy of one write for ``running`` (a settle: until it lands or a release;
         a checkpoint: while the lease surely holds)."""
         retry = RetryingWrite(
@@ -541,7 +542,7 @@ class NativeWorker:
 
     # --- one job ------------------------------------------------------------------------
 
-    def _job_thread(self, running: _Running) -> None:
+    def _job_thread(self, running: Running) -> None:
         try:
             self._run_job(running)
         except BaseException as exc:
@@ -556,7 +557,7 @@ class NativeWorker:
                 },
             )
 
-    def _run_job(self, running: _Running) -> None:
+    def _run_job(self, running: Running) -> None:
         delivery, context = running.delivery, running.context
         task = self.app.tasks.get(delivery.task)
         try:
@@ -603,20 +604,20 @@ class NativeWorker:
 
     # Each settling write returns the outcome it stands for.
 
-    def _ack(self, running: _Running, result: Any) -> Outcome:
+    def _ack(self, running: Running, result: Any) -> Outcome:
         self.backend.ack(running.delivery, result)
         replayed = outcome_of(running.context) == "replayed"
         return "skipped_duplicate" if replayed else "succeeded"
 
-    def _defer(self, running: _Running, delay: float, reason: str) -> Outcome:
+    def _defer(self, running: Running, delay: float, reason: str) -> Outcome:
         self.backend.defer(running.delivery, time.time() + max(0.0, delay), reason)
         return "deferred"
 
-    def _fail(self, running: _Running, error: str) -> Outcome:
+    def _fail(self, running: Running, error: str) -> Outcome:
         self.backend.fail(running.delivery, error)
         return "failed"
 
-    def _retry_or_fail(self, running: _Running, error: str) -> Outcome:
+    def _retry_or_fail(self, running: Running, error: str) -> Outcome:
         delivery = running.delivery
         task = self.app.tasks.get(delivery.task)
         if task is None or delivery.attempt >= delivery.max_attempts:
@@ -624,7 +625,7 @@ class NativeWorker:
         self.backend.retry(delivery, error, time.time() + task.retry_delay(delivery.attempt))
         return "retried"
 
-    def _release(self, running: _Running) -> Outcome:
+    def _release(self, running: Running) -> Outcome:
         with contextlib.suppress(Exception):
             running.context.flush()  # a checkpoint kept for later is saved before the release
         self.backend.release(running.delivery)
@@ -632,20 +633,22 @@ class NativeWorker:
 
     def _settle(
         self,
-        running: _Running,
-        write: Callable[[_Running], Outcome],
+        running: Running,
+        write: Callable[[Running], Outcome],
         *,
         patient: bool = True,
         wait: float = 0.0,
+        held: bool = False,
     ) -> bool:
         """Settle the delivery once, recording the outcome; False when it already was.
 
         ``patient`` (a job's own thread): a store that is unavailable is retried until the write
         lands, the fence says the job is no longer ours, or the worker releases. The main
         thread is not patient: it tries once, and waits ``wait`` seconds at most for a settle
-        in progress on the job's thread (which stops retrying at a release).
+        in progress on the job's thread (which stops retrying at a release). ``held``: the
+        caller holds ``running.lock`` already (released here).
         """
-        if not running.lock.acquire(timeout=-1 if patient else wait):
+        if not held and not running.lock.acquire(timeout=-1 if patient else wait):
             return False
         try:
             if running.settled_as is not None:
@@ -656,7 +659,7 @@ class NativeWorker:
             running.lock.release()
 
     def _write_settle(
-        self, running: _Running, write: Callable[[_Running], Outcome], *, patient: bool
+        self, running: Running, write: Callable[[Running], Outcome], *, patient: bool
     ) -> Outcome:
         retry = self._retrying_write(running, "settle", within_lease=False)
         retry.once = not patient  # the main thread never blocks on the store
@@ -677,7 +680,7 @@ class NativeWorker:
             )
             return "lease_lost"
 
-    def _finish(self, running: _Running) -> None:
+    def _finish(self, running: Running) -> None:
         with self._running_lock:
             if self._running.pop(running.delivery.job_id, None) is None:
                 return
