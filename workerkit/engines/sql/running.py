@@ -10,18 +10,34 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from workerkit.engines.attempt import Rules
 from workerkit.engines.sql.interrupts import Gate
+from workerkit.errors import JobInterrupted
 
 if TYPE_CHECKING:
     from workerkit.engines.base import Delivery
     from workerkit.events import Outcome
     from workerkit.job import JobContext
 
-__all__ = ("JobTimedOut", "Running")
+__all__ = ("RULES", "JobTimedOut", "PermanentFailure", "Running")
 
 
 class JobTimedOut(BaseException):
     """Raised inside a job's thread when it passes its timeout."""
+
+
+class PermanentFailure(Exception):
+    """A job that cannot succeed on any attempt (unknown task, bad payload, non-JSON result)."""
+
+
+#: How the sql worker's attempts end (docs/concepts/attempts.md). The main thread settles a
+#: delivery before it interrupts the job's thread (release, timeout); a BaseException the job
+#: raised itself (SystemExit...) is left to the delivery's lease.
+RULES = Rules(
+    interrupts=(JobInterrupted, JobTimedOut),
+    permanent=(PermanentFailure,),
+    settle_base_exceptions=False,
+)
 
 
 @dataclass(eq=False)

@@ -36,7 +36,6 @@ from workerkit.engines.attempt import (
     Release,
     Retried,
     RetryOrFail,
-    Rules,
     StandDown,
     check_arguments,
     release_each,
@@ -51,7 +50,7 @@ from workerkit.engines.sql.outage import (
     retrying_sink,
 )
 from workerkit.engines.sql.queue import SqlQueue
-from workerkit.engines.sql.running import JobTimedOut, Running
+from workerkit.engines.sql.running import RULES, JobTimedOut, PermanentFailure, Running
 from workerkit.errors import JobInterrupted, LeaseLost, PayloadError, SchemaOutOfDate, StoreError
 from workerkit.events import (
     CheckpointSaved,
@@ -79,19 +78,6 @@ log = logging.getLogger(__name__)
 
 TICK = 0.05  # how often the main thread looks at its flags
 _RELEASE_WAIT = 1.0  # how long a release waits for a settle in progress on the job's thread
-
-
-class _PermanentFailure(Exception):
-    """A job that cannot succeed on any attempt (unknown task, bad payload, non-JSON result)."""
-
-
-# The main thread settles a delivery before it interrupts the job's thread (release, timeout);
-# a BaseException the job raised itself (SystemExit...) is left to the delivery's lease.
-_RULES = Rules(
-    interrupts=(JobInterrupted, JobTimedOut),
-    permanent=(_PermanentFailure,),
-    settle_base_exceptions=False,
-)
 
 
 class NativeWorker:
@@ -562,28 +548,28 @@ class NativeWorker:
         task = self.app.tasks.get(delivery.task)
         try:
             if task is None:
-                raise _PermanentFailure(
+                raise PermanentFailure(
                     f"UnknownTask: no task {delivery.task!r} is registered in this worker's app "
                     f"({self.settings.app or 'no --app'}); is it running the code that enqueued it?"
                 )
             try:
                 args, kwargs = decode_payload(delivery.payload)
             except PayloadError as exc:
-                raise _PermanentFailure(f"PayloadError: {exc}") from exc
+                raise PermanentFailure(f"PayloadError: {exc}") from exc
             check_arguments(task.fn, args, kwargs)
             with context.activate(), running.gate:
                 result = task.fn(*args, **kwargs)
             try:
                 json.dumps(result, allow_nan=False)
             except (TypeError, ValueError, RecursionError) as exc:
-                raise _PermanentFailure(f"ResultError: result is not JSON: {exc}") from exc
+                raise PermanentFailure(f"ResultError: result is not JSON: {exc}") from exc
             self._settle(running, lambda r: self._ack(r, result))
         except BaseException as exc:
             # docs/concepts/attempts.md has the table; this maps each verdict to a store write.
             def backoff() -> float:
                 return task.retry_delay(1) if task else self.settings.poll_interval
 
-            verdict = verdict_for(exc, _RULES, backoff=backoff, lease_lost=context.lease_lost)
+            verdict = verdict_for(exc, RULES, backoff=backoff, lease_lost=context.lease_lost)
             match verdict:
                 case Release():
                     self._settle(running, self._release)
