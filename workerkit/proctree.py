@@ -31,6 +31,7 @@ __all__ = (
     "prctl",
     "processes_with_env",
     "signal_processes",
+    "start_time",
     "stop_processes",
 )
 
@@ -174,6 +175,19 @@ def signal_processes(pids: Iterable[int], signum: int) -> list[int]:
     finally:
         for target in targets:
             target.close()
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot): with the pid, names one process for good.
+    None when it is not running (gone, or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()  # field 3 (state) onwards
+    if len(fields) < 20 or fields[0] in ("Z", "X") or not fields[19].isdigit():
+        return None
+    return int(fields[19])
 
 
 def stop_processes(
