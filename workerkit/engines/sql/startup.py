@@ -260,10 +260,11 @@ def main() -> None:
         stop_early = reach_store(app, settings.startup_timeout, events)
     except ConfigurationError as exc:
         _config_error(str(exc))
-    # At a release, the jobs' subprocesses are stopped before the jobs are released.
-    worker = NativeWorker(
-        app, settings, events=events, stop_children=lambda: stop_children(STOP_GRACE)
-    )
+    # At a release, the jobs' subprocesses are stopped before the jobs are released: with a
+    # grace that leaves most of the 0.3 M between the release command and the kill to the
+    # release writes (0.5 s at the default M = 5 s).
+    grace = min(STOP_GRACE, max(0.1, settings.release_margin * 0.1))
+    worker = NativeWorker(app, settings, events=events, stop_children=lambda: stop_children(grace))
     # A SIGTERM from now on reaches the worker (run() installs its own handler, to the same
     # effect); one that came while it was being built is passed on.
     signal.signal(signal.SIGTERM, lambda signum, frame: worker.stop_fetching())
