@@ -257,12 +257,11 @@ class NativeWorker:
                     "stopping the jobs' subprocesses failed",
                     extra={"event": "stop_children_failed"},
                 )
-        # _settle logs its own store errors: nothing here gives up or skips.
+        # _settle logs its own store errors: nothing here gives up or skips. A job whose settle
+        # was not held is settling itself (it already had its wait).
         return release_each(
             everything,
-            lambda r: self._take_back(
-                r, self._release, JobInterrupted, _RELEASE_WAIT, held=r in held
-            ),
+            lambda r: self._take_back(r, self._release, JobInterrupted, held=r in held),
             log=log,
         ).released
 
