@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 from workerkit import events as events_module
 from workerkit.engines.attempt import HEALTH_EVERY, HEARTBEAT_EVERY, Duty, Keeper, release_each
-from workerkit.engines.celery.delivery import lease_at_delivery, pool_pids
+from workerkit.engines.celery.delivery import (
+    in_pool,
+    keep_written_jobs,
+    lease_at_delivery,
+    pool_pids,
+    remember_client_ids,
+    seal,
+)
 from workerkit.engines.celery.lease import LeaseClock, Watchdog, now
 from workerkit.engines.celery.ledger import Ledger
 from workerkit.engines.celery.poison import dead_key, dead_record, describe, guard_deliveries
@@ -191,6 +198,8 @@ class Runtime:
             lease_at_delivery(qos, self.worker_id, self.lease_ttl)
             prefix = str(getattr(channel, "global_keyprefix", "") or "")
             guard_deliveries(channel, self.dead_letter, prefix=prefix)
+            remember_client_ids(channel)
+        keep_written_jobs(getattr(consumer, "pool", None))
         self._consumer_starts += 1
         if self._consumer_starts > 1:
             self._after_reconnect()
@@ -210,9 +219,10 @@ class Runtime:
         for request in self._in_hand():
             if getattr(request, "_workerkit_settling", False) or request in active:
                 continue
-            dispatched = getattr(request, "_workerkit_dispatched", False)
-            if dispatched and not prefork:
-                continue  # solo runs it in the loop; a threads pool's queue kept it
+            if getattr(request, "_workerkit_dispatched", False) and (
+                not prefork or in_pool(self.consumer, request)
+            ):
+                continue  # in a child's pipe; solo runs it in the loop; a threads pool's queue
             self._hand_back(request, reconnected=True)
 
     def _dispatch_waiting(self) -> None:
@@ -449,7 +459,13 @@ class Runtime:
         """The release deadline: kill what runs, put every message in hand back, exit 0."""
         with self._release_lock:
             self.draining = True
-            self._seal(SEAL_WITHIN)
+            sealed = seal(self.consumer, self.ledger, self._stop_consuming, SEAL_WITHIN)
+            if not sealed:
+                log.warning(
+                    "the consumer may still pop messages: they stay unacknowledged, for crash "
+                    "recovery once their leases expire",
+                    extra={"event": "release_unsealed"},
+                )
             # Kill the pool children first: a message must not be back in its queue (where
             # another worker can start it) while its first run still goes on. Jobs of the solo
             # and threads pools run in this process and end with it, a moment later; their
@@ -469,7 +485,7 @@ class Runtime:
                     # run it again; left in ``unacked``, the retried ack lands or, if the worker
                     # is gone first, crash recovery redelivers it after its lease.
                     return False
-                ok = ledger.restore(tag, owners=(self.worker_id,))
+                ok = sealed and ledger.restore(tag, owners=(self.worker_id,))
                 queue = str(request.delivery_info.get("routing_key") or "")
                 self.events.send(JobFinished(str(request.id), request.name, queue, "released", 0.0))
                 return ok
@@ -488,47 +504,6 @@ class Runtime:
             )
             logging.shutdown()
             os._exit(0)
-
-    def _seal(self, within: float) -> None:
-        """Before a release: make sure no message can reach this process any more.
-
-        kombu's consumer keeps a BRPOP waiting whenever it has a free prefetch slot, and
-        Redis hands the next message pushed to the queue to that BRPOP: the very messages the
-        release puts back (or the requeue of a killed pool child's message). Popped into a
-        process about to exit, such a message would be in no queue and no ``unacked`` entry:
-        lost. So the consumer is cancelled on its loop thread (no new BRPOP), the waiting one
-        is unblocked in Redis (it returns empty, nothing popped), and a reply already sent is
-        left for the loop to read (a message that reached us is then in ``unacked``, and in
-        hand: the gate hands it back). Bounded by ``within``; with no event loop (solo, threads
-        pools) or past it, the release goes on as before.
-        """
-        hub = getattr(getattr(self.consumer, "controller", None), "hub", None)
-        channel = getattr(getattr(self.consumer, "task_consumer", None), "channel", None)
-        if hub is None or channel is None:
-            return
-        deadline = time.monotonic() + within
-        cancelled = threading.Event()
-
-        def cancel() -> None:
-            try:
-                self._stop_consuming()
-            finally:
-                cancelled.set()
-
-        hub.call_soon(cancel)
-        if not cancelled.wait(within):
-            return
-        waiting = getattr(channel, "_in_poll", None)
-        if waiting:
-            try:
-                self.ledger.unblock(waiting)
-            except Exception as exc:
-                log.warning(
-                    "cannot unblock the consumer's BRPOP",
-                    extra={"event": "unblock_failed", "error": str(exc)},
-                )
-        while getattr(channel, "_in_poll", None) and time.monotonic() < deadline:
-            time.sleep(DRAIN_TICK / 4)
 
     # --- the keeper: heartbeats, health, leases, crash recovery ----------------------------
 
