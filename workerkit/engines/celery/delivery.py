@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from workerkit.engines.celery.ledger import Ledger
+from workerkit.engines.celery.outage import retrying
 
 __all__ = (
     "client_id_of",
@@ -29,6 +30,8 @@ log = logging.getLogger("workerkit.engines.celery")
 
 #: How often a seal looks whether the consumer's BRPOP has returned.
 TICK: Final = 0.005
+#: How long a delivery's ``unacked`` and lease write is retried after a broken connection.
+DELIVERY_RETRY: Final = 0.5
 
 
 def remember_client_ids(channel: Any) -> None:
@@ -176,12 +179,21 @@ def lease_at_delivery(qos: Any, owner: str, ttl: float) -> None:
     def append(message: Any, delivery_tag: Any) -> None:
         delivery = message.delivery_info
         raw = encode([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with qos.pipe_or_acquire() as pipe:
-            pipe.zadd(qos.unacked_index_key, {delivery_tag: time.time()})
-            pipe.hset(qos.unacked_key, delivery_tag, raw)
-            pipe.set(Ledger.key("lease", str(delivery_tag)), owner, px=milliseconds)
-            pipe.execute()
-            remember(qos, message, delivery_tag)
+
+        def write() -> None:
+            with qos.pipe_or_acquire() as pipe:
+                pipe.zadd(qos.unacked_index_key, {delivery_tag: time.time()})
+                pipe.hset(qos.unacked_key, delivery_tag, raw)
+                pipe.set(Ledger.key("lease", str(delivery_tag)), owner, px=milliseconds)
+                pipe.execute()
+
+        # The message is popped already: a connection killed under this write (the pool's
+        # connection checked out just before a kill) must not lose it. A retry reconnects.
+        deadline = time.monotonic() + DELIVERY_RETRY
+        headers = getattr(message, "headers", None) or {}
+        job_id = str(headers.get("id") or delivery_tag)
+        retrying("delivery", job_id, write, keep_trying=lambda: time.monotonic() < deadline)
+        remember(qos, message, delivery_tag)
 
     qos.append = append
     # kombu restores every delivery of a channel as it closes (a lost connection, a restart of

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
@@ -201,6 +202,9 @@ class Runtime:
             remember_client_ids(channel)
         keep_written_jobs(getattr(consumer, "pool", None))
         self._consumer_starts += 1
+        # Off on purpose (config.py): Celery's notice that it turns on in Celery 6 is not for
+        # the user. Here, after Celery's logging setup put its "always" filters in front.
+        warnings.filterwarnings("ignore", message=r"\s*In Celery 5\.1 we introduced an optional")
         if self._consumer_starts > 1:
             self._after_reconnect()
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -46,8 +45,6 @@ def install(app: Any, settings: Settings) -> Runtime:
     from celery import signals as celery_signals
 
     runtime = Runtime(app, settings)
-    # Off on purpose (config.py): Celery's notice that it turns on in 6.0 is not for the user.
-    warnings.filterwarnings("ignore", message=r"\s*In Celery 5\.1 we introduced an optional")
 
     class WorkerkitStep(bootsteps.StartStopStep):  # type: ignore[misc]
         """Gates the consumer's dispatch to the pool (see Runtime.attach); leases at delivery."""
