@@ -181,14 +181,6 @@ def restart_under_load(celery: Cluster, prefix: str, down_for: float) -> None:
     no_crash(celery)
 
 
-@pytest.mark.xfail(
-    strict=False,  # intermittent: passed 3 of 4 runs alone, failed once in the full suite
-    reason=(
-        "#13 open: after a Redis restart shorter than the lease a long checkpointed Celery task "
-        "was once still held (unacked) 40 s later, and once ran twice (its run ended as the "
-        "shared lease clock ran low and was requeued instead of settled)"
-    ),
-)
 def test_redis_restart_shorter_than_the_lease(celery: Cluster) -> None:
     restart_under_load(celery, "cshort", down_for=WINDOW / 4)
 
@@ -197,14 +189,6 @@ def test_redis_restart_longer_than_the_lease(celery: Cluster) -> None:
     restart_under_load(celery, "clong", down_for=WINDOW + 1)
 
 
-@pytest.mark.xfail(
-    strict=False,  # intermittent: it depends on where a kill lands
-    reason=(
-        "#13 new: the acks now retry (wk-celeryout), but a killed consumer connection still "
-        "makes Celery cancel its running tasks and kombu restore their messages at the channel's "
-        "close, past workerkit's lease: tasks re-run, and checkpointed ones can be lost"
-    ),
-)
 def test_connections_killed_again_and_again(celery: Cluster) -> None:
     load = celery.load("ckill")
     load.enqueue()
@@ -268,11 +252,6 @@ def test_supervisor_sigkilled_its_worker_follows_and_tasks_run_once(celery: Clus
     load.check(killed=killed, killed_at=killed_at)
 
 
-@pytest.mark.xfail(
-    strict=False,  # failed once in the full suite: a message still in `unacked`, likely left
-    # by the open restart scenario above on the shared Redis
-    reason="#13 open: a message left held by an earlier scenario makes `unacked` non-empty",
-)
 def test_poison_messages_are_dropped_with_their_reason_and_the_workers_go_on(
     celery: Cluster,
 ) -> None:

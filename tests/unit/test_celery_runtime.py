@@ -304,7 +304,7 @@ def test_new_work_waits_while_the_shared_deadline_is_stale() -> None:
     runtime = Runtime(Celery("t"), Settings(engine="celery", recovery_window=30))
     ledger = FakeLedger()
     runtime._ledger = ledger  # type: ignore[assignment]
-    consumer = _Consumer()
+    consumer = _PoolConsumer()
     runtime.attach(consumer)
     runtime.lease.extend(now() - 14)  # 1 s left of 15: under W/8
     fresh = _Request("a")

@@ -179,9 +179,9 @@ class Runtime:
             if getattr(request, "_workerkit_lost", False):
                 self._drop(request)  # another worker holds it now (an ETA that waited)
                 return
-            if self.lease.expiring():
-                # A stale shared deadline (after a SIGSTOP, a failed renewal round) would stop
-                # the task at once: it waits for the next round (_renew_leases).
+            if self.lease.expiring() and pool_pids(consumer):
+                # A stale shared deadline (after a SIGSTOP, a failed renewal round) would have
+                # a pool child stop the task at once: it waits for the next round.
                 self._waiting.append(request)
                 return
             request._workerkit_dispatched = True  # it may run from now on (see _renew_leases)
