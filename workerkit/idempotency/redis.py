@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import redis
 from redis import exceptions as redis_errors
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from workerkit.errors import StoreError, StoreUnavailable
 from workerkit.idempotency.contract import Claim, IdempotencyRecord, check_seconds, log_fenced_out
@@ -32,8 +31,8 @@ log = logging.getLogger(__name__)
 
 #: Prepended to every key (a Redis shared with other applications keeps them apart).
 DEFAULT_PREFIX: Final = "workerkit:idempotency:"
-#: Retries of a command that met a broken connection (0.05 s doubling: 1.55 s in all).
-RETRIES: Final = 5
+#: Retries of a claim that met a broken connection (0.05 s doubling: 1.55 s in all).
+CLAIM_RETRIES: Final = 5
 
 
 def _script(name: str) -> str:
@@ -74,15 +73,8 @@ class RedisIdempotencyStore:
     @classmethod
     def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX) -> RedisIdempotencyStore:
         """A store with its own client on ``url`` (``redis://HOST:PORT/DB``); closed by close()."""
-        # redis-py's own retry, which from_url leaves off: a killed connection (a failover, a
-        # proxy's restart) reconnects at the next try instead of failing the job's claim.
-        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES)
         client: redis.Redis[Any] = redis.Redis.from_url(
-            url,
-            socket_connect_timeout=10,
-            socket_timeout=30,
-            health_check_interval=30,
-            retry=retry,
+            url, socket_connect_timeout=10, socket_timeout=30, health_check_interval=30
         )
         store = cls(client, prefix=prefix)
         store._owns_client = True
@@ -91,19 +83,32 @@ class RedisIdempotencyStore:
     def __repr__(self) -> str:
         return f"<RedisIdempotencyStore prefix={self.prefix!r}>"
 
-    def _call(self, script: Script, key: str, *args: str | int) -> Any:
-        try:
-            return script(keys=[self.prefix + key], args=list(args))
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-            raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
-        except redis_errors.RedisError as exc:
-            raise StoreError(f"idempotency store: redis: {type(exc).__name__}: {exc}") from exc
+    def _call(self, script: Script, key: str, *args: str | int, retries: int = 0) -> Any:
+        delay = 0.05
+        while True:
+            try:
+                return script(keys=[self.prefix + key], args=list(args))
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+                if retries <= 0:
+                    message = f"redis unavailable: {type(exc).__name__}: {exc}"
+                    raise StoreUnavailable(message) from exc
+            except redis_errors.RedisError as exc:
+                raise StoreError(f"idempotency store: redis: {type(exc).__name__}: {exc}") from exc
+            retries -= 1
+            time.sleep(delay)  # the next try reconnects
+            delay *= 2
 
     def claim(self, key: str, fingerprint: str, *, in_progress_expiry: float) -> Claim:
         """Claim ``key``, or report the live record that holds it (one script run)."""
         check_seconds("in_progress_expiry", in_progress_expiry)
         token = secrets.token_hex(16)
-        reply = self._call(self._claim, key, fingerprint, token, _ms(in_progress_expiry))
+        # Retried: a killed connection (a failover, a proxy's restart) must not fail a job
+        # whose body has not run yet. A lost reply of a try that landed makes the next one
+        # find the key held (in_progress): the job waits for the claim to expire, never runs
+        # twice. complete() is not retried here: the body ran, and the job's lease may end.
+        reply = self._call(
+            self._claim, key, fingerprint, token, _ms(in_progress_expiry), retries=CLAIM_RETRIES
+        )
         outcome, value = _text(reply[0]), _text(reply[1])
         if outcome in ("claimed", "taken_over"):
             return Claim(cast(Any, outcome), token=value)
