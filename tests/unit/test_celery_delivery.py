@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("celery")
 
-from workerkit.engines.celery.delivery import seal
+from workerkit.engines.celery.delivery import in_pool, keep_written_jobs, seal
 
 
 class _Ledger:
@@ -73,3 +73,31 @@ def test_no_brpop_waiting_or_its_reply_read_meanwhile_is_sealed() -> None:
         channel._in_poll = None  # the loop read the BRPOP's reply as the consumer was cancelled
 
     assert seal(consumer, _Ledger(set()), stop_consuming, within=0.05)  # type: ignore[arg-type]
+
+
+def test_celerys_reconnection_flush_keeps_the_jobs_written_to_a_live_child() -> None:
+    alive = SimpleNamespace(_is_alive=lambda: True)
+    dead = SimpleNamespace(_is_alive=lambda: False)
+    jobs = {
+        1: SimpleNamespace(_accepted=True, _write_to=alive),  # running
+        2: SimpleNamespace(_accepted=False, _write_to=alive),  # in the child's pipe
+        3: SimpleNamespace(_accepted=False, _write_to=None),  # never written
+        4: SimpleNamespace(_accepted=False, _write_to=dead),  # its child died
+    }
+    cache = dict(jobs)
+
+    def flush() -> None:  # billiard's AsynPool.flush without synack: drops the unaccepted
+        for key in [k for k, job in cache.items() if not job._accepted]:
+            del cache[key]
+
+    pool = SimpleNamespace(flush=flush, _pool=SimpleNamespace(_cache=cache))
+    keep_written_jobs(pool)
+    keep_written_jobs(pool)  # once per flush function
+    pool.flush()
+    assert sorted(cache) == [1, 2]
+    consumer = SimpleNamespace(pool=pool)
+    kept = SimpleNamespace(_apply_result=lambda: jobs[2])
+    dropped = SimpleNamespace(_apply_result=lambda: jobs[3])
+    jobs[2]._job, jobs[3]._job = 2, 3
+    assert in_pool(consumer, kept)
+    assert not in_pool(consumer, dropped)

@@ -120,10 +120,11 @@ def keep_written_jobs(pool: Any) -> None:
     """Celery's flush of the prefork pool at a lost connection drops from the pool's cache
     every job no child has acknowledged yet, also one written to a child's pipe already: the
     child runs it anyway, and its result, found in no cache, is dropped (never settled). Those
-    are put back (once per pool): their acceptance and result reach their Request as usual."""
+    are put back (wrapped once per flush: a restarted pool gets a new one): their acceptance and
+    result reach their Request as usual."""
     flush = getattr(pool, "flush", None)
     cache = getattr(getattr(pool, "_pool", None), "_cache", None)
-    if flush is None or cache is None or getattr(pool, "_workerkit_keeps", False):
+    if flush is None or cache is None or getattr(flush, "_workerkit_keeps", False):
         return
 
     def flush_keeping_written() -> None:
@@ -139,8 +140,8 @@ def keep_written_jobs(pool: Any) -> None:
                 if key not in cache and job._write_to._is_alive():
                     cache[key] = job
 
+    flush_keeping_written._workerkit_keeps = True  # type: ignore[attr-defined]
     pool.flush = flush_keeping_written
-    pool._workerkit_keeps = True
 
 
 def in_pool(consumer: Any, request: Any) -> bool:
