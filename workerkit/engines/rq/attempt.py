@@ -314,4 +314,9 @@ class Attempts(WorkerState):
             wk = wk_state(job)
             if attempt.succeeded and wk.pop("checkpoint", None) is not None:
                 pipeline.hset(job.key, META_KEY, encode_state(wk))
+        execution = self.execution
         super().cleanup_execution(job, pipeline)  # type: ignore[misc]
+        # RQ forgets the execution before its MULTI runs: when that MULTI fails and RQ runs its
+        # bookkeeping again (a killed connection is a WatchError in its success loop), the
+        # second run would leave the execution and its StartedJobRegistry entry behind.
+        self.execution = execution
