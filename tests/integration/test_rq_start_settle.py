@@ -10,6 +10,7 @@ up at the release while Redis is unreachable (pushed back, not lost).
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from rq.serializers import JSONSerializer
 
 from tests.support.cutting_proxy import CuttingProxy
 from workerkit.engines.rq import RqApp, SimpleWorker
+from workerkit.engines.rq.leases import AttemptKeys, Leases, lease_key, started_key
 from workerkit.settings import Settings
 
 if TYPE_CHECKING:
@@ -85,6 +87,45 @@ def outcomes(caplog: pytest.LogCaptureFixture, job_id: str) -> list[str]:
     ]
 
 
+def test_an_id_queued_twice_runs_once_whether_the_first_attempt_ended_or_still_holds_it(
+    redis_client: redis.Redis[bytes], redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="workerkit")
+    q = queue(redis_client)
+    q.enqueue(f"{MODULE}.note", "ended", job_id="ended")
+    redis_client.rpush("rq:queue:default", "ended")  # queued twice (an old AOF, a push back)
+    worker_on(redis_url).work(burst=True)
+    assert calls == ["ended"]
+    assert q.fetch_job("ended").get_status() == "finished"  # type: ignore[union-attr]
+
+    # Another attempt holds the job (started, its horse not yet running it): not started here.
+    q.enqueue(f"{MODULE}.note", "held", job_id="held")
+    redis_client.lpop("rq:queue:default")
+    redis_client.set(lease_key("held"), "run:other", px=60_000)
+    redis_client.rpush("rq:queue:default", "held")
+    worker_on(redis_url).work(burst=True)
+    assert calls == ["ended"]
+    assert redis_client.get(lease_key("held")) == b"run:other"
+    assert StartedJobRegistry("default", connection=redis_client).get_job_ids() == []
+    refused = [r for r in caplog.records if getattr(r, "event", None) == "job_start_refused"]
+    assert [getattr(r, "job_id", None) for r in refused] == ["ended", "held"]
+
+
+def test_a_start_whose_reply_was_lost_is_its_own_on_the_retry_and_nobody_elses(
+    redis_client: redis.Redis[bytes],
+) -> None:
+    q = queue(redis_client)
+    q.enqueue(f"{MODULE}.note", "s", job_id="s")
+    leases = Leases(redis_client, lease_ttl=4.0)
+    mine, theirs = AttemptKeys("s", "mine", "default"), AttemptKeys("s", "theirs", "default")
+    writes = [("HSET", "rq:job:s", "worker_name", "w1")]
+    assert leases.start(mine, writes).ok
+    assert leases.start(mine, writes).ok  # the same attempt again: its reply was lost
+    assert not leases.start(theirs, [("HSET", "rq:job:s", "worker_name", "w2")]).ok
+    assert redis_client.hget("rq:job:s", "worker_name") == b"w1"
+    assert redis_client.zrange(started_key("default"), 0, -1) == [mine.member.encode()]
+
+
 def test_a_settle_cut_while_rq_watches_leaves_nothing_in_the_started_registry(
     redis_client: redis.Redis[bytes],
     redis_url: str,
@@ -100,3 +141,30 @@ def test_a_settle_cut_while_rq_watches_leaves_nothing_in_the_started_registry(
     assert q.fetch_job("w").get_status() == "finished"  # type: ignore[union-attr]
     assert StartedJobRegistry("default", connection=redis_client).get_job_ids() == []
     assert redis_client.zcard("rq:executions:w") == 0
+
+
+def test_a_popped_job_whose_start_gives_up_at_the_release_goes_back_to_its_queue(
+    redis_client: redis.Redis[bytes],
+    redis_url: str,
+    proxy: CuttingProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="workerkit")
+    q = queue(redis_client)
+    q.enqueue(f"{MODULE}.note", "p", job_id="p")
+    worker = worker_on(proxied(proxy, redis_url), release_margin=8.0)
+    # Popped; its start never reaches Redis, which stays unreachable for a second, and the
+    # worker releases its work meanwhile (the supervisor's release, or its death).
+    proxy.cut_at(
+        b"rq:executions:p", deliver=False, outage=1.0, on_cut=worker.wk_release_now_and_stop
+    )
+    worker.work(burst=True)
+    assert proxy.cut.is_set()
+    assert calls == []
+    assert q.get_job_ids() == ["p"]  # back at the front, not lost
+    assert redis_client.exists(lease_key("p")) == 0
+    events = [getattr(r, "event", None) for r in caplog.records]
+    assert "popped_job_held" in events
+    assert "popped_job_pushed_back" in events
+    worker_on(redis_url).work(burst=True)
+    assert calls == ["p"]

@@ -28,6 +28,7 @@ __all__ = (
     "WAKE_PREFIX",
     "AttemptKeys",
     "Leases",
+    "Start",
     "deferred_key",
     "lease_key",
     "started_key",
@@ -108,6 +109,15 @@ _DEFER: Final = _script("owned", "leave_started", "defer")
 _PROMOTE: Final = _script("promote")
 _ABANDONED: Final = _script("abandoned")
 _PUSH_BACK: Final = _script("push_back")
+_START: Final = _script("start")
+
+
+@dataclass(frozen=True)
+class Start:
+    """What :meth:`Leases.start` did: started (``ok``), or why not."""
+
+    ok: bool
+    why: str
 
 
 class Leases:
@@ -125,11 +135,25 @@ class Leases:
         self._defer = connection.register_script(_DEFER)
         self._promote = connection.register_script(_PROMOTE)
         self._push_back = connection.register_script(_PUSH_BACK)
+        self._start = connection.register_script(_START)
 
-    def start(self, pipeline: Pipeline[Any], attempt: AttemptKeys) -> None:
-        """Take the lease and join the started set, in the caller's MULTI with RQ's own start."""
-        pipeline.set(lease_key(attempt.job_id), f"run:{attempt.token}", px=self.lease_ms)
-        pipeline.zadd(started_key(attempt.queue), {attempt.member: time.time()})
+    def start(self, attempt: AttemptKeys, writes: Sequence[Sequence[Any]]) -> Start:
+        """Take the lease, join the started set and make RQ's start ``writes`` (commands, as a
+        pipeline records them) in one script, only while no other attempt holds the job and it
+        is queued (see ``start.lua``)."""
+        args: list[Any] = [attempt.token, self.lease_ms, attempt.member, time.time()]
+        for command in writes:
+            args.append(len(command))
+            args.extend(command)
+        keys = [lease_key(attempt.job_id), f"rq:job:{attempt.job_id}", started_key(attempt.queue)]
+        reply = self._start(keys=keys, args=args)
+        code = int(reply[0])
+        if code == 1:
+            return Start(True, "")
+        found = _text(reply[1]) if len(reply) > 1 else ""
+        if code == 0:
+            return Start(False, f"another attempt holds it (lease {found!r})")
+        return Start(False, f"it is not queued any more (status {found!r}): queued twice")
 
     @staticmethod
     def forget(pipeline: Pipeline[Any], attempt: AttemptKeys) -> None:
@@ -246,6 +270,10 @@ class Leases:
         """One scanner per queue per interval: the others skip (the scripts are safe anyway)."""
         key = SCAN_LOCK_PREFIX + queue
         return bool(self.connection.set(key, owner, nx=True, px=max(1, int(ttl * 1000))))
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _accepted(states: Sequence[str]) -> str:
