@@ -143,6 +143,25 @@ def test_a_settle_cut_while_rq_watches_leaves_nothing_in_the_started_registry(
     assert redis_client.zcard("rq:executions:w") == 0
 
 
+def test_a_settle_that_landed_but_whose_reply_was_lost_reports_its_real_outcome(
+    redis_client: redis.Redis[bytes],
+    redis_url: str,
+    proxy: CuttingProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="workerkit")
+    q = queue(redis_client)
+    q.enqueue(f"{MODULE}.note", "r", job_id="r")
+    # The success MULTI runs; its reply is lost and Redis stays unreachable for a second.
+    proxy.cut_at(b"successful_job_count", deliver=True, outage=1.0)
+    worker_on(proxied(proxy, redis_url)).work(burst=True)
+    assert proxy.cut.is_set()
+    assert calls == ["r"]
+    assert q.fetch_job("r").get_status() == "finished"  # type: ignore[union-attr]
+    assert outcomes(caplog, "r") == ["succeeded"]
+    assert StartedJobRegistry("default", connection=redis_client).get_job_ids() == []
+
+
 def test_a_popped_job_whose_start_gives_up_at_the_release_goes_back_to_its_queue(
     redis_client: redis.Redis[bytes],
     redis_url: str,

@@ -31,6 +31,7 @@ __all__ = (
     "Start",
     "deferred_key",
     "lease_key",
+    "settled_key",
     "started_key",
 )
 
@@ -39,6 +40,8 @@ STARTED_PREFIX: Final = "workerkit:rq:started:"
 SCAN_LOCK_PREFIX: Final = "workerkit:rq:scan:"
 WAKE_PREFIX: Final = "workerkit:rq:wake:"
 DEFERRED_PREFIX: Final = "workerkit:rq:deferred:"
+#: The token of the attempt whose settle landed last, per job (a retried settle reads it).
+SETTLED_PREFIX: Final = "workerkit:rq:settled:"
 #: RQ's own scheduler lock of a queue (``rq.scheduler.SCHEDULER_LOCKING_KEY_TEMPLATE``).
 RQ_SCHEDULER_LOCK_PREFIX: Final = "rq:scheduler-lock:"
 #: At most this many deferred jobs are put back per queue and promotion (bounds the script).
@@ -55,6 +58,10 @@ def lease_key(job_id: str) -> str:
 
 def started_key(queue: str) -> str:
     return STARTED_PREFIX + queue
+
+
+def settled_key(job_id: str) -> str:
+    return SETTLED_PREFIX + job_id
 
 
 def deferred_key(queue: str) -> str:
@@ -157,9 +164,18 @@ class Leases:
 
     @staticmethod
     def forget(pipeline: Pipeline[Any], attempt: AttemptKeys) -> None:
-        """Drop the lease and the started member, in the caller's MULTI with RQ's own settle."""
+        """Drop the lease and the started member, in the caller's MULTI with RQ's own settle,
+        and mark the job settled by this attempt (:meth:`settled_by`) for :data:`SETTLE_TTL_MS`.
+        """
         pipeline.delete(lease_key(attempt.job_id))
         pipeline.zrem(started_key(attempt.queue), attempt.member)
+        pipeline.set(settled_key(attempt.job_id), attempt.token, px=SETTLE_TTL_MS)
+
+    def settled_by(self, attempt: AttemptKeys) -> bool:
+        """Whether this attempt's own settle landed (its reply may have been lost): the mark
+        its settle left names its token."""
+        mark = self.connection.get(settled_key(attempt.job_id))
+        return mark is not None and _text(mark) == attempt.token
 
     def renew(self, attempt: AttemptKeys) -> bool:
         """Extend the lease by its TTL; False when another attempt (or nobody) holds it."""

@@ -286,8 +286,13 @@ class Perform(WorkerState):
             if tries > 1 and not self._wk_leases.transition(
                 attempt.keys, SETTLE_AGAIN, "settle", ttl
             ):
+                if self._wk_leases.settled_by(attempt.keys):
+                    landed.append(True)  # the first try landed; its reply was lost
+                    return
                 raise Fenced
             write()
+
+        landed: list[bool] = []
 
         try:
             self._wk_retry(attempt, what).run(once)
@@ -297,6 +302,12 @@ class Perform(WorkerState):
                 extra={"event": "lease_lost", "job_id": attempt.keys.job_id},
             )
             return False
+        if landed:
+            log.info(
+                "%s had landed before its reply was lost",
+                what,
+                extra={"event": "settle_reply_lost", "job_id": attempt.keys.job_id},
+            )
         return True
 
     def _wk_claim_settle(self, attempt: Attempt) -> bool:
