@@ -5,13 +5,15 @@ A worker runs in burst mode in the test's own process: a start that is one scrip
 queued twice never starts twice), a settle whose connection dies while RQ watches a key (RQ
 runs its bookkeeping again: nothing left in the StartedJobRegistry), a settle that landed but
 whose reply was lost (its real outcome, not ``lease_lost``), and a popped job whose start gives
-up at the release while Redis is unreachable (pushed back, not lost).
+up at the release while Redis is unreachable (pushed back, not lost), and a job whose Redis
+went away before RQ called its function (deferred unrun, not failed).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,7 @@ from rq.serializers import JSONSerializer
 
 from tests.support.cutting_proxy import CuttingProxy
 from workerkit.engines.rq import RqApp, SimpleWorker
+from workerkit.engines.rq.jobs import read_state
 from workerkit.engines.rq.leases import AttemptKeys, Leases, lease_key, started_key
 from workerkit.settings import Settings
 
@@ -187,3 +190,21 @@ def test_a_popped_job_whose_start_gives_up_at_the_release_goes_back_to_its_queue
     assert "popped_job_pushed_back" in events
     worker_on(redis_url).work(burst=True)
     assert calls == ["p"]
+
+
+def test_redis_cut_before_the_job_s_function_is_called_defers_the_job_unrun_never_fails_it(
+    redis_client: redis.Redis[bytes], redis_url: str, proxy: CuttingProxy
+) -> None:
+    q = queue(redis_client)
+    job = q.enqueue(f"{MODULE}.note", "b", job_id="b")
+    # RQ's Job.perform sends a PERSIST of the job hash before it calls the function.
+    proxy.cut_at(b"PERSIST", deliver=False, outage=0.0)
+    worker_on(proxied(proxy, redis_url)).work(burst=True)
+    assert proxy.cut.is_set()
+    assert calls == []
+    assert job.get_status() == "scheduled"  # deferred, its attempt given back
+    assert read_state(redis_client, "b")["attempts"] == 0
+    assert Leases(redis_client, lease_ttl=4.0).promote("default", "", now=time.time() + 60) == 1
+    worker_on(redis_url).work(burst=True)
+    assert calls == ["b"]
+    assert job.get_status() == "finished"

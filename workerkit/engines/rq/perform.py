@@ -76,6 +76,17 @@ def _unreachable_before_claim(exc: BaseException, context: JobContext | None) ->
     return isinstance(exc, StoreUnavailable) and context is not None and outcome_of(context) is None
 
 
+def _unreachable_before_the_body(exc: BaseException) -> bool:
+    """Redis went away inside RQ's ``Job.perform`` before it called the job's function (its
+    ``PERSIST`` of the job hash comes first): nothing of the job ran. Told by the traceback,
+    which holds no frame of RQ's ``Job._execute`` (the call of the function) then."""
+    if not isinstance(exc, UNREACHABLE):
+        return False
+    return not any(
+        frame.f_code.co_name == "_execute" for frame, _ in traceback.walk_tb(exc.__traceback__)
+    )
+
+
 def defer_backoff() -> float:
     """:data:`DEFER_BACKOFF` with equal jitter (drawn only when a job is deferred)."""
     return DEFER_BACKOFF / 2 + random.uniform(0, DEFER_BACKOFF / 2)
@@ -152,9 +163,11 @@ class Perform(WorkerState):
             verdict = verdict_for(
                 exc, RULES, backoff=defer_backoff, releasing=attempt.releasing, lease_lost=lost
             )
-            if _unreachable_before_claim(exc, context) and not (attempt.releasing or lost):
-                # Redis went away before the job's idempotency claim landed: nothing of the
-                # job ran, so it goes back unrun (no attempt used up) instead of failing.
+            unrun = _unreachable_before_claim(exc, context) or _unreachable_before_the_body(exc)
+            if unrun and not (attempt.releasing or lost):
+                # Redis went away before the job's function was called, or before its
+                # idempotency claim landed: nothing of the job ran, so it goes back unrun (no
+                # attempt used up) instead of failing.
                 return self._wk_defer(job, attempt, defer_backoff(), f"Redis unreachable: {exc}")
             match verdict:
                 case Release():
