@@ -3,7 +3,10 @@
 Shared by the supervisor (its worker's tree, and the orphans it adopts as a child subreaper) and
 the engines' workers (the subprocesses their jobs started). Always by pid, never by process
 group: a job may have moved its children to groups of their own, and a group may hold processes
-that are not ours. On a system without /proc every function finds nothing and stops nothing.
+that are not ours. A target is held by a pidfd (Linux >= 5.3) from before the first signal, so a
+pid that exits, is reaped (by us as PID 1, in parallel) and is reused by another process during
+the grace is not killed; where there are no pidfds, by pid as before. On a system without /proc
+every function finds nothing and stops nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import select
 import signal
 import sys
 import time
@@ -26,6 +30,8 @@ __all__ = (
     "parent_pids",
     "prctl",
     "processes_with_env",
+    "signal_processes",
+    "start_time",
     "stop_processes",
 )
 
@@ -103,6 +109,87 @@ def alive(pid: int) -> bool:
     return stat[stat.rfind(")") + 2 :].split()[0] not in ("Z", "X")
 
 
+class _Target:
+    """One process to stop: its pid, and a pidfd that names that very process while we hold it."""
+
+    __slots__ = ("fd", "pid")
+
+    def __init__(self, pid: int, fd: int | None) -> None:
+        self.pid = pid
+        self.fd = fd
+
+    def signal(self, signum: int) -> bool:
+        """Send ``signum``; False when the process is gone (or not ours to signal)."""
+        try:
+            if self.fd is not None:
+                signal.pidfd_send_signal(self.fd, signum)
+            else:
+                os.kill(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def running(self) -> bool:
+        """True while it runs: a pidfd turns readable when its process exits (zombie or reaped),
+        and then stays so, whoever gets the pid next."""
+        if self.fd is None:
+            return alive(self.pid)
+        try:
+            readable, _, _ = select.select([self.fd], [], [], 0)
+        except (OSError, ValueError):
+            return alive(self.pid)
+        return not readable
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+
+def _hold(pids: Iterable[int]) -> list[_Target]:
+    """Each pid (other than ours) held by a pidfd where the system has them; gone ones dropped."""
+    targets: list[_Target] = []
+    me = os.getpid()
+    pidfd_open = getattr(os, "pidfd_open", None)
+    for pid in dict.fromkeys(pids):
+        if pid == me:
+            continue
+        fd: int | None = None
+        if pidfd_open is not None:
+            try:
+                fd = pidfd_open(pid)
+            except ProcessLookupError:
+                continue  # gone already
+            except OSError:  # no pidfds here (old kernel, seccomp): by pid
+                fd = None
+        targets.append(_Target(pid, fd))
+    return targets
+
+
+def signal_processes(pids: Iterable[int], signum: int) -> list[int]:
+    """Send ``signum`` to each of ``pids`` (each held by a pidfd meanwhile); return those sent."""
+    targets = _hold(pids)
+    try:
+        return [t.pid for t in targets if t.signal(signum)]
+    finally:
+        for target in targets:
+            target.close()
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot): with the pid, names one process for good.
+    None when it is not running (gone, or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()  # field 3 (state) onwards
+    if len(fields) < 20 or fields[0] in ("Z", "X") or not fields[19].isdigit():
+        return None
+    return int(fields[19])
+
+
 def stop_processes(
     pids: Iterable[int],
     *,
@@ -112,26 +199,26 @@ def stop_processes(
     """SIGTERM each of ``pids``, then SIGKILL those still running after ``grace`` seconds.
 
     ``reap`` is called while waiting (a parent reaps its exited children there). Returns the
-    pids that had to be killed.
+    pids that had to be killed. Each process is held by a pidfd from the start (where there are
+    pidfds), so one reaped meanwhile whose pid is reused is not the one killed.
     """
-    targets = [pid for pid in dict.fromkeys(pids) if pid != os.getpid()]
-    for pid in targets:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    left = targets
-    while left:
-        if reap is not None:
-            reap()
-        left = [pid for pid in left if alive(pid)]
-        if not left or time.monotonic() >= deadline:
-            break
-        time.sleep(_POLL)
-    killed: list[int] = []
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+    targets = _hold(pids)
+    try:
+        for target in targets:
+            target.signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        left = targets
+        while left:
+            if reap is not None:
+                reap()
+            left = [target for target in left if target.running()]
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(_POLL)
+        killed = [target.pid for target in left if target.signal(signal.SIGKILL)]
+    finally:
+        for target in targets:
+            target.close()
     if reap is not None:
         reap()
     return killed

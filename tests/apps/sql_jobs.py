@@ -91,6 +91,30 @@ def spawner(tag: str) -> None:
         time.sleep(0.02)
 
 
+@app.task(name="spawner_checks", timeout=60)
+def spawner_checks(tag: str) -> None:
+    """Like ``spawner``, but its ``sleep`` ignores SIGTERM (only a SIGKILL ends it), and each
+    attempt first records ``overlap TAG PID`` for an earlier attempt's subprocess still running."""
+    try:
+        with open(os.environ["E2E_JOURNAL"]) as lines:
+            earlier = [line.split()[2] for line in lines if line.startswith(f"child {tag} ")]
+    except FileNotFoundError:
+        earlier = []
+    for pid in earlier:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                state = stat.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in ("Z", "X"):
+            record(f"overlap {tag} {pid}")
+    child = subprocess.Popen(["sh", "-c", "trap '' TERM; exec sleep 1000"], start_new_session=True)
+    record(f"child {tag} {child.pid}")
+    record(f"start {tag} {current_job().attempt}")
+    while True:
+        time.sleep(0.02)
+
+
 @app.task(name="kills_its_worker", timeout=30)
 def kills_its_worker(tag: str) -> None:
     """SIGKILLs the process it runs in, every time (an out-of-memory kill of the worker)."""

@@ -111,3 +111,43 @@ def test_a_released_jobs_subprocess_is_gone_when_the_supervisor_exits(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(sleeper, signal.SIGKILL)
         pod.stop()
+
+
+def test_sql_a_released_jobs_subprocess_is_gone_before_its_next_attempt_starts(
+    tmp_path: Path,
+) -> None:
+    # Jobs run in threads of the sql worker: a released job's subprocess (here one that ignores
+    # SIGTERM, so it lives until the SIGKILL after the stop grace) must be stopped before the
+    # release makes the job claimable, or the waiting pod's attempt runs beside it.
+    from workerkit.engines.sql import upgrade
+
+    url = f"sqlite:///{tmp_path / 'queue.sqlite3'}"
+    upgrade(url)
+    env = Env(tmp=tmp_path, database_url=url, journal=tmp_path / "journal.txt")
+    env.enqueue("spawner_checks", "s", job_id="s")
+    first = start_supervisor(env, name="first")
+    second: Supervisor | None = None
+    pids: list[int] = []
+    try:
+        pids.append(child_pid(env))
+        second = start_supervisor(env, name="second")
+        second.wait_ready()
+        first.signal(signal.SIGTERM)
+        wait_until(
+            lambda: len([x for x in env.lines() if x.startswith("start s ")]) == 2,
+            timeout=30,
+            what="the job's second attempt, on the second pod",
+        )
+        pids = [int(x.split()[2]) for x in env.lines() if x.startswith("child s ")]
+        code, _ = first.wait_exit(20)
+        assert code == 0, first.log_text()
+        assert [x for x in env.lines() if x.startswith("overlap ")] == [], env.lines()
+        assert first.events_named("worker_released"), first.log_text()
+    finally:
+        for pod in (first, second):
+            if pod is not None:
+                pod.stop()
+        for pid in pids:
+            if process_state(pid) not in (None, "Z"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.support.harness import process_state, wait_until
 from workerkit.proctree import alive, processes_with_env, stop_processes
 
@@ -53,6 +55,80 @@ def test_stop_processes_terms_then_kills_at_the_grace() -> None:
         assert 0.5 <= elapsed < 3.0, elapsed
         assert not alive(polite.pid)
         assert process_state(deaf.pid) is None
+    finally:
+        for proc in (polite, deaf):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _spawn_with_pid(pid: int) -> subprocess.Popen[bytes] | None:
+    """A new ``sleep`` that gets ``pid`` again (Linux's ``ns_last_pid``, as root); None when that
+    cannot be done here, or another process took the pid first."""
+    try:
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+    except OSError:
+        return None
+    stranger = subprocess.Popen(["sleep", "60"])
+    if stranger.pid == pid:
+        return stranger
+    stranger.kill()
+    stranger.wait()
+    return None
+
+
+def _stop_while_a_pid_is_reused() -> bool:
+    """One try of the test below; False when the pid could not be reused this time."""
+    polite = subprocess.Popen(["sleep", "60"])
+    deaf = subprocess.Popen([sys.executable, "-c", IGNORES_SIGTERM])
+    strangers: list[subprocess.Popen[bytes] | None] = []
+
+    def reap() -> None:  # the parallel reaper, and the new process that gets the pid
+        if not strangers and polite.poll() is not None:
+            strangers.append(_spawn_with_pid(polite.pid))
+
+    try:
+        wait_until(lambda: _ignores_sigterm(deaf.pid), timeout=10, what="the handler")
+        killed = stop_processes([polite.pid, deaf.pid], grace=0.5, reap=reap)
+        stranger = strangers[0] if strangers else None
+        if stranger is None:
+            return False
+        try:
+            assert polite.returncode == -signal.SIGTERM
+            assert killed == [deaf.pid]
+            assert stranger.poll() is None, "the stranger with the reused pid was killed"
+        finally:
+            stranger.kill()
+            stranger.wait()
+        return True
+    finally:
+        for proc in (polite, deaf):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_a_pid_reaped_and_reused_during_the_grace_is_not_killed() -> None:
+    # A stop's target exits at the SIGTERM and is reaped meanwhile (as the supervisor, PID 1,
+    # reaps everything); its pid is taken by an unrelated new process before the SIGKILL round.
+    # The stop must not kill that stranger: it holds its targets by pidfd, not by number.
+    if not Path("/proc/sys/kernel/ns_last_pid").exists() or os.geteuid() != 0:
+        pytest.skip("needs root and ns_last_pid to reuse a pid on purpose")
+    for _ in range(5):  # another process on the machine may take the pid first: try again
+        if _stop_while_a_pid_is_reused():
+            return
+    pytest.skip("could not get the pid reused (other processes took it)")
+
+
+def test_without_pidfds_processes_are_stopped_by_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(os, "pidfd_open", raising=False)  # a kernel before 5.3, another system
+    polite = subprocess.Popen(["sleep", "60"])
+    deaf = subprocess.Popen([sys.executable, "-c", IGNORES_SIGTERM])
+    try:
+        wait_until(lambda: _ignores_sigterm(deaf.pid), timeout=10, what="the handler")
+        assert stop_processes([polite.pid, deaf.pid], grace=0.3, reap=lambda: None) == [deaf.pid]
+        assert polite.wait(5) == -signal.SIGTERM
+        assert deaf.wait(5) == -signal.SIGKILL
     finally:
         for proc in (polite, deaf):
             if proc.poll() is None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +26,7 @@ from tests.support.harness import (
     wait_until,
 )
 from workerkit import exitcodes
+from workerkit.events import SOCKET_ENV
 
 
 def assert_released(env: Env, job_id: str) -> dict[str, object]:
@@ -277,3 +280,50 @@ def test_sigterm_while_the_worker_is_still_starting_stops_it_without_a_drain_win
     assert process_state(worker) is None  # killed and reaped
     (stopped,) = running.events_named("supervisor_stopped")
     assert (stopped["outcome"], stopped["ready"]) == ("forced", False)
+
+
+def _socket_dir_of(pid: int) -> Path:
+    prefix = f"{SOCKET_ENV}=".encode()
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return Path(next(v for v in environ if v.startswith(prefix))[len(prefix) :].decode()).parent
+
+
+def test_runtime_directories_left_by_a_sigkilled_pod_are_removed_at_the_next_start(
+    env: Env,
+) -> None:
+    # The whole tree SIGKILLed at once (an OOM kill of the container's cgroup, kill -9 -1): the
+    # supervisor cannot remove its runtime directory, nor can its worker. The next start does,
+    # and leaves alone a live supervisor's and one that is not ours.
+    base = Path(tempfile.mkdtemp(prefix="wk-", dir="/tmp"))
+    env.extra["TMPDIR"] = str(base)
+    try:
+        with supervisor(env, name="first") as first:
+            first.wait_ready()
+            worker = first.worker_pid()
+            stale = _socket_dir_of(worker)
+            assert stale.parent == base
+            for pid in (first.pid, worker):  # stopped first, so neither sees the other die
+                os.kill(pid, signal.SIGSTOP)
+            for pid in (first.pid, worker):
+                os.kill(pid, signal.SIGKILL)
+            first.wait_exit()
+            wait_until(lambda: process_state(worker) in (None, "Z"), timeout=10, what="worker")
+        assert stale.is_dir()
+        foreign = base / "workerkit-foreign"  # no owner file: not ours, whatever its name
+        foreign.mkdir()
+        with supervisor(env, name="second") as second:
+            second.wait_ready()
+            live = _socket_dir_of(second.worker_pid())
+            (removed,) = second.events_named("stale_runtime_dirs_removed")
+            assert removed["paths"] == [str(stale)]
+            assert not stale.exists()
+            with supervisor(env, name="third") as third:
+                third.wait_ready()
+                assert not third.events_named("stale_runtime_dirs_removed"), third.log_text()
+                assert live.is_dir()
+                assert foreign.is_dir()
+                assert stop_gracefully(third) == 0
+            assert stop_gracefully(second) == 0
+        assert sorted(p.name for p in base.iterdir()) == ["workerkit-foreign"]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -1,7 +1,7 @@
 """The celery engine on Redis under faults: three ``workerkit run celery`` pods (prefork, two
 pool children each), a load of journaled tasks (tests/apps/fault_celery.py), one fault per test
-(tests/support/faults.py has the verdict). The redis-server (append-only) and the pods are
-shared by the module.
+(tests/support/faults.py has the verdict). The redis-server (append-only) is shared by the
+module; each scenario has a database of its own, and pods started on it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import redis
 
 from tests.apps.fault_celery import app
 from tests.support.faults import (
+    Databases,
     Load,
     Pods,
     alive,
@@ -45,23 +46,25 @@ QUEUE = "celery"
 
 
 class CeleryJobs:
-    """The Celery queue and kombu's ``unacked`` hash in the module's Redis."""
+    """The Celery queue and kombu's ``unacked`` hash in the scenario's Redis database."""
 
     def __init__(self, holder: list[RedisServer]) -> None:
         self.holder = holder
+        self.databases = Databases(holder)
 
     @property
     def url(self) -> str:
-        return self.holder[0].url(0)
+        return self.databases.url()
 
     def client(self) -> redis.Redis[bytes]:
         return redis.Redis.from_url(self.url)
 
-    def enqueue(self, jobs: list[tuple[str, str, tuple[object, ...]]]) -> None:
-        app.conf.broker_url = self.url
-        with app.producer_or_acquire() as producer:
+    def enqueue(self, jobs: list[tuple[str, str, tuple[object, ...]]], queue: str = QUEUE) -> None:
+        # A connection of the scenario's database (the app's producer pool keeps the first).
+        with app.connection_for_write(self.url) as connection:
+            producer = app.amqp.Producer(connection)
             for task, job_id, args in jobs:
-                app.send_task(task, args=list(args), task_id=job_id, queue=QUEUE, producer=producer)
+                app.send_task(task, args=list(args), task_id=job_id, queue=queue, producer=producer)
 
     def held(self) -> set[str]:
         """The task ids in the queue or unacknowledged."""
@@ -129,6 +132,7 @@ def cluster(
     fault_redis: list[RedisServer], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     jobs = CeleryJobs(fault_redis)
+    jobs.databases.next()
     tmp = tmp_path_factory.mktemp("celery-faults")
     env = Env(tmp=tmp, database_url="", journal=tmp / "journal.txt")
 
@@ -157,7 +161,7 @@ def cluster(
 
 @pytest.fixture
 def celery(cluster: Cluster) -> Cluster:
-    cluster.pods.ensure()
+    cluster.pods.fresh(cluster.jobs.databases)
     return cluster
 
 
@@ -177,14 +181,6 @@ def restart_under_load(celery: Cluster, prefix: str, down_for: float) -> None:
     no_crash(celery)
 
 
-@pytest.mark.xfail(
-    strict=False,  # intermittent: passed 3 of 4 runs alone, failed once in the full suite
-    reason=(
-        "#13 open: after a Redis restart shorter than the lease a long checkpointed Celery task "
-        "was once still held (unacked) 40 s later, and once ran twice (its run ended as the "
-        "shared lease clock ran low and was requeued instead of settled)"
-    ),
-)
 def test_redis_restart_shorter_than_the_lease(celery: Cluster) -> None:
     restart_under_load(celery, "cshort", down_for=WINDOW / 4)
 
@@ -193,14 +189,6 @@ def test_redis_restart_longer_than_the_lease(celery: Cluster) -> None:
     restart_under_load(celery, "clong", down_for=WINDOW + 1)
 
 
-@pytest.mark.xfail(
-    strict=False,  # intermittent: it depends on where a kill lands
-    reason=(
-        "#13 new: the acks now retry (wk-celeryout), but a killed consumer connection still "
-        "makes Celery cancel its running tasks and kombu restore their messages at the channel's "
-        "close, past workerkit's lease: tasks re-run, and checkpointed ones can be lost"
-    ),
-)
 def test_connections_killed_again_and_again(celery: Cluster) -> None:
     load = celery.load("ckill")
     load.enqueue()
@@ -264,11 +252,6 @@ def test_supervisor_sigkilled_its_worker_follows_and_tasks_run_once(celery: Clus
     load.check(killed=killed, killed_at=killed_at)
 
 
-@pytest.mark.xfail(
-    strict=False,  # failed once in the full suite: a message still in `unacked`, likely left
-    # by the open restart scenario above on the shared Redis
-    reason="#13 open: a message left held by an earlier scenario makes `unacked` non-empty",
-)
 def test_poison_messages_are_dropped_with_their_reason_and_the_workers_go_on(
     celery: Cluster,
 ) -> None:
@@ -349,15 +332,7 @@ def test_orphaned_worker_release_is_not_taken_back_by_its_own_consumer(
     try:
         pod.wait_ready(timeout=40)
         load = cluster.load("crel", shorts=0, longs=1, long_steps=40)
-        app.conf.broker_url = jobs.url
-        with app.producer_or_acquire() as producer:
-            app.send_task(
-                "long",
-                args=["crel-long-0", 40, 0.25],
-                task_id="crel-long-0",
-                queue=queue,
-                producer=producer,
-            )
+        jobs.enqueue([("long", "crel-long-0", ("crel-long-0", 40, 0.25))], queue=queue)
         load.ids.append("crel-long-0")
         wait_for(lambda: "crel-long-0" in load.runs(), timeout=30, what="the long task running")
         worker = Pods.worker_pid(pod)

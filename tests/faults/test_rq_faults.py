@@ -157,10 +157,6 @@ def test_redis_restart_longer_than_the_lease(rq: Cluster) -> None:
     restart_under_load(rq, "rqlong", down_for=LEASE + 1)
 
 
-@pytest.mark.xfail(
-    strict=False,  # passed 4 of 4 on its branch; failed once in the full suite
-    reason="#13 open: once, a job was left in RQ's started registry after repeated kills",
-)
 def test_connections_killed_again_and_again(rq: Cluster) -> None:
     load = rq.load("rqkill")
     load.enqueue()

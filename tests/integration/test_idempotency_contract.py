@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from tests.support import servers
+from tests.support.suite import start_or_skip
 from workerkit.engines.sql import upgrade
 from workerkit.errors import IdempotencyInProgress, SchemaOutOfDate
 from workerkit.idempotency import IdempotencyStore, idempotent
@@ -403,3 +405,24 @@ def test_sql_store_without_the_table_says_to_upgrade(sqlite_url: str) -> None:
             store.claim("k", FP, in_progress_expiry=LONG)
     finally:
         store.close()
+
+
+def test_a_redis_claim_rides_out_a_short_outage() -> None:
+    # Redis gone for a moment (a restart, a failover) as a job claims its key: the claim is
+    # tried again, reconnecting, instead of failing a job whose body has not run.
+    server = start_or_skip(servers.start_redis)
+    store = RedisIdempotencyStore.from_url(server.url())
+    claims: list[str] = []
+    try:
+        assert store.claim("before", "fp", in_progress_expiry=30).outcome == "claimed"
+        server.process.stop()
+        claiming = threading.Thread(
+            target=lambda: claims.append(store.claim("during", "fp", in_progress_expiry=30).outcome)
+        )
+        claiming.start()
+        server = servers.start_redis(port=server.port, directory=server.directory)
+        claiming.join(10)
+        assert claims == ["claimed"]
+    finally:
+        store.close()
+        server.stop()

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+import redis
+
 from tests.support.harness import Supervisor, process_state
 from tests.support.servers import PostgresServer, RedisServer, start_postgres, start_redis
 from workerkit.supervisor.process import descendants
@@ -26,6 +28,7 @@ from workerkit.supervisor.process import descendants
 __all__ = (
     "LONGS",
     "SHORTS",
+    "Databases",
     "Engine",
     "Load",
     "Once",
@@ -366,6 +369,32 @@ def alive(pid: int) -> bool:
     return process_state(pid) not in (None, "Z")
 
 
+class Databases:
+    """A Redis database number of its own for each scenario of a module (1 to 15, then round
+    again; flushed before use): what a scenario leaves held (an unacknowledged message, a job
+    left started) is never seen by the next one. The pods are restarted on it (:meth:`Pods.fresh`).
+
+    ``holder`` is the module's one-item server list (a restart replaces the server in it).
+    """
+
+    def __init__(self, holder: list[RedisServer]) -> None:
+        self.holder = holder
+        self._numbers = itertools.cycle(range(1, 16))
+        self.number = 0
+        self.used = False  # a scenario ran on ``number``
+
+    def url(self) -> str:
+        return self.holder[0].url(self.number)
+
+    def next(self) -> str:
+        """The next database, emptied: its URL."""
+        self.number = next(self._numbers)
+        self.used = False
+        with redis.Redis.from_url(self.url()) as client:
+            client.flushdb()
+        return self.url()
+
+
 class Pods:
     """Three ``workerkit run ENGINE`` supervisors sharing one queue, replaced when one exits.
 
@@ -388,6 +417,17 @@ class Pods:
 
     def __iter__(self) -> Iterator[Supervisor]:
         return iter(self.pods)
+
+    def fresh(self, databases: Databases) -> None:
+        """Before a scenario: a database of its own, and every pod started on it (``start``
+        reads the URL when it is called); the first scenario gets the pods the module started."""
+        if databases.used:
+            self.stop_all()
+            self.orphans.clear()
+            databases.next()
+            self.pods = [self._new() for _ in self.pods]
+        databases.used = True
+        self.ensure()
 
     def ensure(self) -> None:
         """Orphans gone; every pod running and ready (one that exited is replaced)."""

@@ -74,8 +74,13 @@ class Harness:
         self.thread: threading.Thread | None = None
         self.exit_code: int | None = None
 
-    def start(self) -> NativeWorker:
-        worker = NativeWorker(self.app, self.settings, events=self.events)  # type: ignore[arg-type]
+    def start(self, stop_children: Callable[[], object] | None = None) -> NativeWorker:
+        worker = NativeWorker(
+            self.app,
+            self.settings,
+            events=self.events,  # type: ignore[arg-type]
+            stop_children=stop_children,
+        )
         self.worker = worker
 
         def run() -> None:

@@ -239,3 +239,80 @@ def test_a_renewal_that_runs_while_the_loop_acknowledges_is_not_a_lost_lease(
     assert not [r for r in caplog.records if getattr(r, "event", None) == "lease_lost"]
     assert (runtime.lease.left() or 0) > 14.5  # the round still advanced the deadline
     assert runtime._in_hand() == []
+
+
+class _Job:
+    """billiard's ApplyResult as the pool's cache holds it."""
+
+    def __init__(self, number: int) -> None:
+        self._job = number
+
+
+class _PoolConsumer(_Consumer):
+    """A consumer with a prefork pool: one child, and the pool's cache of jobs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache: dict[int, _Job] = {}
+        asyn = SimpleNamespace(_pool=[SimpleNamespace(pid=os.getpid())], _cache=self.cache)
+        self.pool = SimpleNamespace(_pool=asyn)
+        self.task_consumer = SimpleNamespace(channel=None)
+
+
+class _RestoringLedger(FakeLedger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.restored: list[str] = []
+
+    def restore(self, tag: str, *, owners: tuple[str, ...] = ()) -> bool:
+        self.restored.append(tag)
+        return True
+
+
+def test_after_a_reconnection_only_what_celery_dropped_unstarted_goes_back() -> None:
+    runtime = Runtime(Celery("t"), Settings(engine="celery", recovery_window=30))
+    ledger = _RestoringLedger()
+    runtime._ledger = ledger  # type: ignore[assignment]
+    consumer = _PoolConsumer()
+    runtime.attach(consumer)
+    running, written, dropped, waiting = (_Request(t) for t in "abcd")
+    for request in (running, written, dropped):
+        request._workerkit_dispatched = True
+    job = _Job(1)
+    consumer.cache[1] = job  # in a child's pipe, not acknowledged by the child yet
+    written._apply_result = lambda: job
+    dropped._apply_result = lambda: _Job(2)  # never written: Celery's flush discarded it
+    for request in (running, written, dropped, waiting):
+        runtime.hold(request)
+    state.active_requests.add(running)  # a child accepted it: it runs
+    try:
+        runtime.on_consumer_start(consumer)  # the first start
+        assert ledger.restored == []
+        runtime.on_consumer_start(consumer)  # after a lost connection
+    finally:
+        state.active_requests.discard(running)
+    assert sorted(ledger.restored) == ["c", "d"]
+    assert runtime._in_hand() == [running, written]  # their leases renewed until they settle
+    again = _Request("c")  # the same message delivered here again: held, as any delivery
+    runtime.hold(again)
+    assert again in runtime._in_hand()
+
+
+def test_new_work_waits_while_the_shared_deadline_is_stale() -> None:
+    # Just after SIGCONT (or a failed renewal round) the deadline the pool children read is
+    # stale: a task given to the pool now would be stopped at once by its watchdog.
+    runtime = Runtime(Celery("t"), Settings(engine="celery", recovery_window=30))
+    ledger = FakeLedger()
+    runtime._ledger = ledger  # type: ignore[assignment]
+    consumer = _PoolConsumer()
+    runtime.attach(consumer)
+    runtime.lease.extend(now() - 14)  # 1 s left of 15: under W/8
+    fresh = _Request("a")
+    runtime.hold(fresh)
+    consumer.on_task_request(fresh)
+    assert consumer.dispatched == []
+    runtime._renew_leases()  # the next round renews every lease in hand
+    assert (runtime.lease.left() or 0) > 14.5
+    consumer.calls.pop()()  # on the loop thread
+    assert consumer.dispatched == [fresh]
+    assert fresh._workerkit_dispatched

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -333,3 +334,68 @@ def test_heartbeats_go_on_while_a_claim_blocks(
     unblock.set()
     worker.stop_fetching()
     assert harness.join() == 0
+
+
+def test_an_interrupt_never_lands_after_the_job_s_body_ended(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The CI flake, made certain: the job's body has ended (here by raising), its thread is in
+    # the worker's handling of that end, and the release takes the job back and interrupts the
+    # thread. The interrupt must not land there (it escaped the thread before).
+    escaped: list[type[BaseException] | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: escaped.append(args.exc_type))
+    in_handler, go_on = threading.Event(), threading.Event()
+
+    class SlowToDescribe(Exception):
+        @property
+        def __notes__(self) -> None:  # read as the worker writes the job's error down
+            in_handler.set()
+            go_on.wait(10)
+            return None
+
+    @harness.app.task
+    def fails() -> None:
+        raise SlowToDescribe("row 17 is bad")
+
+    job_id = fails.enqueue()
+    worker = harness.start()
+    assert in_handler.wait(10)
+    worker.request_release()
+    assert harness.join() == 0  # the job was released and its thread told to stop
+    (thread,) = [t for t in threading.enumerate() if t.name == f"job-{job_id}"]
+    go_on.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert escaped == []
+    assert harness.state(job_id) == "ready"
+    assert harness.outcomes() == ["released"]
+
+
+def test_a_release_stops_subprocesses_first_and_a_job_seeing_one_die_is_still_released(
+    harness: Harness,
+) -> None:
+    started, child_died = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    @harness.app.task(max_attempts=1)
+    def runs_a_subprocess() -> None:
+        started.set()
+        child_died.wait(10)
+        raise RuntimeError("the subprocess was killed by SIGTERM")  # what subprocess.run says
+
+    def stop_children() -> None:
+        order.append(f"children stopped, job {harness.state(job_id)}")
+        child_died.set()
+        # The stop's grace: long enough for a job that saw its subprocess die to settle itself.
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: harness.state(job_id) != "running", timeout=1.0)
+
+    job_id = runs_a_subprocess.enqueue()
+    worker = harness.start(stop_children=stop_children)
+    assert started.wait(10)
+    worker.request_release()
+    assert harness.join() == 0
+    assert order == ["children stopped, job running"]
+    # Released (the attempt given back), not failed by the subprocess's death.
+    assert harness.state(job_id) == "ready"
+    assert harness.outcomes() == ["released"]

@@ -1,10 +1,11 @@
-"""What every engine does the same way: end an attempt, keep up, release what is in flight.
+"""What every engine does the same way: end an attempt, keep up, retry, release what is in flight.
 
 * :func:`verdict_for` turns the exception that ended an attempt into a :data:`Verdict`; each
   engine maps the verdict to its own store operations (docs/concepts/attempts.md).
 * :func:`check_arguments` binds a job's arguments to its task's signature before the call, so
   that a mismatch is :class:`Unrunnable` (fails at once), not the task's own ``TypeError``.
 * :class:`Keeper` runs an engine's upkeep duties (heartbeats, health, leases) on one thread.
+* :class:`RetriedWrite` retries a settle, checkpoint or start while the store is away.
 * :func:`release_each` releases deliveries one by one, surviving a bad one.
 
 The tricky "why": the table is one ordered list, so an engine that knows the attempt was
@@ -21,7 +22,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, ClassVar, Final, Literal, TypeVar
 
 from workerkit.errors import (
     IdempotencyInProgress,
@@ -44,6 +45,7 @@ __all__ = (
     "Release",
     "ReleaseTally",
     "Retried",
+    "RetriedWrite",
     "RetryOrFail",
     "Rules",
     "StandDown",
@@ -96,6 +98,109 @@ def lease_bound(sent_at: float, ttl: float) -> float:
     run at slightly different rates.
     """
     return sent_at + ttl - min(1.0, ttl / 10)
+
+
+@dataclass(eq=False)
+class RetriedWrite:
+    """Runs one write until it lands, again after each failure that says the store is away.
+
+    The one retry loop of every engine's settles, checkpoints and starts; each engine's subclass
+    names that failure (``errors``), the store (in the log lines), and may end the retries early
+    (:meth:`_give_up`) or wait its own way (:meth:`_pause`). ``until()`` is the monotonic time
+    after which no more retries are made (None: no bound); ``lease_until()`` only tells the log
+    lines apart: the first failure, and the first past the lease (a fenced write still lands if
+    nobody took the job), are logged as ``store_write_retry``; a write that lands after
+    failures as ``store_write_recovered``. ``on_failure`` hears every failure (readiness);
+    ``on_done`` hears the end, landed or not. Any other error (a lost lease above all) ends the
+    retries at once.
+    """
+
+    what: str
+    job_id: str
+    lease_until: Callable[[], float]
+    until: Callable[[], float] | None = None
+    on_failure: Callable[[str], None] | None = None
+    on_done: Callable[[Any], None] | None = None
+    clock: Callable[[], float] = time.monotonic
+    failures: int = field(default=0, init=False)
+
+    #: The errors that mean "the store is away" (retried), the store's name, the logger.
+    errors: ClassVar[_Exceptions] = ()
+    store: ClassVar[str] = "the store"
+    log: ClassVar[logging.Logger] = logging.getLogger(__name__)
+
+    def run(self, write: Callable[[], _T]) -> _T:
+        """``write()``, again after each of :attr:`errors` while allowed; its result."""
+        try:
+            return self._run(write)
+        finally:
+            if self.on_done is not None:
+                self.on_done(self)
+
+    def _describe(self, exc: BaseException) -> str:
+        return str(exc)
+
+    def _give_up(self) -> bool:
+        """True to end the retries now, whatever the bound (the worker is releasing)."""
+        return False
+
+    def _pause(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def _run(self, write: Callable[[], _T]) -> _T:
+        delays = backoff()
+        warned_past_lease = False
+        while True:
+            try:
+                result = write()
+            except self.errors as exc:
+                self.failures += 1
+                if self.on_failure is not None:
+                    self.on_failure(f"{self.what} failed: {self._describe(exc)}")
+                now = self.clock()
+                if self._give_up() or (self.until is not None and now >= self.until()):
+                    raise
+                past_lease = now >= self.lease_until()
+                if self.failures == 1 or (past_lease and not warned_past_lease):
+                    warned_past_lease = warned_past_lease or past_lease
+                    self._log_retry(exc, past_lease, now)
+                self._pause(next(delays))
+                continue
+            if self.failures:
+                self.log.info(
+                    "%s written after %s came back",
+                    self.what,
+                    self.store,
+                    extra={
+                        "event": "store_write_recovered",
+                        "what": self.what,
+                        "job_id": self.job_id,
+                        "failures": self.failures,
+                    },
+                )
+            return result
+
+    def _log_retry(self, exc: BaseException, past_lease: bool, now: float) -> None:
+        if past_lease:
+            message = (
+                "%s still failing past the lease; retrying (fenced: it lands only if no other "
+                "worker took the job)"
+            )
+            args: tuple[str, ...] = (self.what,)
+        else:
+            message = "%s failed, the lease still holds; retrying until %s is back"
+            args = (self.what, self.store)
+        self.log.warning(
+            message,
+            *args,
+            extra={
+                "event": "store_write_retry",
+                "what": self.what,
+                "job_id": self.job_id,
+                "error": self._describe(exc),
+                "lease_left": round(self.lease_until() - now, 2),
+            },
+        )
 
 
 # --- exception -> verdict ---------------------------------------------------------------------

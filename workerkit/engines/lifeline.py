@@ -26,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Final
 
+from workerkit import rundir
 from workerkit.events import SOCKET_ENV
 from workerkit.proctree import descendants, prctl, stop_processes
 
@@ -164,10 +165,6 @@ def _remove_runtime_dir() -> None:
     path = os.environ.get(SOCKET_ENV)
     if not path:
         return
-    socket_path = Path(path)
-    if not socket_path.parent.name.startswith("workerkit-"):
-        return  # not a directory the supervisor made: leave it
-    with contextlib.suppress(OSError):
-        socket_path.unlink()
-    with contextlib.suppress(OSError):
-        socket_path.parent.rmdir()  # only when empty
+    directory = Path(path).parent
+    if directory.name.startswith(rundir.PREFIX):  # else not a directory the supervisor made
+        rundir.remove(directory)

@@ -1,8 +1,8 @@
 """Building a :class:`~workerkit.scheduler.contract.Schedule` from what a user declares.
 
-Shared by every engine's declaration API (``App.periodic``/``App.schedule`` on the SQL engine):
-one place refuses a bad declaration at import time, with the schedule's name and the fix,
-instead of the scheduler failing at its first fire.
+Used by the SQL engine's ``App.periodic``/``App.schedule`` (``RqApp`` checks its own: its
+arguments may be for a pickle serializer): one place refuses a bad declaration at import time,
+with the schedule's name and the fix, instead of the scheduler failing at its first fire.
 """
 
 from __future__ import annotations

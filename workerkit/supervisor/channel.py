@@ -1,10 +1,11 @@
 """The supervisor's end of the event channel (the messages are in :mod:`workerkit.events`).
 
-A Unix stream socket in a private temporary directory (mode 0700, so no other user of the host
-can connect and fake job events), one reader task per connection that decodes the lines and hands
-them to the runner, and :meth:`Channel.broadcast` to send a command to every connection. The reader
-hands over every complete line of one read as one batch: a busy worker sends dozens of events per
-write, and the supervisor shares the pod's cores with it, so it takes no event-loop trip per event.
+A Unix stream socket in a private runtime directory (:mod:`workerkit.rundir`, mode 0700, so no
+other user of the host can connect and fake job events), one reader task per connection that
+decodes the lines and hands them to the runner, and :meth:`Channel.broadcast` to send a command
+to every connection. The reader hands over every complete line of one read as one batch: a busy
+worker sends dozens of events per write, and the supervisor shares the pod's cores with it, so it
+takes no event-loop trip per event.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any, Final
 import anyio
 import anyio.abc
 
+from workerkit import rundir
 from workerkit.events import (
     SOCKET_ENV,
     BadMessage,
@@ -45,8 +46,6 @@ _READ_SIZE: Final = 65536
 #: How long one command may take to reach one connection (a process that stopped reading must
 #: not hold up the others or the supervisor's deadlines).
 SEND_TIMEOUT: Final = 1.0
-#: sockaddr_un.sun_path is 108 bytes on Linux (104 on macOS); leave room for the file name.
-_MAX_DIR_LEN: Final = 90
 
 #: ``on_events(connection, events)``: the events of one read, in the order they were sent; a
 #: line that is not a valid event is there as a :class:`~workerkit.events.BadMessage` (logged).
@@ -65,15 +64,6 @@ class Connection:
 
     def describe(self) -> dict[str, Any]:
         return {"connection": self.number, "pid": self.pid, "role": self.role}
-
-
-def _private_dir() -> Path:
-    # mkdtemp creates the directory 0700. A long TMPDIR (pytest's, a deep home) would overflow
-    # sun_path, so fall back to /tmp, which is short everywhere.
-    base = tempfile.gettempdir()
-    if len(base) > _MAX_DIR_LEN:
-        base = "/tmp"  # noqa: S108 - a fresh 0700 directory is created inside it
-    return Path(tempfile.mkdtemp(prefix="workerkit-", dir=base))
 
 
 class Channel:
@@ -98,14 +88,21 @@ class Channel:
         """The socket's path, for ``WORKERKIT_SUPERVISOR_SOCKET``."""
         if self._directory is None:
             raise RuntimeError("the channel is not open")
-        return str(self._directory / "supervisor.sock")
+        return str(self._directory / rundir.SOCKET_FILE)
 
     @property
     def connections(self) -> tuple[Connection, ...]:
         return tuple(self._connections)
 
     async def __aenter__(self) -> Channel:
-        self._directory = _private_dir()
+        # Runtime directories of supervisors SIGKILLed with their workers (nobody removed them).
+        stale = rundir.remove_stale()
+        if stale:
+            log.info(
+                "removed runtime directories left by dead supervisors",
+                extra={"event": "stale_runtime_dirs_removed", "paths": [str(p) for p in stale]},
+            )
+        self._directory = rundir.create()
         try:
             self._listener = await anyio.create_unix_listener(self.path, mode=0o600)
             self._task_group = anyio.create_task_group()

@@ -4,19 +4,19 @@ Not :mod:`subprocess`: as PID 1 the supervisor must reap *every* exited process
 (``waitpid(-1)``), which would steal the status subprocess's own waiter expects; so the worker is
 started with ``os.posix_spawnp`` and :meth:`ChildProcess.reap` does all the waiting. Signals go
 to the worker's pid only, never its process group (that would kill pool children and work horses
-mid-job); the hard kill alone also SIGKILLs its descendants, each by pid. The reasons are in
-docs/operations/lifecycle.md ("PID 1 duties"). The /proc walks are in :mod:`workerkit.proctree`.
+mid-job); the hard kill alone also SIGKILLs its descendants, each by pid (held by a pidfd). The
+reasons are in docs/operations/lifecycle.md ("PID 1 duties"). The /proc walks are in
+:mod:`workerkit.proctree`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 from collections.abc import Mapping, Sequence
 
-from workerkit.proctree import descendants, prctl
+from workerkit.proctree import descendants, prctl, signal_processes
 
 __all__ = ("ChildProcess", "become_subreaper", "descendants", "reap_all")
 
@@ -114,10 +114,6 @@ class ChildProcess:
         assert self.pid is not None
         # Find the descendants before killing the worker: once it is dead they are re-parented
         # (to us as PID 1, or to init) and no longer look like its descendants.
-        targets = [self.pid, *descendants(self.pid)]
-        killed: list[int] = []
-        for pid in targets:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-        return killed
+        # Each is held by a pidfd as it is killed: a descendant that exited and was reaped
+        # meanwhile (we reap everything as PID 1) is not confused with a new process.
+        return signal_processes([self.pid, *descendants(self.pid)], signal.SIGKILL)

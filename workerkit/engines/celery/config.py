@@ -224,8 +224,10 @@ def _workerkit_defaults() -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        # A warm shutdown by Celery itself (never reached under workerkit) would otherwise wait.
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Off: on a lost broker connection Celery would "cancel" every running task (its pool
+        # child goes on) while kombu put its message back; workerkit keeps the running tasks
+        # in hand, their leases renewed, and hands back those Celery dropped (runtime.py).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
 
 

@@ -269,18 +269,10 @@ class Ledger:
             )
         return queues
 
-    def unblock(self, connection: Any) -> bool:
-        """Unblock the BRPOP that kombu's ``connection`` (of this process) waits in: it returns
-        empty, nothing popped (CLIENT UNBLOCK; the client is found by its address)."""
-        sock = getattr(connection, "_sock", None)
-        if sock is None:
-            return False
-        host, port = sock.getsockname()[:2]
-        address = f"{host}:{port}"
-        for client in self.client.client_list():
-            if client.get("addr") == address:
-                return bool(self.client.client_unblock(int(client["id"])))
-        return False
+    def unblock(self, client_id: int) -> bool:
+        """Unblock the BRPOP the Redis client ``client_id`` waits in (CLIENT UNBLOCK): it
+        returns empty, nothing popped. False when that client is not blocked."""
+        return bool(self.client.client_unblock(client_id))
 
     def abandoned(self, older_than: float, limit: int = 100) -> list[str]:
         """Tags delivered before ``older_than`` (epoch seconds) whose lease key is gone."""

@@ -18,12 +18,21 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from workerkit import events as events_module
 from workerkit.engines.attempt import HEALTH_EVERY, HEARTBEAT_EVERY, Duty, Keeper, release_each
+from workerkit.engines.celery.delivery import (
+    in_pool,
+    keep_written_jobs,
+    lease_at_delivery,
+    pool_pids,
+    remember_client_ids,
+    seal,
+)
 from workerkit.engines.celery.lease import LeaseClock, Watchdog, now
 from workerkit.engines.celery.ledger import Ledger
 from workerkit.engines.celery.poison import dead_key, dead_record, describe, guard_deliveries
@@ -45,7 +54,7 @@ from workerkit.proctree import descendants, stop_processes
 if TYPE_CHECKING:
     from workerkit.settings import Settings
 
-__all__ = ("DRAIN_TICK", "RECOVERY_GRACE", "Runtime", "lease_at_delivery", "pool_pids")
+__all__ = ("DRAIN_TICK", "RECOVERY_GRACE", "Runtime")
 
 log = logging.getLogger("workerkit.engines.celery")
 
@@ -94,6 +103,9 @@ class Runtime:
         self._held: dict[str, Any] = {}  # tag -> Request, every message this worker holds
         self._held_lock = threading.Lock()
         self._handed_back: set[str] = set()
+        self._waiting: list[Any] = []  # new work, while the lease deadline is stale (gate)
+        self._gate: Callable[[Any], None] | None = None  # attach() sets it
+        self._consumer_starts = 0  # a second start is a reconnection
         self._wake_r, self._wake_w = os.pipe()
         self._release_lock = threading.Lock()
         self._started = False  # worker_ready was handled
@@ -167,19 +179,62 @@ class Runtime:
             if getattr(request, "_workerkit_lost", False):
                 self._drop(request)  # another worker holds it now (an ETA that waited)
                 return
+            if self.lease.expiring() and pool_pids(consumer):
+                # A stale shared deadline (after a SIGSTOP, a failed renewal round) would have
+                # a pool child stop the task at once: it waits for the next round.
+                self._waiting.append(request)
+                return
             request._workerkit_dispatched = True  # it may run from now on (see _renew_leases)
             dispatch(request)
 
+        self._gate = gate
         consumer.on_task_request = gate
 
     def on_consumer_start(self, consumer: Any) -> None:
-        """Each time the consumer (re)starts: its deliveries take their lease at once."""
+        """Each time the consumer (re)starts: its deliveries take their lease at once, and
+        after a lost connection the messages Celery dropped unstarted go back to the queue."""
         channel = getattr(consumer.task_consumer, "channel", None)
         qos = getattr(channel, "qos", None)
         if qos is not None and hasattr(qos, "unacked_key"):
             lease_at_delivery(qos, self.worker_id, self.lease_ttl)
             prefix = str(getattr(channel, "global_keyprefix", "") or "")
             guard_deliveries(channel, self.dead_letter, prefix=prefix)
+            remember_client_ids(channel)
+        keep_written_jobs(getattr(consumer, "pool", None))
+        self._consumer_starts += 1
+        # Off on purpose (config.py): Celery's notice that it turns on in Celery 6 is not for
+        # the user. Here, after Celery's logging setup put its "always" filters in front.
+        warnings.filterwarnings("ignore", message=r"\s*In Celery 5\.1 we introduced an optional")
+        if self._consumer_starts > 1:
+            self._after_reconnect()
+
+    def _after_reconnect(self) -> None:
+        """The consumer restarted after a lost broker connection (on the loop thread).
+
+        kombu restores nothing as the old channel closes (delivery.py). Celery kept the tasks
+        its pool accepted (they run on, their leases renewed, and settle by the fenced ack)
+        and dropped the others (waiting for a pool slot, an ETA, a rate limit): back they go.
+        """
+        from celery.worker import state
+
+        prefork = bool(pool_pids(self.consumer))
+        active = set(state.active_requests)
+        self._waiting = []  # held, never dispatched: given back below
+        for request in self._in_hand():
+            if getattr(request, "_workerkit_settling", False) or request in active:
+                continue
+            if getattr(request, "_workerkit_dispatched", False) and (
+                not prefork or in_pool(self.consumer, request)
+            ):
+                continue  # in a child's pipe; solo runs it in the loop; a threads pool's queue
+            self._hand_back(request, reconnected=True)
+
+    def _dispatch_waiting(self) -> None:
+        """On the loop thread, after a lease round advanced the deadline: the waiting work."""
+        waiting, self._waiting = self._waiting, []
+        for request in waiting:
+            if not request.acknowledged and self._gate is not None:
+                self._gate(request)
 
     def dead_letter(self, queue: str, raw: bytes, reason: str) -> None:
         """A queue entry kombu cannot read (poison.py): to the queue's dead-letter list."""
@@ -312,37 +367,55 @@ class Runtime:
         # them back. Those given to the pool are in hand and may finish.
         from celery.worker import state
 
-        for request in list(state.scheduled_requests):
+        waiting, self._waiting = self._waiting, []
+        for request in [*state.scheduled_requests, *waiting]:
             self._hand_back(request)
 
-    def _hand_back(self, request: Any) -> None:
+    def _hand_back(self, request: Any, *, reconnected: bool = False) -> None:
+        """Put a message that will not run here back in its queue, fenced by our lease.
+
+        Draining: one that cannot be (the broker gone) stays held, for the release. After a
+        reconnection (``reconnected``): let go of at once, even then (Celery dropped it; its
+        lease expires into crash recovery), and its tag may be delivered here again later.
+        """
         tag = self._tag(request)
         if tag is None or tag in self._handed_back or request.acknowledged:
             return
-        self._handed_back.add(tag)
+        if not reconnected:
+            self._handed_back.add(tag)
         timer_entry = getattr(request, "_eta_timer_entry", None)
         if timer_entry is not None:
             with contextlib.suppress(Exception):
                 timer_entry.cancel()
         try:
-            restored = self.ledger.restore(tag, owners=(self.worker_id,))
+            restored: bool | None = self.ledger.restore(tag, owners=(self.worker_id,))
         except Exception as exc:
             log.warning(
                 "cannot hand a message back; crash recovery will",
                 extra={"event": "hand_back_failed", "job_id": request.id, "error": str(exc)},
             )
-            return
+            if not reconnected:
+                return
+            restored = None
         # Celery must not ack or reject it later: the message is the queue's again.
         request.acknowledged = True
+        request._workerkit_lost = reconnected  # were it run after all, it would not settle
         with contextlib.suppress(Exception):
             request.message._state = "REQUEUED"
         from celery.worker import state
 
         with contextlib.suppress(Exception):
             state.task_ready(request)
+        if reconnected:
+            self.forget(request)
         log.info(
             "handed a message back to its queue",
-            extra={"event": "message_handed_back", "job_id": request.id, "restored": restored},
+            extra={
+                "event": "message_handed_back",
+                "job_id": request.id,
+                "restored": restored,
+                "reconnected": reconnected,
+            },
         )
 
     def _in_hand(self) -> list[Any]:
@@ -390,7 +463,13 @@ class Runtime:
         """The release deadline: kill what runs, put every message in hand back, exit 0."""
         with self._release_lock:
             self.draining = True
-            self._seal(SEAL_WITHIN)
+            sealed = seal(self.consumer, self.ledger, self._stop_consuming, SEAL_WITHIN)
+            if not sealed:
+                log.warning(
+                    "the consumer may still pop messages: they stay unacknowledged, for crash "
+                    "recovery once their leases expire",
+                    extra={"event": "release_unsealed"},
+                )
             # Kill the pool children first: a message must not be back in its queue (where
             # another worker can start it) while its first run still goes on. Jobs of the solo
             # and threads pools run in this process and end with it, a moment later; their
@@ -410,7 +489,7 @@ class Runtime:
                     # run it again; left in ``unacked``, the retried ack lands or, if the worker
                     # is gone first, crash recovery redelivers it after its lease.
                     return False
-                ok = ledger.restore(tag, owners=(self.worker_id,))
+                ok = sealed and ledger.restore(tag, owners=(self.worker_id,))
                 queue = str(request.delivery_info.get("routing_key") or "")
                 self.events.send(JobFinished(str(request.id), request.name, queue, "released", 0.0))
                 return ok
@@ -429,47 +508,6 @@ class Runtime:
             )
             logging.shutdown()
             os._exit(0)
-
-    def _seal(self, within: float) -> None:
-        """Before a release: make sure no message can reach this process any more.
-
-        kombu's consumer keeps a BRPOP waiting whenever it has a free prefetch slot, and
-        Redis hands the next message pushed to the queue to that BRPOP: the very messages the
-        release puts back (or the requeue of a killed pool child's message). Popped into a
-        process about to exit, such a message would be in no queue and no ``unacked`` entry:
-        lost. So the consumer is cancelled on its loop thread (no new BRPOP), the waiting one
-        is unblocked in Redis (it returns empty, nothing popped), and a reply already sent is
-        left for the loop to read (a message that reached us is then in ``unacked``, and in
-        hand: the gate hands it back). Bounded by ``within``; with no event loop (solo, threads
-        pools) or past it, the release goes on as before.
-        """
-        hub = getattr(getattr(self.consumer, "controller", None), "hub", None)
-        channel = getattr(getattr(self.consumer, "task_consumer", None), "channel", None)
-        if hub is None or channel is None:
-            return
-        deadline = time.monotonic() + within
-        cancelled = threading.Event()
-
-        def cancel() -> None:
-            try:
-                self._stop_consuming()
-            finally:
-                cancelled.set()
-
-        hub.call_soon(cancel)
-        if not cancelled.wait(within):
-            return
-        waiting = getattr(channel, "_in_poll", None)
-        if waiting:
-            try:
-                self.ledger.unblock(waiting)
-            except Exception as exc:
-                log.warning(
-                    "cannot unblock the consumer's BRPOP",
-                    extra={"event": "unblock_failed", "error": str(exc)},
-                )
-        while getattr(channel, "_in_poll", None) and time.monotonic() < deadline:
-            time.sleep(DRAIN_TICK / 4)
 
     # --- the keeper: heartbeats, health, leases, crash recovery ----------------------------
 
@@ -543,6 +581,8 @@ class Runtime:
             stale = []
         if not stale:
             self.lease.extend(started)
+            if self._waiting:
+                self._on_loop(self._dispatch_waiting)
 
     def _drop(self, request: Any) -> None:
         """Let go of a message whose lease is lost: it must not start here, nor be settled.
@@ -637,42 +677,3 @@ def _forget_in_forked_child(runtime: Runtime) -> None:
 
 def _job_id(request: Any) -> dict[str, Any]:
     return {"job_id": request.id}
-
-
-def pool_pids(consumer: Any) -> list[int]:
-    """The pids of the prefork pool's children (none for the solo and threads pools)."""
-    pool = getattr(getattr(consumer, "pool", None), "_pool", None)
-    processes = getattr(pool, "_pool", None) or []
-    return [int(p.pid) for p in processes if getattr(p, "pid", None)]
-
-
-def lease_at_delivery(qos: Any, owner: str, ttl: float) -> None:
-    """Make kombu's Redis QoS write a message's lease with its ``unacked`` entry.
-
-    kombu's ``QoS.append`` (kombu 5.x), with one more command in its pipeline: the lease key,
-    ``owner``'s for ``ttl`` s. So every delivery holds its lease from the instant it is in
-    ``unacked``, and a lease that is gone means that no worker holds that delivery: the fences
-    of the ack, the restore and the renewal (ledger.py) compare the holder exactly.
-    """
-    if getattr(qos, "_workerkit_owner", None) == owner:
-        return
-    from kombu.transport.virtual import QoS as VirtualQoS
-    from kombu.utils.json import dumps
-
-    remember: Any = VirtualQoS.append  # kombu's in-memory bookkeeping of the delivery
-    encode: Any = dumps
-
-    milliseconds = max(1, int(ttl * 1000))
-
-    def append(message: Any, delivery_tag: Any) -> None:
-        delivery = message.delivery_info
-        raw = encode([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with qos.pipe_or_acquire() as pipe:
-            pipe.zadd(qos.unacked_index_key, {delivery_tag: time.time()})
-            pipe.hset(qos.unacked_key, delivery_tag, raw)
-            pipe.set(Ledger.key("lease", str(delivery_tag)), owner, px=milliseconds)
-            pipe.execute()
-            remember(qos, message, delivery_tag)
-
-    qos.append = append
-    qos._workerkit_owner = owner

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import importlib
 import sys
 import threading
 from collections.abc import Sequence
@@ -339,8 +338,9 @@ def open_scheduler(settings: Settings) -> SchedulerBinding:
 
 def main() -> None:
     """``python -m workerkit.engines.celery.scheduling``: the Celery engine's scheduler process."""
-    process = importlib.import_module("workerkit.scheduler.process")
-    sys.exit(process.run_scheduler_process(open_scheduler))
+    from workerkit.scheduler.process import run_scheduler_process
+
+    sys.exit(run_scheduler_process(open_scheduler))
 
 
 if __name__ == "__main__":

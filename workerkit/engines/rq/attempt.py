@@ -25,7 +25,7 @@ from rq.utils import now
 from rq.worker.base import WorkerStatus
 
 from workerkit.engines.rq.jobs import META_KEY, encode_state, safe_func_name, wk_state
-from workerkit.engines.rq.leases import AttemptKeys, Leases
+from workerkit.engines.rq.leases import AttemptKeys, Leases, Start
 from workerkit.engines.rq.outage import RetryUnreachable
 from workerkit.engines.rq.poison import dead_letter, describe_entry, fail_unreadable
 from workerkit.engines.rq.serializers import UndecodableJob, serializer_for, undecodable
@@ -38,9 +38,13 @@ if TYPE_CHECKING:
     from redis.client import Pipeline
     from rq.queue import Queue
 
-__all__ = ("Attempts",)
+__all__ = ("Attempts", "NotStarted")
 
 log = logging.getLogger("workerkit.engines.rq")
+
+
+class NotStarted(Exception):
+    """A popped job that this worker does not start (see :meth:`Attempts.prepare_execution`)."""
 
 
 def _unreadable(job_id: str, why: str) -> UndecodableJob:
@@ -185,8 +189,21 @@ class Attempts(WorkerState):
         )
         self._wk_events.send(PayloadRefused(text, queue.name, "undecodable"))
 
+    def _wk_begin(self, job: Job) -> bool:
+        """:meth:`prepare_execution`; False when the popped job is not to be run here."""
+        try:
+            self.prepare_execution(job)
+        except NotStarted:
+            return False
+        return True
+
     def prepare_execution(self, job: Job) -> Execution:
-        """RQ's start bookkeeping plus the lease and the attempt count, in one MULTI."""
+        """RQ's start bookkeeping plus the lease and the attempt count, in one Lua script
+        (``start.lua``): only while no other attempt holds the job and it is queued.
+
+        Raises :class:`NotStarted` when the job is not to be run (another attempt has it, it is
+        not queued any more, or the worker released its work while Redis was unreachable).
+        """
         info = self.wk_app.info(safe_func_name(job))
         wk = wk_state(job)
         attempts = int(wk.get("attempts", 0)) + 1
@@ -195,41 +212,9 @@ class Attempts(WorkerState):
             wk["max_attempts"] = info.max_attempts if info else DEFAULT_MAX_ATTEMPTS
         limit = self._wk_run_limit(job, info.timeout if info else None)
         job.timeout = limit  # RQ's parent kills a horse at timeout + 60; keep them in step
-        heartbeat_ttl = self.get_heartbeat_ttl(job)
         execution = Execution(uuid4().hex, job.id, job.connection, worker_name=self.name)
         keys = AttemptKeys(job.id, execution.id, job.origin)
-        state = encode_state(wk)
-        if getattr(job, "workerkit_legacy", False):
-            # An older worker kept the state in the user's meta: moved out, once.
-            job.meta.pop(META_KEY, None)
-            job.workerkit_legacy = False  # type: ignore[attr-defined]
-            legacy_meta: bytes | None = job.serializer.dumps(job.meta)
-        else:
-            legacy_meta = None
-        sent_at = time.monotonic()
-
-        def start() -> None:
-            # The same writes (the same execution id) on every try: a MULTI that landed but
-            # whose reply was lost lands again harmlessly.
-            nonlocal sent_at
-            sent_at = time.monotonic()
-            with self.connection.pipeline() as pipeline:
-                _start_execution(pipeline, job, execution, heartbeat_ttl)
-                self._wk_leases.start(pipeline, keys)
-                pipeline.hset(job.key, META_KEY, state)
-                if legacy_meta is not None:
-                    pipeline.hset(job.key, "meta", legacy_meta)
-                self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
-                pipeline.execute()
-
-        # The job was popped already: its start is retried while Redis is unreachable (a
-        # restart, a killed connection), until the worker releases its work.
-        RetryUnreachable(
-            "job start",
-            job.id,
-            lease_until=lambda: math.inf,
-            until=lambda: -math.inf if self._wk_release_requested else math.inf,
-        ).run(start)
+        sent_at = self._wk_start_attempt(job, keys, self._wk_start_writes(job, execution, wk))
         self.execution = execution
         self._wk_attempt = Attempt(
             keys=keys,
@@ -260,6 +245,75 @@ class Attempts(WorkerState):
         if log.isEnabledFor(logging.INFO):
             _log_job("job started", "job_started", job.id, self._wk_attempt.task, attempt=attempts)
         return execution
+
+    def _wk_start_writes(self, job: Job, execution: Execution, wk: dict[str, Any]) -> list[Any]:
+        """RQ's start writes and workerkit's state of the job, recorded (never sent as they
+        are) for the start script to replay after its checks: they land with the lease, or
+        nothing does."""
+        recorder = self.connection.pipeline(transaction=False)
+        _start_execution(recorder, job, execution, self.get_heartbeat_ttl(job))
+        recorder.hset(job.key, META_KEY, encode_state(wk))
+        if getattr(job, "workerkit_legacy", False):
+            # An older worker kept the state in the user's meta: moved out, once.
+            job.meta.pop(META_KEY, None)
+            job.workerkit_legacy = False  # type: ignore[attr-defined]
+            recorder.hset(job.key, "meta", job.serializer.dumps(job.meta))
+        self.set_state(WorkerStatus.BUSY, pipeline=recorder)
+        writes = [args for args, _ in recorder.command_stack]
+        recorder.reset()
+        return writes
+
+    def _wk_start_attempt(self, job: Job, keys: AttemptKeys, writes: list[Any]) -> float:
+        """Run the start script; the monotonic time its landing try was sent (the lease's
+        start, as the worker bounds it). Raises :class:`NotStarted` when it did not start."""
+        sent_at = time.monotonic()
+
+        def start() -> Start:
+            # The same writes (the same execution id) on every try: a start that landed but
+            # whose reply was lost is recognised by its own lease.
+            nonlocal sent_at
+            sent_at = time.monotonic()
+            return self._wk_leases.start(keys, writes)
+
+        # The job was popped already: its start is retried while Redis is unreachable (a
+        # restart, a killed connection), until the worker releases its work; then the popped
+        # id is held and pushed back before the worker exits (drain.py).
+        try:
+            started = RetryUnreachable(
+                "job start",
+                job.id,
+                lease_until=lambda: math.inf,
+                until=lambda: -math.inf if self._wk_release_requested else math.inf,
+            ).run(start)
+        except UNREACHABLE as exc:
+            self._wk_hold_popped(job, exc)
+            raise NotStarted(job.id) from exc
+        if not started.ok:
+            log.warning(
+                "popped job not started: %s",
+                started.why,
+                extra={"event": "job_start_refused", "job_id": job.id, "reason": started.why},
+            )
+            raise NotStarted(job.id)
+        return sent_at
+
+    def _wk_hold_popped(self, job: Job, exc: BaseException) -> None:
+        """The start gave up (the worker releases its work, Redis unreachable): the popped id
+        is held, to be pushed back to the front of its queue before the worker exits."""
+        queue = next((q for q in self.queues if q.name == job.origin), None)
+        if queue is None:  # pragma: no cover - a job is only popped from our own queues
+            return
+        self._wk_popped = (queue, job.id.encode())
+        log.warning(
+            "job popped but not started: Redis unreachable as the worker releases its work; "
+            "it goes back to its queue when Redis answers",
+            extra={
+                "event": "popped_job_held",
+                "job_id": job.id,
+                "queue": queue.name,
+                "error": f"{type(exc).__name__}: {exc}",
+            },
+        )
 
     def _wk_run_limit(self, job: Job, task_timeout: float | None) -> int:
         if task_timeout is not None:
@@ -314,4 +368,9 @@ class Attempts(WorkerState):
             wk = wk_state(job)
             if attempt.succeeded and wk.pop("checkpoint", None) is not None:
                 pipeline.hset(job.key, META_KEY, encode_state(wk))
+        execution = self.execution
         super().cleanup_execution(job, pipeline)  # type: ignore[misc]
+        # RQ forgets the execution before its MULTI runs: when that MULTI fails and RQ runs its
+        # bookkeeping again (a killed connection is a WatchError in its success loop), the
+        # second run would leave the execution and its StartedJobRegistry entry behind.
+        self.execution = execution

@@ -22,6 +22,8 @@ import redis.exceptions
 from rq.utils import as_text
 from rq.worker.base import WorkerStatus
 
+from workerkit.engines.rq.outage import RetryUnreachable
+from workerkit.engines.rq.poison import describe_entry
 from workerkit.engines.rq.startup import UNREACHABLE, retry_delays
 from workerkit.engines.rq.state import TICK, WorkerState
 from workerkit.events import WorkerStopping
@@ -257,6 +259,33 @@ class Drain(WorkerState):
             log.warning(
                 "job id popped as Redis went away pushed back to the front of its queue",
                 extra={"event": "popped_job_pushed_back", "job_id": job_id, "queue": queue.name},
+            )
+
+    def _wk_push_back_on_exit(self) -> None:
+        """A popped id still held as the worker exits (its start gave up at the release, or it
+        was popped as Redis went away): pushed back, retried while Redis is unreachable, for up
+        to a quarter of M (the supervisor kills a worker 0.8 M after the drain, the release at
+        0.5 M). Logged with the job id when Redis stays away longer: the id is lost."""
+        if self._wk_popped is None:
+            return
+        queue, entry = self._wk_popped
+        job_id = describe_entry(entry)
+        bound = time.monotonic() + 0.25 * self.wk_settings.release_margin
+        retry = RetryUnreachable(
+            "popped job push back", job_id, lease_until=lambda: math.inf, until=lambda: bound
+        )
+        try:
+            retry.run(self._wk_push_back_popped)
+        except UNREACHABLE as exc:
+            log.error(
+                "a popped job id could not be pushed back: Redis stayed unreachable; "
+                "enqueue it again",
+                extra={
+                    "event": "popped_job_lost",
+                    "job_id": job_id,
+                    "queue": queue.name,
+                    "error": f"{type(exc).__name__}: {exc}",
+                },
             )
 
     def _wk_sleep_unless_stopped(self, seconds: float) -> None:

@@ -28,8 +28,10 @@ __all__ = (
     "WAKE_PREFIX",
     "AttemptKeys",
     "Leases",
+    "Start",
     "deferred_key",
     "lease_key",
+    "settled_key",
     "started_key",
 )
 
@@ -38,6 +40,8 @@ STARTED_PREFIX: Final = "workerkit:rq:started:"
 SCAN_LOCK_PREFIX: Final = "workerkit:rq:scan:"
 WAKE_PREFIX: Final = "workerkit:rq:wake:"
 DEFERRED_PREFIX: Final = "workerkit:rq:deferred:"
+#: The token of the attempt whose settle landed last, per job (a retried settle reads it).
+SETTLED_PREFIX: Final = "workerkit:rq:settled:"
 #: RQ's own scheduler lock of a queue (``rq.scheduler.SCHEDULER_LOCKING_KEY_TEMPLATE``).
 RQ_SCHEDULER_LOCK_PREFIX: Final = "rq:scheduler-lock:"
 #: At most this many deferred jobs are put back per queue and promotion (bounds the script).
@@ -54,6 +58,10 @@ def lease_key(job_id: str) -> str:
 
 def started_key(queue: str) -> str:
     return STARTED_PREFIX + queue
+
+
+def settled_key(job_id: str) -> str:
+    return SETTLED_PREFIX + job_id
 
 
 def deferred_key(queue: str) -> str:
@@ -108,6 +116,15 @@ _DEFER: Final = _script("owned", "leave_started", "defer")
 _PROMOTE: Final = _script("promote")
 _ABANDONED: Final = _script("abandoned")
 _PUSH_BACK: Final = _script("push_back")
+_START: Final = _script("start")
+
+
+@dataclass(frozen=True)
+class Start:
+    """What :meth:`Leases.start` did: started (``ok``), or why not."""
+
+    ok: bool
+    why: str
 
 
 class Leases:
@@ -125,17 +142,40 @@ class Leases:
         self._defer = connection.register_script(_DEFER)
         self._promote = connection.register_script(_PROMOTE)
         self._push_back = connection.register_script(_PUSH_BACK)
+        self._start = connection.register_script(_START)
 
-    def start(self, pipeline: Pipeline[Any], attempt: AttemptKeys) -> None:
-        """Take the lease and join the started set, in the caller's MULTI with RQ's own start."""
-        pipeline.set(lease_key(attempt.job_id), f"run:{attempt.token}", px=self.lease_ms)
-        pipeline.zadd(started_key(attempt.queue), {attempt.member: time.time()})
+    def start(self, attempt: AttemptKeys, writes: Sequence[Sequence[Any]]) -> Start:
+        """Take the lease, join the started set and make RQ's start ``writes`` (commands, as a
+        pipeline records them) in one script, only while no other attempt holds the job and it
+        is queued (see ``start.lua``)."""
+        args: list[Any] = [attempt.token, self.lease_ms, attempt.member, time.time()]
+        for command in writes:
+            args.append(len(command))
+            args.extend(command)
+        keys = [lease_key(attempt.job_id), f"rq:job:{attempt.job_id}", started_key(attempt.queue)]
+        reply = self._start(keys=keys, args=args)
+        code = int(reply[0])
+        if code == 1:
+            return Start(True, "")
+        found = _text(reply[1]) if len(reply) > 1 else ""
+        if code == 0:
+            return Start(False, f"another attempt holds it (lease {found!r})")
+        return Start(False, f"it is not queued any more (status {found!r}): queued twice")
 
     @staticmethod
     def forget(pipeline: Pipeline[Any], attempt: AttemptKeys) -> None:
-        """Drop the lease and the started member, in the caller's MULTI with RQ's own settle."""
+        """Drop the lease and the started member, in the caller's MULTI with RQ's own settle,
+        and mark the job settled by this attempt (:meth:`settled_by`) for :data:`SETTLE_TTL_MS`.
+        """
         pipeline.delete(lease_key(attempt.job_id))
         pipeline.zrem(started_key(attempt.queue), attempt.member)
+        pipeline.set(settled_key(attempt.job_id), attempt.token, px=SETTLE_TTL_MS)
+
+    def settled_by(self, attempt: AttemptKeys) -> bool:
+        """Whether this attempt's own settle landed (its reply may have been lost): the mark
+        its settle left names its token."""
+        mark = self.connection.get(settled_key(attempt.job_id))
+        return mark is not None and _text(mark) == attempt.token
 
     def renew(self, attempt: AttemptKeys) -> bool:
         """Extend the lease by its TTL; False when another attempt (or nobody) holds it."""
@@ -246,6 +286,10 @@ class Leases:
         """One scanner per queue per interval: the others skip (the scripts are safe anyway)."""
         key = SCAN_LOCK_PREFIX + queue
         return bool(self.connection.set(key, owner, nx=True, px=max(1, int(ttl * 1000))))
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _accepted(states: Sequence[str]) -> str:

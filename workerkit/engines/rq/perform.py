@@ -76,6 +76,17 @@ def _unreachable_before_claim(exc: BaseException, context: JobContext | None) ->
     return isinstance(exc, StoreUnavailable) and context is not None and outcome_of(context) is None
 
 
+def _unreachable_before_the_body(exc: BaseException) -> bool:
+    """Redis went away inside RQ's ``Job.perform`` before it called the job's function (its
+    ``PERSIST`` of the job hash comes first): nothing of the job ran. Told by the traceback,
+    which holds no frame of RQ's ``Job._execute`` (the call of the function) then."""
+    if not isinstance(exc, UNREACHABLE):
+        return False
+    return not any(
+        frame.f_code.co_name == "_execute" for frame, _ in traceback.walk_tb(exc.__traceback__)
+    )
+
+
 def defer_backoff() -> float:
     """:data:`DEFER_BACKOFF` with equal jitter (drawn only when a job is deferred)."""
     return DEFER_BACKOFF / 2 + random.uniform(0, DEFER_BACKOFF / 2)
@@ -156,9 +167,11 @@ class Perform(WorkerState):
             verdict = verdict_for(
                 exc, RULES, backoff=defer_backoff, releasing=attempt.releasing, lease_lost=lost
             )
-            if _unreachable_before_claim(exc, context) and not (attempt.releasing or lost):
-                # Redis went away before the job's idempotency claim landed: nothing of the
-                # job ran, so it goes back unrun (no attempt used up) instead of failing.
+            unrun = _unreachable_before_claim(exc, context) or _unreachable_before_the_body(exc)
+            if unrun and not (attempt.releasing or lost):
+                # Redis went away before the job's function was called, or before its
+                # idempotency claim landed: nothing of the job ran, so it goes back unrun (no
+                # attempt used up) instead of failing.
                 return self._wk_defer(job, attempt, defer_backoff(), f"Redis unreachable: {exc}")
             match verdict:
                 case Release():
@@ -290,8 +303,13 @@ class Perform(WorkerState):
             if tries > 1 and not self._wk_leases.transition(
                 attempt.keys, SETTLE_AGAIN, "settle", ttl
             ):
+                if self._wk_leases.settled_by(attempt.keys):
+                    landed.append(True)  # the first try landed; its reply was lost
+                    return
                 raise Fenced
             write()
+
+        landed: list[bool] = []
 
         try:
             self._wk_retry(attempt, what).run(once)
@@ -301,6 +319,12 @@ class Perform(WorkerState):
                 extra={"event": "lease_lost", "job_id": attempt.keys.job_id},
             )
             return False
+        if landed:
+            log.info(
+                "%s had landed before its reply was lost",
+                what,
+                extra={"event": "settle_reply_lost", "job_id": attempt.keys.job_id},
+            )
         return True
 
     def _wk_claim_settle(self, attempt: Attempt) -> bool:

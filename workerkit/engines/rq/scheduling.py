@@ -11,7 +11,6 @@ runs it (``workerkit scheduler rq``).
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import TYPE_CHECKING, Any, Final
 
@@ -149,8 +148,9 @@ def open_scheduler(settings: Settings) -> SchedulerBinding:
 
 def main() -> None:
     """``python -m workerkit.engines.rq.scheduling``: the scheduler process of the RQ engine."""
-    process = importlib.import_module("workerkit.scheduler.process")
-    sys.exit(process.run_scheduler_process(open_scheduler))
+    from workerkit.scheduler.process import run_scheduler_process
+
+    sys.exit(run_scheduler_process(open_scheduler))
 
 
 if __name__ == "__main__":

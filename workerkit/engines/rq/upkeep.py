@@ -70,6 +70,7 @@ class Upkeep(Drain):
 
     def teardown(self) -> None:
         if not self._is_horse:
+            self._wk_push_back_on_exit()
             if self._wk_upkeep is not None:
                 self._wk_upkeep.stop(timeout=2.0)
             with contextlib.suppress(redis.exceptions.RedisError):

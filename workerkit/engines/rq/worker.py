@@ -100,7 +100,8 @@ class Worker(_Workerkit, RqWorker):
     forking = True
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        self.prepare_execution(job)
+        if not self._wk_begin(job):
+            return  # not ours to run (or held, to be pushed back)
         attempt = self._wk_attempt
         assert attempt is not None
         try:
@@ -306,7 +307,8 @@ class SimpleWorker(_Workerkit, RqSimpleWorker):
     forking = False
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        self.prepare_execution(job)
+        if not self._wk_begin(job):
+            return  # not ours to run (or held, to be pushed back)
         attempt = self._wk_attempt
         assert attempt is not None
         try:

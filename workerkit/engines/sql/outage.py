@@ -15,10 +15,10 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final
 
-from workerkit.engines.attempt import RETRY_FIRST, RETRY_MAX, backoff, lease_bound
+from workerkit.engines.attempt import RETRY_FIRST, RETRY_MAX, RetriedWrite, backoff, lease_bound
 from workerkit.errors import StoreUnavailable
 from workerkit.job import CheckpointSink, TransactionalCheckpointSink
 
@@ -38,8 +38,6 @@ __all__ = (
 
 log = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
-
 #: The least the worker waits after a store outage before it claims again (seconds).
 RECOVERY_GRACE: Final = 3.0
 #: For the statement itself, once connected, and the thread's scheduling (seconds).
@@ -57,89 +55,28 @@ def recovery_grace(connect_timeout: float) -> float:
     return max(RECOVERY_GRACE, connect_timeout + RETRY_MAX + LANDING_MARGIN)
 
 
-@dataclass(eq=False)
-class RetryingWrite:
-    """Runs one write until it lands, retrying while the store is unavailable.
+@dataclass(eq=False, kw_only=True)
+class RetryingWrite(RetriedWrite):
+    """Runs one write until it lands, retrying while the store is unavailable
+    (:class:`~workerkit.engines.attempt.RetriedWrite`, on :class:`StoreUnavailable`).
 
     ``once``: one attempt, no retry (the main thread's settles: it must not block on the
-    store). ``until()`` is the monotonic time after which :meth:`run` stops retrying (None: no
-    bound but ``stop``); ``stop`` set ends the retries at once (the worker is releasing).
-    Each failure goes to ``on_failure`` (readiness false), and ``on_done`` hears the end; the
-    first failure, and the first past ``lease_until``, are logged. Other errors than
-    :class:`~workerkit.errors.StoreUnavailable` (a LeaseLost above all) are not retried.
+    store). ``stop`` set ends the retries at once (the worker is releasing); the waits between
+    tries are waits on it.
     """
 
-    what: str
-    job_id: str
     stop: threading.Event
-    on_failure: Callable[[str], None]
-    lease_until: Callable[[], float]
-    until: Callable[[], float] | None = None
     once: bool = False
-    on_done: Callable[[RetryingWrite], None] | None = None
-    clock: Callable[[], float] = time.monotonic
-    failures: int = field(default=0, init=False)
 
-    def run(self, write: Callable[[], _T]) -> _T:
-        """``write()``, again after each StoreUnavailable while allowed; its result."""
-        try:
-            return self._run(write)
-        finally:
-            if self.on_done is not None:
-                self.on_done(self)
+    errors: ClassVar[tuple[type[BaseException], ...]] = (StoreUnavailable,)
+    store: ClassVar[str] = "the store"
+    log: ClassVar[logging.Logger] = log
 
-    def _run(self, write: Callable[[], _T]) -> _T:
-        delays = backoff()
-        warned_past_lease = False
-        while True:
-            try:
-                result = write()
-            except StoreUnavailable as exc:
-                self.failures += 1
-                self.on_failure(f"{self.what} failed: {exc}")
-                now = self.clock()
-                if self.once or self.stop.is_set():
-                    raise
-                if self.until is not None and now >= self.until():
-                    raise
-                past_lease = now >= self.lease_until()
-                if self.failures == 1 or (past_lease and not warned_past_lease):
-                    warned_past_lease = warned_past_lease or past_lease
-                    self._log_retry(exc, past_lease)
-                self.stop.wait(next(delays))
-                continue
-            if self.failures:
-                log.info(
-                    "%s written after the store came back",
-                    self.what,
-                    extra={
-                        "event": "store_write_recovered",
-                        "what": self.what,
-                        "job_id": self.job_id,
-                        "failures": self.failures,
-                    },
-                )
-            return result
+    def _give_up(self) -> bool:
+        return self.once or self.stop.is_set()
 
-    def _log_retry(self, exc: StoreUnavailable, past_lease: bool) -> None:
-        if past_lease:
-            message = (
-                "%s still failing past the lease; retrying (fenced: it lands only if no other "
-                "worker took the job)"
-            )
-        else:
-            message = "%s failed, the lease still holds; retrying until the store is back"
-        log.warning(
-            message,
-            self.what,
-            extra={
-                "event": "store_write_retry",
-                "what": self.what,
-                "job_id": self.job_id,
-                "error": str(exc),
-                "lease_left": round(self.lease_until() - self.clock(), 2),
-            },
-        )
+    def _pause(self, seconds: float) -> None:
+        self.stop.wait(seconds)
 
 
 class RetryingSink:

@@ -260,7 +260,11 @@ def main() -> None:
         stop_early = reach_store(app, settings.startup_timeout, events)
     except ConfigurationError as exc:
         _config_error(str(exc))
-    worker = NativeWorker(app, settings, events=events)
+    # At a release, the jobs' subprocesses are stopped before the jobs are released: with a
+    # grace that leaves most of the 0.3 M between the release command and the kill to the
+    # release writes (0.5 s at the default M = 5 s).
+    grace = min(STOP_GRACE, max(0.1, settings.release_margin * 0.1))
+    worker = NativeWorker(app, settings, events=events, stop_children=lambda: stop_children(grace))
     # A SIGTERM from now on reaches the worker (run() installs its own handler, to the same
     # effect); one that came while it was being built is passed on.
     signal.signal(signal.SIGTERM, lambda signum, frame: worker.stop_fetching())
@@ -270,7 +274,8 @@ def main() -> None:
     Lifeline(worker.request_release).start()
     code = worker.run()
     # Jobs run in threads of this process, so a subprocess cannot be told apart by the job
-    # that started it: every one still running is stopped now, as the worker ends.
+    # that started it: every one still running is stopped now, as the worker ends (after a
+    # drain: a finished job's; after a release they were stopped before it).
     stop_children(STOP_GRACE)
     logging.shutdown()
     # Job threads of released or timed-out jobs may still be blocked in C code; their work is

@@ -11,7 +11,6 @@ the main thread at a release or timeout). docs/engines/sql.md ("The worker") has
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -21,7 +20,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +36,6 @@ from workerkit.engines.attempt import (
     Release,
     Retried,
     RetryOrFail,
-    Rules,
     StandDown,
     check_arguments,
     release_each,
@@ -53,6 +50,7 @@ from workerkit.engines.sql.outage import (
     retrying_sink,
 )
 from workerkit.engines.sql.queue import SqlQueue
+from workerkit.engines.sql.running import RULES, JobTimedOut, PermanentFailure, Running
 from workerkit.errors import JobInterrupted, LeaseLost, PayloadError, SchemaOutOfDate, StoreError
 from workerkit.events import (
     CheckpointSaved,
@@ -82,52 +80,6 @@ TICK = 0.05  # how often the main thread looks at its flags
 _RELEASE_WAIT = 1.0  # how long a release waits for a settle in progress on the job's thread
 
 
-class JobTimedOut(BaseException):
-    """Raised inside a job's thread when it passes its timeout."""
-
-
-class _PermanentFailure(Exception):
-    """A job that cannot succeed on any attempt (unknown task, bad payload, non-JSON result)."""
-
-
-# The main thread settles a delivery before it interrupts the job's thread (release, timeout);
-# a BaseException the job raised itself (SystemExit...) is left to the delivery's lease.
-_RULES = Rules(
-    interrupts=(JobInterrupted, JobTimedOut),
-    permanent=(_PermanentFailure,),
-    settle_base_exceptions=False,
-)
-
-
-def interrupt_thread(thread: threading.Thread, exc_type: type[BaseException]) -> bool:
-    """Raise ``exc_type`` in ``thread`` at its next Python bytecode.
-
-    This cannot interrupt a blocking C call (a long ``time.sleep``, a socket read): the exception
-    lands when the call returns. That is why release and timeout never *wait* for it: the
-    delivery is settled in the store first, and the thread's later writes are fenced out.
-    """
-    ident = thread.ident
-    if ident is None or not thread.is_alive():
-        return False
-    changed = ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(ident), ctypes.py_object(exc_type)
-    )
-    return bool(changed == 1)
-
-
-@dataclass(eq=False)
-class _Running:
-    delivery: Delivery
-    context: JobContext
-    started: float  # monotonic
-    deadline: float  # monotonic
-    lease_from: float  # monotonic, sent time of the request that last set the lease
-    thread: threading.Thread | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    settled_as: Outcome | None = None
-    extend_failures: int = 0
-
-
 class NativeWorker:
     """Claims and runs jobs of an :class:`~workerkit.app.App` with bounded concurrency."""
 
@@ -139,15 +91,18 @@ class NativeWorker:
         backend: QueueBackend | None = None,
         events: EventClient | None = None,
         worker_id: str | None = None,
+        stop_children: Callable[[], object] | None = None,
     ) -> None:
         self.app = app
+        # The worker process's: stops every subprocess its jobs started (None in-process).
+        self._stop_children = stop_children
         self.settings = settings
         self.backend = backend if backend is not None else app.backend
         self.events = events if events is not None else events_module.EventClient(None, role="")
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.queues = settings.queue_names
         self.concurrency = settings.concurrency
-        self._running: dict[str, _Running] = {}
+        self._running: dict[str, Running] = {}
         self._running_lock = threading.Lock()
         self._claim_lock = threading.Lock()  # held while a claim is in progress
         self._slot_freed = threading.Event()
@@ -280,7 +235,7 @@ class NativeWorker:
         for running in overdue:
             error = f"JobTimedOut: exceeded its timeout of {running.deadline - running.started:g}s"
 
-            def give_up(r: _Running, error: str = error) -> Outcome:
+            def give_up(r: Running, error: str = error) -> Outcome:
                 self._retry_or_fail(r, error)
                 return "timed_out"
 
@@ -289,25 +244,43 @@ class NativeWorker:
     def _release_all(self) -> int:
         with self._claim_lock, self._running_lock:
             everything = list(self._running.values())
-        # _settle logs its own store errors: nothing here gives up or skips.
+        # The subprocesses go first: a released job is claimable at once, and one it started must
+        # not run beside its next attempt. Jobs are threads here, so which job started which
+        # process is unknown: all are stopped. Meanwhile each job's settle is held, so that one
+        # seeing its subprocess die cannot write that down as its own failure.
+        held = [r for r in everything if r.lock.acquire(timeout=_RELEASE_WAIT)]
+        if self._stop_children is not None:
+            try:
+                self._stop_children()
+            except Exception:
+                log.exception(
+                    "stopping the jobs' subprocesses failed",
+                    extra={"event": "stop_children_failed"},
+                )
+        # _settle logs its own store errors: nothing here gives up or skips. A job whose settle
+        # was not held is settling itself (it already had its wait).
         return release_each(
             everything,
-            lambda r: self._take_back(r, self._release, JobInterrupted, _RELEASE_WAIT),
+            lambda r: self._take_back(r, self._release, JobInterrupted, held=r in held),
             log=log,
         ).released
 
     def _take_back(
         self,
-        running: _Running,
-        write: Callable[[_Running], Outcome],
+        running: Running,
+        write: Callable[[Running], Outcome],
         interrupt: type[BaseException],
         wait: float = 0.0,
+        *,
+        held: bool = False,
     ) -> bool:
         """Settle a running job from the main thread, then interrupt its thread."""
-        if not self._settle(running, write, patient=False, wait=wait):
+        if not self._settle(running, write, patient=False, wait=wait, held=held):
             return False
-        if running.thread is not None:
-            interrupt_thread(running.thread, interrupt)
+        # At its next bytecode, and only while the job's body runs (never in the thread's own
+        # settle): a blocking C call returns first, so this never *waits*; the delivery is
+        # settled already, and the thread's later writes are fenced out.
+        running.gate.interrupt(interrupt)
         self._finish(running)
         return True
 
@@ -445,7 +418,7 @@ class NativeWorker:
         if self._jobs_stop_requested.is_set():
             context.request_stop()
         now = time.monotonic()
-        running = _Running(delivery, context, now, now + timeout, lease_from=sent)
+        running = Running(delivery, context, now, now + timeout, lease_from=sent)
         box = [running]
         queued_for = None
         if delivery.enqueued_at is not None:
@@ -472,7 +445,7 @@ class NativeWorker:
         with self._running_lock:
             self._running[delivery.job_id] = running
         thread = threading.Thread(
-            target=self._run_job, args=(running,), name=f"job-{delivery.job_id}", daemon=True
+            target=self._job_thread, args=(running,), name=f"job-{delivery.job_id}", daemon=True
         )
         running.thread = thread
         thread.start()
@@ -523,10 +496,10 @@ class NativeWorker:
         self._lease_delays = backoff()
         return None
 
-    def _lease_until(self, running: _Running) -> float:
+    def _lease_until(self, running: Running) -> float:
         return lease_bound(running.lease_from, self._lease_ttl)
 
-    def _retrying_write(self, running: _Running, what: str, *, within_lease: bool) -> RetryingWrite:
+    def _retrying_write(self, running: Running, what: str, *, within_lease: bool) -> RetryingWrite:
         """The retry policy of one write for ``running`` (a settle: until it lands or a release;
         a checkpoint: while the lease surely holds)."""
         retry = RetryingWrite(
@@ -554,33 +527,48 @@ class NativeWorker:
 
     # --- one job ------------------------------------------------------------------------
 
-    def _run_job(self, running: _Running) -> None:
+    def _job_thread(self, running: Running) -> None:
+        try:
+            self._run_job(running)
+        except BaseException as exc:
+            # What the job raised that is not the engine's to settle (SystemExit...): the
+            # delivery is left to its lease. Logged, never escaping the thread.
+            log.warning(
+                "job thread ended by an exception left to the lease",
+                extra={
+                    "event": "job_thread_exception",
+                    "job_id": running.delivery.job_id,
+                    "error": f"{type(exc).__name__}: {exc}",
+                },
+            )
+
+    def _run_job(self, running: Running) -> None:
         delivery, context = running.delivery, running.context
         task = self.app.tasks.get(delivery.task)
         try:
             if task is None:
-                raise _PermanentFailure(
+                raise PermanentFailure(
                     f"UnknownTask: no task {delivery.task!r} is registered in this worker's app "
                     f"({self.settings.app or 'no --app'}); is it running the code that enqueued it?"
                 )
             try:
                 args, kwargs = decode_payload(delivery.payload, into=context)
             except PayloadError as exc:
-                raise _PermanentFailure(f"PayloadError: {exc}") from exc
+                raise PermanentFailure(f"PayloadError: {exc}") from exc
             check_arguments(task.fn, args, kwargs)
-            with context.activate():
+            with context.activate(), running.gate:
                 result = task.fn(*args, **kwargs)
             try:
                 json.dumps(result, allow_nan=False)
             except (TypeError, ValueError, RecursionError) as exc:
-                raise _PermanentFailure(f"ResultError: result is not JSON: {exc}") from exc
+                raise PermanentFailure(f"ResultError: result is not JSON: {exc}") from exc
             self._settle(running, lambda r: self._ack(r, result))
         except BaseException as exc:
             # docs/concepts/attempts.md has the table; this maps each verdict to a store write.
             def backoff() -> float:
                 return task.retry_delay(1) if task else self.settings.poll_interval
 
-            verdict = verdict_for(exc, _RULES, backoff=backoff, lease_lost=context.lease_lost)
+            verdict = verdict_for(exc, RULES, backoff=backoff, lease_lost=context.lease_lost)
             match verdict:
                 case Release():
                     self._settle(running, self._release)
@@ -601,20 +589,20 @@ class NativeWorker:
 
     # Each settling write returns the outcome it stands for.
 
-    def _ack(self, running: _Running, result: Any) -> Outcome:
+    def _ack(self, running: Running, result: Any) -> Outcome:
         self.backend.ack(running.delivery, result)
         replayed = outcome_of(running.context) == "replayed"
         return "skipped_duplicate" if replayed else "succeeded"
 
-    def _defer(self, running: _Running, delay: float, reason: str) -> Outcome:
+    def _defer(self, running: Running, delay: float, reason: str) -> Outcome:
         self.backend.defer(running.delivery, time.time() + max(0.0, delay), reason)
         return "deferred"
 
-    def _fail(self, running: _Running, error: str) -> Outcome:
+    def _fail(self, running: Running, error: str) -> Outcome:
         self.backend.fail(running.delivery, error)
         return "failed"
 
-    def _retry_or_fail(self, running: _Running, error: str) -> Outcome:
+    def _retry_or_fail(self, running: Running, error: str) -> Outcome:
         delivery = running.delivery
         task = self.app.tasks.get(delivery.task)
         if task is None or delivery.attempt >= delivery.max_attempts:
@@ -622,7 +610,7 @@ class NativeWorker:
         self.backend.retry(delivery, error, time.time() + task.retry_delay(delivery.attempt))
         return "retried"
 
-    def _release(self, running: _Running) -> Outcome:
+    def _release(self, running: Running) -> Outcome:
         with contextlib.suppress(Exception):
             running.context.flush()  # a checkpoint kept for later is saved before the release
         self.backend.release(running.delivery)
@@ -630,20 +618,22 @@ class NativeWorker:
 
     def _settle(
         self,
-        running: _Running,
-        write: Callable[[_Running], Outcome],
+        running: Running,
+        write: Callable[[Running], Outcome],
         *,
         patient: bool = True,
         wait: float = 0.0,
+        held: bool = False,
     ) -> bool:
         """Settle the delivery once, recording the outcome; False when it already was.
 
         ``patient`` (a job's own thread): a store that is unavailable is retried until the write
         lands, the fence says the job is no longer ours, or the worker releases. The main
         thread is not patient: it tries once, and waits ``wait`` seconds at most for a settle
-        in progress on the job's thread (which stops retrying at a release).
+        in progress on the job's thread (which stops retrying at a release). ``held``: the
+        caller holds ``running.lock`` already (released here).
         """
-        if not running.lock.acquire(timeout=-1 if patient else wait):
+        if not held and not running.lock.acquire(timeout=-1 if patient else wait):
             return False
         try:
             if running.settled_as is not None:
@@ -654,7 +644,7 @@ class NativeWorker:
             running.lock.release()
 
     def _write_settle(
-        self, running: _Running, write: Callable[[_Running], Outcome], *, patient: bool
+        self, running: Running, write: Callable[[Running], Outcome], *, patient: bool
     ) -> Outcome:
         retry = self._retrying_write(running, "settle", within_lease=False)
         retry.once = not patient  # the main thread never blocks on the store
@@ -675,7 +665,7 @@ class NativeWorker:
             )
             return "lease_lost"
 
-    def _finish(self, running: _Running) -> None:
+    def _finish(self, running: Running) -> None:
         with self._running_lock:
             if self._running.pop(running.delivery.job_id, None) is None:
                 return
