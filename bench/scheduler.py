@@ -8,8 +8,9 @@ Every system fires the same 1 s job, which records itself with its fire time
 leader SIGTERMed (its replacement 2 s later) and ``--after`` seconds watched, then the leader
 SIGKILLed (the pod's whole tree; replacement 2 s later) and ``--after`` seconds watched. A
 fire time counts as run only if it ran by the end of its window. Then, for workerkit only,
-``--chaos`` seconds with 3 replicas and the leader killed every 15 s (SIGKILL and SIGTERM in
-turn), default timing: every fire time exactly once?
+``--chaos`` seconds with 3 replicas and the leader killed every ``--chaos-every`` s (SIGKILL
+and SIGTERM in turn; each victim replaced at once, the next kill once 3 replicas are ready),
+default timing, the engines at once: did every fire time run exactly once?
 
 Celery beat has no fire time (runs are counted in the second beat sent them), so its delay
 columns are empty; with no leader, "the leader" is whichever beat started first.
@@ -23,6 +24,7 @@ import datetime as dt
 import math
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -408,8 +410,6 @@ def main() -> None:
         parser.error(f"--only: unknown {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
     info = machine()
     results: dict[str, Any] = {}
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="bench-sched-") as tmpdir, _servers() as (redis, pg):
         base = Path(tmpdir)
         for db, name in enumerate(wanted, start=1):
