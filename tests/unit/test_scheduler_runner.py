@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from workerkit.errors import StoreUnavailable
+from workerkit.errors import ConfigurationError, StoreUnavailable
 from workerkit.scheduler.contract import FireOutcome, Lease, Schedule
 from workerkit.scheduler.runner import Runner, SchedulerTiming
 from workerkit.scheduler.triggers import Every
@@ -324,11 +324,12 @@ def test_the_leader_prunes_at_most_once_a_minute_keeping_the_last_record() -> No
 
 def test_pruning_uses_the_retention() -> None:
     sim = Sim(start=T0 + 0.3)
-    sim.run([tick(every=10.0)], until=T0 + 125, timing=dataclasses.replace(TIMING, retention=30.0))
-    # The prune at T0 + 120.3 dropped the records of fire times before T0 + 90.3.
+    timing = dataclasses.replace(TIMING, retention=77.0)  # the floor: grace 2 + lease 15 + 60
+    sim.run([tick(every=10.0)], until=T0 + 125, timing=timing)
+    # The prune at T0 + 120.3 dropped the records of fire times before T0 + 43.3.
     schedule = tick(every=10.0)
-    assert sim.store.fire(schedule, T0 + 80, epoch=None, reason="standby") == "fired"
-    assert sim.store.fire(schedule, T0 + 100, epoch=None, reason="standby") == "already_fired"
+    assert sim.store.fire(schedule, T0 + 40, epoch=None, reason="standby") == "fired"
+    assert sim.store.fire(schedule, T0 + 50, epoch=None, reason="standby") == "already_fired"
 
 
 def test_after_a_store_outage_times_within_grace_fire_late_and_older_follow_the_policy() -> None:
@@ -441,3 +442,24 @@ def test_two_runners_on_a_real_clock_hand_over_without_a_gap() -> None:
     assert steps == {50}  # every time once, none missed, none twice
     info = store.leader()
     assert info is None
+
+
+def test_f6_a_grace_not_above_the_standby_delay_is_refused_at_start() -> None:
+    store = InMemorySchedulerStore()
+    with pytest.raises(ConfigurationError, match=r"'fast'.*misfire_grace=0.5.*delay=0.5"):
+        Runner(
+            store,
+            [tick(name="fast", misfire_grace=0.5)],
+            holder="me",
+            timing=TIMING,
+            reporter=Reporter(),
+        )
+
+
+def test_m4_a_retention_a_record_could_be_pruned_within_is_refused_at_start() -> None:
+    schedules = [tick(), tick(name="slow", misfire_grace=300.0)]
+    timing = dataclasses.replace(TIMING, retention=360.0)
+    with pytest.raises(ConfigurationError, match=r"scheduler_retention=360 is below 375"):
+        Runner(InMemorySchedulerStore(), schedules, holder="me", timing=timing, reporter=Reporter())
+    timing = dataclasses.replace(TIMING, retention=375.0)  # 300 + lease 15 + 60
+    Runner(InMemorySchedulerStore(), schedules, holder="me", timing=timing, reporter=Reporter())

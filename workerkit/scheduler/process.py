@@ -256,7 +256,7 @@ def run_scheduler_process(open: Callable[[Settings], SchedulerBinding]) -> int: 
             timing=timing_of(settings),
             reporter=reporter,
         )
-    except ValueError as exc:  # a schedule the runner cannot run (misfire=, max_catch_up=...)
+    except (ValueError, ConfigurationError) as exc:  # a schedule/settings it cannot run
         log.error(str(exc), extra={"event": "scheduler_config_error"})
         binding.store.close()
         return exitcodes.CONFIG_ERROR

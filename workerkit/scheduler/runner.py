@@ -25,6 +25,7 @@ from workerkit.scheduler.plan import (
     Cursor,
     SchedulerTiming,
     catch_up,
+    check_runnable,
     grace_of,
     keep_count,
     slide,
@@ -81,7 +82,9 @@ class Runner:
       :class:`~workerkit.testing.ManualClock`.
 
     :class:`~workerkit.errors.StoreUnavailable` is ridden out (retried; reported through
-    ``reporter.store_health``); any other exception propagates. A step-down other than at stop
+    ``reporter.store_health``); any other exception propagates. Settings that cannot run the
+    schedules raise :class:`~workerkit.errors.ConfigurationError` here
+    (``plan.check_runnable``). A step-down other than at stop
     (renew deadline, NOT_LEADER, lease lost) is logged as a warning, event
     ``scheduler_step_down`` with its ``reason``.
     """
@@ -102,6 +105,7 @@ class Runner:
             raise ValueError(f"schedule names must be unique: {sorted(names)}")
         for schedule in schedules:
             validate_schedule(schedule)
+        check_runnable(schedules, timing)
         self.store, self.schedules, self.holder = store, tuple(schedules), holder
         self.timing, self.reporter = timing, reporter
         self._clock, self._wait = clock, wait or _wait_on_event
