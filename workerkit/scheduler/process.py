@@ -103,7 +103,8 @@ class EventReporter:
 
     def fired(self, schedule: str, outcome: FireOutcome, reason: str, delay: float) -> None:
         value = FireOutcome(outcome).value
-        self.events.send(ScheduleFired(schedule, value, reason, max(0.0, delay)))  # type: ignore[arg-type]
+        # A negative delay (fired before its time: clock skew) is reported as it is.
+        self.events.send(ScheduleFired(schedule, value, reason, delay))  # type: ignore[arg-type]
         level = logging.DEBUG if outcome in _QUIET else logging.INFO
         if outcome in (FireOutcome.NOT_LEADER, FireOutcome.STALE):
             level = logging.WARNING
