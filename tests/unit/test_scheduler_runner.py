@@ -664,3 +664,19 @@ def test_m1_a_leader_dying_half_way_through_its_catch_up_leaves_the_rest_to_the_
     # The standby keeps its own gap until a leader records past it, so once it leads (the
     # dead lease runs out at T0 + 12) it fires the rest: every time once, in order.
     assert [t for t, _ in sim.fired()] == [T0 + n for n in range(1, 17)]
+
+
+def test_f3_a_standby_whose_clock_runs_ahead_does_not_fire_before_the_leader() -> None:
+    sim = Sim(start=T0 + 0.3)
+    sim.store = store = FiresSeen(clock=lambda: sim.clock() - 1.0)  # this host is 1 s fast
+    store.seen = []
+    schedule = tick()
+    lease = other_leads(store, schedule)
+    for n in range(6):  # the leader, on the store's time, fires each time at the time
+        sim.at(
+            T0 + n + 1.0,
+            lambda n=n: store.fire(schedule, T0 + n, epoch=lease.epoch, reason="on_time"),
+        )
+    reporter = sim.run([schedule], until=T0 + 6.9)
+    assert {reason for _, reason in sim.fired()} == {"on_time"}  # the standby took none
+    assert {outcome for _, outcome, *_ in reporter.fires} == {"already_fired"}
