@@ -680,3 +680,14 @@ def test_f3_a_standby_whose_clock_runs_ahead_does_not_fire_before_the_leader() -
     reporter = sim.run([schedule], until=T0 + 6.9)
     assert {reason for _, reason in sim.fired()} == {"on_time"}  # the standby took none
     assert {outcome for _, outcome, *_ in reporter.fires} == {"already_fired"}
+
+
+def test_f1_a_schedule_the_old_leader_does_not_run_starts_when_the_new_code_leads() -> None:
+    sim = Sim(start=T0 + 0.3)
+    schedule = tick(misfire="all")
+    lease = other_leads(sim.store, tick(name="older"))  # old code: "tick" does not exist
+    sim.at(T0 + 6.2, lambda: sim.store.release(lease))
+    reporter = sim.run([schedule], until=T0 + 12.5)
+    assert "stale" in {outcome for _, outcome, *_ in reporter.fires}
+    assert {reason for _, reason in sim.fired()} <= {"on_time", "standby"}  # nothing caught up
+    assert [t for t, _ in sim.fired()][-1] == T0 + 12

@@ -382,7 +382,7 @@ class Runner:
             outcome = self._fire(schedule, fire_time, "on_time" if leading else "standby")
             if outcome is None or outcome == FireOutcome.NOT_LEADER:
                 return False  # not fired: still due (a standby's delay applies now)
-            if outcome == FireOutcome.STALE and not leading:
+            if outcome == FireOutcome.STALE and not leading and self._registered_elsewhere(name):
                 # Registered under another definition (a rollout): keep it due, so the next
                 # leader (maybe this one, once it registers) fires it or catches it up (F1).
                 self._retry_at[name] = now + self.timing.retry_period
@@ -394,6 +394,16 @@ class Runner:
                 return True
             if outcome == FireOutcome.ALREADY_FIRED and cursor.missed and not leading:
                 self._forget_missed_if_a_leader_fired(schedule, fire_time)
+
+    def _registered_elsewhere(self, name: str) -> bool:
+        """A stale fire: is the schedule registered under another definition? Not when the
+        leader does not run it at all (new, or removed): it starts when this one leads."""
+        try:
+            state = self.store.states([name]).get(name)
+        except StoreUnavailable as exc:
+            self._store_down(exc)
+            return True  # keep it due: decided at the next try
+        return state is not None and not state.removed and state.fingerprint is not None
 
     def _gap_filled(self, schedule: Schedule) -> bool:
         """A standby holding missed times: has a leader recorded past them? (then forget)"""
