@@ -816,11 +816,7 @@ def test_a_fire_record_keeps_the_fingerprint_of_the_definition_that_fired(
     engine.dispose()
     last = store.states([TICK])[TICK].last_fire
     assert last is not None
-    # FireRecord.fingerprint is added to the contract by a parallel change; until it is on
-    # this branch, only the stored column can be checked.
-    assert getattr(last, "fingerprint", tick_schedule().fingerprint()) == (
-        tick_schedule().fingerprint()
-    )
+    assert last.fingerprint == tick_schedule().fingerprint()
 
 
 def test_open_scheduler_checks_the_payload_size_as_the_fire_encodes_it(

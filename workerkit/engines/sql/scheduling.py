@@ -426,7 +426,7 @@ class SqlSchedulerStore(db.ForkSafeEngine):
             recorded_at=float(row.recorded_at),
             job_id=row.job_id,
             reason=row.reason,
-            **_fingerprint_field(row.fingerprint),
+            fingerprint=row.fingerprint,
         )
 
     def set_paused(self, name: str, paused: bool) -> bool:
@@ -565,12 +565,6 @@ def _postgres_session(url: sa.URL, settings: Settings, wait: float) -> dict[str,
         "tcp_user_timeout": bound_ms,
     }
     return {"options": options} | {k: v for k, v in client.items() if k not in url.query}
-
-
-def _fingerprint_field(fingerprint: str | None) -> dict[str, Any]:
-    """``fingerprint=`` for :class:`FireRecord` when the contract has that field."""
-    fields = getattr(FireRecord, "__dataclass_fields__", {})
-    return {"fingerprint": fingerprint} if "fingerprint" in fields else {}
 
 
 def _lease(row: Any) -> Lease:
