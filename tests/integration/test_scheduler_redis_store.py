@@ -265,3 +265,28 @@ class TestCelerySchedulerStore(SchedulerStoreContract):
             return jobs
 
         return read
+
+
+def test_an_epoch_number_handed_out_again_does_not_fence_in_its_old_holder(
+    redis_client: redis.Redis[bytes],
+) -> None:
+    """After a failover to a lagging replica the counter may give a new leader the number an
+    old leader still holds: the old one's register, fire and prune are refused (holder+epoch)."""
+    old_store = RedisSchedulerStore(redis_client, writes, prefix=PREFIX)
+    new_store = RedisSchedulerStore(redis_client, writes, prefix=PREFIX)
+    old = old_store.acquire("old", 5)
+    assert old is not None
+    assert old_store.register(old, [TICK])
+    # The replica promoted had the counter from before old's INCR, and no lease.
+    redis_client.delete(old_store.key("lease"))
+    redis_client.set(old_store.key("epoch"), old.epoch - 1)
+    new = new_store.acquire("new", 5)
+    assert new is not None
+    assert new.epoch == old.epoch
+    changed = Schedule("tick", "t", Every(2), args=(1,))
+    assert new_store.register(new, [changed])
+    assert not old_store.register(old, [TICK])  # would re-register the old definition
+    assert old_store.fire(TICK, 10.0, epoch=old.epoch, reason="on_time") is FireOutcome.NOT_LEADER
+    assert old_store.prune(old, 1e12) == 0
+    assert new_store.fire(changed, 10.0, epoch=new.epoch, reason="on_time") is FireOutcome.FIRED
+    assert redis_client.llen("queue") == 1
