@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
+from redis import exceptions as redis_errors
 
 from workerkit.engines.celery.config import configure_app, load_celery_app, load_tasks
 from workerkit.engines.celery.task import FIRE_TIME_HEADER, SCHEDULE_HEADER
-from workerkit.errors import ConfigurationError, StoreUnavailable
+from workerkit.errors import ConfigurationError, StoreError, StoreUnavailable
 from workerkit.scheduler.contract import Schedule, SchedulerBinding
 from workerkit.scheduler.plan import validate_schedule
 from workerkit.scheduler.redis_store import (
@@ -32,6 +33,7 @@ from workerkit.scheduler.redis_store import (
     RedisSchedulerStore,
     RedisWrite,
     scheduler_client,
+    store_error,
 )
 from workerkit.scheduler.triggers import Every
 
@@ -210,6 +212,15 @@ class _CapturingTransport(kombu_redis.Transport):
         self.captured: list[tuple[str, str]] = []
 
 
+def _unavailable(exc: BaseException) -> StoreError:
+    """kombu's error (it wraps redis-py's: OOM while declaring, READONLY, ...) as the store's:
+    StoreUnavailable with Redis's reason for what the runner rides out."""
+    cause = exc if isinstance(exc, redis_errors.RedisError) else exc.__cause__
+    if isinstance(cause, redis_errors.RedisError):
+        return store_error(cause)
+    return StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}")
+
+
 class CeleryPublisher:
     """The message ``apply_async``/``send_task`` would publish for one fire, as store writes.
 
@@ -233,6 +244,24 @@ class CeleryPublisher:
         return self._connection, self._producer
 
     def __call__(self, schedule: Schedule, fire_time: float, job_id: str) -> list[RedisWrite]:
+        captured = self._build(schedule, fire_time, job_id)
+        if not captured:
+            # Not a crash at fire time: the binding may come back (another publisher or
+            # worker declares it); the runner retries, and the startup check refused routes
+            # that never reach a queue.
+            raise StoreUnavailable(
+                f"Celery's routing of {schedule.task!r} reaches no queue even after declaring "
+                "its queue again (kombu's binding in Redis is missing); retrying"
+            )
+        return captured
+
+    def _build(self, schedule: Schedule, fire_time: float, job_id: str) -> list[RedisWrite]:
+        """The writes; none when kombu's routing reaches no queue even on a fresh connection.
+
+        kombu declares a queue (its binding, ``_kombu.binding.<exchange>`` in Redis) once per
+        connection: when Redis lost its data or evicted the binding, the warm connection
+        does not declare it again and the lookup finds nothing. A fresh connection does.
+        """
         headers = {SCHEDULE_HEADER: schedule.name, FIRE_TIME_HEADER: fire_time}
         headers["celery_beat_task"] = True  # as Celery beat marks its messages
         options: dict[str, Any] = dict(schedule.options)
@@ -241,28 +270,27 @@ class CeleryPublisher:
         task = self.app.tasks.get(schedule.task)
         send = task.apply_async if task is not None else self._send_task(schedule.task)
         with self._lock:
-            try:
-                connection, producer = self._open()
-                transport = connection.transport
-                transport.captured.clear()
-                send(
-                    list(schedule.args),
-                    dict(schedule.kwargs),
-                    task_id=job_id,
-                    producer=producer,
-                    headers=headers,
-                    retry=False,
-                    **options,
-                )
-            except self._unreachable as exc:
-                self._reset()  # the next fire opens a fresh connection
-                raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
-            captured = list(transport.captured)
-        if not captured:
-            raise ConfigurationError(
-                f"Celery's routing of {schedule.task!r} (options {options}) reaches no queue "
-                "(a fanout exchange, or an exchange no queue is bound to); route it to a queue"
-            )
+            for attempt in (1, 2):
+                try:
+                    connection, producer = self._open()
+                    transport = connection.transport
+                    transport.captured.clear()
+                    send(
+                        list(schedule.args),
+                        dict(schedule.kwargs),
+                        task_id=job_id,
+                        producer=producer,
+                        headers=headers,
+                        retry=False,
+                        **options,
+                    )
+                except self._unreachable as exc:
+                    self._reset()  # the next fire opens a fresh connection
+                    raise _unavailable(exc) from exc
+                captured = list(transport.captured)
+                if captured or attempt == 2:
+                    break
+                self._reset()  # declare the queue again on a fresh connection
         return [RedisWrite("LPUSH", key, (body,)) for key, body in captured]
 
     def check(self, schedules: Sequence[Schedule]) -> None:
@@ -282,7 +310,7 @@ class CeleryPublisher:
                     "exchange: not supported (every consumer would run the fire)"
                 )
             try:
-                self(schedule, 0.0, "wk-sched-startup-check")
+                built = self._build(schedule, 0.0, "wk-sched-startup-check")
             except StoreUnavailable:
                 return
             except ConfigurationError as exc:
@@ -292,6 +320,12 @@ class CeleryPublisher:
                     f"beat_schedule[{schedule.name!r}]: Celery cannot build its message: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
+            if not built:
+                raise ConfigurationError(
+                    f"beat_schedule[{schedule.name!r}]: Celery's routing of {schedule.task!r} "
+                    f"(options {dict(schedule.options)}) reaches no queue (a fanout exchange, "
+                    "or an exchange no queue is bound to); route it to a queue"
+                )
 
     def _send_task(self, name: str) -> Any:
         def send(args: Any, kwargs: Any, **options: Any) -> Any:
@@ -304,7 +338,8 @@ class CeleryPublisher:
         import redis.exceptions
         from kombu.exceptions import OperationalError
 
-        return (OperationalError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+        # Any Redis error: kombu's declare raises OOM/READONLY/... unwrapped.
+        return (OperationalError, redis.exceptions.RedisError)
 
     def _reset(self) -> None:
         connection, self._connection, self._producer = self._connection, None, None
