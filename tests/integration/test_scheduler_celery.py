@@ -306,3 +306,23 @@ def test_a_publish_refused_by_redis_is_store_unavailable_not_a_crash(
     finally:
         redis_client.config_set("maxmemory", 0)
     assert publisher(TOPIC, 1_800_000_002.0, "wk-x")
+
+
+def test_the_scheduler_namespace_keys_its_own_lease_and_schedules(
+    binding: SchedulerBinding, redis_url: str
+) -> None:
+    """A second app on the broker's Redis under its own ``scheduler_namespace`` leads too."""
+    assert isinstance(binding.store, RedisSchedulerStore)
+    assert binding.store.key("lease") == "workerkit:scheduler:celery:lease"  # as before
+    env = {"WORKERKIT_APP": APP, "WORKERKIT_REDIS_URL": redis_url}
+    other = open_scheduler(load_settings(env={**env, "WORKERKIT_SCHEDULER_NAMESPACE": "b2"}))
+    try:
+        assert isinstance(other.store, RedisSchedulerStore)
+        assert other.store.key("lease") == "workerkit:scheduler:celery@b2:lease"
+        assert leader_fire(binding, "tick", 1_800_000_000.0) is FireOutcome.FIRED
+        lease = other.store.acquire("theirs", 15)
+        assert lease is not None  # while the default namespace's leader holds its lease
+        assert other.store.register(lease, [])  # removes nothing of the default namespace
+        assert leader_fire(binding, "tick", 1_800_000_001.0) is FireOutcome.FIRED
+    finally:
+        other.store.close()

@@ -33,6 +33,7 @@ from workerkit.scheduler.redis_store import (
     RedisSchedulerStore,
     RedisWrite,
     scheduler_client,
+    scheduler_prefix,
     store_error,
 )
 from workerkit.scheduler.triggers import Every
@@ -50,7 +51,8 @@ __all__ = (
     "open_scheduler",
 )
 
-#: The scheduler's keys (lease, epoch, records, state) in the broker's Redis.
+#: The scheduler's keys (lease, epoch, records, state) in the broker's Redis, for the
+#: ``default`` ``scheduler_namespace``; another's are ``workerkit:scheduler:celery@<namespace>:``.
 CELERY_SCHEDULER_PREFIX: Final = "workerkit:scheduler:celery:"
 #: The ``options`` of an entry workerkit carries into the message.
 ENTRY_OPTIONS: Final = ("queue", "routing_key", "exchange", "expires", "priority")
@@ -365,7 +367,9 @@ def open_scheduler(settings: Settings) -> SchedulerBinding:
     retention = float(getattr(settings, "scheduler_retention", DEFAULT_RETENTION))
     # kombu's global_keyprefix applies to workerkit's keys too, as to the ledger's.
     transport = app.conf.broker_transport_options or {}
-    prefix = str(transport.get("global_keyprefix") or "") + CELERY_SCHEDULER_PREFIX
+    prefix = str(transport.get("global_keyprefix") or "") + scheduler_prefix(
+        CELERY_SCHEDULER_PREFIX, settings.scheduler_namespace
+    )
     store = RedisSchedulerStore(client, publisher, prefix=prefix, retention=retention)
     store.own_client()
     return SchedulerBinding(store=store, schedules=schedules)
