@@ -326,3 +326,29 @@ def test_the_scheduler_namespace_keys_its_own_lease_and_schedules(
         assert leader_fire(binding, "tick", 1_800_000_001.0) is FireOutcome.FIRED
     finally:
         other.store.close()
+
+
+@pytest.mark.parametrize(
+    ("minute", "hour"), [("30", "2"), ("*/15", "*"), ("0", "*"), ("45", "1-3"), ("0", "3")]
+)
+def test_celery_crontab_across_dst_agrees_with_core_cron(minute: str, hour: str) -> None:
+    """A time in the spring-forward gap fires once at the first instant after it (Celery's own
+    math gave 02:30 -> 03:30), a repeated hour's wall time fires in its first pass only, also
+    for a chain that starts in the second pass: as core ``Cron`` does."""
+    from zoneinfo import ZoneInfo
+
+    from workerkit.engines.celery.scheduling import CeleryCrontab
+    from workerkit.scheduler.triggers import Cron
+
+    app = Celery("dst", set_as_current=False)
+    app.conf.timezone = "Europe/Berlin"
+    entry = crontab(minute=minute, hour=hour)
+    entry.app = app
+    ours, core = CeleryCrontab(entry), Cron(f"{minute} {hour} * * *", timezone="Europe/Berlin")
+    zone = ZoneInfo("Europe/Berlin")
+    for day in (datetime(2026, 3, 28, 22, tzinfo=zone), datetime(2026, 10, 24, 22, tzinfo=zone)):
+        for step in range(0, 8 * 3600, 1200):
+            start = day.timestamp() + step
+            assert ours.next_after(start) == core.next_after(start), (
+                f"after {datetime.fromtimestamp(start, zone).isoformat()}"
+            )

@@ -63,6 +63,26 @@ ENTRY_KEYS: Final = (
 )
 
 
+#: Steps through one repeated hour at most (a minute each, or one skipped fire time each).
+_DST_STEPS: Final = 1500
+
+
+def _gap_end(wall: dt.datetime) -> float:
+    """The first instant after the DST gap ``wall`` (not a local time) falls in: where the
+    offset changes, between its fold=1 and fold=0 readings (a search to the second)."""
+    low, high = sorted((wall.replace(fold=1).timestamp(), wall.replace(fold=0).timestamp()))
+    zone = wall.tzinfo
+    after = dt.datetime.fromtimestamp(high, zone).utcoffset()
+    lo, hi = int(low), int(high)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if dt.datetime.fromtimestamp(mid, zone).utcoffset() == after:
+            hi = mid
+        else:
+            lo = mid
+    return float(hi)
+
+
 class CeleryCrontab:
     """A Celery ``crontab`` as a trigger: its own next-run math (``remaining_delta``), in its
     time zone (the app's ``timezone``), on epoch seconds."""
@@ -72,6 +92,27 @@ class CeleryCrontab:
         self.zone = crontab.tz
 
     def next_after(self, after: float) -> float:
+        """Celery's next run after ``after``, with DST as core ``Cron`` has it: a wall time in
+        a spring-forward gap fires once at the first instant after the gap (Celery's own math
+        would add the old offset: 02:30 -> 03:30), and a wall time of a repeated hour fires in
+        its first pass only (a chain started in the second pass skips the times it repeats)."""
+        probe = after
+        for _ in range(_DST_STEPS):
+            nxt = self._celery_next(probe)
+            instant = nxt.timestamp()
+            local = dt.datetime.fromtimestamp(instant, self.zone)
+            if local.replace(tzinfo=None) != nxt.replace(tzinfo=None):
+                gap_end = _gap_end(nxt)  # not a local time: in a spring-forward gap
+                return gap_end if gap_end > after else instant
+            if instant <= after:  # from a repeated hour's second pass, back to its first
+                probe += 60
+            elif local.fold and local.replace(fold=0).timestamp() != instant:
+                probe = instant  # the second pass of a repeated hour: fired in the first
+            else:
+                return instant
+        raise ValueError(f"{self.describe()}: no fire time found after {after}")
+
+    def _celery_next(self, after: float) -> dt.datetime:
         last = dt.datetime.fromtimestamp(after, self.zone)
         start, delta, _ = self.crontab.remaining_delta(last, tz=self.zone)
         nxt: dt.datetime = start + delta
@@ -80,7 +121,7 @@ class CeleryCrontab:
                 last.replace(second=0, microsecond=0) + dt.timedelta(minutes=1), tz=self.zone
             )
             nxt = start + delta
-        return nxt.timestamp()
+        return nxt
 
     def describe(self) -> str:
         return f"crontab {self._fields()} {self.zone}"
