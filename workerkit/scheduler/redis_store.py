@@ -197,7 +197,7 @@ class RedisSchedulerStore:
         self.prefix = prefix
         self.retention = retention
         self._owns_client = False
-        # The holder of each epoch this store acquired: a leader's fire is fenced on both.
+        # The holder of the epoch this store last acquired: a leader's fire is fenced on both.
         self._holders: dict[int, str] = {}
         self._scripts: dict[str, Script] = {
             name: client.register_script(text)
@@ -255,7 +255,7 @@ class RedisSchedulerStore:
         if int(reply[0]) != 1:
             return None
         lease = Lease(holder=_text(reply[1]), epoch=int(reply[2]), expires_at=int(reply[3]) / 1000)
-        self._holders[lease.epoch] = lease.holder
+        self._holders = {lease.epoch: lease.holder}  # one replica leads under one epoch
         return lease
 
     def renew(self, lease: Lease, duration: float) -> Lease | None:
