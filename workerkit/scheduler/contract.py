@@ -152,6 +152,9 @@ class FireRecord:
     recorded_at: float  # epoch seconds by the store's clock
     job_id: str
     reason: str  # "on_time", "standby", "catch_up", "manual"
+    # The schedule's fingerprint when it fired (None: a store or a record from before it was
+    # kept). A different one means the definition changed: its times are not caught up.
+    fingerprint: str | None = None
 
 
 @dataclass(frozen=True)
