@@ -326,7 +326,10 @@ class RedisSchedulerStore:
                 pipe.smembers(self.key("names"))
                 for name in names:
                     pipe.hmget(self.key("state", name), "fingerprint", "paused", "removed")
-                    pipe.hmget(self.key("last", name), "fire_ms", "recorded_ms", "job_id", "reason")
+                    pipe.hmget(
+                        self.key("last", name),
+                        *("fire_ms", "recorded_ms", "job_id", "reason", "fingerprint"),
+                    )
                     pipe.zrange(self.key("trigger", name), 0, -1)
                 replies = pipe.execute()
         except redis_errors.RedisError as exc:
@@ -345,6 +348,7 @@ class RedisSchedulerStore:
                     recorded_at=int(last[1]) / 1000,
                     job_id=_text(last[2]),
                     reason=_text(last[3]),
+                    fingerprint=None if last[4] is None else _text(last[4]),
                 )
             states[name] = ScheduleState(
                 name=name,
@@ -365,8 +369,15 @@ class RedisSchedulerStore:
         if raw is None:
             return None
         # [recorded ms, job id, reason, fingerprint]; records of before fingerprints have 3.
-        recorded, job_id, reason = json.loads(raw)[:3]
-        return FireRecord(name, fire_key(fire_time) / 1000, int(recorded) / 1000, job_id, reason)
+        recorded, job_id, reason, *rest = json.loads(raw)
+        return FireRecord(
+            name,
+            fire_key(fire_time) / 1000,
+            int(recorded) / 1000,
+            job_id,
+            reason,
+            fingerprint=rest[0] if rest else None,
+        )
 
     def set_paused(self, name: str, paused: bool) -> bool:
         keys = [self.key("names"), self.key("state", name)]
