@@ -239,9 +239,16 @@ def test_two_apps_on_one_redis_each_lead_their_own_namespace(
         assert fired is FireOutcome.FIRED
         fired = theirs.store.fire(invoice, 1_800_000_000.0, epoch=their_lease.epoch, reason="x")
         assert fired is FireOutcome.FIRED
+        # The same schedule name and fire time in the other namespace is another job.
+        assert theirs.store.register(their_lease, [invoice, tick])
+        fired = theirs.store.fire(tick, 1_800_000_000.0, epoch=their_lease.epoch, reason="x")
+        assert fired is FireOutcome.FIRED
         assert set(ours.store.states()) == {s.name for s in ours.schedules}
-        assert set(theirs.store.states()) == {"invoice"}
-        assert redis_client.llen("rq:queue:default") == 2
+        assert set(theirs.store.states()) == {"invoice", "tick"}
+        queued = {job.decode() for job in redis_client.lrange("rq:queue:default", 0, -1)}
+        assert fire_job_id("tick", 1_800_000_000.0) in queued
+        assert fire_job_id("tick", 1_800_000_000.0, "billing") in queued
+        assert len(queued) == 3
     finally:
         ours.store.close()
         theirs.store.close()

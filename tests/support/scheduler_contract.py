@@ -282,8 +282,6 @@ class SchedulerStoreContract:
         assert store.fire(first, self.T0, epoch=lease.epoch, reason="on_time") == "fired"
         last = store.states(["tick"])["tick"].last_fire
         assert last is not None
-        if last.fingerprint is None:  # TODO(lead): drop once the SQL and Redis stores fill it
-            pytest.xfail("this store does not fill FireRecord.fingerprint yet")
         assert last.fingerprint == first.fingerprint()
         changed = self.make_schedule(every=2.0)
         assert store.register(lease, [changed])

@@ -189,12 +189,14 @@ class RedisSchedulerStore:
         *,
         prefix: str,
         retention: float = DEFAULT_RETENTION,
+        namespace: str = "default",
     ) -> None:
         if retention <= 0:
             raise ValueError(f"retention must be above 0 seconds, got {retention}")
         self.client = client
         self.enqueue = enqueue
         self.prefix = prefix
+        self.namespace = namespace  # only for job ids: ``prefix`` already holds it
         self.retention = retention
         self._owns_client = False
         # The holder of the epoch this store last acquired: a leader's fire is fenced on both.
@@ -289,7 +291,7 @@ class RedisSchedulerStore:
     ) -> FireOutcome:
         name = schedule.name
         ms = fire_key(fire_time)
-        job_id = fire_job_id(name, fire_time)
+        job_id = fire_job_id(name, fire_time, self.namespace)
         writes = list(self.enqueue(schedule, fire_time, job_id))
         keys = [
             self.key("lease"),

@@ -411,7 +411,13 @@ def open_scheduler(settings: Settings) -> SchedulerBinding:
     prefix = str(transport.get("global_keyprefix") or "") + scheduler_prefix(
         CELERY_SCHEDULER_PREFIX, settings.scheduler_namespace
     )
-    store = RedisSchedulerStore(client, publisher, prefix=prefix, retention=retention)
+    store = RedisSchedulerStore(
+        client,
+        publisher,
+        prefix=prefix,
+        retention=retention,
+        namespace=settings.scheduler_namespace,
+    )
     store.own_client()
     return SchedulerBinding(store=store, schedules=schedules)
 

@@ -143,6 +143,7 @@ def open_scheduler(settings: Settings) -> SchedulerBinding:
         rq_enqueue_writes(client, serializer),
         prefix=scheduler_prefix(RQ_SCHEDULER_PREFIX, settings.scheduler_namespace),
         retention=retention,
+        namespace=settings.scheduler_namespace,
     )
     store.own_client()
     return SchedulerBinding(store=store, schedules=schedules)

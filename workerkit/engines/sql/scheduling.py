@@ -51,7 +51,6 @@ __all__ = (
     "SqlSchedulerStore",
     "lock_wait",
     "main",
-    "namespaced_job_id",
     "open_scheduler",
 )
 
@@ -64,9 +63,6 @@ DEFAULT_MAX_ATTEMPTS: Final = 3
 #: a connect that hangs (a partition) holds up the runner's renewals, so it is kept well under
 #: the renew deadline; the runner tries again each retry period.
 _CONNECT_TIMEOUT: Final = 3
-
-#: The namespace whose job ids are :func:`~workerkit.scheduler.contract.fire_job_id` unchanged.
-_DEFAULT_NAMESPACE: Final = "default"
 
 #: A float whose JSON is as long as any float's (24 characters), for the startup size check:
 #: every fire's payload is at most as large as the check's.
@@ -373,7 +369,7 @@ class SqlSchedulerStore(db.ForkSafeEngine):
             raise ConfigurationError(f"schedule {schedule.name!r}: {exc}") from exc
         attempts = schedule.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
         return NewJob(
-            job_id=namespaced_job_id(self.namespace, schedule.name, fire_time),
+            job_id=fire_job_id(schedule.name, fire_time, self.namespace),
             task=schedule.task,
             queue=schedule.queue or "default",
             payload=payload,
@@ -492,15 +488,6 @@ class SqlSchedulerStore(db.ForkSafeEngine):
     def close(self) -> None:
         """Close every connection."""
         self._engine.dispose()
-
-
-def namespaced_job_id(namespace: str, schedule: str, fire_time: float) -> str:
-    """The job id of one fire in ``namespace``: :func:`fire_job_id` in the default one; in
-    another, the namespace joins the name (fire_job_id then adds a hash of both), so two apps'
-    schedules of the same name on one database never share a job id."""
-    if namespace == _DEFAULT_NAMESPACE:
-        return fire_job_id(schedule, fire_time)
-    return fire_job_id(f"{namespace}\x1f{schedule}", fire_time)
 
 
 def lock_wait(settings: Settings) -> float:
