@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -169,6 +170,19 @@ def _s(
 
 _seconds = parse_seconds
 _opt_seconds = optional(parse_seconds)
+
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _namespace(raw: object) -> str:
+    """A name that fits a Redis key prefix and a SQL key column as it is."""
+    text = parse_str(raw).strip()
+    if not _NAMESPACE.fullmatch(text):
+        raise ValueError(
+            "1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit, "
+            "such as 'billing'"
+        )
+    return text
 
 
 @dataclass(frozen=True)
@@ -351,6 +365,13 @@ class Settings:
         engines=(),
         minimum_why="the records are what keeps a fire time from firing twice, and a standby "
         "may fire up to the misfire grace late",
+    )
+    scheduler_namespace: str = _s(
+        "default",
+        "Separates the leases, schedules and fire records of schedulers that share one store "
+        "(two apps on one database or Redis): each app's scheduler Deployment sets its own.",
+        _namespace,
+        engines=(),
     )
     strict: bool = _s(False, "Treat timing-budget warnings as errors.", parse_bool)
 

@@ -14,12 +14,20 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from celery import Celery
 from celery.schedules import crontab, schedule, solar
+from kombu import Exchange, Queue
 
 from tests.apps import celery_schedules
 from tests.support.harness import WORKERKIT, Env, start_worker, stopped_after, wait_until
-from workerkit.engines.celery.scheduling import CeleryPublisher, beat_schedules, open_scheduler
-from workerkit.errors import ConfigurationError
-from workerkit.scheduler.contract import FireOutcome, SchedulerBinding, fire_job_id
+from workerkit.engines.celery.scheduling import (
+    CELERY_SCHEDULER_PREFIX,
+    CeleryPublisher,
+    beat_schedules,
+    open_scheduler,
+)
+from workerkit.errors import ConfigurationError, StoreUnavailable
+from workerkit.scheduler.contract import FireOutcome, Schedule, SchedulerBinding, fire_job_id
+from workerkit.scheduler.redis_store import RedisSchedulerStore, scheduler_client
+from workerkit.scheduler.triggers import Every
 from workerkit.settings import load_settings
 
 if TYPE_CHECKING:
@@ -244,3 +252,103 @@ def test_a_crontab_keeps_its_apps_time_zone_whatever_app_is_current() -> None:
         assert nightly.trigger.next_after(jan) == datetime(2024, 1, 16, 2, tzinfo=UTC).timestamp()
     finally:
         previous.set_current()
+
+
+@pytest.fixture
+def topic_store(redis_url: str) -> Iterator[RedisSchedulerStore]:
+    """A store whose schedule is routed through a topic exchange (a kombu binding in Redis)."""
+    app = Celery("topic", broker=redis_url, set_as_current=False)
+    app.conf.task_queues = [Queue("bound", Exchange("sched-topic", type="topic"), "sched.#")]
+    store = RedisSchedulerStore(
+        scheduler_client(redis_url), CeleryPublisher(app), prefix=CELERY_SCHEDULER_PREFIX
+    )
+    store.own_client()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+TOPIC = Schedule("topic", "elsewhere.topic", Every(1), args=("t",), queue="bound")
+
+
+def test_a_binding_lost_with_redis_data_is_declared_again_at_the_next_fire(
+    topic_store: RedisSchedulerStore, redis_client: redis.Redis[bytes]
+) -> None:
+    """Redis restarted without persistence (or evicted ``_kombu.binding.*``): the publisher's
+    warm connection would not declare the queue again and kombu's lookup would find no queue
+    (a crash of every replica before); the fire declares it again and publishes."""
+    for fire_time in (1_800_000_000.0, 1_800_000_001.0):
+        redis_client.flushdb()  # the second time: the lease, the state, kombu's binding
+        lease = topic_store.acquire("leader", 15)
+        assert lease is not None
+        assert topic_store.register(lease, [TOPIC])
+        outcome = topic_store.fire(TOPIC, fire_time, epoch=lease.epoch, reason="on_time")
+        assert outcome is FireOutcome.FIRED
+        (message,) = queued(redis_client, "bound")
+        assert message["headers"]["workerkit_fire_time"] == fire_time
+        assert redis_client.exists("_kombu.binding.sched-topic")  # others find it again
+
+
+def test_a_publish_refused_by_redis_is_store_unavailable_not_a_crash(
+    topic_store: RedisSchedulerStore, redis_client: redis.Redis[bytes]
+) -> None:
+    """Declaring the binding again is a write: an OOM Redis refuses it, which the runner rides
+    out (StoreUnavailable) like any other Redis refusing writes."""
+    publisher = topic_store.enqueue
+    assert publisher(TOPIC, 1_800_000_002.0, "wk-x")
+    redis_client.delete("_kombu.binding.sched-topic")
+    redis_client.config_set("maxmemory-policy", "noeviction")
+    redis_client.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(StoreUnavailable, match="OOM"):
+            publisher(TOPIC, 1_800_000_002.0, "wk-x")
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    assert publisher(TOPIC, 1_800_000_002.0, "wk-x")
+
+
+def test_the_scheduler_namespace_keys_its_own_lease_and_schedules(
+    binding: SchedulerBinding, redis_url: str
+) -> None:
+    """A second app on the broker's Redis under its own ``scheduler_namespace`` leads too."""
+    assert isinstance(binding.store, RedisSchedulerStore)
+    assert binding.store.key("lease") == "workerkit:scheduler:celery:lease"  # as before
+    env = {"WORKERKIT_APP": APP, "WORKERKIT_REDIS_URL": redis_url}
+    other = open_scheduler(load_settings(env={**env, "WORKERKIT_SCHEDULER_NAMESPACE": "b2"}))
+    try:
+        assert isinstance(other.store, RedisSchedulerStore)
+        assert other.store.key("lease") == "workerkit:scheduler:celery@b2:lease"
+        assert leader_fire(binding, "tick", 1_800_000_000.0) is FireOutcome.FIRED
+        lease = other.store.acquire("theirs", 15)
+        assert lease is not None  # while the default namespace's leader holds its lease
+        assert other.store.register(lease, [])  # removes nothing of the default namespace
+        assert leader_fire(binding, "tick", 1_800_000_001.0) is FireOutcome.FIRED
+    finally:
+        other.store.close()
+
+
+@pytest.mark.parametrize(
+    ("minute", "hour"), [("30", "2"), ("*/15", "*"), ("0", "*"), ("45", "1-3"), ("0", "3")]
+)
+def test_celery_crontab_across_dst_agrees_with_core_cron(minute: str, hour: str) -> None:
+    """A time in the spring-forward gap fires once at the first instant after it (Celery's own
+    math gave 02:30 -> 03:30), a repeated hour's wall time fires in its first pass only, also
+    for a chain that starts in the second pass: as core ``Cron`` does."""
+    from zoneinfo import ZoneInfo
+
+    from workerkit.engines.celery.scheduling import CeleryCrontab
+    from workerkit.scheduler.triggers import Cron
+
+    app = Celery("dst", set_as_current=False)
+    app.conf.timezone = "Europe/Berlin"
+    entry = crontab(minute=minute, hour=hour)
+    entry.app = app
+    ours, core = CeleryCrontab(entry), Cron(f"{minute} {hour} * * *", timezone="Europe/Berlin")
+    zone = ZoneInfo("Europe/Berlin")
+    for day in (datetime(2026, 3, 28, 22, tzinfo=zone), datetime(2026, 10, 24, 22, tzinfo=zone)):
+        for step in range(0, 8 * 3600, 1200):
+            start = day.timestamp() + step
+            assert ours.next_after(start) == core.next_after(start), (
+                f"after {datetime.fromtimestamp(start, zone).isoformat()}"
+            )

@@ -265,3 +265,54 @@ class TestCelerySchedulerStore(SchedulerStoreContract):
             return jobs
 
         return read
+
+
+def test_an_epoch_number_handed_out_again_does_not_fence_in_its_old_holder(
+    redis_client: redis.Redis[bytes],
+) -> None:
+    """After a failover to a lagging replica the counter may give a new leader the number an
+    old leader still holds: the old one's register, fire and prune are refused (holder+epoch)."""
+    old_store = RedisSchedulerStore(redis_client, writes, prefix=PREFIX)
+    new_store = RedisSchedulerStore(redis_client, writes, prefix=PREFIX)
+    old = old_store.acquire("old", 5)
+    assert old is not None
+    assert old_store.register(old, [TICK])
+    # The replica promoted had the counter from before old's INCR, and no lease.
+    redis_client.delete(old_store.key("lease"))
+    redis_client.set(old_store.key("epoch"), old.epoch - 1)
+    new = new_store.acquire("new", 5)
+    assert new is not None
+    assert new.epoch == old.epoch
+    changed = Schedule("tick", "t", Every(2), args=(1,))
+    assert new_store.register(new, [changed])
+    assert not old_store.register(old, [TICK])  # would re-register the old definition
+    assert old_store.fire(TICK, 10.0, epoch=old.epoch, reason="on_time") is FireOutcome.NOT_LEADER
+    assert old_store.prune(old, 1e12) == 0
+    assert new_store.fire(changed, 10.0, epoch=new.epoch, reason="on_time") is FireOutcome.FIRED
+    assert redis_client.llen("queue") == 1
+
+
+def test_each_fire_record_keeps_the_fingerprint_it_fired_under(
+    store: RedisSchedulerStore, redis_client: redis.Redis[bytes]
+) -> None:
+    """The record of one fire and the last fire both carry the fingerprint (REVIEW14 F2); a
+    record written before fingerprints were kept reads as None."""
+    lease = store.acquire("a", 5)
+    assert lease is not None
+    assert store.register(lease, [TICK])
+    assert store.fire(TICK, 10.0, epoch=lease.epoch, reason="on_time") is FireOutcome.FIRED
+    record = store.fire_record("tick", 10.0)
+    assert record is not None
+    assert record.fingerprint == TICK.fingerprint()
+    last = store.states()["tick"].last_fire
+    assert last is not None
+    assert last.fingerprint == TICK.fingerprint()
+    old = json.dumps(["11000", "wk-old", "on_time"])  # as written before fingerprints
+    redis_client.set(store.key("fire", "tick", fire_key(11.0)), old)
+    redis_client.hdel(store.key("last", "tick"), "fingerprint")
+    older = store.fire_record("tick", 11.0)
+    assert older is not None
+    assert (older.job_id, older.fingerprint) == ("wk-old", None)
+    last = store.states()["tick"].last_fire
+    assert last is not None
+    assert last.fingerprint is None

@@ -20,8 +20,9 @@ from workerkit.engines.rq import RqApp
 from workerkit.engines.rq.jobs import read_state
 from workerkit.engines.rq.scheduling import open_scheduler, rq_enqueue_writes
 from workerkit.errors import ConfigurationError, StoreError
-from workerkit.scheduler.contract import FireOutcome, SchedulerBinding, fire_job_id
+from workerkit.scheduler.contract import FireOutcome, Schedule, SchedulerBinding, fire_job_id
 from workerkit.scheduler.redis_store import RedisSchedulerStore
+from workerkit.scheduler.triggers import Every
 from workerkit.settings import load_settings
 
 if TYPE_CHECKING:
@@ -210,3 +211,44 @@ def test_every_takes_an_anchor_as_the_sql_apps_periodic_does() -> None:
     app = RqApp(modules=["tests.apps.rq_schedules"])
     schedule = app.schedule("offset", rq_schedules.add, every=60, anchor=15, args=[1, 1])
     assert schedule.trigger.next_after(100.0) == 135.0
+
+
+def test_two_apps_on_one_redis_each_lead_their_own_namespace(
+    redis_url: str, redis_client: redis.Redis[bytes]
+) -> None:
+    """``scheduler_namespace`` keys the lease, the schedules and the records: a second app's
+    scheduler on the same Redis neither waits for this one's lease nor unregisters its
+    schedules. The default namespace keeps the key names of before namespaces."""
+    env = {"WORKERKIT_APP": APP, "WORKERKIT_REDIS_URL": redis_url}
+    ours = open_scheduler(load_settings(env=env))
+    theirs = open_scheduler(load_settings(env={**env, "WORKERKIT_SCHEDULER_NAMESPACE": "billing"}))
+    try:
+        assert isinstance(ours.store, RedisSchedulerStore)
+        assert isinstance(theirs.store, RedisSchedulerStore)
+        assert ours.store.key("lease") == "workerkit:scheduler:rq:lease"
+        assert theirs.store.key("lease") == "workerkit:scheduler:rq@billing:lease"
+        our_lease = ours.store.acquire("ours", 15)
+        their_lease = theirs.store.acquire("theirs", 15)
+        assert our_lease is not None
+        assert their_lease is not None  # not one leader between the two apps
+        invoice = Schedule("invoice", "tests.apps.rq_schedules.add", Every(60), args=(1, 2))
+        assert ours.store.register(our_lease, ours.schedules)
+        assert theirs.store.register(their_lease, [invoice])  # does not remove ours
+        tick = schedule_named(ours, "tick")
+        fired = ours.store.fire(tick, 1_800_000_000.0, epoch=our_lease.epoch, reason="on_time")
+        assert fired is FireOutcome.FIRED
+        fired = theirs.store.fire(invoice, 1_800_000_000.0, epoch=their_lease.epoch, reason="x")
+        assert fired is FireOutcome.FIRED
+        # The same schedule name and fire time in the other namespace is another job.
+        assert theirs.store.register(their_lease, [invoice, tick])
+        fired = theirs.store.fire(tick, 1_800_000_000.0, epoch=their_lease.epoch, reason="x")
+        assert fired is FireOutcome.FIRED
+        assert set(ours.store.states()) == {s.name for s in ours.schedules}
+        assert set(theirs.store.states()) == {"invoice", "tick"}
+        queued = {job.decode() for job in redis_client.lrange("rq:queue:default", 0, -1)}
+        assert fire_job_id("tick", 1_800_000_000.0) in queued
+        assert fire_job_id("tick", 1_800_000_000.0, "billing") in queued
+        assert len(queued) == 3
+    finally:
+        ours.store.close()
+        theirs.store.close()

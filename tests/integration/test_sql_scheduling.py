@@ -3,7 +3,8 @@
 The contract every store shares is in tests/support/scheduler_contract.py (subclassed below);
 here: the fire and its job commit together (a process SIGKILLed between the two leaves neither),
 a change of leader cannot slip between a fire's epoch check and its commit, the job carries its
-schedule and fire time into ``current_job()`` in the SQL worker, and ``open_scheduler``.
+schedule and fire time into ``current_job()`` in the SQL worker, ``open_scheduler``, bounded
+lock waits (a dead leader's session cannot stall the standbys), and namespaces.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import sqlalchemy as sa
 
 from tests.support.scheduler_contract import Enqueued, SchedulerStoreContract
 from tests.support.servers import PostgresServer, start_postgres
-from tests.support.sql_sched_proc import TICK, tick_schedule
+from tests.support.sql_sched_proc import PATIENT, TICK, tick_schedule
 from tests.support.suite import start_or_skip
 from workerkit.app import App
 from workerkit.engines.sql import upgrade
@@ -280,7 +281,7 @@ def _backend_waiting_on_jobs(admin: psycopg.Connection[Any]) -> int | None:
 def test_postgres_a_fire_killed_between_its_record_and_its_job_leaves_neither(
     postgres_url: str, tmp_path: Path
 ) -> None:
-    store = SqlSchedulerStore(postgres_url)
+    store = SqlSchedulerStore(postgres_url, settings=PATIENT)
     lease = store.acquire("leader", 60)
     assert lease is not None
     assert store.register(lease, [tick_schedule()])
@@ -322,7 +323,8 @@ def test_postgres_a_change_of_leader_waits_for_a_fire_in_progress(postgres_url: 
     lease runs out. The new leader's acquire waits for that transaction, so the fire commits
     under the old epoch before the new one exists, and every later fire by the old leader is
     refused: there is no moment where both can fire."""
-    old, new = SqlSchedulerStore(postgres_url), SqlSchedulerStore(postgres_url)
+    old = SqlSchedulerStore(postgres_url, settings=PATIENT)
+    new = SqlSchedulerStore(postgres_url, settings=PATIENT)
     old_lease = old.acquire("old", 1.0)
     assert old_lease is not None
     assert old.register(old_lease, [tick_schedule()])
@@ -571,3 +573,276 @@ def test_a_trigger_request_for_a_time_that_already_fired_is_consumed(
         FireOutcome.ALREADY_FIRED
     )
     assert store.states()[TICK].triggers == ()  # not left pending for ever
+
+
+# --- bounded waits: a dead or busy session cannot stall the runner -------------------------
+
+
+def _conninfo(postgres_url: str) -> str:
+    return sa.make_url(postgres_url).set(drivername="postgresql").render_as_string(False)
+
+
+def _in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``call`` in a daemon thread; its result or exception lands in the dict."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            result["value"] = call()
+        except Exception as exc:
+            result["error"] = exc
+        result["took"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_postgres_the_schedulers_sessions_bound_every_wait(postgres_url: str) -> None:
+    store = SqlSchedulerStore(postgres_url)  # default timing: Rp 2 s, Rd 10 s, L 15 s
+    try:
+        with store.engine.connect() as conn:
+            shown = {
+                name: conn.exec_driver_sql(f"SHOW {name}").scalar()
+                for name in (
+                    "lock_timeout",
+                    "statement_timeout",
+                    "idle_in_transaction_session_timeout",
+                    "tcp_keepalives_idle",
+                    "tcp_keepalives_count",
+                    "tcp_user_timeout",
+                )
+            }
+            client = conn.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+        assert shown == {
+            "lock_timeout": "1s",
+            "statement_timeout": "5s",
+            "idle_in_transaction_session_timeout": "5s",
+            "tcp_keepalives_idle": "3",
+            "tcp_keepalives_count": "3",
+            "tcp_user_timeout": "5000",
+        }
+        assert (client["keepalives"], client["keepalives_idle"]) == ("1", "3")
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "lock",
+    [
+        "SELECT epoch FROM workerkit_scheduler_lease FOR SHARE",
+        "SELECT epoch FROM workerkit_scheduler_lease FOR UPDATE",
+    ],
+    ids=["for-share", "for-update"],
+)
+def test_postgres_a_session_holding_the_lease_row_cannot_block_acquire(
+    postgres_url: str, lock: str
+) -> None:
+    """A leader's node died inside a fire: its session holds the lease row (FOR SHARE; FOR
+    UPDATE as a renew would) and never commits. Once its lease has run out, a standby's
+    acquire (an UPDATE of that row) gives up at lock_timeout (1 s) with StoreUnavailable
+    instead of waiting until the server reaps the session."""
+    store = SqlSchedulerStore(postgres_url)
+    lease = store.acquire("dead-leader", 1)
+    assert lease is not None
+    standby = SqlSchedulerStore(postgres_url)
+    with psycopg.connect(_conninfo(postgres_url)) as dead:
+        dead.execute(lock)
+        _wait_for(lambda: standby.leader() is None, "the dead leader's lease to run out")
+        thread, result = _in_thread(lambda: standby.acquire("standby", 15))
+        thread.join(WAIT)
+        alive = thread.is_alive()
+        dead.rollback()  # lets a hung acquire (the bug) finish, so the test can end
+        thread.join(WAIT)
+    try:
+        assert not alive, "acquire() waited on the lease row lock without a bound"
+        assert isinstance(result.get("error"), StoreUnavailable), result
+        assert "lock timeout" in str(result["error"])
+        assert result["took"] < 5  # lock_timeout is 1 s; generous for a loaded machine
+        taken = standby.acquire("standby", 15)  # once the lock is gone
+        assert taken is not None
+        assert taken.epoch == lease.epoch + 1
+    finally:
+        store.close()
+        standby.close()
+
+
+def test_postgres_a_leader_session_dead_inside_a_fire_is_ended_by_the_server(
+    postgres_url: str,
+) -> None:
+    """The leader's own session stops mid-transaction (its node is gone: no COMMIT, no FIN),
+    holding the lease row FOR SHARE. The server ends it after
+    idle_in_transaction_session_timeout (Rd / 2: 5 s by default, 1 s here), so a standby
+    takes over when the lease runs out, not ~2 h later when the kernel's keepalive would."""
+    settings = Settings(scheduler_lease_duration=3, scheduler_renew_deadline=2)
+    leader = SqlSchedulerStore(postgres_url, settings=settings)
+    standby = SqlSchedulerStore(postgres_url, settings=settings)
+    try:
+        lease = leader.acquire("leader", 3)
+        assert lease is not None
+        dead = leader.engine.connect()  # the store's own session, with the store's options
+        dead.begin()
+        dead.execute(sa.text("SELECT epoch FROM workerkit_scheduler_lease FOR SHARE"))
+        pid = dead.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        started = time.monotonic()
+
+        def took_over() -> Any:
+            try:
+                return standby.acquire("standby", 15)
+            except StoreUnavailable:  # the lock is still held: what the runner retries
+                return None
+
+        thread, result = _in_thread(lambda: _wait_for(took_over, "the standby to take over"))
+        thread.join(WAIT + 5)
+        with psycopg.connect(_conninfo(postgres_url), autocommit=True) as admin:
+            alive = thread.is_alive()
+            if alive:  # the bug: acquire hangs on the lock; free it so the test can end
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                thread.join(WAIT)
+            gone = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
+            assert gone.fetchone() == (0,)
+        assert not alive, "the dead session's lock blocked the standby's acquire"
+        new = result["value"]
+        assert new.epoch == lease.epoch + 1
+        # The lease ran out 3 s after it was taken; the session was ended 1 s after it idled.
+        assert time.monotonic() - started < 15
+        with pytest.raises(sa.exc.DBAPIError):
+            dead.execute(sa.text("SELECT 1"))
+        dead.invalidate()
+    finally:
+        leader.close()
+        standby.close()
+
+
+def test_sqlite_a_held_write_lock_is_store_unavailable_within_the_lock_wait(
+    sqlite_url: str,
+) -> None:
+    """A worker (or an enqueue batch) holds SQLite's write lock: the scheduler's call gives up
+    after the lock wait (1 s: half a retry period), not the queue's 30 s busy timeout, so a
+    renewal is retried before the renew deadline."""
+    upgrade(sqlite_url)
+    store = SqlSchedulerStore(sqlite_url)
+    path = sa.make_url(sqlite_url).database
+    assert path is not None
+    import sqlite3
+
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="locked"):
+            store.acquire("leader", 15)
+        took = time.monotonic() - started
+        assert 0.5 < took < 5, took
+        holder.execute("ROLLBACK")
+        assert store.acquire("leader", 15) is not None
+    finally:
+        holder.close()
+        store.close()
+
+
+# --- namespaces: two apps' schedulers on one database -------------------------------------
+
+
+def test_two_namespaces_on_one_database_lead_register_and_fire_independently(url: str) -> None:
+    billing = SqlSchedulerStore(url, settings=Settings(scheduler_namespace="billing"))
+    reports = SqlSchedulerStore(url, settings=Settings(scheduler_namespace="reports"))
+    mine, theirs = tick_schedule(args=(1,)), tick_schedule(args=(2,))  # same name, two apps
+    try:
+        first = billing.acquire("billing-0", 60)
+        second = reports.acquire("reports-0", 60)
+        assert first is not None
+        assert second is not None  # its own lease: not a standby of the other app
+        assert billing.register(first, [mine])
+        assert reports.register(second, [theirs])  # does not unregister billing's
+        assert billing.fire(mine, FIRE_TIME, epoch=first.epoch, reason="on_time") == (
+            FireOutcome.FIRED
+        )
+        assert reports.fire(theirs, FIRE_TIME, epoch=second.epoch, reason="on_time") == (
+            FireOutcome.FIRED
+        )
+        for store, schedule in ((billing, mine), (reports, theirs)):
+            state = store.states()[TICK]
+            assert (state.fingerprint, state.removed) == (schedule.fingerprint(), False)
+            assert state.last_fire is not None
+            assert store.leader() is not None
+        jobs = {job["id"]: json.loads(job["payload"])["args"] for job in _jobs(url)}
+        assert len(jobs) == 2
+        assert sorted(jobs.values()) == [[1], [2]]
+        assert fire_job_id(TICK, FIRE_TIME) not in jobs  # the default namespace's id is free
+        assert billing.set_paused(TICK, True)
+        assert not reports.states()[TICK].paused
+        billing.release(first)
+        assert billing.leader() is None
+        assert reports.leader() is not None
+    finally:
+        billing.close()
+        reports.close()
+
+
+def test_open_scheduler_uses_the_scheduler_namespace_setting(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "ns_app.py").write_text(
+        "from workerkit import App\napp = App()\n"
+        "@app.periodic('t', every=60)\n@app.task(name='t')\ndef t():\n    return None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    binding = open_scheduler(
+        Settings(app="ns_app:app", database_url=url, scheduler_namespace="billing")
+    )
+    try:
+        assert isinstance(binding.store, SqlSchedulerStore)
+        assert binding.store.namespace == "billing"
+    finally:
+        binding.store.close()
+
+
+# --- the record keeps the fired definition; the startup size check ------------------------
+
+
+def test_a_fire_record_keeps_the_fingerprint_of_the_definition_that_fired(
+    url: str, leader: tuple[SqlSchedulerStore, Lease]
+) -> None:
+    store, lease = leader
+    assert store.fire(tick_schedule(), FIRE_TIME, epoch=lease.epoch, reason="on_time") == (
+        FireOutcome.FIRED
+    )
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT fingerprint FROM workerkit_scheduler_fires"))
+        assert stored.scalars().all() == [tick_schedule().fingerprint()]
+    engine.dispose()
+    last = store.states([TICK])[TICK].last_fire
+    assert last is not None
+    assert last.fingerprint == tick_schedule().fingerprint()
+
+
+def test_open_scheduler_checks_the_payload_size_as_the_fire_encodes_it(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Arguments that fit only without the schedule and fire time would pass a check that
+    leaves those out and fail at every fire: refused at startup instead."""
+    name = "a-schedule-with-a-rather-long-name"
+    (tmp_path / "big_app.py").write_text(
+        "from workerkit import App\napp = App()\n"
+        f"@app.periodic({name!r}, every=60, args=['x' * 900])\n"
+        "@app.task(name='t')\ndef t(s):\n    return None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    bare = len(json.dumps({"args": ["x" * 900], "kwargs": {}}, separators=(",", ":")))
+    with pytest.raises(ConfigurationError, match=rf"schedule {name!r}.*max_payload_bytes"):
+        open_scheduler(Settings(app="big_app:app", database_url=url, max_payload_bytes=bare + 20))
+    fits = bare + len(f',"schedule":"{name}","fire_time":-2.2250738585072014e-308')
+    binding = open_scheduler(Settings(app="big_app:app", database_url=url, max_payload_bytes=fits))
+    try:
+        store = binding.store
+        lease = store.acquire("me", 10)
+        assert lease is not None
+        assert store.register(lease, binding.schedules)
+        [schedule] = binding.schedules
+        outcome = store.fire(schedule, 1_767_225_600.123456, epoch=lease.epoch, reason="x")
+        assert outcome == FireOutcome.FIRED
+    finally:
+        binding.store.close()

@@ -272,6 +272,27 @@ class SchedulerStoreContract:
         assert enqueued() == []
         assert store.states()["tick"].last_fire is None
 
+    def test_the_last_fire_record_carries_the_fingerprint_it_fired_under(
+        self, store: SchedulerStore
+    ) -> None:
+        """FireRecord.fingerprint: the registered fingerprint the fire was made under, so a
+        runner does not catch up times of a changed definition (REVIEW14 F2)."""
+        first = self.make_schedule(every=1.0)
+        lease = self.leading(store, first)
+        assert store.fire(first, self.T0, epoch=lease.epoch, reason="on_time") == "fired"
+        last = store.states(["tick"])["tick"].last_fire
+        assert last is not None
+        assert last.fingerprint == first.fingerprint()
+        changed = self.make_schedule(every=2.0)
+        assert store.register(lease, [changed])
+        assert store.fire(changed, self.T0 + 2, epoch=None, reason="standby") == "fired"
+        last = store.states(["tick"])["tick"].last_fire
+        assert last is not None
+        assert (fire_key(last.fire_time), last.fingerprint) == (
+            fire_key(self.T0 + 2),
+            changed.fingerprint(),
+        )
+
     def test_a_schedule_never_registered_is_stale(
         self, store: SchedulerStore, enqueued: Callable[[], list[Enqueued]]
     ) -> None:

@@ -22,10 +22,16 @@ from sqlalchemy import event
 from workerkit.engines.sql.scheduling import SqlSchedulerStore
 from workerkit.scheduler.contract import Schedule
 from workerkit.scheduler.triggers import Every
+from workerkit.settings import Settings
 
-__all__ = ("TICK", "tick_schedule")
+__all__ = ("PATIENT", "TICK", "tick_schedule")
 
 TICK = "tick"
+#: Scheduler timing whose lock wait (15 s) outlasts the tests that block a fire on a lock on
+#: purpose; the default timing gives up after 1 s (StoreUnavailable).
+PATIENT = Settings(
+    scheduler_lease_duration=180, scheduler_renew_deadline=120, scheduler_retry_period=30
+)
 
 
 def tick_schedule(*, args: tuple[Any, ...] = (1,)) -> Schedule:
@@ -47,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("marker", type=Path)
     parser.add_argument("--block", action="store_true")
     options = parser.parse_args(argv)
-    store = SqlSchedulerStore(options.url)
+    store = SqlSchedulerStore(options.url, settings=PATIENT)
     if options.block:
 
         def block() -> int:

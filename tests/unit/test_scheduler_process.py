@@ -48,7 +48,7 @@ def test_reports_become_events() -> None:
     assert client.sent == [
         SchedulerLeadership(True, 4),
         ScheduleFired("tick", "fired", "on_time", 0.003),
-        ScheduleFired("tick", "already_fired", "standby", 0.0),
+        ScheduleFired("tick", "already_fired", "standby", -0.1),  # early: shown, not hidden
     ]
 
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from workerkit.errors import StoreUnavailable
-from workerkit.scheduler.contract import FireOutcome, Lease, Schedule
+from workerkit.errors import ConfigurationError, StoreUnavailable
+from workerkit.scheduler.contract import FireOutcome, Lease, Schedule, Trigger
 from workerkit.scheduler.runner import Runner, SchedulerTiming
-from workerkit.scheduler.triggers import Every
+from workerkit.scheduler.triggers import Cron, Every
 from workerkit.testing import InMemorySchedulerStore, ManualClock
 
 pytestmark = pytest.mark.unit
@@ -73,8 +73,10 @@ class Sim:
         *,
         holder: str = "me",
         timing: SchedulerTiming = TIMING,
+        reporter: Reporter | None = None,
+        **runner_kw: Any,
     ) -> Reporter:
-        reporter = Reporter()
+        reporter = reporter or Reporter()
         stop = threading.Event()
 
         def wait(stop_: threading.Event, timeout: float) -> bool:
@@ -97,8 +99,9 @@ class Sim:
             holder=holder,
             timing=timing,
             reporter=reporter,
-            clock=self.clock,
+            clock=runner_kw.pop("clock", self.clock),
             wait=wait,
+            **runner_kw,
         )
         runner.run(stop)
         return reporter
@@ -324,11 +327,12 @@ def test_the_leader_prunes_at_most_once_a_minute_keeping_the_last_record() -> No
 
 def test_pruning_uses_the_retention() -> None:
     sim = Sim(start=T0 + 0.3)
-    sim.run([tick(every=10.0)], until=T0 + 125, timing=dataclasses.replace(TIMING, retention=30.0))
-    # The prune at T0 + 120.3 dropped the records of fire times before T0 + 90.3.
+    timing = dataclasses.replace(TIMING, retention=77.0)  # the floor: grace 2 + lease 15 + 60
+    sim.run([tick(every=10.0)], until=T0 + 125, timing=timing)
+    # The prune at T0 + 120.3 dropped the records of fire times before T0 + 43.3.
     schedule = tick(every=10.0)
-    assert sim.store.fire(schedule, T0 + 80, epoch=None, reason="standby") == "fired"
-    assert sim.store.fire(schedule, T0 + 100, epoch=None, reason="standby") == "already_fired"
+    assert sim.store.fire(schedule, T0 + 40, epoch=None, reason="standby") == "fired"
+    assert sim.store.fire(schedule, T0 + 50, epoch=None, reason="standby") == "already_fired"
 
 
 def test_after_a_store_outage_times_within_grace_fire_late_and_older_follow_the_policy() -> None:
@@ -385,10 +389,12 @@ def test_after_everyone_was_killed_a_standby_keeps_the_gap_for_when_it_leads() -
     sim.clock.advance(10.3)  # all down 10 s; this replica starts at T0 + 10.3
     reporter = sim.run([schedule], until=T0 + 17.5)
     fired = sim.fired()[1:]
-    # Standby until the dead lease runs out at T0 + 15 (it fires what is within the grace),
-    # then leads and catches the gap up: every time exactly once, each with its real time.
-    assert sorted(t for t, _ in fired) == [T0 + n for n in range(1, 18)]
-    assert {t for t, reason in fired if reason == "catch_up"} == {T0 + n for n in range(1, 9)}
+    # Standby until the dead lease runs out at T0 + 15: it holds its later times back while
+    # the gap before them is unfilled (a live leader would be catching it up: firing them
+    # now would enqueue out of order); then it leads and fires every time exactly once, in
+    # fire-time order, each with its real time.
+    assert [t for t, _ in fired] == [T0 + n for n in range(1, 18)]
+    assert {t for t, reason in fired if reason == "catch_up"} >= {T0 + n for n in range(1, 9)}
     assert reporter.leaderships[0][0] is True
 
 
@@ -441,3 +447,247 @@ def test_two_runners_on_a_real_clock_hand_over_without_a_gap() -> None:
     assert steps == {50}  # every time once, none missed, none twice
     info = store.leader()
     assert info is None
+
+
+# -- REVIEW14 fixes ---------------------------------------------------------------------------
+
+
+class ReleasesAfterAnAttempt(InMemorySchedulerStore):
+    """The old leader releases (SIGTERM) right after one of our acquire attempts failed, so
+    we stand by for a whole retry period with nobody leading."""
+
+    other: Lease
+    release_after: float
+
+    def acquire(self, holder: str, duration: float) -> Lease | None:
+        lease = super().acquire(holder, duration)
+        if holder == "me" and lease is None and self.clock() >= self.release_after:
+            self.release(self.other)
+        return lease
+
+
+def test_f1_a_standby_with_a_new_definition_keeps_the_handover_gap_due() -> None:
+    sim = Sim(start=T0 + 0.3)
+    sim.store = store = ReleasesAfterAnAttempt(clock=sim.clock)
+    old, new = tick(args=(1,), misfire="all"), tick(args=(2,), misfire="all")
+    store.other = other_leads(store, old)
+    store.release_after = T0 + 3.2
+    for n in (1, 2, 3):  # the old version leads and fires on time until it is stopped
+        sim.at(
+            T0 + n,
+            lambda n=n: store.fire(old, T0 + n, epoch=store.other.epoch, reason="on_time"),
+        )
+    reporter = sim.run([new], until=T0 + 9.5)
+    times = [t for t, _ in sim.fired()]
+    assert times == [T0 + n for n in range(1, 10)]  # every time once, in order
+    assert [e.args for e in store.enqueued if e.fire_time > T0 + 3] == [(2,)] * 6
+    assert "stale" in {outcome for _, outcome, *_ in reporter.fires}  # it did stand by
+
+
+def test_f2_a_changed_trigger_does_not_catch_up_times_of_its_new_definition() -> None:
+    day = 1_800_057_600.0  # 2027-01-15 00:00 UTC
+    sim = Sim(start=day + 10 * 3600)
+    old = Schedule(name="nightly", task="tasks.report", trigger=Cron("0 3 * * *"))
+    new = dataclasses.replace(old, trigger=Cron("30 3 * * *"))
+    sim.store.release(other_leads(sim.store, old))
+    assert sim.store.fire(old, day + 3 * 3600, epoch=None, reason="standby") == "fired"
+    sim.run([new], until=day + 10 * 3600 + 5)
+    assert sim.fired("nightly") == [(day + 3 * 3600, "standby")]  # no "03:30" at 10:00
+
+
+def test_f2_a_removed_and_re_added_schedule_starts_fresh() -> None:
+    sim = Sim(start=T0)
+    schedule = tick(every=60.0, misfire="all")
+    lease = other_leads(sim.store, schedule)
+    assert sim.store.fire(schedule, T0, epoch=lease.epoch, reason="on_time") == "fired"
+    assert sim.store.register(lease, [])  # removed by a deploy ...
+    sim.store.release(lease)
+    sim.clock.advance(3600.3)  # ... and re-added an hour later
+    sim.run([schedule], until=T0 + 3660)
+    assert sim.fired() == [(T0, "on_time"), (T0 + 3660, "on_time")]
+
+
+def test_f2_an_unchanged_schedule_still_catches_up_after_everyone_was_down() -> None:
+    assert _down_for_ten_seconds(misfire="latest")[0] == (T0 + 8, "catch_up")
+
+
+class FiresSeen(InMemorySchedulerStore):
+    """Notes the store's clock at each fire attempt."""
+
+    seen: list[tuple[float, float]]
+
+    def fire(
+        self, schedule: Schedule, fire_time: float, *, epoch: int | None, reason: str
+    ) -> FireOutcome:
+        self.seen.append((fire_time, self.clock()))
+        return super().fire(schedule, fire_time, epoch=epoch, reason=reason)
+
+
+def test_f3_a_replica_whose_clock_runs_ahead_fires_by_the_store_clock(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO")
+    sim = Sim(start=T0 + 0.3)
+    sim.store = store = FiresSeen(clock=lambda: sim.clock() - 1.0)  # this host is 1 s fast
+    store.seen = []
+    reporter = sim.run([tick()], until=T0 + 6.5)
+    assert len(store.seen) >= 5
+    assert all(store_now >= fire_time for fire_time, store_now in store.seen)  # never early
+    assert all(0 <= delay < 0.01 for *_, delay in reporter.fires)
+    skews = [r for r in caplog.records if getattr(r, "event", "") == "scheduler_clock_skew"]
+    assert len(skews) == 1  # once per change, not per renewal
+    assert getattr(skews[0], "offset", None) == pytest.approx(-1.0, abs=0.01)
+
+
+class Timed(Reporter):
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.at: list[float] = []
+
+    def leadership(self, leading: bool, epoch: int | None) -> None:
+        super().leadership(leading, epoch)
+        self.at.append(self.clock())
+
+
+def test_f3_the_renew_deadline_is_on_the_monotonic_clock_when_the_wall_clock_steps_back() -> None:
+    sim = Sim(start=T0 + 0.3)
+    sim.store = store = RenewFails(clock=sim.clock)
+    step = [0.0]
+
+    def partition() -> None:
+        store.renew_down = True
+
+    sim.at(T0 + 1.5, partition)
+    sim.at(T0 + 5.0, lambda: step.__setitem__(0, -30.0))  # an NTP step back of 30 s
+    reporter = Timed(sim.clock)
+    sim.run(
+        [tick()],
+        until=T0 + 14,
+        reporter=reporter,
+        clock=lambda: sim.clock() + step[0],
+        monotonic=sim.clock,
+    )
+    assert reporter.leaderships[:2] == [(True, 1), (False, None)]
+    assert reporter.at[1] == pytest.approx(T0 + 10.3)  # the deadline, on the monotonic clock
+
+
+def test_f6_a_grace_not_above_the_standby_delay_is_refused_at_start() -> None:
+    store = InMemorySchedulerStore()
+    with pytest.raises(ConfigurationError, match=r"'fast'.*misfire_grace=0.5.*delay=0.5"):
+        Runner(
+            store,
+            [tick(name="fast", misfire_grace=0.5)],
+            holder="me",
+            timing=TIMING,
+            reporter=Reporter(),
+        )
+
+
+def test_m4_a_retention_a_record_could_be_pruned_within_is_refused_at_start() -> None:
+    schedules = [tick(), tick(name="slow", misfire_grace=300.0)]
+    timing = dataclasses.replace(TIMING, retention=360.0)
+    with pytest.raises(ConfigurationError, match=r"scheduler_retention=360 is below 375"):
+        Runner(InMemorySchedulerStore(), schedules, holder="me", timing=timing, reporter=Reporter())
+    timing = dataclasses.replace(TIMING, retention=375.0)  # 300 + lease 15 + 60
+    Runner(InMemorySchedulerStore(), schedules, holder="me", timing=timing, reporter=Reporter())
+
+
+class Broken:
+    """A trigger whose math fails (an engine's own trigger, a library bug)."""
+
+    def next_after(self, after: float) -> float:
+        raise ValueError("failed to find next date")
+
+    def describe(self) -> str:
+        return "broken"
+
+    def identity(self) -> str:
+        return "broken"
+
+
+def test_f7_one_schedule_whose_math_fails_is_logged_and_skipped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broken: Trigger = Broken()
+    sim = Sim(start=T0 + 0.3)
+    bad = Schedule(name="bad", task="tasks.bad", trigger=broken)
+    sim.run([bad, tick()], until=T0 + 3.5)
+    assert sim.fired() == [(T0 + n, "on_time") for n in (1, 2, 3)]
+    errors = [r for r in caplog.records if getattr(r, "event", "") == "scheduler_schedule_error"]
+    assert [getattr(r, "schedule", "") for r in errors] == ["bad"]
+
+
+def test_m2_a_standby_does_not_fire_ahead_of_a_leader_catching_up() -> None:
+    sim = Sim(start=T0 + 0.3)
+    schedule = tick(misfire="all")
+    lease = other_leads(sim.store, schedule, ttl=10.0)  # dies after its half-done catch-up
+    for n in (1, 2):
+        sim.at(
+            T0 + n,
+            lambda n=n: sim.store.fire(schedule, T0 + n, epoch=lease.epoch, reason="on_time"),
+        )
+
+    def down() -> None:
+        sim.store.unavailable = True
+
+    def up_and_half_a_catch_up() -> None:
+        sim.store.unavailable = False
+        for n in (3, 4):
+            sim.store.fire(schedule, T0 + n, epoch=lease.epoch, reason="catch_up")
+
+    sim.at(T0 + 2.5, down)
+    sim.at(T0 + 9.1, up_and_half_a_catch_up)
+    sim.run([schedule], until=T0 + 14.5)
+    times = [t for t, _ in sim.fired()]
+    assert times == [T0 + n for n in range(1, 15)]  # every time once, in fire-time order
+
+
+def test_m1_a_leader_dying_half_way_through_its_catch_up_leaves_the_rest_to_the_next() -> None:
+    sim = Sim(start=T0 + 0.3)
+    schedule = tick(misfire="all")
+    lease = other_leads(sim.store, schedule, ttl=12.0)  # SIGKILLed at T0 + 8.2: runs to 12
+
+    def leader_fires(n: int, reason: str = "on_time") -> None:
+        sim.store.fire(schedule, T0 + n, epoch=lease.epoch, reason=reason)
+
+    def up_and_half_a_catch_up() -> None:
+        sim.store.unavailable = False
+        for n in (3, 4):  # of 3 .. 6
+            leader_fires(n, "catch_up")
+
+    for n in (1, 2):
+        sim.at(T0 + n, lambda n=n: leader_fires(n))
+    sim.at(T0 + 2.1, lambda: setattr(sim.store, "unavailable", True))
+    sim.at(T0 + 8.2, up_and_half_a_catch_up)
+    sim.run([schedule], until=T0 + 16.5)
+    # The standby keeps its own gap until a leader records past it, so once it leads (the
+    # dead lease runs out at T0 + 12) it fires the rest: every time once, in order.
+    assert [t for t, _ in sim.fired()] == [T0 + n for n in range(1, 17)]
+
+
+def test_f3_a_standby_whose_clock_runs_ahead_does_not_fire_before_the_leader() -> None:
+    sim = Sim(start=T0 + 0.3)
+    sim.store = store = FiresSeen(clock=lambda: sim.clock() - 1.0)  # this host is 1 s fast
+    store.seen = []
+    schedule = tick()
+    lease = other_leads(store, schedule)
+    for n in range(6):  # the leader, on the store's time, fires each time at the time
+        sim.at(
+            T0 + n + 1.0,
+            lambda n=n: store.fire(schedule, T0 + n, epoch=lease.epoch, reason="on_time"),
+        )
+    reporter = sim.run([schedule], until=T0 + 6.9)
+    assert {reason for _, reason in sim.fired()} == {"on_time"}  # the standby took none
+    assert {outcome for _, outcome, *_ in reporter.fires} == {"already_fired"}
+
+
+def test_f1_a_schedule_the_old_leader_does_not_run_starts_when_the_new_code_leads() -> None:
+    sim = Sim(start=T0 + 0.3)
+    schedule = tick(misfire="all")
+    lease = other_leads(sim.store, tick(name="older"))  # old code: "tick" does not exist
+    sim.at(T0 + 6.2, lambda: sim.store.release(lease))
+    reporter = sim.run([schedule], until=T0 + 12.5)
+    assert "stale" in {outcome for _, outcome, *_ in reporter.fires}
+    assert {reason for _, reason in sim.fired()} <= {"on_time", "standby"}  # nothing caught up
+    assert [t for t, _ in sim.fired()][-1] == T0 + 12

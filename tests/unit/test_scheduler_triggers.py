@@ -15,6 +15,7 @@ from croniter import croniter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from workerkit.errors import ConfigurationError
 from workerkit.scheduler.contract import fire_key
 from workerkit.scheduler.triggers import Cron, Every, trigger_from, upcoming
 
@@ -268,3 +269,13 @@ def test_trigger_from_builds_each_kind() -> None:
     assert Cron("@hourly").next_after(0) == 3600
     assert Cron("0 0 1 mar,apr fri").describe() == "cron '0 0 1 mar,apr fri' UTC"
     assert cron.identity() != Cron("*/5 * * * *").identity()
+
+
+def test_f7_a_cron_that_never_fires_is_refused_at_declaration() -> None:
+    from workerkit.scheduler.declare import make_schedule
+
+    with pytest.raises(ValueError, match="never fires"):
+        Cron("0 0 30 2 *")
+    with pytest.raises(ConfigurationError, match=r"schedule 'leap'.*0 0 31 4 \*.*never fires"):
+        make_schedule("leap", "tasks.leap", cron="0 0 31 4 *")
+    assert Cron("0 0 29 2 *").next_after(1_800_000_000.0) > 1_800_000_000.0  # leap days do fire

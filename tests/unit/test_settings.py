@@ -112,6 +112,9 @@ def test_kubernetes_service_link_variables_are_not_settings() -> None:
         ("database_url", "", "expected a SQLAlchemy URL"),
         ("database_url", "://host/db", "expected a SQLAlchemy URL"),
         ("database_url", "postgresql://u@h:notaport/db", "port is a number"),
+        ("scheduler_namespace", "", "1 to 64 letters, digits"),
+        ("scheduler_namespace", "my app", "1 to 64 letters, digits"),
+        ("scheduler_namespace", "x" * 65, "1 to 64 letters, digits"),
     ],
 )
 def test_bad_values_name_the_setting_and_what_is_accepted(
@@ -223,3 +226,9 @@ def test_the_scheduler_settings_have_their_documented_defaults() -> None:
         s.scheduler_misfire_grace,
         s.scheduler_retention,
     ) == (15.0, 10.0, 2.0, 0.5, 2.0, 604800.0)
+
+
+def test_scheduler_namespace_defaults_to_default_and_is_read_from_the_environment() -> None:
+    assert load_settings(env={}, cwd=ROOT / "tests").scheduler_namespace == "default"
+    env = {"WORKERKIT_SCHEDULER_NAMESPACE": "billing.v2"}
+    assert load_settings(env=env, cwd=ROOT / "tests").scheduler_namespace == "billing.v2"

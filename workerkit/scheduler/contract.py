@@ -42,12 +42,16 @@ def fire_key(fire_time: float) -> int:
     return round(fire_time * 1000)
 
 
-def fire_job_id(schedule: str, fire_time: float) -> str:
+def fire_job_id(schedule: str, fire_time: float, namespace: str = "default") -> str:
     """The deterministic job/task id of one fire: the same on every replica and every retry.
 
     Only ``[A-Za-z0-9_.-]`` (safe as an RQ job id and in a Redis key); a name that needed
-    changing gets a short hash of the original, so two names cannot collide.
+    changing gets a short hash of the original, so two names cannot collide. Outside the
+    ``default`` namespace (``scheduler_namespace``) the namespace joins the name, so two apps'
+    schedules of one name on one store never share a job id.
     """
+    if namespace != "default":
+        schedule = f"{namespace}\x1f{schedule}"
     slug = re.sub(r"[^A-Za-z0-9_.-]", "_", schedule)[:64]
     if slug != schedule:
         slug += "-" + hashlib.sha256(schedule.encode()).hexdigest()[:8]
@@ -152,6 +156,9 @@ class FireRecord:
     recorded_at: float  # epoch seconds by the store's clock
     job_id: str
     reason: str  # "on_time", "standby", "catch_up", "manual"
+    # The schedule's fingerprint when it fired (None: a store or a record from before it was
+    # kept). A different one means the definition changed: its times are not caught up.
+    fingerprint: str | None = None
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,9 @@ class InMemorySchedulerStore:
             if state.paused:
                 return FireOutcome.PAUSED
             job_id = fire_job_id(schedule.name, fire_time)
-            state.records[key] = FireRecord(schedule.name, fire_time, now, job_id, reason)
+            state.records[key] = FireRecord(
+                schedule.name, fire_time, now, job_id, reason, state.fingerprint
+            )
             state.triggers = [at for at in state.triggers if fire_key(at) != key]
             self.enqueued.append(
                 EnqueuedFire(

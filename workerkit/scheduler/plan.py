@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from workerkit.errors import ConfigurationError
 from workerkit.scheduler.contract import MISFIRE_POLICIES, Schedule, Trigger
 
 __all__ = (
     "Cursor",
     "SchedulerTiming",
     "catch_up",
+    "check_runnable",
     "grace_of",
     "keep_count",
+    "retention_floor",
     "slide",
     "start_cursor",
     "validate_schedule",
@@ -73,6 +77,36 @@ def validate_schedule(schedule: Schedule) -> None:
 def grace_of(schedule: Schedule, timing: SchedulerTiming) -> float:
     """The schedule's misfire grace: its own, or the setting's."""
     return timing.misfire_grace if schedule.misfire_grace is None else schedule.misfire_grace
+
+
+def retention_floor(schedules: Sequence[Schedule], timing: SchedulerTiming) -> float:
+    """The least ``scheduler_retention`` that keeps every record a replica may still fire:
+    the largest misfire grace (a standby fires that late) + the lease duration (a handover)
+    + 60 s (clock skew, a slow store call)."""
+    graces = [grace_of(schedule, timing) for schedule in schedules]
+    return max([timing.misfire_grace, *graces]) + timing.lease_duration + 60.0
+
+
+def check_runnable(schedules: Sequence[Schedule], timing: SchedulerTiming) -> None:
+    """Raise :class:`~workerkit.errors.ConfigurationError` when the settings cannot run these
+    schedules: a schedule's grace not above the standby delay (its standby could never fire
+    it), or a retention that could prune a record a replica may still fire."""
+    for schedule in schedules:
+        grace = grace_of(schedule, timing)
+        if grace <= timing.standby_delay:
+            raise ConfigurationError(
+                f"schedule {schedule.name!r}: misfire_grace={grace:g} is not above"
+                f" scheduler_standby_delay={timing.standby_delay:g}: a standby could never"
+                " fire it after a leader dies; raise the schedule's misfire_grace or lower"
+                " scheduler_standby_delay"
+            )
+    floor = retention_floor(schedules, timing)
+    if timing.retention < floor:
+        raise ConfigurationError(
+            f"scheduler_retention={timing.retention:g} is below {floor:g} (the largest"
+            " misfire grace + scheduler_lease_duration + 60 s): a record pruned that early"
+            " could fire twice; raise scheduler_retention"
+        )
 
 
 def keep_count(schedule: Schedule) -> int:

@@ -103,7 +103,8 @@ class EventReporter:
 
     def fired(self, schedule: str, outcome: FireOutcome, reason: str, delay: float) -> None:
         value = FireOutcome(outcome).value
-        self.events.send(ScheduleFired(schedule, value, reason, max(0.0, delay)))  # type: ignore[arg-type]
+        # A negative delay (fired before its time: clock skew) is reported as it is.
+        self.events.send(ScheduleFired(schedule, value, reason, delay))  # type: ignore[arg-type]
         level = logging.DEBUG if outcome in _QUIET else logging.INFO
         if outcome in (FireOutcome.NOT_LEADER, FireOutcome.STALE):
             level = logging.WARNING
@@ -256,7 +257,7 @@ def run_scheduler_process(open: Callable[[Settings], SchedulerBinding]) -> int: 
             timing=timing_of(settings),
             reporter=reporter,
         )
-    except ValueError as exc:  # a schedule the runner cannot run (misfire=, max_catch_up=...)
+    except (ValueError, ConfigurationError) as exc:  # a schedule/settings it cannot run
         log.error(str(exc), extra={"event": "scheduler_config_error"})
         binding.store.close()
         return exitcodes.CONFIG_ERROR

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -43,6 +44,8 @@ __all__ = (
     "RedisWrite",
     "WriteCommand",
     "scheduler_client",
+    "scheduler_prefix",
+    "store_error",
 )
 
 log = logging.getLogger("workerkit.scheduler")
@@ -99,6 +102,56 @@ def scheduler_client(url: str) -> redis.Redis[Any]:
     )
 
 
+#: Redis's answers for a server that cannot serve writes for now (memory full, a replica after
+#: a failover, a long script, a failed RDB save, loading its data, a cluster resharding): ridden
+#: out like an outage, never fatal (they are shared by every replica at once).
+TRANSIENT_CODES: Final = (
+    "OOM",
+    "READONLY",
+    "BUSY",
+    "MISCONF",
+    "LOADING",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "MASTERDOWN",
+    "NOREPLICAS",
+)
+_TRANSIENT_CLASSES: Final = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,
+    redis_errors.TryAgainError,
+    redis_errors.ClusterDownError,
+    redis_errors.MasterDownError,
+)
+
+
+def store_error(exc: redis_errors.RedisError) -> StoreError:
+    """``exc`` as workerkit's error: :class:`StoreUnavailable` (with Redis's reason) when Redis
+    cannot serve for now (unreachable, or one of :data:`TRANSIENT_CODES`), else StoreError."""
+    # redis-py strips the code it maps to a class (OutOfMemoryError) from the message.
+    # A pipeline's error reads "Command # 1 (...) of pipeline caused error: BUSY ...".
+    found = re.match(r"(?:Command # \d+ .*? caused error: )?([A-Z]+)\b", str(exc))
+    code = getattr(exc, "status_code", None) or (found.group(1) if found else "")
+    if type(exc).__name__ == "OutOfMemoryError":
+        code = "OOM"
+    reason = f"{type(exc).__name__}: {exc}"
+    if code in TRANSIENT_CODES and code not in reason:
+        reason = f"{type(exc).__name__}: {code} {exc}"
+    if isinstance(exc, _TRANSIENT_CLASSES) or code in TRANSIENT_CODES:
+        return StoreUnavailable(f"redis unavailable: {reason}")
+    return StoreError(f"scheduler store: redis: {reason}")
+
+
+def scheduler_prefix(base: str, namespace: str = "default") -> str:
+    """The key prefix of one scheduler namespace (``scheduler_namespace``): ``base`` itself for
+    ``default`` (the key names of before namespaces), ``base`` with ``@<namespace>`` otherwise
+    (``workerkit:scheduler:rq@billing:``), which no name in another namespace can produce."""
+    if namespace == "default":
+        return base
+    return f"{base.removesuffix(':')}@{namespace}:"
+
+
 def _script(name: str) -> str:
     return resources.files("workerkit.scheduler").joinpath(name).read_text(encoding="utf-8")
 
@@ -136,14 +189,18 @@ class RedisSchedulerStore:
         *,
         prefix: str,
         retention: float = DEFAULT_RETENTION,
+        namespace: str = "default",
     ) -> None:
         if retention <= 0:
             raise ValueError(f"retention must be above 0 seconds, got {retention}")
         self.client = client
         self.enqueue = enqueue
         self.prefix = prefix
+        self.namespace = namespace  # only for job ids: ``prefix`` already holds it
         self.retention = retention
         self._owns_client = False
+        # The holder of the epoch this store last acquired: a leader's fire is fenced on both.
+        self._holders: dict[int, str] = {}
         self._scripts: dict[str, Script] = {
             name: client.register_script(text)
             for name, text in (
@@ -188,10 +245,8 @@ class RedisSchedulerStore:
     def _run(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
             return self._scripts[script](keys=list(keys), args=list(args))
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-            raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
         except redis_errors.RedisError as exc:
-            raise StoreError(f"scheduler store: redis: {type(exc).__name__}: {exc}") from exc
+            raise store_error(exc) from exc
 
     # --- leadership -----------------------------------------------------------------------
 
@@ -201,7 +256,9 @@ class RedisSchedulerStore:
         )
         if int(reply[0]) != 1:
             return None
-        return Lease(holder=_text(reply[1]), epoch=int(reply[2]), expires_at=int(reply[3]) / 1000)
+        lease = Lease(holder=_text(reply[1]), epoch=int(reply[2]), expires_at=int(reply[3]) / 1000)
+        self._holders = {lease.epoch: lease.holder}  # one replica leads under one epoch
+        return lease
 
     def renew(self, lease: Lease, duration: float) -> Lease | None:
         reply = self._run("renew", [self.key("lease")], [lease.holder, lease.epoch, _ms(duration)])
@@ -211,6 +268,7 @@ class RedisSchedulerStore:
 
     def release(self, lease: Lease) -> None:
         self._run("release", [self.key("lease")], [lease.holder, lease.epoch])
+        self._holders.pop(lease.epoch, None)
 
     def leader(self) -> LeaderInfo | None:
         reply = self._run("leader", [self.key("lease")], [])
@@ -221,7 +279,7 @@ class RedisSchedulerStore:
         )
 
     def register(self, lease: Lease, schedules: Sequence[Schedule]) -> bool:
-        args: list[Any] = [lease.epoch, self.prefix]
+        args: list[Any] = [lease.holder, lease.epoch, self.prefix]
         for schedule in schedules:
             args += [schedule.name, schedule.fingerprint()]
         return bool(self._run("register", [self.key("lease"), self.key("names")], args))
@@ -233,7 +291,7 @@ class RedisSchedulerStore:
     ) -> FireOutcome:
         name = schedule.name
         ms = fire_key(fire_time)
-        job_id = fire_job_id(name, fire_time)
+        job_id = fire_job_id(name, fire_time, self.namespace)
         writes = list(self.enqueue(schedule, fire_time, job_id))
         keys = [
             self.key("lease"),
@@ -243,8 +301,13 @@ class RedisSchedulerStore:
             self.key("index", name),
             self.key("trigger", name),
         ]
+        # A leader's fire is fenced on holder AND epoch (an epoch number handed out again after
+        # a failover to a lagging replica belongs to another holder); an epoch this store
+        # never acquired has no holder here and is refused.
+        holder = "" if epoch is None else self._holders.get(epoch, "")
         args: list[Any] = [
             "" if epoch is None else epoch,
+            holder,
             schedule.fingerprint(),
             ms,
             job_id,
@@ -265,11 +328,14 @@ class RedisSchedulerStore:
                 pipe.smembers(self.key("names"))
                 for name in names:
                     pipe.hmget(self.key("state", name), "fingerprint", "paused", "removed")
-                    pipe.hmget(self.key("last", name), "fire_ms", "recorded_ms", "job_id", "reason")
+                    pipe.hmget(
+                        self.key("last", name),
+                        *("fire_ms", "recorded_ms", "job_id", "reason", "fingerprint"),
+                    )
                     pipe.zrange(self.key("trigger", name), 0, -1)
                 replies = pipe.execute()
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-            raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
+        except redis_errors.RedisError as exc:
+            raise store_error(exc) from exc
         known = {_text(n) for n in replies[0]}
         states: dict[str, ScheduleState] = {}
         for i, name in enumerate(names):
@@ -284,6 +350,7 @@ class RedisSchedulerStore:
                     recorded_at=int(last[1]) / 1000,
                     job_id=_text(last[2]),
                     reason=_text(last[3]),
+                    fingerprint=None if last[4] is None else _text(last[4]),
                 )
             states[name] = ScheduleState(
                 name=name,
@@ -297,11 +364,22 @@ class RedisSchedulerStore:
 
     def fire_record(self, name: str, fire_time: float) -> FireRecord | None:
         """The record of one fire, while it is kept (for tests and operators)."""
-        raw = self.client.get(self.key("fire", name, fire_key(fire_time)))
+        try:
+            raw = self.client.get(self.key("fire", name, fire_key(fire_time)))
+        except redis_errors.RedisError as exc:
+            raise store_error(exc) from exc
         if raw is None:
             return None
-        recorded, job_id, reason = json.loads(raw)
-        return FireRecord(name, fire_key(fire_time) / 1000, int(recorded) / 1000, job_id, reason)
+        # [recorded ms, job id, reason, fingerprint]; records of before fingerprints have 3.
+        recorded, job_id, reason, *rest = json.loads(raw)
+        return FireRecord(
+            name,
+            fire_key(fire_time) / 1000,
+            int(recorded) / 1000,
+            job_id,
+            reason,
+            fingerprint=rest[0] if rest else None,
+        )
 
     def set_paused(self, name: str, paused: bool) -> bool:
         keys = [self.key("names"), self.key("state", name)]
@@ -313,14 +391,14 @@ class RedisSchedulerStore:
 
     def prune(self, lease: Lease, older_than: float) -> int:
         keys = [self.key("lease"), self.key("names")]
-        args = [lease.epoch, self.prefix, fire_key(older_than), _PRUNE_BATCH]
+        args = [lease.holder, lease.epoch, self.prefix, fire_key(older_than), _PRUNE_BATCH]
         return max(0, int(self._run("prune", keys, args)))
 
     def clock(self) -> float:
         try:
             seconds, micros = self.client.time()
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-            raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
+        except redis_errors.RedisError as exc:
+            raise store_error(exc) from exc
         return int(seconds) + int(micros) / 1_000_000
 
     def close(self) -> None:

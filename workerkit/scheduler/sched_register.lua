@@ -1,19 +1,21 @@
--- The leader's schedules now, fenced by its epoch: fingerprints stored, others marked removed.
--- KEYS[1] the lease hash, KEYS[2] the set of known names; ARGV epoch, key prefix, then
--- name, fingerprint pairs. Returns 1, or 0 when the epoch is not current (nothing written).
+-- The leader's schedules now, fenced by its holder and epoch: fingerprints stored, others
+-- marked removed. KEYS[1] the lease hash, KEYS[2] the set of known names; ARGV holder, epoch,
+-- key prefix, then name, fingerprint pairs. Returns 1, or 0 when the lease is not this
+-- holder's under this epoch (nothing written).
 -- Paused flags stay as they are: pausing is an operator's decision, not the code's.
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 0 end
+local cur = redis.call('HMGET', KEYS[1], 'holder', 'epoch')
+if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return 0 end
 local given = {}
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local name = ARGV[i]
   given[name] = true
   redis.call('SADD', KEYS[2], name)
-  redis.call('HSET', ARGV[2] .. 'state:' .. name, 'fingerprint', ARGV[i + 1], 'removed', '0')
+  redis.call('HSET', ARGV[3] .. 'state:' .. name, 'fingerprint', ARGV[i + 1], 'removed', '0')
 end
 for _, name in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   if not given[name] then
-    redis.call('HSET', ARGV[2] .. 'state:' .. name, 'removed', '1')
-    redis.call('HDEL', ARGV[2] .. 'state:' .. name, 'fingerprint')
+    redis.call('HSET', ARGV[3] .. 'state:' .. name, 'removed', '1')
+    redis.call('HDEL', ARGV[3] .. 'state:' .. name, 'fingerprint')
   end
 end
 return 1

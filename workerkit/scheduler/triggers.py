@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -128,6 +129,13 @@ class Cron:
         start = datetime(2000, 1, 1)
         object.__setattr__(self, "_iter", croniter(expression, start))
         object.__setattr__(self, "_lock", threading.Lock())
+        try:  # the syntax can be valid and name no date at all ("0 0 30 2 *")
+            self.next_after(time.time())
+        except ValueError:
+            raise ValueError(
+                f"cron={self.expression!r} never fires (no such date, e.g. February 30 or"
+                " April 31); check the day-of-month and month fields"
+            ) from None
 
     def _wall(self, instant: float) -> datetime:
         return datetime.fromtimestamp(instant, self._zone).replace(tzinfo=None)

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
+from redis import exceptions as redis_errors
 
 from workerkit.engines.celery.config import configure_app, load_celery_app, load_tasks
 from workerkit.engines.celery.task import FIRE_TIME_HEADER, SCHEDULE_HEADER
-from workerkit.errors import ConfigurationError, StoreUnavailable
+from workerkit.errors import ConfigurationError, StoreError, StoreUnavailable
 from workerkit.scheduler.contract import Schedule, SchedulerBinding
 from workerkit.scheduler.plan import validate_schedule
 from workerkit.scheduler.redis_store import (
@@ -32,6 +33,8 @@ from workerkit.scheduler.redis_store import (
     RedisSchedulerStore,
     RedisWrite,
     scheduler_client,
+    scheduler_prefix,
+    store_error,
 )
 from workerkit.scheduler.triggers import Every
 
@@ -48,7 +51,8 @@ __all__ = (
     "open_scheduler",
 )
 
-#: The scheduler's keys (lease, epoch, records, state) in the broker's Redis.
+#: The scheduler's keys (lease, epoch, records, state) in the broker's Redis, for the
+#: ``default`` ``scheduler_namespace``; another's are ``workerkit:scheduler:celery@<namespace>:``.
 CELERY_SCHEDULER_PREFIX: Final = "workerkit:scheduler:celery:"
 #: The ``options`` of an entry workerkit carries into the message.
 ENTRY_OPTIONS: Final = ("queue", "routing_key", "exchange", "expires", "priority")
@@ -57,6 +61,26 @@ ENTRY_KEYS: Final = (
     *("task", "schedule", "args", "kwargs", "options", "relative"),
     *("misfire", "max_catch_up", "misfire_grace"),
 )
+
+
+#: Steps through one repeated hour at most (a minute each, or one skipped fire time each).
+_DST_STEPS: Final = 1500
+
+
+def _gap_end(wall: dt.datetime) -> float:
+    """The first instant after the DST gap ``wall`` (not a local time) falls in: where the
+    offset changes, between its fold=1 and fold=0 readings (a search to the second)."""
+    low, high = sorted((wall.replace(fold=1).timestamp(), wall.replace(fold=0).timestamp()))
+    zone = wall.tzinfo
+    after = dt.datetime.fromtimestamp(high, zone).utcoffset()
+    lo, hi = int(low), int(high)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if dt.datetime.fromtimestamp(mid, zone).utcoffset() == after:
+            hi = mid
+        else:
+            lo = mid
+    return float(hi)
 
 
 class CeleryCrontab:
@@ -68,6 +92,27 @@ class CeleryCrontab:
         self.zone = crontab.tz
 
     def next_after(self, after: float) -> float:
+        """Celery's next run after ``after``, with DST as core ``Cron`` has it: a wall time in
+        a spring-forward gap fires once at the first instant after the gap (Celery's own math
+        would add the old offset: 02:30 -> 03:30), and a wall time of a repeated hour fires in
+        its first pass only (a chain started in the second pass skips the times it repeats)."""
+        probe = after
+        for _ in range(_DST_STEPS):
+            nxt = self._celery_next(probe)
+            instant = nxt.timestamp()
+            local = dt.datetime.fromtimestamp(instant, self.zone)
+            if local.replace(tzinfo=None) != nxt.replace(tzinfo=None):
+                gap_end = _gap_end(nxt)  # not a local time: in a spring-forward gap
+                return gap_end if gap_end > after else instant
+            if instant <= after:  # from a repeated hour's second pass, back to its first
+                probe += 60
+            elif local.fold and local.replace(fold=0).timestamp() != instant:
+                probe = instant  # the second pass of a repeated hour: fired in the first
+            else:
+                return instant
+        raise ValueError(f"{self.describe()}: no fire time found after {after}")
+
+    def _celery_next(self, after: float) -> dt.datetime:
         last = dt.datetime.fromtimestamp(after, self.zone)
         start, delta, _ = self.crontab.remaining_delta(last, tz=self.zone)
         nxt: dt.datetime = start + delta
@@ -76,7 +121,7 @@ class CeleryCrontab:
                 last.replace(second=0, microsecond=0) + dt.timedelta(minutes=1), tz=self.zone
             )
             nxt = start + delta
-        return nxt.timestamp()
+        return nxt
 
     def describe(self) -> str:
         return f"crontab {self._fields()} {self.zone}"
@@ -210,6 +255,15 @@ class _CapturingTransport(kombu_redis.Transport):
         self.captured: list[tuple[str, str]] = []
 
 
+def _unavailable(exc: BaseException) -> StoreError:
+    """kombu's error (it wraps redis-py's: OOM while declaring, READONLY, ...) as the store's:
+    StoreUnavailable with Redis's reason for what the runner rides out."""
+    cause = exc if isinstance(exc, redis_errors.RedisError) else exc.__cause__
+    if isinstance(cause, redis_errors.RedisError):
+        return store_error(cause)
+    return StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}")
+
+
 class CeleryPublisher:
     """The message ``apply_async``/``send_task`` would publish for one fire, as store writes.
 
@@ -233,6 +287,24 @@ class CeleryPublisher:
         return self._connection, self._producer
 
     def __call__(self, schedule: Schedule, fire_time: float, job_id: str) -> list[RedisWrite]:
+        captured = self._build(schedule, fire_time, job_id)
+        if not captured:
+            # Not a crash at fire time: the binding may come back (another publisher or
+            # worker declares it); the runner retries, and the startup check refused routes
+            # that never reach a queue.
+            raise StoreUnavailable(
+                f"Celery's routing of {schedule.task!r} reaches no queue even after declaring "
+                "its queue again (kombu's binding in Redis is missing); retrying"
+            )
+        return captured
+
+    def _build(self, schedule: Schedule, fire_time: float, job_id: str) -> list[RedisWrite]:
+        """The writes; none when kombu's routing reaches no queue even on a fresh connection.
+
+        kombu declares a queue (its binding, ``_kombu.binding.<exchange>`` in Redis) once per
+        connection: when Redis lost its data or evicted the binding, the warm connection
+        does not declare it again and the lookup finds nothing. A fresh connection does.
+        """
         headers = {SCHEDULE_HEADER: schedule.name, FIRE_TIME_HEADER: fire_time}
         headers["celery_beat_task"] = True  # as Celery beat marks its messages
         options: dict[str, Any] = dict(schedule.options)
@@ -241,28 +313,27 @@ class CeleryPublisher:
         task = self.app.tasks.get(schedule.task)
         send = task.apply_async if task is not None else self._send_task(schedule.task)
         with self._lock:
-            try:
-                connection, producer = self._open()
-                transport = connection.transport
-                transport.captured.clear()
-                send(
-                    list(schedule.args),
-                    dict(schedule.kwargs),
-                    task_id=job_id,
-                    producer=producer,
-                    headers=headers,
-                    retry=False,
-                    **options,
-                )
-            except self._unreachable as exc:
-                self._reset()  # the next fire opens a fresh connection
-                raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
-            captured = list(transport.captured)
-        if not captured:
-            raise ConfigurationError(
-                f"Celery's routing of {schedule.task!r} (options {options}) reaches no queue "
-                "(a fanout exchange, or an exchange no queue is bound to); route it to a queue"
-            )
+            for attempt in (1, 2):
+                try:
+                    connection, producer = self._open()
+                    transport = connection.transport
+                    transport.captured.clear()
+                    send(
+                        list(schedule.args),
+                        dict(schedule.kwargs),
+                        task_id=job_id,
+                        producer=producer,
+                        headers=headers,
+                        retry=False,
+                        **options,
+                    )
+                except self._unreachable as exc:
+                    self._reset()  # the next fire opens a fresh connection
+                    raise _unavailable(exc) from exc
+                captured = list(transport.captured)
+                if captured or attempt == 2:
+                    break
+                self._reset()  # declare the queue again on a fresh connection
         return [RedisWrite("LPUSH", key, (body,)) for key, body in captured]
 
     def check(self, schedules: Sequence[Schedule]) -> None:
@@ -282,7 +353,7 @@ class CeleryPublisher:
                     "exchange: not supported (every consumer would run the fire)"
                 )
             try:
-                self(schedule, 0.0, "wk-sched-startup-check")
+                built = self._build(schedule, 0.0, "wk-sched-startup-check")
             except StoreUnavailable:
                 return
             except ConfigurationError as exc:
@@ -292,6 +363,12 @@ class CeleryPublisher:
                     f"beat_schedule[{schedule.name!r}]: Celery cannot build its message: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
+            if not built:
+                raise ConfigurationError(
+                    f"beat_schedule[{schedule.name!r}]: Celery's routing of {schedule.task!r} "
+                    f"(options {dict(schedule.options)}) reaches no queue (a fanout exchange, "
+                    "or an exchange no queue is bound to); route it to a queue"
+                )
 
     def _send_task(self, name: str) -> Any:
         def send(args: Any, kwargs: Any, **options: Any) -> Any:
@@ -304,7 +381,8 @@ class CeleryPublisher:
         import redis.exceptions
         from kombu.exceptions import OperationalError
 
-        return (OperationalError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+        # Any Redis error: kombu's declare raises OOM/READONLY/... unwrapped.
+        return (OperationalError, redis.exceptions.RedisError)
 
     def _reset(self) -> None:
         connection, self._connection, self._producer = self._connection, None, None
@@ -330,8 +408,16 @@ def open_scheduler(settings: Settings) -> SchedulerBinding:
     retention = float(getattr(settings, "scheduler_retention", DEFAULT_RETENTION))
     # kombu's global_keyprefix applies to workerkit's keys too, as to the ledger's.
     transport = app.conf.broker_transport_options or {}
-    prefix = str(transport.get("global_keyprefix") or "") + CELERY_SCHEDULER_PREFIX
-    store = RedisSchedulerStore(client, publisher, prefix=prefix, retention=retention)
+    prefix = str(transport.get("global_keyprefix") or "") + scheduler_prefix(
+        CELERY_SCHEDULER_PREFIX, settings.scheduler_namespace
+    )
+    store = RedisSchedulerStore(
+        client,
+        publisher,
+        prefix=prefix,
+        retention=retention,
+        namespace=settings.scheduler_namespace,
+    )
     store.own_client()
     return SchedulerBinding(store=store, schedules=schedules)
 

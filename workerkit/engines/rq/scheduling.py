@@ -29,6 +29,7 @@ from workerkit.scheduler.redis_store import (
     RedisSchedulerStore,
     RedisWrite,
     scheduler_client,
+    scheduler_prefix,
 )
 
 if TYPE_CHECKING:
@@ -46,7 +47,8 @@ __all__ = (
     "workers_serializer",
 )
 
-#: The scheduler's keys (lease, epoch, records, state) in RQ's Redis.
+#: The scheduler's keys (lease, epoch, records, state) in RQ's Redis, for the ``default``
+#: ``scheduler_namespace``; another namespace's are ``workerkit:scheduler:rq@<namespace>:``.
 RQ_SCHEDULER_PREFIX: Final = "workerkit:scheduler:rq:"
 
 
@@ -139,8 +141,9 @@ def open_scheduler(settings: Settings) -> SchedulerBinding:
     store = RedisSchedulerStore(
         client,
         rq_enqueue_writes(client, serializer),
-        prefix=RQ_SCHEDULER_PREFIX,
+        prefix=scheduler_prefix(RQ_SCHEDULER_PREFIX, settings.scheduler_namespace),
         retention=retention,
+        namespace=settings.scheduler_namespace,
     )
     store.own_client()
     return SchedulerBinding(store=store, schedules=schedules)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
@@ -45,12 +46,16 @@ from workerkit.scheduler.contract import (
 )
 from workerkit.settings import Settings
 
-__all__ = ("DEFAULT_MAX_ATTEMPTS", "LEASE_NAME", "SqlSchedulerStore", "main", "open_scheduler")
+__all__ = (
+    "DEFAULT_MAX_ATTEMPTS",
+    "SqlSchedulerStore",
+    "lock_wait",
+    "main",
+    "open_scheduler",
+)
 
 log = logging.getLogger(__name__)
 
-#: The lease row's name: one scheduler Deployment per database.
-LEASE_NAME: Final = "scheduler"
 #: Attempts of a scheduled job whose schedule does not say (``options["max_attempts"]``).
 DEFAULT_MAX_ATTEMPTS: Final = 3
 
@@ -58,6 +63,10 @@ DEFAULT_MAX_ATTEMPTS: Final = 3
 #: a connect that hangs (a partition) holds up the runner's renewals, so it is kept well under
 #: the renew deadline; the runner tries again each retry period.
 _CONNECT_TIMEOUT: Final = 3
+
+#: A float whose JSON is as long as any float's (24 characters), for the startup size check:
+#: every fire's payload is at most as large as the check's.
+_LONGEST_FIRE_TIME: Final = -2.2250738585072014e-308
 
 _L = scheduler_lease.c
 _F = scheduler_fires.c
@@ -78,13 +87,14 @@ class SqlSchedulerStore(db.ForkSafeEngine):
         url: str | sa.URL,
         *,
         settings: Settings | None = None,
-        lease_name: str = LEASE_NAME,
+        namespace: str | None = None,
     ) -> None:
         self.settings = settings if settings is not None else Settings()
         self.url = db.normalize_url(url)
         self.dialect = self.url.get_backend_name()
-        self.lease_name = lease_name
-        self._adopt_engine(db.create_engine_for(self.url, connect_timeout=_CONNECT_TIMEOUT))
+        #: Keys every row this store reads or writes (``scheduler_namespace`` by default).
+        self.namespace = namespace if namespace is not None else self.settings.scheduler_namespace
+        self._adopt_engine(_create_engine(self.url, self.settings))
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
 
     def __repr__(self) -> str:
@@ -125,7 +135,7 @@ class SqlSchedulerStore(db.ForkSafeEngine):
         """
         row = conn.execute(
             sa.select(_L.epoch, _L.holder, (_L.expires_at > db_now()).label("live"))
-            .where(_L.name == self.lease_name)
+            .where(_L.namespace == self.namespace)
             .with_for_update(read=True)
         ).first()
         return (
@@ -149,7 +159,7 @@ class SqlSchedulerStore(db.ForkSafeEngine):
         update = (
             sa.update(scheduler_lease)
             .where(
-                _L.name == self.lease_name,
+                _L.namespace == self.namespace,
                 sa.or_(_L.holder.is_(None), _L.expires_at <= now, _L.holder == holder),
             )
             .values(
@@ -163,8 +173,8 @@ class SqlSchedulerStore(db.ForkSafeEngine):
         )
         seed = (
             self._insert(scheduler_lease)
-            .values(name=self.lease_name, holder=None, epoch=0, expires_at=0.0)
-            .on_conflict_do_nothing(index_elements=[_L.name])
+            .values(namespace=self.namespace, holder=None, epoch=0, expires_at=0.0)
+            .on_conflict_do_nothing(index_elements=[_L.namespace])
         )
         with self._write() as conn:
             row = conn.execute(update).first()
@@ -179,7 +189,7 @@ class SqlSchedulerStore(db.ForkSafeEngine):
         update = (
             sa.update(scheduler_lease)
             .where(
-                _L.name == self.lease_name,
+                _L.namespace == self.namespace,
                 _L.holder == lease.holder,
                 _L.epoch == lease.epoch,
                 _L.expires_at > now,
@@ -196,7 +206,7 @@ class SqlSchedulerStore(db.ForkSafeEngine):
         update = (
             sa.update(scheduler_lease)
             .where(
-                _L.name == self.lease_name,
+                _L.namespace == self.namespace,
                 _L.holder == lease.holder,
                 _L.epoch == lease.epoch,
             )
@@ -208,7 +218,7 @@ class SqlSchedulerStore(db.ForkSafeEngine):
     def leader(self) -> LeaderInfo | None:
         """Who holds an unexpired lease now, by the database clock."""
         query = sa.select(_L.holder, _L.epoch, (_L.expires_at - db_now()).label("left")).where(
-            _L.name == self.lease_name
+            _L.namespace == self.namespace
         )
         with self._read() as conn:
             row = conn.execute(query).first()
@@ -230,6 +240,7 @@ class SqlSchedulerStore(db.ForkSafeEngine):
                 return False
             for schedule in schedules:
                 statement = self._insert(scheduler_schedules).values(
+                    namespace=self.namespace,
                     name=schedule.name,
                     fingerprint=schedule.fingerprint(),
                     task=schedule.task,
@@ -242,7 +253,7 @@ class SqlSchedulerStore(db.ForkSafeEngine):
                 excluded = statement.excluded
                 conn.execute(
                     statement.on_conflict_do_update(
-                        index_elements=[_S.name],
+                        index_elements=[_S.namespace, _S.name],
                         set_={
                             "fingerprint": excluded.fingerprint,
                             "task": excluded.task,
@@ -255,7 +266,8 @@ class SqlSchedulerStore(db.ForkSafeEngine):
                 )
             conn.execute(
                 sa.update(scheduler_schedules)
-                .where(_S.name.not_in(names), _S.removed.is_(False))
+                .where(_S.namespace == self.namespace, _S.name.not_in(names))
+                .where(_S.removed.is_(False))
                 .values(removed=True, fingerprint=None, updated_at=now)
             )
         return True
@@ -274,9 +286,11 @@ class SqlSchedulerStore(db.ForkSafeEngine):
         key = fire_key(fire_time)
         job = self._job(schedule, fire_time)
         checks = self._fire_checks(schedule.name, key, epoch)
+        fingerprint = schedule.fingerprint()
         record = (
             self._insert(scheduler_fires)
             .values(
+                namespace=self.namespace,
                 schedule=schedule.name,
                 fire_ms=key,
                 fire_time=fire_time,
@@ -284,15 +298,16 @@ class SqlSchedulerStore(db.ForkSafeEngine):
                 reason=reason,
                 epoch=epoch,
                 recorded_at=db_now(),
+                fingerprint=fingerprint,
             )
-            .on_conflict_do_nothing(index_elements=[_F.schedule, _F.fire_ms])
+            .on_conflict_do_nothing(index_elements=[_F.namespace, _F.schedule, _F.fire_ms])
             .returning(_F.fire_ms)
         )
         enqueue = statements.insert_job(self.dialect, job)
         if self.dialect == "postgresql":  # wakes the workers, at commit only
             enqueue = enqueue.returning(sa.func.pg_notify(NOTIFY_CHANNEL, job.queue))
         consumed = sa.delete(scheduler_triggers).where(
-            _T.schedule == schedule.name, _T.at_ms == key
+            _T.namespace == self.namespace, _T.schedule == schedule.name, _T.at_ms == key
         )
         with self._write() as conn:
             row = conn.execute(checks).first()
@@ -306,7 +321,7 @@ class SqlSchedulerStore(db.ForkSafeEngine):
                 if row.requested:  # a request for a time that fired: nothing left to do
                     conn.execute(consumed)
                 return FireOutcome.ALREADY_FIRED
-            if row.removed or row.fingerprint != schedule.fingerprint():
+            if row.removed or row.fingerprint != fingerprint:
                 return FireOutcome.STALE
             if row.paused:
                 return FireOutcome.PAUSED
@@ -321,17 +336,18 @@ class SqlSchedulerStore(db.ForkSafeEngine):
         """One SELECT of what a fire checks: the schedule's row and, for a leader's fire, the
         lease row, both ``FOR SHARE`` (see :meth:`_current`); whether the time has a record
         and a trigger request."""
-        fired = sa.exists().where(_F.schedule == name, _F.fire_ms == key)
-        requested = sa.exists().where(_T.schedule == name, _T.at_ms == key)
+        ns = self.namespace
+        fired = sa.exists().where(_F.namespace == ns, _F.schedule == name, _F.fire_ms == key)
+        requested = sa.exists().where(_T.namespace == ns, _T.schedule == name, _T.at_ms == key)
         checks = sa.select(
             _S.fingerprint,
             _S.paused,
             _S.removed,
             fired.label("fired"),
             requested.label("requested"),
-        ).where(_S.name == name)
+        ).where(_S.namespace == ns, _S.name == name)
         if epoch is not None:
-            lease = scheduler_lease.join(scheduler_schedules, _L.name == self.lease_name)
+            lease = scheduler_lease.join(scheduler_schedules, _L.namespace == ns)
             checks = checks.add_columns(
                 _L.epoch, _L.holder, (_L.expires_at > db_now()).label("live")
             ).select_from(lease)
@@ -353,7 +369,7 @@ class SqlSchedulerStore(db.ForkSafeEngine):
             raise ConfigurationError(f"schedule {schedule.name!r}: {exc}") from exc
         attempts = schedule.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
         return NewJob(
-            job_id=fire_job_id(schedule.name, fire_time),
+            job_id=fire_job_id(schedule.name, fire_time, self.namespace),
             task=schedule.task,
             queue=schedule.queue or "default",
             payload=payload,
@@ -364,7 +380,9 @@ class SqlSchedulerStore(db.ForkSafeEngine):
         """Stored state of the named schedules (every known one when None); names never
         registered are left out."""
         rows = sa.select(_S.name, _S.fingerprint, _S.paused, _S.removed)
-        requests = sa.select(_T.schedule, _T.at).order_by(_T.at)
+        rows = rows.where(_S.namespace == self.namespace)
+        requests = sa.select(_T.schedule, _T.at).where(_T.namespace == self.namespace)
+        requests = requests.order_by(_T.at)
         if names is not None:
             rows = rows.where(_S.name.in_(list(names)))
             requests = requests.where(_T.schedule.in_(list(names)))
@@ -374,7 +392,7 @@ class SqlSchedulerStore(db.ForkSafeEngine):
             for name, at in conn.execute(requests):
                 pending.setdefault(name, []).append(float(at))
             wanted = [name for name in (sorted(found) if names is None else names) if name in found]
-            last = {name: self._last_fire(conn, name) for name in wanted}
+            last = {name: self._last_fire(conn, self.namespace, name) for name in wanted}
         states = {}
         for name in wanted:
             row = found[name]
@@ -389,10 +407,10 @@ class SqlSchedulerStore(db.ForkSafeEngine):
         return states
 
     @staticmethod
-    def _last_fire(conn: sa.Connection, name: str) -> FireRecord | None:
+    def _last_fire(conn: sa.Connection, namespace: str, name: str) -> FireRecord | None:
         row = conn.execute(
-            sa.select(_F.fire_time, _F.recorded_at, _F.job_id, _F.reason)
-            .where(_F.schedule == name)
+            sa.select(_F.fire_time, _F.recorded_at, _F.job_id, _F.reason, _F.fingerprint)
+            .where(_F.namespace == namespace, _F.schedule == name)
             .order_by(_F.fire_ms.desc())
             .limit(1)
         ).first()
@@ -404,13 +422,14 @@ class SqlSchedulerStore(db.ForkSafeEngine):
             recorded_at=float(row.recorded_at),
             job_id=row.job_id,
             reason=row.reason,
+            fingerprint=row.fingerprint,
         )
 
     def set_paused(self, name: str, paused: bool) -> bool:
         """Pause or resume ``name``; False when no leader ever registered it."""
         update = (
             sa.update(scheduler_schedules)
-            .where(_S.name == name)
+            .where(_S.namespace == self.namespace, _S.name == name)
             .values(paused=paused, updated_at=db_now())
         )
         with self._write() as conn:
@@ -420,10 +439,16 @@ class SqlSchedulerStore(db.ForkSafeEngine):
         """Ask the leader to fire ``name`` with fire time ``at``; False when it is unknown."""
         request = (
             self._insert(scheduler_triggers)
-            .values(schedule=name, at_ms=fire_key(at), at=at, requested_at=db_now())
-            .on_conflict_do_nothing(index_elements=[_T.schedule, _T.at_ms])
+            .values(
+                namespace=self.namespace,
+                schedule=name,
+                at_ms=fire_key(at),
+                at=at,
+                requested_at=db_now(),
+            )
+            .on_conflict_do_nothing(index_elements=[_T.namespace, _T.schedule, _T.at_ms])
         )
-        known = sa.select(_S.name).where(_S.name == name)
+        known = sa.select(_S.name).where(_S.namespace == self.namespace, _S.name == name)
         with self._write() as conn:
             if conn.execute(known).first() is None:
                 return False
@@ -437,18 +462,16 @@ class SqlSchedulerStore(db.ForkSafeEngine):
         with self._write() as conn:
             if not self._current(conn, lease.epoch, lease.holder):
                 return 0
-            names = list(conn.execute(sa.select(_S.name)).scalars())
+            ns = self.namespace
+            names = list(conn.execute(sa.select(_S.name).where(_S.namespace == ns)).scalars())
             deleted = 0
             for name in names:
-                last = conn.execute(
-                    sa.select(sa.func.max(_F.fire_ms)).where(_F.schedule == name)
-                ).scalar()
+                mine = sa.and_(_F.namespace == ns, _F.schedule == name)
+                last = conn.execute(sa.select(sa.func.max(_F.fire_ms)).where(mine)).scalar()
                 if last is None:
                     continue
                 deleted += conn.execute(
-                    sa.delete(scheduler_fires).where(
-                        _F.schedule == name, _F.fire_ms < min(cut, int(last))
-                    )
+                    sa.delete(scheduler_fires).where(mine, _F.fire_ms < min(cut, int(last)))
                 ).rowcount
         if deleted:
             log.info(
@@ -465,6 +488,70 @@ class SqlSchedulerStore(db.ForkSafeEngine):
     def close(self) -> None:
         """Close every connection."""
         self._engine.dispose()
+
+
+def lock_wait(settings: Settings) -> float:
+    """How long one scheduler call may wait for a database lock, in seconds (1 s by default).
+
+    Half a retry period, and at most a quarter of the renew deadline: a call that gives up is
+    :class:`~workerkit.errors.StoreUnavailable`, tried again next retry period, so a renewal
+    held up by a lock still lands before the deadline, and a standby's loop (which fires late
+    times too) is never stuck behind a lock held by a leader that died mid-fire.
+    """
+    return min(settings.scheduler_retry_period / 2, settings.scheduler_renew_deadline / 4)
+
+
+def _create_engine(url: sa.URL, settings: Settings) -> sa.Engine:
+    """The store's engine: every wait bounded well below the renew deadline.
+
+    SQLite: the busy timeout is :func:`lock_wait` (unless the URL's ``?timeout=`` is shorter),
+    not the queue's 30 s: a worker holding the write lock makes a call StoreUnavailable instead
+    of stalling the runner past its renew deadline.
+    """
+    wait = lock_wait(settings)
+    if url.get_backend_name() == "sqlite":
+        busy = min(db.sqlite_busy_timeout(url), wait)
+        return db.create_engine_for(url.update_query_dict({"timeout": repr(busy)}))
+    connect_args = _postgres_session(url, settings, wait)
+    return db.create_engine_for(url, connect_timeout=_CONNECT_TIMEOUT, connect_args=connect_args)
+
+
+def _postgres_session(url: sa.URL, settings: Settings, wait: float) -> dict[str, Any]:
+    """libpq arguments so that a dead or stuck session cannot hold the scheduler up.
+
+    A leader whose node dies inside a fire keeps its row locks until PostgreSQL notices; with
+    the kernel's keepalive defaults that is over two hours, and every standby's acquire waits
+    on the lease row meanwhile. So: ``lock_timeout`` = :func:`lock_wait` (1 s), a lock wait
+    fails instead; ``statement_timeout`` and ``idle_in_transaction_session_timeout`` = half the
+    renew deadline (5 s; the store's transactions never pause between statements, so a session
+    idle that long inside one is dead, and the server ends it, releasing its locks long before
+    the lease duration); TCP keepalives on both ends (idle 3 s, then 3 probes 1 s apart) and
+    ``tcp_user_timeout`` (5 s) so a vanished peer is noticed in seconds. Options the URL sets
+    win (they come after ours).
+    """
+    bound_ms = max(1, round(settings.scheduler_renew_deadline / 2 * 1000))
+    idle = max(1, math.ceil(settings.scheduler_renew_deadline / 4))
+    server = {
+        "lock_timeout": max(1, round(wait * 1000)),
+        "statement_timeout": bound_ms,
+        "idle_in_transaction_session_timeout": bound_ms,
+        "tcp_keepalives_idle": idle,
+        "tcp_keepalives_interval": 1,
+        "tcp_keepalives_count": 3,
+        "tcp_user_timeout": bound_ms,
+    }
+    options = " ".join(f"-c {name}={value}" for name, value in server.items())
+    own = url.query.get("options")
+    if own:
+        options += " " + (own if isinstance(own, str) else " ".join(own))
+    client: dict[str, Any] = {
+        "keepalives": 1,
+        "keepalives_idle": idle,
+        "keepalives_interval": 1,
+        "keepalives_count": 3,
+        "tcp_user_timeout": bound_ms,
+    }
+    return {"options": options} | {k: v for k, v in client.items() if k not in url.query}
 
 
 def _lease(row: Any) -> Lease:
@@ -494,9 +581,13 @@ def open_scheduler(settings: Settings) -> SchedulerBinding:
     app.configure_settings(settings)
     schedules = tuple(app.schedules.values())
     for schedule in schedules:
-        try:
+        try:  # as the fire encodes it, with the schedule and a fire time of the longest kind
             encode_payload(
-                schedule.task, schedule.args, dict(schedule.kwargs), settings.max_payload_bytes
+                schedule.task,
+                schedule.args,
+                dict(schedule.kwargs),
+                settings.max_payload_bytes,
+                fired_by=(schedule.name, _LONGEST_FIRE_TIME),
             )
         except PayloadError as exc:
             raise ConfigurationError(f"schedule {schedule.name!r}: {exc}") from exc

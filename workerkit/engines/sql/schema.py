@@ -134,18 +134,21 @@ sa.Index("ix_workerkit_idempotency_expires_at", idempotency_keys.c.expires_at)
 
 # --- the scheduler (workerkit.engines.sql.scheduling) -------------------------------------
 
-#: Leadership: one row per lease name. ``epoch`` only ever grows (a release clears ``holder``
+# Every scheduler table is keyed by ``namespace`` first (the ``scheduler_namespace`` setting):
+# two apps' schedulers on one database each have their own lease, schedules and records.
+
+#: Leadership: one row per namespace. ``epoch`` only ever grows (a release clears ``holder``
 #: and keeps it), so a fire or a registration fenced by an old epoch is refused forever after.
 scheduler_lease = sa.Table(
     "workerkit_scheduler_lease",
     metadata,
-    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("namespace", sa.Text, nullable=False),
     sa.Column("holder", sa.Text, nullable=True),  # None: released
     sa.Column("epoch", sa.BigInteger, nullable=False),
     sa.Column("expires_at", sa.Double, nullable=False),  # database clock
     sa.Column("acquired_at", sa.Double, nullable=True),
     sa.Column("renewed_at", sa.Double, nullable=True),
-    sa.PrimaryKeyConstraint("name", name="pk_workerkit_scheduler_lease"),
+    sa.PrimaryKeyConstraint("namespace", name="pk_workerkit_scheduler_lease"),
 )
 
 #: One row per fire time that fired: the primary key is what makes a fire happen at most once,
@@ -153,6 +156,7 @@ scheduler_lease = sa.Table(
 scheduler_fires = sa.Table(
     "workerkit_scheduler_fires",
     metadata,
+    sa.Column("namespace", sa.Text, nullable=False),
     sa.Column("schedule", sa.Text, nullable=False),
     sa.Column("fire_ms", sa.BigInteger, nullable=False),
     sa.Column("fire_time", sa.Double, nullable=False),
@@ -160,13 +164,17 @@ scheduler_fires = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("epoch", sa.BigInteger, nullable=True),  # None: fired by a standby
     sa.Column("recorded_at", sa.Double, nullable=False),
-    sa.PrimaryKeyConstraint("schedule", "fire_ms", name="pk_workerkit_scheduler_fires"),
+    sa.Column("fingerprint", sa.Text, nullable=True),  # the fired definition's
+    sa.PrimaryKeyConstraint(
+        "namespace", "schedule", "fire_ms", name="pk_workerkit_scheduler_fires"
+    ),
 )
 
 #: Each schedule as the leader registered it, and what operators set (paused).
 scheduler_schedules = sa.Table(
     "workerkit_scheduler_schedules",
     metadata,
+    sa.Column("namespace", sa.Text, nullable=False),
     sa.Column("name", sa.Text, nullable=False),
     sa.Column("fingerprint", sa.Text, nullable=True),
     sa.Column("task", sa.Text, nullable=True),
@@ -175,18 +183,21 @@ scheduler_schedules = sa.Table(
     sa.Column("removed", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("registered_at", sa.Double, nullable=True),
     sa.Column("updated_at", sa.Double, nullable=False),
-    sa.PrimaryKeyConstraint("name", name="pk_workerkit_scheduler_schedules"),
+    sa.PrimaryKeyConstraint("namespace", "name", name="pk_workerkit_scheduler_schedules"),
 )
 
 #: Trigger-now requests (``workerkit schedules trigger``), consumed by the fire of that time.
 scheduler_triggers = sa.Table(
     "workerkit_scheduler_triggers",
     metadata,
+    sa.Column("namespace", sa.Text, nullable=False),
     sa.Column("schedule", sa.Text, nullable=False),
     sa.Column("at_ms", sa.BigInteger, nullable=False),
     sa.Column("at", sa.Double, nullable=False),
     sa.Column("requested_at", sa.Double, nullable=False),
-    sa.PrimaryKeyConstraint("schedule", "at_ms", name="pk_workerkit_scheduler_triggers"),
+    sa.PrimaryKeyConstraint(
+        "namespace", "schedule", "at_ms", name="pk_workerkit_scheduler_triggers"
+    ),
 )
 
 

@@ -25,16 +25,17 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.create_table(
         "workerkit_scheduler_lease",
-        sa.Column("name", sa.Text(), nullable=False),
+        sa.Column("namespace", sa.Text(), nullable=False),
         sa.Column("holder", sa.Text(), nullable=True),
         sa.Column("epoch", sa.BigInteger(), nullable=False),
         sa.Column("expires_at", sa.Double(), nullable=False),
         sa.Column("acquired_at", sa.Double(), nullable=True),
         sa.Column("renewed_at", sa.Double(), nullable=True),
-        sa.PrimaryKeyConstraint("name", name="pk_workerkit_scheduler_lease"),
+        sa.PrimaryKeyConstraint("namespace", name="pk_workerkit_scheduler_lease"),
     )
     op.create_table(
         "workerkit_scheduler_fires",
+        sa.Column("namespace", sa.Text(), nullable=False),
         sa.Column("schedule", sa.Text(), nullable=False),
         sa.Column("fire_ms", sa.BigInteger(), nullable=False),
         sa.Column("fire_time", sa.Double(), nullable=False),
@@ -42,10 +43,14 @@ def upgrade() -> None:
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("epoch", sa.BigInteger(), nullable=True),
         sa.Column("recorded_at", sa.Double(), nullable=False),
-        sa.PrimaryKeyConstraint("schedule", "fire_ms", name="pk_workerkit_scheduler_fires"),
+        sa.Column("fingerprint", sa.Text(), nullable=True),
+        sa.PrimaryKeyConstraint(
+            "namespace", "schedule", "fire_ms", name="pk_workerkit_scheduler_fires"
+        ),
     )
     op.create_table(
         "workerkit_scheduler_schedules",
+        sa.Column("namespace", sa.Text(), nullable=False),
         sa.Column("name", sa.Text(), nullable=False),
         sa.Column("fingerprint", sa.Text(), nullable=True),
         sa.Column("task", sa.Text(), nullable=True),
@@ -54,15 +59,18 @@ def upgrade() -> None:
         sa.Column("removed", sa.Boolean(), server_default=sa.false(), nullable=False),
         sa.Column("registered_at", sa.Double(), nullable=True),
         sa.Column("updated_at", sa.Double(), nullable=False),
-        sa.PrimaryKeyConstraint("name", name="pk_workerkit_scheduler_schedules"),
+        sa.PrimaryKeyConstraint("namespace", "name", name="pk_workerkit_scheduler_schedules"),
     )
     op.create_table(
         "workerkit_scheduler_triggers",
+        sa.Column("namespace", sa.Text(), nullable=False),
         sa.Column("schedule", sa.Text(), nullable=False),
         sa.Column("at_ms", sa.BigInteger(), nullable=False),
         sa.Column("at", sa.Double(), nullable=False),
         sa.Column("requested_at", sa.Double(), nullable=False),
-        sa.PrimaryKeyConstraint("schedule", "at_ms", name="pk_workerkit_scheduler_triggers"),
+        sa.PrimaryKeyConstraint(
+            "namespace", "schedule", "at_ms", name="pk_workerkit_scheduler_triggers"
+        ),
     )
 
 
