@@ -97,15 +97,20 @@ class CuttingProxy:
             with self._lock:
                 self._sockets += [client, server]
             dropping = threading.Event()
+            replied = threading.Event()  # the first reply dropped after the cut's request
             threading.Thread(
-                target=self._requests, args=(client, server, dropping), daemon=True
+                target=self._requests, args=(client, server, dropping, replied), daemon=True
             ).start()
             threading.Thread(
-                target=self._replies, args=(server, client, dropping), daemon=True
+                target=self._replies, args=(server, client, dropping, replied), daemon=True
             ).start()
 
     def _requests(
-        self, client: socket.socket, server: socket.socket, dropping: threading.Event
+        self,
+        client: socket.socket,
+        server: socket.socket,
+        dropping: threading.Event,
+        replied: threading.Event,
     ) -> None:
         while True:
             try:
@@ -124,7 +129,8 @@ class CuttingProxy:
                 if deliver:
                     with contextlib.suppress(OSError):
                         server.sendall(data)
-                    time.sleep(0.2)  # Redis runs it; its reply is dropped
+                    # Redis has run it once its reply comes back (dropped by _replies).
+                    replied.wait(10)
                 self._closed_until = time.monotonic() + outage
                 self._close_all()
                 self.cut.set()
@@ -138,7 +144,11 @@ class CuttingProxy:
         self._close_pair(client, server)
 
     def _replies(
-        self, server: socket.socket, client: socket.socket, dropping: threading.Event
+        self,
+        server: socket.socket,
+        client: socket.socket,
+        dropping: threading.Event,
+        replied: threading.Event,
     ) -> None:
         while True:
             try:
@@ -148,6 +158,7 @@ class CuttingProxy:
             if not data:
                 break
             if dropping.is_set():
+                replied.set()
                 continue
             try:
                 client.sendall(data)
