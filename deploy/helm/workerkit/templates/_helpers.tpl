@@ -128,6 +128,7 @@ keda:
   listLength: 10
   trigger: auto
   authenticationRef: ""
+  databaseIndex: 0
   prometheus: {serverAddress: "", query: "", threshold: "10"}
 {{- end -}}
 

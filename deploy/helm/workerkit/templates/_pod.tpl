@@ -78,6 +78,18 @@ Each define takes (dict "root" $ "c" COMPONENT), COMPONENT being a resolved pool
 {{- end -}}
 {{- end -}}
 
+{{/* The pod's securityContext (JSON): the hardened defaults, podSecurityContext over them. */}}
+{{- define "workerkit.podSecurityContext" -}}
+{{- $hardened := dict "runAsNonRoot" true "runAsUser" 10001 "runAsGroup" 10001 "fsGroup" 10001 "seccompProfile" (dict "type" "RuntimeDefault") -}}
+{{- include "workerkit.merge" (list $hardened .Values.podSecurityContext) -}}
+{{- end -}}
+
+{{/* A container's securityContext (JSON): the hardened defaults, securityContext over them. */}}
+{{- define "workerkit.securityContext" -}}
+{{- $hardened := dict "allowPrivilegeEscalation" false "readOnlyRootFilesystem" true "capabilities" (dict "drop" (list "ALL")) -}}
+{{- include "workerkit.merge" (list $hardened .Values.securityContext) -}}
+{{- end -}}
+
 {{/* The pod template (metadata and spec) of a component. */}}
 {{- define "workerkit.podTemplate" -}}
 {{- $root := .root -}}
@@ -86,8 +98,8 @@ Each define takes (dict "root" $ "c" COMPONENT), COMPONENT being a resolved pool
 {{- include "workerkit.timing.check" $c -}}
 {{- $args := include "workerkit.args" . | fromJsonArray -}}
 {{- $env := include "workerkit.env" . -}}
-{{- $podSecurity := include "workerkit.merge" (list (dict "runAsNonRoot" true "runAsUser" 10001 "runAsGroup" 10001 "fsGroup" 10001 "seccompProfile" (dict "type" "RuntimeDefault")) $v.podSecurityContext) | fromJson -}}
-{{- $security := include "workerkit.merge" (list (dict "allowPrivilegeEscalation" false "readOnlyRootFilesystem" true "capabilities" (dict "drop" (list "ALL"))) $v.securityContext) | fromJson -}}
+{{- $podSecurity := include "workerkit.podSecurityContext" $root | fromJson -}}
+{{- $security := include "workerkit.securityContext" $root | fromJson -}}
 {{- $grace := int64 (float64 $c.timing.gracePeriod) -}}
 {{- $prestop := int64 (float64 ($c.timing.prestopDelay | default 0)) -}}
 {{- $liveness := float64 $v.probes.livenessTimeout -}}
