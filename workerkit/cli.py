@@ -135,21 +135,25 @@ def main() -> None:
 @click.option(
     "--format",
     "output_format",
-    type=click.Choice(["text", "json"]),
+    type=click.Choice(["text", "json", "helm-values"]),
     default="text",
     show_default=True,
-    help="text for people, json for machines.",
+    help="text for people, json for machines, helm-values for the Helm chart's timing block "
+    "(deploy/helm/workerkit).",
 )
 @settings_options
 def check(engine: str | None, output_format: str, config_file: str | None, **options: Any) -> None:
     """Check that the grace period, job timeouts and leases agree.
 
-    Prints the timing budget as a timeline and a table of rules. Exits 0 when there is no
-    error, 1 when there is one (warnings count as errors with --strict), 2 on a bad setting.
+    Prints the timing budget as a timeline and a table of rules (--format helm-values: the
+    chart's timing block, the values that differ from the defaults, after the rules' verdicts).
+    Exits 0 when there is no error, 1 when there is one (warnings count as errors with
+    --strict), 2 on a bad setting.
     """
     from workerkit.engines import get_engine
     from workerkit.engines.base import AppTiming
     from workerkit.timing import evaluate, render_json, render_text
+    from workerkit.timing.helm_values import render_helm_values
 
     settings = _load(options, config_file, engine=engine)
     _debug_logging(settings)
@@ -161,6 +165,8 @@ def check(engine: str | None, output_format: str, config_file: str | None, **opt
     report = evaluate(settings, timing.tasks, timing.celery)
     if output_format == "json":
         click.echo(render_json(report))
+    elif output_format == "helm-values":
+        click.echo(render_helm_values(report, settings))
     else:
         click.echo(render_text(report, color=sys.stdout.isatty()))
     sys.exit(exitcodes.OK if report.ok else exitcodes.CHECK_FAILED)

@@ -125,12 +125,26 @@ CASES = (
     Case("missing_app", ("--app", "tests.unit.no_such_module:app")),
 )
 FORMATS = ("text", "json")
+#: The cases also recorded with ``--format helm-values`` (the Helm chart's timing block).
+HELM_CASES = (
+    "defaults",
+    "docs_with_tasks",
+    "docs_broken_celery",
+    "g_no_drain_window",
+    "g_tiny_values",
+    "h_sql",
+    "v_countdown",
+    "i_celery_no_room",
+    "l_chain",
+    "t_strict",
+    "bad_setting",
+)
 
 
 def _run(case: Case, output_format: str, cwd: Path) -> dict[str, object]:
     args = ["check", *case.args]
-    if output_format == "json":
-        args += ["--format", "json"]
+    if output_format != "text":
+        args += ["--format", output_format]
     if case.fresh_process:
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         env.update(case.env, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
@@ -148,13 +162,22 @@ def _run(case: Case, output_format: str, cwd: Path) -> dict[str, object]:
     return {"exit_code": result.exit_code, "stdout": result.stdout, "stderr": result.stderr}
 
 
-@pytest.mark.parametrize("output_format", FORMATS)
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(case, id=case.name, marks=[pytest.mark.e2e] if case.fresh_process else [])
+def _params(formats: tuple[str, ...], names: tuple[str, ...] | None = None) -> list[object]:
+    return [
+        pytest.param(
+            case,
+            output_format,
+            id=f"{case.name}-{output_format}",
+            marks=[pytest.mark.e2e] if case.fresh_process else [],
+        )
         for case in CASES
-    ],
+        if names is None or case.name in names
+        for output_format in formats
+    ]
+
+
+@pytest.mark.parametrize(
+    ("case", "output_format"), [*_params(FORMATS), *_params(("helm-values",), HELM_CASES)]
 )
 def test_check_output_is_unchanged(
     case: Case, output_format: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -163,7 +186,10 @@ def test_check_output_is_unchanged(
     got = _run(case, output_format, tmp_path)
     stdout_path = GOLDEN / f"{case.name}.{output_format}.out"
     meta_path = GOLDEN / f"{case.name}.{output_format}.meta.json"
-    meta = {"args": ["check", *case.args], "env": case.env, "exit_code": got["exit_code"]}
+    args = ["check", *case.args]
+    if output_format == "helm-values":
+        args += ["--format", output_format]
+    meta = {"args": args, "env": case.env, "exit_code": got["exit_code"]}
     meta["stderr"] = got["stderr"]
     if UPDATE:
         GOLDEN.mkdir(parents=True, exist_ok=True)
@@ -187,4 +213,5 @@ def test_the_docs_samples_are_golden_outputs() -> None:
 def test_every_golden_file_belongs_to_a_case() -> None:
     suffixes = ("out", "meta.json")
     names = {f"{c.name}.{fmt}.{ext}" for c in CASES for fmt in FORMATS for ext in suffixes}
+    names |= {f"{name}.helm-values.{ext}" for name in HELM_CASES for ext in suffixes}
     assert {p.name for p in GOLDEN.iterdir()} == names
