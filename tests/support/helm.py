@@ -10,6 +10,7 @@ matrix (deploy/helm/workerkit/ci/*.yaml). :func:`settings_for` builds the worker
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -76,8 +77,14 @@ def render_manifests(
     opts.setdefault("name", RELEASE)
     opts.setdefault("namespace", NAMESPACE)
     opts.setdefault("is_install", True)
-    with helm.Chart.load(CHART_DIR) as chart:
-        return chart.render(merged, **opts)
+    return _chart().render(merged, **opts)
+
+
+@functools.cache
+def _chart() -> helm.Chart:
+    """The chart, loaded once per test process (a render then takes milliseconds)."""
+    helm.disable_logging()  # lint logs each template `fail` at INFO on stderr
+    return helm.Chart.load(CHART_DIR)
 
 
 def render(values: Mapping[str, Any] | None = None, **opts: Any) -> list[dict[str, Any]]:
