@@ -28,7 +28,7 @@ workerkit.timing.evaluate for every documented bad combination and for random bu
 {{- if eq $x (floor $x) -}}
 {{- printf "%d" (int64 $x) -}}
 {{- else -}}
-{{- printf "%.3f" $x | regexReplaceAll "0+$" "" | trimSuffix "." -}}
+{{- regexReplaceAll "0+$" (printf "%.3f" $x) "" | trimSuffix "." -}}
 {{- end -}}
 {{- end -}}
 
