@@ -163,6 +163,45 @@ def test_the_defaults_pass_on_every_engine() -> None:
         assert _assert_same(_values(engine, {}, scheduler=True), scheduler=True) == set()
 
 
+#: (engine, timing values, scheduler?, rule, holds?): each rule exactly on its bound.
+BOUNDARIES = [
+    ("sql", {"gracePeriod": 5, "releaseMargin": 5}, False, "G1", False),  # D = 0
+    ("sql", {"gracePeriod": 10, "prestopDelay": 10, "releaseMargin": 1}, False, "G2", False),
+    ("sql", {"gracePeriod": 10, "checkpointInterval": 2.5}, False, "G3", True),  # D = 5
+    ("sql", {"gracePeriod": 15, "checkpointInterval": 5}, False, "F1", True),  # F = D / 2
+    ("celery", {"jobTimeout": 70, "visibilityTimeout": 100}, False, "V1", False),  # V = J+D+M
+    ("celery", {"maxCountdown": 10, "visibilityTimeout": 340}, False, "V2", False),
+    ("celery", {"maxCountdown": 600, "visibilityTimeout": 3720}, False, "V3", True),  # 4 x 930
+    ("rq", {"visibilityTimeout": 30, "heartbeatInterval": 10}, False, "H1", True),  # H = V / 3
+    ("sql", {"visibilityTimeout": 30, "heartbeatInterval": 15}, False, "H2", False),  # H = V / 2
+    ("sql", {"jobTimeout": 100, "idempotencyInProgressExpiry": 100}, False, "I1", False),
+    ("celery", {"visibilityTimeout": 3600, "idempotencyInProgressExpiry": 3600}, False, "I2", True),
+    ("sql", {"idempotencyRetention": 330}, False, "I3", False),  # R = Ip = J + 30
+    ("sql", {"leaseDuration": 10, "renewDeadline": 10}, True, "L1", False),
+    ("sql", {"renewDeadline": 6, "retryPeriod": 5}, True, "L2", False),  # 1.2 x Rp = Rd
+    ("rq", {"standbyDelay": 2, "misfireGrace": 2}, True, "L3", False),
+    (
+        "sql",
+        {"gracePeriod": 7, "releaseMargin": 5, "checkpointInterval": 1, "retryPeriod": 6},
+        True,
+        "L4",
+        True,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("engine", "timing", "scheduler", "rule", "holds"),
+    BOUNDARIES,
+    ids=[f"{c[3]}-{c[0]}" for c in BOUNDARIES],
+)
+def test_on_the_bound_the_chart_agrees_with_workerkit(
+    engine: str, timing: dict[str, Any], scheduler: bool, rule: str, holds: bool
+) -> None:
+    values = _values(engine, {**timing, "strict": True}, scheduler=scheduler)
+    assert (rule not in _assert_same(values, scheduler=scheduler)) == holds
+
+
 # --- random budgets ---------------------------------------------------------------------------
 
 
@@ -178,14 +217,14 @@ def _maybe(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 _TIMING = st.fixed_dictionaries(
     {
         "gracePeriod": st.integers(1, 400),
-        "prestopDelay": st.integers(0, 60),
+        "prestopDelay": st.one_of(st.just(0), st.integers(0, 60)),
         "releaseMargin": _halves(0.5, 40),
         "jobTimeout": st.one_of(_halves(0.5, 100), st.integers(1, 5000).map(float)),
         "visibilityTimeout": _maybe(st.one_of(_halves(1, 100), st.integers(1, 20000).map(float))),
         "heartbeatInterval": _maybe(_halves(0.5, 200)),
-        "checkpointInterval": _halves(0.5, 200),
+        "checkpointInterval": st.one_of(_halves(0.5, 20), _halves(0.5, 200)),
         "idempotencyInProgressExpiry": _maybe(st.integers(1, 6000).map(float)),
-        "idempotencyRetention": st.integers(1, 20000).map(float),
+        "idempotencyRetention": st.one_of(st.just(86400.0), st.integers(1, 20000).map(float)),
         "maxCountdown": st.one_of(st.just(0.0), st.integers(0, 5000).map(float)),
         "strict": st.booleans(),
     }
