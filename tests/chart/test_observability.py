@@ -168,7 +168,7 @@ def test_dashboard_is_an_importable_grafana_dashboard() -> None:
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${DS_PROMETHEUS}"
             assert 'namespace=~"$namespace"' in target["expr"], panel["title"]
-            assert 'pod=~"$pool-.+"' in target["expr"], panel["title"]
+            assert 'pod=~"$pool-[a-z0-9]+-[a-z0-9]{5}"' in target["expr"], panel["title"]
     for var in dashboard["templating"]["list"]:
         assert var["datasource"]["uid"] == "${DS_PROMETHEUS}"
 
