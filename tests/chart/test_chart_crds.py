@@ -142,6 +142,10 @@ def _drop(path: str) -> Callable[[dict[str, Any]], None]:
     return mutate
 
 
+def _repeat_first_group(obj: dict[str, Any]) -> None:
+    obj["spec"]["groups"].append(copy.deepcopy(obj["spec"]["groups"][0]))
+
+
 @pytest.mark.parametrize(
     ("kind", "mutate", "expected"),
     [
@@ -165,6 +169,8 @@ def _drop(path: str) -> Callable[[dict[str, Any]], None]:
         ("ServiceMonitor", _set("spec.endpoints.0.interval", "30"), "'30' does not match"),
         ("PrometheusRule", _set("spec.groups.0.rules.0.for", "15 minutes"), "does not match"),
         ("PrometheusRule", _set("spec.groups.0.rules.0.severity", "warning"), "was unexpected"),
+        # groups is a list-map keyed by name: two groups of one name are refused.
+        ("PrometheusRule", _repeat_first_group, "duplicate entry in a list of type map"),
     ],
 )
 def test_a_broken_custom_resource_is_refused(

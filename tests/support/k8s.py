@@ -240,7 +240,9 @@ def validate_crd(obj: Mapping[str, Any]) -> list[str]:
         known = ", ".join(f"{v} {k}" for v, k in vendored_kinds())
         return [f"{kind}/{name}: no vendored schema for {api_version} {kind} (known: {known})"]
     validator = _validator(str(api_version), str(kind))
-    errors = sorted(validator.iter_errors(dict(obj)), key=lambda e: list(e.absolute_path))
+    errors = sorted(
+        validator.iter_errors(dict(obj)), key=lambda e: [str(p) for p in e.absolute_path]
+    )
     return [f"{kind}/{name}: {_where(e)}: {_describe(e)}" for e in errors]
 
 
