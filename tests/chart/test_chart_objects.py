@@ -315,6 +315,7 @@ def test_no_service_unless_scraping_asks() -> None:
     monitored = render({**SQL_POOL, "metrics": {"serviceMonitor": {"enabled": True}}})
     service = _only(monitored, "Service")
     assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True  # draining pods stay scraped
     assert service["spec"]["ports"][0]["targetPort"] == "http"
     monitor = _only(monitored, "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] == "http"

@@ -130,7 +130,7 @@ def test_documented_bad_combination_fails_with_workerkits_rule(
     where = "scheduler" if scheduler else "workers.default"
     line = next(line for line in message.splitlines() if f"[{rule}]" in line)
     assert f"{where}: timing rule [{rule}] failed: {TITLES[rule]} (" in line
-    assert line.endswith(f"Run `workerkit check {engine}` with these values for the fix.")
+    assert line.endswith(f"Run `workerkit check --engine {engine}` with these values for the fix.")
 
 
 def test_the_failure_names_every_failing_rule_with_workerkits_title() -> None:

@@ -45,7 +45,9 @@ def test_defaults_print_an_empty_block_after_the_verdicts() -> None:
     settings = Settings()
     out = render_helm_values(evaluate(settings), settings)
     comment, block = out.split("\n", 1)
-    assert comment.startswith("# workerkit check sql -- errors: none; warnings: none; ok: G1 G2")
+    assert comment.startswith(
+        "# workerkit check --engine sql -- errors: none; warnings: none; ok: G1 G2"
+    )
     assert yaml.safe_load(block) == {"timing": {}}
 
 
@@ -83,11 +85,14 @@ def test_the_verdicts_name_every_rule_once_errors_first() -> None:
     report = evaluate(settings)
     comment = render_helm_values(report, settings).splitlines()[0]
     assert comment == (
-        "# workerkit check sql -- errors: G1 G2 F1; warnings: G3 L4; ok: T1 H1 H2 I1 I3 L1 L2 L3 S1"
+        "# workerkit check --engine sql -- errors: G1 G2 F1; warnings: G3 L4; "
+        "ok: T1 H1 H2 I1 I3 L1 L2 L3 S1"
     )
     strict = Settings(grace_period=8, strict=True)
     comment = render_helm_values(evaluate(strict), strict).splitlines()[0]
-    assert comment.startswith("# workerkit check sql --strict -- errors: G3 F1; warnings: none")
+    assert comment.startswith(
+        "# workerkit check --engine sql --strict -- errors: G3 F1; warnings: none"
+    )
 
 
 def test_fractional_grace_is_flagged_for_the_chart() -> None:
@@ -119,4 +124,4 @@ def test_the_command_exits_as_check_does(tmp_path: Path, monkeypatch: pytest.Mon
     assert good.exit_code == 0
     assert yaml.safe_load(good.stdout) == {"timing": {"gracePeriod": 60}}
     assert bad.exit_code == 1
-    assert bad.stdout.startswith("# workerkit check rq -- errors: G1 F1;")
+    assert bad.stdout.startswith("# workerkit check --engine rq -- errors: G1 F1;")

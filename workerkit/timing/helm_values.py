@@ -73,7 +73,7 @@ def _yaml_scalar(value: Value) -> str:
 
 
 def _verdicts(report: BudgetReport) -> str:
-    """``# workerkit check ENGINE -- errors: ...; warnings: ...; ok: ...`` (rule ids, in order)."""
+    """``# workerkit check --engine ENGINE -- errors: ...; ok: ...``: rule ids, in order."""
     ids = list(dict.fromkeys(f.rule_id for f in report.findings))
     errors = {f.rule_id for f in report.errors}
     warnings = {f.rule_id for f in report.warnings} - errors
@@ -84,7 +84,7 @@ def _verdicts(report: BudgetReport) -> str:
     }
     parts = "; ".join(f"{name}: {' '.join(group) or 'none'}" for name, group in groups.items())
     strict = " --strict" if report.strict else ""
-    return f"# workerkit check {report.budget.engine}{strict} -- {parts}"
+    return f"# workerkit check --engine {report.budget.engine}{strict} -- {parts}"
 
 
 def _block(name: str, values: Mapping[str, Value], indent: str) -> list[str]:

@@ -120,7 +120,7 @@ Call with the resolved pool or scheduler.
 {{- end -}}
 {{- end -}}
 {{- if $lines -}}
-{{- $hint := printf "Run `workerkit check %s` with these values for the fix." .engine -}}
+{{- $hint := printf "Run `workerkit check --engine %s` with these values for the fix." .engine -}}
 {{- $msgs := list -}}
 {{- range $lines -}}{{- $msgs = append $msgs (printf "%s: %s. %s" $.where . $hint) -}}{{- end -}}
 {{- fail (join "\n" $msgs) -}}
