@@ -73,8 +73,13 @@ def test_multi_stage_wheels_built_in_the_builder_and_only_the_venv_copied(
     assert "pip wheel --no-cache-dir --wheel-dir /wheels" in build, build
     assert "--no-index --find-links /wheels" in build, build  # the venv from the wheels only
     assert f"python -m venv {facts.venv}" in build, build
-    (copy,) = runtime.all("COPY")
-    assert copy.args.split() == ["--from=builder", str(facts.venv), str(facts.venv)]
+    users, venv = runtime.all("COPY")
+    assert venv.args.split() == ["--from=builder", str(facts.venv), str(facts.venv)]
+    # The user's passwd and group entries, made in the builder (the same base image).
+    assert users.args.split() == ["--from=builder", "/etc/passwd", "/etc/group", "/etc/"]
+    uid, gid = facts.uid_gid
+    assert f"groupadd --gid {gid} " in build, build
+    assert f"useradd --no-log-init --uid {uid} --gid {gid} " in build, build
     # Nothing runs in the runtime stage: the image needs no shell, at build or at runtime.
     assert runtime.all("RUN") == []
     # The venv's interpreter links into the base: the same image in both stages.

@@ -331,8 +331,11 @@ class Container:
     image_venv: Path
     volumes: Sequence[Path] = ()
     read_only_root: bool = True
-    tmp: str | None = "/tmp"  # the emptyDir's mount path, or None for none
+    empty_dirs: Sequence[str] = ("/tmp",)  # each a fresh tmpfs (a pod's emptyDir volumes)
     workdir: str = "/"
+    #: The passwd/group entry name the image gives the uid (deploy/docker/Dockerfile copies
+    #: them from its builder stage); added over the host's files when they lack the uid.
+    user_name: str | None = "workerkit"
     host_venv: Path = field(default_factory=lambda: Path(sys.prefix))
 
     def host_argv(self) -> list[str]:
@@ -359,6 +362,32 @@ class Container:
         for volume in self.volumes:
             for path in [volume, *volume.rglob("*")]:
                 os.chown(path, self.uid, self.gid, follow_symlinks=False)
+
+    def _user_entries(self, mount: str) -> list[str]:
+        """Bind the host's passwd and group files with the image's entries for the uid."""
+        if self.user_name is None:
+            return []
+        lines = []
+        entries = {
+            "passwd": (
+                self.uid,
+                f"{self.user_name}:x:{self.uid}:{self.gid}::/tmp:/usr/sbin/nologin",
+            ),
+            "group": (self.gid, f"{self.user_name}:x:{self.gid}:"),
+        }
+        for name, (number, entry) in entries.items():
+            host = Path("/etc") / name
+            ids = {
+                line.split(":")[2] for line in host.read_text().splitlines() if line.count(":") >= 3
+            }
+            if str(number) in ids:
+                continue
+            staged = f"/dev/shm/{name}"
+            lines.append(
+                f"{{ cat {host}; echo {shlex.quote(entry)}; }} > {staged}"
+                f" && {mount} --bind {staged} {host}"
+            )
+        return lines
 
     def _script(self, tools: Mapping[str, str]) -> str:
         q = shlex.quote
@@ -387,16 +416,16 @@ class Container:
             covered.append(str(self.image_venv.parent))
         for volume in self.volumes:
             stage(volume, volume)
-        if self.tmp is not None:
-            covered.append(self.tmp)
+        covered.extend(self.empty_dirs)
         for point in covered:
-            mode = "1777" if point == self.tmp else "755"
+            mode = "1777" if point in self.empty_dirs else "755"
             lines.append(f"{mount} -t tmpfs -o mode={mode} wk-{Path(point).name} {q(point)}")
         volumes = {str(v) for v in self.volumes}
         for staged, target in moves:
             lines.extend([f"{mkdir} -p {q(target)}", f"{mount} --move {staged} {q(target)}"])
             if target not in volumes:  # the interpreter and the venv: read-only, as in the image
                 lines.append(f"{mount} -o remount,bind,ro {q(target)}")
+        lines.extend(self._user_entries(mount))
         if self.read_only_root:
             lines.append(f"{mount} -o remount,bind,ro /")
         lines.append("chmod 1777 /dev/shm")  # the staging tmpfs stays: the pod's own /dev/shm

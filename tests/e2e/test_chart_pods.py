@@ -1,0 +1,343 @@
+"""From the rendered chart to a real run: a worker Deployment rendered from
+deploy/helm/workerkit, its pod run here as the kubelet runs it (tests/support/kubelet.py) on
+SQL, RQ and Celery pools, with a long checkpointed job in hand when the pod is deleted.
+
+The kubelet's termination: the preStop sleep (P = 1 s), SIGTERM to PID 1, SIGKILL at the grace
+period (G = 8 s from the start). The chart puts the same G, P and M = 2 s in the worker's
+environment, so the worker stops the job at D = G - P - M = 5 s after SIGTERM and releases it
+before the kill: the pod exits by itself, and a second pod of the same spec resumes the job from
+its checkpoint and finishes it, once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+
+from tests.support.container import REPO, DockerfileFacts, require_containers
+from tests.support.harness import wait_until
+from tests.support.kubelet import Pod
+from tests.support.servers import free_port
+from workerkit.app import App, EnqueueOptions
+from workerkit.engines.sql import SqlQueue
+from workerkit.settings import Settings
+
+pytestmark = pytest.mark.e2e
+
+CHART = Path(os.environ.get("WK_DEV_CHART", REPO / "deploy" / "helm" / "workerkit"))  # DEV
+POOL = "longjobs"
+SECRET = "workerkit-urls"
+GRACE, PRESTOP, MARGIN = 8, 1, 2
+STEPS = 100  # of 0.1 s: 10 s of work, longer than the pod's D = 5 s
+JOB = "x"
+
+
+def render_deployment(work: Work, port: int) -> dict[str, Any]:
+    """The chart's Deployment of one pool, rendered with the test's short timing."""
+    values = {
+        "image": {"repository": "registry.example.com/workerkit-e2e"},
+        "secrets": {"existingSecret": SECRET},
+        "timing": {
+            "gracePeriod": GRACE,
+            "prestopDelay": PRESTOP,
+            "releaseMargin": MARGIN,
+            "jobTimeout": 60,
+            "checkpointInterval": 1,
+        },
+        "probes": {"port": port, "livenessTimeout": 30, "startupTimeout": 30},
+        "workers": {
+            "default": {"enabled": False},
+            POOL: {
+                "engine": work.engine,
+                "app": work.app,
+                "queues": work.queues,
+                "concurrency": 1,
+                "replicas": 1,
+                # The app is on the path as its wheel would be in the image; the jobs write
+                # the test's journal, a volume shared with the test.
+                "env": [
+                    {"name": "PYTHONPATH", "value": str(REPO)},
+                    {"name": "E2E_JOURNAL", "value": str(work.journal)},
+                    *work.extra_env,
+                ],
+            },
+        },
+    }
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(values, name="rel", namespace="jobs", is_install=True)
+    objects = [
+        o
+        for path, text in manifests.items()
+        if path.endswith(".yaml")  # not NOTES.txt
+        for o in yaml.safe_load_all(text)
+        if o
+    ]
+    (deployment,) = [
+        o
+        for o in objects
+        if o["kind"] == "Deployment"
+        and o["metadata"]["labels"]["app.kubernetes.io/component"] == f"worker-{POOL}"
+    ]
+    return deployment
+
+
+def lines(journal: Path) -> list[str]:
+    try:
+        return journal.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+# --------------------------------------------------------------------------------------------
+# the same long checkpointed job on each engine, read from its own journal lines
+
+
+@dataclass
+class Work:
+    """One engine's long checkpointed job: how to enqueue it and read what happened."""
+
+    engine: str
+    app: str
+    queues: list[str]
+    url: str
+    journal: Path
+
+    @property
+    def extra_env(self) -> list[dict[str, Any]]:
+        """The pool's own env in the values (besides the app's path and the journal)."""
+        return []
+
+    def enqueue(self) -> None:
+        raise NotImplementedError
+
+    def starts(self) -> list[int]:
+        """The checkpoint each run started from."""
+        raise NotImplementedError
+
+    def stops(self) -> list[int]:
+        """Where each run stopped for a release."""
+        raise NotImplementedError
+
+    def done(self) -> int:
+        return sum(line.split()[:2] == ["done", JOB] for line in lines(self.journal))
+
+    def assert_released(self, stopped_at: int) -> None:
+        raise NotImplementedError
+
+    def assert_finished(self) -> None:
+        raise NotImplementedError
+
+
+def _numbers(journal: Path, pattern: str) -> list[int]:
+    return [int(m.group(1)) for x in lines(journal) if (m := re.match(pattern, x))]
+
+
+class SqlWork(Work):
+    def _queue(self) -> SqlQueue:
+        return SqlQueue(self.url, settings=Settings(database_url=self.url))
+
+    def enqueue(self) -> None:
+        app = App(self.url, settings=Settings(database_url=self.url))
+        try:
+            app.enqueue("cooperative", [JOB, STEPS], {}, EnqueueOptions(job_id=JOB))
+        finally:
+            app.backend.close()
+
+    def starts(self) -> list[int]:
+        return _numbers(self.journal, rf"start {JOB} 1 from (\d+)$")
+
+    def stops(self) -> list[int]:
+        return _numbers(self.journal, rf"stop {JOB} at (\d+)$")
+
+    def _job(self) -> dict[str, Any]:
+        queue = self._queue()
+        try:
+            job = queue.get_job(JOB)
+        finally:
+            queue.close()
+        assert job is not None
+        return job
+
+    def assert_released(self, stopped_at: int) -> None:
+        job = self._job()
+        assert (job["state"], job["attempts"], job["lease_token"]) == ("ready", 0, None), job
+        assert job["checkpoint"] == stopped_at, job
+
+    def assert_finished(self) -> None:
+        job = self._job()
+        assert (job["state"], job["attempts"]) == ("succeeded", 1), job
+
+
+class RqWork(Work):
+    def _connection(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.url)
+
+    def enqueue(self) -> None:
+        from rq import Queue
+        from rq.serializers import JSONSerializer
+
+        queue = Queue("default", connection=self._connection(), serializer=JSONSerializer)
+        queue.enqueue("tests.apps.rq_jobs.cooperative", JOB, STEPS, job_id=JOB)
+
+    def starts(self) -> list[int]:
+        return _numbers(self.journal, rf"start {JOB} 1 from (\d+)$")
+
+    def stops(self) -> list[int]:
+        return _numbers(self.journal, rf"stop {JOB} at (\d+)$")
+
+    def assert_released(self, stopped_at: int) -> None:
+        from rq import Queue
+
+        from workerkit.engines.rq.jobs import read_state
+
+        state = read_state(self._connection(), JOB)
+        assert (state["checkpoint"], state["attempts"]) == (stopped_at, 0), state
+        assert Queue("default", connection=self._connection()).get_job_ids() == [JOB]
+
+    def assert_finished(self) -> None:
+        from rq.job import Job
+        from rq.serializers import JSONSerializer
+
+        job = Job.fetch(JOB, connection=self._connection(), serializer=JSONSerializer)
+        assert job.get_status() == "finished"
+        assert job.return_value() == f"{JOB} ok"
+
+
+class CeleryWork(Work):
+    @property
+    def extra_env(self) -> list[dict[str, Any]]:
+        # The test app names its broker itself (tests/apps/celery_jobs.py), as apps do; from
+        # the same secret, by reference.
+        ref = {"name": SECRET, "key": "redis-url"}
+        return [{"name": "E2E_REDIS_URL", "valueFrom": {"secretKeyRef": ref}}]
+
+    def enqueue(self) -> None:
+        from tests.support.celery_harness import send
+
+        send(self.url, "steps", JOB, STEPS, 0.1, task_id=JOB)
+
+    def starts(self) -> list[int]:
+        return _numbers(self.journal, rf"start {JOB} from=(\d+) attempt=1 ")
+
+    def stops(self) -> list[int]:
+        return _numbers(self.journal, rf"release {JOB} at=(\d+) ")
+
+    def _queue(self) -> list[str]:
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        try:
+            raw = client.lrange("celery", 0, -1)
+        finally:
+            client.close()
+        return [json.loads(item)["headers"]["id"] for item in raw]
+
+    def assert_released(self, stopped_at: int) -> None:
+        del stopped_at  # the next run's start says where it resumed
+        assert self._queue() == [JOB]  # back in its queue before the pod exited
+
+    def assert_finished(self) -> None:
+        assert self._queue() == []
+
+
+def _work(engine: str, request: pytest.FixtureRequest, journal: Path) -> Work:
+    if engine == "sql":
+        url = request.getfixturevalue("postgres_url")
+        return SqlWork(engine, "tests.apps.sql_jobs:app", [], url, journal)
+    url = request.getfixturevalue("redis_url")
+    if engine == "rq":
+        return RqWork(engine, "tests.apps.rq_jobs:app", [], url, journal)
+    return CeleryWork(engine, "tests.apps.celery_jobs:app", ["celery"], url, journal)
+
+
+@pytest.fixture
+def pods() -> Iterator[list[Pod]]:
+    """The test's pods, whatever is left of them killed at the end."""
+    started: list[Pod] = []
+    try:
+        yield started
+    finally:
+        for pod in started:
+            pod.stop()
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("engine", ["sql", "rq", "celery"])
+def test_the_rendered_pod_releases_its_job_before_the_kill_and_the_next_pod_resumes_it(
+    engine: str, tmp_path: Path, request: pytest.FixtureRequest, pods: list[Pod]
+) -> None:
+    require_containers()
+    data = tmp_path / "data"  # shared with the pods: the journal
+    data.mkdir()
+    work = _work(engine, request, data / "journal.txt")
+    deployment = render_deployment(work, free_port())
+    image = DockerfileFacts.load()
+    secrets = {SECRET: {"database-url": work.url, "redis-url": work.url}}
+
+    def pod(name: str) -> Pod:
+        made = Pod.from_deployment(
+            deployment, secrets=secrets, image=image, workdir=tmp_path, volumes=[data], name=name
+        )
+        pods.append(made)
+        return made
+
+    first = pod("pod-a")
+    # What the kubelet got from the chart: one G for the kill and for the worker.
+    assert (first.grace, first.prestop) == (GRACE, PRESTOP)
+    assert first.container.argv == ["workerkit", "run", engine, "--app", work.app]
+    env = first.container.env
+    assert (env["WORKERKIT_GRACE_PERIOD"], env["WORKERKIT_PRESTOP_DELAY"]) == ("8", "1")
+    assert (first.container.uid, first.container.read_only_root) == (10001, True)
+    assert first.container.empty_dirs == ["/tmp"]
+    assert first.startup is not None
+    assert first.readiness is not None
+    assert (first.startup.path, first.readiness.path) == ("/startupz", "/readyz")
+
+    work.enqueue()
+    first.start()
+    first.wait_started()
+    assert first.status()["Uid"].split()[0] == "10001"
+    assert first.log.wait_event("supervisor_starting")["pid"] == 1
+    # The uid has its passwd and group entries (as the image has): Celery's privilege check
+    # does not mistake it for root.
+    assert "SecurityWarning" not in first.log.log_path.read_text()
+    wait_until(lambda: work.starts() == [0], timeout=30, what="the job to start")
+    ended = first.terminate()
+
+    assert not ended.killed, f"SIGKILLed at the grace period:\n{first.log.log_text()}"
+    assert ended.exit_code == 0, first.log.log_text()
+    assert ended.sigterm_at >= PRESTOP  # the preStop sleep came first
+    assert ended.exited_at < GRACE, ended
+    (stopped_at,) = work.stops()
+    assert 0 < stopped_at < STEPS, stopped_at
+    work.assert_released(stopped_at)
+    assert work.done() == 0
+    (stopped,) = first.log.events_named("supervisor_stopped")
+    assert stopped["outcome"] in ("released", "clean"), stopped
+
+    second = pod("pod-b")
+    second.start()
+    second.wait_started()
+    wait_until(lambda: work.done() == 1, timeout=STEPS * 0.1 + 30, what="the job to finish")
+    ended = second.terminate()  # idle now: out at once
+    assert not ended.killed
+    assert ended.exit_code == 0, second.log.log_text()
+    assert ended.exited_at < PRESTOP + MARGIN, ended
+
+    assert work.starts() == [0, stopped_at], lines(work.journal)  # resumed, not restarted
+    assert work.done() == 1, lines(work.journal)
+    work.assert_finished()
