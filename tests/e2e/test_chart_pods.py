@@ -23,7 +23,7 @@ import helm_python as helm
 import pytest
 import yaml
 
-from tests.support.container import REPO, DockerfileFacts, require_containers
+from tests.support.container import REPO, DockerfileFacts, namespace_processes, require_containers
 from tests.support.harness import wait_until
 from tests.support.kubelet import Pod
 from tests.support.servers import free_port
@@ -341,3 +341,38 @@ def test_the_rendered_pod_releases_its_job_before_the_kill_and_the_next_pod_resu
     assert work.starts() == [0, stopped_at], lines(work.journal)  # resumed, not restarted
     assert work.done() == 1, lines(work.journal)
     work.assert_finished()
+
+
+@pytest.mark.timeout(60)
+def test_a_grace_period_that_drifted_from_the_workers_is_a_kill_with_the_job_in_hand(
+    tmp_path: Path, request: pytest.FixtureRequest, pods: list[Pod]
+) -> None:
+    # The control: the same pod with terminationGracePeriodSeconds set apart from the worker's
+    # WORKERKIT_GRACE_PERIOD (what the chart's one timing block rules out). The kubelet kills
+    # at 4 s, before the worker's release at P + D = 6 s: the kill above would have been seen.
+    require_containers()
+    data = tmp_path / "data"
+    data.mkdir()
+    work = _work("sql", request, data / "journal.txt")
+    deployment = render_deployment(work, free_port())
+    deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 4
+    pod = Pod.from_deployment(
+        deployment,
+        secrets={SECRET: {"database-url": work.url}},
+        image=DockerfileFacts.load(),
+        workdir=tmp_path,
+        volumes=[data],
+    )
+    pods.append(pod)
+    work.enqueue()
+    pod.start()
+    pod.wait_started()
+    pid1 = pod.pid1
+    wait_until(lambda: work.starts() == [0], timeout=30, what="the job to start")
+    ended = pod.terminate()
+    assert ended.killed, ended
+    assert 4 <= ended.exited_at < 6, ended
+    assert namespace_processes(pid1) == {}  # PID 1 killed: the whole container with it
+    assert work.stops() == []  # never asked to stop: the job was cut mid-step
+    assert work.done() == 0
+    assert not pod.log.events_named("supervisor_stopped")

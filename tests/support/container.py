@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import shutil
-import stat
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -295,20 +294,23 @@ def require_containers() -> None:
     pytest.skip(reason)
 
 
-def _blocked(paths: Iterable[Path]) -> dict[Path, set[str]]:
-    """Directories on the way to ``paths`` that others may not traverse (``/root``, 0700),
-    each with the entries under it the container needs."""
-    blocked: dict[Path, set[str]] = {}
+def _exposures(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
+    """What makes ``paths`` reachable by any user: the outermost directories on the way that
+    others may not traverse (``/root`` of a pyenv install, 0700), each to be covered by a tmpfs,
+    and the entries under the innermost such directory, to be bound back in at their path."""
+    covers: set[Path] = set()
+    sources: set[Path] = set()
     for path in paths:
-        for parent in reversed(path.parents):
-            if parent == Path("/"):
-                continue
-            mode = parent.stat().st_mode
-            if not mode & stat.S_IXOTH:
-                child = path.relative_to(parent).parts[0]
-                blocked.setdefault(parent, set()).add(child)
-                break
-    return blocked
+        blocked = [
+            p for p in reversed(path.parents) if p != Path("/") and not p.stat().st_mode & 0o001
+        ]
+        if blocked:
+            covers.add(blocked[0])
+            sources.add(blocked[-1] / path.relative_to(blocked[-1]).parts[0])
+    return (
+        sorted(c for c in covers if not any(o in c.parents for o in covers)),
+        sorted(x for x in sources if not any(o in x.parents for o in sources)),
+    )
 
 
 @dataclass
@@ -407,10 +409,10 @@ class Container:
             moves.append((staged, str(target)))
 
         covered: list[str] = []  # tmpfs mount points, in order
-        for parent, children in sorted(_blocked(needed).items()):
-            for child in sorted(children):
-                stage(parent / child, parent / child)
-            covered.append(str(parent))
+        covers, sources = _exposures(needed)
+        for source in sources:
+            stage(source, source)
+        covered.extend(str(c) for c in covers)
         stage(self.host_venv, self.image_venv)
         if not self.image_venv.exists():
             covered.append(str(self.image_venv.parent))
