@@ -41,8 +41,8 @@ STEPS = 100  # of 0.1 s: 10 s of work, longer than the pod's D = 5 s
 JOB = "x"
 
 
-def render_deployment(work: Work, port: int) -> dict[str, Any]:
-    """The chart's Deployment of one pool, rendered with the test's short timing."""
+def render(work: Work, port: int) -> list[dict[str, Any]]:
+    """The chart's objects for one pool, rendered with the test's short timing."""
     values = {
         "image": {"repository": "registry.example.com/workerkit-e2e"},
         "secrets": {"existingSecret": SECRET},
@@ -74,20 +74,22 @@ def render_deployment(work: Work, port: int) -> dict[str, Any]:
     }
     with helm.Chart.load(CHART) as chart:
         manifests = chart.render(values, name="rel", namespace="jobs", is_install=True)
-    objects = [
+    return [
         o
         for path, text in manifests.items()
         if path.endswith(".yaml")  # not NOTES.txt
         for o in yaml.safe_load_all(text)
         if o
     ]
-    (deployment,) = [
+
+
+def rendered(objects: list[dict[str, Any]], kind: str, component: str) -> dict[str, Any]:
+    (found,) = [
         o
         for o in objects
-        if o["kind"] == "Deployment"
-        and o["metadata"]["labels"]["app.kubernetes.io/component"] == f"worker-{POOL}"
+        if o["kind"] == kind and o["metadata"]["labels"]["app.kubernetes.io/component"] == component
     ]
-    return deployment
+    return found
 
 
 def lines(journal: Path) -> list[str]:
@@ -251,9 +253,10 @@ class CeleryWork(Work):
         assert self._queue() == []
 
 
-def _work(engine: str, request: pytest.FixtureRequest, journal: Path) -> Work:
+def _work(engine: str, request: pytest.FixtureRequest, journal: Path, *, blank: bool) -> Work:
     if engine == "sql":
-        url = request.getfixturevalue("postgres_url")
+        # blank: no workerkit schema yet, for the chart's migrations hook Job to create.
+        url = request.getfixturevalue("blank_postgres_url" if blank else "postgres_url")
         return SqlWork(engine, "tests.apps.sql_jobs:app", [], url, journal)
     url = request.getfixturevalue("redis_url")
     if engine == "rq":
@@ -283,17 +286,23 @@ def test_the_rendered_pod_releases_its_job_before_the_kill_and_the_next_pod_resu
     require_containers()
     data = tmp_path / "data"  # shared with the pods: the journal
     data.mkdir()
-    work = _work(engine, request, data / "journal.txt")
-    deployment = render_deployment(work, free_port())
+    work = _work(engine, request, data / "journal.txt", blank=True)
+    objects = render(work, free_port())
+    deployment = rendered(objects, "Deployment", f"worker-{POOL}")
     image = DockerfileFacts.load()
     secrets = {SECRET: {"database-url": work.url, "redis-url": work.url}}
 
-    def pod(name: str) -> Pod:
+    def pod(name: str, workload: dict[str, Any] = deployment) -> Pod:
         made = Pod.from_deployment(
-            deployment, secrets=secrets, image=image, workdir=tmp_path, volumes=[data], name=name
+            workload, secrets=secrets, image=image, workdir=tmp_path, volumes=[data], name=name
         )
         pods.append(made)
         return made
+
+    if engine == "sql":  # the pre-install hook first, as Helm runs it: the schema
+        migrate = pod("migrations", rendered(objects, "Job", "migrations"))
+        assert migrate.container.argv == ["workerkit", "db", "upgrade"]
+        assert migrate.run_to_completion(60) == 0, migrate.log.log_text()
 
     first = pod("pod-a")
     # What the kubelet got from the chart: one G for the kill and for the worker.
@@ -322,6 +331,8 @@ def test_the_rendered_pod_releases_its_job_before_the_kill_and_the_next_pod_resu
     assert ended.exit_code == 0, first.log.log_text()
     assert ended.sigterm_at >= PRESTOP  # the preStop sleep came first
     assert ended.exited_at < GRACE, ended
+    assert ended.readiness_after_sigterm is not None
+    assert ended.readiness_after_sigterm[0] == 503, ended  # out of the Service at once
     (stopped_at,) = work.stops()
     assert 0 < stopped_at < STEPS, stopped_at
     work.assert_released(stopped_at)
@@ -353,8 +364,8 @@ def test_a_grace_period_that_drifted_from_the_workers_is_a_kill_with_the_job_in_
     require_containers()
     data = tmp_path / "data"
     data.mkdir()
-    work = _work("sql", request, data / "journal.txt")
-    deployment = render_deployment(work, free_port())
+    work = _work("sql", request, data / "journal.txt", blank=False)
+    deployment = rendered(render(work, free_port()), "Deployment", f"worker-{POOL}")
     deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 4
     pod = Pod.from_deployment(
         deployment,

@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +78,8 @@ class Termination:
     exited_at: float
     killed: bool  # SIGKILL at the grace period: the pod did not exit by itself
     exit_code: int | None
+    #: The readinessProbe's answer right after SIGTERM (None: no probe, or no answer).
+    readiness_after_sigterm: tuple[int, str] | None = None
 
 
 def _expand(value: str, env: Mapping[str, str]) -> str:
@@ -147,8 +150,9 @@ class Pod:
         name: str = "pod",
         container_name: str | None = None,
     ) -> Pod:
-        """The pod of ``deployment`` (a rendered object). ``volumes``: host directories the
-        test shares with the pod (its journal), writable by the pod's user at their path."""
+        """The pod of ``deployment``, a rendered object with a pod template (a Deployment, or
+        a Job). ``volumes``: host directories the test shares with the pod (its journal),
+        writable by the pod's user at their path."""
         spec = deployment["spec"]["template"]["spec"]
         containers = spec["containers"]
         if container_name is not None:
@@ -278,6 +282,9 @@ class Pod:
         self.log.signalled_at = time.monotonic()
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid1, signal.SIGTERM)
+        readiness = None
+        if self.readiness is not None:
+            readiness = try_http_get(self.readiness.port, self.readiness.path)
         killed = False
         while proc.poll() is None:
             if time.monotonic() - begun >= self.grace:
@@ -294,7 +301,18 @@ class Pod:
             exited_at=time.monotonic() - begun,
             killed=killed,
             exit_code=proc.returncode,
+            readiness_after_sigterm=readiness,
         )
+
+    def run_to_completion(self, timeout: float) -> int:
+        """A Job's pod (``restartPolicy: Never``): start it, wait for its exit, its code."""
+        proc = self.start().log.proc
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{self.name} still running after {timeout:g}s:\n{self.log.log_text()}"
+            ) from None
 
     def stop(self) -> None:
         """Kill what is left of the pod (a test failed half-way)."""
