@@ -39,6 +39,11 @@ pytestmark = pytest.mark.e2e
 APP = "tests.apps.pid1_jobs:app"
 
 
+def environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().partition("=")[::2] for item in raw if item)
+
+
 def start_image(env: Env, facts: DockerfileFacts, *args: str) -> tuple[Supervisor, Container]:
     """ENTRYPOINT + ``args`` in a container: the image's ENV and the pod's settings only
     (nothing inherited from the test's environment), the data directory as a volume."""
@@ -84,7 +89,7 @@ def test_the_entrypoint_as_pid_1_and_uid_10001_reaps_orphans_and_drains_on_sigte
     env.enqueue("orphan_waits", "o", job_id="o")
     env.enqueue("sleep", "a", 2.0, job_id="a")  # in hand at SIGTERM: shorter than D
 
-    running, _ = start_image(env, facts, "run", "sql", "--app", APP)
+    running, container = start_image(env, facts, "run", "sql", "--app", APP)
     with stopped_after(running):
         running.wait_ready()
         (pid1,) = wait_until(lambda: children_of(running.pid), timeout=10, what="PID 1")
@@ -100,6 +105,11 @@ def test_the_entrypoint_as_pid_1_and_uid_10001_reaps_orphans_and_drains_on_sigte
             "--app",
             APP,
         ]
+        # Exactly the image's ENV and the pod's settings, nothing of the test's environment;
+        # the supervisor's runtime directory in the image's TMPDIR (the emptyDir).
+        assert environ_of(pid1) == container.env
+        tmpdir = facts.env()["TMPDIR"]
+        assert running.wait_event("channel_listening")["path"].startswith(f"{tmpdir}/")
         for pid, each in namespace_processes(pid1).items():  # the worker too
             assert each["Uid"].split() == [str(uid)] * 4, (pid, each)
             assert each["Gid"].split() == [str(gid)] * 4, (pid, each)

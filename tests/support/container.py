@@ -431,7 +431,7 @@ class Container:
         if self.read_only_root:
             lines.append(f"{mount} -o remount,bind,ro /")
         lines.append("chmod 1777 /dev/shm")  # the staging tmpfs stays: the pod's own /dev/shm
-        lines.append(f"cd {q(self.workdir)}")
+        lines.append(f"cd {q(self.workdir)} && unset PWD OLDPWD")  # the shell's, not ours
         lines.append(
             f"exec {tools['setpriv']} --reuid={self.uid} --regid={self.gid} --clear-groups"
             ' --no-new-privs --inh-caps=-all --bounding-set=-all -- "$@"'
