@@ -414,8 +414,11 @@ class Container:
             stage(source, source)
         covered.extend(str(c) for c in covers)
         stage(self.host_venv, self.image_venv)
-        if not self.image_venv.exists():
-            covered.append(str(self.image_venv.parent))
+        if not self.image_venv.exists():  # a tmpfs over its nearest parent, to create it in
+            parent = next(p for p in self.image_venv.parents if p.exists())
+            if parent == Path("/"):
+                raise ValueError(f"no directory above {self.image_venv} to mount a tmpfs on")
+            covered.append(str(parent))
         for volume in self.volumes:
             stage(volume, volume)
         covered.extend(self.empty_dirs)
