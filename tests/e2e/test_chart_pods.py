@@ -12,7 +12,6 @@ its checkpoint and finishes it, once.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from workerkit.settings import Settings
 
 pytestmark = pytest.mark.e2e
 
-CHART = Path(os.environ.get("WK_DEV_CHART", REPO / "deploy" / "helm" / "workerkit"))  # DEV
+CHART = REPO / "deploy" / "helm" / "workerkit"
 POOL = "longjobs"
 SECRET = "workerkit-urls"
 GRACE, PRESTOP, MARGIN = 8, 1, 2
@@ -72,6 +71,7 @@ def render(work: Work, port: int) -> list[dict[str, Any]]:
             },
         },
     }
+    assert (CHART / "Chart.yaml").exists(), f"{CHART}: the Helm chart is missing"
     with helm.Chart.load(CHART) as chart:
         manifests = chart.render(values, name="rel", namespace="jobs", is_install=True)
     return [
