@@ -412,6 +412,9 @@ class Container:
         covers, sources = _exposures(needed)
         for source in sources:
             stage(source, source)
+        for path in needed[1:]:  # a checkout or venv under /tmp: hidden by the emptyDir
+            if any(Path(e) in path.parents for e in self.empty_dirs):
+                stage(path, path)
         covered.extend(str(c) for c in covers)
         stage(self.host_venv, self.image_venv)
         if not self.image_venv.exists():  # a tmpfs over its nearest parent, to create it in
