@@ -24,7 +24,7 @@ import yaml
 
 from tests.support.container import REPO, DockerfileFacts, namespace_processes, require_containers
 from tests.support.harness import wait_until
-from tests.support.kubelet import Pod
+from tests.support.kubelet import Pod, PodSpecError
 from tests.support.servers import free_port
 from workerkit.app import App, EnqueueOptions
 from workerkit.engines.sql import SqlQueue
@@ -387,3 +387,54 @@ def test_a_grace_period_that_drifted_from_the_workers_is_a_kill_with_the_job_in_
     assert work.stops() == []  # never asked to stop: the job was cut mid-step
     assert work.done() == 0
     assert not pod.log.events_named("supervisor_stopped")
+
+
+def test_the_kubelet_here_reads_a_pod_as_kubernetes_does(tmp_path: Path) -> None:
+    # Our own logic (no processes): command/args over the image's, env order and $(VAR),
+    # secret references, and refusals of what it cannot run the way the kubelet would.
+    image = DockerfileFacts.load()
+    container: dict[str, Any] = {
+        "name": "worker",
+        "args": ["run", "rq"],
+        "env": [
+            {"name": "A", "value": "1"},
+            {"name": "B", "value": "$(A)-$(PATH)-$$(A)-$(NOPE)"},
+            {"name": "URL", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+        ],
+        "ports": [{"name": "http", "containerPort": 9000}],
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
+        "securityContext": {"runAsUser": 4242, "readOnlyRootFilesystem": True},
+    }
+    spec: dict[str, Any] = {"containers": [container], "securityContext": {"runAsGroup": 7}}
+    workload = {"spec": {"template": {"spec": spec}}}
+
+    def pod() -> Pod:
+        return Pod.from_deployment(
+            workload, secrets={"s": {"k": "redis://x"}}, image=image, workdir=tmp_path
+        )
+
+    made = pod()
+    assert made.container.argv == [*image.entrypoint, "run", "rq"]
+    assert made.container.env["B"] == "1-$(PATH)-$(A)-$(NOPE)"  # not the image's PATH
+    assert made.container.env["URL"] == "redis://x"
+    assert made.container.env["TMPDIR"] == "/tmp"  # the image's ENV under the pod's
+    assert (made.container.uid, made.container.gid) == (4242, 7)
+    assert made.readiness is not None
+    assert (made.readiness.port, made.readiness.period) == (9000, 5.0)
+    assert (made.grace, made.prestop, made.container.empty_dirs) == (30.0, 0.0, [])
+    container["command"] = ["python", "-m", "x"]
+    assert pod().container.argv == ["python", "-m", "x", "run", "rq"]
+    del container["args"]
+    assert pod().container.argv == ["python", "-m", "x"]  # a command drops the image's CMD
+    container["env"][2]["valueFrom"]["secretKeyRef"]["key"] = "missing"
+    with pytest.raises(PodSpecError, match="has no key 'missing'"):
+        pod()
+    container["env"].pop()
+    container["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", "5"]}}}
+    with pytest.raises(PodSpecError, match="only the sleep action"):
+        pod()
+    container["lifecycle"] = {"preStop": {"sleep": {"seconds": 3}}}
+    assert pod().prestop == 3.0
+    container["securityContext"] = {"runAsUser": 0, "runAsNonRoot": True}
+    with pytest.raises(PodSpecError, match="runAsNonRoot"):
+        pod()

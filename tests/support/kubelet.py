@@ -95,8 +95,9 @@ def _resolve_env(
     container: Mapping[str, Any], image_env: Mapping[str, str], secrets: Mapping[str, Any]
 ) -> dict[str, str]:
     """The container's environment: the image's, then envFrom, then env, as the kubelet
-    builds it (later wins, ``$(VAR)`` expanded)."""
-    env = dict(image_env)
+    builds it (later wins; ``$(VAR)`` expanded from the pod's own variables only: Kubernetes
+    does not know the image's)."""
+    env: dict[str, str] = {}
     for source in container.get("envFrom") or []:
         ref = source.get("secretRef")
         if ref is None:
@@ -118,7 +119,7 @@ def _resolve_env(
                 raise PodSpecError(
                     f"env {name}: secret {ref['name']!r} has no key {ref['key']!r}"
                 ) from None
-    return env
+    return {**image_env, **env}
 
 
 @dataclass
