@@ -327,6 +327,7 @@ def test_the_rendered_pod_releases_its_job_before_the_kill_and_the_next_pod_resu
     wait_until(lambda: work.starts() == [0], timeout=30, what="the job to start")
     ended = first.terminate()
 
+    print(f"{engine} pod-a: {ended}")
     assert not ended.killed, f"SIGKILLed at the grace period:\n{first.log.log_text()}"
     assert ended.exit_code == 0, first.log.log_text()
     assert ended.sigterm_at >= PRESTOP  # the preStop sleep came first
