@@ -25,11 +25,13 @@ from tests.support.faults import (
     Pods,
     alive,
     kill_tree,
+    problems,
     restart_redis_during,
     running_long_jobs,
     wait_for,
 )
 from tests.support.harness import WORKERKIT, Env, Supervisor, start_worker
+from tests.support.servers import start_redis
 
 if TYPE_CHECKING:
     from tests.support.servers import RedisServer
@@ -348,3 +350,76 @@ def test_orphaned_worker_release_is_not_taken_back_by_its_own_consumer(
         pod.stop()
         with jobs.client() as client:
             client.delete(queue)
+
+
+def test_idempotency_claim_that_cannot_reach_its_store_keeps_the_task(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # The fault of test_redis_restart_shorter_than_the_lease, forced: an idempotent task whose
+    # key cannot be claimed (its store, Redis, is down longer than the claim's retries) while
+    # its message is in a worker's hands. Its body never ran: the task must not be failed and
+    # its message acknowledged (lost), but go back to its queue and run once the store is back.
+    # Here the store is a Redis of its own (redis_url) and the broker stays up, so every
+    # claim meets the outage; in the shared Redis of the scenario above, only the few that
+    # start in it do.
+    queue = "cidem"
+    jobs = cluster.jobs
+    store = start_redis(appendonly=True)
+    env = Env(tmp=tmp_path, database_url="", journal=cluster.journal)
+    pod = start_worker(
+        [*WORKERKIT, "run", "celery", "--", "--pool=prefork"],
+        env,
+        app="tests.apps.fault_celery:app",
+        name="idem-store-pod",
+        engine={
+            "E2E_REDIS_URL": jobs.url,  # the app's broker
+            "redis_url": store.url(1),  # workerkit's idempotency store
+            "queues": queue,
+            "log_level": "info",
+        },
+        settings={"concurrency": "2", "recovery_window": str(WINDOW)},
+        new_session=True,
+    )
+    ids = [f"cidem-idem-{n}" for n in range(2)]
+    load = cluster.load("cidem", shorts=0, longs=0)
+    load.ids.extend(ids)
+    try:
+        pod.wait_ready(timeout=40)
+        store.process.stop()
+        jobs.enqueue([("idem", job_id, (job_id, 0.02)) for job_id in ids], queue=queue)
+        wait_for(
+            lambda: all("redis unavailable" in _lines_of(pod, job_id) for job_id in ids),
+            timeout=30,
+            what="each task's claim to fail: its store unreachable",
+        )
+        store = start_redis(port=store.port, directory=store.directory, appendonly=True)
+
+        lost_since: list[float] = []
+
+        def done() -> bool:
+            runs = load.runs()
+            if all(any(run.ended for run in runs.get(job_id, [])) for job_id in ids):
+                return True
+            where = jobs.locate(ids)
+            lost = [job_id for job_id in ids if not runs.get(job_id) and not where[job_id]]
+            if not lost:
+                lost_since.clear()
+            elif not lost_since:
+                lost_since.append(time.monotonic())
+            elif time.monotonic() - lost_since[0] > 3.0:  # not a message in flight
+                raise AssertionError(f"lost (never run, in no queue, not unacknowledged): {lost}")
+            return False
+
+        wait_for(done, timeout=30, what="each task run once its store is back")
+        assert not problems(load.runs(), ids), problems(load.runs(), ids)
+    finally:
+        pod.stop()
+        store.stop()
+        with jobs.client() as client:
+            client.delete(queue)
+
+
+def _lines_of(pod: Supervisor, job_id: str) -> str:
+    """The pod's log lines that mention ``job_id``, as one text."""
+    lines = pod.log_path.read_text(errors="replace").splitlines()
+    return "\n".join(line for line in lines if job_id in line)
