@@ -30,6 +30,7 @@ from workerkit.engines.celery.ledger import CRASHES_HEADER, GEN_HEADER, Generati
 from workerkit.engines.celery.outage import broker_errors, retry_in_background, retrying
 from workerkit.errors import StoreUnavailable
 from workerkit.events import CheckpointSaved, JobFinished, JobOutcome, JobStarted
+from workerkit.idempotency import idempotency_of, outcome_of
 from workerkit.job import JobContext
 
 if TYPE_CHECKING:
@@ -283,9 +284,10 @@ def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwa
             # never stopped, settles as usual (its settle is fenced by its lease, ack.lua).
             outcome = "lease_lost"
             raise _lease_lost(job_id, task.name) from None
-        if context.store_failed:  # our bookkeeping failed, not the task (_store_release)
+        released = _bookkeeping_failed(exc, context, run, task.name)
+        if released is not None:  # our bookkeeping failed, not the task
             outcome = "released"
-            raise _store_release(job_id, task.name) from None
+            raise released from None
         match verdict_for(exc, rules, backoff=_five_seconds):
             case Release():
                 outcome = "released"
@@ -299,8 +301,9 @@ def run_job(runtime: Runtime, task: Any, run: Callable[..., Any], args: Any, kwa
                 # (QuietRelease): the line above says it.
                 raise Reject(RELEASE_REASON, requeue=True) from None
             case Defer(delay=delay):
-                outcome = "retried"
-                raise task.retry(exc=exc, countdown=delay) from None
+                outcome = "retried"  # task.retry() raises Celery's Retry itself
+                outcome, deferred = _retry_later(task, job_id, exc, delay)
+                raise deferred from None
             case StandDown(outcome=label):
                 outcome = label
                 raise
@@ -390,23 +393,62 @@ def _lease_lost(job_id: str, task: str) -> Exception:
     return rejection
 
 
-def _store_release(job_id: str, task: str) -> Exception:
-    """A checkpoint the broker could not take within the lease: our own bookkeeping failed,
-    not the task. Released, never failed (Celery would acknowledge a failure: the message
-    would be gone), so it goes back with its last saved checkpoint."""
+def _released(job_id: str, task: str, reason: str, why: str, error: object = None) -> Exception:
+    """Released, never failed: our bookkeeping failed, not the task (Celery would acknowledge
+    a failure, and the message would be gone). It goes back to its queue by the fenced
+    restore, retried until the broker takes it; the ``reason``s:
+
+    ``broker_unreachable``: a checkpoint the broker could not take within the lease; it goes
+    back with its last saved checkpoint. ``idempotency_store_unreachable``: its idempotency
+    key could not be claimed (the store, Redis, unreachable through the claim's retries), so
+    its body never ran. ``retry_not_published``: Celery could not publish the retry of a
+    deferred task (a busy key) and rejects such a message without requeue, an ack.
+    """
     from celery.exceptions import Reject
 
-    log.warning(
-        "task released: the broker was unreachable for its checkpoint",
-        extra={
-            "event": "job_released",
-            "reason": "broker_unreachable",
-            "job_id": job_id,
-            "task": task,
-        },
-    )
+    fields = {"event": "job_released", "reason": reason, "job_id": job_id, "task": task}
+    if error is not None:
+        fields["error"] = str(error)
+    log.warning("task released: %s", why, extra=fields)
     rejection: Exception = Reject(RELEASE_REASON, requeue=True)
     return rejection
+
+
+def _bookkeeping_failed(
+    exc: BaseException, context: CeleryJobContext, run: Callable[..., Any], task: str
+) -> Exception | None:
+    """The release (:func:`_released`) of a run that ended because workerkit's own store
+    failed it: a checkpoint not saved within the lease, or the idempotency key of a task that
+    could not be claimed (no claim landed: the body never ran). None: the task's own end."""
+    if context.store_failed:
+        why = "the broker was unreachable for its checkpoint"
+        return _released(context.job_id, task, "broker_unreachable", why)
+    if (
+        isinstance(exc, StoreUnavailable)
+        and outcome_of(context) is None
+        and idempotency_of(run) is not None
+    ):
+        why = "its idempotency key could not be claimed, the store is unreachable"
+        return _released(context.job_id, task, "idempotency_store_unreachable", why, exc)
+    return None
+
+
+def _retry_later(
+    task: Any, job_id: str, exc: BaseException, delay: float
+) -> tuple[JobOutcome, BaseException]:
+    """A deferred task's Celery retry (``"retried"``), or its release when Celery could not
+    publish the retry (``"released"``, see :func:`_released`)."""
+    from kombu.exceptions import OperationalError
+
+    Reject, _ = _celery_rules()  # noqa: N806
+    try:
+        return "retried", task.retry(exc=exc, countdown=delay)
+    except Reject as rejected:
+        unpublished = isinstance(rejected.reason, (OperationalError, *broker_errors()))
+        if rejected.requeue or not unpublished:
+            raise
+        why = "its retry could not be published, the broker is unreachable"
+        return "released", _released(job_id, task.name, "retry_not_published", why, rejected.reason)
 
 
 def _poison(task: str, job_id: str, crashes: int, max_attempts: int) -> AttemptsExhausted:
