@@ -37,7 +37,12 @@ _KEDA_POOLS: dict[str, Any] = {
         "engine": "celery",
         "app": "proj.celery:app",
         "queues": ["reports"],
-        "keda": {"enabled": True, "authenticationRef": "workerkit-redis", "minReplicaCount": 0},
+        "keda": {
+            "enabled": True,
+            "authenticationRef": "workerkit-redis",
+            "minReplicaCount": 0,
+            "cooldownPeriod": 600,  # to zero: at least J + D (the chart refuses less)
+        },
     },
     "metered": {
         "app": "proj.tasks:app",

@@ -18,11 +18,14 @@ from tests.support.helm import (
     lint,
     load_ci_values,
     render,
+    render_error,
 )
+from workerkit.errors import UnknownSetting
 from workerkit.settings import load_settings
 from workerkit.timing import evaluate
 
-#: Kubernetes versions every object must validate against (the chart's kubeVersion >= 1.29).
+#: Kubernetes versions every object must validate against (the chart's kubeVersion >= 1.29;
+#: a preStop sleep needs 1.30, and the render refuses it below).
 KUBE_VERSIONS = ("1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0", "1.34.0")
 #: Custom resources: validated against their vendored schemas in test_chart_crds.py.
 CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
@@ -50,20 +53,65 @@ def test_the_matrix_is_there() -> None:
 
 @pytest.mark.parametrize("path", CI_VALUES, ids=CI_IDS)
 def test_lint_strict_finds_nothing(path: Path) -> None:
+    """Lint's own findings. Lint renders with the templates' `fail` turned into a log line, so
+    it never reports a refusal (a preStop on 1.29, a bad budget): the render tests do."""
     for kube in ("v1.29.0", "v1.34.0"):
         findings = lint(load_ci_values(path), kube_version=kube)
         assert [f for f in findings if f["severity"] >= 2] == [], kube
         assert all(f["severity"] <= 1 for f in findings)
 
 
+def _has_prestop(objects: list[dict[str, Any]]) -> bool:
+    return any("lifecycle" in c for d in find(objects, "Deployment") for c in _containers(d))
+
+
 @pytest.mark.parametrize("path", CI_VALUES, ids=CI_IDS)
 def test_every_core_object_validates_strictly(path: Path) -> None:
-    objects = _rendered(path)
-    core = [o for o in objects if not o["apiVersion"].startswith(CRD_GROUPS)]
-    assert core
+    """Rendered for each cluster version (.Capabilities.KubeVersion) and validated against its
+    schemas. The 1.29 schema has preStop's sleep action (alpha there, off by default), so a
+    values file with a preStop must be refused by the render on 1.29, not merely validate."""
+    values = load_ci_values(path)
+    prestop = _has_prestop(render(values, base=False))
     for version in KUBE_VERSIONS:
+        if prestop and tuple(map(int, version.split("."))) < (1, 30):
+            message = render_error(values, base=False, kube_version=f"v{version}")
+            assert "timing.prestopDelay is" in message
+            assert f"the cluster is v{version}" in message
+            continue
+        objects = render(values, base=False, kube_version=f"v{version}")
+        core = [o for o in objects if not o["apiVersion"].startswith(CRD_GROUPS)]
+        assert core
         for obj in core:
             kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_the_matrix_covers_1_29_with_and_without_a_prestop() -> None:
+    with_prestop = {p.stem for p in CI_VALUES if _has_prestop(_rendered(p))}
+    assert with_prestop
+    assert set(CI_IDS) - with_prestop
+
+
+@pytest.mark.parametrize("component", ["workers.default", "scheduler"])
+def test_a_prestop_sleep_is_refused_below_kubernetes_1_30(component: str) -> None:
+    if component == "scheduler":
+        values: dict[str, Any] = {
+            "workers": {"default": {"app": "p:a"}},
+            "scheduler": {"enabled": True, "app": "p:a", "timing": {"prestopDelay": 3}},
+        }
+    else:
+        values = {"workers": {"default": {"app": "p:a", "timing": {"prestopDelay": 3}}}}
+    for version in ("v1.29.0", "v1.29.9", "1.28.3"):
+        message = render_error(values, kube_version=version)
+        assert f"{component}: timing.prestopDelay is 3" in message
+        assert "needs Kubernetes 1.30 or later" in message
+        assert version.lstrip("v") in message
+    for version in ("v1.30.0", "v1.30.0-gke.1200", "v1.34.1"):
+        objects = render(values, kube_version=version)
+        assert _has_prestop(objects)
+    # Without a preStop, 1.29 is supported.
+    plain = render({"workers": {"default": {"app": "p:a"}}}, kube_version="v1.29.0")
+    assert not _has_prestop(plain)
+    assert find(plain, "Deployment")
 
 
 @pytest.mark.parametrize("path", CI_VALUES, ids=CI_IDS)
@@ -127,6 +175,7 @@ def test_the_pods_are_hardened(path: Path) -> None:
     pods += [j["spec"]["template"]["spec"] for j in find(objects, "Job")]
     for pod in pods:
         assert pod["automountServiceAccountToken"] is False
+        assert pod["enableServiceLinks"] is False  # no WORKERKIT_X_SERVICE_HOST (see below)
         security = pod["securityContext"]
         assert security["runAsNonRoot"] is True
         assert isinstance(security["runAsUser"], int)
@@ -140,6 +189,12 @@ def test_the_pods_are_hardened(path: Path) -> None:
         assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
         assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
         assert {"name": "TMPDIR", "value": "/tmp"} in container["env"]
+
+
+def test_why_service_links_are_off() -> None:
+    """A Service named workerkit-metrics (release "workerkit") would inject this variable."""
+    with pytest.raises(UnknownSetting, match="WORKERKIT_METRICS_SERVICE_HOST"):
+        load_settings({"engine": "sql"}, env={"WORKERKIT_METRICS_SERVICE_HOST": "10.0.0.1"})
 
 
 @pytest.mark.parametrize("path", CI_VALUES, ids=CI_IDS)

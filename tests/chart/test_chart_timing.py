@@ -18,12 +18,16 @@ from hypothesis import strategies as st
 
 from tests.support.helm import (
     CHART_DIR,
+    container_env,
+    deployments,
     failed_rule_ids,
+    render,
     render_error,
     render_manifests,
     settings_for,
 )
-from workerkit.timing import RULES, evaluate
+from workerkit.settings import load_settings
+from workerkit.timing import RULES, Budget, evaluate, resolve_budget
 from workerkit.timing.helm_values import CHART_SCHEDULER_KEYS, CHART_TIMING_KEYS
 
 #: Rules the chart cannot judge from values: the app's tasks (T1), the Celery app's own
@@ -32,6 +36,11 @@ NOT_IN_CHART = {"T1", "S1", "C1", "C2", "C3", "C4", "C5", "C6"}
 CHART_RULES = {r.rule_id for r in RULES} - NOT_IN_CHART
 TITLES = {r.rule_id: r.title for r in RULES}
 _WARNING_LINE = re.compile(r"timing rule \[([A-Z][0-9])\] warns: ")
+#: What the container's secretKeyRefs read.
+SECRETS = {
+    "database-url": "postgresql+psycopg://u@db.example/jobs",
+    "redis-url": "redis://redis.example:6379/0",
+}
 
 
 def _values(engine: str, timing: dict[str, Any], *, scheduler: bool = False) -> dict[str, Any]:
@@ -52,6 +61,17 @@ def _outcome(values: dict[str, Any]) -> tuple[set[str], set[str], str]:
         return failed_rule_ids(message), set(), message
     notes = manifests.get("workerkit/templates/NOTES.txt", "")
     return set(), set(_WARNING_LINE.findall(notes)), ""
+
+
+def _rendered_budget(values: dict[str, Any], *, scheduler: bool) -> Budget:
+    """The budget the rendered container resolves: its args and env, read by load_settings."""
+    objects = render(values)
+    deployment = deployments(objects)["scheduler" if scheduler else "worker-default"]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    env = container_env(deployment, SECRETS)
+    workerkit_env = {k: v for k, v in env.items() if k.startswith("WORKERKIT_")}
+    loaded = load_settings({"engine": args[1], "app": args[3]}, env=workerkit_env, cwd=CHART_DIR)
+    return resolve_budget(loaded)
 
 
 def _workerkit(values: dict[str, Any], *, scheduler: bool) -> tuple[set[str], set[str]]:
@@ -224,7 +244,11 @@ _TIMING = st.fixed_dictionaries(
         "heartbeatInterval": _maybe(_halves(0.5, 200)),
         "checkpointInterval": st.one_of(_halves(0.5, 20), _halves(0.5, 200)),
         "idempotencyInProgressExpiry": _maybe(st.integers(1, 6000).map(float)),
-        "idempotencyRetention": st.one_of(st.just(86400.0), st.integers(1, 20000).map(float)),
+        "idempotencyRetention": st.one_of(
+            st.just(86400.0),
+            st.integers(1, 20000).map(float),
+            st.integers(1_000_000, 9_000_000).map(float),  # Helm's float64 text: 1.2e+06
+        ),
         "maxCountdown": st.one_of(st.just(0.0), st.integers(0, 5000).map(float)),
         "strict": st.booleans(),
     }
@@ -249,11 +273,17 @@ _SCHEDULER = st.fixed_dictionaries(
 def test_random_budgets_fail_with_the_same_rule_ids(
     engine: str, timing: dict[str, Any], scheduler: dict[str, Any] | None
 ) -> None:
+    """The same failing rules; and a budget that renders is the one workerkit resolves from
+    the rendered container's env (every value arrived, none was rounded or reformatted)."""
     timing = {k: v for k, v in timing.items() if v is not None}
     if scheduler is None:
-        _assert_same(_values(engine, timing))
+        values = _values(engine, timing)
     else:
-        _assert_same(_values(engine, {**timing, **scheduler}, scheduler=True), scheduler=True)
+        values = _values(engine, {**timing, **scheduler}, scheduler=True)
+    on_scheduler = scheduler is not None
+    if not _assert_same(values, scheduler=on_scheduler):
+        expected = resolve_budget(settings_for(values, None if on_scheduler else "default"))
+        assert _rendered_budget(values, scheduler=on_scheduler) == expected, values
 
 
 # --- one source of truth ----------------------------------------------------------------------

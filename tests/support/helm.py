@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import helm_python as helm
 import yaml
+from helm_python import _native
 
 from workerkit.settings import Settings, load_settings
 from workerkit.timing.helm_values import CHART_SCHEDULER_KEYS, CHART_TIMING_KEYS
@@ -70,14 +72,29 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def render_manifests(
-    values: Mapping[str, Any] | None = None, *, base: bool = True, **opts: Any
+    values: Mapping[str, Any] | None = None,
+    *,
+    base: bool = True,
+    kube_version: str | None = None,
+    **opts: Any,
 ) -> dict[str, str]:
-    """Template path -> manifest text. ``base`` adds :data:`BASE_VALUES` under ``values``."""
+    """Template path -> manifest text. ``base`` adds :data:`BASE_VALUES` under ``values``.
+
+    ``kube_version`` (``v1.29.0``) is the cluster version the templates see as
+    ``.Capabilities.KubeVersion`` (``helm install`` takes it from the cluster; unset, Helm's
+    own default, a recent version). ``Chart.render`` has no parameter for it, but the C library
+    under it takes ``kube_version`` in its options, as ``helm template --kube-version`` does.
+    """
     merged = _merge(BASE_VALUES, values or {}) if base else dict(values or {})
     opts.setdefault("name", RELEASE)
     opts.setdefault("namespace", NAMESPACE)
     opts.setdefault("is_install", True)
-    return _chart().render(merged, **opts)
+    if kube_version is None:
+        return _chart().render(merged, **opts)
+    opts["kube_version"] = kube_version
+    raw = _native.call_string("helm_render", _chart()._raw(), json.dumps(merged), json.dumps(opts))
+    manifests: dict[str, str] = json.loads(raw)
+    return manifests
 
 
 @functools.cache
@@ -90,9 +107,10 @@ def _chart() -> helm.Chart:
 def render(values: Mapping[str, Any] | None = None, **opts: Any) -> list[dict[str, Any]]:
     """Every object the chart renders for ``values`` (over :data:`BASE_VALUES`), in order.
 
-    ``opts`` go to ``Chart.render`` (``name``, ``namespace``, ``is_install``, ``is_upgrade``)
-    and ``base=False`` renders ``values`` alone. Raises ``helm_python.errors.HelmRenderError``
-    when a template fails (its message carries the ``fail`` text).
+    ``opts`` go to ``Chart.render`` (``name``, ``namespace``, ``is_install``, ``is_upgrade``),
+    ``kube_version`` sets the cluster's version, and ``base=False`` renders ``values`` alone.
+    Raises ``helm_python.errors.HelmRenderError`` when a template fails (its message carries
+    the ``fail`` text).
     """
     objects: list[dict[str, Any]] = []
     for path, text in sorted(render_manifests(values, **opts).items()):

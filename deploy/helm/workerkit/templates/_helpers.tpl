@@ -44,8 +44,22 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{/*
+Fail on a user label the chart sets itself (app.kubernetes.io/*, helm.sh/chart): it would be a
+second key in the same map, and on a pod it could change the component a selector matches.
+Call with (dict "where" "commonLabels" "labels" MAP).
+*/}}
+{{- define "workerkit.checkLabels" -}}
+{{- range $key, $_ := .labels -}}
+{{- if or (hasPrefix "app.kubernetes.io/" $key) (eq $key "helm.sh/chart") -}}
+{{- fail (printf "%s has the label %q, which the chart sets itself (app.kubernetes.io/* and helm.sh/chart: name, instance, component... build the selectors); remove it from %s, or use a label of your own prefix" $.where $key $.where) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Every label of a component's objects. Call with (dict "root" $ "component" "worker-x"). */}}
 {{- define "workerkit.labels" -}}
+{{- include "workerkit.checkLabels" (dict "where" "commonLabels" "labels" .root.Values.commonLabels) -}}
 {{ include "workerkit.selectorLabels" . }}
 app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .root.Release.Service }}
@@ -58,6 +72,7 @@ helm.sh/chart: {{ include "workerkit.chart" .root }}
 
 {{/* Labels for objects of the whole release (Service, monitors, rules, NetworkPolicy). */}}
 {{- define "workerkit.releaseLabels" -}}
+{{- include "workerkit.checkLabels" (dict "where" "commonLabels" "labels" .Values.commonLabels) -}}
 app.kubernetes.io/name: {{ include "workerkit.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
@@ -69,7 +84,12 @@ helm.sh/chart: {{ include "workerkit.chart" . }}
 {{- end }}
 {{- end -}}
 
-{{/* Selects every pod of the release (pools and scheduler; not the migrations Job). */}}
+{{/*
+Selects every pod of the release: the pools, the scheduler, and the migrations Job's pod too.
+That pod is never scraped (its container has no port named http, the port the Service's
+targetPort, the ServiceMonitor and the PodMonitor name), and the NetworkPolicy only limits its
+ingress, which it does not need.
+*/}}
 {{- define "workerkit.releaseSelector" -}}
 app.kubernetes.io/name: {{ include "workerkit.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}

@@ -4,9 +4,25 @@ block), probes, grace period, preStop, security contexts and the /tmp emptyDir.
 Each define takes (dict "root" $ "c" COMPONENT), COMPONENT being a resolved pool or scheduler.
 */}}
 
-{{/* A value as a WORKERKIT_* variable's text. */}}
+{{/*
+A value as a WORKERKIT_* variable's text (and any number the chart writes into YAML or NOTES):
+a whole number as a plain integer (Helm reads every number of the values as float64, whose
+text is 1.2e+06 from a million on), other numbers in plain decimal, booleans as true/false.
+*/}}
 {{- define "workerkit.envValue" -}}
-{{- if kindIs "bool" . -}}{{- ternary "true" "false" . -}}{{- else -}}{{- toString . -}}{{- end -}}
+{{- if kindIs "bool" . -}}
+{{- ternary "true" "false" . -}}
+{{- else if or (kindIs "float64" .) (kindIs "float32" .) -}}
+{{- if eq (float64 .) (floor (float64 .)) -}}
+{{- printf "%d" (int64 .) -}}
+{{- else if contains "e" (toString .) -}}
+{{- regexReplaceAll "0+$" (printf "%f" .) "" -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The container's args: the image's ENTRYPOINT is workerkit. */}}
@@ -106,8 +122,12 @@ Each define takes (dict "root" $ "c" COMPONENT), COMPONENT being a resolved pool
 {{- $livePeriod := int64 (floor (divf $liveness 6)) -}}
 {{- if lt $livePeriod 1 -}}{{- $livePeriod = 1 -}}{{- end -}}
 {{- if gt $livePeriod 10 -}}{{- $livePeriod = 10 -}}{{- end -}}
+{{- if and (gt $prestop 0) (semverCompare "<1.30.0-0" $root.Capabilities.KubeVersion.Version) -}}
+{{- fail (printf "%s: timing.prestopDelay is %d (%s.timing.prestopDelay over timing.prestopDelay): the chart renders it as lifecycle.preStop.sleep, which needs Kubernetes 1.30 or later, and the cluster is %s (the sleep action is alpha and off before 1.30); set timing.prestopDelay to 0 on this cluster, or upgrade it to 1.30" $c.where $prestop $c.where $root.Capabilities.KubeVersion.Version) -}}
+{{- end -}}
 {{- $startupFailures := add (int64 (ceil (divf (float64 $v.probes.startupTimeout) 2))) 5 -}}
 {{- $sa := include "workerkit.serviceAccountName" $root -}}
+{{- include "workerkit.checkLabels" (dict "where" (printf "%s.podLabels" $c.where) "labels" $c.podLabels) -}}
 metadata:
   labels:
     {{- include "workerkit.labels" (dict "root" $root "component" $c.component) | nindent 4 }}
@@ -124,6 +144,9 @@ spec:
   serviceAccountName: {{ $sa }}
   {{- end }}
   automountServiceAccountToken: {{ $v.serviceAccount.automountToken }}
+  # No <SERVICE>_SERVICE_HOST variables: a Service named workerkit-x would inject
+  # WORKERKIT_X_SERVICE_HOST, which workerkit refuses as an unknown setting.
+  enableServiceLinks: false
   terminationGracePeriodSeconds: {{ $grace }}
   securityContext:
     {{- toYaml $podSecurity | nindent 4 }}
@@ -145,7 +168,7 @@ spec:
       {{- end }}
       ports:
         - name: http
-          containerPort: {{ $v.probes.port }}
+          containerPort: {{ include "workerkit.envValue" $v.probes.port }}
           protocol: TCP
       startupProbe:
         httpGet: {path: /startupz, port: http}
