@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 
 __all__ = ("App", "EnqueueOptions", "PreparedJob", "Task", "decode_payload", "encode_payload")
 
+#: ``json.dumps(allow_nan=False, separators=(",", ":"))`` built once: ``dumps`` with options
+#: builds an encoder per call, a third of a bulk enqueue's Python time per job.
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -64,7 +68,7 @@ def encode_payload(
     if fired_by is not None:
         body["schedule"], body["fire_time"] = fired_by
     try:
-        text = json.dumps(body, allow_nan=False, separators=(",", ":"))
+        text = _ENCODER.encode(body)
     except (TypeError, ValueError) as exc:
         raise PayloadError(
             f"task {task!r}: arguments must be JSON (str, int, float, bool, None, list, dict): "
@@ -628,8 +632,12 @@ class App:
         if task is not None:
             default_queue = task.queue
             max_attempts = max_attempts or task.max_attempts
+        kwargs = prepared.kwargs
         payload = encode_payload(
-            prepared.task, prepared.args, dict(prepared.kwargs), self.settings.max_payload_bytes
+            prepared.task,
+            prepared.args,
+            kwargs if type(kwargs) is dict else dict(kwargs),
+            self.settings.max_payload_bytes,
         )
         queue, delay, run_at = options.queue, options.delay, options.run_at
         if defaults is not None and delay is None and run_at is None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from workerkit.app import App, EnqueueOptions, PreparedJob
+from workerkit.app import App, EnqueueOptions, PreparedJob, encode_payload
 from workerkit.engines.base import NewJob
 from workerkit.engines.sql import SqlQueue, upgrade
 from workerkit.errors import PayloadError, PayloadTooLarge
@@ -202,3 +202,13 @@ def test_an_idle_worker_wakes_for_a_batch(request: pytest.FixtureRequest, queue:
     waiter.join(20)
     assert woke, "the batch did not wake the waiter"
     assert woke[0] - sent < 10.0  # well before its 30 s wait would have ended
+
+
+def test_payloads_are_stored_exactly_as_encoded(queue: Any) -> None:
+    app = make_app(queue)
+    awkward = ["é ü 😀", "nul \x00 byte", "tab\tnew\nline", 'quote " back \\ slash', "\\u0000"]
+    ids = app.tasks["other"].enqueue_many([((text,), {}) for text in awkward])
+    single = app.tasks["other"].enqueue(awkward[2])
+    assert queue.get_job(ids[2])["payload"] == queue.get_job(single)["payload"]
+    for job_id, text in zip(ids, awkward, strict=True):
+        assert queue.get_job(job_id)["payload"] == encode_payload("other", [text], {}, 10_000)

@@ -1,8 +1,8 @@
 """Bulk enqueue for the sql engine: many jobs in few statements, inside one transaction.
 
-PostgreSQL: one ``INSERT ... SELECT FROM unnest(arrays) ... ON CONFLICT DO NOTHING`` per chunk:
-six array parameters whatever the row count, so the 65,535-parameter limit of the protocol is
-never near. SQLite: a multi-row ``VALUES`` per chunk, sized to the connection's own variable
+PostgreSQL: one ``INSERT ... SELECT FROM json_to_recordset(rows) ... ON CONFLICT DO NOTHING``
+per chunk: the rows travel as one JSON text parameter, so the protocol's 65,535-parameter limit
+is never near. SQLite: a multi-row ``VALUES`` per chunk, sized to the connection's own variable
 limit (32,766 by default). A duplicate id is skipped by ``ON CONFLICT (id) DO NOTHING``, as a
 single enqueue skips it; RETURNING says which ids went in.
 """
@@ -10,9 +10,10 @@ single enqueue skips it; RETURNING says which ids went in.
 from __future__ import annotations
 
 import functools
+import json
 import sqlite3
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
@@ -35,7 +36,7 @@ __all__ = (
 )
 
 #: Rows per INSERT on PostgreSQL: bounds one statement's size (a few MiB of payloads at most),
-#: not a parameter limit (the arrays are six parameters however long).
+#: not a parameter limit (the rows are one JSON parameter however many).
 POSTGRES_CHUNK_ROWS: Final = 10_000
 #: SQLITE_MAX_VARIABLE_NUMBER of SQLite >= 3.32, used when the connection cannot say its own.
 SQLITE_DEFAULT_MAX_VARIABLES: Final = 32_766
@@ -82,7 +83,7 @@ def insert_jobs(conn: sa.Connection, dialect: str, batch: Sequence[NewJob]) -> s
     inserted: set[str] = set()
     if dialect == "postgresql":
         for chunk in _chunks(batch, POSTGRES_CHUNK_ROWS):
-            inserted.update(conn.execute(_POSTGRES_INSERT, _columns(chunk)).scalars())
+            inserted.update(conn.execute(_POSTGRES_INSERT, _rows_json(chunk)).scalars())
         return inserted
     rows = sqlite_chunk_rows(_sqlite_max_variables(conn))
     for chunk in _chunks(batch, rows):
@@ -113,15 +114,22 @@ def _chunks(batch: Sequence[NewJob], size: int) -> Iterator[Sequence[NewJob]]:
         yield batch[start : start + size]
 
 
-def _columns(chunk: Sequence[NewJob]) -> dict[str, list[Any]]:
-    return {
-        "p_ids": [job.job_id for job in chunk],
-        "p_queues": [job.queue for job in chunk],
-        "p_tasks": [job.task for job in chunk],
-        "p_payloads": [job.payload for job in chunk],
-        "p_max_attempts": [job.max_attempts for job in chunk],
-        "p_run_ats": [job.run_at for job in chunk],
-    }
+def _rows_json(chunk: Sequence[NewJob]) -> dict[str, str]:
+    # One JSON text parameter: encoded by the json module and decoded by the server, both in C.
+    # (Six array parameters instead spent more client CPU in psycopg's array dumper than the
+    # whole insert took on the server.)
+    rows = [
+        {
+            "i": job.job_id,
+            "q": job.queue,
+            "t": job.task,
+            "p": job.payload,
+            "m": job.max_attempts,
+            "r": job.run_at,
+        }
+        for job in chunk
+    ]
+    return {"p_rows": json.dumps(rows, separators=(",", ":"), allow_nan=False)}
 
 
 def _sqlite_max_variables(conn: sa.Connection) -> int:
@@ -154,12 +162,10 @@ def _postgres_insert() -> sa.TextClause:
     now = _now_sql(PGDialect())  # type: ignore[no-untyped-call]
     return sa.text(
         f"INSERT INTO {jobs.name} ({_COLUMNS}) "  # noqa: S608 - constants; values are bound
-        f"SELECT j.id, j.queue, j.task, j.payload, 'ready', 0, j.max_attempts, "
-        f"coalesce(j.run_at, {now}), {now}, {now}, {now} "
-        "FROM unnest(CAST(:p_ids AS text[]), CAST(:p_queues AS text[]), "
-        "CAST(:p_tasks AS text[]), CAST(:p_payloads AS text[]), "
-        "CAST(:p_max_attempts AS integer[]), CAST(:p_run_ats AS double precision[])) "
-        "WITH ORDINALITY AS j(id, queue, task, payload, max_attempts, run_at, n) "
+        f"SELECT j.i, j.q, j.t, j.p, 'ready', 0, j.m, coalesce(j.r, {now}), {now}, {now}, {now} "
+        "FROM ROWS FROM (json_to_recordset(CAST(:p_rows AS json)) "
+        "AS (i text, q text, t text, p text, m integer, r double precision)) "
+        "WITH ORDINALITY AS j(i, q, t, p, m, r, n) "
         "ORDER BY j.n "
         "ON CONFLICT (id) DO NOTHING RETURNING id"
     )
