@@ -63,7 +63,8 @@ PUBLIC_API: dict[str, tuple[str, ...]] = {
         "UnknownTask",
         "WorkerkitError",
     ),
-    "workerkit.app": ("App", "EnqueueOptions", "Task"),
+    # PreparedJob: one job of a bulk enqueue (app.enqueue_many), from task.prepare(...).
+    "workerkit.app": ("App", "EnqueueOptions", "PreparedJob", "Task"),
     "workerkit.job": ("JobContext", "current_job", "current_job_or_none"),
     "workerkit.iteration": ("Batch", "batches", "checkpointed"),
     "workerkit.settings": ("Settings", "load_settings"),

@@ -102,6 +102,11 @@ class QueueBackend(Protocol):
         """Store the job; False (and no change) when a job with this id already exists."""
         ...
 
+    def enqueue_many(self, jobs: Sequence[NewJob]) -> list[bool]:
+        """Store the jobs, all or none; for each, whether it went in (False for an id that
+        exists already or came earlier in ``jobs``, skipped as :meth:`enqueue` skips it)."""
+        ...
+
     def claim(self, queues: Sequence[str], worker_id: str, limit: int) -> list[Delivery]:
         """Take up to ``limit`` runnable jobs (ready and due, or with an expired lease)."""
         ...

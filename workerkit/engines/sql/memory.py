@@ -128,6 +128,11 @@ class InMemoryQueue:
             self._wake()
             return True
 
+    def enqueue_many(self, jobs: Sequence[NewJob]) -> list[bool]:
+        """Store the jobs under one lock (all at once); for each, whether it went in."""
+        with self._cond:
+            return [self.enqueue(job) for job in jobs]
+
     def claim(self, queues: Sequence[str], worker_id: str, limit: int) -> list[Delivery]:
         """Take up to ``limit`` runnable jobs (ready and due, or with an expired lease).
 

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from workerkit.engines.base import Delivery, NewJob, QueueStats, StoreHealth
-from workerkit.engines.sql import db, statements
+from workerkit.engines.sql import bulk, db, statements
 from workerkit.engines.sql.listener import NOTIFY_CHANNEL, PgListener, Wakeups
 from workerkit.engines.sql.rules import JOB_FIELDS, dump_json, load_json, ref_parts
 from workerkit.engines.sql.schema import JOB_STATES
@@ -247,6 +247,34 @@ class SqlQueue(db.ForkSafeEngine):
                 extra={"event": "job_duplicate", "job_id": job.job_id, "queue": job.queue},
             )
         return inserted
+
+    def enqueue_many(self, jobs: Sequence[NewJob]) -> list[bool]:
+        """Store the jobs in one transaction; for each, whether it went in.
+
+        False for a job whose id exists already or came earlier in ``jobs``: skipped, as by
+        :meth:`enqueue`. All or nothing. One INSERT per chunk (:mod:`.bulk`), one NOTIFY.
+        """
+        if not (unique := bulk.first_of_each_id(jobs)):
+            return []
+        with self._write() as conn:
+            inserted = bulk.insert_jobs(conn, self.dialect, unique)
+            woken = sorted({job.queue for job in unique if job.job_id in inserted})
+            if woken and self.dialect == "postgresql":
+                bulk.notify_queues(conn, woken)
+        for queue in woken:
+            self._wakeups.notify(queue)
+        flags = bulk.went_in(jobs, inserted)
+        if not all(flags):
+            duplicates = [job.job_id for job, new in zip(jobs, flags, strict=True) if not new]
+            log.info(
+                "duplicate job ids; not enqueued again",
+                extra={
+                    "event": "job_duplicate",
+                    "duplicates": len(duplicates),
+                    "job_ids": duplicates[:10],
+                },
+            )
+        return flags
 
     def claim(self, queues: Sequence[str], worker_id: str, limit: int) -> list[Delivery]:
         """Take up to ``limit`` runnable jobs (ready and due, or with an expired lease).
