@@ -3,10 +3,19 @@ environment), or a configuration error that says what to do."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 
 from workerkit.engines import ENGINE_CLASSES, get_engine
+from workerkit.engines.appcheck import decode, encode, start_app_check
+from workerkit.engines.base import AppTiming
 from workerkit.errors import ConfigurationError, EngineUnavailable
+from workerkit.timing import CeleryFacts, TaskTiming
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", sorted(ENGINE_CLASSES))
@@ -20,3 +29,38 @@ def test_an_unknown_engine_names_the_known_ones() -> None:
     ):
         get_engine("kafka")
     assert issubclass(EngineUnavailable, ConfigurationError)  # the CLI exits CONFIG_ERROR
+
+
+def test_the_app_check_answer_keeps_every_timing_fact() -> None:
+    timing = AppTiming(
+        tasks=(
+            TaskTiming("a", 30.0, idempotent=True),
+            TaskTiming("b", None, checkpointed=True, max_countdown=5.0),
+        ),
+        celery=CeleryFacts(acks_late=False, prefetch_multiplier=4, visibility_timeout=3600.0),
+    )
+    assert decode(json.loads(json.dumps(encode(timing)))) == timing
+    assert decode(encode(AppTiming())) == AppTiming()
+
+
+def test_the_app_check_process_refuses_an_app_that_cannot_be_loaded(tmp_path: Path) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("WORKERKIT_")},
+        "WORKERKIT_APP": "no_such_module_here:app",
+        "WORKERKIT_DATABASE_URL": f"sqlite:///{tmp_path / 'q.sqlite3'}",
+        "WORKERKIT_LOG_LEVEL": "error",
+    }
+    with pytest.raises(ConfigurationError, match="no_such_module_here"):
+        start_app_check("sql", [], env).result()
+
+
+def test_the_app_check_process_answers_the_apps_tasks(tmp_path: Path) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("WORKERKIT_")},
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "WORKERKIT_APP": "bench.startup_apps:sql_app",
+        "WORKERKIT_DATABASE_URL": f"sqlite:///{tmp_path / 'q.sqlite3'}",
+    }
+    timing = start_app_check("sql", [], env).result()
+    assert [task.name for task in timing.tasks] == ["noop"]
+    assert timing.tasks[0].timeout == 60
