@@ -398,7 +398,6 @@ def _run(
     from workerkit.engines import get_engine
     from workerkit.engines.appcheck import start_app_check
     from workerkit.logs import configure_logging
-    from workerkit.settings import settings_to_env
 
     own_args = _own_args(engine, options)
     _refuse_other_engines(engine, options)
@@ -406,11 +405,9 @@ def _run(
     configure_logging(settings.log_level, settings.log_format)
     try:
         # The engine as the supervisor holds it imports none of the engine's libraries; the app
-        # (which does) is loaded and checked in a short-lived process, while we import the rest.
+        # (which does) is loaded and checked in a forked child, while we import the rest.
         engine_impl = get_engine(settings.engine, [*own_args, *worker_args])
-        check = start_app_check(
-            settings.engine, [*own_args, *worker_args], {**os.environ, **settings_to_env(settings)}
-        )
+        check = start_app_check(settings.engine, [*own_args, *worker_args], settings)
         from workerkit.supervisor.runner import run_supervisor
 
         timing = check.result()

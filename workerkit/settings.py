@@ -554,11 +554,8 @@ def _read_config_file(path: Path, is_pyproject: bool) -> dict[str, object]:
 # Service in the namespace; a Service named "workerkit" would look like settings of ours.
 _K8S_SERVICE_LINK_PREFIXES = ("SERVICE_", "PORT")
 # Variables of ours that are not settings: the config file's path, the event socket and the pid
-# the supervisor hands its child, engine options read by the engine (engines/rq/options.py),
-# and the app check's answer pipe (engines/appcheck.py).
-_ENV_NOT_SETTINGS = frozenset(
-    {"CONFIG", "SUPERVISOR_SOCKET", "SUPERVISOR_PID", "RQ_SERIALIZER", "APPCHECK_FD"}
-)
+# the supervisor hands its child, and engine options read by the engine (engines/rq/options.py).
+_ENV_NOT_SETTINGS = frozenset({"CONFIG", "SUPERVISOR_SOCKET", "SUPERVISOR_PID", "RQ_SERIALIZER"})
 
 
 def load_settings(

@@ -1,20 +1,29 @@
-"""What the supervisor process of ``workerkit run ENGINE`` imports, seen with ``-X importtime``.
+"""What the supervisor process of ``workerkit run ENGINE`` has imported once it is ready.
 
 The supervisor lives as long as the pod and needs no engine library to supervise: the app is
-loaded and checked in a short-lived process, the worker in another, and the engine's libraries
-come into the supervisor only to release after a kill (issue 16, item 5). ``-X importtime``
-given to the supervisor's interpreter alone (its children are started without it) lists every
-module it imported, on its stderr; the test reads them once it has been ready and has stopped.
+loaded and checked in a forked child, the worker runs in its own interpreter, and the engine's
+libraries come into the supervisor only when a drain begins, to release after a kill (issue 16,
+item 5). The supervisor is started through a wrapper that writes its ``sys.modules`` on SIGUSR1;
+the test asks once the supervisor is ready and idle, before the SIGTERM whose drain imports
+what a release needs.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Mapping
 
 import pytest
 
-from tests.support.harness import WORKERKIT, Env, start_worker, stopped_after
+from tests.support.harness import (
+    WORKERKIT,
+    Env,
+    Supervisor,
+    start_worker,
+    stopped_after,
+    wait_until,
+)
 from workerkit import exitcodes
 
 ENGINE_LIBRARIES = frozenset(
@@ -22,32 +31,48 @@ ENGINE_LIBRARIES = frozenset(
 )
 
 
-def _imported(log_text: str) -> set[str]:
-    """The top-level names of the modules an ``import time: self | cumulative | name`` log lists."""
-    names = set()
-    for line in log_text.splitlines():
-        if line.startswith("import time:") and "|" in line:
-            name = line.rsplit("|", 1)[1].strip()
-            if name != "package":  # the header line
-                names.add(name.split(".")[0])
-    return names
+#: ``workerkit`` with a SIGUSR1 handler (a test's own: the supervisor leaves SIGUSR1 alone) that
+#: writes the top-level names of the process's ``sys.modules`` as one JSON line.
+WRAPPER = """
+import json, signal, sys
+
+def report(signum, frame):
+    names = sorted({name.split(".")[0] for name in list(sys.modules)})
+    sys.stderr.write("sys.modules " + json.dumps(names) + "\\n")
+    sys.stderr.flush()
+
+signal.signal(signal.SIGUSR1, report)
+from workerkit.cli import main
+main()
+"""
+
+
+def _modules(sup: Supervisor) -> set[str]:
+    def reported() -> list[str]:
+        lines = sup.log_path.read_text(errors="replace").splitlines()
+        return [line for line in lines if line.startswith("sys.modules ")]
+
+    sup.signal(signal.SIGUSR1)
+    line = wait_until(reported, timeout=10, what="the supervisor's sys.modules")[0]
+    return set(json.loads(line.split(" ", 1)[1]))
 
 
 def _run(env: Env, engine: str, app: str, settings: Mapping[str, str]) -> set[str]:
-    argv = [WORKERKIT[0], "-X", "importtime", *WORKERKIT[1:], "run", engine]
+    argv = [WORKERKIT[0], "-c", WRAPPER, "run", engine]
     if engine == "celery":
         argv.append("--")
     running = start_worker(
-        argv, env, app=app, name=f"{engine}-importtime", engine=settings, settings={}
+        argv, env, app=app, name=f"{engine}-imports", engine=settings, settings={}
     )
     with stopped_after(running) as sup:
         sup.wait_ready(timeout=60)
+        # Ready and idle: everything the supervisor loads to supervise is loaded by now.
+        imported = _modules(sup)
+        sup.signalled_at = None
         sup.signal(signal.SIGTERM)
         code, _ = sup.wait_exit(30)
         assert code == exitcodes.OK, sup.log_text()
-        text = sup.log_path.read_text(errors="replace")
-    imported = _imported(text)
-    assert {"workerkit", "anyio"} <= imported  # the log holds the supervisor's list
+    assert {"workerkit", "anyio", "prometheus_client"} <= imported  # the supervisor's own
     return imported
 
 

@@ -4,7 +4,6 @@ environment), or a configuration error that says what to do."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,8 @@ from workerkit.engines import ENGINE_CLASSES, get_engine
 from workerkit.engines.appcheck import decode, encode, start_app_check
 from workerkit.engines.base import AppTiming
 from workerkit.errors import ConfigurationError, EngineUnavailable
+from workerkit.settings import load_settings
 from workerkit.timing import CeleryFacts, TaskTiming
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", sorted(ENGINE_CLASSES))
@@ -43,24 +41,20 @@ def test_the_app_check_answer_keeps_every_timing_fact() -> None:
     assert decode(encode(AppTiming())) == AppTiming()
 
 
-def test_the_app_check_process_refuses_an_app_that_cannot_be_loaded(tmp_path: Path) -> None:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("WORKERKIT_")},
-        "WORKERKIT_APP": "no_such_module_here:app",
-        "WORKERKIT_DATABASE_URL": f"sqlite:///{tmp_path / 'q.sqlite3'}",
-        "WORKERKIT_LOG_LEVEL": "error",
-    }
+def test_the_app_check_refuses_an_app_that_cannot_be_loaded(tmp_path: Path) -> None:
+    settings = load_settings(
+        {"app": "no_such_module_here:app", "database_url": f"sqlite:///{tmp_path / 'q.sqlite3'}"},
+        env={},
+    )
     with pytest.raises(ConfigurationError, match="no_such_module_here"):
-        start_app_check("sql", [], env).result()
+        start_app_check("sql", [], settings).result()
 
 
-def test_the_app_check_process_answers_the_apps_tasks(tmp_path: Path) -> None:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("WORKERKIT_")},
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "WORKERKIT_APP": "bench.startup_apps:sql_app",
-        "WORKERKIT_DATABASE_URL": f"sqlite:///{tmp_path / 'q.sqlite3'}",
-    }
-    timing = start_app_check("sql", [], env).result()
+def test_the_app_check_answers_the_apps_tasks(tmp_path: Path) -> None:
+    settings = load_settings(
+        {"app": "bench.startup_apps:sql_app", "database_url": f"sqlite:///{tmp_path / 'q.db'}"},
+        env={},
+    )
+    timing = start_app_check("sql", [], settings).result()
     assert [task.name for task in timing.tasks] == ["noop"]
     assert timing.tasks[0].timeout == 60

@@ -2,10 +2,10 @@
 
 ``workerkit run ENGINE`` must refuse a bad app or timing budget before it starts anything, and
 that means loading the app, which imports the engine's libraries (SQLAlchemy, rq, Celery). Done
-in the supervisor, they would stay resident for its whole life; so :func:`start_app_check` runs
-``python -m workerkit.engines.appcheck ENGINE [worker args]`` (settings by environment, as the
-worker gets them), the supervisor's own imports go on meanwhile, and :meth:`AppCheck.result`
-reads one JSON line from a private pipe: the :class:`AppTiming`, or the error that refuses.
+in the supervisor, they would stay resident for its whole life; so :func:`start_app_check`
+forks the (still single-threaded) CLI process, the child loads the app and answers one JSON
+line on a pipe (the :class:`AppTiming`, or the error that refuses) and exits, while the parent
+goes on with its own imports. A fork, not a new interpreter: nothing is imported twice.
 """
 
 from __future__ import annotations
@@ -13,20 +13,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
+import traceback
 from collections.abc import Mapping, Sequence
-from typing import IO, Any, Final
+from typing import TYPE_CHECKING, Any
 
-from workerkit import exitcodes
 from workerkit.engines.base import AppTiming
 from workerkit.errors import ConfigurationError, WorkerkitError
 from workerkit.timing.budget import CeleryFacts, TaskTiming
 
-__all__ = ("FD_ENV", "AppCheck", "decode", "encode", "main", "start_app_check")
+if TYPE_CHECKING:
+    from workerkit.settings import Settings
 
-#: The file descriptor the check writes its answer to (stdout and stderr stay the app's).
-FD_ENV: Final = "WORKERKIT_APPCHECK_FD"
+__all__ = ("AppCheck", "decode", "encode", "start_app_check")
 
 
 def encode(timing: AppTiming) -> dict[str, Any]:
@@ -47,68 +46,65 @@ def decode(data: Mapping[str, Any]) -> AppTiming:
 
 
 class AppCheck:
-    """A running app check; :meth:`result` waits for it."""
+    """A running app check (a forked child); :meth:`result` waits for it."""
 
-    def __init__(self, engine: str, worker_args: Sequence[str], env: Mapping[str, str]) -> None:
+    def __init__(self, engine: str, worker_args: Sequence[str], settings: Settings) -> None:
         read_fd, write_fd = os.pipe()
+        sys.stdout.flush()  # or the child would write the parent's buffered output again
+        sys.stderr.flush()
         try:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "workerkit.engines.appcheck", engine, *worker_args],
-                env={**env, FD_ENV: str(write_fd)},
-                stdin=subprocess.DEVNULL,
-                pass_fds=(write_fd,),
-            )
+            pid = os.fork()
         except BaseException:
             os.close(read_fd)
-            raise
-        finally:
             os.close(write_fd)
-        self._answer: IO[bytes] = os.fdopen(read_fd, "rb")
+            raise
+        if pid == 0:  # pragma: no cover - the child (its coverage is not collected)
+            os.close(read_fd)
+            _child(write_fd, engine, worker_args, settings)
+        os.close(write_fd)
+        self._pid = pid
+        self._read_fd = read_fd
 
     def result(self) -> AppTiming:
         """The app's timing facts; raises :class:`ConfigurationError` when it is refused."""
-        with self._answer:
-            answer = self._answer.read()
-        code = self._process.wait()
+        with os.fdopen(self._read_fd, "rb") as answer:
+            text = answer.read()
+        _, status = os.waitpid(self._pid, 0)
         try:
-            data = json.loads(answer)
+            data = json.loads(text)
         except ValueError:
             raise ConfigurationError(
-                f"the app check (python -m workerkit.engines.appcheck) exited with code {code} "
-                "without an answer; its output is above"
+                "the app check (a child process loading the app) ended with status "
+                f"{os.waitstatus_to_exitcode(status)} without an answer; its output is above"
             ) from None
         if "error" in data:
             raise ConfigurationError(str(data["error"]))
         return decode(data["timing"])
 
 
-def start_app_check(engine: str, worker_args: Sequence[str], env: Mapping[str, str]) -> AppCheck:
-    """Start checking the app of ``engine`` (settings in ``env``, as ``WORKERKIT_*``)."""
-    return AppCheck(engine, worker_args, env)
+def start_app_check(engine: str, worker_args: Sequence[str], settings: Settings) -> AppCheck:
+    """Start loading and checking the app of ``engine``; :meth:`AppCheck.result` has it."""
+    return AppCheck(engine, worker_args, settings)
 
 
-def _answer(engine: str, worker_args: Sequence[str]) -> dict[str, Any]:
-    from workerkit.engines import get_engine
-    from workerkit.logs import configure_logging
-    from workerkit.settings import load_settings
-
+def _child(fd: int, engine: str, worker_args: Sequence[str], settings: Settings) -> None:
+    """The forked child: answer on ``fd``, then leave without running the parent's cleanup."""
+    code = 1
     try:
-        settings = load_settings()
-        configure_logging(settings.log_level, settings.log_format)
-        timing = get_engine(engine, worker_args).app_timing(settings)
-    except WorkerkitError as exc:
-        return {"error": str(exc)}
-    return {"timing": encode(timing)}
+        from workerkit.engines import get_engine
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m workerkit.engines.appcheck ENGINE [worker args]``: 0, or 2 when refused."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    answer = _answer(args[0], args[1:])
-    with os.fdopen(int(os.environ[FD_ENV]), "w") as out:
-        out.write(json.dumps(answer) + "\n")
-    return exitcodes.CONFIG_ERROR if "error" in answer else exitcodes.OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        try:
+            answer: dict[str, Any] = {
+                "timing": encode(get_engine(engine, worker_args).app_timing(settings))
+            }
+        except WorkerkitError as exc:
+            answer = {"error": str(exc)}
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(answer) + "\n")
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
