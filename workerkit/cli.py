@@ -396,16 +396,21 @@ def _run(
     engine: str, config_file: str | None, options: dict[str, Any], worker_args: tuple[str, ...]
 ) -> None:
     from workerkit.engines import get_engine
+    from workerkit.engines.appcheck import start_app_check
     from workerkit.logs import configure_logging
-    from workerkit.supervisor.runner import run_supervisor
 
     own_args = _own_args(engine, options)
     _refuse_other_engines(engine, options)
     settings = _load(options, config_file, engine=engine)
     configure_logging(settings.log_level, settings.log_format)
     try:
+        # The engine as the supervisor holds it imports none of the engine's libraries; the app
+        # (which does) is loaded and checked in a forked child, while we import the rest.
         engine_impl = get_engine(settings.engine, [*own_args, *worker_args])
-        timing = engine_impl.app_timing(settings)
+        check = start_app_check(settings.engine, [*own_args, *worker_args], settings)
+        from workerkit.supervisor.runner import run_supervisor
+
+        timing = check.result()
     except WorkerkitError as exc:
         _fail(exc, exitcodes.CONFIG_ERROR)
         return

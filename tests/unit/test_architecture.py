@@ -175,6 +175,24 @@ def test_importing_the_supervisor_loads_no_engine_library() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def test_the_engines_as_the_supervisor_holds_them_load_no_engine_library() -> None:
+    # What `workerkit run ENGINE` imports before it supervises: each engine's class (its
+    # worker command), the app check's parent side and the runner. The app itself, which does
+    # import the engine's library, is loaded in the app check's own process.
+    probe = (
+        "import sys, workerkit.cli, workerkit.supervisor.runner, workerkit.engines.appcheck\n"
+        "from workerkit.engines import ENGINE_CLASSES, get_engine\n"
+        "from workerkit.settings import load_settings\n"
+        "settings = load_settings({'redis_url': 'redis://127.0.0.1:1/0'})\n"
+        "for name in ENGINE_CLASSES: get_engine(name).worker_command(settings)\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {ENGINE_LIBRARIES!r}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"
+
+
 MAX_MODULE_LINES = 700
 MAX_FUNCTION_LINES = 80
 

@@ -9,6 +9,8 @@ them without importing rq.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -22,9 +24,17 @@ __all__ = ("ENGINE_CLASSES", "ENGINE_OPTIONS", "EngineOption", "get_engine")
 
 #: engine name -> (module, class, the pip extra that installs its libraries)
 ENGINE_CLASSES: dict[str, tuple[str, str, str]] = {
-    "sql": ("workerkit.engines.sql", "SqlEngine", "postgres"),
-    "rq": ("workerkit.engines.rq", "RqEngine", "rq"),
-    "celery": ("workerkit.engines.celery", "CeleryEngine", "celery"),
+    "sql": ("workerkit.engines.sql.engine", "SqlEngine", "postgres"),
+    "rq": ("workerkit.engines.rq.engine", "RqEngine", "rq"),
+    "celery": ("workerkit.engines.celery.engine", "CeleryEngine", "celery"),
+}
+
+#: engine name -> the libraries it cannot run without (looked for, not imported, by get_engine:
+#: the engine classes import them only when they need them).
+_LIBRARIES: Final[Mapping[str, tuple[str, ...]]] = {
+    "sql": ("sqlalchemy", "alembic"),
+    "rq": ("rq", "redis"),
+    "celery": ("celery", "kombu"),
 }
 
 
@@ -79,6 +89,16 @@ ENGINE_OPTIONS: Final[Mapping[str, tuple[EngineOption, ...]]] = {
 }
 
 
+def _installed(library: str) -> bool:
+    """Whether ``library`` can be imported (found, not imported)."""
+    if library in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(library) is not None
+    except ValueError:  # a module object without a spec: there, whatever it is
+        return True
+
+
 def get_engine(name: str, worker_args: Sequence[str] = ()) -> Engine:
     """The engine called ``name``, given the extra arguments for its worker.
 
@@ -91,6 +111,9 @@ def get_engine(name: str, worker_args: Sequence[str] = ()) -> Engine:
         known = ", ".join(ENGINE_CLASSES)
         raise EngineUnavailable(f"unknown engine {name!r}; expected one of {known}") from None
     try:
+        for library in _LIBRARIES.get(name, ()):
+            if not _installed(library):
+                raise ModuleNotFoundError(f"No module named {library!r}", name=library)
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and exc.name.startswith("workerkit"):

@@ -194,7 +194,13 @@ class TransactionalQueue(Protocol):
 
 
 class Engine(Protocol):
-    """What the supervisor needs from an engine."""
+    """What the supervisor needs from an engine.
+
+    An engine's class imports none of its libraries until a method needs them: the supervisor
+    holds it for its whole life. It may also have ``prepare_release(settings)``, which imports
+    (or loads) ahead what :meth:`release_in_flight` needs; the supervisor calls it in a thread
+    when a drain begins, so that a release after the kill spends no margin on imports.
+    """
 
     name: str
 

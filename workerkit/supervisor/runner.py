@@ -132,6 +132,7 @@ class Supervisor:
         self._releasing: tuple[str, ...] = ()
         self._exit_reported = False
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._release_prepared = False
 
     # --- public -------------------------------------------------------------------------------
 
@@ -236,6 +237,7 @@ class Supervisor:
             # Readiness turns false here, before the signal even reaches the state machine
             # through the inbox: a probe served in between must not still say "ok".
             self.health.signal_received(signal.Signals(signum).name)
+            self._prepare_release()
             await self._send.send(SignalReceived(int(signum), self.clock()))
 
     async def _tick(self) -> None:
@@ -407,6 +409,30 @@ class Supervisor:
         if not self._start_child(self.channel):
             self.child = old
             await self._handle(WorkerExited(exitcodes.STARTUP_FAILED, self.clock()))
+
+    def _prepare_release(self) -> None:
+        """Have the engine import what a release needs, in a thread, once a drain begins.
+
+        The engine's libraries stay out of the supervisor while it supervises (issue 16); a
+        release after the kill has only the last part of the margin, too short to import
+        SQLAlchemy or Celery then, while the drain before it lasts seconds.
+        """
+        prepare = getattr(self.engine, "prepare_release", None)
+        if self._release_prepared or prepare is None:
+            return
+        self._release_prepared = True
+        settings = self.settings
+
+        def run() -> None:
+            try:
+                prepare(settings)
+            except Exception as exc:  # the release itself will say what is wrong
+                log.debug(
+                    "cannot prepare the release",
+                    extra={"event": "release_prepare_failed", "error": str(exc)},
+                )
+
+        threading.Thread(target=run, name="workerkit-prepare-release", daemon=True).start()
 
     def _release_in_thread(self, refs: Sequence[Mapping[str, Any]], *, crashed: bool) -> None:
         # A daemon thread, not anyio.to_thread: a store that hangs must not keep the process

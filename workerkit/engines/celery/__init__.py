@@ -2,39 +2,32 @@
 
 ``workerkit run celery --app MODULE:APP [-- celery worker options]`` starts this package's
 worker (``python -m workerkit.engines.celery``, see :mod:`.worker`) as the supervisor's child;
-:class:`CeleryEngine` is what the supervisor sees. docs/engines/celery.md is the design: the
-safe defaults, the drain and release, crash recovery within W, attempts and fencing.
+:class:`CeleryEngine` (:mod:`.engine`) is what the supervisor sees. Names are imported on first
+use, so that the supervisor never loads Celery. docs/engines/celery.md is the design: the safe
+defaults, the drain and release, crash recovery within W, attempts and fencing.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
-
-from workerkit.engines.attempt import release_each
-from workerkit.engines.base import AppTiming
-from workerkit.engines.celery.config import (
-    celery_facts,
-    check_worker_args,
-    configure_app,
-    load_celery_app,
-    task_timings,
-    worker_argv,
-)
-from workerkit.engines.celery.ledger import (
-    CRASHES_HEADER,
-    GEN_HEADER,
-    KEY_PREFIX,
-    Generation,
-    Ledger,
-)
-from workerkit.engines.celery.task import DEFAULT_MAX_ATTEMPTS, AttemptsExhausted, wrap_tasks
-from workerkit.engines.celery.worker import main
+import importlib
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from workerkit.settings import Settings
+    from workerkit.engines.celery.config import celery_facts as celery_facts
+    from workerkit.engines.celery.config import configure_app as configure_app
+    from workerkit.engines.celery.config import load_celery_app as load_celery_app
+    from workerkit.engines.celery.config import task_timings as task_timings
+    from workerkit.engines.celery.config import worker_argv as worker_argv
+    from workerkit.engines.celery.engine import CeleryEngine as CeleryEngine
+    from workerkit.engines.celery.ledger import CRASHES_HEADER as CRASHES_HEADER
+    from workerkit.engines.celery.ledger import GEN_HEADER as GEN_HEADER
+    from workerkit.engines.celery.ledger import KEY_PREFIX as KEY_PREFIX
+    from workerkit.engines.celery.ledger import Generation as Generation
+    from workerkit.engines.celery.ledger import Ledger as Ledger
+    from workerkit.engines.celery.task import DEFAULT_MAX_ATTEMPTS as DEFAULT_MAX_ATTEMPTS
+    from workerkit.engines.celery.task import AttemptsExhausted as AttemptsExhausted
+    from workerkit.engines.celery.task import wrap_tasks as wrap_tasks
+    from workerkit.engines.celery.worker import main as main
 
 __all__ = (
     "CRASHES_HEADER",
@@ -54,72 +47,30 @@ __all__ = (
     "wrap_tasks",
 )
 
-log = logging.getLogger("workerkit.engines.celery")
+#: public name -> the module that defines it (imported on first access).
+_HOMES: Final = {
+    "CRASHES_HEADER": "ledger",
+    "DEFAULT_MAX_ATTEMPTS": "task",
+    "GEN_HEADER": "ledger",
+    "KEY_PREFIX": "ledger",
+    "AttemptsExhausted": "task",
+    "CeleryEngine": "engine",
+    "Generation": "ledger",
+    "Ledger": "ledger",
+    "celery_facts": "config",
+    "configure_app": "config",
+    "load_celery_app": "config",
+    "main": "worker",
+    "task_timings": "config",
+    "worker_argv": "config",
+    "wrap_tasks": "task",
+}
 
 
-class CeleryEngine:
-    """The celery engine (:class:`~workerkit.engines.base.Engine`)."""
-
-    name = "celery"
-
-    def __init__(self, worker_args: Sequence[str] = ()) -> None:
-        self.worker_args = list(worker_args)
-        self._app: Any = None
-
-    def scheduler_command(self, settings: Settings) -> list[str]:
-        """The scheduler process (``workerkit scheduler celery``), in a fresh interpreter."""
-        return [sys.executable, "-m", "workerkit.engines.celery.scheduling"]
-
-    def worker_command(self, settings: Settings) -> list[str]:
-        """The Celery worker with workerkit inside, in a fresh interpreter."""
-        return [sys.executable, "-m", "workerkit.engines.celery", *self.worker_args]
-
-    def _load(self, settings: Settings) -> Any:
-        if self._app is None:
-            app = load_celery_app(settings.app)
-            configure_app(app, settings)
-            self._app = app
-        return self._app
-
-    def app_timing(self, settings: Settings) -> AppTiming:
-        """The tasks' time limits and the app's overrides of workerkit's Celery defaults.
-
-        Also where a missing or wrong app, and a ``celery worker`` option that does not exist,
-        are refused: before the supervisor starts anything.
-        """
-        app = load_celery_app(settings.app)
-        check_worker_args(app, self.worker_args)
-        facts = celery_facts(app)  # before configure_app fills in workerkit's values
-        timings = task_timings(app)
-        configure_app(app, settings)
-        self._app = app
-        return AppTiming(tasks=timings, celery=facts)
-
-    def release_in_flight(
-        self, settings: Settings, refs: Sequence[Mapping[str, Any]], *, crashed: bool = False
-    ) -> int:
-        """Restore the messages of a worker that was killed (or died); return how many.
-
-        A message is restored only while its lease is gone or still the dead worker's: one that
-        was restored and redelivered since (its lease is another worker's) is left alone.
-        """
-        if not refs:
-            return 0
-        ledger = Ledger(self._load(settings))
-
-        def release(ref: Mapping[str, Any]) -> bool:
-            tag, worker = ref.get("delivery_tag"), str(ref.get("worker") or "")
-            if not tag:
-                return False
-            return ledger.restore(str(tag), owners=(worker,), crashed=crashed)
-
-        try:
-            return release_each(
-                refs,
-                release,
-                log=log,
-                give_up_on=(Exception,),
-                give_up_message="cannot release a message; crash recovery will",
-            ).released
-        finally:
-            ledger.close()
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value

@@ -2,34 +2,27 @@
 
 ``workerkit run rq --app myproject.rq_app:app --queues default`` runs an RQ worker (a subclass of
 RQ's own, :class:`Worker` or :class:`SimpleWorker`) under the supervisor; the engine's own
-arguments are in :mod:`workerkit.engines.rq.options`. This module is the facade: the engine as
-the supervisor sees it, and every public name. How it works: docs/engines/rq.md.
+arguments are in :mod:`workerkit.engines.rq.options`. This module is the facade: every public
+name, imported on first use, so that the supervisor, which needs only :class:`RqEngine`
+(:mod:`.engine`), never loads rq or redis. How it works: docs/engines/rq.md.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
-
-from workerkit.engines.attempt import release_each
-from workerkit.engines.base import AppTiming
-from workerkit.engines.rq.jobs import META_KEY, WorkerkitJob, resolve_rq_serializer
-from workerkit.engines.rq.leases import Leases
-from workerkit.engines.rq.options import parse_worker_args, worker_argv
-from workerkit.engines.rq.recovery import BadRef, Recovery, lease_ttl
-from workerkit.engines.rq.tasks import (
-    DEFAULT_MAX_ATTEMPTS,
-    RqApp,
-    RqTaskInfo,
-    TaskNotAllowed,
-    load_app,
-)
-from workerkit.engines.rq.worker import SimpleWorker, Worker, main
+import importlib
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from workerkit.settings import Settings
+    from workerkit.engines.rq.engine import RqEngine as RqEngine
+    from workerkit.engines.rq.jobs import META_KEY as META_KEY
+    from workerkit.engines.rq.jobs import WorkerkitJob as WorkerkitJob
+    from workerkit.engines.rq.tasks import DEFAULT_MAX_ATTEMPTS as DEFAULT_MAX_ATTEMPTS
+    from workerkit.engines.rq.tasks import RqApp as RqApp
+    from workerkit.engines.rq.tasks import RqTaskInfo as RqTaskInfo
+    from workerkit.engines.rq.tasks import TaskNotAllowed as TaskNotAllowed
+    from workerkit.engines.rq.worker import SimpleWorker as SimpleWorker
+    from workerkit.engines.rq.worker import Worker as Worker
+    from workerkit.engines.rq.worker import main as main
 
 __all__ = (
     "DEFAULT_MAX_ATTEMPTS",
@@ -44,62 +37,25 @@ __all__ = (
     "main",
 )
 
-log = logging.getLogger("workerkit.engines.rq")
+#: public name -> the module that defines it (imported on first access).
+_HOMES: Final = {
+    "DEFAULT_MAX_ATTEMPTS": "tasks",
+    "META_KEY": "jobs",
+    "RqApp": "tasks",
+    "RqEngine": "engine",
+    "RqTaskInfo": "tasks",
+    "SimpleWorker": "worker",
+    "TaskNotAllowed": "tasks",
+    "Worker": "worker",
+    "WorkerkitJob": "jobs",
+    "main": "worker",
+}
 
 
-class RqEngine:
-    """The rq engine as the supervisor sees it (:class:`~workerkit.engines.base.Engine`)."""
-
-    name = "rq"
-
-    def __init__(self, worker_args: Sequence[str] = ()) -> None:
-        self.args = parse_worker_args(worker_args)
-
-    def redis_url(self, settings: Settings) -> str:
-        return str(self.args.url or settings.redis_url)
-
-    def scheduler_command(self, settings: Settings) -> list[str]:
-        """The scheduler process (``workerkit scheduler rq``), in a fresh interpreter."""
-        return [sys.executable, "-m", "workerkit.engines.rq.scheduling"]
-
-    def worker_command(self, settings: Settings) -> list[str]:
-        """The RQ worker in a fresh interpreter (settings come by environment)."""
-        return [sys.executable, "-m", "workerkit.engines.rq", *worker_argv(self.args)]
-
-    def app_timing(self, settings: Settings) -> AppTiming:
-        """The tasks of the :class:`RqApp` named by ``settings.app``.
-
-        The rq worker refuses to run without an app (it is the task allowlist), so a missing
-        one is a configuration error here already, before the worker starts.
-        """
-        return AppTiming(tasks=tuple(load_app(settings).task_timings()))
-
-    def release_in_flight(
-        self, settings: Settings, refs: Sequence[Mapping[str, Any]], *, crashed: bool = False
-    ) -> int:
-        """Release the attempts of a worker that died or was killed; return how many.
-
-        See :meth:`Recovery.release_ref`. When Redis cannot be reached the rest are left
-        alone: their leases expire and the recovery scans of live workers take them back.
-        """
-        if not refs:
-            return 0
-        import redis
-
-        connection = redis.Redis.from_url(
-            self.redis_url(settings), socket_timeout=2.0, socket_connect_timeout=2.0
-        )
-        leases = Leases(connection, lease_ttl(settings))
-        app = load_app(settings) if self.args.serializer == "safe-pickle" else None
-        serializer = resolve_rq_serializer(self.args.serializer, app)
-        recovery = Recovery(connection, leases, WorkerkitJob, serializer)
-        try:
-            return release_each(
-                refs,
-                lambda ref: recovery.release_ref(ref, crashed=crashed),
-                log=log,
-                give_up_on=(redis.exceptions.RedisError,),
-                skip_on=(BadRef,),
-            ).released
-        finally:
-            connection.close()
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value

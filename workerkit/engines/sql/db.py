@@ -19,18 +19,17 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import event
 
 from workerkit.engines.base import StoreHealth
 from workerkit.engines.sql.schema import VERSION_TABLE
 from workerkit.errors import ConfigurationError, SchemaOutOfDate, StoreError, StoreUnavailable
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 __all__ = (
     "MIGRATIONS_DIR",
@@ -391,6 +390,8 @@ def alembic_config(connection: sa.Connection | None = None) -> Config:
     With ``connection``, migrations run on it (inside its transaction). The URL is never put in
     the config: configparser would choke on a ``%`` in a password, and the config may be logged.
     """
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("version_table", VERSION_TABLE)
@@ -402,6 +403,8 @@ def alembic_config(connection: sa.Connection | None = None) -> Config:
 @functools.cache
 def head_revision() -> str:
     """The schema revision this version of workerkit needs."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     if head is None:  # pragma: no cover - the package ships its migrations
         raise ConfigurationError("workerkit's migrations are missing from the installed package")
@@ -410,6 +413,8 @@ def head_revision() -> str:
 
 @functools.cache
 def _known_revisions() -> frozenset[str]:
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory.from_config(alembic_config())
     return frozenset(rev.revision for rev in script.walk_revisions())
 
@@ -423,6 +428,8 @@ def upgrade(url: str | sa.URL, revision: str = "head") -> str | None:
     :class:`~workerkit.errors.StoreUnavailable` (without the URL) when the database cannot be
     reached.
     """
+    from alembic import command
+
     try:
         with _engine(url) as engine:
             with engine.begin() as connection:
@@ -447,6 +454,8 @@ def current_revision(url: str | sa.URL) -> str | None:
 
 
 def _current(connection: sa.Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
     heads = context.get_current_heads()
     return ",".join(sorted(heads)) if heads else None

@@ -1,7 +1,9 @@
 """The sql engine as the supervisor sees it: worker command, app timing, release after a kill.
 
-:class:`~workerkit.app.App` is imported only inside :meth:`SqlEngine.app_timing`: app.py imports
-the queue, so a module-level import here would close a cycle through the package.
+Imports nothing of SQLAlchemy or Alembic at module level: the supervisor holds this object for
+its whole life, and needs the queue only to release after a kill (:meth:`release_in_flight`).
+:meth:`SqlEngine.app_timing` runs in ``workerkit check`` and in the app check process
+(:mod:`workerkit.engines.appcheck`), never in the supervisor.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from workerkit.engines.attempt import release_each
 from workerkit.engines.base import AppTiming
-from workerkit.engines.sql.db import normalize_url
-from workerkit.engines.sql.queue import SqlQueue
 from workerkit.errors import ConfigurationError, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -59,8 +59,10 @@ class SqlEngine:
                 "the sql engine needs an app: set --app / WORKERKIT_APP to MODULE:ATTRIBUTE of "
                 "a workerkit.App (e.g. 'myproject.tasks:app')"
             )
-        normalize_url(settings.database_url)
         from workerkit.app import App
+        from workerkit.engines.sql.db import normalize_url
+
+        normalize_url(settings.database_url)
         from workerkit.loading import import_app
 
         app = import_app(settings.app)
@@ -70,6 +72,11 @@ class SqlEngine:
                 "engine runs workerkit apps (use --engine celery or rq for theirs)"
             )
         return AppTiming(tasks=tuple(app.task_timings()))
+
+    def prepare_release(self, settings: Settings) -> None:
+        """Import the queue (SQLAlchemy) ahead of a release: the supervisor calls this when a
+        drain begins."""
+        import workerkit.engines.sql.queue  # noqa: F401
 
     def release_in_flight(
         self, settings: Settings, refs: Sequence[Mapping[str, Any]], *, crashed: bool = False
@@ -82,6 +89,8 @@ class SqlEngine:
         """
         if not refs:
             return 0
+        from workerkit.engines.sql.queue import SqlQueue  # SQLAlchemy: only now, after a kill
+
         queue = SqlQueue(settings.database_url, settings=settings)
         try:
             return release_each(
