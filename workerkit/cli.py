@@ -212,6 +212,61 @@ def db_check(config_file: str | None, **options: Any) -> None:
     sys.exit(exitcodes.OK if health.ok else exitcodes.CHECK_FAILED)
 
 
+@db.command("purge")
+@click.option(
+    "--older-than",
+    "older_than",
+    type=click.FloatRange(min=0),
+    required=True,
+    help="Delete jobs that finished more than this many seconds ago (e.g. 604800: a week).",
+)
+@click.option(
+    "--state",
+    "states",
+    type=click.Choice(["succeeded", "failed"]),
+    multiple=True,
+    help="Finished states to delete (repeatable); default succeeded only. Failed jobs are the "
+    "dead-letter queue: they go only when asked for. Ready and running jobs never go.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=5000,
+    show_default=True,
+    help="Rows deleted per transaction, so that no lock or transaction is held for long.",
+)
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@settings_options
+def db_purge(
+    older_than: float,
+    states: tuple[str, ...],
+    batch_size: int,
+    dry_run: bool,
+    config_file: str | None,
+    **options: Any,
+) -> None:
+    """Delete old finished jobs and expired idempotency keys from --database-url, in batches."""
+    from workerkit.engines.sql.retention import purge
+
+    settings = _load(options, config_file)
+    states = tuple(dict.fromkeys(states)) or ("succeeded",)
+    try:
+        result = purge(
+            settings.database_url, older_than, states=states, batch_size=batch_size, dry_run=dry_run
+        )
+    except ConfigurationError as exc:
+        _fail(exc, exitcodes.CONFIG_ERROR)
+        return
+    except WorkerkitError as exc:
+        _fail(exc, exitcodes.STORE_UNAVAILABLE)
+        return
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(
+        f"{verb} {result.jobs} {'/'.join(states)} jobs finished over {older_than:g} s ago "
+        f"and {result.keys} expired idempotency keys"
+    )
+
+
 # --- enqueue ----------------------------------------------------------------------------
 
 

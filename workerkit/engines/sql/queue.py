@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from workerkit.engines.base import Delivery, NewJob, QueueStats, StoreHealth
-from workerkit.engines.sql import bulk, db, statements
+from workerkit.engines.sql import bulk, db, retention, statements
 from workerkit.engines.sql.listener import NOTIFY_CHANNEL, PgListener, Wakeups
 from workerkit.engines.sql.rules import JOB_FIELDS, dump_json, load_json, ref_parts
 from workerkit.engines.sql.schema import JOB_STATES
@@ -659,16 +659,16 @@ class SqlQueue(db.ForkSafeEngine):
         """Delete succeeded jobs (and failed ones, if asked) finished over ``older_than`` s ago.
 
         Failed jobs are the dead-letter queue, kept with their error until purged on purpose.
-        Returns how many rows were deleted.
+        Deletes in batches of short transactions (:mod:`.retention`); returns how many went.
         """
-        statement = statements.purge_finished(older_than, include_failed=include_failed)
-        with self._write() as conn:
-            deleted = conn.execute(statement).rowcount
+        states = retention.FINISHED_STATES if include_failed else ("succeeded",)
+        with self._errors():
+            deleted = retention.purge_jobs(self.engine, older_than, states=states)
         log.info(
             "finished jobs purged",
             extra={"event": "jobs_purged", "count": deleted, "older_than": older_than},
         )
-        return int(deleted)
+        return deleted
 
 
 def _delivery(row: Any) -> Delivery:

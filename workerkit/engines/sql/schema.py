@@ -91,7 +91,7 @@ sa.Index(
     postgresql_where=jobs.c.state == "running",
     sqlite_where=jobs.c.state == "running",
 )
-# purge_finished() deletes by age.
+# workerkit.engines.sql.retention deletes by age.
 sa.Index(
     "ix_workerkit_jobs_finished",
     jobs.c.finished_at,

@@ -35,7 +35,6 @@ __all__ = (
     "RETRY",
     "count_by_state",
     "insert_job",
-    "purge_finished",
     "queue_stats",
     "select_job",
 )
@@ -305,9 +304,3 @@ def count_by_state(queue: str | None) -> sa.Select[Any]:
     if queue is not None:
         statement = statement.where(_c.queue == queue)
     return statement
-
-
-def purge_finished(older_than: float, *, include_failed: bool) -> sa.Delete:
-    """Delete succeeded (and failed) jobs finished over ``older_than`` seconds ago."""
-    states = ["succeeded", "failed"] if include_failed else ["succeeded"]
-    return sa.delete(jobs).where(_c.state.in_(states), _c.finished_at < db_now() - older_than)
