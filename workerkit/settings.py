@@ -387,6 +387,23 @@ class Settings:
         maximum_why="an idle worker not woken by PostgreSQL's NOTIFY (SQLite, a missed "
         "notification) would leave a new job waiting longer than a minute",
     )
+    finished_job_retention: float = _s(
+        604800.0,
+        "How long SQL workers keep succeeded jobs before deleting them (one worker at a time, "
+        "at most once a minute, in batches); 0 keeps them until `workerkit db purge`.",
+        _seconds,
+        minimum=0,
+        engines=("sql",),
+    )
+    failed_job_retention: float | None = _s(
+        None,
+        "How long SQL workers keep failed jobs (the dead-letter queue) before deleting them; "
+        "unset keeps them until `workerkit db purge --state failed`.",
+        _opt_seconds,
+        minimum=0,
+        exclusive_minimum=True,
+        engines=("sql",),
+    )
     max_payload_bytes: int = _s(
         1_048_576,
         "Largest encoded job payload accepted at enqueue.",

@@ -1,13 +1,15 @@
-"""Deleting old rows on real SQLite and PostgreSQL: ``workerkit db purge`` and its batches.
+"""Deleting old rows on real SQLite and PostgreSQL: ``workerkit db purge`` and the pruner.
 
 Only finished jobs older than the cutoff go, in the states asked for (failed ones only when
 asked); ready and running rows never go, even with an old ``finished_at``; each batch is its own
-DELETE; a dry run counts and deletes nothing; expired idempotency keys go, live ones stay.
+DELETE; a dry run counts and deletes nothing; expired idempotency keys go, live ones stay. The
+workers' pruner: one turn per interval among any number of callers; retention 0 turns it off.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +20,7 @@ from click.testing import CliRunner, Result
 from workerkit.cli import main
 from workerkit.engines.base import NewJob
 from workerkit.engines.sql import SqlQueue, create_engine_for, upgrade
-from workerkit.engines.sql.retention import purge, purge_jobs
+from workerkit.engines.sql.retention import prune_turn, pruner, purge, purge_jobs, take_turn
 from workerkit.engines.sql.schema import idempotency_keys, jobs
 from workerkit.settings import ENV_PREFIX, Settings
 
@@ -165,3 +167,53 @@ def test_db_purge_command(queue: SqlQueue, engine: sa.Engine) -> None:
     missing = _invoke("db", "purge", "--database-url", url)
     assert missing.exit_code == 2
     assert "--older-than" in missing.output
+
+
+def test_one_caller_takes_each_turn_until_its_lease_runs_out(queue: SqlQueue) -> None:
+    engines = [create_engine_for(queue.url) for _ in range(4)]
+    start = threading.Barrier(len(engines))
+    won: list[str] = []
+
+    def offer(i: int) -> None:
+        start.wait()
+        if take_turn(engines[i], f"w{i}", every=3600):
+            won.append(f"w{i}")
+
+    try:
+        threads = [threading.Thread(target=offer, args=(i,)) for i in range(len(engines))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(won) == 1, won  # the very first turn, raced by four workers: one wins
+        assert not any(take_turn(e, "late", every=3600) for e in engines)
+        with engines[0].begin() as conn:  # the lease ran out (as an hour later)
+            conn.execute(sa.text("UPDATE workerkit_scheduler_lease SET expires_at = 0"))
+        assert [take_turn(e, "next", every=3600) for e in engines].count(True) == 1
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
+def test_prune_turn_deletes_by_the_retention_settings(queue: SqlQueue, engine: sa.Engine) -> None:
+    _fill(queue, engine)
+    _add_keys(engine)
+    off = Settings().replace(finished_job_retention=0.0)
+    assert prune_turn(engine, off, "w", every=0.0) is None  # 0 and no failed retention: off
+    assert pruner(queue, off, "w", when=lambda: True, stop=threading.Event()) is None
+    assert _states(queue) == {"ready": 2, "running": 1, "succeeded": 10, "failed": 2}
+
+    week = Settings().replace(finished_job_retention=CUTOFF)
+    assert prune_turn(engine, week, "w", every=3600) == {
+        "succeeded": 7, "failed": 0, "idempotency_keys": 3
+    }  # fmt: skip
+    assert prune_turn(engine, week, "other", every=3600) is None  # not its turn
+    assert _states(queue) == {"ready": 2, "running": 1, "succeeded": 3, "failed": 2}
+
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE workerkit_scheduler_lease SET expires_at = 0"))
+    failed_too = week.replace(failed_job_retention=CUTOFF)
+    assert prune_turn(engine, failed_too, "other", every=3600) == {
+        "succeeded": 0, "failed": 2, "idempotency_keys": 0
+    }  # fmt: skip
+    assert _states(queue) == {"ready": 2, "running": 1, "succeeded": 3, "failed": 0}

@@ -115,6 +115,9 @@ def test_kubernetes_service_link_variables_are_not_settings() -> None:
         ("scheduler_namespace", "", "1 to 64 letters, digits"),
         ("scheduler_namespace", "my app", "1 to 64 letters, digits"),
         ("scheduler_namespace", "x" * 65, "1 to 64 letters, digits"),
+        ("finished_job_retention", "-1", "at least 0"),
+        ("finished_job_retention", "7d", "number of seconds"),
+        ("failed_job_retention", "0", "above 0"),
     ],
 )
 def test_bad_values_name_the_setting_and_what_is_accepted(
@@ -127,6 +130,16 @@ def test_bad_values_name_the_setting_and_what_is_accepted(
     assert repr(key) in message
     assert var in message
     assert expected in message
+
+
+def test_retention_keeps_succeeded_jobs_a_week_and_failed_ones_until_purged() -> None:
+    defaults = load_settings(env={}, cwd=ROOT / "tests")
+    assert defaults.finished_job_retention == 604800.0
+    assert defaults.failed_job_retention is None
+    env = {"WORKERKIT_FINISHED_JOB_RETENTION": "0", "WORKERKIT_FAILED_JOB_RETENTION": "86400"}
+    chosen = load_settings(env=env, cwd=ROOT / "tests")
+    assert chosen.finished_job_retention == 0.0  # 0: off
+    assert chosen.failed_job_retention == 86400.0
 
 
 def test_every_default_is_inside_its_own_bounds() -> None:

@@ -1,5 +1,9 @@
 """Deleting old rows in batches: finished jobs and expired idempotency keys.
 
+Automatic retention (:func:`pruner`): every SQL worker offers to prune once a minute; a lease
+row taken by one conditional UPDATE lets one of them do it per interval, whatever the number
+of workers, and one turn deletes a bounded number of batches (a backlog goes over the turns).
+
 Each batch is its own short transaction (``DELETE ... WHERE id IN (SELECT id ... LIMIT n)``),
 so a purge of millions of rows never holds the write lock (SQLite) or a huge transaction
 (PostgreSQL) for long, and workers claim between batches. Ready and running jobs are never
@@ -9,29 +13,53 @@ touched: only the finished states can be asked for. Behind ``workerkit db purge`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
+from workerkit.engines.attempt import Duty, Keeper
 from workerkit.engines.sql import db
-from workerkit.engines.sql.schema import db_now, idempotency_keys, jobs
+from workerkit.engines.sql.schema import db_now, idempotency_keys, jobs, scheduler_lease
+
+if TYPE_CHECKING:
+    from workerkit.settings import Settings
 
 __all__ = (
     "DEFAULT_BATCH_SIZE",
     "FINISHED_STATES",
+    "LEASE_NAME",
+    "MAX_BATCHES",
+    "PRUNE_EVERY",
     "PurgeResult",
+    "prune_turn",
+    "pruner",
     "purge",
     "purge_expired_keys",
     "purge_jobs",
+    "take_turn",
 )
+
+log = logging.getLogger(__name__)
 
 #: Rows one transaction deletes at most.
 DEFAULT_BATCH_SIZE: Final = 5000
 
 #: The states a purge may delete; ``ready`` and ``running`` are never purged.
 FINISHED_STATES: Final = ("succeeded", "failed")
+
+#: How often a worker offers to prune; one worker prunes per interval (the lease's length).
+PRUNE_EVERY: Final = 60.0
+
+#: Batches one turn deletes at most, per kind of row.
+MAX_BATCHES: Final = 20
+
+#: The pruner's row in ``workerkit_scheduler_lease``. No scheduler namespace starts with '@'.
+LEASE_NAME: Final = "@retention"
 
 _JOB_TABLES: Final = "workerkit_jobs table is"
 _KEY_TABLES: Final = "workerkit_idempotency table is"
@@ -68,14 +96,18 @@ def _cutoff(engine: Any, older_than: float) -> float:
         return float(conn.execute(sa.select(db_now())).scalar_one()) - older_than
 
 
-def _delete_batches(engine: Any, delete: sa.Delete, batch_size: int) -> int:
-    total = 0
-    while True:
+def _delete_batches(
+    engine: Any, delete: sa.Delete, batch_size: int, max_batches: int | None = None
+) -> int:
+    total = batches = 0
+    while max_batches is None or batches < max_batches:
         with engine.begin() as conn:  # BEGIN IMMEDIATE on SQLite; one short transaction
             deleted = int(conn.execute(delete).rowcount)
         total += deleted
+        batches += 1
         if deleted < batch_size:
-            return total
+            break
+    return total
 
 
 def _count(engine: Any, statement: sa.Select[Any]) -> int:
@@ -91,6 +123,7 @@ def purge_jobs(
     states: Sequence[str] = ("succeeded",),
     batch_size: int = DEFAULT_BATCH_SIZE,
     dry_run: bool = False,
+    max_batches: int | None = None,
 ) -> int:
     """Delete jobs in ``states`` finished over ``older_than`` s ago, ``batch_size`` per commit.
 
@@ -104,11 +137,16 @@ def purge_jobs(
     if dry_run:
         return _count(engine, sa.select(sa.func.count()).select_from(jobs).where(where))
     batch = sa.select(jobs.c.id).where(where).limit(batch_size).scalar_subquery()
-    return _delete_batches(engine, sa.delete(jobs).where(jobs.c.id.in_(batch)), batch_size)
+    delete = sa.delete(jobs).where(jobs.c.id.in_(batch))
+    return _delete_batches(engine, delete, batch_size, max_batches)
 
 
 def purge_expired_keys(
-    engine: Any, *, batch_size: int = DEFAULT_BATCH_SIZE, dry_run: bool = False
+    engine: Any,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    dry_run: bool = False,
+    max_batches: int | None = None,
 ) -> int:
     """Delete idempotency keys past their expiry, in batches; return how many (would) go.
 
@@ -122,7 +160,7 @@ def purge_expired_keys(
         return _count(engine, statement)
     batch = sa.select(idempotency_keys.c.key).where(where).limit(batch_size).scalar_subquery()
     delete = sa.delete(idempotency_keys).where(idempotency_keys.c.key.in_(batch))
-    return _delete_batches(engine, delete, batch_size)
+    return _delete_batches(engine, delete, batch_size, max_batches)
 
 
 def purge(
@@ -154,3 +192,99 @@ def purge(
     finally:
         engine.dispose()
     return PurgeResult(jobs=deleted, keys=expired, dry_run=dry_run)
+
+
+# --- automatic retention ----------------------------------------------------------------
+
+
+def take_turn(engine: Any, holder: str, every: float = PRUNE_EVERY) -> bool:
+    """Whether ``holder`` prunes now: True for one caller per ``every`` seconds, on any host.
+
+    One conditional UPDATE of the lease row, on the database clock: it succeeds only once the
+    last turn's lease ran out, and then holds the row for ``every``. On PostgreSQL a second
+    caller waits for the first one's row lock, re-checks and finds the lease taken; SQLite's
+    ``BEGIN IMMEDIATE`` serializes them.
+    """
+    lease = scheduler_lease.c
+    now = db_now()
+    update = (
+        sa.update(scheduler_lease)
+        .where(lease.namespace == LEASE_NAME, lease.expires_at <= now)
+        .values(
+            holder=holder,
+            epoch=lease.epoch + 1,
+            acquired_at=now,
+            renewed_at=now,
+            expires_at=now + every,
+        )
+    )
+    insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+    seed = (
+        insert(scheduler_lease)
+        .values(namespace=LEASE_NAME, holder=None, epoch=0, expires_at=0.0)
+        .on_conflict_do_nothing(index_elements=[lease.namespace])
+    )
+    with engine.begin() as conn:
+        won = bool(conn.execute(update).rowcount == 1)
+        if not won and conn.execute(seed).rowcount:
+            won = bool(conn.execute(update).rowcount == 1)  # the very first turn on this database
+    return won
+
+
+def prune_turn(
+    engine: Any,
+    settings: Settings,
+    holder: str,
+    *,
+    every: float = PRUNE_EVERY,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> dict[str, int] | None:
+    """If it is ``holder``'s turn (:func:`take_turn`), prune by ``settings``; None otherwise.
+
+    Succeeded jobs older than ``finished_job_retention`` (unless 0), failed ones older than
+    ``failed_job_retention`` (when set), expired idempotency keys; :data:`MAX_BATCHES` each.
+    Returns how many rows of each kind went.
+    """
+    finished, failed = settings.finished_job_retention, settings.failed_job_retention
+    if not finished and failed is None:
+        return None
+    if not take_turn(engine, holder, every):
+        log.debug("another worker prunes this interval", extra={"event": "retention_skipped"})
+        return None
+    size, most = batch_size, MAX_BATCHES
+    counts = {"succeeded": 0, "failed": 0, "idempotency_keys": 0}
+    if finished:
+        counts["succeeded"] = purge_jobs(
+            engine, finished, states=("succeeded",), batch_size=size, max_batches=most
+        )
+    if failed is not None:
+        counts["failed"] = purge_jobs(
+            engine, failed, states=("failed",), batch_size=size, max_batches=most
+        )
+    counts["idempotency_keys"] = purge_expired_keys(engine, batch_size=size, max_batches=most)
+    if any(counts.values()):
+        log.info("old rows pruned", extra={"event": "retention_pruned", **counts})
+    return counts
+
+
+def pruner(
+    queue: Any, settings: Settings, holder: str, *, when: Callable[[], bool], stop: threading.Event
+) -> Keeper | None:
+    """The SQL worker's pruner thread (start it), or None when retention is off.
+
+    ``queue`` is the worker's SqlQueue; ``when`` says whether the store is usable (the worker's
+    readiness), ``stop`` ends the thread (the worker's stop).
+    """
+    if not settings.finished_job_retention and settings.failed_job_retention is None:
+        return None
+
+    def turn() -> None:
+        with db.store_errors(queue.url, tables="workerkit tables are"):
+            prune_turn(queue.engine, settings, holder)
+
+    return Keeper(
+        [Duty("retention", PRUNE_EVERY, turn, when=when)],
+        log=log,
+        name="workerkit-retention",
+        stop_event=stop,
+    )

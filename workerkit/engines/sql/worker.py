@@ -41,6 +41,7 @@ from workerkit.engines.attempt import (
     release_each,
     verdict_for,
 )
+from workerkit.engines.sql import retention
 from workerkit.engines.sql.outage import (
     ClaimPause,
     RetryingWrite,
@@ -120,8 +121,12 @@ class NativeWorker:
             recovery_grace(connect_timeout), settings.effective_heartbeat_interval
         )
         self._claim_sent = 0.0  # monotonic: when the claim in progress started
+        self._pruner: Keeper | None = None  # retention (finished_job_retention): SQL only
         if isinstance(self.backend, SqlQueue):
             self.backend.claim_gate = self._may_claim_now  # asked just before the claim's write
+            self._pruner = retention.pruner(
+                self.backend, settings, self.worker_id, when=self._ready.is_set, stop=self._stopping
+            )
         self._store_ok_at = time.monotonic()  # the last health check or claim that worked
         self._write_trouble = ""  # the last failed write's reason, while writes are retried
         self._retrying = 0  # writes being retried now (under _running_lock)
@@ -194,6 +199,8 @@ class NativeWorker:
         self._upkeep.start()
         threading.Thread(target=self._fetch_loop, name="workerkit-fetcher", daemon=True).start()
         self._lease_keeper.start()
+        if self._pruner is not None:
+            self._pruner.start()
         announced_stop = False
         while True:
             if self._release_requested.is_set():
