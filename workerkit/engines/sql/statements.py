@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from workerkit.engines.sql.rules import CRASH_EXHAUSTED_ERROR, lease_exhausted_error
 from workerkit.engines.sql.schema import JOB_STATES, db_now, jobs
@@ -85,6 +86,43 @@ def _new_token_postgresql(element: _new_token, compiler: SQLCompiler, **kw: Any)
 @compiles(_new_token, "sqlite")
 def _new_token_sqlite(element: _new_token, compiler: SQLCompiler, **kw: Any) -> str:
     return "lower(hex(randomblob(16)))"
+
+
+class _among(sa.sql.expression.ColumnElement[Any]):  # noqa: N801 - reads like SQL
+    """``column IN (select)``; on PostgreSQL ``column = ANY(ARRAY(select))``.
+
+    The claim's ``id IN (expired UNION ALL ready)``: PostgreSQL cannot know how many ids the
+    CTEs give (their LIMIT is a parameter, guessed at a tenth of the rows the index range
+    holds), so with a large ``ready`` backlog it planned a hash join over a sequential scan of
+    the whole table, finished rows included: a claim cost grew with the table (10x slower at
+    20,000 rows, bench/queue_growth.py). ``= ANY(ARRAY(...))`` computes the ids first and
+    looks each up by primary key, whatever the table holds. SQLite does the lookups by itself.
+    """
+
+    # Not sa.Boolean: on SQLite a Boolean expression in WHERE is rendered "(...) = 1", which
+    # hides the IN from the planner (a full scan).
+    type = sa.types.NullType()
+    inherit_cache = True
+    _traverse_internals = [  # noqa: RUF012 - SQLAlchemy's own convention
+        ("column", InternalTraversal.dp_clauseelement),
+        ("select", InternalTraversal.dp_clauseelement),
+    ]
+
+    def __init__(self, column: sa.ColumnElement[Any], select: sa.SelectBase) -> None:
+        self.column = column
+        self.select = select
+
+
+@compiles(_among)
+def _among_default(element: _among, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.column.in_(element.select), **kw)
+
+
+@compiles(_among, "postgresql")
+def _among_postgresql(element: _among, compiler: SQLCompiler, **kw: Any) -> str:
+    column = compiler.process(element.column, **kw)
+    select = compiler.process(element.select.scalar_subquery(), **kw)
+    return f"{column} = ANY(ARRAY{select})"
 
 
 def _exhausted_error_sql() -> sa.ColumnElement[str]:
@@ -169,7 +207,7 @@ def _claim_statement() -> sa.Update:
     exhausted = sa.and_(_c.state == _RUNNING, _c.attempts >= _c.max_attempts)
     return (
         sa.update(jobs)
-        .where(_c.id.in_(picked))
+        .where(_among(_c.id, picked))
         .values(
             state=sa.case((exhausted, _FAILED), else_=_RUNNING),
             lease_token=sa.case((exhausted, sa.null()), else_=_new_token()),

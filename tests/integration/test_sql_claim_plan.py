@@ -1,0 +1,80 @@
+"""The claim's cost does not grow with the table: its plan never scans ``workerkit_jobs``.
+
+A table of 20,000 finished jobs and 2,000 waiting ones (due tomorrow), analyzed, and a few due
+jobs: the plan of the very statement a claim sends (captured from a real ``SqlQueue.claim``)
+reaches rows only through indexes. Before, PostgreSQL matched the picked ids with a hash join
+over a sequential scan of the whole table (bench/queue_growth.py: claims 10x slower).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import sqlalchemy as sa
+
+from workerkit.engines.base import NewJob
+from workerkit.engines.sql import SqlQueue, upgrade
+from workerkit.engines.sql.schema import jobs
+from workerkit.settings import Settings
+
+
+def _grow(queue: SqlQueue, finished: int, waiting: int) -> None:
+    now = time.time()
+    base = {"queue": "default", "task": "bulk", "payload": "{}", "max_attempts": 1}
+    rows = [
+        {**base, "id": f"done-{i}", "state": "succeeded", "attempts": 1, "run_at": now - 600,
+         "enqueued_at": now - 600, "created_at": now - 600, "updated_at": now - 60,
+         "finished_at": now - 60}
+        for i in range(finished)
+    ] + [
+        {**base, "id": f"wait-{i}", "state": "ready", "attempts": 0, "run_at": now + 86400 + i,
+         "enqueued_at": now, "created_at": now, "updated_at": now, "finished_at": None}
+        for i in range(waiting)
+    ]  # fmt: skip
+    with queue.engine.begin() as conn:
+        conn.execute(sa.insert(jobs), rows)
+    with queue.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("ANALYZE" if queue.dialect == "sqlite" else "VACUUM ANALYZE")
+
+
+def _plan(queue: SqlQueue) -> str:
+    sent: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        if statement.lstrip().upper().startswith(("UPDATE", "WITH")):
+            sent.append((statement, parameters))
+
+    sa.event.listen(queue.engine, "before_cursor_execute", record)
+    try:
+        [delivery] = queue.claim(["default"], "w", 1)
+    finally:
+        sa.event.remove(queue.engine, "before_cursor_execute", record)
+    queue.ack(delivery, None)
+    statement, parameters = sent[-1]
+    explain = "EXPLAIN " if queue.dialect == "postgresql" else "EXPLAIN QUERY PLAN "
+    raw = queue.engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute(explain + statement, parameters)
+        lines = [" ".join(str(c) for c in row) for row in cursor.fetchall()]
+        raw.rollback()
+    finally:
+        raw.close()
+    return "\n".join(lines)
+
+
+def test_the_claim_reaches_rows_only_through_indexes(database_url: str) -> None:
+    upgrade(database_url)
+    queue = SqlQueue(database_url, settings=Settings())
+    try:
+        _grow(queue, finished=20_000, waiting=2_000)
+        queue.enqueue_many([NewJob(f"due-{i}", "t", "default", "[]", 1) for i in range(3)])
+        plan = _plan(queue)
+    finally:
+        queue.close()
+    assert "Seq Scan on workerkit_jobs" not in plan, plan  # PostgreSQL
+    assert "SCAN workerkit_jobs" not in plan, plan  # SQLite ("SCAN expired" is the CTE)
+    if queue.dialect == "postgresql":
+        assert "pk_workerkit_jobs" in plan, plan
+        assert "ix_workerkit_jobs_ready" in plan, plan
