@@ -4,7 +4,8 @@ Automatic retention (:func:`pruner`): every SQL worker offers to prune once a mi
 row taken by one conditional UPDATE lets one of them do it per interval, whatever the number
 of workers, and one turn deletes a bounded number of batches (a backlog goes over the turns).
 
-Each batch is its own short transaction (``DELETE ... WHERE id IN (SELECT id ... LIMIT n)``),
+Each batch is its own short transaction (``DELETE ... WHERE id IN (SELECT id ... LIMIT n)``;
+on PostgreSQL ``id = ANY(ARRAY(...))``, primary-key lookups rather than a scan of the table),
 so a purge of millions of rows never holds the write lock (SQLite) or a huge transaction
 (PostgreSQL) for long, and workers claim between batches. Ready and running jobs are never
 touched: only the finished states can be asked for. Behind ``workerkit db purge`` and
@@ -25,6 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from workerkit.engines.attempt import Duty, Keeper
 from workerkit.engines.sql import db
 from workerkit.engines.sql.schema import db_now, idempotency_keys, jobs, scheduler_lease
+from workerkit.engines.sql.statements import among
 
 if TYPE_CHECKING:
     from workerkit.settings import Settings
@@ -136,8 +138,8 @@ def purge_jobs(
     where = _job_filter(_cutoff(engine, older_than), states)
     if dry_run:
         return _count(engine, sa.select(sa.func.count()).select_from(jobs).where(where))
-    batch = sa.select(jobs.c.id).where(where).limit(batch_size).scalar_subquery()
-    delete = sa.delete(jobs).where(jobs.c.id.in_(batch))
+    batch = sa.select(jobs.c.id).where(where).limit(batch_size)
+    delete = sa.delete(jobs).where(among(jobs.c.id, batch))
     return _delete_batches(engine, delete, batch_size, max_batches)
 
 
@@ -158,8 +160,8 @@ def purge_expired_keys(
     if dry_run:
         statement = sa.select(sa.func.count()).select_from(idempotency_keys).where(where)
         return _count(engine, statement)
-    batch = sa.select(idempotency_keys.c.key).where(where).limit(batch_size).scalar_subquery()
-    delete = sa.delete(idempotency_keys).where(idempotency_keys.c.key.in_(batch))
+    batch = sa.select(idempotency_keys.c.key).where(where).limit(batch_size)
+    delete = sa.delete(idempotency_keys).where(among(idempotency_keys.c.key, batch))
     return _delete_batches(engine, delete, batch_size, max_batches)
 
 

@@ -34,6 +34,7 @@ __all__ = (
     "RELEASE",
     "RELEASE_CRASHED",
     "RETRY",
+    "among",
     "count_by_state",
     "insert_job",
     "queue_stats",
@@ -88,8 +89,10 @@ def _new_token_sqlite(element: _new_token, compiler: SQLCompiler, **kw: Any) -> 
     return "lower(hex(randomblob(16)))"
 
 
-class _among(sa.sql.expression.ColumnElement[Any]):  # noqa: N801 - reads like SQL
+class among(sa.sql.expression.ColumnElement[Any]):  # noqa: N801 - reads like SQL
     """``column IN (select)``; on PostgreSQL ``column = ANY(ARRAY(select))``.
+
+    For ``WHERE id IN (a few ids from a LIMITed subquery)`` over a table that may be large.
 
     The claim's ``id IN (expired UNION ALL ready)``: PostgreSQL cannot know how many ids the
     CTEs give (their LIMIT is a parameter, guessed at a tenth of the rows the index range
@@ -113,13 +116,13 @@ class _among(sa.sql.expression.ColumnElement[Any]):  # noqa: N801 - reads like S
         self.select = select
 
 
-@compiles(_among)
-def _among_default(element: _among, compiler: SQLCompiler, **kw: Any) -> str:
+@compiles(among)
+def _among_default(element: among, compiler: SQLCompiler, **kw: Any) -> str:
     return compiler.process(element.column.in_(element.select), **kw)
 
 
-@compiles(_among, "postgresql")
-def _among_postgresql(element: _among, compiler: SQLCompiler, **kw: Any) -> str:
+@compiles(among, "postgresql")
+def _among_postgresql(element: among, compiler: SQLCompiler, **kw: Any) -> str:
     column = compiler.process(element.column, **kw)
     select = compiler.process(element.select.scalar_subquery(), **kw)
     return f"{column} = ANY(ARRAY{select})"
@@ -207,7 +210,7 @@ def _claim_statement() -> sa.Update:
     exhausted = sa.and_(_c.state == _RUNNING, _c.attempts >= _c.max_attempts)
     return (
         sa.update(jobs)
-        .where(_among(_c.id, picked))
+        .where(among(_c.id, picked))
         .values(
             state=sa.case((exhausted, _FAILED), else_=_RUNNING),
             lease_token=sa.case((exhausted, sa.null()), else_=_new_token()),
