@@ -276,7 +276,12 @@ def db_purge(
 @click.option("--kwargs", "kwargs_json", default="{}", help="Keyword arguments as a JSON object.")
 @click.option("--queue", default=None, help="Queue (default: the task's own, else 'default').")
 @click.option("--delay", type=float, default=None, help="Run no sooner than this many seconds.")
-@click.option("--job-id", default=None, help="Job id; enqueuing the same id twice is a no-op.")
+@click.option(
+    "--job-id",
+    default=None,
+    help="Job id; enqueuing the same id twice is a no-op (sql: while the first job is kept, "
+    "see finished_job_retention).",
+)
 @settings_options
 def enqueue(
     task: str,

@@ -217,3 +217,13 @@ def test_prune_turn_deletes_by_the_retention_settings(queue: SqlQueue, engine: s
         "succeeded": 0, "failed": 2, "idempotency_keys": 0
     }  # fmt: skip
     assert _states(queue) == {"ready": 2, "running": 1, "succeeded": 3, "failed": 0}
+
+
+def test_a_stopping_worker_ends_the_purge_between_batches(
+    queue: SqlQueue, engine: sa.Engine
+) -> None:
+    _fill(queue, engine)
+    stop = threading.Event()
+    stop.set()  # the worker is stopping: one batch, then no more
+    assert purge_jobs(engine, CUTOFF, batch_size=2, stop=stop) == 2
+    assert purge_jobs(engine, CUTOFF, batch_size=2) == 5  # the rest of the 7 old succeeded ones

@@ -426,8 +426,8 @@ class Supervisor:
         def run() -> None:
             try:
                 prepare(settings)
-            except Exception as exc:  # the release itself will say what is wrong
-                log.debug(
+            except Exception as exc:  # the release retries the import and says what is wrong
+                log.warning(
                     "cannot prepare the release",
                     extra={"event": "release_prepare_failed", "error": str(exc)},
                 )

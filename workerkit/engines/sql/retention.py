@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -99,16 +100,29 @@ def _cutoff(engine: Any, older_than: float) -> float:
 
 
 def _delete_batches(
-    engine: Any, delete: sa.Delete, batch_size: int, max_batches: int | None = None
+    engine: Any,
+    delete: sa.Delete,
+    batch_size: int,
+    max_batches: int | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
     total = batches = 0
     while max_batches is None or batches < max_batches:
+        started = time.monotonic()
         with engine.begin() as conn:  # BEGIN IMMEDIATE on SQLite; one short transaction
             deleted = int(conn.execute(delete).rowcount)
         total += deleted
         batches += 1
         if deleted < batch_size:
             break
+        # SQLite has one writer: a batch begun as soon as the last one committed would leave
+        # the workers' heartbeats and settles no gap, so wait as long as the batch took. A
+        # stopping worker (its drain) ends the turn between batches.
+        pause = time.monotonic() - started if engine.dialect.name == "sqlite" else 0.0
+        if stop is not None and stop.wait(pause):
+            break
+        if stop is None and pause:
+            time.sleep(pause)
     return total
 
 
@@ -126,6 +140,7 @@ def purge_jobs(
     batch_size: int = DEFAULT_BATCH_SIZE,
     dry_run: bool = False,
     max_batches: int | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
     """Delete jobs in ``states`` finished over ``older_than`` s ago, ``batch_size`` per commit.
 
@@ -139,8 +154,10 @@ def purge_jobs(
     if dry_run:
         return _count(engine, sa.select(sa.func.count()).select_from(jobs).where(where))
     batch = sa.select(jobs.c.id).where(where).limit(batch_size)
-    delete = sa.delete(jobs).where(among(jobs.c.id, batch))
-    return _delete_batches(engine, delete, batch_size, max_batches)
+    # The filter again on the DELETE itself: a row requeued between the subquery and the delete
+    # (PostgreSQL re-checks the outer WHERE on the locked row) is kept.
+    delete = sa.delete(jobs).where(among(jobs.c.id, batch), where)
+    return _delete_batches(engine, delete, batch_size, max_batches, stop)
 
 
 def purge_expired_keys(
@@ -149,6 +166,7 @@ def purge_expired_keys(
     batch_size: int = DEFAULT_BATCH_SIZE,
     dry_run: bool = False,
     max_batches: int | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
     """Delete idempotency keys past their expiry, in batches; return how many (would) go.
 
@@ -161,8 +179,8 @@ def purge_expired_keys(
         statement = sa.select(sa.func.count()).select_from(idempotency_keys).where(where)
         return _count(engine, statement)
     batch = sa.select(idempotency_keys.c.key).where(where).limit(batch_size)
-    delete = sa.delete(idempotency_keys).where(among(idempotency_keys.c.key, batch))
-    return _delete_batches(engine, delete, batch_size, max_batches)
+    delete = sa.delete(idempotency_keys).where(among(idempotency_keys.c.key, batch), where)
+    return _delete_batches(engine, delete, batch_size, max_batches, stop)
 
 
 def purge(
@@ -240,6 +258,7 @@ def prune_turn(
     *,
     every: float = PRUNE_EVERY,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    stop: threading.Event | None = None,
 ) -> dict[str, int] | None:
     """If it is ``holder``'s turn (:func:`take_turn`), prune by ``settings``; None otherwise.
 
@@ -257,13 +276,15 @@ def prune_turn(
     counts = {"succeeded": 0, "failed": 0, "idempotency_keys": 0}
     if finished:
         counts["succeeded"] = purge_jobs(
-            engine, finished, states=("succeeded",), batch_size=size, max_batches=most
+            engine, finished, states=("succeeded",), batch_size=size, max_batches=most, stop=stop
         )
     if failed is not None:
         counts["failed"] = purge_jobs(
-            engine, failed, states=("failed",), batch_size=size, max_batches=most
+            engine, failed, states=("failed",), batch_size=size, max_batches=most, stop=stop
         )
-    counts["idempotency_keys"] = purge_expired_keys(engine, batch_size=size, max_batches=most)
+    counts["idempotency_keys"] = purge_expired_keys(
+        engine, batch_size=size, max_batches=most, stop=stop
+    )
     if any(counts.values()):
         log.info("old rows pruned", extra={"event": "retention_pruned", **counts})
     return counts
@@ -282,7 +303,7 @@ def pruner(
 
     def turn() -> None:
         with db.store_errors(queue.url, tables="workerkit tables are"):
-            prune_turn(queue.engine, settings, holder)
+            prune_turn(queue.engine, settings, holder, stop=stop)
 
     return Keeper(
         [Duty("retention", PRUNE_EVERY, turn, when=when)],
