@@ -35,6 +35,7 @@ __all__ = (
     "RETRY",
     "count_by_state",
     "insert_job",
+    "insert_job_notify",
     "purge_finished",
     "queue_stats",
     "select_job",
@@ -282,6 +283,15 @@ def insert_job(dialect: str, job: NewJob) -> sa.Insert:
         # RETURNING, not rowcount: drivers need not report a row count for an INSERT.
         .returning(_c.id)
     )
+
+
+def insert_job_notify(job: NewJob, channel: str) -> sa.Insert:
+    """PostgreSQL: :func:`insert_job` with ``pg_notify(channel, queue)`` in its RETURNING.
+
+    RETURNING runs once per row that went in, so the NOTIFY is sent only for a new job; in
+    autocommit the statement is its own transaction, and the NOTIFY goes out at its commit.
+    """
+    return insert_job("postgresql", job).returning(sa.func.pg_notify(channel, job.queue))
 
 
 def queue_stats(queues: Sequence[str]) -> sa.Select[Any]:
