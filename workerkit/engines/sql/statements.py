@@ -285,13 +285,16 @@ def insert_job(dialect: str, job: NewJob) -> sa.Insert:
     )
 
 
-def insert_job_notify(job: NewJob, channel: str) -> sa.Insert:
-    """PostgreSQL: :func:`insert_job` with ``pg_notify(channel, queue)`` in its RETURNING.
+def insert_job_notify(dialect: str, job: NewJob, channel: str) -> sa.Insert:
+    """:func:`insert_job`; on PostgreSQL with ``pg_notify(channel, queue)`` in its RETURNING.
 
     RETURNING runs once per row that went in, so the NOTIFY is sent only for a new job; in
     autocommit the statement is its own transaction, and the NOTIFY goes out at its commit.
     """
-    return insert_job("postgresql", job).returning(sa.func.pg_notify(channel, job.queue))
+    insert = insert_job(dialect, job)
+    if dialect != "postgresql":
+        return insert
+    return insert.returning(sa.func.pg_notify(channel, job.queue))
 
 
 def queue_stats(queues: Sequence[str]) -> sa.Select[Any]:
