@@ -234,11 +234,11 @@ class SqlQueue(db.ForkSafeEngine):
 
     def enqueue(self, job: NewJob) -> bool:
         """Store the job; False (and no change) when a job with this id already exists."""
-        statement = statements.insert_job(self.dialect, job)
-        with self._write() as conn:
+        # PostgreSQL: one round trip in autocommit, the NOTIFY in the INSERT's RETURNING (sent at
+        # its commit, only for a new row). SQLite: one BEGIN IMMEDIATE transaction.
+        statement = statements.insert_job_notify(self.dialect, job, NOTIFY_CHANNEL)
+        with self._statement() as conn:
             inserted = conn.execute(statement).first() is not None
-            if inserted:
-                self._notify(conn, job.queue)
         if inserted:
             self._wakeups.notify(job.queue)
         else:

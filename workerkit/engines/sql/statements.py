@@ -37,6 +37,7 @@ __all__ = (
     "among",
     "count_by_state",
     "insert_job",
+    "insert_job_notify",
     "queue_stats",
     "select_job",
 )
@@ -322,6 +323,18 @@ def insert_job(dialect: str, job: NewJob) -> sa.Insert:
         # RETURNING, not rowcount: drivers need not report a row count for an INSERT.
         .returning(_c.id)
     )
+
+
+def insert_job_notify(dialect: str, job: NewJob, channel: str) -> sa.Insert:
+    """:func:`insert_job`; on PostgreSQL with ``pg_notify(channel, queue)`` in its RETURNING.
+
+    RETURNING runs once per row that went in, so the NOTIFY is sent only for a new job; in
+    autocommit the statement is its own transaction, and the NOTIFY goes out at its commit.
+    """
+    insert = insert_job(dialect, job)
+    if dialect != "postgresql":
+        return insert
+    return insert.returning(sa.func.pg_notify(channel, job.queue))
 
 
 def queue_stats(queues: Sequence[str]) -> sa.Select[Any]:
