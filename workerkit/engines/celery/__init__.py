@@ -9,8 +9,9 @@ defaults, the drain and release, crash recovery within W, attempts and fencing.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any, Final
+
+from workerkit.engines.lazy import lazy_attribute
 
 if TYPE_CHECKING:
     from workerkit.engines.celery.config import celery_facts as celery_facts
@@ -68,9 +69,4 @@ _HOMES: Final = {
 
 
 def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
-    globals()[name] = value
-    return value
+    return lazy_attribute(__name__, _HOMES, globals(), name)

@@ -8,8 +8,9 @@ first use, so that the supervisor, which needs only :class:`SqlEngine`, never lo
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any, Final
+
+from workerkit.engines.lazy import lazy_attribute
 
 if TYPE_CHECKING:
     from workerkit.engines.sql.db import check_schema as check_schema
@@ -46,9 +47,4 @@ _HOMES: Final = {
 
 
 def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
-    globals()[name] = value
-    return value
+    return lazy_attribute(__name__, _HOMES, globals(), name)
