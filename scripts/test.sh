@@ -118,7 +118,7 @@ pytest_in_two_groups() {
         >"$log" 2>&1 &
     pid=$!
     .venv/bin/pytest --durations=10 tests/unit tests/integration tests/compat tests/faults \
-        tests/chart tests/e2e/test_scheduler_*.py || rc_rest=$?
+        tests/chart tests/docs tests/e2e/test_scheduler_*.py || rc_rest=$?
     wait "$pid" || rc_lifecycle=$?
     header "pytest, group lifecycle (tests/e2e but the scheduler), run beside the above"
     cat "$log"
