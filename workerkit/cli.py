@@ -135,11 +135,11 @@ def main() -> None:
 @click.option(
     "--format",
     "output_format",
-    type=click.Choice(["text", "json", "helm-values"]),
+    type=click.Choice(["text", "json", "helm-values", "svg"]),
     default="text",
     show_default=True,
     help="text for people, json for machines, helm-values for the Helm chart's timing block "
-    "(deploy/helm/workerkit).",
+    "(deploy/helm/workerkit), svg for a picture of the timeline and the rules' verdicts.",
 )
 @settings_options
 def check(engine: str | None, output_format: str, config_file: str | None, **options: Any) -> None:
@@ -167,6 +167,10 @@ def check(engine: str | None, output_format: str, config_file: str | None, **opt
         click.echo(render_json(report))
     elif output_format == "helm-values":
         click.echo(render_helm_values(report, settings))
+    elif output_format == "svg":
+        from workerkit.timing.svg import render_svg
+
+        click.echo(render_svg(report), nl=False)
     else:
         click.echo(render_text(report, color=sys.stdout.isatty()))
     sys.exit(exitcodes.OK if report.ok else exitcodes.CHECK_FAILED)

@@ -139,6 +139,17 @@ HELM_CASES = (
     "t_strict",
     "bad_setting",
 )
+#: The cases also recorded with ``--format svg`` (the picture; docs/pictures/ shows two).
+SVG_CASES = (
+    "defaults",
+    "docs_with_tasks",
+    "docs_broken_celery",
+    "g_no_drain_window",
+    "g_prestop_timeline",
+    "g_tiny_values",
+    "h_tiny_lease",
+    "bad_setting",
+)
 
 
 def _run(case: Case, output_format: str, cwd: Path) -> dict[str, object]:
@@ -177,7 +188,8 @@ def _params(formats: tuple[str, ...], names: tuple[str, ...] | None = None) -> l
 
 
 @pytest.mark.parametrize(
-    ("case", "output_format"), [*_params(FORMATS), *_params(("helm-values",), HELM_CASES)]
+    ("case", "output_format"),
+    [*_params(FORMATS), *_params(("helm-values",), HELM_CASES), *_params(("svg",), SVG_CASES)],
 )
 def test_check_output_is_unchanged(
     case: Case, output_format: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -187,7 +199,7 @@ def test_check_output_is_unchanged(
     stdout_path = GOLDEN / f"{case.name}.{output_format}.out"
     meta_path = GOLDEN / f"{case.name}.{output_format}.meta.json"
     args = ["check", *case.args]
-    if output_format == "helm-values":
+    if output_format in ("helm-values", "svg"):
         args += ["--format", output_format]
     meta = {"args": args, "env": case.env, "exit_code": got["exit_code"]}
     meta["stderr"] = got["stderr"]
@@ -214,4 +226,5 @@ def test_every_golden_file_belongs_to_a_case() -> None:
     suffixes = ("out", "meta.json")
     names = {f"{c.name}.{fmt}.{ext}" for c in CASES for fmt in FORMATS for ext in suffixes}
     names |= {f"{name}.helm-values.{ext}" for name in HELM_CASES for ext in suffixes}
+    names |= {f"{name}.svg.{ext}" for name in SVG_CASES for ext in suffixes}
     assert {p.name for p in GOLDEN.iterdir()} == names
