@@ -1,7 +1,8 @@
 """The docs' pictures are what the code draws today: a stale one fails.
 
 docs/pictures/ holds ``workerkit check --format svg`` for the defaults and for the broken Celery
-budget of docs/concepts/timing-budget.md. After a deliberate change of the rules or the
+budget of docs/concepts/timing-budget.md, and the supervisor's lifecycle as its state machine
+behaves (tests/docs/lifecycle_diagram.py). After a deliberate change of the rules or the
 drawing, rewrite them with ``GOLDEN_UPDATE=1 pytest tests/docs/test_pictures.py`` and look at
 the diff (and the pictures).
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tests.docs.lifecycle_diagram import draw, transitions
 from workerkit.cli import main
 from workerkit.settings import ENV_PREFIX
 
@@ -55,4 +57,8 @@ def test_every_picture_is_generated_and_shown() -> None:
     assert [name for name in sorted(pictures) if f"pictures/{name})" not in shown] == []
 
 
-GENERATED_ELSEWHERE: set[str] = set()
+GENERATED_ELSEWHERE = {"lifecycle.svg"}
+
+
+def test_the_lifecycle_picture_is_what_the_state_machine_does() -> None:
+    check_or_update(PICTURES / "lifecycle.svg", draw(transitions()))
