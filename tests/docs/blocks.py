@@ -2,7 +2,8 @@
 
 A block is marked by an HTML comment on the line right above its fence (invisible on the site
 and on a repository browser): ``<!-- example: run -->`` makes a Python block a program the tests
-execute (and type-check); ``<!-- example: skip reason -->`` exempts a block, saying why.
+execute (and type-check); ``<!-- example: skip reason -->`` exempts a block, saying why;
+``<!-- tutorial: file NAME -->`` is a file a tutorial's reader saves (tests/docs/tutorial.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ DOCUMENTS = (
 )
 
 _FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
-_MARKER = re.compile(r"^\s*<!--\s*example:\s*(?P<marker>.*?)\s*-->\s*$")
+_MARKER = re.compile(r"^\s*<!--\s*(?P<kind>example|tutorial):\s*(?P<marker>.*?)\s*-->\s*$")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Block:
     lang: str  # the info string's first word, "" for a bare fence
     text: str  # dedented by the fence's own indentation
     marker: str  # "run", "skip ...", or ""
+    tutorial: str = ""  # "file NAME", or ""
 
     @property
     def where(self) -> str:
@@ -57,13 +59,15 @@ def blocks_of(path: Path) -> list[Block]:
             index += 1
         index += 1
         marker = _MARKER.match(lines[start - 1]) if start else None
+        kind = marker.group("kind") if marker else ""
         found.append(
             Block(
                 path=path,
                 line=start + 1,
                 lang=(match.group("info").split() or [""])[0].lower(),
                 text=textwrap.dedent("\n".join(body)) + "\n",
-                marker=marker.group("marker") if marker else "",
+                marker=marker.group("marker") if marker and kind == "example" else "",
+                tutorial=marker.group("marker") if marker and kind == "tutorial" else "",
             )
         )
     return found

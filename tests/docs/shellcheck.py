@@ -26,13 +26,19 @@ _NOT_SETTINGS = {f"{ENV_PREFIX}CONFIG"}
 
 
 def command_lines(text: str) -> list[str]:
-    """The commands of a block: ``$ `` prompts stripped, continuations joined, comments cut."""
+    """The commands of a block: ``$ `` prompts stripped, continuations joined, comments cut.
+
+    In a block with prompts, only the prompted lines are commands (the others are output).
+    """
     lines: list[str] = []
     pending = ""
+    prompted = any(raw.lstrip().startswith("$ ") for raw in text.splitlines())
     for raw in text.splitlines():
         line = raw.rstrip()
         if not pending and line.lstrip().startswith("$ "):
             line = line.lstrip()[2:]
+        elif not pending and prompted:
+            continue
         if line.endswith("\\"):
             pending += line[:-1] + " "
             continue

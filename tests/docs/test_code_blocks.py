@@ -1,11 +1,13 @@
 """Every code block of docs/, README.md and the examples' READMEs is run or checked.
 
 - Python marked ``<!-- example: run -->``: executed in a fresh interpreter (its ``test_*``
-  functions called too) and type-checked with ``mypy --strict``.
+  functions called too) and type-checked with ``mypy --strict``, as are the tutorials' Python
+  files (which their own tests run).
 - Other Python: parsed; every workerkit name it imports or reaches exists and every call to a
   workerkit callable binds to the real signature (tests/docs/pycheck.py).
 - Shell: every ``workerkit`` command line is walked down the CLI's command tree, so a renamed
   subcommand or option fails; ``WORKERKIT_*`` assignments name settings (tests/docs/shellcheck.py).
+- TOML: parsed (a tutorial's workerkit.toml is also loaded by the tutorial's test);
 - YAML and JSON: parsed, and a fragment of the chart's values validated against its schema;
   PromQL: parsed, and its metrics exist in workerkit's registry.
 - ``text`` blocks that are ``workerkit check`` output are golden files
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -64,7 +67,8 @@ RUNNABLE = _of("python", "py", marker="run")
 
 
 def test_every_block_has_a_known_language() -> None:
-    known = {"python", "py", "yaml", "yml", "json", "promql", *shellcheck.SHELL_LANGS, *PROSE}
+    known = {"python", "py", "yaml", "yml", "json", "toml", "promql", *shellcheck.SHELL_LANGS}
+    known |= set(PROSE)
     unknown = [f"{block.where} ```{block.lang}" for block in BLOCKS if block.lang not in known]
     assert unknown == []
 
@@ -99,9 +103,12 @@ def test_runnable_python_block_runs(block: Block, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_runnable_python_blocks_type_check(tmp_path: Path) -> None:
+TUTORIAL_FILES = [b for b in BLOCKS if b.lang == "python" and b.tutorial.startswith("file ")]
+
+
+def test_runnable_python_blocks_and_tutorial_files_type_check(tmp_path: Path) -> None:
     files = []
-    for index, block in enumerate(RUNNABLE):
+    for index, block in enumerate([*RUNNABLE, *TUTORIAL_FILES]):
         path = tmp_path / f"example_{index}.py"
         path.write_text(f"# {block.where}\n{block.text}", encoding="utf-8")
         files.append(str(path))
@@ -138,6 +145,11 @@ def test_yaml_and_json_blocks_parse(block: Block) -> None:
             jsonschema.Draft202012Validator(schema).validate(document)
 
 
+@pytest.mark.parametrize("block", _of("toml"), ids=_ids(_of("toml")))
+def test_toml_blocks_parse(block: Block) -> None:
+    assert tomllib.loads(block.text)
+
+
 @pytest.mark.parametrize("block", _of("promql"), ids=_ids(_of("promql")))
 def test_promql_blocks_parse_and_use_workerkit_metrics(block: Block) -> None:
     series = registry_series()
@@ -166,5 +178,5 @@ def test_the_checks_catch_a_renamed_name_keyword_option_or_variable() -> None:
         "line 7",
     ]
     shell = "$ WORKERKIT_GRACE=3 workerkit run sql --grace 3 \\\n    --app m:app  # a comment\n"
-    shell += "workerkit schedule list\n./scripts/nope.sh\n"
+    shell += "$ workerkit schedule list\n$ ./scripts/nope.sh\nworkerkit output is not a command\n"
     assert len(shellcheck.problems_of(shell)) == 4
