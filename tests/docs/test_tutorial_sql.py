@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.docs.tutorial import Command, Tutorial, matcher
+from tests.docs.tutorial import Command, Tutorial, matcher, resumed_at, stopped_at
 from tests.support.servers import free_port
 
 
@@ -58,10 +58,8 @@ def test_your_first_job_on_the_sql_queue(tmp_path: Path) -> None:
     assert probes["worker_ready:"] == (200, "ok")
     assert probes["drain_started:"][0] == 503
     # "starting at is where the first run stopped, not 0"
-    counted = [int(m[1]) for line in runs[0] if (m := re.fullmatch(r"counted to (\d+)", line))]
-    resumed = [int(m[1]) for line in runs[1] if (m := re.fullmatch(r"starting at (\d+)", line))]
-    assert resumed == [counted[-1]]
-    assert counted[-1] > 3
+    assert stopped_at(runs[0]) > 3
+    assert resumed_at(runs[1]) == [stopped_at(runs[0])]
 
 
 def test_shown_lines_match_what_they_stand_for() -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tests.docs.blocks import ROOT, blocks_of
 
-__all__ = ("Command", "Tutorial", "matcher")
+__all__ = ("Command", "Tutorial", "matcher", "resumed_at", "stopped_at")
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _WAIT = 60.0  # seconds a shown line may take to appear (generous: a loaded machine)
@@ -183,3 +183,15 @@ class Tutorial:
         assert code == 0, f"$ {command.line} exited {code}:\n{shown}"
         self.outputs.append(output.lines)
         return output.lines
+
+
+def stopped_at(run: list[str]) -> int:
+    """The last ``counted to N`` of a run's output (the tutorials' long job)."""
+    counted = [int(m[1]) for line in run if (m := re.fullmatch(r"counted to (\d+)", line))]
+    assert counted, run
+    return counted[-1]
+
+
+def resumed_at(run: list[str]) -> list[int]:
+    """Every ``starting at N`` of a run's output."""
+    return [int(m[1]) for line in run if (m := re.fullmatch(r"starting at (\d+)", line))]
