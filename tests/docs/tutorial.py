@@ -186,12 +186,12 @@ class Tutorial:
 
 
 def stopped_at(run: list[str]) -> int:
-    """The last ``counted to N`` of a run's output (the tutorials' long job)."""
-    counted = [int(m[1]) for line in run if (m := re.fullmatch(r"counted to (\d+)", line))]
+    """The last ``counted to N`` of a run's output (the tutorials' long job; Celery logs it)."""
+    counted = [int(m[1]) for line in run if (m := re.search(r"\bcounted to (\d+)$", line))]
     assert counted, run
     return counted[-1]
 
 
 def resumed_at(run: list[str]) -> list[int]:
     """Every ``starting at N`` of a run's output."""
-    return [int(m[1]) for line in run if (m := re.fullmatch(r"starting at (\d+)", line))]
+    return [int(m[1]) for line in run if (m := re.search(r"\bstarting at (\d+)$", line))]
