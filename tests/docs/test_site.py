@@ -106,3 +106,12 @@ def test_the_api_page_documents_the_public_api_and_nothing_else() -> None:
         if rest:
             expected[module_name] = rest
     assert _documented() == expected
+
+
+def test_the_readme_links_resolve() -> None:
+    """README.md is not a page of the site (docs/index.md is): its relative links, checked here."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", readme)
+    relative = [t for t in targets if "://" not in t and not t.startswith("mailto:")]
+    assert relative
+    assert [t for t in relative if not (ROOT / t).exists()] == []
