@@ -4,6 +4,8 @@ docs/ links to a few files outside it (bench/README.md and its results, examples
 links that work on a repository browser. The site serves those files under ``repo/`` and rewrites
 each link that leaves docs/ to the served copy, so MkDocs validates it like any other; a link that
 leaves docs/ for a file the site does not serve is a warning, which fails the strict build.
+The docstrings' Sphinx roles (``:class:`~workerkit.App```), which mkdocstrings shows as text,
+become plain code on the API page.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ if TYPE_CHECKING:
     from mkdocs.structure.files import Files
     from mkdocs.structure.pages import Page
 
-__all__ = ("SERVED", "on_files", "on_page_markdown")
+__all__ = ("SERVED", "on_files", "on_page_content", "on_page_markdown")
 
 #: Repository files (globs, relative to the root) the site serves under ``repo/``.
 SERVED = ("bench/README.md", "bench/results/*.md", "examples/*/README.md")
 
 _PREFIX = "repo"
 _LINK = re.compile(r"(\]\()([^)\s]+)(\))")
+_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|exc|obj|const):<code>(~?)([^<]+)</code>")
 log = logging.getLogger("mkdocs.plugins.workerkit")
 
 
@@ -77,3 +80,12 @@ def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Fil
         return f"{match.group(1)}{relative}{'#' + anchor if anchor else ''}{match.group(3)}"
 
     return _LINK.sub(rewrite, markdown)
+
+
+def _plain_role(match: re.Match[str]) -> str:
+    shortened, target = match.groups()
+    return f"<code>{target.rsplit('.', 1)[-1] if shortened else target}</code>"
+
+
+def on_page_content(html: str, page: Page, config: MkDocsConfig, files: Files) -> str:
+    return _ROLE.sub(_plain_role, html)

@@ -3,7 +3,8 @@
 :func:`transitions` feeds a fresh :class:`~workerkit.supervisor.lifecycle.Lifecycle` every input
 it takes (signals, the worker's reports, jobs, exits, the deadlines' ticks, the release's end) in
 every reachable situation, and records each change of state with what caused it; :func:`draw`
-lays the states out left to right (the enum's order) as SVG text. A change to the machine changes
+lays the states out left to right (the enum's order) as SVG text, and :func:`table` lists
+what each numbered arrow stands for. A change to the machine changes
 the picture, and tests/docs/test_pictures.py then fails until it is regenerated.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import signal
-import textwrap
 from collections import deque
 from collections.abc import Iterator
 from xml.sax.saxutils import escape
@@ -30,7 +30,7 @@ from workerkit.supervisor.lifecycle import (
     WorkerStopping,
 )
 
-__all__ = ("draw", "transitions")
+__all__ = ("draw", "table", "transitions")
 
 Edge = tuple[State, State]
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -154,7 +154,7 @@ def _arc(edge: Edge, number: int, mid: float) -> list[str]:
 
 
 def draw(edges: dict[Edge, list[str]]) -> str:
-    """The states in a row, each change of state a numbered arrow, and the numbers' legend."""
+    """The states in a row, each change of state a numbered arrow (:func:`table` says what)."""
     width = _LEFT * 2 + _BOX_W + _GAP * (len(State) - 1)
     mid = 190
     parts: list[str] = []
@@ -170,12 +170,7 @@ def draw(edges: dict[Edge, list[str]]) -> str:
             f'<text x="{_centre(state):g}" y="{mid + 5:g}" text-anchor="middle" fill="#ffffff"'
             f' font-size="14" font-weight="bold">{escape(state.value)}</text>'
         )
-    y = mid + 150
-    for number, (edge, labels) in enumerate(edges.items(), 1):
-        text = f"{number:>2}  {edge[0].value} -> {edge[1].value}: {'; '.join(labels)}"
-        for line in textwrap.wrap(text, 125, subsequent_indent="    "):
-            parts.append(f'<text x="{_LEFT}" y="{y:g}" xml:space="preserve">{escape(line)}</text>')
-            y += 17
+    y = mid + 130
     height = round(y + 6)
     head = (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}"'
@@ -190,3 +185,11 @@ def draw(edges: dict[Edge, list[str]]) -> str:
     title = "<title>The supervisor's lifecycle: its states and what moves it between them</title>"
     background = f'<rect width="{width}" height="{height}" fill="#ffffff"/>'
     return "\n".join([head, title, defs, background, *parts, "</svg>"]) + "\n"
+
+
+def table(edges: dict[Edge, list[str]]) -> str:
+    """The numbered arrows of :func:`draw` as a Markdown table: from, to, what moves it."""
+    rows = ["| # | from | to | what moves it |", "|---|---|---|---|"]
+    for number, ((before, after), labels) in enumerate(edges.items(), 1):
+        rows.append(f"| {number} | `{before.value}` | `{after.value}` | {'; '.join(labels)} |")
+    return "\n".join(rows) + "\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tests.docs.lifecycle_diagram import draw, transitions
+from tests.docs.lifecycle_diagram import draw, table, transitions
 from workerkit.cli import main
 from workerkit.settings import ENV_PREFIX
 
@@ -60,5 +60,16 @@ def test_every_picture_is_generated_and_shown() -> None:
 GENERATED_ELSEWHERE = {"lifecycle.svg"}
 
 
-def test_the_lifecycle_picture_is_what_the_state_machine_does() -> None:
-    check_or_update(PICTURES / "lifecycle.svg", draw(transitions()))
+LIFECYCLE_PAGE = ROOT / "docs" / "operations" / "lifecycle.md"
+TABLE_BEGIN = "<!-- generated: lifecycle transitions (tests/docs/test_pictures.py) -->\n"
+TABLE_END = "<!-- end of generated lifecycle transitions -->\n"
+
+
+def test_the_lifecycle_picture_and_its_table_are_what_the_state_machine_does() -> None:
+    edges = transitions()
+    check_or_update(PICTURES / "lifecycle.svg", draw(edges))
+    page = LIFECYCLE_PAGE.read_text(encoding="utf-8")
+    before, rest = page.split(TABLE_BEGIN)
+    _, after = rest.split(TABLE_END)
+    wanted = f"{before}{TABLE_BEGIN}\n{table(edges)}\n{TABLE_END}{after}"
+    check_or_update(LIFECYCLE_PAGE, wanted)

@@ -61,6 +61,12 @@ def test_the_site_builds_strict_with_every_page_in_the_nav(site: Path) -> None:
     assert (site / "reference" / "api" / "index.html").is_file()
 
 
+def test_the_api_page_shows_no_raw_sphinx_roles(site: Path) -> None:
+    html = (site / "reference" / "api" / "index.html").read_text(encoding="utf-8")
+    assert re.findall(r":(?:class|func|meth|mod|attr|exc):<code>", html) == []
+    assert "<code>InMemoryQueue</code>" in html  # :class:`~workerkit.testing.InMemoryQueue`
+
+
 def test_the_built_pages_load_nothing_from_the_network(site: Path) -> None:
     offenders = {
         str(page.relative_to(site)): EXTERNAL_ASSET.findall(page.read_text(encoding="utf-8"))
