@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = ("render_svg",)
 
-_WIDTH = 1080
-_X0, _X1 = 170, 650  # the bar: 0 .. G
+_WIDTH = 780
+_X0, _X1 = 150, 740  # the bar: 0 .. G
 _ROW = 30
 _CHAR = 6.6  # width of one character at the 11 px monospace font, for placing labels
 _FONT = "ui-monospace, SFMono-Regular, Menlo, Consolas, 'DejaVu Sans Mono', monospace"
@@ -38,6 +38,7 @@ _COLORS = {
     "ink": "#212121",
     "grid": "#bdbdbd",
 }
+_NOTE = "#616161"
 _f = format_seconds
 
 
@@ -88,17 +89,23 @@ def _marks(budget: Budget) -> list[tuple[float, str]]:
     return marks
 
 
+def _label_start(canvas: _Canvas, t: float, text: str) -> float:
+    """Where a mark's label starts: right of its line, or left of it near the right edge."""
+    x, width = canvas.x(t), len(text) * _CHAR
+    return x + 2 if x + 2 + width <= _WIDTH - 6 else x - 2 - width
+
+
 def _label_levels(canvas: _Canvas, marks: list[tuple[float, str]]) -> list[int]:
     """A level per label (0 nearest the bar) so that no two labels on one level overlap."""
     free: list[float] = []  # per level, the first x a new label may use
     levels = []
     for t, name in marks:
-        x = canvas.x(t)
-        width = len(f"{name} t={_f(t)}") * _CHAR + 8
-        level = next((i for i, first in enumerate(free) if x >= first), len(free))
+        text = f"{name} t={_f(t)}"
+        start = _label_start(canvas, t, text)
+        level = next((i for i, first in enumerate(free) if start >= first), len(free))
         if level == len(free):
             free.append(0.0)
-        free[level] = x + width
+        free[level] = start + len(text) * _CHAR + 8
         levels.append(level)
     return levels
 
@@ -109,10 +116,10 @@ def _shutdown(canvas: _Canvas, budget: Budget, top: float) -> float:
     depth = max(levels) + 1
     bar_y = top + depth * 16 + 6
     for (t, name), level in zip(marks, levels, strict=True):
-        x = canvas.x(t)
+        x, text = canvas.x(t), f"{name} t={_f(t)}"
         label_y = bar_y - 8 - level * 16
         canvas.line(x, label_y + 3, x, bar_y + _ROW, stroke=_COLORS["grid"], stroke_dasharray="3,3")
-        canvas.text(x + 2, label_y, f"{name} t={_f(t)}", fill=_COLORS["ink"])
+        canvas.text(_label_start(canvas, t, text), label_y, text, fill=_COLORS["ink"])
     g, p = budget.grace_period, min(budget.prestop_delay, budget.grace_period)
     d_end = min(max(p + budget.drain_window, p), g)
     segments = (
@@ -160,8 +167,9 @@ def _rows(canvas: _Canvas, budget: Budget, top: float) -> float:
         shown = name if len(name) <= 22 else name[:21] + "~"
         canvas.text(12, y + 12, shown, fill=_COLORS["ink"])
         _bar(canvas, y, p, j, _task_color(budget, task, j), "task")
-        canvas.text(_X1 + 16, y + 12, f"J={_f(j)} s: {_task_note(budget, task, j)}")
-        y += _ROW - 6
+        note = f"J={_f(j)} s: {_task_note(budget, task, j)}"
+        canvas.text(_X0, y + 28, note, font_size=10, fill=_NOTE)
+        y += _ROW + 10
     v = budget.visibility_timeout
     canvas.text(12, y + 12, "lease V" if budget.lease_extendable else "visibility V")
     _bar(canvas, y, 0.0, v, _COLORS["lease"], "lease")
@@ -173,8 +181,8 @@ def _rows(canvas: _Canvas, budget: Budget, top: float) -> float:
         note = f"V={_f(v)} s, renewed every H={_f(budget.heartbeat_interval)} s (white ticks)"
     else:
         note = f"V={_f(v)} s: an unacknowledged message is redelivered after V"
-    canvas.text(_X1 + 16, y + 12, note)
-    return y + _ROW - 6
+    canvas.text(_X0, y + 28, note, font_size=10, fill=_NOTE)
+    return y + _ROW + 10
 
 
 def _axis(canvas: _Canvas, y: float) -> float:
@@ -214,7 +222,7 @@ def _verdicts(canvas: _Canvas, report: BudgetReport, top: float) -> float:
     y += 28
     for finding in report.failed:
         status = _status(report, finding).upper()
-        lines = textwrap.wrap(f"{finding.rule_id} {status}: {finding.message}", 155)
+        lines = textwrap.wrap(f"{finding.rule_id} {status}: {finding.message}", 100)
         for number, line in enumerate(lines):
             color = _COLORS[_status(report, finding)] if number == 0 else _COLORS["ink"]
             canvas.text(12 if number == 0 else 24, y + 12, line, fill=color)
@@ -243,7 +251,7 @@ def render_svg(report: BudgetReport) -> str:
     canvas.text(
         12, 22, f"workerkit timing budget: engine {budget.engine}{strict}", font_weight="bold"
     )
-    canvas.text(_X1 + 16, 22, summary, fill=color, font_weight="bold")
+    canvas.text(_WIDTH - 16, 22, summary, fill=color, font_weight="bold", text_anchor="end")
     if not budget.grace_period > 0:
         canvas.text(
             12, 50, f"(no timeline: grace_period must be above 0, got {_f(budget.grace_period)})"
