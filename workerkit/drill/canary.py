@@ -30,16 +30,22 @@ if TYPE_CHECKING:
 __all__ = (
     "CANARY_TASK",
     "KINDS",
+    "RQ_CANARY",
     "SHORT_SECONDS",
     "CanaryFailure",
     "canary",
     "hostname",
+    "register_celery",
+    "register_rq",
     "register_sql",
     "run_canary",
 )
 
 #: The canary's task name on every engine.
 CANARY_TASK: Final = "workerkit.canary"
+
+#: The canary's import path, by which rq jobs name it (registered in the worker's RqApp).
+RQ_CANARY: Final = "workerkit.drill.canary.canary"
 
 KINDS: Final = ("short", "long", "flaky", "stubborn")
 
@@ -195,3 +201,40 @@ def register_sql(app: App) -> None:
         retry_backoff_max=1.0,
         checkpointed=True,
     )(sql_canary)
+
+
+def register_rq(app: Any) -> None:
+    """Allow :func:`canary` in an ``RqApp`` (the rq worker does, at start)."""
+    if RQ_CANARY not in app.tasks:
+        app.task(max_attempts=MAX_ATTEMPTS, checkpointed=True)(canary)
+
+
+def register_celery(app: Any) -> None:
+    """Register :data:`CANARY_TASK` on the Celery app workerkit wraps (its worker does, at
+    start); records go to the app's broker (Redis). A flaky canary's failure is retried by
+    Celery's own ``Task.retry``."""
+
+    def celery_canary(
+        task: Any,
+        drill_id: str,
+        seq: int,
+        kind: str,
+        enqueued_at: float,
+        long_seconds: float = 0.0,
+    ) -> Any:
+        from workerkit.drill.records import RedisRecords
+
+        url = str(task.app.conf.broker_url)
+        try:
+            return run_canary(
+                _cached(f"redis:{url}", lambda: RedisRecords.from_url(url)),
+                drill_id=drill_id,
+                seq=seq,
+                kind=kind,
+                enqueued_at=enqueued_at,
+                long_seconds=long_seconds,
+            )
+        except CanaryFailure as exc:
+            raise task.retry(exc=exc, countdown=RETRY_BACKOFF, max_retries=MAX_ATTEMPTS) from exc
+
+    app.task(name=CANARY_TASK, bind=True, workerkit_checkpointed=True)(celery_canary)

@@ -281,7 +281,7 @@ def _windows(
     # Over the enqueueing's duration (the last batch may be sent a moment after its end).
     span = max(float(duration) if duration else max(offsets), 1e-9)
     width = max(span / count, 1.0)
-    n = max(1, min(count, math.ceil(span / width + 1e-9)))
+    n = max(1, min(count, math.ceil(span / width - 1e-9)))
     found: list[list[float]] = [[] for _ in range(n)]
     sent_in = [0] * n
     for offset in offsets:

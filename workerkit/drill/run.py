@@ -100,6 +100,7 @@ class EngineDriver(Protocol):
     """An engine's side of a drill: enqueue canaries, read their records."""
 
     records: RecordStore
+    default_queues: tuple[str, ...]  # where canaries go when the spec names no queue
 
     def enqueue(self, batch: Sequence[Sent], queue: str, spec: DrillSpec) -> None: ...
 
@@ -128,6 +129,7 @@ class _SqlDriver:
         self.app = App(settings.database_url, settings=settings)
         register_sql(self.app)
         self.records = SqlRecords(settings.database_url)
+        self.default_queues = settings.queue_names
 
     def enqueue(self, batch: Sequence[Sent], queue: str, spec: DrillSpec) -> None:
         from workerkit.app import EnqueueOptions, PreparedJob
@@ -208,7 +210,7 @@ class _Drill:
         self.spec, self.driver, self.progress, self.stop = spec, driver, progress, stop
         self.planned = max(1, round(spec.rate * spec.duration))
         self.kinds = assign_kinds(spec.mix, self.planned)
-        self.queues = spec.queues or spec.settings.queue_names
+        self.queues = spec.queues or driver.default_queues
         self.sent: list[Sent] = []
         self.started_at = time.time()
         self._t0 = time.monotonic()
