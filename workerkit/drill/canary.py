@@ -25,6 +25,7 @@ from workerkit.job import current_job
 
 if TYPE_CHECKING:
     from workerkit.app import App
+    from workerkit.drill.report import Sent
     from workerkit.job import JobContext
 
 __all__ = (
@@ -34,6 +35,7 @@ __all__ = (
     "SHORT_SECONDS",
     "CanaryFailure",
     "canary",
+    "canary_kwargs",
     "hostname",
     "register_celery",
     "register_rq",
@@ -62,6 +64,17 @@ RETRY_BACKOFF: Final = 0.2
 
 class CanaryFailure(RuntimeError):
     """A flaky canary's first attempt, failing by design so that the engine retries it."""
+
+
+def canary_kwargs(item: Sent, drill_id: str, long_seconds: float) -> dict[str, Any]:
+    """The canary's arguments for one sent canary (the same on every engine)."""
+    return {
+        "drill_id": drill_id,
+        "seq": item.seq,
+        "kind": item.kind,
+        "enqueued_at": item.enqueued_at,
+        "long_seconds": long_seconds,
+    }
 
 
 def hostname() -> str:

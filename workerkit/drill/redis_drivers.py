@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from workerkit.drill.canary import CANARY_TASK, MAX_ATTEMPTS, RQ_CANARY
+from workerkit.drill.canary import CANARY_TASK, MAX_ATTEMPTS, RQ_CANARY, canary_kwargs
 from workerkit.drill.records import RecordStore, RedisRecords
 from workerkit.errors import ConfigurationError
 
@@ -44,14 +44,12 @@ class _RqDriver:
         from rq import Queue, Retry
         from rq.serializers import JSONSerializer
 
-        from workerkit.drill.run import canary_kwargs
-
         target = Queue(queue, connection=self.redis, serializer=JSONSerializer)
         target.enqueue_many(
             [
                 Queue.prepare_data(
                     RQ_CANARY,
-                    kwargs=canary_kwargs(item, spec),
+                    kwargs=canary_kwargs(item, spec.drill_id, spec.long_seconds),
                     job_id=f"drill-{spec.drill_id}-{item.seq}",
                     timeout=_job_timeout(spec),
                     retry=Retry(max=MAX_ATTEMPTS - 1),
@@ -84,13 +82,11 @@ class _CeleryDriver:
         self.default_queues = (str(self.app.conf.task_default_queue or "celery"),)
 
     def enqueue(self, batch: Sequence[Sent], queue: str, spec: DrillSpec) -> None:
-        from workerkit.drill.run import canary_kwargs
-
         with self.app.producer_or_acquire() as producer:
             for item in batch:
                 self.app.send_task(
                     CANARY_TASK,
-                    kwargs=canary_kwargs(item, spec),
+                    kwargs=canary_kwargs(item, spec.drill_id, spec.long_seconds),
                     task_id=f"drill-{spec.drill_id}-{item.seq}",
                     queue=queue,
                     producer=producer,

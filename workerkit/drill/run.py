@@ -14,9 +14,9 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
-from workerkit.drill.canary import CANARY_TASK, KINDS
+from workerkit.drill.canary import CANARY_TASK, KINDS, canary_kwargs
 from workerkit.drill.report import DrillReport, Sent, build_report
 from workerkit.errors import ConfigurationError
 
@@ -107,17 +107,6 @@ class EngineDriver(Protocol):
     def close(self) -> None: ...
 
 
-def canary_kwargs(item: Sent, spec: DrillSpec) -> dict[str, Any]:
-    """The canary's arguments (the same on every engine)."""
-    return {
-        "drill_id": spec.drill_id,
-        "seq": item.seq,
-        "kind": item.kind,
-        "enqueued_at": item.enqueued_at,
-        "long_seconds": spec.long_seconds,
-    }
-
-
 class _SqlDriver:
     records: RecordStore
 
@@ -139,7 +128,7 @@ class _SqlDriver:
                 PreparedJob(
                     CANARY_TASK,
                     (),
-                    canary_kwargs(item, spec),
+                    canary_kwargs(item, spec.drill_id, spec.long_seconds),
                     EnqueueOptions(job_id=f"drill-{spec.drill_id}-{item.seq}"),
                 )
                 for item in batch
