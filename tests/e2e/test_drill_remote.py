@@ -1,7 +1,7 @@
 """``workerkit drill ENGINE`` against real workers, with a rollout done by hand in the middle.
 
 Each engine: pod-a (``workerkit run ENGINE``) takes canaries; once it runs a long (checkpointed)
-canary, pod-b starts and pod-a gets SIGTERM, as a rolling update does. The drill must see every
+canary, pod-b starts as pod-a gets SIGTERM, as a rolling update does. The drill must see every
 canary completed exactly once (counted again here, from the canaries' records in the store),
 the long canary released by pod-a and resumed by pod-b, and exit 0. And the drill must catch a
 loss: a pod SIGKILLed (supervisor and worker at once) with a stubborn canary in hand, whose lease
@@ -43,7 +43,7 @@ REDIS_DB = 7  # ours on the session's server, flushed around each test
 
 #: G = 4 s, M = 2 s: request_stop 2 s after SIGTERM, release at 3 s, exit by 4 s.
 TIMING = {"grace_period": "4", "release_margin": "2"}
-LONG = 5.0  # a long canary still runs at SIGTERM + D however late pod-b was ready
+LONG = 5.0  # a long canary seen running still runs at SIGTERM + D (2 s)
 
 
 @dataclass
@@ -163,7 +163,7 @@ def completions(runs: list[CanaryRun]) -> dict[int, int]:
 
 
 def rolled_drill(pods: Pods) -> None:
-    """pod-a alone; a long canary on it; pod-b up; SIGTERM pod-a; the drill must pass."""
+    """pod-a alone; a long canary on it; pod-b starts as pod-a gets SIGTERM; the drill must pass."""
     spec = spec_for(pods)
     try:
         with stopped_after(pods.start("pod-a")) as pod_a:
@@ -174,9 +174,10 @@ def rolled_drill(pods: Pods) -> None:
                 timeout=15,
                 what="a long canary running on pod-a",
             )
+            # maxUnavailable 1: the new pod starts as the old one is told to stop.
             with stopped_after(pods.start("pod-b")) as pod_b:
-                pod_b.wait_ready()
                 pod_a.signal(signal.SIGTERM)
+                pod_b.wait_ready()
                 code, _ = pod_a.wait_exit(15)
                 assert code == exitcodes.OK, pod_a.log_text()
                 thread.join(40)
@@ -196,6 +197,10 @@ def rolled_drill(pods: Pods) -> None:
         assert report.retried == 2, text  # the two flaky canaries failed once each, by design
         assert {pod.hostname for pod in report.pods} == {"pod-a", "pod-b"}
         assert "PASS: all 40 canaries completed exactly once" in text
+        if isinstance(pods.records, RedisRecords):  # every key of the drill expires
+            keys = pods.records.client.keys(f"workerkit:drill:{spec.drill_id}:*")
+            assert len(keys) == 1 + len(runs)  # the index and one hash per run
+            assert all(0 < pods.records.client.ttl(key) <= 86400 for key in keys)
     finally:
         pods.records.close()
 
