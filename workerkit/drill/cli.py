@@ -119,7 +119,8 @@ def drill_options(func: F) -> F:
         click.option("--database-url", default=None, metavar="URL",
                      help="sql: the database [env: WORKERKIT_DATABASE_URL]."),
         click.option("--redis-url", default=None, metavar="URL",
-                     help="rq: Redis [env: WORKERKIT_REDIS_URL]."),
+                     help="rq: Redis; celery: when the app sets no broker_url "
+                     "[env: WORKERKIT_REDIS_URL]."),
         click.option("--config", "config_file", default=None, metavar="PATH",
                      help="Config file (as for workerkit run) [env: WORKERKIT_CONFIG]."),
         click.option("--json", "as_json", is_flag=True,
