@@ -283,3 +283,41 @@ def test_a_pod_killed_with_a_stubborn_canary_is_reported_lost(tmp_path: Path) ->
         assert "done" in progress
     finally:
         pods.records.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_drill_stopped_by_a_signal_still_reports_and_fails(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """Ctrl-C, or a cancelled CI job's SIGTERM: the drill stops enqueueing, reads the records
+    once more, prints its report and exits DRILL_FAILED (it did not run to its end)."""
+    pods = sql_pods(tmp_path)
+    pods.records.close()
+    variables = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "WORKERKIT_DATABASE_URL": pods.settings["database_url"],
+    }
+    drill = subprocess.Popen(
+        [*WORKERKIT, "drill", "sql", "--rate", "5/s", "--duration", "60s"],
+        cwd=tmp_path,
+        env=variables,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # pytest may run with SIGINT ignored (a background job): the drill gets Python's default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert drill.stdout is not None
+        first = drill.stdout.readline().decode()  # the first progress line: enqueueing began
+        assert first.startswith("enqueueing"), first
+        drill.send_signal(signum)
+        out, _ = drill.communicate(timeout=30)
+    finally:
+        if drill.poll() is None:
+            drill.kill()
+            drill.wait(5)
+    assert drill.returncode == exitcodes.DRILL_FAILED
+    assert "FAIL: " in out.decode()
+    assert "stopped before the end" in out.decode()
