@@ -321,3 +321,50 @@ def test_a_drill_stopped_by_a_signal_still_reports_and_fails(
     assert drill.returncode == exitcodes.DRILL_FAILED
     assert "FAIL: " in out.decode()
     assert "stopped before the end" in out.decode()
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_stopped_past_its_lease_shows_as_a_canary_run_twice(
+    tmp_path: Path, redis_db: str
+) -> None:
+    """rq, lease 4 s: the worker holding a stubborn canary is SIGSTOPped (its work horse runs
+    on); the other pod takes the canary over when the lease expires, and both runs complete.
+    The drill reports it completed twice, the runs overlapping, and fails."""
+    pods = rq_pods(tmp_path, redis_db)
+    pods.settings["visibility_timeout"] = "4"
+    spec = spec_for(pods, rate=1.0, duration=1.0, mix={"stubborn": 100}, long_seconds=10.0)
+    stopped: list[int] = []
+    try:
+        with (
+            stopped_after(pods.start("pod-a")) as pod_a,
+            stopped_after(pods.start("pod-b")) as pod_b,
+        ):
+            pod_a.wait_ready()
+            pod_b.wait_ready()
+            thread, result = in_thread(lambda: run_drill(spec))
+            first = wait_until(
+                lambda: pods.records.runs(spec.drill_id), timeout=15, what="the canary's first run"
+            )[0]
+            holder = pod_a if first.hostname == "pod-a" else pod_b
+            stopped.append(holder.worker_pid())
+            os.kill(stopped[0], signal.SIGSTOP)
+            wait_until(
+                lambda: len(pods.records.runs(spec.drill_id)) == 2,
+                timeout=30,
+                what="the canary taken over by the other pod",
+            )
+            thread.join(60)
+            assert not thread.is_alive(), "the drill did not end"
+            os.kill(stopped.pop(), signal.SIGCONT)
+        report = result[0]
+        assert isinstance(report, DrillReport), report
+        text = report.render_text()
+        assert not report.ok, text
+        assert (report.twice, report.twice_overlapping, report.lost) == (1, 1, 0), text
+        assert {run.hostname for run in report.duplicates[0].runs} == {"pod-a", "pod-b"}
+        assert "FAIL: 1 completed more than once" in text
+        assert "seq 0 (stubborn), overlapping" in text
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        pods.records.close()
