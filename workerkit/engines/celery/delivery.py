@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from workerkit.engines.celery.ledger import Ledger
 from workerkit.engines.celery.outage import retrying
+from workerkit.engines.celery.pop import InFlight, Reclaimed
 
 __all__ = (
     "client_id_of",
@@ -159,13 +160,16 @@ def pool_pids(consumer: Any) -> list[int]:
     return [int(p.pid) for p in processes if getattr(p, "pid", None)]
 
 
-def lease_at_delivery(qos: Any, owner: str, ttl: float) -> None:
+def lease_at_delivery(qos: Any, owner: str, ttl: float, flight: InFlight | None = None) -> None:
     """Make kombu's Redis QoS write a message's lease with its ``unacked`` entry.
 
     kombu's ``QoS.append`` (kombu 5.x), with one more command in its pipeline: the lease key,
     ``owner``'s for ``ttl`` s. So every delivery holds its lease from the instant it is in
     ``unacked``, and a lease that is gone means that no worker holds that delivery: the fences
-    of the ack, the restore and the renewal (ledger.py) compare the holder exactly.
+    of the ack, the restore and the renewal (ledger.py) compare the holder exactly. A message
+    the reliable pop (pop.py, ``flight``) popped leaves its in-flight list in the same step;
+    when it is no longer there (put back in its queue meanwhile), nothing is written and the
+    delivery is called off (:class:`~workerkit.engines.celery.pop.Reclaimed`).
     """
     if getattr(qos, "_workerkit_owner", None) == owner:
         return
@@ -181,19 +185,28 @@ def lease_at_delivery(qos: Any, owner: str, ttl: float) -> None:
         delivery = message.delivery_info
         raw = encode([message._raw, delivery["exchange"], delivery["routing_key"]])
 
-        def write() -> None:
+        channel: Any = getattr(qos, "channel", None)
+        popped = getattr(channel, "_workerkit_popped", None)
+        if popped is not None and flight is not None:
+            channel._workerkit_popped = None  # taken: the pop sees its delivery written
+
+        def write() -> bool:
+            if popped is not None and flight is not None:
+                return flight.deliver(qos, popped, str(delivery_tag), raw)
             with qos.pipe_or_acquire() as pipe:
                 pipe.zadd(qos.unacked_index_key, {delivery_tag: time.time()})
                 pipe.hset(qos.unacked_key, delivery_tag, raw)
                 pipe.set(Ledger.key("lease", str(delivery_tag)), owner, px=milliseconds)
                 pipe.execute()
+            return True
 
         # The message is popped already: a connection killed under this write (the pool's
         # connection checked out just before a kill) must not lose it. A retry reconnects.
         deadline = time.monotonic() + DELIVERY_RETRY
         headers = getattr(message, "headers", None) or {}
         job_id = str(headers.get("id") or delivery_tag)
-        retrying("delivery", job_id, write, keep_trying=lambda: time.monotonic() < deadline)
+        if not retrying("delivery", job_id, write, keep_trying=lambda: time.monotonic() < deadline):
+            raise Reclaimed(job_id)
         remember(qos, message, delivery_tag)
 
     qos.append = append

@@ -103,6 +103,11 @@ class Ledger:
         self._renew = self.client.register_script(_plain("renew.lua"))
         self._ack = self.client.register_script(_plain("ack.lua"))
 
+    @property
+    def prefix(self) -> str:
+        """kombu's ``global_keyprefix`` ("" without one)."""
+        return self._prefix
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.connection.release()
