@@ -77,6 +77,7 @@ class InFlight:
         self.block_for = max(0.05, min(BLOCK_AT_MOST, ttl / 4))
         self.prefix = prefix
         self._lists: dict[str, str] = {}  # in-flight list -> its queue key (both prefixed)
+        self._records: dict[str, str] = {}
         self._lock = threading.Lock()
 
     @property
@@ -95,7 +96,12 @@ class InFlight:
         return key
 
     def record(self, source: str) -> str:
-        return json.dumps({"owner": self.owner, "queue": self.prefix + source})
+        """The registry's record of the in-flight list of ``source``: its owner, its queue."""
+        found = self._records.get(source)
+        if found is None:
+            found = json.dumps({"owner": self.owner, "queue": self.prefix + source})
+            self._records[source] = found
+        return found
 
     def keep_alive(self, client: Any) -> None:
         """The keeper's round: this worker is alive (a busy worker pops rarely)."""
@@ -195,6 +201,7 @@ class _Popper:
         self.sep = str(getattr(channel, "sep", "\x06\x16"))
         self.pending: _Pending | None = None
         self.block = False  # the last scan found every key empty
+        self.pause = False  # the last pop failed (a refused script): wait before the next
         self.turn = 0
 
     def start(self, timeout: Any = None) -> None:
@@ -203,9 +210,15 @@ class _Popper:
         sock = getattr(connection, "_sock", None)
         if sock is not None and getattr(connection, "_workerkit_pop_sock", None) is not sock:
             # A new connection: a reply of a pop on the old one can no longer come.
-            with channel.conn_or_acquire() as client:
-                flight.give_back(client)
-            connection._workerkit_pop_sock = sock
+            from redis.exceptions import ResponseError
+
+            try:
+                with channel.conn_or_acquire() as client:
+                    flight.give_back(client)
+            except ResponseError as exc:  # left in flight, safe: tried again at the next pop
+                log.warning("the pop failed", extra={"event": "pop_failed", "error": str(exc)})
+            else:
+                connection._workerkit_pop_sock = sock
             self.block = False
         queues = channel._queue_cycle.consume(len(channel.active_queues))
         if not queues:
@@ -213,11 +226,17 @@ class _Popper:
         sources = [channel._q_for_pri(q, pri) for pri in channel.priority_steps for q in queues]
         lists = [flight.list_for(s) for s in sources]
         p = flight.prefix
-        if self.block:
+        if self.pause:
+            # A blocking wait on a key nobody writes: a second without popping, no busy loop,
+            # and the loop stays free (a full Redis refuses the pop's writes, not this read).
+            self.pause = False
+            pending = _Pending("BLPOP", sources, None)
+            args: list[Any] = ["BLPOP", flight.alive_key + ":pause", 1]
+        elif self.block:
             self.turn += 1
             at = self.turn % len(queues)  # the main key (priority 0) of one queue in turn
             pending = _Pending("BLMOVE", sources, at)
-            args: list[Any] = ["BLMOVE", p + sources[at], lists[at], "RIGHT", "LEFT"]
+            args = ["BLMOVE", p + sources[at], lists[at], "RIGHT", "LEFT"]
             args.append(flight.block_for)
         else:
             at = (self.turn + 1) % len(queues)  # the key the next BLMOVE waits on
@@ -245,11 +264,11 @@ class _Popper:
                 connection.disconnect()  # the next round reconnects
                 raise
             except ResponseError as exc:
-                self.block = False
+                self.block, self.pause = False, True
                 log.warning("the pop failed", extra={"event": "pop_failed", "error": str(exc)})
                 raise Empty from None
             self.block = pending.command == "EVAL" and not reply
-            popped = pending.found(reply)
+            popped = pending.found(reply) if pending.command != "BLPOP" else None
             if popped is None:
                 raise Empty
             _deliver(channel, self.flight, popped, self.sep, self.loads, self.dead_letter)
@@ -305,9 +324,17 @@ def recover_abandoned(client: Any, prefix: str = "") -> int:
         with contextlib.suppress(ValueError, TypeError, KeyError):
             record = json.loads(_text(value))
             lists.setdefault(str(record["owner"]), []).extend([_text(key), str(record["queue"])])
+    owners = list(lists)
+    if not owners:
+        return 0
+    pipe = client.pipeline(transaction=False)
+    for owner in owners:
+        pipe.execute_command("EXISTS", prefix + ALIVE_PREFIX + owner)
     moved = 0
-    for owner, pairs in lists.items():
-        keys = [registry, prefix + ALIVE_PREFIX + owner, *pairs]
+    for owner, alive in zip(owners, pipe.execute(), strict=True):
+        if alive:
+            continue
+        keys = [registry, prefix + ALIVE_PREFIX + owner, *lists[owner]]
         n = int(client.execute_command("EVAL", _RETURN, len(keys), *keys, "dead") or 0)
         if n:
             log.warning(
