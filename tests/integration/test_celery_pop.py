@@ -5,6 +5,8 @@ reply left there goes back to its queue once, at a new connection or by crash re
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from queue import Empty
 from typing import Any
@@ -152,3 +154,24 @@ def test_an_entry_kombu_cannot_read_leaves_its_in_flight_list_for_the_dead_lette
     assert redis_client.lrange(consumer.prefix + "dead:celery", 0, -1) == [
         consumer.dead[0][1].encode()
     ]
+
+
+def test_an_idle_pop_blocks_on_the_main_key_and_sees_the_other_keys_within_a_second(
+    consumer: Consumer, redis_client: Any
+) -> None:
+    assert not consumer.pop()  # the scan: every key empty, so the next pop blocks
+    consumer.channel._brpop_start()  # a BLMOVE on ``celery``, 1 s at most
+    threading.Timer(0.2, _send, (consumer, "main")).start()
+    started = time.monotonic()
+    assert consumer.channel._brpop_read()  # woken by the push, not by the timeout
+    assert time.monotonic() - started < 0.9
+    assert consumer.got == ["main"]
+    assert not consumer.pop()  # the scan again
+    consumer.channel._brpop_start()
+    consumer.app.send_task("noop", args=[], task_id="urgent", queue="celery", priority=6)
+    started = time.monotonic()
+    with pytest.raises(Empty):  # another key: the BLMOVE on the main key times out...
+        consumer.channel._brpop_read()
+    assert consumer.pop()  # ...and the next scan takes it
+    assert time.monotonic() - started < 3.0
+    assert consumer.got == ["main", "urgent"]

@@ -199,6 +199,9 @@ class _Popper:
         self.dead_letter = dead_letter
         self.loads: Callable[[str], Any] = loads
         self.sep = str(getattr(channel, "sep", "\x06\x16"))
+        #: kombu drops a BRPOP connection whose reply is later than its ``brpop_timeout`` plus
+        #: its health check interval: a blocking pop waits no longer than kombu's would.
+        self.block_for = min(flight.block_for, float(channel.brpop_timeout or BLOCK_AT_MOST))
         self.pending: _Pending | None = None
         self.block = False  # the last scan found every key empty
         self.pause = False  # the last pop failed (a refused script): wait before the next
@@ -231,13 +234,13 @@ class _Popper:
             # and the loop stays free (a full Redis refuses the pop's writes, not this read).
             self.pause = False
             pending = _Pending("BLPOP", sources, None)
-            args: list[Any] = ["BLPOP", flight.alive_key + ":pause", 1]
+            args: list[Any] = ["BLPOP", flight.alive_key + ":pause", self.block_for]
         elif self.block:
             self.turn += 1
             at = self.turn % len(queues)  # the main key (priority 0) of one queue in turn
             pending = _Pending("BLMOVE", sources, at)
             args = ["BLMOVE", p + sources[at], lists[at], "RIGHT", "LEFT"]
-            args.append(flight.block_for)
+            args.append(self.block_for)
         else:
             at = (self.turn + 1) % len(queues)  # the key the next BLMOVE waits on
             pending = _Pending("EVAL", sources, None)
