@@ -83,8 +83,7 @@ def seal(consumer: Any, ledger: Ledger, stop_consuming: Callable[[], None], with
     nothing popped), and a reply already sent is left for the loop to read (a message that
     reached us is then in ``unacked``, and in hand). Bounded by ``within``. False when a pop
     may still be waiting (its client id unknown, the unblock failed): then nothing may be put
-    back, and crash
-    recovery restores the messages once their leases expire.
+    back, and crash recovery restores the messages once their leases expire.
     """
     hub = getattr(getattr(consumer, "controller", None), "hub", None)
     channel = getattr(getattr(consumer, "task_consumer", None), "channel", None)
