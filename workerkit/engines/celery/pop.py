@@ -41,7 +41,8 @@ INFLIGHT_PREFIX: Final = "workerkit:celery:inflight:"
 #: The registry of in-flight lists (hash: list key -> {"owner", "queue"}), for crash recovery.
 REGISTRY: Final = "workerkit:celery:inflights"
 #: A worker's liveness key (its id, expiring after the lease TTL): set by every lease round,
-#: and by a scan that finds half of its TTL gone (so always fresh when a blocking pop starts). Gone: the worker is gone (or stopped past its lease), its lists go back.
+#: and by a scan that finds half of its TTL gone (so always fresh when a blocking pop starts).
+#: Gone: the worker is gone (or stopped past its lease), its lists go back.
 ALIVE_PREFIX: Final = "workerkit:celery:alive:"
 #: The longest a blocking pop waits (on one queue's main key) before the next scan of every
 #: key: a message on another key (another queue, a priority) waits at most this long.
