@@ -246,18 +246,14 @@ class Load:
         *,
         failed: Iterable[str] = (),
         timeout: float = 40.0,
-        unreached: Callable[[list[str]], list[str]] | None = None,
-    ) -> list[str]:
+    ) -> None:
         """Until the engine holds none of the jobs and each one completed (or is ``failed``).
 
         Fails early when the engine has held none of them for 3 s while some never completed:
-        those are lost, and waiting longer would not bring them back. ``unreached`` (a known
-        gap of the engine's broker, see its caller) picks, among those, the ones that provably
-        never reached a worker: they are taken out of ``ids`` and returned, not failed.
+        those are lost, and waiting longer would not bring them back.
         """
         failed = set(failed)
         idle_since: list[float] = []
-        gap: list[str] = []
 
         def missing() -> list[str]:
             runs = self.runs()
@@ -278,12 +274,6 @@ class Load:
             if idle_since[-1] - idle_since[0] > 3.0:
                 where = getattr(self.engine, "locate", None)
                 seen = where(lost) if where else {}
-                gone = [job_id for job_id in lost if not seen.get(job_id)]
-                known = unreached(gone) if unreached is not None and gone else []
-                if known and len(known) == len(lost):
-                    gap.extend(known)
-                    self.ids = [job_id for job_id in self.ids if job_id not in gap]
-                    return self.quiet()
                 raise AssertionError(
                     f"lost (never completed, not held by the engine): {lost}; in the broker: {seen}"
                 )
@@ -294,7 +284,6 @@ class Load:
         except AssertionError as exc:
             busy = self.engine.busy(self.ids)
             raise AssertionError(f"{exc}; still held: {busy[:10]} ({len(busy)})") from None
-        return gap
 
     def check(
         self,

@@ -1,7 +1,8 @@
 """kombu's deliveries under workerkit: each takes its lease with its ``unacked`` entry, and a
 channel that closes (a lost connection, a consumer restart) restores none of them behind the
-leases' back; each BRPOP's connection knows its Redis client id, and a release first unblocks
-it (:func:`seal`). Also the prefork pool's children, found through Celery's consumer.
+leases' back; the consumer's pop connection (pop.py) knows its Redis client id, and a release
+first unblocks its waiting pop (:func:`seal`). Also the prefork pool's children, found through
+Celery's consumer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Final
 
 from workerkit.engines.celery.ledger import Ledger
 from workerkit.engines.celery.outage import retrying
+from workerkit.engines.celery.pop import InFlight, Reclaimed
 
 __all__ = (
     "client_id_of",
@@ -28,16 +30,16 @@ __all__ = (
 
 log = logging.getLogger("workerkit.engines.celery")
 
-#: How often a seal looks whether the consumer's BRPOP has returned.
+#: How often a seal looks whether the consumer's pop has returned.
 TICK: Final = 0.005
 #: How long a delivery's ``unacked`` and lease write is retried after a broken connection.
 DELIVERY_RETRY: Final = 0.5
 
 
 def remember_client_ids(channel: Any) -> None:
-    """Before each BRPOP on a connection new to it, ask Redis for that connection's client id
-    (CLIENT ID: one round trip per connection), so that a release can unblock exactly that
-    BRPOP (:func:`client_id_of`), whatever address Redis sees (SNAT, a proxy, a unix socket)."""
+    """Before each pop (pop.py) on a connection new to it, ask Redis for that connection's client
+    id (CLIENT ID: one round trip per connection), so that a release can unblock exactly that
+    pop (:func:`client_id_of`), whatever address Redis sees (SNAT, a proxy, a unix socket)."""
     if getattr(channel, "_workerkit_client_ids", False):
         return
     from redis.exceptions import ResponseError
@@ -72,21 +74,21 @@ def client_id_of(connection: Any) -> int | None:
 def seal(consumer: Any, ledger: Ledger, stop_consuming: Callable[[], None], within: float) -> bool:
     """Before a release: make sure no message can reach this process any more.
 
-    kombu's consumer keeps a BRPOP waiting whenever it has a free prefetch slot, and Redis
-    hands the next message pushed to the queue to that BRPOP: the very messages the release
-    puts back (or the requeue of a killed pool child's message). Popped into a process about to
-    exit, such a message would be in no queue and no ``unacked`` entry: lost. So the consumer
-    is cancelled on its loop thread (``stop_consuming``: no new BRPOP), the waiting one is
-    unblocked in Redis by its client id (CLIENT UNBLOCK: it returns empty, nothing popped), and
-    a reply already sent is left for the loop to read (a message that reached us is then in
-    ``unacked``, and in hand). Bounded by ``within``. False when a BRPOP may still be waiting
-    (its client id unknown, the unblock failed): then nothing may be put back, and crash
-    recovery restores the messages once their leases expire.
+    kombu's consumer keeps a pop waiting (a BLMOVE, pop.py) whenever it has a free prefetch
+    slot, and Redis hands the next message pushed to the queue to that pop: the very messages
+    the release puts back (or the requeue of a killed pool child's message). Popped into a
+    process about to exit, such a message would wait in its in-flight list for crash recovery.
+    So the consumer is cancelled on its loop thread (``stop_consuming``: no new pop), the
+    waiting one is unblocked in Redis by its client id (CLIENT UNBLOCK: it returns empty,
+    nothing popped), and a reply already sent is left for the loop to read (a message that
+    reached us is then in ``unacked``, and in hand). Bounded by ``within``. False when a pop
+    may still be waiting (its client id unknown, the unblock failed): then nothing may be put
+    back, and crash recovery restores the messages once their leases expire.
     """
     hub = getattr(getattr(consumer, "controller", None), "hub", None)
     channel = getattr(getattr(consumer, "task_consumer", None), "channel", None)
     if hub is None or channel is None:
-        return True  # no event loop: no BRPOP of the consumer's waits meanwhile
+        return True  # no event loop: no pop of the consumer's waits meanwhile
     deadline = time.monotonic() + within
     cancelled = threading.Event()
 
@@ -97,7 +99,7 @@ def seal(consumer: Any, ledger: Ledger, stop_consuming: Callable[[], None], with
             cancelled.set()
 
     hub.call_soon(cancel)
-    cancelled.wait(within)  # a busy loop sends no new BRPOP either
+    cancelled.wait(within)  # a busy loop sends no new pop either
     waiting = getattr(channel, "_in_poll", None)
     if not waiting:
         return True
@@ -107,7 +109,7 @@ def seal(consumer: Any, ledger: Ledger, stop_consuming: Callable[[], None], with
         unblocked = client_id is not None and ledger.unblock(client_id)
     except Exception as exc:
         log.warning(
-            "cannot unblock the consumer's BRPOP",
+            "cannot unblock the consumer's pop",
             extra={"event": "unblock_failed", "error": str(exc)},
         )
     while getattr(channel, "_in_poll", None) is waiting and time.monotonic() < deadline:
@@ -159,13 +161,16 @@ def pool_pids(consumer: Any) -> list[int]:
     return [int(p.pid) for p in processes if getattr(p, "pid", None)]
 
 
-def lease_at_delivery(qos: Any, owner: str, ttl: float) -> None:
+def lease_at_delivery(qos: Any, owner: str, ttl: float, flight: InFlight | None = None) -> None:
     """Make kombu's Redis QoS write a message's lease with its ``unacked`` entry.
 
     kombu's ``QoS.append`` (kombu 5.x), with one more command in its pipeline: the lease key,
     ``owner``'s for ``ttl`` s. So every delivery holds its lease from the instant it is in
     ``unacked``, and a lease that is gone means that no worker holds that delivery: the fences
-    of the ack, the restore and the renewal (ledger.py) compare the holder exactly.
+    of the ack, the restore and the renewal (ledger.py) compare the holder exactly. A message
+    the reliable pop (pop.py, ``flight``) popped leaves its in-flight list in the same step;
+    when it is no longer there (put back in its queue meanwhile), nothing is written and the
+    delivery is called off (:class:`~workerkit.engines.celery.pop.Reclaimed`).
     """
     if getattr(qos, "_workerkit_owner", None) == owner:
         return
@@ -181,19 +186,28 @@ def lease_at_delivery(qos: Any, owner: str, ttl: float) -> None:
         delivery = message.delivery_info
         raw = encode([message._raw, delivery["exchange"], delivery["routing_key"]])
 
-        def write() -> None:
+        channel: Any = getattr(qos, "channel", None)
+        popped = getattr(channel, "_workerkit_popped", None)
+        if popped is not None and flight is not None:
+            channel._workerkit_popped = None  # taken: the pop sees its delivery written
+
+        def write() -> bool:
+            if popped is not None and flight is not None:
+                return flight.deliver(qos, popped, str(delivery_tag), raw)
             with qos.pipe_or_acquire() as pipe:
                 pipe.zadd(qos.unacked_index_key, {delivery_tag: time.time()})
                 pipe.hset(qos.unacked_key, delivery_tag, raw)
                 pipe.set(Ledger.key("lease", str(delivery_tag)), owner, px=milliseconds)
                 pipe.execute()
+            return True
 
         # The message is popped already: a connection killed under this write (the pool's
         # connection checked out just before a kill) must not lose it. A retry reconnects.
         deadline = time.monotonic() + DELIVERY_RETRY
         headers = getattr(message, "headers", None) or {}
         job_id = str(headers.get("id") or delivery_tag)
-        retrying("delivery", job_id, write, keep_trying=lambda: time.monotonic() < deadline)
+        if not retrying("delivery", job_id, write, keep_trying=lambda: time.monotonic() < deadline):
+            raise Reclaimed(job_id)
         remember(qos, message, delivery_tag)
 
     qos.append = append

@@ -103,6 +103,11 @@ class Ledger:
         self._renew = self.client.register_script(_plain("renew.lua"))
         self._ack = self.client.register_script(_plain("ack.lua"))
 
+    @property
+    def prefix(self) -> str:
+        """kombu's ``global_keyprefix`` ("" without one)."""
+        return self._prefix
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.connection.release()
@@ -221,9 +226,9 @@ class Ledger:
             pipe.zrem(self.unacked_index_key, tag)
             pipe.hdel(self.unacked_key, tag)
             pipe.delete(lease_key)
-            # kombu publishes with LPUSH and consumes with BRPOP, so the head of a queue is its
-            # right end (RPUSH; kombu's visibility-timeout restore does that too) and a reject
-            # puts a message at the back (LPUSH).
+            # kombu publishes with LPUSH and pops from the right (pop.py too), so the head of a
+            # queue is its right end (RPUSH; kombu's visibility-timeout restore does that too)
+            # and a reject puts a message at the back (LPUSH).
             push = pipe.lpush if leftmost else pipe.rpush
             for queue in queues:
                 push(self.channel._q_for_pri(queue, priority), data)
@@ -270,7 +275,7 @@ class Ledger:
         return queues
 
     def unblock(self, client_id: int) -> bool:
-        """Unblock the BRPOP the Redis client ``client_id`` waits in (CLIENT UNBLOCK): it
+        """Unblock the pop the Redis client ``client_id`` waits in (CLIENT UNBLOCK): it
         returns empty, nothing popped. False when that client is not blocked."""
         return bool(self.client.client_unblock(client_id))
 

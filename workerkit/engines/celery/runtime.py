@@ -36,6 +36,7 @@ from workerkit.engines.celery.delivery import (
 from workerkit.engines.celery.lease import LeaseClock, Watchdog, now
 from workerkit.engines.celery.ledger import Ledger
 from workerkit.engines.celery.poison import dead_key, dead_record, describe, guard_deliveries
+from workerkit.engines.celery.pop import InFlight, recover_abandoned, reliable_pop
 from workerkit.engines.lifeline import Lifeline
 from workerkit.events import (
     BATCH_DELAY,
@@ -97,6 +98,8 @@ class Runtime:
         #: Celery Request classes made for this runtime, by their base class (see task.py).
         self.request_classes: dict[type[Any], type[Any]] = {}
         self._ledger: Ledger | None = None
+        #: The task consumer's in-flight lists (pop.py), once it has a Redis channel.
+        self.flight: InFlight | None = None
         self._ledger_lock = threading.Lock()
         self.consumer: Any = None
         self.draining = False
@@ -196,9 +199,12 @@ class Runtime:
         channel = getattr(consumer.task_consumer, "channel", None)
         qos = getattr(channel, "qos", None)
         if qos is not None and hasattr(qos, "unacked_key"):
-            lease_at_delivery(qos, self.worker_id, self.lease_ttl)
             prefix = str(getattr(channel, "global_keyprefix", "") or "")
+            if self.flight is None:
+                self.flight = InFlight(self.worker_id, self.lease_ttl, prefix)
+            lease_at_delivery(qos, self.worker_id, self.lease_ttl, self.flight)
             guard_deliveries(channel, self.dead_letter, prefix=prefix)
+            reliable_pop(channel, self.flight, self.dead_letter)
             remember_client_ids(channel)
         keep_written_jobs(getattr(consumer, "pool", None))
         self._consumer_starts += 1
@@ -236,13 +242,20 @@ class Runtime:
             if not request.acknowledged and self._gate is not None:
                 self._gate(request)
 
-    def dead_letter(self, queue: str, raw: bytes, reason: str) -> None:
-        """A queue entry kombu cannot read (poison.py): to the queue's dead-letter list."""
+    def dead_letter(
+        self, queue: str, raw: bytes, reason: str, taken_from: str | None = None
+    ) -> None:
+        """A queue entry kombu cannot read (poison.py): to the queue's dead-letter list (out
+        of the in-flight list ``taken_from`` in the same step)."""
         record = dead_record(queue, raw, reason, self.worker_id)
         key = dead_key(queue)
         fields: dict[str, Any] = {"queue": queue, "reason": reason, "dead_letter": key}
         try:
-            self.ledger.client.rpush(key, record)
+            if taken_from is not None and self.flight is not None:
+                if not self.flight.refuse(self.ledger.client, taken_from, raw, key, record):
+                    return  # back in its queue meanwhile: refused at its next pop
+            else:
+                self.ledger.client.rpush(key, record)
         except Exception as exc:  # never lost without a trace: the whole entry is logged
             fields.update(dead_letter=None, error=str(exc), record=record)
         log.error(
@@ -470,6 +483,9 @@ class Runtime:
                     "recovery once their leases expire",
                     extra={"event": "release_unsealed"},
                 )
+            elif self.flight is not None:  # what a lost pop reply left in flight
+                with contextlib.suppress(Exception):
+                    self.flight.give_back(self.ledger.client)
             # Kill the pool children first: a message must not be back in its queue (where
             # another worker can start it) while its first run still goes on. Jobs of the solo
             # and threads pools run in this process and end with it, a moment later; their
@@ -544,6 +560,8 @@ class Runtime:
             if not getattr(request, "_workerkit_lost", False)
             and (tag := self._tag(request)) is not None
         }
+        if self.flight is not None:
+            self.flight.keep_alive(self.ledger.client)
         lost = self.ledger.renew_leases(list(renewing), self.worker_id, self.lease_ttl)
         for tag in lost:
             request = renewing[tag]
@@ -634,6 +652,7 @@ class Runtime:
 
     def _recover(self) -> None:
         ledger = self.ledger
+        recover_abandoned(ledger.client, ledger.prefix)
         for tag in ledger.abandoned(time.time() - self.lease_ttl):
             task_id = ledger.task_id_of(tag)
             # The owner died: the run (if it had started) counts as an attempt.
