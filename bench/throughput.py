@@ -642,6 +642,7 @@ VARIANTS: dict[str, str] = {
     "wk-run-sqlite": "workerkit run sql (supervisor), SQLite, c=1",
     "wk-run-pg-c1": "workerkit run sql (supervisor), PostgreSQL, c=1",
     "wk-run-pg-cN": "workerkit run sql (supervisor), PostgreSQL, c={n}",
+    "wk-run-pg-c8": "workerkit run sql (supervisor), PostgreSQL, c=8",
     "celery-solo": "bare Celery, solo pool, Redis, defaults (acks on receipt)",
     "celery-solo-acks-late": "bare Celery, solo pool, Redis, task_acks_late=True",
     "rq-simple": "bare RQ, SimpleWorker --burst, Redis",
@@ -664,9 +665,9 @@ def report(data: dict[str, Any]) -> str:
         "",
         (
             "| variant | jobs/s median | min | max | spread | vs celery-solo, same rep (median) "
-            "| start -> done, median (s) |"
+            "| same-rep ratios, min-max | start -> done, median (s) |"
         ),
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     baseline = [r["jobs_per_s"] for r in data["samples"].get("celery-solo", [])]
     for key, rows in data["samples"].items():
@@ -678,9 +679,10 @@ def report(data: dict[str, Any]) -> str:
         total = statistics.median(r["start_to_done_s"] for r in rows)
         ratios = [rate / base for rate, base in zip(rates, baseline, strict=False)]
         ratio = f"{statistics.median(ratios):.2f}x" if ratios else "-"
+        ratio_range = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-"
         lines.append(
             f"| {VARIANTS[key].format(n=n)} | **{s['median']:.0f}** | {s['min']:.0f} | "
-            f"{s['max']:.0f} | {spread:.0f}% | {ratio} | {fmt(total, '', 2)} |"
+            f"{s['max']:.0f} | {spread:.0f}% | {ratio} | {ratio_range} | {fmt(total, '', 2)} |"
         )
     lines.append("")
     lines.append(
@@ -710,7 +712,9 @@ def main() -> None:
     if args.jobs < 2:
         parser.error("-k must be at least 2")
 
-    chosen = [v for v in args.only.split(",") if v] or [v for v in VARIANTS if v != "wk-run-pg-cN"]
+    chosen = [v for v in args.only.split(",") if v] or [
+        v for v in VARIANTS if v not in ("wk-run-pg-cN", "wk-run-pg-c8")
+    ]
     if args.no_supervisor:
         chosen = [v for v in chosen if not v.startswith("wk-run")]
     if args.no_postgres:
@@ -736,6 +740,7 @@ def main() -> None:
             "wk-run-sqlite": lambda: run_workerkit_supervised(bench, "sqlite", 1),
             "wk-run-pg-c1": lambda: run_workerkit_supervised(bench, "postgresql", 1),
             "wk-run-pg-cN": lambda: run_workerkit_supervised(bench, "postgresql", n),
+            "wk-run-pg-c8": lambda: run_workerkit_supervised(bench, "postgresql", 8),
             "celery-solo": lambda: run_celery(bench, acks_late=False),
             "celery-solo-acks-late": lambda: run_celery(bench, acks_late=True),
             "rq-simple": lambda: run_rq(bench),

@@ -1,7 +1,8 @@
 """The claim's cost does not grow with the table: its plan never scans ``workerkit_jobs``.
 
 A table of 20,000 finished jobs and 2,000 waiting ones (due tomorrow), analyzed, and a few due
-jobs: the plan of the very statement a claim sends (captured from a real ``SqlQueue.claim``)
+jobs: the plan of the very statement a claim sends (captured from a real ``SqlQueue.claim``, and
+from ``SqlQueue.ack_and_claim``, which acks finished jobs in the same statement)
 reaches rows only through indexes. Before, PostgreSQL matched the picked ids with a hash join
 over a sequential scan of the whole table (bench/queue_growth.py: claims 10x slower).
 """
@@ -11,10 +12,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from workerkit.engines.base import NewJob
 from workerkit.engines.sql import SqlQueue, upgrade
+from workerkit.engines.sql.claim import Ack
 from workerkit.engines.sql.schema import jobs
 from workerkit.settings import Settings
 
@@ -38,8 +41,10 @@ def _grow(queue: SqlQueue, finished: int, waiting: int) -> None:
         conn.exec_driver_sql("ANALYZE" if queue.dialect == "sqlite" else "VACUUM ANALYZE")
 
 
-def _plan(queue: SqlQueue) -> str:
+def _plan(queue: SqlQueue, *, folded: bool = False) -> str:
+    """The plan of the claim's statement (``folded``: of one that acks a job as it claims)."""
     sent: list[tuple[str, Any]] = []
+    held = queue.claim(["default"], "w", 1) if folded else []
 
     def record(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
         if statement.lstrip().upper().startswith(("UPDATE", "WITH")):
@@ -47,7 +52,13 @@ def _plan(queue: SqlQueue) -> str:
 
     sa.event.listen(queue.engine, "before_cursor_execute", record)
     try:
-        [delivery] = queue.claim(["default"], "w", 1)
+        if folded:
+            acks = [Ack(d.job_id, d.token, "null") for d in held]
+            assert queue.ack_and_claim(acks, ["default"], "w", 1)[0] == [True]
+            [delivery] = queue.claim(["default"], "w", 1)
+            sent = sent[:-1]  # the folded statement's (on SQLite the claim after the acks)
+        else:
+            [delivery] = queue.claim(["default"], "w", 1)
     finally:
         sa.event.remove(queue.engine, "before_cursor_execute", record)
     queue.ack(delivery, None)
@@ -64,13 +75,14 @@ def _plan(queue: SqlQueue) -> str:
     return "\n".join(lines)
 
 
-def test_the_claim_reaches_rows_only_through_indexes(database_url: str) -> None:
+@pytest.mark.parametrize("folded", [False, True], ids=["claim", "ack_and_claim"])
+def test_the_claim_reaches_rows_only_through_indexes(database_url: str, folded: bool) -> None:
     upgrade(database_url)
     queue = SqlQueue(database_url, settings=Settings())
     try:
         _grow(queue, finished=20_000, waiting=2_000)
-        queue.enqueue_many([NewJob(f"due-{i}", "t", "default", "[]", 1) for i in range(3)])
-        plan = _plan(queue)
+        queue.enqueue_many([NewJob(f"due-{i}", "t", "default", "[]", 1) for i in range(4)])
+        plan = _plan(queue, folded=folded)
     finally:
         queue.close()
     assert "Seq Scan on workerkit_jobs" not in plan, plan  # PostgreSQL

@@ -9,7 +9,6 @@ the claim query itself, with no reaper. The statements are in :mod:`.statements`
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import threading
 import time
@@ -20,13 +19,13 @@ import sqlalchemy as sa
 
 from workerkit.engines.base import Delivery, NewJob, QueueStats, StoreHealth
 from workerkit.engines.sql import bulk, db, retention, statements
+from workerkit.engines.sql import claim as claiming
 from workerkit.engines.sql.listener import NOTIFY_CHANNEL, PgListener, Wakeups
 from workerkit.engines.sql.rules import JOB_FIELDS, dump_json, load_json, ref_parts
 from workerkit.engines.sql.schema import JOB_STATES
 from workerkit.engines.sql.statements import (
     ACK,
     CHECKPOINT,
-    CLAIM,
     DEFER,
     EXTEND,
     FAIL,
@@ -285,60 +284,18 @@ class SqlQueue(db.ForkSafeEngine):
         run again: a job that kills its worker every time must end. Its slot is then filled by
         another round.
         """
-        if limit < 1 or not queues:
-            return []
-        self._ensure_schema()
-        params: dict[str, Any] = {
-            "p_queues": list(queues),
-            "p_worker": worker_id,
-            "p_ttl": self.lease_ttl,
-        }
-        claimed: list[Delivery] = []
-        exhausted: list[Any] = []
-        while len(claimed) < limit:
-            round_params = {**params, "p_limit": limit - len(claimed)}
-            try:
-                # A claim that committed just before its connection broke leaves its jobs
-                # leased to a token nobody knows: they come back after V, as after a crash,
-                # whether or not the claim is sent again.
-                rows = self._twice_on_disconnect(functools.partial(self._claim_round, round_params))
-            except StoreError:
-                if not claimed:
-                    raise
-                # Each round committed on its own: the jobs of the earlier rounds are ours
-                # (leased, attempt counted), so hand them out rather than strand them until V.
-                log.warning(
-                    "claim round failed; returning the jobs already claimed",
-                    extra={"event": "claim_failed", "claimed": len(claimed)},
-                    exc_info=True,
-                )
-                break
-            failed = [row for row in rows if row.state == "failed"]
-            exhausted.extend(failed)
-            claimed.extend(_delivery(row) for row in rows if row.state == "running")
-            if not failed:
-                break  # everything runnable that we could lock is ours now
-        for row in exhausted:
-            log.warning(
-                "job failed: lease expired with no attempts left",
-                extra={
-                    "event": "job_lease_exhausted",
-                    "job_id": row.id,
-                    "queue": row.queue,
-                    "attempts": row.attempts,
-                    "max_attempts": row.max_attempts,
-                },
-            )
-        claimed.sort(key=lambda d: (d.enqueued_at or 0.0, d.job_id))
-        return claimed
+        return claiming.claim(self, queues, worker_id, limit)[0]
 
-    def _claim_round(self, params: Mapping[str, Any]) -> list[Any]:
-        with self._statement() as conn:
-            # Connected (PostgreSQL) or holding the write lock (SQLite): the last moment to
-            # hold back, after a wait that may have spanned an outage.
-            if self.claim_gate is not None and not self.claim_gate():
-                return []
-            return list(conn.execute(CLAIM, params).all())
+    def ack_and_claim(
+        self, acks: Sequence[claiming.Ack], queues: Sequence[str], worker_id: str, limit: int
+    ) -> tuple[list[bool], list[Delivery]]:
+        """Settle ``acks`` (each as :meth:`ack`, fenced) and :meth:`claim`, in one write.
+
+        For each ack whether it matched (False: the lease was lost, nothing was written), and
+        the jobs claimed. One statement on PostgreSQL, one transaction on SQLite (:mod:`.claim`).
+        """
+        deliveries, acked = claiming.claim(self, queues, worker_id, limit, acks)
+        return [ack.job_id in acked for ack in acks], deliveries
 
     def _fenced(
         self,
@@ -669,21 +626,6 @@ class SqlQueue(db.ForkSafeEngine):
             extra={"event": "jobs_purged", "count": deleted, "older_than": older_than},
         )
         return deleted
-
-
-def _delivery(row: Any) -> Delivery:
-    return Delivery(
-        job_id=row.id,
-        task=row.task,
-        queue=row.queue,
-        payload=row.payload,
-        attempt=row.attempts,
-        max_attempts=row.max_attempts,
-        token=row.lease_token,
-        checkpoint=load_json(row.checkpoint),
-        enqueued_at=row.run_at,
-        lease_expires_at=row.lease_expires_at,
-    )
 
 
 def _sqlite_busy(exc: StoreUnavailable) -> bool:

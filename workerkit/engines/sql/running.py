@@ -49,8 +49,8 @@ class Running:
     started: float  # monotonic
     deadline: float  # monotonic
     lease_from: float  # monotonic, sent time of the request that last set the lease
-    thread: threading.Thread | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)  # held while settling
     gate: Gate = field(default_factory=Gate)  # the main thread interrupts the body only
     settled_as: Outcome | None = None
     extend_failures: int = 0
+    acked_by_claim: bool = False  # its ack goes with the fetcher's claim: no more renewals

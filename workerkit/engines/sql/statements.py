@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "ACK",
+    "ACK_AND_CLAIM",
     "CHECKPOINT",
     "CLAIM",
     "DEFER",
@@ -162,8 +163,27 @@ def _exhausted_error_sql() -> sa.ColumnElement[str]:
     )
 
 
-def _claim_statement() -> sa.Update:
+#: What a claim returns of each row it took (or failed).
+_CLAIMED: Final = (
+    "id",
+    "state",
+    "task",
+    "queue",
+    "payload",
+    "attempts",
+    "max_attempts",
+    "lease_token",
+    "checkpoint",
+    "run_at",
+    "lease_expires_at",
+)
+
+
+def _claim_statement(exclude: sa.BindParameter[Any] | None = None) -> sa.Update:
     """Take up to ``p_limit`` runnable jobs of ``p_queues`` in one statement.
+
+    ``exclude``: an array of job ids the ``expired`` scan must not take (the jobs that
+    :data:`ACK_AND_CLAIM` acknowledges in the same statement, whose leases may have run out).
 
     Two range scans, each of its own partial index in the order wanted, rather than one scan
     with an OR: ``expired`` walks ``ix_workerkit_jobs_lease`` (leases that ran out, oldest
@@ -188,7 +208,12 @@ def _claim_statement() -> sa.Update:
     limit = sa.bindparam("p_limit", type_=sa.Integer)
     expired = (
         sa.select(_c.id)
-        .where(_c.queue.in_(queues), _c.state == _RUNNING, _c.lease_expires_at < now)
+        .where(
+            _c.queue.in_(queues),
+            _c.state == _RUNNING,
+            _c.lease_expires_at < now,
+            *(() if exclude is None else (_c.id != sa.all_(exclude),)),
+        )
         .order_by(_c.lease_expires_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -224,19 +249,41 @@ def _claim_statement() -> sa.Update:
             finished_at=sa.case((exhausted, now), else_=_c.finished_at),
             updated_at=now,
         )
-        .returning(
-            _c.id,
-            _c.state,
-            _c.task,
-            _c.queue,
-            _c.payload,
-            _c.attempts,
-            _c.max_attempts,
-            _c.lease_token,
-            _c.checkpoint,
-            _c.run_at,
-            _c.lease_expires_at,
-        )
+        .returning(*(_c[name] for name in _CLAIMED))
+    )
+
+
+def _ack_and_claim_statement() -> sa.CompoundSelect[Any]:
+    """PostgreSQL: acknowledge jobs, each fenced by its token, and claim, in one statement.
+
+    The acks come as three arrays (``p_ack_ids``, ``p_ack_tokens``, ``p_ack_results``) in a
+    data-modifying CTE (``acked``) that sets exactly what :data:`ACK` sets, under the same
+    fence (id, token, running): a stale token matches no row and settles nothing. The claim is
+    :data:`CLAIM` with the acked ids kept out of its ``expired`` scan (a lease that ran out
+    while its job finished is still that attempt's until someone else claims it). PostgreSQL
+    runs a data-modifying CTE exactly once, to completion, whatever the outer query reads; the
+    statement is one transaction in autocommit. Rows: the claimed ones (as :data:`CLAIM`
+    returns them), then one per ack that matched, with ``state`` = ``'acked'``.
+    """
+    text_array = postgresql.ARRAY(sa.Text)
+    acks = sa.func.unnest(
+        sa.bindparam("p_ack_ids", type_=text_array),
+        sa.bindparam("p_ack_tokens", type_=text_array),
+        sa.bindparam("p_ack_results", type_=text_array),
+    )
+    given = acks.table_valued("id", "token", "result").render_derived(name="given")
+    acked = (
+        sa.update(jobs)
+        .where(_c.id == given.c.id, _c.lease_token == given.c.token, _c.state == _RUNNING)
+        .values(updated_at=db_now(), result=given.c.result, **_ACKED)
+        .returning(_c.id)
+        .cte("acked")
+    )
+    claimed = _claim_statement(sa.bindparam("p_ack_ids", type_=text_array)).cte("claimed")
+    rows = [claimed.c[name] for name in _CLAIMED]
+    marks = [sa.null()] * (len(rows) - 2)
+    return sa.union_all(
+        sa.select(*rows), sa.select(acked.c.id, sa.literal_column("'acked'", sa.Text), *marks)
     )
 
 
@@ -258,14 +305,12 @@ def _param(name: str, type_: sa.types.TypeEngine[Any]) -> sa.BindParameter[Any]:
 
 
 _NO_LEASE: Final = {"lease_token": sa.null(), "lease_expires_at": sa.null()}
+#: What an ack sets besides the result (here and in ACK_AND_CLAIM's ``acked``).
+_ACKED: Final = {"state": _SUCCEEDED, "checkpoint": sa.null(), "finished_at": db_now(), **_NO_LEASE}
 CLAIM: Final = _claim_statement()
-ACK: Final = _fenced_update(
-    state=_SUCCEEDED,
-    result=_param("result", sa.Text()),
-    checkpoint=sa.null(),
-    finished_at=db_now(),
-    **_NO_LEASE,
-)
+ACK: Final = _fenced_update(result=_param("result", sa.Text()), **_ACKED)
+#: PostgreSQL only (SQLite runs ACK per job, then CLAIM, in one BEGIN IMMEDIATE transaction).
+ACK_AND_CLAIM: Final = _ack_and_claim_statement()
 EXTEND: Final = _fenced_update(lease_expires_at=db_now() + _param("ttl", sa.Double()))
 CHECKPOINT: Final = _fenced_update(checkpoint=_param("checkpoint", sa.Text()))
 RETRY: Final = _fenced_update(

@@ -3,7 +3,7 @@
 The process the supervisor starts for the ``sql`` engine (``python -m workerkit.engines.sql``),
 and what :func:`workerkit.testing.run_jobs` runs in-process. The main thread keeps the signals
 and never blocks; a fetcher thread claims, two keepers do the upkeep (leases; heartbeat and
-health), each job has a thread.
+health), each running job has a thread (kept for the next job, :mod:`.slots`).
 Every delivery is settled once, under its own lock, by whoever comes first (its job thread, or
 the main thread at a release or timeout). docs/engines/sql.md ("The worker") has the why.
 """
@@ -42,6 +42,7 @@ from workerkit.engines.attempt import (
     verdict_for,
 )
 from workerkit.engines.sql import retention
+from workerkit.engines.sql.folding import AckFold, Batch
 from workerkit.engines.sql.outage import (
     ClaimPause,
     RetryingWrite,
@@ -52,7 +53,9 @@ from workerkit.engines.sql.outage import (
 )
 from workerkit.engines.sql.queue import SqlQueue
 from workerkit.engines.sql.running import RULES, JobTimedOut, PermanentFailure, Running
-from workerkit.errors import JobInterrupted, LeaseLost, PayloadError, SchemaOutOfDate, StoreError
+from workerkit.engines.sql.settling import Settling
+from workerkit.engines.sql.slots import Slots
+from workerkit.errors import JobInterrupted, PayloadError, SchemaOutOfDate, StoreError
 from workerkit.events import (
     CheckpointSaved,
     Heartbeat,
@@ -65,7 +68,6 @@ from workerkit.events import (
     WorkerReady,
     WorkerStopping,
 )
-from workerkit.idempotency import outcome_of
 from workerkit.job import JobContext
 
 if TYPE_CHECKING:
@@ -81,7 +83,7 @@ TICK = 0.05  # how often the main thread looks at its flags
 _RELEASE_WAIT = 1.0  # how long a release waits for a settle in progress on the job's thread
 
 
-class NativeWorker:
+class NativeWorker(Settling):
     """Claims and runs jobs of an :class:`~workerkit.app.App` with bounded concurrency."""
 
     def __init__(
@@ -122,6 +124,8 @@ class NativeWorker:
         )
         self._claim_sent = 0.0  # monotonic: when the claim in progress started
         self._pruner: Keeper | None = None  # retention (finished_job_retention): SQL only
+        self._fold = AckFold(enabled=isinstance(self.backend, SqlQueue))
+        self._slots = Slots(self._job_thread)  # job threads, kept for the next job
         if isinstance(self.backend, SqlQueue):
             self.backend.claim_gate = self._may_claim_now  # asked just before the claim's write
             self._pruner = retention.pruner(
@@ -298,20 +302,26 @@ class NativeWorker:
             while not self._stopping.is_set():
                 if not self._ready.is_set():
                     # The upkeep keeper checks the store again (sooner while it is not ready).
+                    self._fold.close()  # job threads write their own acks, retried
                     self._ready.wait(self._unready_recheck)
                     continue
                 grace = self._pause.left()
                 if grace > 0:
+                    self._fold.close()
                     self._stopping.wait(grace)
                     continue
-                free = self.concurrency - self.running_count
-                if free <= 0:
+                # The slots of the jobs whose acks wait for this claim free up with it.
+                if self.concurrency - self.running_count + self._fold.pending <= 0:
+                    self._fold.open()  # about to claim: finished jobs' acks come with it
                     self._slot_freed.wait(self.settings.poll_interval)
                     self._slot_freed.clear()
                     continue
-                if not self._claim_and_start(free):
+                batch = self._fold.take()  # no fewer acks than counted: free stays above 0
+                free = self.concurrency - self.running_count + (len(batch.acks) if batch else 0)
+                if not self._claim_and_start(free, batch) and self._fold.close_if_empty():
                     self.backend.wait_for_jobs(self.queues, self.settings.poll_interval)
         finally:
+            self._fold.close()
             self._fetcher_done.set()
 
     # --- upkeep (the keeper's thread) ---------------------------------------------------
@@ -385,18 +395,29 @@ class NativeWorker:
         # outage may have begun or ended since the fetcher looked (or during the claim's wait).
         return self._pause.allows(self._claim_sent) and self._ready.is_set()
 
-    def _claim_and_start(self, free: int) -> bool:
+    def _claim_and_start(self, free: int, batch: Batch | None = None) -> bool:
         with self._claim_lock:
             if self._stopping.is_set():
+                if batch is not None:
+                    batch.hand_back()
                 return True
             sent = self._claim_sent = time.monotonic()  # the lease starts no earlier
             try:
-                deliveries = self.backend.claim(self.queues, self.worker_id, free)
-            except (SchemaOutOfDate, StoreError) as exc:
-                self._store_failed(str(exc))
-                return False
-            except Exception as exc:  # a driver error: the store is unusable for now
-                reason = f"claim failed: {type(exc).__name__}"
+                if batch is None:
+                    deliveries = self.backend.claim(self.queues, self.worker_id, free)
+                else:
+                    assert isinstance(self.backend, SqlQueue)  # only it folds
+                    matched, deliveries = self.backend.ack_and_claim(
+                        batch.acks, self.queues, self.worker_id, free
+                    )
+                    batch.settled(matched)
+            except Exception as exc:
+                if batch is not None:
+                    batch.hand_back()  # each job thread writes (and retries) its own ack
+                if isinstance(exc, (SchemaOutOfDate, StoreError)):
+                    self._store_failed(str(exc))
+                    return False
+                reason = f"claim failed: {type(exc).__name__}"  # a driver error
                 log.warning(reason, extra={"event": "claim_failed", "error": str(exc)})
                 self._store_failed(reason)
                 return False
@@ -451,11 +472,7 @@ class NativeWorker:
         )
         with self._running_lock:
             self._running[delivery.job_id] = running
-        thread = threading.Thread(
-            target=self._job_thread, args=(running,), name=f"job-{delivery.job_id}", daemon=True
-        )
-        running.thread = thread
-        thread.start()
+        self._slots.start(running, f"job-{delivery.job_id}")
 
     def _checkpoint_saved(self, context: JobContext) -> None:
         self.events.send(CheckpointSaved(context.job_id, context.task, context.queue))
@@ -465,7 +482,7 @@ class NativeWorker:
     def _extend_leases(self) -> float | None:
         """Renew every running job's lease; after a failure, try again soon (with backoff)."""
         with self._running_lock:
-            running = list(self._running.values())
+            running = [r for r in self._running.values() if not r.acked_by_claim]
         failed = ""
         for item in running:
             sent = time.monotonic()
@@ -491,7 +508,7 @@ class NativeWorker:
             if kept:
                 item.lease_from = sent
                 self.events.send(JobHeartbeat(item.delivery.job_id))
-            else:
+            elif not item.acked_by_claim:  # else its ack just landed: not lost, settled
                 item.context.mark_lease_lost()
                 log.warning(
                     "lease lost: another worker owns the job now",
@@ -569,7 +586,7 @@ class NativeWorker:
                 json.dumps(result, allow_nan=False)
             except (TypeError, ValueError, RecursionError) as exc:
                 raise PermanentFailure(f"ResultError: result is not JSON: {exc}") from exc
-            self._settle(running, lambda r: self._ack(r, result))
+            self._settle(running, lambda r: self._ack(r, result), first=self._folded_ack(result))
         except BaseException as exc:
             # docs/concepts/attempts.md has the table; this maps each verdict to a store write.
             def backoff() -> float:
@@ -593,84 +610,6 @@ class NativeWorker:
                     raise
         finally:
             self._finish(running)
-
-    # Each settling write returns the outcome it stands for.
-
-    def _ack(self, running: Running, result: Any) -> Outcome:
-        self.backend.ack(running.delivery, result)
-        replayed = outcome_of(running.context) == "replayed"
-        return "skipped_duplicate" if replayed else "succeeded"
-
-    def _defer(self, running: Running, delay: float, reason: str) -> Outcome:
-        self.backend.defer(running.delivery, time.time() + max(0.0, delay), reason)
-        return "deferred"
-
-    def _fail(self, running: Running, error: str) -> Outcome:
-        self.backend.fail(running.delivery, error)
-        return "failed"
-
-    def _retry_or_fail(self, running: Running, error: str) -> Outcome:
-        delivery = running.delivery
-        task = self.app.tasks.get(delivery.task)
-        if task is None or delivery.attempt >= delivery.max_attempts:
-            return self._fail(running, error)
-        self.backend.retry(delivery, error, time.time() + task.retry_delay(delivery.attempt))
-        return "retried"
-
-    def _release(self, running: Running) -> Outcome:
-        with contextlib.suppress(Exception):
-            running.context.flush()  # a checkpoint kept for later is saved before the release
-        self.backend.release(running.delivery)
-        return "released"
-
-    def _settle(
-        self,
-        running: Running,
-        write: Callable[[Running], Outcome],
-        *,
-        patient: bool = True,
-        wait: float = 0.0,
-        held: bool = False,
-    ) -> bool:
-        """Settle the delivery once, recording the outcome; False when it already was.
-
-        ``patient`` (a job's own thread): a store that is unavailable is retried until the write
-        lands, the fence says the job is no longer ours, or the worker releases. The main
-        thread is not patient: it tries once, and waits ``wait`` seconds at most for a settle
-        in progress on the job's thread (which stops retrying at a release). ``held``: the
-        caller holds ``running.lock`` already (released here).
-        """
-        if not held and not running.lock.acquire(timeout=-1 if patient else wait):
-            return False
-        try:
-            if running.settled_as is not None:
-                return False
-            running.settled_as = self._write_settle(running, write, patient=patient)
-            return True
-        finally:
-            running.lock.release()
-
-    def _write_settle(
-        self, running: Running, write: Callable[[Running], Outcome], *, patient: bool
-    ) -> Outcome:
-        retry = self._retrying_write(running, "settle", within_lease=False)
-        retry.once = not patient  # the main thread never blocks on the store
-        try:
-            return retry.run(lambda: write(running))
-        except LeaseLost:
-            return "lease_lost"
-        except Exception as exc:
-            # Not a store outage (or the worker is releasing): the lease will expire and the
-            # job will be claimed again.
-            log.warning(
-                "could not settle job",
-                extra={
-                    "event": "settle_failed",
-                    "job_id": running.delivery.job_id,
-                    "error": str(exc),
-                },
-            )
-            return "lease_lost"
 
     def _finish(self, running: Running) -> None:
         with self._running_lock:

@@ -1,0 +1,149 @@
+"""Acks folded into the next claim (``SqlQueue.ack_and_claim``) keep the fence of ``ack``.
+
+On SQLite and PostgreSQL: one write settles the finished jobs and claims the next; an ack whose
+lease token is stale (the lease ran out and another worker claimed the job) matches nothing and
+writes nothing, in the same batch as acks that land; a lease that ran out with nobody claiming
+it is still its attempt's, and the statement's own claim does not take it from under the ack.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from workerkit.engines.base import Delivery, NewJob
+from workerkit.engines.sql import SqlQueue, upgrade
+from workerkit.engines.sql.claim import Ack
+from workerkit.engines.sql.schema import db_now
+from workerkit.settings import Settings
+
+SHORT_LEASE = 0.5
+QUEUES = ["default"]
+
+
+@pytest.fixture
+def url(database_url: str) -> str:
+    if database_url.startswith("sqlite"):
+        upgrade(database_url)
+    return database_url
+
+
+@pytest.fixture
+def opened() -> Iterator[list[SqlQueue]]:
+    queues: list[SqlQueue] = []
+    yield queues
+    for queue in queues:
+        queue.close()
+
+
+def _queue(url: str, opened: list[SqlQueue], lease: float = 60.0) -> SqlQueue:
+    queue = SqlQueue(url, settings=Settings(visibility_timeout=lease))
+    opened.append(queue)
+    return queue
+
+
+def _enqueue(queue: SqlQueue, count: int) -> list[str]:
+    ids = [f"job-{i}-{uuid.uuid4().hex[:6]}" for i in range(count)]
+    for i, job_id in enumerate(ids):
+        # run_at in order, so claims take them in this order
+        assert queue.enqueue(NewJob(job_id, "t", "default", "[[], {}]", 3, time.time() - 10 + i))
+    return ids
+
+
+def _ack(delivery: Delivery, result: object) -> Ack:
+    return Ack(delivery.job_id, delivery.token, json.dumps(result))
+
+
+def _expire(queue: SqlQueue, delivery: Delivery) -> None:
+    assert delivery.lease_expires_at is not None
+    deadline = time.monotonic() + 30
+    while True:
+        with queue.engine.connect() as conn:
+            if float(conn.execute(sa.select(db_now())).scalar_one()) > delivery.lease_expires_at:
+                return
+        assert time.monotonic() < deadline, "the database clock did not pass the lease"
+        time.sleep(0.05)
+
+
+def test_acks_and_the_next_claim_in_one_write(url: str, opened: list[SqlQueue]) -> None:
+    queue = _queue(url, opened)
+    first, second, third = _enqueue(queue, 3)
+    held = queue.claim(QUEUES, "w1", 2)
+    assert [d.job_id for d in held] == [first, second]
+
+    matched, claimed = queue.ack_and_claim(
+        [_ack(held[0], {"n": 1}), _ack(held[1], [2])], QUEUES, "w1", 2
+    )
+
+    assert matched == [True, True]
+    assert [d.job_id for d in claimed] == [third]
+    for job_id, result in ((first, {"n": 1}), (second, [2])):
+        job = queue.get_job(job_id)
+        assert job is not None
+        assert (job["state"], job["result"], job["lease_token"]) == ("succeeded", result, None)
+    assert queue.get_job(third)["state"] == "running"  # type: ignore[index]
+
+
+def test_a_stale_token_settles_nothing(url: str, opened: list[SqlQueue]) -> None:
+    old = _queue(url, opened, lease=SHORT_LEASE)
+    new = _queue(url, opened)
+    stale_job, fresh_job = _enqueue(old, 2)
+    stale, fresh = old.claim(QUEUES, "old", 2)
+    _expire(old, stale)
+    (taken,) = new.claim(QUEUES, "new", 1)  # the expired lease goes first
+    assert taken.job_id == stale_job
+    assert taken.token != stale.token
+    assert fresh.job_id == fresh_job
+    new.extend(taken)
+
+    matched, claimed = old.ack_and_claim(
+        [_ack(stale, "stale"), _ack(fresh, "fresh")], QUEUES, "old", 2
+    )
+
+    # the stale ack matched nothing and wrote nothing; the other one in its batch landed
+    assert matched == [False, True]
+    assert claimed == []
+    job = new.get_job(stale_job)
+    assert job is not None
+    assert (job["state"], job["result"], job["lease_token"]) == ("running", None, taken.token)
+    assert new.get_job(fresh_job)["result"] == "fresh"  # type: ignore[index]
+    # the new owner's folded ack settles it
+    assert new.ack_and_claim([_ack(taken, "new")], QUEUES, "new", 1) == ([True], [])
+    assert new.get_job(stale_job)["result"] == "new"  # type: ignore[index]
+    # and the stale token, sent again, still settles nothing
+    assert old.ack_and_claim([_ack(stale, "again")], QUEUES, "old", 1) == ([False], [])
+    assert new.get_job(stale_job)["result"] == "new"  # type: ignore[index]
+
+
+def test_an_expired_lease_nobody_took_is_acked_not_claimed(
+    url: str, opened: list[SqlQueue]
+) -> None:
+    queue = _queue(url, opened, lease=SHORT_LEASE)
+    (job_id,) = _enqueue(queue, 1)
+    (delivery,) = queue.claim(QUEUES, "w1", 1)
+    _expire(queue, delivery)
+
+    matched, claimed = queue.ack_and_claim([_ack(delivery, 7)], QUEUES, "w1", 1)
+
+    assert (matched, claimed) == ([True], [])
+    job = queue.get_job(job_id)
+    assert job is not None
+    assert (job["state"], job["result"], job["attempts"]) == ("succeeded", 7, 1)
+
+
+def test_the_acks_are_written_when_the_gate_holds_the_claim_back(
+    url: str, opened: list[SqlQueue]
+) -> None:
+    queue = _queue(url, opened)
+    first, second = _enqueue(queue, 2)
+    (delivery,) = queue.claim(QUEUES, "w1", 1)
+    queue.claim_gate = lambda: False
+
+    assert queue.ack_and_claim([_ack(delivery, None)], QUEUES, "w1", 1) == ([True], [])
+    assert queue.get_job(first)["state"] == "succeeded"  # type: ignore[index]
+    assert queue.get_job(second)["state"] == "ready"  # type: ignore[index]

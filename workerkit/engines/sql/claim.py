@@ -1,0 +1,158 @@
+"""Claiming jobs for :class:`~workerkit.engines.sql.queue.SqlQueue`, acks folded in.
+
+A worker that has finished jobs and free slots settles the finished ones and takes the next in
+one write: on PostgreSQL one statement (:data:`~.statements.ACK_AND_CLAIM`, one round trip), on
+SQLite one ``BEGIN IMMEDIATE`` transaction (one commit, so one fsync of the WAL). Each ack is
+fenced by its lease token exactly as :meth:`SqlQueue.ack` is: a stale token settles nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from workerkit.engines.base import Delivery
+from workerkit.engines.sql.rules import load_json
+from workerkit.engines.sql.statements import ACK, ACK_AND_CLAIM, CLAIM
+from workerkit.errors import StoreError
+
+if TYPE_CHECKING:
+    from workerkit.engines.sql.queue import SqlQueue
+
+__all__ = ("Ack", "claim")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A job that succeeded, to be settled by the next claim: its fence and encoded result."""
+
+    job_id: str
+    token: str
+    result: str  # JSON
+
+
+def claim(
+    queue: SqlQueue,
+    queues: Sequence[str],
+    worker_id: str,
+    limit: int,
+    acks: Sequence[Ack] = (),
+) -> tuple[list[Delivery], set[str]]:
+    """Settle ``acks`` and take up to ``limit`` jobs; the deliveries, and the acks that matched.
+
+    The acks are written by the first round, whether or not it claims anything (``limit`` 0,
+    or the claim gate closed); an ack missing from the returned ids matched no row (its lease
+    was lost, or the job was settled already). Raises what the first round raises: the acks
+    were then not written, or written with nobody told (a connection lost at the commit), which
+    the fence makes safe to write again.
+    """
+    if not queues:
+        limit = 0
+    if limit < 1 and not acks:
+        return [], set()
+    queue._ensure_schema()
+    params: dict[str, Any] = {
+        "p_queues": list(queues),
+        "p_worker": worker_id,
+        "p_ttl": queue.lease_ttl,
+    }
+    claimed: list[Delivery] = []
+    exhausted: list[Any] = []
+    acked: set[str] = set()
+    pending = list(acks)
+    while len(claimed) < limit or pending:
+        round_params = {**params, "p_limit": max(0, limit - len(claimed))}
+        try:
+            # A claim that committed just before its connection broke leaves its jobs
+            # leased to a token nobody knows: they come back after V, as after a crash,
+            # whether or not the claim is sent again.
+            rows = queue._twice_on_disconnect(
+                functools.partial(_claim_round, queue, round_params, pending)
+            )
+        except StoreError:
+            if not claimed:
+                raise
+            # Each round committed on its own: the jobs of the earlier rounds are ours
+            # (leased, attempt counted), so hand them out rather than strand them until V.
+            log.warning(
+                "claim round failed; returning the jobs already claimed",
+                extra={"event": "claim_failed", "claimed": len(claimed)},
+                exc_info=True,
+            )
+            break
+        pending = []
+        acked.update(row.id for row in rows if row.state == "acked")
+        failed = [row for row in rows if row.state == "failed"]
+        exhausted.extend(failed)
+        claimed.extend(_delivery(row) for row in rows if row.state == "running")
+        if not failed:
+            break  # everything runnable that we could lock is ours now
+    for row in exhausted:
+        log.warning(
+            "job failed: lease expired with no attempts left",
+            extra={
+                "event": "job_lease_exhausted",
+                "job_id": row.id,
+                "queue": row.queue,
+                "attempts": row.attempts,
+                "max_attempts": row.max_attempts,
+            },
+        )
+    claimed.sort(key=lambda d: (d.enqueued_at or 0.0, d.job_id))
+    return claimed, acked
+
+
+def _claim_round(queue: SqlQueue, params: Mapping[str, Any], acks: Sequence[Ack]) -> list[Any]:
+    with queue._statement() as conn:
+        # Connected (PostgreSQL) or holding the write lock (SQLite): the last moment to
+        # hold back, after a wait that may have spanned an outage. The acks go all the same.
+        if queue.claim_gate is not None and not queue.claim_gate():
+            params = {**params, "p_limit": 0}
+        if not acks:
+            return list(conn.execute(CLAIM, params).all()) if params["p_limit"] > 0 else []
+        if queue.dialect == "postgresql":
+            values = {
+                **params,
+                "p_ack_ids": [ack.job_id for ack in acks],
+                "p_ack_tokens": [ack.token for ack in acks],
+                "p_ack_results": [ack.result for ack in acks],
+            }
+            return list(conn.execute(ACK_AND_CLAIM, values).all())
+        # SQLite: in the claim's BEGIN IMMEDIATE transaction, committed with it.
+        rows: list[Any] = [
+            _Acked(ack.job_id)
+            for ack in acks
+            if conn.execute(
+                ACK, {"p_id": ack.job_id, "p_token": ack.token, "p_result": ack.result}
+            ).rowcount
+            == 1
+        ]
+        if params["p_limit"] > 0:
+            rows.extend(conn.execute(CLAIM, params).all())
+        return rows
+
+
+@dataclass(frozen=True)
+class _Acked:
+    id: str
+    state: str = "acked"
+
+
+def _delivery(row: Any) -> Delivery:
+    return Delivery(
+        job_id=row.id,
+        task=row.task,
+        queue=row.queue,
+        payload=row.payload,
+        attempt=row.attempts,
+        max_attempts=row.max_attempts,
+        token=row.lease_token,
+        checkpoint=load_json(row.checkpoint),
+        enqueued_at=row.run_at,
+        lease_expires_at=row.lease_expires_at,
+    )
