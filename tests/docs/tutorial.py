@@ -7,7 +7,10 @@ each shown line must appear in the output, in order (``...`` matches anything, a
 only ``...`` stands for lines not shown, a 32-hex-digit line for any job id). A ``^C`` line is
 where the reader presses Ctrl-C: the command runs in the background until every line above it
 appeared, gets SIGINT in its process group (as a terminal sends it), and must then show the
-lines below and exit 0. A command without ``^C`` must exit 0.
+lines below and exit 0. A line ``# second terminal: kill -TERM PID`` is the same for SIGTERM,
+what Kubernetes sends at a deploy: the reader sends it from another terminal to the pid the
+command logged (``supervisor_starting ... pid=...``), and the test to the command's process.
+A command without either must exit 0.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from tests.docs.blocks import ROOT, blocks_of
 __all__ = ("Command", "Tutorial", "matcher", "resumed_at", "stopped_at")
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_SIGTERM = re.compile(r"^# second terminal: kill -TERM \S+")
 _WAIT = 60.0  # seconds a shown line may take to appear (generous: a loaded machine)
 
 
@@ -46,6 +50,7 @@ class Command:
     line: str
     before_interrupt: list[str] = field(default_factory=list)
     after_interrupt: list[str] | None = None  # None: the reader does not press Ctrl-C
+    interrupt: signal.Signals = signal.SIGINT  # Ctrl-C, or SIGTERM from a second terminal
 
     @property
     def shown(self) -> list[str]:
@@ -62,6 +67,9 @@ def _commands(text: str) -> list[Command]:
             continue
         elif line == "^C":
             commands[-1].after_interrupt = []
+        elif _SIGTERM.match(line):
+            commands[-1].after_interrupt = []
+            commands[-1].interrupt = signal.SIGTERM
         elif commands[-1].after_interrupt is not None:
             commands[-1].after_interrupt.append(line)
         else:
@@ -169,7 +177,10 @@ class Tutorial:
         try:
             output.expect(command.before_interrupt, on_line)
             if command.after_interrupt is not None:
-                os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends
+                if command.interrupt == signal.SIGINT:
+                    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends
+                else:
+                    os.kill(process.pid, command.interrupt)  # `kill PID`: that process only
                 output.expect(command.after_interrupt, on_line)
             output.drain()
             code = process.wait(timeout=_WAIT)
