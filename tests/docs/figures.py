@@ -2,7 +2,7 @@
 
 A figure is marked by an HTML comment right after the number (invisible on the site)::
 
-    exit when idle 59.7<!-- figure: bench/results/supervisor.json#summary.workerkit.sigterm_to_exit.median*1000 --> ms
+    idle exit 59.7<!-- figure: bench/results/supervisor.json#summary.KEY.median*1000 --> ms
 
 The source is a result file under bench/results/ and a key: in a ``.json`` file a dotted path
 to a number; in a ``.md`` file ``ROW/COLUMN``, the first table row with a cell containing ROW,
