@@ -187,12 +187,13 @@ def kubectl_args(line: str) -> tuple[str, list[str], dict[str, list[str]], list[
 
 
 def problems_of(
-    line: str, cwd: Path, objects: Collection[tuple[str, str]], namespace: str
+    line: str, cwd: Path, objects: Collection[Mapping[str, Any]], namespace: str
 ) -> list[str]:
     """What is wrong with a cluster-only command line, as far as it can be told here.
 
-    ``objects``: (kind, name) of every object the chart rendered; a ``kind/name`` argument must
-    be one of them, and ``-n`` the namespace it was rendered for.
+    ``objects``: every object the chart rendered; a ``kind/name`` argument must be one of them,
+    a ``-l key=value`` selector must match a rendered pod template's labels, and ``-n`` must be
+    the namespace it was rendered for.
     """
     program = shlex.split(line)[0]
     try:
@@ -210,13 +211,23 @@ def problems_of(
         verb, positional, flags, after = kubectl_args(line)
     except ValueError as error:
         return [str(error)]
+    names = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    pod_labels = [
+        o["spec"]["template"]["metadata"].get("labels", {})
+        for o in objects
+        if "template" in o.get("spec", {})
+    ]
     found = []
     if flags.get("-n", flags.get("--namespace")) != [namespace]:
         found.append(f"kubectl {verb}: not in namespace {namespace}")
     for argument in positional:
         kind, slash, name = argument.partition("/")
-        if slash and kind in _KINDS and (_KINDS[kind], name) not in objects:
+        if slash and kind in _KINDS and (_KINDS[kind], name) not in names:
             found.append(f"{argument}: the chart renders no {_KINDS[kind]} {name}")
+    for selector in flags.get("-l", []) + flags.get("--selector", []):
+        wanted = dict(term.partition("=")[::2] for term in selector.split(","))
+        if not any(wanted.items() <= labels.items() for labels in pod_labels):
+            found.append(f"-l {selector}: matches no pod the chart renders")
     if verb == "exec" and not after:
         found.append("kubectl exec: no command after --")
     return found

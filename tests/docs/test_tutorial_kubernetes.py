@@ -67,7 +67,6 @@ class Cluster:
     def __init__(self, tmp_path: Path, rendered: dict[str, str], database_url: str) -> None:
         self.tmp = tmp_path
         self.objects = [o for text in rendered.values() for o in yaml.safe_load_all(text) if o]
-        self.names = {(o["kind"], o["metadata"]["name"]) for o in self.objects}
         self.database_url = database_url
         self.secrets: dict[str, dict[str, str]] = {}
         self.image_dir = tmp_path / "image"  # the image's contents: the app
@@ -107,7 +106,7 @@ class Cluster:
         self.logs.append(LogReader(pod))
 
     def act(self, tutorial: Tutorial, command: Command) -> None:
-        assert problems_of(command.line, self.tmp, self.names, NAMESPACE) == []
+        assert problems_of(command.line, self.tmp, self.objects, NAMESPACE) == []
         argv = shlex.split(command.line)
         if argv[0] == "helm":  # install: the pre-install hook, then the worker
             self.image_dir.mkdir(exist_ok=True)
@@ -132,7 +131,7 @@ class Cluster:
             log.expect(command.before_interrupt)
             if command.second_terminal is not None:
                 second = command.second_terminal
-                assert problems_of(second, self.tmp, self.names, NAMESPACE) == []
+                assert problems_of(second, self.tmp, self.objects, NAMESPACE) == []
                 assert kubectl_args(second)[0] == "delete", second
                 self.terminations.append(log.pod.terminate())
                 log.expect(command.after_interrupt or [])
@@ -194,10 +193,15 @@ def test_deploy_on_kubernetes_with_the_chart(tmp_path: Path, blank_postgres_url:
 def test_the_cluster_checks_catch_a_wrong_flag_file_namespace_or_name(tmp_path: Path) -> None:
     (tmp_path / "deploy").symlink_to(ROOT / "deploy")
     (tmp_path / "values.yaml").write_text("{}\n")
-    names = {("Deployment", "jobs-workerkit-worker-default")}
+    labels = {"app.kubernetes.io/component": "worker-default"}
+    deployment = {
+        "kind": "Deployment",
+        "metadata": {"name": "jobs-workerkit-worker-default"},
+        "spec": {"template": {"metadata": {"labels": labels}}},
+    }
 
     def problems(line: str) -> list[str]:
-        return problems_of(line, tmp_path, names, NAMESPACE)
+        return problems_of(line, tmp_path, [deployment], NAMESPACE)
 
     assert problems("helm install jobs deploy/helm/workerkit -n jobs -f values.yaml") == []
     assert problems("helm install jobs deploy/helm/workerkit -n jobs --valuez v.yaml") != []
@@ -209,4 +213,7 @@ def test_the_cluster_checks_catch_a_wrong_flag_file_namespace_or_name(tmp_path: 
     assert problems("kubectl logs deploy/jobs-workerkit-worker-default") != []  # namespace
     assert problems("kubectl -n jobs lgs deploy/jobs-workerkit-worker-default") != []
     assert problems("kubectl -n jobs exec deploy/jobs-workerkit-worker-default") != []
+    selector = "app.kubernetes.io/component=worker-default"
+    assert problems(f"kubectl -n jobs delete pod -l {selector}") == []
+    assert problems("kubectl -n jobs delete pod -l app.kubernetes.io/component=worker") != []
     assert problems("docker build .") != []
