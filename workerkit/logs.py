@@ -1,16 +1,9 @@
 """Structured logging: one line per record, with a stable ``event`` field.
 
 Library modules log through their module logger with ``extra={"event": "...", ...}``;
-:func:`configure_logging` (called once by the CLI, in the supervisor and in the worker) decides
-how the lines look:
-
-* ``json``: one JSON object per line with ``ts`` (UTC, ISO 8601), ``level``, ``logger``,
-  ``event``, ``message``, the record's extra fields and, for an exception, ``exception``;
-* ``text``: ``2025-01-01T12:00:00.000Z INFO  workerkit.supervisor drain_started: message k=v``.
-
-In JSON mode every line a process writes must be one object, also what does not come through
-a workerkit logger: Python warnings, uncaught exceptions, and loggers an engine library gives
-handlers of its own (:func:`route_logger`) are sent through the same handler.
+:func:`configure_logging` (called once per process by the CLI) sets the format, ``json`` or
+``text``, and :func:`route_logger` sends a library's own loggers through the same handler. The
+formats: docs/operations/lifecycle.md ("Logs").
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """Process trees from /proc: who descends from whom, and stopping processes by pid.
 
-Shared by the supervisor (its worker's tree, and the orphans it adopts as a child subreaper) and
-the engines' workers (the subprocesses their jobs started). Always by pid, never by process
-group: a job may have moved its children to groups of their own, and a group may hold processes
-that are not ours. A target is held by a pidfd (Linux >= 5.3) from before the first signal, so a
-pid that exits, is reaped (by us as PID 1, in parallel) and is reused by another process during
-the grace is not killed; where there are no pidfds, by pid as before. On a system without /proc
-every function finds nothing and stops nothing.
+Shared by the supervisor and the engines' workers. Always by pid, never by process group, and a
+target is held by a pidfd where there is one: why, in docs/operations/lifecycle.md ("PID 1
+duties"). On a system without /proc every function finds nothing and stops nothing.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """The supervisor's runtime directory (its event socket's), and removing those left behind.
 
 Each supervisor makes a private ``workerkit-*`` directory (mode 0700) in the temporary directory
-and removes it as it exits; its worker removes it when the supervisor dies first. A SIGKILL of
-the whole tree leaves it behind, so every start removes the stale ones: only ours (this user's,
-named ``workerkit-*``, holding an owner file we wrote and nothing but the files we put there),
-and only when the owner is surely dead (its pid gone or reused since, or a previous boot). An
-owner in another pid namespace cannot be judged from here: its directory is left alone.
+and removes it as it exits; every start removes the stale ones whose owner is surely dead. Which
+ones, and why: docs/operations/lifecycle.md ("When the supervisor dies").
 """
 
 from __future__ import annotations

@@ -35,9 +35,11 @@ from tests.chart.test_observability import problems_of as promql_problems
 from tests.chart.test_observability import registry_series
 from tests.docs import pycheck, shellcheck
 from tests.docs.blocks import ROOT, Block, every_block
+from tests.docs.cluster import merge_values
 
 BLOCKS = every_block()
 CHART_SCHEMA = ROOT / "deploy" / "helm" / "workerkit" / "values.schema.json"
+CHART_VALUES = CHART_SCHEMA.with_name("values.yaml")
 #: Languages shown as they are: diagrams, sample output, and languages with no parser here.
 PROSE = ("text", "mermaid", "sql", "dockerfile")
 RUNNER = """\
@@ -162,8 +164,10 @@ def test_yaml_and_json_blocks_parse(block: Block) -> None:
     schema = json.loads(CHART_SCHEMA.read_text(encoding="utf-8"))
     for document in documents:
         if isinstance(document, dict) and set(document) <= set(schema["properties"]):
-            # keys of the chart's values: a values fragment, held to the chart's schema
-            jsonschema.Draft202012Validator(schema).validate(document)
+            # keys of the chart's values: a values fragment, held to the chart's schema over
+            # the chart's defaults, as helm validates the values it merged
+            merged = merge_values(yaml.safe_load(CHART_VALUES.read_text()), document)
+            jsonschema.Draft202012Validator(schema).validate(merged)
 
 
 @pytest.mark.parametrize("block", _of("toml"), ids=_ids(_of("toml")))

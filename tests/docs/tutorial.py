@@ -7,7 +7,11 @@ each shown line must appear in the output, in order (``...`` matches anything, a
 only ``...`` stands for lines not shown, a 32-hex-digit line for any job id). A ``^C`` line is
 where the reader presses Ctrl-C: the command runs in the background until every line above it
 appeared, gets SIGINT in its process group (as a terminal sends it), and must then show the
-lines below and exit 0. A command without ``^C`` must exit 0.
+lines below and exit 0. A line ``# second terminal: kill -TERM PID`` is the same for SIGTERM,
+what Kubernetes sends at a deploy: the reader sends it from another terminal to the pid the
+command logged (``supervisor_starting ... pid=...``), and the test to the command's process
+(another ``# second terminal:`` command is for a cluster-only block's test to act out). A
+command without either must exit 0.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from tests.docs.blocks import ROOT, blocks_of
 __all__ = ("Command", "Tutorial", "matcher", "resumed_at", "stopped_at")
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_OWN_WAY = ("helm-sdk", "cluster-only")  # blocks the test runs its own way
+_SECOND_TERMINAL = "# second terminal: "
+_SIGTERM = re.compile(r"^kill -TERM \S+$")
 _WAIT = 60.0  # seconds a shown line may take to appear (generous: a loaded machine)
 
 
@@ -46,6 +53,7 @@ class Command:
     line: str
     before_interrupt: list[str] = field(default_factory=list)
     after_interrupt: list[str] | None = None  # None: the reader does not press Ctrl-C
+    second_terminal: str | None = None  # what the reader runs there, instead of Ctrl-C
 
     @property
     def shown(self) -> list[str]:
@@ -62,6 +70,9 @@ def _commands(text: str) -> list[Command]:
             continue
         elif line == "^C":
             commands[-1].after_interrupt = []
+        elif line.startswith(_SECOND_TERMINAL):
+            commands[-1].after_interrupt = []
+            commands[-1].second_terminal = line.removeprefix(_SECOND_TERMINAL).strip()
         elif commands[-1].after_interrupt is not None:
             commands[-1].after_interrupt.append(line)
         else:
@@ -144,19 +155,37 @@ class Tutorial:
         return cls(ROOT / page, directory, env)
 
     def steps(self) -> Iterator[tuple[str, str | Command]]:
-        """("file", NAME) after saving it, or ("command", Command) to run: the page in order."""
+        """("file", NAME) after saving it, or ("command", Command) to run: the page in order.
+
+        A console block marked ``<!-- tutorial: helm-sdk -->`` or ``cluster-only`` gives
+        ("helm-sdk", Command) or ("cluster-only", Command): the test runs those its own way
+        (tests/docs/cluster.py).
+        """
         for block in blocks_of(self.page):
             if block.tutorial.startswith("file "):
                 name = block.tutorial.removeprefix("file ").strip()
                 (self.directory / name).write_text(block.text, encoding="utf-8")
                 yield "file", name
             elif block.lang == "console":
+                kind = block.tutorial if block.tutorial in _OWN_WAY else "command"
                 for command in _commands(block.text):
-                    yield "command", command
+                    yield kind, command
+
+    def argv(self, line: str) -> list[str]:
+        """The words of a command line, a word with ``*`` expanded in the tutorial's directory
+        as the reader's shell would (sorted; kept as it is when nothing matches)."""
+        words: list[str] = []
+        for word in shlex.split(line):
+            found = sorted(self.directory.glob(word)) if "*" in word else []
+            if found:
+                words.extend(str(path.relative_to(self.directory)) for path in found)
+            else:
+                words.append(word)
+        return words
 
     def run(self, command: Command, on_line: Callable[[str], None] | None = None) -> list[str]:
         process = subprocess.Popen(
-            shlex.split(command.line),
+            self.argv(command.line),
             cwd=self.directory,
             env=self.env,
             stdin=subprocess.DEVNULL,
@@ -169,7 +198,11 @@ class Tutorial:
         try:
             output.expect(command.before_interrupt, on_line)
             if command.after_interrupt is not None:
-                os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends
+                if command.second_terminal is None:
+                    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends
+                else:
+                    assert _SIGTERM.match(command.second_terminal), command.second_terminal
+                    os.kill(process.pid, signal.SIGTERM)  # `kill PID`: that process only
                 output.expect(command.after_interrupt, on_line)
             output.drain()
             code = process.wait(timeout=_WAIT)

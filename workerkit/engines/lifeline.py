@@ -1,14 +1,9 @@
 """The engine worker's lifeline to its supervisor: when the supervisor is gone, release and exit.
 
-A worker that outlives its supervisor would go on claiming jobs with no probes, no deadlines
-and nobody to stop it. Every engine's worker entry starts a :class:`Lifeline` under a supervisor
-(``WORKERKIT_SUPERVISOR_PID`` is set). It notices the supervisor's death three ways: Linux's
-``PR_SET_PDEATHSIG`` delivers SIGQUIT the instant the parent dies; a watch thread polls
-``os.getppid()`` (every system); and SIGQUIT itself, from anyone, means the same "release now and
-exit" (Celery's cold shutdown, without losing the jobs). Then the engine's ``release_now`` runs:
-stop fetching, checkpoint and release what is in hand, stop the jobs' subprocesses, exit. The
-dead supervisor's runtime directory is removed, and a watchdog ends the process if all that takes
-longer than :data:`ORPHAN_EXIT_WITHIN` (a store that hangs must not keep an orphan alive).
+:class:`Lifeline` notices the supervisor's death (``PR_SET_PDEATHSIG``, a parent-pid watch
+thread, SIGQUIT) and runs the engine's ``release_now``, with a watchdog that ends the process
+after :data:`ORPHAN_EXIT_WITHIN`. Why and how: docs/operations/lifecycle.md ("When the
+supervisor dies").
 """
 
 from __future__ import annotations

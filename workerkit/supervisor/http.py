@@ -1,13 +1,8 @@
 """The supervisor's HTTP endpoints: ``/livez``, ``/readyz``, ``/startupz`` and ``/metrics``.
 
-Each probe answers 200 or 503 with one line saying why, never a secret (docs/reference/probes.md).
-A small HTTP/1.1 server on the supervisor's own anyio loop: the probes read state the loop owns, so
-they need no locks, and a wedged loop makes them time out, which is what the kubelet should see.
-It must stay answerable under any number of slow or hostile clients: each connection has a
-deadline from its accept, heads are capped (414, 431), at MAX_CONNECTIONS the oldest connection is
-closed for the new one, and /metrics is rendered in a thread, one scrape at a time. The parser is
-ours, not h11: GET and HEAD without keep-alive need a request line and header lines, h11 costs
-0.5 MB and 20 ms of import, and what failed (issue 13) was resource limits, which h11 leaves to us.
+A small HTTP/1.1 server on the supervisor's anyio loop, with per-connection deadlines, capped
+request heads and shedding of the oldest connection. What each probe answers and the limits:
+docs/reference/probes.md; why our own parser: docs/contributing/architecture.md.
 """
 
 from __future__ import annotations

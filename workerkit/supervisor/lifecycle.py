@@ -1,16 +1,9 @@
 """The supervisor's lifecycle as a pure state machine: no I/O, no clock, no signals.
 
-The runner (:mod:`workerkit.supervisor.runner`) feeds it *inputs* (the worker became ready, a
-signal, a tick, a job started or finished, the worker exited, a release completed) and executes
-the *actions* it returns (signal the child, broadcast a command, kill, release, log, exit); both
-are defined in :mod:`workerkit.supervisor.steps` and re-exported here. Time
-is always passed in (``time.monotonic()`` seconds), so every deadline is tested by handing the
-machine the instant of interest. The states and the deadlines after the first SIGTERM
-(D, D + M/2, D + 0.8 M, D + M) are in docs/operations/lifecycle.md. A second signal changes
-nothing (it is logged): it never skips the release; but a stop the worker announced on its own
-is no signal: the first one received after it is still forwarded. Before the worker was ready
-no job is in hand, so there is no drain window: the stop starts at once, and the exit says
-STARTUP_FAILED.
+The runner (:mod:`workerkit.supervisor.runner`) feeds it inputs and executes the actions it
+returns, both defined in :mod:`workerkit.supervisor.steps` and re-exported here. Time is passed
+in (``time.monotonic()`` seconds), so every deadline is tested by handing the machine the instant
+of interest. The states, deadlines and signal rules: docs/operations/lifecycle.md.
 """
 
 from __future__ import annotations
