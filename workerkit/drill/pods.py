@@ -106,6 +106,8 @@ class Pod:
     record: Callable[[PodEvent], None]
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    #: The exit code of the container's last run that ended by itself (None: none did).
+    last_exit: int | None = None
     terminating: bool = False
     marker: str = ""
     _log: IO[bytes] | None = field(default=None, repr=False)
@@ -114,6 +116,14 @@ class Pod:
     @property
     def log_path(self) -> Path:
         return self.directory.parent / f"{self.name}.log"
+
+    def log_tail(self, lines: int = 5) -> str:
+        """The last lines of the pod's log (what a refused start said)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
 
     def event(self, what: str, detail: str = "") -> None:
         self.record(PodEvent(time.time(), self.name, what, detail))

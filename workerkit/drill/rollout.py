@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from workerkit import exitcodes
 from workerkit.drill.pods import POLL, Pod, PodEvent, free_port
 from workerkit.errors import ConfigurationError
 
@@ -253,6 +254,7 @@ class Rollout:
                 if code is None or pod.terminating:
                     continue
                 if pod.name not in due:
+                    pod.last_exit = code
                     wait = 0.0 if pod.restarts == 0 else BACKOFF_START * 2 ** (pod.restarts - 1)
                     due[pod.name] = time.monotonic() + min(wait, BACKOFF_MAX)
                     pod.event("exited", f"code {code}; restart in {min(wait, BACKOFF_MAX):g} s")
@@ -280,6 +282,12 @@ class Rollout:
             pending = [p for p in pending if not p.ready()]
             if not pending:
                 break
+            refused = [p for p in pods if p.last_exit == exitcodes.CONFIG_ERROR]
+            if refused:
+                raise RolloutError(
+                    f"{refused[0].name} refused to start (exit {exitcodes.CONFIG_ERROR}, a "
+                    f"configuration error):\n{refused[0].log_tail()}"
+                )
             if time.monotonic() >= deadline:
                 names = ", ".join(p.name for p in pending)
                 raise RolloutError(
