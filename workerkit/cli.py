@@ -19,6 +19,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from workerkit import exitcodes
+from workerkit.drill.cli import drill
 from workerkit.engines import ENGINE_OPTIONS, EngineOption
 from workerkit.errors import ConfigurationError, UnknownTask, WorkerkitError
 from workerkit.settings import Settings, load_settings, setting_specs
@@ -650,3 +651,6 @@ def _schedule_state(name: str, config_file: str | None, options: dict[str, Any],
         f"{settings.scheduler_retry_period:g} s (scheduler_retry_period)",
     }
     click.echo(done[what])
+
+
+main.add_command(drill)

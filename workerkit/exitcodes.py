@@ -14,6 +14,7 @@ __all__ = (
     "CHECK_FAILED",
     "CONFIG_ERROR",
     "DESCRIPTIONS",
+    "DRILL_FAILED",
     "INTERNAL_ERROR",
     "OK",
     "RELEASE_FAILED",
@@ -60,6 +61,10 @@ WORKER_CRASHED: Final = 5
 #: (the visibility timeout) expire.
 RELEASE_FAILED: Final = 6
 
+#: ``workerkit drill``: the drill ran, and some canary was lost (never completed by the settle
+#: deadline) or completed more than once; the report says which.
+DRILL_FAILED: Final = 7
+
 #: (name, code, meaning), in code order, for the docs and ``describe``.
 DESCRIPTIONS: Final[tuple[tuple[str, int, str], ...]] = (
     ("OK", OK, "success (run: stopped cleanly; nothing was lost)"),
@@ -81,6 +86,11 @@ DESCRIPTIONS: Final[tuple[tuple[str, int, str], ...]] = (
         "RELEASE_FAILED",
         RELEASE_FAILED,
         "in-flight jobs could not be released; they return when their leases expire",
+    ),
+    (
+        "DRILL_FAILED",
+        DRILL_FAILED,
+        "a drill found a canary lost or completed more than once",
     ),
 )
 

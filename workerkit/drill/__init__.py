@@ -1,5 +1,28 @@
-"""``workerkit drill``: canary jobs through a rollout, and the report of what happened to them."""
+"""``workerkit drill``: test a rollout under load with canary jobs, the way fortio tests a web one.
+
+The drill enqueues canaries (:mod:`workerkit.drill.canary`) at a rate for a duration, waits for
+the stragglers and reports from the canaries' own records in the store: sent, completed exactly
+once, twice, lost, released, resumed, and the enqueue -> start latency over time. See
+docs/reference/drill.md.
+"""
 
 from __future__ import annotations
 
-__all__ = ()
+from workerkit.drill.canary import CANARY_TASK, KINDS
+from workerkit.drill.records import CanaryRun, RecordStore
+from workerkit.drill.report import DrillReport, Sent, build_report
+from workerkit.drill.run import DEFAULT_MIX, DrillProgress, DrillSpec, run_drill
+
+__all__ = (
+    "CANARY_TASK",
+    "DEFAULT_MIX",
+    "KINDS",
+    "CanaryRun",
+    "DrillProgress",
+    "DrillReport",
+    "DrillSpec",
+    "RecordStore",
+    "Sent",
+    "build_report",
+    "run_drill",
+)

@@ -26,6 +26,7 @@ __all__ = (
     "JOB_STATES",
     "VERSION_TABLE",
     "db_now",
+    "drill_runs",
     "idempotency_keys",
     "jobs",
     "metadata",
@@ -198,6 +199,31 @@ scheduler_triggers = sa.Table(
     sa.PrimaryKeyConstraint(
         "namespace", "schedule", "at_ms", name="pk_workerkit_scheduler_triggers"
     ),
+)
+
+
+# --- the drill's canaries (workerkit.drill) ---------------------------------------------
+
+#: One row per execution of a canary job (``workerkit drill``): written at its start, finished
+#: at its end. ``outcome``: NULL while running (or forever, for a run whose process was killed),
+#: ``completed``, ``released`` (handed back at a stop, checkpoint saved), ``failed`` (a flaky
+#: canary's first attempt) or ``lease_lost``. Times are the worker's wall clock.
+drill_runs = sa.Table(
+    "workerkit_drill_runs",
+    metadata,
+    sa.Column("drill_id", sa.Text, nullable=False),
+    sa.Column("run_id", sa.Text, nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("hostname", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("enqueued_at", sa.Double, nullable=False),
+    sa.Column("started_at", sa.Double, nullable=False),
+    sa.Column("ended_at", sa.Double, nullable=True),
+    sa.Column("outcome", sa.Text, nullable=True),
+    sa.Column("resumed", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.PrimaryKeyConstraint("drill_id", "run_id", name="pk_workerkit_drill_runs"),
 )
 
 

@@ -240,6 +240,7 @@ def reach_store(app: App, budget: float, events: EventClient) -> threading.Event
 
 def main() -> None:
     """``python -m workerkit.engines.sql``: the sql engine's worker, started by the supervisor."""
+    from workerkit.drill.canary import register_sql
     from workerkit.engines.sql.worker import NativeWorker
     from workerkit.loading import import_app
     from workerkit.logs import configure_logging
@@ -253,6 +254,7 @@ def main() -> None:
     app = import_app(settings.app)
     if not isinstance(app, App):
         _config_error(f"--app {settings.app} is not a workerkit.App")
+    register_sql(app)  # the drill's canary, in every sql worker (docs/reference/drill.md)
     events = events_module.client("worker")
     stop_early = threading.Event()
     try:
