@@ -109,18 +109,19 @@ step "mypy" .venv/bin/mypy
 # The whole suite runs as two pytest processes at once (about 15 minutes instead of 25 on 2
 # cores): most of the end-to-end tests wait on real processes, signals and timeouts rather than
 # use the CPU. Each group starts its own servers on free ports, so they share nothing but the
-# machine. Group "lifecycle" is tests/e2e but the scheduler; group "rest" is everything else.
+# machine. Group "lifecycle" is tests/e2e but the scheduler, and tests/drill (workerkit drill
+# local on real replicas, about 5 minutes); group "rest" is everything else.
 # With arguments, one pytest runs them as given.
 pytest_in_two_groups() {
     local log rc_lifecycle=0 rc_rest=0 pid start=$SECONDS
     log="$(mktemp "${TMPDIR:-/tmp}/workerkit-pytest-lifecycle.XXXXXX")"
     .venv/bin/pytest --durations=10 tests/e2e --ignore-glob='tests/e2e/test_scheduler_*' \
-        >"$log" 2>&1 &
+        tests/drill >"$log" 2>&1 &
     pid=$!
     .venv/bin/pytest --durations=10 tests/unit tests/integration tests/compat tests/faults \
         tests/chart tests/e2e/test_scheduler_*.py || rc_rest=$?
     wait "$pid" || rc_lifecycle=$?
-    header "pytest, group lifecycle (tests/e2e but the scheduler), run beside the above"
+    header "pytest, group lifecycle (tests/e2e but the scheduler, tests/drill), run beside the above"
     cat "$log"
     rm -f "$log"
     note "both groups took $((SECONDS - start)) s (wall clock)"

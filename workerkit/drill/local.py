@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,14 +295,12 @@ def run_local(plan: LocalPlan, options: Mapping[str, Any]) -> int:
         file=say,
     )
     stop = threading.Event()
-    begun = time.time()
     try:
         rollout.start()
         printer = None if options.get("quiet") else ProgressPrinter(say)
         thread = _DrillThread(plan.drill, printer, stop)
-        begun = time.time()
         thread.start()
-        rollout.run(plan.actions, stop=_until_done(thread))
+        done = rollout.run(plan.actions, stop=_until_done(thread))
         thread.join()
         rollout.shutdown()
     except BaseException:
@@ -313,8 +310,18 @@ def run_local(plan: LocalPlan, options: Mapping[str, Any]) -> int:
     if thread.error is not None:
         raise thread.error
     report = thread.report
+    begun = report.started_at
+    if done < len(plan.actions):
+        left = ", ".join(a.kind for a in plan.actions[done:])
+        click.echo(
+            f"warning: the drill ended before the rollout's last {len(plan.actions) - done} "
+            f"actions ({left}): pods took longer to be ready than the plan allowed; give a "
+            f"longer --duration",
+            err=True,
+        )
     if as_json:
         body = report.to_json()
+        body["rollout_actions"] = {"planned": len(plan.actions), "done": done}
         body["rollout"] = [
             {"t": round(e.at - begun, 3), "pod": e.pod, "event": e.what, "detail": e.detail}
             for e in rollout.events

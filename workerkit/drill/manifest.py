@@ -53,7 +53,7 @@ def _documents(text: str, path: Path) -> list[Any]:
     if text.lstrip().startswith("{"):
         return [json.loads(text)]
     try:
-        import yaml
+        import yaml  # type: ignore[import-untyped]  # PyYAML ships no types
     except ImportError:
         raise ConfigurationError(
             f"--manifest {path}: reading YAML needs PyYAML (pip install pyyaml); or give JSON "

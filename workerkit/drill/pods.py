@@ -14,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -111,6 +113,7 @@ class Pod:
     terminating: bool = False
     marker: str = ""
     _log: IO[bytes] | None = field(default=None, repr=False)
+    _tmp: Path | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -132,8 +135,11 @@ class Pod:
         """Start (or restart) the container: a fresh process, the same name, port and dirs."""
         with self._lock:
             self.marker = uuid.uuid4().hex
-            tmp = self.directory / "tmp"
-            tmp.mkdir(parents=True, exist_ok=True)
+            if self._tmp is None:
+                # Short, whatever the drill directory's length: the supervisor's socket is in
+                # it, and a Unix socket's path has at most 107 bytes.
+                self._tmp = Path(tempfile.mkdtemp(prefix="wkdrill-"))
+            tmp = self._tmp
             env = {
                 **self.env,
                 "HOSTNAME": self.name,
@@ -216,3 +222,6 @@ class Pod:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None

@@ -166,13 +166,13 @@ class Action:
 
 
 def plan_actions(restarts: int, crashes: int, store: int, window: float) -> list[Action]:
-    """The actions spread evenly over ``window`` seconds, each kind at its own spacing, in the
-    order of their times (the crashes and store restarts fall between the rollouts)."""
-    actions: list[Action] = []
-    for kind, count, shift in (("restart", restarts, 0.0), ("crash", crashes, 0.5)):
-        actions += [Action(kind, window * (i + 0.5 + shift) / (count + 0.5)) for i in range(count)]
-    actions += [Action("store", window * (i + 1) / (store + 1)) for i in range(store)]
-    return sorted(actions, key=lambda a: a.at)
+    """The actions, each kind spread evenly among the others, at even times over ``window``
+    seconds (a crash or a store restart falls between two rollouts)."""
+    keyed = [((i + 0.5) / restarts, 1, "restart") for i in range(restarts)]
+    keyed += [((i + 1) / (crashes + 1), 0, "crash") for i in range(crashes)]
+    keyed += [((i + 1) / (store + 1), 0, "store") for i in range(store)]
+    kinds = [kind for *_, kind in sorted(keyed)]
+    return [Action(kind, window * (j + 0.5) / len(kinds)) for j, kind in enumerate(kinds)]
 
 
 @dataclass
@@ -282,11 +282,12 @@ class Rollout:
             pending = [p for p in pending if not p.ready()]
             if not pending:
                 break
-            refused = [p for p in pods if p.last_exit == exitcodes.CONFIG_ERROR]
-            if refused:
+            failing = [p for p in pods if p.last_exit == exitcodes.CONFIG_ERROR or p.restarts > 1]
+            if failing:
                 raise RolloutError(
-                    f"{refused[0].name} refused to start (exit {exitcodes.CONFIG_ERROR}, a "
-                    f"configuration error):\n{refused[0].log_tail()}"
+                    f"{failing[0].name} exited with {failing[0].last_exit} before it was ready "
+                    f"({failing[0].restarts} restarts); the end of {failing[0].log_path}:\n"
+                    f"{failing[0].log_tail()}"
                 )
             if time.monotonic() >= deadline:
                 names = ", ".join(p.name for p in pending)
@@ -349,8 +350,9 @@ class Rollout:
         self.store.restart()
         self.note("store back")
 
-    def run(self, actions: Sequence[Action], stop: threading.Event | None = None) -> None:
-        """Each action in turn, no sooner than its time (from now), until ``stop`` is set."""
+    def run(self, actions: Sequence[Action], stop: threading.Event | None = None) -> int:
+        """Each action in turn, no sooner than its time (from now), until ``stop`` is set; how
+        many were done."""
         begun = time.monotonic()
         stop = stop or threading.Event()
         steps: dict[str, Callable[[], None]] = {
@@ -358,10 +360,11 @@ class Rollout:
             "crash": self.crash,
             "store": self.restart_store,
         }
-        for action in actions:
+        for done, action in enumerate(actions):
             if stop.wait(max(0.0, begun + action.at - time.monotonic())):
-                return
+                return done
             steps[action.kind]()
+        return len(actions)
 
     def shutdown(self) -> None:
         """Every pod deleted as the kubelet deletes it, at once; returns when all are gone."""
