@@ -61,3 +61,20 @@ def test_progress_is_plain_lines_when_not_a_terminal() -> None:
     assert "\r" not in out.getvalue()
     assert lines[-1].startswith("done")
     assert "completed 100" in lines[-1]
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_rewrites_one_line_on_a_terminal() -> None:
+    out = Terminal()
+    printer = ProgressPrinter(out)
+    printer(DrillProgress("enqueueing", 0.5, 5, 1, 1, 0, 100))
+    printer(DrillProgress("enqueueing", 1.5, 15, 10, 9, 0, 100))
+    printer(DrillProgress("done", 9.0, 100, 100, 100, 0, 100))
+    text = out.getvalue()
+    assert text.count("\r\x1b[2K") == 3
+    assert text.count("\n") == 1
+    assert text.endswith("twice 0\n")

@@ -25,21 +25,29 @@ from workerkit.job import current_job
 
 if TYPE_CHECKING:
     from workerkit.app import App
+    from workerkit.drill.report import Sent
     from workerkit.job import JobContext
 
 __all__ = (
     "CANARY_TASK",
     "KINDS",
+    "RQ_CANARY",
     "SHORT_SECONDS",
     "CanaryFailure",
     "canary",
+    "canary_kwargs",
     "hostname",
+    "register_celery",
+    "register_rq",
     "register_sql",
     "run_canary",
 )
 
 #: The canary's task name on every engine.
 CANARY_TASK: Final = "workerkit.canary"
+
+#: The canary's import path, by which rq jobs name it (registered in the worker's RqApp).
+RQ_CANARY: Final = "workerkit.drill.canary.canary"
 
 KINDS: Final = ("short", "long", "flaky", "stubborn")
 
@@ -56,6 +64,17 @@ RETRY_BACKOFF: Final = 0.2
 
 class CanaryFailure(RuntimeError):
     """A flaky canary's first attempt, failing by design so that the engine retries it."""
+
+
+def canary_kwargs(item: Sent, drill_id: str, long_seconds: float) -> dict[str, Any]:
+    """The canary's arguments for one sent canary (the same on every engine)."""
+    return {
+        "drill_id": drill_id,
+        "seq": item.seq,
+        "kind": item.kind,
+        "enqueued_at": item.enqueued_at,
+        "long_seconds": long_seconds,
+    }
 
 
 def hostname() -> str:
@@ -195,3 +214,40 @@ def register_sql(app: App) -> None:
         retry_backoff_max=1.0,
         checkpointed=True,
     )(sql_canary)
+
+
+def register_rq(app: Any) -> None:
+    """Allow :func:`canary` in an ``RqApp`` (the rq worker does, at start)."""
+    if RQ_CANARY not in app.tasks:
+        app.task(max_attempts=MAX_ATTEMPTS, checkpointed=True)(canary)
+
+
+def register_celery(app: Any) -> None:
+    """Register :data:`CANARY_TASK` on the Celery app workerkit wraps (its worker does, at
+    start); records go to the app's broker (Redis). A flaky canary's failure is retried by
+    Celery's own ``Task.retry``."""
+
+    def celery_canary(
+        task: Any,
+        drill_id: str,
+        seq: int,
+        kind: str,
+        enqueued_at: float,
+        long_seconds: float = 0.0,
+    ) -> Any:
+        from workerkit.drill.records import RedisRecords
+
+        url = str(task.app.conf.broker_url)
+        try:
+            return run_canary(
+                _cached(f"redis:{url}", lambda: RedisRecords.from_url(url)),
+                drill_id=drill_id,
+                seq=seq,
+                kind=kind,
+                enqueued_at=enqueued_at,
+                long_seconds=long_seconds,
+            )
+        except CanaryFailure as exc:
+            raise task.retry(exc=exc, countdown=RETRY_BACKOFF, max_retries=MAX_ATTEMPTS) from exc
+
+    app.task(name=CANARY_TASK, bind=True, workerkit_checkpointed=True)(celery_canary)

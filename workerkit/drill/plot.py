@@ -48,9 +48,16 @@ def draw(report: DrillReport, path: str) -> None:
     p95 = [w.p95 * 1000 for w in report.latency if w.p95 is not None]
     if mids:
         ax.plot(mids, p95, color="tab:red", marker="o", label="p95 per window")
-    lost_at = [w.start for w in report.latency if w.not_started]
-    for x in lost_at:
-        ax.axvline(x, color="black", linestyle=":", alpha=0.5)
+    for window in report.latency:
+        if window.not_started:
+            ax.axvspan(window.start, window.end, color="tab:red", alpha=0.12, lw=0)
+    for pod in report.pods:
+        ax.axvline(pod.first_seen - report.started_at, color="tab:green", ls="--", alpha=0.5)
+        ax.axvline(pod.last_seen - report.started_at, color="tab:gray", ls="--", alpha=0.5)
+    ax.plot([], [], color="tab:green", ls="--", label="a worker's first record")
+    ax.plot([], [], color="tab:gray", ls="--", label="a worker's last record")
+    if any(w.not_started for w in report.latency):
+        ax.axvspan(0, 0, color="tab:red", alpha=0.12, label="canaries that never started")
     ax.set_ylabel("latency (ms)")
     verdict = "PASS" if report.ok else "FAIL"
     ax.set_title(

@@ -36,8 +36,10 @@ __all__ = (
 #: The ``version`` of :meth:`DrillReport.to_json`'s shape (bumped on an incompatible change).
 JSON_VERSION: Final = 1
 
-#: The latency table's number of windows (fewer when the drill was short).
-WINDOWS: Final = 12
+#: The latency table's most windows (fewer when the drill was short), and the window widths it
+#: picks from (seconds): the smallest that keeps the windows within WINDOWS.
+WINDOWS: Final = 15
+_WIDTHS: Final = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600)
 
 #: How many lost or duplicated canaries the text report names (the JSON has them all).
 _NAMED: Final = 10
@@ -255,7 +257,7 @@ def build_report(
         resumed=sum(1 for run in every if run.resumed),
         retried=sum(1 for run in every if run.outcome == "failed"),
         abandoned=sum(1 for run in every if run.outcome in (None, "interrupted", "lease_lost")),
-        by_kind=by_kind,
+        by_kind={k: by_kind[k] for k in sorted(by_kind, key=_kind_order)},
         lost_seqs=tuple(lost),
         duplicates=tuple(duplicates),
         latency=_windows(
@@ -266,6 +268,12 @@ def build_report(
         settings=dict(settings or {}),
         stopped_early=stopped_early,
     )
+
+
+def _kind_order(kind: str) -> tuple[int, str]:
+    from workerkit.drill.canary import KINDS
+
+    return (KINDS.index(kind) if kind in KINDS else len(KINDS), kind)
 
 
 def _windows(
@@ -280,8 +288,8 @@ def _windows(
         return ()
     # Over the enqueueing's duration (the last batch may be sent a moment after its end).
     span = max(float(duration) if duration else max(offsets), 1e-9)
-    width = max(span / count, 1.0)
-    n = max(1, min(count, math.ceil(span / width + 1e-9)))
+    width = next((w for w in _WIDTHS if span / w <= count), math.ceil(span / count))
+    n = max(1, math.ceil(span / width - 1e-9))
     found: list[list[float]] = [[] for _ in range(n)]
     sent_in = [0] * n
     for offset in offsets:

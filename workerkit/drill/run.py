@@ -9,14 +9,15 @@ complete a second time is in progress. The report comes from the records alone.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
-from workerkit.drill.canary import CANARY_TASK, KINDS
+from workerkit.drill.canary import CANARY_TASK, KINDS, canary_kwargs
 from workerkit.drill.report import DrillReport, Sent, build_report
 from workerkit.errors import ConfigurationError
 
@@ -100,21 +101,11 @@ class EngineDriver(Protocol):
     """An engine's side of a drill: enqueue canaries, read their records."""
 
     records: RecordStore
+    default_queues: tuple[str, ...]  # where canaries go when the spec names no queue
 
     def enqueue(self, batch: Sequence[Sent], queue: str, spec: DrillSpec) -> None: ...
 
     def close(self) -> None: ...
-
-
-def canary_kwargs(item: Sent, spec: DrillSpec) -> dict[str, Any]:
-    """The canary's arguments (the same on every engine)."""
-    return {
-        "drill_id": spec.drill_id,
-        "seq": item.seq,
-        "kind": item.kind,
-        "enqueued_at": item.enqueued_at,
-        "long_seconds": spec.long_seconds,
-    }
 
 
 class _SqlDriver:
@@ -128,6 +119,7 @@ class _SqlDriver:
         self.app = App(settings.database_url, settings=settings)
         register_sql(self.app)
         self.records = SqlRecords(settings.database_url)
+        self.default_queues = settings.queue_names
 
     def enqueue(self, batch: Sequence[Sent], queue: str, spec: DrillSpec) -> None:
         from workerkit.app import EnqueueOptions, PreparedJob
@@ -137,7 +129,7 @@ class _SqlDriver:
                 PreparedJob(
                     CANARY_TASK,
                     (),
-                    canary_kwargs(item, spec),
+                    canary_kwargs(item, spec.drill_id, spec.long_seconds),
                     EnqueueOptions(job_id=f"drill-{spec.drill_id}-{item.seq}"),
                 )
                 for item in batch
@@ -208,7 +200,7 @@ class _Drill:
         self.spec, self.driver, self.progress, self.stop = spec, driver, progress, stop
         self.planned = max(1, round(spec.rate * spec.duration))
         self.kinds = assign_kinds(spec.mix, self.planned)
-        self.queues = spec.queues or spec.settings.queue_names
+        self.queues = spec.queues or driver.default_queues
         self.sent: list[Sent] = []
         self.started_at = time.time()
         self._t0 = time.monotonic()
@@ -241,12 +233,30 @@ class _Drill:
         return time.monotonic() - self._t0
 
     def _enqueue_all(self) -> None:
-        while len(self.sent) < self.planned and not self.stop.is_set():
-            due = min(self.planned, int(self.spec.rate * self._elapsed()) + 1)
-            if due > len(self.sent):
-                self._send(due - len(self.sent))
-            self._report_progress("enqueueing", None)
-            self.stop.wait(TICK)
+        # Reading the records for the live counts takes time on a big drill: it runs beside the
+        # enqueueing, never in its way (the rate is kept by the clock).
+        enqueued = threading.Event()
+        ticker = threading.Thread(target=self._tick_progress, args=(enqueued,), daemon=True)
+        if self.progress is not None:
+            ticker.start()
+        try:
+            while len(self.sent) < self.planned and not self.stop.is_set():
+                due = min(self.planned, int(self.spec.rate * self._elapsed()) + 1)
+                if due > len(self.sent):
+                    self._send(due - len(self.sent))
+                self.stop.wait(TICK)
+        finally:
+            enqueued.set()
+            if ticker.is_alive():
+                ticker.join()
+
+    def _tick_progress(self, enqueued: threading.Event) -> None:
+        while True:
+            # The store blinked: the counts wait for the next tick.
+            with contextlib.suppress(Exception):
+                self._report_progress("enqueueing", None, force=True)
+            if enqueued.wait(POLL):
+                return
 
     def _send(self, count: int) -> None:
         now = time.time()

@@ -170,6 +170,7 @@ def _json_logging(app: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m workerkit.engines.celery [celery worker options]``, started by the supervisor."""
+    from workerkit.drill.canary import register_celery
     from workerkit.logs import configure_logging
     from workerkit.settings import load_settings
 
@@ -179,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         app = load_celery_app(settings.app)
         configure_app(app, settings)
         install(app, settings)
+        register_celery(app)  # the drill's canary, in every celery worker (docs/reference/drill.md)
     except ConfigurationError as exc:
         log.error(str(exc), extra={"event": "worker_config_error"})
         sys.exit(2)

@@ -365,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     Redis not reachable yet: wait for it, not ready meanwhile, up to ``startup_timeout``
     (``startup.py``), then exit with STORE_UNAVAILABLE; a stop signal meanwhile exits at once.
     """
+    from workerkit.drill.canary import register_rq
     from workerkit.logs import configure_logging
     from workerkit.settings import load_settings
 
@@ -373,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         args = parse_worker_args(sys.argv[1:] if argv is None else argv)
         app = load_app(settings)
+        register_rq(app)  # the drill's canary, in every rq worker (docs/reference/drill.md)
     except ConfigurationError as exc:
         log.error(str(exc), extra={"event": "worker_config_error"})
         sys.exit(exitcodes.CONFIG_ERROR)
