@@ -13,19 +13,25 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+import redis
 import yaml
 
 from tests.support.harness import WORKERKIT
 from tests.support.helm import render
 from workerkit import exitcodes
 
+if TYPE_CHECKING:
+    from tests.support.servers import RedisServer
+
 pytestmark = [pytest.mark.drill, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[2]
+REDIS_DB = 8
 
 #: The Done-means drill: 3 replicas, 3 rolling restarts, 1 crash, 50/s for 60 s, 5% long. maxSurge
 #: 3 (100%): each rollout starts its 3 new pods at once, so that 3 fit in 60 s on a loaded CI
@@ -34,6 +40,19 @@ DRILL = [
     "--replicas", "3", "--restarts", "3", "--crash", "1", "--seed", "1", "--max-surge", "3",
     "--rate", "50/s", "--duration", "60s", "--mix", "short=95,long=5", "--json",
 ]  # fmt: skip
+
+
+@pytest.fixture
+def redis_db(redis_server: RedisServer) -> Iterator[str]:
+    """A database of the session's Redis of our own, flushed around the test."""
+    url = redis_server.url(REDIS_DB)
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+        yield url
+        client.flushdb()
+    finally:
+        client.close()
 
 
 def drill_local(engine: str, args: list[str], tmp: Path, **env: str) -> tuple[int, Any, str]:
@@ -47,6 +66,7 @@ def drill_local(engine: str, args: list[str], tmp: Path, **env: str) -> tuple[in
         timeout=280,
         check=False,
     )
+    (tmp / "report.json").write_text(done.stdout)  # kept with the pods' logs for a failure
     try:
         report = json.loads(done.stdout)
     except ValueError:
@@ -77,14 +97,52 @@ def test_sql_drill_every_canary_exactly_once(postgres_url: str, tmp_path: Path) 
         ],
         tmp_path,
     )  # fmt: skip
+    _assert_good(code, report, stderr)
+    assert report["counts"]["released"] > 0  # long canaries were handed over at the stops
+
+
+def _assert_good(code: int, report: Any, stderr: str) -> None:
     assert report is not None, stderr
     counts = report["counts"]
-    assert (code, report["ok"]) == (exitcodes.OK, True), (counts, report["lost"], stderr)
+    problems = (counts, report["lost"], report["twice"], stderr)
+    assert (code, report["ok"]) == (exitcodes.OK, True), problems
     assert (counts["sent"], counts["exactly_once"]) == (3000, 3000), counts
-    assert counts["released"] > 0, counts  # long canaries were handed over at the stops...
-    assert counts["resumed"] > 0, counts  # ... and went on from their checkpoints
+    assert counts["resumed"] > 0, counts  # a long canary went on from its checkpoint
     _assert_rolled(report)
     assert not _events(report, "sigkill"), "a pod outlived its grace period"
+
+
+def test_rq_drill_every_canary_exactly_once(redis_db: str, tmp_path: Path) -> None:
+    """RQ runs one job at a time per worker: long canaries of 1 s (longer than the drain
+    window, 0.8 s) keep 3 workers about busy at 50/s; SimpleWorker, no fork per job."""
+    code, report, stderr = drill_local(
+        "rq",
+        [
+            "--app", "tests.apps.rq_jobs:app", "--redis-url", redis_db,
+            "--long-seconds", "1s", "--settle-timeout", "60s", "--grace", "2",
+            "--env", "WORKERKIT_RELEASE_MARGIN=1.2", "--env", "WORKERKIT_CHECKPOINT_INTERVAL=0.4",
+            "--env", "WORKERKIT_VISIBILITY_TIMEOUT=5",
+            "--run-arg=--worker-class", "--run-arg=simple",
+        ],
+        tmp_path,
+    )  # fmt: skip
+    _assert_good(code, report, stderr)
+
+
+def test_celery_drill_every_canary_exactly_once(redis_db: str, tmp_path: Path) -> None:
+    code, report, stderr = drill_local(
+        "celery",
+        [
+            "--app", "tests.apps.celery_jobs:app", "--redis-url", redis_db, "--queues", "celery",
+            "--long-seconds", "3s", "--settle-timeout", "60s", "--grace", "4",
+            "--env", "WORKERKIT_RELEASE_MARGIN=2", "--env", "WORKERKIT_CHECKPOINT_INTERVAL=1",
+            "--env", "WORKERKIT_RECOVERY_WINDOW=5", "--env", "WORKERKIT_CONCURRENCY=4",
+            "--env", "WORKERKIT_QUEUES=celery", "--run-arg=--", "--run-arg=--pool=prefork",
+        ],
+        tmp_path,
+        E2E_REDIS_URL=redis_db,  # the test app's broker (tests/apps/celery_jobs.py)
+    )  # fmt: skip
+    _assert_good(code, report, stderr)
 
 
 def _broken_manifest(path: Path) -> Path:
@@ -117,7 +175,7 @@ def test_sql_drill_with_a_broken_budget_reports_lost_canaries(
     manifest = _broken_manifest(tmp_path / "deployment.yaml")
     code, report, stderr = drill_local(
         "sql",
-        ["--manifest", str(manifest), "--long-seconds", "8s", "--settle-timeout", "20s"],
+        ["--manifest", str(manifest), "--long-seconds", "8s", "--settle-timeout", "10s"],
         tmp_path,
         WORKERKIT_DATABASE_URL=postgres_url,  # the Secret's value, as the operator exports it
     )

@@ -34,6 +34,7 @@ from workerkit.drill.rollout import (
     StoreControl,
     plan_actions,
     render_timeline,
+    resolve_strategy,
     store_address,
 )
 from workerkit.errors import ConfigurationError, StoreUnavailable, WorkerkitError
@@ -95,6 +96,10 @@ def rollout_options(func: F) -> F:
                      "NAME -o yaml): replicas, strategy, grace period, preStop, args, env."),
         click.option("--deployment", default=None, metavar="NAME",
                      help="Which Deployment of --manifest (when it has several)."),
+        click.option("--run-arg", "run_args", multiple=True, metavar="ARG",
+                     help="An argument added to every pod's `workerkit run ENGINE --app APP` "
+                     "(repeatable), e.g. --run-arg=--worker-class --run-arg=simple; not with "
+                     "--manifest, whose args are used as they are."),
         click.option("--env", "env_items", multiple=True, metavar="NAME=VALUE",
                      help="A variable of every pod's container, over the manifest's "
                      "(repeatable)."),
@@ -227,7 +232,13 @@ def plan_local(engine: str, options: Mapping[str, Any]) -> LocalPlan:
         extra=_extra_env(tuple(options.get("env_items") or ())),
     )
     args = list(facts.args) if facts is not None and facts.engine else []
-    argv = [*WORKERKIT_ARGV, *(args or ["run", engine, "--app", options["app"]])]
+    run_args = list(options.get("run_args") or ())
+    if args and run_args:
+        raise ConfigurationError(
+            "--run-arg with --manifest: the manifest's container args are run as they are; "
+            "edit them there instead"
+        )
+    argv = [*WORKERKIT_ARGV, *(args or ["run", engine, "--app", options["app"], *run_args])]
     spec = RolloutSpec(
         argv=argv,
         env=env,
@@ -239,6 +250,7 @@ def plan_local(engine: str, options: Mapping[str, Any]) -> LocalPlan:
         ready_timeout=float(options.get("ready_timeout") or 120.0),
         name=facts.name if facts is not None else f"workerkit-{engine}",
     )
+    resolve_strategy(spec.replicas, spec.max_surge, spec.max_unavailable)  # refused before start
     store = _store(engine, drill.settings, options)
     actions = plan_actions(
         int(options.get("restarts") or 0),
