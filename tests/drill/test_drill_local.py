@@ -101,12 +101,36 @@ def test_sql_drill_every_canary_exactly_once(postgres_url: str, tmp_path: Path) 
     assert report["counts"]["released"] > 0  # long canaries were handed over at the stops
 
 
+def _acked_too_late(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Canaries run twice for the one reason a crash allows: the first run completed on the
+    crashed pod and the container was SIGKILLed before its acknowledgement (the canary's record
+    and the engine's ack are two writes), so the engine delivered it again, after that run."""
+    crashes = [(e["pod"], e["t"]) for e in _events(report, "crashed")]
+    return [
+        dup
+        for dup in report["twice"]
+        if not dup["overlap"]
+        and len(dup["runs"]) == 2
+        and any(
+            dup["runs"][0]["hostname"] == pod and 0 <= at - dup["runs"][0]["ended"] < 1.0
+            for pod, at in crashes
+        )
+    ]
+
+
 def _assert_good(code: int, report: Any, stderr: str) -> None:
+    """Every canary exactly once, exit 0; or, the one exception a crash makes, canaries that
+    completed in the instant before the SIGKILL and ran again (at-least-once)."""
     assert report is not None, stderr
     counts = report["counts"]
     problems = (counts, report["lost"], report["twice"], stderr)
-    assert (code, report["ok"]) == (exitcodes.OK, True), problems
-    assert (counts["sent"], counts["exactly_once"]) == (3000, 3000), counts
+    late = _acked_too_late(report)
+    assert counts["lost"] == 0, problems
+    assert counts["twice"] == len(late), problems
+    verdict = (exitcodes.DRILL_FAILED, False) if late else (exitcodes.OK, True)
+    assert (code, report["ok"]) == verdict, problems
+    assert counts["sent"] == 3000, counts
+    assert counts["exactly_once"] == 3000 - len(late), counts
     assert counts["resumed"] > 0, counts  # a long canary went on from its checkpoint
     _assert_rolled(report)
     assert not _events(report, "sigkill"), "a pod outlived its grace period"

@@ -105,8 +105,8 @@ def rollout_options(func: F) -> F:
                      "(repeatable)."),
         click.option("--drill-dir", type=click.Path(file_okay=False, path_type=Path),
                      default=None,
-                     help="Where the pods' logs and run directories go (default: "
-                     "./workerkit-drill-<drill id>)."),
+                     help="Where the pods' logs go (default: ./workerkit-drill-<drill id>); "
+                     "the pods run in the current directory, as in the image's WORKDIR."),
         click.option("--ready-timeout", type=click.FloatRange(min=1), default=120.0,
                      show_default=True, help="How long a pod may take to become ready."),
         click.option("--seed", type=int, default=None,

@@ -95,13 +95,16 @@ def kill_container(marker: str, pid1: int | None) -> int:
 
 @dataclass
 class Pod:
-    """One replica. ``argv`` and ``env`` are its container's; the kubelet's part is below."""
+    """One replica. ``argv``, ``env`` and ``workdir`` (the image's WORKDIR: where the app
+    imports from) are its container's; its log goes to ``logs/NAME.log``, its run directory
+    (``TMPDIR``: the supervisor's socket) is its own. The kubelet's part is below."""
 
     name: str
     revision: int
     argv: Sequence[str]
     env: Mapping[str, str]
-    directory: Path
+    logs: Path
+    workdir: Path
     port: int
     grace: float
     prestop: float
@@ -118,7 +121,7 @@ class Pod:
 
     @property
     def log_path(self) -> Path:
-        return self.directory.parent / f"{self.name}.log"
+        return self.logs / f"{self.name}.log"
 
     def log_tail(self, lines: int = 5) -> str:
         """The last lines of the pod's log (what a refused start said)."""
@@ -136,8 +139,8 @@ class Pod:
         with self._lock:
             self.marker = uuid.uuid4().hex
             if self._tmp is None:
-                # Short, whatever the drill directory's length: the supervisor's socket is in
-                # it, and a Unix socket's path has at most 107 bytes.
+                # Short, wherever the drill directory is: the supervisor's socket is in it,
+                # and a Unix socket's path has at most 107 bytes.
                 self._tmp = Path(tempfile.mkdtemp(prefix="wkdrill-"))
             tmp = self._tmp
             env = {
@@ -155,7 +158,7 @@ class Pod:
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
-                cwd=self.directory,
+                cwd=self.workdir,
                 env=env,
             )
         what = "restarted" if self.restarts else "created"

@@ -153,6 +153,8 @@ class RolloutSpec:
     prestop: float = 0.0
     #: How long a pod may take to be ready (the startupProbe's budget).
     ready_timeout: float = 120.0
+    #: The containers' working directory (None: this one), where the app is imported from.
+    workdir: Path | None = None
     name: str = "drill"
 
 
@@ -220,14 +222,15 @@ class Rollout:
     def _create(self) -> Pod:
         self._serial += 1
         name = f"{self.spec.name}-r{self.revision}-{self._serial}"
-        directory = self.directory / "pods" / name
-        directory.mkdir(parents=True, exist_ok=True)
+        logs = self.directory / "pods"
+        logs.mkdir(parents=True, exist_ok=True)
         pod = Pod(
             name=name,
             revision=self.revision,
             argv=self.spec.argv,
             env=self.spec.env,
-            directory=directory,
+            logs=logs,
+            workdir=Path(self.spec.workdir or Path.cwd()),
             port=free_port(),
             grace=self.spec.grace,
             prestop=self.spec.prestop,
