@@ -6,6 +6,11 @@ the drill computes from the canaries' own records in the store. A good budget: e
 exactly once, exit 0. A broken one (the kubelet's grace period shorter than the long canaries,
 while the worker was told a longer one, so its release never comes before the SIGKILL): the
 lost canaries are reported and the exit code is DRILL_FAILED.
+
+A crash (SIGKILL of a whole pod) makes two exceptions to exactly once that no setting prevents,
+and the drill reports them (exit DRILL_FAILED): a canary completed in the instant before the kill
+runs again (its record and its acknowledgement are two writes), and on celery a message the
+killed worker had just popped is lost. The tests accept those, named and bounded, and nothing else.
 """
 
 from __future__ import annotations
@@ -118,19 +123,29 @@ def _acked_too_late(report: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _assert_good(code: int, report: Any, stderr: str) -> None:
-    """Every canary exactly once, exit 0; or, the one exception a crash makes, canaries that
-    completed in the instant before the SIGKILL and ran again (at-least-once)."""
+def _popped_by_the_dead(report: dict[str, Any]) -> list[int]:
+    """Celery only: canaries never started, enqueued (at 50/s) in the 2 s before the crash: a
+    message the killed worker's BRPOP took from the queue before kombu listed it as unacked,
+    so no one can give it back (the in-transit gap of docs/operations/failure-modes.md)."""
+    crashes = [e["t"] for e in _events(report, "crashed")]
+    return [seq for seq in report["lost"] if any(0 <= at - seq / 50 < 2.0 for at in crashes)]
+
+
+def _assert_good(code: int, report: Any, stderr: str, *, in_transit: bool = False) -> None:
+    """Every canary exactly once, exit 0; or, the exceptions a crash makes (reported by the
+    drill, exit DRILL_FAILED): canaries that completed in the instant before the SIGKILL and ran
+    again (at-least-once), and with ``in_transit`` a message popped by the killed worker."""
     assert report is not None, stderr
     counts = report["counts"]
     problems = (counts, report["lost"], report["twice"], stderr)
     late = _acked_too_late(report)
-    assert counts["lost"] == 0, problems
+    gone = _popped_by_the_dead(report) if in_transit else []
+    assert report["lost"] == gone, problems
     assert counts["twice"] == len(late), problems
-    verdict = (exitcodes.DRILL_FAILED, False) if late else (exitcodes.OK, True)
+    verdict = (exitcodes.DRILL_FAILED, False) if late or gone else (exitcodes.OK, True)
     assert (code, report["ok"]) == verdict, problems
     assert counts["sent"] == 3000, counts
-    assert counts["exactly_once"] == 3000 - len(late), counts
+    assert counts["exactly_once"] == 3000 - len(late) - len(gone), counts
     assert counts["resumed"] > 0, counts  # a long canary went on from its checkpoint
     _assert_rolled(report)
     assert not _events(report, "sigkill"), "a pod outlived its grace period"
@@ -166,7 +181,7 @@ def test_celery_drill_every_canary_exactly_once(redis_db: str, tmp_path: Path) -
         tmp_path,
         E2E_REDIS_URL=redis_db,  # the test app's broker (tests/apps/celery_jobs.py)
     )  # fmt: skip
-    _assert_good(code, report, stderr)
+    _assert_good(code, report, stderr, in_transit=True)
 
 
 def _broken_manifest(path: Path) -> Path:
