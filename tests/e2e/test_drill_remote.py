@@ -283,3 +283,88 @@ def test_a_pod_killed_with_a_stubborn_canary_is_reported_lost(tmp_path: Path) ->
         assert "done" in progress
     finally:
         pods.records.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_drill_stopped_by_a_signal_still_reports_and_fails(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """Ctrl-C, or a cancelled CI job's SIGTERM: the drill stops enqueueing, reads the records
+    once more, prints its report and exits DRILL_FAILED (it did not run to its end)."""
+    pods = sql_pods(tmp_path)
+    pods.records.close()
+    variables = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "WORKERKIT_DATABASE_URL": pods.settings["database_url"],
+    }
+    drill = subprocess.Popen(
+        [*WORKERKIT, "drill", "sql", "--rate", "5/s", "--duration", "60s"],
+        cwd=tmp_path,
+        env=variables,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # pytest may run with SIGINT ignored (a background job): the drill gets Python's default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert drill.stdout is not None
+        first = drill.stdout.readline().decode()  # the first progress line: enqueueing began
+        assert first.startswith("enqueueing"), first
+        drill.send_signal(signum)
+        out, _ = drill.communicate(timeout=30)
+    finally:
+        if drill.poll() is None:
+            drill.kill()
+            drill.wait(5)
+    assert drill.returncode == exitcodes.DRILL_FAILED
+    assert "FAIL: " in out.decode()
+    assert "stopped before the end" in out.decode()
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_stopped_past_its_lease_shows_as_a_canary_run_twice(
+    tmp_path: Path, redis_db: str
+) -> None:
+    """rq, lease 4 s: the worker holding a stubborn canary is SIGSTOPped (its work horse runs
+    on); the other pod takes the canary over when the lease expires, and both runs complete.
+    The drill reports it completed twice, the runs overlapping, and fails."""
+    pods = rq_pods(tmp_path, redis_db)
+    pods.settings["visibility_timeout"] = "4"
+    spec = spec_for(pods, rate=1.0, duration=1.0, mix={"stubborn": 100}, long_seconds=10.0)
+    stopped: list[int] = []
+    try:
+        with (
+            stopped_after(pods.start("pod-a")) as pod_a,
+            stopped_after(pods.start("pod-b")) as pod_b,
+        ):
+            pod_a.wait_ready()
+            pod_b.wait_ready()
+            thread, result = in_thread(lambda: run_drill(spec))
+            first = wait_until(
+                lambda: pods.records.runs(spec.drill_id), timeout=15, what="the canary's first run"
+            )[0]
+            holder = pod_a if first.hostname == "pod-a" else pod_b
+            stopped.append(holder.worker_pid())
+            os.kill(stopped[0], signal.SIGSTOP)
+            wait_until(
+                lambda: len(pods.records.runs(spec.drill_id)) == 2,
+                timeout=30,
+                what="the canary taken over by the other pod",
+            )
+            thread.join(60)
+            assert not thread.is_alive(), "the drill did not end"
+            os.kill(stopped.pop(), signal.SIGCONT)
+        report = result[0]
+        assert isinstance(report, DrillReport), report
+        text = report.render_text()
+        assert not report.ok, text
+        assert (report.twice, report.twice_overlapping, report.lost) == (1, 1, 0), text
+        assert {run.hostname for run in report.duplicates[0].runs} == {"pod-a", "pod-b"}
+        assert "FAIL: 1 completed more than once" in text
+        assert "seq 0 (stubborn), overlapping" in text
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        pods.records.close()

@@ -78,3 +78,27 @@ def test_progress_rewrites_one_line_on_a_terminal() -> None:
     assert text.count("\r\x1b[2K") == 3
     assert text.count("\n") == 1
     assert text.endswith("twice 0\n")
+
+
+def test_a_drill_id_with_records_already_is_refused() -> None:
+    from workerkit.drill.records import CanaryRun
+    from workerkit.drill.run import DrillSpec, run_drill
+    from workerkit.settings import Settings
+
+    class Driver:
+        default_queues = ("default",)
+
+        class records:  # noqa: N801 - a record store double with one old run
+            @staticmethod
+            def runs(drill_id: str) -> list[CanaryRun]:
+                return [CanaryRun(drill_id, "r", 0, "short", 1, "h", 1, 0.0, 0.0)]
+
+        def enqueue(self, *args: object) -> None:
+            raise AssertionError("nothing may be enqueued")
+
+        def close(self) -> None:
+            pass
+
+    spec = DrillSpec(engine="sql", settings=Settings(), drill_id="used")
+    with pytest.raises(ConfigurationError, match="--drill-id used: that drill has records"):
+        run_drill(spec, driver=Driver())  # type: ignore[arg-type]

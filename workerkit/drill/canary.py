@@ -171,11 +171,18 @@ _STORES: dict[str, RecordStore] = {}
 
 
 def _redis_records() -> RecordStore:
-    from workerkit.drill.records import RedisRecords
-    from workerkit.settings import load_settings
+    """The Redis the rq job came from (the worker's own connection, whatever URL it was given)."""
+    from rq import get_current_job
 
-    url = load_settings().redis_url
-    return _cached(f"redis:{url}", lambda: RedisRecords.from_url(url))
+    from workerkit.drill.records import RedisRecords
+
+    job = get_current_job()
+    if job is None:  # called outside an rq worker
+        from workerkit.settings import load_settings
+
+        url = load_settings().redis_url
+        return _cached(f"redis:{url}", lambda: RedisRecords.from_url(url))
+    return RedisRecords(job.connection)
 
 
 def _cached(key: str, make: Callable[[], RecordStore]) -> RecordStore:

@@ -9,6 +9,7 @@ when every canary completed exactly once. Imports no engine library until a dril
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -119,7 +120,8 @@ def drill_options(func: F) -> F:
         click.option("--database-url", default=None, metavar="URL",
                      help="sql: the database [env: WORKERKIT_DATABASE_URL]."),
         click.option("--redis-url", default=None, metavar="URL",
-                     help="rq: Redis [env: WORKERKIT_REDIS_URL]."),
+                     help="rq: Redis; celery: when the app sets no broker_url "
+                     "[env: WORKERKIT_REDIS_URL]."),
         click.option("--config", "config_file", default=None, metavar="PATH",
                      help="Config file (as for workerkit run) [env: WORKERKIT_CONFIG]."),
         click.option("--json", "as_json", is_flag=True,
@@ -200,12 +202,33 @@ def run_and_report(spec: Any, options: Mapping[str, Any], **run_kwargs: Any) -> 
         require_matplotlib()
     progress_stream = sys.stderr if options.get("as_json") else sys.stdout
     printer = None if options.get("quiet") else ProgressPrinter(progress_stream)
-    stop = threading.Event()
+    # The drill runs in a thread so that Ctrl-C stops it and still reports what it saw. Waited
+    # for on an Event: a Thread.join() interrupted by Ctrl-C may think the thread ended.
+    stop, finished = threading.Event(), threading.Event()
+    outcome: list[Any] = []
+
+    def drill_thread() -> None:
+        try:
+            outcome.append(run_drill(spec, progress=printer, stop=stop, **run_kwargs))
+        except BaseException as exc:  # raised again below, in the command's thread
+            outcome.append(exc)
+        finally:
+            finished.set()
+
+    thread = threading.Thread(target=drill_thread, name="workerkit-drill", daemon=True)
+    # A cancelled CI job gets SIGTERM: the drill stops the same way, with its report.
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    thread.start()
     try:
-        report = run_drill(spec, progress=printer, stop=stop, **run_kwargs)
+        while not finished.wait(0.5):
+            pass
     except KeyboardInterrupt:
+        click.echo("\nstopping the drill: reading the records once more", err=True)
         stop.set()
-        raise
+        finished.wait()
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    report = outcome[0]
     if options.get("as_json"):
         click.echo(json.dumps(report.to_json(), indent=2))
     else:

@@ -383,8 +383,9 @@ def _pct(part: int, whole: int) -> str:
 def _latency_lines(report: DrillReport) -> list[str]:
     if not report.latency:
         return []
-    top = max((w.p95 for w in report.latency if w.p95 is not None), default=0.0)
-    lines = ["", "  enqueue -> start latency, by enqueue time (bar: p95, the highest = 30 #)"]
+    # 30 # = the highest p95, or 1 s when all are below: a calm drill shows short bars.
+    top = max([1.0, *(w.p95 for w in report.latency if w.p95 is not None)])
+    lines = ["", f"  enqueue -> start latency, by enqueue time (bar: p95, 30 # = {_ms(top)})"]
     lines.append("    window (s)        n     p50      p95      max   not started")
     for w in report.latency:
         bar = "" if w.p95 is None or top <= 0 else "#" * max(1, round(30 * w.p95 / top))

@@ -183,6 +183,11 @@ def run_drill(
     own = driver is None
     driver = driver or open_driver(spec)
     try:
+        if driver.records.runs(spec.drill_id):
+            raise ConfigurationError(
+                f"--drill-id {spec.drill_id}: that drill has records already (its canaries ran); "
+                "give a new id, or none for a fresh one"
+            )
         return _Drill(spec, driver, progress, stop).run()
     finally:
         if own:
