@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -307,6 +308,7 @@ def run_local(plan: LocalPlan, options: Mapping[str, Any]) -> int:
         file=say,
     )
     stop = threading.Event()
+    thread: _DrillThread | None = None
     try:
         rollout.start()
         printer = None if options.get("quiet") else ProgressPrinter(say)
@@ -315,6 +317,16 @@ def run_local(plan: LocalPlan, options: Mapping[str, Any]) -> int:
         done = rollout.run(plan.actions, stop=_until_done(thread))
         thread.join()
         rollout.shutdown()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (local_command): kill the pods, and still
+        stop.set()  # report what was sent so far (the drill stops early: DRILL_FAILED)
+        rollout.kill()
+        if thread is None:
+            raise
+        thread.join(60)
+        if thread.report is None:
+            raise
+        click.echo("interrupted: the pods were killed; the report covers what was sent", err=True)
+        done = len(plan.actions)  # not a plan too slow for the pods: no warning about it
     except BaseException:
         stop.set()
         rollout.kill()
@@ -377,6 +389,8 @@ def _until_done(thread: threading.Thread) -> threading.Event:
 @rollout_options
 @drill_options
 def local_command(engine: str, **options: Any) -> None:
+    # SIGTERM as Ctrl-C: the pods are this process's children and must not outlive it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         plan = plan_local(engine, options)
         if options.get("plot"):
