@@ -102,7 +102,7 @@ def test_sql_drill_every_canary_exactly_once(postgres_url: str, tmp_path: Path) 
         ],
         tmp_path,
     )  # fmt: skip
-    _assert_good(code, report, stderr)
+    _assert_good(code, report, stderr, tmp_path / "drill")
     assert report["counts"]["released"] > 0  # long canaries were handed over at the stops
 
 
@@ -131,7 +131,9 @@ def _popped_by_the_dead(report: dict[str, Any]) -> list[int]:
     return [seq for seq in report["lost"] if any(0 <= at - seq / 50 < 2.0 for at in crashes)]
 
 
-def _assert_good(code: int, report: Any, stderr: str, *, in_transit: bool = False) -> None:
+def _assert_good(
+    code: int, report: Any, stderr: str, drill_dir: Path, *, in_transit: bool = False
+) -> None:
     """Every canary exactly once, exit 0; or, the exceptions a crash makes (reported by the
     drill, exit DRILL_FAILED): canaries that completed in the instant before the SIGKILL and ran
     again (at-least-once), and with ``in_transit`` a message popped by the killed worker."""
@@ -148,7 +150,16 @@ def _assert_good(code: int, report: Any, stderr: str, *, in_transit: bool = Fals
     assert counts["exactly_once"] == 3000 - len(late) - len(gone), counts
     assert counts["resumed"] > 0, counts  # a long canary went on from its checkpoint
     _assert_rolled(report)
-    assert not _events(report, "sigkill"), "a pod outlived its grace period"
+    _assert_stopped_in_time(report, drill_dir)
+
+
+def _assert_stopped_in_time(report: dict[str, Any], drill_dir: Path) -> None:
+    """No pod was SIGKILLed at its grace period before its supervisor had stopped. The
+    supervisor exits at the grace period's end (D + M = G - P), so on a loaded machine the
+    kubelet's SIGKILL may find it a few ms after its last log line: that kill costs nothing."""
+    for event in _events(report, "sigkill"):
+        log = (drill_dir / "pods" / f"{event['pod']}.log").read_text()
+        assert '"event":"supervisor_stopped"' in log, f"{event}: killed while still stopping"
 
 
 def test_rq_drill_every_canary_exactly_once(redis_db: str, tmp_path: Path) -> None:
@@ -165,7 +176,7 @@ def test_rq_drill_every_canary_exactly_once(redis_db: str, tmp_path: Path) -> No
         ],
         tmp_path,
     )  # fmt: skip
-    _assert_good(code, report, stderr)
+    _assert_good(code, report, stderr, tmp_path / "drill")
 
 
 def test_celery_drill_every_canary_exactly_once(redis_db: str, tmp_path: Path) -> None:
@@ -181,7 +192,7 @@ def test_celery_drill_every_canary_exactly_once(redis_db: str, tmp_path: Path) -
         tmp_path,
         E2E_REDIS_URL=redis_db,  # the test app's broker (tests/apps/celery_jobs.py)
     )  # fmt: skip
-    _assert_good(code, report, stderr, in_transit=True)
+    _assert_good(code, report, stderr, tmp_path / "drill", in_transit=True)
 
 
 def _broken_manifest(path: Path) -> Path:
