@@ -109,7 +109,9 @@ step "mypy" .venv/bin/mypy
 # The whole suite runs as two pytest processes at once (about 15 minutes instead of 25 on 2
 # cores): most of the end-to-end tests wait on real processes, signals and timeouts rather than
 # use the CPU. Each group starts its own servers on free ports, so they share nothing but the
-# machine. Group "lifecycle" is tests/e2e but the scheduler; group "rest" is everything else.
+# machine. Group "lifecycle" is tests/e2e but the scheduler; group "rest" is everything else,
+# tests/drill among it (workerkit drill local on real replicas, about 6 minutes: in the group
+# that is otherwise the shorter).
 # With arguments, one pytest runs them as given.
 pytest_in_two_groups() {
     local log rc_lifecycle=0 rc_rest=0 pid start=$SECONDS
@@ -118,7 +120,7 @@ pytest_in_two_groups() {
         >"$log" 2>&1 &
     pid=$!
     .venv/bin/pytest --durations=10 tests/unit tests/integration tests/compat tests/faults \
-        tests/chart tests/docs tests/e2e/test_scheduler_*.py || rc_rest=$?
+        tests/chart tests/docs tests/drill tests/e2e/test_scheduler_*.py || rc_rest=$?
     wait "$pid" || rc_lifecycle=$?
     header "pytest, group lifecycle (tests/e2e but the scheduler), run beside the above"
     cat "$log"

@@ -19,7 +19,7 @@ __all__ = ("LAYERS", "TESTS_DIR", "layer_durations", "layer_of", "start_or_skip"
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 #: The top-level test directories, each also a marker: tests/unit -> ``unit``, and so on.
-LAYERS = ("unit", "integration", "e2e", "compat", "faults", "chart", "docs")
+LAYERS = ("unit", "integration", "e2e", "compat", "faults", "chart", "docs", "drill")
 
 _Server = TypeVar("_Server", servers.RedisServer, servers.PostgresServer)
 
