@@ -267,29 +267,18 @@ def _engine_command(engine: str) -> click.Command:
 
 
 class _DrillGroup(click.Group):
-    """The engines' drills, and ``local`` (workerkit.drill.local) once that module exists."""
+    """The engines' drills, and ``local`` from workerkit.drill.local, imported when asked for:
+    that module builds on this one's options, so this one cannot import it at the top."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        names = list(super().list_commands(ctx))
-        return [*names, "local"] if self._local() is not None and "local" not in names else names
+        return [*super().list_commands(ctx), "local"]
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name == "local" and cmd_name not in self.commands:
-            return self._local()
+        if cmd_name == "local":
+            from workerkit.drill.local import local_command
+
+            return local_command
         return super().get_command(ctx, cmd_name)
-
-    @staticmethod
-    def _local() -> click.Command | None:
-        import importlib
-
-        try:
-            module = importlib.import_module("workerkit.drill.local")
-        except ModuleNotFoundError as exc:
-            if exc.name != "workerkit.drill.local":
-                raise
-            return None
-        command: click.Command = module.local_command
-        return command
 
 
 @click.group(cls=_DrillGroup, context_settings={"max_content_width": 100})
