@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -75,6 +76,11 @@ PING_AFTER_IDLE: Final = 1.0
 _LAST_CHECKIN: Final = "workerkit_last_checkin"
 
 _SQLITE_FULL: Final = 13
+_SQLITE_BUSY: Final = 5
+#: The WAL switch of a new file is tried again after 1 ms, doubling up to 50 ms (SQLite's own
+#: busy handler waits in steps of that size).
+_WAL_RETRY_FIRST: Final = 0.001
+_WAL_RETRY_MAX: Final = 0.05
 
 
 def normalize_url(url: str | sa.URL) -> sa.URL:
@@ -125,7 +131,8 @@ def is_sqlite(url: str | sa.URL) -> bool:
 def create_engine_for(url: str | sa.URL, *, connect_timeout: int = 10, **kwargs: Any) -> sa.Engine:
     """A SQLAlchemy engine set up for the queue; extra ``kwargs`` go to ``create_engine``.
 
-    SQLite: WAL (readers never block the writer), a busy timeout, and every write transaction
+    SQLite: WAL (readers never block the writer; a new file's switch to it retried while busy,
+    see :func:`_switch_to_wal`), a busy timeout, and every write transaction
     begins with ``BEGIN IMMEDIATE``. The sqlite3 module's own transaction handling is turned
     off (SQLAlchemy's documented recipe) because it would begin with a *deferred* BEGIN: two
     claimers could then both read the same ready row and only collide at their first write, one
@@ -334,6 +341,35 @@ def _create_with_umask(path: str) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
 
+def _switch_to_wal(dbapi_connection: Any, busy_timeout: float) -> None:
+    """``PRAGMA journal_mode=WAL``, tried again while SQLite says the file is busy.
+
+    On a file not yet in WAL mode (a new one: the first connections of workers started
+    together) the switch reads the header, then upgrades to the exclusive lock to write it. When
+    another connection is doing the same, SQLite answers SQLITE_BUSY at once, *without* calling
+    the busy handler (both hold a read lock: waiting could deadlock), so the busy timeout does
+    not cover it. Trying again once the other has finished does; once a file is in WAL mode the
+    pragma takes no lock. Bounded by the busy timeout, after which "database is locked" is
+    raised as from any write.
+    """
+    deadline = time.monotonic() + busy_timeout
+    delay = _WAL_RETRY_FIRST
+    while True:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            busy = isinstance(code, int) and code & 0xFF == _SQLITE_BUSY
+            if not busy or time.monotonic() + delay > deadline:
+                raise
+        finally:
+            cursor.close()
+        time.sleep(delay)
+        delay = min(delay * 2, _WAL_RETRY_MAX)
+
+
 def _install_sqlite_hooks(engine: sa.Engine, busy_timeout: float) -> None:
     @event.listens_for(engine, "do_connect")
     def _on_do_connect(dialect: Any, record: Any, cargs: list[Any], cparams: Any) -> None:
@@ -348,10 +384,10 @@ def _install_sqlite_hooks(engine: sa.Engine, busy_timeout: float) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         finally:
             cursor.close()
+        _switch_to_wal(dbapi_connection, busy_timeout)
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: sa.Connection) -> None:
