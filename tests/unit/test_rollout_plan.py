@@ -4,12 +4,13 @@ actions, what a rendered Deployment says, and how flags, manifest and env combin
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import yaml
 
-from workerkit.drill.local import plan_local
+from workerkit.drill.local import container_env, plan_local
 from workerkit.drill.manifest import read_manifest
 from workerkit.drill.rollout import Action, plan_actions, resolve_strategy, store_address
 from workerkit.errors import ConfigurationError
@@ -179,3 +180,16 @@ def test_plan_refusals(given: dict[str, Any], words: str, monkeypatch: pytest.Mo
     options.update(given)
     with pytest.raises(ConfigurationError, match=words):
         plan_local("sql", options)
+
+
+def test_sqlite_pods_on_this_one_host_keep_replicas_at_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """All the drill's pods share this host, where SQLite's locks hold: WORKERKIT_REPLICAS is
+    left unset for SQLite (rule S1 refuses replicas > 1 on it), set for PostgreSQL."""
+    monkeypatch.delenv("WORKERKIT_REPLICAS", raising=False)
+
+    def env(url: str) -> dict[str, str]:
+        settings = SimpleNamespace(app="tasks", database_url=url, redis_url="")
+        return container_env("sql", settings, None, grace=30, prestop=5, replicas=3, extra={})
+
+    assert "WORKERKIT_REPLICAS" not in env("sqlite:///jobs.db")
+    assert env("postgresql://u@h/db")["WORKERKIT_REPLICAS"] == "3"

@@ -141,7 +141,10 @@ def container_env(
     }
     if engine == "sql":
         derived["WORKERKIT_DATABASE_URL"] = settings.database_url
-        derived["WORKERKIT_REPLICAS"] = str(replicas)
+        if not settings.database_url.startswith("sqlite"):
+            # Here every pod is on this one host, where SQLite's locks hold across processes;
+            # the replicas rule (S1) is about pods on several hosts, so it stays at 1 there.
+            derived["WORKERKIT_REPLICAS"] = str(replicas)
     else:
         derived["WORKERKIT_REDIS_URL"] = settings.redis_url
     manifest = dict(facts.env) if facts is not None else {}
