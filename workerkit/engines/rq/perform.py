@@ -152,8 +152,11 @@ class Perform(WorkerState):
             context = self._wk_context(job, queue, attempt)
             attempt.context = context
             check_arguments(job.func, job.args, job.kwargs)
+            watchdog = self._wk_watchdog  # the work horse's (worker.py)
             with context.activate():
                 attempt.in_job = True
+                if watchdog is not None:
+                    watchdog.begin(context)
                 try:
                     with self.death_penalty_class(
                         attempt.run_limit, JobTimeoutException, job_id=job.id
@@ -161,12 +164,18 @@ class Perform(WorkerState):
                         return_value = job.perform()
                 finally:
                     attempt.in_job = False
+                    if watchdog is not None:
+                        watchdog.end(context)
         except BaseException as exc:
             exc_info = sys.exc_info()
             lost = attempt.lease_lost or (context is not None and context.lease_lost)
             verdict = verdict_for(
                 exc, RULES, backoff=defer_backoff, releasing=attempt.releasing, lease_lost=lost
             )
+            if lost and not attempt.releasing:
+                # The lease is gone, or about to be (the horse's watchdog): this attempt writes
+                # nothing more, not even its own release; the job comes back through recovery.
+                return "lease_lost"
             unrun = _unreachable_before_claim(exc, context) or _unreachable_before_the_body(exc)
             if unrun and not (attempt.releasing or lost):
                 # Redis went away before the job's function was called, or before its
