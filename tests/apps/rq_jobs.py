@@ -88,3 +88,18 @@ def spawner(tag: str) -> str:
     with run_of(tag):
         while True:
             time.sleep(0.02)
+
+
+@app.task(timeout=60)
+def deaf(tag: str, seconds: float) -> str:
+    """Ignores stop requests and swallows every exception (JobInterrupted too): only a kill
+    ends it early. Records ``tick TAG PID TIME`` every 0.1 s, its last signs of life."""
+    with run_of(tag):
+        ends = time.monotonic() + seconds
+        while time.monotonic() < ends:
+            try:
+                record(f"tick {tag} {os.getpid()} {time.time():.3f}")
+                time.sleep(0.1)
+            except BaseException:  # noqa: S112 - deaf on purpose
+                continue
+    return f"{tag} ok"

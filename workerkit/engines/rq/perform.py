@@ -152,21 +152,17 @@ class Perform(WorkerState):
             context = self._wk_context(job, queue, attempt)
             attempt.context = context
             check_arguments(job.func, job.args, job.kwargs)
-            with context.activate():
-                attempt.in_job = True
-                try:
-                    with self.death_penalty_class(
-                        attempt.run_limit, JobTimeoutException, job_id=job.id
-                    ):
-                        return_value = job.perform()
-                finally:
-                    attempt.in_job = False
+            return_value = self._wk_call(job, attempt, context)
         except BaseException as exc:
             exc_info = sys.exc_info()
             lost = attempt.lease_lost or (context is not None and context.lease_lost)
             verdict = verdict_for(
                 exc, RULES, backoff=defer_backoff, releasing=attempt.releasing, lease_lost=lost
             )
+            if lost and not attempt.releasing:
+                # The lease is gone, or about to be (the horse's watchdog): this attempt writes
+                # nothing more, not even its own release; the job comes back through recovery.
+                return "lease_lost"
             unrun = _unreachable_before_claim(exc, context) or _unreachable_before_the_body(exc)
             if unrun and not (attempt.releasing or lost):
                 # Redis went away before the job's function was called, or before its
@@ -219,6 +215,23 @@ class Perform(WorkerState):
         self.log.info("Worker %s: %s: Job OK (%s)", self.name, queue.name, job.id)
         # A replay returned the stored result of the run that held the key: nothing ran.
         return "skipped_duplicate" if outcome_of(context) == "replayed" else "succeeded"
+
+    def _wk_call(self, job: Job, attempt: Attempt, context: JobContext) -> Any:
+        """The job's own code, under RQ's time limit and, in a work horse, its lease watchdog."""
+        watchdog = self._wk_watchdog  # the work horse's (worker.py)
+        with context.activate():
+            attempt.in_job = True
+            if watchdog is not None:
+                watchdog.begin(context)
+            try:
+                with self.death_penalty_class(
+                    attempt.run_limit, JobTimeoutException, job_id=job.id
+                ):
+                    return job.perform()
+            finally:
+                attempt.in_job = False
+                if watchdog is not None:
+                    watchdog.end(context)
 
     def _wk_prepare(self, job: Job, attempt: Attempt) -> bool:
         """RQ's start bookkeeping in the horse, retried while Redis is unreachable and the lease

@@ -25,6 +25,7 @@ import redis.exceptions
 from rq.queue import Queue
 
 from workerkit import events as events_module
+from workerkit.engines.leasewatch import LeaseClock, since_monotonic
 from workerkit.engines.rq.jobs import WorkerkitJob, job_class_of, resolve_rq_serializer
 from workerkit.engines.rq.leases import WAKE_PREFIX, AttemptKeys, Leases
 from workerkit.engines.rq.recovery import Recovery, lease_ttl, scan_interval
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from rq.job import Job, Retry
 
     from workerkit.engines.attempt import Keeper
+    from workerkit.engines.leasewatch import Watchdog
     from workerkit.events import Outcome
     from workerkit.job import JobContext
 
@@ -68,9 +70,11 @@ class Attempt:
     horse_done: threading.Event = field(default_factory=threading.Event)
     context: JobContext | None = None
     # Shared with the forked work horse (forking worker): byte 0 is 1 once the job's code has
-    # ended and the attempt is settling; bytes 8-16 the monotonic time of the last renewal.
+    # ended and the attempt is settling; byte 1 is 1 once the horse's lease watchdog stopped the
+    # job; bytes 8-16 the monotonic time of the last renewal.
     shared: mmap.mmap | None = None
     _settling: bool = False
+    _watchdog_stopped: bool = False
 
     def share(self) -> None:
         """Before the fork: the settling flag and the last renewal, seen by both processes."""
@@ -81,6 +85,7 @@ class Attempt:
         """The horse is gone: what it shared is kept, in this process only."""
         if self.shared is not None:
             self._settling, self.last_renewed = self.settling, self.renewed_at()
+            self._watchdog_stopped = self.watchdog_stopped
             # Not closed: the upkeep thread may be reading it right now (no lock between the
             # two); the anonymous map is freed with its last reference.
             self.shared = None
@@ -95,6 +100,17 @@ class Attempt:
     def settling(self) -> bool:
         shared = self.shared  # read once: unshare() may run meanwhile
         return self._settling or (shared is not None and shared[0] == 1)
+
+    def mark_watchdog_stopped(self) -> None:
+        """In the horse: its lease watchdog stopped the job (the worker stopped renewing)."""
+        self._watchdog_stopped = True
+        if (shared := self.shared) is not None:
+            shared[1] = 1
+
+    @property
+    def watchdog_stopped(self) -> bool:
+        shared = self.shared  # read once: unshare() may run meanwhile
+        return self._watchdog_stopped or (shared is not None and shared[1] == 1)
 
     def renewed(self, at: float) -> None:
         """The lease was renewed by a request sent at ``at`` (monotonic)."""
@@ -233,6 +249,10 @@ class WorkerState:
         self._wk_scan_every = scan_interval(settings)
         self._wk_redis = short_timeout_client(self.connection, settings)
         self._wk_leases = Leases(self._wk_redis, self._wk_lease_ttl)
+        # Until when the lease in hand lives, shared with the work horses forked later; the
+        # horse's watchdog (set in the horse) stops its job before then (leasewatch.py).
+        self._wk_lease_clock = LeaseClock(self._wk_lease_ttl) if self.forking else None
+        self._wk_watchdog: Watchdog | None = None
         self._wk_recovery = Recovery(
             self._wk_redis, self._wk_leases, self.job_class, self.serializer
         )
@@ -255,6 +275,11 @@ class WorkerState:
     @property
     def _wk_wake_key(self) -> str:
         return WAKE_PREFIX + self.name
+
+    def _wk_publish_lease(self, sent_at: float) -> None:
+        """The lease in hand lives ``ttl`` past ``sent_at`` (monotonic): tell the work horse."""
+        if self._wk_lease_clock is not None:
+            self._wk_lease_clock.extend(since_monotonic(sent_at))
 
     def _wk_interrupt(self, attempt: Attempt) -> None:
         """Stop the running attempt's job (each worker class has its own way)."""

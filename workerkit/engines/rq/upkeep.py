@@ -241,6 +241,7 @@ class Upkeep(Drain):
         self._wk_note_store(True, "redis reachable")
         if kept:
             attempt.renewed(now_)
+            self._wk_publish_lease(now_)
             self._wk_events.send(JobHeartbeat(attempt.keys.job_id))
             return
         if attempt.settling:

@@ -31,6 +31,7 @@ from rq.utils import now
 from rq.worker.base import WorkerStatus
 
 from workerkit import exitcodes
+from workerkit.engines.leasewatch import Watchdog
 from workerkit.engines.lifeline import Lifeline, stop_children
 from workerkit.engines.rq.attempt import Attempts
 from workerkit.engines.rq.options import parse_worker_args
@@ -41,6 +42,7 @@ from workerkit.engines.rq.startup import (
     install_startup_signals,
     wait_for_redis,
 )
+from workerkit.engines.rq.state import released_or_lost
 from workerkit.engines.rq.tasks import load_app
 from workerkit.engines.rq.upkeep import Upkeep
 from workerkit.errors import ConfigurationError, JobInterrupted, StoreUnavailable
@@ -117,6 +119,7 @@ class Worker(_Workerkit, RqWorker):
         assert attempt is not None
         read_end, write_end = os.pipe()
         attempt.share()  # the settling flag and the last renewal, seen by the horse too
+        self._wk_publish_lease(attempt.renewed_at())  # the horse's watchdog reads it
         child_pid = os.fork()
         if child_pid == 0:  # pragma: no cover - the work horse
             os.close(write_end)
@@ -125,6 +128,7 @@ class Worker(_Workerkit, RqWorker):
                 os.environ["RQ_WORKER_ID"] = self.name
                 os.environ["RQ_JOB_ID"] = job.id
                 self._wk_horse_stop_reader(read_end)
+                self._wk_start_watchdog(attempt)
                 self.main_work_horse(job, queue)
             finally:
                 os._exit(_HORSE_INTERRUPTED)
@@ -132,6 +136,26 @@ class Worker(_Workerkit, RqWorker):
         attempt.stop_pipe = write_end
         self._horse_pid = child_pid
         self.procline(f"Forked {child_pid} at {time.time()}")
+
+    def _wk_start_watchdog(self, attempt: Attempt) -> None:  # pragma: no cover - the horse
+        """In the horse: stop the job before the lease its parent renews can expire.
+
+        With the parent stopped (SIGSTOP, a wedged main loop) nobody renews the lease; the
+        watchdog marks the job's lease lost (a cooperative job stops), raises JobInterrupted
+        into it (our SIGTERM handler) and has the kernel kill the horse (SIGALRM) before the
+        lease expires and another worker takes the job (engines/leasewatch.py).
+        """
+        clock = self._wk_lease_clock
+        if clock is None:
+            return
+        self._wk_watchdog = Watchdog(
+            clock,
+            log,
+            raise_signal=signal.SIGTERM,
+            reset_alarm=True,  # RQ's job timeout has a handler on SIGALRM
+            on_stop=attempt.mark_watchdog_stopped,
+        )
+        self._wk_watchdog.start()
 
     def _wk_horse_stop_reader(self, read_end: int) -> None:
         """In the horse: a thread that turns the parent's ``request_stop`` into the context's."""
@@ -237,6 +261,10 @@ class Worker(_Workerkit, RqWorker):
         code = os.waitstatus_to_exitcode(ret_val) if ret_val is not None else None
         if attempt.releasing:
             return self._wk_settle_taken(job, attempt)
+        # Stopped by its watchdog (lease_lost, or killed at the deadline) and settled nothing.
+        unsettled = code is None or _HORSE_OUTCOMES.get(code, "lease_lost") == "lease_lost"
+        if attempt.watchdog_stopped and unsettled:
+            return self._wk_after_watchdog(job, attempt, code)
         if code in _HORSE_OUTCOMES:
             attempt.rq_settled = _HORSE_OUTCOMES[code] in (
                 "succeeded",
@@ -277,6 +305,21 @@ class Worker(_Workerkit, RqWorker):
         except redis.exceptions.RedisError:
             outcome = None
         return outcome or "lease_lost"
+
+    def _wk_after_watchdog(self, job: Job, attempt: Attempt, code: int | None) -> Outcome:
+        """The horse's watchdog stopped the job (this process did not renew the lease in time:
+        stopped, or wedged) and the horse settled nothing. Awake again: the job goes back to
+        its queue, attempt given back, only while the lease is still ours (fenced); otherwise
+        another worker has it, or crash recovery will."""
+        log.warning(
+            "the work horse stopped its job: this worker had stopped renewing its lease",
+            extra={"event": "lease_expired_in_horse", "job_id": job.id, "status": code},
+        )
+        return released_or_lost(
+            job.id,
+            lambda: self._wk_recovery.release(attempt.keys, ["run"], give_back=True),
+            "release failed; the lease will expire and the job be recovered",
+        )
 
     def _wk_interrupt(self, attempt: Attempt) -> None:
         """Stop the horse: SIGTERM (its job's ``finally`` blocks run), SIGKILL after a grace."""

@@ -1,0 +1,170 @@
+"""The lease deadline a worker's main process shares with the processes it forks to run jobs.
+
+Only the main process renews its leases, but a forked process runs the job (a Celery prefork
+pool child, an RQ work horse): with the main process stopped (SIGSTOP, a frozen node) the job
+would run on after its lease expired and another worker took it. The main process publishes,
+in memory mapped before the fork, the time until which its leases are known to live; a
+:class:`Watchdog` thread in the forked process stops the job before that time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from workerkit.job import JobContext
+
+__all__ = ("LeaseClock", "Watchdog", "now", "since_monotonic")
+
+#: A clock shared by every process of the host that counts a suspended node's time too (a
+#: lease in Redis keeps expiring meanwhile); CLOCK_MONOTONIC where there is none.
+_CLOCK: Final = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def now() -> float:
+    return time.clock_gettime(_CLOCK)
+
+
+def since_monotonic(at: float) -> float:
+    """The instant ``at`` (``time.monotonic()``, a moment ago) on :func:`now`'s clock."""
+    return now() - (time.monotonic() - at)
+
+
+class LeaseClock:
+    """Until when every lease of this worker is known to live, in memory its children share.
+
+    The main process calls :meth:`extend` with the instant a renewal (or a start) that set
+    every lease it holds was sent (each lease then lives at least ``ttl`` past it in the
+    store). A job is stopped when less than ``stop_at`` is left (cooperatively:
+    ``stop_requested``), interrupted at ``raise_at`` and its process is killed by the kernel at
+    ``kill_at``, before the lease can expire and another worker take the job.
+    """
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.stop_at = ttl / 4
+        self.raise_at = ttl / 8
+        self.kill_at = ttl / 16
+        # MAP_SHARED | MAP_ANONYMOUS: the processes forked later see the main's writes.
+        self._map = mmap.mmap(-1, mmap.PAGESIZE)
+        # One aligned 64-bit word (milliseconds on _CLOCK; 0: not started, no deadline).
+        self._cell = ctypes.c_int64.from_buffer(self._map)
+
+    def extend(self, since: float) -> None:
+        self._cell.value = int((since + self.ttl) * 1000)
+
+    def left(self) -> float | None:
+        """Seconds the leases are known to live, or None before the worker's first renewal."""
+        value = self._cell.value
+        return None if value == 0 else value / 1000 - now()
+
+    def expiring(self) -> bool:
+        """Whether a job must stop now: its lease may not outlive ``stop_at``."""
+        left = self.left()
+        return left is not None and left < self.stop_at
+
+
+def _alarm_kills() -> None:
+    """SIGALRM's default action (terminate the process) again, from any thread.
+
+    Python's ``signal.signal`` is the main thread's only, and the main thread may be the one
+    stuck (a job holding the GIL); the C library's ``signal`` is not.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    install = libc.signal
+    install.restype = ctypes.c_void_p
+    install.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    install(signal.SIGALRM, None)  # SIG_DFL
+
+
+class Watchdog:
+    """In a forked process running jobs: stops the running job before its worker's leases expire.
+
+    A thread that wakes every ``ttl / 16`` (at most 0.25 s) and compares the shared deadline
+    with the clock; it does nothing while the main process renews. Once less than ``stop_at``
+    is left it marks the job's lease lost (``stop_requested`` turns true, so a cooperative job
+    checkpoints and stops), calls ``on_stop``, arms the kernel's interval timer so that SIGALRM
+    (default action: terminate) ends the process at ``kill_at`` even if the job holds the GIL
+    in C code, and at ``raise_at`` sends ``raise_signal`` to its own process (the engine's way
+    to raise into the job). ``reset_alarm``: SIGALRM has a handler of the engine's (RQ's job
+    timeout), put back to the default action when the kill is armed.
+    """
+
+    def __init__(
+        self,
+        clock: LeaseClock,
+        log: logging.Logger,
+        *,
+        raise_signal: signal.Signals | None = None,
+        reset_alarm: bool = False,
+        on_stop: Callable[[], None] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.log = log
+        self.raise_signal = raise_signal
+        self.reset_alarm = reset_alarm
+        self.on_stop = on_stop
+        self._tick = min(0.25, clock.ttl / 16)
+        self._lock = threading.Lock()
+        #: The job this process runs; the one whose stop was started (kill armed), and raised.
+        self._running: JobContext | None = None
+        self._stopping: JobContext | None = None
+        self._raised: JobContext | None = None
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name="workerkit-lease-watchdog", daemon=True).start()
+
+    def begin(self, context: JobContext) -> None:
+        self._running = context
+
+    def end(self, context: JobContext) -> None:
+        """The job ended (in the process's main thread): no stop, no kill for it any more."""
+        with self._lock:
+            self._running = None
+            if self._stopping is context:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                self._stopping = None
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self._tick)
+            try:
+                with self._lock:
+                    self._check()
+            except Exception as exc:  # never let the watchdog die quietly
+                self.log.warning("lease watchdog step failed", extra={"error": str(exc)})
+
+    def _check(self) -> None:
+        context = self._running
+        left = self.clock.left()
+        if context is None or left is None or left >= self.clock.stop_at:
+            return
+        if self._stopping is not context:
+            self._stopping = context
+            context.mark_lease_lost()
+            if self.on_stop is not None:
+                self.on_stop()
+            if self.reset_alarm:
+                _alarm_kills()
+            signal.setitimer(signal.ITIMER_REAL, max(0.001, left - self.clock.kill_at))
+            self.log.warning(
+                "the worker stopped renewing its lease: stopping the task",
+                extra={
+                    "event": "lease_expiring",
+                    "job_id": context.job_id,
+                    "task": context.task,
+                    "left": round(left, 3),
+                },
+            )
+        if left < self.clock.raise_at and self._raised is not context:
+            self._raised = context
+            if self.raise_signal is not None:
+                os.kill(os.getpid(), self.raise_signal)
