@@ -12,7 +12,7 @@ import pytest
 
 from tests.support.helm import find, lint, render, render_error
 from workerkit.cli import main
-from workerkit.drill.cli import spec_from_options
+from workerkit.drill.options import spec_from_options
 
 SQL_POOL = {"workers": {"default": {"app": "proj.tasks:app"}}}
 TWO_POOLS = {

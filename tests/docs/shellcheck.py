@@ -66,8 +66,7 @@ def _check_workerkit(words: list[str]) -> list[str]:
     path = ["workerkit"]
     rest = words[1:]
     while isinstance(command, click.Group) and rest and not rest[0].startswith("-"):
-        with click.Context(command) as ctx:  # a lazy group (drill) lists its commands this way
-            sub = command.get_command(ctx, rest[0])
+        sub = command.commands.get(rest[0])
         if sub is None:
             return [f"{' '.join(path)} has no subcommand {rest[0]!r}"]
         command, path, rest = sub, [*path, rest[0]], rest[1:]

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from workerkit.drill.cli import ProgressPrinter, parse_duration, parse_mix, parse_rate
+from workerkit.drill.options import ProgressPrinter, parse_duration, parse_mix, parse_rate
 from workerkit.drill.run import DrillProgress, assign_kinds
 from workerkit.errors import ConfigurationError
 

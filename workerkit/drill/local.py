@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 import click
 
 from workerkit import exitcodes
-from workerkit.drill.cli import ENGINES, ProgressPrinter, drill_options, spec_from_options
 from workerkit.drill.manifest import DeploymentFacts, read_manifest
+from workerkit.drill.options import ENGINES, ProgressPrinter, drill_options, spec_from_options
 from workerkit.drill.rollout import (
     Action,
     CommandStore,
