@@ -99,6 +99,7 @@ class InFlight:
         self._lists: dict[str, str] = {}  # in-flight list -> its queue key (both prefixed)
         self._records: dict[str, str] = {}
         self._lock = threading.Lock()
+        self.checked = False  # the server's version (require_lmove)
 
     @property
     def alive_key(self) -> str:
@@ -206,7 +207,10 @@ def reliable_pop(channel: Any, flight: InFlight, dead_letter: Callable[..., None
     handler (read the reply, deliver); an error event reads the reply too."""
     if getattr(channel, "_workerkit_pop", None) is flight:
         return
-    require_lmove(channel.client)  # ConfigurationError: worker.py refuses to start
+    if not flight.checked:  # ConfigurationError: worker.py refuses to start
+        with contextlib.suppress(*channel.connection_errors):  # else: at the next start
+            require_lmove(channel.client)
+            flight.checked = True
     popper = _Popper(channel, flight, dead_letter)
     poll_error = channel._poll_error
 
