@@ -96,3 +96,46 @@ def test_a_worker_that_dies_with_a_popped_message_has_it_recovered_and_run_once(
             assert survivor.wait_exit(15)[0] == 0
     assert _runs(env, "orphan") == 1
     assert _nothing_left(redis_url)
+
+
+def _blocked(url: str) -> bool:
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("clients")["blocked_clients"]) >= 1
+    finally:
+        client.close()
+
+
+def test_a_worker_killed_while_its_blocking_pop_lands_has_it_run_once_by_a_survivor(
+    tmp_path: Path, redis_url: str, redis_server: object
+) -> None:
+    """The idle worker waits in its BLMOVE; a message lands in its in-flight list, the reply is
+    lost and the worker dies: the survivor's recovery finds the list (its scan registered it)."""
+    env = _env(tmp_path)
+    env.extra["WORKERKIT_RECOVERY_WINDOW"] = "12"  # the BLMOVE waits its full 1 s
+    send(redis_url, "noop", "warm", task_id="warm")  # the producer's connection, first
+    with CuttingProxy(redis_server.port) as proxy:  # type: ignore[attr-defined]
+        doomed = celery_supervisor(env, _proxied(redis_url, proxy.port), name="doomed")
+        with doomed as pod:
+            wait_until(lambda: _runs(env, "warm"), timeout=30, what="the warm-up run")
+            wait_until(lambda: _nothing_left(redis_url), timeout=15, what="its ack")
+            proxy.cut_at(b"BLMOVE", deliver=True, outage=60.0, on_cut=lambda: os.killpg(pod.pid, 9))
+            assert proxy.sent.wait(30), pod.log_text()  # this BLMOVE reached Redis...
+            wait_until(lambda: _blocked(redis_url), timeout=10, what="the BLMOVE to wait")
+            send(redis_url, "noop", "landed", task_id="landed")
+            assert proxy.cut.wait(30), pod.log_text()
+            pod.proc.wait(10)
+        client = redis.Redis.from_url(redis_url)
+        left = [k for k in client.scan_iter("workerkit:celery:inflight:*") if client.llen(k)]
+        registered = [client.hexists("workerkit:celery:inflights", k) for k in left]
+        client.close()
+        assert left, "the message landed in the dead worker's in-flight list"
+        assert registered == [True]
+        with celery_supervisor(env, redis_url, name="survivor") as survivor:
+            wait_until(lambda: _runs(env, "landed"), timeout=30, what="the recovered run")
+            assert survivor.wait_event("pop_recovered")["messages"] == 1
+            wait_until(lambda: _nothing_left(redis_url), timeout=15, what="the ack")
+            survivor.signal(signal.SIGTERM)
+            assert survivor.wait_exit(15)[0] == 0
+    assert _runs(env, "landed") == 1
+    assert _nothing_left(redis_url)

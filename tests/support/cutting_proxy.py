@@ -38,6 +38,7 @@ class CuttingProxy:
         self._sockets: list[socket.socket] = []
         self._stopped = False
         self.cut = threading.Event()  # set once the chosen command was met
+        self.sent = threading.Event()  # set once the chosen command went to Redis (deliver)
         threading.Thread(target=self._accept, name="cutting-proxy", daemon=True).start()
 
     def url(self, db: int = 0) -> str:
@@ -129,6 +130,7 @@ class CuttingProxy:
                 if deliver:
                     with contextlib.suppress(OSError):
                         server.sendall(data)
+                    self.sent.set()
                     # Redis has run it once its reply comes back (dropped by _replies).
                     replied.wait(10)
                 self._closed_until = time.monotonic() + outage

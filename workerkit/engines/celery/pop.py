@@ -7,7 +7,8 @@ when every key was empty); the delivery's ``unacked`` entry and lease take it ou
 one step (pop_deliver.lua, from delivery.py). An entry is always in exactly one of its queue,
 an in-flight list, ``unacked``. Entries a lost reply left in flight go back to the head of
 their queues: at this worker's next connection, at its release, or, once its liveness key
-expired, by any worker's crash recovery. docs/engines/celery.md has the whole design.
+expired, by any worker's crash recovery; a stale entry in its own lists is delivered by its next
+scan. docs/engines/celery.md has the whole design.
 """
 
 from __future__ import annotations
@@ -24,14 +25,18 @@ from typing import Any, Final
 
 from workerkit.engines.celery.ledger import Ledger
 from workerkit.engines.celery.poison import refusal
+from workerkit.errors import ConfigurationError
 
 __all__ = (
     "BLOCK_AT_MOST",
     "INFLIGHT_PREFIX",
+    "MIN_REDIS",
     "InFlight",
     "Reclaimed",
     "recover_abandoned",
+    "recover_in_flight",
     "reliable_pop",
+    "require_lmove",
 )
 
 log = logging.getLogger("workerkit.engines.celery")
@@ -40,9 +45,17 @@ log = logging.getLogger("workerkit.engines.celery")
 INFLIGHT_PREFIX: Final = "workerkit:celery:inflight:"
 #: The registry of in-flight lists (hash: list key -> {"owner", "queue"}), for crash recovery.
 REGISTRY: Final = "workerkit:celery:inflights"
+#: The owners crash recovery found gone (sorted set: owner -> since when, ms, Redis's clock).
+GONE: Final = "workerkit:celery:inflights:gone"
+#: A gone owner's lists leave the registry after this many liveness TTLs (until then every
+#: recovery pass looks at them again: a blocking pop it sent before it was found gone may land).
+FORGET_AFTER_TTLS: Final = 10
+#: The oldest Redis with LMOVE and BLMOVE.
+MIN_REDIS: Final = (6, 2)
 #: A worker's liveness key (its id, expiring after the lease TTL): set by every lease round,
 #: and by a scan that finds half of its TTL gone (so always fresh when a blocking pop starts).
-#: Gone: the worker is gone (or stopped past its lease), its lists go back.
+#: Gone: the worker is gone (or stopped past its lease), its lists go back; found gone by the
+#: worker itself (it was stopped), its lists are registered again.
 ALIVE_PREFIX: Final = "workerkit:celery:alive:"
 #: The longest a blocking pop waits (on one queue's main key) before the next scan of every
 #: key: a message on another key (another queue, a priority) waits at most this long.
@@ -57,6 +70,10 @@ _SCAN: Final = _lua("pop_scan.lua")
 _DELIVER: Final = _lua("pop_deliver.lua")
 _RETURN: Final = _lua("pop_return.lua")
 _REFUSE: Final = _lua("pop_refuse.lua")
+_ALIVE: Final = _lua("pop_alive.lua")
+_REQUEUE: Final = _lua("pop_requeue.lua")
+#: How often a stale entry (pop_scan.lua) may come back undelivered before it is dead-lettered.
+STALE_TRIES: Final = 3
 
 
 class Reclaimed(Exception):
@@ -73,13 +90,16 @@ class InFlight:
     def __init__(self, owner: str, ttl: float, prefix: str = "") -> None:
         self.owner = owner
         self.ttl_ms = max(1, int(ttl * 1000))
-        #: A blocking pop returns (empty) at least this often: well within the liveness TTL,
-        #: so a pop cannot land after the worker's lists were recovered as a dead worker's.
+        #: A blocking pop returns (empty) at least this often, within the liveness TTL. Its bound
+        #: counts from when Redis reads it, so one sent late (the worker stopped before it sent
+        #: it) can still land after a recovery found the worker gone: recovery keeps a gone
+        #: worker's lists registered for FORGET_AFTER_TTLS, and the worker registers them again.
         self.block_for = max(0.05, min(BLOCK_AT_MOST, ttl / 4))
         self.prefix = prefix
         self._lists: dict[str, str] = {}  # in-flight list -> its queue key (both prefixed)
         self._records: dict[str, str] = {}
         self._lock = threading.Lock()
+        self.checked = False  # the server's version (require_lmove)
 
     @property
     def alive_key(self) -> str:
@@ -88,6 +108,10 @@ class InFlight:
     @property
     def registry(self) -> str:
         return self.prefix + REGISTRY
+
+    @property
+    def gone(self) -> str:
+        return self.prefix + GONE
 
     def list_for(self, source: str) -> str:
         """The in-flight list of the queue key ``source`` (unprefixed); prefixed."""
@@ -105,9 +129,14 @@ class InFlight:
         return found
 
     def keep_alive(self, client: Any) -> None:
-        """The keeper's round: this worker is alive (a busy worker pops rarely)."""
-        # PSETEX: a command kombu's prefixing client leaves as it is (the key is prefixed).
-        client.execute_command("PSETEX", self.alive_key, self.ttl_ms, self.owner)
+        """The keeper's round: this worker is alive (a busy worker pops rarely); pop_alive.lua
+        registers its lists again when its liveness key was gone."""
+        with self._lock:
+            lists = list(self._lists.items())
+        keys = [self.alive_key, self.registry, self.gone, *(k for k, _ in lists)]
+        records = [json.dumps({"owner": self.owner, "queue": q}) for _, q in lists]
+        args = [self.owner, self.ttl_ms, *records]
+        client.execute_command("EVAL", _ALIVE, len(keys), *keys, *args)
 
     def give_back(self, client: Any) -> int:
         """Every entry in this worker's in-flight lists back to the head of its queue: only
@@ -117,8 +146,9 @@ class InFlight:
             pairs = [k for pair in self._lists.items() for k in pair]
         if not pairs:
             return 0
-        keys = [self.registry, self.alive_key, *pairs]
-        moved = int(client.execute_command("EVAL", _RETURN, len(keys), *keys, "own") or 0)
+        keys = [self.registry, self.alive_key, self.gone, *pairs]
+        args = ["own", self.owner, 0]
+        moved = int(client.execute_command("EVAL", _RETURN, len(keys), *keys, *args) or 0)
         if moved:
             log.warning(
                 "messages whose pop reply was lost are back in their queues",
@@ -147,6 +177,11 @@ class InFlight:
         keys = [inflight, self.prefix + dead]
         return bool(client.execute_command("EVAL", _REFUSE, 2, *keys, raw, record))
 
+    def requeue(self, client: Any, inflight: str, source: str, raw: bytes) -> bool:
+        """pop_requeue.lua: the entry back to the head of its queue key ``source``."""
+        keys = [inflight, self.prefix + source]
+        return bool(client.execute_command("EVAL", _REQUEUE, 2, *keys, raw))
+
 
 class _Pending:
     """The pop sent on the consumer's connection, whose reply the loop reads next."""
@@ -156,13 +191,14 @@ class _Pending:
         self.sources = sources  # the queue keys, unprefixed, in kombu's order
         self.blocked_on = blocked_on  # BLMOVE: the index of its queue key
 
-    def found(self, reply: Any) -> tuple[str, bytes] | None:
+    def found(self, reply: Any) -> tuple[str, bytes, bool] | None:
+        """The queue key, the entry, and whether it was stale (already in flight)."""
         if not reply:
             return None
         if self.blocked_on is not None:
-            return self.sources[self.blocked_on], bytes(reply)
-        index, raw = reply
-        return self.sources[int(index) - 1], bytes(raw)
+            return self.sources[self.blocked_on], bytes(reply), False
+        index, raw, stale = reply
+        return self.sources[int(index) - 1], bytes(raw), bool(int(stale))
 
 
 def reliable_pop(channel: Any, flight: InFlight, dead_letter: Callable[..., None]) -> None:
@@ -171,6 +207,10 @@ def reliable_pop(channel: Any, flight: InFlight, dead_letter: Callable[..., None
     handler (read the reply, deliver); an error event reads the reply too."""
     if getattr(channel, "_workerkit_pop", None) is flight:
         return
+    if not flight.checked:  # ConfigurationError: worker.py refuses to start
+        with contextlib.suppress(*channel.connection_errors):  # else: at the next start
+            require_lmove(channel.client)
+            flight.checked = True
     popper = _Popper(channel, flight, dead_letter)
     poll_error = channel._poll_error
 
@@ -207,6 +247,10 @@ class _Popper:
         self.block = False  # the last scan found every key empty
         self.pause = False  # the last pop failed (a refused script): wait before the next
         self.turn = 0
+        #: The queue key whose in-flight list the last empty scan registered: the only key a
+        #: blocking pop may wait on (a key the queue set no longer has: a scan again).
+        self.armed: str | None = None
+        self.stale: dict[bytes, int] = {}  # a stale entry -> how often the scan returned it
 
     def start(self, timeout: Any = None) -> None:
         channel, flight = self.channel, self.flight
@@ -236,16 +280,18 @@ class _Popper:
             self.pause = False
             pending = _Pending("BLPOP", sources, None)
             args: list[Any] = ["BLPOP", flight.alive_key + ":pause", self.block_for]
-        elif self.block:
+        elif self.block and self.armed in sources:
             self.turn += 1
-            at = self.turn % len(queues)  # the main key (priority 0) of one queue in turn
+            at = sources.index(str(self.armed))  # the key (and list) the scan registered
             pending = _Pending("BLMOVE", sources, at)
             args = ["BLMOVE", p + sources[at], lists[at], "RIGHT", "LEFT"]
             args.append(self.block_for)
         else:
-            at = (self.turn + 1) % len(queues)  # the key the next BLMOVE waits on
+            at = (self.turn + 1) % len(queues)  # the main key the next BLMOVE waits on
+            self.armed = sources[at]
             pending = _Pending("EVAL", sources, None)
-            keys = [flight.alive_key, flight.registry, *(p + s for s in sources), *lists]
+            keys = [flight.alive_key, flight.registry, flight.gone]
+            keys += [*(p + s for s in sources), *lists]
             args = ["EVAL", _SCAN, len(keys), *keys, flight.owner, flight.ttl_ms, at + 1]
             args += [flight.record(s) for s in sources]
         self.pending = pending
@@ -272,10 +318,21 @@ class _Popper:
                 log.warning("the pop failed", extra={"event": "pop_failed", "error": str(exc)})
                 raise Empty from None
             self.block = pending.command == "EVAL" and not reply
-            popped = pending.found(reply) if pending.command != "BLPOP" else None
-            if popped is None:
+            found = pending.found(reply) if pending.command != "BLPOP" else None
+            if found is None:
                 raise Empty
-            _deliver(channel, self.flight, popped, self.sep, self.loads, self.dead_letter)
+            source, raw, stale = found
+            dead_letter = self.dead_letter
+            if stale:
+                tries = self.stale[raw] = self.stale.get(raw, 0) + 1
+                if tries > STALE_TRIES:
+                    self.stale.pop(raw)
+                    queue = source.rsplit(self.sep, 1)[0]
+                    reason = f"left in flight undelivered after {STALE_TRIES} tries"
+                    dead_letter(queue, raw, reason, taken_from=self.flight.list_for(source))
+                    raise Empty
+            _deliver(channel, self.flight, (source, raw), self.sep, self.loads, dead_letter)
+            self.stale.pop(raw, None)
             return True
         finally:
             channel._in_poll = None
@@ -301,6 +358,10 @@ def _deliver(
     if reason is not None:
         dead_letter(queue, raw, reason, taken_from=inflight)
         raise Empty
+    if queue not in channel.connection._callbacks:  # its consumer was cancelled meanwhile
+        with channel.conn_or_acquire() as client:
+            flight.requeue(client, inflight, source, raw)
+        raise Empty
     channel._queue_cycle.rotate(queue)
     channel._workerkit_popped = (inflight, raw)
     try:
@@ -319,9 +380,38 @@ def _deliver(
             flight.forget(client, inflight, raw)
 
 
-def recover_abandoned(client: Any, prefix: str = "") -> int:
+def require_lmove(client: Any) -> None:
+    """Refuse a Redis without LMOVE and BLMOVE (older than 6.2): the reliable pop needs them."""
+    info = client.execute_command("INFO", "server")
+    if isinstance(info, bytes | str):
+        text = _text(info)
+        info = dict(ln.split(":", 1) for ln in text.splitlines() if ":" in ln)
+    version = str(info.get("redis_version", "0"))
+    parts = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+    if parts < MIN_REDIS:
+        raise ConfigurationError(
+            f"broker_url: Redis {version} has no LMOVE/BLMOVE, which workerkit's Celery engine "
+            "needs (its reliable pop): use Redis 6.2 or newer"
+        )
+
+
+def recover_in_flight(client: Any, prefix: str, ttl: float) -> int:
+    """:func:`recover_abandoned`, which never raises: its failure (Redis refusing a script, a
+    lost connection) is logged and must not stop the lease-based recovery after it."""
+    try:
+        return recover_abandoned(client, prefix, forget_after=ttl * FORGET_AFTER_TTLS)
+    except Exception as exc:
+        log.warning(
+            "could not recover the in-flight lists of dead workers; tried again next round",
+            extra={"event": "pop_recovery_failed", "error": str(exc)},
+        )
+        return 0
+
+
+def recover_abandoned(client: Any, prefix: str = "", forget_after: float = 300.0) -> int:
     """Crash recovery: the in-flight lists of workers whose liveness key is gone go back to
-    their queues (pop_return.lua re-checks the key). How many entries moved."""
+    their queues (pop_return.lua re-checks the key); they stay registered until the worker
+    has been gone ``forget_after`` seconds. How many entries moved."""
     registry = prefix + REGISTRY
     lists: dict[str, list[str]] = {}
     for key, value in (client.execute_command("HGETALL", registry) or {}).items():
@@ -338,8 +428,9 @@ def recover_abandoned(client: Any, prefix: str = "") -> int:
     for owner, alive in zip(owners, pipe.execute(), strict=True):
         if alive:
             continue
-        keys = [registry, prefix + ALIVE_PREFIX + owner, *lists[owner]]
-        n = int(client.execute_command("EVAL", _RETURN, len(keys), *keys, "dead") or 0)
+        keys = [registry, prefix + ALIVE_PREFIX + owner, prefix + GONE, *lists[owner]]
+        args = ["dead", owner, int(forget_after * 1000)]
+        n = int(client.execute_command("EVAL", _RETURN, len(keys), *keys, *args) or 0)
         if n:
             log.warning(
                 "messages popped by a worker that died are back in their queues",

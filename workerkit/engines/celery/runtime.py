@@ -36,7 +36,7 @@ from workerkit.engines.celery.delivery import (
 from workerkit.engines.celery.lease import LeaseClock, Watchdog, now
 from workerkit.engines.celery.ledger import Ledger
 from workerkit.engines.celery.poison import dead_key, dead_record, describe, guard_deliveries
-from workerkit.engines.celery.pop import InFlight, recover_abandoned, reliable_pop
+from workerkit.engines.celery.pop import InFlight, recover_in_flight, reliable_pop
 from workerkit.engines.lifeline import Lifeline
 from workerkit.events import (
     BATCH_DELAY,
@@ -652,7 +652,7 @@ class Runtime:
 
     def _recover(self) -> None:
         ledger = self.ledger
-        recover_abandoned(ledger.client, ledger.prefix)
+        recover_in_flight(ledger.client, ledger.prefix, self.lease_ttl)  # never raises
         for tag in ledger.abandoned(time.time() - self.lease_ttl):
             task_id = ledger.task_id_of(tag)
             # The owner died: the run (if it had started) counts as an attempt.

@@ -10,12 +10,14 @@ the worker and its pool children is one JSON object.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from workerkit import events as events_module
+from workerkit import exitcodes
 from workerkit.engines.celery.config import (
     configure_app,
     limit_tasks,
@@ -66,7 +68,7 @@ def install(app: Any, settings: Settings) -> Runtime:
 
         def start(self, parent: Any) -> None:
             # After the Tasks step made the task consumer (again, after a reconnection).
-            runtime.on_consumer_start(parent)
+            _start_consumer(runtime, parent)
 
     app.steps["consumer"].add(WorkerkitStep)
 
@@ -117,6 +119,17 @@ def install(app: Any, settings: Settings) -> Runtime:
     app.Worker = Worker
     # Jobs of the solo and threads pools run in this process: they hear commands here.
     return runtime
+
+
+def _start_consumer(runtime: Runtime, consumer: Any) -> None:
+    """Runtime.on_consumer_start; a broker it cannot work with (pop.py) ends the worker with
+    the configuration error's exit code (nothing was consumed yet)."""
+    try:
+        runtime.on_consumer_start(consumer)
+    except ConfigurationError as exc:
+        log.error(str(exc), extra={"event": "worker_config_error"})
+        logging.shutdown()
+        os._exit(exitcodes.CONFIG_ERROR)
 
 
 def _adopt_tasks(app: Any, settings: Settings, runtime: Runtime) -> None:
@@ -183,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         register_celery(app)  # the drill's canary, in every celery worker (docs/reference/drill.md)
     except ConfigurationError as exc:
         log.error(str(exc), extra={"event": "worker_config_error"})
-        sys.exit(2)
+        sys.exit(exitcodes.CONFIG_ERROR)
     args = list(sys.argv[1:] if argv is None else argv)
     message, differences = startup_differences(app, settings, args)
     log.info(message, extra={"event": "celery_differences", "differences": differences})
