@@ -7,10 +7,11 @@ exactly once, exit 0. A broken one (the kubelet's grace period shorter than the 
 while the worker was told a longer one, so its release never comes before the SIGKILL): the
 lost canaries are reported and the exit code is DRILL_FAILED.
 
-A crash (SIGKILL of a whole pod) makes two exceptions to exactly once that no setting prevents,
-and the drill reports them (exit DRILL_FAILED): a canary completed in the instant before the kill
-runs again (its record and its acknowledgement are two writes), and on celery a message the
-killed worker had just popped is lost. The tests accept those, named and bounded, and nothing else.
+A crash (SIGKILL of a whole pod) may kill a worker between a canary's end and its
+acknowledgement; the engine delivers it again (at-least-once). The canary is idempotent (its
+completion and its "done" mark are one atomic write), so that delivery is recognised and skipped:
+the report lists it as ``redelivered``, information, and the drill still passes. Nothing else is
+excused: every canary exactly once, exit 0, on every engine.
 """
 
 from __future__ import annotations
@@ -106,49 +107,20 @@ def test_sql_drill_every_canary_exactly_once(postgres_url: str, tmp_path: Path) 
     assert report["counts"]["released"] > 0  # long canaries were handed over at the stops
 
 
-def _acked_too_late(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Canaries run twice for the one reason a crash allows: the first run completed on the
-    crashed pod and the container was SIGKILLed before its acknowledgement (the canary's record
-    and the engine's ack are two writes), so the engine delivered it again, after that run."""
-    crashes = [(e["pod"], e["t"]) for e in _events(report, "crashed")]
-    return [
-        dup
-        for dup in report["twice"]
-        if not dup["overlap"]
-        and len(dup["runs"]) == 2
-        and any(
-            dup["runs"][0]["hostname"] == pod and 0 <= at - dup["runs"][0]["ended"] < 1.0
-            for pod, at in crashes
-        )
-    ]
-
-
-def _popped_by_the_dead(report: dict[str, Any]) -> list[int]:
-    """Celery only: canaries never started, enqueued (at 50/s) in the 2 s before the crash: a
-    message the killed worker's BRPOP took from the queue before kombu listed it as unacked,
-    so no one can give it back (the in-transit gap of docs/operations/failure-modes.md)."""
-    crashes = [e["t"] for e in _events(report, "crashed")]
-    return [seq for seq in report["lost"] if any(0 <= at - seq / 50 < 2.0 for at in crashes)]
-
-
-def _assert_good(
-    code: int, report: Any, stderr: str, drill_dir: Path, *, in_transit: bool = False
-) -> None:
-    """Every canary exactly once, exit 0; or, the exceptions a crash makes (reported by the
-    drill, exit DRILL_FAILED): canaries that completed in the instant before the SIGKILL and ran
-    again (at-least-once), and with ``in_transit`` a message popped by the killed worker."""
+def _assert_good(code: int, report: Any, stderr: str, drill_dir: Path) -> None:
+    """Every canary exactly once, exit 0; a redelivery after completion (a crash between a
+    canary's end and its ack) only as a skipped, recorded run."""
     assert report is not None, stderr
     counts = report["counts"]
     problems = (counts, report["lost"], report["twice"], stderr)
-    late = _acked_too_late(report)
-    gone = _popped_by_the_dead(report) if in_transit else []
-    assert report["lost"] == gone, problems
-    assert counts["twice"] == len(late), problems
-    verdict = (exitcodes.DRILL_FAILED, False) if late or gone else (exitcodes.OK, True)
-    assert (code, report["ok"]) == verdict, problems
+    assert (code, report["ok"]) == (exitcodes.OK, True), problems
     assert counts["sent"] == 3000, counts
-    assert counts["exactly_once"] == 3000 - len(late) - len(gone), counts
+    assert counts["exactly_once"] == 3000, problems
+    assert counts["lost"] == counts["twice"] == 0, problems
     assert counts["resumed"] > 0, counts  # a long canary went on from its checkpoint
+    assert counts["redelivered"] == len(report["redelivered"]), report["redelivered"]
+    for again in report["redelivered"]:  # each came back from a completed run's pod
+        assert again["completed_on"] is not None, again
     _assert_rolled(report)
     _assert_stopped_in_time(report, drill_dir)
 
@@ -192,7 +164,7 @@ def test_celery_drill_every_canary_exactly_once(redis_db: str, tmp_path: Path) -
         tmp_path,
         E2E_REDIS_URL=redis_db,  # the test app's broker (tests/apps/celery_jobs.py)
     )  # fmt: skip
-    _assert_good(code, report, stderr, tmp_path / "drill", in_transit=True)
+    _assert_good(code, report, stderr, tmp_path / "drill")
 
 
 def _broken_manifest(path: Path) -> Path:

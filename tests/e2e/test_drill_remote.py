@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +38,10 @@ from tests.support.harness import (
 from tests.support.servers import RedisServer, free_port
 from workerkit import exitcodes
 from workerkit.drill import CanaryRun, DrillReport, DrillSpec, run_drill
+from workerkit.drill.canary import run_canary
 from workerkit.drill.records import RecordStore, RedisRecords, SqlRecords
 from workerkit.engines.sql import upgrade
+from workerkit.job import JobContext
 from workerkit.settings import Settings
 
 REDIS_DB = 7  # ours on the session's server, flushed around each test
@@ -201,7 +204,7 @@ def rolled_drill(pods: Pods) -> None:
         assert "PASS: all 40 canaries completed exactly once" in text
         if isinstance(pods.records, RedisRecords):  # every key of the drill expires
             keys = pods.records.client.keys(f"workerkit:drill:{spec.drill_id}:*")
-            assert len(keys) == 1 + len(runs)  # the index and one hash per run
+            assert len(keys) == 2 + len(runs)  # the index, the done marks, one hash per run
             assert all(0 < pods.records.client.ttl(key) <= 86400 for key in keys)
     finally:
         pods.records.close()
@@ -222,6 +225,42 @@ def test_celery_drill_through_a_rolling_restart_is_exactly_once(
     tmp_path: Path, redis_db: str
 ) -> None:
     rolled_drill(celery_pods(tmp_path, redis_db))
+
+
+@pytest.mark.parametrize("engine", ["sql", "redis"])
+def test_a_canary_delivered_again_after_it_completed_is_recorded_and_skipped(
+    tmp_path: Path, redis_db: str, engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The canary is an idempotent job: its completion and its done mark are one write in the
+    real store, so a second delivery after it completed (an ack lost with a killed pod) finds
+    it done, records a ``redelivered`` run and does not run the body; a release leaves no mark."""
+    if engine == "sql":
+        url = f"sqlite:///{tmp_path / 'queue.sqlite3'}"
+        upgrade(url)
+        records: RecordStore = SqlRecords(url)
+    else:
+        records = RedisRecords.from_url(redis_db)
+    try:
+        for attempt, hostname in ((1, "pod-a"), (2, "pod-b")):
+            job = JobContext(job_id="j", task="workerkit.canary", queue="q", attempt=attempt)
+            monkeypatch.setenv("HOSTNAME", hostname)
+            with job.activate():
+                assert run_canary(
+                    records, drill_id="again", seq=4, kind="long", enqueued_at=time.time(),
+                    long_seconds=0.0 if attempt == 1 else 60.0,
+                ) == "ok"  # fmt: skip
+        runs = sorted(records.runs("again"), key=lambda r: r.started_at)
+        assert [(r.hostname, r.outcome) for r in runs] == [
+            ("pod-a", "completed"),
+            ("pod-b", "redelivered"),
+        ]
+        assert records.completed_before("again", 4)
+        released = CanaryRun("again", "r5", 5, "long", 1, "pod-a", 1, 0.0, 0.0)
+        records.started(released)
+        records.ended(released, 1.0, "released")
+        assert not records.completed_before("again", 5)
+    finally:
+        records.close()
 
 
 def drill_cli(pods: Pods, args: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -29,6 +30,9 @@ class Records:
         self.by_id[run.run_id] = CanaryRun(
             **{**old.to_json(), "ended_at": ended_at, "outcome": outcome}
         )
+
+    def completed_before(self, drill_id: str, seq: int) -> bool:
+        return any(r.seq == seq and r.completed for r in self.runs(drill_id))
 
     def runs(self, drill_id: str) -> list[CanaryRun]:
         return [r for r in self.by_id.values() if r.drill_id == drill_id]
@@ -62,6 +66,23 @@ def test_short_canary_records_one_completed_run(monkeypatch: pytest.MonkeyPatch)
     assert run.ended_at is not None
     assert run.ended_at >= run.started_at
     assert not run.resumed
+
+
+def test_a_canary_delivered_again_after_completing_skips_its_body(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    records = Records()
+    assert canary(records, context(), "long", long_seconds=0.2) == "ok"
+    monkeypatch.setenv("HOSTNAME", "pod-y")
+    began = time.monotonic()
+    assert canary(records, context(attempt=2), "long", long_seconds=30.0) == "ok"
+    assert time.monotonic() - began < 5  # the body (30 s of work) did not run
+    again = [r for r in records.runs("d") if r.outcome == "redelivered"]
+    assert len(again) == 1
+    assert (again[0].hostname, again[0].attempt) == ("pod-y", 2)
+    assert again[0].ended_at is not None
+    assert 0 <= again[0].ended_at - again[0].started_at < 1
+    assert sorted(str(r.outcome) for r in records.runs("d")) == ["completed", "redelivered"]
 
 
 def test_flaky_canary_fails_its_first_attempt_only() -> None:

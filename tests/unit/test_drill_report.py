@@ -1,4 +1,5 @@
-"""The drill's report from records: exactly once, twice (overlapping or not), lost, releases."""
+"""The drill's report from records: exactly once, twice (overlapping or not), lost, releases,
+redelivered after completion (information, not a failure)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,47 @@ def test_twice_says_whether_the_runs_overlapped() -> None:
     assert "seq 0 (short), overlapping: pod-a" in r.render_text()
 
 
+def test_a_redelivery_after_completion_is_information_not_a_failure() -> None:
+    # seq 0 completed on pod-a, which was killed before its ack; the engine delivered it again
+    # to pod-b, whose run found it completed and skipped the body.
+    runs = [
+        run(0, 0.1, 0.2, hostname="pod-a"),
+        run(0, 3.0, 3.0, "redelivered", hostname="pod-b", attempt=2),
+        run(1, 1.1, 1.2),
+    ]
+    r = report(sent(0, 1), runs)
+    assert r.ok
+    assert (r.exactly_once, r.twice, r.lost, r.redelivered, r.abandoned) == (2, 0, 0, 1, 0)
+    (again,) = r.redeliveries
+    assert (again.seq, again.run.hostname) == (0, "pod-b")
+    assert again.completed_by is not None
+    assert again.completed_by.hostname == "pod-a"
+    text = r.render_text()
+    assert "redelivered            1" in text
+    assert "seq 0 (short): completed on pod-a at 0.2 s, again on pod-b at 3.0 s" in text
+    assert "PASS: all 2 canaries completed exactly once" in text
+    data = json.loads(json.dumps(r.to_json()))
+    assert data["ok"] is True
+    assert data["counts"]["redelivered"] == 1
+    assert data["redelivered"] == [
+        {"seq": 0, "kind": "short", "hostname": "pod-b", "at": 3.0,
+         "completed_on": "pod-a", "completed_at": 0.2},
+    ]  # fmt: skip
+
+
+def test_a_redelivery_does_not_excuse_a_second_completion() -> None:
+    runs = [
+        run(0, 0.1, 0.2, hostname="pod-a"),
+        run(0, 0.15, 0.5, hostname="pod-b"),  # ran the body too, at the same time: a failure
+        run(0, 3.0, 3.0, "redelivered", hostname="pod-c"),
+    ]
+    r = report(sent(0), runs)
+    assert not r.ok
+    assert (r.twice, r.twice_overlapping, r.redelivered) == (1, 1, 1)
+    assert r.redeliveries[0].completed_by is not None
+    assert r.redeliveries[0].completed_by.hostname == "pod-b"  # the last to end before it
+
+
 def test_releases_resumes_and_flaky_retries_are_counted_per_run() -> None:
     runs = [
         run(0, 0.1, 1.0, "released", kind="long"),
@@ -135,8 +177,9 @@ def test_json_shape() -> None:
     assert data["engine"] == "sql"
     assert data["counts"] == {
         "sent": 2, "exactly_once": 0, "twice": 1, "twice_overlapping": 1, "lost": 1,
-        "released": 0, "resumed": 0, "retried": 0, "abandoned": 0,
+        "released": 0, "resumed": 0, "retried": 0, "abandoned": 0, "redelivered": 0,
     }  # fmt: skip
+    assert data["redelivered"] == []
     assert data["lost"] == [1]
     assert data["twice"][0]["seq"] == 0
     assert data["twice"][0]["overlap"] is True

@@ -7,7 +7,9 @@ end in the engine's store (:mod:`workerkit.drill.records`). Kinds: ``short`` (mi
 ``long`` (``long_seconds`` of work, checkpointed: it releases itself at a stop request and the
 next attempt resumes), ``flaky`` (fails its first attempt; the engine's own retry runs it
 again) and ``stubborn`` (long, never checkpoints, ignores stop requests: what a job that does
-not cooperate does to a rollout).
+not cooperate does to a rollout). A canary is idempotent, the way users' jobs should be: its
+completion and its "done" mark are one atomic write, and a run that finds its canary done (a
+redelivery after a lost acknowledgement) records itself as ``redelivered`` and skips the body.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final
 
 from workerkit.drill.records import CanaryRun, RecordStore
@@ -91,7 +94,9 @@ def run_canary(
     enqueued_at: float,
     long_seconds: float = 0.0,
 ) -> str:
-    """One execution of a canary, recorded at its start and end; returns ``"ok"``."""
+    """One execution of a canary, recorded at its start and end; returns ``"ok"``. A canary
+    already completed (delivered again: its worker died between the end and the ack) is recorded
+    as ``redelivered``, in one write, and its body is not run again."""
     job = current_job()
     run = CanaryRun(
         drill_id=drill_id,
@@ -105,6 +110,9 @@ def run_canary(
         started_at=time.time(),
         resumed=job.checkpoint is not None,
     )
+    if records.completed_before(drill_id, run.seq):
+        records.started(replace(run, ended_at=time.time(), outcome="redelivered"))
+        return "ok"
     records.started(run)
     outcome = "interrupted"
     try:

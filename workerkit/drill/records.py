@@ -3,7 +3,8 @@
 A canary writes a record when it starts and finishes it when it ends (SQL: a row of
 ``workerkit_drill_runs``; Redis: a hash under ``workerkit:drill:<id>:`` with a TTL). The drill
 reads them back to compute its report, so its numbers are what the workers did, never what a
-supervisor logged. A record that never ends is an execution whose process died.
+supervisor logged. A record that never ends is an execution whose process died. A completion
+is written in one atomic write with the canary's "done" mark, which a redelivered run checks first.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ __all__ = (
     "redis_key",
 )
 
-#: How an execution ended; None while it runs (or when its process was killed).
-OUTCOMES: Final = ("completed", "released", "failed", "lease_lost", "interrupted")
+#: How an execution ended; None while it runs (or when its process was killed). ``redelivered``:
+#: a run that found its canary already completed and skipped the body (a lost acknowledgement).
+OUTCOMES: Final = ("completed", "released", "failed", "lease_lost", "interrupted", "redelivered")
 
 #: Every Redis key of a drill starts with this, then the drill id.
 REDIS_PREFIX: Final = "workerkit:drill:"
@@ -74,7 +76,14 @@ class RecordStore(Protocol):
 
     def started(self, run: CanaryRun) -> None: ...
 
-    def ended(self, run: CanaryRun, ended_at: float, outcome: str) -> None: ...
+    def ended(self, run: CanaryRun, ended_at: float, outcome: str) -> None:
+        """Finish ``run``'s record; a ``completed`` end marks its canary done in the same
+        atomic write (so no process dies between the two)."""
+        ...
+
+    def completed_before(self, drill_id: str, seq: int) -> bool:
+        """Whether canary ``seq`` of ``drill_id`` already has a completed run."""
+        ...
 
     def runs(self, drill_id: str) -> list[CanaryRun]: ...
 
@@ -113,6 +122,25 @@ class SqlRecords:
                 .where(table.c.drill_id == run.drill_id, table.c.run_id == run.run_id)
                 .values(ended_at=ended_at, outcome=outcome)
             )
+
+    def completed_before(self, drill_id: str, seq: int) -> bool:
+        """The ``completed`` outcome is the mark: ``ended`` sets it in one UPDATE."""
+        from sqlalchemy import select
+
+        from workerkit.engines.sql.schema import drill_runs
+
+        table = drill_runs
+        with self.engine.connect() as connection:
+            found = connection.execute(
+                select(table.c.run_id)
+                .where(
+                    table.c.drill_id == drill_id,
+                    table.c.seq == seq,
+                    table.c.outcome == "completed",
+                )
+                .limit(1)
+            ).first()
+        return found is not None
 
     def runs(self, drill_id: str) -> list[CanaryRun]:
         from workerkit.engines.sql.db import READ_ONLY_OPTION
@@ -159,11 +187,20 @@ class RedisRecords:
         pipe.execute()
 
     def ended(self, run: CanaryRun, ended_at: float, outcome: str) -> None:
+        """One MULTI/EXEC: the run's end and, when it completed, its canary's mark in the hash
+        ``workerkit:drill:<id>:done`` (seq -> the first completing run's id, HSETNX)."""
         key = redis_key(run.drill_id, f"run:{run.run_id}")
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(key, mapping=_redis_fields({"ended_at": ended_at, "outcome": outcome}))
         pipe.expire(key, self.ttl)
+        if outcome == "completed":
+            done = redis_key(run.drill_id, "done")
+            pipe.hsetnx(done, str(run.seq), run.run_id)
+            pipe.expire(done, self.ttl)
         pipe.execute()
+
+    def completed_before(self, drill_id: str, seq: int) -> bool:
+        return bool(self.client.hexists(redis_key(drill_id, "done"), str(seq)))
 
     def runs(self, drill_id: str) -> list[CanaryRun]:
         ids = sorted(self.client.smembers(redis_key(drill_id, "runs")))

@@ -3,9 +3,10 @@
 :func:`build_report` takes what the drill sent and the records the canaries wrote
 (:class:`~workerkit.drill.records.CanaryRun`) and counts, per canary: completed exactly once,
 completed twice or more (and whether those runs overlapped in time), or never completed (lost).
-Releases, resumes and the flaky canaries' failed first attempts are counted per execution. The
-enqueue -> start latency is given per window of enqueue time, so a rollout shows up as the
-windows where it rose.
+Runs that found their canary already completed and skipped it (redelivered: an ack lost with a
+killed worker) are listed apart, as information. Releases, resumes and the flaky canaries'
+failed first attempts are counted per execution. The enqueue -> start latency is given per window
+of enqueue time, so a rollout shows up as the windows where it rose.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = (
     "Duplicate",
     "LatencyWindow",
     "PodSpan",
+    "Redelivery",
     "Sent",
     "build_report",
     "percentile",
@@ -62,6 +64,17 @@ class Duplicate:
     kind: str
     runs: tuple[CanaryRun, ...]
     overlap: bool  # two of its completed runs ran at the same time (on two workers)
+
+
+@dataclass(frozen=True)
+class Redelivery:
+    """A run that found its canary already completed and skipped the body: the engine delivered
+    it again because the worker that completed it was killed before its acknowledgement."""
+
+    seq: int
+    kind: str
+    run: CanaryRun  # the redelivered run (outcome ``redelivered``)
+    completed_by: CanaryRun | None  # the run that had completed it (None: no record of it)
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,11 @@ class DrillReport:
     pods: tuple[PodSpan, ...]
     settings: Mapping[str, Any] = field(default_factory=dict)  # rate, duration, mix, ...
     stopped_early: bool = False
+    redeliveries: tuple[Redelivery, ...] = ()  # information, not a failure
+
+    @property
+    def redelivered(self) -> int:
+        return len(self.redeliveries)
 
     @property
     def ok(self) -> bool:
@@ -137,6 +155,7 @@ class DrillReport:
                 "resumed": self.resumed,
                 "retried": self.retried,
                 "abandoned": self.abandoned,
+                "redelivered": self.redelivered,
             },
             "by_kind": {kind: dict(counts) for kind, counts in self.by_kind.items()},
             "lost": list(self.lost_seqs),
@@ -157,6 +176,7 @@ class DrillReport:
                 }
                 for dup in self.duplicates
             ],
+            "redelivered": [self._redelivery(r) for r in self.redeliveries],
             "latency": {
                 "windows": [
                     {
@@ -182,6 +202,19 @@ class DrillReport:
                 }
                 for pod in self.pods
             ],
+        }
+
+    def _redelivery(self, item: Redelivery) -> dict[str, Any]:
+        first = item.completed_by
+        return {
+            "seq": item.seq,
+            "kind": item.kind,
+            "hostname": item.run.hostname,
+            "at": self._at(item.run.started_at),
+            "completed_on": None if first is None else first.hostname,
+            "completed_at": None
+            if first is None or first.ended_at is None
+            else self._at(first.ended_at),
         }
 
     def _at(self, t: float) -> float:
@@ -226,6 +259,7 @@ def build_report(
     by_kind: dict[str, dict[str, int]] = {}
     lost: list[int] = []
     duplicates: list[Duplicate] = []
+    redeliveries: list[Redelivery] = []
     samples: list[tuple[float, float]] = []
     for seq in sorted(sent_by_seq):
         item = sent_by_seq[seq]
@@ -233,6 +267,11 @@ def build_report(
         kind["sent"] += 1
         mine = sorted(runs_by_seq.get(seq, []), key=lambda r: r.started_at)
         completed = [r for r in mine if r.completed]
+        redeliveries.extend(
+            Redelivery(seq, item.kind, run, _completed_before(completed, run))
+            for run in mine
+            if run.outcome == "redelivered"
+        )
         if len(completed) == 1:
             kind["exactly_once"] += 1
         elif completed:
@@ -267,7 +306,14 @@ def build_report(
         pods=_pods(every),
         settings=dict(settings or {}),
         stopped_early=stopped_early,
+        redeliveries=tuple(redeliveries),
     )
+
+
+def _completed_before(completed: Sequence[CanaryRun], run: CanaryRun) -> CanaryRun | None:
+    """The completed run a redelivered ``run`` found: the last to end before it started."""
+    ended = [r for r in completed if r.ended_at is not None and r.ended_at <= run.started_at]
+    return max(ended, key=lambda r: r.ended_at or 0.0) if ended else None
 
 
 def _kind_order(kind: str) -> tuple[int, str]:
@@ -354,6 +400,11 @@ def _render(report: DrillReport) -> list[str]:
         ("resumed", report.resumed, "(runs that continued from a checkpoint)"),
         ("retried", report.retried, "(flaky canaries' failed first attempts, by design)"),
         ("abandoned runs", report.abandoned, "(runs that never finished: killed, or lease lost)"),
+        (
+            "redelivered",
+            report.redelivered,
+            "(delivered again after completing: recognised, not run again)",
+        ),
     )
     lines += [f"  {name:<16}{value:>8}   {note}".rstrip() for name, value, note in rows]
     lines += ["", "  by kind           sent   once  twice   lost"]
@@ -424,4 +475,22 @@ def _problem_lines(report: DrillReport) -> list[str]:
             )
             overlap = "overlapping" if dup.overlap else "one after the other"
             lines.append(f"    seq {dup.seq} ({dup.kind}), {overlap}: {runs}")
+    if report.redeliveries:
+        lines += [
+            "",
+            "  redelivered after completion (its worker was killed between the end and the ack;",
+            "  the canary's idempotency check skipped it, as yours should: not a failure):",
+        ]
+        lines.extend(_redelivery_line(report, item) for item in report.redeliveries[:_NAMED])
+        if report.redelivered > _NAMED:
+            lines.append(f"    and {report.redelivered - _NAMED} more")
     return lines
+
+
+def _redelivery_line(report: DrillReport, item: Redelivery) -> str:
+    first = item.completed_by
+    where = "" if first is None else f"completed on {first.hostname}"
+    if first is not None and first.ended_at is not None:
+        where += f" at {first.ended_at - report.started_at:.1f} s"
+    again = f"again on {item.run.hostname} at {item.run.started_at - report.started_at:.1f} s"
+    return f"    seq {item.seq} ({item.kind}): {where}, {again}".replace(": , ", ": ")
