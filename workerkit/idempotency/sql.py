@@ -1,12 +1,8 @@
 """Idempotency records in SQLite or PostgreSQL: one row per key in ``workerkit_idempotency``.
 
-A claim is one ``INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE expires_at <= now RETURNING``:
-the primary key makes concurrent claimers meet at the row and exactly one gets it back; the
-others read the live record in the same transaction (one that vanished meanwhile sends them
-round again). Completion and forget are fenced by the owner token. Every time is the database's,
-so workers with skewed clocks agree on expiry. A write that finds the database unreachable is
-sent again, with backoff, while this attempt's claim surely holds on the local clock (complete
-also past it: the owner token decides). See docs/howto/idempotent-tasks.md.
+A claim is one ``INSERT ... ON CONFLICT (key) DO UPDATE ... RETURNING`` on the database clock;
+completion and forget are fenced by the owner token; writes are retried while the database is
+unreachable. Why and how: docs/howto/idempotent-tasks.md.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """The scheduler's store on Redis, for the RQ and Celery engines: :class:`RedisSchedulerStore`.
 
-The lease is a hash with a TTL on Redis's clock; its epoch comes from a counter that never
-expires, so a new leader's epoch is always higher than any before it, even after the lease key
-is gone. A fire is ONE Lua script (``sched_fire.lua``): the epoch, fingerprint and pause checks,
-the unique record (``SET NX``, kept for the retention period), the trigger request it consumes
-and the engine's enqueue writes (built in Python by the engine as :class:`RedisWrite`), so the
-record and the publish cannot be separated and nothing publishes twice.
+The lease is a hash with a TTL on Redis's clock, its epoch from a counter that never expires. A
+fire is ONE Lua script (``sched_fire.lua``): the checks, the unique record, the trigger request
+and the engine's enqueue writes (:class:`RedisWrite`), so nothing publishes twice. Why and how:
+docs/engines/rq.md and docs/engines/celery.md ("Periodic jobs").
 """
 
 from __future__ import annotations

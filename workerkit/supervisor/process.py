@@ -1,12 +1,9 @@
 """The engine's worker as a child process, and the supervisor's PID-1 duties.
 
-Not :mod:`subprocess`: as PID 1 the supervisor must reap *every* exited process
-(``waitpid(-1)``), which would steal the status subprocess's own waiter expects; so the worker is
-started with ``os.posix_spawnp`` and :meth:`ChildProcess.reap` does all the waiting. Signals go
-to the worker's pid only, never its process group (that would kill pool children and work horses
-mid-job); the hard kill alone also SIGKILLs its descendants, each by pid (held by a pidfd). The
-reasons are in docs/operations/lifecycle.md ("PID 1 duties"). The /proc walks are in
-:mod:`workerkit.proctree`.
+The worker is started with ``os.posix_spawnp``, not :mod:`subprocess`, and
+:meth:`ChildProcess.reap` does all the waiting (``waitpid(-1)``); signals go to the worker's pid,
+never its process group. Why: docs/operations/lifecycle.md ("PID 1 duties"). The /proc walks
+are in :mod:`workerkit.proctree`.
 """
 
 from __future__ import annotations

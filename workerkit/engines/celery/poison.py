@@ -1,12 +1,8 @@
 """Queue entries kombu cannot read: dead-lettered with the reason; never a worker crash.
 
-kombu's Redis transport pops an entry with BRPOP and parses it (``Channel._brpop_read``) before
-Celery sees a message: an entry that is not a JSON envelope (bytes written straight into the
-list) raises in the consumer's loop and ends the worker, and the popped entry is lost. Celery's
-own ``on_decode_error`` hook only covers a *body* that does not decode, inside a readable
-envelope. So the check is made where the entry is read, before kombu parses it: on what the
-task consumer's pop returns (pop.py), and on a kombu BRPOP reply (:func:`guard_deliveries`).
-A refused entry goes to :func:`dead_key` with the reason, and the channel reads on.
+Checked where the entry is read, before kombu parses it: on what the task consumer's pop returns
+(pop.py) and on a kombu BRPOP reply (:func:`guard_deliveries`); a refused entry goes to
+:func:`dead_key`. What is refused and why: docs/engines/celery.md ("Poison entries").
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """The task consumer's pop, made reliable: no message popped by this worker is lost in transit.
 
-kombu pops with BRPOP: a reply that never reaches the worker (Redis shut down as it answered,
-a connection cut) takes the message with it. Here every pop moves the entry, in Redis, from its
-queue to this worker's in-flight list for that queue key (pop_scan.lua, or a blocking BLMOVE
-when every key was empty); the delivery's ``unacked`` entry and lease take it out of there in
-one step (pop_deliver.lua, from delivery.py). An entry is always in exactly one of its queue,
-an in-flight list, ``unacked``. Entries a lost reply left in flight go back to the head of
-their queues: at this worker's next connection, at its release, or, once its liveness key
-expired, by any worker's crash recovery; a stale entry in its own lists is delivered by its next
-scan. docs/engines/celery.md has the whole design.
+Every pop moves the entry, in Redis, from its queue to this worker's in-flight list
+(pop_scan.lua, or a BLMOVE when every key was empty); the delivery takes it out of there in one
+step (pop_deliver.lua, from delivery.py), and what a lost reply left in flight goes back to its
+queue. The whole design: docs/engines/celery.md ("The pop").
 """
 
 from __future__ import annotations

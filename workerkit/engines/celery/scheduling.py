@@ -1,12 +1,9 @@
 """The Celery engine's scheduler: the app's own ``beat_schedule``, fired once per fire time.
 
-Each entry becomes a :class:`~workerkit.scheduler.contract.Schedule`: ``crontab`` keeps Celery's
-own crontab math (:class:`CeleryCrontab`), ``schedule``/``timedelta``/numbers an aligned
-``Every``; anything workerkit cannot honour (``solar``, ``relative=True``, a custom schedule
-class, an option it cannot carry) is refused at startup with the reason. A fire publishes the
-message Celery's own ``apply_async``/``send_task`` builds (routing, serializer, headers,
-priority): it is captured at kombu's Redis channel ``_put``, never sent, and LPUSHed by the
-store's fire script together with the fire's unique record. ``python -m
+Each entry becomes a :class:`~workerkit.scheduler.contract.Schedule` (``crontab`` through
+:class:`CeleryCrontab`), or is refused at startup with the reason; a fire publishes the message
+Celery's own ``apply_async`` builds, captured at kombu's channel and written by the store's fire
+script. Which entries and why: docs/engines/celery.md ("Periodic jobs"). ``python -m
 workerkit.engines.celery.scheduling`` runs it (``workerkit scheduler celery``).
 """
 

@@ -1,11 +1,8 @@
 """Queue entries the worker cannot read: failed with the reason, or dead-lettered; never a crash.
 
-An entry of ``rq:queue:<name>`` is a job id whose job hash holds the job. When the id is not even
-text (bytes written straight into Redis), or names a key that is not a hash, there is no job to
-fail: the raw entry and the reason go to the dead-letter list :func:`dead_key`. When the hash
-exists but does not restore (a field RQ cannot parse), the job is failed as RQ fails one, written
-field by field, since no ``Job`` object can be built from it. Either way it was popped already:
-not recording it would lose it.
+An entry that names no job hash goes with the reason to the dead-letter list :func:`dead_key`;
+a job hash that does not restore is failed as RQ fails one, written field by field. What is
+refused and what the operator sees: docs/engines/rq.md ("Poison entries").
 """
 
 from __future__ import annotations

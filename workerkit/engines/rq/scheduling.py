@@ -1,12 +1,9 @@
 """The RQ engine's scheduler: the schedules of an :class:`RqApp` fired into RQ queues.
 
-A fire enqueues the job RQ's ``Queue.enqueue`` would: the job hash built by RQ's own ``Job``
-(``to_dict``, the worker's serializer, status ``queued``, ``origin``, ``enqueued_at``), its id
-pushed on ``rq:queue:<queue>`` and the queue added to ``rq:queues``, all written by the Redis
-store's fire script together with the fire's unique record (``scheduler/redis_store.py``). The
-job id is ``fire_job_id()``; workerkit's own field of the hash carries the schedule and the fire
-time, which the worker puts in ``current_job()``. ``python -m workerkit.engines.rq.scheduling``
-runs it (``workerkit scheduler rq``).
+A fire enqueues the job RQ's ``Queue.enqueue`` would (built by RQ's own ``Job``), written by the
+Redis store's fire script together with the fire's unique record (``scheduler/redis_store.py``).
+What it writes: docs/engines/rq.md ("Periodic jobs"). ``python -m
+workerkit.engines.rq.scheduling`` runs it (``workerkit scheduler rq``).
 """
 
 from __future__ import annotations

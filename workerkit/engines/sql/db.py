@@ -1,13 +1,8 @@
-"""Engines, migrations and the schema check of the SQL store.
+"""Engines, migrations and the schema check of the SQL store (SQLite and PostgreSQL).
 
-The schema is managed by Alembic, with an environment shipped inside the package: no
-``alembic.ini`` is needed, :func:`alembic_config` builds the configuration in code. Operators run
-``workerkit db upgrade`` (:func:`upgrade`) before workers start (the Helm chart runs it as a
-pre-install/pre-upgrade Job); workers never migrate, they only check (:func:`check_schema`), so
-that a rollout of many pods cannot race to alter one table.
-
-Supported databases: SQLite (one host only; WAL and ``BEGIN IMMEDIATE`` writes) and PostgreSQL
-through psycopg 3.
+:func:`alembic_config` builds Alembic's configuration in code (no ``alembic.ini``);
+:func:`upgrade` is ``workerkit db upgrade``, and workers only :func:`check_schema`. Why:
+docs/engines/sql.md ("Migrations", "SQLite or PostgreSQL").
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """Interrupting a job's thread, only while it runs the job's own code.
 
-The main thread ends a job it took back (release, timeout) by raising an exception in the job's
-thread (``PyThreadState_SetAsyncExc``), which lands at whatever bytecode that thread runs next.
-Once the body has ended, that is the worker's own handling of the end (the settle, the
-``JobFinished``), and the exception escaped the thread there. So a :class:`Gate` lets one in
-only while the body runs: the main thread sends it under the gate's lock while the gate is open;
-the job thread closes the gate under the same lock and cancels one sent that has not landed yet.
-At most one is ever sent per attempt, so once it landed or was cancelled no other can come.
+The main thread raises an exception in a job's thread (``PyThreadState_SetAsyncExc``) through a
+:class:`Gate`, open only while the job's body runs; at most one per attempt. Why:
+docs/engines/sql.md ("The worker").
 """
 
 from __future__ import annotations

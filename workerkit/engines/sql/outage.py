@@ -1,11 +1,9 @@
 """Riding out a store outage in the sql worker: backoff, the local view of a lease, retried writes.
 
-A settle, a checkpoint or a lease renewal that fails because the database cannot be reached is
-tried again instead of abandoning the job: the lease and its token still hold, and only a
-fenced write that matches nothing (:class:`~workerkit.errors.LeaseLost`) says that the job is
-someone else's. The tricky "why" is the clock: the lease ends on the database's clock, so the
-worker bounds it with its own monotonic clock read *before* the request that set it
-(:func:`lease_bound`), never believing a lease lasts longer than it does.
+Settles, checkpoints and lease renewals are retried while the database is away, until the fence
+says the job is someone else's (:class:`~workerkit.errors.LeaseLost`); :func:`lease_bound` never
+believes a lease lasts longer than it does. Why: docs/engines/sql.md ("When the database goes
+away").
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """Deleting old rows in batches: finished jobs and expired idempotency keys.
 
-Automatic retention (:func:`pruner`): every SQL worker offers to prune once a minute; a lease
-row taken by one conditional UPDATE lets one of them do it per interval, whatever the number
-of workers, and one turn deletes a bounded number of batches (a backlog goes over the turns).
-
-Each batch is its own short transaction (``DELETE ... WHERE id IN (SELECT id ... LIMIT n)``;
-on PostgreSQL ``id = ANY(ARRAY(...))``, primary-key lookups rather than a scan of the table),
-so a purge of millions of rows never holds the write lock (SQLite) or a huge transaction
-(PostgreSQL) for long, and workers claim between batches. Ready and running jobs are never
-touched: only the finished states can be asked for. Behind ``workerkit db purge`` and
-:meth:`SqlQueue.purge_finished <workerkit.engines.sql.queue.SqlQueue.purge_finished>`.
+Each batch is its own short transaction; ready and running jobs are never touched. Behind
+``workerkit db purge``, :meth:`SqlQueue.purge_finished
+<workerkit.engines.sql.queue.SqlQueue.purge_finished>` and the workers' :func:`pruner` (one per
+interval, on a lease row). Why and how: docs/engines/sql.md ("Retention and purging").
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """The scheduler's store on the SQL engine (:class:`SqlSchedulerStore`), on the queue's database.
 
-The lease is one row on the database clock whose ``epoch`` only grows. A fire is one
-transaction: read the lease row (``FOR SHARE`` on PostgreSQL, so a change of leader waits for
-it) and the schedule's row, insert the fire record (primary key ``(schedule, fire_ms)``), insert
-the job (id :func:`~workerkit.scheduler.contract.fire_job_id`) and consume a trigger request:
-the job exists exactly when its record does, and a crash in between leaves neither. Nothing is
-retried here: a store error raises :class:`~workerkit.errors.StoreUnavailable`, and the runner
-fires again later (the record makes that safe). ``python -m workerkit.engines.sql.scheduling``
-runs the scheduler process.
+The lease is one row on the database clock; a fire (record + job + trigger request) is one
+transaction, and a store error raises :class:`~workerkit.errors.StoreUnavailable`. Why and how:
+docs/engines/sql.md ("Periodic jobs"). ``python -m workerkit.engines.sql.scheduling`` runs the
+scheduler process.
 """
 
 from __future__ import annotations

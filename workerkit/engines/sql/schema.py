@@ -1,13 +1,8 @@
 """The SQL store's tables, as SQLAlchemy Core metadata, and the database clock.
 
-Every time the store compares (lease expiry, due jobs) is an epoch-seconds ``DOUBLE`` computed
-by the *database* with :func:`db_now`, never by Python: workers on several hosts then agree on
-when a lease ends even when their clocks drift, and one portable column type serves SQLite and
-PostgreSQL alike. Only ``run_at`` values chosen by a caller (a delay, a retry backoff) come from
-the caller's clock, where a second of skew only moves a job's start by a second.
-
-The migrations (:mod:`workerkit.engines.sql.migrations`) create exactly this schema; a test compares
-the two.
+Every time the store compares is computed by the database (:func:`db_now`), never by Python; the
+migrations (:mod:`workerkit.engines.sql.migrations`) create exactly this schema. Why:
+docs/engines/sql.md ("The table", "Migrations").
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """The sql worker's start: reach the database first, say why not, retry or exit.
 
-Before it claims anything the worker connects and checks the schema. A database that cannot
-heal by waiting (a read-only or missing directory, a bad password, an unknown role or
-database) ends the worker at once with one error line and STORE_UNAVAILABLE (3), as
-``workerkit db upgrade`` says it; one that may come back (refused, timed out, starting up) is
-retried with backoff, each failure logged, up to ``startup_timeout``, as the rq engine waits
-for Redis (``engines/rq/startup.py``). A stop signal meanwhile ends the process at once:
-nothing has been claimed yet; one after the database answered is kept for the worker.
+Before it claims anything the worker connects and checks the schema: a database that cannot heal
+by waiting ends it with STORE_UNAVAILABLE (3), one that may come back is retried up to
+``startup_timeout``. The cases and what the operator sees: docs/engines/sql.md ("Starting").
 """
 
 from __future__ import annotations

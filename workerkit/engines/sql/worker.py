@@ -1,11 +1,9 @@
 """The sql engine's worker loop: claims an App's jobs from a queue backend and runs them.
 
-The process the supervisor starts for the ``sql`` engine (``python -m workerkit.engines.sql``),
-and what :func:`workerkit.testing.run_jobs` runs in-process. The main thread keeps the signals
-and never blocks; a fetcher thread claims, two keepers do the upkeep (leases; heartbeat and
-health), each running job has a thread (kept for the next job, :mod:`.slots`).
-Every delivery is settled once, under its own lock, by whoever comes first (its job thread, or
-the main thread at a release or timeout). docs/engines/sql.md ("The worker") has the why.
+``python -m workerkit.engines.sql``, and what :func:`workerkit.testing.run_jobs` runs in-process:
+a main thread, a fetcher, two keepers and a thread per running job (:mod:`.slots`); every
+delivery is settled once, under its own lock. The threads and why: docs/engines/sql.md ("The
+worker").
 """
 
 from __future__ import annotations
