@@ -38,7 +38,7 @@ _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _OWN_WAY = ("helm-sdk", "cluster-only")  # blocks the test runs its own way
 _SECOND_TERMINAL = "# second terminal: "
 _SIGTERM = re.compile(r"^kill -TERM \S+$")
-_WAIT = 60.0  # seconds a shown line may take to appear (generous: a loaded machine)
+_WAIT = 120.0  # seconds a shown line (or a command's end) may take: generous, for a loaded machine
 
 
 def matcher(shown: str) -> re.Pattern[str]:
