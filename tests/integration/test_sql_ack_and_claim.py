@@ -147,3 +147,28 @@ def test_the_acks_are_written_when_the_gate_holds_the_claim_back(
     assert queue.ack_and_claim([_ack(delivery, None)], QUEUES, "w1", 1) == ([True], [])
     assert queue.get_job(first)["state"] == "succeeded"  # type: ignore[index]
     assert queue.get_job(second)["state"] == "ready"  # type: ignore[index]
+
+
+def test_a_stale_ack_s_job_put_back_to_ready_is_not_claimed_by_the_same_write(
+    url: str, opened: list[SqlQueue]
+) -> None:
+    # Our lease on X ran out; another worker claimed X and put it back (a drain). Our ack of X
+    # matches nothing, and the same write must not claim X: our old attempt's thread has not
+    # ended yet, and a new attempt beside it would be the job run twice in this worker.
+    old = _queue(url, opened, lease=SHORT_LEASE)
+    new = _queue(url, opened)
+    stale_job, other_job = _enqueue(old, 2)
+    (stale,) = old.claim(QUEUES, "old", 1)
+    _expire(old, stale)
+    (taken,) = new.claim(QUEUES, "new", 1)
+    assert taken.job_id == stale_job
+    new.release(taken)
+    assert new.get_job(stale_job)["state"] == "ready"  # type: ignore[index]
+
+    matched, claimed = old.ack_and_claim([_ack(stale, "stale")], QUEUES, "old", 2)
+
+    assert matched == [False]
+    assert [d.job_id for d in claimed] == [other_job]
+    assert new.get_job(stale_job)["state"] == "ready"  # type: ignore[index]
+    # the next claim (no ack of X) takes it, as any ready job
+    assert [d.job_id for d in old.claim(QUEUES, "old", 1)] == [stale_job]

@@ -613,8 +613,11 @@ class NativeWorker(Settling):
 
     def _finish(self, running: Running) -> None:
         with self._running_lock:
-            if self._running.pop(running.delivery.job_id, None) is None:
+            # Only this attempt: the job may be running again here (a retry, or a claim after
+            # its lease ran out) while this thread ended late.
+            if self._running.get(running.delivery.job_id) is not running:
                 return
+            del self._running[running.delivery.job_id]
         outcome = running.settled_as or "lease_lost"
         delivery = running.delivery
         duration = time.monotonic() - running.started
