@@ -20,6 +20,7 @@ from workerkit.engines.base import Delivery, NewJob
 from workerkit.engines.sql import SqlQueue, upgrade
 from workerkit.engines.sql.claim import Ack
 from workerkit.engines.sql.schema import db_now
+from workerkit.errors import StoreError
 from workerkit.settings import Settings
 
 SHORT_LEASE = 0.5
@@ -172,3 +173,34 @@ def test_a_stale_ack_s_job_put_back_to_ready_is_not_claimed_by_the_same_write(
     assert new.get_job(stale_job)["state"] == "ready"  # type: ignore[index]
     # the next claim (no ack of X) takes it, as any ready job
     assert [d.job_id for d in old.claim(QUEUES, "old", 1)] == [stale_job]
+
+
+def test_a_later_round_failing_after_the_acks_were_written_reports_them(
+    url: str, opened: list[SqlQueue]
+) -> None:
+    # Round 1 writes the ack and fails a crash-looped job (no attempts left), so a second round
+    # claims; that round fails. The ack is written: the caller is told so, not handed an error
+    # (its job thread would write the ack again into the fence, and report the job lost).
+    queue = _queue(url, opened)
+    short = _queue(url, opened, lease=SHORT_LEASE)
+    looped = f"looped-{uuid.uuid4().hex[:6]}"
+    assert short.enqueue(NewJob(looped, "t", "default", "[[], {}]", 1, time.time() - 20))
+    (mine,) = _enqueue(queue, 1)
+    (crashed,) = short.claim(QUEUES, "gone", 1)
+    assert crashed.job_id == looped
+    (held,) = queue.claim(QUEUES, "w1", 1)
+    _expire(short, crashed)
+    rounds: list[int] = []
+
+    def gate() -> bool:
+        rounds.append(1)
+        if len(rounds) > 1:
+            raise StoreError("the store went away")
+        return True
+
+    queue.claim_gate = gate
+
+    assert queue.ack_and_claim([_ack(held, "done")], QUEUES, "w1", 1) == ([True], [])
+    assert len(rounds) == 2
+    assert queue.get_job(mine)["state"] == "succeeded"  # type: ignore[index]
+    assert queue.get_job(looped)["state"] == "failed"  # type: ignore[index]
