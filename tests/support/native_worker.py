@@ -63,10 +63,11 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 class Harness:
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, queue: Any = None, **settings: Any) -> None:
+        """``queue``: the backend (an in-memory queue when None; a ``SqlQueue`` folds acks)."""
         defaults: dict[str, Any] = {"poll_interval": 0.05, "checkpoint_interval": 0.01}
         self.settings = Settings().replace(**{**defaults, **settings})
-        self.queue = InMemoryQueue()
+        self.queue = InMemoryQueue() if queue is None else queue
         self.app = App(backend=self.queue, settings=self.settings)
         self.events = RecordingEvents()
         self.log: list[str] = []  # what the jobs themselves recorded

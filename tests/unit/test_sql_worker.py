@@ -240,6 +240,39 @@ def test_a_job_over_its_timeout_is_timed_out_and_retried(harness: Harness) -> No
     assert job["attempts"] == 2
 
 
+def test_an_old_attempt_s_thread_ending_late_leaves_the_new_attempt_running(
+    harness: Harness,
+) -> None:
+    # Attempt 1 overruns its timeout in a blocking call: settled as a retry from the main
+    # thread, and claimed again here while its thread is still stuck. When that thread ends,
+    # it must not take attempt 2 out of the running jobs (no lease renewal, no timeout, a drain
+    # that would not wait for it, no JobFinished).
+    first_thread: list[threading.Thread] = []
+    seen: list[int] = []
+
+    @harness.app.task(timeout=2.0, max_attempts=3, retry_backoff=0.01)
+    def hangs() -> None:
+        if current_job().attempt == 1:
+            first_thread.append(threading.current_thread())
+            time.sleep(2.5)  # not interruptible (a blocking C call)
+            return
+        worker = harness.worker
+        assert worker is not None
+        seen.append(worker.running_count)
+        # attempt 1's thread ends its attempt, then waits for a next job (slots.py)
+        old = first_thread[0]
+        wait_until(lambda: old.name == IDLE_NAME or not old.is_alive(), timeout=10)
+        seen.append(worker.running_count)
+
+    job_id = hangs.enqueue()
+    worker = harness.start()
+    wait_until(lambda: harness.state(job_id) == "succeeded", timeout=15)
+    wait_until(lambda: len(harness.outcomes()) == 2)
+    assert seen == [1, 1]
+    assert harness.outcomes() == ["timed_out", "succeeded"]
+    assert worker.running_count == 0
+
+
 def test_concurrency_runs_jobs_side_by_side_up_to_the_limit() -> None:
     harness = Harness(concurrency=3)
     running = 0

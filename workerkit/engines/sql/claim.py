@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from workerkit.engines.base import Delivery
 from workerkit.engines.sql.rules import load_json
-from workerkit.engines.sql.statements import ACK, ACK_AND_CLAIM, CLAIM
+from workerkit.engines.sql.statements import ACK, ACK_AND_CLAIM, CLAIM, CLAIM_EXCEPT
 from workerkit.errors import StoreError
 
 if TYPE_CHECKING:
@@ -47,9 +47,11 @@ def claim(
 
     The acks are written by the first round, whether or not it claims anything (``limit`` 0,
     or the claim gate closed); an ack missing from the returned ids matched no row (its lease
-    was lost, or the job was settled already). Raises what the first round raises: the acks
-    were then not written, or written with nobody told (a connection lost at the commit), which
-    the fence makes safe to write again.
+    was lost, or the job was settled already). No round claims a job of ``acks``: its old
+    attempt may still be running here. Raises what the first round raises: the acks were then
+    not written, or written with nobody told (a connection lost at the commit), which the fence
+    makes safe to write again. A later round's failure is logged, and what the earlier rounds
+    wrote (acks, jobs) is returned.
     """
     if not queues:
         limit = 0
@@ -65,6 +67,8 @@ def claim(
     exhausted: list[Any] = []
     acked: set[str] = set()
     pending = list(acks)
+    keep_out = [ack.job_id for ack in acks]
+    acks_written = False  # the first round committed, with acks
     while len(claimed) < limit or pending:
         round_params = {**params, "p_limit": max(0, limit - len(claimed))}
         try:
@@ -72,20 +76,21 @@ def claim(
             # leased to a token nobody knows: they come back after V, as after a crash,
             # whether or not the claim is sent again.
             rows = queue._twice_on_disconnect(
-                functools.partial(_claim_round, queue, round_params, pending)
+                functools.partial(_claim_round, queue, round_params, pending, keep_out)
             )
         except StoreError:
-            if not claimed:
+            if not claimed and not acks_written:
                 raise
             # Each round committed on its own: the jobs of the earlier rounds are ours
-            # (leased, attempt counted), so hand them out rather than strand them until V.
+            # (leased, attempt counted), so hand them out rather than strand them until V;
+            # and the acks are written: told, their job threads need not write them again.
             log.warning(
                 "claim round failed; returning the jobs already claimed",
                 extra={"event": "claim_failed", "claimed": len(claimed)},
                 exc_info=True,
             )
             break
-        pending = []
+        acks_written, pending = bool(acks), []
         acked.update(row.id for row in rows if row.state == "acked")
         failed = [row for row in rows if row.state == "failed"]
         exhausted.extend(failed)
@@ -107,14 +112,19 @@ def claim(
     return claimed, acked
 
 
-def _claim_round(queue: SqlQueue, params: Mapping[str, Any], acks: Sequence[Ack]) -> list[Any]:
+def _claim_round(
+    queue: SqlQueue, params: Mapping[str, Any], acks: Sequence[Ack], keep_out: Sequence[str]
+) -> list[Any]:
     with queue._statement() as conn:
         # Connected (PostgreSQL) or holding the write lock (SQLite): the last moment to
         # hold back, after a wait that may have spanned an outage. The acks go all the same.
         if queue.claim_gate is not None and not queue.claim_gate():
             params = {**params, "p_limit": 0}
+        claim, params = CLAIM, dict(params)
+        if keep_out:
+            claim, params["p_except"] = CLAIM_EXCEPT, list(keep_out)
         if not acks:
-            return list(conn.execute(CLAIM, params).all()) if params["p_limit"] > 0 else []
+            return list(conn.execute(claim, params).all()) if params["p_limit"] > 0 else []
         if queue.dialect == "postgresql":
             values = {
                 **params,
@@ -133,7 +143,7 @@ def _claim_round(queue: SqlQueue, params: Mapping[str, Any], acks: Sequence[Ack]
             == 1
         ]
         if params["p_limit"] > 0:
-            rows.extend(conn.execute(CLAIM, params).all())
+            rows.extend(conn.execute(claim, params).all())
         return rows
 
 

@@ -32,9 +32,10 @@ class Batch:
         self._done.set()
 
     def hand_back(self) -> None:
-        """Not written: each job thread writes its own ack."""
-        self._matched = None
-        self._done.set()
+        """Not written: each job thread writes its own ack. Nothing once settled."""
+        if not self._done.is_set():
+            self._matched = None
+            self._done.set()
 
     def wait(self, job_id: str) -> bool | None:
         """Whether this job's ack matched; None when it was handed back (not written)."""

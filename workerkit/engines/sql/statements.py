@@ -179,11 +179,14 @@ _CLAIMED: Final = (
 )
 
 
-def _claim_statement(exclude: sa.BindParameter[Any] | None = None) -> sa.Update:
+def _claim_statement(keep_out: sa.ColumnElement[bool] | None = None) -> sa.Update:
     """Take up to ``p_limit`` runnable jobs of ``p_queues`` in one statement.
 
-    ``exclude``: an array of job ids the ``expired`` scan must not take (the jobs that
-    :data:`ACK_AND_CLAIM` acknowledges in the same statement, whose leases may have run out).
+    ``keep_out``: a condition on ``id`` that both scans add, keeping out the jobs whose acks the
+    same write carries (:data:`ACK_AND_CLAIM`, :data:`CLAIM_EXCEPT`). An acked job's lease may
+    have run out; and an ack that matched nothing (a stale token) may be of a job that another
+    worker put back to ready meanwhile: claiming it here would start it in this worker while its
+    old attempt's thread has not ended yet.
 
     Two range scans, each of its own partial index in the order wanted, rather than one scan
     with an OR: ``expired`` walks ``ix_workerkit_jobs_lease`` (leases that ran out, oldest
@@ -206,13 +209,14 @@ def _claim_statement(exclude: sa.BindParameter[Any] | None = None) -> sa.Update:
     now = db_now()
     queues: sa.BindParameter[str] = sa.bindparam("p_queues", expanding=True)
     limit = sa.bindparam("p_limit", type_=sa.Integer)
+    keep = () if keep_out is None else (keep_out,)
     expired = (
         sa.select(_c.id)
         .where(
             _c.queue.in_(queues),
             _c.state == _RUNNING,
             _c.lease_expires_at < now,
-            *(() if exclude is None else (_c.id != sa.all_(exclude),)),
+            *keep,
         )
         .order_by(_c.lease_expires_at)
         .limit(limit)
@@ -223,7 +227,7 @@ def _claim_statement(exclude: sa.BindParameter[Any] | None = None) -> sa.Update:
     taken_over = sa.select(sa.func.count()).select_from(expired).scalar_subquery()
     ready = (
         sa.select(_c.id)
-        .where(_c.queue.in_(queues), _c.state == _READY, _c.run_at <= now)
+        .where(_c.queue.in_(queues), _c.state == _READY, _c.run_at <= now, *keep)
         .order_by(_c.run_at)
         .limit(limit - taken_over)
         .with_for_update(skip_locked=True)
@@ -259,8 +263,9 @@ def _ack_and_claim_statement() -> sa.CompoundSelect[Any]:
     The acks come as three arrays (``p_ack_ids``, ``p_ack_tokens``, ``p_ack_results``) in a
     data-modifying CTE (``acked``) that sets exactly what :data:`ACK` sets, under the same
     fence (id, token, running): a stale token matches no row and settles nothing. The claim is
-    :data:`CLAIM` with the acked ids kept out of its ``expired`` scan (a lease that ran out
-    while its job finished is still that attempt's until someone else claims it). PostgreSQL
+    :data:`CLAIM` with the acked ids kept out of both its scans (a lease that ran out while its
+    job finished is still that attempt's until someone else claims it; a stale ack's job must
+    not start here beside its old attempt). PostgreSQL
     runs a data-modifying CTE exactly once, to completion, whatever the outer query reads; the
     statement is one transaction in autocommit. Rows: the claimed ones (as :data:`CLAIM`
     returns them), then one per ack that matched, with ``state`` = ``'acked'``.
@@ -279,7 +284,8 @@ def _ack_and_claim_statement() -> sa.CompoundSelect[Any]:
         .returning(_c.id)
         .cte("acked")
     )
-    claimed = _claim_statement(sa.bindparam("p_ack_ids", type_=text_array)).cte("claimed")
+    keep_out = _c.id != sa.all_(sa.bindparam("p_ack_ids", type_=text_array))
+    claimed = _claim_statement(keep_out).cte("claimed")
     rows = [claimed.c[name] for name in _CLAIMED]
     marks = [sa.null()] * (len(rows) - 2)
     return sa.union_all(
@@ -308,6 +314,8 @@ _NO_LEASE: Final = {"lease_token": sa.null(), "lease_expires_at": sa.null()}
 #: What an ack sets besides the result (here and in ACK_AND_CLAIM's ``acked``).
 _ACKED: Final = {"state": _SUCCEEDED, "checkpoint": sa.null(), "finished_at": db_now(), **_NO_LEASE}
 CLAIM: Final = _claim_statement()
+#: CLAIM but none of ``p_except`` (the ids of the acks the same write carries or carried).
+CLAIM_EXCEPT: Final = _claim_statement(_c.id.not_in(sa.bindparam("p_except", expanding=True)))
 ACK: Final = _fenced_update(result=_param("result", sa.Text()), **_ACKED)
 #: PostgreSQL only (SQLite runs ACK per job, then CLAIM, in one BEGIN IMMEDIATE transaction).
 ACK_AND_CLAIM: Final = _ack_and_claim_statement()

@@ -315,8 +315,13 @@ class NativeWorker(Settling):
                     self._slot_freed.clear()
                     continue
                 batch = self._fold.take()  # no fewer acks than counted: free stays above 0
-                free = self.concurrency - self.running_count + (len(batch.acks) if batch else 0)
-                if not self._claim_and_start(free, batch) and self._fold.close_if_empty():
+                try:
+                    free = self.concurrency - self.running_count + (len(batch.acks) if batch else 0)
+                    claimed = self._claim_and_start(free, batch)
+                finally:  # whatever ends the fetcher, no job thread waits for this batch forever
+                    if batch is not None:
+                        batch.hand_back()
+                if not claimed and self._fold.close_if_empty():
                     self.backend.wait_for_jobs(self.queues, self.settings.poll_interval)
         finally:
             self._fold.close()
@@ -611,8 +616,11 @@ class NativeWorker(Settling):
 
     def _finish(self, running: Running) -> None:
         with self._running_lock:
-            if self._running.pop(running.delivery.job_id, None) is None:
+            # Only this attempt: the job may be running again here (a retry, or a claim after
+            # its lease ran out) while this thread ended late.
+            if self._running.get(running.delivery.job_id) is not running:
                 return
+            del self._running[running.delivery.job_id]
         outcome = running.settled_as or "lease_lost"
         delivery = running.delivery
         duration = time.monotonic() - running.started
