@@ -80,22 +80,26 @@ class _CeleryDriver:
         configure_app(self.app, settings)
         self.records = RedisRecords.from_url(str(self.app.conf.broker_url))
         self.default_queues = (str(self.app.conf.task_default_queue or "celery"),)
+        # The drill's own connection to the broker it was given, not the app's producer pool:
+        # the app is the user's (a module-level object others in this process may publish
+        # through), its pool is cached with the broker URL of its first use, and kombu shares
+        # it between every app on that URL, so it may point elsewhere and is not ours to close.
+        self.connection: Any = self.app.connection_for_write()
 
     def enqueue(self, batch: Sequence[Sent], queue: str, spec: DrillSpec) -> None:
-        with self.app.producer_or_acquire() as producer:
-            for item in batch:
-                self.app.send_task(
-                    CANARY_TASK,
-                    kwargs=canary_kwargs(item, spec.drill_id, spec.long_seconds),
-                    task_id=f"drill-{spec.drill_id}-{item.seq}",
-                    queue=queue,
-                    producer=producer,
-                )
+        producer = self.app.amqp.Producer(self.connection, auto_declare=False)
+        for item in batch:
+            self.app.send_task(
+                CANARY_TASK,
+                kwargs=canary_kwargs(item, spec.drill_id, spec.long_seconds),
+                task_id=f"drill-{spec.drill_id}-{item.seq}",
+                queue=queue,
+                producer=producer,
+            )
 
     def close(self) -> None:
         self.records.close()
-        pool: Any = self.app.pool
-        pool.force_close_all()
+        self.connection.release()
 
 
 def open_redis_driver(spec: DrillSpec) -> EngineDriver:
