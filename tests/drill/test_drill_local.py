@@ -117,7 +117,9 @@ def _assert_good(code: int, report: Any, stderr: str, drill_dir: Path) -> None:
     assert counts["sent"] == 3000, counts
     assert counts["exactly_once"] == 3000, problems
     assert counts["lost"] == counts["twice"] == 0, problems
-    assert counts["resumed"] > 0, counts  # a long canary went on from its checkpoint
+    # Each released long canary went on from its checkpoint (how many a rollout catches in hand
+    # depends on the machine's speed: none in one loaded CI run of rq, so no lower bound).
+    assert counts["resumed"] >= counts["released"], counts
     assert counts["redelivered"] == len(report["redelivered"]), report["redelivered"]
     for again in report["redelivered"]:  # each came back from a completed run's pod
         assert again["completed_on"] is not None, again

@@ -308,6 +308,9 @@ def test_a_pod_killed_with_a_stubborn_canary_is_reported_lost(tmp_path: Path) ->
                 if drill.poll() is None:
                     drill.kill()
                     drill.wait(5)
+                for pipe in (drill.stdout, drill.stderr):  # also when it ended on its own
+                    if pipe is not None:
+                        pipe.close()
         assert drill.returncode == exitcodes.DRILL_FAILED, err.decode()
         report = json.loads(out)
         assert report["ok"] is False
