@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import redis
 import yaml
 
 from tests.support.harness import WORKERKIT
 from tests.support.helm import render
+from tests.support.redis_db import flushed_db
 from workerkit import exitcodes
 
 if TYPE_CHECKING:
@@ -51,14 +51,8 @@ DRILL = [
 @pytest.fixture
 def redis_db(redis_server: RedisServer) -> Iterator[str]:
     """A database of the session's Redis of our own, flushed around the test."""
-    url = redis_server.url(REDIS_DB)
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushdb()
+    with flushed_db(redis_server, REDIS_DB) as url:
         yield url
-        client.flushdb()
-    finally:
-        client.close()
 
 
 def drill_local(engine: str, args: list[str], tmp: Path, **env: str) -> tuple[int, Any, str]:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from tests.support.harness import (
     REPO,
@@ -35,6 +34,7 @@ from tests.support.harness import (
     wait_until,
     worker_env,
 )
+from tests.support.redis_db import flushed_db
 from tests.support.servers import RedisServer, free_port
 from workerkit import exitcodes
 from workerkit.drill import CanaryRun, DrillReport, DrillSpec, run_drill
@@ -76,14 +76,8 @@ class Pods:
 
 @pytest.fixture
 def redis_db(redis_server: RedisServer) -> Iterator[str]:
-    url = redis_server.url(REDIS_DB)
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushdb()
+    with flushed_db(redis_server, REDIS_DB) as url:
         yield url
-        client.flushdb()
-    finally:
-        client.close()
 
 
 def sql_pods(tmp: Path) -> Pods:

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-import redis
 from rq import Queue
 
 from tests.support.harness import wait_until
+from tests.support.redis_db import flushed_db
 from tests.support.rq_harness import RqEnv, rq_supervisor
 from workerkit import exitcodes
 from workerkit.events import WorkerStopping, encode
@@ -37,14 +37,8 @@ LEASE = 10.0  # V in the crash test: a dead pod's job must run again within it
 
 @pytest.fixture
 def rq_env(redis_server: RedisServer, tmp_path: Path) -> Iterator[RqEnv]:
-    url = redis_server.url(REDIS_DB)
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushdb()
+    with flushed_db(redis_server, REDIS_DB) as url:
         yield RqEnv(tmp=tmp_path, redis_url=url, journal=tmp_path / "journal.txt")
-        client.flushdb()
-    finally:
-        client.close()
 
 
 def runs(env: RqEnv, tag: str) -> list[tuple[float, float]]:

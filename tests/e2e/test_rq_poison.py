@@ -20,14 +20,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import redis
 
 from tests.support.harness import wait_until
+from tests.support.redis_db import flushed_db
 from tests.support.rq_harness import RqEnv, rq_supervisor
 from workerkit import exitcodes
 from workerkit.engines.rq.poison import dead_key
 
 if TYPE_CHECKING:
+    import redis
+
     from tests.support.servers import RedisServer
 
 REDIS_DB = 6  # a database of our own on the session's server; flushed around each test
@@ -36,14 +38,8 @@ QUEUE_KEY = "rq:queue:default"
 
 @pytest.fixture
 def rq_env(redis_server: RedisServer, tmp_path: Path) -> Iterator[RqEnv]:
-    url = redis_server.url(REDIS_DB)
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushdb()
+    with flushed_db(redis_server, REDIS_DB) as url:
         yield RqEnv(tmp=tmp_path, redis_url=url, journal=tmp_path / "journal.txt")
-        client.flushdb()
-    finally:
-        client.close()
 
 
 class _RunsCode:
