@@ -49,6 +49,27 @@ def _nothing_left(url: str) -> bool:
         client.close()
 
 
+def _whereabouts(url: str) -> str:
+    """Every key that holds a copy of a message, and what it holds (for a failure's message)."""
+    client = redis.Redis.from_url(url)
+    try:
+        lines = []
+        for key in sorted(client.scan_iter("*")):
+            kind = client.type(key).decode()
+            if kind == "list":
+                value: object = client.lrange(key, 0, -1)
+            elif kind == "hash":
+                value = client.hgetall(key)
+            elif kind == "zset":
+                value = client.zrange(key, 0, -1, withscores=True)
+            else:
+                value = kind
+            lines.append(f"{key.decode()}: {str(value)[:300]}")
+        return "\n".join(lines)
+    finally:
+        client.close()
+
+
 def _proxied(url: str, port: int) -> str:
     return url.replace(url.split("//")[1].split("/")[0], f"127.0.0.1:{port}")
 
@@ -62,7 +83,11 @@ def test_a_pop_whose_reply_is_lost_runs_its_message_exactly_once(
         proxy.cut_at(POP, deliver=True, outage=1.0)
         with celery_supervisor(env, _proxied(redis_url, proxy.port)) as pod:
             assert proxy.cut.wait(30), pod.log_text()
-            wait_until(lambda: _runs(env, "lost"), timeout=30, what="the message to run")
+            try:
+                wait_until(lambda: _runs(env, "lost"), timeout=30, what="the message to run")
+            except AssertionError as exc:  # once in a loaded CI run: say where the message is
+                where = _whereabouts(redis_url)
+                raise AssertionError(f"{exc}\n{where}\n{pod.log_text()}") from None
             wait_until(lambda: _nothing_left(redis_url), timeout=15, what="the ack")
             pod.signal(signal.SIGTERM)
             assert pod.wait_exit(15)[0] == 0
