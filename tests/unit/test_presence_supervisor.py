@@ -150,3 +150,25 @@ def test_the_supervisor_sends_the_record_to_the_workers_main_process_only(
     assert (record["engine"], record["queues"], record["concurrency"]) == ("celery", ["q", "r"], 3)
     assert record["jobs"] == ["j1"]
     assert record["counts"] == {"q": {"succeeded": 1, "failed": 1}, "r": {"succeeded": 1}}
+
+
+class QuickEngine(ScriptedEngine):
+    def worker_command(self, settings: Settings) -> list[str]:
+        return [sys.executable, "-c", "pass"]
+
+
+class SchedulerEngine(QuickEngine):
+    runs_scheduler = True
+
+
+@pytest.mark.parametrize(("engine", "kept"), [(QuickEngine, True), (SchedulerEngine, False)])
+def test_a_schedulers_supervisor_keeps_no_presence(
+    tmp_path: Path, engine: type[QuickEngine], kept: bool
+) -> None:
+    sup = Supervisor(
+        Settings(engine="celery", http_port=0),
+        engine(tmp_path),  # type: ignore[arg-type]
+        handle_signals=False,
+    )
+    anyio.run(sup.run)
+    assert (sup.presence is not None) is kept

@@ -54,8 +54,8 @@ class WorkerPresence:
         self.concurrency = 0
         #: The worker said it is ready: its records go out from now on.
         self.ready = False
-        #: queue -> outcome -> jobs settled so far.
-        self.counts: dict[str, dict[str, int]] = {}
+        #: queue (None: unknown) -> outcome -> jobs settled so far.
+        self.counts: dict[str | None, dict[str, int]] = {}
 
     def worker_ready(self, event: WorkerReady) -> None:
         if not self.ready and event.worker_id:
@@ -66,10 +66,11 @@ class WorkerPresence:
         self.concurrency = event.concurrency or 0
 
     def finished(self, queue: str | None, outcome: str) -> None:
-        """One job settled (the per-job path: two dict look-ups)."""
-        per_queue = self.counts.get(queue or "unknown")
-        if per_queue is None:
-            per_queue = self.counts[queue or "unknown"] = {}
+        """One job settled (the per-job path: a few dict operations; None is "unknown")."""
+        try:
+            per_queue = self.counts[queue]
+        except KeyError:
+            per_queue = self.counts[queue] = {}
         per_queue[outcome] = per_queue.get(outcome, 0) + 1
 
     def record(
@@ -104,7 +105,7 @@ class WorkerPresence:
             drain_deadline=drain,
             hard_deadline=hard,
             jobs=tuple(jobs),
-            counts={queue: dict(outcomes) for queue, outcomes in self.counts.items()},
+            counts={q or "unknown": dict(n) for q, n in self.counts.items()},
         )
 
 

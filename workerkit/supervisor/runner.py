@@ -226,7 +226,8 @@ class Supervisor:
             )
             return False
         self.child = child
-        self.presence = WorkerPresence(self.metrics.engine, pid, time.time())
+        if not getattr(self.engine, "runs_scheduler", False):  # a scheduler is no worker
+            self.presence = WorkerPresence(self.metrics.engine, pid, time.time())
         log.info(
             "worker process started",
             extra={"event": "worker_started", "pid": pid, "argv": argv},
