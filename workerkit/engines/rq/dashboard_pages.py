@@ -29,8 +29,10 @@ if TYPE_CHECKING:
 
 __all__ = (
     "BATCH",
+    "CURSOR_BACKUPS",
     "STATE_OF_STATUS",
     "TEXT_CAP",
+    "VERSION_FIELDS",
     "Entry",
     "Source",
     "build_row",
@@ -39,10 +41,16 @@ __all__ = (
     "encode_cursor",
     "entries",
     "epoch",
+    "error_of",
     "key_for",
+    "last_line",
     "latest_result",
+    "restored",
+    "rq_time",
+    "task_of",
     "text",
     "version_of",
+    "wk_state",
 )
 
 #: Entries read per round trip while a page is filled.
