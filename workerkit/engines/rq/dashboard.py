@@ -56,7 +56,8 @@ log = logging.getLogger("workerkit.dashboard")
 #: A search by task name reads at most this many entries of each queue's scheduled, running
 #: and failed jobs (newest first); waiting and finished jobs are found by id only.
 SEARCH_SCAN: Final = 1000
-#: A page filtered by task reads at most this many entries; the next page goes on from there.
+#: A page reads at most this many entries (a task filter, entries whose job hash is gone); the
+#: next page goes on from there.
 FILTER_SCAN: Final = 2000
 _UNREACHABLE: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
@@ -209,8 +210,9 @@ class RqDashboardSource:
                 if row is not None and (query.task is None or row.task == query.task):
                     rows.append(row)
                     shown.append(entry)
-            if query.task and scanned >= FILTER_SCAN and last is not None:
-                return JobPage(tuple(rows), pages.encode_cursor(last, shown), None)
+            if scanned >= FILTER_SCAN and last is not None:  # bounded: go on next page
+                total = None if query.task else self._total(query)
+                return JobPage(tuple(rows), pages.encode_cursor(last, shown), total)
         return JobPage(tuple(rows), None, self._total(query))
 
     def _rows(
