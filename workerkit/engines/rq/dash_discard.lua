@@ -1,4 +1,5 @@
--- Discard a failed (or stopped) job for good: its registry entry, hash, executions, results, dependency sets.
+-- Discard a failed (or stopped) job for good: its registry entry, hash, executions, results and
+-- dependency sets.
 -- After dash_version.lua. KEYS: job hash, failed registry, executions set, results stream,
 -- dependents set, dependencies set. ARGV: job id, version, execution key prefix.
 -- Returns as dash_retry.lua.

@@ -1,4 +1,5 @@
--- Retry a failed (or stopped) job: out of the FailedJobRegistry, back at the end of its queue, due now.
+-- Retry a failed (or stopped) job: out of the FailedJobRegistry, back at the end of its queue,
+-- due now.
 -- After dash_version.lua. KEYS: job hash, failed registry, queue list, rq:queues.
 -- ARGV: job id, version, enqueued_at, workerkit's new state ('' keeps it), its state as read
 -- ('' none), the queue list's key. Returns {1} done, {0, status} stale, {-1} no such job,
