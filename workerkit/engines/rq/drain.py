@@ -22,6 +22,7 @@ import redis.exceptions
 from rq.utils import as_text
 from rq.worker.base import WorkerStatus
 
+from workerkit.engines.presence import PAUSE_REFRESH
 from workerkit.engines.rq.outage import RetryUnreachable
 from workerkit.engines.rq.poison import describe_entry
 from workerkit.engines.rq.startup import UNREACHABLE, retry_delays
@@ -180,21 +181,29 @@ class Drain(WorkerState):
         that Redis had already popped when that happened is lost. Here the handler only sets a
         flag, the upkeep thread pushes a token on a key of this worker's own, and BLPOP returns
         it. A job popped just as the stop came is pushed back to the front of its queue.
+
+        Paused queues (the dashboard's ``workerkit:paused``, read at most once a second) are left
+        out of the pop, and a pop blocks at most ``PAUSE_REFRESH`` so that a pause takes effect
+        within a second or two; with every queue paused the worker waits on its wake key alone.
+        RQ's worker heartbeat keeps its own pace (every ``timeout`` seconds, as RQ's loop).
         """
         self.set_state(WorkerStatus.IDLE)
         self.procline("Listening on " + ",".join(self.queue_names()))
         wait = 1.0
         idle_since = time.monotonic()
+        beat_at: float | None = None
         while True:
             if self._stop_requested:
                 return None
             popped: tuple[Queue, bytes] | None = None
             try:
-                self.heartbeat()
+                if beat_at is None or time.monotonic() - beat_at >= (timeout or 0):
+                    self.heartbeat()
+                    beat_at = time.monotonic()
                 self._wk_push_back_popped()
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()
-                keys = [queue.key for queue in self._ordered_queues]
+                keys = self._wk_active_keys()
                 if timeout is None:  # burst mode
                     reply = next(
                         (
@@ -207,7 +216,7 @@ class Drain(WorkerState):
                     if reply is None:
                         return None
                 else:
-                    block = timeout
+                    block = max(1, min(timeout, math.ceil(PAUSE_REFRESH)))
                     if max_idle_time is not None:
                         left = max_idle_time - (time.monotonic() - idle_since)
                         if left <= 0:
@@ -241,6 +250,12 @@ class Drain(WorkerState):
                 )
                 self._wk_sleep_unless_stopped(wait)
                 wait = min(wait * 2, 30.0)
+
+    def _wk_active_keys(self) -> list[str]:
+        """The queue keys to pop from now: the worker's queues in order, less the paused."""
+        ordered = self._ordered_queues
+        active = set(self._wk_paused.active([queue.name for queue in ordered]))
+        return [queue.key for queue in ordered if queue.name in active]
 
     def _wk_push_back_popped(self) -> None:
         """A job id popped just as Redis went away: back to the front of its queue, unless it

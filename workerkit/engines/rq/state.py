@@ -26,8 +26,10 @@ from rq.queue import Queue
 
 from workerkit import events as events_module
 from workerkit.engines.leasewatch import LeaseClock, since_monotonic
+from workerkit.engines.presence import PausedQueues
 from workerkit.engines.rq.jobs import WorkerkitJob, job_class_of, resolve_rq_serializer
 from workerkit.engines.rq.leases import WAKE_PREFIX, AttemptKeys, Leases
+from workerkit.engines.rq.presence_store import RedisPresenceStore
 from workerkit.engines.rq.recovery import Recovery, lease_ttl, scan_interval
 from workerkit.engines.rq.tasks import RqApp, load_app
 from workerkit.settings import Settings, load_settings
@@ -271,6 +273,8 @@ class WorkerState:
         # A job id popped just as Redis went away, to push back once it answers (drain.py).
         self._wk_popped: tuple[Queue, bytes] | None = None
         self._wk_queue_by_key = {q.key: q for q in self.queues}
+        # The dashboard's paused queues, read at most once a second (docs/engines/rq.md).
+        self._wk_paused = PausedQueues(RedisPresenceStore(self._wk_redis).paused_queues)
 
     @property
     def _wk_wake_key(self) -> str:

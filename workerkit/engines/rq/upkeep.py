@@ -20,6 +20,7 @@ from rq.utils import as_text, now, utcparse
 from workerkit.engines.attempt import HEALTH_EVERY, HEARTBEAT_EVERY, Duty, Keeper
 from workerkit.engines.rq.drain import Drain
 from workerkit.engines.rq.outage import lease_bound
+from workerkit.engines.rq.presence_store import RedisPresenceStore
 from workerkit.engines.rq.startup import UNREACHABLE
 from workerkit.engines.rq.state import TICK, Attempt
 from workerkit.events import (
@@ -51,6 +52,7 @@ class Upkeep(Drain):
     _wk_renew_retry_at = 0.0  # monotonic; set after a renewal failed
     _wk_store_down = False  # Redis was seen unreachable, and not reachable since
     _wk_scan_after = 0.0  # monotonic; no recovery scan before (RECOVERY_GRACE)
+    _wk_presence: Any = None  # the presence publisher (workerkit.engines.presence_publisher)
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)  # type: ignore[misc]
@@ -67,10 +69,27 @@ class Upkeep(Drain):
         ]
         self._wk_upkeep = Keeper(duties, log=log, name="workerkit-rq-upkeep")
         self._wk_upkeep.start()
+        self._wk_install_presence()
+
+    def _wk_install_presence(self) -> None:
+        """Publish the supervisor's presence record of this worker into its Redis (dashboard)."""
+        try:
+            from workerkit.engines.presence_publisher import (  # type: ignore[import-not-found,unused-ignore]
+                install_presence,
+            )
+        except ImportError:  # lead: remove this guard once the presence branch is merged
+            return
+        store_client = self._wk_redis  # the worker's own server (also under --url)
+        self._wk_presence = install_presence(
+            self._wk_events, lambda: RedisPresenceStore(store_client)
+        )
 
     def teardown(self) -> None:
         if not self._is_horse:
             self._wk_push_back_on_exit()
+            if self._wk_presence is not None:
+                with contextlib.suppress(Exception):
+                    self._wk_presence.close()  # a clean exit: the record goes
             if self._wk_upkeep is not None:
                 self._wk_upkeep.stop(timeout=2.0)
             with contextlib.suppress(redis.exceptions.RedisError):
