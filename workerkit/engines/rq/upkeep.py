@@ -18,6 +18,7 @@ import redis.exceptions
 from rq.utils import as_text, now, utcparse
 
 from workerkit.engines.attempt import HEALTH_EVERY, HEARTBEAT_EVERY, Duty, Keeper
+from workerkit.engines.presence_publisher import install_presence
 from workerkit.engines.rq.drain import Drain
 from workerkit.engines.rq.outage import lease_bound
 from workerkit.engines.rq.presence_store import RedisPresenceStore
@@ -73,12 +74,6 @@ class Upkeep(Drain):
 
     def _wk_install_presence(self) -> None:
         """Publish the supervisor's presence record of this worker into its Redis (dashboard)."""
-        try:
-            from workerkit.engines.presence_publisher import (  # type: ignore[import-not-found,unused-ignore]
-                install_presence,
-            )
-        except ImportError:  # lead: remove this guard once the presence branch is merged
-            return
         store_client = self._wk_redis  # the worker's own server (also under --url)
         self._wk_presence = install_presence(
             self._wk_events, lambda: RedisPresenceStore(store_client)
@@ -185,7 +180,9 @@ class Upkeep(Drain):
         if ok and not self._wk_ready_sent:
             self._wk_ready_sent = True
             queues = tuple(self.queue_names())
-            self._wk_events.send(WorkerReady(engine="rq", queues=queues, concurrency=1))
+            self._wk_events.send(
+                WorkerReady(engine="rq", queues=queues, concurrency=1, worker_id=self.name)
+            )
             log.info("worker ready", extra={"event": "worker_ready", "queues": self.queue_names()})
         if ok:
             with contextlib.suppress(Exception):
