@@ -5,6 +5,7 @@ with http.client: pages with rows, pagination, fragments, confirmation, CSRF, fe
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import http.client
 import json
@@ -18,6 +19,7 @@ from urllib.parse import urlencode
 import pytest
 
 from tests.support.dashboard_memory import MemoryDashboardSource, served
+from tests.support.harness import wait_until
 from workerkit.dashboard.app import create_app
 from workerkit.dashboard.web import DashboardOptions
 from workerkit.engines.presence import Presence
@@ -383,3 +385,25 @@ def test_json_of_the_presence_counts_is_not_needed_for_pages(source: MemoryDashb
     source.presences = {"pod-z-1": Presence.from_json(json.loads(json.dumps(raw)))}
     with served(create_app(source)) as (host, port):
         assert 'data-worker-id="pod-z-1"' in Client(host, port).get("/workers").body
+
+
+def test_the_background_sampler_feeds_the_overview_chart(source: MemoryDashboardSource) -> None:
+    app = create_app(source, options=DashboardOptions(sample_interval=0.05))
+    history = app.state.dashboard.history
+    worker = source.presences["pod-a-1"]
+    with served(app) as (host, port):
+        client = Client(host, port)
+
+        def chart() -> str:
+            page = client.get("/?fragment=queues").body
+            match = re.search(r'<tr data-queue="default".*?(<svg.*?</svg>)', page, re.S)
+            assert match
+            return match.group(1)
+
+        # The first sample is the baseline: what workers had done before is not this minute's.
+        wait_until(lambda: history.sampled_at is not None, timeout=20, what="a first sample")
+        assert 'data-succeeded="0" data-failed="0"' in chart()
+        counts = {"default": {"succeeded": 4, "failed": 1, "released": 3}}
+        source.presences["pod-a-1"] = dataclasses.replace(worker, counts=counts)
+        wait_until(lambda: 'data-succeeded="4" data-failed="1"' in chart(), timeout=20,
+                   what="the chart to show the new outcomes")  # fmt: skip
