@@ -15,9 +15,13 @@ import pytest
 
 pytest.importorskip("celery")
 
+from celery import Celery
+
+from tests.apps import celery_schedules
 from tests.apps.celery_dashboard import app, build_report, send_mail
 from workerkit.dashboard.model import ActionRefused, JobQuery, StaleAction
 from workerkit.engines.celery.dashboard import CeleryDashboardSource, open_source, presence_store
+from workerkit.engines.celery.dashboard_worker import broker_client
 from workerkit.engines.celery.delivery import lease_at_delivery
 from workerkit.engines.celery.pop import InFlight, reliable_pop
 from workerkit.engines.presence import PausedQueues, Presence
@@ -263,3 +267,43 @@ def test_presences_carry_the_redis_clock_and_expire(
     assert 3500 < redis_client.ttl("workerkit:presence:host:1:w1") <= 3600
     store.remove("host:1:w1")
     assert source.workers() == []
+
+
+def test_kombus_key_prefix_is_in_front_of_every_key_read_and_written(
+    redis_url: str, redis_client: Any
+) -> None:
+    prefixed = Celery("prefixed", broker=redis_url)
+    prefixed.conf.update(
+        broker_transport_options={"global_keyprefix": "wk:"}, task_default_queue="mail"
+    )
+    sent = prefixed.send_task("send_mail", args=["x@example.com"], queue="mail")
+    assert redis_client.llen("wk:mail") == 1
+    source = CeleryDashboardSource(prefixed, _settings(redis_url), broker_client(redis_url))
+    try:
+        [shown] = source.jobs(JobQuery(state="waiting", queue="mail")).rows
+        assert shown.id == sent.id
+        source.cancel_waiting(sent.id, shown.version, "alice")
+        assert redis_client.llen("wk:workerkit:celery:dead:mail") == 1
+        [failed] = source.jobs(JobQuery(state="failed", queue="mail")).rows
+        source.retry_failed(sent.id, failed.version, "alice")
+        assert redis_client.llen("wk:mail") == 1
+        source.pause_queue("mail", "alice")
+        assert redis_client.hkeys("wk:workerkit:paused") == [b"mail"]
+        assert [q.paused for q in source.queues() if q.name == "mail"] == [True]
+    finally:
+        source.close()
+
+
+def test_the_scheduler_binding_is_the_apps_beat_schedule_or_none(
+    source: CeleryDashboardSource, redis_url: str
+) -> None:
+    assert source.scheduler() is None  # no beat_schedule
+    celery_schedules.app.conf.broker_url = redis_url
+    settings = Settings(engine="celery", app="tests.apps.celery_schedules:app", redis_url=redis_url)
+    scheduled = open_source(settings)
+    try:
+        binding = scheduled.scheduler()
+        assert binding is not None
+        assert {s.name for s in binding.schedules} >= {"tick", "minutely", "nightly"}
+    finally:
+        scheduled.close()

@@ -9,9 +9,12 @@ presence's JSON for an hour (a lost worker stays visible as lost), the sorted se
 from __future__ import annotations
 
 import json
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from workerkit.engines.presence import Presence
+
+if TYPE_CHECKING:
+    from workerkit.engines.presence import PresenceStore, QueuePauseStore
 
 __all__ = (
     "PAUSED_KEY",
@@ -120,3 +123,12 @@ class RedisPresenceStore:
         else:
             reply = self.client.execute_command("HDEL", self.paused_key, queue)
         return bool(int(reply or 0))
+
+
+if TYPE_CHECKING:  # mypy checks that the store is both of the contract's stores
+
+    def _presences(store: RedisPresenceStore) -> PresenceStore:
+        return store
+
+    def _pauses(store: RedisPresenceStore) -> QueuePauseStore:
+        return store

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from workerkit.dashboard.model import (
     ActionRefused,
+    DashboardSource,
     IdempotencyView,
     JobDetail,
     JobPage,
@@ -34,6 +35,7 @@ from workerkit.dashboard.model import (
 )
 from workerkit.engines.celery.config import configure_app, load_celery_app
 from workerkit.engines.celery.dashboard_messages import Message, detail, fresh_copy, version_of
+from workerkit.engines.celery.dashboard_worker import broker_client, key_prefix, presence_store
 from workerkit.engines.celery.ledger import Ledger
 from workerkit.engines.celery.poison import DEAD_PREFIX, dead_record
 from workerkit.engines.celery.pop import REGISTRY
@@ -70,32 +72,13 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def _client(url: str) -> Any:
-    import redis
-
-    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
-
-
-def _prefix(app: Any) -> str:
-    options = app.conf.broker_transport_options or {}
-    return str(options.get("global_keyprefix") or "")
-
-
-def presence_store(settings: Settings, app: Any = None) -> RedisPresenceStore:
-    """The presences and pauses of the app's broker Redis (kombu's key prefix in front)."""
-    if app is None:
-        app = load_celery_app(settings.app)
-        configure_app(app, settings)
-    return RedisPresenceStore(_client(str(app.conf.broker_url)), _prefix(app))
-
-
 def open_source(settings: Settings) -> CeleryDashboardSource:
     """The app named by the settings, on its broker; StoreUnavailable when Redis is down."""
     import redis
 
     app = load_celery_app(settings.app)
     configure_app(app, settings)
-    client = _client(str(app.conf.broker_url))
+    client = broker_client(str(app.conf.broker_url), timeout=10.0)
     try:
         client.ping()
     except redis.RedisError as exc:
@@ -129,7 +112,7 @@ class CeleryDashboardSource:
         self.settings = settings
         self.client = client
         options = app.conf.broker_transport_options or {}
-        self.prefix = _prefix(app)
+        self.prefix = key_prefix(app)
         self.sep = str(options.get("sep") or _SEP)
         self.steps = tuple(sorted(options.get("priority_steps") or _PRIORITY_STEPS))
         self.unacked_key = self.prefix + str(options.get("unacked_key") or "unacked")
@@ -574,3 +557,9 @@ class CeleryDashboardSource:
 
 def _opt(value: Any) -> str | None:
     return None if value is None else _text(value)
+
+
+if TYPE_CHECKING:  # mypy checks that the source is the contract's
+
+    def _conforms(source: CeleryDashboardSource) -> DashboardSource:
+        return source

@@ -11,12 +11,35 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from workerkit.engines.presence import PausedQueues
+from workerkit.engines.redis_presence import RedisPresenceStore
 
 if TYPE_CHECKING:
-    from workerkit.engines.redis_presence import RedisPresenceStore
     from workerkit.settings import Settings
 
-__all__ = ("WorkerDashboard",)
+__all__ = ("WorkerDashboard", "broker_client", "key_prefix", "presence_store")
+
+
+def broker_client(url: str, *, timeout: float = 2.0) -> Any:
+    """A redis-py client of the broker, apart from kombu's (whose client prefixes some keys)."""
+    import redis
+
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=timeout)
+
+
+def key_prefix(app: Any) -> str:
+    """kombu's ``global_keyprefix`` of the app's broker ("" without one)."""
+    options = app.conf.broker_transport_options or {}
+    return str(options.get("global_keyprefix") or "")
+
+
+def presence_store(settings: Settings, app: Any = None) -> RedisPresenceStore:
+    """The presences and pauses of the app's broker Redis (kombu's key prefix in front)."""
+    if app is None:
+        from workerkit.engines.celery.config import configure_app, load_celery_app
+
+        app = load_celery_app(settings.app)
+        configure_app(app, settings)
+    return RedisPresenceStore(broker_client(str(app.conf.broker_url)), key_prefix(app))
 
 
 class WorkerDashboard:
@@ -32,8 +55,6 @@ class WorkerDashboard:
     def store(self) -> RedisPresenceStore:
         """The broker's presences and pauses (made at first use)."""
         if self._store is None:
-            from workerkit.engines.celery.dashboard import presence_store
-
             self._store = presence_store(self.settings, self.app)
         return self._store
 
