@@ -14,6 +14,7 @@ import base64
 import binascii
 import contextlib
 import datetime as dt
+import itertools
 import json
 import logging
 from collections.abc import Iterator
@@ -364,7 +365,8 @@ class CeleryDashboardSource:
     def _find_all(self, job_id: str) -> Iterator[_Found]:
         """Every place ``job_id`` is (bounded scans): unacked, the queue lists, dead letters."""
         needle = json.dumps(job_id).encode("utf-8")
-        for tag, raw in self._call(self.client.hscan_iter, self.unacked_key, count=_CHUNK):
+        scan = self.client.hscan_iter(self.unacked_key, count=_CHUNK)
+        for tag, raw in self._call(lambda: list(itertools.islice(scan, UNACKED_SCAN))):
             if needle in raw:
                 with contextlib.suppress(ValueError, TypeError):
                     payload, _exchange, routing_key = json.loads(raw)
@@ -519,7 +521,7 @@ class CeleryDashboardSource:
             self._log(action, actor, "refused", queue=queue)
             raise ActionRefused(f"no queue {queue!r} in this app or its broker")
         changed = self._call(self.store.set_queue_paused, queue, paused, actor)
-        self._log(action, actor, "done" if changed else "unchanged", queue=queue)
+        self._log(action, actor, "done", queue=queue, changed=bool(changed))
 
     def _log(self, action: str, actor: str, outcome: str, **fields: Any) -> None:
         log.info(
