@@ -80,8 +80,15 @@ def test_a_paused_queue_waits_while_the_other_runs_and_runs_once_after_resume(
         pod.wait_event("worker_ready", timeout=60)
         send_mail.delay("first")
         wait_until(lambda: _ran(env, "send_mail") == ["first"], timeout=30, what="a first run")
+        # Probes sent every 0.1 s while the pause takes hold: the last one that runs was sent
+        # at most ~2 s after the pause (no event marks the instant; the probes measure it).
+        sent_at: dict[str, float] = {}
+        paused_at = time.monotonic()
         source.pause_queue("reports", "alice")
-        time.sleep(PAUSE_TAKES_EFFECT)  # the pause's bound: no event marks it
+        while time.monotonic() - paused_at < PAUSE_TAKES_EFFECT:
+            sent_at[f"p{len(sent_at)}"] = time.monotonic() - paused_at
+            build_report.delay(f"p{len(sent_at) - 1}")
+            time.sleep(0.1)
         for n in range(3):  # the reports first: without the pause, the worker takes them too
             build_report.delay(f"r{n}")
         for n in range(3):
@@ -89,8 +96,13 @@ def test_a_paused_queue_waits_while_the_other_runs_and_runs_once_after_resume(
         wait_until(
             lambda: len(_ran(env, "send_mail")) == 4, timeout=30, what="the mail queue to run"
         )
-        assert _ran(env, "build_report") == []
-        assert [q.waiting for q in source.queues() if q.name == "reports"] == [3]
+        probes = _ran(env, "build_report")
+        assert all(label.startswith("p") for label in probes), probes
+        took = max((sent_at[label] for label in probes), default=0.0)
+        print(f"pause took effect within {took:.2f} s ({len(probes)} of {len(sent_at)} probes ran)")
+        assert took < PAUSE_TAKES_EFFECT - 1.0, (took, probes)
+        waiting = [q.waiting for q in source.queues() if q.name == "reports"]
+        assert waiting == [3 + len(sent_at) - len(probes)]
 
         # Every queue paused: the worker idles (a blocking wait a second), no busy loop.
         source.pause_queue("mail", "alice")
@@ -109,11 +121,13 @@ def test_a_paused_queue_waits_while_the_other_runs_and_runs_once_after_resume(
         source.resume_queue("reports", "alice")
         source.resume_queue("mail", "alice")
         wait_until(
-            lambda: len(_ran(env, "build_report")) == 3, timeout=30, what="the reports to run"
+            lambda: len(_ran(env, "build_report")) == 3 + len(sent_at),
+            timeout=30,
+            what="the reports to run",
         )
-        print(f"resume to the third report run: {time.monotonic() - resumed:.2f} s")
+        print(f"resume to the last report run: {time.monotonic() - resumed:.2f} s")
         assert [q.waiting for q in source.queues() if q.name == "reports"] == [0]
         pod.signal(signal.SIGTERM)
         assert pod.wait_exit(30)[0] == 0
-    assert sorted(_ran(env, "build_report")) == ["r0", "r1", "r2"]
+    assert sorted(_ran(env, "build_report")) == sorted(["r0", "r1", "r2", *sent_at])
     assert sorted(_ran(env, "send_mail")) == ["first", "m0", "m1", "m2"]
