@@ -307,3 +307,33 @@ def test_the_scheduler_binding_is_the_apps_beat_schedule_or_none(
         assert {s.name for s in binding.schedules} >= {"tick", "minutely", "nightly"}
     finally:
         scheduled.close()
+
+
+def test_a_scheduled_message_is_cancelled_with_its_lease_and_a_due_one_is_refused(
+    source: CeleryDashboardSource, redis_client: Any
+) -> None:
+    far = send_mail.apply_async(("far@example.com",), countdown=3600)
+    near = send_mail.apply_async(("near@example.com",), countdown=2)
+    worker = Worker("mail")
+    try:
+        assert worker.pop()
+        assert worker.pop()
+        rows = {r.id: r for r in source.jobs(JobQuery(state="scheduled")).rows}
+        assert set(rows) == {far.id, near.id}
+        with pytest.raises(ActionRefused, match="due within the recovery window"):
+            source.cancel_waiting(near.id, rows[near.id].version, "alice")
+        source.cancel_waiting(far.id, rows[far.id].version, "alice")
+        with pytest.raises(StaleAction):
+            source.cancel_waiting(far.id, rows[far.id].version, "alice")
+        tags = {t.decode() for t in redis_client.hkeys("unacked")}
+        assert len(tags) == 1  # near's only
+        assert not redis_client.exists(
+            f"workerkit:celery:lease:{rows[far.id].version.split(':')[0]}"
+        )
+        [failed] = source.jobs(JobQuery(state="failed")).rows
+        assert (failed.id, failed.error) == (far.id, "cancelled by alice from the dashboard")
+        source.retry_failed(far.id, failed.version, "alice")  # back, due now
+        waiting = source.jobs(JobQuery(state="waiting")).rows
+        assert [(r.id, r.run_at) for r in waiting] == [(far.id, None)]
+    finally:
+        worker.close()

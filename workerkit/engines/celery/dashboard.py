@@ -67,6 +67,7 @@ def _lua(name: str) -> str:
 
 _MOVE: Final = _lua("dash_move.lua")
 _UNACKED: Final = _lua("dash_unacked.lua")
+_CANCEL_HELD: Final = _lua("dash_cancel_held.lua")
 
 
 def _text(value: Any) -> str:
@@ -502,10 +503,40 @@ class CeleryDashboardSource:
         self._log("discard", actor, "done", job_id=job_id, queue=found.queue)
 
     def cancel_waiting(self, job_id: str, version: str, actor: str) -> None:
-        found = self._locate(job_id, version, "waiting", "cancel", actor)
         reason = f"cancelled by {actor} from the dashboard"
+        if ":" in version:  # a delivery's version: held by a worker until its eta
+            self._cancel_held(job_id, version, actor, reason)
+            return
+        found = self._locate(job_id, version, "waiting", "cancel", actor)
         record = dead_record(found.queue, found.entry, reason, "dashboard")
         if not self._move([str(found.key), self.dead_key(found.queue)], found.entry, record, "R"):
+            raise self._stale(job_id, "cancel", actor)
+        self._log("cancel", actor, "done", job_id=job_id, queue=found.queue)
+
+    def _cancel_held(self, job_id: str, version: str, actor: str, reason: str) -> None:
+        """A scheduled message: its lease goes with its unacked record, so its worker drops
+        it at its next lease round (every recovery_window / 6); refused when its eta is
+        closer than the recovery window (it could start before that round)."""
+        tag = version.split(":", 1)[0]
+        found = next((f for f in self._find_all(job_id) if f.key == tag), None)
+        if found is None or f"{tag}:{version_of(found.entry)}" != version:
+            raise self._stale(job_id, "cancel", actor)
+        eta = found.message.eta
+        margin = float(self.settings.recovery_window)
+        if eta is None or eta - self.clock() < margin:
+            self._log("cancel", actor, "refused", job_id=job_id)
+            raise ActionRefused(
+                f"job {job_id} is due within the recovery window ({margin:g} s) or running: "
+                "its worker could start it before it learns of the cancel; nothing done"
+            )
+        record = dead_record(found.queue, found.message.raw, reason, "dashboard")
+        lease = self.prefix + Ledger.key("lease", tag)
+        keys = [self.unacked_key, self.index_key, lease, self.dead_key(found.queue)]
+        args = [tag, found.entry, record]
+        reply = self._call(
+            self.client.execute_command, "EVAL", _CANCEL_HELD, len(keys), *keys, *args
+        )
+        if not int(reply or 0):
             raise self._stale(job_id, "cancel", actor)
         self._log("cancel", actor, "done", job_id=job_id, queue=found.queue)
 
