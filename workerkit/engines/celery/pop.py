@@ -16,11 +16,14 @@ import time
 from collections.abc import Callable
 from importlib import resources
 from queue import Empty
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from workerkit.engines.celery.ledger import Ledger
 from workerkit.engines.celery.poison import refusal
 from workerkit.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from workerkit.engines.presence import PausedQueues
 
 __all__ = (
     "BLOCK_AT_MOST",
@@ -82,7 +85,9 @@ def _text(value: Any) -> str:
 class InFlight:
     """One worker's in-flight lists (main process; the consumer's loop thread pops)."""
 
-    def __init__(self, owner: str, ttl: float, prefix: str = "") -> None:
+    def __init__(
+        self, owner: str, ttl: float, prefix: str = "", paused: PausedQueues | None = None
+    ) -> None:
         self.owner = owner
         self.ttl_ms = max(1, int(ttl * 1000))
         #: A blocking pop returns (empty) at least this often, within the liveness TTL. Its bound
@@ -91,6 +96,9 @@ class InFlight:
         #: worker's lists registered for FORGET_AFTER_TTLS, and the worker registers them again.
         self.block_for = max(0.05, min(BLOCK_AT_MOST, ttl / 4))
         self.prefix = prefix
+        #: The pause set (the dashboard's), read at most every PAUSE_REFRESH s: a scan and a
+        #: blocking pop leave paused queues out; None: every queue is consumed.
+        self.paused = paused
         self._lists: dict[str, str] = {}  # in-flight list -> its queue key (both prefixed)
         self._records: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -266,12 +274,15 @@ class _Popper:
         queues = channel._queue_cycle.consume(len(channel.active_queues))
         if not queues:
             return
+        if flight.paused is not None:
+            queues = flight.paused.active(queues)
         sources = [channel._q_for_pri(q, pri) for pri in channel.priority_steps for q in queues]
         lists = [flight.list_for(s) for s in sources]
         p = flight.prefix
-        if self.pause:
+        if self.pause or not queues:
             # A blocking wait on a key nobody writes: a second without popping, no busy loop,
             # and the loop stays free (a full Redis refuses the pop's writes, not this read).
+            # Also while every queue is paused: the worker idles, and looks again after it.
             self.pause = False
             pending = _Pending("BLPOP", sources, None)
             args: list[Any] = ["BLPOP", flight.alive_key + ":pause", self.block_for]

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from workerkit import events as events_module
 from workerkit.engines.attempt import HEALTH_EVERY, HEARTBEAT_EVERY, Duty, Keeper, release_each
+from workerkit.engines.celery.dashboard_worker import WorkerDashboard
 from workerkit.engines.celery.delivery import (
     in_pool,
     keep_written_jobs,
@@ -100,6 +101,7 @@ class Runtime:
         self._ledger: Ledger | None = None
         #: The task consumer's in-flight lists (pop.py), once it has a Redis channel.
         self.flight: InFlight | None = None
+        self.dashboard = WorkerDashboard(settings, app)
         self._ledger_lock = threading.Lock()
         self.consumer: Any = None
         self.draining = False
@@ -123,10 +125,8 @@ class Runtime:
     # --- what each process has of its own -------------------------------------------------
 
     def open_task_events(self) -> BatchingSender:
-        """This process's per-task event sender (a forked pool child makes its own).
-
-        The main process flushes it before its own last events and before it exits.
-        """
+        """This process's per-task event sender (a forked pool child makes its own); the main
+        process flushes it before its own last events and before it exits."""
         current = self.task_events
         if current is None:
             client = events_module.client("celery-executor")
@@ -201,7 +201,8 @@ class Runtime:
         if qos is not None and hasattr(qos, "unacked_key"):
             prefix = str(getattr(channel, "global_keyprefix", "") or "")
             if self.flight is None:
-                self.flight = InFlight(self.worker_id, self.lease_ttl, prefix)
+                paused = self.dashboard.paused
+                self.flight = InFlight(self.worker_id, self.lease_ttl, prefix, paused)
             lease_at_delivery(qos, self.worker_id, self.lease_ttl, self.flight)
             guard_deliveries(channel, self.dead_letter, prefix=prefix)
             reliable_pop(channel, self.flight, self.dead_letter)
@@ -322,6 +323,7 @@ class Runtime:
         # Listening from here, not from worker_ready: a SIGTERM while Celery still connects to
         # the broker (kombu's retry loop, which can last minutes) must stop the worker at once.
         self.events.on_command(self._on_command)
+        self.dashboard.install_presence(self.events)
         threading.Thread(target=self._control, name="workerkit-drain", daemon=True).start()
         # The supervisor's death, or SIGQUIT (Celery's cold shutdown, which would leave every
         # message to the visibility timeout): the release deadline, at once.
@@ -442,6 +444,7 @@ class Runtime:
         if self._in_hand():
             return
         self.flush_events()
+        self.dashboard.close()
         if pool_pids(self.consumer):
             # Pool children write their last job_finished events within BATCH_DELAY of them;
             # the acks (and so forget()) happen here in the main process, right after.
@@ -545,13 +548,11 @@ class Runtime:
         self.events.send(StoreHealth(ok=False, reason=f"broker: {type(exc).__name__}"))
 
     def _renew_leases(self) -> None:
-        """Renew the leases in hand; advance the pool's deadline only when none was lost.
-
-        A lost lease (its message restored by another worker after our lease expired, e.g.
-        while this process was stopped) is never taken back: a message not started yet is
-        dropped, a running one is left to its pool child's watchdog, which stops it at the
-        deadline that stops advancing here until that run is settled (fenced) and forgotten.
-        """
+        """Renew the leases in hand; advance the pool's deadline only when none was lost. A lost
+        lease (its message restored by another worker after our lease expired, e.g. while this
+        process was stopped) is never taken back: a message not started yet is dropped, a running
+        one is left to its pool child's watchdog, which stops it at the deadline that stops
+        advancing here until that run is settled (fenced) and forgotten."""
         started = now()
         held = self._in_hand()
         renewing = {
