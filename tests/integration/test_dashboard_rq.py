@@ -23,10 +23,10 @@ from rq.serializers import JSONSerializer
 
 from workerkit.dashboard.model import ActionRefused, JobQuery, StaleAction
 from workerkit.engines.presence import Presence
+from workerkit.engines.redis_presence import PRESENCE_KEY
 from workerkit.engines.rq import RqApp, SimpleWorker
 from workerkit.engines.rq.dashboard import SEARCH_SCAN, open_source, presence_store
 from workerkit.engines.rq.jobs import read_state
-from workerkit.engines.rq.presence_store import PRESENCE_KEY, PRESENCE_PREFIX
 from workerkit.idempotency.redis import RedisIdempotencyStore
 from workerkit.job import current_job
 from workerkit.settings import Settings
@@ -410,7 +410,7 @@ def test_presences_carry_redis_time_expire_after_an_hour_and_are_pruned(
         assert back.worker_id == "w1"
         assert back.counts == {"default": {"succeeded": 3}}
         assert abs(back.heartbeat_at - source.clock()) < 5
-        assert 3500 < redis_client.ttl(PRESENCE_PREFIX + "w1") <= 3600
+        assert 3500 < redis_client.ttl(PRESENCE_KEY + ":w1") <= 3600
         redis_client.zadd(PRESENCE_KEY, {"ancient": 1.0})  # an hour and more ago
         store.publish(record)
         assert redis_client.zrange(PRESENCE_KEY, 0, -1) == [b"w1"]

@@ -21,6 +21,7 @@ __all__ = (
     "PRESENCE_KEEP",
     "PRESENCE_KEY",
     "RedisPresenceStore",
+    "redis_time",
 )
 
 #: The sorted set of worker ids by heartbeat; each id's record is this plus ``:<id>``.
@@ -52,6 +53,12 @@ return redis.call('HSETNX', KEYS[1], ARGV[1], cjson.encode({at = at, actor = ARG
 """
 
 
+def redis_time(client: Any) -> float:
+    """Redis's clock now, in epoch seconds."""
+    seconds, micros = client.time()
+    return int(seconds) + int(micros) / 1_000_000
+
+
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
@@ -63,9 +70,10 @@ class RedisPresenceStore:
     every key (kombu's ``global_keyprefix`` for the Celery engine, "" for RQ).
     """
 
-    def __init__(self, client: Any, prefix: str = "") -> None:
+    def __init__(self, client: Any, prefix: str = "", *, owns_client: bool = False) -> None:
         self.client = client
         self.prefix = prefix
+        self._owns_client = owns_client
         self.set_key = prefix + PRESENCE_KEY
         self.paused_key = prefix + PAUSED_KEY
 
@@ -117,12 +125,20 @@ class RedisPresenceStore:
             found[_text(queue)] = value if isinstance(value, dict) else {}
         return found
 
+    def pause_record(self, queue: str) -> dict[str, Any] | None:
+        """``{"at", "actor"}`` of a paused queue, None when it is not paused."""
+        return self.pauses().get(queue)
+
     def set_queue_paused(self, queue: str, paused: bool, actor: str) -> bool:
         if paused:
             reply = self.client.execute_command("EVAL", _PAUSE, 1, self.paused_key, queue, actor)
         else:
             reply = self.client.execute_command("HDEL", self.paused_key, queue)
         return bool(int(reply or 0))
+
+    def close(self) -> None:
+        if self._owns_client:
+            self.client.close()
 
 
 if TYPE_CHECKING:  # mypy checks that the store is both of the contract's stores

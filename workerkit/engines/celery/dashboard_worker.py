@@ -11,6 +11,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from workerkit.engines.presence import PausedQueues
+from workerkit.engines.presence_publisher import install_presence
 from workerkit.engines.redis_presence import RedisPresenceStore
 
 if TYPE_CHECKING:
@@ -63,12 +64,6 @@ class WorkerDashboard:
 
     def install_presence(self, events: Any) -> None:
         """Publish this worker's presence (the supervisor's record, sent through ``events``)."""
-        try:  # TODO(lead): drop the guard once workerkit.engines.presence_publisher is merged
-            from workerkit.engines.presence_publisher import (  # type: ignore[import-not-found,unused-ignore]
-                install_presence,
-            )
-        except ImportError:
-            return
         self.publisher = install_presence(events, self.store)
 
     def close(self) -> None:

@@ -303,7 +303,7 @@ class Runtime:
         # Nothing was consumed before: a message delivered from now on has a lease that lives
         # at least lease_ttl past this instant (it takes it at delivery).
         self.lease.extend(now())
-        self.events.send(WorkerReady("celery", tuple(self._queues()), self._concurrency()))
+        self.events.send(WorkerReady("celery", self._queues(), self._concurrency(), self.worker_id))
         Keeper(
             self._duties(), log=log, name="workerkit-keeper", on_error=self._keeper_failed
         ).start()
@@ -671,11 +671,11 @@ class Runtime:
         tag = getattr(message, "delivery_tag", None)
         return str(tag) if tag is not None else None
 
-    def _queues(self) -> list[str]:
+    def _queues(self) -> tuple[str, ...]:
         consumer = self.consumer
         with contextlib.suppress(Exception):
-            return [q.name for q in consumer.task_consumer.queues]
-        return list(self.settings.queues or (self.app.conf.task_default_queue,))
+            return tuple(q.name for q in consumer.task_consumer.queues)
+        return tuple(self.settings.queues or (self.app.conf.task_default_queue,))
 
     def _concurrency(self) -> int:
         with contextlib.suppress(Exception):

@@ -36,11 +36,11 @@ from workerkit.dashboard.model import (
     SearchResult,
     StaleAction,
 )
+from workerkit.engines.redis_presence import RedisPresenceStore, redis_time
 from workerkit.engines.rq import dashboard_pages as pages
 from workerkit.engines.rq.jobs import encode_state
 from workerkit.engines.rq.leases import deferred_key, lease_key
 from workerkit.engines.rq.options import SERIALIZER_ENV
-from workerkit.engines.rq.presence_store import RedisPresenceStore, redis_time
 from workerkit.engines.rq.serializers import SafePickleSerializer
 from workerkit.errors import ConfigurationError, StoreUnavailable
 
@@ -88,7 +88,7 @@ def dashboard_serializer() -> Any:
 
 def presence_store(settings: Settings) -> RedisPresenceStore:
     """The presence and pause store on the RQ engine's Redis (its own connection)."""
-    return RedisPresenceStore(_client(settings), owns_connection=True)
+    return RedisPresenceStore(_client(settings), owns_client=True)
 
 
 def open_source(settings: Settings) -> DashboardSource:

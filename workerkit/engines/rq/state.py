@@ -27,9 +27,9 @@ from rq.queue import Queue
 from workerkit import events as events_module
 from workerkit.engines.leasewatch import LeaseClock, since_monotonic
 from workerkit.engines.presence import PausedQueues
+from workerkit.engines.redis_presence import RedisPresenceStore
 from workerkit.engines.rq.jobs import WorkerkitJob, job_class_of, resolve_rq_serializer
 from workerkit.engines.rq.leases import WAKE_PREFIX, AttemptKeys, Leases
-from workerkit.engines.rq.presence_store import RedisPresenceStore
 from workerkit.engines.rq.recovery import Recovery, lease_ttl, scan_interval
 from workerkit.engines.rq.tasks import RqApp, load_app
 from workerkit.settings import Settings, load_settings

@@ -19,9 +19,9 @@ from rq.utils import as_text, now, utcparse
 
 from workerkit.engines.attempt import HEALTH_EVERY, HEARTBEAT_EVERY, Duty, Keeper
 from workerkit.engines.presence_publisher import install_presence
+from workerkit.engines.redis_presence import RedisPresenceStore
 from workerkit.engines.rq.drain import Drain
 from workerkit.engines.rq.outage import lease_bound
-from workerkit.engines.rq.presence_store import RedisPresenceStore
 from workerkit.engines.rq.startup import UNREACHABLE
 from workerkit.engines.rq.state import TICK, Attempt
 from workerkit.events import (
