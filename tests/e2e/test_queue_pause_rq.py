@@ -13,15 +13,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-import redis
 
 from tests.support.harness import wait_until
+from tests.support.redis_db import flushed_db
 from tests.support.rq_harness import RqEnv, rq_supervisor
 from workerkit.engines.presence import PAUSE_REFRESH
 from workerkit.engines.rq.dashboard import open_source
 from workerkit.settings import Settings
 
 if TYPE_CHECKING:
+    import redis
+
     from tests.support.servers import RedisServer
     from workerkit.dashboard.model import DashboardSource
 
@@ -33,14 +35,8 @@ PAUSE_TAKES_EFFECT = 2 * PAUSE_REFRESH + 1.0
 
 @pytest.fixture
 def rq_env(redis_server: RedisServer, tmp_path: Path) -> Iterator[RqEnv]:
-    url = redis_server.url(REDIS_DB)
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushdb()
+    with flushed_db(redis_server, REDIS_DB) as url:
         yield RqEnv(tmp=tmp_path, redis_url=url, journal=tmp_path / "journal.txt")
-        client.flushdb()
-    finally:
-        client.close()
 
 
 @pytest.fixture
