@@ -126,6 +126,7 @@ class NativeWorker(Settling):
         self._fold = AckFold(enabled=isinstance(self.backend, SqlQueue))
         self._slots = Slots(self._job_thread)  # job threads, kept for the next job
         self._paused: PausedQueues | None = None  # the dashboard's paused queues (SQL only)
+        self._left_out: frozenset[str] = frozenset()  # what the log last said was paused
         if isinstance(self.backend, SqlQueue):
             self._paused = pauses.worker_filter(self.backend)
             self.backend.claim_gate = self._may_claim_now  # asked just before the claim's write
@@ -332,7 +333,19 @@ class NativeWorker(Settling):
 
     def _claim_queues(self) -> list[str]:
         """The queues to claim from: the paused ones left out (read at most once a second)."""
-        return list(self.queues) if self._paused is None else self._paused.active(self.queues)
+        if self._paused is None:
+            return list(self.queues)
+        active = self._paused.active(self.queues)
+        left_out = frozenset(self.queues).difference(active)
+        if left_out != self._left_out:  # a pause or resume seen: said once
+            self._left_out = left_out
+            log.info(
+                "claiming from %s; paused: %s",
+                ", ".join(active) or "no queue",
+                ", ".join(sorted(left_out)) or "none",
+                extra={"event": "queues_paused", "paused": sorted(left_out), "active": active},
+            )
+        return active
 
     def _idle_wait(self) -> float:
         # While a queue of ours is paused, look again within PAUSE_REFRESH whatever the poll
