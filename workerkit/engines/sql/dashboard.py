@@ -83,6 +83,16 @@ _LIST: Final = (
 )
 
 
+#: The queues with ready jobs: a skip scan of ix_workerkit_jobs_ready (one probe per queue).
+_READY_QUEUES: Final = sa.text(
+    "WITH RECURSIVE q(name) AS ("
+    " SELECT MIN(queue) FROM workerkit_jobs WHERE state = 'ready'"
+    " UNION ALL SELECT (SELECT MIN(queue) FROM workerkit_jobs"
+    " WHERE state = 'ready' AND queue > q.name) FROM q WHERE q.name IS NOT NULL"
+    ") SELECT name FROM q WHERE name IS NOT NULL"
+)
+
+
 def _version(state: str, attempts: int, updated_at: float) -> str:
     return f"{state}|{attempts}|{updated_at!r}"
 
@@ -284,16 +294,26 @@ class SqlDashboardSource:
         if query.task:
             where.append(_c.task == query.task)
         sort = (order.desc(), _c.id.desc()) if desc else (order, _c.id)
-        statement = (
-            sa.select(*_LIST)
-            .where(*where, _after(order, key, desc=desc))
-            .order_by(*sort)
-            .limit(limit + 1)
-        )
+
+        def page_of(*extra: sa.ColumnElement[bool]) -> sa.Select[Any]:
+            after = _after(order, key, desc=desc)
+            return sa.select(*_LIST).where(*where, *extra, after).order_by(*sort).limit(limit + 1)
+
+        ready = query.state in ("waiting", "scheduled")
         with self._read() as conn:
+            statement = page_of()
+            if ready and not query.queue and not query.task:
+                # Each queue's range of ix_workerkit_jobs_ready (queue, run_at), merged: no sort
+                # of the whole backlog, whatever its size.
+                names = list(conn.execute(_READY_QUEUES).scalars())
+                if len(names) > 1:
+                    parts = [page_of(_c.queue == name).subquery() for name in names]
+                    merged = sa.union_all(*(sa.select(part) for part in parts)).subquery()
+                    statement = sa.select(merged).order_by(merged.c.run_at, merged.c.id)
+                    statement = statement.limit(limit + 1)
             rows = conn.execute(statement).all()
             total = None
-            if not query.task:  # counted through the state's index (queue first)
+            if not ready and not query.task:  # the small states: counted through their index
                 total = int(conn.execute(sa.select(sa.func.count()).where(*where)).scalar_one())
         page = [_job_row(row) for row in rows[:limit]]
         more = None
