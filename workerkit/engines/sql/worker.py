@@ -39,7 +39,7 @@ from workerkit.engines.attempt import (
     release_each,
     verdict_for,
 )
-from workerkit.engines.sql import retention
+from workerkit.engines.sql import pauses, retention
 from workerkit.engines.sql.folding import AckFold, Batch
 from workerkit.engines.sql.outage import (
     ClaimPause,
@@ -124,7 +124,9 @@ class NativeWorker(Settling):
         self._pruner: Keeper | None = None  # retention (finished_job_retention): SQL only
         self._fold = AckFold(enabled=isinstance(self.backend, SqlQueue))
         self._slots = Slots(self._job_thread)  # job threads, kept for the next job
+        self._paused: pauses.WorkerPauses | None = None  # the dashboard's pauses (SQL only)
         if isinstance(self.backend, SqlQueue):
+            self._paused = pauses.worker_filter(self.backend, self.queues)
             self.backend.claim_gate = self._may_claim_now  # asked just before the claim's write
             self._pruner = retention.pruner(
                 self.backend, settings, self.worker_id, when=self._ready.is_set, stop=self._stopping
@@ -322,10 +324,16 @@ class NativeWorker(Settling):
                     if batch is not None:
                         batch.hand_back()
                 if not claimed and self._fold.close_if_empty():
-                    self.backend.wait_for_jobs(self.queues, self.settings.poll_interval)
+                    poll = self.settings.poll_interval
+                    wait = poll if self._paused is None else self._paused.idle_wait(poll)
+                    self.backend.wait_for_jobs(self.queues, wait)
         finally:
             self._fold.close()
             self._fetcher_done.set()
+
+    def _claim_queues(self) -> list[str]:
+        """The queues to claim from: the paused ones left out (read at most once a second)."""
+        return list(self.queues) if self._paused is None else self._paused.active()
 
     # --- upkeep (the keeper's thread) ---------------------------------------------------
 
@@ -404,14 +412,15 @@ class NativeWorker(Settling):
                 if batch is not None:
                     batch.hand_back()
                 return True
+            queues = self._claim_queues()  # none left (all paused): acks only, then idle
             sent = self._claim_sent = time.monotonic()  # the lease starts no earlier
             try:
                 if batch is None:
-                    deliveries = self.backend.claim(self.queues, self.worker_id, free)
+                    deliveries = self.backend.claim(queues, self.worker_id, free)
                 else:
                     assert isinstance(self.backend, SqlQueue)  # only it folds
                     matched, deliveries = self.backend.ack_and_claim(
-                        batch.acks, self.queues, self.worker_id, free
+                        batch.acks, queues, self.worker_id, free
                     )
                     batch.settled(matched)
             except Exception as exc:
