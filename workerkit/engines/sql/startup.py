@@ -7,7 +7,6 @@ by waiting ends it with STORE_UNAVAILABLE (3), one that may come back is retried
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import signal
@@ -238,15 +237,10 @@ def reach_store(app: App, budget: float, events: EventClient) -> threading.Event
 
 def _install_presence(events: EventClient, settings: Settings) -> Any:
     """The worker's presence publisher (the dashboard's workers page), writing to the SQL store."""
+    from workerkit.engines.presence_publisher import install_presence
     from workerkit.engines.sql.presence_store import presence_store
 
-    # TODO(lead): once wk-presence is merged, replace this try with the plain import:
-    #   from workerkit.engines.presence_publisher import install_presence
-    try:
-        module = importlib.import_module("workerkit.engines.presence_publisher")
-    except ImportError:
-        return None
-    return module.install_presence(events, lambda: presence_store(settings))
+    return install_presence(events, lambda: presence_store(settings))
 
 
 def main() -> None:

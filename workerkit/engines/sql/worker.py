@@ -364,7 +364,9 @@ class NativeWorker(Settling):
         self.events.send(StoreHealth(ok, reason))
         if first:
             self.events.send(
-                WorkerReady(self.settings.engine, tuple(self.queues), self.concurrency)
+                WorkerReady(
+                    self.settings.engine, tuple(self.queues), self.concurrency, self.worker_id
+                )
             )
         if not ok:
             self._ready.clear()
