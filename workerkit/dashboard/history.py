@@ -99,6 +99,11 @@ class History:
                 found.append((queue, succeeded, failed))
         return found
 
+    def queue_names(self) -> list[str] | None:
+        """Every queue the last sample saw (the jobs page's filter), None before the first."""
+        with self._lock:
+            return None if self._last_at is None else sorted(self._minutes)
+
     def series(self, queue: str, now: float) -> list[MinuteCount]:
         """The last ``window`` of ``queue``, one entry per minute (zero where nothing ran)."""
         last = int(now // 60)
