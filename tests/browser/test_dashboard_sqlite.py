@@ -163,7 +163,7 @@ def test_cancel_a_waiting_job_and_it_never_runs(stack: Stack, page: Page) -> Non
     record = stack.record("cancelled")
     assert record is not None
     assert record["state"] == "failed"
-    assert "cancelled by" in str(record["error"])
+    assert "cancelled by" in str(record["last_error"])
 
 
 def test_pause_a_queue_holds_its_jobs_until_resumed(stack: Stack, page: Page) -> None:

@@ -145,9 +145,15 @@ class Stack(Env):
 
     def put(self, task: str, *args: Any, job_id: str, queue: str | None = None) -> str:
         """Enqueue ``task(*args)`` as ``job_id`` (into ``queue``, else the task's)."""
+        from tests.apps import dashboard_jobs
+
+        declared = {"held": dashboard_jobs.held, "flaky": dashboard_jobs.flaky}.get(task)
         app = App(self.database_url, settings=Settings(database_url=self.database_url))
+        options = EnqueueOptions(queue=queue, job_id=job_id)
         try:
-            return app.enqueue(task, list(args), {}, EnqueueOptions(queue=queue, job_id=job_id))
+            if declared is not None:  # with its max_attempts (1: flaky fails at once)
+                return app.enqueue_task(declared, list(args), {}, options)
+            return app.enqueue(task, list(args), {}, options)
         finally:
             app.backend.close()
 
