@@ -42,7 +42,7 @@ def new_stack(tmp: Path, database_url: str, **settings: str) -> Stack:
 @pytest.fixture
 def dashboard(stack: Stack) -> Supervisor:
     """The module's dashboard process (the stack's first)."""
-    return next(p for p in stack.processes if p.log_path.stem == "dashboard")
+    return stack.process("dashboard")
 
 
 @pytest.fixture

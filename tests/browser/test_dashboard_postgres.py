@@ -63,9 +63,9 @@ def test_counts_then_the_worker_draining_with_its_deadline(stack: Stack, page: P
     worker = page.locator("#workers tr[data-worker-id]")
     expect(worker).to_have_count(1)
     expect(worker.locator("td.state")).to_have_text("ready")
-    expect(worker).to_contain_text("in-hand")  # the job in hand
+    expect(worker.locator("td.jobs")).to_have_text("in-hand")  # the job in hand
 
-    supervisor = stack.processes[-1]
+    supervisor = stack.process("worker")
     supervisor.signal(signal.SIGTERM)
     expect(worker.locator("td.state")).to_have_text("draining")
     expect(worker.locator("td.deadline")).not_to_be_empty()

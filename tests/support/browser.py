@@ -138,6 +138,10 @@ class Stack(Env):
         self.processes.append(dashboard)
         return dashboard
 
+    def process(self, name: str) -> Supervisor:
+        """The process started under ``name`` (worker, scheduler, dashboard)."""
+        return next(p for p in self.processes if p.log_path.stem == name)
+
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()
