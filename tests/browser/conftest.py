@@ -48,7 +48,7 @@ def dashboard(stack: Stack) -> Supervisor:
 @pytest.fixture
 def page(browser: Browser, dashboard: Supervisor) -> Iterator[Page]:
     context = browser.new_context(
-        base_url=f"http://127.0.0.1:{dashboard.port}", viewport={"width": 1280, "height": 800}
+        base_url=f"http://127.0.0.1:{dashboard.port}", viewport={"width": 1280, "height": 360}
     )
     context.set_default_timeout(20_000)
     try:
