@@ -26,7 +26,7 @@ ensure_venv() {
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "== installing Python dependencies into .venv"
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e '.[redis,rq,celery,postgres,plot,dev]'
+    .venv/bin/python -m pip install --quiet -e '.[redis,rq,celery,postgres,plot,dashboard,dev]'
     echo "$want" >"$stamp"
   fi
 }

@@ -19,6 +19,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from workerkit import exitcodes
+from workerkit.dashboard.cli import dashboard_command
 from workerkit.drill.cli import drill
 from workerkit.engines import ENGINE_OPTIONS, EngineOption
 from workerkit.errors import ConfigurationError, UnknownTask, WorkerkitError
@@ -658,3 +659,4 @@ def _schedule_state(name: str, config_file: str | None, options: dict[str, Any],
 
 
 main.add_command(drill)
+main.add_command(dashboard_command(settings_options, _load))

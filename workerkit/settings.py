@@ -571,8 +571,21 @@ def _read_config_file(path: Path, is_pyproject: bool) -> dict[str, object]:
 # Service in the namespace; a Service named "workerkit" would look like settings of ours.
 _K8S_SERVICE_LINK_PREFIXES = ("SERVICE_", "PORT")
 # Variables of ours that are not settings: the config file's path, the event socket and the pid
-# the supervisor hands its child, and engine options read by the engine (engines/rq/options.py).
-_ENV_NOT_SETTINGS = frozenset({"CONFIG", "SUPERVISOR_SOCKET", "SUPERVISOR_PID", "RQ_SERIALIZER"})
+# the supervisor hands its child, engine options read by the engine (engines/rq/options.py), and
+# the options of `workerkit dashboard` (workerkit/dashboard/cli.py), which are not settings.
+_ENV_NOT_SETTINGS = frozenset(
+    {
+        "CONFIG",
+        "SUPERVISOR_SOCKET",
+        "SUPERVISOR_PID",
+        "RQ_SERIALIZER",
+        "DASHBOARD_HOST",
+        "DASHBOARD_PORT",
+        "DASHBOARD_TOKEN_FILE",
+        "DASHBOARD_BASIC_AUTH_FILE",
+        "DASHBOARD_REFRESH",
+    }
+)
 
 
 def load_settings(

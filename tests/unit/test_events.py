@@ -52,8 +52,13 @@ DELIVERY = {"job_id": "j1", "token": "tok", "queue": "default"}
 EXAMPLES: list[tuple[Event, dict[str, Any]]] = [
     (Hello("worker", pid=42), {"role": "worker"}),
     (
-        WorkerReady("sql", ("default", "batch"), 4),
-        {"engine": "sql", "queues": ["default", "batch"], "concurrency": 4},
+        WorkerReady("sql", ("default", "batch"), 4, "pod-1:7:0a1b2c3d"),
+        {
+            "engine": "sql",
+            "queues": ["default", "batch"],
+            "concurrency": 4,
+            "worker_id": "pod-1:7:0a1b2c3d",
+        },
     ),
     (Heartbeat(running=2, ts=1.5), {"running": 2}),
     (StoreHealth(ok=False, reason="db: timeout"), {"ok": False, "reason": "db: timeout"}),

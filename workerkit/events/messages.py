@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, NamedTuple
+
+if TYPE_CHECKING:
+    from workerkit.engines.presence import Presence
 
 __all__ = (
     "COMMANDS",
@@ -39,6 +42,7 @@ __all__ = (
     "Outcome",
     "PayloadRefusal",
     "PayloadRefused",
+    "PublishPresence",
     "QueueStats",
     "Release",
     "RequestStop",
@@ -97,7 +101,7 @@ PAYLOAD_REFUSALS: Final[frozenset[str]] = frozenset(PayloadRefusal.__args__)  # 
 ScheduleFireOutcome = Literal["fired", "already_fired", "not_leader", "stale", "paused", "unknown"]
 SCHEDULE_FIRE_OUTCOMES: Final[frozenset[str]] = frozenset(ScheduleFireOutcome.__args__)  # type: ignore[attr-defined]
 
-Command = Literal["request_stop", "release"]
+Command = Literal["request_stop", "release", "presence"]
 COMMANDS: Final[frozenset[str]] = frozenset(Command.__args__)  # type: ignore[attr-defined]
 
 #: A message as a plain dict (what a command handler receives with the command's name).
@@ -118,12 +122,13 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class WorkerReady:
-    """The engine's worker consumes jobs."""
+    """The engine's worker consumes jobs; ``worker_id``: the id it claims jobs under, if any."""
 
     name: ClassVar[EventType] = "worker_ready"
     engine: str | None = None
     queues: tuple[str, ...] = ()
     concurrency: int | None = None
+    worker_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +286,7 @@ Event = (
 )
 
 
-# --- commands (the supervisor -> every process) -------------------------------------------------
+# --- commands (the supervisor -> its processes) -------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +303,16 @@ class Release:
     name: ClassVar[Command] = "release"
 
 
-CommandMessage = RequestStop | Release
+@dataclass(frozen=True, slots=True)
+class PublishPresence:
+    """The supervisor's record of its worker, for the worker's main process to write to its
+    engine's store (the dashboard's workers page); sent to that process only."""
+
+    name: ClassVar[Command] = "presence"
+    presence: Presence
+
+
+CommandMessage = RequestStop | Release | PublishPresence
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from workerkit.events.messages import (
     Event,
     Hello,
     Message,
+    PublishPresence,
     Release,
     RequestStop,
 )
@@ -43,7 +44,7 @@ class EventClient:
 
     ``send`` never raises: a supervisor that went away must not fail the job in hand. Commands
     that arrive are passed to the handlers registered with :meth:`on_command`, on a reader
-    thread of this client.
+    thread of this client (a handler must not block it: the next command waits).
     """
 
     def __init__(self, path: str | None, *, role: str) -> None:
@@ -77,7 +78,12 @@ class EventClient:
         self.send(Hello(self.role))
 
     def on_command(self, handler: Callable[[Command, Message], None]) -> None:
-        """Call ``handler(command, message)`` for every command the supervisor sends."""
+        """Call ``handler(command, message)`` for every command the supervisor sends.
+
+        ``message`` is ``{"cmd": command}``, and for ``presence`` also ``"presence"``: the
+        :class:`~workerkit.engines.presence.Presence` record. A handler ignores a command it
+        does not know (a newer supervisor may send more).
+        """
         self._handlers.append(handler)
 
     def send(self, event: Event) -> None:
@@ -145,13 +151,16 @@ class EventClient:
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
                 command = decode(line)
-                if isinstance(command, RequestStop | Release):
+                if isinstance(command, RequestStop | Release | PublishPresence):
                     self._dispatch(command)
 
     def _dispatch(self, command: CommandMessage) -> None:
+        message: Message = {"cmd": command.name}
+        if type(command) is PublishPresence:
+            message["presence"] = command.presence
         for handler in list(self._handlers):
             try:
-                handler(command.name, {"cmd": command.name})
+                handler(command.name, dict(message))
             except Exception:
                 log.exception("command handler failed", extra={"event": "command_handler_failed"})
 

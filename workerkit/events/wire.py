@@ -2,6 +2,7 @@
 
 :func:`decode` is the one place a line is validated: into a typed event or command, or a
 :class:`BadMessage`, never an exception. :func:`encode_batch` is what a batching sender writes.
+A command is ``{"cmd": NAME}`` plus its fields, if it has any (``presence``: the record).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
+from workerkit.engines.presence import PRESENCE_STATES, Presence
 from workerkit.events.messages import (
     IDEMPOTENCY_OUTCOMES,
     OUTCOMES,
@@ -29,6 +31,9 @@ from workerkit.events.messages import (
     JobOutcome,
     JobStarted,
     PayloadRefusal,
+    PublishPresence,
+    Release,
+    RequestStop,
     ScheduleFireOutcome,
 )
 
@@ -140,7 +145,6 @@ _READERS: Final[dict[str, tuple[frozenset[type], Callable[[Any], Any] | None]]] 
 #: None when the field is required).
 _Field = tuple[str, frozenset[type], Callable[[Any], Any] | None, Callable[[], Any] | None]
 _EVENT_CLASSES: Final[tuple[type[Event], ...]] = Event.__args__
-_COMMAND_CLASSES: Final[tuple[type[CommandMessage], ...]] = CommandMessage.__args__
 
 
 def _field(field: dataclasses.Field[Any]) -> _Field:
@@ -159,7 +163,6 @@ def _same(value: object) -> object:
 _SCHEMAS: Final[dict[str, tuple[type[Any], tuple[_Field, ...]]]] = {
     cls.name: (cls, tuple(_field(f) for f in dataclasses.fields(cls))) for cls in _EVENT_CLASSES
 }
-_COMMANDS_BY_NAME: Final[dict[str, CommandMessage]] = {cls.name: cls() for cls in _COMMAND_CLASSES}
 #: The fields an event writes after the envelope (``pid`` and ``ts`` are the envelope's).
 _BODIES: Final[dict[type[Any], tuple[str, ...]]] = {
     cls: tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("pid", "ts"))
@@ -186,8 +189,9 @@ def decode_message(message: object) -> Event | CommandMessage | BadMessage:
     schema = _SCHEMAS.get(kind) if isinstance(kind, str) else None
     if schema is None:
         command = message.get("cmd")
-        if isinstance(command, str) and command in _COMMANDS_BY_NAME:
-            return _COMMANDS_BY_NAME[command]
+        read = _COMMAND_READERS.get(command) if isinstance(command, str) else None
+        if read is not None:
+            return read(message)
         return BadMessage(f"unknown event type {str(kind)[:64]!r}")
     cls, fields = schema
     values = []
@@ -208,6 +212,98 @@ def decode_message(message: object) -> Event | CommandMessage | BadMessage:
                 return BadMessage(f"{kind}: {name} is {exc}")
     event: Event = cls(*values)
     return event
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Invalid("not a number")
+    return float(value)
+
+
+def _integer(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid("not an integer")
+    return value
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid("not a string")
+    return value
+
+
+def _state(value: object) -> str:
+    if isinstance(value, str) and value in PRESENCE_STATES:
+        return value
+    raise _Invalid(f"not one of {', '.join(PRESENCE_STATES)}")
+
+
+def _optional_number(value: object) -> float | None:
+    return None if value is None else _number(value)
+
+
+def _counts(value: object) -> dict[str, dict[str, int]]:
+    if not isinstance(value, dict):
+        raise _Invalid("not an object")
+    counts: dict[str, dict[str, int]] = {}
+    for queue, outcomes in value.items():
+        if not isinstance(outcomes, dict):
+            raise _Invalid("not an object of objects")
+        counts[queue] = {outcome: _integer(n) for outcome, n in outcomes.items()}
+    return counts
+
+
+#: A presence record's fields: how each is read, and its default (None: required).
+_PRESENCE_FIELDS: Final[tuple[tuple[str, Callable[[Any], Any], Callable[[], Any] | None], ...]] = (
+    ("worker_id", _text, None),
+    ("hostname", _text, None),
+    ("pid", _integer, None),
+    ("engine", _text, None),
+    ("queues", _strings, None),
+    ("concurrency", _integer, None),
+    ("state", _state, None),
+    ("started_at", _number, None),
+    ("heartbeat_at", _number, None),
+    ("ttl", _number, None),
+    ("drain_deadline", _optional_number, functools.partial(_same, None)),
+    ("hard_deadline", _optional_number, functools.partial(_same, None)),
+    ("jobs", _strings, tuple),
+    ("counts", _counts, dict),
+)
+
+
+def _publish_presence(message: dict[str, Any]) -> PublishPresence | BadMessage:
+    record = message.get("presence")
+    if not isinstance(record, dict):
+        return BadMessage("presence: presence is not an object")
+    values: dict[str, Any] = {}
+    for name, read, default in _PRESENCE_FIELDS:
+        if name not in record:
+            if default is None:
+                return BadMessage(f"presence: {name} is missing")
+            values[name] = default()
+            continue
+        try:
+            values[name] = read(record[name])
+        except _Invalid as exc:
+            return BadMessage(f"presence: {name} is {exc}")
+    return PublishPresence(Presence(**values))
+
+
+def _singleton(command: CommandMessage) -> Callable[[dict[str, Any]], CommandMessage]:
+    """The reader of a command without fields: always the same instance."""
+    return lambda message: command
+
+
+#: How each command is read off the wire; fields a command does not know are ignored.
+_COMMAND_READERS: Final[dict[str, Callable[[dict[str, Any]], CommandMessage | BadMessage]]] = {
+    RequestStop.name: _singleton(RequestStop()),
+    Release.name: _singleton(Release()),
+    PublishPresence.name: _publish_presence,
+}
 
 
 def decode(line: bytes | str) -> Event | CommandMessage | BadMessage:
@@ -234,6 +330,8 @@ def encode(
     """
     body = _BODIES.get(type(item))
     if body is None:
+        if type(item) is PublishPresence:
+            return encode_line({"cmd": item.name, "presence": dataclasses.asdict(item.presence)})
         return encode_line({"cmd": item.name})
     message = {
         "type": item.name,

@@ -2,10 +2,11 @@
 
 A Unix stream socket in a private runtime directory (:mod:`workerkit.rundir`, mode 0700, so no
 other user of the host can connect and fake job events), one reader task per connection that
-decodes the lines and hands them to the runner, and :meth:`Channel.broadcast` to send a command
-to every connection. The reader hands over every complete line of one read as one batch: a busy
-worker sends dozens of events per write, and the supervisor shares the pod's cores with it, so it
-takes no event-loop trip per event.
+decodes the lines and hands them to the runner, :meth:`Channel.broadcast` to send a command to
+every connection, and :meth:`Channel.send_to` to send one to one process's connections. The
+reader hands over every complete line of one read as one batch: a busy worker sends dozens of
+events per write, and the supervisor shares the pod's cores with it, so it takes no event-loop
+trip per event.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from workerkit.events import (
     CommandMessage,
     Event,
     Hello,
+    PublishPresence,
     Release,
     RequestStop,
     decode,
@@ -207,7 +209,7 @@ class Channel:
         if not line.strip():
             return None
         event = decode(line)
-        if isinstance(event, RequestStop | Release):
+        if isinstance(event, RequestStop | Release | PublishPresence):
             event = BadMessage(f"a command ({event.name}) sent to the supervisor")
         if isinstance(event, BadMessage):
             log.warning(
@@ -230,29 +232,45 @@ class Channel:
         data = encode(command)
         sent = 0
         for connection in list(self._connections):
-            with anyio.move_on_after(SEND_TIMEOUT) as scope:
-                try:
-                    async with connection.lock:
-                        await connection.stream.send(data)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                    log.debug(
-                        "command not delivered",
-                        extra={
-                            "event": "channel_send_failed",
-                            "command": command.name,
-                            "error": str(exc),
-                            **connection.describe(),
-                        },
-                    )
-                    continue
-            if scope.cancelled_caught:
-                log.warning(
-                    "command not delivered in time",
-                    extra={"event": "channel_send_timeout", "command": command.name},
-                )
-                continue
-            sent += 1
+            sent += await self._send(connection, data, command.name)
         return sent
+
+    async def send_to(self, pid: int, command: CommandMessage) -> int:
+        """Send ``command`` to the connections of process ``pid`` only; return to how many.
+
+        A connection is known by the pid of its ``hello``: one that has not said it yet is
+        skipped (the next command finds it).
+        """
+        data = encode(command)
+        sent = 0
+        for connection in list(self._connections):
+            if connection.pid == pid:
+                sent += await self._send(connection, data, command.name)
+        return sent
+
+    async def _send(self, connection: Connection, data: bytes, name: str) -> bool:
+        with anyio.move_on_after(SEND_TIMEOUT) as scope:
+            try:
+                async with connection.lock:
+                    await connection.stream.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                log.debug(
+                    "command not delivered",
+                    extra={
+                        "event": "channel_send_failed",
+                        "command": name,
+                        "error": str(exc),
+                        **connection.describe(),
+                    },
+                )
+                return False
+        if scope.cancelled_caught:
+            log.warning(
+                "command not delivered in time",
+                extra={"event": "channel_send_timeout", "command": name},
+            )
+            return False
+        return True
 
     async def wait_connections(self, count: int) -> None:
         """Wait until at least ``count`` processes are connected."""

@@ -4,8 +4,11 @@ Everything that happens (a signal, a tick, events from job-running processes, th
 a finished release) becomes one item of a single inbox, consumed in order by one loop: it feeds the
 :class:`~workerkit.supervisor.lifecycle.Lifecycle` machine, keeps the probes' health and the
 metrics up to date, and executes the actions the machine returns. One consumer: no locks, and a
-total order of what the machine saw. Signal handlers are installed by :func:`supervise` before the
-worker starts (a SIGTERM during startup is not lost) and restored on the way out.
+total order of what the machine saw. It also sends the worker's presence record to the worker's
+main process (:mod:`workerkit.supervisor.presence`) every ``PRESENCE_INTERVAL`` and at each state
+change, from a task of its own so that a slow socket cannot delay a deadline. Signal handlers
+are installed by :func:`supervise` before the worker starts (a SIGTERM during startup is not
+lost) and restored on the way out.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from workerkit import events as ev
 from workerkit import exitcodes
 from workerkit.engines.base import AppTiming
 from workerkit.engines.lifeline import SUPERVISOR_PID_ENV
+from workerkit.engines.presence import PRESENCE_INTERVAL
 from workerkit.errors import ConfigurationError
 from workerkit.events import SOCKET_ENV
 from workerkit.proctree import processes_with_env, stop_processes
@@ -52,12 +56,14 @@ from workerkit.supervisor.lifecycle import (
     SignalChild,
     SignalReceived,
     StartChild,
+    State,
     Tick,
     WorkerExited,
     WorkerReady,
     WorkerStopping,
 )
 from workerkit.supervisor.metrics import SupervisorMetrics
+from workerkit.supervisor.presence import WorkerPresence
 from workerkit.supervisor.process import ChildProcess, become_subreaper, descendants
 
 if TYPE_CHECKING:
@@ -133,6 +139,11 @@ class Supervisor:
         self._exit_reported = False
         self._task_group: anyio.abc.TaskGroup | None = None
         self._release_prepared = False
+        #: The worker process's presence (a new one per worker process), when its record is
+        #: due next, and whether the state changed since the last one was sent.
+        self.presence: WorkerPresence | None = None
+        self._presence_due = 0.0
+        self._presence_changed = False
 
     # --- public -------------------------------------------------------------------------------
 
@@ -215,6 +226,8 @@ class Supervisor:
             )
             return False
         self.child = child
+        if not getattr(self.engine, "runs_scheduler", False):  # a scheduler is no worker
+            self.presence = WorkerPresence(self.metrics.engine, pid, time.time())
         log.info(
             "worker process started",
             extra={"event": "worker_started", "pid": pid, "argv": argv},
@@ -299,6 +312,30 @@ class Supervisor:
         self._sync_state()
         for action in actions:
             await self._execute(action)
+        if self._presence_changed or (type(event) is Tick and event.now >= self._presence_due):
+            self._send_presence()
+
+    def _send_presence(self) -> None:
+        """Send the worker's presence record to its main process (once it said it is ready)."""
+        self._presence_changed = False
+        presence, channel, group = self.presence, self.channel, self._task_group
+        state = self.machine.state
+        if (
+            presence is None
+            or not presence.ready
+            or channel is None
+            or group is None
+            or self._exit is not None
+            or state is State.STOPPED
+            or not self.machine.child_alive
+        ):
+            return
+        now = self.clock()
+        self._presence_due = now + PRESENCE_INTERVAL
+        record = presence.record(
+            str(state), self.machine.in_flight, self.machine.deadlines, now=now, wall=time.time()
+        )
+        group.start_soon(channel.send_to, presence.pid, ev.PublishPresence(record))
 
     def _translate(self, event: ev.Event | ev.BadMessage, now: float) -> list[Input]:
         """What ``event`` means to the lifecycle and the probes (most events: metrics only)."""
@@ -314,6 +351,11 @@ class Supervisor:
             case ev.JobFinished(job_id=job_id, outcome=outcome):
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("job finished", extra={"event": "job_finished", **_fields(event)})
+                if self.presence is not None:
+                    queue = event.queue
+                    if queue is None:  # its job_started named it
+                        queue = self.machine.in_flight.get(job_id, {}).get("queue")
+                    self.presence.finished(queue, outcome)
                 return [JobFinished(job_id, outcome)]
             case ev.Heartbeat():
                 self.health.heartbeat(now)
@@ -321,6 +363,8 @@ class Supervisor:
                 self.health.store_health(ok, reason[:_MAX_REASON], now)
             case ev.WorkerReady():
                 self.health.worker_ready(now)
+                if self.presence is not None:
+                    self.presence.worker_ready(event)
                 log.debug(
                     "worker ready event", extra={"event": "worker_ready_event", **_fields(event)}
                 )
@@ -334,10 +378,13 @@ class Supervisor:
         # jobs whose job_started the worker left out (started and finished in one batch).
         in_flight = self.machine.in_flight
         debug = log.isEnabledFor(logging.DEBUG)
+        finished = self.presence.finished if self.presence is not None else None
         inputs: list[Input] = []
         for job in jobs:
             if debug:
                 log.debug("job finished", extra={"event": "job_finished", **job._asdict()})
+            if finished is not None:
+                finished(job.queue, job.outcome)
             if job.job_id in in_flight:
                 inputs.append(JobFinished(job.job_id, job.outcome))
         return inputs
@@ -347,6 +394,7 @@ class Supervisor:
         if state is self._state:
             return
         self._state = state
+        self._presence_changed = True
         self.health.state = str(state)
         self.health.stopping_reason = self.machine.shutdown_reason
         self.metrics.set_state(str(state))

@@ -25,10 +25,12 @@ __all__ = (
     "idempotency_keys",
     "jobs",
     "metadata",
+    "queue_pauses",
     "scheduler_fires",
     "scheduler_lease",
     "scheduler_schedules",
     "scheduler_triggers",
+    "workers",
 )
 
 #: Alembic's version table for workerkit's own migrations. Not ``alembic_version``, so that an
@@ -86,6 +88,24 @@ sa.Index(
     jobs.c.lease_expires_at,
     postgresql_where=jobs.c.state == "running",
     sqlite_where=jobs.c.state == "running",
+)
+# The dashboard (workerkit.engines.sql.dashboard, migration 0005): dead letters per queue, newest
+# first (counts and pages), and waiting jobs by task (search, the jobs page's task filter). Both
+# hold only rows of a small state: a claim, a heartbeat or an ack never writes to them.
+sa.Index(
+    "ix_workerkit_jobs_failed",
+    jobs.c.queue,
+    jobs.c.finished_at,
+    jobs.c.id,
+    postgresql_where=jobs.c.state == "failed",
+    sqlite_where=jobs.c.state == "failed",
+)
+sa.Index(
+    "ix_workerkit_jobs_ready_task",
+    jobs.c.task,
+    jobs.c.run_at,
+    postgresql_where=jobs.c.state == "ready",
+    sqlite_where=jobs.c.state == "ready",
 )
 # workerkit.engines.sql.retention deletes by age.
 sa.Index(
@@ -194,6 +214,33 @@ scheduler_triggers = sa.Table(
     sa.PrimaryKeyConstraint(
         "namespace", "schedule", "at_ms", name="pk_workerkit_scheduler_triggers"
     ),
+)
+
+
+# --- the dashboard (workerkit.engines.sql.dashboard) --------------------------------------
+
+#: One row per worker (its supervisor's presence record, workerkit.engines.presence): replaced
+#: every PRESENCE_INTERVAL, ``heartbeat_at`` on the database clock; rows older than a day are
+#: pruned by the publishers. A worker that exited cleanly deletes its row.
+workers = sa.Table(
+    "workerkit_workers",
+    metadata,
+    sa.Column("worker_id", sa.Text, nullable=False),
+    sa.Column("record", sa.Text, nullable=False),  # Presence.to_json()
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("heartbeat_at", sa.Double, nullable=False),
+    sa.PrimaryKeyConstraint("worker_id", name="pk_workerkit_workers"),
+)
+sa.Index("ix_workerkit_workers_heartbeat_at", workers.c.heartbeat_at)
+
+#: Paused queues: workers claim nothing from a queue listed here (read at most once a second).
+queue_pauses = sa.Table(
+    "workerkit_queue_pauses",
+    metadata,
+    sa.Column("queue", sa.Text, nullable=False),
+    sa.Column("paused_at", sa.Double, nullable=False),
+    sa.Column("actor", sa.Text, nullable=False),
+    sa.PrimaryKeyConstraint("queue", name="pk_workerkit_queue_pauses"),
 )
 
 

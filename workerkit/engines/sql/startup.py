@@ -7,6 +7,7 @@ by waiting ends it with STORE_UNAVAILABLE (3), one that may come back is retried
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -15,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import sqlalchemy as sa
 
@@ -30,6 +31,7 @@ from workerkit.proctree import STOP_GRACE
 
 if TYPE_CHECKING:
     from workerkit.engines.base import StoreHealth as Health
+    from workerkit.settings import Settings
 
 __all__ = (
     "FIRST_DELAY",
@@ -234,6 +236,19 @@ def reach_store(app: App, budget: float, events: EventClient) -> threading.Event
         os._exit(exitcodes.OK)
 
 
+def _install_presence(events: EventClient, settings: Settings) -> Any:
+    """The worker's presence publisher (the dashboard's workers page), writing to the SQL store."""
+    from workerkit.engines.sql.presence_store import presence_store
+
+    # TODO(lead): once wk-presence is merged, replace this try with the plain import:
+    #   from workerkit.engines.presence_publisher import install_presence
+    try:
+        module = importlib.import_module("workerkit.engines.presence_publisher")
+    except ImportError:
+        return None
+    return module.install_presence(events, lambda: presence_store(settings))
+
+
 def main() -> None:
     """``python -m workerkit.engines.sql``: the sql engine's worker, started by the supervisor."""
     from workerkit.drill.canary import register_sql
@@ -270,7 +285,10 @@ def main() -> None:
         worker.stop_fetching()
     # The supervisor's death (or SIGQUIT) is the supervisor's release command, at once.
     Lifeline(worker.request_release).start()
+    presence = _install_presence(events, settings.replace(database_url=app.database_url))
     code = worker.run()
+    if presence is not None:
+        presence.close()  # a clean exit: the record goes
     # Jobs run in threads of this process, so a subprocess cannot be told apart by the job
     # that started it: every one still running is stopped now, as the worker ends (after a
     # drain: a finished job's; after a release they were stopped before it).
