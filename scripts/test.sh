@@ -118,7 +118,7 @@ step "mypy" .venv/bin/mypy
 # cores): most of the end-to-end tests wait on real processes, signals and timeouts rather than
 # use the CPU. Each group starts its own servers on free ports, so they share nothing but the
 # machine. Group "lifecycle" is tests/e2e but the scheduler, tests/docs (the site and its
-# tutorials, ~2 min) and tests/browser (the dashboard in headless chromium, ~TIME); group
+# tutorials, ~2 min) and tests/browser (the dashboard in headless chromium, ~1.5 min); group
 # "rest" is everything else, tests/drill among it (workerkit drill local on real replicas,
 # ~5 min). Each group took ~18-20 min on a loaded 2-core machine
 # (2026-12-03): move a layer between them when one grows.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
@@ -67,7 +67,7 @@ def start_or_skip(start: Callable[[], _Server]) -> _Server:
     _unavailable(reason)  # outside the except block: no "during handling" traceback noise
 
 
-def find_program_or_skip(names: Iterable[str], install: str) -> str:
+def find_program_or_skip(names: Sequence[str], install: str) -> str:
     """The path of the first of ``names`` on PATH, or skip (fail when ``CI`` is set) naming
     ``install``, the command that provides it."""
     for name in names:

@@ -9,7 +9,7 @@ from tests.support.browser import SCREENSHOTS
 from tests.support.harness import REPO
 
 PAGE = REPO / "docs" / "howto" / "dashboard.md"
-#: The screenshots the tests take (tests/browser/test_dashboard_sqlite.py).
+#: The screenshots the tests take (tests/browser/test_dashboard_sqlite.py, which runs first).
 TAKEN = ("overview", "jobs", "job", "workers", "schedules")
 
 
