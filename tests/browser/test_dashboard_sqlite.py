@@ -224,7 +224,7 @@ def test_schedule_trigger_pause_and_resume(
     assert stack.count("ran daily 1") == before + 1
 
 
-def test_a_stale_action_is_refused(stack: Stack, page: Page) -> None:
+def test_a_stale_action_is_refused(stack: Stack, page: Page, dashboard: Supervisor) -> None:
     failed_job(stack, "stale")
     page.goto("/jobs/stale")
     page.locator('button[data-action="retry"]').click()
@@ -246,6 +246,14 @@ def test_a_stale_action_is_refused(stack: Stack, page: Page) -> None:
     stack.barrier("after-stale")
     assert stack.count("done stale") == 1
     assert stack.count("start stale 1") == 2
+    logged = wait_until(
+        lambda: [
+            e for e in dashboard.events_named("dashboard_action") if e.get("job_id") == "stale"
+        ],
+        timeout=10,
+        what="the dashboard's log line of the refused action",
+    )
+    assert [(e["action"], e["outcome"]) for e in logged] == [("retry", "stale")]
 
 
 def test_a_post_from_another_origin_without_the_token_is_refused(
