@@ -184,9 +184,9 @@ def _source_calls(url: str, n: int) -> dict[str, dict[str, float]]:
             results[label + ") page 1"] = _time(lambda q=query: source.jobs(q), n)
             later = dataclasses.replace(query, cursor=_later_cursor(source, query, 20))
             results[label + ") page 20"] = _time(lambda q=later: source.jobs(q), n)
-        for job_id in ("wait-50000", "done-500000", "dead-10"):
+        for job_id in ("wait-1000", "done-10000", "dead-10"):
             results[f"job({job_id})"] = _time(lambda j=job_id: source.job(j), n)
-        results["search(id)"] = _time(lambda: source.search("done-777777"), n)
+        results["search(id)"] = _time(lambda: source.search("done-7777"), n)
         results["search(task mail.send)"] = _time(lambda: source.search("mail.send"), n)
     finally:
         source.close()
@@ -233,7 +233,7 @@ def _http_pages(url: str, n: int, tmp: Path) -> dict[str, dict[str, float]]:
             "/jobs?state=failed",
             "/jobs?state=finished",
             "/jobs?state=waiting&queue=mail",
-            "/jobs/wait-50000",
+            "/jobs/wait-1000",
             "/workers",
             "/search?q=mail.send",
         ]

@@ -2,8 +2,9 @@
 
 Each ``workerkit ...`` line is walked down the CLI's own command tree (what ``--help`` prints is
 generated from it): every subcommand must exist and every ``--option`` must be one that command
-takes. Each ``WORKERKIT_*=`` assignment must name a setting, and a ``./scripts/...`` line a script
-that exists. Other programs (helm, kubectl, docker, curl) are not checked here.
+takes. Each ``WORKERKIT_*=`` assignment must name a setting or a variable a command reads for its
+own option (``--help`` shows them), and a ``./scripts/...`` line a script that exists. Other
+programs (helm, kubectl, docker, curl) are not checked here.
 """
 
 from __future__ import annotations
@@ -58,7 +59,27 @@ def _without_comment(line: str) -> str:
 
 
 def _settings_env() -> set[str]:
-    return {ENV_PREFIX + name.upper() for name in Settings.__dataclass_fields__} | _NOT_SETTINGS
+    """The settings' variables, and those a command reads for its own options (``workerkit
+    dashboard``'s WORKERKIT_DASHBOARD_*: not settings, they configure that command only)."""
+    return (
+        {ENV_PREFIX + name.upper() for name in Settings.__dataclass_fields__}
+        | _NOT_SETTINGS
+        | _command_env(main)
+    )
+
+
+def _command_env(command: click.Command) -> set[str]:
+    found = set()
+    for param in command.params:
+        envvar = getattr(param, "envvar", None)
+        if isinstance(envvar, str):
+            found.add(envvar)
+        elif envvar:
+            found.update(envvar)
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            found |= _command_env(sub)
+    return found
 
 
 def _check_workerkit(words: list[str]) -> list[str]:

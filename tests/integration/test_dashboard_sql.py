@@ -242,13 +242,14 @@ def test_an_action_on_a_job_that_moved_on_changes_nothing(
 
 
 def test_pause_and_resume(queue: SqlQueue, source: SqlDashboardSource, database_url: str) -> None:
-    pauses = worker_filter(queue)
+    pauses = worker_filter(queue, ["a", "b"])
     source.pause_queue("a", "alice")
     source.pause_queue("a", "alice")  # again: nothing changes
     store = presence_store(Settings().replace(database_url=database_url))
     try:
         assert store.paused_queues() == frozenset({"a"})
-        assert pauses.active(["a", "b"]) == ["b"]
+        assert pauses.active() == ["b"]
+        assert pauses.idle_wait(5.0) == 1.0  # a paused queue: looks again within a second
         woken = threading.Event()
         if queue.dialect == "postgresql":
             queue.wait_for_jobs(["a"], 0.01)  # listening from now on
@@ -262,8 +263,11 @@ def test_pause_and_resume(queue: SqlQueue, source: SqlDashboardSource, database_
         source.resume_queue("a", "alice")
         assert store.paused_queues() == frozenset()
         assert not {s.name for s in source.queues() if s.paused}
-        pauses.forget()
-        assert pauses.active(["a", "b"]) == ["a", "b"]
+        deadline = time.monotonic() + 10  # the worker's view is at most a second old
+        while pauses.active() != ["a", "b"]:
+            assert time.monotonic() < deadline, "the resume was never seen"
+            time.sleep(0.05)
+        assert pauses.idle_wait(5.0) == 5.0
         if queue.dialect == "postgresql":
             assert woken.wait(10), "the resume's NOTIFY did not wake the waiting worker"
     finally:

@@ -5,6 +5,7 @@ with http.client: pages with rows, pagination, fragments, confirmation, CSRF, fe
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import http.client
 import json
@@ -18,6 +19,7 @@ from urllib.parse import urlencode
 import pytest
 
 from tests.support.dashboard_memory import MemoryDashboardSource, served
+from tests.support.harness import wait_until
 from workerkit.dashboard.app import create_app
 from workerkit.dashboard.web import DashboardOptions
 from workerkit.engines.presence import Presence
@@ -26,8 +28,6 @@ from workerkit.scheduler.triggers import Every
 from workerkit.testing import InMemorySchedulerStore
 
 pytestmark = pytest.mark.unit
-
-NOW = time.time()
 
 
 @dataclass
@@ -95,30 +95,33 @@ def action_form(page: str, action: str) -> tuple[str, dict[str, str]]:
     raise AssertionError(f"no {action} button")
 
 
-def presence(worker_id: str, *, heartbeat_at: float = NOW, state: str = "ready",
+def presence(worker_id: str, *, heartbeat_at: float | None = None, state: str = "ready",
              **fields: object) -> Presence:  # fmt: skip
+    """A worker's presence, published now unless ``heartbeat_at`` says when."""
+    now = time.time()
     values: dict[str, object] = {
         "worker_id": worker_id, "hostname": "pod-a", "pid": 7, "engine": "memory",
-        "queues": ("default",), "concurrency": 2, "state": state, "started_at": NOW - 300,
-        "heartbeat_at": heartbeat_at, "ttl": 15.0,
+        "queues": ("default",), "concurrency": 2, "state": state, "started_at": now - 300,
+        "heartbeat_at": now if heartbeat_at is None else heartbeat_at, "ttl": 15.0,
     } | fields  # fmt: skip
     return Presence(**values)  # type: ignore[arg-type]
 
 
 @pytest.fixture
 def source() -> MemoryDashboardSource:
+    now = time.time()
     src = MemoryDashboardSource()
-    src.add("w1", task="tasks.send", enqueued_at=NOW - 30)
-    src.add("s1", state="scheduled", run_at=NOW + 60)
-    src.add("r1", state="running", queue="mail", attempt=1, worker="pod-a-1", run_at=NOW - 5,
-            lease_expires_at=NOW + 25, checkpoint='{"page": 3}')  # fmt: skip
-    src.add("f1", state="failed", attempt=3, finished_at=NOW - 10, args='[1, "<b>"]',
+    src.add("w1", task="tasks.send", enqueued_at=now - 30)
+    src.add("s1", state="scheduled", run_at=now + 60)
+    src.add("r1", state="running", queue="mail", attempt=1, worker="pod-a-1", run_at=now - 5,
+            lease_expires_at=now + 25, checkpoint='{"page": 3}')  # fmt: skip
+    src.add("f1", state="failed", attempt=3, finished_at=now - 10, args='[1, "<b>"]',
             error="Traceback (most recent call last):\nValueError: boom <x>")  # fmt: skip
-    src.add("d1", state="finished", attempt=1, finished_at=NOW - 3, result="42")
+    src.add("d1", state="finished", attempt=1, finished_at=now - 3, result="42")
     src.presences["pod-a-1"] = presence("pod-a-1", jobs=("r1",))
-    src.presences["pod-b-1"] = presence("pod-b-1", state="draining", drain_deadline=NOW + 20,
-                                        hard_deadline=NOW + 28)  # fmt: skip
-    src.presences["pod-c-1"] = presence("pod-c-1", heartbeat_at=NOW - 60)  # lost: ttl 15
+    src.presences["pod-b-1"] = presence("pod-b-1", state="draining", drain_deadline=now + 20,
+                                        hard_deadline=now + 28)  # fmt: skip
+    src.presences["pod-c-1"] = presence("pod-c-1", heartbeat_at=now - 60)  # lost: ttl 15
     store = InMemorySchedulerStore()
     tick = Schedule("tick", "tasks.tick", Every(30.0), queue="default")
     lease = store.acquire("sched-pod-1", 15)
@@ -195,7 +198,7 @@ def test_no_page_loads_anything_from_another_host(client: Client) -> None:
 
 def test_pagination_follows_the_keyset_cursors(source: MemoryDashboardSource) -> None:
     for n in range(120):
-        source.add(f"bulk-{n:03}", queue="bulk", enqueued_at=NOW - 1000 + n)
+        source.add(f"bulk-{n:03}", queue="bulk", enqueued_at=time.time() - 1000 + n)
     seen: list[str] = []
     with served(create_app(source, options=DashboardOptions(page_size=50))) as (host, port):
         client = Client(host, port)
@@ -382,3 +385,25 @@ def test_json_of_the_presence_counts_is_not_needed_for_pages(source: MemoryDashb
     source.presences = {"pod-z-1": Presence.from_json(json.loads(json.dumps(raw)))}
     with served(create_app(source)) as (host, port):
         assert 'data-worker-id="pod-z-1"' in Client(host, port).get("/workers").body
+
+
+def test_the_background_sampler_feeds_the_overview_chart(source: MemoryDashboardSource) -> None:
+    app = create_app(source, options=DashboardOptions(sample_interval=0.05))
+    history = app.state.dashboard.history
+    worker = source.presences["pod-a-1"]
+    with served(app) as (host, port):
+        client = Client(host, port)
+
+        def chart() -> str:
+            page = client.get("/?fragment=queues").body
+            match = re.search(r'<tr data-queue="default".*?(<svg.*?</svg>)', page, re.S)
+            assert match
+            return match.group(1)
+
+        # The first sample is the baseline: what workers had done before is not this minute's.
+        wait_until(lambda: history.sampled_at is not None, timeout=20, what="a first sample")
+        assert 'data-succeeded="0" data-failed="0"' in chart()
+        counts = {"default": {"succeeded": 4, "failed": 1, "released": 3}}
+        source.presences["pod-a-1"] = dataclasses.replace(worker, counts=counts)
+        wait_until(lambda: 'data-succeeded="4" data-failed="1"' in chart(), timeout=20,
+                   what="the chart to show the new outcomes")  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import ipaddress
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -154,12 +155,16 @@ def serve(
     )
     server = uvicorn.Server(config)
     log.info(
-        "dashboard of the %s engine on http://%s:%d/",
+        "starting the dashboard of the %s engine on http://%s:%d/",
         engine,
         host,
         port,
-        extra={"event": "dashboard_listening", "host": host, "port": port, "engine": engine},
+        extra={"event": "dashboard_starting", "host": host, "port": port, "engine": engine},
     )
+    # uvicorn shuts down on SIGTERM/SIGINT, then raises the signal again for the handler that was
+    # there before it: a no-op, so that a clean stop exits 0 (not 143, nor a KeyboardInterrupt).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     try:
         server.run()
     except SystemExit:

@@ -8,12 +8,14 @@ second). Why: docs/engines/sql.md ("Dashboard").
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from workerkit.engines.presence import PausedQueues
+from workerkit.engines.presence import PAUSE_REFRESH, PausedQueues
 from workerkit.engines.sql import db
 from workerkit.engines.sql.listener import NOTIFY_CHANNEL
 from workerkit.engines.sql.schema import db_now, queue_pauses
@@ -21,7 +23,9 @@ from workerkit.engines.sql.schema import db_now, queue_pauses
 if TYPE_CHECKING:
     from workerkit.engines.sql.queue import SqlQueue
 
-__all__ = ("read_paused", "set_paused", "worker_filter")
+__all__ = ("WorkerPauses", "read_paused", "set_paused", "worker_filter")
+
+log = logging.getLogger("workerkit.engines.sql.worker")
 
 
 def read_paused(engine: sa.Engine) -> frozenset[str]:
@@ -56,6 +60,41 @@ def set_paused(conn: sa.Connection, queue: str, paused: bool, actor: str) -> boo
     return bool(deleted)
 
 
-def worker_filter(queue: SqlQueue) -> PausedQueues:
-    """The worker's cached view of the pause set, read on the queue's own engine."""
-    return PausedQueues(lambda: read_paused(queue.engine))
+def worker_filter(queue: SqlQueue, queues: Sequence[str]) -> WorkerPauses:
+    """The worker's view of the pause set, read on the queue's own engine (cached 1 s)."""
+    return WorkerPauses(queues, PausedQueues(lambda: read_paused(queue.engine)))
+
+
+class WorkerPauses:
+    """A worker's queues less the paused ones, and how long it may wait while idle.
+
+    Logs ``queues_paused`` (INFO) whenever the set it leaves out changes, so an operator (and a
+    test) sees when a worker took a pause or a resume into account.
+    """
+
+    def __init__(self, queues: Sequence[str], read: PausedQueues) -> None:
+        self._queues = list(queues)
+        self._read = read
+        self._left_out: frozenset[str] = frozenset()
+
+    def active(self) -> list[str]:
+        """The queues to claim from now (the pause set read at most once a second)."""
+        active = self._read.active(self._queues)
+        left_out = frozenset(self._queues).difference(active)
+        if left_out != self._left_out:
+            self._left_out = left_out
+            log.info(
+                "claiming from %s; paused: %s",
+                ", ".join(active) or "no queue",
+                ", ".join(sorted(left_out)) or "none",
+                extra={"event": "queues_paused", "paused": sorted(left_out), "active": active},
+            )
+        return active
+
+    def idle_wait(self, poll_interval: float) -> float:
+        """How long an idle fetch waits: while one of its queues is paused, PAUSE_REFRESH at
+        most whatever the poll interval, so that a resume is seen within a second or two
+        (PostgreSQL's resume also NOTIFYs, which ends the wait at once)."""
+        if self._read.paused().intersection(self._queues):
+            return min(poll_interval, PAUSE_REFRESH)
+        return poll_interval

@@ -39,7 +39,6 @@ from workerkit.engines.attempt import (
     release_each,
     verdict_for,
 )
-from workerkit.engines.presence import PAUSE_REFRESH, PausedQueues
 from workerkit.engines.sql import pauses, retention
 from workerkit.engines.sql.folding import AckFold, Batch
 from workerkit.engines.sql.outage import (
@@ -125,10 +124,9 @@ class NativeWorker(Settling):
         self._pruner: Keeper | None = None  # retention (finished_job_retention): SQL only
         self._fold = AckFold(enabled=isinstance(self.backend, SqlQueue))
         self._slots = Slots(self._job_thread)  # job threads, kept for the next job
-        self._paused: PausedQueues | None = None  # the dashboard's paused queues (SQL only)
-        self._left_out: frozenset[str] = frozenset()  # what the log last said was paused
+        self._paused: pauses.WorkerPauses | None = None  # the dashboard's pauses (SQL only)
         if isinstance(self.backend, SqlQueue):
-            self._paused = pauses.worker_filter(self.backend)
+            self._paused = pauses.worker_filter(self.backend, self.queues)
             self.backend.claim_gate = self._may_claim_now  # asked just before the claim's write
             self._pruner = retention.pruner(
                 self.backend, settings, self.worker_id, when=self._ready.is_set, stop=self._stopping
@@ -326,34 +324,16 @@ class NativeWorker(Settling):
                     if batch is not None:
                         batch.hand_back()
                 if not claimed and self._fold.close_if_empty():
-                    self.backend.wait_for_jobs(self.queues, self._idle_wait())
+                    poll = self.settings.poll_interval
+                    wait = poll if self._paused is None else self._paused.idle_wait(poll)
+                    self.backend.wait_for_jobs(self.queues, wait)
         finally:
             self._fold.close()
             self._fetcher_done.set()
 
     def _claim_queues(self) -> list[str]:
         """The queues to claim from: the paused ones left out (read at most once a second)."""
-        if self._paused is None:
-            return list(self.queues)
-        active = self._paused.active(self.queues)
-        left_out = frozenset(self.queues).difference(active)
-        if left_out != self._left_out:  # a pause or resume seen: said once
-            self._left_out = left_out
-            log.info(
-                "claiming from %s; paused: %s",
-                ", ".join(active) or "no queue",
-                ", ".join(sorted(left_out)) or "none",
-                extra={"event": "queues_paused", "paused": sorted(left_out), "active": active},
-            )
-        return active
-
-    def _idle_wait(self) -> float:
-        # While a queue of ours is paused, look again within PAUSE_REFRESH whatever the poll
-        # interval, so that a resume is seen within a second or two (PostgreSQL's resume also
-        # NOTIFYs, waking this wait at once).
-        if self._paused is not None and self._paused.paused().intersection(self.queues):
-            return min(self.settings.poll_interval, PAUSE_REFRESH)
-        return self.settings.poll_interval
+        return list(self.queues) if self._paused is None else self._paused.active()
 
     # --- upkeep (the keeper's thread) ---------------------------------------------------
 
