@@ -54,7 +54,9 @@ def layer_of(path: Path) -> str | None:
 def _unavailable(reason: str) -> NoReturn:
     """Skip locally; fail in CI, where a missing server means the suite proves nothing."""
     if os.environ.get("CI"):
-        pytest.fail(f"{reason}\n(CI is set, so a missing server or program is a failure)", pytrace=False)
+        pytest.fail(
+            f"{reason}\n(CI is set, so a missing server or program is a failure)", pytrace=False
+        )
     pytest.skip(reason)
 
 
