@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Browser, Page, expect
 
 from tests.browser.conftest import new_stack
 
@@ -18,7 +18,8 @@ expect.set_options(timeout=20_000)
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(browser: Browser, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    del browser  # chromium first: nothing is started when it is missing
     tmp = tmp_path_factory.mktemp("dashboard-auth")
     stack = new_stack(tmp, f"sqlite:///{tmp / 'queue.sqlite3'}")
     token = secrets.token_urlsafe(24)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Browser, Page, expect
 
 from tests.browser.conftest import new_stack
 from tests.support import servers
@@ -27,8 +27,11 @@ expect.set_options(timeout=20_000)
 
 @pytest.fixture(scope="module")
 def stack(
-    tmp_path_factory: pytest.TempPathFactory, postgres_server: servers.PostgresServer
+    browser: Browser,
+    tmp_path_factory: pytest.TempPathFactory,
+    postgres_server: servers.PostgresServer,
 ) -> Iterator[Stack]:
+    del browser  # chromium first: nothing is started when it is missing
     tmp = tmp_path_factory.mktemp("dashboard-postgres")
     name = f"dashboard_{uuid.uuid4().hex[:12]}"
     servers.create_database(postgres_server, name, "template0")

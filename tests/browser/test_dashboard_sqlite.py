@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Browser, Page, expect
 
 from tests.browser.conftest import new_stack
 from tests.support.harness import Supervisor, wait_until
@@ -28,7 +28,8 @@ expect.set_options(timeout=20_000)
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(browser: Browser, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    del browser  # chromium first: nothing is started when it is missing
     tmp = tmp_path_factory.mktemp("dashboard-sqlite")
     started = time.monotonic()
     stack = new_stack(tmp, f"sqlite:///{tmp / 'queue.sqlite3'}")
