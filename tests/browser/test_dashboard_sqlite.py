@@ -7,6 +7,7 @@ job ids and tags, and asserts on what the jobs themselves recorded (the journal,
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -82,6 +83,7 @@ def test_overview_shows_each_queue_with_its_real_counts(stack: Stack, page: Page
     idle = page.locator('#queues tr[data-queue="idle"]')
     expect(idle.locator("td.waiting")).to_have_text("3")
     expect(idle.locator("td.running")).to_have_text("0")
+    expect(idle.locator("td.oldest")).to_have_text(re.compile(r"\d+(\.\d+)? (ms|s)"))
     counted = page.locator('#queues tr[data-queue="counted"]')
     expect(counted.locator("td.failed")).to_have_text("1")
     expect(counted.locator("td.waiting")).to_have_text("0")
