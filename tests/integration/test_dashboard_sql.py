@@ -23,6 +23,7 @@ from workerkit.engines.sql import SqlQueue, create_engine_for, upgrade
 from workerkit.engines.sql.dashboard import SqlDashboardSource, open_source, presence_store
 from workerkit.engines.sql.pauses import worker_filter
 from workerkit.engines.sql.schema import jobs, workers
+from workerkit.errors import ConfigurationError
 from workerkit.idempotency.sql import SqlIdempotencyStore
 from workerkit.settings import Settings
 
@@ -316,3 +317,11 @@ def test_presences_on_the_database_clock(
     finally:
         engine.dispose()
         store.close()
+
+
+def test_a_database_without_the_dashboard_tables_is_refused_with_the_fix(
+    blank_database_url: str,
+) -> None:
+    upgrade(blank_database_url, "0004")  # the release before the dashboard
+    with pytest.raises(ConfigurationError, match="workerkit db upgrade"):
+        open_source(Settings().replace(database_url=blank_database_url))

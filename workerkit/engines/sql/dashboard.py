@@ -217,27 +217,39 @@ class SqlDashboardSource:
     # --- queues -------------------------------------------------------------------------
 
     def queues(self) -> list[QueueSummary]:
-        """Per queue: counts of the ready, running and failed partial indexes (index-only);
-        ``finished`` is None (only a scan of the succeeded rows could count them)."""
+        """Per queue: counts through the ready, running and failed partial indexes (range
+        scans, index-only where the visibility map allows); ``finished`` is None (only a scan
+        of the succeeded rows could count them)."""
         now = db_now()
-        due = sa.func.sum(sa.case((_c.run_at <= now, 1), else_=0))
         zero, none = sa.literal(0, sa.Integer), sa.null()
 
-        def per_queue(state: str, *rest: Any) -> sa.Select[Any]:
+        def ready(name: str) -> sa.Select[Any]:
+            # Per queue, so that each count is a range of ix_workerkit_jobs_ready (queue,
+            # run_at): grouping the whole backlog made PostgreSQL scan the table.
+            def of(*where: sa.ColumnElement[bool]) -> Any:
+                mine = (_c.state == _READY, _c.queue == name, *where)
+                return sa.select(sa.func.count()).where(*mine).scalar_subquery()
+
+            due = of(_c.run_at <= now)
+            oldest = sa.select(sa.func.min(_c.run_at)).where(_c.state == _READY, _c.queue == name)
+            tag = sa.literal("ready", sa.Text)
+            later = of(_c.run_at > now)  # the count column: the scheduled ones (disjoint)
+            return sa.select(
+                sa.literal(name, sa.Text), tag, later, due, oldest.scalar_subquery(), now
+            )
+
+        def grouped(state: str) -> sa.Select[Any]:
             tag = sa.literal(state, sa.Text)
             return (
-                sa.select(_c.queue, tag, sa.func.count(), *rest)
+                sa.select(_c.queue, tag, sa.func.count(), zero, none, none)
                 .where(_c.state == _state(state))
                 .group_by(_c.queue)
             )
 
-        counts = sa.union_all(
-            per_queue("ready", due, sa.func.min(_c.run_at), now),
-            per_queue("running", zero, none, none),
-            per_queue("failed", zero, none, none),
-        )
         found: dict[str, dict[str, Any]] = {}
         with self._read() as conn:
+            names = list(conn.execute(_READY_QUEUES).scalars())
+            counts = sa.union_all(*map(ready, names), grouped("running"), grouped("failed"))
             rows = conn.execute(counts).all()
             paused = set(conn.execute(sa.select(queue_pauses.c.queue)).scalars())
         for queue, state, count, due_count, oldest, at in rows:
@@ -245,9 +257,10 @@ class SqlDashboardSource:
             entry[state] = int(count)
             if state == "ready":
                 entry["due"] = int(due_count or 0)
+                entry["ready"] += entry["due"]
                 entry["age"] = (float(at) - float(oldest)) if entry["due"] else None
-        names = set(found) | paused | self._known_queues()
-        return [self._summary(name, found.get(name, {}), name in paused) for name in sorted(names)]
+        every = set(found) | paused | self._known_queues()
+        return [self._summary(name, found.get(name, {}), name in paused) for name in sorted(every)]
 
     @staticmethod
     def _summary(name: str, counts: dict[str, Any], paused: bool) -> QueueSummary:
@@ -582,13 +595,16 @@ def _load_app(settings: Settings) -> App | None:
 def open_source(settings: Settings) -> SqlDashboardSource:
     """The source on the app's database (``settings.app``'s ``database_url``, else the
     ``database_url`` setting). Raises ``StoreUnavailable`` when the database cannot be reached,
-    ``SchemaOutOfDate`` when ``workerkit db upgrade`` has not run, ``ConfigurationError`` on a
-    bad URL or app."""
+    ``ConfigurationError`` on a bad URL or app, or a schema not at head ("run ``workerkit db
+    upgrade``")."""
     app = _load_app(settings)
     url = app.database_url if app is not None else settings.database_url
     source = SqlDashboardSource(db.create_engine_for(url), settings, app)
     try:
         source.check()
+    except SchemaOutOfDate as exc:  # the command exits 2 with the fix, not a traceback
+        source.close()
+        raise ConfigurationError(f"the sql dashboard cannot read this database: {exc}") from exc
     except BaseException:
         source.close()
         raise
