@@ -5,8 +5,9 @@
 #   ./scripts/test.sh tests/unit -q   # extra arguments go to pytest
 #
 # Installs what is missing first:
-#   - redis-server and PostgreSQL from apt when run as root on Debian/Ubuntu (the tests start
-#     their own private servers on 127.0.0.1; the system services are never used or started);
+#   - redis-server, PostgreSQL and chromium from apt when run as root on Debian/Ubuntu (the tests
+#     start their own private servers on 127.0.0.1; the system services are never used or
+#     started; tests/browser drives chromium headless through Playwright);
 #     otherwise prints what to install, and the server tests skip (or fail when CI is set);
 #   - a project virtual environment in .venv/ with every extra, refreshed when pyproject.toml
 #     changes.
@@ -36,6 +37,12 @@ have_postgres() {
     command -v initdb >/dev/null 2>&1 && command -v postgres >/dev/null 2>&1
 }
 
+# The browser tests (tests/browser) find it under any of these names (tests/support/browser.py).
+have_chromium() {
+    command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 ||
+        command -v google-chrome >/dev/null 2>&1
+}
+
 POLICY_RC_D=/usr/sbin/policy-rc.d
 created_policy_rc_d=0
 cleanup() {
@@ -61,6 +68,7 @@ apt_install() {
 packages=()
 have_redis || packages+=(redis-server)
 have_postgres || packages+=(postgresql)
+have_chromium || packages+=(chromium)
 if [[ ! -x .venv/bin/python ]]; then
     python="$(find_python 2>/dev/null || true)"
     if [[ -z "$python" ]]; then
@@ -109,21 +117,22 @@ step "mypy" .venv/bin/mypy
 # The whole suite runs as two pytest processes at once (about 20 minutes instead of 37 on 2
 # cores): most of the end-to-end tests wait on real processes, signals and timeouts rather than
 # use the CPU. Each group starts its own servers on free ports, so they share nothing but the
-# machine. Group "lifecycle" is tests/e2e but the scheduler, and tests/docs (the site and its
-# tutorials, ~2 min); group "rest" is everything else, tests/drill among it (workerkit drill
-# local on real replicas, ~5 min). Each group took ~18-20 min on a loaded 2-core machine
+# machine. Group "lifecycle" is tests/e2e but the scheduler, tests/docs (the site and its
+# tutorials, ~2 min) and tests/browser (the dashboard in headless chromium, ~1.5 min); group
+# "rest" is everything else, tests/drill among it (workerkit drill local on real replicas,
+# ~5 min). Each group took ~18-20 min on a loaded 2-core machine
 # (2026-12-03): move a layer between them when one grows.
 # With arguments, one pytest runs them as given.
 pytest_in_two_groups() {
     local log rc_lifecycle=0 rc_rest=0 pid start=$SECONDS
     log="$(mktemp "${TMPDIR:-/tmp}/workerkit-pytest-lifecycle.XXXXXX")"
     .venv/bin/pytest --durations=10 tests/e2e --ignore-glob='tests/e2e/test_scheduler_*' \
-        tests/docs >"$log" 2>&1 &
+        tests/docs tests/browser >"$log" 2>&1 &
     pid=$!
     .venv/bin/pytest --durations=10 tests/unit tests/integration tests/compat tests/faults \
         tests/chart tests/drill tests/e2e/test_scheduler_*.py || rc_rest=$?
     wait "$pid" || rc_lifecycle=$?
-    header "pytest, group lifecycle (tests/e2e but the scheduler, tests/docs), run beside the above"
+    header "pytest, group lifecycle (e2e but the scheduler, docs, browser), run beside the above"
     cat "$log"
     rm -f "$log"
     note "both groups took $((SECONDS - start)) s (wall clock)"

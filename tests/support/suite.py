@@ -7,7 +7,8 @@ Plain functions; ``tests/conftest.py`` holds the fixtures and hooks that call th
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+import shutil
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
@@ -15,11 +16,28 @@ import pytest
 
 from tests.support import servers
 
-__all__ = ("LAYERS", "TESTS_DIR", "layer_durations", "layer_of", "start_or_skip")
+__all__ = (
+    "LAYERS",
+    "TESTS_DIR",
+    "find_program_or_skip",
+    "layer_durations",
+    "layer_of",
+    "start_or_skip",
+)
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 #: The top-level test directories, each also a marker: tests/unit -> ``unit``, and so on.
-LAYERS = ("unit", "integration", "e2e", "compat", "faults", "chart", "docs", "drill")
+LAYERS = (
+    "unit",
+    "integration",
+    "e2e",
+    "compat",
+    "faults",
+    "chart",
+    "docs",
+    "drill",
+    "browser",
+)
 
 _Server = TypeVar("_Server", servers.RedisServer, servers.PostgresServer)
 
@@ -36,7 +54,9 @@ def layer_of(path: Path) -> str | None:
 def _unavailable(reason: str) -> NoReturn:
     """Skip locally; fail in CI, where a missing server means the suite proves nothing."""
     if os.environ.get("CI"):
-        pytest.fail(f"{reason}\n(CI is set, so a missing server is a failure)", pytrace=False)
+        pytest.fail(
+            f"{reason}\n(CI is set, so a missing server or program is a failure)", pytrace=False
+        )
     pytest.skip(reason)
 
 
@@ -47,6 +67,16 @@ def start_or_skip(start: Callable[[], _Server]) -> _Server:
     except servers.ServerUnavailableError as exc:
         reason = str(exc)
     _unavailable(reason)  # outside the except block: no "during handling" traceback noise
+
+
+def find_program_or_skip(names: Sequence[str], install: str) -> str:
+    """The path of the first of ``names`` on PATH, or skip (fail when ``CI`` is set) naming
+    ``install``, the command that provides it."""
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    _unavailable(f"none of {', '.join(names)} is installed: {install}")
 
 
 def layer_durations(
