@@ -97,12 +97,13 @@ def action_form(page: str, action: str) -> tuple[str, dict[str, str]]:
 
 def presence(worker_id: str, *, heartbeat_at: float | None = None, state: str = "ready",
              **fields: object) -> Presence:  # fmt: skip
-    """A worker's presence, published now unless ``heartbeat_at`` says when."""
+    """A worker's presence, published now unless ``heartbeat_at`` says when (ttl 10 min: live
+    through any stall of a loaded machine)."""
     now = time.time()
     values: dict[str, object] = {
         "worker_id": worker_id, "hostname": "pod-a", "pid": 7, "engine": "memory",
         "queues": ("default",), "concurrency": 2, "state": state, "started_at": now - 300,
-        "heartbeat_at": now if heartbeat_at is None else heartbeat_at, "ttl": 15.0,
+        "heartbeat_at": now if heartbeat_at is None else heartbeat_at, "ttl": 600.0,
     } | fields  # fmt: skip
     return Presence(**values)  # type: ignore[arg-type]
 
@@ -121,7 +122,7 @@ def source() -> MemoryDashboardSource:
     src.presences["pod-a-1"] = presence("pod-a-1", jobs=("r1",))
     src.presences["pod-b-1"] = presence("pod-b-1", state="draining", drain_deadline=now + 20,
                                         hard_deadline=now + 28)  # fmt: skip
-    src.presences["pod-c-1"] = presence("pod-c-1", heartbeat_at=now - 60)  # lost: ttl 15
+    src.presences["pod-c-1"] = presence("pod-c-1", heartbeat_at=now - 3600)  # lost: ttl 600
     store = InMemorySchedulerStore()
     tick = Schedule("tick", "tasks.tick", Every(30.0), queue="default")
     lease = store.acquire("sched-pod-1", 15)
