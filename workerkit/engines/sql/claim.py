@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -115,24 +115,15 @@ def claim(
 def _claim_round(
     queue: SqlQueue, params: Mapping[str, Any], acks: Sequence[Ack], keep_out: Sequence[str]
 ) -> list[Any]:
+    held = queue._held  # PostgreSQL: the claim's own connection (.held), when it is free
+    if held is not None:
+        with queue._errors(), held.connection() as execute:
+            if execute is not None:
+                return _pg_round(execute, *_gated(queue, params, keep_out), acks)
     with queue._statement() as conn:
-        # Connected (PostgreSQL) or holding the write lock (SQLite): the last moment to
-        # hold back, after a wait that may have spanned an outage. The acks go all the same.
-        if queue.claim_gate is not None and not queue.claim_gate():
-            params = {**params, "p_limit": 0}
-        claim, params = CLAIM, dict(params)
-        if keep_out:
-            claim, params["p_except"] = CLAIM_EXCEPT, list(keep_out)
-        if not acks:
-            return list(conn.execute(claim, params).all()) if params["p_limit"] > 0 else []
+        claim, params = _gated(queue, params, keep_out)
         if queue.dialect == "postgresql":
-            values = {
-                **params,
-                "p_ack_ids": [ack.job_id for ack in acks],
-                "p_ack_tokens": [ack.token for ack in acks],
-                "p_ack_results": [ack.result for ack in acks],
-            }
-            return list(conn.execute(ACK_AND_CLAIM, values).all())
+            return _pg_round(lambda st, p: list(conn.execute(st, p).all()), claim, params, acks)
         # SQLite: in the claim's BEGIN IMMEDIATE transaction, committed with it.
         rows: list[Any] = [
             _Acked(ack.job_id)
@@ -145,6 +136,38 @@ def _claim_round(
         if params["p_limit"] > 0:
             rows.extend(conn.execute(claim, params).all())
         return rows
+
+
+def _gated(
+    queue: SqlQueue, params: Mapping[str, Any], keep_out: Sequence[str]
+) -> tuple[Any, dict[str, Any]]:
+    """The claim statement and its parameters, asked of the claim gate once connected."""
+    # Connected (PostgreSQL) or holding the write lock (SQLite): the last moment to hold back,
+    # after a wait that may have spanned an outage. The acks go all the same.
+    params = dict(params)
+    if queue.claim_gate is not None and not queue.claim_gate():
+        params["p_limit"] = 0
+    if keep_out:
+        params["p_except"] = list(keep_out)
+        return CLAIM_EXCEPT, params
+    return CLAIM, params
+
+
+def _pg_round(
+    execute: Callable[[Any, Mapping[str, Any]], list[Any]],
+    claim: Any,
+    params: dict[str, Any],
+    acks: Sequence[Ack],
+) -> list[Any]:
+    if not acks:
+        return execute(claim, params) if params["p_limit"] > 0 else []
+    values = {
+        **params,
+        "p_ack_ids": [ack.job_id for ack in acks],
+        "p_ack_tokens": [ack.token for ack in acks],
+        "p_ack_results": [ack.result for ack in acks],
+    }
+    return execute(ACK_AND_CLAIM, values)
 
 
 @dataclass(frozen=True)
