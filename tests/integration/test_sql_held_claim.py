@@ -1,18 +1,21 @@
-"""PostgreSQL: the claim sent with psycopg on a connection held between claims fails as before.
+"""The claim sent with the driver on a connection held between claims fails as it did before.
 
-The claim (acks folded in) skips SQLAlchemy's execution path, not its error handling: a
-connection the server killed is replaced and the claim sent once more; a database that is down
+The claim (acks folded in) skips SQLAlchemy's execution path, not its error handling. PostgreSQL:
+a connection the server killed is replaced and the claim sent once more; a database that is down
 is ``StoreUnavailable`` (what the worker's outage handling expects), and claims work again once
-it is back; a folded ack is fenced on this path too (tests/integration/test_sql_ack_and_claim.py
-runs on it: no statement events are listened to there).
+it is back. SQLite: a claim behind another writer waits for the busy timeout, then fails with
+its transaction rolled back (the acks unwritten). A folded ack is fenced on this path too
+(tests/integration/test_sql_ack_and_claim.py runs on it: no statement events are listened to).
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -101,3 +104,32 @@ def test_a_claim_with_the_database_down_is_store_unavailable_until_it_is_back() 
         if queue is not None:
             queue.close()
         server.stop()
+
+
+def test_sqlite_a_claim_behind_another_writer_waits_then_fails_with_its_acks_unwritten(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}?timeout=0.5"
+    upgrade(url)
+    queue = SqlQueue(url)
+    try:
+        ids = _enqueue(queue, 3)
+        (first,) = queue.claim(QUEUES, "w", 1)
+        other = sqlite3.connect(str(tmp_path / "q.db"), isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
+        try:
+            with pytest.raises(StoreUnavailable, match="locked"):
+                queue.ack_and_claim([Ack(first.job_id, first.token, "1")], QUEUES, "w", 1)
+            job = queue.get_job(first.job_id)
+            assert job is not None
+            assert job["state"] == "running"  # the ack was not written (nor anything else)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        matched, claimed = queue.ack_and_claim(
+            [Ack(first.job_id, first.token, "1")], QUEUES, "w", 1
+        )
+        assert matched == [True]
+        assert [d.job_id for d in claimed] == [ids[1]]
+    finally:
+        queue.close()

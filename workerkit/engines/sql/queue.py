@@ -113,8 +113,8 @@ class SqlQueue(db.ForkSafeEngine):
         #: Asked inside a claim just before its write; False: claim nothing (the worker's pause).
         self.claim_gate: Callable[[], bool] | None = None
         self._adopt_engine(db.create_engine_for(self.url, connect_timeout=_CONNECT_TIMEOUT))
-        #: PostgreSQL: the claim's own connection, psycopg directly (see .held).
-        self._held = HeldConnection(lambda: self.engine) if self.dialect == "postgresql" else None
+        #: The claim's own connection, the driver directly (see .held).
+        self._held = HeldConnection(lambda: self.engine)
         self._schema_ok = False
         self._wakeups = Wakeups()
         self._listener: PgListener | None = None
@@ -131,8 +131,7 @@ class SqlQueue(db.ForkSafeEngine):
     def _after_fork(self) -> None:
         # The parent's LISTEN thread did not survive the fork; the next wait starts another.
         self._listener = None
-        if self._held is not None:
-            self._held.forget()
+        self._held.forget()
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sa.Connection]:
@@ -593,8 +592,7 @@ class SqlQueue(db.ForkSafeEngine):
             listener, self._listener = self._listener, None
         if listener is not None:
             listener.stop()
-        if self._held is not None:
-            self._held.close()
+        self._held.close()
         self._engine.dispose()
 
     # --- inspection and maintenance (tests, the CLI, operators) -------------------------
