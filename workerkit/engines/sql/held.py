@@ -135,8 +135,15 @@ class HeldConnection:
             ) from exc
 
     def close(self) -> None:
-        """Give the connection back to the pool (a fork's child: forget the parent's)."""
-        raw, self._raw = self._raw, None
+        """Give the connection back to the pool (the queue is closing)."""
+        # Not from under a claim still using it (a queue closed while its worker stops): that
+        # connection is then left to be closed with the process.
+        if not self._lock.acquire(timeout=_CLOSE_WAIT):
+            return
+        try:
+            raw, self._raw = self._raw, None
+        finally:
+            self._lock.release()
         if raw is not None:
             with contextlib.suppress(Exception):
                 if hasattr(raw.driver_connection, "autocommit"):
@@ -166,6 +173,7 @@ def _connect(engine: sa.Engine) -> Any:
         ) from exc
 
 
+_CLOSE_WAIT = 5.0  # seconds close() waits for a claim in progress
 _BEGIN = "BEGIN IMMEDIATE"  # as db._install_sqlite_hooks begins every write transaction
 _row_types: dict[tuple[str, ...], Any] = {}
 
