@@ -20,6 +20,7 @@ from workerkit.engines.sql.statements import ACK, ACK_AND_CLAIM, CLAIM, CLAIM_EX
 from workerkit.errors import StoreError
 
 if TYPE_CHECKING:
+    from workerkit.engines.sql.held import Execute
     from workerkit.engines.sql.queue import SqlQueue
 
 __all__ = ("Ack", "claim")
@@ -115,36 +116,67 @@ def claim(
 def _claim_round(
     queue: SqlQueue, params: Mapping[str, Any], acks: Sequence[Ack], keep_out: Sequence[str]
 ) -> list[Any]:
+    held = queue._held  # the claim's own connection (.held), when it is free
+    with queue._errors(), held.connection() as execute:
+        if execute is not None:
+            return _round(queue, execute, params, acks, keep_out)
     with queue._statement() as conn:
-        # Connected (PostgreSQL) or holding the write lock (SQLite): the last moment to
-        # hold back, after a wait that may have spanned an outage. The acks go all the same.
-        if queue.claim_gate is not None and not queue.claim_gate():
-            params = {**params, "p_limit": 0}
-        claim, params = CLAIM, dict(params)
-        if keep_out:
-            claim, params["p_except"] = CLAIM_EXCEPT, list(keep_out)
-        if not acks:
-            return list(conn.execute(claim, params).all()) if params["p_limit"] > 0 else []
-        if queue.dialect == "postgresql":
-            values = {
-                **params,
-                "p_ack_ids": [ack.job_id for ack in acks],
-                "p_ack_tokens": [ack.token for ack in acks],
-                "p_ack_results": [ack.result for ack in acks],
-            }
-            return list(conn.execute(ACK_AND_CLAIM, values).all())
-        # SQLite: in the claim's BEGIN IMMEDIATE transaction, committed with it.
-        rows: list[Any] = [
-            _Acked(ack.job_id)
-            for ack in acks
-            if conn.execute(
-                ACK, {"p_id": ack.job_id, "p_token": ack.token, "p_result": ack.result}
-            ).rowcount
-            == 1
-        ]
-        if params["p_limit"] > 0:
-            rows.extend(conn.execute(claim, params).all())
-        return rows
+
+        def through_sqlalchemy(statement: Any, values: Mapping[str, Any]) -> tuple[list[Any], int]:
+            result = conn.execute(statement, values)
+            return (list(result.all()) if result.returns_rows else []), result.rowcount
+
+        return _round(queue, through_sqlalchemy, params, acks, keep_out)
+
+
+def _round(
+    queue: SqlQueue,
+    execute: Execute,
+    params: Mapping[str, Any],
+    acks: Sequence[Ack],
+    keep_out: Sequence[str],
+) -> list[Any]:
+    claim, params = _gated(queue, params, keep_out)
+    if queue.dialect == "postgresql":
+        return _pg_round(execute, claim, params, acks)
+    # SQLite: in the claim's BEGIN IMMEDIATE transaction, committed with it.
+    rows: list[Any] = [
+        _Acked(ack.job_id)
+        for ack in acks
+        if execute(ACK, {"p_id": ack.job_id, "p_token": ack.token, "p_result": ack.result})[1] == 1
+    ]
+    if params["p_limit"] > 0:
+        rows.extend(execute(claim, params)[0])
+    return rows
+
+
+def _gated(
+    queue: SqlQueue, params: Mapping[str, Any], keep_out: Sequence[str]
+) -> tuple[Any, dict[str, Any]]:
+    """The claim statement and its parameters, asked of the claim gate once connected."""
+    # Connected (PostgreSQL) or holding the write lock (SQLite): the last moment to hold back,
+    # after a wait that may have spanned an outage. The acks go all the same.
+    params = dict(params)
+    if queue.claim_gate is not None and not queue.claim_gate():
+        params["p_limit"] = 0
+    if keep_out:
+        params["p_except"] = list(keep_out)
+        return CLAIM_EXCEPT, params
+    return CLAIM, params
+
+
+def _pg_round(
+    execute: Execute, claim: Any, params: dict[str, Any], acks: Sequence[Ack]
+) -> list[Any]:
+    if not acks:
+        return execute(claim, params)[0] if params["p_limit"] > 0 else []
+    values = {
+        **params,
+        "p_ack_ids": [ack.job_id for ack in acks],
+        "p_ack_tokens": [ack.token for ack in acks],
+        "p_ack_results": [ack.result for ack in acks],
+    }
+    return execute(ACK_AND_CLAIM, values)[0]
 
 
 @dataclass(frozen=True)

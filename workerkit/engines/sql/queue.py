@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from workerkit.engines.base import Delivery, NewJob, QueueStats, StoreHealth
 from workerkit.engines.sql import bulk, db, retention, statements
 from workerkit.engines.sql import claim as claiming
+from workerkit.engines.sql.held import HeldConnection
 from workerkit.engines.sql.listener import NOTIFY_CHANNEL, PgListener, Wakeups
 from workerkit.engines.sql.rules import JOB_FIELDS, dump_json, load_json, ref_parts
 from workerkit.engines.sql.schema import JOB_STATES
@@ -112,6 +113,8 @@ class SqlQueue(db.ForkSafeEngine):
         #: Asked inside a claim just before its write; False: claim nothing (the worker's pause).
         self.claim_gate: Callable[[], bool] | None = None
         self._adopt_engine(db.create_engine_for(self.url, connect_timeout=_CONNECT_TIMEOUT))
+        #: The claim's own connection, the driver directly (see .held).
+        self._held = HeldConnection(lambda: self.engine)
         self._schema_ok = False
         self._wakeups = Wakeups()
         self._listener: PgListener | None = None
@@ -128,6 +131,7 @@ class SqlQueue(db.ForkSafeEngine):
     def _after_fork(self) -> None:
         # The parent's LISTEN thread did not survive the fork; the next wait starts another.
         self._listener = None
+        self._held.forget()
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sa.Connection]:
@@ -588,6 +592,7 @@ class SqlQueue(db.ForkSafeEngine):
             listener, self._listener = self._listener, None
         if listener is not None:
             listener.stop()
+        self._held.close()
         self._engine.dispose()
 
     # --- inspection and maintenance (tests, the CLI, operators) -------------------------
