@@ -305,6 +305,25 @@ def postgres_server() -> Iterator[Any]:
 # --- results -----------------------------------------------------------------------------------
 
 
+def execute_sql(url: str, *statements: str, autocommit: bool = False) -> None:
+    """Run ``statements`` on the database at ``url``: in one transaction, or each on its own
+    (``autocommit``, for VACUUM)."""
+    import sqlalchemy as sa
+
+    from workerkit.engines.sql import create_engine_for
+
+    engine = create_engine_for(url)
+    try:
+        options = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
+        with engine.connect().execution_options(**options) as conn:
+            for statement in statements:
+                conn.execute(sa.text(statement))
+            if not autocommit:
+                conn.commit()
+    finally:
+        engine.dispose()
+
+
 def _rounded(value: Any) -> Any:
     """Floats to 4 decimals (a tenth of a millisecond), so the results files stay small."""
     if isinstance(value, float):

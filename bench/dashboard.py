@@ -38,6 +38,7 @@ from bench._common import (
     Proc,
     child_env,
     command_line,
+    execute_sql,
     machine,
     machine_markdown,
     percentile,
@@ -79,31 +80,14 @@ FROM generate_series(1, 50) AS g, (SELECT EXTRACT(EPOCH FROM now()) AS t) AS n;
 """
 
 
-def _execute(url: str, *statements: str, autocommit: bool = False) -> None:
-    import sqlalchemy as sa
-
-    from workerkit.engines.sql import create_engine_for
-
-    engine = create_engine_for(url)
-    try:
-        options = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
-        with engine.connect().execution_options(**options) as conn:
-            for statement in statements:
-                conn.execute(sa.text(statement))
-            if not autocommit:
-                conn.commit()
-    finally:
-        engine.dispose()
-
-
 def _load(url: str, finished: int, waiting: int) -> float:
     from workerkit.engines.presence import Presence
     from workerkit.engines.sql.presence_store import SqlPresenceStore
 
     started = time.monotonic()
     sql = _BULK.format(finished=finished, waiting=waiting)
-    _execute(url, *[s for s in sql.split(";") if s.strip()])
-    _execute(url, "VACUUM ANALYZE", autocommit=True)
+    execute_sql(url, *[s for s in sql.split(";") if s.strip()])
+    execute_sql(url, "VACUUM ANALYZE", autocommit=True)
     store = SqlPresenceStore(url)
     try:
         for i in range(20):

@@ -40,6 +40,7 @@ from bench._common import (
     Proc,
     child_env,
     command_line,
+    execute_sql,
     machine,
     machine_markdown,
     percentile,
@@ -64,28 +65,11 @@ FROM generate_series(1, {waiting}) AS g, (SELECT EXTRACT(EPOCH FROM now()) AS t)
 """
 
 
-def _execute(url: str, *statements: str, autocommit: bool = False) -> None:
-    import sqlalchemy as sa
-
-    from workerkit.engines.sql import create_engine_for
-
-    engine = create_engine_for(url)
-    try:
-        options = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
-        with engine.connect().execution_options(**options) as conn:
-            for statement in statements:
-                conn.execute(sa.text(statement))
-            if not autocommit:
-                conn.commit()
-    finally:
-        engine.dispose()
-
-
 def _grow(url: str, finished: int, waiting: int) -> float:
     started = time.monotonic()
     sql = _BULK.format(finished=finished, waiting=waiting)
-    _execute(url, *[s for s in sql.split(";") if s.strip()])
-    _execute(url, "VACUUM ANALYZE workerkit_jobs", autocommit=True)
+    execute_sql(url, *[s for s in sql.split(";") if s.strip()])
+    execute_sql(url, "VACUUM ANALYZE workerkit_jobs", autocommit=True)
     return time.monotonic() - started
 
 
@@ -150,8 +134,8 @@ def _claim_latency(url: str, m: int) -> list[float]:
 
 
 def _reset(url: str) -> None:
-    _execute(url, "DELETE FROM workerkit_jobs WHERE task = 'noop'")
-    _execute(url, "VACUUM ANALYZE workerkit_jobs", autocommit=True)
+    execute_sql(url, "DELETE FROM workerkit_jobs WHERE task = 'noop'")
+    execute_sql(url, "VACUUM ANALYZE workerkit_jobs", autocommit=True)
 
 
 def _counts(url: str) -> dict[str, int]:

@@ -84,16 +84,10 @@ def redis_server() -> Iterator[servers.RedisServer]:
 
 @pytest.fixture
 def redis_url(redis_server: servers.RedisServer) -> Iterator[str]:
-    import redis
+    from tests.support.redis_db import flushed_db
 
-    url = redis_server.url(REDIS_TEST_DB)
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushdb()
+    with flushed_db(redis_server, REDIS_TEST_DB) as url:
         yield url
-        client.flushdb()
-    finally:
-        client.close()
 
 
 @pytest.fixture
