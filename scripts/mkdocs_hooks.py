@@ -26,7 +26,12 @@ if TYPE_CHECKING:
 __all__ = ("SERVED", "on_files", "on_page_content", "on_page_markdown")
 
 #: Repository files (globs, relative to the root) the site serves under ``repo/``.
-SERVED = ("bench/README.md", "bench/results/*.md", "examples/*/README.md")
+SERVED = (
+    "bench/README.md",
+    "bench/results/*.md",
+    "bench/results/*.png",
+    "examples/*/README.md",
+)
 
 _PREFIX = "repo"
 _LINK = re.compile(r"(\]\()([^)\s]+)(\))")
