@@ -4,16 +4,25 @@ auth (plain or hashed passwords), nobody else (401); the actor each action is lo
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support.dashboard_memory import MemoryDashboardSource, served
-from tests.unit.test_dashboard_web import Client, action_form, hidden_fields
+from tests.unit.test_dashboard_web import Client, Reply, action_form, hidden_fields
 from workerkit.dashboard.app import create_app
-from workerkit.dashboard.auth import Credentials, check_password, hash_password, load_credentials
+from workerkit.dashboard.auth import (
+    Credentials,
+    VerifiedLogins,
+    check_password,
+    hash_password,
+    load_credentials,
+)
 from workerkit.dashboard.web import DashboardOptions
 from workerkit.errors import ConfigurationError
 
@@ -133,3 +142,92 @@ def test_credential_files(tmp_path: Path) -> None:
         load_credentials(None, str(bad))
     with pytest.raises(ConfigurationError, match=r"--token-file .*cannot be read"):
         load_credentials(str(tmp_path / "missing"), None)
+
+
+def test_a_basic_auth_header_is_hashed_once_off_the_event_loop(
+    source: MemoryDashboardSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page's requests (its refreshes every 2 s) do not each pay for PBKDF2 (~64 ms at the
+    default strength), and the hash runs in a worker thread, not on the server's loop."""
+    users = {"ops": hash_password("s3cret", iterations=1000)}
+    options = DashboardOptions(credentials=Credentials(users=users))
+    hashed: list[str] = []
+    real = hashlib.pbkdf2_hmac
+
+    def counting(*args: Any, **kwargs: Any) -> bytes:
+        hashed.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac", counting)
+    with served(create_app(source, options=options)) as (host, port):
+        client = Client(host, port, headers={"Authorization": _basic("ops", "s3cret")})
+        for _ in range(20):
+            assert client.get("/?fragment=queues").status == 200
+        assert len(hashed) == 1
+        assert hashed[0] != "dashboard-test-server"  # the thread running the event loop
+        assert client.get("/", Authorization=_basic("ops", "wrong")).status == 401
+        assert client.get("/", Authorization=_basic("ops", "wrong")).status == 401
+        assert len(hashed) == 3  # refusals are not kept
+
+
+def test_an_unknown_user_costs_a_hash_as_a_known_one_does(
+    source: MemoryDashboardSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    users = {"ops": hash_password("s3cret", iterations=1000), "dev": "plain-pass"}
+    options = DashboardOptions(credentials=Credentials(users=users))
+    rounds: list[int] = []
+    real = hashlib.pbkdf2_hmac
+
+    def counting(name: str, password: bytes, salt: bytes, iterations: int) -> bytes:
+        rounds.append(iterations)
+        return real(name, password, salt, iterations)
+
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac", counting)
+    with served(create_app(source, options=options)) as (host, port):
+        client = Client(host, port)
+        assert client.get("/", Authorization=_basic("nobody", "s3cret")).status == 401
+        assert rounds == [1000]  # as strong as the strongest stored hash
+        assert client.get("/", Authorization=_basic("ops", "nope")).status == 401
+        assert rounds == [1000, 1000]
+
+
+def test_verified_logins_expire() -> None:
+    logins = VerifiedLogins(ttl=0.0)
+    logins.put("Basic b3BzOnMzY3JldA==", "ops")
+    assert logins.get("Basic b3BzOnMzY3JldA==") is None
+    kept = VerifiedLogins(ttl=300.0, size=2)
+    for n in range(3):
+        kept.put(f"Basic {n}", f"user{n}")
+    assert kept.get("Basic 2") == "user2"
+    assert kept.get("Basic other") is None
+
+
+def test_secure_cookies_sets_the_secure_flag_on_every_cookie(
+    source: MemoryDashboardSource,
+) -> None:
+    """Behind a proxy that terminates TLS the dashboard sees plain HTTP (uvicorn trusts
+    X-Forwarded-Proto only from 127.0.0.1): --secure-cookies marks every cookie Secure."""
+    options = DashboardOptions(credentials=Credentials(token=TOKEN), secure_cookies=True)
+    set_cookies: list[str] = []
+    with served(create_app(source, options=options)) as (host, port):
+        client = Client(host, port)
+
+        def step(reply: Reply) -> Reply:
+            set_cookies.extend(reply.headers.get_all("set-cookie") or [])
+            return reply
+
+        login = step(client.get("/login?next=/jobs/f1"))
+        step(client.post("/login", {**hidden_fields(login.body, "login"), "token": TOKEN}))
+        url, fields = action_form(step(client.get("/jobs/f1")).body, "retry")
+        confirm = step(client.post(url, fields))
+        assert step(client.post(url, hidden_fields(confirm.body, "confirm"))).status == 303
+        page = step(client.get("/jobs/f1"))  # shows the flash, deletes its cookie
+        step(client.post("/logout", hidden_fields(page.body.split("<main>")[0])))
+    names = {raw.partition("=")[0] for raw in set_cookies}
+    assert names == {
+        "workerkit_dashboard_csrf",
+        "workerkit_dashboard_auth",
+        "workerkit_dashboard_flash",
+    }
+    assert all("; secure" in raw.lower() for raw in set_cookies), set_cookies
+    assert len(set_cookies) == 5  # csrf, auth, flash, flash deleted, auth deleted

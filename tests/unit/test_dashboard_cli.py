@@ -9,7 +9,9 @@ from click.testing import CliRunner
 
 from tests.support.dashboard_memory import MemoryDashboardSource
 from workerkit.cli import main
-from workerkit.dashboard.cli import ENV_VARS, is_loopback
+from workerkit.dashboard import cli as dashboard_cli
+from workerkit.dashboard.auth import check_allowed_hosts
+from workerkit.dashboard.cli import ENV_VARS, allowed_hosts, is_loopback
 from workerkit.dashboard.lazy import LazySource
 from workerkit.errors import StoreUnavailable
 from workerkit.exitcodes import CONFIG_ERROR
@@ -78,3 +80,43 @@ def test_the_source_is_opened_on_first_use_and_again_after_a_failed_open() -> No
     assert lazy.clock() > 0
     assert attempts == ["open", "open"]
     lazy.close()
+
+
+def test_the_host_names_to_serve() -> None:
+    assert allowed_hosts("127.0.0.1", ()) == ["127.0.0.1"]
+    assert allowed_hosts("10.1.2.3", ["jobs.example.com"]) == ["10.1.2.3", "jobs.example.com"]
+    # 0.0.0.0 is no name a client sends; the variable's value is comma-separated.
+    assert allowed_hosts("0.0.0.0", ["a.example, b.example", "c.example"]) == [
+        "a.example",
+        "b.example",
+        "c.example",
+    ]
+    assert check_allowed_hosts(["Jobs.Example.com", "[::1]", "*.ops.example"]) == (
+        "jobs.example.com",
+        "::1",
+        "*.ops.example",
+    )
+
+
+@pytest.mark.parametrize("name", ["https://jobs.example.com", "jobs.example.com:443", "a/b"])
+def test_an_allowed_host_that_is_not_a_name_is_refused(name: str) -> None:
+    result = CliRunner().invoke(main, ["dashboard", "sql", "--allowed-host", name])
+    assert result.exit_code == CONFIG_ERROR, result.output
+    assert "--allowed-host" in result.output
+    assert "without scheme, port or path" in result.output
+
+
+def test_the_new_flags_and_their_variables_reach_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(dashboard_cli, "serve", lambda engine, settings, **own: seen.update(own))
+    env = {
+        "WORKERKIT_DASHBOARD_ALLOWED_HOSTS": "a.example,b.example",
+        "WORKERKIT_DASHBOARD_SECURE_COOKIES": "1",
+    }
+    result = CliRunner().invoke(main, ["dashboard", "rq"], env=env)
+    assert result.exit_code == 0, result.output
+    assert seen["allowed_host"] == ("a.example,b.example",)
+    assert seen["secure_cookies"] is True
+    result = CliRunner().invoke(main, ["dashboard", "rq", "--allowed-host", "c.example"])
+    assert seen["allowed_host"] == ("c.example",)
+    assert seen["secure_cookies"] is False

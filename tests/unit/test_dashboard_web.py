@@ -408,3 +408,36 @@ def test_the_background_sampler_feeds_the_overview_chart(source: MemoryDashboard
         source.presences["pod-a-1"] = dataclasses.replace(worker, counts=counts)
         wait_until(lambda: 'data-succeeded="4" data-failed="1"' in chart(), timeout=20,
                    what="the chart to show the new outcomes")  # fmt: skip
+
+
+def test_a_page_under_another_host_name_is_refused(source: MemoryDashboardSource) -> None:
+    """DNS rebinding: a page of attacker.example whose name now resolves to 127.0.0.1 reaches
+    the open loopback dashboard under its own name, so its Origin matches its Host. The Host
+    check refuses it before any cookie is set or anything is done."""
+    version = source.jobs_by_id["f1"].version
+    with served(create_app(source)) as (host, port):
+        attacker = Client(host, port, headers={"Host": f"attacker.example:{port}"})
+        page = attacker.get("/jobs/f1")
+        assert page.status == 400
+        assert "--allowed-host" in page.body
+        assert attacker.cookies == {}  # no CSRF cookie for that page's script to echo
+        attacker.cookies["workerkit_dashboard_csrf"] = "chosen-by-the-attacker"
+        form = {"csrf": "chosen-by-the-attacker", "version": version, "confirm": "yes"}
+        origin = f"http://attacker.example:{port}"
+        assert attacker.post("/actions/jobs/f1/discard", form, Origin=origin).status == 400
+        assert source.jobs_by_id["f1"].state == "failed"  # still there
+        for name in ("localhost", "127.0.0.1", "[::1]", "LocalHost"):
+            assert Client(host, port, headers={"Host": f"{name}:{port}"}).get("/").status == 200
+        assert Client(host, port, headers={"Host": "localhost.evil.example"}).get("/").status == 400
+        probe = Client(host, port, headers={"Host": f"10.42.0.7:{port}"})  # kubelet: the pod IP
+        assert probe.get("/healthz").status == 200
+        assert probe.get("/").status == 400
+
+
+def test_allowed_host_names_are_served(source: MemoryDashboardSource) -> None:
+    options = DashboardOptions(allowed_hosts=("jobs.example.com", "*.ops.example"))
+    with served(create_app(source, options=options)) as (host, port):
+        for name, status in (("jobs.example.com", 200), ("JOBS.example.com:443", 200),
+                             ("eu.ops.example", 200), ("ops.example", 400),
+                             ("jobs.example.com.evil.example", 400)):  # fmt: skip
+            assert Client(host, port, headers={"Host": name}).get("/").status == status, name

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, cast, get_args
 
 import anyio
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -24,7 +25,7 @@ from workerkit.dashboard.charts import throughput_svg
 from workerkit.dashboard.history import run_sampler
 from workerkit.dashboard.model import JOB_STATES, JobQuery, JobState
 from workerkit.dashboard.views import worker_views
-from workerkit.dashboard.web import Ctx, DashboardOptions, Web, local_path
+from workerkit.dashboard.web import Ctx, DashboardOptions, HostGuard, Web, local_path
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -66,7 +67,8 @@ def create_app(source: DashboardSource, *, options: DashboardOptions | None = No
             yield
             group.cancel_scope.cancel()
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    middleware = [Middleware(HostGuard, allowed=pages.options.allowed_hosts)]
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.dashboard = pages
     return app
 
@@ -177,7 +179,10 @@ class Pages(Web):
         if not csrf_ok(request.cookies.get(CSRF_COOKIE), form.get("csrf")):
             return self.message(ctx, 403, "refused: the form's CSRF token is missing or wrong")
         response = self.redirect(ctx, "/login")
-        response.delete_cookie(AUTH_COOKIE, path="/", samesite="strict", httponly=True)
+        secure = self.secure(request)
+        response.delete_cookie(
+            AUTH_COOKIE, path="/", samesite="strict", httponly=True, secure=secure
+        )
         return response
 
     async def login_endpoint(self, request: Request) -> Response:
@@ -206,7 +211,7 @@ class Pages(Web):
             credentials.cookie_value(),
             httponly=True,
             samesite="strict",
-            secure=request.url.scheme == "https",
+            secure=self.secure(request),
             path="/",
         )
         return self.finish(ctx, response)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from workerkit.dashboard.model import DashboardSource
     from workerkit.settings import Settings
 
-__all__ = ("ENV_VARS", "dashboard_command", "is_loopback")
+__all__ = ("ENV_VARS", "allowed_hosts", "dashboard_command", "is_loopback")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,6 +37,8 @@ ENV_VARS = {
     "token_file": "WORKERKIT_DASHBOARD_TOKEN_FILE",
     "basic_auth_file": "WORKERKIT_DASHBOARD_BASIC_AUTH_FILE",
     "refresh": "WORKERKIT_DASHBOARD_REFRESH",
+    "allowed_host": "WORKERKIT_DASHBOARD_ALLOWED_HOSTS",
+    "secure_cookies": "WORKERKIT_DASHBOARD_SECURE_COOKIES",
 }
 
 
@@ -48,6 +50,18 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def allowed_hosts(host: str, given: tuple[str, ...] | list[str]) -> list[str]:
+    """The ``Host`` names to serve besides the loopback ones: ``--host`` (unless it is a
+    wildcard address such as 0.0.0.0, which no client names), then each ``--allowed-host``
+    (a value may hold several, comma-separated, as the variable does)."""
+    names = [name.strip() for value in given for name in value.split(",") if name.strip()]
+    try:
+        wildcard = ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        wildcard = False
+    return names if wildcard else [host, *names]
 
 
 def _refuse(message: str, code: int = exitcodes.CONFIG_ERROR) -> NoReturn:
@@ -75,6 +89,17 @@ def _options(func: F) -> F:
                      envvar=ENV_VARS["refresh"],
                      help="Seconds between live updates of the pages (0: none) "
                      f"[env: {ENV_VARS['refresh']}]."),
+        click.option("--allowed-host", multiple=True, metavar="NAME",
+                     envvar=ENV_VARS["allowed_host"],
+                     help="A Host name to serve besides localhost, 127.0.0.1, [::1] and --host "
+                     "(the name of your proxy or Ingress; *.example.com for subdomains); "
+                     "repeatable. Requests for any other name answer 400 (DNS rebinding) "
+                     f"[env: {ENV_VARS['allowed_host']}, comma-separated]."),
+        click.option("--secure-cookies", is_flag=True, default=False,
+                     envvar=ENV_VARS["secure_cookies"],
+                     help="Set the Secure flag on every cookie, also over plain HTTP: behind a "
+                     "proxy that terminates TLS [env: "
+                     f"{ENV_VARS['secure_cookies']}]."),
     ]  # fmt: skip
     for option in reversed(options):
         func = option(func)
@@ -118,9 +143,11 @@ def serve(
     token_file: str | None,
     basic_auth_file: str | None,
     refresh: float,
+    allowed_host: tuple[str, ...] = (),
+    secure_cookies: bool = False,
 ) -> None:
     """Check the flags, open the source, serve until SIGTERM or SIGINT."""
-    from workerkit.dashboard.auth import load_credentials
+    from workerkit.dashboard.auth import check_allowed_hosts, load_credentials
     from workerkit.logs import configure_logging
 
     if not is_loopback(host) and not (token_file or basic_auth_file):
@@ -132,6 +159,7 @@ def serve(
     configure_logging(settings.log_level, settings.log_format)
     try:
         credentials = load_credentials(token_file, basic_auth_file)
+        allowed = check_allowed_hosts(allowed_hosts(host, allowed_host))
         import uvicorn
 
         from workerkit.dashboard.app import create_app
@@ -141,7 +169,13 @@ def serve(
     except ImportError as exc:
         _refuse(f"the web stack is not installed ({exc}): pip install 'workerkit[dashboard]'")
     source = _open(engine, settings)
-    app = create_app(source, options=DashboardOptions(credentials=credentials, refresh=refresh))
+    options = DashboardOptions(
+        credentials=credentials,
+        refresh=refresh,
+        allowed_hosts=allowed,
+        secure_cookies=secure_cookies,
+    )
+    app = create_app(source, options=options)
     config = uvicorn.Config(
         app,
         host=host,

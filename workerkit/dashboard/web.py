@@ -1,6 +1,6 @@
-"""What every dashboard page shares: authentication, the CSRF cookie, flash messages, rendering
-(a whole page, or one ``data-refresh`` element of it for ``?fragment=ID``), the store calls in
-worker threads, and the 503 page while the store is unreachable.
+"""What every dashboard page shares: the Host check, authentication, the CSRF cookie, flash
+messages, rendering (a whole page, or one ``data-refresh`` element of it for ``?fragment=ID``),
+the store calls in worker threads, and the 503 page while the store is unreachable.
 """
 
 from __future__ import annotations
@@ -14,20 +14,31 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import quote, unquote, urlencode
 
 import anyio.to_thread
+from anyio import CapacityLimiter
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 
-from workerkit.dashboard.auth import AUTH_COOKIE, CSRF_COOKIE, Credentials, new_csrf_token
+from workerkit.dashboard.auth import (
+    AUTH_COOKIE,
+    CSRF_COOKIE,
+    Credentials,
+    VerifiedLogins,
+    check_allowed_hosts,
+    host_allowed,
+    new_csrf_token,
+)
 from workerkit.dashboard.history import SAMPLE_INTERVAL, History
 from workerkit.dashboard.views import filters
 from workerkit.errors import StoreUnavailable
 
 if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
     from workerkit.dashboard.model import DashboardSource
     from workerkit.scheduler.contract import SchedulerBinding
 
-__all__ = ("FLASH_COOKIE", "Ctx", "DashboardOptions", "Handler", "Web", "local_path")
+__all__ = ("FLASH_COOKIE", "Ctx", "DashboardOptions", "Handler", "HostGuard", "Web", "local_path")
 
 log = logging.getLogger("workerkit.dashboard")
 
@@ -55,6 +66,10 @@ class DashboardOptions:
     #: Seconds between two samples of the throughput history.
     sample_interval: float = SAMPLE_INTERVAL
     page_size: int = 50
+    #: ``Host`` names served besides the loopback ones (``--host``, ``--allowed-host``).
+    allowed_hosts: tuple[str, ...] = ()
+    #: Every cookie with the Secure flag, also over plain HTTP (behind a TLS proxy).
+    secure_cookies: bool = False
 
 
 @dataclass
@@ -86,6 +101,38 @@ def _read_flash(raw: str | None) -> tuple[str, str] | None:
     return (kind if kind in ("ok", "error") else "error", text[:500])
 
 
+class HostGuard:
+    """400 for a request whose ``Host`` is not ours (a DNS-rebinding page), but ``/healthz``
+    (kubelet's probes send the pod's address). Each refused name is logged once."""
+
+    def __init__(self, app: ASGIApp, allowed: tuple[str, ...]) -> None:
+        self.app = app
+        self.allowed = check_allowed_hosts(allowed)
+        self._logged: set[str] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/healthz":
+            await self.app(scope, receive, send)
+            return
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if host_allowed(host, self.allowed):
+            await self.app(scope, receive, send)
+            return
+        if host not in self._logged and len(self._logged) < 100:
+            self._logged.add(host)
+            log.warning(
+                "dashboard request for host %r refused: not a loopback name, --host nor an "
+                "--allowed-host",
+                host,
+                extra={"event": "dashboard_host_refused", "host": host},
+            )
+        text = (
+            f"refused: this dashboard does not serve the host {host!r}; to serve it under this "
+            "name, start it with --allowed-host NAME\n"
+        )
+        await PlainTextResponse(text, status_code=400)(scope, receive, send)
+
+
 class Web:
     """The shared machinery; the pages (app.py) and the actions (actions.py) use it."""
 
@@ -104,6 +151,8 @@ class Web:
         self.env.filters.update(filters())
         self._binding: SchedulerBinding | None = None
         self._binding_read = False
+        self.logins = VerifiedLogins()
+        self._hashing: CapacityLimiter | None = None
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """A blocking source call, in a worker thread."""
@@ -116,14 +165,36 @@ class Web:
             self._binding_read = True
         return self._binding
 
+    async def authenticate(self, request: Request) -> str | None:
+        """The request's actor (:meth:`Credentials.actor`). A basic-auth header verified in the
+        last minutes is not hashed again; one that is hashes in a worker thread (at most 2 at
+        a time: a flood of wrong passwords does not take the threads the store calls need)."""
+        credentials = self.options.credentials
+        authorization = request.headers.get("authorization")
+        actor = credentials.cheap_actor(authorization, request.cookies.get(AUTH_COOKIE))
+        if actor is not None or authorization is None or not credentials.is_basic(authorization):
+            return actor
+        actor = self.logins.get(authorization)
+        if actor is not None:
+            return actor
+        if self._hashing is None:
+            self._hashing = CapacityLimiter(2)
+        actor = await anyio.to_thread.run_sync(
+            credentials.basic_user, authorization, limiter=self._hashing
+        )
+        if actor is not None:
+            self.logins.put(authorization, actor)
+        return actor
+
+    def secure(self, request: Request) -> bool:
+        """Whether cookies get the Secure flag: ``--secure-cookies``, or an HTTPS request."""
+        return self.options.secure_cookies or request.url.scheme == "https"
+
     def guard(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         """``handler`` behind authentication, with the CSRF cookie, the flash, the 503 page."""
 
         async def endpoint(request: Request) -> Response:
-            credentials = self.options.credentials
-            actor = credentials.actor(
-                request.headers.get("authorization"), request.cookies.get(AUTH_COOKIE)
-            )
+            actor = await self.authenticate(request)
             csrf = request.cookies.get(CSRF_COOKIE)
             ctx = Ctx(request, actor or "", csrf or new_csrf_token(), csrf is None)
             ctx.flash = _read_flash(request.cookies.get(FLASH_COOKIE))
@@ -153,13 +224,15 @@ class Web:
         return response
 
     def finish(self, ctx: Ctx, response: Response) -> Response:
-        secure = ctx.request.url.scheme == "https"
+        secure = self.secure(ctx.request)
         if ctx.new_csrf:
             response.set_cookie(
                 CSRF_COOKIE, ctx.csrf, httponly=True, samesite="strict", secure=secure, path="/"
             )
         if ctx.flash_shown:
-            response.delete_cookie(FLASH_COOKIE, path="/", samesite="strict", httponly=True)
+            response.delete_cookie(
+                FLASH_COOKIE, path="/", samesite="strict", httponly=True, secure=secure
+            )
         for name, value in _SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
         return response
@@ -207,7 +280,7 @@ class Web:
                 quote(f"{flash[0]}:{flash[1]}"),
                 httponly=True,
                 samesite="strict",
-                secure=ctx.request.url.scheme == "https",
+                secure=self.secure(ctx.request),
                 path="/",
                 max_age=60,
             )
