@@ -130,6 +130,26 @@ def test_pages_follow_the_run_order_and_end(source: CeleryDashboardSource) -> No
     assert [(r.task, r.queue) for r in by_task.rows] == [("build_report", "reports")]
 
 
+
+@pytest.mark.parametrize("cursor", ["-1:-3", "0:-5", "x", "\u00b2", "1:\u00b2"])
+def test_a_cursor_that_is_not_ours_gives_the_first_page(
+    source: CeleryDashboardSource, cursor: str
+) -> None:
+    """A hand-edited URL's cursor: the first page, as on SQL, never an error page."""
+    for n in range(3):
+        send_mail.delay(f"u{n}@example.com")
+    send_mail.apply_async(("later@example.com",), countdown=600)
+    worker = Worker("mail")
+    try:
+        assert worker.pop()  # the countdown message: held until its eta
+        for state in ("waiting", "scheduled"):
+            page = source.jobs(JobQuery(state=state, cursor=cursor, limit=2))  # type: ignore[arg-type]
+            first = source.jobs(JobQuery(state=state, limit=2))  # type: ignore[arg-type]
+            assert [r.id for r in page.rows] == [r.id for r in first.rows], state
+    finally:
+        worker.close()
+
+
 def test_a_job_detail_decodes_json_and_never_pickle(source: CeleryDashboardSource) -> None:
     sent = send_mail.apply_async(("ann@example.com",), {"subject": "hi"}, retries=0)
     found = source.job(sent.id)

@@ -464,3 +464,20 @@ def test_a_pickled_payload_is_not_unpickled_even_under_safe_pickle(
         assert '"args": [\n  1,\n  2\n ]' in plain.args
     finally:
         opened.close()
+
+
+@pytest.mark.parametrize(
+    "cursor", ["not-a-cursor!", "bm90IGpzb24", "WzEsMiwzXQ", "WyJxIiwiYSIsIm0iLFtdXQ", "%%%"]
+)
+def test_a_cursor_that_is_not_ours_gives_the_first_page(
+    redis_client: redis.Redis[bytes], source: DashboardSource, cursor: str
+) -> None:
+    """A hand-edited or stale URL's cursor (bad base64, not JSON, wrong shape): the first page,
+    as on SQL, never an error page."""
+    q = queue(redis_client)
+    for n in range(3):
+        q.enqueue(f"{MODULE}.add", n, 1, job_id=f"c-{n}")
+    for state in ("waiting", "finished"):
+        page = source.jobs(JobQuery(state=state, cursor=cursor, limit=2))  # type: ignore[arg-type]
+        first = source.jobs(JobQuery(state=state, limit=2))  # type: ignore[arg-type]
+        assert [r.id for r in page.rows] == [r.id for r in first.rows]

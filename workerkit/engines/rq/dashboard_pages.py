@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import math
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -156,14 +157,16 @@ def encode_cursor(entry: Entry, shown: Sequence[Entry] = ()) -> str:
 
 
 def decode_cursor(cursor: str | None) -> Entry | None:
+    """A cursor back to its entry; None (the first page) for none or one that is not ours."""
     if not cursor:
         return None
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         queue, position, member, before = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        return Entry(str(queue), float(position), str(member), tuple(str(b) for b in before))
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"not a cursor of this dashboard: {cursor!r}") from exc
+        entry = Entry(str(queue), float(position), str(member), tuple(str(b) for b in before))
+    except (ValueError, TypeError):
+        return None
+    return entry if math.isfinite(entry.position) else None
 
 
 def _list_start(connection: redis.Redis[Any], key: str, after: Entry | None) -> int:
