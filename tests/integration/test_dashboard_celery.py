@@ -130,7 +130,6 @@ def test_pages_follow_the_run_order_and_end(source: CeleryDashboardSource) -> No
     assert [(r.task, r.queue) for r in by_task.rows] == [("build_report", "reports")]
 
 
-
 @pytest.mark.parametrize("cursor", ["-1:-3", "0:-5", "x", "\u00b2", "1:\u00b2"])
 def test_a_cursor_that_is_not_ours_gives_the_first_page(
     source: CeleryDashboardSource, cursor: str

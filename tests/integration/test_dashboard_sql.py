@@ -360,7 +360,8 @@ def test_enqueues_to_a_paused_queue_do_not_wake_an_idle_worker(
         assert during <= 8, f"{during} claims for 40 enqueues to a paused queue"
         assert all("paused" not in queues for queues in claims)
         row = queue.get_job("p0")
-        assert row is not None and row["state"] == "ready"
+        assert row is not None
+        assert row["state"] == "ready"
     finally:
         worker.request_release()
         harness.join(20)

@@ -39,7 +39,8 @@ def _with(**changes: Any) -> str:
 def test_a_record_reads_back_as_written() -> None:
     back = Presence.from_json(GOOD.to_json())
     assert back == GOOD
-    assert back.lost(200.0) and not back.lost(170.0)
+    assert back.lost(200.0)
+    assert not back.lost(170.0)
     assert Presence.from_json(_with(heartbeat_at=160, ttl=15)).heartbeat_at == 160.0  # ints
 
 

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Final, Literal, Protocol
+from typing import Final, Literal, Protocol
 
 __all__ = (
     "PAUSE_REFRESH",
@@ -106,7 +106,6 @@ class Presence:
         return self.state != "stopped" and now > self.heartbeat_at + self.ttl
 
 
-
 def _integer(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"presence {name} is not an integer: {value!r}")
@@ -137,6 +136,7 @@ def _counts(value: object) -> dict[str, dict[str, int]]:
             raise TypeError(f"presence counts of {queue!r} is not an object: {outcomes!r}")
         counts[queue] = {str(k): _integer(f"counts {queue}/{k}", n) for k, n in outcomes.items()}
     return counts
+
 
 class PresenceStore(Protocol):
     """Where an engine keeps presences (its own store: a table, Redis keys)."""
