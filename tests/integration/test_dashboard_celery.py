@@ -225,6 +225,8 @@ def test_cancel_retry_and_discard_are_fenced_by_the_entry_shown(
 def test_a_retried_message_runs_again_from_its_queue(source: CeleryDashboardSource) -> None:
     sent = build_report.delay("again")
     shown = source.jobs(JobQuery(state="waiting", queue="reports")).rows[0]
+    before = source.job(sent.id)
+    assert before is not None
     source.cancel_waiting(sent.id, shown.version, "alice")
     failed = source.jobs(JobQuery(state="failed", queue="reports")).rows[0]
     source.retry_failed(sent.id, failed.version, "alice")
@@ -233,6 +235,9 @@ def test_a_retried_message_runs_again_from_its_queue(source: CeleryDashboardSour
         assert worker.pop()
         assert [m.headers["id"] for m in worker.got] == [sent.id]
         assert worker.got[0].headers["retries"] == 0
+        # Another delivery: never the old delivery's tag (its unacked record and lease).
+        old_tag = json.loads(before.extra["property delivery_tag"])
+        assert worker.got[0].delivery_tag not in (None, old_tag)
     finally:
         worker.close()
 
