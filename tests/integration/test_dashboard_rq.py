@@ -19,6 +19,7 @@ import pytest
 from rq import Queue
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
+from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
 from workerkit.dashboard.model import ActionRefused, JobQuery, StaleAction
@@ -481,3 +482,27 @@ def test_a_cursor_that_is_not_ours_gives_the_first_page(
         page = source.jobs(JobQuery(state=state, cursor=cursor, limit=2))  # type: ignore[arg-type]
         first = source.jobs(JobQuery(state=state, limit=2))  # type: ignore[arg-type]
         assert [r.id for r in page.rows] == [r.id for r in first.rows]
+
+
+def test_cancel_refuses_a_scheduled_job_due_soon_while_rqs_scheduler_runs(
+    redis_client: redis.Redis[bytes], redis_url: str, source: DashboardSource
+) -> None:
+    """RQ's scheduler reads the due jobs, then saves them queued in a later MULTI: a cancel in
+    between would leave the job failed and queued. Due within the margin while a scheduler
+    holds the queue's lock: refused, nothing changed. Later, or with no scheduler: cancelled."""
+    q = queue(redis_client)
+    q.enqueue_in(timedelta(seconds=2), f"{MODULE}.add", 1, 1, job_id="soon")
+    q.enqueue_in(timedelta(hours=1), f"{MODULE}.add", 2, 2, job_id="later")
+    scheduler = RQScheduler(["default"], connection=redis_client)
+    assert scheduler.acquire_locks() == {"default"}  # what `rq worker --with-scheduler` holds
+    soon = row(source, "soon")
+    with pytest.raises(ActionRefused, match=r"due within 5 s and RQ's scheduler runs"):
+        source.cancel_waiting("soon", soon.version, "carol")
+    assert redis_client.hget("rq:job:soon", "status") == b"scheduled"
+    assert redis_client.zscore("rq:scheduled:default", "soon") is not None
+    assert row(source, "soon").version == soon.version  # untouched
+    source.cancel_waiting("later", row(source, "later").version, "carol")  # not due: cancelled
+    assert redis_client.hget("rq:job:later", "status") == b"failed"
+    redis_client.delete(RQScheduler.get_locking_key("default"))  # no scheduler: no race
+    source.cancel_waiting("soon", soon.version, "carol")
+    assert redis_client.hget("rq:job:soon", "status") == b"failed"
