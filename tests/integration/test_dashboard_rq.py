@@ -46,6 +46,10 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+def big(size: int) -> str:
+    return "r" * size
+
+
 def boom(note: str) -> None:
     raise RuntimeError(f"boom {note}")
 
@@ -506,3 +510,32 @@ def test_cancel_refuses_a_scheduled_job_due_soon_while_rqs_scheduler_runs(
     redis_client.delete(RQScheduler.get_locking_key("default"))  # no scheduler: no race
     source.cancel_waiting("soon", soon.version, "carol")
     assert redis_client.hget("rq:job:soon", "status") == b"failed"
+
+
+def test_list_pages_read_only_the_fields_a_row_shows(
+    redis_client: redis.Redis[bytes], redis_url: str, source: DashboardSource
+) -> None:
+    """A 5 MB meta and a 5 MB return value: a list page reads neither (HMGET of the row's
+    fields, no result for a finished row); measured as the bytes Redis sent."""
+    size = 5 * 1024 * 1024
+    q = queue(redis_client)
+    done = q.enqueue(f"{MODULE}.big", size, job_id="big-result")
+    run_burst(redis_client, redis_url)
+    assert done.return_value() is not None
+    waiting = q.enqueue(f"{MODULE}.add", 1, 2, job_id="big-meta")
+    waiting.meta["blob"] = "m" * size
+    waiting.save_meta()
+
+    for state, job_id in (("waiting", "big-meta"), ("finished", "big-result")):
+        redis_client.config_resetstat()
+        page = source.jobs(JobQuery(state=state))  # type: ignore[arg-type]
+        sent = int(redis_client.info("stats")["total_net_output_bytes"])  # bytes Redis sent
+        assert [r.id for r in page.rows] == [job_id]
+        assert page.rows[0].task in (f"{MODULE}.add", f"{MODULE}.big")
+        assert sent < 256 * 1024, f"{state} page: Redis sent {sent} bytes"
+    stats = redis_client.info("commandstats")
+    assert "cmdstat_hgetall" not in stats
+    detail = source.job("big-result")  # the detail still has it all (cut at 64 KiB)
+    assert detail is not None
+    assert detail.result is not None
+    assert len(detail.result) > 60 * 1024

@@ -225,17 +225,23 @@ class RqDashboardSource:
         """Rows of ``ids`` (None for a job whose hash is gone); ``state`` None: from the hash."""
         if not ids:
             return []
+        errors = state is None or state in pages.ERROR_STATES  # rows that show an error
+        fields = [*pages.ROW_FIELDS, b"exc_info"] if errors else list(pages.ROW_FIELDS)
         with self.connection.pipeline(transaction=False) as pipeline:
             for job_id in ids:
-                pipeline.hgetall(f"rq:job:{job_id}")
+                pipeline.hmget(f"rq:job:{job_id}", fields)  # never a whole (large) hash
                 pipeline.pttl(lease_key(job_id))
-                pipeline.xrevrange(f"rq:results:{job_id}", "+", "-", count=1)
+                if errors:
+                    pipeline.xrevrange(f"rq:results:{job_id}", "+", "-", count=1)
+                else:
+                    pipeline.echo(b"")  # a finished job's result (its return value) is not read
             replies = pipeline.execute()
         now = redis_time(self.connection)
         rows: list[JobRow | None] = []
         for index, job_id in enumerate(ids):
-            raw, lease_ms, results = replies[3 * index : 3 * index + 3]
-            if not raw:
+            values, lease_ms, results = replies[3 * index : 3 * index + 3]
+            raw = {f: v for f, v in zip(fields, values, strict=True) if v is not None}
+            if not raw.get(b"status") and not raw.get(b"data"):  # the hash is gone
                 rows.append(None)
                 continue
             here = state or pages.STATE_OF_STATUS.get(pages.text(raw.get(b"status", b"")))

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 __all__ = (
     "BATCH",
     "CURSOR_BACKUPS",
+    "ERROR_STATES",
+    "ROW_FIELDS",
     "STATE_OF_STATUS",
     "TEXT_CAP",
     "VERSION_FIELDS",
@@ -71,6 +73,19 @@ STATE_OF_STATUS: Final[Mapping[str, JobState]] = {
 }
 #: The job hash fields the fence compares, in ``dash_version.lua``'s order.
 VERSION_FIELDS: Final = (b"status", b"enqueued_at", b"started_at", b"ended_at")
+#: The job hash fields a list row reads (HMGET, never the whole hash): ``data`` for the task
+#: name (RQ keeps it only there), never ``result`` or ``meta``; ``exc_info`` only where a row
+#: shows an error (:data:`ERROR_STATES`).
+ROW_FIELDS: Final = (
+    *VERSION_FIELDS,
+    b"origin",
+    b"worker_name",
+    b"created_at",
+    b"data",
+    META_KEY.encode(),
+)
+#: The states whose rows show the error's last line (and so read ``exc_info`` and the result).
+ERROR_STATES: Final = ("failed", "scheduled")
 
 
 @dataclass(frozen=True)
@@ -319,7 +334,7 @@ def build_row(
     """One row from a job hash (and, where they apply, its registry score, lease, result)."""
     wk = wk_state(raw)
     attempts = wk.get("attempts")
-    error = last_line(error_of(raw, result)) if state in ("failed", "scheduled") else None
+    error = last_line(error_of(raw, result)) if state in ERROR_STATES else None
     run_at = None
     if state == "scheduled":
         run_at = position
