@@ -142,6 +142,34 @@ def test_detail_of_a_job(queue: SqlQueue, source: SqlDashboardSource) -> None:
     assert source.job("nope") is None
 
 
+def test_a_large_payload_is_cut_by_the_database(
+    queue: SqlQueue, source: SqlDashboardSource
+) -> None:
+    """A 5 MB payload: the detail's statement takes the first 64 KiB and the length in SQL
+    (substr, length), so the rest never leaves the database; the note gives the full size."""
+    size = 5 * 1024 * 1024
+    payload = '{"args":["' + "p" * size + '"],"kwargs":{}}'
+    queue.enqueue(NewJob("huge", "t", "a", payload, max_attempts=3))
+    statements: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        statements.append(statement)
+
+    sa.event.listen(sa.Engine, "before_cursor_execute", seen)
+    try:
+        detail = source.job("huge")
+    finally:
+        sa.event.remove(sa.Engine, "before_cursor_execute", seen)
+    assert detail is not None
+    assert detail.args is not None
+    assert len(detail.args) == 64 * 1024
+    assert detail.extra["note"] == f"arguments cut at 64 KiB of {len(payload)} characters"
+    [read] = [s for s in statements if "workerkit_jobs.payload" in s]
+    assert "substr(workerkit_jobs.payload" in read
+    assert "length(workerkit_jobs.payload)" in read
+    assert (detail.checkpoint, detail.result) == (None, None)
+
+
 def test_search_by_id_task_and_idempotency_key(queue: SqlQueue, source: SqlDashboardSource) -> None:
     queue.enqueue_many([_job("k1", task="mail"), _job("k2", task="mail"), _job("k3", task="sms")])
     (delivery,) = queue.claim(["a"], "w1", 1)
