@@ -77,3 +77,42 @@ def test_a_held_eta_message_cancelled_never_runs_and_runs_once_when_retried(
         pod.signal(signal.SIGTERM)
         assert pod.wait_exit(30)[0] == 0
     assert _ran(env, "late") == 1
+
+
+def test_a_held_eta_message_cancelled_and_retried_at_once_runs_exactly_once(
+    tmp_path: Path, redis_url: str, source: CeleryDashboardSource
+) -> None:
+    """Retried before its worker's next lease round: the copy is another delivery (a new
+    delivery tag), so the worker still finds the held message's lease gone and drops it; the
+    copy runs now and the held message never runs at its eta."""
+    env = Env(tmp=tmp_path, database_url="", journal=tmp_path / "journal.txt")
+    env.extra["WORKERKIT_RECOVERY_WINDOW"] = str(WINDOW)
+    running = start_worker(
+        [*WORKERKIT, "run", "celery", "--", "--pool", "solo"],
+        env,
+        app=APP,
+        name="supervisor",
+        engine={"E2E_REDIS_URL": redis_url, "redis_url": redis_url, "queues": "mail"},
+        settings={"log_level": "info"},
+        new_session=True,
+    )
+    with stopped_after(running) as pod:
+        pod.wait_event("worker_ready", timeout=60)
+        late = send_mail.apply_async(("late",), countdown=WINDOW + 8)
+        eta = time.time() + WINDOW + 8
+
+        def held() -> list[str]:
+            return [r.version for r in source.jobs(JobQuery(state="scheduled")).rows]
+
+        [version] = wait_until(held, timeout=30, what="the worker to hold the eta message")
+        source.cancel_waiting(late.id, version, "alice")
+        [failed] = source.jobs(JobQuery(state="failed")).rows
+        source.retry_failed(late.id, failed.version, "alice")  # within the lease round
+        wait_until(lambda: _ran(env, "late"), timeout=30, what="the retried copy to run")
+        lost = pod.wait_event("lease_lost", timeout=30)
+        assert lost["job_id"] == late.id
+        time.sleep(max(0.0, eta + 3.0 - time.time()))  # past the held message's eta
+        assert _ran(env, "late") == 1
+        pod.signal(signal.SIGTERM)
+        assert pod.wait_exit(30)[0] == 0
+    assert _ran(env, "late") == 1

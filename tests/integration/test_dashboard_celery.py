@@ -130,6 +130,25 @@ def test_pages_follow_the_run_order_and_end(source: CeleryDashboardSource) -> No
     assert [(r.task, r.queue) for r in by_task.rows] == [("build_report", "reports")]
 
 
+@pytest.mark.parametrize("cursor", ["-1:-3", "0:-5", "x", "\u00b2", "1:\u00b2"])
+def test_a_cursor_that_is_not_ours_gives_the_first_page(
+    source: CeleryDashboardSource, cursor: str
+) -> None:
+    """A hand-edited URL's cursor: the first page, as on SQL, never an error page."""
+    for n in range(3):
+        send_mail.delay(f"u{n}@example.com")
+    send_mail.apply_async(("later@example.com",), countdown=600)
+    worker = Worker("mail")
+    try:
+        assert worker.pop()  # the countdown message: held until its eta
+        for state in ("waiting", "scheduled"):
+            page = source.jobs(JobQuery(state=state, cursor=cursor, limit=2))  # type: ignore[arg-type]
+            first = source.jobs(JobQuery(state=state, limit=2))  # type: ignore[arg-type]
+            assert [r.id for r in page.rows] == [r.id for r in first.rows], state
+    finally:
+        worker.close()
+
+
 def test_a_job_detail_decodes_json_and_never_pickle(source: CeleryDashboardSource) -> None:
     sent = send_mail.apply_async(("ann@example.com",), {"subject": "hi"}, retries=0)
     found = source.job(sent.id)
@@ -206,6 +225,8 @@ def test_cancel_retry_and_discard_are_fenced_by_the_entry_shown(
 def test_a_retried_message_runs_again_from_its_queue(source: CeleryDashboardSource) -> None:
     sent = build_report.delay("again")
     shown = source.jobs(JobQuery(state="waiting", queue="reports")).rows[0]
+    before = source.job(sent.id)
+    assert before is not None
     source.cancel_waiting(sent.id, shown.version, "alice")
     failed = source.jobs(JobQuery(state="failed", queue="reports")).rows[0]
     source.retry_failed(sent.id, failed.version, "alice")
@@ -214,6 +235,9 @@ def test_a_retried_message_runs_again_from_its_queue(source: CeleryDashboardSour
         assert worker.pop()
         assert [m.headers["id"] for m in worker.got] == [sent.id]
         assert worker.got[0].headers["retries"] == 0
+        # Another delivery: never the old delivery's tag (its unacked record and lease).
+        old_tag = json.loads(before.extra["property delivery_tag"])
+        assert worker.got[0].delivery_tag not in (None, old_tag)
     finally:
         worker.close()
 

@@ -19,6 +19,7 @@ import pytest
 from rq import Queue
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
+from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
 from workerkit.dashboard.model import ActionRefused, JobQuery, StaleAction
@@ -43,6 +44,10 @@ seen: dict[str, Any] = {}
 
 def add(a: int, b: int) -> int:
     return a + b
+
+
+def big(size: int) -> str:
+    return "r" * size
 
 
 def boom(note: str) -> None:
@@ -464,3 +469,73 @@ def test_a_pickled_payload_is_not_unpickled_even_under_safe_pickle(
         assert '"args": [\n  1,\n  2\n ]' in plain.args
     finally:
         opened.close()
+
+
+@pytest.mark.parametrize(
+    "cursor", ["not-a-cursor!", "bm90IGpzb24", "WzEsMiwzXQ", "WyJxIiwiYSIsIm0iLFtdXQ", "%%%"]
+)
+def test_a_cursor_that_is_not_ours_gives_the_first_page(
+    redis_client: redis.Redis[bytes], source: DashboardSource, cursor: str
+) -> None:
+    """A hand-edited or stale URL's cursor (bad base64, not JSON, wrong shape): the first page,
+    as on SQL, never an error page."""
+    q = queue(redis_client)
+    for n in range(3):
+        q.enqueue(f"{MODULE}.add", n, 1, job_id=f"c-{n}")
+    for state in ("waiting", "finished"):
+        page = source.jobs(JobQuery(state=state, cursor=cursor, limit=2))  # type: ignore[arg-type]
+        first = source.jobs(JobQuery(state=state, limit=2))  # type: ignore[arg-type]
+        assert [r.id for r in page.rows] == [r.id for r in first.rows]
+
+
+def test_cancel_refuses_a_scheduled_job_due_soon_while_rqs_scheduler_runs(
+    redis_client: redis.Redis[bytes], redis_url: str, source: DashboardSource
+) -> None:
+    """RQ's scheduler reads the due jobs, then saves them queued in a later MULTI: a cancel in
+    between would leave the job failed and queued. Due within the margin while a scheduler
+    holds the queue's lock: refused, nothing changed. Later, or with no scheduler: cancelled."""
+    q = queue(redis_client)
+    q.enqueue_in(timedelta(seconds=2), f"{MODULE}.add", 1, 1, job_id="soon")
+    q.enqueue_in(timedelta(hours=1), f"{MODULE}.add", 2, 2, job_id="later")
+    scheduler = RQScheduler(["default"], connection=redis_client)
+    assert scheduler.acquire_locks() == {"default"}  # what `rq worker --with-scheduler` holds
+    soon = row(source, "soon")
+    with pytest.raises(ActionRefused, match=r"due within 5 s and RQ's scheduler runs"):
+        source.cancel_waiting("soon", soon.version, "carol")
+    assert redis_client.hget("rq:job:soon", "status") == b"scheduled"
+    assert redis_client.zscore("rq:scheduled:default", "soon") is not None
+    assert row(source, "soon").version == soon.version  # untouched
+    source.cancel_waiting("later", row(source, "later").version, "carol")  # not due: cancelled
+    assert redis_client.hget("rq:job:later", "status") == b"failed"
+    redis_client.delete(RQScheduler.get_locking_key("default"))  # no scheduler: no race
+    source.cancel_waiting("soon", soon.version, "carol")
+    assert redis_client.hget("rq:job:soon", "status") == b"failed"
+
+
+def test_list_pages_read_only_the_fields_a_row_shows(
+    redis_client: redis.Redis[bytes], redis_url: str, source: DashboardSource
+) -> None:
+    """A 5 MB meta and a 5 MB return value: a list page reads neither (HMGET of the row's
+    fields, no result for a finished row); measured as the bytes Redis sent."""
+    size = 5 * 1024 * 1024
+    q = queue(redis_client)
+    done = q.enqueue(f"{MODULE}.big", size, job_id="big-result")
+    run_burst(redis_client, redis_url)
+    assert done.return_value() is not None
+    waiting = q.enqueue(f"{MODULE}.add", 1, 2, job_id="big-meta")
+    waiting.meta["blob"] = "m" * size
+    waiting.save_meta()
+
+    for state, job_id in (("waiting", "big-meta"), ("finished", "big-result")):
+        redis_client.config_resetstat()
+        page = source.jobs(JobQuery(state=state))  # type: ignore[arg-type]
+        sent = int(redis_client.info("stats")["total_net_output_bytes"])  # bytes Redis sent
+        assert [r.id for r in page.rows] == [job_id]
+        assert page.rows[0].task in (f"{MODULE}.add", f"{MODULE}.big")
+        assert sent < 256 * 1024, f"{state} page: Redis sent {sent} bytes"
+    stats = redis_client.info("commandstats")
+    assert "cmdstat_hgetall" not in stats
+    detail = source.job("big-result")  # the detail still has it all (cut at 64 KiB)
+    assert detail is not None
+    assert detail.result is not None
+    assert len(detail.result) > 60 * 1024

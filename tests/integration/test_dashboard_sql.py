@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
+from tests.support.native_worker import Harness, wait_until
 from workerkit.dashboard.model import ActionRefused, JobQuery, JobState, StaleAction
 from workerkit.engines.base import NewJob
 from workerkit.engines.presence import Presence
@@ -139,6 +140,34 @@ def test_detail_of_a_job(queue: SqlQueue, source: SqlDashboardSource) -> None:
     assert detail.checkpoint == '{"page":7}'
     assert detail.args == '{"args":[],"kwargs":{}}'
     assert source.job("nope") is None
+
+
+def test_a_large_payload_is_cut_by_the_database(
+    queue: SqlQueue, source: SqlDashboardSource
+) -> None:
+    """A 5 MB payload: the detail's statement takes the first 64 KiB and the length in SQL
+    (substr, length), so the rest never leaves the database; the note gives the full size."""
+    size = 5 * 1024 * 1024
+    payload = '{"args":["' + "p" * size + '"],"kwargs":{}}'
+    queue.enqueue(NewJob("huge", "t", "a", payload, max_attempts=3))
+    statements: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        statements.append(statement)
+
+    sa.event.listen(sa.Engine, "before_cursor_execute", seen)
+    try:
+        detail = source.job("huge")
+    finally:
+        sa.event.remove(sa.Engine, "before_cursor_execute", seen)
+    assert detail is not None
+    assert detail.args is not None
+    assert len(detail.args) == 64 * 1024
+    assert detail.extra["note"] == f"arguments cut at 64 KiB of {len(payload)} characters"
+    [read] = [s for s in statements if "workerkit_jobs.payload" in s]
+    assert "substr(workerkit_jobs.payload" in read
+    assert "length(workerkit_jobs.payload)" in read
+    assert (detail.checkpoint, detail.result) == (None, None)
 
 
 def test_search_by_id_task_and_idempotency_key(queue: SqlQueue, source: SqlDashboardSource) -> None:
@@ -325,3 +354,42 @@ def test_a_database_without_the_dashboard_tables_is_refused_with_the_fix(
     upgrade(blank_database_url, "0004")  # the release before the dashboard
     with pytest.raises(ConfigurationError, match="workerkit db upgrade"):
         open_source(Settings().replace(database_url=blank_database_url))
+
+
+@pytest.mark.timeout(60)
+def test_enqueues_to_a_paused_queue_do_not_wake_an_idle_worker(
+    queue: SqlQueue, source: SqlDashboardSource
+) -> None:
+    """PostgreSQL: each enqueue NOTIFYs its queue; an idle worker listens only to the queues it
+    claims from, so enqueues to a paused queue cost it no claim (at most the 1 s re-read's)."""
+    if queue.dialect != "postgresql":
+        pytest.skip("NOTIFY wake-ups: PostgreSQL only")
+    source.pause_queue("paused", "alice")
+    claims: list[list[str]] = []
+    real_claim = queue.claim
+
+    def counting_claim(queues: list[str], *args: object, **kwargs: object) -> object:
+        claims.append(list(queues))
+        return real_claim(queues, *args, **kwargs)  # type: ignore[arg-type]
+
+    queue.claim = counting_claim  # type: ignore[method-assign]
+    harness = Harness(queue, queues=("paused", "open"), poll_interval=30.0)
+    worker = harness.start()
+    try:
+        wait_until(lambda: len(claims) >= 1, timeout=20)
+        time.sleep(1.0)  # the LISTEN connection up, the first idle wait begun
+        before = len(claims)
+        for i in range(40):
+            queue.enqueue(_job(f"p{i}", queue="paused"))
+            time.sleep(0.05)
+        time.sleep(0.5)
+        during = len(claims) - before
+        # 40 NOTIFYs in ~2.5 s: one claim each before the fix; now only the ~1 s re-reads.
+        assert during <= 8, f"{during} claims for 40 enqueues to a paused queue"
+        assert all("paused" not in queues for queues in claims)
+        row = queue.get_job("p0")
+        assert row is not None
+        assert row["state"] == "ready"
+    finally:
+        worker.request_release()
+        harness.join(20)

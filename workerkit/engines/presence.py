@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Final, Literal, Protocol
+from typing import Final, Literal, Protocol
 
 __all__ = (
     "PAUSE_REFRESH",
@@ -78,13 +79,63 @@ class Presence:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Presence:
-        data: dict[str, Any] = json.loads(text)
-        data["queues"] = tuple(data.get("queues", ()))
-        data["jobs"] = tuple(data.get("jobs", ()))
+        """The record :meth:`to_json` wrote; ValueError/TypeError for anything else (a field
+        missing, unknown or of the wrong type), which the stores skip: one bad record never
+        breaks the workers page or a history sample."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise TypeError(f"a presence is a JSON object, not {type(data).__name__}")
+        if data.get("state") not in PRESENCE_STATES:
+            raise ValueError(f"presence state {data.get('state')!r} is none of {PRESENCE_STATES}")
+        for name in ("worker_id", "hostname", "engine"):
+            if not isinstance(data.get(name), str):
+                raise TypeError(f"presence {name} is not a string: {data.get(name)!r}")
+        for name in ("pid", "concurrency"):
+            data[name] = _integer(name, data.get(name))
+        for name in ("started_at", "heartbeat_at", "ttl"):
+            data[name] = _number(name, data.get(name))
+        for name in ("drain_deadline", "hard_deadline"):
+            if data.get(name) is not None:
+                data[name] = _number(name, data[name])
+        for name in ("queues", "jobs"):
+            data[name] = _strings(name, data.get(name, []))
+        data["counts"] = _counts(data.get("counts", {}))
         return cls(**data)
 
     def lost(self, now: float) -> bool:
         return self.state != "stopped" and now > self.heartbeat_at + self.ttl
+
+
+def _integer(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"presence {name} is not an integer: {value!r}")
+    return value
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"presence {name} is not a number: {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"presence {name} is not finite: {value!r}")
+    return float(value)
+
+
+def _strings(name: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise TypeError(f"presence {name} is not a list of strings: {value!r}")
+    return tuple(value)
+
+
+def _counts(value: object) -> dict[str, dict[str, int]]:
+    """queue -> outcome -> n, every level checked."""
+    if not isinstance(value, dict):
+        raise TypeError(f"presence counts is not an object: {value!r}")
+    counts: dict[str, dict[str, int]] = {}
+    for queue, outcomes in value.items():
+        if not isinstance(outcomes, dict):
+            raise TypeError(f"presence counts of {queue!r} is not an object: {outcomes!r}")
+        counts[queue] = {str(k): _integer(f"counts {queue}/{k}", n) for k, n in outcomes.items()}
+    return counts
 
 
 class PresenceStore(Protocol):

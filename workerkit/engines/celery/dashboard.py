@@ -256,6 +256,8 @@ class CeleryDashboardSource:
         if query.cursor:
             with contextlib.suppress(ValueError):
                 index, offset = (int(part) for part in query.cursor.split(":", 1))
+            if index < 0 or offset < 0:  # not a cursor of ours: the first page
+                index, offset = 0, 0
         rows: list[JobRow] = []
         read = 0
         while index < len(keys) and len(rows) < query.limit and read < LIST_SCAN:
@@ -287,7 +289,9 @@ class CeleryDashboardSource:
     def _held_page(self, query: JobQuery) -> JobPage:
         """A page of deliveries (scheduled or running), by delivery time; the cursor: the
         offset in kombu's unacked index."""
-        start = int(query.cursor) if query.cursor and query.cursor.isdigit() else 0
+        start = 0
+        if query.cursor and query.cursor.isascii() and query.cursor.isdigit():
+            start = int(query.cursor)  # anything else is not a cursor of ours: the first page
         now = self.clock()
         rows: list[JobRow] = []
         offset = start

@@ -12,6 +12,7 @@ import binascii
 import datetime as dt
 import hashlib
 import json
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -182,11 +183,21 @@ def detail(
 def fresh_copy(message: Message) -> bytes | None:
     """The message to send again (a retry from the dashboard): due now, its attempt count
     reset (Celery's retries and workerkit's crash count); workerkit's generation kept, so
-    a checkpoint fence still orders it after every earlier run. None: not a kombu message."""
+    a checkpoint fence still orders it after every earlier run. A new delivery tag, as kombu
+    gives each message it publishes: the copy of a cancelled held message is another
+    delivery, whose unacked record and lease never stand for the old one's (which its worker
+    must still find gone and drop). None: not a kombu message."""
     payload = message.payload
     if payload is None or not isinstance(payload.get("headers"), dict):
         return None
     copy = json.loads(json.dumps(payload))
+    properties = copy.get("properties")
+    if not isinstance(properties, dict):
+        properties = copy["properties"] = {}
+    properties["delivery_tag"] = str(uuid.uuid4())
+    info = properties.get("delivery_info")
+    if isinstance(info, dict):
+        info.pop("redelivered", None)  # kombu's mark of the old delivery's restore
     headers = copy["headers"]
     headers["retries"] = 0
     headers["eta"] = None

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import redis
 import redis.exceptions
 from rq.defaults import DEFAULT_FAILURE_TTL
+from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
 from workerkit.dashboard.model import (
@@ -59,6 +60,9 @@ SEARCH_SCAN: Final = 1000
 #: A page reads at most this many entries (a task filter, entries whose job hash is gone); the
 #: next page goes on from there.
 FILTER_SCAN: Final = 2000
+#: A scheduled job due within this many seconds is not cancelled while RQ's scheduler runs for
+#: its queue (it may be moving the job to its queue at that moment).
+SCHEDULER_MARGIN: Final = 5.0
 _UNREACHABLE: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 T = TypeVar("T")
@@ -221,17 +225,23 @@ class RqDashboardSource:
         """Rows of ``ids`` (None for a job whose hash is gone); ``state`` None: from the hash."""
         if not ids:
             return []
+        errors = state is None or state in pages.ERROR_STATES  # rows that show an error
+        fields = [*pages.ROW_FIELDS, b"exc_info"] if errors else list(pages.ROW_FIELDS)
         with self.connection.pipeline(transaction=False) as pipeline:
             for job_id in ids:
-                pipeline.hgetall(f"rq:job:{job_id}")
+                pipeline.hmget(f"rq:job:{job_id}", fields)  # never a whole (large) hash
                 pipeline.pttl(lease_key(job_id))
-                pipeline.xrevrange(f"rq:results:{job_id}", "+", "-", count=1)
+                if errors:
+                    pipeline.xrevrange(f"rq:results:{job_id}", "+", "-", count=1)
+                else:
+                    pipeline.echo(b"")  # a finished job's result (its return value) is not read
             replies = pipeline.execute()
         now = redis_time(self.connection)
         rows: list[JobRow | None] = []
         for index, job_id in enumerate(ids):
-            raw, lease_ms, results = replies[3 * index : 3 * index + 3]
-            if not raw:
+            values, lease_ms, results = replies[3 * index : 3 * index + 3]
+            raw = {f: v for f, v in zip(fields, values, strict=True) if v is not None}
+            if not raw.get(b"status") and not raw.get(b"data"):  # the hash is gone
                 rows.append(None)
                 continue
             here = state or pages.STATE_OF_STATUS.get(pages.text(raw.get(b"status", b"")))
@@ -366,6 +376,12 @@ class RqDashboardSource:
             return
         if code == -1:
             raise ActionRefused(f"job {job_id} does not exist (any more): nothing done")
+        if code == -3:
+            raise ActionRefused(
+                f"job {job_id} is due within {SCHEDULER_MARGIN:g} s and RQ's scheduler runs for "
+                "its queue: it may be enqueueing it now; nothing done (cancel it once it is "
+                "waiting)"
+            )
         state = pages.STATE_OF_STATUS.get(status, status)
         if code == 0:
             raise StaleAction(
@@ -417,10 +433,11 @@ class RqDashboardSource:
                 f"rq:scheduled:{queue}",
                 deferred_key(queue),
                 f"rq:failed:{queue}",
+                RQScheduler.get_locking_key(queue),
             ]
             reason = f"cancelled by {actor} from the dashboard"
             args = [job_id, version, pages.rq_time(now), reason, score, max(0, failure_ttl)]
-            return self._cancel(keys=keys, args=args)
+            return self._cancel(keys=keys, args=[*args, now + SCHEDULER_MARGIN])
 
         self._act("cancel", job_id, actor, run)
 

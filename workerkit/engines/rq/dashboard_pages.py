@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import math
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 __all__ = (
     "BATCH",
     "CURSOR_BACKUPS",
+    "ERROR_STATES",
+    "ROW_FIELDS",
     "STATE_OF_STATUS",
     "TEXT_CAP",
     "VERSION_FIELDS",
@@ -70,6 +73,19 @@ STATE_OF_STATUS: Final[Mapping[str, JobState]] = {
 }
 #: The job hash fields the fence compares, in ``dash_version.lua``'s order.
 VERSION_FIELDS: Final = (b"status", b"enqueued_at", b"started_at", b"ended_at")
+#: The job hash fields a list row reads (HMGET, never the whole hash): ``data`` for the task
+#: name (RQ keeps it only there), never ``result`` or ``meta``; ``exc_info`` only where a row
+#: shows an error (:data:`ERROR_STATES`).
+ROW_FIELDS: Final = (
+    *VERSION_FIELDS,
+    b"origin",
+    b"worker_name",
+    b"created_at",
+    b"data",
+    META_KEY.encode(),
+)
+#: The states whose rows show the error's last line (and so read ``exc_info`` and the result).
+ERROR_STATES: Final = ("failed", "scheduled")
 
 
 @dataclass(frozen=True)
@@ -156,14 +172,16 @@ def encode_cursor(entry: Entry, shown: Sequence[Entry] = ()) -> str:
 
 
 def decode_cursor(cursor: str | None) -> Entry | None:
+    """A cursor back to its entry; None (the first page) for none or one that is not ours."""
     if not cursor:
         return None
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         queue, position, member, before = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        return Entry(str(queue), float(position), str(member), tuple(str(b) for b in before))
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"not a cursor of this dashboard: {cursor!r}") from exc
+        entry = Entry(str(queue), float(position), str(member), tuple(str(b) for b in before))
+    except (ValueError, TypeError):
+        return None
+    return entry if math.isfinite(entry.position) else None
 
 
 def _list_start(connection: redis.Redis[Any], key: str, after: Entry | None) -> int:
@@ -316,7 +334,7 @@ def build_row(
     """One row from a job hash (and, where they apply, its registry score, lease, result)."""
     wk = wk_state(raw)
     attempts = wk.get("attempts")
-    error = last_line(error_of(raw, result)) if state in ("failed", "scheduled") else None
+    error = last_line(error_of(raw, result)) if state in ERROR_STATES else None
     run_at = None
     if state == "scheduled":
         run_at = position

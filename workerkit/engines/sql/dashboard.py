@@ -167,10 +167,22 @@ def _after(column: sa.ColumnElement[Any], key: tuple[float, str] | None, *, desc
     return sa.and_(column >= at, sa.or_(column > at, _c.id > job_id))
 
 
-def _cap(text: str | None, what: str, notes: list[str]) -> str | None:
-    if text is None or len(text) <= TEXT_CAP:
+def _head(column: sa.ColumnElement[str], name: str) -> tuple[sa.ColumnElement[Any], ...]:
+    """A text column's first TEXT_CAP characters and its length, cut by the database (SQLite
+    and PostgreSQL both have ``substr`` and ``length`` in characters): a 5 MB payload is not
+    read to show 64 KiB of it."""
+    return (
+        sa.func.substr(column, 1, TEXT_CAP).label(name),
+        sa.func.length(column).label(f"{name}_length"),
+    )
+
+
+def _cap(text: str | None, what: str, notes: list[str], length: int | None = None) -> str | None:
+    """``text`` cut at TEXT_CAP; ``length``: the whole text's, when the database cut it."""
+    full = len(text) if length is None and text is not None else length
+    if text is None or full is None or full <= TEXT_CAP:
         return text
-    notes.append(f"{what} cut at {TEXT_CAP // 1024} KiB of {len(text)} characters")
+    notes.append(f"{what} cut at {TEXT_CAP // 1024} KiB of {full} characters")
     return text[:TEXT_CAP]
 
 
@@ -367,9 +379,13 @@ class SqlDashboardSource:
         return JobPage(tuple(page), more, None)
 
     def job(self, job_id: str) -> JobDetail | None:
-        statement = sa.select(*_LIST, _c.payload, _c.checkpoint, _c.result, _c.created_at).where(
-            _c.id == job_id
-        )
+        statement = sa.select(
+            *_LIST,
+            *_head(_c.payload, "payload"),
+            *_head(_c.checkpoint, "checkpoint"),
+            *_head(_c.result, "result"),
+            _c.created_at,
+        ).where(_c.id == job_id)
         with self._read() as conn:
             row = conn.execute(statement).first()
         if row is None:
@@ -377,9 +393,9 @@ class SqlDashboardSource:
         notes: list[str] = []
         return JobDetail(
             row=_job_row(row),
-            args=_cap(row.payload, "arguments", notes),
-            checkpoint=_cap(row.checkpoint, "checkpoint", notes),
-            result=_cap(row.result, "result", notes),
+            args=_cap(row.payload, "arguments", notes, row.payload_length),
+            checkpoint=_cap(row.checkpoint, "checkpoint", notes, row.checkpoint_length),
+            result=_cap(row.result, "result", notes, row.result_length),
             error=_cap(row.last_error, "error", notes),
             extra={
                 "stored state": row.state,

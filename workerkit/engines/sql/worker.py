@@ -339,7 +339,7 @@ class NativeWorker(Settling):
                 if not claimed and self._fold.close_if_empty():
                     poll = self.settings.poll_interval
                     wait = poll if self._paused is None else self._paused.idle_wait(poll)
-                    self.backend.wait_for_jobs(self.queues, wait)
+                    self.backend.wait_for_jobs(self._claim_queues(), wait)
         finally:
             self._fold.close()
             self._fetcher_done.set()
