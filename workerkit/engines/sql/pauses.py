@@ -1,7 +1,8 @@
 """Paused queues in ``workerkit_queue_pauses``: the dashboard's pause/resume, the workers' filter.
 
 A pause is a row (queue, paused_at on the database clock, actor); a resume deletes it and, on
-PostgreSQL, NOTIFYs the queue in the same transaction so idle workers wake and claim at once.
+PostgreSQL, NOTIFYs the queue in the same transaction (a worker idle on its other queues does not
+listen for a paused one: it sees the resume at its next read of the set, within a second).
 Workers read the set through :class:`~workerkit.engines.presence.PausedQueues` (at most once a
 second). Why: docs/engines/sql.md ("Dashboard").
 """
@@ -93,8 +94,8 @@ class WorkerPauses:
 
     def idle_wait(self, poll_interval: float) -> float:
         """How long an idle fetch waits: while one of its queues is paused, PAUSE_REFRESH at
-        most whatever the poll interval, so that a resume is seen within a second or two
-        (PostgreSQL's resume also NOTIFYs, which ends the wait at once)."""
+        most whatever the poll interval, so that a resume is seen within a second or two (the
+        idle wait listens only for the active queues: a paused queue's enqueues wake nobody)."""
         if self._read.paused().intersection(self._queues):
             return min(poll_interval, PAUSE_REFRESH)
         return poll_interval
