@@ -455,7 +455,8 @@ class NativeWorker(Settling):
                 log.warning(reason, extra={"event": "claim_failed", "error": str(exc)})
                 self._store_failed(reason)
                 return False
-            self._store_ok_at = time.monotonic()
+            if (queues and free > 0) or (batch is not None and batch.acks):
+                self._store_ok_at = time.monotonic()  # a round ran: the store answered
             for delivery in deliveries:
                 self._start(delivery, sent)
             return bool(deliveries)
