@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,11 +22,15 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from tests.support.pausing_proxy import PausingProxy
 from tests.support.servers import PostgresServer, restart_postgres, start_postgres
 from tests.support.suite import start_or_skip
 from workerkit.engines.base import NewJob
 from workerkit.engines.sql import SqlQueue, upgrade
 from workerkit.engines.sql.claim import Ack
+from workerkit.engines.sql.db import PING_AFTER_IDLE
+from workerkit.engines.sql.held import HeldConnection
+from workerkit.engines.sql.outage import ClaimPause
 from workerkit.errors import StoreUnavailable
 
 QUEUES = ["default"]
@@ -133,3 +138,87 @@ def test_sqlite_a_claim_behind_another_writer_waits_then_fails_with_its_acks_unw
         assert [d.job_id for d in claimed] == [ids[1]]
     finally:
         queue.close()
+
+
+def test_a_claim_sent_into_a_network_partition_is_held_back_by_the_claim_pause(
+    postgres_url: str,
+) -> None:
+    """The held connection is pinged after sitting idle, as the pool's are: the ping waits out
+    the partition, so the claim gate (issue 13) is asked after it and sees the outage. Without
+    the ping the claim itself waited in the network and, once it healed, took leases that had
+    expired meanwhile, with their owners' acks still being retried."""
+    url = sa.make_url(postgres_url)
+    with PausingProxy(int(url.port or 5432)) as proxy:
+        queue = SqlQueue(url.set(port=proxy.port).render_as_string(hide_password=False))
+        direct = SqlQueue(postgres_url)
+        try:
+            assert queue.claim(QUEUES, "w", 1) == []  # the held connection, then idle
+            (job_id,) = _enqueue(direct, 1)
+            pause = ClaimPause(grace=60.0, threshold=1.0)
+            sent = time.monotonic() + 60.0  # set as the claim starts
+            queue.claim_gate = lambda: pause.allows(sent)
+            time.sleep(PING_AFTER_IDLE + 0.2)  # idle long enough for a pool to ping it
+            claimed: list[list[str]] = []
+            proxy.partition()
+            sent = time.monotonic()
+            claiming = threading.Thread(
+                target=lambda: claimed.append([d.job_id for d in queue.claim(QUEUES, "w", 1)])
+            )
+            claiming.start()
+            assert proxy.held.wait(10)  # the claim (or its ping) waits in the partition
+            time.sleep(pause.threshold + 0.5)  # an outage of at least the threshold
+            proxy.heal()
+            claiming.join(30)
+
+            assert claimed == [[]]  # held back: nothing claimed
+            assert pause.left() > 0
+            job = direct.get_job(job_id)
+            assert job is not None
+            assert job["state"] == "ready"
+        finally:
+            queue.close()
+            direct.close()
+
+
+class _RollbackFails(sqlite3.Connection):
+    """A real sqlite3 connection whose rollback fails while ``fail`` is set (as a rollback can,
+    e.g. "cannot rollback - SQL statements in progress"), leaving its transaction open."""
+
+    fail = False
+
+    def rollback(self) -> None:
+        if _RollbackFails.fail:
+            raise sqlite3.OperationalError("cannot rollback - SQL statements in progress")
+        super().rollback()
+
+
+def test_sqlite_a_held_connection_left_in_its_transaction_is_replaced(tmp_path: Path) -> None:
+    engine = sa.create_engine(
+        f"sqlite:///{tmp_path / 'held.db'}", connect_args={"factory": _RollbackFails}
+    )
+    held = HeldConnection(lambda: engine)
+    try:
+        with held.connection() as execute:
+            assert execute is not None
+            execute(sa.text("CREATE TABLE t (x INTEGER)"), {})
+        _RollbackFails.fail = True
+
+        def fail_mid_way() -> None:
+            with held.connection() as execute:
+                assert execute is not None
+                execute(sa.text("INSERT INTO t VALUES (1)"), {})
+                raise RuntimeError("the claim failed mid-way")
+
+        with pytest.raises(RuntimeError):
+            fail_mid_way()
+        _RollbackFails.fail = False
+
+        # Before: every later BEGIN IMMEDIATE failed "cannot start a transaction within a
+        # transaction", and the worker stayed unready for good.
+        with held.connection() as execute:
+            assert execute is not None
+            assert execute(sa.text("SELECT count(*) AS n FROM t"), {})[0][0].n == 0
+    finally:
+        _RollbackFails.fail = False
+        held.close()
+        engine.dispose()

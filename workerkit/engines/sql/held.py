@@ -17,10 +17,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+
+from workerkit.engines.sql.db import PING_AFTER_IDLE
 
 __all__ = ("Execute", "HeldConnection")
 
@@ -37,6 +40,7 @@ class HeldConnection:
         self._engine = engine  # the queue's (fork-safe) engine property
         self._lock = threading.Lock()
         self._raw: Any = None  # a PoolProxiedConnection (PostgreSQL: in autocommit)
+        self._used_at = 0.0  # monotonic: when the last claim on it ended
         self._compiled: dict[int, Any] = {}  # id(statement) -> its compiled form
 
     @contextlib.contextmanager
@@ -54,12 +58,17 @@ class HeldConnection:
             yield None
             return
         try:
+            yield from self._use(engine)
+        finally:
+            self._used_at = time.monotonic()  # as the pool's checkin (db._install_idle_ping)
+            self._lock.release()
+
+    def _use(self, engine: sa.Engine) -> Iterator[Execute]:
+        try:
             if self._raw is None:
-                raw = _connect(engine)
-                if engine.dialect.name == "postgresql":
-                    driver: Any = raw.driver_connection
-                    driver.autocommit = True  # each statement its own transaction
-                self._raw = raw
+                self._raw = _checkout(engine)
+            elif engine.dialect.name != "sqlite":
+                self._ping_if_idle(engine)
             if engine.dialect.name != "sqlite":
                 yield self._execute
                 return
@@ -74,8 +83,45 @@ class HeldConnection:
             except BaseException:
                 self._rollback()
                 raise
-        finally:
-            self._lock.release()
+        except Exception as exc:
+            if not self._reusable(engine):
+                self._drop(exc)  # e.g. SQLite's rollback failed: every later BEGIN would fail
+            raise
+        except BaseException as exc:
+            self._drop(exc)  # a signal handler's SystemExit mid-protocol: state unknown
+            raise
+
+    def _ping_if_idle(self, engine: sa.Engine) -> None:
+        """As the pool pings a connection idle for PING_AFTER_IDLE at checkout: a claim must not
+        be sent into a network partition before the claim gate was asked (the ping waits out
+        the partition; the gate then sees how long the claim waited, as on the pool path)."""
+        if time.monotonic() - self._used_at < PING_AFTER_IDLE:
+            return
+        try:
+            self._driver_call(engine, "SELECT 1", None, engine.dialect.do_ping)
+        except sa.exc.DBAPIError as exc:
+            if not exc.connection_invalidated:
+                self._drop(exc)
+                raise
+            # Dropped, with the pool's older connections; a new one, as the pool's failed ping.
+            self._raw = _checkout(engine)
+
+    def _reusable(self, engine: sa.Engine) -> bool:
+        raw = self._raw
+        if raw is None:
+            return True  # dropped already
+        driver = raw.driver_connection
+        if engine.dialect.name == "sqlite":
+            return not driver.in_transaction
+        # psycopg in autocommit: idle between statements unless a protocol exchange broke.
+        return not getattr(driver, "broken", False) and driver.info.transaction_status == 0
+
+    def _drop(self, exc: BaseException) -> None:
+        """Close this connection (its pool slot is freed); the next use checks out another."""
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            with contextlib.suppress(Exception):
+                raw.invalidate(exc if isinstance(exc, Exception) else None)
 
     def _rollback(self) -> None:
         raw = self._raw
@@ -146,7 +192,7 @@ class HeldConnection:
             self._lock.release()
         if raw is not None:
             with contextlib.suppress(Exception):
-                if hasattr(raw.driver_connection, "autocommit"):
+                if self._engine().dialect.name == "postgresql":
                     raw.driver_connection.autocommit = False  # psycopg: as the pool had it
                 raw.close()
 
@@ -155,6 +201,21 @@ class HeldConnection:
         lock may have been copied held)."""
         self._raw = None
         self._lock = threading.Lock()
+
+
+def _checkout(engine: sa.Engine) -> Any:
+    """A pool checkout for the held connection; PostgreSQL's in autocommit. Nothing leaks when
+    switching to autocommit fails (or a signal's exception lands in between)."""
+    raw = _connect(engine)
+    try:
+        if engine.dialect.name == "postgresql":
+            driver: Any = raw.driver_connection
+            driver.autocommit = True  # each statement its own transaction
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            raw.invalidate(exc if isinstance(exc, Exception) else None)
+        raise
+    return raw
 
 
 def _connect(engine: sa.Engine) -> Any:

@@ -71,7 +71,7 @@ from workerkit.job import JobContext
 
 if TYPE_CHECKING:
     from workerkit.engines.base import Delivery, QueueBackend
-    from workerkit.events import Command, EventClient
+    from workerkit.events import Command, Event, EventClient
     from workerkit.settings import Settings
 
 __all__ = ("NativeWorker",)
@@ -193,6 +193,13 @@ class NativeWorker(Settling):
         # thread was doing, so it must not take locks the interrupted code may hold.
         self._stopping.set()
 
+    def _send(self, event: Event) -> None:
+        """An event sent alone (not a job's): after the job events gathered before it, or the
+        supervisor would see, e.g., a job start after this worker said it stopped fetching."""
+        if isinstance(self._job_events, BatchingSender):
+            self._job_events.flush()  # nothing gathered: no write
+        self.events.send(event)
+
     @property
     def running_count(self) -> int:
         with self._running_lock:
@@ -232,7 +239,7 @@ class NativeWorker(Settling):
                     announced_stop = True
                     self._slot_freed.set()
                     running = self.running_count
-                    self.events.send(WorkerStopping(running))
+                    self._send(WorkerStopping(running))
                     log.info(
                         "stopped fetching", extra={"event": "worker_stopping", "running": running}
                     )
@@ -355,7 +362,7 @@ class NativeWorker(Settling):
         return min(self.settings.poll_interval, HEALTH_EVERY)
 
     def _heartbeat(self) -> None:
-        self.events.send(Heartbeat(running=self.running_count))
+        self._send(Heartbeat(running=self.running_count))
 
     def _report_health(self) -> float | None:
         """Report the store's health (and queue stats); while not ready, check again sooner."""
@@ -374,9 +381,9 @@ class NativeWorker(Settling):
         if first and self._been_ready:
             self._pause.store_back(down_since=self._store_ok_at)  # never shorter than it was
         self._log_health(ok, reason)
-        self.events.send(StoreHealth(ok, reason))
+        self._send(StoreHealth(ok, reason))
         if first:
-            self.events.send(
+            self._send(
                 WorkerReady(
                     self.settings.engine, tuple(self.queues), self.concurrency, self.worker_id
                 )
@@ -386,7 +393,7 @@ class NativeWorker(Settling):
             return self._unready_recheck
         with contextlib.suppress(Exception):
             stats = self.backend.stats(self.queues)
-            self.events.send(QueueStats(dict(stats.depth), dict(stats.oldest_ready_age)))
+            self._send(QueueStats(dict(stats.depth), dict(stats.oldest_ready_age)))
         self._store_ok_at = now
         self._been_ready = True
         self._ready.set()  # after the events above, as when one thread did both
@@ -411,7 +418,7 @@ class NativeWorker(Settling):
         """A claim or a write failed: not ready (no claims) until a health check passes."""
         self._ready.clear()
         self._log_health(False, reason)
-        self.events.send(StoreHealth(ok=False, reason=reason))
+        self._send(StoreHealth(ok=False, reason=reason))
         # Checked again at the keeper's next wake (min(poll_interval, 1 s) at most); the fetcher
         # waits for it, as it waited min(poll_interval, HEALTH_EVERY) before.
         self._upkeep.run_soon("health")
@@ -448,7 +455,8 @@ class NativeWorker(Settling):
                 log.warning(reason, extra={"event": "claim_failed", "error": str(exc)})
                 self._store_failed(reason)
                 return False
-            self._store_ok_at = time.monotonic()
+            if (queues and free > 0) or (batch is not None and batch.acks):
+                self._store_ok_at = time.monotonic()  # a round ran: the store answered
             for delivery in deliveries:
                 self._start(delivery, sent)
             return bool(deliveries)
