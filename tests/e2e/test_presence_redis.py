@@ -90,14 +90,16 @@ def test_workerkit_run_rq_publishes_its_presence_under_its_rq_worker_name(
 
 
 def test_workerkit_run_celery_publishes_its_presence_to_the_broker(
-    redis_db: str, tmp_path: Path
+    redis_url: str, tmp_path: Path
 ) -> None:
+    # The broker every Celery e2e test uses (redis_url): `send` goes through kombu's producer
+    # pool, which keeps the URL of its first use for the whole test process.
     env = Env(tmp=tmp_path, database_url="", journal=tmp_path / "journal.txt")
-    client: redis.Redis[bytes] = redis.Redis.from_url(redis_db)
+    client: redis.Redis[bytes] = redis.Redis.from_url(redis_url)
     store = RedisPresenceStore(client)
     try:
-        send(redis_db, "steps", "long", 10, 1.0, task_id="long")  # 10 s: longer than D
-        with celery_supervisor(env, redis_db) as pod:
+        send(redis_url, "steps", "long", 10, 1.0, task_id="long")  # 10 s: longer than D
+        with celery_supervisor(env, redis_url) as pod:
             wait_until(
                 lambda: any(line.startswith("start long") for line in env.lines()),
                 timeout=30,
