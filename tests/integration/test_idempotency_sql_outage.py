@@ -14,10 +14,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import psycopg
 import pytest
-import sqlalchemy as sa
 
+from tests.support.pg_sessions import kill_sessions
 from tests.support.servers import PostgresServer, start_postgres
 from tests.support.suite import start_or_skip
 from workerkit.engines.sql import upgrade
@@ -30,19 +29,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 LONG = 60.0  # an Ip nothing outlives, however slow the machine
 DOWN_FOR = 2.0  # the restart: shorter than LONG, longer than a few retries
-
-
-def kill_sessions(url: str) -> int:
-    """pg_terminate_backend of every other session on ``url``'s database (the store's)."""
-    parsed = sa.make_url(url)
-    conninfo = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 @pytest.fixture

@@ -18,11 +18,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 import sqlalchemy as sa
 
 from tests.support.pausing_proxy import PausingProxy
+from tests.support.pg_sessions import kill_sessions
 from tests.support.servers import PostgresServer, restart_postgres, start_postgres
 from tests.support.suite import start_or_skip
 from workerkit.engines.base import NewJob
@@ -43,17 +43,6 @@ def _enqueue(queue: SqlQueue, count: int) -> list[str]:
     return ids
 
 
-def _kill_sessions(url: str) -> int:
-    conninfo = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 @pytest.fixture
 def queue(postgres_url: str) -> Iterator[SqlQueue]:
     made = SqlQueue(postgres_url)
@@ -69,7 +58,7 @@ def test_a_claim_whose_connection_the_server_killed_is_sent_again_on_a_new_one(
     ids = _enqueue(queue, 3)
     (first,) = queue.claim(QUEUES, "w", 1)
     assert first.job_id == ids[0]
-    assert _kill_sessions(postgres_url) >= 1  # the held connection among them
+    assert kill_sessions(postgres_url) >= 1  # the held connection among them
 
     with caplog.at_level(logging.INFO, logger="workerkit.engines.sql.queue"):
         matched, claimed = queue.ack_and_claim(
