@@ -486,7 +486,7 @@ class NativeWorker(Settling):
         queued_for = None
         if delivery.enqueued_at is not None:
             queued_for = max(0.0, time.time() - delivery.enqueued_at)
-        self._job_events.send(
+        self._send(  # alone, at once: a kill right after it is known
             JobStarted(
                 delivery.job_id,
                 delivery.task,
