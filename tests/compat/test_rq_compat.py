@@ -11,6 +11,7 @@ twice. Real processes throughout.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import signal
@@ -371,8 +372,23 @@ def start_workerkit(env: RqEnv, worker_class: str, producer: str, name: str) -> 
     else:
         argv += ["--serializer", "safe-pickle", "--queues", "default"]
     env.extra["PYTHONPATH"] = python_path()
+    env.extra["PYTHONFAULTHANDLER"] = "1"  # a run that does not settle shows its stacks
     engine = {"redis_url": env.redis_url, "checkpoint_interval": "0.5"}
     return start_worker(argv, env, app="myrq.rq_app:app", name=name, engine=engine, settings={})
+
+
+def dump_stacks(worker: Supervisor) -> None:
+    """A run that did not settle: SIGABRT the worker's processes (workerkit's run with
+    PYTHONFAULTHANDLER=1), so that the log shows where each one was stuck."""
+    children = descendants(worker.pid)
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGABRT)
+    wait_until(
+        lambda: all(process_state(pid) in (None, "Z") for pid in children),
+        timeout=10,
+        what=f"the aborted children {children} of {worker.pid} to exit",
+    )
 
 
 def stop(worker: Supervisor) -> int:
@@ -412,7 +428,8 @@ def run_features(
                 for feature in rows:
                     if feature.after_start:
                         feature.enqueue(p)
-                wait_for(lambda: all(f.observe(p) is not None for f in rows))
+                if not wait_for(lambda: all(f.observe(p) is not None for f in rows)):
+                    dump_stacks(worker)
             code = stop(worker)
         finally:
             worker.stop()

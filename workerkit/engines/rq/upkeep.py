@@ -8,6 +8,7 @@ attempt, since another worker may then run the job.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import time
@@ -32,6 +33,14 @@ from workerkit.events import (
     WorkerReady,
     client,
 )
+
+# datetime.strptime (rq.utils.utcparse, used in this thread) imports _strptime on its first call.
+# It is imported here, with the worker, in the main thread before any thread starts: RQ forks its
+# scheduler (and the work horses) from the main thread while this thread runs, and a fork while
+# another thread is half-way through a module's first import leaves that module's import lock
+# held for good in the child, whose own first strptime then hangs (RQ's scheduler did, about one
+# start in six under load: it never enqueued a due job and ignored SIGTERM).
+importlib.import_module("_strptime")
 
 __all__ = ("RECOVERY_GRACE", "RENEW_RETRY_EVERY", "Upkeep")
 
