@@ -115,6 +115,10 @@ class SqlQueue(db.ForkSafeEngine):
         self._adopt_engine(db.create_engine_for(self.url, connect_timeout=_CONNECT_TIMEOUT))
         #: The claim's own connection, the driver directly (see .held).
         self._held = HeldConnection(lambda: self.engine)
+        #: The enqueue's own connection, the same way: a producer's enqueue is one prepared
+        #: statement on a connection it keeps (another thread enqueueing meanwhile goes through
+        #: the pool), ~0.1 ms of client CPU instead of ~0.3.
+        self._enqueue_held = HeldConnection(lambda: self.engine)
         self._schema_ok = False
         self._wakeups = Wakeups()
         self._listener: PgListener | None = None
@@ -132,6 +136,7 @@ class SqlQueue(db.ForkSafeEngine):
         # The parent's LISTEN thread did not survive the fork; the next wait starts another.
         self._listener = None
         self._held.forget()
+        self._enqueue_held.forget()
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sa.Connection]:
@@ -239,9 +244,15 @@ class SqlQueue(db.ForkSafeEngine):
         """Store the job; False (and no change) when a job with this id already exists."""
         # PostgreSQL: one round trip in autocommit, the NOTIFY in the INSERT's RETURNING (sent at
         # its commit, only for a new row). SQLite: one BEGIN IMMEDIATE transaction.
-        statement = statements.insert_job_notify(self.dialect, job, NOTIFY_CHANNEL)
-        with self._statement() as conn:
-            inserted = conn.execute(statement).first() is not None
+        statement = statements.INSERT_JOB[self.dialect]
+        params = statements.insert_job_params(job, NOTIFY_CHANNEL)
+        with self._errors(), self._enqueue_held.connection() as execute:
+            if execute is not None:
+                rows, _ = execute(statement, params)
+        if execute is None:  # the held connection is busy (another thread's enqueue)
+            with self._statement() as conn:
+                rows = conn.execute(statement, params).all()
+        inserted = bool(rows)
         if inserted:
             self._wakeups.notify(job.queue)
         else:
@@ -593,6 +604,7 @@ class SqlQueue(db.ForkSafeEngine):
         if listener is not None:
             listener.stop()
         self._held.close()
+        self._enqueue_held.close()
         self._engine.dispose()
 
     # --- inspection and maintenance (tests, the CLI, operators) -------------------------

@@ -32,13 +32,14 @@ __all__ = (
     "DEFER",
     "EXTEND",
     "FAIL",
+    "INSERT_JOB",
     "RELEASE",
     "RELEASE_CRASHED",
     "RETRY",
     "among",
     "count_by_state",
     "insert_job",
-    "insert_job_notify",
+    "insert_job_params",
     "queue_stats",
     "select_job",
 )
@@ -378,16 +379,54 @@ def insert_job(dialect: str, job: NewJob) -> sa.Insert:
     )
 
 
-def insert_job_notify(dialect: str, job: NewJob, channel: str) -> sa.Insert:
-    """:func:`insert_job`; on PostgreSQL with ``pg_notify(channel, queue)`` in its RETURNING.
+def _insert_job_once(dialect: str) -> sa.Insert:
+    """:func:`insert_job` with bind parameters for the job's fields, built once per dialect;
+    on PostgreSQL with ``pg_notify(:p_channel, :p_queue)`` in its RETURNING."""
+    now = db_now()
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = (
+        insert(jobs)
+        .values(
+            id=sa.bindparam("p_id"),
+            queue=sa.bindparam("p_queue"),
+            task=sa.bindparam("p_task"),
+            payload=sa.bindparam("p_payload"),
+            state="ready",
+            attempts=0,
+            max_attempts=sa.bindparam("p_max_attempts"),
+            run_at=sa.func.coalesce(sa.bindparam("p_run_at", type_=_c.run_at.type), now),
+            enqueued_at=now,
+            created_at=now,
+            updated_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=[_c.id])
+        .returning(_c.id)
+    )
+    if dialect == "postgresql":
+        statement = statement.returning(
+            sa.func.pg_notify(
+                sa.bindparam("p_channel", type_=sa.Text), sa.bindparam("p_queue", type_=sa.Text)
+            )
+        )
+    return statement
 
-    RETURNING runs once per row that went in, so the NOTIFY is sent only for a new job; in
-    autocommit the statement is its own transaction, and the NOTIFY goes out at its commit.
-    """
-    insert = insert_job(dialect, job)
-    if dialect != "postgresql":
-        return insert
-    return insert.returning(sa.func.pg_notify(channel, job.queue))
+
+#: The enqueue of one job (:meth:`SqlQueue.enqueue`), per dialect: built and compiled once, not
+#: per call (building and caching a statement per job cost ~0.3 ms of the producer's CPU).
+INSERT_JOB: Final = {name: _insert_job_once(name) for name in ("postgresql", "sqlite")}
+
+
+def insert_job_params(job: NewJob, channel: str) -> dict[str, Any]:
+    """The parameters of :data:`INSERT_JOB` for ``job``."""
+    return {
+        "p_id": job.job_id,
+        "p_queue": job.queue,
+        "p_task": job.task,
+        "p_payload": job.payload,
+        "p_max_attempts": job.max_attempts,
+        "p_run_at": job.run_at,
+        "p_channel": channel,
+    }
 
 
 def queue_stats(queues: Sequence[str]) -> sa.Select[Any]:
