@@ -251,7 +251,7 @@ class SqlQueue(db.ForkSafeEngine):
                 rows, _ = execute(statement, params)
         if execute is None:  # the held connection is busy (another thread's enqueue)
             with self._statement() as conn:
-                rows = conn.execute(statement, params).all()
+                rows = list(conn.execute(statement, params))
         inserted = bool(rows)
         if inserted:
             self._wakeups.notify(job.queue)
