@@ -3,7 +3,8 @@
 Variants, interleaved round by round (the order rotates each round), one worker alive at a time:
 
 * ``wk-sql-pg``: ``workerkit run sql`` on PostgreSQL (woken by LISTEN/NOTIFY);
-* ``wk-sql-sqlite``: ``workerkit run sql`` on SQLite (polling, default ``poll_interval``);
+* ``wk-sql-sqlite``: ``workerkit run sql`` on SQLite (woken by the file's data version, read
+  every 50 ms; it polled every ``poll_interval``, 1 s, before 2026-12-04: ~970 ms);
 * ``wk-rq`` / ``bare-rq``: ``workerkit run rq`` and ``rq worker`` (both RQ's forking Worker, JSON
   serializer), on a private redis-server;
 * ``wk-celery`` / ``bare-celery``: ``workerkit run celery -- --pool=solo`` and ``celery worker
@@ -14,10 +15,7 @@ and passes it as the job's argument; the job's first statement takes ``time.time
 both to a Redis list (bench/latency_stamp.py; the apps: bench/latency_jobs.py), which this
 script pops. One job at a time: the next is enqueued a random 20-50 ms after the previous one's
 stamp arrived, so the worker is idle each time. Each worker gets ``--warmup`` unmeasured jobs
-first (imports, first connections). SQLite polls once a second by default, so its rounds take
-fewer jobs (``--poll-jobs``); its worker looks again right after each job and then sleeps a
-``poll_interval``, so a job enqueued 20-50 ms after the previous one waits nearly the whole
-interval (the worst case; a job arriving at a random moment waits half of it on average).
+first (imports, first connections).
 
 Run from the repository root::
 
@@ -63,7 +61,6 @@ from bench.supervisor import free_port, http_status
 __all__ = ("main",)
 
 VARIANTS = ("wk-sql-pg", "wk-sql-sqlite", "wk-rq", "bare-rq", "wk-celery", "bare-celery")
-POLLING = {"wk-sql-sqlite"}
 READY_TIMEOUT = 60.0
 STAMP_TIMEOUT = 30.0
 
@@ -168,7 +165,7 @@ def run_one(
     argv, env, port = _argv_env(variant, urls, key, index)
     proc = Proc(argv, log_path=tmp / f"{variant}-{index}.log", env=env)
     enqueue = producers.enqueue_for(variant)
-    jobs = args.poll_jobs if variant in POLLING else args.jobs
+    jobs = args.jobs
     rng = random.Random(index)
     samples: list[float] = []
     try:
@@ -210,8 +207,8 @@ def report(run: dict[str, Any]) -> str:
         (
             f"Load average at the end: {run['machine']['loadavg_at_end']}. Rounds: "
             f"{run['rounds']}, variants interleaved (order rotated each round), one worker alive "
-            f"at a time; {run['jobs']} jobs per variant per round ({run['poll_jobs']} on "
-            f"SQLite, which polls), {run['warmup']} warm-up jobs not counted, "
+            f"at a time; {run['jobs']} jobs per variant per round, "
+            f"{run['warmup']} warm-up jobs not counted, "
             f"{run['gap_ms'][0]:g}-{run['gap_ms'][1]:g} ms random gap. Latency = the job's "
             "`time.time()` at its start minus the producer's `time.time()` right before the "
             "enqueue call, in ms."
@@ -257,7 +254,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=200, help="measured jobs per round")
-    parser.add_argument("--poll-jobs", type=int, default=40, help="jobs per round on SQLite")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--gap-min", type=float, default=20.0, help="ms")
     parser.add_argument("--gap-max", type=float, default=50.0, help="ms")
@@ -296,7 +292,6 @@ def main() -> None:
         "machine": info,
         "rounds": args.rounds,
         "jobs": args.jobs,
-        "poll_jobs": args.poll_jobs,
         "warmup": args.warmup,
         "gap_ms": [args.gap_min, args.gap_max],
         "duration_s": round(time.monotonic() - started, 1),

@@ -21,7 +21,7 @@ from workerkit.engines.base import Delivery, NewJob, QueueStats, StoreHealth
 from workerkit.engines.sql import bulk, db, retention, statements
 from workerkit.engines.sql import claim as claiming
 from workerkit.engines.sql.held import HeldConnection
-from workerkit.engines.sql.listener import NOTIFY_CHANNEL, PgListener, Wakeups
+from workerkit.engines.sql.listener import NOTIFY_CHANNEL, PgListener, SqliteWatcher, Wakeups
 from workerkit.engines.sql.rules import JOB_FIELDS, dump_json, load_json, ref_parts
 from workerkit.engines.sql.schema import JOB_STATES
 from workerkit.engines.sql.statements import (
@@ -121,7 +121,7 @@ class SqlQueue(db.ForkSafeEngine):
         self._enqueue_held = HeldConnection(lambda: self.engine)
         self._schema_ok = False
         self._wakeups = Wakeups()
-        self._listener: PgListener | None = None
+        self._listener: PgListener | SqliteWatcher | None = None
         self._listener_lock = threading.Lock()
         self._closed = False
         self._wal_truncated_at = -_WAL_TRUNCATE_EVERY
@@ -133,7 +133,8 @@ class SqlQueue(db.ForkSafeEngine):
     # --- connections and errors ----------------------------------------------------------
 
     def _after_fork(self) -> None:
-        # The parent's LISTEN thread did not survive the fork; the next wait starts another.
+        # The parent's LISTEN (or SQLite watch) thread did not survive the fork; the next wait
+        # starts another.
         self._listener = None
         self._held.forget()
         self._enqueue_held.forget()
@@ -512,8 +513,7 @@ class SqlQueue(db.ForkSafeEngine):
         """
         if timeout <= 0:
             return
-        if self.dialect == "postgresql":
-            self._ensure_listener()
+        self._ensure_listener()
         self._wakeups.wait(queues, timeout)
 
     def _ensure_listener(self) -> None:
@@ -521,8 +521,18 @@ class SqlQueue(db.ForkSafeEngine):
             if self._closed:
                 return
             if self._listener is None:
-                self._listener = PgListener(self.engine, self._wakeups)
+                self._listener = self._new_listener()
+                if self._listener is None:
+                    return  # an in-memory SQLite database: nobody else can write to it
             self._listener.start()
+
+    def _new_listener(self) -> PgListener | SqliteWatcher | None:
+        if self.dialect == "postgresql":
+            return PgListener(self.engine, self._wakeups)
+        path = self.url.database
+        if not path or path == ":memory:" or path.startswith("file::memory:"):
+            return None
+        return SqliteWatcher(path, self._wakeups)
 
     def health(self) -> StoreHealth:
         """Can the store be used now: reachable, and the schema at head?
