@@ -471,3 +471,29 @@ def test_the_settle_fence_works_when_redis_does_not_know_its_script_yet(
     assert job.get_status() == "finished"
     assert job.return_value() == 3
     assert redis_client.exists(lease_key("s")) == 0
+
+
+def test_a_work_horses_new_connections_do_not_read_redis_py_s_package_metadata(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # redis-py >= 7 builds a DriverInfo (importlib.metadata, ~1 ms) for every connection of a
+    # pool made from a URL, so each work horse paid for it once per connection it opened.
+    import importlib.metadata
+
+    import redis as redis_lib
+
+    connection = redis_lib.Redis.from_url(redis_url)
+    worker = Worker(["default"], connection=connection, app=app, settings=settings_for(redis_url))
+    reads: list[str] = []
+    real_version = importlib.metadata.version
+
+    def counted(name: str) -> str:
+        reads.append(name)
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", counted)
+    for client in (worker.connection, worker._wk_redis):
+        client.connection_pool.reset()  # what a forked horse's pool does (a new pid)
+        assert client.ping()
+    assert reads == []
+    connection.close()

@@ -102,7 +102,7 @@ class Drain(WorkerState):
         self._wk_stopping = True
         self._stop_requested = True
         running = 1 if self._wk_attempt is not None else 0
-        self._wk_events.send(WorkerStopping(running))
+        self._wk_send(WorkerStopping(running))
         log.info("stopped dequeuing", extra={"event": "worker_stopping", "running": running})
         with (
             contextlib.suppress(redis.exceptions.RedisError),
