@@ -497,3 +497,19 @@ def test_a_work_horses_new_connections_do_not_read_redis_py_s_package_metadata(
         assert client.ping()
     assert reads == []
     connection.close()
+
+
+def test_a_job_logs_workerkit_s_start_and_finish_at_info_not_rq_s_duplicates_of_them(
+    redis_client: redis.Redis[bytes], redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue(redis_client).enqueue(f"{MODULE}.add", 1, 2, job_id="logged")
+    with caplog.at_level(logging.INFO):
+        simple_worker(redis_client, redis_url).work(burst=True)
+    per_job = [
+        r
+        for r in caplog.records
+        if "logged" in r.getMessage() or getattr(r, "job_id", "") == "logged"
+    ]
+    events = [getattr(r, "event", r.getMessage()) for r in per_job if r.levelno >= logging.INFO]
+    # RQ's own dequeue and "Job OK" lines say what job_started and job_finished say: DEBUG.
+    assert events == ["job_started", "job_finished"], events
