@@ -21,7 +21,14 @@ Variants (each ``--reps`` times, interleaved, median reported):
   --without-gossip --without-mingle``, Redis broker, Celery's defaults (acks on receipt,
   prefetch multiplier 4); ``celery-solo-acks-late``: the same with ``task_acks_late=True``
   (acknowledged after the run, like workerkit);
-* ``rq-simple``: ``rq worker --worker-class rq.worker.SimpleWorker --burst``.
+* ``rq-simple`` / ``rq-fork``: ``rq worker --worker-class rq.worker.SimpleWorker`` /
+  ``rq.worker.Worker`` ``--burst``, RQ's defaults (pickle, its INFO lines to a file);
+* ``wk-run-rq-simple`` / ``wk-run-rq-fork``: RQ as users run it under workerkit, ``workerkit run
+  rq --worker-class simple`` / ``forking`` (supervisor, worker child, events channel, JSON logs
+  at INFO to a file, presence, default settings; jobs enqueued with RQ's JSON serializer). The
+  forking variants run ``--fork-jobs`` jobs (default K/4: a fork per job). Each RQ run also
+  reports CPU per job of each of its processes, from /proc (:class:`CpuProbe`), and the report
+  gives each ``wk-run-rq-*`` variant's same-round ratio to its bare class.
 
 Servers: one private redis-server (no persistence) and one throwaway PostgreSQL cluster
 (fsync, synchronous_commit and full_page_writes off), both from tests/support/servers.py, on
