@@ -21,7 +21,14 @@ Variants (each ``--reps`` times, interleaved, median reported):
   --without-gossip --without-mingle``, Redis broker, Celery's defaults (acks on receipt,
   prefetch multiplier 4); ``celery-solo-acks-late``: the same with ``task_acks_late=True``
   (acknowledged after the run, like workerkit);
-* ``rq-simple``: ``rq worker --worker-class rq.worker.SimpleWorker --burst``.
+* ``rq-simple`` / ``rq-fork``: ``rq worker --worker-class rq.worker.SimpleWorker`` /
+  ``rq.worker.Worker`` ``--burst``, RQ's defaults (pickle, its INFO lines to a file);
+* ``wk-run-rq-simple`` / ``wk-run-rq-fork``: RQ as users run it under workerkit, ``workerkit run
+  rq --worker-class simple`` / ``forking`` (supervisor, worker child, events channel, JSON logs
+  at INFO to a file, presence, default settings; jobs enqueued with RQ's JSON serializer). The
+  forking variants run ``--fork-jobs`` jobs (default K/4: a fork per job). Each RQ run also
+  reports CPU per job of each of its processes, from /proc (:class:`CpuProbe`), and the report
+  gives each ``wk-run-rq-*`` variant's same-round ratio to its bare class.
 
 Servers: one private redis-server (no persistence) and one throwaway PostgreSQL cluster
 (fsync, synchronous_commit and full_page_writes off), both from tests/support/servers.py, on
@@ -80,7 +87,9 @@ RUN_TIMEOUT = 120.0  # one repetition may not take longer than this
 class Bench:
     """The servers and the per-repetition plumbing."""
 
-    def __init__(self, tmp: Path, redis: Any, postgres: Any | None, k: int) -> None:
+    def __init__(
+        self, tmp: Path, redis: Any, postgres: Any | None, k: int, fork_k: int | None = None
+    ) -> None:
         import redis as redis_lib
 
         self.tmp = tmp
@@ -89,6 +98,7 @@ class Bench:
         self.client = redis_lib.Redis.from_url(self.redis_url)
         self.postgres = postgres
         self.k = k
+        self.fork_k = fork_k if fork_k is not None else max(2, k // 4)
         self.template: str | None = None
         os.environ[_counter.URL_ENV] = self.redis_url  # for the in-process worker's jobs
 
@@ -131,18 +141,40 @@ class Bench:
             raise RuntimeError("the first/last job time stamps are missing")
         return float(first), float(last)
 
-    def wait_done(self, proc: Proc | None = None, what: str = "all jobs") -> float:
+    def k_for(self, worker_class: str) -> int:
+        """K of a run: fewer jobs for RQ's forking worker (a fork per job, ~10x slower)."""
+        return self.fork_k if worker_class == "forking" else self.k
+
+    def wait_done(
+        self,
+        proc: Proc | None = None,
+        what: str = "all jobs",
+        *,
+        k: int | None = None,
+        probe: CpuProbe | None = None,
+    ) -> float:
         """Block until the counter reaches K; return when (monotonic)."""
-        wait_for(lambda: self.done() >= self.k, timeout=RUN_TIMEOUT, what=what, proc=proc)
+        k = self.k if k is None else k
+
+        def reached() -> bool:
+            done = self.done()
+            if probe is not None:
+                probe.observe(done, k)
+            return done >= k
+
+        wait_for(reached, timeout=RUN_TIMEOUT, what=what, proc=proc)
         return time.monotonic()
 
-    def result(self, started: float, finished: float, **extra: Any) -> dict[str, Any]:
+    def result(
+        self, started: float, finished: float, *, k: int | None = None, **extra: Any
+    ) -> dict[str, Any]:
+        k = self.k if k is None else k
         first, last = self.window()
         done = self.done()
-        if done != self.k:
-            raise RuntimeError(f"counter is {done}, expected exactly {self.k}")
+        if done != k:
+            raise RuntimeError(f"counter is {done}, expected exactly {k}")
         return {
-            "jobs_per_s": (self.k - 1) / (last - first),
+            "jobs_per_s": (k - 1) / (last - first),
             "window_s": last - first,
             "start_to_done_s": finished - started,
             **extra,
@@ -294,30 +326,41 @@ def run_celery(bench: Bench, *, acks_late: bool) -> dict[str, Any]:
     return bench.result(proc.started, finished, enqueue_s=enqueue_s)
 
 
-def run_rq(bench: Bench) -> dict[str, Any]:
+RQ_CLASSES = {"simple": "rq.worker.SimpleWorker", "forking": "rq.worker.Worker"}
+
+
+def _enqueue_rq(bench: Bench, k: int, *, json: bool) -> float:
+    """K jobs of :func:`bench.rq_noop.noop`, in batches of 500 (RQ's ``enqueue_many``)."""
     from rq import Queue
+    from rq.serializers import JSONSerializer
 
     from bench import rq_noop
 
-    bench.reset()
-    queue = Queue(rq_noop.QUEUE, connection=bench.client)
-    enqueue_started = time.monotonic()
+    serializer = JSONSerializer if json else None
+    queue = Queue(rq_noop.QUEUE, connection=bench.client, serializer=serializer)
+    started = time.monotonic()
     batch = 500
-    for start in range(0, bench.k, batch):
+    for start in range(0, k, batch):
         queue.enqueue_many(
-            [
-                Queue.prepare_data(rq_noop.noop, args=(bench.k,))
-                for _ in range(min(batch, bench.k - start))
-            ]
+            [Queue.prepare_data(rq_noop.noop, args=(k,)) for _ in range(min(batch, k - start))]
         )
-    enqueue_s = time.monotonic() - enqueue_started
+    return time.monotonic() - started
+
+
+def run_rq(bench: Bench, worker_class: str = "simple") -> dict[str, Any]:
+    """Bare ``rq worker --burst`` with RQ's defaults (pickle, its INFO lines to a file)."""
+    from bench import rq_noop
+
+    k = bench.k_for(worker_class)
+    bench.reset()
+    enqueue_s = _enqueue_rq(bench, k, json=False)
     argv = [
         PYTHON,
         "-m",
         "rq.cli",
         "worker",
         "--worker-class",
-        "rq.worker.SimpleWorker",
+        RQ_CLASSES[worker_class],
         "--burst",
         "--url",
         bench.redis_url,
@@ -325,11 +368,107 @@ def run_rq(bench: Bench) -> dict[str, Any]:
     ]
     proc = Proc(argv, log_path=bench.tmp / f"rq-{uuid.uuid4().hex[:6]}.log", env=child_env())
     try:
-        finished = bench.wait_done(proc, what="rq SimpleWorker")
+        cpu = CpuProbe(bench, worker=lambda: proc.pid)
+        finished = bench.wait_done(proc, what=f"rq {worker_class} worker", k=k, probe=cpu)
         proc.popen.wait(30)  # --burst: it exits once the queue is empty
     finally:
         proc.stop(signal.SIGKILL)
-    return bench.result(proc.started, finished, enqueue_s=enqueue_s)
+    return bench.result(
+        proc.started, finished, k=k, enqueue_s=enqueue_s, cpu_us_per_job=cpu.per_job
+    )
+
+
+def run_rq_supervised(bench: Bench, worker_class: str) -> dict[str, Any]:
+    """``workerkit run rq --worker-class CLASS``: default settings, JSON logs at INFO to a file."""
+    from bench import rq_noop
+    from tests.support.servers import free_port
+
+    k = bench.k_for(worker_class)
+    bench.reset()
+    enqueue_s = _enqueue_rq(bench, k, json=True)  # workerkit's default serializer
+    env = child_env(
+        WORKERKIT_APP="bench.rq_noop:app",
+        WORKERKIT_REDIS_URL=bench.redis_url,
+        WORKERKIT_QUEUES=rq_noop.QUEUE,
+        WORKERKIT_HTTP_HOST="127.0.0.1",
+        WORKERKIT_HTTP_PORT=str(free_port()),
+        WORKERKIT_LOG_FORMAT="json",
+        **{_counter.URL_ENV: bench.redis_url},
+    )
+    log_path = bench.tmp / f"wk-run-rq-{worker_class}-{uuid.uuid4().hex[:6]}.log"
+    argv = [*WORKERKIT, "run", "rq", "--worker-class", worker_class]
+    proc = Proc(argv, log_path=log_path, env=env)
+    try:
+        cpu = CpuProbe(bench, supervisor=lambda: proc.pid, worker=lambda: _only_child(proc.pid))
+        finished = bench.wait_done(proc, what=f"workerkit run rq ({worker_class})", k=k, probe=cpu)
+        proc.stop(signal.SIGTERM, timeout=30)
+        if proc.popen.returncode != 0:
+            raise RuntimeError(f"workerkit run rq exited {proc.popen.returncode}")
+    finally:
+        proc.stop(signal.SIGKILL)
+    return bench.result(
+        proc.started, finished, k=k, enqueue_s=enqueue_s, cpu_us_per_job=cpu.per_job
+    )
+
+
+def _only_child(pid: int) -> int | None:
+    """The one live child of ``pid`` (the supervisor's worker), from /proc."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(text[0]) if len(text) == 1 else None
+
+
+def _cpu_ticks(pid: int) -> tuple[int, int] | None:
+    """(utime + stime, cutime + cstime) of ``pid`` in clock ticks: its own CPU, and that of
+    its children it has reaped (the forking worker's work horses)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+class CpuProbe:
+    """CPU time per job of each process of a run, from /proc/PID/stat (utime + stime).
+
+    Read once when the counter first passes K/10 (start-up is over) and once when it reaches K;
+    per job = the difference / the jobs done in between. ``horses`` is the forking worker's
+    reaped children; ``redis`` the redis-server's own CPU (every Redis command of every process
+    costs it there, on the same two cores).
+    """
+
+    def __init__(self, bench: Bench, **pids: Callable[[], int | None]) -> None:
+        self.bench = bench
+        self.pids = {**pids, "redis": lambda: int(bench.redis.pid)}
+        self.first: tuple[int, dict[str, tuple[int, int]]] | None = None
+        self.per_job: dict[str, float] = {}
+
+    def _read(self) -> dict[str, tuple[int, int]]:
+        found: dict[str, tuple[int, int]] = {}
+        for name, pid_of in self.pids.items():
+            pid = pid_of()
+            ticks = _cpu_ticks(pid) if pid is not None else None
+            if ticks is not None:
+                found[name] = ticks
+        return found
+
+    def observe(self, done: int, k: int) -> None:
+        if self.first is None and done >= max(1, k // 10):
+            self.first = (done, self._read())
+        elif self.first is not None and done >= k and not self.per_job:
+            start_done, start = self.first
+            end = self._read()
+            jobs = max(1, done - start_done)
+            tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+            for name, (own, reaped) in end.items():
+                if name not in start:
+                    continue
+                self.per_job[name] = (own - start[name][0]) * tick_us / jobs
+                if name == "worker" and reaped != start[name][1]:
+                    self.per_job["horses"] = (reaped - start[name][1]) * tick_us / jobs
 
 
 # --- profiling ---------------------------------------------------------------------------------
@@ -646,7 +785,61 @@ VARIANTS: dict[str, str] = {
     "celery-solo": "bare Celery, solo pool, Redis, defaults (acks on receipt)",
     "celery-solo-acks-late": "bare Celery, solo pool, Redis, task_acks_late=True",
     "rq-simple": "bare RQ, SimpleWorker --burst, Redis",
+    "wk-run-rq-simple": "workerkit run rq --worker-class simple (supervisor), Redis",
+    "rq-fork": "bare RQ, Worker (forking) --burst, Redis",
+    "wk-run-rq-fork": "workerkit run rq (forking Worker, supervisor), Redis",
 }
+
+#: Same-round ratios reported for these (variant, its bare engine) pairs.
+PAIRS: dict[str, str] = {"wk-run-rq-simple": "rq-simple", "wk-run-rq-fork": "rq-fork"}
+
+
+def _pairs_markdown(data: dict[str, Any]) -> list[str]:
+    """workerkit against its bare engine, same round; and CPU per job of each process."""
+    samples = data["samples"]
+    lines: list[str] = []
+    pairs = [
+        (ours, bare) for ours, bare in PAIRS.items() if samples.get(ours) and samples.get(bare)
+    ]
+    if pairs:
+        lines += [
+            "",
+            "| variant | vs its bare engine, same round: median | rounds |",
+            "|---|---|---|",
+        ]
+        for ours, bare in pairs:
+            ratios = [
+                a["jobs_per_s"] / b["jobs_per_s"]
+                for a, b in zip(samples[ours], samples[bare], strict=False)
+            ]
+            each = ", ".join(f"{r:.2f}" for r in ratios)
+            lines.append(f"| {ours} / {bare} | **{statistics.median(ratios):.2f}x** | {each} |")
+    with_cpu = {v: rows for v, rows in samples.items() if rows and "cpu_us_per_job" in rows[0]}
+    if with_cpu:
+        names = ("supervisor", "worker", "horses", "redis")
+        lines += [
+            "",
+            (
+                "CPU time per job, microseconds, median of the rounds (/proc/PID/stat utime + "
+                "stime, from the K/10-th job to the K-th; horses: the forking worker's reaped "
+                "children; redis: redis-server):"
+            ),
+            "",
+            "| variant | " + " | ".join(names) + " | total |",
+            "|---|" + "---|" * (len(names) + 1),
+        ]
+        for variant, rows in with_cpu.items():
+            cells, total = [], 0.0
+            for name in names:
+                values = [r["cpu_us_per_job"][name] for r in rows if name in r["cpu_us_per_job"]]
+                if values:
+                    value = statistics.median(values)
+                    total += value
+                    cells.append(f"{value:.0f}")
+                else:
+                    cells.append("-")
+            lines.append(f"| {variant} | " + " | ".join(cells) + f" | {total:.0f} |")
+    return lines
 
 
 def report(data: dict[str, Any]) -> str:
@@ -684,6 +877,7 @@ def report(data: dict[str, Any]) -> str:
             f"| {VARIANTS[key].format(n=n)} | **{s['median']:.0f}** | {s['min']:.0f} | "
             f"{s['max']:.0f} | {spread:.0f}% | {ratio} | {ratio_range} | {fmt(total, '', 2)} |"
         )
+    lines += _pairs_markdown(data)
     lines.append("")
     lines.append(
         "start -> done: from starting the worker (thread or process) to the counter reaching K, "
@@ -699,6 +893,12 @@ def report(data: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("-k", "--jobs", type=int, default=2000, help="jobs per repetition")
+    parser.add_argument(
+        "--fork-jobs",
+        type=int,
+        default=None,
+        help="jobs per repetition of rq-fork, wk-run-rq-fork (default K/4)",
+    )
     parser.add_argument("--reps", type=int, default=3, help="repetitions per variant")
     parser.add_argument("-n", "--concurrency", type=int, default=4, help="N for wk-pg-cN")
     parser.add_argument(
@@ -731,7 +931,7 @@ def main() -> None:
         redis = stack.enter_context(redis_server())
         needs_pg = any("-pg-" in v for v in chosen) or args.profile
         postgres = stack.enter_context(postgres_server()) if needs_pg else None
-        bench = Bench(tmp, redis, postgres, args.jobs)
+        bench = Bench(tmp, redis, postgres, args.jobs, args.fork_jobs)
         n = args.concurrency
         runners: dict[str, Callable[[], dict[str, Any]]] = {
             "wk-sqlite": lambda: run_workerkit_inprocess(bench, "sqlite", 1),
@@ -743,16 +943,23 @@ def main() -> None:
             "wk-run-pg-c8": lambda: run_workerkit_supervised(bench, "postgresql", 8),
             "celery-solo": lambda: run_celery(bench, acks_late=False),
             "celery-solo-acks-late": lambda: run_celery(bench, acks_late=True),
-            "rq-simple": lambda: run_rq(bench),
+            "rq-simple": lambda: run_rq(bench, "simple"),
+            "wk-run-rq-simple": lambda: run_rq_supervised(bench, "simple"),
+            "rq-fork": lambda: run_rq(bench, "forking"),
+            "wk-run-rq-fork": lambda: run_rq_supervised(bench, "forking"),
         }
         for rep in range(args.reps):
             for variant in chosen:
                 result = runners[variant]()
                 samples[variant].append(result)
+                cpu = " ".join(
+                    f"{name} {us:.0f}" for name, us in result.get("cpu_us_per_job", {}).items()
+                )
                 print(
                     f"rep {rep + 1} {variant:22} {result['jobs_per_s']:7.0f} jobs/s  "
                     f"(window {result['window_s']:.2f}s, start->done "
-                    f"{result['start_to_done_s']:.2f}s, enqueue {result['enqueue_s']:.2f}s)",
+                    f"{result['start_to_done_s']:.2f}s, enqueue {result['enqueue_s']:.2f}s)"
+                    + (f"  CPU us/job: {cpu}" if cpu else ""),
                     flush=True,
                 )
         profile_text = profile_report(bench) if args.profile else None

@@ -17,12 +17,14 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 __all__ = (
     "STOP_GRACE",
     "alive",
     "descendants",
+    "has_children",
+    "load_libc",
     "parent_pids",
     "prctl",
     "processes_with_env",
@@ -71,6 +73,23 @@ def descendants(pid: int) -> list[int]:
         found.append(current)
         queue.extend(children.get(current, []))
     return found
+
+
+def has_children() -> bool:
+    """Whether this process has a child (running or not yet reaped); True when /proc cannot
+    tell (a kernel without ``/proc/PID/task/TID/children``).
+
+    Cheaper than :func:`descendants` (a read per thread of this process, not one per process
+    on the machine): for the common case of a job that left no subprocess behind.
+    """
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children", "rb") as children:
+                if children.read().strip():
+                    return True
+    except OSError:
+        return True
+    return False
 
 
 def processes_with_env(name: str, value: str) -> list[int]:
@@ -220,15 +239,32 @@ def stop_processes(
     return killed
 
 
+_libc: Any = None  # libc, once looked up (False: there is none); a forked child inherits it
+
+
+def load_libc() -> Any:
+    """libc through ctypes, looked up once per process (False where there is none).
+
+    ``find_library`` runs ``ldconfig`` in a subprocess: a process that forks a child per job
+    (RQ's work horse) calls this before its first fork, so that no child pays for it again.
+    """
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+        try:
+            _libc = ctypes.CDLL(name, use_errno=True) if name is not None else False
+        except OSError:
+            _libc = False
+    return _libc
+
+
 def prctl(option: int, arg: int) -> bool:
     """Linux's ``prctl(option, arg)`` through libc; False where there is none, or it failed."""
-    if not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")
-    if name is None:
+    libc = load_libc()
+    if not libc:
         return False
     try:
-        result = ctypes.CDLL(name, use_errno=True).prctl(option, arg, 0, 0, 0)
-    except (OSError, AttributeError):
+        result = libc.prctl(option, arg, 0, 0, 0)
+    except AttributeError:
         return False
     return bool(result == 0)

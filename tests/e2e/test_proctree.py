@@ -134,3 +134,72 @@ def test_without_pidfds_processes_are_stopped_by_pid(monkeypatch: pytest.MonkeyP
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+HAS_CHILDREN = """
+import os, signal, subprocess, sys
+from workerkit.engines.lifeline import stop_children
+from workerkit.proctree import has_children
+assert not has_children(), "a fresh interpreter has no child"
+child = subprocess.Popen(["sleep", "60"])
+assert has_children(), "a running child"
+child.send_signal(signal.SIGKILL)
+os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # dead, not reaped yet
+assert has_children(), "a child not reaped yet is still a child"
+child.wait()
+assert not has_children(), "reaped"
+assert stop_children(0.2) == [], "nothing to stop"
+tree = subprocess.Popen(["sh", "-c", "sleep 60 & wait"])
+while len(open(f"/proc/{tree.pid}/task/{tree.pid}/children").read().split()) < 1:
+    pass
+grandchild = int(open(f"/proc/{tree.pid}/task/{tree.pid}/children").read().split()[0])
+stop_children(0.2)  # reaps what it stopped
+assert tree.poll() is not None, "the child runs on"
+try:
+    os.kill(grandchild, 0)
+    state = open(f"/proc/{grandchild}/stat").read().split(")")[1].split()[0]
+    assert state == "Z", f"the grandchild runs on: {state}"
+except ProcessLookupError:
+    pass
+print("ok")
+"""
+
+
+def test_has_children_sees_running_and_unreaped_children_and_stop_children_still_stops_a_tree() -> (
+    None
+):
+    out = subprocess.run(
+        [sys.executable, "-c", HAS_CHILDREN],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+LIBC_ONCE = """
+import ctypes.util, os, signal
+from workerkit.proctree import load_libc, prctl
+libc = load_libc()
+assert libc and load_libc() is libc
+pid = os.fork()
+if pid == 0:
+    def refuse(name):
+        raise AssertionError("find_library in the child")
+    ctypes.util.find_library = refuse  # a work horse: libc is known already
+    os._exit(0 if prctl(1, signal.SIGKILL) else 3)  # PR_SET_PDEATHSIG
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_libc_is_looked_up_once_so_a_forked_work_horse_does_not_run_ldconfig() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", LIBC_ONCE],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.stdout.strip() == "0", out.stderr

@@ -471,3 +471,45 @@ def test_the_settle_fence_works_when_redis_does_not_know_its_script_yet(
     assert job.get_status() == "finished"
     assert job.return_value() == 3
     assert redis_client.exists(lease_key("s")) == 0
+
+
+def test_a_work_horses_new_connections_do_not_read_redis_py_s_package_metadata(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # redis-py >= 7 builds a DriverInfo (importlib.metadata, ~1 ms) for every connection of a
+    # pool made from a URL, so each work horse paid for it once per connection it opened.
+    import importlib.metadata
+
+    import redis as redis_lib
+
+    connection = redis_lib.Redis.from_url(redis_url)
+    worker = Worker(["default"], connection=connection, app=app, settings=settings_for(redis_url))
+    reads: list[str] = []
+    real_version = importlib.metadata.version
+
+    def counted(name: str) -> str:
+        reads.append(name)
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", counted)
+    for client in (worker.connection, worker._wk_redis):
+        client.connection_pool.reset()  # what a forked horse's pool does (a new pid)
+        assert client.ping()
+    assert reads == []
+    connection.close()
+
+
+def test_a_job_logs_workerkit_s_start_and_finish_at_info_not_rq_s_duplicates_of_them(
+    redis_client: redis.Redis[bytes], redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue(redis_client).enqueue(f"{MODULE}.add", 1, 2, job_id="logged")
+    with caplog.at_level(logging.INFO):
+        simple_worker(redis_client, redis_url).work(burst=True)
+    per_job = [
+        r
+        for r in caplog.records
+        if "logged" in r.getMessage() or getattr(r, "job_id", "") == "logged"
+    ]
+    events = [getattr(r, "event", r.getMessage()) for r in per_job if r.levelno >= logging.INFO]
+    # RQ's own dequeue and "Job OK" lines say what job_started and job_finished say: DEBUG.
+    assert events == ["job_started", "job_finished"], events

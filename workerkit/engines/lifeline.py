@@ -23,7 +23,7 @@ from typing import IO, Final
 
 from workerkit import rundir
 from workerkit.events import SOCKET_ENV
-from workerkit.proctree import descendants, prctl, stop_processes
+from workerkit.proctree import descendants, has_children, prctl, stop_processes
 
 __all__ = ("ORPHAN_EXIT_WITHIN", "SUPERVISOR_PID_ENV", "Lifeline", "stop_children")
 
@@ -45,6 +45,8 @@ _PR_SET_PDEATHSIG: Final = 1
 def stop_children(grace: float) -> list[int]:
     """Stop every process this one started (its jobs' subprocesses), each by pid: SIGTERM, then
     SIGKILL after ``grace``. Returns the pids that had to be killed."""
+    if not has_children():  # no child, so no descendant: spare the walk of all of /proc
+        return []
     return stop_processes(descendants(os.getpid()), grace=grace, reap=_reap_children)
 
 

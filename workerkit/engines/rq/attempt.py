@@ -133,7 +133,7 @@ class Attempts(WorkerState):
                 "error": str(refusal),
             },
         )
-        self._wk_events.send(PayloadRefused(job_id, queue.name, refusal.reason))
+        self._wk_send(PayloadRefused(job_id, queue.name, refusal.reason))
         error = f"{type(refusal).__module__}.{type(refusal).__qualname__}: {refusal}"
         try:
             by_rq = self._wk_write_failure(queue, job_id, error, job)
@@ -187,7 +187,7 @@ class Attempts(WorkerState):
                 "dead_letter_key": key,
             },
         )
-        self._wk_events.send(PayloadRefused(text, queue.name, "undecodable"))
+        self._wk_send(PayloadRefused(text, queue.name, "undecodable"))
 
     def _wk_begin(self, job: Job) -> bool:
         """:meth:`prepare_execution`; False when the popped job is not to be run here."""
@@ -232,7 +232,9 @@ class Attempts(WorkerState):
             queued_for = None
             if job.enqueued_at is not None:
                 queued_for = max(0.0, (now() - job.enqueued_at).total_seconds())
-            self._wk_events.send(
+            # At once (a worker killed right after it is known to the supervisor), in one
+            # write with the previous job's finish.
+            self._wk_job_events.send(
                 JobStarted(
                     job.id,
                     task=self._wk_attempt.task,
@@ -242,6 +244,7 @@ class Attempts(WorkerState):
                     queued_for=queued_for,
                 )
             )
+            self._wk_job_events.flush()
         if log.isEnabledFor(logging.INFO):
             _log_job("job started", "job_started", job.id, self._wk_attempt.task, attempt=attempts)
         return execution
@@ -339,7 +342,7 @@ class Attempts(WorkerState):
                 self.set_current_job_id(None)
         duration = time.monotonic() - attempt.started
         if self._wk_events.connected:
-            self._wk_events.send(
+            self._wk_job_events.send(
                 JobFinished(job.id, attempt.task, attempt.keys.queue, outcome, duration)
             )
         if log.isEnabledFor(logging.INFO):

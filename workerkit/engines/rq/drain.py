@@ -102,7 +102,7 @@ class Drain(WorkerState):
         self._wk_stopping = True
         self._stop_requested = True
         running = 1 if self._wk_attempt is not None else 0
-        self._wk_events.send(WorkerStopping(running))
+        self._wk_send(WorkerStopping(running))
         log.info("stopped dequeuing", extra={"event": "worker_stopping", "running": running})
         with (
             contextlib.suppress(redis.exceptions.RedisError),
@@ -239,7 +239,8 @@ class Drain(WorkerState):
                 if job is None:
                     continue  # no such job (RQ skips it), or refused with the reason
                 self.reorder_queues(reference_queue=queue)
-                self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
+                # RQ's INFO line; workerkit's job_started says it (one line per job less).
+                self.log.debug("Worker %s: %s: %s", self.name, queue.name, job.id)
                 self.heartbeat()
                 return job, queue
             except UNREACHABLE as exc:

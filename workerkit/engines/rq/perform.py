@@ -212,7 +212,8 @@ class Perform(WorkerState):
         if not self._wk_settle_write(attempt, "job result", succeed):
             return "lease_lost"
         job.send_webhooks(JobStatus.FINISHED)
-        self.log.info("Worker %s: %s: Job OK (%s)", self.name, queue.name, job.id)
+        # RQ's INFO line; workerkit's job_finished says it (one line per job less).
+        self.log.debug("Worker %s: %s: Job OK (%s)", self.name, queue.name, job.id)
         # A replay returned the stored result of the run that held the key: nothing ran.
         return "skipped_duplicate" if outcome_of(context) == "replayed" else "succeeded"
 

@@ -43,7 +43,14 @@ if TYPE_CHECKING:
     from workerkit.events import Outcome
     from workerkit.job import JobContext
 
-__all__ = ("TICK", "Attempt", "WorkerState", "released_or_lost", "short_timeout_client")
+__all__ = (
+    "TICK",
+    "Attempt",
+    "WorkerState",
+    "released_or_lost",
+    "share_driver_info",
+    "short_timeout_client",
+)
 
 log = logging.getLogger("workerkit.engines.rq")
 
@@ -139,6 +146,22 @@ def released_or_lost(job_id: str, requeue: Callable[[], bool], failed: str) -> O
     except redis.exceptions.RedisError as exc:
         log.warning(failed, extra={"event": "release_failed", "job_id": job_id, "error": str(exc)})
     return "lease_lost"
+
+
+def share_driver_info(connection: redis.Redis[Any]) -> None:
+    """Give ``connection``'s pool one ``DriverInfo`` for all its connections (redis-py >= 7).
+
+    A pool made from a URL builds a new one, reading redis-py's package metadata (about a
+    millisecond), for every connection it opens: in a forking worker, for every connection of
+    every work horse. The values are the same; only the lookup is done once, here.
+    """
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:  # redis-py < 7 reads its version once, at import
+        return
+    kwargs = connection.connection_pool.connection_kwargs
+    if "driver_info" not in kwargs and not {"lib_name", "lib_version"} & kwargs.keys():
+        kwargs["driver_info"] = DriverInfo()
 
 
 def short_timeout_client(connection: redis.Redis[Any], settings: Settings) -> redis.Redis[Any]:
@@ -247,8 +270,12 @@ class WorkerState:
         self._wk_supervised = bool(os.environ.get(events_module.SOCKET_ENV))
         self._wk_pid = os.getpid()  # the process that fetches (set again when it starts work)
         self._wk_events: events_module.EventClient = events_module.EventClient(None, role="")
+        # A job's events (finished, lease renewed) in batches: the finish of one job shares the
+        # write of the next one's start (sent at once), so a busy worker writes once per job.
+        self._wk_job_events = events_module.BatchingSender(self._wk_events)
         self._wk_lease_ttl = lease_ttl(settings)
         self._wk_scan_every = scan_interval(settings)
+        share_driver_info(self.connection)
         self._wk_redis = short_timeout_client(self.connection, settings)
         self._wk_leases = Leases(self._wk_redis, self._wk_lease_ttl)
         # Until when the lease in hand lives, shared with the work horses forked later; the
@@ -275,6 +302,12 @@ class WorkerState:
         self._wk_queue_by_key = {q.key: q for q in self.queues}
         # The dashboard's paused queues, read at most once a second (docs/engines/rq.md).
         self._wk_paused = PausedQueues(RedisPresenceStore(self._wk_redis).paused_queues)
+
+    def _wk_send(self, event: events_module.Event) -> None:
+        """An event sent at once, after the job events gathered before it (the supervisor
+        reads them in the order they happened)."""
+        self._wk_job_events.flush()  # nothing gathered: no write
+        self._wk_events.send(event)
 
     @property
     def _wk_wake_key(self) -> str:

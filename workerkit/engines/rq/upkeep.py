@@ -26,6 +26,7 @@ from workerkit.engines.rq.outage import lease_bound
 from workerkit.engines.rq.startup import UNREACHABLE
 from workerkit.engines.rq.state import TICK, Attempt
 from workerkit.events import (
+    BatchingSender,
     Heartbeat,
     JobHeartbeat,
     QueueStats,
@@ -68,6 +69,7 @@ class Upkeep(Drain):
         super().bootstrap(*args, **kwargs)  # type: ignore[misc]
         self._wk_pid = os.getpid()
         self._wk_events = client("worker")
+        self._wk_job_events = BatchingSender(self._wk_events)
         self._wk_events.on_command(self._wk_on_command)
         duties = [
             Duty("signals", TICK, self._wk_check_signals),
@@ -91,6 +93,7 @@ class Upkeep(Drain):
     def teardown(self) -> None:
         if not self._is_horse:
             self._wk_push_back_on_exit()
+            self._wk_job_events.flush()  # the last jobs' events, before the process exits
             if self._wk_presence is not None:
                 with contextlib.suppress(Exception):
                     self._wk_presence.close()  # a clean exit: the record goes
@@ -156,7 +159,7 @@ class Upkeep(Drain):
         return self._wk_stop_at is not None and not self._wk_supervised
 
     def _wk_heartbeat(self) -> None:
-        self._wk_events.send(Heartbeat(running=1 if self._wk_attempt else 0))
+        self._wk_send(Heartbeat(running=1 if self._wk_attempt else 0))
 
     def _wk_renew_due(self) -> None:
         attempt = self._wk_attempt
@@ -185,18 +188,18 @@ class Upkeep(Drain):
         except redis.exceptions.RedisError as exc:
             ok, reason = False, f"redis unavailable: {type(exc).__name__}"
         self._wk_note_store(ok, reason, report=False)
-        self._wk_events.send(StoreHealth(ok, reason))
+        self._wk_send(StoreHealth(ok, reason))
         if ok and not self._wk_ready_sent:
             self._wk_ready_sent = True
             queues = tuple(self.queue_names())
-            self._wk_events.send(
+            self._wk_send(
                 WorkerReady(engine="rq", queues=queues, concurrency=1, worker_id=self.name)
             )
             log.info("worker ready", extra={"event": "worker_ready", "queues": self.queue_names()})
         if ok:
             with contextlib.suppress(Exception):
                 depth, oldest = self.wk_queue_stats()
-                self._wk_events.send(QueueStats(depth, oldest))
+                self._wk_send(QueueStats(depth, oldest))
 
     def _wk_note_store(self, ok: bool, reason: str, *, report: bool = True) -> None:
         """Redis seen reachable or not: readiness follows at once; after an outage, the grace."""
@@ -206,7 +209,7 @@ class Upkeep(Drain):
         if ok:
             self._wk_scan_after = time.monotonic() + RECOVERY_GRACE
         if report:
-            self._wk_events.send(StoreHealth(ok, reason))
+            self._wk_send(StoreHealth(ok, reason))
 
     def wk_queue_stats(self) -> tuple[dict[str, int], dict[str, float]]:
         """Depth and the age of the oldest waiting job, per queue."""
@@ -267,7 +270,7 @@ class Upkeep(Drain):
         if kept:
             attempt.renewed(now_)
             self._wk_publish_lease(now_)
-            self._wk_events.send(JobHeartbeat(attempt.keys.job_id))
+            self._wk_job_events.send(JobHeartbeat(attempt.keys.job_id))
             return
         if attempt.settling:
             # Its own fenced write tells whether the job is still its (a lease that expired

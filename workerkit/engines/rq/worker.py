@@ -9,8 +9,6 @@ on, unleased, after its worker is gone. How it all works: docs/engines/rq.md.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -48,7 +46,7 @@ from workerkit.engines.rq.upkeep import Upkeep
 from workerkit.errors import ConfigurationError, JobInterrupted, StoreUnavailable
 from workerkit.events import SOCKET_ENV
 from workerkit.job import request_stop_all
-from workerkit.proctree import descendants
+from workerkit.proctree import descendants, load_libc, prctl
 
 if TYPE_CHECKING:
     from rq.job import Job
@@ -78,18 +76,13 @@ _HORSE_INTERRUPTED: Final = 69  # stopped by our SIGTERM; the parent settles the
 #: Between the horse's SIGTERM to its job's leftover subprocesses and their SIGKILL; short, as
 #: the parent's own SIGKILL of a released horse follows its SIGTERM by 0.1 to 1 s.
 _HORSE_CHILDREN_GRACE: Final = 0.2
+_PR_SET_PDEATHSIG: Final = 1
 
 
 def _parent_death_signal() -> None:
-    """Ask Linux to SIGKILL this process (a work horse) when its parent dies."""
-    if not sys.platform.startswith("linux"):
-        return
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(name, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    """Ask Linux to SIGKILL this process (a work horse) when its parent dies (libc was looked
+    up by the parent, before the fork)."""
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class _Workerkit(Upkeep, Attempts, Perform):
@@ -120,6 +113,7 @@ class Worker(_Workerkit, RqWorker):
         read_end, write_end = os.pipe()
         attempt.share()  # the settling flag and the last renewal, seen by the horse too
         self._wk_publish_lease(attempt.renewed_at())  # the horse's watchdog reads it
+        load_libc()  # once, here: the horse's parent-death signal needs no lookup
         child_pid = os.fork()
         if child_pid == 0:  # pragma: no cover - the work horse
             os.close(write_end)
@@ -460,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         worker.work(with_scheduler=args.with_scheduler)
     except UNREACHABLE as exc:  # registering the worker, just after the wait succeeded
+        worker._wk_job_events.flush()
         log.error(
             "Redis went away while the worker was starting; exiting",
             extra={"event": "store_unavailable", "reason": f"{type(exc).__name__}: {exc}"},
