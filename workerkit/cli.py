@@ -471,16 +471,25 @@ def _run(
     configure_logging(settings.log_level, settings.log_format)
     try:
         # The engine as the supervisor holds it imports none of the engine's libraries; the app
-        # (which does) is loaded and checked in a forked child, while we import the rest.
+        # (which does) is loaded and checked in a forked child, while we import the rest, and
+        # the worker (spawned now, held at its start gate) imports its engine.
         engine_impl = get_engine(settings.engine, [*own_args, *worker_args])
         check = start_app_check(settings.engine, [*own_args, *worker_args], settings)
-        from workerkit.supervisor.runner import run_supervisor
+        from workerkit.supervisor.early import start_early
 
-        timing = check.result()
+        early = start_early(settings, engine_impl)
+        try:
+            from workerkit.supervisor.runner import run_supervisor
+
+            timing = check.result()
+        except BaseException:
+            if early is not None:
+                early.abandon()
+            raise
     except WorkerkitError as exc:
         _fail(exc, exitcodes.CONFIG_ERROR)
         return
-    code = run_supervisor(settings, engine_impl, timing=timing)
+    code = run_supervisor(settings, engine_impl, timing=timing, early=early)
     # Everything is settled and logged by now; skip the interpreter's teardown (finalizing the
     # engine's libraries takes longer than the whole idle drain), as PID 1 of a pod that is
     # being stopped has nothing left to clean up.

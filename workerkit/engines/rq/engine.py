@@ -29,6 +29,9 @@ class RqEngine:
     """The rq engine as the supervisor sees it (:class:`~workerkit.engines.base.Engine`)."""
 
     name = "rq"
+    #: The worker waits at its start gate (engines/startgate.py): ``workerkit run`` spawns it
+    #: before its own checks are done (supervisor/early.py).
+    start_gate = True
 
     def __init__(self, worker_args: Sequence[str] = ()) -> None:
         self.args = parse_worker_args(worker_args)

@@ -409,9 +409,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     (``startup.py``), then exit with STORE_UNAVAILABLE; a stop signal meanwhile exits at once.
     """
     from workerkit.drill.canary import register_rq
+    from workerkit.engines.startgate import wait_for_start
     from workerkit.logs import configure_logging
     from workerkit.settings import load_settings
 
+    # Started early by `workerkit run`: the imports ran beside the supervisor's checks; the
+    # app and Redis only once the supervisor says go.
+    wait_for_start()
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
     try:

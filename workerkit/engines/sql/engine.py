@@ -32,6 +32,9 @@ class SqlEngine:
     #: Jobs run in threads of the worker process, so a job's out-of-memory kill kills it: the
     #: supervisor starts a new one rather than exit (supervisor/restarts.py).
     restarts_worker = True
+    #: The worker waits at its start gate (engines/startgate.py): ``workerkit run`` spawns it
+    #: before its own checks are done (supervisor/early.py).
+    start_gate = True
 
     def __init__(self, worker_args: Sequence[str] = ()) -> None:
         if worker_args:

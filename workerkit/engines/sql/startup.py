@@ -247,10 +247,14 @@ def main() -> None:
     """``python -m workerkit.engines.sql``: the sql engine's worker, started by the supervisor."""
     from workerkit.drill.canary import register_sql
     from workerkit.engines.sql.worker import NativeWorker
+    from workerkit.engines.startgate import wait_for_start
     from workerkit.loading import import_app
     from workerkit.logs import configure_logging
     from workerkit.settings import load_settings
 
+    # Started early by `workerkit run`: the imports above ran beside the supervisor's checks;
+    # the app and the database only once the supervisor says go.
+    wait_for_start()
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
     if not settings.app:
