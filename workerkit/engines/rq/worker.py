@@ -408,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     Redis not reachable yet: wait for it, not ready meanwhile, up to ``startup_timeout``
     (``startup.py``), then exit with STORE_UNAVAILABLE; a stop signal meanwhile exits at once.
     """
+    import workerkit.loading  # noqa: F401 - load_app's, imported before the gate
     from workerkit.drill.canary import register_rq
     from workerkit.engines.startgate import wait_for_start
     from workerkit.logs import configure_logging

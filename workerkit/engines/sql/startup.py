@@ -243,6 +243,12 @@ def _install_presence(events: EventClient, settings: Settings) -> Any:
     return install_presence(events, lambda: presence_store(settings))
 
 
+def _import_ahead() -> None:
+    """Import, before the start gate, what the worker imports on its way to ready after it."""
+    import workerkit.engines.presence_publisher
+    import workerkit.engines.sql.presence_store  # noqa: F401
+
+
 def main() -> None:
     """``python -m workerkit.engines.sql``: the sql engine's worker, started by the supervisor."""
     from workerkit.drill.canary import register_sql
@@ -254,6 +260,7 @@ def main() -> None:
 
     # Started early by `workerkit run`: the imports above ran beside the supervisor's checks;
     # the app and the database only once the supervisor says go.
+    _import_ahead()
     wait_for_start()
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
