@@ -488,13 +488,16 @@ def _run(
     configure_logging(settings.log_level, settings.log_format)
     try:
         # The engine as the supervisor holds it imports none of the engine's libraries; the app
-        # (which does) is loaded and checked in a forked child, while we import the rest, and
-        # the worker (spawned now, held at its start gate) imports its engine.
+        # (which does) is loaded and checked by the worker, spawned now and held at its start
+        # gate, or else in a forked child, while we import the rest.
         engine_impl = get_engine(settings.engine, [*own_args, *worker_args])
-        check = start_app_check(settings.engine, [*own_args, *worker_args], settings)
         from workerkit.supervisor.early import start_early
 
         early = start_early(settings, engine_impl)
+        if early is not None:
+            check = early.check
+        else:
+            check = start_app_check(settings.engine, [*own_args, *worker_args], settings)
         try:
             from workerkit.supervisor.runner import run_supervisor
 

@@ -30,8 +30,6 @@ from workerkit.supervisor.process import descendants
 
 pytestmark = pytest.mark.e2e
 
-GATE_ENV = "WORKERKIT_START_GATE"
-
 
 def start(env: Env, hold: Path, **settings: str) -> Supervisor:
     hold.touch()
@@ -46,29 +44,23 @@ def start(env: Env, hold: Path, **settings: str) -> Supervisor:
     )
 
 
-def worker_at_its_gate(pod: Supervisor) -> int | None:
-    """The pid of the supervisor's worker blocked reading its start gate, if there is one."""
+def early_worker(pod: Supervisor) -> int | None:
+    """The pid of the supervisor's sql worker process, if it has been spawned."""
     for pid in descendants(pod.pid):
         with contextlib.suppress(OSError):
-            if b"workerkit.engines.sql" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-                continue
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            gate = next(v for v in environ if v.startswith(f"{GATE_ENV}=".encode()))
-            fd = int(gate.split(b"=", 1)[1])
-            # /proc/PID/syscall: "0 0xFD ..." is read(2) on descriptor FD, blocked now.
-            call = Path(f"/proc/{pid}/syscall").read_text().split()
-            if call[:2] == ["0", hex(fd)]:
+            if b"workerkit.engines.sql" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return pid
     return None
 
 
 @pytest.mark.timeout(60)
-def test_the_worker_starts_beside_the_app_check_and_waits_at_its_gate(env: Env) -> None:
+def test_the_worker_is_spawned_at_once_and_answers_the_app_check_itself(env: Env) -> None:
     hold = env.tmp / "hold"
     with stopped_after(start(env, hold)) as pod:
-        # The app check cannot answer (its import waits), yet the worker is there, its engine
-        # imported, blocked at its gate: not announced, no probe listening, nothing claimed.
-        early = wait_until(lambda: worker_at_its_gate(pod), timeout=30, what="worker at gate")
+        # The app check cannot answer (the app's import waits), yet the worker is there: the
+        # supervisor's only child (no forked check), not announced, no probe listening.
+        early = wait_until(lambda: early_worker(pod), timeout=30, what="the worker spawned")
+        assert descendants(pod.pid) == [early]
         assert not pod.events_named("worker_started"), pod.log_text()
         assert try_http_get(pod.port, "/readyz") is None
         hold.unlink()
@@ -87,7 +79,7 @@ def test_a_refused_budget_kills_the_worker_at_its_gate_before_it_touches_the_que
     hold = env.tmp / "hold"
     # F1: a checkpoint interval above half the drain window is an error of the budget.
     with stopped_after(start(env, hold, checkpoint_interval="5", grace_period="3")) as pod:
-        early = wait_until(lambda: worker_at_its_gate(pod), timeout=30, what="worker at gate")
+        early = wait_until(lambda: early_worker(pod), timeout=30, what="the worker spawned")
         hold.unlink()
         code = pod.proc.wait(30)
         assert code == exitcodes.CONFIG_ERROR, pod.log_text()
@@ -99,22 +91,16 @@ def test_a_refused_budget_kills_the_worker_at_its_gate_before_it_touches_the_que
 
 
 @pytest.mark.timeout(60)
-def test_a_supervisor_killed_while_its_worker_waits_at_the_gate_takes_the_worker_with_it(
-    env: Env,
-) -> None:
-    """The worker's lifeline is armed after the gate; before it, the gate's end of file is."""
+def test_a_supervisor_killed_before_the_gate_opened_takes_the_worker_with_it(env: Env) -> None:
+    """The worker's lifeline is armed after the gate; before it, the pipes' end of file is."""
     hold = env.tmp / "hold"
     with stopped_after(start(env, hold)) as pod:
-        early = wait_until(lambda: worker_at_its_gate(pod), timeout=30, what="worker at gate")
+        early = wait_until(lambda: early_worker(pod), timeout=30, what="the worker spawned")
         pod.proc.kill()
         pod.proc.wait(10)
-        wait_until(lambda: gone(early), timeout=10, what=f"the worker {early} to exit")
-        hold.unlink()  # the app check (held by the test) ends too
-        wait_until(
-            lambda: not processes_with_env("E2E_HOLD_IMPORT", str(hold)),
-            timeout=20,
-            what="the app check to exit",
-        )
+        hold.unlink()  # the worker's app check answers to nobody, then finds the gate closed
+        wait_until(lambda: gone(early), timeout=20, what=f"the worker {early} to exit")
+        assert "Traceback" not in pod.log_text()
 
 
 def gone(pid: int) -> bool:

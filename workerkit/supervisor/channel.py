@@ -36,7 +36,7 @@ from workerkit.events import (
     decode,
     encode,
 )
-from workerkit.supervisor.early import prepare_directory
+from workerkit.supervisor.early import remove_stale_directories
 
 __all__ = ("MAX_LINE_BYTES", "Channel", "Connection")
 
@@ -100,8 +100,10 @@ class Channel:
         return tuple(self._connections)
 
     async def __aenter__(self) -> Channel:
-        # Runtime directories of supervisors SIGKILLed with their workers go first.
-        self._directory = self._given if self._given is not None else prepare_directory()
+        # Runtime directories of supervisors SIGKILLed with their workers go first (never ours:
+        # a directory made beforehand for an early worker has a live owner).
+        remove_stale_directories()
+        self._directory = self._given if self._given is not None else rundir.create()
         try:
             self._listener = await anyio.create_unix_listener(self.path, mode=0o600)
             self._task_group = anyio.create_task_group()

@@ -1,9 +1,10 @@
 """The worker started early: spawned as soon as the settings are read, held at its start gate.
 
-A worker's start is mostly its interpreter importing its engine (SQLAlchemy, rq); the
-supervisor's is its own imports and the app check. Spawned first thing, the worker does its
-imports on the pod's other core while the supervisor does its own, and waits at its gate
-(engines/startgate.py) before it loads the app or touches the store. :meth:`EarlyWorker.go`
+A worker's start is mostly its interpreter importing its engine (SQLAlchemy, rq) and the app;
+the supervisor's is its own imports and the app check. Spawned first thing, the worker does its
+imports on the pod's other core while the supervisor does its own, answers the app check itself
+(:attr:`EarlyWorker.check`: no forked check importing the app and the engine a second time),
+and waits at its gate (engines/startgate.py) before it touches its store. :meth:`EarlyWorker.go`
 opens the gate once the checks passed and the channel and probes listen; :meth:`abandon` kills
 it at the gate when the supervisor refuses to start: a refused configuration still runs nothing.
 """
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from workerkit import rundir
+from workerkit.engines.appcheck import AppCheck
 from workerkit.engines.lifeline import SUPERVISOR_PID_ENV
-from workerkit.engines.startgate import GATE_ENV, GO
+from workerkit.engines.startgate import CHECK_ENV, GATE_ENV, GO
 from workerkit.events import SOCKET_ENV
 from workerkit.settings import settings_to_env
 from workerkit.supervisor.process import ChildProcess
@@ -28,28 +30,29 @@ if TYPE_CHECKING:
     from workerkit.engines.base import Engine
     from workerkit.settings import Settings
 
-__all__ = ("EarlyWorker", "prepare_directory", "start_early")
+__all__ = ("EarlyWorker", "remove_stale_directories", "start_early")
 
 log = logging.getLogger("workerkit.supervisor.runner")
 
 
-def prepare_directory() -> Path:
-    """A new runtime directory for the channel's socket (stale ones of dead supervisors go)."""
+def remove_stale_directories() -> None:
+    """Remove the runtime directories of supervisors SIGKILLed with their workers."""
     stale = rundir.remove_stale()
     if stale:
         log.info(
             "removed runtime directories left by dead supervisors",
             extra={"event": "stale_runtime_dirs_removed", "paths": [str(p) for p in stale]},
         )
-    return rundir.create()
 
 
 class EarlyWorker:
-    """The worker process waiting at its gate, and the channel directory it will connect to."""
+    """The worker process waiting at its gate, the app check it answers, and the channel
+    directory it will connect to."""
 
-    def __init__(self, child: ChildProcess, directory: Path, gate: int) -> None:
+    def __init__(self, child: ChildProcess, directory: Path, gate: int, check: AppCheck) -> None:
         self.child = child
         self.directory = directory
+        self.check = check
         self._gate: int | None = gate
 
     def go(self) -> None:
@@ -89,23 +92,32 @@ def start_early(settings: Settings, engine: Engine) -> EarlyWorker | None:
         argv = engine.worker_command(settings)
     except Exception:
         return None
-    directory = prepare_directory()
-    read_end, write_end = os.pipe()  # both not inheritable (PEP 446); the read end is made so
-    os.set_inheritable(read_end, True)
+    # Stale directories of dead supervisors are removed (and logged) by the channel, once the
+    # checks passed: a refused configuration prints its one line and nothing else.
+    directory = rundir.create()
+    # Pipes are not inheritable (PEP 446): the worker's ends are made so, and closed here after
+    # the spawn (or the gate's end of file and the check's would never come).
+    gate_read, gate_write = os.pipe()
+    check_read, check_write = os.pipe()
+    os.set_inheritable(gate_read, True)
+    os.set_inheritable(check_write, True)
     env = {
         **os.environ,
         **settings_to_env(settings),
         SOCKET_ENV: str(directory / rundir.SOCKET_FILE),
         SUPERVISOR_PID_ENV: str(os.getpid()),
-        GATE_ENV: str(read_end),
+        GATE_ENV: str(gate_read),
+        CHECK_ENV: str(check_write),
     }
     child = ChildProcess(argv, env)
     try:
         child.start()
     except OSError:
-        os.close(write_end)
+        os.close(gate_write)
+        os.close(check_read)
         rundir.remove(directory)
         return None
     finally:
-        os.close(read_end)
-    return EarlyWorker(child, directory, write_end)
+        os.close(gate_read)
+        os.close(check_write)
+    return EarlyWorker(child, directory, gate_write, AppCheck.of_worker(check_read))

@@ -414,13 +414,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     from workerkit.logs import configure_logging
     from workerkit.settings import load_settings
 
-    # Started early by `workerkit run`: the imports ran beside the supervisor's checks; the
-    # app and Redis only once the supervisor says go.
-    wait_for_start()
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
+    worker_args = sys.argv[1:] if argv is None else list(argv)
+    # Started early by `workerkit run`: the imports ran beside the supervisor's; answer its app
+    # check, then Redis only once the supervisor says go.
+    wait_for_start("rq", worker_args, settings)
     try:
-        args = parse_worker_args(sys.argv[1:] if argv is None else argv)
+        args = parse_worker_args(worker_args)
         app = load_app(settings)
         register_rq(app)  # the drill's canary, in every rq worker (docs/reference/drill.md)
     except ConfigurationError as exc:

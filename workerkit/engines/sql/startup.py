@@ -258,12 +258,12 @@ def main() -> None:
     from workerkit.logs import configure_logging
     from workerkit.settings import load_settings
 
-    # Started early by `workerkit run`: the imports above ran beside the supervisor's checks;
-    # the app and the database only once the supervisor says go.
     _import_ahead()
-    wait_for_start()
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
+    # Started early by `workerkit run`: the imports above ran beside the supervisor's; answer
+    # its app check, then the database only once the supervisor says go.
+    wait_for_start("sql", (), settings)
     if not settings.app:
         _config_error("the sql worker needs an app: give --app MODULE:APP or WORKERKIT_APP")
         return
