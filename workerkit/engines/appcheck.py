@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from workerkit.engines.base import AppTiming
 from workerkit.errors import ConfigurationError, WorkerkitError
-from workerkit.timing.budget import CeleryFacts, TaskTiming
 
 if TYPE_CHECKING:
     from workerkit.settings import Settings
@@ -41,6 +40,9 @@ def encode(timing: AppTiming) -> dict[str, Any]:
 
 def decode(data: Mapping[str, Any]) -> AppTiming:
     """The :class:`AppTiming` that :func:`encode` gave ``data`` for."""
+    # Here, not at the top: `workerkit run` imports this module before it spawns the worker.
+    from workerkit.timing.budget import CeleryFacts, TaskTiming
+
     celery = data.get("celery")
     return AppTiming(
         tasks=tuple(TaskTiming(**task) for task in data.get("tasks", ())),

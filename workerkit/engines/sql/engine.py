@@ -13,7 +13,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from workerkit.engines.attempt import release_each
 from workerkit.engines.base import AppTiming
 from workerkit.errors import ConfigurationError, StoreUnavailable
 
@@ -79,6 +78,7 @@ class SqlEngine:
     def prepare_release(self, settings: Settings) -> None:
         """Import the queue (SQLAlchemy) ahead of a release: the supervisor calls this when a
         drain begins."""
+        import workerkit.engines.attempt
         import workerkit.engines.sql.queue  # noqa: F401
 
     def release_in_flight(
@@ -92,11 +92,12 @@ class SqlEngine:
         """
         if not refs:
             return 0
+        from workerkit.engines import attempt  # imported ahead by prepare_release, as the queue
         from workerkit.engines.sql.queue import SqlQueue  # SQLAlchemy: only now, after a kill
 
         queue = SqlQueue(settings.database_url, settings=settings)
         try:
-            return release_each(
+            return attempt.release_each(
                 refs,
                 lambda ref: queue.release_ref(ref, crashed=crashed),
                 log=log,
