@@ -570,14 +570,17 @@ def _read_config_file(path: Path, is_pyproject: bool) -> dict[str, object]:
 # Kubernetes injects <SERVICE>_SERVICE_HOST, <SERVICE>_PORT, <SERVICE>_PORT_8080_TCP... for every
 # Service in the namespace; a Service named "workerkit" would look like settings of ours.
 _K8S_SERVICE_LINK_PREFIXES = ("SERVICE_", "PORT")
-# Variables of ours that are not settings: the config file's path, the event socket and the pid
-# the supervisor hands its child, engine options read by the engine (engines/rq/options.py), and
-# the options of `workerkit dashboard` (workerkit/dashboard/cli.py), which are not settings.
+# Variables of ours that are not settings: the config file's path, the event socket, the pid
+# and the start gate's pipes (engines/startgate.py) the supervisor hands its child, engine
+# options read by the engine (engines/rq/options.py), and the options of `workerkit dashboard`
+# (workerkit/dashboard/cli.py), which are not settings.
 _ENV_NOT_SETTINGS = frozenset(
     {
         "CONFIG",
         "SUPERVISOR_SOCKET",
         "SUPERVISOR_PID",
+        "START_GATE",
+        "APP_CHECK",
         "RQ_SERIALIZER",
         "DASHBOARD_HOST",
         "DASHBOARD_PORT",

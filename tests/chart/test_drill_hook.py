@@ -71,7 +71,7 @@ def test_the_args_are_what_workerkit_drill_accepts() -> None:
     values = {**TWO_POOLS, "drillTest": {"rate": "600/m", "duration": "2m", "mix": "short=1"}}
     for pod in _drill_pods(values).values():
         args = pod["spec"]["containers"][0]["args"]
-        drill = main.commands["drill"]
+        drill = main.get_command(click.Context(main), "drill")
         assert isinstance(drill, click.Group)
         command = drill.commands[args[1]]
         context = command.make_context("drill", list(args[2:]))

@@ -77,8 +77,11 @@ def _command_env(command: click.Command) -> set[str]:
         elif envvar:
             found.update(envvar)
     if isinstance(command, click.Group):
-        for sub in command.commands.values():
-            found |= _command_env(sub)
+        context = click.Context(command)
+        for name in command.list_commands(context):  # `drill` is loaded when asked for
+            sub = command.get_command(context, name)
+            if sub is not None:
+                found |= _command_env(sub)
     return found
 
 
@@ -87,7 +90,7 @@ def _check_workerkit(words: list[str]) -> list[str]:
     path = ["workerkit"]
     rest = words[1:]
     while isinstance(command, click.Group) and rest and not rest[0].startswith("-"):
-        sub = command.commands.get(rest[0])
+        sub = command.get_command(click.Context(command), rest[0])
         if sub is None:
             return [f"{' '.join(path)} has no subcommand {rest[0]!r}"]
         command, path, rest = sub, [*path, rest[0]], rest[1:]

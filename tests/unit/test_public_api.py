@@ -11,6 +11,8 @@ import workerkit
 
 
 def test_every_public_name_is_declared_in_all() -> None:
+    for name in workerkit.__all__:  # the names imported on first use (PEP 562) too
+        getattr(workerkit, name)
     public = {name for name in vars(workerkit) if not name.startswith("_")} - {"annotations"}
     modules = {name for name in public if type(getattr(workerkit, name)).__name__ == "module"}
     assert public - modules == set(workerkit.__all__) - {"__version__"}

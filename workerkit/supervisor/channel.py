@@ -36,6 +36,7 @@ from workerkit.events import (
     decode,
     encode,
 )
+from workerkit.supervisor.early import remove_stale_directories
 
 __all__ = ("MAX_LINE_BYTES", "Channel", "Connection")
 
@@ -76,8 +77,10 @@ class Channel:
     (a bounded queue) without losing anything.
     """
 
-    def __init__(self, on_events: OnEvents) -> None:
+    def __init__(self, on_events: OnEvents, *, directory: Path | None = None) -> None:
         self._on_events = on_events
+        #: The runtime directory made beforehand for an early worker (supervisor/early.py).
+        self._given = directory
         self._directory: Path | None = None
         self._listener: anyio.abc.SocketListener | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -97,14 +100,10 @@ class Channel:
         return tuple(self._connections)
 
     async def __aenter__(self) -> Channel:
-        # Runtime directories of supervisors SIGKILLed with their workers (nobody removed them).
-        stale = rundir.remove_stale()
-        if stale:
-            log.info(
-                "removed runtime directories left by dead supervisors",
-                extra={"event": "stale_runtime_dirs_removed", "paths": [str(p) for p in stale]},
-            )
-        self._directory = rundir.create()
+        # Runtime directories of supervisors SIGKILLed with their workers go first (never ours:
+        # a directory made beforehand for an early worker has a live owner).
+        remove_stale_directories()
+        self._directory = self._given if self._given is not None else rundir.create()
         try:
             self._listener = await anyio.create_unix_listener(self.path, mode=0o600)
             self._task_group = anyio.create_task_group()

@@ -69,6 +69,7 @@ from workerkit.supervisor.process import ChildProcess, become_subreaper, descend
 if TYPE_CHECKING:
     from workerkit.engines.base import Engine
     from workerkit.settings import Settings
+    from workerkit.supervisor.early import EarlyWorker
     from workerkit.supervisor.lifecycle import Action
 
 __all__ = ("TICK_INTERVAL", "Supervisor", "run_supervisor", "supervise")
@@ -115,8 +116,11 @@ class Supervisor:
         *,
         handle_signals: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        early: EarlyWorker | None = None,
     ) -> None:
         self.settings = settings
+        #: The worker already spawned and waiting at its start gate (supervisor/early.py).
+        self.early = early
         self.engine = engine
         self.handle_signals = handle_signals
         self.clock = clock
@@ -164,7 +168,10 @@ class Supervisor:
                         # Orphans of the worker's tree (a job's subprocess whose parent exited)
                         # come to us rather than to init: we reap them, and stop them at exit.
                         become_subreaper()
-                    self.channel = await stack.enter_async_context(Channel(self._on_events))
+                    directory = self.early.directory if self.early is not None else None
+                    self.channel = await stack.enter_async_context(
+                        Channel(self._on_events, directory=directory)
+                    )
                     if self.settings.http_port:
                         try:
                             self.http = await stack.enter_async_context(
@@ -186,7 +193,9 @@ class Supervisor:
                                 },
                             )
                             return exitcodes.STARTUP_FAILED
-                    if not self._start_child(self.channel):
+                    if self.early is not None:
+                        self._adopt(self.early)
+                    elif not self._start_child(self.channel):
                         return exitcodes.STARTUP_FAILED
                     task_group = await stack.enter_async_context(anyio.create_task_group())
                     self._task_group = task_group
@@ -197,9 +206,24 @@ class Supervisor:
                     task_group.cancel_scope.cancel()
                     return code
             finally:
+                if self.early is not None:
+                    self.early.abandon()  # refused before the gate opened (else: nothing)
                 self._kill_leftovers()
 
     # --- startup ------------------------------------------------------------------------------
+
+    def _adopt(self, early: EarlyWorker) -> None:
+        """Take the early worker as our child and open its gate (the checks passed, the
+        channel and the probes listen)."""
+        self.child = early.child
+        assert early.child.pid is not None
+        if not getattr(self.engine, "runs_scheduler", False):
+            self.presence = WorkerPresence(self.metrics.engine, early.child.pid, time.time())
+        early.go()
+        log.info(
+            "worker process started",
+            extra={"event": "worker_started", "pid": early.child.pid, "argv": early.child.argv},
+        )
 
     def _start_child(self, channel: Channel) -> bool:
         try:
@@ -577,9 +601,16 @@ async def supervise(
     *,
     timing: AppTiming | None = None,
     handle_signals: bool = True,
+    early: EarlyWorker | None = None,
 ) -> int:
-    """The supervisor, for an already running anyio event loop; return the exit code."""
+    """The supervisor, for an already running anyio event loop; return the exit code.
+
+    ``early``: the worker, already spawned at its start gate (supervisor/early.py); killed
+    there when the supervisor refuses to start.
+    """
     if not _check_budget(settings, timing or AppTiming()):
+        if early is not None:
+            early.abandon()
         return exitcodes.CONFIG_ERROR
     log.info(
         "supervisor starting",
@@ -593,7 +624,8 @@ async def supervise(
             "http_port": settings.http_port,
         },
     )
-    return await Supervisor(settings, engine, handle_signals=handle_signals).run()
+    supervisor = Supervisor(settings, engine, handle_signals=handle_signals, early=early)
+    return await supervisor.run()
 
 
 def run_supervisor(
@@ -602,6 +634,7 @@ def run_supervisor(
     *,
     timing: AppTiming | None = None,
     handle_signals: bool = True,
+    early: EarlyWorker | None = None,
 ) -> int:
     """Run the supervisor (the container's PID 1) until it stops; return the exit code.
 
@@ -611,10 +644,15 @@ def run_supervisor(
     """
 
     async def main() -> int:
-        return await supervise(settings, engine, timing=timing, handle_signals=handle_signals)
+        return await supervise(
+            settings, engine, timing=timing, handle_signals=handle_signals, early=early
+        )
 
     try:
         return anyio.run(main)
     except Exception:
         log.exception("supervisor failed", extra={"event": "supervisor_error"})
         return exitcodes.INTERNAL_ERROR
+    finally:
+        if early is not None:
+            early.abandon()  # the supervisor failed before the gate opened (else: nothing)

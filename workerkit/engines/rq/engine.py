@@ -13,7 +13,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from workerkit.engines.attempt import release_each
 from workerkit.engines.base import AppTiming
 from workerkit.engines.rq.options import parse_worker_args, worker_argv
 
@@ -29,6 +28,9 @@ class RqEngine:
     """The rq engine as the supervisor sees it (:class:`~workerkit.engines.base.Engine`)."""
 
     name = "rq"
+    #: The worker waits at its start gate (engines/startgate.py): ``workerkit run`` spawns it
+    #: before its own checks are done (supervisor/early.py).
+    start_gate = True
 
     def __init__(self, worker_args: Sequence[str] = ()) -> None:
         self.args = parse_worker_args(worker_args)
@@ -57,6 +59,7 @@ class RqEngine:
     def prepare_release(self, settings: Settings) -> None:
         """Import rq and redis ahead of a release: the supervisor calls this when a drain
         begins."""
+        import workerkit.engines.attempt
         import workerkit.engines.rq.jobs
         import workerkit.engines.rq.recovery  # noqa: F401
 
@@ -73,6 +76,7 @@ class RqEngine:
             return 0
         import redis
 
+        from workerkit.engines import attempt
         from workerkit.engines.rq.jobs import WorkerkitJob, resolve_rq_serializer
         from workerkit.engines.rq.leases import Leases
         from workerkit.engines.rq.recovery import BadRef, Recovery, lease_ttl
@@ -86,7 +90,7 @@ class RqEngine:
         serializer = resolve_rq_serializer(self.args.serializer, app)
         recovery = Recovery(connection, leases, WorkerkitJob, serializer)
         try:
-            return release_each(
+            return attempt.release_each(
                 refs,
                 lambda ref: recovery.release_ref(ref, crashed=crashed),
                 log=log,

@@ -402,14 +402,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     Redis not reachable yet: wait for it, not ready meanwhile, up to ``startup_timeout``
     (``startup.py``), then exit with STORE_UNAVAILABLE; a stop signal meanwhile exits at once.
     """
+    import workerkit.loading  # noqa: F401 - load_app's, imported before the gate
     from workerkit.drill.canary import register_rq
+    from workerkit.engines.startgate import wait_for_start
     from workerkit.logs import configure_logging
     from workerkit.settings import load_settings
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
+    worker_args = sys.argv[1:] if argv is None else list(argv)
+    # Started early by `workerkit run`: the imports ran beside the supervisor's; answer its app
+    # check, then Redis only once the supervisor says go.
+    wait_for_start("rq", worker_args, settings)
     try:
-        args = parse_worker_args(sys.argv[1:] if argv is None else argv)
+        args = parse_worker_args(worker_args)
         app = load_app(settings)
         register_rq(app)  # the drill's canary, in every rq worker (docs/reference/drill.md)
     except ConfigurationError as exc:

@@ -31,6 +31,7 @@ __all__ = (
     "MIGRATIONS_DIR",
     "PING_AFTER_IDLE",
     "READ_ONLY_OPTION",
+    "SCHEMA_HEAD",
     "SQLITE_BUSY_TIMEOUT",
     "UPGRADE_HINT",
     "ForkSafeEngine",
@@ -61,6 +62,11 @@ MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT: Final = 30.0
 
 UPGRADE_HINT: Final = "run `workerkit db upgrade`"
+
+#: The newest of workerkit's migrations (``migrations/versions/``), which :func:`head_revision`
+#: asks Alembic for. Written here so that a worker whose database is at head checks it with one
+#: SELECT and without importing Alembic (0.1 s of its start); a unit test keeps the two equal.
+SCHEMA_HEAD: Final = "0005"
 
 #: Execution option: begin a plain deferred transaction on SQLite (reads), not BEGIN IMMEDIATE.
 READ_ONLY_OPTION: Final = "workerkit_read_only"
@@ -485,18 +491,26 @@ def current_revision(url: str | sa.URL) -> str | None:
 
 
 def _current(connection: sa.Connection) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
-    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-    heads = context.get_current_heads()
-    return ",".join(sorted(heads)) if heads else None
+    """The revision(s) in Alembic's version table, read as Alembic reads them (the table's
+    existence, then its rows), without importing Alembic."""
+    if not sa.inspect(connection).has_table(VERSION_TABLE):
+        return None
+    version = sa.column("version_num", sa.String)
+    heads = connection.execute(sa.select(version).select_from(sa.table(VERSION_TABLE))).scalars()
+    return ",".join(sorted(heads)) or None
 
 
 def schema_status(connection: sa.Connection) -> StoreHealth:
-    """Whether the schema behind ``connection`` is the one this workerkit needs."""
+    """Whether the schema behind ``connection`` is the one this workerkit needs.
+
+    At head (the usual case) that is one read and no Alembic; any other revision is compared
+    with the migrations Alembic finds.
+    """
     current = _current(connection)
+    if current == SCHEMA_HEAD:
+        return StoreHealth(True, f"schema at revision {SCHEMA_HEAD}")
     head = head_revision()
-    if current == head:
+    if current == head:  # pragma: no cover - SCHEMA_HEAD is kept equal to it (a unit test)
         return StoreHealth(True, f"schema at revision {head}")
     if current is None:
         return StoreHealth(False, f"the workerkit tables are missing; {UPGRADE_HINT}")

@@ -13,7 +13,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from workerkit.engines.attempt import release_each
 from workerkit.engines.base import AppTiming
 from workerkit.errors import ConfigurationError, StoreUnavailable
 
@@ -32,6 +31,9 @@ class SqlEngine:
     #: Jobs run in threads of the worker process, so a job's out-of-memory kill kills it: the
     #: supervisor starts a new one rather than exit (supervisor/restarts.py).
     restarts_worker = True
+    #: The worker waits at its start gate (engines/startgate.py): ``workerkit run`` spawns it
+    #: before its own checks are done (supervisor/early.py).
+    start_gate = True
 
     def __init__(self, worker_args: Sequence[str] = ()) -> None:
         if worker_args:
@@ -76,6 +78,7 @@ class SqlEngine:
     def prepare_release(self, settings: Settings) -> None:
         """Import the queue (SQLAlchemy) ahead of a release: the supervisor calls this when a
         drain begins."""
+        import workerkit.engines.attempt
         import workerkit.engines.sql.queue  # noqa: F401
 
     def release_in_flight(
@@ -89,11 +92,12 @@ class SqlEngine:
         """
         if not refs:
             return 0
+        from workerkit.engines import attempt  # imported ahead by prepare_release, as the queue
         from workerkit.engines.sql.queue import SqlQueue  # SQLAlchemy: only now, after a kill
 
         queue = SqlQueue(settings.database_url, settings=settings)
         try:
-            return release_each(
+            return attempt.release_each(
                 refs,
                 lambda ref: queue.release_ref(ref, crashed=crashed),
                 log=log,

@@ -243,16 +243,27 @@ def _install_presence(events: EventClient, settings: Settings) -> Any:
     return install_presence(events, lambda: presence_store(settings))
 
 
+def _import_ahead() -> None:
+    """Import, before the start gate, what the worker imports on its way to ready after it."""
+    import workerkit.engines.presence_publisher
+    import workerkit.engines.sql.presence_store  # noqa: F401
+
+
 def main() -> None:
     """``python -m workerkit.engines.sql``: the sql engine's worker, started by the supervisor."""
     from workerkit.drill.canary import register_sql
     from workerkit.engines.sql.worker import NativeWorker
+    from workerkit.engines.startgate import wait_for_start
     from workerkit.loading import import_app
     from workerkit.logs import configure_logging
     from workerkit.settings import load_settings
 
+    _import_ahead()
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
+    # Started early by `workerkit run`: the imports above ran beside the supervisor's; answer
+    # its app check, then the database only once the supervisor says go.
+    wait_for_start("sql", (), settings)
     if not settings.app:
         _config_error("the sql worker needs an app: give --app MODULE:APP or WORKERKIT_APP")
         return

@@ -1,0 +1,112 @@
+"""``workerkit run``'s start: the worker is spawned at once and waits at its start gate.
+
+The worker's interpreter imports its engine beside the supervisor's own imports and app check,
+then waits at its gate (engines/startgate.py) until the supervisor's checks passed; a refused
+configuration kills it there, before it has loaded the app or touched the queue. Real
+``workerkit run sql`` processes on a SQLite file; the app check is held open by an app whose
+import waits for a file (tests/apps/held_import.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+
+from tests.support.harness import (
+    WORKERKIT,
+    Env,
+    Supervisor,
+    start_worker,
+    stop_gracefully,
+    stopped_after,
+    try_http_get,
+    wait_until,
+)
+from workerkit import exitcodes
+from workerkit.proctree import processes_with_env
+from workerkit.supervisor.process import descendants
+
+pytestmark = pytest.mark.e2e
+
+
+def start(env: Env, hold: Path, **settings: str) -> Supervisor:
+    hold.touch()
+    env.extra["E2E_HOLD_IMPORT"] = str(hold)
+    return start_worker(
+        [*WORKERKIT, "run", "sql"],
+        env,
+        app="tests.apps.held_import:app",
+        name="supervisor",
+        engine={"database_url": env.database_url, "poll_interval": "0.1"},
+        settings=settings,
+    )
+
+
+def early_worker(pod: Supervisor) -> int | None:
+    """The pid of the supervisor's sql worker process, if it has been spawned."""
+    for pid in descendants(pod.pid):
+        with contextlib.suppress(OSError):
+            if b"workerkit.engines.sql" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+    return None
+
+
+@pytest.mark.timeout(60)
+def test_the_worker_is_spawned_at_once_and_answers_the_app_check_itself(env: Env) -> None:
+    hold = env.tmp / "hold"
+    with stopped_after(start(env, hold)) as pod:
+        # The app check cannot answer (the app's import waits), yet the worker is there: the
+        # supervisor's only child (no forked check), not announced, no probe listening.
+        early = wait_until(lambda: early_worker(pod), timeout=30, what="the worker spawned")
+        assert descendants(pod.pid) == [early]
+        assert not pod.events_named("worker_started"), pod.log_text()
+        assert try_http_get(pod.port, "/readyz") is None
+        hold.unlink()
+        pod.wait_ready(30)
+        assert pod.worker_pid() == early
+        job = env.enqueue("tick", "after-the-gate", job_id="j-gate")
+        wait_until(lambda: env.job(job)["state"] == "succeeded", timeout=15, what="job done")
+        assert stop_gracefully(pod) == exitcodes.OK
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_budget_kills_the_worker_at_its_gate_before_it_touches_the_queue(
+    env: Env,
+) -> None:
+    job = env.enqueue("tick", "never", job_id="j-refused")
+    hold = env.tmp / "hold"
+    # F1: a checkpoint interval above half the drain window is an error of the budget.
+    with stopped_after(start(env, hold, checkpoint_interval="5", grace_period="3")) as pod:
+        early = wait_until(lambda: early_worker(pod), timeout=30, what="the worker spawned")
+        hold.unlink()
+        code = pod.proc.wait(30)
+        assert code == exitcodes.CONFIG_ERROR, pod.log_text()
+        assert "[F1]" in pod.wait_event("timing_budget_invalid")["message"]
+        assert not pod.events_named("worker_started")
+        assert not Path(f"/proc/{early}").exists()  # killed and reaped
+        assert processes_with_env("E2E_HOLD_IMPORT", str(hold)) == []
+        assert (env.job(job)["state"], env.job(job)["attempts"]) == ("ready", 0)
+
+
+@pytest.mark.timeout(60)
+def test_a_supervisor_killed_before_the_gate_opened_takes_the_worker_with_it(env: Env) -> None:
+    """The worker's lifeline is armed after the gate; before it, the pipes' end of file is."""
+    hold = env.tmp / "hold"
+    with stopped_after(start(env, hold)) as pod:
+        early = wait_until(lambda: early_worker(pod), timeout=30, what="the worker spawned")
+        pod.proc.kill()
+        pod.proc.wait(10)
+        hold.unlink()  # the worker's app check answers to nobody, then finds the gate closed
+        wait_until(lambda: gone(early), timeout=20, what=f"the worker {early} to exit")
+        assert "Traceback" not in pod.log_text()
+
+
+def gone(pid: int) -> bool:
+    """``pid`` exited (a zombie nobody reaped yet counts)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
