@@ -277,9 +277,18 @@ def _ack_and_claim_statement() -> sa.CompoundSelect[Any]:
         sa.bindparam("p_ack_results", type_=text_array),
     )
     given = acks.table_valued("id", "token", "result").render_derived(name="given")
+    ack_ids = sa.bindparam("p_ack_ids", type_=text_array)
     acked = (
         sa.update(jobs)
-        .where(_c.id == given.c.id, _c.lease_token == given.c.token, _c.state == _RUNNING)
+        # ``id = ANY(ids)`` says nothing the join does not, but lets the planner find the acked
+        # rows by primary key: without it, it walked every running row (the lease index) and
+        # joined, ~0.45 ms more per statement with 1,000 jobs running elsewhere.
+        .where(
+            _c.id == sa.any_(ack_ids),
+            _c.id == given.c.id,
+            _c.lease_token == given.c.token,
+            _c.state == _RUNNING,
+        )
         .values(updated_at=db_now(), result=given.c.result, **_ACKED)
         .returning(_c.id)
         .cte("acked")
