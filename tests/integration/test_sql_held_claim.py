@@ -211,3 +211,47 @@ def test_sqlite_a_held_connection_left_in_its_transaction_is_replaced(tmp_path: 
         _RollbackFails.fail = False
         held.close()
         engine.dispose()
+
+
+def test_claims_whose_queues_and_acks_change_in_number_take_and_settle_the_right_jobs(
+    database_url: str,
+) -> None:
+    """The held connection remembers each statement's rendering per shape of its parameters
+    (how many queues, how many acks, their types): one shape's rendering must never serve
+    another's. Claims alternate between one and two queues, one and three acks, and a stale
+    token among fresh ones; every job is taken once, in order, and each ack matches as it
+    should."""
+    upgrade(database_url)
+    queue = SqlQueue(database_url)
+    try:
+        for i, name in enumerate(["a", "b", "a", "b", "a", "b", "a", "b"]):
+            queue.enqueue(NewJob(f"{name}{i}", "t", name, "[[], {}]", 3, time.time() - 10 + i))
+        (a0,) = queue.claim(["a"], "w", 1)
+        assert a0.job_id == "a0"
+        matched, taken = queue.ack_and_claim([Ack(a0.job_id, a0.token, "1")], ["a", "b"], "w", 3)
+        assert matched == [True]
+        assert [d.job_id for d in taken] == ["b1", "a2", "b3"]
+        stale = Ack(taken[0].job_id, "not-its-token", "2")
+        acks = [stale, *(Ack(d.job_id, d.token, "3") for d in taken[1:])]
+        matched, more = queue.ack_and_claim(acks, ["b"], "w", 1)
+        assert matched == [False, True, True]
+        assert [d.job_id for d in more] == ["b5"]
+        matched, last = queue.ack_and_claim(
+            [Ack(more[0].job_id, more[0].token, "4")], ["a"], "w", 2
+        )
+        assert matched == [True]
+        assert [d.job_id for d in last] == ["a4", "a6"]
+        states = {
+            job_id: (queue.get_job(job_id) or {}).get("state")
+            for job_id in ["a0", "b1", "a2", "b3", "b5", "a4"]
+        }
+        assert states == {
+            "a0": "succeeded",
+            "b1": "running",  # its ack's token was stale: nothing written
+            "a2": "succeeded",
+            "b3": "succeeded",
+            "b5": "succeeded",
+            "a4": "running",
+        }
+    finally:
+        queue.close()

@@ -211,6 +211,14 @@ class BatchingSender:
                 self._flusher.start()
             self._wake.set()
 
+    def send_now(self, event: Event) -> None:
+        """Send ``event`` at once, in one write with the events gathered before it (a job's
+        start: a worker killed right after it must be known to have had the job)."""
+        if not self.client.connected:
+            return
+        self._queue.append((event, time.time()))
+        self.flush()
+
     def flush(self) -> None:
         """Write every event that gathered, in one write."""
         # The client's send lock: its other events are never written in the middle of ours,

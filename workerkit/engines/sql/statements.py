@@ -61,6 +61,7 @@ def _state(name: str) -> sa.ColumnElement[str]:
     return sa.literal_column(f"'{name}'", sa.Text)
 
 
+_ONE: Final = sa.literal_column("1", sa.Integer)  # in the text, not a parameter per call
 _READY: Final = _state("ready")
 _RUNNING: Final = _state("running")
 _SUCCEEDED: Final = _state("succeeded")
@@ -131,6 +132,13 @@ def _among_postgresql(element: among, compiler: SQLCompiler, **kw: Any) -> str:
     return f"{column} = ANY(ARRAY{select})"
 
 
+def _constant(value: str) -> sa.ColumnElement[str]:
+    """A string constant written into the statement's text, not sent as a parameter with every
+    claim: the claim's eight constants were half its parameters, each encoded by the driver
+    and bound by the server per call."""
+    return sa.literal_column("'" + value.replace("'", "''") + "'", sa.Text)
+
+
 def _exhausted_error_sql() -> sa.ColumnElement[str]:
     """:func:`~workerkit.engines.sql.rules.lease_exhausted_error` computed by the database, per row.
 
@@ -148,11 +156,11 @@ def _exhausted_error_sql() -> sa.ColumnElement[str]:
     error_head, error_tail = with_error[len(plain) :].split(error_mark)
 
     def text(value: str) -> sa.ColumnElement[str]:
-        return sa.literal(value, sa.Text)
+        return _constant(value)
 
     # NULLIF: Python's ``if last_error`` treats "" like None; || with NULL is NULL in both.
     earlier = sa.func.coalesce(
-        text(error_head) + sa.func.nullif(_c.last_error, "") + text(error_tail), ""
+        text(error_head) + sa.func.nullif(_c.last_error, text("")) + text(error_tail), text("")
     )
     return (
         text(head)
@@ -249,7 +257,7 @@ def _claim_statement(keep_out: sa.ColumnElement[bool] | None = None) -> sa.Updat
                 (exhausted, sa.null()), else_=now + sa.bindparam("p_ttl", type_=sa.Double)
             ),
             worker_id=sa.case((exhausted, _c.worker_id), else_=sa.bindparam("p_worker")),
-            attempts=sa.case((exhausted, _c.attempts), else_=_c.attempts + 1),
+            attempts=sa.case((exhausted, _c.attempts), else_=_c.attempts + _ONE),
             last_error=sa.case((exhausted, _exhausted_error_sql()), else_=_c.last_error),
             finished_at=sa.case((exhausted, now), else_=_c.finished_at),
             updated_at=now,
@@ -278,9 +286,18 @@ def _ack_and_claim_statement() -> sa.CompoundSelect[Any]:
         sa.bindparam("p_ack_results", type_=text_array),
     )
     given = acks.table_valued("id", "token", "result").render_derived(name="given")
+    ack_ids = sa.bindparam("p_ack_ids", type_=text_array)
     acked = (
         sa.update(jobs)
-        .where(_c.id == given.c.id, _c.lease_token == given.c.token, _c.state == _RUNNING)
+        # ``id = ANY(ids)`` says nothing the join does not, but lets the planner find the acked
+        # rows by primary key: without it, it walked every running row (the lease index) and
+        # joined, ~0.45 ms more per statement with 1,000 jobs running elsewhere.
+        .where(
+            _c.id == sa.any_(ack_ids),
+            _c.id == given.c.id,
+            _c.lease_token == given.c.token,
+            _c.state == _RUNNING,
+        )
         .values(updated_at=db_now(), result=given.c.result, **_ACKED)
         .returning(_c.id)
         .cte("acked")

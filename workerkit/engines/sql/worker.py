@@ -486,16 +486,20 @@ class NativeWorker(Settling):
         queued_for = None
         if delivery.enqueued_at is not None:
             queued_for = max(0.0, time.time() - delivery.enqueued_at)
-        self._send(  # alone, at once: a kill right after it is known
-            JobStarted(
-                delivery.job_id,
-                delivery.task,
-                delivery.queue,
-                delivery.attempt,
-                delivery.ref(),
-                queued_for,
-            )
+        started = JobStarted(
+            delivery.job_id,
+            delivery.task,
+            delivery.queue,
+            delivery.attempt,
+            delivery.ref(),
+            queued_for,
         )
+        # At once (a kill right after it is known), in one write with the events gathered
+        # before it (the previous job's finish, at concurrency 1): one write per job.
+        if isinstance(self._job_events, BatchingSender):
+            self._job_events.send_now(started)
+        else:
+            self.events.send(started)
         log.info(
             "job started",
             extra={
