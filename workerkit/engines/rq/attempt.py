@@ -234,7 +234,7 @@ class Attempts(WorkerState):
                 queued_for = max(0.0, (now() - job.enqueued_at).total_seconds())
             # At once (a worker killed right after it is known to the supervisor), in one
             # write with the previous job's finish.
-            self._wk_job_events.send(
+            self._wk_job_events.send_now(
                 JobStarted(
                     job.id,
                     task=self._wk_attempt.task,
@@ -244,7 +244,6 @@ class Attempts(WorkerState):
                     queued_for=queued_for,
                 )
             )
-            self._wk_job_events.flush()
         if log.isEnabledFor(logging.INFO):
             _log_job("job started", "job_started", job.id, self._wk_attempt.task, attempt=attempts)
         return execution
