@@ -69,5 +69,12 @@ _HOMES: _typing.Final = {
 }
 
 
-def __getattr__(name: str) -> _typing.Any:
-    return _lazy.lazy_attribute(__name__, _HOMES, globals(), name)
+# Hidden from type checkers: they see the imports above, and flag a misspelled name.
+if not _typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> _typing.Any:
+        return _lazy.lazy_attribute(__name__, _HOMES, globals(), name)
+
+
+def __dir__() -> list[str]:
+    return _lazy.lazy_dir(globals(), __all__)

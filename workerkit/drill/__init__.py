@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
-from workerkit.engines.lazy import lazy_attribute
+from workerkit.engines.lazy import lazy_attribute, lazy_dir
 
 if TYPE_CHECKING:
     from workerkit.drill.canary import CANARY_TASK, KINDS
@@ -49,5 +49,12 @@ _HOMES: Final = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    return lazy_attribute(__name__, _HOMES, globals(), name)
+# Hidden from type checkers: they see the imports above, and flag a misspelled name.
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> Any:
+        return lazy_attribute(__name__, _HOMES, globals(), name)
+
+
+def __dir__() -> list[str]:
+    return lazy_dir(globals(), __all__)

@@ -6,11 +6,12 @@ package facades must not import the engine's libraries (SQLAlchemy, rq, Celery) 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
-__all__ = ("lazy_attribute",)
+__all__ = ("lazy_attribute", "lazy_dir")
 
 
 def lazy_attribute(
@@ -19,7 +20,17 @@ def lazy_attribute(
     """``name`` of ``package``, from its module ``homes[name]``; cached in ``namespace``."""
     home = homes.get(name)
     if home is None:
+        if not name.startswith("_"):
+            # A submodule not imported yet (``import workerkit; workerkit.settings``), as an
+            # eager package's imports made it an attribute before.
+            with contextlib.suppress(ModuleNotFoundError):
+                return importlib.import_module(f"{package}.{name}")
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f"{package}.{home}"), name)
     namespace[name] = value
     return value
+
+
+def lazy_dir(namespace: Mapping[str, Any], public: Sequence[str]) -> list[str]:
+    """``dir()`` of a lazy package: what it holds and the public names it would import."""
+    return sorted({*namespace, *public})
