@@ -8,6 +8,7 @@ import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
@@ -23,7 +24,11 @@ from workerkit.events import (
     RequestStop,
     encode,
 )
+from workerkit.supervisor import channel as channel_module
 from workerkit.supervisor.channel import Channel, Connection
+
+if TYPE_CHECKING:
+    import pytest
 
 Received = tuple[Event | BadMessage, tuple[int | None, str | None]]
 
@@ -150,10 +155,13 @@ def test_many_events_in_one_write_arrive_whole_and_in_order() -> None:
     assert {sender for _, sender in received} == {(7, "executor")}
 
 
-def test_a_busy_connection_is_read_once_per_window_not_once_per_write() -> None:
+def test_a_busy_connection_is_read_once_per_window_not_once_per_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A worker writes a job's start at once, one write per job: 40 writes 1 ms apart are read
     in a few batches (the bytes wait in the socket's buffer), every event whole and in order.
     Before, each write woke the supervisor (~0.3 ms of its CPU per job on the bench machine)."""
+    monkeypatch.setattr(channel_module, "COALESCE_AFTER", 0.0)  # past the start, at once
     batches: list[int] = []
 
     async def on_events(connection: Connection, events: Sequence[Event | BadMessage]) -> None:
@@ -173,3 +181,27 @@ def test_a_busy_connection_is_read_once_per_window_not_once_per_write() -> None:
     assert sum(batches) == 41
     # 40 writes over >= 40 ms, read at most every 20 ms: a handful of reads (not 40).
     assert len(batches) <= 10, batches
+
+
+def test_a_connection_s_first_second_is_read_at_once() -> None:
+    """A worker's hello, ready and first job's start, written in a burst: each read as it comes
+    (none waits a window), so a SIGTERM right after them is judged knowing the worker is ready
+    and has a job (before ready, the stop skips the drain window)."""
+    batches: list[int] = []
+
+    async def on_events(connection: Connection, events: Sequence[Event | BadMessage]) -> None:
+        batches.append(len(events))
+
+    async def main() -> None:
+        async with Channel(on_events) as channel, await connect(channel) as stream:
+            await stream.send(encode(Hello("worker", pid=11)))
+            for n in range(5):
+                await anyio.sleep(0.005)
+                await stream.send(encode(Heartbeat(running=n, ts=1000.0 + n)))
+                await anyio.sleep(0.005)  # the supervisor's loop reads it meanwhile
+            await stream.aclose()
+            with anyio.fail_after(5):
+                await channel.wait_closed()
+
+    anyio.run(main)
+    assert batches == [1] * 6, batches

@@ -54,6 +54,9 @@ _READ_SIZE: Final = 65536
 #: ~0.3 ms of CPU per job, on the cores the worker and its database share; an event written
 #: after a quiet spell is read at once.
 COALESCE: Final = 0.02
+#: ... but only from this long (seconds) after the connection opened: a worker's start (hello,
+#: ready, its first jobs) is read at once.
+COALESCE_AFTER: Final = 1.0
 #: How long one command may take to reach one connection (a process that stopped reading must
 #: not hold up the others or the supervisor's deadlines).
 SEND_TIMEOUT: Final = 1.0
@@ -167,16 +170,23 @@ class Channel:
     async def _read(self, connection: Connection) -> None:
         pending = bytearray()  # the start of a line whose end has not arrived yet
         read_at = -COALESCE  # when the last read returned (anyio's clock)
+        busy = False  # the last read came soon after the one before it
+        steady_from = anyio.current_time() + COALESCE_AFTER
         try:
             while True:
                 # A busy process's events wait in the socket's buffer for the rest of COALESCE
-                # since the last read: one wake-up per window, not one per write.
+                # since the last read: one wake-up per window, not one per write. Not in a
+                # connection's first second, nor after a quiet spell: a worker's ready and its
+                # first job's start must be known before a SIGTERM that follows them is judged
+                # (before ready, the stop skips the drain window).
                 wait = read_at + COALESCE - anyio.current_time()
-                if wait > 0:
+                if busy and wait > 0 and read_at >= steady_from:
                     await anyio.sleep(wait)
                 try:
                     chunk = await connection.stream.receive(_READ_SIZE)
-                    read_at = anyio.current_time()
+                    now = anyio.current_time()
+                    busy = now - read_at < 2 * COALESCE
+                    read_at = now
                 except (
                     anyio.EndOfStream,
                     anyio.BrokenResourceError,
