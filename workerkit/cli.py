@@ -491,7 +491,10 @@ def _run(
         # (which does) is loaded and checked by the worker, spawned now and held at its start
         # gate, or else in a forked child, while we import the rest.
         engine_impl = get_engine(settings.engine, [*own_args, *worker_args])
+        from workerkit.supervisor import held_signals
         from workerkit.supervisor.early import start_early
+
+        held_signals.hold()  # a SIGTERM from here on waits for the supervisor, not lost
 
         early = start_early(settings, engine_impl)
         if early is not None:

@@ -10,6 +10,7 @@ import waits for a file (tests/apps/held_import.py).
 from __future__ import annotations
 
 import contextlib
+import signal
 from pathlib import Path
 
 import pytest
@@ -92,15 +93,38 @@ def test_a_refused_budget_kills_the_worker_at_its_gate_before_it_touches_the_que
 
 @pytest.mark.timeout(60)
 def test_a_supervisor_killed_before_the_gate_opened_takes_the_worker_with_it(env: Env) -> None:
-    """The worker's lifeline is armed after the gate; before it, the pipes' end of file is."""
+    """Even in the middle of the app's import (held here): until the gate opens the worker has
+    PR_SET_PDEATHSIG set, and nothing has been claimed yet."""
     hold = env.tmp / "hold"
     with stopped_after(start(env, hold)) as pod:
         early = wait_until(lambda: early_worker(pod), timeout=30, what="the worker spawned")
         pod.proc.kill()
         pod.proc.wait(10)
-        hold.unlink()  # the worker's app check answers to nobody, then finds the gate closed
-        wait_until(lambda: gone(early), timeout=20, what=f"the worker {early} to exit")
+        wait_until(lambda: gone(early), timeout=10, what=f"the worker {early} to exit")
         assert "Traceback" not in pod.log_text()
+
+
+@pytest.mark.timeout(60)
+def test_a_sigterm_while_the_app_is_imported_is_kept_and_stops_the_pod_before_any_job(
+    env: Env,
+) -> None:
+    """A pod deleted while it starts: the SIGTERM arrives before the supervisor's loop listens
+    (the CLI waits for the app check); it is recorded and handled once the loop runs, as a
+    SIGTERM before ready, instead of ending the CLI without a drain (or being ignored as PID 1,
+    after which the pod would consume jobs until the kubelet's SIGKILL)."""
+    job = env.enqueue("tick", "never", job_id="j-sigterm")
+    hold = env.tmp / "hold"
+    with stopped_after(start(env, hold)) as pod:
+        early = wait_until(lambda: early_worker(pod), timeout=30, what="the worker spawned")
+        pod.signal(signal.SIGTERM)
+        hold.unlink()
+        code, _ = pod.wait_exit(30)
+        assert code == exitcodes.STARTUP_FAILED, pod.log_text()
+        drain = pod.wait_event("drain_started")
+        assert (drain["reason"], drain["before_ready"]) == ("SIGTERM", True), drain
+        assert pod.events_named("supervisor_stopped")[0]["ready"] is False
+        wait_until(lambda: gone(early), timeout=10, what=f"the worker {early} to exit")
+        assert (env.job(job)["state"], env.job(job)["attempts"]) == ("ready", 0)
 
 
 def gone(pid: int) -> bool:

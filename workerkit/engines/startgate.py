@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import traceback
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ CHECK_ENV: Final = "WORKERKIT_APP_CHECK"
 #: What the supervisor writes to open the gate.
 GO: Final = b"1"
 
+_PR_SET_PDEATHSIG: Final = 1
+
 
 def wait_for_start(engine: str, worker_args: Sequence[str], settings: Settings) -> None:
     """Answer the app check, then return once the supervisor says go; exit 0 when it never
@@ -42,13 +45,35 @@ def wait_for_start(engine: str, worker_args: Sequence[str], settings: Settings) 
     check = os.environ.pop(CHECK_ENV, None)
     gate = os.environ.pop(GATE_ENV, None)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if gate:
+        # Until the gate opens, a supervisor that dies takes this worker with it at once, even
+        # in the middle of the app's import (which may hang on the network): nothing has been
+        # claimed yet. The lifeline arms its own graceful signal once the worker runs.
+        _on_parent_death(signal.SIGKILL)
+        if _closed(int(gate)):  # it died before that was armed (while we imported)
+            os._exit(0)
     try:
         if check:
             _answer(int(check), engine, worker_args, settings)
         if gate:
             _wait(int(gate))
+            _on_parent_death(0)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _on_parent_death(signum: int) -> None:
+    """``PR_SET_PDEATHSIG``: ``signum`` when the supervisor dies (0: nothing)."""
+    from workerkit.proctree import prctl  # ctypes: only in a worker spawned at its gate
+
+    prctl(_PR_SET_PDEATHSIG, signum)
+
+
+def _closed(fd: int) -> bool:
+    """Whether the gate's pipe is at end of file now: nobody writes ``GO`` before the app check
+    is answered, so a readable gate here means the supervisor's end is closed."""
+    readable, _, _ = select.select([fd], [], [], 0)
+    return bool(readable)
 
 
 def _answer(fd: int, engine: str, worker_args: Sequence[str], settings: Settings) -> None:

@@ -40,6 +40,7 @@ from workerkit.errors import ConfigurationError
 from workerkit.events import SOCKET_ENV
 from workerkit.proctree import processes_with_env, stop_processes
 from workerkit.settings import settings_to_env
+from workerkit.supervisor import held_signals
 from workerkit.supervisor.channel import Channel, Connection
 from workerkit.supervisor.http import Health, HttpServer
 from workerkit.supervisor.lifecycle import (
@@ -89,7 +90,7 @@ _MAX_REASON: Final = 200
 #: The signals the supervisor acts on (docs/operations/lifecycle.md, "Signals"): SIGTERM, SIGINT
 #: and SIGHUP drain; SIGQUIT releases at once. Without a handler SIGQUIT and SIGHUP would kill
 #: the supervisor and orphan its worker.
-_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+_SIGNALS: Final = held_signals.SIGNALS
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,8 @@ class Supervisor:
                         signals = stack.enter_context(
                             anyio.open_signal_receiver(*_SIGNALS, signal.SIGCHLD)
                         )
+                        for signum in held_signals.take():  # received while the CLI started
+                            self.stop(signum)
                         # Orphans of the worker's tree (a job's subprocess whose parent exited)
                         # come to us rather than to init: we reap them, and stop them at exit.
                         become_subreaper()
