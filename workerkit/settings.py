@@ -201,6 +201,14 @@ class Settings:
     concurrency: int = _s(
         1, "Jobs one worker runs at once.", parse_int, minimum=1, engines=("sql", "celery")
     )
+    prefetch: int = _s(
+        2,
+        "Jobs a worker claims ahead and holds for its next free slots (leased, not started; "
+        "put back at a stop). 0: claim only for free slots.",
+        parse_int,
+        minimum=0,
+        engines=("sql",),
+    )
     replicas: int = _s(
         1,
         "How many worker pods or hosts share the queue (SQLite allows only one).",

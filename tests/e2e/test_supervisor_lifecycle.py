@@ -177,6 +177,31 @@ def test_worker_sigkilled_mid_job_is_restarted_and_the_job_runs_again_once(env: 
     assert env.lines() == ["start k 1", "start k 2", "done k"]
 
 
+def test_a_job_prefetched_by_a_sigkilled_worker_is_released_unstarted_attempt_given_back(
+    env: Env,
+) -> None:
+    env.enqueue("sleep", "a", 1.5, job_id="a")
+    with supervisor(env) as running:
+        env.wait_line("start a 1")
+        env.enqueue("sleep", "b", 0.1, job_id="b")  # claimed beside a, held for the next slot
+        wait_until(lambda: env.job("b")["state"] == "running", timeout=10, what="b prefetched")
+        os.kill(running.worker_pid(), signal.SIGKILL)
+        crashed = running.wait_event("worker_crashed")
+        assert crashed["returncode"] == -signal.SIGKILL
+        assert running.wait_event("in_flight_released")["released"] == 2
+        env.wait_line("done b", timeout=30)
+        for job_id, attempts in (("a", 2), ("b", 1)):  # a's crash kept its attempt, b's not
+            job = wait_until(
+                lambda job_id=job_id: (row := env.job(job_id))["state"] == "succeeded" and row,
+                timeout=15,
+                what=f"{job_id}'s ack",
+            )
+            assert job["attempts"] == attempts, job
+        code = stop_gracefully(running)
+    assert code == exitcodes.OK
+    assert env.lines() == ["start a 1", "start a 2", "done a", "start b 1", "done b"]
+
+
 @pytest.mark.timeout(120)
 def test_a_worker_that_keeps_crashing_ends_the_pod_at_the_crash_loop_limit(env: Env) -> None:
     for n in range(5):  # each kills every worker that runs it (3 attempts each)

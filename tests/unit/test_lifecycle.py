@@ -356,6 +356,28 @@ def test_worker_crashing_during_the_drain_is_reported_and_released() -> None:
     assert the_exit(actions) == Exit(exitcodes.WORKER_CRASHED, "crashed", pytest.approx(3.1))  # type: ignore[arg-type]
 
 
+def test_a_prefetched_delivery_is_released_after_a_crash_and_dropped_when_put_back() -> None:
+    # The sql worker's held jobs (job_prefetched, translated by the runner into a JobStarted
+    # whose ref is marked): released with the running ones after a kill (the engine gives a
+    # marked ref its attempt back); one the worker put back (prefetch_returned) is not.
+    machine = ready_machine()
+    held = {**ref("j2"), "prefetched": True}
+    assert machine.handle(JobStarted("j1", ref("j1"))) == []
+    assert machine.handle(JobStarted("j2", held)) == []
+    assert machine.handle(JobStarted("j3", {**ref("j3"), "prefetched": True})) == []
+    assert machine.handle(JobFinished("j3", "prefetch_returned")) == []
+    actions = machine.handle(WorkerExited(-signal.SIGKILL, T0))
+    assert effects(actions) == [ReleaseInFlight((ref("j1"), held), crashed=True)]
+
+
+def test_a_prefetched_delivery_started_is_in_flight_as_started() -> None:
+    machine = draining_machine()
+    machine.handle(JobStarted("j1", {**ref("j1"), "prefetched": True}))
+    machine.handle(JobStarted("j1", ref("j1")))  # the worker started it
+    actions = machine.handle(WorkerExited(1, T0 + 3))
+    assert effects(actions) == [ReleaseInFlight((ref("j1"),), crashed=True)]
+
+
 # --- a second signal ------------------------------------------------------------------------
 
 

@@ -36,12 +36,14 @@ __all__ = (
     "JobFinished",
     "JobHeartbeat",
     "JobOutcome",
+    "JobPrefetched",
     "JobStarted",
     "JobsFinished",
     "Message",
     "Outcome",
     "PayloadRefusal",
     "PayloadRefused",
+    "PrefetchReturned",
     "PublishPresence",
     "QueueStats",
     "Release",
@@ -61,6 +63,8 @@ EventType = Literal[
     "store_health",
     "queue_stats",
     "job_started",
+    "job_prefetched",
+    "prefetch_returned",
     "job_heartbeat",
     "checkpoint_saved",
     "idempotency",
@@ -172,6 +176,25 @@ class JobStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class JobPrefetched:
+    """A delivery is held for the next free slot, not started (the sql worker's prefetch);
+    ``delivery`` is what the engine needs to put it back if the worker dies first."""
+
+    name: ClassVar[EventType] = "job_prefetched"
+    job_id: str
+    queue: str | None = None
+    delivery: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchReturned:
+    """A prefetched delivery was put back to its queue (or its lease was lost) unstarted."""
+
+    name: ClassVar[EventType] = "prefetch_returned"
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class JobHeartbeat:
     """A running job's lease was extended."""
 
@@ -274,6 +297,8 @@ Event = (
     | StoreHealth
     | QueueStats
     | JobStarted
+    | JobPrefetched
+    | PrefetchReturned
     | JobHeartbeat
     | CheckpointSaved
     | Idempotency

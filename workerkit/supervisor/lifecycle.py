@@ -166,6 +166,11 @@ class Lifecycle:
                 return self._on_signal(signum, now)
             case Tick(now=now):
                 return self._on_tick(now)
+            case JobStarted(job_id=job_id, delivery=delivery) if delivery.get("prefetched"):
+                # Held for the next slot, not started: released with the rest after a kill,
+                # its attempt given back (the engine reads the mark), but no start to judge.
+                self.in_flight[job_id] = delivery
+                return []
             case JobStarted(job_id=job_id, delivery=delivery):
                 self.in_flight[job_id] = delivery
                 self._was_ready = True  # a worker that runs a job consumes, ready or not

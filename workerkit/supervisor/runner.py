@@ -375,6 +375,10 @@ class Supervisor:
                 if delivery is None:
                     delivery = {"job_id": job_id, "queue": event.queue}
                 return [JobStarted(job_id, delivery)]
+            case ev.JobPrefetched(job_id=job_id, delivery=delivery):  # sql prefetch
+                return [JobStarted(job_id, {**(delivery or {}), "prefetched": True})]
+            case ev.PrefetchReturned(job_id=job_id):
+                return [JobFinished(job_id, "prefetch_returned")]
             case ev.JobFinished(job_id=job_id, outcome=outcome):
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("job finished", extra={"event": "job_finished", **_fields(event)})

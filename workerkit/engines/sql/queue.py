@@ -492,12 +492,13 @@ class SqlQueue(db.ForkSafeEngine):
         """Release by :meth:`Delivery.ref`, from another process; False when already settled.
 
         After a crash (``crashed``) the attempt stays consumed, and a job that has used its
-        last one is failed with the reason, as when its lease expires.
+        last one is failed with the reason, as when its lease expires. A prefetched delivery
+        (``ref["prefetched"]``: claimed, never started) gets its attempt back even then.
         """
         job_id, token = ref_parts(ref)
         queue = ref.get("queue")
         notify_queue = queue if isinstance(queue, str) else None
-        if not crashed:
+        if not crashed or ref.get("prefetched"):
             return self._release(job_id, token, notify_queue)
         return self._fenced(RELEASE_CRASHED, job_id, token, notify_queue=notify_queue)
 

@@ -49,6 +49,7 @@ from workerkit.engines.sql.outage import (
     recovery_grace,
     retrying_sink,
 )
+from workerkit.engines.sql.prefetch import Prefetching
 from workerkit.engines.sql.queue import SqlQueue
 from workerkit.engines.sql.running import RULES, JobTimedOut, PermanentFailure, Running
 from workerkit.engines.sql.settling import Settling
@@ -79,10 +80,11 @@ __all__ = ("NativeWorker",)
 log = logging.getLogger(__name__)
 
 TICK = 0.05  # how often the main thread looks at its flags
+ACK_WAIT = 0.002  # how long acks wait for the next slot to free while a prefetched job is held
 _RELEASE_WAIT = 1.0  # how long a release waits for a settle in progress on the job's thread
 
 
-class NativeWorker(Settling):
+class NativeWorker(Settling, Prefetching):
     """Claims and runs jobs of an :class:`~workerkit.app.App` with bounded concurrency."""
 
     def __init__(
@@ -129,6 +131,7 @@ class NativeWorker(Settling):
         self._claim_sent = 0.0  # monotonic: when the claim in progress started
         self._pruner: Keeper | None = None  # retention (finished_job_retention): SQL only
         self._fold = AckFold(enabled=isinstance(self.backend, SqlQueue))
+        self._init_prefetch(settings.prefetch if isinstance(self.backend, SqlQueue) else 0)
         self._slots = Slots(self._job_thread)  # job threads, kept for the next job
         self._paused: pauses.WorkerPauses | None = None  # the dashboard's pauses (SQL only)
         if isinstance(self.backend, SqlQueue):
@@ -238,6 +241,7 @@ class NativeWorker(Settling):
                 if not announced_stop:
                     announced_stop = True
                     self._slot_freed.set()
+                    self._put_back_prefetched("stopping")  # and the fetcher's, as it ends
                     running = self.running_count
                     self._send(WorkerStopping(running))
                     log.info(
@@ -275,6 +279,7 @@ class NativeWorker(Settling):
     def _release_all(self) -> int:
         with self._claim_lock, self._running_lock:
             everything = list(self._running.values())
+        self._put_back_prefetched("released")  # not started: back at once, attempt given back
         # The subprocesses go first: a released job is claimable at once, and one it started must
         # not run beside its next attempt. Jobs are threads here, so which job started which
         # process is unknown: all are stopped. Meanwhile each job's settle is held, so that one
@@ -323,6 +328,7 @@ class NativeWorker(Settling):
                 if not self._ready.is_set():
                     # The upkeep keeper checks the store again (sooner while it is not ready).
                     self._fold.close()  # job threads write their own acks, retried
+                    self._put_back_prefetched("store_not_ready")  # kept if it cannot be
                     self._ready.wait(self._unready_recheck)
                     continue
                 grace = self._pause.left()
@@ -331,15 +337,24 @@ class NativeWorker(Settling):
                     self._stopping.wait(grace)
                     continue
                 # The slots of the jobs whose acks wait for this claim free up with it.
-                if self.concurrency - self.running_count + self._fold.pending <= 0:
+                free = self.concurrency - self.running_count + self._fold.pending
+                if free > 0 and self._held:
+                    free -= self._start_prefetched(free)  # at once; the claim refills
+                # Every slot busy and a job held for the next: wait for a slot, or for acks to
+                # have waited ACK_WAIT (a held job is claimed for when the buffer is empty).
+                if free <= 0 and (self._held or self.prefetch_room <= 0):
+                    if self._held and self._paused is not None:
+                        self._put_back_paused(self._claim_queues())
                     self._fold.open()  # about to claim: finished jobs' acks come with it
-                    self._slot_freed.wait(self.settings.poll_interval)
+                    acks = bool(self._fold.pending) and self.prefetch_room > 0
+                    freed = self._slot_freed.wait(ACK_WAIT if acks else self.settings.poll_interval)
                     self._slot_freed.clear()
-                    continue
+                    if freed or not acks:
+                        continue
                 batch = self._fold.take()  # no fewer acks than counted: free stays above 0
                 try:
                     free = self.concurrency - self.running_count + (len(batch.acks) if batch else 0)
-                    claimed = self._claim_and_start(free, batch)
+                    claimed = self._claim_and_start(max(0, free), batch)
                 finally:  # whatever ends the fetcher, no job thread waits for this batch forever
                     if batch is not None:
                         batch.hand_back()
@@ -349,6 +364,7 @@ class NativeWorker(Settling):
                     self.backend.wait_for_jobs(self._claim_queues(), wait)
         finally:
             self._fold.close()
+            self._put_back_prefetched("stopping")  # what a claim in progress at the stop held
             self._fetcher_done.set()
 
     def _claim_queues(self) -> list[str]:
@@ -436,13 +452,14 @@ class NativeWorker(Settling):
                 return True
             queues = self._claim_queues()  # none left (all paused): acks only, then idle
             sent = self._claim_sent = time.monotonic()  # the lease starts no earlier
+            limit = free + self.prefetch_room  # the jobs beyond the free slots are held
             try:
                 if batch is None:
-                    deliveries = self.backend.claim(queues, self.worker_id, free)
+                    deliveries = self.backend.claim(queues, self.worker_id, limit)
                 else:
                     assert isinstance(self.backend, SqlQueue)  # only it folds
                     matched, deliveries = self.backend.ack_and_claim(
-                        batch.acks, queues, self.worker_id, free
+                        batch.acks, queues, self.worker_id, limit
                     )
                     batch.settled(matched)
             except Exception as exc:
@@ -455,9 +472,13 @@ class NativeWorker(Settling):
                 log.warning(reason, extra={"event": "claim_failed", "error": str(exc)})
                 self._store_failed(reason)
                 return False
-            if (queues and free > 0) or (batch is not None and batch.acks):
+            if (queues and limit > 0) or (batch is not None and batch.acks):
                 self._store_ok_at = time.monotonic()  # a round ran: the store answered
-            for delivery in deliveries:
+            for delivery in deliveries[free:]:  # first: a job started may kill the process
+                self._hold(delivery, sent)
+            if deliveries[free:] and not deliveries[:free]:
+                self._flush_held()  # else the first start's event writes them with its own
+            for delivery in deliveries[:free]:
                 self._start(delivery, sent)
             return bool(deliveries)
 
@@ -522,7 +543,7 @@ class NativeWorker(Settling):
         """Renew every running job's lease; after a failure, try again soon (with backoff)."""
         with self._running_lock:
             running = [r for r in self._running.values() if not r.acked_by_claim]
-        failed = ""
+        failed = self._renew_prefetched() if self._held else ""
         for item in running:
             sent = time.monotonic()
             try:

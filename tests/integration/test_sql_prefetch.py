@@ -1,0 +1,179 @@
+"""The sql worker's prefetch: the next job claimed while the current one runs, held unstarted.
+
+On SQLite and PostgreSQL, at concurrency 1 with one job running: the next job is claimed and
+held (leased to the worker, renewed like a running job's lease, ``job_prefetched`` sent, no
+``job_started``); it starts once the slot frees, on its first attempt; at ``stop_fetching`` and at
+a release it goes back to waiting at once, its attempt given back, while the running job still
+runs, and it never starts; a paused queue's held job goes back too; after a kill the
+supervisor's release of a ref marked prefetched gives its attempt back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support.native_worker import Harness, wait_until
+from workerkit.engines.sql import SqlQueue, upgrade
+from workerkit.engines.sql.engine import SqlEngine
+from workerkit.engines.sql.pauses import set_paused
+from workerkit.events import JobFinished, JobPrefetched, JobStarted, PrefetchReturned
+from workerkit.settings import Settings
+
+LEASE = 1.5  # heartbeat interval 0.5 s: renewals within the test's wait
+
+
+@pytest.fixture
+def url(database_url: str) -> str:
+    if database_url.startswith("sqlite"):
+        upgrade(database_url)
+    return database_url
+
+
+@pytest.fixture
+def queue(url: str) -> Iterator[SqlQueue]:
+    opened = SqlQueue(url, settings=Settings(visibility_timeout=LEASE))
+    yield opened
+    opened.close()
+
+
+def _harness(queue: SqlQueue) -> tuple[Harness, threading.Event, Any]:
+    harness = Harness(queue, concurrency=1, visibility_timeout=LEASE)
+    release = threading.Event()
+
+    @harness.app.task
+    def blocks(name: str) -> str:
+        release.wait(30)
+        harness.log.append(name)
+        return name
+
+    return harness, release, blocks
+
+
+def _started(harness: Harness) -> list[str]:
+    return [e.job_id for e in harness.events.of_type(JobStarted)]
+
+
+def _prefetched(harness: Harness) -> list[str]:
+    return [e.job_id for e in harness.events.of_type(JobPrefetched)]
+
+
+def test_the_next_job_is_held_leased_and_renewed_then_started_on_its_first_attempt(
+    queue: SqlQueue,
+) -> None:
+    harness, release, blocks = _harness(queue)
+    first, second = blocks.enqueue("a"), blocks.enqueue("b")
+    worker = harness.start()
+    try:
+        wait_until(lambda: _started(harness) == [first] and _prefetched(harness) == [second])
+        held = queue.get_job(second)
+        assert held is not None
+        assert held["state"] == "running"
+        assert held["attempts"] == 1
+        expires = held["lease_expires_at"]
+        # Renewed like a running job's lease (every H = V / 3), though not started.
+        wait_until(lambda: (queue.get_job(second) or {})["lease_expires_at"] > expires)
+        time.sleep(LEASE)  # longer than its first lease: still held, still ours
+        assert _started(harness) == [first]
+        assert queue.get_job(second)["state"] == "running"  # type: ignore[index]
+        release.set()
+        wait_until(lambda: len(harness.events.of_type(JobFinished)) == 2)
+        assert _started(harness) == [first, second]
+        assert harness.outcomes() == ["succeeded", "succeeded"]
+        assert harness.log == ["a", "b"]  # each ran once
+        assert queue.get_job(second)["attempts"] == 1  # type: ignore[index]
+        assert not harness.events.of_type(PrefetchReturned)
+    finally:
+        release.set()
+        worker.stop_fetching()
+        assert harness.join() == 0
+
+
+def test_stop_fetching_puts_the_held_job_back_at_once_and_never_starts_it(
+    queue: SqlQueue,
+) -> None:
+    harness, release, blocks = _harness(queue)
+    first, second = blocks.enqueue("a"), blocks.enqueue("b")
+    worker = harness.start()
+    try:
+        wait_until(lambda: _prefetched(harness) == [second])
+        worker.stop_fetching()
+        # Back to waiting while the running job still runs (no wait for the drain), its
+        # attempt given back.
+        wait_until(lambda: queue.get_job(second)["state"] == "ready")  # type: ignore[index]
+        assert queue.get_job(second)["attempts"] == 0  # type: ignore[index]
+        assert queue.get_job(first)["state"] == "running"  # type: ignore[index]
+        assert [e.job_id for e in harness.events.of_type(PrefetchReturned)] == [second]
+    finally:
+        release.set()
+    assert harness.join() == 0
+    assert _started(harness) == [first]  # never started after the stop
+    assert harness.outcomes() == ["succeeded"]
+    assert queue.get_job(first)["state"] == "succeeded"  # type: ignore[index]
+    assert queue.get_job(second)["state"] == "ready"  # type: ignore[index]
+    assert harness.log == ["a"]
+
+
+def test_a_release_puts_the_held_job_back_with_the_running_one(queue: SqlQueue) -> None:
+    harness, release, blocks = _harness(queue)
+    first, second = blocks.enqueue("a"), blocks.enqueue("b")
+    worker = harness.start()
+    try:
+        wait_until(lambda: _prefetched(harness) == [second])
+        worker.request_release()
+        assert harness.join() == 0
+    finally:
+        release.set()
+    for job_id in (first, second):
+        job = queue.get_job(job_id)
+        assert job is not None
+        assert job["state"] == "ready"
+        assert job["attempts"] == 0
+    assert _started(harness) == [first]
+    assert harness.outcomes() == ["released"]
+
+
+def test_a_paused_queue_s_held_job_goes_back(queue: SqlQueue) -> None:
+    harness, release, blocks = _harness(queue)
+    first, second = blocks.enqueue("a"), blocks.enqueue("b")
+    worker = harness.start()
+    try:
+        wait_until(lambda: _prefetched(harness) == [second])
+        with queue.engine.begin() as conn:
+            set_paused(conn, "default", True, "test")
+        # Read within a second (pauses.PAUSE_REFRESH), checked at the fetcher's next wake.
+        wait_until(lambda: queue.get_job(second)["state"] == "ready")  # type: ignore[index]
+        assert queue.get_job(second)["attempts"] == 0  # type: ignore[index]
+        release.set()
+        wait_until(lambda: harness.outcomes() == ["succeeded"])
+    finally:
+        release.set()
+        worker.stop_fetching()
+        assert harness.join() == 0
+    assert _started(harness) == [first]
+    assert queue.get_job(second)["state"] == "ready"  # type: ignore[index]
+
+
+def test_the_supervisor_s_release_after_a_kill_gives_a_held_job_its_attempt_back(
+    queue: SqlQueue, url: str
+) -> None:
+    running_id, held_id = (f"job-{i}-{time.monotonic_ns()}" for i in range(2))
+    from workerkit.engines.base import NewJob
+
+    for i, job_id in enumerate((running_id, held_id)):
+        assert queue.enqueue(NewJob(job_id, "t", "default", "[[], {}]", 3, time.time() - 10 + i))
+    running, held = queue.claim(["default"], "w", 2)
+    refs = [running.ref(), {**held.ref(), "prefetched": True}]  # as the supervisor keeps them
+    settings = Settings(database_url=url, visibility_timeout=LEASE)
+    assert SqlEngine().release_in_flight(settings, refs, crashed=True) == 2
+    after_crash = queue.get_job(running.job_id)
+    assert after_crash is not None
+    assert after_crash["attempts"] == 1
+    unstarted = queue.get_job(held.job_id)
+    assert unstarted is not None
+    assert unstarted["state"] == "ready"
+    assert unstarted["attempts"] == 0  # never started: its attempt given back

@@ -1,0 +1,211 @@
+"""The sql worker's prefetch: jobs claimed ahead while the current ones run, held unstarted.
+
+At concurrency 1 a job's critical path was: it finishes, its ack goes to the fetcher, one
+``ack_and_claim`` round trip, the next job starts. With ``prefetch`` jobs held here (the setting,
+default 2), the next job starts as soon as a slot frees, and the buffer is refilled once it is
+empty, by one claim that carries the acks of the jobs finished since (so with 2, one round trip
+per two jobs, beside the last held job's run). Acks wait for that claim at most ``ACK_WAIT``
+(worker.py): a long job's ack is not held back by the next job. Celery prefetches too
+(``worker_prefetch_multiplier``, 4 by default); unlike its prefetched messages, a held job here is
+leased and fenced like a running one:
+
+- its lease is renewed with the running jobs' (:meth:`Prefetching._renew_prefetched`); a lease
+  found lost drops it (someone else has the job);
+- it is put back to waiting at once, its attempt given back (a fenced release), when the worker
+  stops fetching or releases, when its queue is paused, and when the store is not ready (tried,
+  kept while it cannot be written, dropped once its lease may have run out);
+- it is never started after the worker stopped fetching;
+- the supervisor hears of it (``job_prefetched``, at once) and puts it back after a kill with
+  its attempt given back; ``prefetch_returned`` when the worker put it back or dropped it. It
+  is not a started job: no ``job_started``, no metrics, no log line at info level.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from workerkit.engines.attempt import lease_bound
+from workerkit.errors import LeaseLost
+from workerkit.events import BatchingSender, JobPrefetched, PrefetchReturned
+
+if TYPE_CHECKING:
+    from workerkit.engines.base import Delivery, QueueBackend
+    from workerkit.events import Event, EventClient
+
+__all__ = ("Prefetched", "Prefetching")
+
+log = logging.getLogger("workerkit.engines.sql.worker")
+
+
+@dataclass(eq=False)
+class Prefetched:
+    """A claimed job held for the next free slot."""
+
+    delivery: Delivery
+    lease_from: float  # monotonic, sent time of the request that last set the lease
+
+
+class Prefetching:
+    """The prefetch buffer of the sql worker (a mixin of ``NativeWorker``). Thread-safe."""
+
+    backend: QueueBackend
+    events: EventClient
+    _job_events: BatchingSender | EventClient
+    _lease_ttl: float
+    _stopping: threading.Event
+    _claim_lock: threading.Lock
+    prefetch: int
+    _held: deque[Prefetched]
+    _held_lock: threading.Lock
+
+    def _init_prefetch(self, size: int) -> None:
+        self.prefetch = size
+        self._held = deque()
+        self._held_lock = threading.Lock()
+
+    @property
+    def prefetch_room(self) -> int:
+        """How many more jobs the buffer takes (0 once the worker stopped fetching)."""
+        if self._stopping.is_set():
+            return 0
+        return max(0, self.prefetch - len(self._held))
+
+    def _send_job_event(self, event: Event, *, now: bool = False) -> None:
+        sender = self._job_events
+        if now and isinstance(sender, BatchingSender):
+            sender.send_now(event)
+        else:
+            sender.send(event)
+
+    def _start(self, delivery: Delivery, sent: float) -> None:
+        raise NotImplementedError
+
+    def _claim_queues(self) -> list[str]:
+        raise NotImplementedError
+
+    def _start_prefetched(self, free: int) -> int:
+        """Start up to ``free`` held jobs (never after a stop); how many started."""
+        started = 0
+        with self._claim_lock:  # a stop's put-back, or a claim, is not halfway
+            queues = self._claim_queues()
+            while started < free and not self._stopping.is_set():
+                item = self._next_prefetched(queues)
+                if item is None:
+                    break
+                self._start(item.delivery, item.lease_from)
+                started += 1
+        return started
+
+    def _hold(self, delivery: Delivery, sent: float) -> None:
+        """Keep a claimed job for the next slot; the supervisor hears of it at once."""
+        with self._held_lock:
+            self._held.append(Prefetched(delivery, sent))
+        # Gathered: the caller sends the claim's events at once (:meth:`_flush_held`), in one
+        # write with the first start's, before any job starts.
+        self._send_job_event(JobPrefetched(delivery.job_id, delivery.queue, delivery.ref()))
+        log.debug("job prefetched", extra={"event": "job_prefetched", "job_id": delivery.job_id})
+
+    def _flush_held(self) -> None:
+        """Write the gathered events now: a worker killed right after must be known to hold
+        its prefetched jobs (a start's ``send_now`` does the same)."""
+        if isinstance(self._job_events, BatchingSender):
+            self._job_events.flush()
+
+    def _next_prefetched(self, queues: list[str]) -> Prefetched | None:
+        """The oldest held job to start now; one of a paused queue, or whose lease may have run
+        out, is put back (or dropped) instead."""
+        while True:
+            with self._held_lock:
+                if not self._held:
+                    return None
+                item = self._held.popleft()
+            if item.delivery.queue not in queues:
+                self._put_back([item], "queue_paused")
+                continue
+            if lease_bound(item.lease_from, self._lease_ttl) <= time.monotonic():
+                self._returned(item, "lease_expired")  # not ours for sure: never started
+                continue
+            return item
+
+    def _put_back_paused(self, queues: list[str]) -> None:
+        """Put back the held jobs of queues paused since they were claimed."""
+        with self._held_lock:
+            paused = [item for item in self._held if item.delivery.queue not in queues]
+            for item in paused:
+                self._held.remove(item)
+        self._put_back(paused, "queue_paused")
+
+    def _put_back_prefetched(self, reason: str) -> int:
+        """Put every held job back to waiting (attempt given back); how many were."""
+        with self._held_lock:
+            items = list(self._held)
+            self._held.clear()
+        return self._put_back(items, reason)
+
+    def _put_back(self, items: list[Prefetched], reason: str) -> int:
+        kept: list[Prefetched] = []
+        released = 0
+        for item in items:
+            try:
+                self.backend.release(item.delivery)  # fenced; the attempt is given back
+                released += 1
+            except Exception as exc:
+                if (
+                    not isinstance(exc, LeaseLost)
+                    and not self._stopping.is_set()
+                    and lease_bound(item.lease_from, self._lease_ttl) > time.monotonic()
+                ):
+                    # The store is away: kept (and renewed) while its lease surely holds.
+                    kept.append(item)
+                    continue
+                log.warning(
+                    "could not put a prefetched job back; its lease will expire",
+                    extra={
+                        "event": "prefetch_release_failed",
+                        "job_id": item.delivery.job_id,
+                        "error": str(exc),
+                    },
+                )
+            self._returned(item, reason)
+        if kept:
+            with self._held_lock:
+                self._held.extendleft(reversed(kept))
+        return released
+
+    def _returned(self, item: Prefetched, reason: str) -> None:
+        self._send_job_event(PrefetchReturned(item.delivery.job_id))
+        log.info(
+            "prefetched job put back",
+            extra={
+                "event": "prefetch_returned",
+                "job_id": item.delivery.job_id,
+                "reason": reason,
+            },
+        )
+
+    def _renew_prefetched(self) -> str:
+        """Renew the held jobs' leases; the failure's reason, or "" (the lease keeper's duty)."""
+        with self._held_lock:
+            items = list(self._held)
+        failed = ""
+        for item in items:
+            sent = time.monotonic()
+            try:
+                kept = self.backend.extend(item.delivery)
+            except Exception as exc:
+                failed = f"lease renewal failed: {exc}"
+                continue
+            if kept:
+                item.lease_from = sent
+                continue
+            with self._held_lock:
+                if item not in self._held:
+                    continue  # started or put back meanwhile
+                self._held.remove(item)
+            self._returned(item, "lease_lost")
+        return failed
