@@ -21,6 +21,7 @@ from tests.support.native_worker import Harness, wait_until
 from workerkit.engines.sql import SqlQueue, upgrade
 from workerkit.engines.sql.engine import SqlEngine
 from workerkit.engines.sql.pauses import set_paused
+from workerkit.engines.sql.prefetch import HOLD
 from workerkit.events import JobFinished, JobPrefetched, JobStarted, PrefetchReturned
 from workerkit.settings import Settings
 
@@ -75,11 +76,9 @@ def test_the_next_job_is_held_leased_and_renewed_then_started_on_its_first_attem
         assert held["state"] == "running"
         assert held["attempts"] == 1
         expires = held["lease_expires_at"]
-        # Renewed like a running job's lease (every H = V / 3), though not started.
+        # Renewed like a running job's lease (every H = V / 3 = 0.5 s), though not started.
         wait_until(lambda: (queue.get_job(second) or {})["lease_expires_at"] > expires)
-        time.sleep(LEASE)  # longer than its first lease: still held, still ours
         assert _started(harness) == [first]
-        assert queue.get_job(second)["state"] == "running"  # type: ignore[index]
         release.set()
         wait_until(lambda: len(harness.events.of_type(JobFinished)) == 2)
         assert _started(harness) == [first, second]
@@ -87,6 +86,36 @@ def test_the_next_job_is_held_leased_and_renewed_then_started_on_its_first_attem
         assert harness.log == ["a", "b"]  # each ran once
         assert queue.get_job(second)["attempts"] == 1  # type: ignore[index]
         assert not harness.events.of_type(PrefetchReturned)
+    finally:
+        release.set()
+        worker.stop_fetching()
+        assert harness.join() == 0
+
+
+def test_a_job_held_behind_a_long_one_goes_back_after_hold_then_runs_once(
+    queue: SqlQueue,
+) -> None:
+    # Every slot stays busy: after HOLD the held job goes back to the queue (other workers may
+    # be idle), and nothing more is claimed ahead until a slot frees.
+    harness, release, blocks = _harness(queue)
+    first, second = blocks.enqueue("a"), blocks.enqueue("b")
+    worker = harness.start()
+    try:
+        wait_until(lambda: _prefetched(harness) == [second])
+        held_at = time.monotonic()
+        wait_until(lambda: queue.get_job(second)["state"] == "ready")  # type: ignore[index]
+        assert time.monotonic() - held_at >= HOLD - 0.1
+        assert queue.get_job(second)["attempts"] == 0  # type: ignore[index]
+        assert [e.job_id for e in harness.events.of_type(PrefetchReturned)] == [second]
+        time.sleep(HOLD)  # not claimed ahead again while the slot stays busy
+        assert _prefetched(harness) == [second]
+        assert queue.get_job(second)["state"] == "ready"  # type: ignore[index]
+        release.set()
+        wait_until(lambda: len(harness.events.of_type(JobFinished)) == 2)
+        assert _started(harness) == [first, second]
+        assert harness.outcomes() == ["succeeded", "succeeded"]
+        assert harness.log == ["a", "b"]
+        assert queue.get_job(second)["attempts"] == 1  # type: ignore[index]
     finally:
         release.set()
         worker.stop_fetching()

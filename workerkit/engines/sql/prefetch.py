@@ -12,7 +12,8 @@ leased and fenced like a running one:
 - its lease is renewed with the running jobs' (:meth:`Prefetching._renew_prefetched`); a lease
   found lost drops it (someone else has the job);
 - it is put back to waiting at once, its attempt given back (a fenced release), when the worker
-  stops fetching or releases, when its queue is paused, and when the store is not ready (tried,
+  stops fetching or releases, when its queue is paused, when it waited :data:`HOLD` with every
+  slot busy (long jobs: another worker may be idle), and when the store is not ready (tried,
   kept while it cannot be written, dropped once its lease may have run out);
 - it is never started after the worker stopped fetching;
 - the supervisor hears of it (``job_prefetched``, at once) and puts it back after a kill with
@@ -23,11 +24,12 @@ leased and fenced like a running one:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from workerkit.engines.attempt import lease_bound
 from workerkit.errors import LeaseLost
@@ -37,9 +39,13 @@ if TYPE_CHECKING:
     from workerkit.engines.base import Delivery, QueueBackend
     from workerkit.events import Event, EventClient
 
-__all__ = ("Prefetched", "Prefetching")
+__all__ = ("HOLD", "Prefetched", "Prefetching")
 
 log = logging.getLogger("workerkit.engines.sql.worker")
+
+#: How long a held job waits for a slot while every slot stays busy before it goes back to the
+#: queue (seconds): jobs held behind long ones would wait while other workers may be idle.
+HOLD = 1.0
 
 
 @dataclass(eq=False)
@@ -48,6 +54,7 @@ class Prefetched:
 
     delivery: Delivery
     lease_from: float  # monotonic, sent time of the request that last set the lease
+    held_at: float = field(default_factory=time.monotonic)
 
 
 class Prefetching:
@@ -59,21 +66,43 @@ class Prefetching:
     _lease_ttl: float
     _stopping: threading.Event
     _claim_lock: threading.Lock
+    _paused: Any  # pauses.WorkerPauses | None
     prefetch: int
+    _holding_back: bool
     _held: deque[Prefetched]
     _held_lock: threading.Lock
 
     def _init_prefetch(self, size: int) -> None:
         self.prefetch = size
+        self._holding_back = False
         self._held = deque()
         self._held_lock = threading.Lock()
 
     @property
     def prefetch_room(self) -> int:
-        """How many more jobs the buffer takes (0 once the worker stopped fetching)."""
-        if self._stopping.is_set():
+        """How many more jobs the buffer takes (0 once the worker stopped fetching, and after a
+        put-back of jobs held :data:`HOLD` seconds, until a slot frees)."""
+        if self._stopping.is_set() or self._holding_back:
             return 0
         return max(0, self.prefetch - len(self._held))
+
+    def _tend_held(self) -> float:
+        """While every slot is busy: put back the held jobs of paused queues, and every held
+        job once the oldest waited :data:`HOLD` seconds (the running jobs are long: other
+        workers may be idle), claiming no more ahead until a slot frees. The seconds until the
+        next such check is due (inf: nothing held)."""
+        if not self._held:
+            return math.inf
+        if self._paused is not None:
+            self._put_back_paused(self._claim_queues())
+        with self._held_lock:
+            oldest = self._held[0].held_at if self._held else math.inf
+        left = oldest + HOLD - time.monotonic()
+        if left > 0:
+            return left
+        self._holding_back = True
+        self._put_back_prefetched("slots_busy")
+        return math.inf
 
     def _send_job_event(self, event: Event, *, now: bool = False) -> None:
         sender = self._job_events
@@ -90,6 +119,9 @@ class Prefetching:
 
     def _start_prefetched(self, free: int) -> int:
         """Start up to ``free`` held jobs (never after a stop); how many started."""
+        self._holding_back = False  # a slot freed: claim ahead again
+        if not self._held:
+            return 0
         started = 0
         with self._claim_lock:  # a stop's put-back, or a claim, is not halfway
             queues = self._claim_queues()

@@ -338,16 +338,16 @@ class NativeWorker(Settling, Prefetching):
                     continue
                 # The slots of the jobs whose acks wait for this claim free up with it.
                 free = self.concurrency - self.running_count + self._fold.pending
-                if free > 0 and self._held:
+                if free > 0:
                     free -= self._start_prefetched(free)  # at once; the claim refills
                 # Every slot busy and a job held for the next: wait for a slot, or for acks to
                 # have waited ACK_WAIT (a held job is claimed for when the buffer is empty).
                 if free <= 0 and (self._held or self.prefetch_room <= 0):
-                    if self._held and self._paused is not None:
-                        self._put_back_paused(self._claim_queues())
+                    hold_left = self._tend_held()  # paused queues', held too long: put back
                     self._fold.open()  # about to claim: finished jobs' acks come with it
                     acks = bool(self._fold.pending) and self.prefetch_room > 0
-                    freed = self._slot_freed.wait(ACK_WAIT if acks else self.settings.poll_interval)
+                    wait = min(self.settings.poll_interval, hold_left)
+                    freed = self._slot_freed.wait(ACK_WAIT if acks else wait)
                     self._slot_freed.clear()
                     if freed or not acks:
                         continue
