@@ -3,6 +3,8 @@
 Variants, interleaved round by round (a burst of load from the shared machine hits all alike):
 
 * ``workerkit-sql``: ``workerkit run sql --app bench.startup_apps:sql_app`` on a SQLite file;
+* ``workerkit-sql-exec`` / ``workerkit-rq-exec``: the same with ``WORKERKIT_FORK_WORKER=0``, the
+  early worker exec'd instead of forked from the CLI (supervisor/forked.py);
 * ``workerkit-rq`` / ``bare-rq``: ``workerkit run rq --app bench.startup_rq_app:app`` and
   ``rq worker`` (RQ's default, forking Worker), on a private redis-server;
 * ``workerkit-celery`` / ``bare-celery``: ``workerkit run celery -- --pool=solo`` and ``celery -A
@@ -13,7 +15,9 @@ registration key in Redis (bare RQ; it is written just before the "Listening on"
 the ``ready.`` log line (bare Celery, logged from ``worker_ready``). Each is polled every 10 ms.
 Then, after ``--settle`` seconds idle, VmRSS (``/proc/PID/status``) and PSS
 (``/proc/PID/smaps_rollup``) of the main process and of its descendants (workerkit's worker
-child, RQ's idle worker has none, Celery solo has none). Then SIGTERM and the exit is awaited.
+child, RQ's idle worker has none, Celery solo has none), and PSS summed over the tree: the
+memory comparison with the bare engine is made on that sum, not on RSS (bench/README.md, "What
+the pod is charged"). Then SIGTERM and the exit is awaited.
 
 Run from the repository root::
 
@@ -59,9 +63,18 @@ from bench.supervisor import free_port, http_status
 
 __all__ = ("main",)
 
-VARIANTS = ("workerkit-sql", "workerkit-rq", "bare-rq", "workerkit-celery", "bare-celery")
+VARIANTS = (
+    "workerkit-sql", "workerkit-sql-exec", "workerkit-rq", "workerkit-rq-exec", "bare-rq",
+    "workerkit-celery", "bare-celery",
+)  # fmt: skip
 #: The bare engine each workerkit variant is compared with (sql has none: its goal is absolute).
-BARE = {"workerkit-rq": "bare-rq", "workerkit-celery": "bare-celery"}
+BARE = {
+    "workerkit-rq": "bare-rq",
+    "workerkit-rq-exec": "bare-rq",
+    "workerkit-celery": "bare-celery",
+}
+#: The variants whose early worker is exec'd, not forked from the CLI (supervisor/forked.py).
+EXEC = ("workerkit-sql-exec", "workerkit-rq-exec")
 READY_TIMEOUT = 60.0
 
 
@@ -89,6 +102,9 @@ def _argv_env(variant: str, tmp: Path, redis_url: str, db_url: str, index: int) 
         WORKERKIT_LOG_FORMAT="json",
     )
     argv: list[str]
+    if variant in EXEC:
+        env["WORKERKIT_FORK_WORKER"] = "0"
+        variant = variant.removesuffix("-exec")
     if variant == "workerkit-sql":
         argv = [*WORKERKIT, "run", "sql", "--app", "bench.startup_apps:sql_app"]
     elif variant == "workerkit-rq":
@@ -133,6 +149,7 @@ def run_one(
             "pss_children_kib": sum(pss_kib(pid) or 0 for pid in children),
             "children": len(children),
         }
+        result["pss_tree_kib"] = (result["pss_main_kib"] or 0) + result["pss_children_kib"]
         proc.stop(signal.SIGTERM, timeout=30)
     finally:
         proc.stop(signal.SIGKILL)
@@ -157,12 +174,29 @@ def ratios(samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, list
     memory ratio (workerkit supervisor + worker) / (bare worker), RSS."""
     out: dict[str, dict[str, list[float]]] = {}
     for variant, bare in BARE.items():
-        deltas, mem = [], []
+        deltas, mem, pss = [], [], []
         for wk, ref in zip(samples.get(variant, []), samples.get(bare, []), strict=False):
             deltas.append(wk["start_to_ready"] - ref["start_to_ready"])
             ref_total = (ref["rss_main_kib"] or 0) + ref["rss_children_kib"]
             mem.append(((wk["rss_main_kib"] or 0) + wk["rss_children_kib"]) / ref_total)
-        out[variant] = {"ready_delta_s": deltas, "rss_total_ratio": mem}
+            if wk.get("pss_tree_kib") and ref.get("pss_tree_kib"):
+                pss.append(wk["pss_tree_kib"] / ref["pss_tree_kib"])
+        out[variant] = {"ready_delta_s": deltas, "rss_total_ratio": mem, "pss_tree_ratio": pss}
+    return out
+
+
+def fork_vs_exec(samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, list[float]]]:
+    """Same-round comparisons of the forked early worker with the exec'd one: start -> ready
+    difference (s) and the ratio of the trees' summed PSS."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for variant in EXEC:
+        forked = variant.removesuffix("-exec")
+        deltas, pss = [], []
+        for fk, ex in zip(samples.get(forked, []), samples.get(variant, []), strict=False):
+            deltas.append(fk["start_to_ready"] - ex["start_to_ready"])
+            pss.append(fk["pss_tree_kib"] / ex["pss_tree_kib"])
+        if deltas:
+            out[forked] = {"ready_delta_s": deltas, "pss_tree_ratio": pss}
     return out
 
 
@@ -178,8 +212,11 @@ def table(label: str, run: dict[str, Any]) -> list[str]:
             f"{run['settle']:g} s idle."
         ),
         "",
-        "| variant | start -> ready (s) | main RSS | main PSS | child(ren) RSS | child(ren) PSS |",
-        "|---|---|---|---|---|---|",
+        (
+            "| variant | start -> ready (s) | main RSS | main PSS | child(ren) RSS | "
+            "child(ren) PSS | tree PSS |"
+        ),
+        "|---|---|---|---|---|---|---|",
     ]
     for variant, rows in samples.items():
         if not rows:
@@ -188,24 +225,50 @@ def table(label: str, run: dict[str, Any]) -> list[str]:
             f"| {variant} | {_spread(rows, 'start_to_ready', 1, 2)} | "
             f"{_spread(rows, 'rss_main_kib', mib, 1)} | {_spread(rows, 'pss_main_kib', mib, 1)} | "
             f"{_spread(rows, 'rss_children_kib', mib, 1)} | "
-            f"{_spread(rows, 'pss_children_kib', mib, 1)} |"
+            f"{_spread(rows, 'pss_children_kib', mib, 1)} | "
+            f"{_spread(rows, 'pss_tree_kib', mib, 1)} |"
         )
     lines += [
         "",
         "Same-round comparisons with the bare engine (median (min-max)):",
         "",
-        "| variant | ready - bare ready (s) | (supervisor + worker) / bare RSS |",
-        "|---|---|---|",
+        (
+            "| variant | ready - bare ready (s) | (supervisor + worker) / bare, RSS | "
+            "(supervisor + worker) / bare, PSS summed over each tree |"
+        ),
+        "|---|---|---|---|",
     ]
     for variant, values in run["same_round"].items():
         if not values["ready_delta_s"]:
             continue
         cells = []
-        for key in ("ready_delta_s", "rss_total_ratio"):
+        for key in ("ready_delta_s", "rss_total_ratio", "pss_tree_ratio"):
+            if not values.get(key):
+                cells.append("-")
+                continue
             s = summary(values[key])
             low, high = fmt(s["min"], "", 2), fmt(s["max"], "", 2)
             cells.append(f"{fmt(s['median'], '', 2)} ({low}-{high})")
         lines.append(f"| {variant} | {' | '.join(cells)} |")
+    forks = run.get("fork_vs_exec") or {}
+    if forks:
+        lines += [
+            "",
+            (
+                "The early worker forked from the CLI against exec'd "
+                "(`WORKERKIT_FORK_WORKER=0`), same round:"
+            ),
+            "",
+            "| variant | ready - exec'd ready (s) | tree PSS / exec'd tree PSS |",
+            "|---|---|---|",
+        ]
+        for variant, values in forks.items():
+            cells = []
+            for key in ("ready_delta_s", "pss_tree_ratio"):
+                s = summary(values[key])
+                low, high = fmt(s["min"], "", 2), fmt(s["max"], "", 2)
+                cells.append(f"{fmt(s['median'], '', 2)} ({low}-{high})")
+            lines.append(f"| {variant} | {' | '.join(cells)} |")
     return [*lines, ""]
 
 
@@ -271,6 +334,7 @@ def main() -> None:
             if rows
         },
         "same_round": ratios(samples),
+        "fork_vs_exec": fork_vs_exec(samples),
         "samples": samples,
     }
     runs: dict[str, Any] = {}

@@ -579,7 +579,8 @@ def _read_config_file(path: Path, is_pyproject: bool) -> dict[str, object]:
 # Service in the namespace; a Service named "workerkit" would look like settings of ours.
 _K8S_SERVICE_LINK_PREFIXES = ("SERVICE_", "PORT")
 # Variables of ours that are not settings: the config file's path, the event socket, the pid
-# and the start gate's pipes (engines/startgate.py) the supervisor hands its child, engine
+# and the start gate's pipes (engines/startgate.py) the supervisor hands its child, whether it
+# forks that child (supervisor/forked.py), engine
 # options read by the engine (engines/rq/options.py), and the options of `workerkit dashboard`
 # (workerkit/dashboard/cli.py), which are not settings.
 _ENV_NOT_SETTINGS = frozenset(
@@ -589,6 +590,7 @@ _ENV_NOT_SETTINGS = frozenset(
         "SUPERVISOR_PID",
         "START_GATE",
         "APP_CHECK",
+        "FORK_WORKER",
         "RQ_SERIALIZER",
         "DASHBOARD_HOST",
         "DASHBOARD_PORT",

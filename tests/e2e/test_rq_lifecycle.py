@@ -23,6 +23,7 @@ from rq import Queue
 from tests.support.harness import wait_until
 from tests.support.redis_db import flushed_db
 from tests.support.rq_harness import RqEnv, rq_supervisor
+from tests.support.run_socket import socket_of
 from workerkit import exitcodes
 from workerkit.events import WorkerStopping, encode
 from workerkit.supervisor.process import descendants
@@ -242,9 +243,7 @@ def test_a_pickled_job_with_meta_is_failed_with_the_reason_and_the_worker_runs_o
 
 def _channel_path(worker_pid: int) -> str:
     """The supervisor's event socket, as every process of the pod under the worker sees it."""
-    environ = Path(f"/proc/{worker_pid}/environ").read_bytes().split(b"\0")
-    prefix = b"WORKERKIT_SUPERVISOR_SOCKET="
-    return next(item[len(prefix) :].decode() for item in environ if item.startswith(prefix))
+    return str(socket_of(worker_pid))
 
 
 @pytest.mark.timeout(60)

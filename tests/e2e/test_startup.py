@@ -46,22 +46,38 @@ def start(env: Env, hold: Path, **settings: str) -> Supervisor:
 
 
 def early_worker(pod: Supervisor) -> int | None:
-    """The pid of the supervisor's sql worker process, if it has been spawned."""
+    """The pid of the supervisor's sql worker process, if it has been spawned: forked from the
+    CLI (named wk-sql-worker) or exec'd (``python -m workerkit.engines.sql``)."""
     for pid in descendants(pod.pid):
         with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "wk-sql-worker":
+                return pid
             if b"workerkit.engines.sql" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return pid
     return None
 
 
 @pytest.mark.timeout(60)
-def test_the_worker_is_spawned_at_once_and_answers_the_app_check_itself(env: Env) -> None:
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "execd"])
+def test_the_worker_is_spawned_at_once_and_answers_the_app_check_itself(
+    env: Env, fork: bool
+) -> None:
+    """Forked from the CLI where it is single-threaded (supervisor/forked.py), or exec'd with
+    WORKERKIT_FORK_WORKER=0: the same start either way."""
     hold = env.tmp / "hold"
+    if not fork:
+        env.extra["WORKERKIT_FORK_WORKER"] = "0"
     with stopped_after(start(env, hold)) as pod:
         # The app check cannot answer (the app's import waits), yet the worker is there: the
         # supervisor's only child (no forked check), not announced, no probe listening.
         early = wait_until(lambda: early_worker(pod), timeout=30, what="the worker spawned")
         assert descendants(pod.pid) == [early]
+        cmdline = Path(f"/proc/{early}/cmdline").read_bytes()
+        if fork:  # a copy of the CLI process: its command line, its own name
+            assert cmdline == Path(f"/proc/{pod.pid}/cmdline").read_bytes()
+            assert Path(f"/proc/{early}/comm").read_text().strip() == "wk-sql-worker"
+        else:
+            assert b"-m\0workerkit.engines.sql" in cmdline
         assert not pod.events_named("worker_started"), pod.log_text()
         assert try_http_get(pod.port, "/readyz") is None
         hold.unlink()

@@ -30,7 +30,7 @@ from tests.support.harness import (
     wait_until,
 )
 from tests.support.rq_harness import RqEnv, start_rq_supervisor
-from workerkit.events import SOCKET_ENV
+from tests.support.run_socket import socket_of
 from workerkit.supervisor.process import descendants
 
 if TYPE_CHECKING:
@@ -153,9 +153,7 @@ def gone(pid: int) -> bool:
 
 
 def socket_path_of(pid: int) -> Path:
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    prefix = f"{SOCKET_ENV}=".encode()
-    return Path(next(v for v in environ if v.startswith(prefix))[len(prefix) :].decode())
+    return socket_of(pid)
 
 
 def test_sigkilled_supervisor_its_worker_releases_the_job_and_is_gone_within_a_second(

@@ -25,8 +25,8 @@ from tests.support.harness import (
     try_http_get,
     wait_until,
 )
+from tests.support.run_socket import socket_of
 from workerkit import exitcodes
-from workerkit.events import SOCKET_ENV
 
 
 def assert_released(env: Env, job_id: str) -> dict[str, object]:
@@ -313,9 +313,7 @@ def test_sigterm_while_the_worker_is_still_starting_stops_it_without_a_drain_win
 
 
 def _socket_dir_of(pid: int) -> Path:
-    prefix = f"{SOCKET_ENV}=".encode()
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return Path(next(v for v in environ if v.startswith(prefix))[len(prefix) :].decode()).parent
+    return socket_of(pid).parent
 
 
 def test_runtime_directories_left_by_a_sigkilled_pod_are_removed_at_the_next_start(

@@ -24,6 +24,7 @@ from workerkit.engines.lifeline import SUPERVISOR_PID_ENV
 from workerkit.engines.startgate import CHECK_ENV, GATE_ENV, GO
 from workerkit.events import SOCKET_ENV
 from workerkit.settings import settings_to_env
+from workerkit.supervisor import forked
 from workerkit.supervisor.process import ChildProcess
 
 if TYPE_CHECKING:
@@ -111,7 +112,8 @@ def start_early(settings: Settings, engine: Engine) -> EarlyWorker | None:
     }
     child = ChildProcess(argv, env)
     try:
-        child.start()
+        if not forked.start(child, keep=(gate_read, check_write), drop=(gate_write, check_read)):
+            child.start()
     except OSError:
         os.close(gate_write)
         os.close(check_read)
