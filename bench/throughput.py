@@ -55,6 +55,7 @@ import os
 import pstats
 import signal
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -370,7 +371,10 @@ def run_rq(bench: Bench, worker_class: str = "simple") -> dict[str, Any]:
     try:
         cpu = CpuProbe(bench, worker=lambda: proc.pid)
         finished = bench.wait_done(proc, what=f"rq {worker_class} worker", k=k, probe=cpu)
-        proc.popen.wait(30)  # --burst: it exits once the queue is empty
+        # --burst: it exits once the queue is empty. Now and then it does not (seen 3 times in
+        # ~20 runs of 2026-12-04, the counter at K): the figures are taken, so it is killed.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(30)
     finally:
         proc.stop(signal.SIGKILL)
     return bench.result(
