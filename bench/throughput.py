@@ -371,8 +371,9 @@ def run_rq(bench: Bench, worker_class: str = "simple") -> dict[str, Any]:
     try:
         cpu = CpuProbe(bench, worker=lambda: proc.pid)
         finished = bench.wait_done(proc, what=f"rq {worker_class} worker", k=k, probe=cpu)
-        # --burst: it exits once the queue is empty. Now and then it does not (seen 3 times in
-        # ~20 runs of 2026-12-04, the counter at K): the figures are taken, so it is killed.
+        # --burst: it exits once the queue is empty, but now and then only a minute later (RQ's
+        # teardown joins its pubsub thread, which redis-py 8 lets wait up to RQ's sleep_time of
+        # 60 s; workerkit's worker bounds that wait, drain.py): the figures are taken, so kill it.
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.popen.wait(30)
     finally:
