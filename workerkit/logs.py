@@ -8,11 +8,12 @@ formats: docs/operations/lifecycle.md ("Logs").
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
+import math
 import sys
 import threading
+import time
 from types import TracebackType
 from typing import Any, Final, TextIO
 
@@ -36,11 +37,30 @@ _routed: dict[str, int | None] = {}
 #: Filters every record passes on its way out (add_handler_filter), kept across reconfiguring.
 _filters: list[logging.Filter] = []
 _uncaught = logging.getLogger("workerkit.uncaught")
+#: ``json.dumps(data, default=str, separators=(",", ":"))`` without a new encoder per line.
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
+#: The last second formatted, and its text up to the milliseconds (one tuple: read at once by
+#: any thread). A worker logs a few lines per job, most within the same second.
+_second: tuple[int, str] = (-1, "")
 
 
 def _timestamp(created: float) -> str:
-    moment = dt.datetime.fromtimestamp(created, tz=dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """``created`` as ISO 8601 UTC with milliseconds, as ``datetime.fromtimestamp`` rounds it
+    (to the microsecond, half to even) and ``strftime`` writes it; the second's text is reused."""
+    global _second
+    fraction, whole = math.modf(created)
+    micros = round(fraction * 1e6)
+    second = int(whole)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    elif micros < 0:  # before 1970: the fraction counts back from the second
+        second, micros = second - 1, micros + 1_000_000
+    cached = _second
+    if cached[0] != second:
+        cached = _second = (second, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)))
+    return f"{cached[1]}{micros // 1000:03d}Z"
 
 
 def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -70,7 +90,7 @@ class JsonFormatter(logging.Formatter):
             data["exception"] = record.exc_text
         if record.stack_info:
             data["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(data, default=str, separators=(",", ":"))
+        return _ENCODER.encode(data)
 
 
 class TextFormatter(logging.Formatter):

@@ -20,6 +20,7 @@ from rq.serializers import DefaultSerializer, JSONSerializer
 from rq.utils import now, utcformat
 
 import workerkit
+from tests.support.harness import wait_until
 from workerkit.engines.rq import RqApp, RqEngine, SimpleWorker, Worker, WorkerkitJob
 from workerkit.engines.rq.jobs import read_state
 from workerkit.engines.rq.leases import (
@@ -513,3 +514,22 @@ def test_a_job_logs_workerkit_s_start_and_finish_at_info_not_rq_s_duplicates_of_
     events = [getattr(r, "event", r.getMessage()) for r in per_job if r.levelno >= logging.INFO]
     # RQ's own dequeue and "Job OK" lines say what job_started and job_finished say: DEBUG.
     assert events == ["job_started", "job_finished"], events
+
+
+def test_the_teardown_does_not_wait_for_the_pubsub_thread_s_minute(
+    redis_client: redis.Redis[bytes], redis_url: str
+) -> None:
+    """RQ's pubsub thread, once unsubscribed, waits up to a minute (RQ's ``sleep_time``) for a
+    subscription; redis-py 8's ``stop()`` joins it without a bound. The worker's teardown must
+    not wait with it: an idle worker stopped by SIGTERM sat there until the supervisor killed
+    it (about one stop in five under load, when the thread read the unsubscribe first)."""
+    worker = simple_worker(redis_client, redis_url)
+    worker.subscribe()
+    pubsub = worker.pubsub
+    assert pubsub is not None
+    wait_until(lambda: bool(pubsub.subscribed), timeout=5, what="the subscription")
+    pubsub.unsubscribe()  # read by the thread, which then waits for a subscription
+    wait_until(lambda: not pubsub.subscribed, timeout=5, what="the thread to read it")
+    started = time.monotonic()
+    worker.unsubscribe()
+    assert time.monotonic() - started < 1.0

@@ -205,3 +205,49 @@ def test_a_connection_s_first_second_is_read_at_once() -> None:
 
     anyio.run(main)
     assert batches == [1] * 6, batches
+
+
+def test_after_read_promptly_each_write_is_read_as_it_comes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From the first stop signal on (the runner calls ``read_promptly``), no read waits out its
+    window: the drain sees each job's start and finish as it is written. A reader already
+    waiting out a window is woken."""
+    monkeypatch.setattr(channel_module, "COALESCE_AFTER", 0.0)  # past the start, at once
+    monkeypatch.setattr(channel_module, "COALESCE", 5.0)  # a window no test waits out
+    batches: list[int] = []
+    got = anyio.Event()
+
+    async def on_events(connection: Connection, events: Sequence[Event | BadMessage]) -> None:
+        batches.append(len(events))
+        got.set()
+
+    async def main() -> None:
+        nonlocal got
+        async with Channel(on_events) as channel, await connect(channel) as stream:
+            await stream.send(encode(Hello("worker", pid=11)))
+            with anyio.fail_after(2):
+                await got.wait()
+            got = anyio.Event()
+            await stream.send(encode(Heartbeat(running=0, ts=1000.0)))
+            with anyio.fail_after(2):
+                await got.wait()  # read at once: the last read was a quiet spell ago
+            # The reader now waits out its 5 s window; the stop signal ends the wait.
+            got = anyio.Event()
+            await stream.send(encode(Heartbeat(running=1, ts=1001.0)))
+            await anyio.sleep(0.05)
+            assert batches == [1, 1], batches  # held in the socket's buffer
+            channel.read_promptly()
+            with anyio.fail_after(2):
+                await got.wait()
+            for n in range(3):
+                got = anyio.Event()
+                await stream.send(encode(Heartbeat(running=n, ts=1002.0 + n)))
+                with anyio.fail_after(2):
+                    await got.wait()
+            await stream.aclose()
+            with anyio.fail_after(5):
+                await channel.wait_closed()
+
+    anyio.run(main)
+    assert batches == [1, 1, 1, 1, 1, 1], batches

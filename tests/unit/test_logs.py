@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import logging
+import random
 import sys
 import threading
 import warnings
@@ -12,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from workerkit.logs import configure_logging, route_logger
+from workerkit.logs import _timestamp, configure_logging, route_logger
 
 
 @pytest.fixture
@@ -145,3 +147,24 @@ def test_a_routed_logger_writes_through_our_handler_only_also_after_reconfigurin
     assert own.getvalue() == ""
     assert [r["message"] for r in _records(first)] == ["routed"]
     assert [r["message"] for r in _records(second)] == ["again"]
+
+
+def _reference_timestamp(created: float) -> str:
+    moment = dt.datetime.fromtimestamp(created, tz=dt.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def test_timestamps_are_what_datetime_writes_at_every_rounding_edge() -> None:
+    """The timestamp reuses the second's text (a worker logs a few lines per job): every value
+    must still read as ``datetime.fromtimestamp`` rounds it, across seconds and at the edges
+    (half a microsecond, the last microsecond of a second), also for several lines in one
+    second and out of order."""
+    chooser = random.Random(16)
+    values = [0.0, 0.5, 1.9999995, 1.9999994, -0.25, -1.0000004, 1751343505.3989995]
+    for _ in range(20000):
+        whole = chooser.randrange(1_600_000_000, 1_900_000_000)
+        values.append(whole + chooser.random())
+        values.append(whole + chooser.choice([0.0005, 0.0004999, 0.9999995, 0.9999996, 0.0]))
+        values.append(whole + chooser.random())  # the same second again: its text reused
+    for value in values:
+        assert _timestamp(value) == _reference_timestamp(value), repr(value)

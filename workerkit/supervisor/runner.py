@@ -154,6 +154,8 @@ class Supervisor:
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
         """Act as if ``signum`` was received (call from the supervisor's event loop)."""
+        if self.channel is not None:
+            self.channel.read_promptly()
         self._send.send_nowait(SignalReceived(signum, self.clock()))
 
     async def run(self) -> int:
@@ -267,7 +269,12 @@ class Supervisor:
         self, connection: Connection, events: Sequence[ev.Event | ev.BadMessage]
     ) -> None:
         del connection
-        await self._send.send(_ChannelEvents(events))
+        item = _ChannelEvents(events)
+        try:
+            # No checkpoint first (anyio's send takes one): an event-loop round less per read.
+            self._send.send_nowait(item)
+        except anyio.WouldBlock:
+            await self._send.send(item)  # the inbox is full: wait for room, lose nothing
 
     async def _receive_signals(self, signals: AsyncIterator[signal.Signals]) -> None:
         async for signum in signals:
@@ -277,6 +284,8 @@ class Supervisor:
             # Readiness turns false here, before the signal even reaches the state machine
             # through the inbox: a probe served in between must not still say "ok".
             self.health.signal_received(signal.Signals(signum).name)
+            if self.channel is not None:
+                self.channel.read_promptly()  # the jobs' events from now on, as they come
             self._prepare_release()
             await self._send.send(SignalReceived(int(signum), self.clock()))
 
