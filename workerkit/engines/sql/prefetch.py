@@ -153,14 +153,18 @@ class Prefetching:
         out, is put back (or dropped) instead."""
         while True:
             with self._held_lock:
-                if not self._held:
+                # Checked at each turn: a put-back below is a round trip, and a SIGTERM during
+                # it must not let the next held job start.
+                if not self._held or self._stopping.is_set():
                     return None
                 item = self._held.popleft()
             if item.delivery.queue not in queues:
                 self._put_back([item], "queue_paused")
                 continue
             if lease_bound(item.lease_from, self._lease_ttl) <= time.monotonic():
-                self._returned(item, "lease_expired")  # not ours for sure: never started
+                # Maybe not ours any more: never started. A fenced release still gives its
+                # attempt back if nobody claimed it since (an expired lease keeps its token).
+                self._put_back([item], "lease_expired")
                 continue
             return item
 
@@ -203,6 +207,10 @@ class Prefetching:
                         "error": str(exc),
                     },
                 )
+                if self._stopping.is_set() and not isinstance(exc, LeaseLost):
+                    # Still the supervisor's to release after this worker exits (it gives the
+                    # attempt back): no prefetch_returned, which would take it off its list.
+                    continue
             self._returned(item, reason)
         if kept:
             with self._held_lock:

@@ -248,6 +248,9 @@ class NativeWorker(Settling, Prefetching):
                         "stopped fetching", extra={"event": "worker_stopping", "running": running}
                     )
                 if self.running_count == 0 and self._fetcher_idle():
+                    # A claim in progress at the stop held its extra jobs after the put-back
+                    # above; the fetcher's own may not run before this process exits.
+                    self._put_back_prefetched("stopping")
                     log.info("drained", extra={"event": "worker_drained"})
                     return 0
             self._enforce_timeouts()
