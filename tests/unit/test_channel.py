@@ -22,6 +22,7 @@ from workerkit.events import (
     JobHeartbeat,
     Release,
     RequestStop,
+    WorkerReady,
     encode,
 )
 from workerkit.supervisor import channel as channel_module
@@ -169,7 +170,7 @@ def test_a_busy_connection_is_read_once_per_window_not_once_per_write(
 
     async def main() -> None:
         async with Channel(on_events) as channel, await connect(channel) as stream:
-            await stream.send(encode(Hello("worker", pid=11)))
+            await stream.send(encode(Hello("worker", pid=11)) + encode(WorkerReady("sql")))
             for n in range(40):
                 await stream.send(encode(Heartbeat(running=n, ts=1000.0 + n)))
                 await anyio.sleep(0.001)
@@ -178,7 +179,7 @@ def test_a_busy_connection_is_read_once_per_window_not_once_per_write(
                 await channel.wait_closed()
 
     anyio.run(main)
-    assert sum(batches) == 41
+    assert sum(batches) == 42
     # 40 writes over >= 40 ms, read at most every 20 ms: a handful of reads (not 40).
     assert len(batches) <= 10, batches
 
@@ -225,7 +226,7 @@ def test_after_read_promptly_each_write_is_read_as_it_comes(
     async def main() -> None:
         nonlocal got
         async with Channel(on_events) as channel, await connect(channel) as stream:
-            await stream.send(encode(Hello("worker", pid=11)))
+            await stream.send(encode(Hello("worker", pid=11)) + encode(WorkerReady("sql")))
             with anyio.fail_after(2):
                 await got.wait()
             got = anyio.Event()
@@ -236,7 +237,7 @@ def test_after_read_promptly_each_write_is_read_as_it_comes(
             got = anyio.Event()
             await stream.send(encode(Heartbeat(running=1, ts=1001.0)))
             await anyio.sleep(0.05)
-            assert batches == [1, 1], batches  # held in the socket's buffer
+            assert batches == [2, 1], batches  # held in the socket's buffer
             channel.read_promptly()
             with anyio.fail_after(2):
                 await got.wait()
@@ -250,4 +251,41 @@ def test_after_read_promptly_each_write_is_read_as_it_comes(
                 await channel.wait_closed()
 
     anyio.run(main)
-    assert batches == [1, 1, 1, 1, 1, 1], batches
+    assert batches == [2, 1, 1, 1, 1, 1], batches
+
+
+def test_a_worker_s_connection_is_read_at_once_until_its_ready_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the first second, a worker whose store kept it unready writes its ready and first
+    job's start: both are read as they come (a SIGTERM right after them must find the worker
+    ready, or the stop would skip the drain window)."""
+    monkeypatch.setattr(channel_module, "COALESCE_AFTER", 0.0)  # past the start, at once
+    monkeypatch.setattr(channel_module, "COALESCE", 5.0)  # a window no test waits out
+    batches: list[tuple[str | None, int]] = []
+    got = anyio.Event()
+
+    async def on_events(connection: Connection, events: Sequence[Event | BadMessage]) -> None:
+        batches.append((connection.role, len(events)))
+        got.set()
+
+    async def write_and_wait(stream: anyio.abc.SocketStream, data: bytes) -> None:
+        nonlocal got
+        got = anyio.Event()
+        await stream.send(data)
+        with anyio.fail_after(2):
+            await got.wait()  # read at once: no 5 s window waited out
+
+    async def main() -> None:
+        async with Channel(on_events) as channel, await connect(channel) as stream:
+            await write_and_wait(stream, encode(Hello("worker", pid=11)))
+            for n in range(4):  # busy, unready: each write read as it comes
+                await write_and_wait(stream, encode(Heartbeat(running=n, ts=1000.0 + n)))
+            await write_and_wait(stream, encode(WorkerReady("sql")))
+            channel.read_promptly()  # the reader now waits out a window: the close ends it
+            await stream.aclose()
+            with anyio.fail_after(5):
+                await channel.wait_closed()
+
+    anyio.run(main)
+    assert batches == [("worker", 1)] * 6, batches

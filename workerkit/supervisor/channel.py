@@ -34,6 +34,7 @@ from workerkit.events import (
     PublishPresence,
     Release,
     RequestStop,
+    WorkerReady,
     decode,
     encode,
 )
@@ -175,17 +176,23 @@ class Channel:
     async def _read(self, connection: Connection) -> None:
         pending = bytearray()  # the start of a line whose end has not arrived yet
         read_at = -COALESCE  # when the last read returned (anyio's clock)
+        ready_from: float | None = None  # when this connection's worker_ready was read
         busy = False  # the last read came soon after the one before it
         steady_from = anyio.current_time() + COALESCE_AFTER
         try:
             while True:
                 # A busy process's events wait in the socket's buffer for the rest of COALESCE
                 # since the last read: one wake-up per window, not one per write. Not in a
-                # connection's first second, nor after a quiet spell: a worker's ready and its
-                # first job's start must be known before a SIGTERM that follows them is judged
-                # (before ready, the stop skips the drain window).
+                # connection's first second, nor after a quiet spell, nor on a worker's own
+                # connection (not a job's executor) before its ready was read and for a second
+                # after: a worker's ready and its first job's start must be known before a
+                # SIGTERM that follows them is judged (before ready, the stop skips the drain
+                # window), and a store that keeps a worker unready delays its ready at will.
+                steady = read_at >= steady_from and (
+                    ready_from is not None or _is_executor(connection.role)
+                )
                 wait = read_at + COALESCE - anyio.current_time()
-                if busy and wait > 0 and read_at >= steady_from and not self._prompt:
+                if busy and wait > 0 and steady and not self._prompt:
                     with anyio.move_on_after(wait):
                         await self._hurry.wait()
                 try:
@@ -215,6 +222,9 @@ class Channel:
                 events = [
                     event for line in lines if (event := self._decode(connection, line)) is not None
                 ]
+                if ready_from is None and any(isinstance(e, WorkerReady) for e in events):
+                    ready_from = read_at
+                    steady_from = read_at + COALESCE_AFTER
                 if events:
                     await self._on_events(connection, events)
         finally:
@@ -326,3 +336,8 @@ class Channel:
     def child_env(self) -> dict[str, str]:
         """The environment variable that points a child process at this channel."""
         return {SOCKET_ENV: self.path}
+
+
+def _is_executor(role: str | None) -> bool:
+    """A job's own process (its events come with the job's, never a ``worker_ready``)."""
+    return role is not None and role.endswith("executor")
