@@ -2,16 +2,20 @@
 
 Run as ``python -m tests.apps.fork_probe ARGS`` (or forked as if so): writes one JSON line to
 the descriptor named by ``FORK_PROBE_FD`` (its signal handlers, held signals, argv, name,
-environment, open close-on-exec descriptors, a random number), then waits for a signal.
+environment, open close-on-exec descriptors, a random number), then waits for a signal; with
+``FORK_PROBE_EXIT`` set, exits instead with a thread and an exit function still to run.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 from workerkit.supervisor import held_signals
@@ -28,8 +32,27 @@ def _handler(signum: int) -> str:
     return repr(handler)
 
 
+def exit_as_a_program_would(fd: int) -> None:
+    """A non-daemon thread still writing and an exit function: a program's exit waits for the
+    first, then runs the second (``thread`` then ``atexit`` on the descriptor, then its end)."""
+
+    def late() -> None:
+        time.sleep(0.2)
+        os.write(fd, b"thread\n")
+
+    def at_exit() -> None:
+        os.write(fd, b"atexit\n")
+        os.close(fd)
+
+    threading.Thread(target=late).start()
+    atexit.register(at_exit)
+
+
 def main() -> None:
     fd = int(os.environ["FORK_PROBE_FD"])
+    if os.environ.get("FORK_PROBE_EXIT"):
+        exit_as_a_program_would(fd)
+        return
     private = []
     for name in os.listdir("/proc/self/fd"):
         try:

@@ -43,6 +43,12 @@ DRIVER = textwrap.dedent(
     if not was_forked:
         child.start()
     os.close(report_w)
+    if mode == "exit":
+        lines = os.fdopen(report_r).read().splitlines()
+        _, status = os.waitpid(child.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        print(json.dumps({"forked": was_forked, "lines": lines, "exit": code}))
+        sys.exit(0)
     line = os.fdopen(report_r).readline()
     report = json.loads(line)
     report["forked"] = was_forked
@@ -135,3 +141,10 @@ def test_the_imports_shared_before_the_fork_load_no_engine_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_a_forked_worker_exits_as_a_program_would() -> None:
+    """Its non-daemon threads are waited for, then its exit functions run (as at an exec'd
+    worker's exit): a worker's last writes are not cut off by the fork's ``os._exit``."""
+    report = drive("exit", FORK_PROBE_EXIT="1")
+    assert report == {"forked": True, "lines": ["thread", "atexit"], "exit": 0}

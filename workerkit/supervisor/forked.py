@@ -32,12 +32,12 @@ import atexit
 import contextlib
 import gc
 import importlib
+import logging
 import os
 import runpy
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, NoReturn
 
@@ -140,10 +140,14 @@ def _run_worker(module: str, args: list[str], env: dict[str, str], drop: Sequenc
     except SystemExit as exc:
         code = _exit_code(exc.code)
     except BaseException:
-        traceback.print_exc()
+        with contextlib.suppress(BaseException):
+            sys.excepthook(*sys.exc_info())  # the worker's hook (JSON logs), as at a real exit
     finally:
-        # As the interpreter's own exit would: the worker's exit functions, flushed streams;
-        # never back into the CLI's frames below.
+        # As the interpreter's own exit would (and multiprocessing's forked children do): wait
+        # for non-daemon threads, run the worker's exit functions, flush the streams; never
+        # back into the CLI's frames below.
+        with contextlib.suppress(BaseException):
+            getattr(threading, "_shutdown")()  # noqa: B009 - private, absent from typeshed
         with contextlib.suppress(BaseException):
             atexit._run_exitfuncs()
         for stream in (sys.stdout, sys.stderr):
@@ -170,7 +174,8 @@ def _become_worker(module: str, env: dict[str, str], drop: Sequence[int]) -> Non
     held_signals.take()  # the supervisor's, not ours
     for fd in drop:
         os.close(fd)
-    atexit._clear()  # the CLI's exit functions are the supervisor's
+    atexit._clear()  # the CLI's exit functions are the supervisor's ...
+    atexit.register(logging.shutdown)  # ... but logging's, registered once at its import
     os.environ.clear()
     os.environ.update(env)
     if sys.path:  # as ``python -m`` has it: the working directory, not the CLI script's
