@@ -366,6 +366,7 @@ def test_a_prefetched_delivery_is_released_after_a_crash_and_dropped_when_put_ba
     assert machine.handle(JobStarted("j2", held)) == []
     assert machine.handle(JobStarted("j3", {**ref("j3"), "prefetched": True})) == []
     assert machine.handle(JobFinished("j3", "prefetch_returned")) == []
+    assert machine.started == {"j1": ref("j1")}  # what presence shows as running
     actions = machine.handle(WorkerExited(-signal.SIGKILL, T0))
     assert effects(actions) == [ReleaseInFlight((ref("j1"), held), crashed=True)]
 
@@ -373,7 +374,9 @@ def test_a_prefetched_delivery_is_released_after_a_crash_and_dropped_when_put_ba
 def test_a_prefetched_delivery_started_is_in_flight_as_started() -> None:
     machine = draining_machine()
     machine.handle(JobStarted("j1", {**ref("j1"), "prefetched": True}))
+    assert machine.started == {}
     machine.handle(JobStarted("j1", ref("j1")))  # the worker started it
+    assert machine.started == {"j1": ref("j1")}
     actions = machine.handle(WorkerExited(1, T0 + 3))
     assert effects(actions) == [ReleaseInFlight((ref("j1"),), crashed=True)]
 

@@ -146,6 +146,12 @@ class Lifecycle:
     def ready(self) -> bool:
         return self.state is State.READY
 
+    @property
+    def started(self) -> dict[str, Mapping[str, Any]]:
+        """The jobs in flight that started: not those a worker holds prefetched (they are
+        released with the rest after a kill, but are not running)."""
+        return {k: v for k, v in self.in_flight.items() if not v.get("prefetched")}
+
     def handle(self, event: Input) -> list[Action]:
         """Apply one input; return what the runner must do, in order."""
         if self.state is State.STOPPED:

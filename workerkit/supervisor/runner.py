@@ -369,7 +369,7 @@ class Supervisor:
         now = self.clock()
         self._presence_due = now + PRESENCE_INTERVAL
         record = presence.record(
-            str(state), self.machine.in_flight, self.machine.deadlines, now=now, wall=time.time()
+            str(state), self.machine.started, self.machine.deadlines, now=now, wall=time.time()
         )
         group.start_soon(channel.send_to, presence.pid, ev.PublishPresence(record))
 
