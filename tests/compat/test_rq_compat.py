@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -391,12 +392,26 @@ def dump_stacks(worker: Supervisor) -> None:
     )
 
 
-def stop(worker: Supervisor) -> int:
+# Bare ``rq worker``'s own teardown can wait up to RQ's pubsub sleep_time (60 s): redis-py's
+# PubSubWorkerThread.stop() joins the thread without a bound, and once unsubscribed the thread
+# waits out its sleep_time for a subscription (workerkit's rq worker bounds that join, e7182e9).
+# It is a race: most bare runs exit at once, and some hang there. Its operators press Ctrl+C a
+# second time (RQ's cold shutdown); the bare run here does the same once its log shows it there.
+BARE_TEARDOWN_WAIT = "unsubscribing from channel"
+
+
+def stop(worker: Supervisor, *, bare: bool = False) -> int:
     """SIGTERM the worker (unless it exited already); its exit code once it and its children
     (work horse, RQ's scheduler process) are gone."""
     children = descendants(worker.pid)
     if worker.proc.poll() is None:
         worker.signal(signal.SIGTERM)
+    if bare:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.proc.wait(5)
+        last_line = worker.log_text().rstrip().rpartition("\n")[2]
+        if worker.proc.poll() is None and BARE_TEARDOWN_WAIT in last_line:
+            worker.signal(signal.SIGTERM)  # RQ's cold shutdown: interrupts the join
     code, _ = worker.wait_exit(15)
     wait_until(
         lambda: all(process_state(pid) in (None, "Z") for pid in children),
@@ -430,7 +445,7 @@ def run_features(
                         feature.enqueue(p)
                 if not wait_for(lambda: all(f.observe(p) is not None for f in rows)):
                     dump_stacks(worker)
-            code = stop(worker)
+            code = stop(worker, bare=kind == "bare")
         finally:
             worker.stop()
         observed = {f.name: f.observe(p) or {"not settled": True} for f in rows}
