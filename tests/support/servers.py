@@ -26,6 +26,7 @@ import ctypes
 import ctypes.util
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -55,12 +56,38 @@ class ServerUnavailableError(Exception):
 # process plumbing
 
 
+# Ports handed out below the kernel's ephemeral range. A port from bind(("", 0)) comes from
+# that range, and so does the local port of every outgoing connection any process opens: under
+# the two parallel test groups (thousands of Redis and PostgreSQL client connections) such a
+# port was taken by somebody's connect() between the pick and the server's bind (a scheduler
+# replica's http_bind_failed in CI). No connect() is ever given a port below the range.
+_LISTEN_PORTS = range(20000, 32000)
+_pick = random.SystemRandom()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the caller retries on a clash)."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, outside the ephemeral range when
+    the system says where that is (the caller retries on a clash)."""
+    candidates = _LISTEN_PORTS if _ephemeral_low() >= _LISTEN_PORTS.stop else range(0)
+    for _ in range(50 if candidates else 0):
+        port = _pick.choice(candidates)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 def _parent_death_signal(sig: signal.Signals) -> Callable[[], None] | None:
