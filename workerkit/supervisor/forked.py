@@ -54,7 +54,9 @@ DISABLE_ENV: Final = "WORKERKIT_FORK_WORKER"
 #: What both processes import on their way to ready, after the fork (the supervisor's anyio
 #: and budget check; the sql worker's SQLAlchemy, the rq worker's redis, the app check):
 #: imported once before it, they cost the pod's CPU once (-0.08 to -0.1 s to ready, same-round
-#: medians) and their pages are shared. None is an engine library.
+#: medians) and their pages are shared. None is an engine library. Only what both need: the
+#: time before the fork is on the worker's way to ready, so the budget's rules and report
+#: (the supervisor's alone) are imported after it, beside the worker's imports.
 SHARED_IMPORTS: Final = (
     "asyncio",
     "base64",
@@ -65,7 +67,7 @@ SHARED_IMPORTS: Final = (
     "hashlib",
     "queue",
     "ssl",
-    "workerkit.timing",
+    "workerkit.timing.budget",
 )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib
 import logging
 import os
 import signal
@@ -76,6 +77,12 @@ if TYPE_CHECKING:
 __all__ = ("TICK_INTERVAL", "Supervisor", "run_supervisor", "supervise")
 
 log = logging.getLogger(__name__)
+
+# anyio imports its event loop backend at the first anyio.run() (~20 ms), which comes after the
+# app check, on the way to ready. `workerkit run` imports this module while the worker it forked
+# imports its own (cli.py): the backend is imported then, on the other core.
+with contextlib.suppress(ImportError):
+    importlib.import_module("anyio._backends._asyncio")
 
 #: How often deadlines are checked, the loop's liveness is stamped, and children are reaped
 #: (SIGCHLD reaps at once; the tick is the safety net for a signal coalesced or missed).
