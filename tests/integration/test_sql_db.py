@@ -24,7 +24,7 @@ from workerkit.engines.sql.db import (
     head_revision,
     upgrade,
 )
-from workerkit.engines.sql.schema import VERSION_TABLE, metadata
+from workerkit.engines.sql.schema import VERSION_TABLE, full_metadata
 from workerkit.errors import ConfigurationError, PayloadError, StoreUnavailable
 from workerkit.settings import Settings
 
@@ -51,7 +51,7 @@ def test_migrations_create_exactly_the_tables_the_code_uses(migrated_url: str) -
             context = MigrationContext.configure(
                 conn, opts={"version_table": VERSION_TABLE, "compare_type": True}
             )
-            assert compare_metadata(context, metadata) == []
+            assert compare_metadata(context, full_metadata()) == []
     finally:
         engine.dispose()
 

@@ -67,6 +67,7 @@ from workerkit.supervisor.lifecycle import (
 from workerkit.supervisor.metrics import SupervisorMetrics
 from workerkit.supervisor.presence import WorkerPresence
 from workerkit.supervisor.process import ChildProcess, become_subreaper, descendants
+from workerkit.timing import evaluate
 
 if TYPE_CHECKING:
     from workerkit.engines.base import Engine
@@ -602,8 +603,6 @@ def _fields(event: ev.Event) -> dict[str, Any]:
 
 
 def _check_budget(settings: Settings, timing: AppTiming) -> bool:
-    from workerkit.timing import evaluate
-
     report = evaluate(settings, timing.tasks, timing.celery)
     for finding in report.warnings:
         log.warning(

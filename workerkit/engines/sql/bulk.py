@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Final
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.dialects.postgresql.base import PGDialect
 
 from workerkit.engines.sql.listener import NOTIFY_CHANNEL
 from workerkit.engines.sql.schema import db_now, jobs
@@ -90,7 +89,7 @@ def insert_jobs(conn: sa.Connection, dialect: str, batch: Sequence[NewJob]) -> s
     inserted: set[str] = set()
     if dialect == "postgresql":
         for chunk in _chunks(batch, POSTGRES_CHUNK_ROWS):
-            inserted.update(conn.execute(_POSTGRES_INSERT, _rows_json(chunk)).scalars())
+            inserted.update(conn.execute(_postgres_insert(), _rows_json(chunk)).scalars())
         return inserted
     rows = sqlite_chunk_rows(_sqlite_max_variables(conn))
     for chunk in _chunks(batch, rows):
@@ -163,9 +162,14 @@ def _sqlite_insert(rows: int) -> str:
     )
 
 
+@functools.cache
 def _postgres_insert() -> sa.TextClause:
     # statement_timestamp() is one value for the whole statement: the chunk's jobs share their
     # enqueue time. WITH ORDINALITY + ORDER BY inserts them in the caller's order.
+    # Imported here: the PostgreSQL dialect costs ~30 ms to import, on a SQLite worker's way to
+    # ready.
+    from sqlalchemy.dialects.postgresql.base import PGDialect
+
     now = _now_sql(PGDialect())  # type: ignore[no-untyped-call]
     return sa.text(
         f"INSERT INTO {jobs.name} ({_COLUMNS}) "  # noqa: S608 - constants; values are bound
@@ -178,7 +182,6 @@ def _postgres_insert() -> sa.TextClause:
     )
 
 
-_POSTGRES_INSERT: Final = _postgres_insert()
 _POSTGRES_NOTIFY: Final = sa.text(
     "SELECT pg_notify(:p_channel, q) FROM unnest(CAST(:p_queues AS text[])) AS q"
 ).bindparams(p_channel=NOTIFY_CHANNEL)

@@ -14,12 +14,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from workerkit.engines.presence import PAUSE_REFRESH, PausedQueues
 from workerkit.engines.sql import db
 from workerkit.engines.sql.listener import NOTIFY_CHANNEL
-from workerkit.engines.sql.schema import db_now, queue_pauses
+from workerkit.engines.sql.schema import db_now, dialect_insert, queue_pauses
 
 if TYPE_CHECKING:
     from workerkit.engines.sql.queue import SqlQueue
@@ -47,7 +46,7 @@ def set_paused(conn: sa.Connection, queue: str, paused: bool, actor: str) -> boo
     """
     dialect = conn.dialect.name
     if paused:
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        insert = dialect_insert(dialect)
         statement = (
             insert(queue_pauses)
             .values(queue=queue, paused_at=db_now(), actor=actor)

@@ -16,11 +16,10 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from workerkit.engines.presence import Presence
 from workerkit.engines.sql import db, pauses
-from workerkit.engines.sql.schema import db_now, workers
+from workerkit.engines.sql.schema import db_now, dialect_insert, workers
 
 if TYPE_CHECKING:
     from workerkit.settings import Settings
@@ -80,7 +79,7 @@ class SqlPresenceStore(db.ForkSafeEngine):
 
     def publish(self, presence: Presence) -> None:
         """Insert or replace ``presence``'s row, its ``heartbeat_at`` the database's now."""
-        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        insert = dialect_insert(self.dialect)
         values = {
             "worker_id": presence.worker_id,
             "record": presence.to_json(),

@@ -245,7 +245,7 @@ class SqlQueue(db.ForkSafeEngine):
         """Store the job; False (and no change) when a job with this id already exists."""
         # PostgreSQL: one round trip in autocommit, the NOTIFY in the INSERT's RETURNING (sent at
         # its commit, only for a new row). SQLite: one BEGIN IMMEDIATE transaction.
-        statement = statements.INSERT_JOB[self.dialect]
+        statement = statements.insert_job_statement(self.dialect)
         params = statements.insert_job_params(job, NOTIFY_CHANNEL)
         with self._errors(), self._enqueue_held.connection() as execute:
             if execute is not None:

@@ -16,11 +16,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from workerkit.engines.attempt import Duty, Keeper
 from workerkit.engines.sql import db
-from workerkit.engines.sql.schema import db_now, idempotency_keys, jobs, scheduler_lease
+from workerkit.engines.sql.schema import (
+    db_now,
+    dialect_insert,
+    idempotency_keys,
+    jobs,
+    scheduler_lease,
+)
 from workerkit.engines.sql.statements import among
 
 if TYPE_CHECKING:
@@ -232,7 +237,7 @@ def take_turn(engine: Any, holder: str, every: float = PRUNE_EVERY) -> bool:
             expires_at=now + every,
         )
     )
-    insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+    insert = dialect_insert(engine.dialect.name)
     seed = (
         insert(scheduler_lease)
         .values(namespace=LEASE_NAME, holder=None, epoch=0, expires_at=0.0)

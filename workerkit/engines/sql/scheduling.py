@@ -16,13 +16,13 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from workerkit.engines.base import NewJob
 from workerkit.engines.sql import db, statements
 from workerkit.engines.sql.listener import NOTIFY_CHANNEL
 from workerkit.engines.sql.schema import (
     db_now,
+    dialect_insert,
     scheduler_fires,
     scheduler_lease,
     scheduler_schedules,
@@ -91,7 +91,7 @@ class SqlSchedulerStore(db.ForkSafeEngine):
         #: Keys every row this store reads or writes (``scheduler_namespace`` by default).
         self.namespace = namespace if namespace is not None else self.settings.scheduler_namespace
         self._adopt_engine(_create_engine(self.url, self.settings))
-        self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        self._insert = dialect_insert(self.dialect)
 
     def __repr__(self) -> str:
         return f"<SqlSchedulerStore {self.url.render_as_string(hide_password=True)}>"

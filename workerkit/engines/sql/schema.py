@@ -21,7 +21,9 @@ __all__ = (
     "JOB_STATES",
     "VERSION_TABLE",
     "db_now",
+    "dialect_insert",
     "drill_runs",
+    "full_metadata",
     "idempotency_keys",
     "jobs",
     "metadata",
@@ -72,48 +74,79 @@ jobs = sa.Table(
     ),
 )
 
-# The claim query's two halves, each served by a small partial index: due jobs in run_at order,
-# and leases that ran out (their worker crashed). Finished rows, the bulk of an old table, are in
-# neither, so the claim never walks them.
-sa.Index(
-    "ix_workerkit_jobs_ready",
-    jobs.c.queue,
-    jobs.c.run_at,
-    postgresql_where=jobs.c.state == "ready",
-    sqlite_where=jobs.c.state == "ready",
-)
-sa.Index(
-    "ix_workerkit_jobs_lease",
-    jobs.c.queue,
-    jobs.c.lease_expires_at,
-    postgresql_where=jobs.c.state == "running",
-    sqlite_where=jobs.c.state == "running",
-)
-# The dashboard (workerkit.engines.sql.dashboard, migration 0005): dead letters per queue, newest
-# first (counts and pages), and waiting jobs by task (search, the jobs page's task filter). Both
-# hold only rows of a small state: a claim, a heartbeat or an ack never writes to them.
-sa.Index(
-    "ix_workerkit_jobs_failed",
-    jobs.c.queue,
-    jobs.c.finished_at,
-    jobs.c.id,
-    postgresql_where=jobs.c.state == "failed",
-    sqlite_where=jobs.c.state == "failed",
-)
-sa.Index(
-    "ix_workerkit_jobs_ready_task",
-    jobs.c.task,
-    jobs.c.run_at,
-    postgresql_where=jobs.c.state == "ready",
-    sqlite_where=jobs.c.state == "ready",
-)
-# workerkit.engines.sql.retention deletes by age.
-sa.Index(
-    "ix_workerkit_jobs_finished",
-    jobs.c.finished_at,
-    postgresql_where=jobs.c.finished_at.is_not(None),
-    sqlite_where=jobs.c.finished_at.is_not(None),
-)
+
+def dialect_insert(dialect: str) -> Any:
+    """The dialect's ``insert`` construct, the one with ``on_conflict_do_nothing`` (``dialect``
+    as ``engine.dialect.name``). PostgreSQL's is imported here, not at the top: importing its
+    dialect costs ~30 ms, on the way to ready of a worker on SQLite."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert
+
+
+_partial_indexes_defined = False
+
+
+def full_metadata() -> sa.MetaData:
+    """:data:`metadata` with the partial indexes of ``workerkit_jobs``, for what compares the
+    schema with a database (the migrations' autogenerate, the schema test).
+
+    They are defined on first use, not at import: a ``postgresql_where`` makes SQLAlchemy import
+    its whole PostgreSQL dialect (~30 ms) to check the argument, on every worker's way to ready,
+    SQLite's too. Queries never need the Index objects; the migrations create the indexes.
+    """
+    global _partial_indexes_defined
+    if _partial_indexes_defined:
+        return metadata
+    _partial_indexes_defined = True
+    # The claim query's two halves, each served by a small partial index: due jobs in run_at
+    # order, and leases that ran out (their worker crashed). Finished rows, the bulk of an old
+    # table, are in neither, so the claim never walks them.
+    sa.Index(
+        "ix_workerkit_jobs_ready",
+        jobs.c.queue,
+        jobs.c.run_at,
+        postgresql_where=jobs.c.state == "ready",
+        sqlite_where=jobs.c.state == "ready",
+    )
+    sa.Index(
+        "ix_workerkit_jobs_lease",
+        jobs.c.queue,
+        jobs.c.lease_expires_at,
+        postgresql_where=jobs.c.state == "running",
+        sqlite_where=jobs.c.state == "running",
+    )
+    # The dashboard (workerkit.engines.sql.dashboard, migration 0005): dead letters per queue,
+    # newest first (counts and pages), and waiting jobs by task (search, the jobs page's task
+    # filter). Both hold only rows of a small state: a claim, a heartbeat or an ack never writes
+    # to them.
+    sa.Index(
+        "ix_workerkit_jobs_failed",
+        jobs.c.queue,
+        jobs.c.finished_at,
+        jobs.c.id,
+        postgresql_where=jobs.c.state == "failed",
+        sqlite_where=jobs.c.state == "failed",
+    )
+    sa.Index(
+        "ix_workerkit_jobs_ready_task",
+        jobs.c.task,
+        jobs.c.run_at,
+        postgresql_where=jobs.c.state == "ready",
+        sqlite_where=jobs.c.state == "ready",
+    )
+    # workerkit.engines.sql.retention deletes by age.
+    sa.Index(
+        "ix_workerkit_jobs_finished",
+        jobs.c.finished_at,
+        postgresql_where=jobs.c.finished_at.is_not(None),
+        sqlite_where=jobs.c.finished_at.is_not(None),
+    )
+    return metadata
 
 
 #: ``in_progress``: claimed by the holder of ``owner_token`` until ``expires_at`` (Ip after the

@@ -13,7 +13,7 @@ from typing import Final
 import sqlalchemy as sa
 from alembic import context
 
-from workerkit.engines.sql.schema import VERSION_TABLE, metadata
+from workerkit.engines.sql.schema import VERSION_TABLE, full_metadata
 
 # Arbitrary but fixed: every `workerkit db upgrade` against one PostgreSQL database takes this
 # transaction-scoped advisory lock, so concurrent upgraders (two Helm releases, a Job retried
@@ -24,7 +24,7 @@ _ADVISORY_LOCK_KEY: Final = 0x776B6462_0001  # "wkdb", 1
 def _migrate(connection: sa.Connection) -> None:
     context.configure(
         connection=connection,
-        target_metadata=metadata,
+        target_metadata=full_metadata(),
         version_table=VERSION_TABLE,
         # SQLite cannot ALTER most things; batch mode rebuilds the table instead.
         render_as_batch=connection.dialect.name == "sqlite",
@@ -58,7 +58,7 @@ def _run_online() -> None:
 def _run_offline() -> None:
     context.configure(
         url=context.config.get_main_option("sqlalchemy.url") or "postgresql+psycopg://",
-        target_metadata=metadata,
+        target_metadata=full_metadata(),
         version_table=VERSION_TABLE,
         literal_binds=True,
     )
