@@ -245,17 +245,34 @@ _libc: Any = None  # libc, once looked up (False: there is none); a forked child
 def load_libc() -> Any:
     """libc through ctypes, looked up once per process (False where there is none).
 
-    ``find_library`` runs ``ldconfig`` in a subprocess: a process that forks a child per job
-    (RQ's work horse) calls this before its first fork, so that no child pays for it again.
+    On Linux, the process's own symbols (``dlopen(NULL)``): Python is linked against libc, so
+    its functions are there, with no search. ``find_library`` is the fallback: it runs
+    ``ldconfig`` in a subprocess (a few ms, on the way to ready of both the supervisor and its
+    worker), and so a process that forks a child per job (RQ's work horse) calls this before its
+    first fork, so that no child pays for it again.
     """
     global _libc
     if _libc is None:
-        name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-        try:
-            _libc = ctypes.CDLL(name, use_errno=True) if name is not None else False
-        except OSError:
-            _libc = False
+        _libc = _own_libc() or _found_libc()
     return _libc
+
+
+def _own_libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return False
+    return libc if hasattr(libc, "prctl") else False
+
+
+def _found_libc() -> Any:
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    try:
+        return ctypes.CDLL(name, use_errno=True) if name is not None else False
+    except OSError:
+        return False
 
 
 def prctl(option: int, arg: int) -> bool:
