@@ -254,7 +254,9 @@ def run_workerkit_inprocess(
         drop()
 
 
-def run_workerkit_supervised(bench: Bench, dialect: str, concurrency: int) -> dict[str, Any]:
+def run_workerkit_supervised(
+    bench: Bench, dialect: str, concurrency: int, prefetch: int | None = None
+) -> dict[str, Any]:
     from tests.support.servers import free_port
 
     bench.reset()
@@ -270,6 +272,8 @@ def run_workerkit_supervised(bench: Bench, dialect: str, concurrency: int) -> di
             WORKERKIT_LOG_FORMAT="json",
             **{_counter.URL_ENV: bench.redis_url},
         )
+        if prefetch is not None:
+            env["WORKERKIT_PREFETCH"] = str(prefetch)
         log_path = bench.tmp / f"wk-run-{dialect}-{uuid.uuid4().hex[:6]}.log"
         proc = Proc([*WORKERKIT, "run", "sql"], log_path=log_path, env=env)
         try:
@@ -784,7 +788,9 @@ VARIANTS: dict[str, str] = {
     "wk-pg-c1": "workerkit NativeWorker, PostgreSQL, c=1 (in-process)",
     "wk-pg-cN": "workerkit NativeWorker, PostgreSQL, c={n} (in-process, 1 process)",
     "wk-run-sqlite": "workerkit run sql (supervisor), SQLite, c=1",
+    "wk-run-sqlite-p4": "workerkit run sql (supervisor), SQLite, c=1, prefetch 4",
     "wk-run-pg-c1": "workerkit run sql (supervisor), PostgreSQL, c=1",
+    "wk-run-pg-c1-p4": "workerkit run sql (supervisor), PostgreSQL, c=1, prefetch 4",
     "wk-run-pg-cN": "workerkit run sql (supervisor), PostgreSQL, c={n}",
     "wk-run-pg-c8": "workerkit run sql (supervisor), PostgreSQL, c=8",
     "celery-solo": "bare Celery, solo pool, Redis, defaults (acks on receipt)",
@@ -918,7 +924,7 @@ def main() -> None:
         parser.error("-k must be at least 2")
 
     chosen = [v for v in args.only.split(",") if v] or [
-        v for v in VARIANTS if v not in ("wk-run-pg-cN", "wk-run-pg-c8")
+        v for v in VARIANTS if v not in ("wk-run-pg-cN", "wk-run-pg-c8") and not v.endswith("-p4")
     ]
     if args.no_supervisor:
         chosen = [v for v in chosen if not v.startswith("wk-run")]
@@ -943,7 +949,9 @@ def main() -> None:
             "wk-pg-c1": lambda: run_workerkit_inprocess(bench, "postgresql", 1),
             "wk-pg-cN": lambda: run_workerkit_inprocess(bench, "postgresql", n),
             "wk-run-sqlite": lambda: run_workerkit_supervised(bench, "sqlite", 1),
+            "wk-run-sqlite-p4": lambda: run_workerkit_supervised(bench, "sqlite", 1, 4),
             "wk-run-pg-c1": lambda: run_workerkit_supervised(bench, "postgresql", 1),
+            "wk-run-pg-c1-p4": lambda: run_workerkit_supervised(bench, "postgresql", 1, 4),
             "wk-run-pg-cN": lambda: run_workerkit_supervised(bench, "postgresql", n),
             "wk-run-pg-c8": lambda: run_workerkit_supervised(bench, "postgresql", 8),
             "celery-solo": lambda: run_celery(bench, acks_late=False),
