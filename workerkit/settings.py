@@ -202,7 +202,7 @@ class Settings:
         1, "Jobs one worker runs at once.", parse_int, minimum=1, engines=("sql", "celery")
     )
     prefetch: int = _s(
-        2,
+        4,
         "Jobs a worker claims ahead and holds for its next free slots (leased, not started; "
         "put back at a stop). 0: claim only for free slots.",
         parse_int,

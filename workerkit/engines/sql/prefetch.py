@@ -2,10 +2,10 @@
 
 At concurrency 1 a job's critical path was: it finishes, its ack goes to the fetcher, one
 ``ack_and_claim`` round trip, the next job starts. With ``prefetch`` jobs held here (the setting,
-default 2), the next job starts as soon as a slot frees, and the buffer is refilled once it is
-empty, by one claim that carries the acks of the jobs finished since (so with 2, one round trip
-per two jobs, beside the last held job's run). Acks wait for that claim at most ``ACK_WAIT``
-(worker.py): a long job's ack is not held back by the next job. Celery prefetches too
+default 4, as Celery's), the next job starts as soon as a slot frees, and the buffer is refilled
+once it is empty, by one claim that carries the acks of the jobs finished since (so with 4, one
+round trip per four jobs, beside the last held job's run). Acks wait for that claim at most
+``ACK_WAIT`` (worker.py): a long job's ack is not held back by the next job. Celery prefetches too
 (``worker_prefetch_multiplier``, 4 by default); unlike its prefetched messages, a held job here is
 leased and fenced like a running one:
 
