@@ -1,12 +1,14 @@
 """The SQL store's tables, as SQLAlchemy Core metadata, and the database clock.
 
 Every time the store compares is computed by the database (:func:`db_now`), never by Python; the
-migrations (:mod:`workerkit.engines.sql.migrations`) create exactly this schema. Why:
+migrations (:mod:`workerkit.engines.sql.migrations`) create exactly this schema, the partial
+indexes of :func:`full_metadata` included (:data:`metadata` alone lacks them). Why:
 docs/engines/sql.md ("The table", "Migrations").
 """
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any, Final
 
 import sqlalchemy as sa
@@ -89,6 +91,7 @@ def dialect_insert(dialect: str) -> Any:
 
 
 _partial_indexes_defined = False
+_partial_indexes_lock = threading.Lock()  # two Index objects of one name would both be compared
 
 
 def full_metadata() -> sa.MetaData:
@@ -100,9 +103,14 @@ def full_metadata() -> sa.MetaData:
     SQLite's too. Queries never need the Index objects; the migrations create the indexes.
     """
     global _partial_indexes_defined
-    if _partial_indexes_defined:
-        return metadata
-    _partial_indexes_defined = True
+    with _partial_indexes_lock:
+        if not _partial_indexes_defined:
+            _define_partial_indexes()
+            _partial_indexes_defined = True
+    return metadata
+
+
+def _define_partial_indexes() -> None:
     # The claim query's two halves, each served by a small partial index: due jobs in run_at
     # order, and leases that ran out (their worker crashed). Finished rows, the bulk of an old
     # table, are in neither, so the claim never walks them.
@@ -146,7 +154,6 @@ def full_metadata() -> sa.MetaData:
         postgresql_where=jobs.c.finished_at.is_not(None),
         sqlite_where=jobs.c.finished_at.is_not(None),
     )
-    return metadata
 
 
 #: ``in_progress``: claimed by the holder of ``owner_token`` until ``expires_at`` (Ip after the
