@@ -106,6 +106,27 @@ def test_the_schema_head_written_in_the_code_is_alembics() -> None:
     assert head_revision() == SCHEMA_HEAD
 
 
+def test_a_sqlite_worker_imports_no_postgresql_dialect() -> None:
+    """SQLAlchemy's PostgreSQL dialect costs a SQLite worker ~30 ms of its start: a module-level
+    ``from sqlalchemy.dialects import postgresql`` (or a ``postgresql_where`` on an Index at
+    import) on the worker's path brings it back."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import workerkit.engines.sql.startup as startup
+        from workerkit.engines.sql import dashboard, scheduling, statements
+        from workerkit.engines.sql.worker import NativeWorker
+        startup._import_ahead()
+        statements.insert_job_statement("sqlite")
+        print(sorted(name for name in sys.modules if name.startswith("sqlalchemy.dialects.post")))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"
+
+
 def test_a_schema_at_head_is_checked_without_importing_alembic(tmp_path: Path) -> None:
     """Alembic costs a worker ~0.1 s of its start; a database at head needs one SELECT."""
     url = f"sqlite:///{tmp_path / 'queue.sqlite3'}"
