@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import inspect
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +16,7 @@ import pytest
 from tests.support.native_worker import Harness, wait_until
 from workerkit.engines.base import NewJob
 from workerkit.engines.sql.slots import IDLE_NAME
+from workerkit.engines.sql.worker import NativeWorker
 from workerkit.events import (
     CheckpointSaved,
     Heartbeat,
@@ -433,3 +437,22 @@ def test_a_release_stops_subprocesses_first_and_a_job_seeing_one_die_is_still_re
     # Released (the attempt given back), not failed by the subprocess's death.
     assert harness.state(job_id) == "ready"
     assert harness.outcomes() == ["released"]
+
+
+def test_no_part_of_the_worker_shadows_another_part_s_method_with_a_stub() -> None:
+    # NativeWorker is put together from parts (settling, prefetch, leases); a part declares what
+    # it needs from the others for the type checker only. A stub that exists at run time would
+    # win over the real method of a part later in the bases, and raise NotImplementedError.
+    for name in dir(NativeWorker):
+        method = getattr(NativeWorker, name)
+        if not inspect.isfunction(method) or not method.__module__.startswith("workerkit"):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(method))).body[0]
+        assert isinstance(body, ast.FunctionDef)
+        statements = [
+            s
+            for s in body.body
+            if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
+        ]
+        stub = len(statements) == 1 and isinstance(statements[0], ast.Raise)
+        assert not stub, f"NativeWorker.{name} resolves to a stub in {method.__qualname__}"

@@ -1,15 +1,18 @@
 """Acks folded into the next claim: the sql worker's job threads hand their acks to the fetcher.
 
 A job thread whose job succeeded offers its ack while the fetcher waits for a free slot (about to
-claim); the fetcher writes every ack offered since its last claim in that claim's write
-(:meth:`SqlQueue.ack_and_claim`, fenced per job) and tells each job thread whether its ack
-matched. While the fetcher is not about to claim (an empty queue, a store not ready, a stop),
-offers are refused or handed back, and the job thread writes its ack itself, as it always did.
+claim), and goes on to its next job; the fetcher writes every ack offered since its last claim in
+that claim's write (:meth:`SqlQueue.ack_and_claim`, fenced per job) and finishes each job by
+whether its ack matched. While the fetcher is not about to claim (an empty queue, a store not
+ready, a stop), offers are refused or handed back, and the ack is written by a thread of its job
+(retried through an outage), as it always was.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -17,30 +20,42 @@ if TYPE_CHECKING:
 
 __all__ = ("AckFold", "Batch")
 
+log = logging.getLogger("workerkit.engines.sql.worker")
+
 
 class Batch:
-    """The acks offered since the fetcher's last claim; one Event for all of them."""
+    """The acks offered since the fetcher's last claim, each with what to do once it is known
+    whether the claim wrote it (the caller's thread: the fetcher's, for a claim)."""
 
     def __init__(self) -> None:
         self.acks: list[Ack] = []
-        self._matched: dict[str, bool] | None = None
-        self._done = threading.Event()
+        self._then: list[Callable[[bool | None], None]] = []
+        self._lock = threading.Lock()
+        self._done = False
+
+    def add(self, ack: Ack, then: Callable[[bool | None], None]) -> None:
+        self.acks.append(ack)
+        self._then.append(then)
 
     def settled(self, matched: list[bool]) -> None:
         """Written: for each ack (in order), whether its fence matched."""
-        self._matched = {ack.job_id: ok for ack, ok in zip(self.acks, matched, strict=True)}
-        self._done.set()
+        self._finish(matched)
 
     def hand_back(self) -> None:
-        """Not written: each job thread writes its own ack. Nothing once settled."""
-        if not self._done.is_set():
-            self._matched = None
-            self._done.set()
+        """Not written: each ack's ``then(None)`` (its job's thread writes it). Nothing once
+        settled."""
+        self._finish([None] * len(self.acks))
 
-    def wait(self, job_id: str) -> bool | None:
-        """Whether this job's ack matched; None when it was handed back (not written)."""
-        self._done.wait()
-        return None if self._matched is None else self._matched[job_id]
+    def _finish(self, matched: Sequence[bool | None]) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        for then, ok in zip(self._then, matched, strict=True):
+            try:
+                then(ok)
+            except Exception:  # one job's bookkeeping must not keep the others' unsettled
+                log.exception("settling a folded ack failed", extra={"event": "fold_failed"})
 
 
 class AckFold:
@@ -52,14 +67,15 @@ class AckFold:
         self._open = False
         self._batch: Batch | None = None
 
-    def offer(self, ack: Ack) -> Batch | None:
-        """Add ``ack`` to the next claim's batch; None when the fetcher is not about to claim."""
+    def offer(self, ack: Ack, then: Callable[[bool | None], None]) -> Batch | None:
+        """Add ``ack`` to the next claim's batch, ``then`` called once it is known whether the
+        claim wrote it; None when the fetcher is not about to claim (``then`` is not called)."""
         with self._lock:
             if not self._open:
                 return None
             if self._batch is None:
                 self._batch = Batch()
-            self._batch.acks.append(ack)
+            self._batch.add(ack, then)
             return self._batch
 
     def open(self) -> None:

@@ -37,6 +37,7 @@ from workerkit.events import BatchingSender, JobPrefetched, PrefetchReturned
 
 if TYPE_CHECKING:
     from workerkit.engines.base import Delivery, QueueBackend
+    from workerkit.engines.sql.running import Running
     from workerkit.events import Event, EventClient
 
 __all__ = ("HOLD", "Prefetched", "Prefetching")
@@ -65,6 +66,7 @@ class Prefetching:
     _job_events: BatchingSender | EventClient
     _lease_ttl: float
     _stopping: threading.Event
+    _slot_freed: threading.Event
     _claim_lock: threading.Lock
     _paused: Any  # pauses.WorkerPauses | None
     prefetch: int
@@ -111,27 +113,57 @@ class Prefetching:
         else:
             sender.send(event)
 
-    def _start(self, delivery: Delivery, sent: float) -> None:
-        raise NotImplementedError
+    # Implemented by the worker or another of its parts; declared for the type checker only, as
+    # a method here would shadow the implementation of a part after this one in the bases.
+    if TYPE_CHECKING:
 
-    def _claim_queues(self) -> list[str]:
-        raise NotImplementedError
+        def _start(self, delivery: Delivery, sent: float) -> None:
+            raise NotImplementedError
 
-    def _start_prefetched(self, free: int) -> int:
-        """Start up to ``free`` held jobs (never after a stop); how many started."""
+        def _claim_queues(self) -> list[str]:
+            raise NotImplementedError
+
+        def _free_slots(self) -> int:
+            raise NotImplementedError
+
+        def _begin(self, delivery: Delivery, sent: float) -> Running:
+            raise NotImplementedError
+
+    def _start_prefetched(self) -> None:
+        """Start held jobs in the free slots (never after a stop): the fetcher's."""
+        if self._free_slots() <= 0:
+            return
         self._holding_back = False  # a slot freed: claim ahead again
         if not self._held:
-            return 0
-        started = 0
+            return
         with self._claim_lock:  # a stop's put-back, or a claim, is not halfway
             queues = self._claim_queues()
-            while started < free and not self._stopping.is_set():
+            # Counted under the lock: a job thread may have started one (_take_next_held).
+            while self._free_slots() > 0:
                 item = self._next_prefetched(queues)
                 if item is None:
                     break
                 self._start(item.delivery, item.lease_from)
-                started += 1
-        return started
+
+    def _take_next_held(self) -> tuple[Running, str] | None:
+        """A held job for the calling job thread to run next (its job ended), or None: then the
+        fetcher is woken to start or claim one. Never waits for a claim in progress (which
+        starts its jobs in the free slots itself)."""
+        try:
+            if self._held and self._claim_lock.acquire(blocking=False):
+                try:
+                    if self._free_slots() > 0:
+                        self._holding_back = False
+                        item = self._next_prefetched(self._claim_queues())
+                        if item is not None:
+                            running = self._begin(item.delivery, item.lease_from)
+                            return running, f"job-{item.delivery.job_id}"
+                finally:
+                    self._claim_lock.release()
+        except Exception:
+            log.exception("starting a held job failed", extra={"event": "prefetch_start_failed"})
+        self._slot_freed.set()
+        return None
 
     def _hold(self, delivery: Delivery, sent: float) -> None:
         """Keep a claimed job for the next slot; the supervisor hears of it at once."""

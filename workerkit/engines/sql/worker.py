@@ -41,11 +41,10 @@ from workerkit.engines.attempt import (
 )
 from workerkit.engines.sql import pauses, retention
 from workerkit.engines.sql.folding import AckFold, Batch
+from workerkit.engines.sql.leases import LeaseKeeping
 from workerkit.engines.sql.outage import (
     ClaimPause,
-    RetryingWrite,
     backoff,
-    lease_bound,
     recovery_grace,
     retrying_sink,
 )
@@ -60,7 +59,6 @@ from workerkit.events import (
     CheckpointSaved,
     Heartbeat,
     JobFinished,
-    JobHeartbeat,
     JobStarted,
     Outcome,
     QueueStats,
@@ -84,7 +82,7 @@ ACK_WAIT = 0.002  # how long acks wait for the next slot to free while a prefetc
 _RELEASE_WAIT = 1.0  # how long a release waits for a settle in progress on the job's thread
 
 
-class NativeWorker(Settling, Prefetching):
+class NativeWorker(Settling, Prefetching, LeaseKeeping):
     """Claims and runs jobs of an :class:`~workerkit.app.App` with bounded concurrency."""
 
     def __init__(
@@ -132,7 +130,8 @@ class NativeWorker(Settling, Prefetching):
         self._pruner: Keeper | None = None  # retention (finished_job_retention): SQL only
         self._fold = AckFold(enabled=isinstance(self.backend, SqlQueue))
         self._init_prefetch(settings.prefetch if isinstance(self.backend, SqlQueue) else 0)
-        self._slots = Slots(self._job_thread)  # job threads, kept for the next job
+        # Job threads, kept for the next job; one whose job ended starts the next held one.
+        self._slots = Slots(self._job_thread, take_next=self._take_next_held)
         self._paused: pauses.WorkerPauses | None = None  # the dashboard's pauses (SQL only)
         if isinstance(self.backend, SqlQueue):
             self._paused = pauses.worker_filter(self.backend, self.queues)
@@ -339,10 +338,8 @@ class NativeWorker(Settling, Prefetching):
                     self._fold.close()
                     self._stopping.wait(grace)
                     continue
-                # The slots of the jobs whose acks wait for this claim free up with it.
-                free = self.concurrency - self.running_count + self._fold.pending
-                if free > 0:
-                    free -= self._start_prefetched(free)  # at once; the claim refills
+                self._start_prefetched()  # at once, in the free slots; the claim refills
+                free = self._free_slots()
                 # Every slot busy and a job held for the next: wait for a slot, or for acks to
                 # have waited ACK_WAIT (a held job is claimed for when the buffer is empty).
                 if free <= 0 and (self._held or self.prefetch_room <= 0):
@@ -354,10 +351,9 @@ class NativeWorker(Settling, Prefetching):
                     self._slot_freed.clear()
                     if freed or not acks:
                         continue
-                batch = self._fold.take()  # no fewer acks than counted: free stays above 0
+                batch = self._fold.take()
                 try:
-                    free = self.concurrency - self.running_count + (len(batch.acks) if batch else 0)
-                    claimed = self._claim_and_start(max(0, free), batch)
+                    claimed = self._claim_and_start(batch)
                 finally:  # whatever ends the fetcher, no job thread waits for this batch forever
                     if batch is not None:
                         batch.hand_back()
@@ -447,12 +443,15 @@ class NativeWorker(Settling, Prefetching):
         # outage may have begun or ended since the fetcher looked (or during the claim's wait).
         return self._pause.allows(self._claim_sent) and self._ready.is_set()
 
-    def _claim_and_start(self, free: int, batch: Batch | None = None) -> bool:
+    def _claim_and_start(self, batch: Batch | None = None) -> bool:
         with self._claim_lock:
             if self._stopping.is_set():
                 if batch is not None:
                     batch.hand_back()
                 return True
+            # Counted under the lock (a job thread may have just started a held job); the slots
+            # of the jobs whose acks this claim writes free up with it.
+            free = max(0, self.concurrency - self.running_count + len(batch.acks if batch else ()))
             queues = self._claim_queues()  # none left (all paused): acks only, then idle
             sent = self._claim_sent = time.monotonic()  # the lease starts no earlier
             limit = free + self.prefetch_room  # the jobs beyond the free slots are held
@@ -485,7 +484,16 @@ class NativeWorker(Settling, Prefetching):
                 self._start(delivery, sent)
             return bool(deliveries)
 
+    def _free_slots(self) -> int:
+        # The slots of the jobs whose acks wait for the next claim free up with it.
+        return self.concurrency - self.running_count + self._fold.pending
+
     def _start(self, delivery: Delivery, sent: float) -> None:
+        running = self._begin(delivery, sent)
+        self._slots.start(running, f"job-{delivery.job_id}")
+
+    def _begin(self, delivery: Delivery, sent: float) -> Running:
+        """A job about to run in a job thread: known as running, and announced."""
         task = self.app.tasks.get(delivery.task)
         timeout = (task.timeout if task and task.timeout else None) or self.settings.job_timeout
         context = JobContext(
@@ -535,82 +543,10 @@ class NativeWorker(Settling, Prefetching):
         )
         with self._running_lock:
             self._running[delivery.job_id] = running
-        self._slots.start(running, f"job-{delivery.job_id}")
+        return running
 
     def _checkpoint_saved(self, context: JobContext) -> None:
         self._job_events.send(CheckpointSaved(context.job_id, context.task, context.queue))
-
-    # --- the lease keeper's duty (every H, until a release) ------------------------------
-
-    def _extend_leases(self) -> float | None:
-        """Renew every running job's lease; after a failure, try again soon (with backoff)."""
-        with self._running_lock:
-            running = [r for r in self._running.values() if not r.acked_by_claim]
-        failed = self._renew_prefetched() if self._held else ""
-        for item in running:
-            sent = time.monotonic()
-            try:
-                kept = self.backend.extend(item.delivery)
-            except Exception as exc:
-                # The store is unreachable; the lease may still hold (and after it ran out,
-                # the token still decides: nobody may have taken the job). Try again soon.
-                failed = f"lease renewal failed: {exc}"
-                if not item.extend_failures:
-                    log.warning(
-                        "lease extension failed; retrying",
-                        extra={
-                            "event": "lease_extend_failed",
-                            "job_id": item.delivery.job_id,
-                            "error": str(exc),
-                            "lease_left": round(self._lease_until(item) - sent, 2),
-                        },
-                    )
-                item.extend_failures += 1
-                continue
-            item.extend_failures = 0
-            if kept:
-                item.lease_from = sent
-                self._job_events.send(JobHeartbeat(item.delivery.job_id))
-            elif not item.acked_by_claim:  # else its ack just landed: not lost, settled
-                item.context.mark_lease_lost()
-                log.warning(
-                    "lease lost: another worker owns the job now",
-                    extra={"event": "lease_lost", "job_id": item.delivery.job_id},
-                )
-        if failed:
-            self._write_failed(failed)
-            return min(next(self._lease_delays), self.settings.effective_heartbeat_interval)
-        self._lease_delays = backoff()
-        return None
-
-    def _lease_until(self, running: Running) -> float:
-        return lease_bound(running.lease_from, self._lease_ttl)
-
-    def _retrying_write(self, running: Running, what: str, *, within_lease: bool) -> RetryingWrite:
-        """The retry policy of one write for ``running`` (a settle: until it lands or a release;
-        a checkpoint: while the lease surely holds)."""
-        retry = RetryingWrite(
-            what,
-            running.delivery.job_id,
-            stop=self._release_requested,
-            on_failure=lambda reason: self._write_failed(reason, retry),
-            lease_until=lambda: self._lease_until(running),
-            until=(lambda: self._lease_until(running)) if within_lease else None,
-            on_done=self._write_done,
-        )
-        return retry
-
-    def _write_failed(self, reason: str, retry: RetryingWrite | None = None) -> None:
-        self._write_trouble = reason
-        if retry is not None and retry.failures == 1:
-            with self._running_lock:
-                self._retrying += 1  # readiness stays false until it lands (_report_health)
-        self._store_failed(reason)
-
-    def _write_done(self, retry: RetryingWrite) -> None:
-        if retry.failures:
-            with self._running_lock:
-                self._retrying -= 1
 
     # --- one job ------------------------------------------------------------------------
 
@@ -632,6 +568,7 @@ class NativeWorker(Settling, Prefetching):
     def _run_job(self, running: Running) -> None:
         delivery, context = running.delivery, running.context
         task = self.app.tasks.get(delivery.task)
+        folded = False  # its ack went to the fetcher's next claim, which finishes the job
         try:
             if task is None:
                 raise PermanentFailure(
@@ -649,7 +586,9 @@ class NativeWorker(Settling, Prefetching):
                 json.dumps(result, allow_nan=False)
             except (TypeError, ValueError, RecursionError) as exc:
                 raise PermanentFailure(f"ResultError: result is not JSON: {exc}") from exc
-            self._settle(running, lambda r: self._ack(r, result), first=self._folded_ack(result))
+            folded = self._offer_ack(running, result)
+            if not folded:
+                self._settle(running, lambda r: self._ack(r, result))
         except BaseException as exc:
             # docs/concepts/attempts.md has the table; this maps each verdict to a store write.
             def backoff() -> float:
@@ -672,7 +611,8 @@ class NativeWorker(Settling, Prefetching):
                 case Propagate() | Retried():
                     raise
         finally:
-            self._finish(running)
+            if not folded:
+                self._finish(running)
 
     def _finish(self, running: Running) -> None:
         with self._running_lock:
