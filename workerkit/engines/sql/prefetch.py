@@ -117,7 +117,7 @@ class Prefetching:
     # a method here would shadow the implementation of a part after this one in the bases.
     if TYPE_CHECKING:
 
-        def _start(self, delivery: Delivery, sent: float) -> None:
+        def _launch(self, begun: list[Running]) -> None:
             raise NotImplementedError
 
         def _claim_queues(self) -> list[str]:
@@ -126,7 +126,7 @@ class Prefetching:
         def _free_slots(self) -> int:
             raise NotImplementedError
 
-        def _begin(self, delivery: Delivery, sent: float) -> Running:
+        def _begin(self, delivery: Delivery, sent: float, *, gathered: bool = False) -> Running:
             raise NotImplementedError
 
     def _start_prefetched(self) -> None:
@@ -136,6 +136,7 @@ class Prefetching:
         self._holding_back = False  # a slot freed: claim ahead again
         if not self._held:
             return
+        begun: list[Running] = []
         with self._claim_lock:  # a stop's put-back, or a claim, is not halfway
             queues = self._claim_queues()
             # Counted under the lock: a job thread may have started one (_take_next_held).
@@ -143,7 +144,8 @@ class Prefetching:
                 item = self._next_prefetched(queues)
                 if item is None:
                     break
-                self._start(item.delivery, item.lease_from)
+                begun.append(self._begin(item.delivery, item.lease_from, gathered=True))
+        self._launch(begun)
 
     def _take_next_held(self) -> tuple[Running, str] | None:
         """A held job for the calling job thread to run next (its job ended), or None: then the

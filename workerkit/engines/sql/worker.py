@@ -476,24 +476,31 @@ class NativeWorker(Settling, Prefetching, LeaseKeeping):
                 return False
             if (queues and limit > 0) or (batch is not None and batch.acks):
                 self._store_ok_at = time.monotonic()  # a round ran: the store answered
-            for delivery in deliveries[free:]:  # first: a job started may kill the process
+            for delivery in deliveries[free:]:
                 self._hold(delivery, sent)
             if deliveries[free:] and not deliveries[:free]:
-                self._flush_held()  # else the first start's event writes them with its own
-            for delivery in deliveries[:free]:
-                self._start(delivery, sent)
+                self._flush_held()  # else the starts' write carries them
+            self._launch(
+                [self._begin(delivery, sent, gathered=True) for delivery in deliveries[:free]]
+            )
             return bool(deliveries)
 
     def _free_slots(self) -> int:
         # The slots of the jobs whose acks wait for the next claim free up with it.
         return self.concurrency - self.running_count + self._fold.pending
 
-    def _start(self, delivery: Delivery, sent: float) -> None:
-        running = self._begin(delivery, sent)
-        self._slots.start(running, f"job-{delivery.job_id}")
+    def _launch(self, begun: list[Running]) -> None:
+        """Start jobs begun with ``gathered`` in job threads, once the supervisor knows of them
+        (and of the jobs held with them) in one write: a job started may kill the process."""
+        if not begun:
+            return
+        self._flush_held()
+        for running in begun:
+            self._slots.start(running, f"job-{running.delivery.job_id}")
 
-    def _begin(self, delivery: Delivery, sent: float) -> Running:
-        """A job about to run in a job thread: known as running, and announced."""
+    def _begin(self, delivery: Delivery, sent: float, *, gathered: bool = False) -> Running:
+        """A job about to run in a job thread: known as running, and announced (``gathered``:
+        its event written by the caller's :meth:`_launch`)."""
         task = self.app.tasks.get(delivery.task)
         timeout = (task.timeout if task and task.timeout else None) or self.settings.job_timeout
         context = JobContext(
@@ -527,11 +534,9 @@ class NativeWorker(Settling, Prefetching, LeaseKeeping):
             queued_for,
         )
         # At once (a kill right after it is known), in one write with the events gathered
-        # before it (the previous job's finish, at concurrency 1): one write per job.
-        if isinstance(self._job_events, BatchingSender):
-            self._job_events.send_now(started)
-        else:
-            self.events.send(started)
+        # before it (the previous job's finish, at concurrency 1): one write per job, or per
+        # claim's jobs (gathered).
+        self._send_job_event(started, now=not gathered)
         log.info(
             "job started",
             extra={
