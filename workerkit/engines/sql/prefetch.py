@@ -40,13 +40,17 @@ if TYPE_CHECKING:
     from workerkit.engines.sql.running import Running
     from workerkit.events import Event, EventClient
 
-__all__ = ("HOLD", "Prefetched", "Prefetching")
+__all__ = ("HOLD", "PUT_BACK_WAIT", "Prefetched", "Prefetching")
 
 log = logging.getLogger("workerkit.engines.sql.worker")
 
 #: How long a held job waits for a slot while every slot stays busy before it goes back to the
 #: queue (seconds): jobs held behind long ones would wait while other workers may be idle.
 HOLD = 1.0
+
+#: How long a put-back of every held job waits for a claim or another put-back in progress
+#: (seconds; :meth:`Prefetching._put_back_prefetched`).
+PUT_BACK_WAIT = 1.0
 
 
 @dataclass(eq=False)
@@ -96,7 +100,8 @@ class Prefetching:
         if not self._held:
             return math.inf
         if self._paused is not None:
-            self._put_back_paused(self._claim_queues())
+            with self._claim_lock:  # as _put_back_prefetched
+                self._put_back_paused(self._claim_queues())
         with self._held_lock:
             oldest = self._held[0].held_at if self._held else math.inf
         left = oldest + HOLD - time.monotonic()
@@ -211,11 +216,23 @@ class Prefetching:
         self._put_back(paused, "queue_paused")
 
     def _put_back_prefetched(self, reason: str) -> int:
-        """Put every held job back to waiting (attempt given back); how many were."""
-        with self._held_lock:
-            items = list(self._held)
-            self._held.clear()
-        return self._put_back(items, reason)
+        """Put every held job back to waiting (attempt given back); how many were.
+
+        Under the claim lock, as the other put-backs of held jobs: two threads may put back at
+        once (the fetcher after ``HOLD``, the main thread at a release or its drained exit), and
+        the one that finds the buffer emptied by the other must wait for its writes, or the
+        worker could exit with them still in flight (the supervisor would release them after
+        the exit). The main thread must not block on the store for long: it waits for the lock
+        :data:`PUT_BACK_WAIT` at most, then goes on as if it had it."""
+        locked = self._claim_lock.acquire(timeout=PUT_BACK_WAIT)
+        try:
+            with self._held_lock:
+                items = list(self._held)
+                self._held.clear()
+            return self._put_back(items, reason)
+        finally:
+            if locked:
+                self._claim_lock.release()
 
     def _put_back(self, items: list[Prefetched], reason: str) -> int:
         kept: list[Prefetched] = []
