@@ -42,8 +42,8 @@ class Batch:
         self._finish(matched)
 
     def hand_back(self) -> None:
-        """Not written: each ack's ``then(None)`` (its job's thread writes it). Nothing once
-        settled."""
+        """Not written: each ack's ``then(None)`` (then a thread of its job writes it). Nothing
+        once settled."""
         self._finish([None] * len(self.acks))
 
     def _finish(self, matched: Sequence[bool | None]) -> None:
