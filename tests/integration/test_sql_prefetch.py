@@ -5,8 +5,9 @@ held (leased to the worker, renewed like a running job's lease, ``job_prefetched
 ``job_started``); it starts once the slot frees, on its first attempt; at ``stop_fetching`` and at
 a release it goes back to waiting at once, its attempt given back, while the running job still
 runs, and it never starts; a paused queue's held job goes back too; after a kill the
-supervisor's release of a ref marked prefetched gives its attempt back. A job thread whose job
-ended runs the next held job itself, the concurrency kept.
+supervisor's release of a ref marked prefetched gives its attempt back; a release waits for a
+put-back in flight. A job thread whose job ended runs the next held job itself, the
+concurrency kept.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tests.support.native_worker import Harness, wait_until
 from workerkit.engines.sql import SqlQueue, upgrade
 from workerkit.engines.sql.engine import SqlEngine
 from workerkit.engines.sql.pauses import set_paused
-from workerkit.engines.sql.prefetch import HOLD
+from workerkit.engines.sql.prefetch import HOLD, PUT_BACK_WAIT
 from workerkit.events import JobFinished, JobPrefetched, JobStarted, PrefetchReturned
 from workerkit.settings import Settings
 
@@ -187,6 +188,42 @@ def test_a_paused_queue_s_held_job_goes_back(queue: SqlQueue) -> None:
         assert harness.join() == 0
     assert _started(harness) == [first]
     assert queue.get_job(second)["state"] == "ready"  # type: ignore[index]
+
+
+def test_a_release_waits_for_the_fetcher_s_put_back_in_flight(
+    queue: SqlQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After HOLD the fetcher puts the held job back; its write is slow. A release that comes
+    # meanwhile finds the buffer empty: the worker must not return before that write landed
+    # (it did, and the job stayed leased until the supervisor's release after the exit).
+    harness, release, blocks = _harness(queue)
+    put_back_sent, store_answers = threading.Event(), threading.Event()
+    original = queue.release
+
+    def slow_release(delivery: Any) -> None:
+        if threading.current_thread().name == "workerkit-fetcher" and not put_back_sent.is_set():
+            put_back_sent.set()
+            assert store_answers.wait(10)
+        original(delivery)
+
+    monkeypatch.setattr(queue, "release", slow_release)
+    first, second = blocks.enqueue("a"), blocks.enqueue("b")
+    worker = harness.start()
+    try:
+        assert put_back_sent.wait(10)  # HOLD passed with the slot busy: `second` is going back
+        worker.request_release()
+        # The store answers within the release's bound on that wait (PUT_BACK_WAIT).
+        threading.Timer(PUT_BACK_WAIT / 3, store_answers.set).start()
+        assert harness.join() == 0
+        job = queue.get_job(second)  # read at once: the worker said everything is back
+        assert job is not None
+        assert (job["state"], job["attempts"]) == ("ready", 0)
+    finally:
+        store_answers.set()
+        release.set()
+    assert harness.outcomes() == ["released"]
+    assert [e.job_id for e in harness.events.of_type(PrefetchReturned)] == [second]
+    assert queue.get_job(first)["state"] == "ready"  # type: ignore[index]
 
 
 def test_the_supervisor_s_release_after_a_kill_gives_a_held_job_its_attempt_back(

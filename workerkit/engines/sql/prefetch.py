@@ -100,8 +100,7 @@ class Prefetching:
         if not self._held:
             return math.inf
         if self._paused is not None:
-            with self._claim_lock:  # as _put_back_prefetched
-                self._put_back_paused(self._claim_queues())
+            self._put_back_paused(self._claim_queues())
         with self._held_lock:
             oldest = self._held[0].held_at if self._held else math.inf
         left = oldest + HOLD - time.monotonic()
@@ -144,33 +143,40 @@ class Prefetching:
         begun: list[Running] = []
         with self._claim_lock:  # a stop's put-back, or a claim, is not halfway
             queues = self._claim_queues()
-            # Counted under the lock: a job thread may have started one (_take_next_held).
-            while self._free_slots() > 0:
-                item = self._next_prefetched(queues)
-                if item is None:
-                    break
-                begun.append(self._begin(item.delivery, item.lease_from, gathered=True))
+            while (running := self._begin_held(queues, gathered=True)) is not None:
+                begun.append(running)
         self._launch(begun)
 
     def _take_next_held(self) -> tuple[Running, str] | None:
         """A held job for the calling job thread to run next (its job ended), or None: then the
         fetcher is woken to start or claim one. Never waits for a claim in progress (which
         starts its jobs in the free slots itself)."""
-        try:
-            if self._held and self._claim_lock.acquire(blocking=False):
-                try:
-                    if self._free_slots() > 0:
-                        self._holding_back = False
-                        item = self._next_prefetched(self._claim_queues())
-                        if item is not None:
-                            running = self._begin(item.delivery, item.lease_from)
-                            return running, f"job-{item.delivery.job_id}"
-                finally:
-                    self._claim_lock.release()
-        except Exception:
-            log.exception("starting a held job failed", extra={"event": "prefetch_start_failed"})
-        self._slot_freed.set()
-        return None
+        running = None
+        if self._held and self._claim_lock.acquire(blocking=False):
+            try:
+                running = self._begin_held(self._claim_queues(), gathered=False)
+            except Exception:
+                log.exception(
+                    "starting a held job failed", extra={"event": "prefetch_start_failed"}
+                )
+            finally:
+                self._claim_lock.release()
+        if running is None:
+            self._slot_freed.set()
+            return None
+        return running, f"job-{running.delivery.job_id}"
+
+    def _begin_held(self, queues: list[str], *, gathered: bool) -> Running | None:
+        """The oldest held job begun in a free slot, or None (no free slot, none to start, a
+        stop). The caller holds the claim lock: the slots are counted under it, as a job
+        thread and the fetcher may both be starting one."""
+        if self._free_slots() <= 0:
+            return None
+        self._holding_back = False
+        item = self._next_prefetched(queues)
+        if item is None:
+            return None
+        return self._begin(item.delivery, item.lease_from, gathered=gathered)
 
     def _hold(self, delivery: Delivery, sent: float) -> None:
         """Keep a claimed job for the next slot; the supervisor hears of it at once."""
@@ -208,12 +214,14 @@ class Prefetching:
             return item
 
     def _put_back_paused(self, queues: list[str]) -> None:
-        """Put back the held jobs of queues paused since they were claimed."""
-        with self._held_lock:
-            paused = [item for item in self._held if item.delivery.queue not in queues]
-            for item in paused:
-                self._held.remove(item)
-        self._put_back(paused, "queue_paused")
+        """Put back the held jobs of queues paused since they were claimed (the fetcher's;
+        under the claim lock, as :meth:`_put_back_prefetched` says why)."""
+        with self._claim_lock:
+            with self._held_lock:
+                paused = [item for item in self._held if item.delivery.queue not in queues]
+                for item in paused:
+                    self._held.remove(item)
+            self._put_back(paused, "queue_paused")
 
     def _put_back_prefetched(self, reason: str) -> int:
         """Put every held job back to waiting (attempt given back); how many were.

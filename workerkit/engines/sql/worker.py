@@ -111,7 +111,8 @@ class NativeWorker(Settling, Prefetching, LeaseKeeping):
         self.concurrency = settings.concurrency
         self._running: dict[str, Running] = {}
         self._running_lock = threading.Lock()
-        self._claim_lock = threading.Lock()  # held while a claim is in progress
+        # Held while a claim, a start of held jobs or a put-back of them is in progress.
+        self._claim_lock = threading.Lock()
         self._slot_freed = threading.Event()
         self._stopping = threading.Event()
         self._release_requested = threading.Event()
