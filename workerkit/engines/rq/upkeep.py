@@ -17,6 +17,7 @@ from typing import Any, Final
 import redis
 import redis.exceptions
 from rq.utils import as_text, now, utcparse
+from rq.worker.base import WorkerStatus
 
 from workerkit.engines.attempt import HEALTH_EVERY, HEARTBEAT_EVERY, Duty, Keeper
 from workerkit.engines.presence_publisher import install_presence
@@ -43,11 +44,14 @@ from workerkit.events import (
 # start in six under load: it never enqueued a due job and ignored SIGTERM).
 importlib.import_module("_strptime")
 
-__all__ = ("RECOVERY_GRACE", "RENEW_RETRY_EVERY", "Upkeep")
+__all__ = ("RECOVERY_GRACE", "RENEW_RETRY_EVERY", "WORKER_BEAT_EVERY", "Upkeep")
 
 log = logging.getLogger("workerkit.engines.rq")
 
 
+#: A plain RQ worker heartbeat (the worker key's TTL, ``worker_ttl`` + 60 s) at most this often;
+#: RQ's loop asks for three per job (:meth:`Upkeep.heartbeat`).
+WORKER_BEAT_EVERY: Final = 1.0
 #: How soon a lease renewal that failed (Redis unreachable) is tried again.
 RENEW_RETRY_EVERY: Final = 1.0
 #: After Redis was unreachable, the worker's recovery scan waits this long before it requeues
@@ -64,6 +68,8 @@ class Upkeep(Drain):
     _wk_store_down = False  # Redis was seen unreachable, and not reachable since
     _wk_scan_after = 0.0  # monotonic; no recovery scan before (RECOVERY_GRACE)
     _wk_presence: Any = None  # the presence publisher (workerkit.engines.presence_publisher)
+    _wk_beat_at: float | None = None  # monotonic; the last plain worker heartbeat sent
+    _wk_state_sent: tuple[str, float] | None = None  # the worker state last written, and when
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)  # type: ignore[misc]
@@ -113,22 +119,57 @@ class Upkeep(Drain):
     # --- RQ's own writes between jobs: a Redis restart must not end the worker ----------------
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
-        """RQ's worker heartbeat; one missed while Redis is down is harmless (the key outlives it).
+        """RQ's worker heartbeat: the worker key's TTL (``worker_ttl`` + 60 s unless ``timeout``
+        says) and its ``last_heartbeat``; two commands, sent here in one round trip.
 
-        RQ's loop ends the worker on any error, and calls this after every job.
+        RQ's loop beats three times per job: at the top of its dequeue, after the pop and after
+        the job, on top of the beats in its pipelines. A plain beat (the default TTL) within
+        :data:`WORKER_BEAT_EVERY` of the last one sent is skipped: the key still lives at least
+        ``worker_ttl`` + 59 s, and ``last_heartbeat`` is at most that old. A beat with its own
+        TTL (RQ's, shorter, as a job starts) makes the next plain one go out. One missed while
+        Redis is down is harmless (the key outlives it); RQ's loop ends the worker on any error.
         """
         if pipeline is not None:
             super().heartbeat(timeout, pipeline)
+            if timeout is not None:
+                self._wk_beat_at = None
+            return
+        now_ = time.monotonic()
+        beat_at = self._wk_beat_at
+        if timeout is None and beat_at is not None and now_ - beat_at < WORKER_BEAT_EVERY:
             return
         with contextlib.suppress(*UNREACHABLE):
-            super().heartbeat(timeout)
+            with self.connection.pipeline(transaction=False) as beat:
+                super().heartbeat(timeout, beat)
+                beat.execute()
+            self._wk_beat_at = now_ if timeout is None else None
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
+        """RQ's worker state; a state this worker wrote itself in the last
+        :data:`WORKER_BEAT_EVERY`, with no write through a pipeline since, is not written again
+        (RQ writes ``idle`` after each job and again as it dequeues the next)."""
         if pipeline is not None:
             super().set_state(state, pipeline)
+            self._wk_state_sent = None  # it lands with the pipeline, or not at all
+            return
+        sent = self._wk_state_sent
+        if sent is not None and sent[0] == state and time.monotonic() - sent[1] < WORKER_BEAT_EVERY:
             return
         with contextlib.suppress(*UNREACHABLE):
             super().set_state(state)
+            self._wk_state_sent = (state, time.monotonic())
+
+    def _wk_idle(self) -> None:
+        """After a job: the worker state ``idle`` and RQ's plain heartbeat, one round trip (RQ's
+        loop beats right after; that beat, and the ``idle`` its dequeue writes, are then
+        skipped)."""
+        with contextlib.suppress(*UNREACHABLE):
+            with self.connection.pipeline(transaction=False) as writes:
+                super().set_state(WorkerStatus.IDLE, writes)
+                super().heartbeat(None, writes)
+                writes.execute()
+            self._wk_beat_at = sent_at = time.monotonic()
+            self._wk_state_sent = (WorkerStatus.IDLE, sent_at)
 
     def run_maintenance_tasks(self) -> None:
         """RQ's maintenance (the recovery scan first); skipped, and tried again, while Redis is

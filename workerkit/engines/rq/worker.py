@@ -26,7 +26,6 @@ from rq import SimpleWorker as RqSimpleWorker
 from rq import Worker as RqWorker
 from rq.timeouts import HorseMonitorTimeoutException
 from rq.utils import now
-from rq.worker.base import WorkerStatus
 
 from workerkit import exitcodes
 from workerkit.engines.leasewatch import Watchdog
@@ -105,7 +104,7 @@ class Worker(_Workerkit, RqWorker):
         finally:
             attempt.horse_done.set()
         self._wk_end(job, attempt, outcome)
-        self.set_state(WorkerStatus.IDLE)
+        self._wk_idle()
 
     def fork_work_horse(self, job: Job, queue: Queue) -> None:
         attempt = self._wk_attempt
@@ -359,7 +358,7 @@ class SimpleWorker(_Workerkit, RqSimpleWorker):
             else (attempt.outcome or "lease_lost")
         )
         self._wk_end(job, attempt, outcome)
-        self.set_state(WorkerStatus.IDLE)
+        self._wk_idle()
 
     def _install_signal_handlers(self) -> None:
         super()._install_signal_handlers()
