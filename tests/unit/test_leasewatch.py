@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 import time
 
-from workerkit.engines.leasewatch import LeaseClock, now, since_monotonic
+from workerkit.engines.leasewatch import LeaseClock, Watchdog, now, since_monotonic
+from workerkit.job import JobContext
 
 
 def test_a_renewal_sent_on_the_monotonic_clock_sets_the_deadline_on_the_shared_clock() -> None:
@@ -17,3 +21,39 @@ def test_a_renewal_sent_on_the_monotonic_clock_sets_the_deadline_on_the_shared_c
     clock.extend(now() - 2.5)  # 0.5 s left: under ttl / 4
     assert clock.expiring()
     assert (clock.stop_at, clock.raise_at, clock.kill_at) == (0.75, 0.375, 0.1875)
+
+
+def test_the_watchdog_wakes_per_byte_of_its_pipe_and_goes_on_ticking_after_end_of_file() -> None:
+    # Not extended yet: no deadline. A long lease, so that the kill the stop below arms
+    # (SIGALRM, at kill_at) is 20 s away when end() disarms it.
+    clock = LeaseClock(160.0)
+    read_end, write_end = os.pipe()
+    woken = threading.Semaphore(0)
+    calls: list[int] = []
+
+    def on_wake() -> None:
+        calls.append(1)
+        woken.release()
+
+    watchdog = Watchdog(clock, logging.getLogger("test"), wake_fd=read_end, on_wake=on_wake)
+    watchdog._tick = 60.0  # a byte must wake it: a tick would come too late for the test
+    watchdog.start()
+    os.write(write_end, b"s")
+    assert woken.acquire(timeout=10)
+    os.write(write_end, b"ss")
+    assert woken.acquire(timeout=10)
+    assert woken.acquire(timeout=10)
+    assert len(calls) == 3
+
+    # End of file: the pipe is dropped and the watchdog keeps its own duty.
+    watchdog._tick = 0.01
+    os.close(write_end)
+    context = JobContext(job_id="j", task="t", queue="q", attempt=1)
+    watchdog.begin(context)
+    clock.extend(now() - 130.0)  # 30 s left: under stop_at (40 s), the next tick stops the job
+    deadline = time.monotonic() + 10
+    while not context.lease_lost and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert context.lease_lost
+    watchdog.end(context)
+    os.close(read_end)

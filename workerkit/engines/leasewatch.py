@@ -13,6 +13,7 @@ import ctypes
 import logging
 import mmap
 import os
+import select
 import signal
 import threading
 import time
@@ -96,6 +97,11 @@ class Watchdog:
     in C code, and at ``raise_at`` sends ``raise_signal`` to its own process (the engine's way
     to raise into the job). ``reset_alarm``: SIGALRM has a handler of the engine's (RQ's job
     timeout), put back to the default action when the kill is armed.
+
+    ``wake_fd`` (a pipe's read end) and ``on_wake``: the same thread also waits on the pipe
+    between its ticks and calls ``on_wake`` for each byte the other end writes (the RQ work
+    horse's stop requests, which would otherwise need a thread of their own: a thread started
+    per forked job); at end of file it stops watching the pipe.
     """
 
     def __init__(
@@ -106,12 +112,16 @@ class Watchdog:
         raise_signal: signal.Signals | None = None,
         reset_alarm: bool = False,
         on_stop: Callable[[], None] | None = None,
+        wake_fd: int | None = None,
+        on_wake: Callable[[], None] | None = None,
     ) -> None:
         self.clock = clock
         self.log = log
         self.raise_signal = raise_signal
         self.reset_alarm = reset_alarm
         self.on_stop = on_stop
+        self.wake_fd = wake_fd
+        self.on_wake = on_wake
         self._tick = min(0.25, clock.ttl / 16)
         self._lock = threading.Lock()
         #: The job this process runs; the one whose stop was started (kill armed), and raised.
@@ -134,13 +144,35 @@ class Watchdog:
                 self._stopping = None
 
     def _loop(self) -> None:
+        waker: select.poll | None = None
+        if self.wake_fd is not None:
+            waker = select.poll()  # poll, not select: a worker's fd may be above 1023
+            waker.register(self.wake_fd, select.POLLIN)
         while True:
-            time.sleep(self._tick)
+            if waker is None:
+                time.sleep(self._tick)
+            elif waker.poll(self._tick * 1000) and not self._woken():
+                waker = None  # end of file: the other end is closed, nothing more comes
             try:
                 with self._lock:
                     self._check()
             except Exception as exc:  # never let the watchdog die quietly
                 self.log.warning("lease watchdog step failed", extra={"error": str(exc)})
+
+    def _woken(self) -> bool:
+        """Read what woke the pipe; ``on_wake`` per byte. False at end of file (or an error)."""
+        assert self.wake_fd is not None
+        try:
+            data = os.read(self.wake_fd, 64)
+        except OSError:
+            return False
+        for _ in data:
+            if self.on_wake is not None:
+                try:
+                    self.on_wake()
+                except Exception as exc:  # the watchdog's own duty must go on
+                    self.log.warning("lease watchdog wake-up failed", extra={"error": str(exc)})
+        return bool(data)
 
     def _check(self) -> None:
         context = self._running
