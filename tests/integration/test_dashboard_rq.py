@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import signal
 import time
 import zlib
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
+from tests.support.rq_in_process import rq_worker_in_this_process
 from workerkit.dashboard.model import ActionRefused, JobQuery, StaleAction
 from workerkit.engines.presence import Presence
 from workerkit.engines.redis_presence import PRESENCE_KEY
@@ -69,15 +69,10 @@ def look_while_running(redis_url: str) -> str:
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("WORKERKIT_SUPERVISOR_SOCKET", raising=False)
     monkeypatch.delenv("WORKERKIT_RQ_SERIALIZER", raising=False)
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
-    seen.clear()
-    try:
+    with rq_worker_in_this_process(monkeypatch):
+        seen.clear()
         yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import datetime as dt
 import ipaddress
 import logging
 import os
-import signal
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import DefaultSerializer, JSONSerializer
 
+from tests.support.rq_in_process import rq_worker_in_this_process
 from workerkit.engines.rq import RqApp, RqEngine, SimpleWorker, Worker
 from workerkit.engines.rq.jobs import read_state
 from workerkit.engines.rq.leases import AttemptKeys, lease_key
@@ -89,15 +89,10 @@ class Evil:
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("WORKERKIT_SUPERVISOR_SOCKET", raising=False)
     monkeypatch.delenv("WORKERKIT_RQ_SERIALIZER", raising=False)
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
-    seen.clear()
-    try:
+    with rq_worker_in_this_process(monkeypatch):
+        seen.clear()
         yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
 
 def settings_for(redis_url: str) -> Settings:

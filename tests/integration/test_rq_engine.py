@@ -21,6 +21,7 @@ from rq.utils import now, utcformat
 
 import workerkit
 from tests.support.harness import wait_until
+from tests.support.rq_in_process import rq_worker_in_this_process
 from workerkit.engines.rq import RqApp, RqEngine, SimpleWorker, Worker, WorkerkitJob
 from workerkit.engines.rq.jobs import read_state
 from workerkit.engines.rq.leases import (
@@ -81,15 +82,9 @@ def charge(order_id: int, amount: int) -> dict[str, int]:
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # No supervisor here; and RQ's work() installs signal handlers in this process: put them back.
-    monkeypatch.delenv("WORKERKIT_SUPERVISOR_SOCKET", raising=False)
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
-    calls.clear()
-    try:
+    with rq_worker_in_this_process(monkeypatch):
+        calls.clear()
         yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
 
 def settings_for(redis_url: str, **changes: Any) -> Settings:

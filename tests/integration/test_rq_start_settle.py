@@ -12,7 +12,6 @@ went away before RQ called its function (deferred unrun, not failed).
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from tests.support.cutting_proxy import CuttingProxy
+from tests.support.rq_in_process import rq_worker_in_this_process
 from workerkit.engines.rq import RqApp, SimpleWorker
 from workerkit.engines.rq.jobs import read_state
 from workerkit.engines.rq.leases import AttemptKeys, Leases, lease_key, started_key
@@ -46,15 +46,9 @@ def note(name: str) -> str:
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # No supervisor here; and RQ's work() installs signal handlers in this process: put them back.
-    monkeypatch.delenv("WORKERKIT_SUPERVISOR_SOCKET", raising=False)
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
-    calls.clear()
-    try:
+    with rq_worker_in_this_process(monkeypatch):
+        calls.clear()
         yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ shortens it), and ``last_heartbeat`` and ``state`` say what RQ says.
 
 from __future__ import annotations
 
-import signal
 import threading
 from collections.abc import Iterator
 
@@ -20,6 +19,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 from rq.worker.base import WorkerStatus
 
+from tests.support.rq_in_process import rq_worker_in_this_process
 from workerkit.engines.rq import RqApp, SimpleWorker
 from workerkit.engines.rq.upkeep import WORKER_BEAT_EVERY
 from workerkit.settings import Settings
@@ -38,15 +38,9 @@ def count(n: int) -> int:
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # No supervisor here; and RQ's work() installs signal handlers in this process: put them back.
-    monkeypatch.delenv("WORKERKIT_SUPERVISOR_SOCKET", raising=False)
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
-    ran.clear()
-    try:
+    with rq_worker_in_this_process(monkeypatch):
+        ran.clear()
         yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
 
 def worker_on(url: str) -> SimpleWorker:
