@@ -57,3 +57,4 @@ def test_the_watchdog_wakes_per_byte_of_its_pipe_and_goes_on_ticking_after_end_o
     assert context.lease_lost
     watchdog.end(context)
     os.close(read_end)
+    watchdog._tick = 3600.0  # its thread has no stop (a horse exits): let it sleep, not spin
