@@ -125,7 +125,7 @@ class Upkeep(Drain):
         RQ's loop beats three times per job: at the top of its dequeue, after the pop and after
         the job, on top of the beats in its pipelines. A plain beat (the default TTL) within
         :data:`WORKER_BEAT_EVERY` of the last one sent is skipped: the key still lives at least
-        ``worker_ttl`` + 59 s, and ``last_heartbeat`` is at most that old. A beat with its own
+        ``worker_ttl`` + 59 s, and ``last_heartbeat`` is at most a second old. A beat with its own
         TTL (RQ's, shorter, as a job starts) makes the next plain one go out. One missed while
         Redis is down is harmless (the key outlives it); RQ's loop ends the worker on any error.
         """

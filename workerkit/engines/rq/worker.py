@@ -140,9 +140,7 @@ class Worker(_Workerkit, RqWorker):
         does both (a thread started per horse costs ~0.2 ms of a no-op job's ~26 ms).
         """
         clock = self._wk_lease_clock
-        if clock is None:  # not a forking worker's horse: no watchdog, only the stop requests
-            self._wk_horse_stop_reader(stop_pipe)
-            return
+        assert clock is not None  # made for every forking worker (state.py)
         self._wk_watchdog = Watchdog(
             clock,
             log,
@@ -160,16 +158,6 @@ class Worker(_Workerkit, RqWorker):
         if attempt is not None:
             attempt.stop_requested = True
         request_stop_all()
-
-    def _wk_horse_stop_reader(self, read_end: int) -> None:  # pragma: no cover - the horse
-        """In the horse: a thread that reads the parent's stop requests (no watchdog here)."""
-
-        def read() -> None:
-            with contextlib.suppress(OSError):
-                while os.read(read_end, 1):
-                    self._wk_horse_stop_requested()
-
-        threading.Thread(target=read, name="workerkit-horse-stop", daemon=True).start()
 
     def setup_work_horse_signals(self) -> None:
         """The horse ignores Ctrl-C (its parent decides); SIGTERM, from its parent, interrupts.
