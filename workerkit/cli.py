@@ -479,7 +479,7 @@ def _run(
     engine: str, config_file: str | None, options: dict[str, Any], worker_args: tuple[str, ...]
 ) -> None:
     from workerkit.engines import get_engine
-    from workerkit.engines.appcheck import start_app_check
+    from workerkit.engines.appcheck import AppCheckStopped, AppCheckTimedOut, start_app_check
     from workerkit.logs import configure_logging
 
     own_args = _own_args(engine, options)
@@ -492,7 +492,7 @@ def _run(
         # gate, or else in a forked child, while we import the rest.
         engine_impl = get_engine(settings.engine, [*own_args, *worker_args])
         from workerkit.supervisor import held_signals
-        from workerkit.supervisor.early import start_early
+        from workerkit.supervisor.early import start_early, stopped_while_loading
 
         held_signals.hold()  # a SIGTERM from here on waits for the supervisor, not lost
 
@@ -504,11 +504,17 @@ def _run(
         try:
             from workerkit.supervisor.runner import run_supervisor
 
-            timing = check.result()
+            # Bounded as the startupProbe bounds the start; a held SIGTERM ends it at once.
+            timing = check.result(settings.startup_timeout, held_signals.first)
         except BaseException:
             if early is not None:
                 early.abandon()
             raise
+    except AppCheckStopped as exc:
+        sys.exit(stopped_while_loading(exc))
+    except AppCheckTimedOut as exc:
+        _fail(exc, exitcodes.STARTUP_FAILED)
+        return
     except WorkerkitError as exc:
         _fail(exc, exitcodes.CONFIG_ERROR)
         return

@@ -47,8 +47,9 @@ CONFIG_ERROR: Final = 2
 #: did, or failed in a way no wait can fix).
 STORE_UNAVAILABLE: Final = 3
 
-#: ``workerkit run``: the worker could not be started or exited before it was ready, or the HTTP
-#: port could not be bound.
+#: ``workerkit run``: the worker could not be started or exited before it was ready (a stop
+#: signal before ready, the app not loaded within ``startup_timeout``), or the HTTP port could
+#: not be bound.
 STARTUP_FAILED: Final = 4
 
 #: ``workerkit run``: the worker process exited without being asked to (a crash, an OOM kill, a

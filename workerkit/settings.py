@@ -439,12 +439,13 @@ class Settings:
     )
     startup_timeout: float = _s(
         120.0,
-        "rq, sql: how long the worker keeps retrying an unreachable Redis or database at start "
-        "(not ready, each retry logged) before it exits with STORE_UNAVAILABLE (3); at most the "
-        "startupProbe's periodSeconds x failureThreshold.",
+        "How long workerkit run waits for the app to load (an import still running then has "
+        "its stacks logged and the start fails, exit 4); rq, sql: also how long the worker keeps "
+        "retrying an unreachable Redis or database at start (not ready, each retry logged) "
+        "before it exits with STORE_UNAVAILABLE (3). At most the startupProbe's periodSeconds x "
+        "failureThreshold.",
         _seconds,
         minimum=1,
-        engines=("rq", "sql"),
         minimum_why="a store that is starting or restarting needs seconds to answer",
     )
     log_level: str = _s(

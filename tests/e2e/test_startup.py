@@ -121,24 +121,53 @@ def test_a_supervisor_killed_before_the_gate_opened_takes_the_worker_with_it(env
 
 
 @pytest.mark.timeout(60)
-def test_a_sigterm_while_the_app_is_imported_is_kept_and_stops_the_pod_before_any_job(
+def test_a_sigterm_while_the_app_is_imported_stops_the_pod_at_once_before_any_job(
     env: Env,
 ) -> None:
     """A pod deleted while it starts: the SIGTERM arrives before the supervisor's loop listens
-    (the CLI waits for the app check); it is recorded and handled once the loop runs, as a
-    SIGTERM before ready, instead of ending the CLI without a drain (or being ignored as PID 1,
-    after which the pod would consume jobs until the kubelet's SIGKILL)."""
+    (the CLI waits for the app check). It is not lost (ignored as PID 1, the pod would consume
+    jobs until the kubelet's SIGKILL) and not left waiting for an import that may never end:
+    the worker is killed at its gate, nothing was claimed, and the exit says it never got
+    ready. The import here never returns while the test runs."""
     job = env.enqueue("tick", "never", job_id="j-sigterm")
     hold = env.tmp / "hold"
     with stopped_after(start(env, hold)) as pod:
         early = wait_until(lambda: early_worker(pod), timeout=30, what="the worker spawned")
         pod.signal(signal.SIGTERM)
-        hold.unlink()
         code, _ = pod.wait_exit(30)
         assert code == exitcodes.STARTUP_FAILED, pod.log_text()
-        drain = pod.wait_event("drain_started")
-        assert (drain["reason"], drain["before_ready"]) == ("SIGTERM", True), drain
-        assert pod.events_named("supervisor_stopped")[0]["ready"] is False
+        stopped = pod.wait_event("supervisor_stopped")
+        assert (stopped["reason"], stopped["ready"]) == ("SIGTERM", False), stopped
+        assert stopped["while"] == "loading the app", stopped
+        assert not pod.events_named("worker_started")
+        wait_until(lambda: gone(early), timeout=10, what=f"the worker {early} to exit")
+        assert processes_with_env("E2E_HOLD_IMPORT", str(hold)) == []
+        assert (env.job(job)["state"], env.job(job)["attempts"]) == ("ready", 0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "execd"])
+def test_an_app_import_that_hangs_fails_the_start_after_startup_timeout_with_its_stack(
+    env: Env, fork: bool
+) -> None:
+    """An app that connects at import time to a service that is down: after startup_timeout
+    the worker's stacks are logged (faulthandler), it is killed at its gate, and the exit
+    names the setting and the fix, instead of a pod stuck until its startupProbe gives up."""
+    job = env.enqueue("tick", "never", job_id="j-hung")
+    hold = env.tmp / "hold"
+    if not fork:
+        env.extra["WORKERKIT_FORK_WORKER"] = "0"
+    with stopped_after(start(env, hold, startup_timeout="2")) as pod:
+        early = wait_until(lambda: early_worker(pod), timeout=30, what="the worker spawned")
+        code, _ = pod.wait_exit(30)
+        log = pod.log_text()
+        assert code == exitcodes.STARTUP_FAILED, log
+        assert "the app did not load within startup_timeout (2 s)" in log, log
+        assert "WORKERKIT_STARTUP_TIMEOUT" in log, log
+        # The stack of the import, where it waits: the operator's first question.
+        assert "(most recent call first)" in log, log
+        assert "held_import.py" in log, log
+        assert not pod.events_named("worker_started")
         wait_until(lambda: gone(early), timeout=10, what=f"the worker {early} to exit")
         assert (env.job(job)["state"], env.job(job)["attempts"]) == ("ready", 0)
 

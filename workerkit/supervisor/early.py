@@ -18,8 +18,8 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from workerkit import rundir
-from workerkit.engines.appcheck import AppCheck
+from workerkit import exitcodes, rundir
+from workerkit.engines.appcheck import AppCheck, AppCheckStopped
 from workerkit.engines.lifeline import SUPERVISOR_PID_ENV
 from workerkit.engines.startgate import CHECK_ENV, GATE_ENV, GO
 from workerkit.events import SOCKET_ENV
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from workerkit.engines.base import Engine
     from workerkit.settings import Settings
 
-__all__ = ("EarlyWorker", "remove_stale_directories", "start_early")
+__all__ = ("EarlyWorker", "remove_stale_directories", "start_early", "stopped_while_loading")
 
 log = logging.getLogger("workerkit.supervisor.runner")
 
@@ -122,4 +122,26 @@ def start_early(settings: Settings, engine: Engine) -> EarlyWorker | None:
     finally:
         os.close(gate_read)
         os.close(check_write)
-    return EarlyWorker(child, directory, gate_write, AppCheck.of_worker(check_read))
+    return EarlyWorker(child, directory, gate_write, AppCheck.of_worker(check_read, child.pid))
+
+
+def stopped_while_loading(exc: AppCheckStopped) -> int:
+    """Log a stop signal that came while the app loaded; the exit code (4: never ready).
+
+    Nothing ran: the worker was killed at its gate (or the forked check), so the pod stops at
+    once, as one stopped before ready does once the supervisor runs (supervisor_stopped)."""
+    code = exitcodes.STARTUP_FAILED
+    log.error(
+        f"stopped before the worker was ready ({exc}); exit code {code}: "
+        f"{exitcodes.describe(code)}",
+        extra={
+            "event": "supervisor_stopped",
+            "outcome": "clean",
+            "exit_code": code,
+            "ready": False,
+            "reason": exc.signal_name,
+            "while": "loading the app",
+            "waited": round(exc.waited, 3),
+        },
+    )
+    return code

@@ -14,7 +14,7 @@ import signal
 import types
 from typing import Final
 
-__all__ = ("SIGNALS", "hold", "take")
+__all__ = ("SIGNALS", "first", "hold", "take")
 
 #: The signals the supervisor acts on: SIGTERM, SIGINT (stop), SIGHUP, SIGQUIT.
 SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -30,6 +30,11 @@ def hold() -> None:
     """From now until the supervisor listens, record :data:`SIGNALS` instead of acting."""
     for signum in SIGNALS:
         signal.signal(signum, _record)
+
+
+def first() -> int | None:
+    """The oldest signal recorded and not taken yet (kept for :func:`take`); None: none."""
+    return _held[0] if _held else None
 
 
 def take() -> list[int]:
