@@ -110,6 +110,15 @@ def test_ticks_while_ready_do_nothing() -> None:
     assert machine.state is State.READY
 
 
+def test_only_a_drain_needs_the_fine_ticks() -> None:
+    """The runner ticks every second while nothing is timed, every 0.1 s from the first signal
+    (its deadlines) on."""
+    machine = ready_machine()
+    assert not machine.keeps_time
+    machine.handle(SignalReceived(SIGTERM, T0))
+    assert machine.keeps_time
+
+
 def test_from_settings_takes_drain_window_and_release_margin() -> None:
     machine = Lifecycle.from_settings(Settings(grace_period=30, prestop_delay=3, release_margin=5))
     assert machine.drain_window == 22

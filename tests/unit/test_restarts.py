@@ -72,12 +72,14 @@ def test_a_crash_releases_the_jobs_then_restarts_the_worker_after_the_backoff() 
     actions = machine.handle(ReleaseCompleted(1, 1.1))
     assert events(actions) == ["in_flight_released"]
     assert not exits(actions)
+    assert machine.keeps_time  # the runner ticks finely until the restart
     assert machine.handle(Tick(1.4)) == []  # the backoff: 0.5 s
     actions = machine.handle(Tick(1.5))
     assert StartChild() in actions
     assert events(actions) == ["worker_restarting"]
     machine.handle(WorkerReady(2.0))
     assert machine.state is State.READY
+    assert not machine.keeps_time
 
 
 def test_the_restart_waits_for_the_release() -> None:

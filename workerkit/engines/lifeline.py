@@ -34,8 +34,12 @@ SUPERVISOR_PID_ENV: Final = "WORKERKIT_SUPERVISOR_PID"
 #: Once orphaned, the worker is gone within this many seconds, released or not (its jobs are
 #: then recovered through their leases).
 ORPHAN_EXIT_WITHIN: Final = 0.9
-#: How often the watch thread compares ``os.getppid()`` with the supervisor's pid.
+#: How often the watch thread compares ``os.getppid()`` with the supervisor's pid where it is
+#: the only way to tell (no ``PR_SET_PDEATHSIG``) ...
 WATCH_EVERY: Final = 0.1
+#: ... and where the parent-death signal tells at once, and the watch is its safety net: an
+#: idle worker's thread wakes once a second, not ten times.
+WATCH_EVERY_ARMED: Final = 1.0
 #: After a SIGQUIT, how long to wait for the re-parenting that tells the supervisor's death
 #: from a SIGQUIT someone sent.
 _REPARENT_WAIT: Final = 0.1
@@ -71,6 +75,7 @@ class Lifeline:
         self._wake_r = self._wake_w = -1
         self._fired = False
         self._watchdog_file: IO[str] | None = None
+        self._watch_every = WATCH_EVERY
 
     @property
     def active(self) -> bool:
@@ -91,7 +96,8 @@ class Lifeline:
         # Not before exec in the supervisor (posix_spawn has no hook for it): here, after exec,
         # then the parent is checked, which closes the gap in between. The signal fires when the
         # *thread* that spawned us exits, which is why the supervisor spawns from its main thread.
-        prctl(_PR_SET_PDEATHSIG, signal.SIGQUIT)
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGQUIT):
+            self._watch_every = WATCH_EVERY_ARMED
         threading.Thread(target=self._watch, name="workerkit-lifeline", daemon=True).start()
 
     def _on_sigquit(self, signum: int, frame: FrameType | None) -> None:
@@ -106,7 +112,7 @@ class Lifeline:
             if orphaned:
                 self._fire("the supervisor is gone")
                 return
-            ready, _, _ = select.select([self._wake_r], [], [], WATCH_EVERY)
+            ready, _, _ = select.select([self._wake_r], [], [], self._watch_every)
             if ready:
                 with contextlib.suppress(OSError):
                     os.read(self._wake_r, 64)

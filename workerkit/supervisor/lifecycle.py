@@ -143,6 +143,11 @@ class Lifecycle:
         return self.deadlines is not None
 
     @property
+    def keeps_time(self) -> bool:
+        """A deadline (the drain's) or a restart is pending: it needs the runner's fine ticks."""
+        return self.deadlines is not None or self._restart_at is not None
+
+    @property
     def ready(self) -> bool:
         return self.state is State.READY
 
