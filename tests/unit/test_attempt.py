@@ -504,6 +504,41 @@ def test_the_keeper_thread_runs_duties_and_stops_at_once() -> None:
     assert keeper.stop(timeout=10.0)
 
 
+def test_a_wake_runs_its_duties_at_once_and_leaves_the_others_to_their_cadence() -> None:
+    """A signal handler's way to reach the keeper (rq: a SIGTERM wakes the dequeue at once),
+    so that the duty needs no short cadence, and an idle keeper sleeps."""
+    runs: list[str] = []
+    first, woken = threading.Event(), threading.Event()
+
+    def check_signals() -> None:
+        runs.append("signals")
+        if len(runs) > 1:
+            woken.set()
+
+    def beat() -> None:
+        runs.append("beat")
+        first.set()
+
+    keeper = Keeper(
+        [Duty("signals", 3600.0, check_signals), Duty("beat", 3600.0, beat)],
+        log=log,
+        max_wait=3600.0,
+        wake_runs=("signals",),
+    )
+    keeper.start()
+    assert first.wait(10.0)
+    assert runs == ["signals", "beat"]
+    keeper.wake()
+    assert woken.wait(10.0)
+    assert keeper.stop(timeout=10.0)  # stop() wakes it too: no hour-long wait
+    assert runs == ["signals", "beat", "signals"]
+
+
+def test_wake_runs_name_duties() -> None:
+    with pytest.raises(ValueError, match="wake_runs names no duty"):
+        Keeper([Duty("a", 1.0, lambda: None)], log=log, wake_runs=("b",))
+
+
 def test_the_keeper_stops_on_an_engines_own_event() -> None:
     release_requested = threading.Event()
     ran = threading.Event()

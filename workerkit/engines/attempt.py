@@ -14,9 +14,12 @@ taken from it (released, or its lease lost) never writes a result for it.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import os
 import random
+import select
 import threading
 import time
 import traceback
@@ -436,6 +439,10 @@ class Keeper:
 
     An error in a duty is given to ``on_error`` (by default logged on ``log``) and the other
     duties still run. ``stop`` may be the engine's own event (the SQL worker's release).
+
+    ``wake_runs``: duties that :meth:`wake` makes due at once (a signal handler's way to reach
+    the thread: a byte on a pipe, no lock), so that they need no short cadence to be prompt;
+    the thread then waits on that pipe, and ``stop_event`` is set through :meth:`stop`.
     """
 
     duties: Sequence[Duty]
@@ -446,13 +453,21 @@ class Keeper:
     clock: Callable[[], float] = time.monotonic
     min_wait: float = 0.05
     max_wait: float = 1.0
+    wake_runs: Sequence[str] = ()
     _due: dict[str, float] = field(init=False, default_factory=dict)
     _thread: threading.Thread | None = field(init=False, default=None)
+    _wake: tuple[int, int] | None = field(init=False, default=None)  # the pipe's (read, write)
 
     def __post_init__(self) -> None:
         names = [duty.name for duty in self.duties]
         if len(set(names)) != len(names):
             raise ValueError(f"duty names must be unique, got {names}")
+        if set(self.wake_runs) - set(names):
+            raise ValueError(f"wake_runs names no duty: {sorted(set(self.wake_runs) - set(names))}")
+        if self.wake_runs:
+            self._wake = os.pipe()
+            for fd in self._wake:
+                os.set_blocking(fd, False)
         now = self.clock()
         self._due = {duty.name: now + duty.first for duty in self.duties}
 
@@ -467,6 +482,7 @@ class Keeper:
         Waits up to ``timeout`` for the thread, unless called from a duty (the thread itself).
         """
         self.stop_event.set()
+        self.wake()
         thread = self._thread
         if thread is None:
             return True
@@ -484,10 +500,27 @@ class Keeper:
             raise KeyError(f"no duty named {name!r}")
         self._due[name] = self.clock()
 
+    def wake(self) -> None:
+        """Run the ``wake_runs`` duties now (nothing without them); safe in a signal handler."""
+        if self._wake is not None:
+            with contextlib.suppress(OSError):  # a full pipe: a wake is pending anyway
+                os.write(self._wake[1], b"w")
+
     def run(self) -> None:
         """Run the duties in this thread until ``stop_event`` is set."""
+        if self._wake is None:
+            while not self.stop_event.is_set():
+                self.stop_event.wait(self.run_due())
+            return
+        poller = select.poll()  # not select(): the descriptor may be above 1023
+        poller.register(self._wake[0], select.POLLIN)
         while not self.stop_event.is_set():
-            self.stop_event.wait(self.run_due())
+            if poller.poll(1000 * self.run_due()):
+                with contextlib.suppress(OSError):
+                    os.read(self._wake[0], 4096)
+                now = self.clock()
+                for name in self.wake_runs:
+                    self._due[name] = now
 
     def run_due(self) -> float:
         """Run every duty that is due and on, in order; return how long to wait for the next."""

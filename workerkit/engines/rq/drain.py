@@ -93,11 +93,14 @@ class Drain(WorkerState):
             signal.signal(signal.SIGINT, self._wk_on_stop_signal)
 
     def _wk_on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
-        # Flags only: the upkeep thread does the rest (wakes the dequeue, tells the supervisor).
+        # Flags only, and a byte on the upkeep thread's pipe: that thread does the rest (wakes
+        # the dequeue, tells the supervisor) at once.
         self._stop_requested = True  # RQ's own flag: its loop stops after the job in hand
         self._wk_signals += 1
         if self._wk_stop_at is None:
             self._wk_stop_at = time.monotonic()
+        if self._wk_upkeep is not None:  # none before bootstrap: it checks the flags at start
+            self._wk_upkeep.wake()
 
     def _wk_on_command(self, command: str, message: dict[str, Any]) -> None:
         if command == "request_stop":

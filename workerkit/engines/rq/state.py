@@ -54,7 +54,7 @@ __all__ = (
 
 log = logging.getLogger("workerkit.engines.rq")
 
-TICK: Final = 0.05  # the upkeep thread's resolution: how soon a SIGTERM wakes the dequeue
+TICK: Final = 0.05  # the local deadlines' resolution, and the waits that look at the stop flag
 
 
 @dataclass(eq=False)
