@@ -17,11 +17,14 @@ Then, after ``--settle`` seconds idle, VmRSS (``/proc/PID/status``) and PSS
 (``/proc/PID/smaps_rollup``) of the main process and of its descendants (workerkit's worker
 child, RQ's idle worker has none, Celery solo has none), and PSS summed over the tree: the
 memory comparison with the bare engine is made on that sum, not on RSS (bench/README.md, "What
-the pod is charged"). Then SIGTERM and the exit is awaited.
+the pod is charged"). Then the *idle CPU*: milliseconds of CPU per second over ``--idle``
+seconds more, of the main process and of its descendants (``/proc/PID/task/*/schedstat``, the
+scheduler's run time in nanoseconds: exact, where utime and stime count 10 ms ticks), what an
+idle pod costs its node. Then SIGTERM and the exit is awaited.
 
 Run from the repository root::
 
-    .venv/bin/python -m bench.startup_memory              # 7 rounds, ~2 minutes
+    .venv/bin/python -m bench.startup_memory              # 7 rounds, ~6 minutes
     .venv/bin/python -m bench.startup_memory --rounds 5 --only workerkit-sql
 
 Results: bench/results/startup_memory.md and .json (``--no-record`` only prints them;
@@ -89,6 +92,25 @@ def pss_kib(pid: int) -> int | None:
     return None
 
 
+def run_ns(pid: int) -> int:
+    """Nanoseconds ``pid`` (all its threads) has run, from /proc (0 when it is gone)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+    return total
+
+
+def idle_cpu(pid: int, seconds: float) -> tuple[float, float]:
+    """CPU milliseconds per second of ``pid`` and of its descendants over ``seconds``."""
+    children = descendants(pid)
+    main0, kids0 = run_ns(pid), sum(run_ns(c) for c in children)
+    time.sleep(seconds)
+    main1, kids1 = run_ns(pid), sum(run_ns(c) for c in children)
+    return (main1 - main0) / 1e6 / seconds, (kids1 - kids0) / 1e6 / seconds
+
+
 def _argv_env(variant: str, tmp: Path, redis_url: str, db_url: str, index: int) -> Any:
     queue = f"startup-{index}"
     port = free_port() if variant.startswith("workerkit") else None
@@ -123,7 +145,7 @@ def _argv_env(variant: str, tmp: Path, redis_url: str, db_url: str, index: int) 
 
 
 def run_one(
-    variant: str, tmp: Path, redis_url: str, db_url: str, index: int, settle: float
+    variant: str, tmp: Path, redis_url: str, db_url: str, index: int, settle: float, idle: float
 ) -> dict[str, Any]:
     import redis
 
@@ -150,6 +172,13 @@ def run_one(
             "children": len(children),
         }
         result["pss_tree_kib"] = (result["pss_main_kib"] or 0) + result["pss_children_kib"]
+        if idle > 0:
+            main_ms, children_ms = idle_cpu(proc.pid, idle)
+            result |= {
+                "idle_cpu_main_ms_s": main_ms,
+                "idle_cpu_children_ms_s": children_ms,
+                "idle_cpu_tree_ms_s": main_ms + children_ms,
+            }
         proc.stop(signal.SIGTERM, timeout=30)
     finally:
         proc.stop(signal.SIGKILL)
@@ -174,14 +203,21 @@ def ratios(samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, list
     memory ratio (workerkit supervisor + worker) / (bare worker), RSS."""
     out: dict[str, dict[str, list[float]]] = {}
     for variant, bare in BARE.items():
-        deltas, mem, pss = [], [], []
+        deltas, mem, pss, cpu = [], [], [], []
         for wk, ref in zip(samples.get(variant, []), samples.get(bare, []), strict=False):
             deltas.append(wk["start_to_ready"] - ref["start_to_ready"])
             ref_total = (ref["rss_main_kib"] or 0) + ref["rss_children_kib"]
             mem.append(((wk["rss_main_kib"] or 0) + wk["rss_children_kib"]) / ref_total)
             if wk.get("pss_tree_kib") and ref.get("pss_tree_kib"):
                 pss.append(wk["pss_tree_kib"] / ref["pss_tree_kib"])
-        out[variant] = {"ready_delta_s": deltas, "rss_total_ratio": mem, "pss_tree_ratio": pss}
+            if "idle_cpu_tree_ms_s" in wk and "idle_cpu_tree_ms_s" in ref:
+                cpu.append(wk["idle_cpu_tree_ms_s"] - ref["idle_cpu_tree_ms_s"])
+        out[variant] = {
+            "ready_delta_s": deltas,
+            "rss_total_ratio": mem,
+            "pss_tree_ratio": pss,
+            "idle_cpu_delta_ms_s": cpu,
+        }
     return out
 
 
@@ -250,6 +286,30 @@ def table(label: str, run: dict[str, Any]) -> list[str]:
             low, high = fmt(s["min"], "", 2), fmt(s["max"], "", 2)
             cells.append(f"{fmt(s['median'], '', 2)} ({low}-{high})")
         lines.append(f"| {variant} | {' | '.join(cells)} |")
+    if any("idle_cpu_tree_ms_s" in r for rows in samples.values() for r in rows):
+        lines += [
+            "",
+            (
+                f"Idle CPU, milliseconds per second over {run.get('idle', 0):g} s (1 ms/s is "
+                "0.1% of a core; scheduler run time of every thread):"
+            ),
+            "",
+            "| variant | main process | its children | tree | tree - bare, same round |",
+            "|---|---|---|---|---|",
+        ]
+        for variant, rows in samples.items():
+            if not any("idle_cpu_tree_ms_s" in r for r in rows):
+                continue
+            deltas = run["same_round"].get(variant, {}).get("idle_cpu_delta_ms_s") or []
+            delta = "-"
+            if deltas:
+                s = summary(deltas)
+                delta = f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
+            lines.append(
+                f"| {variant} | {_spread(rows, 'idle_cpu_main_ms_s', 1, 2)} | "
+                f"{_spread(rows, 'idle_cpu_children_ms_s', 1, 2)} | "
+                f"{_spread(rows, 'idle_cpu_tree_ms_s', 1, 2)} | {delta} |"
+            )
     forks = run.get("fork_vs_exec") or {}
     if forks:
         lines += [
@@ -293,6 +353,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--settle", type=float, default=1.0, help="idle seconds before memory")
+    parser.add_argument("--idle", type=float, default=5.0, help="seconds of idle CPU measured")
     parser.add_argument("--only", default="", help="comma-separated variants")
     parser.add_argument("--label", default="latest", help="name of this run in the results")
     parser.add_argument("--no-record", action="store_true")
@@ -313,7 +374,7 @@ def main() -> None:
         for index in range(args.rounds):
             line = [f"round {index + 1}:"]
             for variant in variants:
-                result = run_one(variant, tmp, rs.url(), db_url, index, args.settle)
+                result = run_one(variant, tmp, rs.url(), db_url, index, args.settle, args.idle)
                 samples[variant].append(result)
                 line.append(
                     f"{variant} {result['start_to_ready']:.2f}s "
@@ -327,6 +388,7 @@ def main() -> None:
         "machine": info,
         "rounds": args.rounds,
         "settle": args.settle,
+        "idle": args.idle,
         "duration_s": round(time.monotonic() - started, 1),
         "summary": {
             v: {k: summary([float(r[k]) for r in rows if r.get(k) is not None]) for k in rows[0]}
