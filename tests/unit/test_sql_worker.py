@@ -244,6 +244,49 @@ def test_a_job_over_its_timeout_is_timed_out_and_retried(harness: Harness) -> No
     assert job["attempts"] == 2
 
 
+@pytest.fixture
+def idle_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main thread goes to its idle wait at once, and a missed wake-up would leave it there
+    for an hour: only a wake-up can make these tests pass."""
+    from workerkit.engines.sql import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "IDLE_AFTER", 0.0)
+    monkeypatch.setattr(worker_module, "IDLE_WAIT", 3600.0)
+
+
+def wait_for_idle_wait(worker: NativeWorker) -> None:
+    wait_until(lambda: worker._main_idle)
+
+
+@pytest.mark.usefixtures("idle_at_once")
+def test_a_job_begun_during_the_idle_wait_wakes_the_main_thread_for_its_timeout(
+    harness: Harness,
+) -> None:
+    """The main thread enforces timeouts: a job that starts while it waits idle wakes it."""
+
+    @harness.app.task(timeout=0.2, max_attempts=1)
+    def hangs() -> None:
+        time.sleep(3)
+
+    worker = harness.start()
+    wait_for_idle_wait(worker)
+    job_id = hangs.enqueue()
+    wait_until(lambda: harness.state(job_id) == "failed")
+    assert harness.outcomes() == ["timed_out"]
+
+
+@pytest.mark.usefixtures("idle_at_once")
+@pytest.mark.parametrize("how", ["stop_fetching", "request_release", "sigterm"])
+def test_a_stop_or_a_release_ends_the_idle_wait_at_once(harness: Harness, how: str) -> None:
+    worker = harness.start()
+    wait_for_idle_wait(worker)
+    if how == "sigterm":
+        worker._on_sigterm(15, None)  # the handler: flags and a byte on the pipe
+    else:
+        getattr(worker, how)()
+    assert harness.join(timeout=10.0) == 0
+
+
 def test_an_old_attempt_s_thread_ending_late_leaves_the_new_attempt_running(
     harness: Harness,
 ) -> None:
