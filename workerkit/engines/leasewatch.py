@@ -89,8 +89,8 @@ def _alarm_kills() -> None:
 class Watchdog:
     """In a forked process running jobs: stops the running job before its worker's leases expire.
 
-    A thread that wakes every ``ttl / 16`` (at most 0.25 s) and compares the shared deadline
-    with the clock; it does nothing while the main process renews. Once less than ``stop_at``
+    A thread that wakes every ``ttl / 16`` (at most 0.25 s; with no job, at most a second) and
+    compares the shared deadline with the clock; it does nothing while the main process renews. Once less than ``stop_at``
     is left it marks the job's lease lost (``stop_requested`` turns true, so a cooperative job
     checkpoints and stops), calls ``on_stop``, arms the kernel's interval timer so that SIGALRM
     (default action: terminate) ends the process at ``kill_at`` even if the job holds the GIL
@@ -123,6 +123,10 @@ class Watchdog:
         self.wake_fd = wake_fd
         self.on_wake = on_wake
         self._tick = min(0.25, clock.ttl / 16)
+        # With no job to watch, a second (an idle worker's thread wakes once a second, not
+        # four times). A job begun meanwhile is first looked at within ttl / 16 of its start:
+        # a lease already below stop_at then is still stopped before raise_at (ttl / 8 later).
+        self._idle_tick = max(self._tick, min(1.0, clock.ttl / 16))
         self._lock = threading.Lock()
         #: The job this process runs; the one whose stop was started (kill armed), and raised.
         self._running: JobContext | None = None
@@ -149,9 +153,10 @@ class Watchdog:
             waker = select.poll()  # poll, not select: a worker's fd may be above 1023
             waker.register(self.wake_fd, select.POLLIN)
         while True:
+            tick = self._tick if self._running is not None else self._idle_tick
             if waker is None:
-                time.sleep(self._tick)
-            elif waker.poll(self._tick * 1000) and not self._woken():
+                time.sleep(tick)
+            elif waker.poll(tick * 1000) and not self._woken():
                 waker = None  # end of file: the other end is closed, nothing more comes
             try:
                 with self._lock:
