@@ -117,22 +117,23 @@ step "mypy" .venv/bin/mypy
 # The whole suite runs as two pytest processes at once (about 20 minutes instead of 37 on 2
 # cores): most of the end-to-end tests wait on real processes, signals and timeouts rather than
 # use the CPU. Each group starts its own servers on free ports, so they share nothing but the
-# machine. Group "lifecycle" is tests/e2e but the scheduler (~19.5 min) and tests/browser (the
-# dashboard in headless chromium, ~0.5-1 min); group "rest" is everything else, tests/drill
-# (workerkit drill local on real replicas, ~5 min) and tests/docs (the site and its tutorials,
-# ~1.5 min) among it. In a fresh-clone run (2026-12-03) lifecycle took 1295 s with tests/docs,
-# rest 1091 s without: move a layer between them when one grows.
+# machine. Group "lifecycle" is tests/e2e but the scheduler (~18.5 min), tests/browser (the
+# dashboard in headless chromium, ~0.5-1 min) and tests/chart (the Helm chart rendered, ~0.5
+# min); group "rest" is everything else, tests/drill (workerkit drill local on real replicas,
+# ~5 min) and tests/docs (the site and its tutorials, ~1.5 min) among it. In fresh-clone runs
+# (2026-12-04) rest took 1276-1330 s with tests/chart, lifecycle 1130-1178 s without: move a
+# layer between them when one grows.
 # With arguments, one pytest runs them as given.
 pytest_in_two_groups() {
     local log rc_lifecycle=0 rc_rest=0 pid start=$SECONDS
     log="$(mktemp "${TMPDIR:-/tmp}/workerkit-pytest-lifecycle.XXXXXX")"
     .venv/bin/pytest --durations=10 tests/e2e --ignore-glob='tests/e2e/test_scheduler_*' \
-        tests/browser >"$log" 2>&1 &
+        tests/browser tests/chart >"$log" 2>&1 &
     pid=$!
     .venv/bin/pytest --durations=10 tests/unit tests/integration tests/compat tests/faults \
-        tests/chart tests/drill tests/docs tests/e2e/test_scheduler_*.py || rc_rest=$?
+        tests/drill tests/docs tests/e2e/test_scheduler_*.py || rc_rest=$?
     wait "$pid" || rc_lifecycle=$?
-    header "pytest, group lifecycle (e2e but the scheduler, browser), run beside the above"
+    header "pytest, group lifecycle (e2e but the scheduler, browser, chart), run beside the above"
     cat "$log"
     rm -f "$log"
     note "both groups took $((SECONDS - start)) s (wall clock)"
