@@ -90,13 +90,14 @@ class Watchdog:
     """In a forked process running jobs: stops the running job before its worker's leases expire.
 
     A thread that wakes every ``ttl / 16`` (at most 0.25 s; with no job, at most a second) and
-    compares the shared deadline with the clock; it does nothing while the main process renews. Once less than ``stop_at``
-    is left it marks the job's lease lost (``stop_requested`` turns true, so a cooperative job
-    checkpoints and stops), calls ``on_stop``, arms the kernel's interval timer so that SIGALRM
-    (default action: terminate) ends the process at ``kill_at`` even if the job holds the GIL
-    in C code, and at ``raise_at`` sends ``raise_signal`` to its own process (the engine's way
-    to raise into the job). ``reset_alarm``: SIGALRM has a handler of the engine's (RQ's job
-    timeout), put back to the default action when the kill is armed.
+    compares the shared deadline with the clock; it does nothing while the main process renews.
+    Once less than ``stop_at`` is left it marks the job's lease lost (``stop_requested`` turns
+    true, so a cooperative job checkpoints and stops), calls ``on_stop``, arms the kernel's
+    interval timer so that SIGALRM (default action: terminate) ends the process at ``kill_at``
+    even if the job holds the GIL in C code, and at ``raise_at`` sends ``raise_signal`` to its
+    own process (the engine's way to raise into the job). ``reset_alarm``: SIGALRM has a
+    handler of the engine's (RQ's job timeout), put back to the default action when the kill is
+    armed.
 
     ``wake_fd`` (a pipe's read end) and ``on_wake``: the same thread also waits on the pipe
     between its ticks and calls ``on_wake`` for each byte the other end writes (the RQ work
