@@ -14,12 +14,9 @@ taken from it (released, or its lease lost) never writes a result for it.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
-import os
 import random
-import select
 import threading
 import time
 import traceback
@@ -29,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal, TypeVar, cast
 
+from workerkit.engines.wakepipe import WakePipe
 from workerkit.errors import (
     IdempotencyInProgress,
     IdempotencyKeyMismatch,
@@ -441,8 +439,9 @@ class Keeper:
     duties still run. ``stop`` may be the engine's own event (the SQL worker's release).
 
     ``wake_runs``: duties that :meth:`wake` makes due at once (a signal handler's way to reach
-    the thread: a byte on a pipe, no lock), so that they need no short cadence to be prompt;
-    the thread then waits on that pipe, and ``stop_event`` is set through :meth:`stop`.
+    the thread: a :class:`~workerkit.engines.wakepipe.WakePipe`), so that they need no short
+    cadence to be prompt; the thread then waits on that pipe, and ``stop_event`` is set through
+    :meth:`stop`.
     """
 
     duties: Sequence[Duty]
@@ -456,7 +455,7 @@ class Keeper:
     wake_runs: Sequence[str] = ()
     _due: dict[str, float] = field(init=False, default_factory=dict)
     _thread: threading.Thread | None = field(init=False, default=None)
-    _wake: tuple[int, int] | None = field(init=False, default=None)  # the pipe's (read, write)
+    _wake: WakePipe | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         names = [duty.name for duty in self.duties]
@@ -465,9 +464,7 @@ class Keeper:
         if set(self.wake_runs) - set(names):
             raise ValueError(f"wake_runs names no duty: {sorted(set(self.wake_runs) - set(names))}")
         if self.wake_runs:
-            self._wake = os.pipe()
-            for fd in self._wake:
-                os.set_blocking(fd, False)
+            self._wake = WakePipe()
         now = self.clock()
         self._due = {duty.name: now + duty.first for duty in self.duties}
 
@@ -503,21 +500,15 @@ class Keeper:
     def wake(self) -> None:
         """Run the ``wake_runs`` duties now (nothing without them); safe in a signal handler."""
         if self._wake is not None:
-            with contextlib.suppress(OSError):  # a full pipe: a wake is pending anyway
-                os.write(self._wake[1], b"w")
+            self._wake.wake()
 
     def run(self) -> None:
         """Run the duties in this thread until ``stop_event`` is set."""
-        if self._wake is None:
-            while not self.stop_event.is_set():
-                self.stop_event.wait(self.run_due())
-            return
-        poller = select.poll()  # not select(): the descriptor may be above 1023
-        poller.register(self._wake[0], select.POLLIN)
+        wake = self._wake
         while not self.stop_event.is_set():
-            if poller.poll(1000 * self.run_due()):
-                with contextlib.suppress(OSError):
-                    os.read(self._wake[0], 4096)
+            if wake is None:
+                self.stop_event.wait(self.run_due())
+            elif wake.wait(self.run_due()):
                 now = self.clock()
                 for name in self.wake_runs:
                     self._due[name] = now

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import threading
@@ -54,6 +53,7 @@ from workerkit.engines.sql.queue import SqlQueue
 from workerkit.engines.sql.running import RULES, JobTimedOut, PermanentFailure, Running
 from workerkit.engines.sql.settling import Settling
 from workerkit.engines.sql.slots import Slots
+from workerkit.engines.wakepipe import WakePipe
 from workerkit.errors import JobInterrupted, PayloadError, SchemaOutOfDate, StoreError
 from workerkit.events import (
     BatchingSender,
@@ -90,6 +90,10 @@ _RELEASE_WAIT = 1.0  # how long a release waits for a settle in progress on the 
 class NativeWorker(Settling, Prefetching, LeaseKeeping):
     """Claims and runs jobs of an :class:`~workerkit.app.App` with bounded concurrency."""
 
+    _been_ready = False
+    _main_idle = False  # the main thread is in its idle wait: a job's start must wake it
+    _busy_at = 0.0  # monotonic: when the main thread last saw a job or a stop (0: idle at start)
+
     def __init__(
         self,
         app: App,
@@ -122,17 +126,10 @@ class NativeWorker(Settling, Prefetching, LeaseKeeping):
         self._stopping = threading.Event()
         self._release_requested = threading.Event()
         self._jobs_stop_requested = threading.Event()
-        # The idle main thread's wait (_main_wait): a byte on this pipe ends it; no lock, so a
-        # signal handler may write it.
-        self._main_wake = os.pipe()
-        for fd in self._main_wake:
-            os.set_blocking(fd, False)
-        self._main_idle = False  # in the idle wait: a job's start must wake it
-        self._busy_at = time.monotonic()  # when the main thread last saw a job or a stop
+        self._main_wake = WakePipe()  # ends the idle main thread's wait (_main_wait)
         self._fetcher_done = threading.Event()
         self._ready = threading.Event()  # the store answered its last health check and claim
         self._last_health: bool | None = None  # what the log last said (None: nothing yet)
-        self._been_ready = False
         # After an outage of H or more (someone's lease may have run out meanwhile), no claim
         # until the retried writes surely landed: connect bound + RETRY_MAX (ClaimPause).
         connect_timeout = float(getattr(self.backend, "connect_timeout", 0.0))
@@ -185,13 +182,13 @@ class NativeWorker(Settling, Prefetching, LeaseKeeping):
         if not self._stopping.is_set():
             self._stopping.set()
             self._slot_freed.set()
-        self._wake_main()
+        self._main_wake.wake()
 
     def request_release(self) -> None:
         """Release every unfinished job to its queue and exit (the supervisor's deadline)."""
         self.stop_fetching()
         self._release_requested.set()
-        self._wake_main()
+        self._main_wake.wake()
 
     def _on_command(self, command: Command, message: dict[str, Any]) -> None:
         if command == "request_stop":
@@ -207,14 +204,10 @@ class NativeWorker(Settling, Prefetching, LeaseKeeping):
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         # Only set flags here: a signal handler runs between two bytecodes of whatever the main
-        # thread was doing, so it must not take locks the interrupted code may hold.
+        # thread was doing, so it must not take locks the interrupted code may hold (a
+        # WakePipe takes none).
         self._stopping.set()
-        self._wake_main()
-
-    def _wake_main(self) -> None:
-        """End the main thread's idle wait now (a byte on its pipe: safe in a signal handler)."""
-        with contextlib.suppress(OSError):  # a full pipe: a wake is pending anyway
-            os.write(self._main_wake[1], b"w")
+        self._main_wake.wake()
 
     def _send(self, event: Event) -> None:
         """An event sent alone (not a job's): after the job events gathered before it, or the
@@ -278,7 +271,7 @@ class NativeWorker(Settling, Prefetching, LeaseKeeping):
 
     def _main_wait(self) -> None:
         """A TICK while jobs run or the worker stops (their timeouts, the drain); once idle for
-        IDLE_AFTER, up to IDLE_WAIT, ended at once by :meth:`_wake_main`."""
+        IDLE_AFTER, up to IDLE_WAIT, ended at once by a wake of ``_main_wake``."""
         now = time.monotonic()
         if self._running or self._stopping.is_set():
             self._busy_at = now
@@ -291,11 +284,7 @@ class NativeWorker(Settling, Prefetching, LeaseKeeping):
             # in _running by now (it is added before its thread looks at the flag).
             if self._running or self._stopping.is_set():
                 return
-            poller = select.poll()
-            poller.register(self._main_wake[0], select.POLLIN)
-            if poller.poll(1000 * IDLE_WAIT):
-                with contextlib.suppress(OSError):
-                    os.read(self._main_wake[0], 4096)
+            self._main_wake.wait(IDLE_WAIT)
         finally:
             self._main_idle = False
 
@@ -593,7 +582,7 @@ class NativeWorker(Settling, Prefetching, LeaseKeeping):
         with self._running_lock:
             self._running[delivery.job_id] = running
         if self._main_idle:  # its timeout is enforced by the main thread, which must look
-            self._wake_main()
+            self._main_wake.wake()
         return running
 
     def _checkpoint_saved(self, context: JobContext) -> None:
