@@ -197,6 +197,61 @@ def test_without_a_supervisor_the_worker_keeps_the_deadlines_itself(
     assert q.get_job_ids() == ["long"]
 
 
+def checkpoints_until_fenced(tag: str) -> None:
+    """Saves a checkpoint every 10 ms until a write is fenced out (LeaseLost), then ends."""
+    job = current_job()
+    calls.append(tag)
+    step = 0
+    try:
+        while True:
+            step += 1
+            job.save_checkpoint(step)
+            time.sleep(0.01)
+    finally:
+        calls.append("fenced")
+
+
+def test_a_job_that_ends_as_the_release_takes_its_lease_is_released_not_lost(
+    redis_client: redis.Redis[bytes],
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The release deadline's run -> release transition fences out the job's next checkpoint;
+    the job ends (LeaseLost) before the release has marked the attempt ``releasing``. It must
+    still be released (requeued, attempt given back), not reported lease_lost and left to
+    crash recovery (found in CI: a stubborn job checkpointing every 0.1 s)."""
+    calls.clear()
+    q = queue(redis_client)
+    job = q.enqueue(f"{MODULE}.checkpoints_until_fenced", "started", job_id="raced")
+    worker = simple_worker(redis_client, redis_url)
+    leases = worker._wk_leases
+    transition = leases.transition
+
+    def transition_then_let_the_job_end_first(*args: Any, **kwargs: Any) -> bool:
+        taken = transition(*args, **kwargs)
+        # The job's next checkpoint is fenced out now; let it end before `releasing` is set.
+        wait_until(lambda: "fenced" in calls, timeout=10, what="the job to be fenced out")
+        time.sleep(0.3)
+        return taken
+
+    monkeypatch.setattr(leases, "transition", transition_then_let_the_job_end_first)
+
+    def release_when_started() -> None:
+        wait_until(lambda: "started" in calls, timeout=10, what="the job to start")
+        worker._wk_release_now()
+
+    threading.Thread(target=release_when_started, daemon=True).start()
+    with caplog.at_level(logging.INFO):
+        worker.work(burst=True)
+
+    finished = [r for r in caplog.records if getattr(r, "event", "") == "job_finished"]
+    assert [r.outcome for r in finished] == ["released"]  # type: ignore[attr-defined]
+    job.refresh()
+    assert job.get_status() == "queued"  # back in its queue, attempt given back
+    assert read_state(redis_client, "raced")["attempts"] == 0
+
+
 def started_attempt(
     client: redis.Redis[bytes], redis_url: str, job_id: str, *, enqueue: bool = True
 ) -> tuple[SimpleWorker, Job, AttemptKeys]:

@@ -318,6 +318,18 @@ class WorkerState:
         if self._wk_lease_clock is not None:
             self._wk_lease_clock.extend(since_monotonic(sent_at))
 
+    def _wk_released_by_us(self, attempt: Attempt) -> bool:
+        """Whether the release deadline took the ended attempt's lease back (``releasing``).
+
+        Read under the lock a release holds from its run -> release transition to setting
+        ``releasing``: a job that ended in between (a checkpoint fenced out by that transition
+        raises LeaseLost) would otherwise read False, report ``lease_lost`` and requeue nothing.
+        ``horse_done`` first: no release starts once it is set (it looks under the same lock).
+        """
+        attempt.horse_done.set()
+        with self._wk_lock:
+            return attempt.releasing
+
     def _wk_interrupt(self, attempt: Attempt) -> None:
         """Stop the running attempt's job (each worker class has its own way)."""
         raise NotImplementedError

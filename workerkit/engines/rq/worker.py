@@ -248,7 +248,7 @@ class Worker(_Workerkit, RqWorker):
         killed_for_timeout: bool,
     ) -> Outcome:
         code = os.waitstatus_to_exitcode(ret_val) if ret_val is not None else None
-        if attempt.releasing:
+        if self._wk_released_by_us(attempt):  # the horse has exited
             return self._wk_settle_taken(job, attempt)
         # Stopped by its watchdog (lease_lost, or killed at the deadline) and settled nothing.
         unsettled = code is None or _HORSE_OUTCOMES.get(code, "lease_lost") == "lease_lost"
@@ -347,10 +347,9 @@ class SimpleWorker(_Workerkit, RqSimpleWorker):
             self.perform_job(job, queue)
         except JobInterrupted:
             attempt.outcome = "released" if attempt.releasing else "lease_lost"
-        attempt.horse_done.set()
         outcome = (
             self._wk_settle_taken(job, attempt)
-            if attempt.releasing
+            if self._wk_released_by_us(attempt)
             else (attempt.outcome or "lease_lost")
         )
         self._wk_end(job, attempt, outcome)
