@@ -202,13 +202,10 @@ def checkpoints_until_fenced(tag: str) -> None:
     job = current_job()
     calls.append(tag)
     step = 0
-    try:
-        while True:
-            step += 1
-            job.save_checkpoint(step)
-            time.sleep(0.01)
-    finally:
-        calls.append("fenced")
+    while True:
+        step += 1
+        job.save_checkpoint(step)
+        time.sleep(0.01)
 
 
 def test_a_job_that_ends_as_the_release_takes_its_lease_is_released_not_lost(
@@ -229,10 +226,12 @@ def test_a_job_that_ends_as_the_release_takes_its_lease_is_released_not_lost(
     transition = leases.transition
 
     def transition_then_let_the_job_end_first(*args: Any, **kwargs: Any) -> bool:
+        attempt = worker._wk_attempt
+        assert attempt is not None
         taken = transition(*args, **kwargs)
-        # The job's next checkpoint is fenced out now; let it end before `releasing` is set.
-        wait_until(lambda: "fenced" in calls, timeout=10, what="the job to be fenced out")
-        time.sleep(0.3)
+        # The job's next checkpoint is fenced out now: it ends (horse_done) before the release
+        # marks the attempt `releasing`, and its thread then decides how the attempt ended.
+        wait_until(attempt.horse_done.is_set, timeout=10, what="the job to end")
         return taken
 
     monkeypatch.setattr(leases, "transition", transition_then_let_the_job_end_first)

@@ -336,12 +336,9 @@ class Upkeep(Drain):
             # while Redis was down is taken again if nobody took the job meanwhile).
             self._wk_renew_retry_at = now_ + RENEW_RETRY_EVERY
             return
-        with self._wk_lock:
-            # A lease the release took back and dropped (requeued) before this renewal is no
-            # loss: `releasing` is set under this lock with the release's transition.
-            if attempt.releasing or attempt.lease_lost or attempt.horse_done.is_set():
-                return
-            attempt.lease_lost = True
+        if attempt.lease_lost or attempt.horse_done.is_set():
+            return
+        attempt.lease_lost = True
         log.warning(
             "lease lost: the job may run elsewhere now; stopping this attempt",
             extra={"event": "lease_lost", "job_id": attempt.keys.job_id},
