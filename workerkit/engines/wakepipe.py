@@ -50,6 +50,15 @@ class WakePipe:
         """Wait up to ``timeout`` seconds (one thread at a time); True when woken."""
         if not self._poller.poll(max(0.0, timeout) * 1000):
             return False
+        self.clear()
+        return True
+
+    def fileno(self) -> int:
+        """The end that is readable once woken: for a caller that polls it beside other
+        descriptors (then calls :meth:`clear`)."""
+        return self._read
+
+    def clear(self) -> None:
+        """Forget the wakes so far (the next :meth:`wait` waits)."""
         with contextlib.suppress(OSError):  # empty already (BlockingIOError)
             os.read(self._read, 4096)
-        return True

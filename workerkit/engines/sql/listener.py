@@ -4,35 +4,56 @@ in-process wake-ups.
 Enqueues and releases NOTIFY :data:`NOTIFY_CHANNEL` with the queue name; each
 :class:`~workerkit.engines.sql.SqlQueue` reads them on one dedicated connection. SQLite has no
 notifications: a thread reads ``PRAGMA data_version`` (which changes when another connection
-commits) every :data:`SQLITE_WATCH_EVERY` seconds and wakes the waiters when it moved. An enqueue
-in the same process wakes waiters at once on either database.
+commits) when the kernel reports a write to the database's files while a thread waits (Linux),
+or every :data:`SQLITE_WATCH_EVERY` seconds, and wakes the waiters when it moved. An enqueue in
+the same process wakes waiters at once on either database.
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
+import select
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from workerkit.engines.sql import db
+from workerkit.engines.sql.filechanges import FileChanges
+from workerkit.engines.wakepipe import WakePipe
 
 if TYPE_CHECKING:
     import psycopg
     import sqlalchemy as sa
 
-__all__ = ("NOTIFY_CHANNEL", "SQLITE_WATCH_EVERY", "PgListener", "SqliteWatcher", "Wakeups")
+__all__ = (
+    "NOTIFY_CHANNEL",
+    "SQLITE_GAP_FIRST",
+    "SQLITE_SAFETY_EVERY",
+    "SQLITE_WATCH_EVERY",
+    "PgListener",
+    "SqliteWatcher",
+    "Wakeups",
+)
 
 log = logging.getLogger(__name__)
 
 #: The PostgreSQL channel enqueues and releases NOTIFY, with the queue name as payload.
 NOTIFY_CHANNEL: Final = "workerkit_jobs"
 
-#: How often (seconds) an idle SQLite worker reads the database's data version. The read is a
-#: look at the WAL index in shared memory (no table, no lock, no disk): about 20 us of CPU.
+#: How often (seconds) an idle SQLite worker reads the database's data version where the kernel
+#: cannot report writes to the file (not Linux). The read is a look at the WAL index in shared
+#: memory (no table, no lock, no disk): about 20 us of CPU, and a wake of a thread.
 SQLITE_WATCH_EVERY: Final = 0.05
+#: With inotify: how often a waiting worker reads the version anyway (writes it cannot see).
+SQLITE_SAFETY_EVERY: Final = 1.0
+#: With inotify, the pause after a wake-up that the claim after it found nothing to take
+#: (the worker's own commits move the data version too): doubled each time such a wake-up
+#: follows, up to :data:`SQLITE_WATCH_EVERY`; none after a wake-up that found a job.
+SQLITE_GAP_FIRST: Final = 0.005
+#: After a write to the log that does not show as a commit yet, the waits before the next looks.
+_COMMIT_SHOWS_WITHIN: Final = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064)
 
 
 class Wakeups:
@@ -49,6 +70,17 @@ class Wakeups:
         self._seq = 0
         self._latest: dict[str | None, int] = {}
         self._seen = threading.local()
+        self._waiting = 0
+        #: Called (under the lock; it must not block) when a thread begins to wait while none
+        #: was: the SQLite watcher looks only while someone waits.
+        self.on_first_waiter: Callable[[], None] | None = None
+        #: How long the SQLite watcher pauses after a wake-up (:meth:`claimed`).
+        self.watch_gap = 0.0
+
+    @property
+    def waiting(self) -> bool:
+        """Is a thread waiting now?"""
+        return self._waiting > 0
 
     def notify(self, queue: str | None) -> None:
         with self._cond:
@@ -64,9 +96,28 @@ class Wakeups:
             def woken() -> bool:
                 return any(self._latest.get(key, 0) > since for key in keys)
 
-            result = self._cond.wait_for(woken, timeout)
+            self._waiting += 1
+            try:
+                if self._waiting == 1 and self.on_first_waiter is not None and not woken():
+                    self.on_first_waiter()
+                result = self._cond.wait_for(woken, timeout)
+            finally:
+                self._waiting -= 1
+            self._seen.watched = result and self._latest.get(None, 0) > since
             self._seen.seq = self._seq
             return result
+
+    def claimed(self, found: bool) -> None:
+        """This thread claimed after its last wait: if a watcher's wake-up (any queue) ended
+        that wait, whether it found a job. Wake-ups that find nothing, one after another,
+        lengthen the watcher's pause after each (the worker's own commits: a long job's
+        checkpoints, its enqueues to other queues), to at most one a :data:`SQLITE_WATCH_EVERY`;
+        one that finds a job ends the pause."""
+        if not getattr(self._seen, "watched", False):
+            return
+        self._seen.watched = False
+        gap = self.watch_gap
+        self.watch_gap = 0.0 if found else min(max(2 * gap, SQLITE_GAP_FIRST), SQLITE_WATCH_EVERY)
 
 
 class PgListener:
@@ -145,21 +196,43 @@ class PgListener:
 
 
 class SqliteWatcher:
-    """A daemon thread reading ``PRAGMA data_version`` on its own connection to the file.
+    """A daemon thread that wakes the waiters when another connection committed to the file.
 
-    The value changes whenever another connection commits: an enqueue or a release by another
-    process, but also this process's own claims, acks and heartbeats (each on a pooled
-    connection), so a wake-up means "look", as a NOTIFY does, and a needless one costs one
-    empty claim. Any error (the file gone, locked for long, a disk error) ends nothing: the
-    thread logs once, tries again a second later, and the worker meanwhile polls as before.
+    It reads ``PRAGMA data_version`` on its own connection: the value changes whenever another
+    connection commits, an enqueue or a release by another process, but also this process's own
+    claims, acks and heartbeats (each on a pooled connection), so a wake-up means "look", as a
+    NOTIFY does, and a needless one costs one empty claim. When to read it:
+
+    * On Linux, when the kernel reports a write to the database's files (inotify,
+      :mod:`~workerkit.engines.sql.filechanges`), and only while a thread waits: a busy worker's
+      own commits do not wake this thread, an idle one hears of an enqueue at once. When the
+      first thread begins to wait, the version is read at once (what was committed while
+      nobody waited), and again every ``safety_every`` seconds while it waits (what inotify
+      cannot see: another kernel's writes). After a wake-up it pauses :attr:`Wakeups.watch_gap`:
+      none while the wake-ups find jobs, growing to ``every`` while they do not, so that a
+      stream of the worker's own commits costs no more empty claims than the poll did.
+    * Elsewhere (or with the watch lost), every ``every`` seconds.
+
+    Any error (the file gone, locked for long, a disk error) ends nothing: the thread logs
+    once, tries again a second later, and the worker meanwhile polls as before.
     """
 
-    def __init__(self, path: str, wakeups: Wakeups, every: float = SQLITE_WATCH_EVERY) -> None:
+    def __init__(
+        self,
+        path: str,
+        wakeups: Wakeups,
+        every: float = SQLITE_WATCH_EVERY,
+        *,
+        safety_every: float = SQLITE_SAFETY_EVERY,
+    ) -> None:
         self._path = path
         self._wakeups = wakeups
         self._every = every
+        self._safety_every = safety_every
         self._stopping = threading.Event()
+        self._wake = WakePipe()  # stop(), or a first waiter
         self._thread: threading.Thread | None = None
+        self._seen: int | None = None
 
     def start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -170,6 +243,7 @@ class SqliteWatcher:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wake.wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=1.0)
 
@@ -193,13 +267,61 @@ class SqliteWatcher:
                 conn.close()
 
     def _watch(self, conn: sqlite3.Connection) -> None:
-        seen = conn.execute("PRAGMA data_version").fetchone()[0]
-        self._wakeups.notify(None)  # what was committed before this first read
-        while not self._stopping.wait(self._every):
-            version = conn.execute("PRAGMA data_version").fetchone()[0]
-            if version != seen:
-                seen = version
-                self._wakeups.notify(None)
+        self._seen = None
+        self._look(conn)  # what was committed before this first read wakes the waiters
+        changes = FileChanges.open(self._path)
+        if changes is not None:
+            try:
+                self._wakeups.on_first_waiter = self._wake.wake
+                self._watch_changes(conn, changes)
+            finally:
+                self._wakeups.on_first_waiter = None
+                changes.close()
+        while not self._stopping.is_set():
+            if not self._wake.wait(self._every):
+                self._look(conn)
+
+    def _watch_changes(self, conn: sqlite3.Connection, changes: FileChanges) -> None:
+        """Read the version when the files were written while a thread waits; return when
+        stopped, or when the watch was lost (the caller polls)."""
+        while_waiting = select.poll()  # not select(): the descriptors may be above 1023
+        while_waiting.register(self._wake.fileno(), select.POLLIN)
+        while_waiting.register(changes.fileno(), select.POLLIN)
+        while_idle = select.poll()
+        while_idle.register(self._wake.fileno(), select.POLLIN)
+        self._look(conn)  # a commit between the first read and the watch
+        while not self._stopping.is_set() and not changes.lost:
+            if self._wakeups.waiting:
+                while_waiting.poll(self._safety_every * 1000)
+            else:
+                # The events meanwhile stay queued in the kernel (an overflow is one event).
+                while_idle.poll()
+            self._wake.clear()
+            if not self._wakeups.waiting or self._stopping.is_set():
+                continue
+            written = changes.take()
+            if self._look(conn) or (written and self._look_again(conn)):
+                self._stopping.wait(self._wakeups.watch_gap)
+
+    def _look_again(self, conn: sqlite3.Connection) -> bool:
+        """After a write to the log that is not a visible commit yet: SQLite writes the log,
+        fsyncs it, then updates the WAL index in shared memory (which raises no event). Look
+        again, a little later each time, for as long as a commit's fsync can take."""
+        for delay in _COMMIT_SHOWS_WITHIN:
+            if self._stopping.wait(delay):
+                return False
+            if self._look(conn):
+                return True
+        return False
+
+    def _look(self, conn: sqlite3.Connection) -> bool:
+        """Read the data version; wake the waiters when it moved (True)."""
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._seen:
+            return False
+        self._seen = version
+        self._wakeups.notify(None)
+        return True
 
     def _failed(self, failing: bool, exc: sqlite3.Error) -> bool:
         if not failing:

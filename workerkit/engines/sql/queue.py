@@ -136,6 +136,7 @@ class SqlQueue(db.ForkSafeEngine):
         # The parent's LISTEN (or SQLite watch) thread did not survive the fork; the next wait
         # starts another.
         self._listener = None
+        self._wakeups.on_first_waiter = None
         self._held.forget()
         self._enqueue_held.forget()
 
@@ -300,7 +301,9 @@ class SqlQueue(db.ForkSafeEngine):
         run again: a job that kills its worker every time must end. Its slot is then filled by
         another round.
         """
-        return claiming.claim(self, queues, worker_id, limit)[0]
+        deliveries = claiming.claim(self, queues, worker_id, limit)[0]
+        self._wakeups.claimed(bool(deliveries))
+        return deliveries
 
     def ack_and_claim(
         self, acks: Sequence[claiming.Ack], queues: Sequence[str], worker_id: str, limit: int
@@ -311,6 +314,7 @@ class SqlQueue(db.ForkSafeEngine):
         the jobs claimed. One statement on PostgreSQL, one transaction on SQLite (:mod:`.claim`).
         """
         deliveries, acked = claiming.claim(self, queues, worker_id, limit, acks)
+        self._wakeups.claimed(bool(deliveries))
         return [ack.job_id in acked for ack in acks], deliveries
 
     def _fenced(

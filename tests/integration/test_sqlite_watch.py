@@ -1,0 +1,234 @@
+"""The SQLite watcher: an idle worker hears of another process's commit from the kernel.
+
+Real files, real commits from another process (a ``python -c`` that inserts a row), Linux's
+inotify. The watchers here read the data version on their own every hour at most, so a wait
+that returns early was woken by the file's change, not by a poll.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import select
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from workerkit.engines.sql import filechanges
+from workerkit.engines.sql.filechanges import FileChanges
+from workerkit.engines.sql.listener import (
+    SQLITE_GAP_FIRST,
+    SQLITE_WATCH_EVERY,
+    SqliteWatcher,
+    Wakeups,
+)
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+
+HOUR = 3600.0
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Path:
+    path = tmp_path / "jobs.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY)")
+    conn.commit()
+    conn.close()
+    return path
+
+
+def commit_from_another_process(path: Path) -> None:
+    code = (
+        "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+        "c.execute('INSERT INTO jobs DEFAULT VALUES'); c.commit(); c.close()"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=30)
+
+
+@pytest.fixture
+def watcher(database: Path) -> Iterator[tuple[SqliteWatcher, Wakeups]]:
+    wakeups = Wakeups()
+    watcher = SqliteWatcher(str(database), wakeups, HOUR, safety_every=HOUR)
+    watcher.start()
+    until(lambda: wakeups.on_first_waiter is not None)  # reading, and watching the files
+    yield watcher, wakeups
+    watcher.stop()
+
+
+def wait_in_thread(wakeups: Wakeups, timeout: float) -> tuple[threading.Thread, list[float]]:
+    waited: list[float] = []
+
+    def wait() -> None:
+        started = time.monotonic()
+        wakeups.wait(["default"], timeout)
+        waited.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    return thread, waited
+
+
+def until(condition: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_another_process_commit_makes_the_watch_readable(database: Path) -> None:
+    changes = FileChanges.open(str(database))
+    assert changes is not None
+    try:
+        (database.parent / "unrelated.txt").write_text("x")
+        poller = select.poll()
+        poller.register(changes.fileno(), select.POLLIN)
+        assert poller.poll(30_000)
+        assert not changes.take(), "a write to another file of the directory is not a commit"
+
+        commit_from_another_process(database)
+        assert poller.poll(30_000), "no event for the commit"
+        assert changes.take()
+        assert not changes.take(), "take() reads every pending event"
+        assert not changes.lost
+    finally:
+        changes.close()
+
+
+def test_the_watch_is_lost_with_its_directory(tmp_path: Path) -> None:
+    directory = tmp_path / "data"
+    directory.mkdir()
+    changes = FileChanges.open(str(directory / "jobs.sqlite3"))
+    assert changes is not None
+    try:
+        shutil.rmtree(directory)
+        poller = select.poll()
+        poller.register(changes.fileno(), select.POLLIN)
+        assert poller.poll(30_000)
+        assert changes.take()
+        assert changes.lost
+    finally:
+        changes.close()
+
+
+def test_the_watch_is_closed_with_its_object(database: Path) -> None:
+    changes = FileChanges.open(str(database))
+    assert changes is not None
+    fd = changes.fileno()
+    os.fstat(fd)
+    del changes
+    gc.collect()
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(fd)
+
+
+def test_no_watch_without_a_directory(tmp_path: Path) -> None:
+    assert FileChanges.open(str(tmp_path / "missing" / "jobs.sqlite3")) is None
+
+
+def test_a_waiter_is_woken_by_another_process_commit_at_once(
+    database: Path, watcher: tuple[SqliteWatcher, Wakeups]
+) -> None:
+    _, wakeups = watcher
+    thread, waited = wait_in_thread(wakeups, HOUR)
+    until(lambda: wakeups.waiting)
+    commit_from_another_process(database)
+    thread.join(timeout=30)
+    assert waited, "the commit did not wake the waiter"
+    assert waited[0] < 30
+
+
+def test_commits_while_nobody_waits_wake_the_next_waiter_at_once(
+    database: Path, watcher: tuple[SqliteWatcher, Wakeups]
+) -> None:
+    """The watcher reads nothing while no thread waits; the first waiter makes it look."""
+    _, wakeups = watcher
+    commit_from_another_process(database)
+    commit_from_another_process(database)
+    thread, waited = wait_in_thread(wakeups, HOUR)
+    thread.join(timeout=30)
+    assert waited, "the commits made before the wait never woke it"
+
+
+def a_polling_watcher_sees_a_commit(database: Path) -> Wakeups:
+    """A watcher polling every 50 ms (and a safety read hourly) wakes a waiter on a commit."""
+    wakeups = Wakeups()
+    watcher = SqliteWatcher(str(database), wakeups, 0.05, safety_every=HOUR)
+    watcher.start()
+    try:
+        until(lambda: watcher._seen is not None)  # its first read
+        thread, waited = wait_in_thread(wakeups, HOUR)
+        until(lambda: wakeups.waiting)
+        commit_from_another_process(database)
+        thread.join(timeout=30)
+        assert waited, "the poll did not see the commit"
+    finally:
+        watcher.stop()
+    return wakeups
+
+
+def test_without_inotify_the_watcher_polls(database: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(filechanges.FileChanges, "open", classmethod(lambda cls, path: None))
+    wakeups = a_polling_watcher_sees_a_commit(database)
+    assert wakeups.on_first_waiter is None
+
+
+def test_a_lost_watch_falls_back_to_polling(
+    database: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = FileChanges.open
+
+    def lost_at_once(cls: type[FileChanges], path: str) -> FileChanges | None:
+        changes = real_open(path)
+        assert changes is not None
+        changes.lost = True
+        return changes
+
+    monkeypatch.setattr(filechanges.FileChanges, "open", classmethod(lost_at_once))
+    wakeups = a_polling_watcher_sees_a_commit(database)
+    assert wakeups.on_first_waiter is None
+
+
+def test_stop_ends_the_thread_whether_or_not_a_thread_waits(
+    watcher: tuple[SqliteWatcher, Wakeups],
+) -> None:
+    sqlite_watcher, _ = watcher
+    thread = sqlite_watcher._thread
+    assert thread is not None
+    assert thread.is_alive()
+    started = time.monotonic()
+    sqlite_watcher.stop()
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 1.0
+
+
+def test_wake_ups_that_find_nothing_lengthen_the_watchers_pause_and_a_job_ends_it() -> None:
+    wakeups = Wakeups()
+    wakeups.wait(["default"], 0.001)  # from here on, this thread hears every wake-up
+    gaps = []
+    for _ in range(6):
+        wakeups.notify(None)  # the watcher's wake-up
+        assert wakeups.wait(["default"], 5)
+        wakeups.claimed(False)
+        gaps.append(wakeups.watch_gap)
+    assert gaps == [SQLITE_GAP_FIRST * 2**n for n in range(4)] + [SQLITE_WATCH_EVERY] * 2
+
+    wakeups.claimed(False)  # a claim after no wait (another loop of the worker) changes nothing
+    assert wakeups.watch_gap == SQLITE_WATCH_EVERY
+    wakeups.notify("default")  # an enqueue in this process: not the watcher's wake-up
+    assert wakeups.wait(["default"], 5)
+    wakeups.claimed(False)
+    assert wakeups.watch_gap == SQLITE_WATCH_EVERY
+
+    wakeups.notify(None)
+    assert wakeups.wait(["default"], 5)
+    wakeups.claimed(True)
+    assert wakeups.watch_gap == 0.0
