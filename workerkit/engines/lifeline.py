@@ -12,7 +12,6 @@ import contextlib
 import faulthandler
 import logging
 import os
-import select
 import signal
 import threading
 import time
@@ -22,6 +21,7 @@ from types import FrameType
 from typing import IO, Final
 
 from workerkit import rundir
+from workerkit.engines.wakepipe import WakePipe
 from workerkit.events import SOCKET_ENV
 from workerkit.proctree import descendants, has_children, prctl, stop_processes
 
@@ -72,7 +72,7 @@ class Lifeline:
         self._release_now = release_now
         supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
         self.supervisor_pid = int(supervisor) if supervisor.isdigit() else None
-        self._wake_r = self._wake_w = -1
+        self._wake: WakePipe | None = None  # SIGQUIT's
         self._fired = False
         self._watchdog_file: IO[str] | None = None
         self._watch_every = WATCH_EVERY
@@ -89,8 +89,7 @@ class Lifeline:
         """
         if not self.active:
             return
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
+        self._wake = WakePipe()
         signal.signal(signal.SIGQUIT, self._on_sigquit)
         os.register_at_fork(after_in_child=_default_sigquit)
         # Not before exec in the supervisor (posix_spawn has no hook for it): here, after exec,
@@ -103,19 +102,17 @@ class Lifeline:
     def _on_sigquit(self, signum: int, frame: FrameType | None) -> None:
         # Only a byte on a pipe: the handler runs between two bytecodes of whatever the main
         # thread was doing (a job, kombu's loop), so it must take no lock.
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"Q")
+        if self._wake is not None:
+            self._wake.wake()
 
     def _watch(self) -> None:
+        assert self._wake is not None
         while True:
             orphaned = os.getppid() != self.supervisor_pid
             if orphaned:
                 self._fire("the supervisor is gone")
                 return
-            ready, _, _ = select.select([self._wake_r], [], [], self._watch_every)
-            if ready:
-                with contextlib.suppress(OSError):
-                    os.read(self._wake_r, 64)
+            if self._wake.wait(self._watch_every):
                 gone = self._parent_changes_within(_REPARENT_WAIT)
                 self._fire("the supervisor is gone" if gone else "SIGQUIT received")
                 return
