@@ -251,6 +251,33 @@ def test_a_job_that_ends_as_the_release_takes_its_lease_is_released_not_lost(
     assert read_state(redis_client, "raced")["attempts"] == 0
 
 
+def test_a_lost_lease_is_not_renewed_again(
+    redis_client: redis.Redis[bytes], redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a renewal finds the lease taken, the attempt is stopped and the upkeep asks Redis
+    no more (it asked every 50 ms until the job ended)."""
+    worker, _job, _keys = started_attempt(redis_client, redis_url, "lost-lease")
+    attempt = worker._wk_attempt
+    assert attempt is not None
+    renewals: list[AttemptKeys] = []
+    interrupted: list[object] = []
+
+    def taken_elsewhere(keys: AttemptKeys) -> bool:
+        renewals.append(keys)
+        return False  # the store's answer when another attempt holds the lease
+
+    monkeypatch.setattr(worker._wk_leases, "renew", taken_elsewhere)
+    monkeypatch.setattr(worker, "_wk_interrupt", interrupted.append)
+    monkeypatch.setattr(attempt, "renewed_at", lambda: 0.0)  # due long ago
+
+    worker._wk_renew_due()
+    assert attempt.lease_lost
+    assert interrupted == [attempt]
+    assert worker._wk_renew_due() is None
+    assert worker._wk_renew_due() is None
+    assert len(renewals) == 1
+
+
 def started_attempt(
     client: redis.Redis[bytes], redis_url: str, job_id: str, *, enqueue: bool = True
 ) -> tuple[SimpleWorker, Job, AttemptKeys]:

@@ -222,8 +222,8 @@ class Upkeep(Drain):
         """Renew the lease of the attempt in hand when due; seconds until the next is due (None:
         no attempt; one begun meanwhile is seen within the duty's cadence, a quarter of H)."""
         attempt = self._wk_attempt
-        if attempt is None:
-            return None
+        if attempt is None or attempt.lease_lost:
+            return None  # a lost lease is final: nothing to renew until the attempt ends
         renew_every = self.wk_settings.effective_heartbeat_interval
         now_ = time.monotonic()
         if now_ >= max(attempt.renewed_at() + renew_every, self._wk_renew_retry_at):
