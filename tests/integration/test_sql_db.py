@@ -18,6 +18,7 @@ from tests.support import servers
 from workerkit.engines.base import NewJob
 from workerkit.engines.sql import SqlQueue
 from workerkit.engines.sql.db import (
+    ForkSafeEngine,
     check_schema,
     create_engine_for,
     current_revision,
@@ -309,3 +310,55 @@ def test_a_sqlite_claim_waiting_for_the_lock_asks_the_claimer_again_before_writi
         assert [d.job_id for d in queue.claim(["default"], "w", 1)] == ["j1"]
     finally:
         queue.close()
+
+
+class _CountedForks(ForkSafeEngine):
+    """A store whose child-side reset is slow: the threads that use the engine first in the
+    child all get there while the first one is still resetting."""
+
+    def __init__(self, url: str) -> None:
+        self._adopt_engine(sa.create_engine(url))
+        self.resets = 0
+        self.reset_done = False
+
+    def _after_fork(self) -> None:
+        self.resets += 1
+        time.sleep(0.2)
+        self.reset_done = True
+
+
+def test_threads_of_a_forked_child_using_the_engine_first_at_once_reset_it_once(
+    tmp_path: Path,
+) -> None:
+    """One reset, and no thread gets the engine before it is done (it would still hold the
+    parent's state: a held connection, a listener)."""
+    store = _CountedForks(f"sqlite:///{tmp_path / 'fork.sqlite3'}")
+    with store.engine.connect() as conn:  # the parent's pooled connection
+        conn.exec_driver_sql("SELECT 1")
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            start = threading.Barrier(4)
+            saw_reset_done: list[bool] = []
+
+            def first_use() -> None:
+                start.wait()
+                engine = store.engine
+                saw_reset_done.append(store.reset_done)
+                with engine.connect() as conn:
+                    conn.exec_driver_sql("SELECT 1")
+
+            threads = [threading.Thread(target=first_use) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            early = saw_reset_done.count(False)
+            code = 0 if store.resets == 1 and not early else 10 * store.resets + early
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    # Exit 10 * resets + threads that got the engine before the reset was done.
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.resets == 0

@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -210,12 +211,28 @@ def _install_idle_ping(engine: sa.Engine) -> None:
             raise sa.exc.InvalidatePoolError(describe_error(exc)) from exc
 
 
+#: Held while a forked child drops its parent's connections (:class:`ForkSafeEngine`). A
+#: fresh one in each child: one held by another of the parent's threads at the fork would never
+#: be released there. Reentrant: an :meth:`ForkSafeEngine._after_fork` may use the engine.
+_FORK_LOCK = threading.RLock()
+
+
+def _new_fork_lock() -> None:
+    global _FORK_LOCK
+    _FORK_LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_fork_lock)
+
+
 class ForkSafeEngine:
     """Mixin: an :attr:`engine` property that a forked child uses with fresh connections.
 
     Pooled connections are sockets shared with the parent after a fork; using them from both
     sides interleaves protocol bytes. The first use in a child drops them (without closing the
-    parent's) and calls :meth:`_after_fork`. Call :meth:`_adopt_engine` in ``__init__``.
+    parent's) and calls :meth:`_after_fork`, once, however many of the child's threads use
+    the engine first at the same time: the others wait for it, and none sees the parent's state
+    meanwhile. Call :meth:`_adopt_engine` in ``__init__``.
     """
 
     _engine: sa.Engine
@@ -229,9 +246,11 @@ class ForkSafeEngine:
     def engine(self) -> sa.Engine:
         """The SQLAlchemy engine (one per process: a forked child gets fresh connections)."""
         if os.getpid() != self._engine_pid:
-            self._engine.dispose(close=False)
-            self._engine_pid = os.getpid()
-            self._after_fork()
+            with _FORK_LOCK:
+                if os.getpid() != self._engine_pid:  # not done by another thread meanwhile
+                    self._engine.dispose(close=False)
+                    self._after_fork()
+                    self._engine_pid = os.getpid()  # last: until now, others wait above
         return self._engine
 
     def _after_fork(self) -> None:
