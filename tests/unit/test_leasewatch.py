@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 
+from workerkit.engines import leasewatch
 from workerkit.engines.leasewatch import LeaseClock, Watchdog, now, since_monotonic
 from workerkit.job import JobContext
 
@@ -58,3 +60,20 @@ def test_the_watchdog_wakes_per_byte_of_its_pipe_and_goes_on_ticking_after_end_o
     watchdog.end(context)
     os.close(read_end)
     watchdog._tick = 3600.0  # its thread has no stop (a horse exits): let it sleep, not spin
+
+
+def test_the_kill_puts_sigalrm_back_to_terminating_over_a_python_handler() -> None:
+    """RQ's job timeout has a Python handler on SIGALRM; the watchdog's kill must end the
+    process even so (the handler would run only if the stuck main thread got the GIL)."""
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        try:
+            signal.signal(signal.SIGALRM, lambda signum, frame: os._exit(3))
+            leasewatch._alarm_kills()
+            os.kill(os.getpid(), signal.SIGALRM)
+            time.sleep(10)
+        finally:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+    assert os.WTERMSIG(status) == signal.SIGALRM

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
+from workerkit.proctree import load_libc
+
 if TYPE_CHECKING:
     from workerkit.job import JobContext
 
@@ -79,7 +81,7 @@ def _alarm_kills() -> None:
     Python's ``signal.signal`` is the main thread's only, and the main thread may be the one
     stuck (a job holding the GIL); the C library's ``signal`` is not.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = load_libc() or ctypes.CDLL(None, use_errno=True)  # looked up before the fork
     install = libc.signal
     install.restype = ctypes.c_void_p
     install.argtypes = (ctypes.c_int, ctypes.c_void_p)
