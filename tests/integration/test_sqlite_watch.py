@@ -84,22 +84,56 @@ def until(condition: object, timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+def readable(changes: FileChanges, timeout: float = 30.0) -> bool:
+    poller = select.poll()
+    poller.register(changes.fileno(), select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
 def test_another_process_commit_makes_the_watch_readable(database: Path) -> None:
     changes = FileChanges.open(str(database))
     assert changes is not None
     try:
-        (database.parent / "unrelated.txt").write_text("x")
-        poller = select.poll()
-        poller.register(changes.fileno(), select.POLLIN)
-        assert poller.poll(30_000)
-        assert not changes.take(), "a write to another file of the directory is not a commit"
+        unrelated = database.parent / "app.log"
+        unrelated.write_text("x")
+        assert readable(changes)  # a file came: looked at, but not one of the database's
+        assert not changes.take()
+        unrelated.write_text("more")  # an app's log beside the database: no event at all
+        assert not readable(changes, timeout=0)  # events are queued by the write itself
 
         commit_from_another_process(database)
-        assert poller.poll(30_000), "no event for the commit"
+        assert readable(changes), "no event for the commit"
         assert changes.take()
         assert not changes.take(), "take() reads every pending event"
         assert not changes.lost
     finally:
+        changes.close()
+
+
+@pytest.mark.parametrize("journal_mode", ["WAL", "DELETE"])
+def test_the_log_or_journal_coming_and_going_is_followed(database: Path, journal_mode: str) -> None:
+    """SQLite deletes the log when its last connection closes (and a DELETE-mode journal at
+    each commit): a file that comes back is watched again."""
+    conn = sqlite3.connect(database)
+    conn.execute(f"PRAGMA journal_mode={journal_mode}")
+    conn.close()
+    assert not Path(f"{database}-wal").exists()  # no connection left: no log
+    changes = FileChanges.open(str(database))
+    assert changes is not None
+    holder = sqlite3.connect(database)  # as the watcher's own connection, kept open
+    try:
+        holder.execute("SELECT count(*) FROM jobs").fetchone()
+        # WAL: the log is back (and stays while a connection is open); the commits below
+        # write only it, so their events come from the watch added when it appeared.
+        assert Path(f"{database}-wal").exists() == (journal_mode == "WAL")
+        changes.take()
+        for _ in range(3):
+            commit_from_another_process(database)
+            assert readable(changes), "no event for the commit"
+            assert changes.take()
+        assert not changes.lost
+    finally:
+        holder.close()
         changes.close()
 
 
@@ -110,9 +144,7 @@ def test_the_watch_is_lost_with_its_directory(tmp_path: Path) -> None:
     assert changes is not None
     try:
         shutil.rmtree(directory)
-        poller = select.poll()
-        poller.register(changes.fileno(), select.POLLIN)
-        assert poller.poll(30_000)
+        assert readable(changes)
         assert changes.take()
         assert changes.lost
     finally:

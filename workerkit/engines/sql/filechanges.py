@@ -1,22 +1,26 @@
 """Writes to a SQLite database's files, as the kernel reports them (Linux inotify).
 
 SQLite has no notifications. A commit by another process (an enqueue) writes the database's
-write-ahead log (``NAME-wal``), or in a rollback-journal mode the file itself and its
-``NAME-journal``: :class:`FileChanges` watches the directory for writes to those three names
-and makes a descriptor readable when one comes, so an idle worker's thread can sleep in
-``poll`` until then instead of reading the data version every few milliseconds. The directory,
-not the files: the log and the journal come and go (SQLite deletes the log when its last
-connection closes, and a journal at each commit in DELETE mode), and a file swapped in by a
-rename is seen too.
+write-ahead log (``NAME-wal``), or in a rollback-journal mode the file itself, with a
+``NAME-journal`` beside it for the transaction: :class:`FileChanges` makes a descriptor readable
+when one of them is written, so an idle worker's thread can sleep in ``poll`` until then
+instead of reading the data version every few milliseconds.
+
+Two kinds of watches, so that the kernel filters what does not matter: one per file for its
+writes (``IN_MODIFY``; the file and its log, each while it exists), and one on the directory
+for those names only coming and going (``IN_CREATE``, ``IN_MOVED_TO``, ``IN_DELETE``): SQLite
+deletes the log when its last connection closes, and a journal at each commit in DELETE mode; a
+file that appears is watched from then on. The writes of the directory's other files (an app's
+log file beside the database) raise no event.
 
 What it cannot see, and so why the caller still looks now and then: writes through another
 kernel (a network filesystem, on which SQLite's locking is not safe either), and a watch the
-kernel dropped (the directory removed: ``IN_IGNORED``, reported as a change, then
-:attr:`FileChanges.lost`). An overflowed event queue (``IN_Q_OVERFLOW``) is reported as a
+kernel dropped with its directory (``IN_IGNORED`` of the directory's watch: reported as a change,
+then :attr:`FileChanges.lost`). An overflowed event queue (``IN_Q_OVERFLOW``) is reported as a
 change. Writes through shared memory (``NAME-shm``, the WAL index) raise no event, and need
-none: a commit always writes the log.
+none: a commit always writes the log (or the file).
 
-Without inotify (not Linux, no libc, the per-user limit of watches reached),
+Without inotify (not Linux, no libc, the per-user limit of instances or watches reached),
 :meth:`FileChanges.open` returns None and the caller polls.
 """
 
@@ -28,7 +32,7 @@ import os
 import struct
 import weakref
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from workerkit.proctree import load_libc
 
@@ -36,7 +40,6 @@ __all__ = ("FileChanges",)
 
 # <sys/inotify.h>
 _IN_MODIFY: Final = 0x00000002
-_IN_CLOSE_WRITE: Final = 0x00000008
 _IN_MOVED_TO: Final = 0x00000080
 _IN_CREATE: Final = 0x00000100
 _IN_DELETE: Final = 0x00000200
@@ -45,7 +48,8 @@ _IN_IGNORED: Final = 0x00008000
 _IN_ONLYDIR: Final = 0x01000000
 _IN_NONBLOCK: Final = os.O_NONBLOCK
 _IN_CLOEXEC: Final = 0o2000000  # O_CLOEXEC on Linux
-_WATCHED: Final = _IN_MODIFY | _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
+_FILE_EVENTS: Final = _IN_MODIFY
+_DIRECTORY_EVENTS: Final = _IN_CREATE | _IN_MOVED_TO | _IN_DELETE | _IN_ONLYDIR
 # struct inotify_event { int wd; uint32_t mask, cookie, len; char name[len]; }
 _HEADER: Final = struct.Struct("iIII")
 
@@ -53,14 +57,20 @@ _HEADER: Final = struct.Struct("iIII")
 class FileChanges:
     """A readable descriptor (:meth:`fileno`) once one of the database's files was written."""
 
-    def __init__(self, fd: int, names: frozenset[bytes]) -> None:
+    def __init__(self, libc: Any, fd: int, directory: Path, name: bytes, directory_wd: int) -> None:
+        self._libc = libc
         self._fd = fd
-        self._names = names
-        #: The kernel dropped the watch: no more events will come.
+        self._directory = directory
+        self._directory_wd = directory_wd
+        #: The names whose writes count: the file, its log, its journal.
+        self._names = frozenset({name, name + b"-wal", name + b"-journal"})
+        #: The kernel dropped the directory's watch: no more events will come.
         self.lost = False
         # Closed with the object too: a forked child drops its parent's watcher thread, and
         # with it the last reference to this.
         self._finalizer = weakref.finalize(self, _close, fd)
+        for each in self._names:
+            self._watch_file(each)
 
     @classmethod
     def open(cls, database: str) -> FileChanges | None:
@@ -72,20 +82,19 @@ class FileChanges:
         path = Path(database).absolute()
         fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
-            return None
-        directory = os.fsencode(path.parent)
-        if libc.inotify_add_watch(fd, ctypes.c_char_p(directory), _WATCHED | _IN_ONLYDIR) < 0:
+            return None  # EMFILE: max_user_instances reached
+        directory_wd = _add_watch(libc, fd, path.parent, _DIRECTORY_EVENTS)
+        if directory_wd < 0:
             os.close(fd)  # ENOSPC: max_user_watches reached; ENOENT: no directory (yet)
             return None
-        name = os.fsencode(path.name)
-        return cls(fd, frozenset({name, name + b"-wal", name + b"-journal"}))
+        return cls(libc, fd, path.parent, os.fsencode(path.name), directory_wd)
 
     def fileno(self) -> int:
         return self._fd
 
     def take(self) -> bool:
         """Read every pending event; True when one may mean a commit (a write to one of the
-        database's files, an overflowed queue, the watch lost)."""
+        database's files, one of them coming or going, an overflowed queue, the watch lost)."""
         changed = False
         while True:
             try:
@@ -103,18 +112,35 @@ class FileChanges:
         changed = False
         offset = 0
         while offset + _HEADER.size <= len(data):
-            _wd, mask, _cookie, length = _HEADER.unpack_from(data, offset)
+            wd, mask, _cookie, length = _HEADER.unpack_from(data, offset)
             name = data[offset + _HEADER.size : offset + _HEADER.size + length].rstrip(b"\0")
             offset += _HEADER.size + length
-            if mask & _IN_IGNORED:
-                self.lost = True
-            if mask & (_IN_Q_OVERFLOW | _IN_IGNORED) or name in self._names:
+            if mask & _IN_Q_OVERFLOW:
                 changed = True
+            elif wd != self._directory_wd:
+                # A file's write; its IN_IGNORED (the file deleted) needs nothing: the
+                # directory reports the name when it comes back.
+                changed |= not (mask & _IN_IGNORED)
+            elif mask & _IN_IGNORED:
+                self.lost = changed = True
+            elif name in self._names:
+                changed = True
+                if mask & (_IN_CREATE | _IN_MOVED_TO):
+                    self._watch_file(name)
         return changed
+
+    def _watch_file(self, name: bytes) -> None:
+        # Missing (ENOENT) is fine: the directory's watch reports the name when it appears.
+        _add_watch(self._libc, self._fd, self._directory / os.fsdecode(name), _FILE_EVENTS)
 
     def close(self) -> None:
         self._finalizer()
         self._fd = -1
+
+
+def _add_watch(libc: Any, fd: int, path: Path, mask: int) -> int:
+    """``inotify_add_watch``: the watch descriptor, or -1."""
+    return int(libc.inotify_add_watch(fd, ctypes.c_char_p(os.fsencode(path)), mask))
 
 
 def _close(fd: int) -> None:
