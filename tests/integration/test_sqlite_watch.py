@@ -137,6 +137,34 @@ def test_the_log_or_journal_coming_and_going_is_followed(database: Path, journal
         changes.close()
 
 
+def test_after_an_overflow_a_log_made_meanwhile_is_watched(tmp_path: Path) -> None:
+    """The kernel drops events past its queue's limit, a new log's creation among them: the
+    names are watched again, so the new log's writes are seen."""
+    database, log = tmp_path / "jobs.sqlite3", tmp_path / "jobs.sqlite3-wal"
+    database.write_bytes(b"")
+    log.write_bytes(b"")
+    changes = FileChanges.open(str(database))
+    assert changes is not None
+    try:
+        limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+        with database.open("ab") as first, log.open("ab") as second:
+            for _ in range(limit // 2 + 10):  # alternate: identical events in a row merge
+                first.write(b"x")
+                first.flush()
+                second.write(b"x")
+                second.flush()
+        log.unlink()
+        log.write_bytes(b"")  # a new file: its creation is dropped with the overflow
+        assert changes.take()
+        with log.open("ab") as new_log:
+            new_log.write(b"commit")
+        assert readable(changes, timeout=0), "the new log's write raised no event"
+        assert changes.take()
+        assert not changes.lost
+    finally:
+        changes.close()
+
+
 def test_the_watch_is_lost_with_its_directory(tmp_path: Path) -> None:
     directory = tmp_path / "data"
     directory.mkdir()

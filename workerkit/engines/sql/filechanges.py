@@ -116,6 +116,10 @@ class FileChanges:
             name = data[offset + _HEADER.size : offset + _HEADER.size + length].rstrip(b"\0")
             offset += _HEADER.size + length
             if mask & _IN_Q_OVERFLOW:
+                # Events were dropped, a log's creation among them maybe: watch every name
+                # that exists now (a name watched already keeps its watch).
+                for each in self._names:
+                    self._watch_file(each)
                 changed = True
             elif wd != self._directory_wd:
                 # A file's write; its IN_IGNORED (the file deleted) needs nothing: the
