@@ -134,9 +134,10 @@ class SqlQueue(db.ForkSafeEngine):
 
     def _after_fork(self) -> None:
         # The parent's LISTEN (or SQLite watch) thread did not survive the fork; the next wait
-        # starts another.
+        # starts another. New wake-ups too: a thread of the parent's may have held their lock
+        # at the fork, and their callback is the old watcher's.
         self._listener = None
-        self._wakeups.on_first_waiter = None
+        self._wakeups = Wakeups()
         self._held.forget()
         self._enqueue_held.forget()
 
