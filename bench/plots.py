@@ -27,7 +27,7 @@ LABELS = {
     "wk-run-pg-cN": "workerkit sql, PostgreSQL, c=4",
     "wk-run-pg-c8": "workerkit sql, PostgreSQL, c=8",
     "wk-sql-pg": "workerkit sql, PostgreSQL (NOTIFY)",
-    "wk-sql-sqlite": "workerkit sql, SQLite (poll)",
+    "wk-sql-sqlite": "workerkit sql, SQLite (inotify)",
     "wk-rq": "workerkit run rq",
     "bare-rq": "bare rq worker",
     "wk-celery": "workerkit run celery",
