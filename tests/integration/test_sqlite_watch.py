@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.harness import wait_until
 from workerkit.engines.base import NewJob
 from workerkit.engines.sql import SqlQueue, filechanges
 from workerkit.engines.sql.db import upgrade
@@ -62,7 +63,7 @@ def watcher(database: Path) -> Iterator[tuple[SqliteWatcher, Wakeups]]:
     wakeups = Wakeups()
     watcher = SqliteWatcher(str(database), wakeups, HOUR, safety_every=HOUR)
     watcher.start()
-    until(lambda: wakeups.on_first_waiter is not None)  # reading, and watching the files
+    wait_until(lambda: wakeups.on_first_waiter is not None, timeout=30, what="the watch")
     yield watcher, wakeups
     watcher.stop()
 
@@ -75,16 +76,9 @@ def wait_in_thread(wakeups: Wakeups, timeout: float) -> tuple[threading.Thread, 
         wakeups.wait(["default"], timeout)
         waited.append(time.monotonic() - started)
 
-    thread = threading.Thread(target=wait)
+    thread = threading.Thread(target=wait, daemon=True)  # a failed test leaves none behind
     thread.start()
     return thread, waited
-
-
-def until(condition: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def readable(changes: FileChanges, timeout: float = 30.0) -> bool:
@@ -202,7 +196,7 @@ def test_a_waiter_is_woken_by_another_process_commit_at_once(
 ) -> None:
     _, wakeups = watcher
     thread, waited = wait_in_thread(wakeups, HOUR)
-    until(lambda: wakeups.waiting)
+    wait_until(lambda: wakeups.waiting, timeout=30, what="the wait")
     commit_from_another_process(database)
     thread.join(timeout=30)
     assert waited, "the commit did not wake the waiter"
@@ -213,9 +207,13 @@ def test_commits_while_nobody_waits_wake_the_next_waiter_at_once(
     database: Path, watcher: tuple[SqliteWatcher, Wakeups]
 ) -> None:
     """The watcher reads nothing while no thread waits; the first waiter makes it look."""
-    _, wakeups = watcher
+    sqlite_watcher, wakeups = watcher
+    seen = sqlite_watcher._seen
     commit_from_another_process(database)
     commit_from_another_process(database)
+    # Each commit's event was queued before its process exited, tens of ms ago: a watcher
+    # that read on events while nobody waits would have read the new version by now.
+    assert sqlite_watcher._seen == seen
     thread, waited = wait_in_thread(wakeups, HOUR)
     thread.join(timeout=30)
     assert waited, "the commits made before the wait never woke it"
@@ -227,9 +225,9 @@ def a_polling_watcher_sees_a_commit(database: Path) -> Wakeups:
     watcher = SqliteWatcher(str(database), wakeups, 0.05, safety_every=HOUR)
     watcher.start()
     try:
-        until(lambda: watcher._seen is not None)  # its first read
+        wait_until(lambda: watcher._seen is not None, timeout=30, what="its first read")
         thread, waited = wait_in_thread(wakeups, HOUR)
-        until(lambda: wakeups.waiting)
+        wait_until(lambda: wakeups.waiting, timeout=30, what="the wait")
         commit_from_another_process(database)
         thread.join(timeout=30)
         assert waited, "the poll did not see the commit"
@@ -312,8 +310,8 @@ def test_a_forked_child_queue_is_woken_by_its_own_watcher(tmp_path: Path) -> Non
                 started = time.monotonic()
                 enqueue = threading.Timer(0.2, lambda: commit_a_job(url))
                 enqueue.start()
-                queue.wait_for_jobs(["default"], HOUR)
-                code = 0 if time.monotonic() - started < 60 else 2
+                queue.wait_for_jobs(["default"], 30)  # returns at 30 s if nothing woke it
+                code = 0 if time.monotonic() - started < 25 else 2
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)

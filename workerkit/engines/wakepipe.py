@@ -20,10 +20,11 @@ import os
 import select
 import weakref
 
-__all__ = ("WakePipe",)
+__all__ = ("WakePipe", "close_quietly")
 
 
-def _close(*fds: int) -> None:
+def close_quietly(*fds: int) -> None:
+    """Close each descriptor, one already closed or never valid included (for finalizers)."""
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -37,7 +38,7 @@ class WakePipe:
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
-        weakref.finalize(self, _close, self._read, self._write)
+        weakref.finalize(self, close_quietly, self._read, self._write)
         self._poller = select.poll()  # not select(): the descriptor may be above 1023
         self._poller.register(self._read, select.POLLIN)
 

@@ -26,7 +26,6 @@ Without inotify (not Linux, no libc, the per-user limit of instances or watches 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import struct
@@ -34,6 +33,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Final
 
+from workerkit.engines.wakepipe import close_quietly
 from workerkit.proctree import load_libc
 
 __all__ = ("FileChanges",)
@@ -68,7 +68,7 @@ class FileChanges:
         self.lost = False
         # Closed with the object too: a forked child drops its parent's watcher thread, and
         # with it the last reference to this.
-        self._finalizer = weakref.finalize(self, _close, fd)
+        self._finalizer = weakref.finalize(self, close_quietly, fd)
         for each in self._names:
             self._watch_file(each)
 
@@ -145,8 +145,3 @@ class FileChanges:
 def _add_watch(libc: Any, fd: int, path: Path, mask: int) -> int:
     """``inotify_add_watch``: the watch descriptor, or -1."""
     return int(libc.inotify_add_watch(fd, ctypes.c_char_p(os.fsencode(path)), mask))
-
-
-def _close(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
