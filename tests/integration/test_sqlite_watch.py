@@ -8,12 +8,14 @@ that returns early was woken by the file's change, not by a poll.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import select
 import shutil
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from tests.support.harness import wait_until
 from workerkit.engines.base import NewJob
 from workerkit.engines.sql import SqlQueue, filechanges
 from workerkit.engines.sql.db import upgrade
-from workerkit.engines.sql.filechanges import FileChanges
+from workerkit.engines.sql.filechanges import FileChanges, WatchUnavailable
 from workerkit.engines.sql.listener import (
     SQLITE_GAP_FIRST,
     SQLITE_WATCH_EVERY,
@@ -188,7 +190,33 @@ def test_the_watch_is_closed_with_its_object(database: Path) -> None:
 
 
 def test_no_watch_without_a_directory(tmp_path: Path) -> None:
-    assert FileChanges.open(str(tmp_path / "missing" / "jobs.sqlite3")) is None
+    with pytest.raises(WatchUnavailable, match=r"inotify_add_watch\(.*missing.*No such file"):
+        FileChanges.open(str(tmp_path / "missing" / "jobs.sqlite3"))
+
+
+def test_used_up_descriptors_are_named_with_the_fix(database: Path) -> None:
+    """EMFILE, here from the process's own limit: the message names both limits it can be."""
+    script = textwrap.dedent(
+        f"""
+        import os, resource
+        from workerkit.engines.sql.filechanges import FileChanges, WatchUnavailable
+        from workerkit.proctree import load_libc
+        load_libc()
+        # The listing's own descriptor is the highest, closed by now: the next one is refused.
+        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest, hard))
+        try:
+            FileChanges.open({str(database)!r})
+        except WatchUnavailable as exc:
+            print(exc)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "inotify_init1: too many open files" in done.stdout, done.stdout + done.stderr
+    assert "fs.inotify.max_user_instances" in done.stdout
 
 
 def test_a_waiter_is_woken_by_another_process_commit_at_once(
@@ -236,26 +264,42 @@ def a_polling_watcher_sees_a_commit(database: Path) -> Wakeups:
     return wakeups
 
 
-def test_without_inotify_the_watcher_polls(database: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(filechanges.FileChanges, "open", classmethod(lambda cls, path: None))
+def polling_reasons(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        getattr(record, "reason", "")
+        for record in caplog.records
+        if getattr(record, "event", None) == "sqlite_watch_polling"
+    ]
+
+
+def test_without_inotify_the_watcher_polls_and_says_why(
+    database: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def unavailable(cls: type[FileChanges], path: str) -> FileChanges:
+        raise WatchUnavailable("no inotify here (Linux only)")
+
+    monkeypatch.setattr(filechanges.FileChanges, "open", classmethod(unavailable))
+    caplog.set_level(logging.INFO, logger="workerkit.engines.sql.listener")
     wakeups = a_polling_watcher_sees_a_commit(database)
     assert wakeups.on_first_waiter is None
+    assert polling_reasons(caplog) == ["no inotify here (Linux only)"]
 
 
 def test_a_lost_watch_falls_back_to_polling(
-    database: Path, monkeypatch: pytest.MonkeyPatch
+    database: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     real_open = FileChanges.open
 
-    def lost_at_once(cls: type[FileChanges], path: str) -> FileChanges | None:
+    def lost_at_once(cls: type[FileChanges], path: str) -> FileChanges:
         changes = real_open(path)
-        assert changes is not None
         changes.lost = True
         return changes
 
     monkeypatch.setattr(filechanges.FileChanges, "open", classmethod(lost_at_once))
+    caplog.set_level(logging.INFO, logger="workerkit.engines.sql.listener")
     wakeups = a_polling_watcher_sees_a_commit(database)
     assert wakeups.on_first_waiter is None
+    assert polling_reasons(caplog) == ["the watch of its directory was lost (moved or removed)"]
 
 
 def test_stop_ends_the_thread_whether_or_not_a_thread_waits(

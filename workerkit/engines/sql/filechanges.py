@@ -21,12 +21,13 @@ change. Writes through shared memory (``NAME-shm``, the WAL index) raise no even
 none: a commit always writes the log (or the file).
 
 Without inotify (not Linux, no libc, the per-user limit of instances or watches reached),
-:meth:`FileChanges.open` returns None and the caller polls.
+:meth:`FileChanges.open` raises :class:`WatchUnavailable`, saying which, and the caller polls.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 import weakref
@@ -36,7 +37,7 @@ from typing import Any, Final
 from workerkit.engines.wakepipe import close_quietly
 from workerkit.proctree import load_libc
 
-__all__ = ("FileChanges",)
+__all__ = ("FileChanges", "WatchUnavailable")
 
 # <sys/inotify.h>
 _IN_MODIFY: Final = 0x00000002
@@ -52,6 +53,10 @@ _FILE_EVENTS: Final = _IN_MODIFY
 _DIRECTORY_EVENTS: Final = _IN_CREATE | _IN_MOVED_TO | _IN_DELETE | _IN_ONLYDIR
 # struct inotify_event { int wd; uint32_t mask, cookie, len; char name[len]; }
 _HEADER: Final = struct.Struct("iIII")
+
+
+class WatchUnavailable(Exception):
+    """The database's files cannot be watched here; the message says why and what to change."""
 
 
 class FileChanges:
@@ -73,20 +78,21 @@ class FileChanges:
             self._watch_file(each)
 
     @classmethod
-    def open(cls, database: str) -> FileChanges | None:
-        """Watch the files of the SQLite database at path ``database``; None where inotify
-        is not available (the caller polls)."""
+    def open(cls, database: str) -> FileChanges:
+        """Watch the files of the SQLite database at path ``database``; :class:`WatchUnavailable`
+        where inotify cannot (the caller polls)."""
         libc = load_libc()
         if not libc or not hasattr(libc, "inotify_init1"):
-            return None
+            raise WatchUnavailable("no inotify here (Linux only)")
         path = Path(database).absolute()
         fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
-            return None  # EMFILE: max_user_instances reached
+            raise WatchUnavailable(_why(ctypes.get_errno(), "inotify_init1"))
         directory_wd = _add_watch(libc, fd, path.parent, _DIRECTORY_EVENTS)
         if directory_wd < 0:
-            os.close(fd)  # ENOSPC: max_user_watches reached; ENOENT: no directory (yet)
-            return None
+            code = ctypes.get_errno()
+            os.close(fd)
+            raise WatchUnavailable(_why(code, f"inotify_add_watch({str(path.parent)!r})"))
         return cls(libc, fd, path.parent, os.fsencode(path.name), directory_wd)
 
     def fileno(self) -> int:
@@ -140,6 +146,22 @@ class FileChanges:
     def close(self) -> None:
         self._finalizer()
         self._fd = -1
+
+
+def _why(code: int, call: str) -> str:
+    """What a failed inotify call means, and the fix where there is one."""
+    if code == errno.EMFILE:  # per user, across every process in the user namespace
+        return (
+            f"{call}: too many open files: the process's limit (ulimit -n), or the user's "
+            "inotify instances (fs.inotify.max_user_instances, 128 by default: raise it with "
+            "sysctl on the node)"
+        )
+    if code == errno.ENOSPC:
+        return (
+            f"{call}: the user's inotify watches are used up (fs.inotify.max_user_watches; "
+            "raise it with sysctl on the node)"
+        )
+    return f"{call}: {os.strerror(code) if code else 'failed'}"
 
 
 def _add_watch(libc: Any, fd: int, path: Path, mask: int) -> int:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from workerkit.engines.sql import db
-from workerkit.engines.sql.filechanges import FileChanges
+from workerkit.engines.sql.filechanges import FileChanges, WatchUnavailable
 from workerkit.engines.wakepipe import WakePipe
 
 if TYPE_CHECKING:
@@ -211,7 +211,8 @@ class SqliteWatcher:
       cannot see: another kernel's writes). After a wake-up it pauses :attr:`Wakeups.watch_gap`:
       none while the wake-ups find jobs, growing to ``every`` while they do not, so that a
       stream of the worker's own commits costs no more empty claims than the poll did.
-    * Elsewhere (or with the watch lost), every ``every`` seconds.
+    * Elsewhere (or with the watch lost), every ``every`` seconds; logged once
+      (``sqlite_watch_polling``, with the reason: inotify's per-user limits, most often).
 
     Any error (the file gone, locked for long, a disk error) ends nothing: the thread logs
     once, tries again a second later, and the worker meanwhile polls as before.
@@ -229,6 +230,7 @@ class SqliteWatcher:
         self._wakeups = wakeups
         self._every = every
         self._safety_every = safety_every
+        self._said_polling = False
         self._stopping = threading.Event()
         self._wake = WakePipe()  # stop(), or a first waiter
         self._thread: threading.Thread | None = None
@@ -269,14 +271,19 @@ class SqliteWatcher:
     def _watch(self, conn: sqlite3.Connection) -> None:
         self._seen = None
         self._look(conn)  # what was committed before this first read wakes the waiters
-        changes = FileChanges.open(self._path)
-        if changes is not None:
+        try:
+            changes = FileChanges.open(self._path)
+        except WatchUnavailable as exc:
+            self._polling(str(exc))
+        else:
             try:
                 self._wakeups.on_first_waiter = self._wake.wake
                 self._watch_changes(conn, changes)
             finally:
                 self._wakeups.on_first_waiter = None
                 changes.close()
+            if changes.lost:
+                self._polling("the watch of its directory was lost (moved or removed)")
         while not self._stopping.is_set():
             if not self._wake.wait(self._every):
                 self._look(conn)
@@ -322,6 +329,20 @@ class SqliteWatcher:
         self._seen = version
         self._wakeups.notify(None)
         return True
+
+    def _polling(self, why: str) -> None:
+        """Say once per watcher that it polls instead of sleeping on the kernel's events: a job
+        enqueued then waits up to ``every`` to start, and the idle worker wakes that often."""
+        if self._said_polling:
+            return
+        self._said_polling = True
+        log.info(
+            "cannot watch the SQLite file for new jobs (%s); reading its data version every "
+            "%g ms instead",
+            why,
+            self._every * 1000,
+            extra={"event": "sqlite_watch_polling", "reason": why},
+        )
 
     def _failed(self, failing: bool, exc: sqlite3.Error) -> bool:
         if not failing:
