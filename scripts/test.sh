@@ -99,7 +99,8 @@ ensure_venv
 # of them would compile every module it imports from source: ~14% of the CPU of an end-to-end
 # module (2026-12-05). compileall writes the bytecode anyway, as pip does for an install.
 header "Compiling bytecode"
-.venv/bin/python -m compileall -q -j 0 workerkit tests bench examples >/dev/null
+.venv/bin/python -m compileall -q -j 0 workerkit tests bench examples >/dev/null ||
+    note "compileall failed on a file (ruff and pytest below say which); going on"
 
 # ------------------------------------------------------------------------------------------------
 # checks: all run, the first failure's exit code is the script's
