@@ -150,7 +150,9 @@ class FileChanges:
 
 def _why(code: int, call: str) -> str:
     """What a failed inotify call means, and the fix where there is one."""
-    if code == errno.EMFILE:  # per user, across every process in the user namespace
+    # max_user_instances counts every process of the user on the node (its other pods too);
+    # RLIMIT_NOFILE counts this process's descriptors: both end in EMFILE.
+    if code == errno.EMFILE:
         return (
             f"{call}: too many open files: the process's limit (ulimit -n), or the user's "
             "inotify instances (fs.inotify.max_user_instances, 128 by default: raise it with "

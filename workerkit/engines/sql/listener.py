@@ -274,7 +274,7 @@ class SqliteWatcher:
         try:
             changes = FileChanges.open(self._path)
         except WatchUnavailable as exc:
-            self._polling(str(exc))
+            self._log_polling(str(exc))
         else:
             try:
                 self._wakeups.on_first_waiter = self._wake.wake
@@ -283,7 +283,7 @@ class SqliteWatcher:
                 self._wakeups.on_first_waiter = None
                 changes.close()
             if changes.lost:
-                self._polling("the watch of its directory was lost (moved or removed)")
+                self._log_polling("the watch of its directory was lost (moved or removed)")
         while not self._stopping.is_set():
             if not self._wake.wait(self._every):
                 self._look(conn)
@@ -330,7 +330,7 @@ class SqliteWatcher:
         self._wakeups.notify(None)
         return True
 
-    def _polling(self, why: str) -> None:
+    def _log_polling(self, why: str) -> None:
         """Say once per watcher that it polls instead of sleeping on the kernel's events: a job
         enqueued then waits up to ``every`` to start, and the idle worker wakes that often."""
         if self._said_polling:
