@@ -184,7 +184,19 @@ def test_a_job_prefetched_by_a_sigkilled_worker_is_released_unstarted_attempt_gi
     with supervisor(env) as running:
         env.wait_line("start a 1")
         env.enqueue("sleep", "b", 0.1, job_id="b")  # claimed beside a, held for the next slot
-        wait_until(lambda: env.job("b")["state"] == "running", timeout=10, what="b prefetched")
+        # Killed once the supervisor has heard of it. The worker tells it just after the claim
+        # commits; a kill in between leaves b to its lease's expiry, as any job claimed by a
+        # worker that died before it could say so (the database's state alone raced this).
+        wait_until(
+            lambda: [
+                e
+                for e in running.events_named("job_prefetched")
+                if e.get("logger") == "workerkit.supervisor.runner" and e.get("job_id") == "b"
+            ],
+            timeout=10,
+            what="the supervisor hearing of b's prefetch",
+        )
+        assert env.job("b")["state"] == "running"
         os.kill(running.worker_pid(), signal.SIGKILL)
         crashed = running.wait_event("worker_crashed")
         assert crashed["returncode"] == -signal.SIGKILL

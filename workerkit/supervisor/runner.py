@@ -406,6 +406,8 @@ class Supervisor:
                     delivery = {"job_id": job_id, "queue": event.queue}
                 return [JobStarted(job_id, delivery)]
             case ev.JobPrefetched(job_id=job_id, delivery=delivery):  # sql prefetch
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("job prefetched", extra={"event": "job_prefetched", **_fields(event)})
                 return [JobStarted(job_id, {**(delivery or {}), "prefetched": True})]
             case ev.PrefetchReturned(job_id=job_id):
                 return [JobFinished(job_id, "prefetch_returned")]
