@@ -278,7 +278,8 @@ def compile_bytecode() -> None:
     Without it a source checkout measures what no user runs: with ``PYTHONDONTWRITEBYTECODE=1``
     (set on the machines we bench on, and in our image, whose code pip compiled), an edited
     or fresh checkout compiles each module it imports from source, in every process at every
-    start. That cost 0.05-0.06 s of ``workerkit run rq``'s start -> ready (2026-12-05).
+    start. That cost ~0.1 s of ``workerkit run sql``'s start -> ready and ~0.08 s of rq's
+    (2026-12-05, bench/README.md, eighth round).
     """
     for package in ("workerkit", "bench"):
         compileall.compile_dir(REPO / package, quiet=1)
