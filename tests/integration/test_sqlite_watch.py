@@ -202,10 +202,15 @@ def test_used_up_descriptors_are_named_with_the_fix(database: Path) -> None:
         from workerkit.engines.sql.filechanges import FileChanges, WatchUnavailable
         from workerkit.proctree import load_libc
         load_libc()
-        # The listing's own descriptor is the highest, closed by now: the next one is refused.
         highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         resource.setrlimit(resource.RLIMIT_NOFILE, (highest, hard))
+        held = []
+        try:  # the numbers free below the limit, taken: the next descriptor is refused
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
         try:
             FileChanges.open({str(database)!r})
         except WatchUnavailable as exc:
