@@ -252,8 +252,10 @@ def test_commits_while_nobody_waits_wake_the_next_waiter_at_once(
     assert waited, "the commits made before the wait never woke it"
 
 
-def a_polling_watcher_sees_a_commit(database: Path) -> Wakeups:
-    """A watcher polling every 50 ms (and a safety read hourly) wakes a waiter on a commit."""
+def why_a_polling_watcher_polls(database: Path, caplog: pytest.LogCaptureFixture) -> list[str]:
+    """A watcher polling every 50 ms (and a safety read hourly) wakes a waiter on a commit, with
+    no first-waiter wake-up set; returns the reasons it logged for polling."""
+    caplog.set_level(logging.INFO, logger="workerkit.engines.sql.listener")
     wakeups = Wakeups()
     watcher = SqliteWatcher(str(database), wakeups, 0.05, safety_every=HOUR)
     watcher.start()
@@ -266,10 +268,7 @@ def a_polling_watcher_sees_a_commit(database: Path) -> Wakeups:
         assert waited, "the poll did not see the commit"
     finally:
         watcher.stop()
-    return wakeups
-
-
-def polling_reasons(caplog: pytest.LogCaptureFixture) -> list[str]:
+    assert wakeups.on_first_waiter is None
     return [
         getattr(record, "reason", "")
         for record in caplog.records
@@ -284,10 +283,7 @@ def test_without_inotify_the_watcher_polls_and_says_why(
         raise WatchUnavailable("no inotify here (Linux only)")
 
     monkeypatch.setattr(filechanges.FileChanges, "open", classmethod(unavailable))
-    caplog.set_level(logging.INFO, logger="workerkit.engines.sql.listener")
-    wakeups = a_polling_watcher_sees_a_commit(database)
-    assert wakeups.on_first_waiter is None
-    assert polling_reasons(caplog) == ["no inotify here (Linux only)"]
+    assert why_a_polling_watcher_polls(database, caplog) == ["no inotify here (Linux only)"]
 
 
 def test_a_lost_watch_falls_back_to_polling(
@@ -301,10 +297,9 @@ def test_a_lost_watch_falls_back_to_polling(
         return changes
 
     monkeypatch.setattr(filechanges.FileChanges, "open", classmethod(lost_at_once))
-    caplog.set_level(logging.INFO, logger="workerkit.engines.sql.listener")
-    wakeups = a_polling_watcher_sees_a_commit(database)
-    assert wakeups.on_first_waiter is None
-    assert polling_reasons(caplog) == ["the watch of its directory was lost (moved or removed)"]
+    assert why_a_polling_watcher_polls(database, caplog) == [
+        "the watch of its directory was lost (moved or removed)"
+    ]
 
 
 def test_stop_ends_the_thread_whether_or_not_a_thread_waits(
