@@ -184,6 +184,37 @@ def test_a_busy_connection_is_read_once_per_window_not_once_per_write(
     assert len(batches) <= 10, batches
 
 
+def test_a_connection_that_writes_fast_is_read_before_its_buffer_fills(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The window saves wake-ups, never a writer's time: a connection whose bytes come fast is
+    read as often as it takes to keep its writes from blocking. Before, one 64 KB read per
+    window was all a connection got (with this 1 s window, 1 MB took over 15 s to write; with
+    the real 100 ms one, a busy SQL worker blocked in every other write at ~1,250 jobs/s)."""
+    monkeypatch.setattr(channel_module, "COALESCE_AFTER", 0.0)  # past the start, at once
+    monkeypatch.setattr(channel_module, "COALESCE", 1.0)
+    beats = [Heartbeat(running=n, ts=1000.0 + n) for n in range(20)]
+    write = b"".join(encode(beat) for beat in beats)  # ~1.3 KB, a batch of a busy worker's
+    writes = 1024 * 1024 // len(write)
+    received: list[Event | BadMessage] = []
+
+    async def on_events(connection: Connection, events: Sequence[Event | BadMessage]) -> None:
+        received.extend(events)
+
+    async def main() -> None:
+        async with Channel(on_events) as channel, await connect(channel) as stream:
+            await stream.send(encode(Hello("worker", pid=11)) + encode(WorkerReady("sql")))
+            with anyio.fail_after(10):
+                for _ in range(writes):
+                    await stream.send(write)
+            await stream.aclose()
+            with anyio.fail_after(5):
+                await channel.wait_closed()
+
+    anyio.run(main)
+    assert received[2:] == beats * writes
+
+
 def test_a_connection_s_first_second_is_read_at_once() -> None:
     """A worker's hello, ready and first job's start, written in a burst: each read as it comes
     (none waits a window), so a SIGTERM right after them is judged knowing the worker is ready
