@@ -61,7 +61,7 @@ COALESCE: Final = 0.1
 #: ... but shorter while a connection's bytes come fast: cut until a read brings about this
 #: many, doubled back (up to COALESCE) while reads bring under a quarter of it
 #: (:func:`_next_window`). The window only saves wake-ups: it must never make the writer
-#: wait. A busy SQL worker writes ~0.7 KB of events per job; at 100 ms per read, the 64 KB
+#: wait. A busy SQL worker writes ~0.5 KB of events per job; at 100 ms per read, the 64 KB
 #: read was the channel's limit (~640 KB/s), and the socket's buffer (~200 KB of kernel
 #: memory, a few hundred writes) filled before the window ended, so the worker's next write
 #: blocked until the read: `workerkit run sql` ran ~1,250 jobs/s at concurrency 8 where the
