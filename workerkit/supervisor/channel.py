@@ -7,8 +7,8 @@ every connection, and :meth:`Channel.send_to` to send one to one process's conne
 reader hands over every complete line of one read as one batch: a busy worker sends dozens of
 events per write, and the supervisor shares the pod's cores with it, so it takes no event-loop
 trip per event; and reads of one connection are up to ``COALESCE`` apart (one wake-up per
-window under load, not one per write), less when its bytes come fast enough to fill the socket's
-buffer in that time (``BATCH_BYTES``).
+window under load, not one per write), less while its bytes come fast (about ``BATCH_BYTES`` a
+read), so that a busy writer never waits for the window.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ COALESCE: Final = 0.1
 #: blocked until the read: `workerkit run sql` ran ~1,250 jobs/s at concurrency 8 where the
 #: same worker ran ~3,000 without its events (2026-12-05). 16 KB is ~25 jobs' events.
 BATCH_BYTES: Final = 16384
+#: The shortest window: at most a read per millisecond, however fast the bytes come.
 _MIN_WINDOW: Final = 0.001
 #: ... but only from this long (seconds) after the connection opened: a worker's start (hello,
 #: ready, its first jobs) is read at once.
