@@ -21,7 +21,6 @@ import json
 import random
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
@@ -30,6 +29,7 @@ from workerkit.engines.base import NewJob
 from workerkit.errors import ConfigurationError, PayloadError, PayloadTooLarge, UnknownTask
 from workerkit.idempotency import KeySpec, idempotency_of
 from workerkit.idempotency import idempotent as make_idempotent
+from workerkit.job_ids import new_job_id
 from workerkit.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -645,7 +645,7 @@ class App:
         if delay is not None:
             run_at = now + delay
         return NewJob(
-            job_id=options.job_id or uuid.uuid4().hex,
+            job_id=options.job_id or new_job_id(),
             task=prepared.task,
             queue=queue or (defaults and defaults.queue) or default_queue,
             payload=payload,
