@@ -43,7 +43,12 @@ def _open_at_once(url: str, barrier: Barrier, results: Any) -> None:
 
 @pytest.mark.timeout(120)
 def test_processes_opening_a_new_sqlite_file_at_once_all_connect(tmp_path: Path) -> None:
-    context = multiprocessing.get_context("fork")
+    # From a fork server, not from this process: pytest's process has other tests' threads,
+    # and a child forked while one of them held a lock inside SQLite (its file-open lock, say)
+    # waits on it forever (a CI run hung so: the child in sqlite3.connect, pytest waiting for
+    # the child at exit). The fork server is a fresh single-threaded process.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # imported once there, not in every child
     failures: list[str] = []
     for round_ in range(ROUNDS):
         url = f"sqlite:///{tmp_path / f'round{round_}.sqlite3'}"
@@ -53,11 +58,17 @@ def test_processes_opening_a_new_sqlite_file_at_once_all_connect(tmp_path: Path)
             context.Process(target=_open_at_once, args=(url, barrier, results))
             for _ in range(PROCESSES)
         ]
-        for proc in procs:
-            proc.start()
-        outcomes = [results.get(timeout=60) for _ in procs]
-        for proc in procs:
-            proc.join(30)
+        try:
+            for proc in procs:
+                proc.start()
+            outcomes = [results.get(timeout=60) for _ in procs]
+            for proc in procs:
+                proc.join(30)
+        finally:
+            for proc in procs:  # a child still running would hold pytest's exit forever
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(5)
         failures += [f"round {round_}: {each}" for each in outcomes if each != "ok"]
     assert not failures, f"{len(failures)} of {ROUNDS * PROCESSES} opens failed:\n" + "\n".join(
         failures[:3]

@@ -24,8 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.harness import wait_until
-from workerkit.engines.base import NewJob
-from workerkit.engines.sql import SqlQueue, filechanges
+from workerkit.engines.sql import filechanges
 from workerkit.engines.sql.db import upgrade
 from workerkit.engines.sql.filechanges import FileChanges, WatchUnavailable
 from workerkit.engines.sql.listener import (
@@ -34,7 +33,6 @@ from workerkit.engines.sql.listener import (
     SqliteWatcher,
     Wakeups,
 )
-from workerkit.settings import Settings
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
 
@@ -337,40 +335,62 @@ def test_wake_ups_that_find_nothing_lengthen_the_watchers_pause_and_a_job_ends_i
     assert wakeups.watch_gap == 0.0
 
 
+#: The fork test's process: a queue whose watcher runs forks; the child's queue must be woken by
+#: a watcher of its own. Its own fresh process, not pytest's: a child forked from pytest's
+#: process (other tests' threads in it) while one of those threads held a lock inside SQLite
+#: waits on that lock forever (it happened in a CI run: the child's wait was never woken).
+FORKING_QUEUE = """
+import os, subprocess, sys, threading, time
+from workerkit.engines.base import NewJob
+from workerkit.engines.sql import SqlQueue
+from workerkit.settings import Settings
+
+url, commit = sys.argv[1], sys.argv[2]
+queue = SqlQueue(url, settings=Settings())
+producer = SqlQueue(url, settings=Settings())
+queue.wait_for_jobs(["default"], 5)  # the parent's watcher runs
+pid = os.fork()
+if pid == 0:
+    code = 1
+    try:
+        queue.wait_for_jobs(["default"], 5)  # its watcher starts: the first read wakes
+        started = time.monotonic()
+        enqueue = threading.Timer(
+            0.2, lambda: subprocess.run([sys.executable, "-c", commit, url], check=True)
+        )
+        enqueue.start()
+        queue.wait_for_jobs(["default"], 30)  # returns at 30 s if nothing woke it
+        code = 0 if time.monotonic() - started < 25 else 2
+    finally:
+        os._exit(code)
+_, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status))
+producer.enqueue(NewJob("after", "t", "default", "{}", max_attempts=1))
+print("parent claims", len(queue.claim(["default"], "parent", 1)))
+producer.close()
+queue.close()
+"""
+
+
 def test_a_forked_child_queue_is_woken_by_its_own_watcher(tmp_path: Path) -> None:
     """After a fork the parent's watcher thread is gone: the child's first wait starts its own,
     with wake-ups of its own (the parent's lock may have been held at the fork)."""
     url = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
     upgrade(url)
-    queue = SqlQueue(url, settings=Settings())
-    producer = SqlQueue(url, settings=Settings())
-    try:
-        queue.wait_for_jobs(["default"], 5)  # the parent's watcher runs
-        pid = os.fork()
-        if pid == 0:  # the child: never return into pytest
-            code = 1
-            try:
-                queue.wait_for_jobs(["default"], 5)  # its watcher starts: the first read wakes
-                started = time.monotonic()
-                enqueue = threading.Timer(0.2, lambda: commit_a_job(url))
-                enqueue.start()
-                queue.wait_for_jobs(["default"], 30)  # returns at 30 s if nothing woke it
-                code = 0 if time.monotonic() - started < 25 else 2
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        producer.enqueue(NewJob("after", "t", "default", "{}", max_attempts=1))
-        assert queue.claim(["default"], "parent", 1), "the parent's queue still works"
-    finally:
-        producer.close()
-        queue.close()
-
-
-def commit_a_job(url: str) -> None:
-    code = (
-        "import sys; from workerkit.engines.sql import SqlQueue; "
-        "from workerkit.engines.base import NewJob; q = SqlQueue(sys.argv[1]); "
-        "q.enqueue(NewJob('child', 't', 'default', '{}', max_attempts=1)); q.close()"
+    done = subprocess.run(
+        [sys.executable, "-c", FORKING_QUEUE, url, COMMIT_A_JOB],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
     )
-    subprocess.run([sys.executable, "-c", code, url], check=True, timeout=60)
+    assert "child exit 0" in done.stdout, done.stdout + done.stderr  # woken, not at 30 s
+    assert "parent claims 1" in done.stdout, done.stdout + done.stderr  # the parent's still works
+
+
+#: Enqueues one job into the SQLite file given as its argument (``python -c``).
+COMMIT_A_JOB = (
+    "import sys; from workerkit.engines.sql import SqlQueue; "
+    "from workerkit.engines.base import NewJob; q = SqlQueue(sys.argv[1]); "
+    "q.enqueue(NewJob('child', 't', 'default', '{}', max_attempts=1)); q.close()"
+)
