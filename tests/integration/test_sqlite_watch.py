@@ -345,7 +345,13 @@ from workerkit.engines.base import NewJob
 from workerkit.engines.sql import SqlQueue
 from workerkit.settings import Settings
 
-url, commit = sys.argv[1], sys.argv[2]
+url = sys.argv[1]
+# Another process's commit: one job enqueued into the same file.
+commit = (
+    "import sys; from workerkit.engines.sql import SqlQueue; "
+    "from workerkit.engines.base import NewJob; q = SqlQueue(sys.argv[1]); "
+    "q.enqueue(NewJob('child', 't', 'default', '{}', max_attempts=1)); q.close()"
+)
 queue = SqlQueue(url, settings=Settings())
 producer = SqlQueue(url, settings=Settings())
 queue.wait_for_jobs(["default"], 5)  # the parent's watcher runs
@@ -378,7 +384,7 @@ def test_a_forked_child_queue_is_woken_by_its_own_watcher(tmp_path: Path) -> Non
     url = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
     upgrade(url)
     done = subprocess.run(
-        [sys.executable, "-c", FORKING_QUEUE, url, COMMIT_A_JOB],
+        [sys.executable, "-c", FORKING_QUEUE, url],
         capture_output=True,
         text=True,
         timeout=90,
@@ -386,11 +392,3 @@ def test_a_forked_child_queue_is_woken_by_its_own_watcher(tmp_path: Path) -> Non
     )
     assert "child exit 0" in done.stdout, done.stdout + done.stderr  # woken, not at 30 s
     assert "parent claims 1" in done.stdout, done.stdout + done.stderr  # the parent's still works
-
-
-#: Enqueues one job into the SQLite file given as its argument (``python -c``).
-COMMIT_A_JOB = (
-    "import sys; from workerkit.engines.sql import SqlQueue; "
-    "from workerkit.engines.base import NewJob; q = SqlQueue(sys.argv[1]); "
-    "q.enqueue(NewJob('child', 't', 'default', '{}', max_attempts=1)); q.close()"
-)
