@@ -137,6 +137,7 @@ class SqlQueue(db.ForkSafeEngine):
         # starts another. New wake-ups too: a thread of the parent's may have held their lock
         # at the fork, and their callback is the old watcher's.
         self._listener = None
+        self._listener_lock = threading.Lock()  # the parent's may have been held at the fork
         self._wakeups = Wakeups()
         self._held.forget()
         self._enqueue_held.forget()
@@ -519,6 +520,10 @@ class SqlQueue(db.ForkSafeEngine):
         """
         if timeout <= 0:
             return
+        # First, in a forked child: drops the parent's watcher and wake-ups (_after_fork).
+        # Without it the child restarted the parent's watcher object, whose wake pipe the
+        # parent's own watcher thread still reads: a child's wait could sleep to its timeout.
+        self.engine  # noqa: B018 - the property's fork check is the point
         self._ensure_listener()
         self._wakeups.wait(queues, timeout)
 
