@@ -6,6 +6,7 @@ behaviour (signals, work horses, whole pods killed) is in tests/e2e/test_rq_life
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -59,6 +60,10 @@ def resumable(start_note: str) -> int:
 
 def add(a: int, b: int) -> int:
     return a + b
+
+
+def objects_frozen() -> int:
+    return gc.get_freeze_count()
 
 
 def until_released(started_note: str) -> None:
@@ -408,6 +413,23 @@ def test_the_forking_worker_runs_jobs_in_a_work_horse(
     assert job.return_value() == 42
     assert StartedJobRegistry("default", connection=redis_client).get_job_ids() == []
     assert redis_client.exists(lease_key("w")) == 0
+
+
+def test_a_work_horse_leaves_the_objects_it_inherited_to_its_parent_s_collector(
+    redis_client: redis.Redis[bytes], redis_url: str
+) -> None:
+    # A collection in the horse would write to every inherited object's header and copy its
+    # page (the horse's largest cost after fork itself): they are frozen there, not here.
+    frozen_here = gc.get_freeze_count()
+    q = queue(redis_client)
+    job = q.enqueue(f"{MODULE}.objects_frozen", job_id="frozen")
+    Worker(["default"], connection=redis_client, app=app, settings=settings_for(redis_url)).work(
+        burst=True
+    )
+    job.refresh()
+    assert job.get_status() == "finished"
+    assert job.return_value() > 10_000  # every object the worker had at the fork
+    assert gc.get_freeze_count() == frozen_here
 
 
 def hold_key(redis_url: str, order_id: int, amount: int) -> tuple[RedisIdempotencyStore, str, str]:

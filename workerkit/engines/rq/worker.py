@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import os
 import signal
@@ -115,6 +116,10 @@ class Worker(_Workerkit, RqWorker):
         load_libc()  # once, here: the horse's parent-death signal needs no lookup
         child_pid = os.fork()
         if child_pid == 0:  # pragma: no cover - the work horse
+            # First: the parent's objects go to the permanent generation, so that no collection
+            # here writes to their headers and copies their pages (in a no-op job's horse, one
+            # did: ~2x the page faults, a third more system time). The parent is not changed.
+            gc.freeze()
             os.close(write_end)
             try:
                 os.setpgrp()
