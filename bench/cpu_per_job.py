@@ -10,7 +10,8 @@ interleaved rounds and same-round ratios, as bench/throughput.py.
 
 Variants: ``wk-cN`` (``workerkit run sql`` at concurrency N, this checkout), ``before-cN`` (the
 same from the tree given with ``--before DIR``, e.g. ``git archive <commit>`` unpacked there) and
-``celery`` (``celery worker --pool=solo``, as bench/throughput.py runs it).
+``celery`` (``celery worker --pool=solo``, as bench/throughput.py runs it). ``-pM`` after either
+sets ``prefetch`` to M (``wk-c8-p0``); without it, the default.
 
     .venv/bin/python -m bench.cpu_per_job --variants wk-c1,celery --rounds 5
     .venv/bin/python -m bench.cpu_per_job --before /tmp/old --variants before-c1,wk-c1,celery
@@ -79,7 +80,9 @@ def measure(
     return out
 
 
-def run_workerkit(bench: Bench, root: Path, concurrency: int, window: float) -> dict[str, float]:
+def run_workerkit(
+    bench: Bench, root: Path, concurrency: int, window: float, prefetch: int | None = None
+) -> dict[str, float]:
     from bench.throughput import _enqueue_workerkit
     from tests.support.servers import free_port
 
@@ -100,6 +103,8 @@ def run_workerkit(bench: Bench, root: Path, concurrency: int, window: float) -> 
             WORKERKIT_LOG_FORMAT="json",
             **{_counter.URL_ENV: bench.redis_url},
         )
+        if prefetch is not None:
+            env["WORKERKIT_PREFETCH"] = str(prefetch)
         argv = [PYTHON, "-c", "from workerkit.cli import main; main()", "run", "sql"]
         log_path = bench.tmp / f"wk-{uuid.uuid4().hex[:6]}.log"
         proc = Proc(argv, log_path=log_path, env=env, cwd=root)
@@ -149,7 +154,9 @@ def run_celery(bench: Bench, window: float) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--variants", default="wk-c1,celery", help="wk-cN, before-cN, celery")
+    parser.add_argument(
+        "--variants", default="wk-c1,celery", help="wk-cN[-pM], before-cN[-pM], celery"
+    )
     parser.add_argument("--before", type=Path, help="the tree the before-cN variants run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--window", type=float, default=3.0, help="seconds measured per run")
@@ -171,8 +178,15 @@ def main() -> None:
                     row = run_celery(bench, args.window)
                 else:
                     code, concurrency = variant.split("-c")
+                    concurrency, _, prefetch = concurrency.partition("-p")
                     root = REPO if code == "wk" else args.before
-                    row = run_workerkit(bench, root, int(concurrency), args.window)
+                    row = run_workerkit(
+                        bench,
+                        root,
+                        int(concurrency),
+                        args.window,
+                        int(prefetch) if prefetch else None,
+                    )
                 results[variant].append(row)
                 shown = " ".join(f"{k}={v:.3f}" for k, v in row.items())
                 print(f"round {round_no} {variant:12} {shown}", flush=True)
