@@ -9,6 +9,7 @@ in memory mapped before the fork, the time until which its leases are known to l
 
 from __future__ import annotations
 
+import _thread
 import ctypes
 import logging
 import mmap
@@ -137,7 +138,21 @@ class Watchdog:
         self._raised: JobContext | None = None
 
     def start(self) -> None:
-        threading.Thread(target=self._loop, name="workerkit-lease-watchdog", daemon=True).start()
+        # A bare thread, not a threading.Thread: an RQ work horse starts one per job, and
+        # Thread.start() waits for the new thread to run (two switches) and allocates its
+        # bookkeeping in the pages the horse shares with its parent. Per forked no-op horse,
+        # measured: +0.75 ms and 85 page faults with threading.Thread, +0.3 ms and 23 with
+        # this. Such a thread is daemonic (it dies with the process) and outside
+        # threading.enumerate().
+        _thread.start_new_thread(self._run, ())
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bare thread's end would go to sys.unraisablehook
+            self.log.error(
+                "lease watchdog ended", extra={"event": "lease_watchdog_failed", "error": repr(exc)}
+            )
 
     def begin(self, context: JobContext) -> None:
         self._running = context

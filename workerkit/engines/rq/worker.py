@@ -142,7 +142,7 @@ class Worker(_Workerkit, RqWorker):
         watchdog marks the job's lease lost (a cooperative job stops), raises JobInterrupted
         into it (our SIGTERM handler) and has the kernel kill the horse (SIGALRM) before the
         lease expires and another worker takes the job (engines/leasewatch.py). One thread
-        does both (a thread started per horse costs ~0.2 ms of a no-op job's ~26 ms).
+        does both (a thread per horse is part of each job's cost: Watchdog.start says what).
         """
         clock = self._wk_lease_clock
         assert clock is not None  # made for every forking worker (state.py)
