@@ -418,8 +418,8 @@ def test_the_forking_worker_runs_jobs_in_a_work_horse(
 def test_a_work_horse_leaves_the_objects_it_inherited_to_its_parent_s_collector(
     redis_client: redis.Redis[bytes], redis_url: str
 ) -> None:
-    # A collection in the horse would write to every inherited object's header and copy its
-    # page (the horse's largest cost after fork itself): they are frozen there, not here.
+    # A collection in the horse would write to the headers of the objects it inherited and
+    # copy their pages: they are frozen there, not here.
     frozen_here = gc.get_freeze_count()
     q = queue(redis_client)
     job = q.enqueue(f"{MODULE}.objects_frozen", job_id="frozen")
