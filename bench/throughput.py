@@ -27,7 +27,8 @@ Variants (each ``--reps`` times, interleaved, median reported):
   rq --worker-class simple`` / ``forking`` (supervisor, worker child, events channel, JSON logs
   at INFO to a file, presence, default settings; jobs enqueued with RQ's JSON serializer). The
   forking variants run ``--fork-jobs`` jobs (default K/4: a fork per job). Each RQ run also
-  reports CPU per job of each of its processes, from /proc (:class:`CpuProbe`), and the report
+  reports CPU and minor page faults per job of each of its processes, from /proc
+  (:class:`CpuProbe`), and the report
   gives each ``wk-run-rq-*`` variant's same-round ratio to its bare class.
 
 Servers: one private redis-server (no persistence) and one throwaway PostgreSQL cluster
@@ -383,7 +384,12 @@ def run_rq(bench: Bench, worker_class: str = "simple") -> dict[str, Any]:
     finally:
         proc.stop(signal.SIGKILL)
     return bench.result(
-        proc.started, finished, k=k, enqueue_s=enqueue_s, cpu_us_per_job=cpu.per_job
+        proc.started,
+        finished,
+        k=k,
+        enqueue_s=enqueue_s,
+        cpu_us_per_job=cpu.per_job,
+        faults_per_job=cpu.faults_per_job,
     )
 
 
@@ -416,7 +422,12 @@ def run_rq_supervised(bench: Bench, worker_class: str) -> dict[str, Any]:
     finally:
         proc.stop(signal.SIGKILL)
     return bench.result(
-        proc.started, finished, k=k, enqueue_s=enqueue_s, cpu_us_per_job=cpu.per_job
+        proc.started,
+        finished,
+        k=k,
+        enqueue_s=enqueue_s,
+        cpu_us_per_job=cpu.per_job,
+        faults_per_job=cpu.faults_per_job,
     )
 
 
@@ -429,34 +440,39 @@ def _only_child(pid: int) -> int | None:
     return int(text[0]) if len(text) == 1 else None
 
 
-def _cpu_ticks(pid: int) -> tuple[int, int] | None:
-    """(utime + stime, cutime + cstime) of ``pid`` in clock ticks: its own CPU, and that of
-    its children it has reaped (the forking worker's work horses)."""
+def _cpu_ticks(pid: int) -> tuple[int, int, int, int] | None:
+    """(utime + stime, cutime + cstime, minflt, cminflt) of ``pid``: its own CPU in clock ticks
+    and that of the children it has reaped (the forking worker's work horses), then the same
+    for minor page faults (after a fork, each page a process first writes is one)."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = text[text.rfind(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+    own, reaped = int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+    return own, reaped, int(fields[7]), int(fields[8])
 
 
 class CpuProbe:
-    """CPU time per job of each process of a run, from /proc/PID/stat (utime + stime).
+    """CPU time and minor page faults per job of each process of a run, from /proc/PID/stat
+    (utime + stime, minflt).
 
     Read once when the counter first passes K/10 (start-up is over) and once when it reaches K;
     per job = the difference / the jobs done in between. ``horses`` is the forking worker's
     reaped children; ``redis`` the redis-server's own CPU (every Redis command of every process
-    costs it there, on the same two cores).
+    costs it there, on the same two cores). Faults move less with the machine's load than CPU
+    does: the forking worker's gap to bare RQ is mostly theirs (bench/README.md, "tenth round").
     """
 
     def __init__(self, bench: Bench, **pids: Callable[[], int | None]) -> None:
         self.bench = bench
         self.pids = {**pids, "redis": lambda: int(bench.redis.pid)}
-        self.first: tuple[int, dict[str, tuple[int, int]]] | None = None
+        self.first: tuple[int, dict[str, tuple[int, int, int, int]]] | None = None
         self.per_job: dict[str, float] = {}
+        self.faults_per_job: dict[str, float] = {}
 
-    def _read(self) -> dict[str, tuple[int, int]]:
-        found: dict[str, tuple[int, int]] = {}
+    def _read(self) -> dict[str, tuple[int, int, int, int]]:
+        found: dict[str, tuple[int, int, int, int]] = {}
         for name, pid_of in self.pids.items():
             pid = pid_of()
             ticks = _cpu_ticks(pid) if pid is not None else None
@@ -472,12 +488,15 @@ class CpuProbe:
             end = self._read()
             jobs = max(1, done - start_done)
             tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
-            for name, (own, reaped) in end.items():
+            for name, (own, reaped, faults, reaped_faults) in end.items():
                 if name not in start:
                     continue
-                self.per_job[name] = (own - start[name][0]) * tick_us / jobs
-                if name == "worker" and reaped != start[name][1]:
-                    self.per_job["horses"] = (reaped - start[name][1]) * tick_us / jobs
+                was = start[name]
+                self.per_job[name] = (own - was[0]) * tick_us / jobs
+                self.faults_per_job[name] = (faults - was[2]) / jobs
+                if name == "worker" and reaped_faults != was[3]:
+                    self.per_job["horses"] = (reaped - was[1]) * tick_us / jobs
+                    self.faults_per_job["horses"] = (reaped_faults - was[3]) / jobs
 
 
 # --- profiling ---------------------------------------------------------------------------------
@@ -850,6 +869,25 @@ def _pairs_markdown(data: dict[str, Any]) -> list[str]:
                 else:
                     cells.append("-")
             lines.append(f"| {variant} | " + " | ".join(cells) + f" | {total:.0f} |")
+    with_faults = {v: rows for v, rows in with_cpu.items() if "faults_per_job" in rows[0]}
+    if with_faults:
+        names = ("supervisor", "worker", "horses")
+        lines += [
+            "",
+            (
+                "Minor page faults per job, median of the rounds (/proc/PID/stat minflt, the "
+                "same window; after a fork each page a process first writes is one):"
+            ),
+            "",
+            "| variant | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        for variant, rows in with_faults.items():
+            cells = []
+            for name in names:
+                values = [r["faults_per_job"][name] for r in rows if name in r["faults_per_job"]]
+                cells.append(f"{statistics.median(values):.0f}" if values else "-")
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -968,6 +1006,11 @@ def main() -> None:
                 cpu = " ".join(
                     f"{name} {us:.0f}" for name, us in result.get("cpu_us_per_job", {}).items()
                 )
+                faults = result.get("faults_per_job", {})
+                if faults:
+                    cpu += "  faults/job: " + " ".join(
+                        f"{name} {n:.0f}" for name, n in faults.items() if name != "redis"
+                    )
                 print(
                     f"rep {rep + 1} {variant:22} {result['jobs_per_s']:7.0f} jobs/s  "
                     f"(window {result['window_s']:.2f}s, start->done "
