@@ -383,14 +383,7 @@ def run_rq(bench: Bench, worker_class: str = "simple") -> dict[str, Any]:
             proc.popen.wait(30)
     finally:
         proc.stop(signal.SIGKILL)
-    return bench.result(
-        proc.started,
-        finished,
-        k=k,
-        enqueue_s=enqueue_s,
-        cpu_us_per_job=cpu.per_job,
-        faults_per_job=cpu.faults_per_job,
-    )
+    return bench.result(proc.started, finished, k=k, enqueue_s=enqueue_s, **cpu.figures())
 
 
 def run_rq_supervised(bench: Bench, worker_class: str) -> dict[str, Any]:
@@ -421,14 +414,7 @@ def run_rq_supervised(bench: Bench, worker_class: str) -> dict[str, Any]:
             raise RuntimeError(f"workerkit run rq exited {proc.popen.returncode}")
     finally:
         proc.stop(signal.SIGKILL)
-    return bench.result(
-        proc.started,
-        finished,
-        k=k,
-        enqueue_s=enqueue_s,
-        cpu_us_per_job=cpu.per_job,
-        faults_per_job=cpu.faults_per_job,
-    )
+    return bench.result(proc.started, finished, k=k, enqueue_s=enqueue_s, **cpu.figures())
 
 
 def _only_child(pid: int) -> int | None:
@@ -470,6 +456,10 @@ class CpuProbe:
         self.first: tuple[int, dict[str, tuple[int, int, int, int]]] | None = None
         self.per_job: dict[str, float] = {}
         self.faults_per_job: dict[str, float] = {}
+
+    def figures(self) -> dict[str, dict[str, float]]:
+        """What a run's result carries: CPU (microseconds) and minor faults per job."""
+        return {"cpu_us_per_job": self.per_job, "faults_per_job": self.faults_per_job}
 
     def _read(self) -> dict[str, tuple[int, int, int, int]]:
         found: dict[str, tuple[int, int, int, int]] = {}
