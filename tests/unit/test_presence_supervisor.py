@@ -78,6 +78,17 @@ def test_a_draining_record_carries_the_deadlines_in_epoch_seconds() -> None:
         presence.record("asleep", (), None, now=0.0, wall=0.0)
 
 
+def test_the_deadlines_of_one_stop_are_the_same_in_every_record() -> None:
+    # Two clock readings of the same stop whose differences round apart (2004.0004 -> 2004.0,
+    # 2004.0006 -> 2004.001): the epoch deadlines are turned once, at the first record.
+    presence = WorkerPresence("sql", 9, 1000.0, hostname="pod")
+    deadlines = Deadlines.after(50.0, 4.0, 2.0)
+    draining = presence.record("draining", (), deadlines, now=51.0, wall=2001.0004)
+    releasing = presence.record("releasing", (), deadlines, now=52.0, wall=2002.0006)
+    assert releasing.drain_deadline == draining.drain_deadline == 2004.0
+    assert releasing.hard_deadline == draining.hard_deadline
+
+
 #: A worker main process (its hello names its pid) and another connection of the same pod
 #: (another pid): the worker reports a job in hand and three outcomes, then ready (the state
 #: change sends the record at once), then writes the first presence command it gets, and

@@ -54,6 +54,9 @@ class WorkerPresence:
         self.concurrency = 0
         #: The worker said it is ready: its records go out from now on.
         self.ready = False
+        # The deadlines in epoch seconds, turned once per stop: recomputed from each record's
+        # own clock reading they moved by a millisecond between two records after rounding.
+        self._wall_deadlines: tuple[Deadlines, float, float] | None = None
         #: queue (None: unknown) -> outcome -> jobs settled so far.
         self.counts: dict[str | None, dict[str, int]] = {}
 
@@ -89,8 +92,12 @@ class WorkerPresence:
         """
         drain = hard = None
         if deadlines is not None and state in _STOPPING:
-            drain = round(wall + deadlines.request_stop_at - now, 3)
-            hard = round(wall + deadlines.kill_at - now, 3)
+            known = self._wall_deadlines
+            if known is None or known[0] != deadlines:
+                drain = round(wall + deadlines.request_stop_at - now, 3)
+                hard = round(wall + deadlines.kill_at - now, 3)
+                known = self._wall_deadlines = (deadlines, drain, hard)
+            _, drain, hard = known
         return Presence(
             worker_id=self.worker_id,
             hostname=self.hostname,
