@@ -15,8 +15,9 @@ other, and the order within a pair alternates.
 
 For each window: the jobs done (the shared counter of ``bench._counter``), and from
 ``/proc/PID/stat`` the CPU (user and system apart) and minor page faults of the supervisor, the
-worker's own process and its reaped work horses, per job. Kernel time is where the forking
-worker's gap is (bench/README.md, "eleventh round").
+worker's own process and its reaped work horses, per job, and the CPU of workerkit's lease guard
+(the worker's child that lives as long as it does). Kernel time was where the forking worker's
+gap was (bench/README.md, "eleventh round").
 
 ``--a`` and ``--b`` are ``bare`` (``rq worker --worker-class rq.worker.Worker``, RQ's defaults:
 pickle, its INFO lines to a file) or a workerkit checkout (``.``: this one; another path runs
@@ -56,7 +57,7 @@ SETTLE = 0.3
 #: Jobs queued per worker: enough for every window at this rate of jobs per second, and more.
 RATE_CEILING = 150
 TICK = os.sysconf("SC_CLK_TCK")
-PARTS = ("supervisor", "worker_user", "worker_sys", "horses_user", "horses_sys")
+PARTS = ("supervisor", "worker_user", "worker_sys", "horses_user", "horses_sys", "guard")
 
 
 def _tree(pid: int) -> list[int]:
@@ -135,10 +136,20 @@ class Variant:
         tree = _tree(self.proc.pid)
         return tree[1] if len(tree) > 1 else None
 
+    def guard_pid(self) -> int | None:
+        """The worker's lease guard (a child that lives as long as the worker), if any."""
+        worker = self.worker_pid()
+        for pid in _tree(worker)[1:] if worker is not None else []:
+            with contextlib.suppress(OSError):
+                if b"leaseguard.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+        return None
+
     def sample(self) -> list[float]:
-        """The figures :meth:`record` subtracts: supervisor CPU, the worker's six fields."""
+        """The figures :meth:`record` subtracts: supervisor CPU, the worker's six fields, the
+        lease guard's CPU (not reaped while the worker runs, so not among the worker's)."""
         supervisor = 0.0 if self.bare else sum(_stat(self.proc.pid)[:2])
-        return [supervisor, *_stat(self.worker_pid())]
+        return [supervisor, *_stat(self.worker_pid()), sum(_stat(self.guard_pid())[:2])]
 
     def record(self, before: list[float], after: list[float], jobs: int, seconds: float) -> None:
         per = max(1, jobs)
@@ -153,6 +164,7 @@ class Variant:
                 "horses_sys": 1e3 * delta[4] / per,
                 "worker_faults": delta[5] / per,
                 "horse_faults": delta[6] / per,
+                "guard": 1e3 * delta[7] / per,
             }
         )
 
@@ -255,9 +267,9 @@ def report(a: Variant, b: Variant, args: argparse.Namespace) -> tuple[dict[str, 
         ),
         (
             "| | jobs/s | supervisor | worker user | worker sys | horses user | horses sys | "
-            "CPU, all | worker faults | horse faults |"
+            "lease guard | CPU, all | worker faults | horse faults |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, variant in (("a", a), ("b", b)):
         total = statistics.median(sum(w[p] for p in PARTS) for w in variant.windows)

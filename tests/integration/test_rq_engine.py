@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -64,6 +66,25 @@ def add(a: int, b: int) -> int:
 
 def objects_frozen() -> int:
     return gc.get_freeze_count()
+
+
+def threads_here() -> int:
+    """The threads of the process running the job (a work horse's: its lease watchdog's?)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def end_the_guard() -> int:
+    """Kills the lease guard (the worker's child running leaseguard.py) and returns the
+    threads here."""
+    worker = os.getppid()
+    children = Path(f"/proc/{worker}/task/{worker}/children").read_text().split()
+    (guard,) = [
+        int(pid)
+        for pid in children
+        if b"leaseguard.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    os.kill(guard, signal.SIGKILL)
+    return threads_here()
 
 
 def until_released(started_note: str) -> None:
@@ -431,6 +452,28 @@ def test_a_work_horse_leaves_the_objects_it_inherited_to_its_parent_s_collector(
     # Every object the worker had at the fork, beyond any this process froze before it.
     assert job.return_value() > frozen_here + 10_000
     assert gc.get_freeze_count() == frozen_here
+
+
+def test_a_short_jobs_work_horse_starts_no_thread_and_does_again_if_the_guard_has_ended(
+    redis_client: redis.Redis[bytes], redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its lease is long: the guard beside the worker would wake its watchdog if it got short. A
+    # thread per horse made each of its copy-on-write faults dearer (bench/README.md).
+    q = queue(redis_client)
+    first = q.enqueue(f"{MODULE}.end_the_guard", job_id="first")
+    second = q.enqueue(f"{MODULE}.threads_here", job_id="second")
+    worker = Worker(["default"], connection=redis_client, app=app, settings=settings_for(redis_url))
+    with caplog.at_level(logging.WARNING, logger="workerkit.engines.rq"):
+        worker.work(burst=True)
+    for job in (first, second):
+        job.refresh()
+        assert job.get_status() == "finished", job.latest_result().exc_string
+    assert first.return_value() == 1
+    # Without the guard, the next horse watches its own lease from its start, as before.
+    assert second.return_value() == 2
+    assert [r for r in caplog.records if getattr(r, "event", "") == "lease_guard_ended"]
+    assert worker._wk_guard is not None
+    assert worker._wk_guard.pid is None
 
 
 def hold_key(redis_url: str, order_id: int, amount: int) -> tuple[RedisIdempotencyStore, str, str]:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import signal
+import struct
 import threading
 import time
+from pathlib import Path
 
-from workerkit.engines import leasewatch
+import pytest
+
+from workerkit.engines import leaseguard, leasewatch
+from workerkit.engines.leaseguard import step
 from workerkit.engines.leasewatch import LeaseClock, Watchdog, now, since_monotonic
 from workerkit.job import JobContext
 
@@ -77,3 +83,90 @@ def test_the_kill_puts_sigalrm_back_to_terminating_over_a_python_handler() -> No
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status)
     assert os.WTERMSIG(status) == signal.SIGALRM
+
+
+def test_the_guard_waits_while_the_lease_is_long_and_looks_again_when_it_would_get_short() -> None:
+    me = os.getpid()
+    # ttl 16: stop_at 4, kill_at 1, tick 0.25.
+    assert step(16.0, 0, 10.0, 0, 0, 0) == (False, False, leaseguard.GUARD_IDLE)  # no horse
+    assert step(16.0, me, None, me, 0, 0) == (False, False, leaseguard.GUARD_IDLE)  # no lease
+    # Its job runs with 4.5 s left: half a second before the lease gets short.
+    assert step(16.0, me, 4.5, me, 0, 0) == (False, False, 0.5)
+    # Far off: at most GUARD_IDLE; just over stop_at: a tick.
+    assert step(16.0, me, 14.0, me, 0, 0) == (False, False, leaseguard.GUARD_IDLE)
+    assert step(16.0, me, 4.01, me, 0, 0) == (False, False, 0.25)
+
+
+def test_the_guard_wakes_a_short_leased_horse_until_its_watchdog_runs_then_kills_it_once() -> None:
+    me = os.getpid()
+    assert step(16.0, me, 3.9, me, 0, 0) == (True, False, 0.25)
+    assert step(16.0, me, 3.6, me, 0, 0) == (True, False, 0.25)  # until its watchdog runs
+    assert step(16.0, me, 3.0, me, me, 0) == (False, False, 0.25)  # it runs
+    # Under kill_at / 2 with its job still running: its own kill did not happen. Killed once.
+    assert step(16.0, me, 0.4, me, me, 0) == (False, True, 0.25)
+    assert step(16.0, me, 0.3, me, me, me) == (False, False, 0.25)
+
+
+def test_the_guard_leaves_a_horse_alone_before_its_job_begins_and_after_it_ends() -> None:
+    # Not begun, or ended (its settle, retried while Redis is away, goes on): nothing for a
+    # watchdog to stop, but looked at again within a tick.
+    me = os.getpid()
+    assert step(16.0, me, 0.2, 0, 0, 0) == (False, False, 0.25)
+
+
+def test_the_lease_page_is_what_the_guard_reads() -> None:
+    clock = LeaseClock(16.0)
+    assert clock.fd is not None  # a memfd: the guard maps it
+    page = mmap.mmap(clock.fd, mmap.PAGESIZE)
+    clock.extend(now())
+    clock.watch(123)
+    clock.mark_watching()
+    clock.mark_running(True)
+    deadline, watched, watching, running = struct.unpack_from(leaseguard.LAYOUT, page, 0)
+    assert deadline / 1000 - time.clock_gettime(leaseguard.CLOCK) == pytest.approx(16.0, abs=0.5)
+    assert (watched, watching, running) == (123, os.getpid(), os.getpid())
+    clock.mark_running(False)
+    assert clock.running == 0
+
+
+def test_a_guard_started_for_a_process_ends_with_it() -> None:
+    # The guard runs as its own program: started by a child of ours (its "worker"), it ends
+    # when that child does.
+    clock = LeaseClock(16.0)
+    read_end, write_end = os.pipe()
+    worker = os.fork()
+    if worker == 0:
+        try:
+            guard = leasewatch.LeaseGuard(clock, logging.getLogger("test"))
+            guard.start()
+            os.write(write_end, str(guard.pid).encode())
+            time.sleep(0.5)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    guard_pid = int(os.read(read_end, 32))
+    os.close(read_end)
+    os.waitpid(worker, 0)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{guard_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{guard_pid}").exists()
+
+
+def test_a_watchdog_starts_once_and_marks_the_job_running_between_begin_and_end() -> None:
+    clock = LeaseClock(160.0)
+    watchdog = Watchdog(clock, logging.getLogger("test"))
+    watchdog._idle_tick = 3600.0  # no job: let its thread sleep
+    assert not watchdog.started
+    watchdog.start()
+    watchdog.start()  # a second wake-up: nothing more
+    assert watchdog.started
+    deadline = time.monotonic() + 10
+    while clock.watching != os.getpid() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert clock.watching == os.getpid()
+    context = JobContext(job_id="j", task="t", queue="q", attempt=1)
+    watchdog.begin(context)
+    assert clock.running == os.getpid()
+    watchdog.end(context)
+    assert clock.running == 0

@@ -5,32 +5,52 @@ pool child, an RQ work horse): with the main process stopped (SIGSTOP, a frozen 
 would run on after its lease expired and another worker took it. The main process publishes,
 in memory mapped before the fork, the time until which its leases are known to live; a
 :class:`Watchdog` thread in the forked process stops the job before that time.
+
+An RQ work horse lives for one job, and a thread started in each made every copy-on-write
+fault of the horse dearer (bench/README.md, "eleventh round"): there the thread starts only
+when it has work to do. A :class:`LeaseGuard` process beside the worker (one per worker, not per
+job; engines/leaseguard.py) sends the horse :data:`WAKE_SIGNAL` once its lease runs short, which
+starts the thread, and kills the horse itself should the thread not have ended the job in time.
 """
 
 from __future__ import annotations
 
 import _thread
+import contextlib
 import ctypes
 import logging
 import mmap
 import os
 import select
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from workerkit.engines import leaseguard
 from workerkit.proctree import load_libc
 
 if TYPE_CHECKING:
     from workerkit.job import JobContext
 
-__all__ = ("LeaseClock", "Watchdog", "now", "since_monotonic")
+__all__ = ("WAKE_SIGNAL", "LeaseClock", "LeaseGuard", "Watchdog", "now", "since_monotonic")
 
 #: A clock shared by every process of the host that counts a suspended node's time too (a
 #: lease in Redis keeps expiring meanwhile); CLOCK_MONOTONIC where there is none.
 _CLOCK: Final = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+#: What starts a work horse's watchdog thread (the guard's, and the worker's stop requests).
+#: SIGURG, as its default action is to ignore it: one that reaches a process without the
+#: handler (a horse's first instants are covered, worker.py) does no harm.
+WAKE_SIGNAL: Final = leaseguard.WAKE_SIGNAL
+#: How long the guard sleeps when no horse is watched, at most; a horse whose lease has less than
+#: ``stop_at`` plus this left when it starts does not wait for the guard (worker.py).
+GUARD_IDLE: Final = leaseguard.GUARD_IDLE
 
 
 def now() -> float:
@@ -57,10 +77,23 @@ class LeaseClock:
         self.stop_at = ttl / 4
         self.raise_at = ttl / 8
         self.kill_at = ttl / 16
-        # MAP_SHARED | MAP_ANONYMOUS: the processes forked later see the main's writes.
-        self._map = mmap.mmap(-1, mmap.PAGESIZE)
-        # One aligned 64-bit word (milliseconds on _CLOCK; 0: not started, no deadline).
-        self._cell = ctypes.c_int64.from_buffer(self._map)
+        # Shared memory: the processes forked later see the main's writes. A memfd's, where
+        # there is one, so that the lease guard (another program) can map it too.
+        self.fd: int | None = None
+        try:
+            fd = os.memfd_create("workerkit-lease")  # close-on-exec: no job's program gets it
+            os.ftruncate(fd, mmap.PAGESIZE)
+            self._map = mmap.mmap(fd, mmap.PAGESIZE)
+            self.fd = fd
+        except (AttributeError, OSError):
+            self._map = mmap.mmap(-1, mmap.PAGESIZE)
+        # Aligned 64-bit words (leaseguard.LAYOUT): the deadline (milliseconds on _CLOCK; 0:
+        # not started, no deadline); the pid of the work horse the guard watches (0: none; the
+        # main process's); the pid whose watchdog thread runs, and whose job's code runs.
+        self._cell = ctypes.c_int64.from_buffer(self._map, leaseguard.DEADLINE)
+        self._watched = ctypes.c_int64.from_buffer(self._map, leaseguard.WATCHED)
+        self._watching = ctypes.c_int64.from_buffer(self._map, leaseguard.WATCHING)
+        self._running = ctypes.c_int64.from_buffer(self._map, leaseguard.RUNNING)
 
     def extend(self, since: float) -> None:
         self._cell.value = int((since + self.ttl) * 1000)
@@ -74,6 +107,31 @@ class LeaseClock:
         """Whether a job must stop now: its lease may not outlive ``stop_at``."""
         left = self.left()
         return left is not None and left < self.stop_at
+
+    def watch(self, pid: int) -> None:
+        """The work horse the guard watches now (0: none), set by the main process."""
+        self._watched.value = pid
+
+    @property
+    def watched(self) -> int:
+        return int(self._watched.value)
+
+    def mark_watching(self) -> None:
+        """This process's watchdog thread runs (the guard stops waking it)."""
+        self._watching.value = os.getpid()
+
+    @property
+    def watching(self) -> int:
+        return int(self._watching.value)
+
+    def mark_running(self, running: bool) -> None:
+        """This process's job's code runs, or has ended (what is left is its settle, which
+        no watchdog stops)."""
+        self._running.value = os.getpid() if running else 0
+
+    @property
+    def running(self) -> int:
+        return int(self._running.value)
 
 
 def _alarm_kills() -> None:
@@ -132,12 +190,22 @@ class Watchdog:
         # a lease already below stop_at then is still stopped before raise_at (ttl / 8 later).
         self._idle_tick = max(self._tick, min(1.0, clock.ttl / 16))
         self._lock = threading.Lock()
+        self._started = False
         #: The job this process runs; the one whose stop was started (kill armed), and raised.
         self._running: JobContext | None = None
         self._stopping: JobContext | None = None
         self._raised: JobContext | None = None
 
+    @property
+    def started(self) -> bool:
+        return self._started
+
     def start(self) -> None:
+        """Start the thread; once (later calls do nothing). Safe in a signal handler: it takes
+        no lock a job could hold."""
+        if self._started:
+            return
+        self._started = True
         # A bare thread, not a threading.Thread: an RQ work horse starts one per job, and
         # Thread.start() waits for the new thread to run (two switches) and allocates its
         # bookkeeping in the pages the horse shares with its parent. Forking a process with the
@@ -149,6 +217,7 @@ class Watchdog:
 
     def _run(self) -> None:
         try:
+            self.clock.mark_watching()
             self._loop()
         except BaseException as exc:  # a bare thread's end would go to sys.unraisablehook
             self.log.error(
@@ -157,9 +226,11 @@ class Watchdog:
 
     def begin(self, context: JobContext) -> None:
         self._running = context
+        self.clock.mark_running(True)
 
     def end(self, context: JobContext) -> None:
         """The job ended (in the process's main thread): no stop, no kill for it any more."""
+        self.clock.mark_running(False)
         with self._lock:
             self._running = None
             if self._stopping is context:
@@ -172,16 +243,18 @@ class Watchdog:
             waker = select.poll()  # poll, not select: a worker's fd may be above 1023
             waker.register(self.wake_fd, select.POLLIN)
         while True:
-            tick = self._tick if self._running is not None else self._idle_tick
-            if waker is None:
-                time.sleep(tick)
-            elif waker.poll(tick * 1000) and not self._woken():
-                waker = None  # end of file: the other end is closed, nothing more comes
+            # Looks first, then waits: a thread started late (woken by the guard: the lease is
+            # short already) acts at once.
             try:
                 with self._lock:
                     self._check()
             except Exception as exc:  # never let the watchdog die quietly
                 self.log.warning("lease watchdog step failed", extra={"error": str(exc)})
+            tick = self._tick if self._running is not None else self._idle_tick
+            if waker is None:
+                time.sleep(tick)
+            elif waker.poll(tick * 1000) and not self._woken():
+                waker = None  # end of file: the other end is closed, nothing more comes
 
     def _woken(self) -> bool:
         """Read what woke the pipe; ``on_wake`` per byte. False at end of file (or an error)."""
@@ -224,3 +297,61 @@ class Watchdog:
             self._raised = context
             if self.raise_signal is not None:
                 os.kill(os.getpid(), self.raise_signal)
+
+
+class LeaseGuard:
+    """The lease guard process beside a forking worker (RQ's; engines/leaseguard.py).
+
+    The horse starts no watchdog thread of its own while its lease is long (a thread per horse
+    made each of its copy-on-write faults dearer). Once less than ``stop_at`` is left while the
+    horse's job runs (the watchdog stops nothing else), the guard sends the horse
+    :data:`WAKE_SIGNAL` every tick until the horse's thread runs; its handler starts the
+    horse's :class:`Watchdog`, and from there on all is as before. Should the job still run with
+    less than ``kill_at / 2`` left (the handler never ran: its signals blocked, or the main
+    thread held in C code since before), the guard SIGKILLs the horse, before the lease can
+    expire. The guard is a process, not a thread of the worker: it goes on while the worker's
+    main process is stopped or wedged, which is what it is for. It has a process group of its
+    own (a stop sent to the worker's group does not stop it), dies with the worker
+    (``PR_SET_PDEATHSIG``), and is a fresh interpreter on the standard library alone.
+    """
+
+    def __init__(self, clock: LeaseClock, log: logging.Logger) -> None:
+        self.clock = clock
+        self.log = log
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def start(self) -> None:
+        """Start the guard; OSError where it cannot run (no memfd to share the page through)."""
+        fd = self.clock.fd
+        if fd is None:
+            raise OSError("the lease page is not shareable with another program (no memfd)")
+        script = str(Path(__file__).with_name("leaseguard.py"))
+        argv = [sys.executable, "-I", "-S", script, str(fd), str(os.getpid()), repr(self.clock.ttl)]
+        self._process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, pass_fds=(fd,), process_group=0
+        )
+
+    def alive(self) -> bool:
+        """Whether the guard runs (reaped when it has ended)."""
+        process = self._process
+        if process is None:
+            return False
+        if process.poll() is None:
+            return True
+        self._process = None
+        self.log.warning(
+            "the lease guard ended: each work horse watches its own lease again",
+            extra={"event": "lease_guard_ended", "status": process.returncode},
+        )
+        return False
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            with contextlib.suppress(OSError):
+                process.kill()
+            process.wait()

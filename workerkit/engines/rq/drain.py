@@ -23,6 +23,7 @@ import redis.exceptions
 from rq.utils import as_text
 from rq.worker.base import WorkerStatus
 
+from workerkit.engines.leasewatch import WAKE_SIGNAL
 from workerkit.engines.presence import PAUSE_REFRESH
 from workerkit.engines.rq.outage import RetryUnreachable
 from workerkit.engines.rq.poison import describe_entry
@@ -145,6 +146,9 @@ class Drain(WorkerState):
         if attempt.stop_pipe is not None:
             with contextlib.suppress(OSError):
                 os.write(attempt.stop_pipe, b"s")
+            if pid := self.horse_pid:  # its watchdog, which reads the pipe, may not run yet
+                with contextlib.suppress(OSError):
+                    os.kill(pid, WAKE_SIGNAL)
         else:
             request_stop_all()
         log.info(

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from rq.job import Job, Retry
 
     from workerkit.engines.attempt import Keeper
-    from workerkit.engines.leasewatch import Watchdog
+    from workerkit.engines.leasewatch import LeaseGuard, Watchdog
     from workerkit.events import Outcome
     from workerkit.job import JobContext
 
@@ -282,6 +282,10 @@ class WorkerState:
         # horse's watchdog (set in the horse) stops its job before then (leasewatch.py).
         self._wk_lease_clock = LeaseClock(self._wk_lease_ttl) if self.forking else None
         self._wk_watchdog: Watchdog | None = None
+        # The process that wakes a horse's watchdog when its lease runs short (started with the
+        # worker, worker.py), and the last process a wake-up reached before its watchdog existed.
+        self._wk_guard: LeaseGuard | None = None
+        self._wk_woken_in = 0
         self._wk_recovery = Recovery(
             self._wk_redis, self._wk_leases, self.job_class, self.serializer
         )

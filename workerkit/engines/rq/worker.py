@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import redis
 import redis.exceptions
@@ -29,7 +29,7 @@ from rq.timeouts import HorseMonitorTimeoutException
 from rq.utils import now
 
 from workerkit import exitcodes
-from workerkit.engines.leasewatch import Watchdog
+from workerkit.engines.leasewatch import GUARD_IDLE, WAKE_SIGNAL, LeaseGuard, Watchdog
 from workerkit.engines.lifeline import Lifeline, stop_children
 from workerkit.engines.rq.attempt import Attempts
 from workerkit.engines.rq.options import parse_worker_args
@@ -114,6 +114,7 @@ class Worker(_Workerkit, RqWorker):
         attempt.share()  # the settling flag and the last renewal, seen by the horse too
         self._wk_publish_lease(attempt.renewed_at())  # the horse's watchdog reads it
         load_libc()  # once, here: the horse's parent-death signal needs no lookup
+        guarded = self._wk_guarded()
         child_pid = os.fork()
         if child_pid == 0:  # pragma: no cover - the work horse
             # First: the parent's objects go to the permanent generation, so that no collection
@@ -126,16 +127,53 @@ class Worker(_Workerkit, RqWorker):
                 os.setpgrp()
                 os.environ["RQ_WORKER_ID"] = self.name
                 os.environ["RQ_JOB_ID"] = job.id
-                self._wk_start_watchdog(attempt, read_end)
+                self._wk_start_watchdog(attempt, read_end, guarded)
                 self.main_work_horse(job, queue)
             finally:
                 os._exit(_HORSE_INTERRUPTED)
         os.close(read_end)
         attempt.stop_pipe = write_end
         self._horse_pid = child_pid
+        if self._wk_lease_clock is not None:
+            self._wk_lease_clock.watch(child_pid)  # the guard's to watch
         self.procline(f"Forked {child_pid} at {time.time()}")
 
-    def _wk_start_watchdog(self, attempt: Attempt, stop_pipe: int) -> None:  # pragma: no cover
+    def _wk_guarded(self) -> bool:
+        """Whether a lease guard watches the horses (started at the worker's start, or at the
+        first job; False once it has ended: each horse then starts its own watchdog thread, as
+        without a guard)."""
+        clock = self._wk_lease_clock
+        if clock is None or threading.current_thread() is not threading.main_thread():
+            return False  # a handler can only be installed from the main thread
+        if self._wk_guard is None:
+            # Installed before the first fork, so every horse has it from its first instant.
+            signal.signal(WAKE_SIGNAL, self._wk_on_wake)
+            self._wk_guard = LeaseGuard(clock, log)
+            try:
+                self._wk_guard.start()
+            except OSError as exc:  # no process to spare: each horse watches its own lease
+                log.warning(
+                    "could not start the lease guard: each work horse watches its own lease",
+                    extra={"event": "lease_guard_failed", "error": str(exc)},
+                )
+                return False
+            return True
+        return self._wk_guard.alive()
+
+    def _wk_on_wake(self, signum: int, frame: FrameType | None) -> None:
+        """WAKE_SIGNAL: in a work horse, start its lease watchdog (the guard: the lease runs
+        short; the parent: a stop request waits in the pipe). In the worker, nothing. Only an
+        attribute write and a bare thread's start: a handler runs between two bytecodes of the
+        job and must not take any lock the job may hold. (Only a horse makes a watchdog; one
+        woken before it has made it starts it at once, ``_wk_start_watchdog``.)"""
+        self._wk_woken_in = os.getpid()
+        watchdog = self._wk_watchdog
+        if watchdog is not None:
+            watchdog.start()
+
+    def _wk_start_watchdog(  # pragma: no cover - the horse
+        self, attempt: Attempt, stop_pipe: int, guarded: bool
+    ) -> None:
         """In the horse: stop the job before the lease its parent renews can expire, and turn
         the parent's ``request_stop`` (a byte on ``stop_pipe``) into the job context's.
 
@@ -143,7 +181,9 @@ class Worker(_Workerkit, RqWorker):
         watchdog marks the job's lease lost (a cooperative job stops), raises JobInterrupted
         into it (our SIGTERM handler) and has the kernel kill the horse (SIGALRM) before the
         lease expires and another worker takes the job (engines/leasewatch.py). One thread
-        does both (a thread per horse is part of each job's cost: Watchdog.start says what).
+        does both. Under a guard it starts only when woken (``_wk_on_wake``), or at once when
+        the lease is already short: most jobs end long before, and a thread per horse made each
+        of its copy-on-write faults dearer (bench/README.md, "eleventh round").
         """
         clock = self._wk_lease_clock
         assert clock is not None  # made for every forking worker (state.py)
@@ -156,7 +196,10 @@ class Worker(_Workerkit, RqWorker):
             wake_fd=stop_pipe,
             on_wake=self._wk_horse_stop_requested,
         )
-        self._wk_watchdog.start()
+        left = clock.left()
+        short = left is None or left < clock.stop_at + GUARD_IDLE
+        if not guarded or short or self._wk_woken_in == os.getpid():
+            self._wk_watchdog.start()
 
     def _wk_horse_stop_requested(self) -> None:  # pragma: no cover - the horse
         """In the horse: the parent asked the job to stop (``request_stop``)."""
@@ -164,6 +207,15 @@ class Worker(_Workerkit, RqWorker):
         if attempt is not None:
             attempt.stop_requested = True
         request_stop_all()
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        super().bootstrap(*args, **kwargs)
+        self._wk_guarded()  # the lease guard from the start, not on the first job's way
+
+    def teardown(self) -> None:
+        super().teardown()
+        if not self._is_horse and self._wk_guard is not None:
+            self._wk_guard.stop()
 
     def setup_work_horse_signals(self) -> None:
         """The horse ignores Ctrl-C (its parent decides); SIGTERM, from its parent, interrupts.
@@ -242,6 +294,8 @@ class Worker(_Workerkit, RqWorker):
         with contextlib.suppress(redis.exceptions.RedisError):
             self.set_current_job_working_time(0)
         self._horse_pid = 0
+        if self._wk_lease_clock is not None:
+            self._wk_lease_clock.watch(0)
         attempt.horse_done.set()
         return self._wk_after_horse(job, queue, attempt, ret_val, killed_for_timeout)
 
