@@ -84,7 +84,17 @@ def end_the_guard() -> int:
         if b"leaseguard.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
     os.kill(guard, signal.SIGKILL)
+    # Gone (or a zombie) before this job ends, so that the worker's next fork finds it ended.
+    wait_until(lambda: guard_gone(guard), timeout=10, what="the guard gone")
     return threads_here()
+
+
+def guard_gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def until_released(started_note: str) -> None:
