@@ -46,6 +46,7 @@ from bench._common import (
     Proc,
     child_env,
     command_line,
+    descendants,
     machine,
     machine_markdown,
     redis_server,
@@ -61,16 +62,8 @@ PARTS = ("supervisor", "worker_user", "worker_sys", "horses_user", "horses_sys",
 
 
 def _tree(pid: int) -> list[int]:
-    """``pid`` and every live descendant, parents first (from each thread's children list)."""
-    found, index = [pid], 0
-    while index < len(found):
-        current = found[index]
-        index += 1
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{current}/task"):
-                text = Path(f"/proc/{current}/task/{task}/children").read_text()
-                found.extend(int(child) for child in text.split())
-    return found
+    """``pid`` and every live descendant, parents first."""
+    return [pid, *descendants(pid)]
 
 
 def _signal_tree(pid: int, signum: int) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.harness import wait_until
+from tests.support.harness import gone, wait_until
 from tests.support.rq_harness import RqEnv, rq_supervisor
 from workerkit.engines.rq.leases import lease_key
 
@@ -56,15 +56,6 @@ def under_way(env: RqEnv, kind: str) -> bool:
     return bool(env.state("long").get("checkpoint"))
 
 
-def horse_gone(pid: int) -> bool:
-    """Dead, or a zombie its (stopped) parent has not reaped yet."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind", sorted(JOBS))
 def test_a_stopped_workers_horse_ends_its_job_before_the_lease_expires(
@@ -89,7 +80,7 @@ def test_a_stopped_workers_horse_ends_its_job_before_the_lease_expires(
                 env.wait_prefix("begin long", timeout=30, nth=2)
                 # The stopped worker's horse is gone: it ended the job before the lease expired
                 # (below, from the journal: before the second run began).
-                wait_until(lambda: horse_gone(horse), timeout=5, what="the first horse gone")
+                wait_until(lambda: gone(horse), timeout=5, what="the first horse gone")
                 env.wait_prefix("done long", timeout=40)
             finally:
                 os.kill(main_pid, signal.SIGCONT)

@@ -19,6 +19,7 @@ from tests.support.harness import (
     WORKERKIT,
     Env,
     Supervisor,
+    gone,
     start_worker,
     stop_gracefully,
     stopped_after,
@@ -170,12 +171,3 @@ def test_an_app_import_that_hangs_fails_the_start_after_startup_timeout_with_its
         assert not pod.events_named("worker_started")
         wait_until(lambda: gone(early), timeout=10, what=f"the worker {early} to exit")
         assert (env.job(job)["state"], env.job(job)["attempts"]) == ("ready", 0)
-
-
-def gone(pid: int) -> bool:
-    """``pid`` exited (a zombie nobody reaped yet counts)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"

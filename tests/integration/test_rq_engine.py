@@ -23,7 +23,7 @@ from rq.serializers import DefaultSerializer, JSONSerializer
 from rq.utils import now, utcformat
 
 import workerkit
-from tests.support.harness import wait_until
+from tests.support.harness import gone, wait_until
 from tests.support.rq_in_process import rq_worker_in_this_process
 from workerkit.engines.rq import RqApp, RqEngine, SimpleWorker, Worker, WorkerkitJob
 from workerkit.engines.rq.jobs import read_state
@@ -85,16 +85,8 @@ def end_the_guard() -> int:
     ]
     os.kill(guard, signal.SIGKILL)
     # Gone (or a zombie) before this job ends, so that the worker's next fork finds it ended.
-    wait_until(lambda: guard_gone(guard), timeout=10, what="the guard gone")
+    wait_until(lambda: gone(guard), timeout=10, what="the guard gone")
     return threads_here()
-
-
-def guard_gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def until_released(started_note: str) -> None:

@@ -49,6 +49,15 @@ def wait_until(predicate: Callable[[], Any], *, timeout: float, what: str) -> An
         time.sleep(POLL)
 
 
+def gone(pid: int) -> bool:
+    """``pid`` exited (a zombie nobody reaped yet counts), from /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
 def http_get(port: int, path: str) -> tuple[int, str]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:

@@ -85,33 +85,46 @@ def test_the_kill_puts_sigalrm_back_to_terminating_over_a_python_handler() -> No
     assert os.WTERMSIG(status) == signal.SIGALRM
 
 
+#: A 16 s lease's: stop_at 4, kill_at 1, tick 0.25.
+_LEASE_16 = LeaseClock(16.0)
+LIMITS = (_LEASE_16.stop_at, _LEASE_16.kill_at, _LEASE_16.tick)
+IDLE = leaseguard.GUARD_IDLE
+
+
+def look(
+    pid: int, left: float | None, running: int, watching: int, killed: int
+) -> tuple[bool, bool, float]:
+    """The guard's step for a 16 s lease."""
+    return step(LIMITS, pid=pid, left=left, running=running, watching=watching, killed=killed)
+
+
 def test_the_guard_waits_while_the_lease_is_long_and_looks_again_when_it_would_get_short() -> None:
+    assert LIMITS == (4.0, 1.0, 0.25)
     me = os.getpid()
-    # ttl 16: stop_at 4, kill_at 1, tick 0.25.
-    assert step(16.0, 0, 10.0, 0, 0, 0) == (False, False, leaseguard.GUARD_IDLE)  # no horse
-    assert step(16.0, me, None, me, 0, 0) == (False, False, leaseguard.GUARD_IDLE)  # no lease
+    assert look(0, 10.0, 0, 0, 0) == (False, False, IDLE)  # no horse
+    assert look(me, None, me, 0, 0) == (False, False, IDLE)  # no lease
     # Its job runs with 4.5 s left: half a second before the lease gets short.
-    assert step(16.0, me, 4.5, me, 0, 0) == (False, False, 0.5)
+    assert look(me, 4.5, me, 0, 0) == (False, False, 0.5)
     # Far off: at most GUARD_IDLE; just over stop_at: a tick.
-    assert step(16.0, me, 14.0, me, 0, 0) == (False, False, leaseguard.GUARD_IDLE)
-    assert step(16.0, me, 4.01, me, 0, 0) == (False, False, 0.25)
+    assert look(me, 14.0, me, 0, 0) == (False, False, IDLE)
+    assert look(me, 4.01, me, 0, 0) == (False, False, 0.25)
 
 
 def test_the_guard_wakes_a_short_leased_horse_until_its_watchdog_runs_then_kills_it_once() -> None:
     me = os.getpid()
-    assert step(16.0, me, 3.9, me, 0, 0) == (True, False, 0.25)
-    assert step(16.0, me, 3.6, me, 0, 0) == (True, False, 0.25)  # until its watchdog runs
-    assert step(16.0, me, 3.0, me, me, 0) == (False, False, 0.25)  # it runs
+    assert look(me, 3.9, me, 0, 0) == (True, False, 0.25)
+    assert look(me, 3.6, me, 0, 0) == (True, False, 0.25)  # until its watchdog runs
+    assert look(me, 3.0, me, me, 0) == (False, False, 0.25)  # it runs
     # Under kill_at / 2 with its job still running: its own kill did not happen. Killed once.
-    assert step(16.0, me, 0.4, me, me, 0) == (False, True, 0.25)
-    assert step(16.0, me, 0.3, me, me, me) == (False, False, 0.25)
+    assert look(me, 0.4, me, me, 0) == (False, True, 0.25)
+    assert look(me, 0.3, me, me, me) == (False, False, 0.25)
 
 
 def test_the_guard_leaves_a_horse_alone_before_its_job_begins_and_after_it_ends() -> None:
     # Not begun, or ended (its settle, retried while Redis is away, goes on): nothing for a
     # watchdog to stop, but looked at again within a tick.
     me = os.getpid()
-    assert step(16.0, me, 0.2, 0, 0, 0) == (False, False, 0.25)
+    assert look(me, 0.2, 0, 0, 0) == (False, False, 0.25)
 
 
 def test_the_lease_page_is_what_the_guard_reads() -> None:

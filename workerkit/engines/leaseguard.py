@@ -1,6 +1,7 @@
 """The lease guard: a small process beside a forking RQ worker (why: engines/leasewatch.py).
 
-Run by path, on the standard library alone: ``python -I -S leaseguard.py FD PARENT TTL``. It
+Run by path, on the standard library alone: ``python -I -S leaseguard.py FD PARENT STOP_AT
+KILL_AT TICK`` (the :class:`~workerkit.engines.leasewatch.LeaseClock`'s own figures). It
 imports nothing of workerkit or of the worker's engine, so it costs what a bare interpreter
 costs, not a copy of the worker (a fork of the worker would keep, for good, the old copy of
 every page the worker writes afterwards: ~6 MiB more). It maps the worker's lease page (the
@@ -34,15 +35,21 @@ _PR_SET_PDEATHSIG = 1
 
 
 def step(
-    ttl: float, pid: int, left: float | None, running: int, watching: int, killed: int
+    limits: tuple[float, float, float],
+    *,
+    pid: int,
+    left: float | None,
+    running: int,
+    watching: int,
+    killed: int,
 ) -> tuple[bool, bool, float]:
     """One look: (wake ``pid``, SIGKILL ``pid``, seconds to sleep).
 
-    ``left``: seconds the lease lives (None: no deadline); ``running``/``watching``: the pids
-    whose job's code and whose watchdog thread run; ``killed``: the pid already killed.
+    ``limits``: the lease clock's ``stop_at``, ``kill_at`` and ``tick``; ``left``: seconds the
+    lease lives (None: no deadline); ``running``/``watching``: the pids whose job's code and
+    whose watchdog thread run; ``killed``: the pid already killed.
     """
-    stop_at, kill_at = ttl / 4, ttl / 16
-    tick = min(0.25, ttl / 16)
+    stop_at, kill_at, tick = limits
     if not pid or left is None:
         return False, False, GUARD_IDLE
     if running != pid:  # not begun, or ended (settling): not for a watchdog to stop
@@ -77,7 +84,8 @@ def _die_with(parent: int) -> bool:
 
 
 def main(argv: list[str]) -> None:  # pragma: no cover - the guard process
-    fd, parent, ttl = int(argv[1]), int(argv[2]), float(argv[3])
+    fd, parent = int(argv[1]), int(argv[2])
+    limits = (float(argv[3]), float(argv[4]), float(argv[5]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the worker's to handle
     page = mmap.mmap(fd, mmap.PAGESIZE)
     os.close(fd)
@@ -87,7 +95,9 @@ def main(argv: list[str]) -> None:  # pragma: no cover - the guard process
     while os.getppid() == parent:
         deadline, pid, watching, running = struct.unpack_from(LAYOUT, page, 0)
         left = None if deadline == 0 else deadline / 1000 - time.clock_gettime(CLOCK)
-        wake, kill, pause = step(ttl, pid, left, running, watching, killed)
+        wake, kill, pause = step(
+            limits, pid=pid, left=left, running=running, watching=watching, killed=killed
+        )
         if wake:
             signal_child(pid, parent, WAKE_SIGNAL)
         if kill:

@@ -77,6 +77,8 @@ class LeaseClock:
         self.stop_at = ttl / 4
         self.raise_at = ttl / 8
         self.kill_at = ttl / 16
+        #: How often a watchdog (or the guard, when the lease is short) looks: at most 0.25 s.
+        self.tick = min(0.25, ttl / 16)
         # Shared memory: the processes forked later see the main's writes. A memfd's, where
         # there is one, so that the lease guard (another program) can map it too.
         self.fd: int | None = None
@@ -184,7 +186,7 @@ class Watchdog:
         self.on_stop = on_stop
         self.wake_fd = wake_fd
         self.on_wake = on_wake
-        self._tick = min(0.25, clock.ttl / 16)
+        self._tick = clock.tick
         # With no job to watch, a second (an idle worker's thread wakes once a second, not
         # four times). A job begun meanwhile is first looked at within ttl / 16 of its start:
         # a lease already below stop_at then is still stopped before raise_at (ttl / 8 later).
@@ -330,7 +332,9 @@ class LeaseGuard:
         if fd is None:
             raise OSError("the lease page is not shareable with another program (no memfd)")
         script = str(Path(__file__).with_name("leaseguard.py"))
-        argv = [sys.executable, "-I", "-S", script, str(fd), str(os.getpid()), repr(self.clock.ttl)]
+        clock = self.clock
+        limits = [repr(clock.stop_at), repr(clock.kill_at), repr(clock.tick)]
+        argv = [sys.executable, "-I", "-S", script, str(fd), str(os.getpid()), *limits]
         self._process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, pass_fds=(fd,), process_group=0
         )
