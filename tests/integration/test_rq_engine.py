@@ -6,10 +6,13 @@ behaviour (signals, work horses, whole pods killed) is in tests/e2e/test_rq_life
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import mmap
 import os
 import signal
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +28,7 @@ from rq.utils import now, utcformat
 import workerkit
 from tests.support.harness import gone, wait_until
 from tests.support.rq_in_process import rq_worker_in_this_process
+from workerkit.engines import leaseguard
 from workerkit.engines.rq import RqApp, RqEngine, SimpleWorker, Worker, WorkerkitJob
 from workerkit.engines.rq.jobs import read_state
 from workerkit.engines.rq.leases import (
@@ -87,6 +91,35 @@ def end_the_guard() -> int:
     # Gone (or a zombie) before this job ends, so that the worker's next fork finds it ended.
     wait_until(lambda: gone(guard), timeout=10, what="the guard gone")
     return threads_here()
+
+
+def lease_page() -> mmap.mmap:
+    """The worker's lease page, as this work horse inherited it (the memfd of its LeaseClock;
+    the one naming this horse: the workers of earlier tests left theirs open here)."""
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if "workerkit-lease" in os.readlink(f"/proc/self/fd/{fd}"):
+                page = mmap.mmap(int(fd), mmap.PAGESIZE)
+                if struct.unpack_from("q", page, leaseguard.RUNNING)[0] == os.getpid():
+                    return page
+    raise AssertionError("no lease page in this work horse")
+
+
+def numb_until_the_guard_kills(marker: str) -> int:
+    """The first time: blocks the signals that would start its watchdog or interrupt it, and
+    keeps saying the lease is about to expire (as it would be with the worker stopped), so that
+    only the lease guard can end it. Then: returns its attempt's number."""
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        signal.pthread_sigmask(
+            signal.SIG_BLOCK, {leaseguard.WAKE_SIGNAL, signal.SIGTERM, signal.SIGALRM}
+        )
+        page = lease_page()
+        while True:  # the worker renews meanwhile: this overwrites its deadline
+            now_ms = int(time.clock_gettime(leaseguard.CLOCK) * 1000)
+            struct.pack_into("q", page, leaseguard.DEADLINE, now_ms)
+            time.sleep(0.01)
+    return current_job().attempt
 
 
 def until_released(started_note: str) -> None:
@@ -476,6 +509,27 @@ def test_a_short_jobs_work_horse_starts_no_thread_and_does_again_if_the_guard_ha
     assert [r for r in caplog.records if getattr(r, "event", "") == "lease_guard_ended"]
     assert worker._wk_guard is not None
     assert worker._wk_guard.pid is None
+
+
+def test_a_work_horse_the_lease_guard_killed_is_given_back_not_settled_as_a_crash(
+    redis_client: redis.Redis[bytes],
+    redis_url: str,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    # The guard killed the horse before the lease expired; the worker, reaping it while the
+    # lease is still its own, gives the job back with its attempt, as after its watchdog's stop.
+    q = queue(redis_client)
+    job = q.enqueue(f"{MODULE}.numb_until_the_guard_kills", str(tmp_path / "ran"), job_id="numb")
+    worker = Worker(["default"], connection=redis_client, app=app, settings=settings_for(redis_url))
+    with caplog.at_level(logging.WARNING, logger="workerkit.engines.rq"):
+        worker.work(burst=True)
+    job.refresh()
+    assert job.get_status() == "finished", job.latest_result().exc_string
+    assert job.return_value() == 1  # the killed attempt was given back
+    (record,) = [r for r in caplog.records if getattr(r, "event", "") == "lease_expired_in_horse"]
+    assert (record.by, record.status) == ("lease_guard", -signal.SIGKILL)  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if getattr(r, "event", "") == "work_horse_died"]
 
 
 def hold_key(redis_url: str, order_id: int, amount: int) -> tuple[RedisIdempotencyStore, str, str]:

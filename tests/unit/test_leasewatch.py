@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.harness import wait_until
 from workerkit.engines import leaseguard, leasewatch
 from workerkit.engines.leaseguard import step
 from workerkit.engines.leasewatch import LeaseClock, Watchdog, now, since_monotonic
@@ -127,6 +128,23 @@ def test_the_guard_leaves_a_horse_alone_before_its_job_begins_and_after_it_ends(
     assert look(me, 0.2, 0, 0, 0) == (False, False, 0.25)
 
 
+def test_the_guard_tells_a_live_child_from_a_zombie_and_from_another_s_process() -> None:
+    # A horse its watchdog's SIGALRM ended stays a zombie while its worker is stopped: the
+    # guard neither kills it nor says it did.
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    try:
+        wait_until(
+            lambda: leaseguard.child_state(child, os.getpid()) == "Z", timeout=10, what="a zombie"
+        )
+        assert leaseguard.child_state(child, os.getppid()) is None  # not the parent's child
+    finally:
+        os.waitpid(child, 0)
+    assert leaseguard.child_state(child, os.getpid()) is None  # reaped
+    assert leaseguard.child_state(os.getpid(), os.getppid()) in ("R", "S")
+
+
 def test_the_lease_page_is_what_the_guard_reads() -> None:
     clock = LeaseClock(16.0)
     assert clock.fd is not None  # a memfd: the guard maps it
@@ -135,11 +153,20 @@ def test_the_lease_page_is_what_the_guard_reads() -> None:
     clock.watch(123)
     clock.mark_watching()
     clock.mark_running(True)
-    deadline, watched, watching, running = struct.unpack_from(leaseguard.LAYOUT, page, 0)
+    deadline, watched, watching, running, killed = struct.unpack_from(leaseguard.LAYOUT, page, 0)
     assert deadline / 1000 - time.clock_gettime(leaseguard.CLOCK) == pytest.approx(16.0, abs=0.5)
-    assert (watched, watching, running) == (123, os.getpid(), os.getpid())
+    assert (watched, watching, running, killed) == (123, os.getpid(), os.getpid(), 0)
     clock.mark_running(False)
     assert clock.running == 0
+    # The guard writes the pid it kills; the worker asks after reaping it, before the next.
+    struct.pack_into("q", page, leaseguard.KILLED, 123)
+    assert clock.killed_by_guard(123)
+    assert not clock.killed_by_guard(0)
+    assert not clock.killed_by_guard(124)
+    clock.watch(0)  # no horse now: what the guard wrote stays
+    assert clock.killed_by_guard(123)
+    clock.watch(123)  # a new horse (with a reused pid): not killed
+    assert not clock.killed_by_guard(123)
 
 
 def test_a_guard_started_for_a_process_ends_with_it() -> None:

@@ -11,6 +11,7 @@ named there; it ends when ``PARENT``, the worker, does.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import signal
@@ -18,13 +19,23 @@ import struct
 import sys
 import time
 
-__all__ = ("CLOCK", "GUARD_IDLE", "LAYOUT", "WAKE_SIGNAL", "main", "signal_child", "step")
+__all__ = (
+    "CLOCK",
+    "GUARD_IDLE",
+    "LAYOUT",
+    "WAKE_SIGNAL",
+    "child_state",
+    "main",
+    "signal_child",
+    "step",
+)
 
-#: The lease page, native 64-bit integers (LeaseClock writes them): the deadline (ms on
-#: CLOCK; 0: none), the horse the guard watches, the horse whose watchdog thread runs, the horse
-#: whose job's code runs (pids; 0: none).
-LAYOUT = "qqqq"
-DEADLINE, WATCHED, WATCHING, RUNNING = 0, 8, 16, 24
+#: The lease page, native 64-bit integers: the deadline (ms on CLOCK; 0: none), the horse the
+#: guard watches, the horse whose watchdog thread runs, the horse whose job's code runs (pids;
+#: 0: none; LeaseClock writes these four), and the horse this guard killed (written here, before
+#: the kill, so that the worker reaping it knows why it died; cleared for each new horse).
+LAYOUT = "qqqqq"
+DEADLINE, WATCHED, WATCHING, RUNNING, KILLED = 0, 8, 16, 24, 32
 #: How long the guard sleeps when no horse is watched, at most; a horse whose lease has less
 #: than a quarter of it plus this left when it starts does not wait for the guard.
 GUARD_IDLE = 1.0
@@ -60,16 +71,23 @@ def step(
     return watching != pid, left < kill_at / 2 and killed != pid, tick
 
 
-def signal_child(pid: int, parent: int, signum: int) -> None:
-    """``signum`` to ``pid`` if it is still a child of ``parent`` (not a reused pid)."""
+def child_state(pid: int, parent: int) -> str | None:
+    """``pid``'s state (``R``, ``S``, ``Z`` for a zombie...) if it is a child of ``parent``;
+    None if it is not (gone, or its pid reused)."""
     try:
         with open(f"/proc/{pid}/stat") as file:
             stat = file.read()
-        if int(stat[stat.rfind(")") + 2 :].split()[1]) != parent:
-            return
-        os.kill(pid, signum)
-    except (OSError, ValueError, IndexError):
-        return
+        state, ppid = stat[stat.rfind(")") + 2 :].split()[:2]
+        return state if int(ppid) == parent else None
+    except (OSError, ValueError):
+        return None
+
+
+def signal_child(pid: int, parent: int, signum: int) -> None:
+    """``signum`` to ``pid`` if it is still a child of ``parent`` (not a reused pid)."""
+    if child_state(pid, parent) is not None:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signum)
 
 
 def _die_with(parent: int) -> bool:
@@ -91,17 +109,19 @@ def main(argv: list[str]) -> None:  # pragma: no cover - the guard process
     os.close(fd)
     if not _die_with(parent):
         return
-    killed = 0
     while os.getppid() == parent:
-        deadline, pid, watching, running = struct.unpack_from(LAYOUT, page, 0)
+        deadline, pid, watching, running, killed = struct.unpack_from(LAYOUT, page, 0)
         left = None if deadline == 0 else deadline / 1000 - time.clock_gettime(CLOCK)
         wake, kill, pause = step(
             limits, pid=pid, left=left, running=running, watching=watching, killed=killed
         )
         if wake:
             signal_child(pid, parent, WAKE_SIGNAL)
-        if kill:
-            killed = pid
+        # A horse that ended already (its watchdog's SIGALRM: a zombie until the worker, maybe
+        # stopped, reaps it) is not killed, nor said to be. Written before the kill: the
+        # worker, reaping it, reads why it died.
+        if kill and child_state(pid, parent) not in (None, "Z", "X"):
+            struct.pack_into("q", page, KILLED, pid)
             signal_child(pid, parent, signal.SIGKILL)
         time.sleep(pause)
 

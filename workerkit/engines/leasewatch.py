@@ -91,11 +91,13 @@ class LeaseClock:
             self._map = mmap.mmap(-1, mmap.PAGESIZE)
         # Aligned 64-bit words (leaseguard.LAYOUT): the deadline (milliseconds on _CLOCK; 0:
         # not started, no deadline); the pid of the work horse the guard watches (0: none; the
-        # main process's); the pid whose watchdog thread runs, and whose job's code runs.
+        # main process's); the pid whose watchdog thread runs, and whose job's code runs; the
+        # pid the guard killed (the guard's write).
         self._cell = ctypes.c_int64.from_buffer(self._map, leaseguard.DEADLINE)
         self._watched = ctypes.c_int64.from_buffer(self._map, leaseguard.WATCHED)
         self._watching = ctypes.c_int64.from_buffer(self._map, leaseguard.WATCHING)
         self._running = ctypes.c_int64.from_buffer(self._map, leaseguard.RUNNING)
+        self._killed = ctypes.c_int64.from_buffer(self._map, leaseguard.KILLED)
 
     def extend(self, since: float) -> None:
         self._cell.value = int((since + self.ttl) * 1000)
@@ -111,8 +113,17 @@ class LeaseClock:
         return left is not None and left < self.stop_at
 
     def watch(self, pid: int) -> None:
-        """The work horse the guard watches now (0: none), set by the main process."""
+        """The work horse the guard watches now (0: none), set by the main process.
+
+        A new horse has not been killed by the guard (its pid may be an old horse's, reused).
+        """
+        if pid:
+            self._killed.value = 0
         self._watched.value = pid
+
+    def killed_by_guard(self, pid: int) -> bool:
+        """Whether the guard killed ``pid`` (asked after reaping it, before the next horse)."""
+        return pid != 0 and self._killed.value == pid
 
     @property
     def watched(self) -> int:

@@ -293,11 +293,13 @@ class Worker(_Workerkit, RqWorker):
         self.current_job_working_time = 0
         with contextlib.suppress(redis.exceptions.RedisError):
             self.set_current_job_working_time(0)
-        self._horse_pid = 0
-        if self._wk_lease_clock is not None:
-            self._wk_lease_clock.watch(0)
+        horse, self._horse_pid = self._horse_pid, 0
+        clock = self._wk_lease_clock
+        by_guard = clock is not None and clock.killed_by_guard(horse)
+        if clock is not None:
+            clock.watch(0)
         attempt.horse_done.set()
-        return self._wk_after_horse(job, queue, attempt, ret_val, killed_for_timeout)
+        return self._wk_after_horse(job, queue, attempt, ret_val, killed_for_timeout, by_guard)
 
     def _wk_after_horse(
         self,
@@ -306,14 +308,17 @@ class Worker(_Workerkit, RqWorker):
         attempt: Attempt,
         ret_val: int | None,
         killed_for_timeout: bool,
+        by_guard: bool,
     ) -> Outcome:
         code = os.waitstatus_to_exitcode(ret_val) if ret_val is not None else None
         if self._wk_released_by_us(attempt):  # the horse has exited
             return self._wk_settle_taken(job, attempt)
-        # Stopped by its watchdog (lease_lost, or killed at the deadline) and settled nothing.
+        # Stopped by its watchdog (lease_lost, or killed at the deadline), or killed by the
+        # lease guard (its job's code still running with the lease about to expire), and
+        # settled nothing: the same end, not a crash (the job did not kill its horse).
         unsettled = code is None or _HORSE_OUTCOMES.get(code, "lease_lost") == "lease_lost"
-        if attempt.watchdog_stopped and unsettled:
-            return self._wk_after_watchdog(job, attempt, code)
+        if (attempt.watchdog_stopped or by_guard) and unsettled:
+            return self._wk_after_watchdog(job, attempt, code, by_guard)
         if code in _HORSE_OUTCOMES:
             attempt.rq_settled = _HORSE_OUTCOMES[code] in (
                 "succeeded",
@@ -355,14 +360,24 @@ class Worker(_Workerkit, RqWorker):
             outcome = None
         return outcome or "lease_lost"
 
-    def _wk_after_watchdog(self, job: Job, attempt: Attempt, code: int | None) -> Outcome:
-        """The horse's watchdog stopped the job (this process did not renew the lease in time:
-        stopped, or wedged) and the horse settled nothing. Awake again: the job goes back to
-        its queue, attempt given back, only while the lease is still ours (fenced); otherwise
-        another worker has it, or crash recovery will."""
+    def _wk_after_watchdog(
+        self, job: Job, attempt: Attempt, code: int | None, by_guard: bool
+    ) -> Outcome:
+        """The horse's watchdog stopped the job, or the lease guard killed the horse (this
+        process did not renew the lease in time: stopped, or wedged), and the horse settled
+        nothing. Awake again: the job goes back to its queue, attempt given back, only while
+        the lease is still ours (fenced); otherwise another worker has it, or crash recovery
+        will."""
         log.warning(
-            "the work horse stopped its job: this worker had stopped renewing its lease",
-            extra={"event": "lease_expired_in_horse", "job_id": job.id, "status": code},
+            "the lease guard killed the work horse: this worker had stopped renewing its lease"
+            if by_guard
+            else "the work horse stopped its job: this worker had stopped renewing its lease",
+            extra={
+                "event": "lease_expired_in_horse",
+                "job_id": job.id,
+                "status": code,
+                "by": "lease_guard" if by_guard else "watchdog",
+            },
         )
         return released_or_lost(
             job.id,
