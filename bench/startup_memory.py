@@ -8,7 +8,11 @@ Variants, interleaved round by round (a burst of load from the shared machine hi
 * ``workerkit-rq`` / ``bare-rq``: ``workerkit run rq --app bench.startup_rq_app:app`` and
   ``rq worker`` (RQ's default, forking Worker), on a private redis-server;
 * ``workerkit-celery`` / ``bare-celery``: ``workerkit run celery -- --pool=solo`` and ``celery -A
-  bench.startup_celery_app worker --pool solo -l INFO``, on the same redis-server.
+  bench.startup_celery_app worker --pool solo -l INFO``, on the same redis-server;
+* ``floor-rq``: bare ``rq worker`` forked from the least supervisor workerkit's stack allows
+  (bench/supervisor_floor.py: CPython and anyio's event loop, nothing else), compared with
+  ``bare-rq``: what no supervisor written on that stack can go under; ``floor-rq-stdlib``: the
+  same with a parent on the standard library alone (``signal.sigwait``, no anyio).
 
 *Start -> ready*: from the spawn to the first ``/readyz`` 200 (workerkit), to the worker's
 registration key in Redis (bare RQ; it is written just before the "Listening on" log line), to
@@ -68,13 +72,15 @@ __all__ = ("main",)
 
 VARIANTS = (
     "workerkit-sql", "workerkit-sql-exec", "workerkit-rq", "workerkit-rq-exec", "bare-rq",
-    "workerkit-celery", "bare-celery",
+    "workerkit-celery", "bare-celery", "floor-rq", "floor-rq-stdlib",
 )  # fmt: skip
 #: The bare engine each workerkit variant is compared with (sql has none: its goal is absolute).
 BARE = {
     "workerkit-rq": "bare-rq",
     "workerkit-rq-exec": "bare-rq",
     "workerkit-celery": "bare-celery",
+    "floor-rq": "bare-rq",
+    "floor-rq-stdlib": "bare-rq",
 }
 #: The variants whose early worker is exec'd, not forked from the CLI (supervisor/forked.py).
 EXEC = ("workerkit-sql-exec", "workerkit-rq-exec")
@@ -136,6 +142,11 @@ def _argv_env(variant: str, tmp: Path, redis_url: str, db_url: str, index: int) 
         argv = [*WORKERKIT, "run", "celery", "--", "--pool=solo", f"--hostname=wk{index}@%h"]
     elif variant == "bare-rq":
         argv = [PYTHON, "-m", "rq.cli", "worker", "--url", redis_url, queue]
+    elif variant.startswith("floor-rq"):
+        floor = [PYTHON, "-m", "bench.supervisor_floor"]
+        if variant == "floor-rq-stdlib":
+            floor.append("--stdlib")
+        argv = [*floor, "--", "worker", "--url", redis_url, queue]
     else:
         argv = [
             PYTHON, "-m", "celery", "-A", "bench.startup_celery_app", "worker", "--pool", "solo",
@@ -154,7 +165,7 @@ def run_one(
     client = redis.Redis.from_url(redis_url)
     if port is not None:
         ready = lambda: http_status(port, "/readyz", timeout=0.5) == 200  # noqa: E731
-    elif variant == "bare-rq":
+    elif variant in ("bare-rq", "floor-rq", "floor-rq-stdlib"):
         ready = lambda: client.scard(f"rq:workers:{queue}") > 0  # noqa: E731
     else:
         ready = lambda: " ready." in proc.log_text(100_000)  # noqa: E731

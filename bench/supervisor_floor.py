@@ -1,0 +1,87 @@
+"""The least a supervisor built on workerkit's stack can cost: the ``floor-rq`` variant of
+bench/startup_memory.py (issue 16, item 5).
+
+``python -m bench.supervisor_floor -- ARGS``: forks at once (the interpreter and the standard
+library loaded, as workerkit's CLI forks its early worker before the supervisor's own imports);
+the child runs ``rq ARGS`` in that process, as the bare ``rq worker`` does. The parent then
+does what every supervisor must and nothing else: it runs anyio's event loop (asyncio, the
+backend workerkit uses), waits for SIGTERM or SIGINT on a signal receiver, passes it on to the
+child, and waits for the child in a worker thread. No HTTP server, no metrics, no channel, no
+workerkit module: whatever workerkit's supervisor adds is above this.
+
+So ``floor-rq``'s tree (this parent plus a bare RQ worker) over bare RQ's is the ratio no
+supervisor written with CPython and anyio can go under, whatever it leaves out.
+
+``--stdlib`` (the ``floor-rq-stdlib`` variant): the parent waits with ``signal.sigwait`` and
+imports nothing, not even anyio: the floor of a supervisor on CPython alone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+__all__ = ("main",)
+
+
+def _child(args: list[str]) -> None:  # pragma: no cover - the forked worker
+    from rq.cli import main as rq_main
+
+    try:
+        rq_main(args=args, prog_name="rq")
+    finally:
+        os._exit(0)
+
+
+def _parent(child: int) -> int:
+    import anyio
+    import anyio.to_thread
+
+    async def supervise() -> int:
+        async with anyio.create_task_group() as tasks:
+            status: list[int] = []
+
+            async def reap() -> None:
+                _, code = await anyio.to_thread.run_sync(os.waitpid, child, 0)
+                status.append(os.waitstatus_to_exitcode(code))
+                tasks.cancel_scope.cancel()
+
+            tasks.start_soon(reap)
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    os.kill(child, signum)
+        return status[0] if status else 1
+
+    return anyio.run(supervise)
+
+
+def _parent_stdlib(child: int) -> int:
+    """The same duty with the standard library's signals alone (they were blocked before the
+    fork, so none is lost meanwhile)."""
+    while True:
+        signum = signal.sigwait({signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
+        if signum != signal.SIGCHLD:
+            os.kill(child, signum)
+            continue
+        pid, code = os.waitpid(child, os.WNOHANG)
+        if pid == child:
+            return os.waitstatus_to_exitcode(code)
+
+
+def main(argv: list[str]) -> int:
+    stdlib = "--stdlib" in argv[: argv.index("--") if "--" in argv else len(argv)]
+    args = argv[argv.index("--") + 1 :] if "--" in argv else argv[1:]
+    waited = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+    if stdlib:
+        signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+    child = os.fork()
+    if child == 0:
+        if stdlib:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, waited)
+        _child(args)
+    return _parent_stdlib(child) if stdlib else _parent(child)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
