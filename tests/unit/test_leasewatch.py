@@ -7,6 +7,8 @@ import mmap
 import os
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -143,6 +145,21 @@ def test_the_guard_tells_a_live_child_from_a_zombie_and_from_another_s_process()
         os.waitpid(child, 0)
     assert leaseguard.child_state(child, os.getpid()) is None  # reaped
     assert leaseguard.child_state(os.getpid(), os.getppid()) in ("R", "S")
+
+
+def test_the_guard_loads_none_of_the_heavier_standard_modules() -> None:
+    # One per forking worker, for the pod's whole life: signal's enum (and functools, types...)
+    # was ~0.9 MiB of its ~6 (bench/README.md, twelfth round).
+    script = Path(leaseguard.__file__)
+    code = (
+        f"import sys; sys.path.insert(0, {str(script.parent)!r}); import {script.stem}; "
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert script.stem in loaded
+    assert not {"enum", "functools", "contextlib", "typing", "signal"} & set(loaded)
 
 
 def test_the_lease_page_is_what_the_guard_reads() -> None:

@@ -11,13 +11,20 @@ named there; it ends when ``PARENT``, the worker, does.
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
-import signal
 import struct
 import sys
 import time
+
+TYPE_CHECKING = False  # typing's own import would cost this small process what it saves
+if TYPE_CHECKING:
+    import signal
+else:
+    # _signal, the C module under signal (the same functions, plain ints for the signals):
+    # signal itself imports enum, and with it functools, types...: ~0.9 MiB of this
+    # process's ~6 (so would contextlib).
+    import _signal as signal
 
 __all__ = (
     "CLOCK",
@@ -86,8 +93,10 @@ def child_state(pid: int, parent: int) -> str | None:
 def signal_child(pid: int, parent: int, signum: int) -> None:
     """``signum`` to ``pid`` if it is still a child of ``parent`` (not a reused pid)."""
     if child_state(pid, parent) is not None:
-        with contextlib.suppress(OSError):
+        try:
             os.kill(pid, signum)
+        except OSError:
+            return
 
 
 def _die_with(parent: int) -> bool:
