@@ -87,10 +87,13 @@ def test_a_stopped_workers_horse_ends_its_job_before_the_lease_expires(
             # Awake again, the first worker settles nothing: the lease is another's.
             finished = first.wait_event("job_finished", timeout=20)
             assert finished["outcome"] == "lease_lost", first.log_text()
-            # Why its horse ended, a stop and not a crash: its watchdog, or (numb) the guard.
+            # Why its horse ended, a stop and not a crash: its watchdog, or (numb) the guard. The
+            # deaf job's SIGALRM comes a thirty-second of the lease before the guard's kill: a
+            # horse slow to die (a loaded machine) may meet the guard's kill too.
             expired = first.events_named("lease_expired_in_horse")
-            by = "lease_guard" if kind == "numb" else "watchdog"
-            assert [each["by"] for each in expired] == [by], first.log_text()
+            allowed = {"numb": ("lease_guard",), "deaf": ("watchdog", "lease_guard")}
+            assert len(expired) == 1, first.log_text()
+            assert expired[0]["by"] in allowed.get(kind, ("watchdog",)), first.log_text()
             assert not first.events_named("work_horse_died"), first.log_text()
             env.enqueue("tick", "after", job_id="after")
             env.wait_prefix("ran after", timeout=20)
