@@ -70,8 +70,9 @@ def _parent_stdlib(child: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    stdlib = "--stdlib" in argv[: argv.index("--") if "--" in argv else len(argv)]
-    args = argv[argv.index("--") + 1 :] if "--" in argv else argv[1:]
+    split = argv.index("--")  # [--stdlib] -- ARGS: the options, then rq's
+    stdlib = "--stdlib" in argv[1:split]
+    args = argv[split + 1 :]
     waited = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
     if stdlib:
         signal.pthread_sigmask(signal.SIG_BLOCK, waited)
