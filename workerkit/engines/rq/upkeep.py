@@ -7,6 +7,7 @@ attempt, since another worker may then run the job.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import importlib
 import logging
@@ -42,7 +43,17 @@ from workerkit.events import (
 # another thread is half-way through a module's first import leaves that module's import lock
 # held for good in the child, whose own first strptime then hangs (RQ's scheduler did, about one
 # start in six under load: it never enqueued a due job and ignored SIGTERM).
-importlib.import_module("_strptime")
+_STRPTIME: Any = importlib.import_module("_strptime")  # its lock is set below (no stubs)
+
+
+def _fresh_strptime_lock() -> None:
+    """In a forked child: _strptime's cache lock, new. Every strptime holds it while it parses;
+    a fork while this thread parses a date left the child's copy held for good, and RQ's
+    scheduler hung in its first strptime the same way (tests/compat, once in ~19 CI runs)."""
+    _STRPTIME._cache_lock = _thread.allocate_lock()
+
+
+os.register_at_fork(after_in_child=_fresh_strptime_lock)
 
 __all__ = ("RECOVERY_GRACE", "RENEW_RETRY_EVERY", "WORKER_BEAT_EVERY", "Upkeep")
 
