@@ -1,9 +1,11 @@
 """The least a supervisor built on workerkit's stack can cost: the ``floor-rq`` variant of
 bench/startup_memory.py (issue 16, item 5).
 
-``python -m bench.supervisor_floor -- ARGS``: forks at once (the interpreter and the standard
-library loaded, as workerkit's CLI forks its early worker before the supervisor's own imports);
-the child runs ``rq ARGS`` in that process, as the bare ``rq worker`` does. The parent then
+``python -m bench.supervisor_floor -- ARGS``: forks first thing, as workerkit's CLI forks its
+early worker before the supervisor's own imports, and with what that CLI imports before its fork
+and both processes use (:data:`SHARED_IMPORTS`: asyncio, ssl and the rest, which RQ and redis-py
+import too), so that their pages are shared as in workerkit's pod, not loaded twice; the child
+runs ``rq ARGS`` in that process, as the bare ``rq worker`` does. The parent then
 does what every supervisor must and nothing else: it runs anyio's event loop (asyncio, the
 backend workerkit uses), waits for SIGTERM or SIGINT on a signal receiver, passes it on to the
 child, and waits for the child in a worker thread. No HTTP server, no metrics, no channel, no
@@ -13,16 +15,34 @@ So ``floor-rq``'s tree (this parent plus a bare RQ worker) over bare RQ's is the
 supervisor written with CPython and anyio can go under, whatever it leaves out.
 
 ``--stdlib`` (the ``floor-rq-stdlib`` variant): the parent waits with ``signal.sigwait`` and
-imports nothing, not even anyio: the floor of a supervisor on CPython alone.
+imports nothing, not even anyio: the floor of a supervisor on CPython alone. It forks before any
+import (its parent needs none of them, so sharing would save nothing).
 """
 
 from __future__ import annotations
 
+import gc
+import importlib
 import os
 import signal
 import sys
 
-__all__ = ("main",)
+__all__ = ("SHARED_IMPORTS", "main")
+
+#: workerkit.supervisor.forked.SHARED_IMPORTS less workerkit's own module (this parent imports
+#: no workerkit code): imported before the fork, their pages are the two processes' at once,
+#: copy-on-write (``gc.freeze()`` first, as there). Bare ``rq worker`` imports every one of them.
+SHARED_IMPORTS = (
+    "asyncio",
+    "base64",
+    "calendar",
+    "concurrent.futures",
+    "email.message",
+    "email.utils",
+    "hashlib",
+    "queue",
+    "ssl",
+)
 
 
 def _child(args: list[str]) -> None:  # pragma: no cover - the forked worker
@@ -76,6 +96,10 @@ def main(argv: list[str]) -> int:
     waited = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
     if stdlib:
         signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+    else:
+        for name in SHARED_IMPORTS:
+            importlib.import_module(name)
+        gc.freeze()
     child = os.fork()
     if child == 0:
         if stdlib:
