@@ -10,7 +10,8 @@ Variants, interleaved round by round (a burst of load from the shared machine hi
 * ``workerkit-celery`` / ``bare-celery``: ``workerkit run celery -- --pool=solo`` and ``celery -A
   bench.startup_celery_app worker --pool solo -l INFO``, on the same redis-server;
 * ``floor-rq``: bare ``rq worker`` forked from the least supervisor workerkit's stack allows
-  (bench/supervisor_floor.py: CPython and anyio's event loop, nothing else), compared with
+  (bench/supervisor_floor.py: CPython and anyio's event loop, nothing else; the modules both
+  processes use imported before the fork, as workerkit's CLI does), compared with
   ``bare-rq``: what no supervisor written on that stack can go under; ``floor-rq-stdlib``: the
   same with a parent on the standard library alone (``signal.sigwait``, no anyio).
 
