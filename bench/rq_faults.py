@@ -26,7 +26,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from bench._common import (
     machine,
     machine_markdown,
     redis_server,
+    wait_for,
     write_results,
 )
 
@@ -100,13 +100,13 @@ def one_run(kind: str, k: int, redis_url: str, client: Any, tmp: Path) -> dict[s
     else:
         argv = [PYTHON, "-m", "rq.cli", "worker", "--worker-class", "rq.worker.Worker"]
         argv += ["--url", redis_url, rq_noop.QUEUE]
+
+    def all_done() -> bool:
+        return int(client.get(_counter.COUNTER) or 0) >= k
+
     proc = Proc(argv, log_path=out / "worker.log", env=env)
     try:
-        deadline = time.monotonic() + 600
-        while int(client.get(_counter.COUNTER) or 0) < k:
-            if time.monotonic() > deadline or proc.popen.poll() is not None:
-                raise RuntimeError(f"{kind}: the jobs did not all run; see {out}/worker.log")
-            time.sleep(0.05)
+        wait_for(all_done, timeout=600, what=f"{kind}: {k} jobs", proc=proc)
         proc.stop(signal.SIGTERM, timeout=30)
     finally:
         proc.stop(signal.SIGKILL)

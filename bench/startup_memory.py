@@ -147,6 +147,11 @@ def _argv_env(variant: str, tmp: Path, redis_url: str, db_url: str, index: int) 
         floor = [PYTHON, "-m", "bench.supervisor_floor"]
         if variant == "floor-rq-stdlib":
             floor.append("--stdlib")
+        else:  # what workerkit's CLI imports before it forks its worker, less its own
+            from workerkit.supervisor.forked import SHARED_IMPORTS
+
+            shared = [name for name in SHARED_IMPORTS if not name.startswith("workerkit")]
+            floor += ["--share", ",".join(shared)]
         argv = [*floor, "--", "worker", "--url", redis_url, queue]
     else:
         argv = [

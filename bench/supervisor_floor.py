@@ -1,11 +1,13 @@
 """The least a supervisor built on workerkit's stack can cost: the ``floor-rq`` variant of
 bench/startup_memory.py (issue 16, item 5).
 
-``python -m bench.supervisor_floor -- ARGS``: forks first thing, as workerkit's CLI forks its
-early worker before the supervisor's own imports, and with what that CLI imports before its fork
-and both processes use (:data:`SHARED_IMPORTS`: asyncio, ssl and the rest, which RQ and redis-py
-import too), so that their pages are shared as in workerkit's pod, not loaded twice; the child
-runs ``rq ARGS`` in that process, as the bare ``rq worker`` does. The parent then
+``python -m bench.supervisor_floor [--share M1,M2] -- ARGS``: forks first thing, as workerkit's
+CLI forks its early worker before the supervisor's own imports, and with the modules ``--share``
+names imported before the fork: those that CLI imports before its own fork and both processes
+use (bench/startup_memory.py passes ``workerkit.supervisor.forked.SHARED_IMPORTS`` less
+workerkit's own; RQ and redis-py import them too), ``gc.freeze()`` first as there, so that their
+pages are shared as in workerkit's pod, not loaded twice. The child runs ``rq ARGS`` in that
+process, as the bare ``rq worker`` does. The parent then
 does what every supervisor must and nothing else: it runs anyio's event loop (asyncio, the
 backend workerkit uses), waits for SIGTERM or SIGINT on a signal receiver, passes it on to the
 child, and waits for the child in a worker thread. No HTTP server, no metrics, no channel, no
@@ -27,22 +29,7 @@ import os
 import signal
 import sys
 
-__all__ = ("SHARED_IMPORTS", "main")
-
-#: workerkit.supervisor.forked.SHARED_IMPORTS less workerkit's own module (this parent imports
-#: no workerkit code): imported before the fork, their pages are the two processes' at once,
-#: copy-on-write (``gc.freeze()`` first, as there). Bare ``rq worker`` imports every one of them.
-SHARED_IMPORTS = (
-    "asyncio",
-    "base64",
-    "calendar",
-    "concurrent.futures",
-    "email.message",
-    "email.utils",
-    "hashlib",
-    "queue",
-    "ssl",
-)
+__all__ = ("main",)
 
 
 def _child(args: list[str]) -> None:  # pragma: no cover - the forked worker
@@ -90,14 +77,15 @@ def _parent_stdlib(child: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    split = argv.index("--")  # [--stdlib] -- ARGS: the options, then rq's
-    stdlib = "--stdlib" in argv[1:split]
-    args = argv[split + 1 :]
+    split = argv.index("--")  # [--stdlib] [--share M1,M2] -- ARGS: the options, then rq's
+    options, args = argv[1:split], argv[split + 1 :]
+    stdlib = "--stdlib" in options
+    share = options[options.index("--share") + 1].split(",") if "--share" in options else []
     waited = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
     if stdlib:
         signal.pthread_sigmask(signal.SIG_BLOCK, waited)
     else:
-        for name in SHARED_IMPORTS:
+        for name in share:
             importlib.import_module(name)
         gc.freeze()
     child = os.fork()
